@@ -1,0 +1,24 @@
+"""A Darknet-style neural-network engine: Darknet .cfg networks, trained and run on numpy or CUDA.
+
+    import engine
+    net = engine.load("cfg/mnist.cfg", "weights/mnist.weights")
+    probabilities = net.predict(images)       # images: (N, 1, 28, 28) in [0, 1]
+"""
+
+from .errors import BackendError, ConfigError, DataError, EngineError, WeightsError
+from .network import Network
+
+__all__ = ["load", "Network", "EngineError", "ConfigError", "WeightsError", "DataError",
+           "BackendError"]
+
+
+def load(cfg_path, weights_path=None, backend="cpu", device=0, seed=0, quiet=False):
+    """Build the network described by `cfg_path` on `backend` ('cpu' or 'gpu'), and load
+    `weights_path` into it if given."""
+    from .backends import get_backend
+
+    net = Network(cfg_path, backend=get_backend(backend, device=device, seed=seed), seed=seed,
+                  quiet=quiet)
+    if weights_path:
+        net.load_weights(weights_path)
+    return net

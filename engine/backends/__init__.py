@@ -1,0 +1,21 @@
+"""Compute backends: each implements the same set of operations the layers call.
+
+`numpy_backend.NumpyBackend` is the CPU reference. The CUDA backend lives in `cuda/` and is
+imported only when asked for, so the CPU engine needs nothing beyond numpy.
+"""
+
+from ..errors import BackendError
+from .numpy_backend import NumpyBackend
+
+
+def get_backend(name="cpu", device=0, seed=0):
+    """'cpu' -> NumpyBackend; 'gpu' -> the CUDA backend on `device` (BackendError if unusable)."""
+    if name == "cpu":
+        return NumpyBackend(seed=seed)
+    if name == "gpu":
+        try:
+            from .cuda import CudaBackend
+        except ImportError as error:
+            raise BackendError(f"the GPU backend is not available: {error}") from None
+        return CudaBackend(device=device, seed=seed)
+    raise BackendError(f"unknown backend '{name}'; expected 'cpu' or 'gpu'")

@@ -1,0 +1,33 @@
+"""The registry from cfg section name to layer class: the one place a new layer type is added."""
+
+from .activation import ActivationLayer
+from .avgpool import AvgpoolLayer
+from .batchnorm import BatchnormLayer
+from .connected import ConnectedLayer
+from .convolutional import ConvolutionalLayer
+from .cost import CostLayer
+from .dropout import DropoutLayer
+from .maxpool import MaxpoolLayer
+from .route import RouteLayer
+from .softmax import SoftmaxLayer
+from .upsample import UpsampleLayer
+
+LAYER_TYPES = {}
+
+
+def register(cls, *aliases):
+    for name in (cls.type_name,) + aliases:
+        LAYER_TYPES[name] = cls
+
+
+register(ConvolutionalLayer, "conv")
+register(ConnectedLayer, "conn")
+register(MaxpoolLayer, "max")
+register(AvgpoolLayer, "avg")
+register(DropoutLayer)
+register(SoftmaxLayer, "soft")
+register(CostLayer)
+register(BatchnormLayer)
+register(ActivationLayer)
+register(RouteLayer)
+register(UpsampleLayer)

@@ -1,0 +1,115 @@
+"""The life cycle every layer shares: build (shapes, parameters), forward, backward, update.
+
+A layer's shapes are fixed when it is built from its cfg section, and checked there, so a bad cfg
+fails before any computation with an error that names the section's line. Layers do their
+arithmetic only through the backend `ops` they are handed, so one layer class serves the CPU and
+the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, height, width).
+"""
+
+import numpy as np
+
+# Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
+TRAINABLE = ("biases", "scales", "weights")
+
+
+class Layer:
+    type_name = None
+    # Multi-input layers (route, shortcut...) get lists of inputs and return lists of deltas.
+    multi_input = False
+
+    def __init__(self, section, index, in_shapes, net):
+        self.section = section
+        self.index = index
+        self.in_shape = tuple(in_shapes[0]) if in_shapes else None
+        self.input_indices = [index - 1]
+        self.out_shape = self.in_shape
+        self.activation = "linear"
+        self.params = {}      # name -> array, in the backend's memory once the net is placed
+        self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
+        self.weight_order = ()  # names of params in .weights file order
+
+    # ---- description --------------------------------------------------------------------------
+    @property
+    def outputs(self):
+        return int(np.prod(self.out_shape))
+
+    def where(self):
+        return self.section.where() if self.section is not None else f"layer {self.index}"
+
+    def error(self, message, key=None):
+        return self.section.error(message, key)
+
+    def describe(self):
+        """One row of the layer table Darknet prints when it loads a network."""
+        c, h, w = self.in_shape
+        oc, oh, ow = self.out_shape
+        return f"{self.type_name:<14s} {w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}"
+
+    def flops(self):
+        return 0
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def add_param(self, name, host_array):
+        self.params[name] = np.ascontiguousarray(host_array, dtype=np.float32)
+        if name in TRAINABLE:
+            self.updates[name] = np.zeros_like(self.params[name])
+
+    def place(self, ops):
+        """Move parameters and their update buffers into the backend's memory."""
+        self.params = {k: ops.asarray(ops.to_host(v)) for k, v in self.params.items()}
+        self.updates = {k: ops.asarray(ops.to_host(v)) for k, v in self.updates.items()}
+
+    # ---- computation -------------------------------------------------------------------------
+    # Each layer defines forward(ops, x, train) -> y and backward(ops, delta, need_dx) -> dx
+    # (lists of inputs and deltas when multi_input). backward accumulates parameter updates and
+    # returns the delta for the input, or None when need_dx is False.
+
+    def update(self, ops, learning_rate, momentum, decay, batch):
+        """Darknet's per-layer SGD step; weight decay applies to `weights` only."""
+        for name, updates in self.updates.items():
+            ops.sgd_update(self.params[name], updates, learning_rate, momentum,
+                           decay if name == "weights" else 0.0, batch)
+
+
+def input_shape_error(section, shape, what):
+    c, h, w = shape
+    return section.error(f"{what} does not fit the {w}x{h}x{c} input")
+
+
+class LinearUnit(Layer):
+    """What [convolutional] and [connected] share after their linear part: batch norm (or a
+    plain bias) and the activation, forward and backward, and their parameter set-up."""
+
+    def add_output_params(self, n, weights, bn_after_weights):
+        """biases, optional BN parameters, and the weights, in Darknet's file order."""
+        self.add_param("biases", np.zeros(n))
+        if self.batch_normalize:
+            self.add_param("scales", np.ones(n))
+            self.add_param("rolling_mean", np.zeros(n))
+            self.add_param("rolling_variance", np.ones(n))
+        self.add_param("weights", weights)
+        bn = ("scales", "rolling_mean", "rolling_variance") if self.batch_normalize else ()
+        self.weight_order = ("biases", "weights") + bn if bn_after_weights \
+            else ("biases",) + bn + ("weights",)
+
+    def normalize_activate(self, ops, y, train):
+        p = self.params
+        if not self.batch_normalize:
+            ops.add_bias_(y, p["biases"])
+        elif train:
+            y, self.bn_cache = ops.batchnorm_forward_train(
+                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
+        else:
+            y = ops.batchnorm_forward_inference(
+                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
+        self.output = ops.activate_(y, self.activation)
+        return self.output
+
+    def normalize_activate_backward(self, ops, delta):
+        """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""
+        delta = ops.activation_backward_(self.output, delta, self.activation)
+        if self.batch_normalize:
+            return ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],
+                                          self.updates["scales"], self.updates["biases"])
+        ops.bias_backward(delta, self.updates["biases"])
+        return delta

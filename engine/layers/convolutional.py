@@ -1,0 +1,64 @@
+"""[convolutional]: conv -> (batch norm, SPATIAL) -> bias -> activation, as Darknet/YOLO do.
+
+With batch_normalize=1 there is no bias before BN: `biases` are BN's beta and `scales` its gamma.
+In training the batch statistics normalise (cuDNN's rule) and the rolling statistics move 1%
+toward them; at inference the rolling statistics normalise (Darknet's rule). The backward pass
+only accumulates gradients into the update buffers; `update` (in Layer) applies them.
+"""
+
+import numpy as np
+
+from .. import activations
+from .base import LinearUnit, input_shape_error
+
+
+class ConvolutionalLayer(LinearUnit):
+    type_name = "convolutional"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        c, h, w = self.in_shape
+        self.filters = section.require_positive("filters", section.int("filters", 1))
+        self.size = section.require_positive("size", section.int("size", 1))
+        self.stride = section.require_positive("stride", section.int("stride", 1))
+        pad = section.int("pad", 0)
+        self.padding = self.size // 2 if pad else section.int("padding", 0)
+        self.groups = section.require_positive("groups", section.int("groups", 1))
+        self.batch_normalize = section.bool("batch_normalize", False)
+        self.activation = activations.check_name(section.str("activation", "logistic"),
+                                                 section.where("activation"))
+        if c % self.groups or self.filters % self.groups:
+            raise section.error(f"groups={self.groups} must divide both the {c} input channels "
+                                f"and filters={self.filters}", "groups")
+        out_h = (h + 2 * self.padding - self.size) // self.stride + 1
+        out_w = (w + 2 * self.padding - self.size) // self.stride + 1
+        if out_h < 1 or out_w < 1:
+            raise input_shape_error(section, self.in_shape,
+                                    f"size={self.size} with padding={self.padding}")
+        self.out_shape = (self.filters, out_h, out_w)
+
+        fan_in = c // self.groups * self.size * self.size
+        weight_shape = (self.filters, c // self.groups, self.size, self.size)
+        self.add_output_params(self.filters, np.sqrt(2.0 / fan_in) *
+                               net.rng.standard_normal(weight_shape), bn_after_weights=False)
+
+    def describe(self):
+        c, h, w = self.in_shape
+        oc, oh, ow = self.out_shape
+        return (f"conv  {self.filters:5d} {self.size:2d} x{self.size:2d} /{self.stride:2d}  "
+                f"{w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}  {self.flops() / 1e9:.3f} BFLOPs")
+
+    def flops(self):
+        c = self.in_shape[0]
+        oc, oh, ow = self.out_shape
+        return 2.0 * oc * self.size * self.size * c / self.groups * oh * ow
+
+    def forward(self, ops, x, train):
+        self.input = x
+        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding, self.groups)
+        return self.normalize_activate(ops, y, train)
+
+    def backward(self, ops, delta, need_dx):
+        delta = self.normalize_activate_backward(ops, delta)
+        return ops.conv_backward(self.input, self.params["weights"], delta, self.stride,
+                                 self.padding, self.groups, self.updates["weights"], need_dx)

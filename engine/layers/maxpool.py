@@ -1,0 +1,40 @@
+"""[maxpool]: Darknet's max pooling. Windows start at -padding//2 and cells outside the input
+count as -inf, so size=2 stride=1 keeps the input size (padding defaults to size-1)."""
+
+from .base import Layer, input_shape_error
+
+
+class MaxpoolLayer(Layer):
+    type_name = "maxpool"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        c, h, w = self.in_shape
+        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.size = section.require_positive("size", section.int("size", self.stride))
+        self.padding = section.int("padding", self.size - 1)
+        if self.padding < 0:
+            raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        out_h = (h + self.padding - self.size) // self.stride + 1
+        out_w = (w + self.padding - self.size) // self.stride + 1
+        if self.size > h + self.padding or self.size > w + self.padding or out_h < 1 or out_w < 1:
+            raise input_shape_error(section, self.in_shape, f"maxpool size={self.size}")
+        self.out_shape = (c, out_h, out_w)
+
+    def describe(self):
+        c, h, w = self.in_shape
+        oc, oh, ow = self.out_shape
+        return (f"max         {self.size:2d} x{self.size:2d} /{self.stride:2d}  "
+                f"{w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}")
+
+    def forward(self, ops, x, train):
+        y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,
+                                             self.out_shape[1], self.out_shape[2])
+        self.batch_in_shape = x.shape
+        return y
+
+    def backward(self, ops, delta, need_dx):
+        if not need_dx:
+            return None
+        return ops.maxpool_backward(delta, self.argmax, self.batch_in_shape, self.size,
+                                    self.stride, self.padding)

@@ -1,0 +1,197 @@
+"""A network: the [net] options and the layers built from a cfg; forward, backward and update.
+
+Layers run in cfg order. Each layer reads the outputs of the layers in its `input_indices`
+(the previous one by default; -1 is the network input), and in the backward pass the deltas a
+layer hands back are summed into those layers' deltas, so routes and shortcuts need nothing
+special here.
+"""
+
+import numpy as np
+
+from . import weights as weights_io
+from .backends import get_backend
+from .config import read_cfg, warn_unused
+from .errors import ConfigError
+from .layers import LAYER_TYPES
+
+POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
+
+# [net] keys Darknet reads for data augmentation and optimisers we do not implement; accepted
+# (so Darknet's cfgs load without warnings) and ignored. README lists them.
+IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
+                    "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
+                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "letter_box")
+
+
+class NetOptions:
+    """The [net] section, typed, with Darknet's defaults (src/parser.c, parse_net_options)."""
+
+    def __init__(self, section):
+        s = self.section = section
+        self.batch_size = s.require_positive("batch", s.int("batch", 1))
+        self.subdivisions = s.require_positive("subdivisions", s.int("subdivisions", 1))
+        if self.batch_size % self.subdivisions:
+            raise s.error(f"subdivisions={self.subdivisions} must divide batch={self.batch_size}",
+                          "subdivisions")
+        self.mini_batch = self.batch_size // self.subdivisions  # what Darknet calls net->batch
+        self.height = s.int("height", 0)
+        self.width = s.int("width", 0)
+        self.channels = s.int("channels", 0)
+        inputs = s.int("inputs", self.height * self.width * self.channels)
+        if self.height * self.width * self.channels == 0:
+            if inputs <= 0:
+                raise s.error("needs height, width and channels (or inputs)")
+            self.height, self.width, self.channels = 1, 1, inputs
+        self.learning_rate = s.float("learning_rate", 0.001)
+        self.momentum = s.float("momentum", 0.9)
+        self.decay = s.float("decay", 0.0001)
+        self.policy = s.str("policy", "constant")
+        if self.policy not in POLICIES:
+            raise s.error(f"policy={self.policy}: expected one of {', '.join(POLICIES)}", "policy")
+        self.burn_in = s.int("burn_in", 0)
+        self.power = s.float("power", 4.0)
+        self.max_batches = s.int("max_batches", 0)
+        self.step = self.scale = self.gamma = None
+        self.steps, self.scales = [], []
+        if self.policy == "step":
+            self.step = s.require_positive("step", s.int("step", 1))
+            self.scale = s.float("scale", 1.0)
+        elif self.policy == "steps":
+            self.steps = s.int_list("steps")
+            self.scales = s.float_list("scales")
+            if not self.steps or not self.scales or len(self.steps) != len(self.scales):
+                raise s.error("policy=steps needs steps=... and scales=... lists of equal length",
+                              "steps")
+        elif self.policy in ("exp", "sig"):
+            self.gamma = s.float("gamma", 1.0)
+            if self.policy == "sig":
+                self.step = s.int("step", 1)
+        for key in IGNORED_NET_KEYS:
+            s.str(key)
+
+    @property
+    def input_shape(self):
+        return (self.channels, self.height, self.width)
+
+
+class Network:
+    """Build with Network(cfg_path); then forward/backward/update, or use engine.train."""
+
+    def __init__(self, cfg_path, backend=None, seed=0, quiet=False):
+        self.cfg_path = cfg_path
+        sections = read_cfg(cfg_path)
+        self.options = NetOptions(sections[0])
+        self.rng = np.random.default_rng(seed)  # weight initialisation
+        self.layers = []
+        self.layer_shapes = []
+        for index, section in enumerate(sections[1:]):
+            layer_class = LAYER_TYPES.get(section.name)
+            if layer_class is None:
+                known = ", ".join(sorted({c.type_name for c in LAYER_TYPES.values()}))
+                raise ConfigError(f"{section.where()} unknown section type; supported: {known}")
+            previous = self.layer_shapes[-1] if self.layer_shapes else self.options.input_shape
+            layer = layer_class(section, index, [previous], self)
+            self.layers.append(layer)
+            self.layer_shapes.append(tuple(int(v) for v in layer.out_shape))
+        if not self.layers:
+            raise ConfigError(f"{cfg_path}: the cfg has a [net] section but no layers")
+        if not quiet:
+            for section in sections:
+                warn_unused(section)
+        self.seen = 0
+        self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
+        for layer in self.layers:
+            layer.place(self.ops)
+
+    # ---- description --------------------------------------------------------------------------
+    @property
+    def input_shape(self):
+        return self.options.input_shape
+
+    @property
+    def output_layer(self):
+        """The last layer that is not a [cost] layer: its output is the network's output."""
+        for layer in reversed(self.layers):
+            if layer.type_name != "cost":
+                return layer
+        return self.layers[-1]
+
+    @property
+    def cost_layer(self):
+        for layer in reversed(self.layers):
+            if getattr(layer, "has_cost", False):
+                return layer
+        raise ConfigError(f"{self.cfg_path}: training needs a [softmax] or [cost] layer")
+
+    def describe(self):
+        lines = ["layer     filters    size              input                output"]
+        for layer in self.layers:
+            lines.append(f"{layer.index:5d} {layer.describe()}")
+        return "\n".join(lines)
+
+    # ---- computation --------------------------------------------------------------------------
+    def forward(self, x, train=False):
+        """x: backend array (batch, C, H, W). Returns the output layer's output."""
+        ops, outputs = self.ops, []
+        for layer in self.layers:
+            inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
+            outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0], train))
+        self.outputs = outputs
+        return outputs[self.output_layer.index]
+
+    def backward(self, delta):
+        """Propagate `delta` (of the cost layer's output) back through every layer, accumulating
+        parameter updates."""
+        ops = self.ops
+        deltas = [None] * len(self.layers)
+        deltas[self.cost_layer.index] = delta
+        for layer in reversed(self.layers):
+            d, deltas[layer.index] = deltas[layer.index], None
+            if d is None:
+                continue  # this layer's output does not reach the cost
+            need = any(j >= 0 for j in layer.input_indices)
+            result = layer.backward(ops, d, need)
+            if not need:
+                continue
+            if not layer.multi_input:
+                result = [result]
+            for j, dx in zip(layer.input_indices, result):
+                if j < 0 or dx is None:
+                    continue
+                if deltas[j] is None:
+                    # A multi-input layer may hand back views of one array: keep a private copy.
+                    deltas[j] = ops.copy(dx) if layer.multi_input else dx
+                else:
+                    ops.add_(deltas[j], dx)
+
+    def update(self, learning_rate):
+        o = self.options
+        for layer in self.layers:
+            layer.update(self.ops, learning_rate, o.momentum, o.decay, o.batch_size)
+
+    def train_step(self, x, truth, learning_rate):
+        """One forward/backward on a mini-batch (no update). Returns the summed cost."""
+        self.seen += x.shape[0]
+        self.forward(x, train=True)
+        cost, delta = self.cost_layer.cost(self.ops, truth)
+        self.backward(delta)
+        return cost
+
+    # ---- convenience --------------------------------------------------------------------------
+    def predict(self, images, batch_size=None):
+        """images: numpy (N, C, H, W) or (N, C*H*W) in [0, 1]. Returns numpy (N, outputs)."""
+        images = np.asarray(images, dtype=np.float32).reshape((-1,) + self.input_shape)
+        batch_size = batch_size or max(self.options.mini_batch, 1)
+        results = []
+        for start in range(0, len(images), batch_size):
+            x = self.ops.asarray(images[start:start + batch_size])
+            y = self.forward(x, train=False)
+            results.append(self.ops.to_host(y).reshape(len(x), -1))
+        return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
+
+    def load_weights(self, path):
+        """Fill the layers from a Darknet .weights file; returns how many layers it covered."""
+        return weights_io.load(self, path)
+
+    def save_weights(self, path, cutoff=None):
+        weights_io.save(self, path, cutoff)
