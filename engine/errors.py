@@ -19,3 +19,7 @@ class DataError(EngineError):
 
 class BackendError(EngineError):
     """The requested compute backend is not usable on this machine."""
+
+
+class TrainingError(EngineError):
+    """Training cannot go on (the loss diverged, or nothing is left to train)."""

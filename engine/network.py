@@ -169,7 +169,7 @@ class Network:
         for layer in self.layers:
             layer.update(self.ops, learning_rate, o.momentum, o.decay, o.batch_size)
 
-    def train_step(self, x, truth, learning_rate):
+    def train_step(self, x, truth):
         """One forward/backward on a mini-batch (no update). Returns the summed cost."""
         self.seen += x.shape[0]
         self.forward(x, train=True)

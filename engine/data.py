@@ -1,0 +1,175 @@
+"""Training and test data: MNIST's gzipped IDX files and Darknet's image-list classification
+format, both turned into float32 NCHW images in [0, 1] with integer labels.
+
+A .data file (Darknet's) names the sets: `train` and `valid` are either IDX image files (with
+`train_labels`/`valid_labels` beside them, our extension for MNIST) or text files listing image
+paths, whose label is the first label string (from `labels`) found in the path, as Darknet does.
+"""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from .config import read_data_file, resolve_path
+from .errors import ConfigError, DataError
+
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# ---- IDX (MNIST) ----------------------------------------------------------------------------------
+def read_idx(path):
+    """Read an IDX file (gzipped or not) into a numpy array of its declared shape."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read IDX file ({error})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dims = data[3]
+    shape = struct.unpack_from(f">{dims}I", data, 4)
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    offset = 4 + 4 * dims
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise DataError(f"{path}: IDX header promises {expected} bytes of data, file has "
+                        f"{len(data) - offset}")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
+class Dataset:
+    """Images (N, C, H, W) float32 in [0, 1], labels (N,) int, and how to batch them."""
+
+    def __init__(self, images, labels, classes, name):
+        self.images = images
+        self.labels = labels
+        self.classes = classes
+        self.name = name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, indexes):
+        return self.images[indexes], self.labels[indexes]
+
+    def one_hot(self, labels):
+        truth = np.zeros((len(labels), self.classes), dtype=np.float32)
+        truth[np.arange(len(labels)), labels] = 1
+        return truth
+
+
+def load_idx_dataset(images_path, labels_path, classes, shape):
+    images = read_idx(images_path)
+    labels = read_idx(labels_path).astype(np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
+    c, h, w = shape
+    if c != 1 or images.shape[1:] != (h, w):
+        raise DataError(f"{images_path}: images are {images.shape[2]}x{images.shape[1]}x1, the "
+                        f"network expects {w}x{h}x{c}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"{labels_path}: labels must lie in 0..{classes - 1}")
+    # float32(u8)/255, exactly the value Darknet's loader produces.
+    pixels = images.reshape(len(images), 1, h, w).astype(np.float32) / np.float32(255)
+    return Dataset(pixels, labels, classes, images_path)
+
+
+# ---- images and Darknet image lists ---------------------------------------------------------------
+def load_image(path, shape):
+    """Decode an image file to float32 (C, H, W) in [0, 1], resized to the network's input."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if c == 1 else "RGB")
+            if image.size != (w, h):
+                image = image.resize((w, h), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+    if c == 1:
+        return pixels[None]
+    if c != 3:
+        raise DataError(f"{path}: the network expects {c} channels; images give 1 or 3")
+    return pixels.transpose(2, 0, 1).copy()
+
+
+def load_image_list(list_path, labels, shape):
+    try:
+        with open(list_path, encoding="utf-8") as handle:
+            paths = [line.strip() for line in handle if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{list_path}: image list not found") from None
+    except OSError as error:
+        raise DataError(f"{list_path}: cannot read image list ({error.strerror})") from None
+    if not paths:
+        raise DataError(f"{list_path}: the image list is empty")
+    label_of = []
+    for number, path in enumerate(paths, start=1):
+        # Darknet's rule: the first label (in the labels file's order) that occurs in the path.
+        found = next((i for i, label in enumerate(labels) if label in path), None)
+        if found is None:
+            raise DataError(f"{list_path}:{number}: no label from the labels file occurs in '{path}'")
+        label_of.append(found)
+    images = np.stack([load_image(resolve_path(p, list_path), shape) for p in paths])
+    return Dataset(images, np.array(label_of, dtype=np.int64), len(labels), list_path)
+
+
+# ---- .data files ---------------------------------------------------------------------------------
+class DataConfig:
+    """A parsed .data file, with paths resolved and checked."""
+
+    def __init__(self, path):
+        self.path = path
+        values = read_data_file(path)
+        try:
+            self.classes = int(values.get("classes", "0"))
+            self.top = int(values.get("top", "1"))
+        except ValueError:
+            raise ConfigError(f"{path}: classes and top must be integers") from None
+        if self.classes <= 0:
+            raise ConfigError(f"{path}: needs classes=N with N > 0")
+        self.values = values
+        labels_file = values.get("labels") or values.get("names")
+        if labels_file:
+            labels_path = self._file(labels_file, "labels")
+            with open(labels_path, encoding="utf-8") as handle:
+                self.labels = [line.strip() for line in handle if line.strip()]
+            if len(self.labels) != self.classes:
+                raise ConfigError(f"{path}: classes={self.classes} but {labels_path} lists "
+                                  f"{len(self.labels)} labels")
+        else:
+            self.labels = [str(i) for i in range(self.classes)]
+        self.backup = values.get("backup", "backup/")
+
+    def _file(self, value, key):
+        resolved = resolve_path(value, self.path)
+        if not os.path.exists(resolved):
+            raise ConfigError(f"{self.path}: {key}={value}: file not found")
+        return resolved
+
+    def dataset(self, which, shape):
+        """Load the `train` or `valid` set for a network whose input is `shape` (C, H, W)."""
+        if which not in self.values:
+            raise ConfigError(f"{self.path}: no {which}=... entry")
+        source = self._file(self.values[which], which)
+        if ".idx" in os.path.basename(source):
+            labels_key = f"{which}_labels"
+            if labels_key not in self.values:
+                raise ConfigError(f"{self.path}: {which} is an IDX file, so {labels_key}=... is needed")
+            return load_idx_dataset(source, self._file(self.values[labels_key], labels_key),
+                                    self.classes, shape)
+        return load_image_list(source, self.labels, shape)
+
+
+def default_data_path(cfg_path):
+    """The .data file beside the cfg: cfg/mnist.cfg -> cfg/mnist.data."""
+    return os.path.splitext(cfg_path)[0] + ".data"

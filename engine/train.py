@@ -1,0 +1,148 @@
+"""The training loop: learning-rate policies, batches and subdivisions, backups and progress.
+
+One iteration is one update: `batch` images split into `subdivisions` mini-batches whose
+gradients accumulate before the layers' update. `seen` counts images, and the batch number used
+by the learning-rate policy is seen / batch, as in Darknet (so the first update already counts as
+batch 1). Weights are saved as `<backup>/<cfg-name>.backup` every `backup_every` iterations and
+on Ctrl-C, and as `<backup>/<cfg-name>_final.weights` at the end.
+"""
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from .errors import ConfigError, TrainingError
+
+
+def learning_rate(options, batch_num, rng=None):
+    """Darknet's get_current_rate (src/network.c) for the given batch number."""
+    o = options
+    if batch_num < o.burn_in:
+        return o.learning_rate * (batch_num / o.burn_in) ** o.power
+    if o.policy == "constant":
+        return o.learning_rate
+    if o.policy == "step":
+        return o.learning_rate * o.scale ** (batch_num // o.step)
+    if o.policy == "steps":
+        rate = o.learning_rate
+        for step, scale in zip(o.steps, o.scales):
+            if step > batch_num:
+                return rate
+            rate *= scale
+        return rate
+    if o.policy == "exp":
+        return o.learning_rate * o.gamma ** batch_num
+    if o.policy == "poly":
+        return o.learning_rate * max(1 - batch_num / o.max_batches, 0.0) ** o.power
+    if o.policy == "sig":
+        return o.learning_rate / (1 + math.exp(o.gamma * (batch_num - o.step)))
+    if o.policy == "random":
+        rng = rng or np.random.default_rng()
+        return o.learning_rate * rng.random() ** o.power
+    raise ValueError(f"unknown policy {o.policy}")
+
+
+def current_batch(net):
+    return net.seen // net.options.batch_size
+
+
+class BatchSampler:
+    """Shuffled passes over a dataset, `batch` indexes at a time, reproducible from a seed."""
+
+    def __init__(self, size, batch, rng):
+        self.size, self.batch, self.rng = size, batch, rng
+        self.order, self.position = rng.permutation(size), 0
+
+    def next(self):
+        if self.position + self.batch > self.size:
+            self.order, self.position = self.rng.permutation(self.size), 0
+        indexes = self.order[self.position:self.position + self.batch]
+        self.position += self.batch
+        return indexes
+
+
+def train_iteration(net, images, truth, rng=None):
+    """One update on a full batch (numpy images and one-hot truth). Returns loss per image."""
+    o, ops = net.options, net.ops
+    total = 0.0
+    for start in range(0, len(images), o.mini_batch):
+        x = ops.asarray(images[start:start + o.mini_batch])
+        t = ops.asarray(truth[start:start + o.mini_batch])
+        total += net.train_step(x, t)
+    net.update(learning_rate(o, current_batch(net), rng))
+    return total / len(images)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_bar(done, total, elapsed, width=20):
+    fraction = done / total if total else 1.0
+    filled = int(round(width * fraction))
+    eta = elapsed / done * (total - done) if done else 0.0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}% ETA {format_duration(eta)}"
+
+
+def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=sys.stdout):
+    """Train `net` on `dataset` until max_batches; returns the path of the final weights."""
+    o = net.options
+    max_batches = max_batches if max_batches is not None else o.max_batches
+    if max_batches <= 0:
+        raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
+                          "pass --max-batches)")
+    if dataset.classes != net.output_layer.outputs:
+        raise ConfigError(f"{dataset.name}: {dataset.classes} classes, but {net.cfg_path} "
+                          f"outputs {net.output_layer.outputs} values per image")
+    base = os.path.splitext(os.path.basename(net.cfg_path))[0]
+    backup_path = os.path.join(backup_dir, f"{base}.backup")
+    final_path = os.path.join(backup_dir, f"{base}_final.weights")
+    rng = np.random.default_rng(seed)
+    net.ops.seed(seed)
+    sampler = BatchSampler(len(dataset), o.batch_size, rng)
+    average_loss = None
+    start_batch, started = current_batch(net), time.time()
+    try:
+        while current_batch(net) < max_batches:
+            tick = time.time()
+            images, labels = dataset.batch(sampler.next())
+            loss = train_iteration(net, images, dataset.one_hot(labels), rng)
+            if not math.isfinite(loss):
+                net.save_weights(backup_path)
+                raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "
+                                         f"try a lower learning_rate (weights saved to {backup_path})")
+            average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
+            batch_num = current_batch(net)
+            print(f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
+                  f"{learning_rate(o, batch_num, rng):f} rate, {time.time() - tick:f} seconds, "
+                  f"{net.seen} images  "
+                  f"{progress_bar(batch_num - start_batch, max_batches - start_batch, time.time() - started)}",
+                  file=stream, flush=True)
+            if backup_every and batch_num % backup_every == 0:
+                net.save_weights(backup_path)
+    except KeyboardInterrupt:
+        net.save_weights(backup_path)
+        print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
+              file=stream, flush=True)
+        raise
+    net.save_weights(final_path)
+    print(f"Saved {final_path}", file=stream, flush=True)
+    return final_path
+
+
+def evaluate(net, dataset, top=2, batch_size=500):
+    """(top-1 accuracy, top-k accuracy) of `net` on `dataset`."""
+    top = max(1, min(top, dataset.classes))
+    hits1 = hitsk = 0
+    for start in range(0, len(dataset), batch_size):
+        images, labels = dataset.batch(slice(start, start + batch_size))
+        probabilities = net.predict(images, batch_size=batch_size)
+        ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
+        hits1 += int((ranked[:, 0] == labels).sum())
+        hitsk += int((ranked == labels[:, None]).any(axis=1).sum())
+    return hits1 / len(dataset), hitsk / len(dataset)

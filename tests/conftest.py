@@ -1,0 +1,27 @@
+"""Shared test fixtures: paths to the repository, the bundled golden files and MNIST."""
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+CFG = os.path.join(ROOT, "cfg")
+
+
+def gpu_available():
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        return cuda.Device.count() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not gpu_available():
+        skip = pytest.mark.skip(reason="no usable NVIDIA GPU (pycuda, driver and device needed)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
