@@ -33,7 +33,7 @@ def activate(x, name):
     if name == "linear":
         return x.copy()
     if name == "leaky":
-        return np.where(x > 0, x, x * f(0.1))
+        return np.maximum(x, x * f(0.1))  # the same as x > 0 ? x : .1x, in one pass
     if name == "relu":
         return x * (x > 0)
     if name == "logistic":

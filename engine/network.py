@@ -170,8 +170,8 @@ class Network:
             layer.update(self.ops, learning_rate, o.momentum, o.decay, o.batch_size)
 
     def train_step(self, x, truth):
-        """One forward/backward on a mini-batch (no update). Returns the summed cost."""
-        self.seen += x.shape[0]
+        """One forward/backward on a mini-batch (no update, `seen` unchanged). Returns the
+        summed cost."""
         self.forward(x, train=True)
         cost, delta = self.cost_layer.cost(self.ops, truth)
         self.backward(delta)

@@ -14,7 +14,10 @@ import time
 
 import numpy as np
 
+from .distributed import SingleProcess
 from .errors import ConfigError, TrainingError
+
+SINGLE_PROCESS = SingleProcess()
 
 
 def learning_rate(options, batch_num, rng=None):
@@ -64,16 +67,27 @@ class BatchSampler:
         return indexes
 
 
-def train_iteration(net, images, truth, rng=None):
-    """One update on a full batch (numpy images and one-hot truth). Returns loss per image."""
+def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS):
+    """One update with learning rate `rate` on a full batch (numpy images, one-hot truth).
+    Returns the loss per image.
+
+    The batch is processed in `subdivisions` passes whose gradients accumulate; with several
+    ranks each takes its shard of the batch and the ranks' gradients are summed before the update.
+    """
     o, ops = net.options, net.ops
+    shard = group.shard(len(images))
+    images, local_truth = images[shard], truth[shard]
+    mini_batch = max(len(images) // o.subdivisions, 1)
     total = 0.0
-    for start in range(0, len(images), o.mini_batch):
-        x = ops.asarray(images[start:start + o.mini_batch])
-        t = ops.asarray(truth[start:start + o.mini_batch])
+    group.begin_iteration(net)
+    for start in range(0, len(images), mini_batch):
+        x = ops.asarray(images[start:start + mini_batch])
+        t = ops.asarray(local_truth[start:start + mini_batch])
         total += net.train_step(x, t)
-    net.update(learning_rate(o, current_batch(net), rng))
-    return total / len(images)
+    group.allreduce_updates(net)
+    net.seen += len(truth)
+    net.update(rate)
+    return group.allreduce_sum(total) / len(truth)
 
 
 def format_duration(seconds):
@@ -89,8 +103,16 @@ def progress_bar(done, total, elapsed, width=20):
     return f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}% ETA {format_duration(eta)}"
 
 
-def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=sys.stdout):
-    """Train `net` on `dataset` until max_batches; returns the path of the final weights."""
+def next_learning_rate(net, rng=None):
+    """The rate of the coming update: Darknet counts the batch being trained (seen already
+    includes it when the update runs)."""
+    return learning_rate(net.options, current_batch(net) + 1, rng)
+
+
+def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=sys.stdout,
+          group=SINGLE_PROCESS):
+    """Train `net` on `dataset` until max_batches; returns the path of the final weights.
+    With a process group of several ranks, only rank 0 prints and writes weights."""
     o = net.options
     max_batches = max_batches if max_batches is not None else o.max_batches
     if max_batches <= 0:
@@ -102,36 +124,45 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")
     final_path = os.path.join(backup_dir, f"{base}_final.weights")
+    # Every rank draws the same batches (and random-policy rates); dropout differs per rank.
     rng = np.random.default_rng(seed)
-    net.ops.seed(seed)
+    policy_rng = np.random.default_rng([seed, 1])
+    net.ops.seed(seed + 1000003 * group.rank)
     sampler = BatchSampler(len(dataset), o.batch_size, rng)
+    leader = group.rank == 0
+    save = net.save_weights if leader else (lambda path: None)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
             images, labels = dataset.batch(sampler.next())
-            loss = train_iteration(net, images, dataset.one_hot(labels), rng)
+            rate = next_learning_rate(net, policy_rng)
+            loss = train_iteration(net, images, dataset.one_hot(labels), rate, group)
             if not math.isfinite(loss):
-                net.save_weights(backup_path)
+                save(backup_path)
                 raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "
-                                         f"try a lower learning_rate (weights saved to {backup_path})")
+                                   f"try a lower learning_rate (weights saved to {backup_path})")
             average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
-            print(f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
-                  f"{learning_rate(o, batch_num, rng):f} rate, {time.time() - tick:f} seconds, "
-                  f"{net.seen} images  "
-                  f"{progress_bar(batch_num - start_batch, max_batches - start_batch, time.time() - started)}",
-                  file=stream, flush=True)
+            if leader:
+                bar = progress_bar(batch_num - start_batch, max_batches - start_batch,
+                                   time.time() - started)
+                print(f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
+                      f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}",
+                      file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
-                net.save_weights(backup_path)
+                save(backup_path)
     except KeyboardInterrupt:
-        net.save_weights(backup_path)
-        print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
-              file=stream, flush=True)
+        save(backup_path)
+        if leader:
+            print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
+                  file=stream, flush=True)
         raise
-    net.save_weights(final_path)
-    print(f"Saved {final_path}", file=stream, flush=True)
+    group.check_replicas(net)
+    save(final_path)
+    if leader:
+        print(f"Saved {final_path}", file=stream, flush=True)
     return final_path
 
 

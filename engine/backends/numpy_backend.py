@@ -18,11 +18,15 @@ BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (infer
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
 
+COLUMN_CACHE_BYTES = 512 << 20  # im2col buffers kept from forward for backward (training)
+
+
 class NumpyBackend:
     name = "cpu"
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
+        self._columns = {}  # (id(x), geometry) -> (x, columns), forward -> backward in training
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -60,7 +64,9 @@ class NumpyBackend:
 
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
-        if activation != "linear":
+        if activation == "leaky":  # the common case, without a temporary gradient array
+            np.multiply(delta, np.float32(0.1), out=delta, where=y <= 0)
+        elif activation != "linear":
             delta *= activations.gradient(y, activation)
         return delta
 
@@ -110,15 +116,33 @@ class NumpyBackend:
                 dx[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += cols[:, i, j]
         return dx[:, :, padding:padding + h, padding:padding + w].transpose(1, 0, 2, 3)
 
-    def conv_forward(self, x, weights, stride, padding, groups):
+    def _columns_for(self, x, group, c, size, stride, padding, out_h, out_w, keep=False,
+                     reuse=False):
+        """im2col of channel group `group` (c channels) of x. In training the forward pass keeps its columns
+        (within COLUMN_CACHE_BYTES) so the backward pass need not rebuild them."""
+        key = (id(x), group, size, stride, padding)
+        if reuse:
+            cached = self._columns.pop(key, None)
+            if cached is not None and cached[0] is x:
+                return cached[1]
+        cols = self._im2col(x[:, group * c:(group + 1) * c], size, stride, padding, out_h, out_w)
+        if keep:
+            held = sum(v[1].nbytes for v in self._columns.values())
+            while self._columns and held + cols.nbytes > COLUMN_CACHE_BYTES:
+                held -= self._columns.pop(next(iter(self._columns)))[1].nbytes
+            if cols.nbytes <= COLUMN_CACHE_BYTES:
+                self._columns[key] = (x, cols)
+        return cols
+
+    def conv_forward(self, x, weights, stride, padding, groups, train=False):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k)."""
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
-        y = np.empty((f, b, out_h * out_w), dtype=np.float32)
+        y = np.empty((f, b, out_h * out_w), dtype=x.dtype)
         cg, fg = c // groups, f // groups
         for g in range(groups):
-            cols = self._im2col(x[:, g * cg:(g + 1) * cg], size, stride, padding, out_h, out_w)
+            cols = self._columns_for(x, g, cg, size, stride, padding, out_h, out_w, keep=train)
             wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
             np.matmul(wg, cols, out=y[g * fg:(g + 1) * fg].reshape(fg, -1))
         return np.ascontiguousarray(y.reshape(f, b, out_h, out_w).transpose(1, 0, 2, 3))
@@ -130,17 +154,15 @@ class NumpyBackend:
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
         cg, fg = c // groups, f // groups
         delta_t = delta.transpose(1, 0, 2, 3).reshape(f, b * out_h * out_w)
-        dx = np.empty(x.shape, dtype=np.float32) if need_dx else None
+        dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
         for g in range(groups):
-            xg = x[:, g * cg:(g + 1) * cg]
-            cols = self._im2col(xg, size, stride, padding, out_h, out_w)
+            cols = self._columns_for(x, g, cg, size, stride, padding, out_h, out_w, reuse=True)
             dg = delta_t[g * fg:(g + 1) * fg]
             weight_updates[g * fg:(g + 1) * fg] += (dg @ cols.T).reshape(fg, cg, size, size)
             if need_dx:
                 wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
-                dcols = wg.T @ dg
-                dx[:, g * cg:(g + 1) * cg] = self._col2im(dcols, xg.shape, size, stride, padding,
-                                                          out_h, out_w)
+                dx[:, g * cg:(g + 1) * cg] = self._col2im(wg.T @ dg, (b, cg) + x.shape[2:], size,
+                                                          stride, padding, out_h, out_w)
         return dx
 
     # ---- fully connected ----------------------------------------------------------------------
@@ -185,14 +207,14 @@ class NumpyBackend:
         rolling_variance += BN_MOMENTUM * unbiased.reshape(rolling_variance.shape)
         view = lambda v: self._bn_view(v, x.shape, per_activation)  # noqa: E731
         y = x_norm * view(scales) + view(biases)
-        return y.astype(np.float32, copy=False), (x_norm, inv_std, per_activation)
+        return y, (x_norm, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False):
         """Darknet's inference rule: scales * (x - mean) / (sqrt(var) + 1e-6) + biases."""
         view = lambda v: self._bn_view(v, x.shape, per_activation)  # noqa: E731
         std = np.sqrt(view(rolling_variance)) + np.float32(BN_INFERENCE_EPSILON)
-        return ((x - view(rolling_mean)) / std * view(scales) + view(biases)).astype(np.float32)
+        return (x - view(rolling_mean)) / std * view(scales) + view(biases)
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         """Accumulates the scale and bias gradients; returns the delta for the BN input."""
@@ -205,34 +227,50 @@ class NumpyBackend:
         scale_updates += sum_delta_xnorm.reshape(scale_updates.shape)
         scale = self._bn_view(scales, delta.shape, per_activation)
         dx = (scale * inv_std / count) * (count * delta - sum_delta - x_norm * sum_delta_xnorm)
-        return dx.astype(np.float32, copy=False)
+        return dx
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
+    @staticmethod
+    def _tiles_input(in_shape, size, stride, padding, out_h, out_w):
+        """True when the windows tile the input exactly (size == stride, no cell outside), so
+        pooling is a reshape; the usual size=2 stride=2 on an even input is such a case."""
+        h, w = in_shape[2:]
+        return size == stride and padding // 2 == 0 and out_h * size == h and out_w * size == w
+
     def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
         """Darknet's maxpool: windows start at -padding//2; cells outside the input are -inf.
         Returns (y, argmax) where argmax is the window offset that won (first one on ties)."""
         b, c, h, w = x.shape
+        if self._tiles_input(x.shape, size, stride, padding, out_h, out_w):
+            windows = x.reshape(b, c, out_h, size, out_w, size).transpose(0, 1, 2, 4, 3, 5)
+            windows = windows.reshape(b, c, out_h, out_w, size * size)
+            argmax = windows.argmax(axis=-1).astype(np.int8 if size * size < 128 else np.int32)
+            return windows.max(axis=-1), argmax
         top = padding // 2
         need_h = (out_h - 1) * stride + size
         need_w = (out_w - 1) * stride + size
-        padded = np.full((b, c, max(need_h, top + h), max(need_w, top + w)), -np.inf, np.float32)
+        padded = np.full((b, c, max(need_h, top + h), max(need_w, top + w)), -np.inf, x.dtype)
         padded[:, :, top:top + h, top:top + w] = x
-        windows = np.empty((size * size, b, c, out_h, out_w), dtype=np.float32)
+        windows = np.empty((size * size, b, c, out_h, out_w), dtype=x.dtype)
         for i in range(size):
             for j in range(size):
                 windows[i * size + j] = padded[:, :, i:i + stride * out_h:stride,
                                                j:j + stride * out_w:stride]
         argmax = windows.argmax(axis=0).astype(np.int8 if size * size < 128 else np.int32)
-        y = np.take_along_axis(windows, argmax[None].astype(np.intp), axis=0)[0]
-        return y, argmax
+        return windows.max(axis=0), argmax
 
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
+        if self._tiles_input(in_shape, size, stride, padding, out_h, out_w):
+            windows = np.zeros((b, c, out_h, out_w, size * size), dtype=delta.dtype)
+            np.put_along_axis(windows, argmax[..., None].astype(np.intp), delta[..., None], axis=-1)
+            windows = windows.reshape(b, c, out_h, out_w, size, size).transpose(0, 1, 2, 4, 3, 5)
+            return np.ascontiguousarray(windows).reshape(in_shape)
         top = padding // 2
         need_h = max((out_h - 1) * stride + size, top + h)
         need_w = max((out_w - 1) * stride + size, top + w)
-        padded = np.zeros((b, c, need_h, need_w), dtype=np.float32)
+        padded = np.zeros((b, c, need_h, need_w), dtype=delta.dtype)
         for i in range(size):
             for j in range(size):
                 padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
@@ -245,7 +283,7 @@ class NumpyBackend:
 
     def avgpool_backward(self, delta, in_shape):
         h, w = in_shape[2:]
-        return np.broadcast_to(delta / np.float32(h * w), in_shape).astype(np.float32)
+        return np.broadcast_to(delta / (h * w), in_shape).copy()
 
     def upsample(self, x, stride, scale):
         """Nearest-neighbour upsampling by `stride`, times `scale`."""
@@ -282,11 +320,11 @@ class NumpyBackend:
         p = probabilities.reshape(truth.shape)
         with np.errstate(divide="ignore"):
             cost = float(-(truth * np.log(np.maximum(p, np.float32(1e-30)))).sum())
-        return cost, (truth - p).reshape(probabilities.shape).astype(np.float32)
+        return cost, (truth - p).reshape(probabilities.shape)
 
     def sse(self, output, truth):
         """Darknet's l2 cost: sum of squared errors; delta = truth - output."""
-        diff = (truth - output.reshape(truth.shape)).astype(np.float32)
+        diff = truth - output.reshape(truth.shape)
         return float((diff * diff).sum()), diff.reshape(output.shape)
 
     # ---- optimisation -------------------------------------------------------------------------
@@ -308,3 +346,75 @@ class NumpyBackend:
     def add_channel_slice_(self, dst, start, src):
         dst[:, start:start + src.shape[1]] += src
         return dst
+
+    # ---- detection-model ops (shortcut, yolo, region, reorg) ----------------------------------
+    @staticmethod
+    def _shortcut_windows(out_shape, add_shape):
+        """Darknet's shortcut_cpu geometry: the overlapping channels, and for each map the
+        positions that meet (the larger map is subsampled by the integer size ratio)."""
+        (c2, h2, w2), (c1, h1, w1) = out_shape, add_shape
+        stride, sample = max(w1 // w2, 1), max(w2 // w1, 1)
+        minc, minh, minw = min(c1, c2), min(h1, h2), min(w1, w2)
+        out_window = (slice(None), slice(0, minc), slice(0, minh * sample, sample),
+                      slice(0, minw * sample, sample))
+        add_window = (slice(None), slice(0, minc), slice(0, minh * stride, stride),
+                      slice(0, minw * stride, stride))
+        return out_window, add_window
+
+    def shortcut_forward(self, x, add, alpha, beta):
+        """Darknet's [shortcut] sum (shortcut_cpu), before the activation: a new array equal to
+        x, except where the maps overlap: y = alpha*x + beta*add there. Overlap: channels
+        0..min(C)-1; spatially, with stride = max(W_add//W_x, 1) and sample = max(W_x//W_add, 1),
+        y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
+        j < min(H), i < min(W). Same shapes: y = alpha*x + beta*add everywhere."""
+        out_window, add_window = self._shortcut_windows(x.shape[1:], add.shape[1:])
+        y = x.copy()
+        y[out_window] = np.float32(alpha) * x[out_window] + np.float32(beta) * add[add_window]
+        return y
+
+    def shortcut_backward(self, delta, add_shape, alpha, beta):
+        """The exact gradient of shortcut_forward: returns (delta for x, delta for add), add's
+        being a new (B,) + add_shape array (zero outside the overlap)."""
+        out_window, add_window = self._shortcut_windows(delta.shape[1:], add_shape)
+        dx = delta.copy()
+        dx[out_window] *= np.float32(alpha)
+        dadd = np.zeros((delta.shape[0],) + tuple(add_shape), dtype=np.float32)
+        dadd[add_window] = np.float32(beta) * delta[out_window]
+        return dx, dadd
+
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+        """YOLO/region output activation. x (B, anchors*E, H, W) holds, per anchor, E entries
+        (x, y, w, h, objectness, classes...) each an H x W plane. Returns a new array: the
+        logistic 1/(1+exp(-v)) on entries [start, stop) for each (start, stop) in
+        `logistic_ranges`, a softmax over entries [start, stop) of `softmax_range` at each
+        (anchor, position), and every other entry unchanged."""
+        b, _, h, w = x.shape
+        y = x.copy()
+        grouped = y.reshape(b, anchors, -1, h, w)
+        for start, stop in logistic_ranges:
+            grouped[:, :, start:stop] = activations.activate(grouped[:, :, start:stop], "logistic")
+        if softmax_range is not None:
+            start, stop = softmax_range
+            block = grouped[:, :, start:stop]
+            block = np.exp(block - block.max(axis=2, keepdims=True))
+            grouped[:, :, start:stop] = block / block.sum(axis=2, keepdims=True)
+        return y
+
+    def reorg(self, x, stride, forward, dims, out_shape):
+        """Darknet's reorg_cpu(x, w, h, c, batch, stride, forward, out) on the layer's input dims
+        (c, h, w) = `dims`; x and the result hold the same B*c*h*w values in another order, and
+        the result has shape (B,) + out_shape. With oc = c/stride^2, (k, j, i) ranging over
+        (c, h, w) and (k', j', i') = (k % oc, j*stride + (k//oc) // stride,
+        i*stride + (k//oc) % stride) over (oc, h*stride, w*stride):
+        forward=False: result(c,h,w)[k,j,i] = x viewed as (oc,h*s,w*s)[k',j',i'] (the
+        non-reverse layer's forward, and the reverse layer's backward);
+        forward=True: result viewed as (oc,h*s,w*s)[k',j',i'] = x(c,h,w)[k,j,i] (the inverse)."""
+        c, h, w = dims
+        b, oc = x.shape[0], c // (stride * stride)
+        if forward:
+            # x as (B, dy, dx, oc, j, i) -> (B, oc, j, dy, i, dx)
+            y = x.reshape(b, stride, stride, oc, h, w).transpose(0, 3, 4, 1, 5, 2)
+        else:
+            # x as (B, oc, j, dy, i, dx) -> (B, dy, dx, oc, j, i)
+            y = x.reshape(b, oc, h, stride, w, stride).transpose(0, 3, 5, 1, 2, 4)
+        return np.ascontiguousarray(y).reshape((b,) + tuple(out_shape))

@@ -55,7 +55,8 @@ class ConvolutionalLayer(LinearUnit):
 
     def forward(self, ops, x, train):
         self.input = x
-        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding, self.groups)
+        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding, self.groups,
+                             train=train)
         return self.normalize_activate(ops, y, train)
 
     def backward(self, ops, delta, need_dx):

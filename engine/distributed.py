@@ -1,0 +1,148 @@
+"""Data-parallel training over ranks: MPI (mpi4py) starts and coordinates them; gradients are
+summed with one all-reduce per iteration, through NCCL for GPU arrays where it is available and
+through MPI otherwise.
+
+Every rank builds the same network from the same seed and draws the same global batches; each
+trains on its own shard of every batch, the ranks' accumulated updates are summed, and every rank
+applies the same update, so the replicas stay identical (checked at the end of training). Batch
+norm statistics are per rank, as in Darknet. Only rank 0 prints and writes weights.
+
+`pip install -e .[dist]` brings mpi4py and an MPI runtime (PyPI's mpich) with its `mpiexec`.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from .errors import BackendError, ConfigError
+
+# Environment variables MPI launchers set for each rank (MPICH/Hydra, Open MPI, Slurm's PMI).
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi():
+    """True when this process is one of several ranks started by mpiexec."""
+    return any(int(os.environ.get(name, "1") or 1) > 1 for name in _SIZE_VARIABLES)
+
+
+class SingleProcess:
+    """The trivial group of one: what training uses without MPI."""
+
+    rank, size = 0, 1
+
+    def shard(self, count):
+        return slice(0, count)
+
+    def begin_iteration(self, net):
+        pass
+
+    def allreduce_updates(self, net):
+        pass
+
+    def allreduce_sum(self, value):
+        return value
+
+    def check_replicas(self, net):
+        pass
+
+    def abort(self, code=1):
+        pass
+
+
+class MpiGroup:
+    """The ranks of MPI.COMM_WORLD, training one network together."""
+
+    def __init__(self):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise BackendError("this process was started by mpiexec but mpi4py is not installed; "
+                               "pip install -e .[dist]") from None
+        self.mpi = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.nccl = None
+
+    def shard(self, count):
+        """This rank's contiguous share of a global batch of `count` images."""
+        if count % self.size:
+            raise ConfigError(f"the batch of {count} images does not split evenly over "
+                              f"{self.size} ranks")
+        share = count // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def use_nccl(self, ops):
+        """Sum GPU arrays with NCCL from now on (ops must be the CUDA backend)."""
+        from .backends.cuda.nccl import NcclCommunicator
+
+        self.nccl = NcclCommunicator(self.comm, ops)
+
+    def begin_iteration(self, net):
+        """The update buffers carry momentum * the last update, the same on every rank; only
+        rank 0 keeps it, so that the all-reduce adds it once to the ranks' new gradients."""
+        if self.rank != 0:
+            for layer in net.layers:
+                for updates in layer.updates.values():
+                    net.ops.scale_(updates, 0.0)
+
+    def allreduce_updates(self, net):
+        """Sum every layer's accumulated updates over the ranks, in one bucket."""
+        arrays = [u for layer in net.layers for _, u in sorted(layer.updates.items())]
+        if not arrays:
+            return
+        if self.nccl is not None:
+            self.nccl.allreduce_sum_(arrays)
+            return
+        ops = net.ops
+        host = [ops.to_host(a) for a in arrays]
+        bucket = np.concatenate([h.ravel() for h in host])
+        self.comm.Allreduce(self.mpi.IN_PLACE, bucket, op=self.mpi.SUM)
+        start = 0
+        for layer in net.layers:
+            for name, updates in sorted(layer.updates.items()):
+                count = updates.size
+                summed = bucket[start:start + count].reshape(updates.shape)
+                if isinstance(updates, np.ndarray):
+                    updates[...] = summed
+                else:
+                    layer.updates[name] = ops.asarray(summed)
+                start += count
+
+    def allreduce_sum(self, value):
+        return self.comm.allreduce(value, op=self.mpi.SUM)
+
+    def check_replicas(self, net):
+        """Raise if any rank's parameters differ from rank 0's (they must be identical)."""
+        digest = hashlib.sha256()
+        for layer in net.layers:
+            for name in sorted(layer.params):
+                digest.update(net.ops.to_host(layer.params[name]).tobytes())
+        digests = self.comm.allgather(digest.hexdigest())
+        if len(set(digests)) != 1:
+            differing = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise BackendError(f"replicas diverged: ranks {differing} hold weights that differ "
+                               "from rank 0's")
+
+    def abort(self, code=1):
+        """Stop every rank now (a rank that fails must not leave the others waiting)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def process_group():
+    return MpiGroup() if launched_by_mpi() else SingleProcess()
+
+
+def relaunch_with_mpiexec(ranks, argv):
+    """Start `ranks` copies of this command under mpiexec and wait for them; returns the exit
+    code. Used by `engine train --gpus 0,1,...` so users need not call mpiexec themselves."""
+    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        raise BackendError("training on several GPUs needs mpiexec; pip install -e .[dist]")
+    command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "engine.cli"] + list(argv)
+    return subprocess.call(command)
