@@ -37,6 +37,9 @@ class SingleProcess:
     def shard(self, count):
         return slice(0, count)
 
+    def adopt(self, net):
+        pass
+
     def begin_iteration(self, net):
         pass
 
@@ -65,7 +68,7 @@ class MpiGroup:
         self.mpi = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.nccl = None
+        self.nccl = self.bucket = None
 
     def shard(self, count):
         """This rank's contiguous share of a global batch of `count` images."""
@@ -75,12 +78,6 @@ class MpiGroup:
         share = count // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def use_nccl(self, ops):
-        """Sum GPU arrays with NCCL from now on (ops must be the CUDA backend)."""
-        from .backends.cuda.nccl import NcclCommunicator
-
-        self.nccl = NcclCommunicator(self.comm, ops)
-
     def begin_iteration(self, net):
         """The update buffers carry momentum * the last update, the same on every rank; only
         rank 0 keeps it, so that the all-reduce adds it once to the ranks' new gradients."""
@@ -89,28 +86,40 @@ class MpiGroup:
                 for updates in layer.updates.values():
                     net.ops.scale_(updates, 0.0)
 
+    def adopt(self, net):
+        """Re-home every layer's update buffer as a view into one flat bucket, so the
+        iteration's gradients are summed by a single all-reduce with no copies; on the GPU
+        through NCCL."""
+        ops = net.ops
+        entries = [(layer, name) for layer in net.layers for name in sorted(layer.updates)]
+        total = sum(layer.updates[name].size for layer, name in entries)
+        self.bucket = ops.zeros((total,)) if total else None
+        start = 0
+        for layer, name in entries:
+            current = layer.updates[name]
+            view = self.bucket[start:start + current.size].reshape(current.shape)
+            ops.add_(view, current)
+            layer.updates[name] = view
+            start += current.size
+        if ops.name == "gpu" and self.bucket is not None:
+            from .backends.cuda.nccl import NcclCommunicator
+
+            self.nccl = NcclCommunicator(self.comm, ops)
+
     def allreduce_updates(self, net):
-        """Sum every layer's accumulated updates over the ranks, in one bucket."""
-        arrays = [u for layer in net.layers for _, u in sorted(layer.updates.items())]
-        if not arrays:
+        """Sum every layer's accumulated updates over the ranks (one bucket, one call)."""
+        if self.bucket is None:
             return
         if self.nccl is not None:
-            self.nccl.allreduce_sum_(arrays)
-            return
-        ops = net.ops
-        host = [ops.to_host(a) for a in arrays]
-        bucket = np.concatenate([h.ravel() for h in host])
-        self.comm.Allreduce(self.mpi.IN_PLACE, bucket, op=self.mpi.SUM)
-        start = 0
-        for layer in net.layers:
-            for name, updates in sorted(layer.updates.items()):
-                count = updates.size
-                summed = bucket[start:start + count].reshape(updates.shape)
-                if isinstance(updates, np.ndarray):
-                    updates[...] = summed
-                else:
-                    layer.updates[name] = ops.asarray(summed)
-                start += count
+            self.nccl.allreduce_sum_(self.bucket)
+        elif isinstance(self.bucket, np.ndarray):
+            self.comm.Allreduce(self.mpi.IN_PLACE, self.bucket, op=self.mpi.SUM)
+        else:  # GPU arrays without NCCL: through the host
+            ops = net.ops
+            host = ops.to_host(self.bucket)
+            self.comm.Allreduce(self.mpi.IN_PLACE, host, op=self.mpi.SUM)
+            ops.scale_(self.bucket, 0.0)
+            ops.add_(self.bucket, ops.asarray(host))
 
     def allreduce_sum(self, value):
         return self.comm.allreduce(value, op=self.mpi.SUM)

@@ -142,3 +142,28 @@ def test_a_rank_error_is_one_line_and_stops_all(setup):
     assert result.returncode != 0
     assert "does not split evenly over 2 ranks" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def gpu_count():
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        return cuda.Device.count()
+    except Exception:
+        return 0
+
+
+@pytest.mark.gpu
+def test_two_gpus_equal_one_gpu_through_nccl(setup):
+    """The same equivalence on two GPUs, gradients summed by NCCL."""
+    if gpu_count() < 2:
+        pytest.skip("needs two GPUs")
+    one = run(engine_command("train", "small.cfg", "--gpu", "0", "--backup", "one"), setup)
+    assert one.returncode == 0, one.stderr
+    two = run(engine_command("train", "small.cfg", "--gpus", "0,1", "--backup", "two"), setup,
+              timeout=300)
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert "on 2 ranks" in two.stdout
+    np.testing.assert_allclose(weights_of(setup / "two" / "small_final.weights"),
+                               weights_of(setup / "one" / "small_final.weights"), rtol=1e-4, atol=1e-5)
