@@ -3,6 +3,11 @@
     engine train   cfg/mnist.cfg [--data D] [--weights W] [--max-batches N] [--seed S] [--cpu|--gpu N]
     engine test    cfg/mnist.cfg weights/mnist.weights [--data D] [--cpu|--gpu N]
     engine predict cfg/mnist.cfg weights/mnist.weights digit.png [--data D] [--top K]
+    engine info    cfg/yolov3.cfg
+    engine detect  cfg/yolov3-tiny.cfg yolov3-tiny.weights dog.jpg [--names cfg/coco.names]
+                   [--thresh 0.5] [--nms 0.45] [--out predictions.png]
+    engine partial cfg/darknet53.cfg darknet53.weights darknet53.conv.74 74
+    engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
 """
 
 import argparse
@@ -13,22 +18,40 @@ import time
 import numpy as np
 
 from . import data as data_io
+from . import detection, distributed, models
 from .backends import get_backend
 from .errors import BackendError, EngineError
 from .network import Network
 from .train import evaluate, train
 
 
-def add_backend_options(parser):
+def add_backend_options(parser, several=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cpu", action="store_true", help="run on the CPU (numpy)")
     group.add_argument("--gpu", type=int, metavar="N", help="run on GPU N; an error if it is unusable")
+    if several:
+        group.add_argument("--gpus", type=gpu_list, metavar="0,1,...",
+                           help="data-parallel training, one rank per GPU (started with mpiexec "
+                                "when this command is not already one of several ranks)")
 
 
-def choose_backend(args, seed=0):
-    """--cpu, --gpu N, or (neither) GPU 0 when usable, else the CPU with a note saying why."""
+def gpu_list(text):
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU numbers like 0,1,2,3, got '{text}'") from None
+    if not gpus:
+        raise argparse.ArgumentTypeError("expected at least one GPU number")
+    return gpus
+
+
+def choose_backend(args, seed=0, rank=0):
+    """--cpu, --gpu N, --gpus (one per rank), or (none) GPU 0 when usable, else the CPU with a
+    note saying why."""
     if args.cpu:
         return get_backend("cpu", seed=seed)
+    if getattr(args, "gpus", None):
+        return get_backend("gpu", device=args.gpus[rank % len(args.gpus)], seed=seed)
     if args.gpu is not None:
         return get_backend("gpu", device=args.gpu, seed=seed)
     try:
@@ -38,8 +61,8 @@ def choose_backend(args, seed=0):
         return get_backend("cpu", seed=seed)
 
 
-def build(args, seed=0, weights=None):
-    net = Network(args.cfg, backend=choose_backend(args, seed), seed=seed)
+def build(args, seed=0, weights=None, rank=0):
+    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
     if weights:
         covered = net.load_weights(weights)
         with_params = [layer.index for layer in net.layers if layer.weight_order]
@@ -54,14 +77,21 @@ def data_config(args):
 
 
 def cmd_train(args):
+    if args.gpus and len(args.gpus) > 1 and not distributed.launched_by_mpi():
+        return distributed.relaunch_with_mpiexec(len(args.gpus), args.argv)
+    group = args.group = distributed.process_group()
     data = data_config(args)
-    net = build(args, seed=args.seed, weights=args.weights)
+    net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
+    group.adopt(net)
     dataset = data.dataset("train", net.input_shape)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,
-                  backup_every=args.backup_every)
-    print(f"Trained {net.seen} images in {time.time() - started:.1f} s; weights: {final}")
+                  backup_every=args.backup_every, group=group)
+    if group.rank == 0:
+        ranks = f" on {group.size} ranks" if group.size > 1 else ""
+        print(f"Trained {net.seen} images{ranks} in {time.time() - started:.1f} s; weights: {final}")
+    return 0
 
 
 def cmd_test(args):
@@ -87,6 +117,41 @@ def cmd_predict(args):
             print(f"  {100 * probabilities[k]:6.2f}%  {name}")
 
 
+def cmd_info(args):
+    net = Network(args.cfg, backend=get_backend("cpu"))
+    print(models.layer_table(net))
+    print(f"{models.parameter_count(net)} parameters; a .weights file of "
+          f"{models.weights_file_bytes(net)} bytes")
+
+
+def cmd_detect(args):
+    net = build(args, weights=args.weights)
+    names = detection.read_names(args.names) if args.names else None
+    labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms)
+    classes = detections.probs.shape[1]
+    for item in labelled:
+        left, top, right, bottom = item.pixels
+        found = ", ".join(f"{detection.class_name(names, k)}: {100 * p:.0f}%"
+                          for k, p in zip(item.classes, item.probabilities))
+        print(f"{found}  box (left, top, right, bottom) = ({left}, {top}, {right}, {bottom})")
+    detection.draw(args.image, labelled, names, classes).save(args.out)
+    print(f"{len(labelled)} detections; drawn in {args.out}")
+
+
+def cmd_partial(args):
+    net = Network(args.cfg, backend=get_backend("cpu"))
+    net.load_weights(args.weights)
+    models.partial(net, args.out, args.layers)
+    print(f"Saved the weights of layers 0..{min(args.layers, len(net.layers)) - 1} to {args.out}")
+
+
+def cmd_fuse(args):
+    net = Network(args.cfg, backend=get_backend("cpu"))
+    net.load_weights(args.weights)
+    models.fuse(net, args.cfg_out, args.weights_out)
+    print(f"Fused network: {args.cfg_out}, {args.weights_out}")
+
+
 def make_parser():
     parser = argparse.ArgumentParser(prog="engine", description="A Darknet-style neural-network engine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +166,7 @@ def make_parser():
     p.add_argument("--backup", help="folder for weights (default: the .data file's backup)")
     p.add_argument("--backup-every", type=int, default=100, metavar="N",
                    help="save <backup>/<cfg>.backup every N iterations (default 100)")
-    add_backend_options(p)
+    add_backend_options(p, several=True)
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("test", help="top-1/top-k accuracy on the .data file's valid set")
@@ -119,17 +184,51 @@ def make_parser():
     p.add_argument("--top", type=int, default=5)
     add_backend_options(p)
     p.set_defaults(run=cmd_predict)
+
+    p = commands.add_parser("info", help="print the layer table: shapes and BFLOPs")
+    p.add_argument("cfg")
+    p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser("detect", help="detect objects in an image with a YOLO network")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("image")
+    p.add_argument("--names", help="class names, one a line (e.g. cfg/coco.names)")
+    p.add_argument("--thresh", type=float, default=0.5, help="confidence threshold (default 0.5)")
+    p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold; 0 turns NMS off")
+    p.add_argument("--out", default="predictions.png", help="image with the boxes drawn")
+    add_backend_options(p)
+    p.set_defaults(run=cmd_detect)
+
+    p = commands.add_parser("partial", help="save the first N layers' weights (Darknet's partial)")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("out")
+    p.add_argument("layers", type=int, help="how many layers to keep (N)")
+    p.set_defaults(run=cmd_partial)
+
+    p = commands.add_parser("fuse", help="fold batch norms into the convolutions")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("cfg_out")
+    p.add_argument("weights_out")
+    p.set_defaults(run=cmd_fuse)
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "weights_option", None):
         args.weights = args.weights_option
     try:
-        args.run(args)
+        return args.run(args) or 0
     except EngineError as error:
         print(f"engine {args.command}: error: {error}", file=sys.stderr)
+        group = getattr(args, "group", None)
+        if group is not None and group.size > 1:
+            group.abort(1)  # the other ranks would wait for this one forever
         return 1
     except KeyboardInterrupt:
         return 130
@@ -137,7 +236,6 @@ def main(argv=None):
         print(f"engine {args.command}: error: out of memory; lower batch or raise subdivisions "
               "in the cfg", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Section:
         self.path = path
         self.line = line
         self.options = {}
+        self.repeated = []  # (key, line) of keys given again: Darknet reads only the first
 
     def where(self, key=None):
         line = self.options[key].line if key in self.options else self.line
@@ -121,7 +122,11 @@ def read_cfg(path):
         if not sections:
             raise ConfigError(f"{path}:{number}: option '{line}' before any [section]")
         key, value = line.split("=", 1)
-        sections[-1].options[key] = Option(value, number)
+        if key in sections[-1].options:
+            # Darknet's option_find returns the first occurrence; a repeat is an unused field.
+            sections[-1].repeated.append((key, number))
+        else:
+            sections[-1].options[key] = Option(value, number)
     if not sections:
         raise ConfigError(f"{path}: no sections found; a cfg starts with [net]")
     if sections[0].name not in ("net", "network"):
@@ -130,10 +135,14 @@ def read_cfg(path):
     return sections
 
 
-def warn_unused(section, stream=sys.stderr):
+def warn_unused(section, stream=None):
+    stream = stream if stream is not None else sys.stderr  # looked up now, so redirection works
     for key in section.unused():
         print(f"Unused field: '{key}' in [{section.name}] at {section.path}:{section.options[key].line}",
               file=stream)
+    for key, line in section.repeated:
+        print(f"Unused field: '{key}' in [{section.name}] at {section.path}:{line} (repeated; "
+              f"line {section.options[key].line} is used)", file=stream)
 
 
 def read_data_file(path):
@@ -150,7 +159,7 @@ def read_data_file(path):
         if "=" not in line:
             raise ConfigError(f"{path}:{number}: expected 'key=value', got '{line}'")
         key, value = (part.strip() for part in line.split("=", 1))
-        values[key] = value
+        values.setdefault(key, value)  # Darknet uses the first occurrence of a key
     return values
 
 
@@ -168,7 +177,7 @@ def resolve_path(path, relative_to):
 
 def _read_lines(path, kind):
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: skip a BOM
             return handle.read().splitlines()
     except FileNotFoundError:
         raise ConfigError(f"{path}: {kind} file not found") from None

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .distributed import SingleProcess
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 
 SINGLE_PROCESS = SingleProcess()
 
@@ -60,6 +60,11 @@ class BatchSampler:
         self.order, self.position = rng.permutation(size), 0
 
     def next(self):
+        if self.size < self.batch:
+            # Fewer images than one batch: fill it from successive shuffles, so that every update
+            # still sees `batch` images and the iteration count (seen / batch) stays right.
+            return np.concatenate([self.rng.permutation(self.size)
+                                   for _ in range(-(-self.batch // self.size))])[:self.batch]
         if self.position + self.batch > self.size:
             self.order, self.position = self.rng.permutation(self.size), 0
         indexes = self.order[self.position:self.position + self.batch]
@@ -109,10 +114,11 @@ def next_learning_rate(net, rng=None):
     return learning_rate(net.options, current_batch(net) + 1, rng)
 
 
-def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=sys.stdout,
+def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
           group=SINGLE_PROCESS):
     """Train `net` on `dataset` until max_batches; returns the path of the final weights.
     With a process group of several ranks, only rank 0 prints and writes weights."""
+    stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
     o = net.options
     max_batches = max_batches if max_batches is not None else o.max_batches
     if max_batches <= 0:
@@ -125,6 +131,8 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     backup_path = os.path.join(backup_dir, f"{base}.backup")
     final_path = os.path.join(backup_dir, f"{base}_final.weights")
     # Every rank draws the same batches (and random-policy rates); dropout differs per rank.
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name}: no images to train on")
     rng = np.random.default_rng(seed)
     policy_rng = np.random.default_rng([seed, 1])
     net.ops.seed(seed + 1000003 * group.rank)

@@ -96,15 +96,19 @@ def save(net, path, cutoff=None):
 
 def write_atomically(path, payload):
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".weights", dir=folder)
+    temporary = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".weights", dir=folder)
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError):  # a full disk, a read-only or missing folder: one line
+            raise WeightsError(f"{path}: cannot write weights file "
+                               f"({error.strerror or error})") from None
         raise

@@ -70,9 +70,10 @@ class NumpyBackend:
             delta *= activations.gradient(y, activation)
         return delta
 
-    def add_bias_(self, y, biases):
+    def add_bias_(self, y, biases, activation="linear"):
+        """y = act(y + biases per channel), in place."""
         y += biases.reshape(1, -1, 1, 1)
-        return y
+        return self.activate_(y, activation)
 
     def bias_backward(self, delta, bias_updates):
         bias_updates += delta.sum(axis=(0, 2, 3))
@@ -210,11 +211,13 @@ class NumpyBackend:
         return y, (x_norm, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False):
-        """Darknet's inference rule: scales * (x - mean) / (sqrt(var) + 1e-6) + biases."""
+                                    per_activation=False, activation="linear"):
+        """Darknet's inference rule, then the activation:
+        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases)."""
         view = lambda v: self._bn_view(v, x.shape, per_activation)  # noqa: E731
         std = np.sqrt(view(rolling_variance)) + np.float32(BN_INFERENCE_EPSILON)
-        return (x - view(rolling_mean)) / std * view(scales) + view(biases)
+        y = (x - view(rolling_mean)) / std * view(scales) + view(biases)
+        return self.activate_(y, activation)
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         """Accumulates the scale and bias gradients; returns the delta for the BN input."""
@@ -378,7 +381,7 @@ class NumpyBackend:
         out_window, add_window = self._shortcut_windows(delta.shape[1:], add_shape)
         dx = delta.copy()
         dx[out_window] *= np.float32(alpha)
-        dadd = np.zeros((delta.shape[0],) + tuple(add_shape), dtype=np.float32)
+        dadd = np.zeros((delta.shape[0],) + tuple(add_shape), dtype=delta.dtype)
         dadd[add_window] = np.float32(beta) * delta[out_window]
         return dx, dadd
 
@@ -418,3 +421,13 @@ class NumpyBackend:
             # x as (B, oc, j, dy, i, dx) -> (B, dy, dx, oc, j, i)
             y = x.reshape(b, oc, h, stride, w, stride).transpose(0, 3, 5, 1, 2, 4)
         return np.ascontiguousarray(y).reshape((b,) + tuple(out_shape))
+
+    def crop(self, x, top, left, height, width, flip, scale, shift):
+        """Darknet's [crop] (forward_crop_layer): y[:, :, i, j] = x[:, :, top + i, col(j)] * scale
+        + shift with col(j) = left + j, or W - left - 1 - j when `flip` (mirrored)."""
+        w = x.shape[3]
+        if flip:
+            window = x[:, :, top:top + height, w - left - width:w - left][:, :, :, ::-1]
+        else:
+            window = x[:, :, top:top + height, left:left + width]
+        return (window * np.float32(scale) + np.float32(shift)).astype(x.dtype, copy=False)

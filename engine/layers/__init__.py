@@ -6,11 +6,16 @@ from .batchnorm import BatchnormLayer
 from .connected import ConnectedLayer
 from .convolutional import ConvolutionalLayer
 from .cost import CostLayer
+from .crop import CropLayer
 from .dropout import DropoutLayer
 from .maxpool import MaxpoolLayer
+from .region import RegionLayer
+from .reorg import ReorgLayer
 from .route import RouteLayer
+from .shortcut import ShortcutLayer
 from .softmax import SoftmaxLayer
 from .upsample import UpsampleLayer
+from .yolo import YoloLayer
 
 LAYER_TYPES = {}
 
@@ -31,3 +36,8 @@ register(BatchnormLayer)
 register(ActivationLayer)
 register(RouteLayer)
 register(UpsampleLayer)
+register(ShortcutLayer)
+register(YoloLayer)
+register(RegionLayer)
+register(ReorgLayer)
+register(CropLayer)

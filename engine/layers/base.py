@@ -95,15 +95,17 @@ class LinearUnit(Layer):
     def normalize_activate(self, ops, y, train):
         p = self.params
         if not self.batch_normalize:
-            ops.add_bias_(y, p["biases"])
+            y = ops.add_bias_(y, p["biases"], self.activation)  # one fused pass where it can be
         elif train:
             y, self.bn_cache = ops.batchnorm_forward_train(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
+            y = ops.activate_(y, self.activation)
         else:
             y = ops.batchnorm_forward_inference(
-                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
-        self.output = ops.activate_(y, self.activation)
-        return self.output
+                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
+                activation=self.activation)
+        self.output = y
+        return y
 
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""

@@ -1,0 +1,456 @@
+"""CudaBackend: the operations of backends/numpy_backend.py (same signatures and semantics:
+deltas are negative gradients, *_updates accumulate, in-place ops return their argument) on
+PyCUDA GPUArrays, issued in order on one stream.
+
+Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, the rest in
+kernels/*.cu. Inference batch norm is Darknet's rule, scale*(x-mean)/(sqrt(var)+1e-6)+bias,
+in our own kernel, since cuDNN's inference call divides by sqrt(var+eps).
+"""
+
+import itertools
+
+import numpy as np
+
+from ... import activations
+from ...errors import BackendError
+from .cublas import Cublas
+from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
+from .device import get_device
+from .kernels import Kernels
+
+ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
+
+_RUNTIMES = {}  # (device, allow_tf32) -> (Device, Kernels, Cudnn, Cublas), made once
+
+
+def _runtime(device_index, allow_tf32):
+    key = (device_index, allow_tf32)
+    if key not in _RUNTIMES:
+        device = get_device(device_index)
+        stream = device.stream.handle
+        _RUNTIMES[key] = (device, Kernels(device), Cudnn(stream, allow_tf32), Cublas(stream))
+    return _RUNTIMES[key]
+
+
+def _size(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _activation_id(name):
+    try:
+        return ACTIVATION_IDS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name}") from None
+
+
+class ConvPlan:
+    """Descriptors, algorithms and workspace sizes for one convolution shape, found once."""
+
+    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups):
+        self.x_desc = dnn.tensor(x_shape)
+        self.w_desc = dnn.filter(w_shape)
+        self.conv_desc = dnn.convolution(padding, stride, groups)
+        self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
+        self.y_desc = dnn.tensor(self.y_shape)
+        self.forward_algo, self.forward_workspace = dnn.find_algorithm(
+            "cudnnFindConvolutionForwardAlgorithm", self.x_desc, self.w_desc, self.conv_desc,
+            self.y_desc)
+        self.data_algo, self.data_workspace = dnn.find_algorithm(
+            "cudnnFindConvolutionBackwardDataAlgorithm", self.w_desc, self.y_desc, self.conv_desc,
+            self.x_desc)
+        self.filter_algo, self.filter_workspace = dnn.find_algorithm(
+            "cudnnFindConvolutionBackwardFilterAlgorithm", self.x_desc, self.y_desc,
+            self.conv_desc, self.w_desc)
+        self.workspace = max(self.forward_workspace, self.data_workspace, self.filter_workspace)
+
+
+class CudaBackend:
+    name = "gpu"
+
+    def __init__(self, device=0, seed=0, allow_tf32=False):
+        """allow_tf32 lets cuDNN use TF32 tensor cores for convolutions (faster, ~1e-3 relative
+        error); off by default so results match the CPU backend."""
+        self.device, self.kernels, self.dnn, self.blas = _runtime(int(device), bool(allow_tf32))
+        self.cuda = self.device.cuda
+        self.stream = self.device.stream
+        self._conv_plans = {}
+        self._workspace = None
+        self._workspace_size = 0
+        self._cost = self.device.empty((1,))
+        self.seed(seed)
+        # Set while a CUDA graph is captured (graph.py): device addresses the kernels read the
+        # learning rate and dropout seed from, so each replay can use new values.
+        self.step_learning_rate = None
+        self.step_seed = None
+        self.capturing = False
+
+    def seed(self, seed):
+        self._seed = int(seed) & 0xFFFFFFFF
+        self._dropout_calls = itertools.count(1)
+
+    def __repr__(self):
+        return f"CudaBackend(GPU {self.device.index}: {self.device.name})"
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _empty(self, shape, dtype=np.float32):
+        return self.device.empty(shape, dtype)
+
+    def _on_device(self, array):
+        return array if hasattr(array, "gpudata") else self.asarray(array)
+
+    def asarray(self, host):
+        if hasattr(host, "gpudata"):
+            return host
+        host = np.ascontiguousarray(host, dtype=np.float32)
+        array = self._empty(host.shape)
+        if host.size:
+            self.cuda.memcpy_htod_async(array.ptr, host, self.stream)
+        return array
+
+    def to_host(self, array):
+        if not hasattr(array, "gpudata"):
+            return np.asarray(array, dtype=np.float32)
+        host = np.empty(array.shape, dtype=np.float32)
+        if host.size:
+            self.cuda.memcpy_dtoh_async(host, array.ptr, self.stream)
+        self.stream.synchronize()
+        return host
+
+    def zeros(self, shape):
+        array = self._empty(shape)
+        if array.size:
+            self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
+        return array
+
+    def copy(self, array):
+        result = self._empty(array.shape)
+        if array.size:
+            self.cuda.memcpy_dtod_async(result.ptr, array.ptr, array.nbytes, self.stream)
+        return result
+
+    def reshape(self, array, shape):
+        return array.reshape(shape)
+
+    def add_(self, dst, src):
+        self.kernels.launch("add_kernel", dst.size, dst.ptr, src.ptr, dst.size)
+        return dst
+
+    def synchronize(self):
+        self.stream.synchronize()
+
+    def capture(self, step):
+        """Record step() (issuing this backend's operations) into a CUDA graph; returns a
+        CapturedStep whose replay(learning_rate) reruns it. Run step() once eagerly first, so
+        every convolution plan and workspace exists before capture."""
+        from .graph import CapturedStep
+
+        return CapturedStep(self, step)
+
+    def memory_used(self):
+        """Bytes of GPU memory in use on this device (all processes), for reports."""
+        return self.device.memory_used()
+
+    # ---- activation and bias ------------------------------------------------------------------
+    def activate_(self, x, activation):
+        if activation != "linear":
+            self.kernels.launch("activate_kernel", x.size, x.ptr, x.size,
+                                _activation_id(activation))
+        return x
+
+    def activation_backward_(self, y, delta, activation):
+        if activation != "linear":
+            self.kernels.launch("gradient_kernel", delta.size, y.ptr, delta.ptr,
+                                delta.size, _activation_id(activation))
+        return delta
+
+    @staticmethod
+    def _channel_layout(shape):
+        """(spatial, channels) of an NCHW-like shape: element i has channel (i//spatial)%channels."""
+        return _size(shape[2:]), int(shape[1]) if len(shape) > 1 else 1
+
+    def add_bias_(self, y, biases, activation="linear"):
+        """y = act(y + biases per channel), one pass."""
+        spatial, channels = self._channel_layout(y.shape)
+        self.kernels.launch("bias_activate_kernel", y.size, y.ptr, biases.ptr, y.size,
+                            spatial, channels, _activation_id(activation))
+        return y
+
+    def bias_backward(self, delta, bias_updates):
+        spatial, channels = self._channel_layout(delta.shape)
+        self.kernels.launch_blocks("bias_backward_kernel", channels, delta.ptr,
+                                   bias_updates.ptr, int(delta.shape[0]), channels, spatial)
+
+    def scale_(self, x, factor):
+        self.kernels.launch("scale_kernel", x.size, x.ptr, np.float32(factor), x.size)
+        return x
+
+    # ---- convolution --------------------------------------------------------------------------
+    def _plan(self, x_shape, w_shape, stride, padding, groups):
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups)
+        plan = self._conv_plans.get(key)
+        if plan is None:
+            plan = self._conv_plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
+                                                    groups)
+            if plan.workspace > self._workspace_size:
+                self._workspace = self._empty((plan.workspace,), np.uint8)
+                self._workspace_size = plan.workspace
+        return plan
+
+    def _workspace_pointer(self):
+        return self._workspace.ptr if self._workspace is not None else None
+
+    def conv_forward(self, x, weights, stride, padding, groups, train=False):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+        y = self._empty(plan.y_shape)
+        self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
+        return y
+
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+        workspace = self._workspace_pointer()
+        self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr,
+                                      workspace)
+        if not need_dx:
+            return None
+        dx = self._empty(x.shape)
+        self.dnn.conv_backward_data(plan, weights.ptr, delta.ptr, dx.ptr, workspace)
+        return dx
+
+    # ---- fully connected ----------------------------------------------------------------------
+    def connected_forward(self, x, weights):
+        batch = int(x.shape[0])
+        outputs, inputs = (int(s) for s in weights.shape)
+        y = self._empty((batch, outputs, 1, 1))
+        self.blas.gemm(False, True, batch, outputs, inputs, x.ptr, weights.ptr, y.ptr)
+        return y
+
+    def connected_backward(self, x, weights, delta, weight_updates, need_dx):
+        batch = int(x.shape[0])
+        outputs, inputs = (int(s) for s in weights.shape)
+        # weight_updates (outputs x inputs) += delta^T @ x
+        self.blas.gemm(True, False, outputs, inputs, batch, delta.ptr, x.ptr, weight_updates.ptr,
+                       beta=1.0)
+        if not need_dx:
+            return None
+        dx = self._empty(x.shape)
+        self.blas.gemm(False, False, batch, inputs, outputs, delta.ptr, weights.ptr, dx.ptr)
+        return dx
+
+    # ---- batch normalisation ------------------------------------------------------------------
+    @staticmethod
+    def _bn_shapes(shape, per_activation):
+        shape = tuple(int(s) for s in shape) + (1,) * (4 - len(shape))
+        params = (1,) + shape[1:] if per_activation else (1, shape[1], 1, 1)
+        mode = CUDNN_BATCHNORM_PER_ACTIVATION if per_activation else CUDNN_BATCHNORM_SPATIAL
+        return shape, params, mode
+
+    def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
+                                per_activation=False):
+        shape, params, mode = self._bn_shapes(x.shape, per_activation)
+        y = self._empty(x.shape)
+        save_mean = self._empty(scales.shape)
+        save_inv_std = self._empty(scales.shape)
+        x_desc = self.dnn.tensor(shape)
+        self.dnn.batchnorm_forward_train(mode, x_desc, x.ptr, y.ptr,
+                                         self.dnn.tensor(params), scales.ptr, biases.ptr,
+                                         rolling_mean.ptr, rolling_variance.ptr,
+                                         save_mean.ptr, save_inv_std.ptr)
+        return y, (x, save_mean, save_inv_std, per_activation)
+
+    def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
+                                    per_activation=False, activation="linear"):
+        """Darknet's rule, optionally fused with the activation that follows."""
+        y = self._empty(x.shape)
+        if per_activation:
+            spatial, channels = 1, _size(x.shape[1:])
+        else:
+            spatial, channels = self._channel_layout(x.shape)
+        self.kernels.launch("bn_inference_activate_kernel", x.size, x.ptr, y.ptr,
+                            rolling_mean.ptr, rolling_variance.ptr, scales.ptr,
+                            biases.ptr, x.size, spatial, channels, _activation_id(activation))
+        return y
+
+    def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
+        x, save_mean, save_inv_std, per_activation = cache
+        shape, params, mode = self._bn_shapes(x.shape, per_activation)
+        dx = self._empty(x.shape)
+        self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape), x.ptr, delta.ptr,
+                                    dx.ptr, self.dnn.tensor(params), scales.ptr,
+                                    scale_updates.ptr, bias_updates.ptr,
+                                    save_mean.ptr, save_inv_std.ptr)
+        return dx
+
+    # ---- pooling, resampling, dropout ---------------------------------------------------------
+    def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
+        """Returns (y, winner): winner holds the input cell (h*W+w) that won each window."""
+        b, c, h, w = (int(s) for s in x.shape)
+        y = self._empty((b, c, out_h, out_w))
+        winner = self._empty((b, c, out_h, out_w), np.int32)
+        self.kernels.launch("maxpool_forward_kernel", y.size, x.ptr, y.ptr, winner.ptr,
+                            y.size, h, w, out_h, out_w, size, stride, padding // 2)
+        return y, winner
+
+    def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+        b, c, h, w = (int(s) for s in in_shape)
+        out_h, out_w = (int(s) for s in delta.shape[2:])
+        dx = self._empty((b, c, h, w))
+        self.kernels.launch("maxpool_backward_kernel", dx.size, delta.ptr, argmax.ptr,
+                            dx.ptr, dx.size, h, w, out_h, out_w, size, stride, padding // 2)
+        return dx
+
+    def avgpool_forward(self, x):
+        b, c = (int(s) for s in x.shape[:2])
+        y = self._empty((b, c, 1, 1))
+        self.kernels.launch("avgpool_forward_kernel", b * c, x.ptr, y.ptr, b * c,
+                            _size(x.shape[2:]))
+        return y
+
+    def avgpool_backward(self, delta, in_shape):
+        dx = self._empty(in_shape)
+        self.kernels.launch("avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
+                            _size(in_shape[2:]))
+        return dx
+
+    def upsample(self, x, stride, scale):
+        b, c, h, w = (int(s) for s in x.shape)
+        y = self._empty((b, c, h * stride, w * stride))
+        self.kernels.launch("upsample_kernel", y.size, x.ptr, y.ptr, y.size, h, w, stride,
+                            np.float32(scale))
+        return y
+
+    def downsample_sum(self, x, stride, scale):
+        b, c, h, w = (int(s) for s in x.shape)
+        y = self._empty((b, c, h // stride, w // stride))
+        self.kernels.launch("downsample_sum_kernel", y.size, x.ptr, y.ptr, y.size,
+                            h // stride, w // stride, stride, np.float32(scale))
+        return y
+
+    def dropout_forward(self, x, probability):
+        """The mask comes from a hash of (seed, call number, element), drawn on the GPU; under a
+        captured graph the seed is read from device memory so each replay draws anew."""
+        y = self._empty(x.shape)
+        mask = self._empty(x.shape)
+        self.kernels.launch("dropout_forward_kernel", x.size, x.ptr, y.ptr, mask.ptr,
+                            x.size, np.float32(probability), np.float32(1.0 / (1.0 - probability)),
+                            np.uint32(self._seed), self.step_seed or 0,
+                            np.uint32(next(self._dropout_calls) & 0xFFFFFFFF))
+        return y, mask
+
+    def dropout_backward(self, delta, mask):
+        dx = self._empty(delta.shape)
+        self.kernels.launch("multiply_kernel", dx.size, delta.ptr, mask.ptr, dx.ptr,
+                            dx.size)
+        return dx
+
+    # ---- outputs and losses -------------------------------------------------------------------
+    def softmax(self, x, groups, temperature):
+        batch = int(x.shape[0])
+        rows = batch * groups
+        y = self._empty(x.shape)
+        self.kernels.launch("softmax_kernel", rows, x.ptr, y.ptr, rows, x.size // rows,
+                            np.float32(1.0 / temperature))
+        return y
+
+    def _cost_kernel(self, name, output, truth):
+        """Runs a cost kernel: delta (shape of output) and the summed cost as a float."""
+        truth = self._on_device(truth)
+        if truth.size != output.size:
+            raise BackendError(f"truth has {truth.size} values for {output.size} outputs")
+        delta = self._empty(output.shape)
+        self.cuda.memset_d32_async(self._cost.ptr, 0, 1, self.stream)
+        self.kernels.launch(name, max(output.size, 1), output.ptr, truth.ptr,
+                            delta.ptr, self._cost.ptr, output.size)
+        if self.capturing:
+            return 0.0, delta  # read after each replay with last_cost()
+        return self.last_cost(), delta
+
+    def last_cost(self):
+        return float(self.to_host(self._cost)[0])
+
+    def softmax_cross_entropy(self, probabilities, truth):
+        return self._cost_kernel("cross_entropy_kernel", probabilities, truth)
+
+    def sse(self, output, truth):
+        return self._cost_kernel("sse_kernel", output, truth)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def sgd_update(self, param, updates, learning_rate, momentum, decay, batch):
+        self.kernels.launch("sgd_kernel", param.size, param.ptr, updates.ptr, param.size,
+                            np.float32(learning_rate / batch), self.step_learning_rate or 0,
+                            np.float32(1.0 / batch), np.float32(momentum),
+                            np.float32(decay * batch))
+
+    # ---- channel plumbing (route) -------------------------------------------------------------
+    def _channel_copy(self, src, src_start, dst, dst_start, count, accumulate):
+        batch = int(src.shape[0])
+        spatial = _size(src.shape[2:])
+        n = batch * count * spatial
+        self.kernels.launch("channel_copy_kernel", n, src.ptr, dst.ptr, n, count, spatial,
+                            int(src.shape[1]), src_start, int(dst.shape[1]), dst_start,
+                            int(accumulate))
+
+    def channel_slice(self, x, start, stop):
+        y = self._empty((x.shape[0], stop - start) + tuple(x.shape[2:]))
+        self._channel_copy(x, start, y, 0, stop - start, False)
+        return y
+
+    def concat_channels(self, xs):
+        channels = sum(int(x.shape[1]) for x in xs)
+        y = self._empty((xs[0].shape[0], channels) + tuple(xs[0].shape[2:]))
+        start = 0
+        for x in xs:
+            self._channel_copy(x, 0, y, start, int(x.shape[1]), False)
+            start += int(x.shape[1])
+        return y
+
+    def add_channel_slice_(self, dst, start, src):
+        self._channel_copy(src, 0, dst, start, int(src.shape[1]), True)
+        return dst
+
+    # ---- detection-model ops (shortcut, yolo, region, reorg) ----------------------------------
+    @staticmethod
+    def _shortcut_geometry(out_shape, add_shape):
+        """Darknet's shortcut_cpu: overlapping channels; the larger map is subsampled by the
+        integer ratio of the widths. Returns the kernel's geometry arguments after n."""
+        (c2, h2, w2), (c1, h1, w1) = (tuple(int(v) for v in s) for s in (out_shape, add_shape))
+        stride, sample = max(w1 // w2, 1), max(w2 // w1, 1)
+        return (min(c1, c2), min(h1, h2), min(w1, w2), c2, h2, w2, c1, h1, w1, stride, sample)
+
+    def shortcut_forward(self, x, add, alpha, beta):
+        geometry = self._shortcut_geometry(x.shape[1:], add.shape[1:])
+        y = self.copy(x)
+        n = int(x.shape[0]) * geometry[0] * geometry[1] * geometry[2]
+        self.kernels.launch("shortcut_forward_kernel", n, x.ptr, add.ptr, y.ptr, n, *geometry,
+                            np.float32(alpha), np.float32(beta))
+        return y
+
+    def shortcut_backward(self, delta, add_shape, alpha, beta):
+        geometry = self._shortcut_geometry(delta.shape[1:], add_shape)
+        dx = self.copy(delta)
+        d_add = self.zeros((delta.shape[0],) + tuple(add_shape))
+        n = int(delta.shape[0]) * geometry[0] * geometry[1] * geometry[2]
+        self.kernels.launch("shortcut_backward_kernel", n, delta.ptr, dx.ptr, d_add.ptr, n,
+                            *geometry, np.float32(alpha), np.float32(beta))
+        return dx, d_add
+
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+        b, channels, h, w = (int(s) for s in x.shape)
+        entries, spatial, groups = channels // anchors, h * w, b * anchors
+        y = self.copy(x)
+        for start, stop in logistic_ranges:
+            n = groups * (stop - start) * spatial
+            self.kernels.launch("anchor_logistic_kernel", n, y.ptr, n, entries, start,
+                                stop - start, spatial)
+        if softmax_range is not None:
+            start, stop = softmax_range
+            n = groups * spatial
+            self.kernels.launch("anchor_softmax_kernel", n, y.ptr, n, entries, start,
+                                stop - start, spatial)
+        return y
+
+    def reorg(self, x, stride, forward, dims, out_shape):
+        c, h, w = (int(v) for v in dims)
+        y = self._empty((x.shape[0],) + tuple(out_shape))
+        self.kernels.launch("reorg_kernel", x.size, x.ptr, y.ptr, x.size, c, h, w, stride,
+                            int(bool(forward)))
+        return y

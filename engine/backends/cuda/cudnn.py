@@ -1,0 +1,205 @@
+"""A small ctypes binding of cuDNN's legacy API (libcudnn.so.9): convolution forward and
+backward, and batch normalisation forward training and backward.
+
+Every function's argument types are declared in FUNCTIONS (tests/test_kernels_compile.py checks
+them against the cudnn headers where those are installed) and every status is checked: a failure
+raises BackendError naming the call.
+"""
+
+import ctypes
+import glob
+import os
+import sys
+
+from ...errors import BackendError
+
+# Enum values (cudnn_graph.h / cudnn_ops.h / cudnn_cnn.h, cuDNN 9).
+CUDNN_STATUS_SUCCESS = 0
+CUDNN_DATA_FLOAT = 0
+CUDNN_TENSOR_NCHW = 0
+CUDNN_CROSS_CORRELATION = 1  # Darknet's convolution does not flip the kernel
+CUDNN_DEFAULT_MATH = 0
+CUDNN_TENSOR_OP_MATH = 1
+CUDNN_FMA_MATH = 3           # plain float32 FMA: no TF32 rounding of the inputs
+CUDNN_BATCHNORM_PER_ACTIVATION = 0
+CUDNN_BATCHNORM_SPATIAL = 1
+
+ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
+
+P = ctypes.c_void_p
+INT = ctypes.c_int
+INT_P = ctypes.POINTER(ctypes.c_int)
+SIZE = ctypes.c_size_t
+SIZE_P = ctypes.POINTER(ctypes.c_size_t)
+DOUBLE = ctypes.c_double
+
+
+class AlgoPerf(ctypes.Structure):
+    """cudnnConvolution{Fwd,BwdData,BwdFilter}AlgoPerf_t (the three share this layout)."""
+    _fields_ = [("algo", ctypes.c_int), ("status", ctypes.c_int), ("time", ctypes.c_float),
+                ("memory", ctypes.c_size_t), ("determinism", ctypes.c_int),
+                ("mathType", ctypes.c_int), ("reserved", ctypes.c_int * 3)]
+
+
+# name -> argument types (all return cudnnStatus_t except the two noted in RESTYPES).
+FUNCTIONS = {
+    "cudnnCreate": [P],
+    "cudnnDestroy": [P],
+    "cudnnSetStream": [P, P],
+    "cudnnCreateTensorDescriptor": [P],
+    "cudnnSetTensor4dDescriptor": [P, INT, INT, INT, INT, INT, INT],
+    "cudnnCreateFilterDescriptor": [P],
+    "cudnnSetFilter4dDescriptor": [P, INT, INT, INT, INT, INT, INT],
+    "cudnnCreateConvolutionDescriptor": [P],
+    "cudnnSetConvolution2dDescriptor": [P, INT, INT, INT, INT, INT, INT, INT, INT],
+    "cudnnSetConvolutionGroupCount": [P, INT],
+    "cudnnSetConvolutionMathType": [P, INT],
+    "cudnnGetConvolution2dForwardOutputDim": [P, P, P, INT_P, INT_P, INT_P, INT_P],
+    "cudnnFindConvolutionForwardAlgorithm": [P, P, P, P, P, INT, INT_P, P],
+    "cudnnFindConvolutionBackwardDataAlgorithm": [P, P, P, P, P, INT, INT_P, P],
+    "cudnnFindConvolutionBackwardFilterAlgorithm": [P, P, P, P, P, INT, INT_P, P],
+    "cudnnConvolutionForward": [P, P, P, P, P, P, P, INT, P, SIZE, P, P, P],
+    "cudnnConvolutionBackwardData": [P, P, P, P, P, P, P, INT, P, SIZE, P, P, P],
+    "cudnnConvolutionBackwardFilter": [P, P, P, P, P, P, P, INT, P, SIZE, P, P, P],
+    "cudnnBatchNormalizationForwardTraining": [P, INT, P, P, P, P, P, P, P, P, P, DOUBLE, P, P,
+                                               DOUBLE, P, P],
+    "cudnnBatchNormalizationBackward": [P, INT, P, P, P, P, P, P, P, P, P, P, P, P, P, P, DOUBLE,
+                                        P, P],
+    "cudnnGetErrorString": [INT],
+    "cudnnGetVersion": [],
+}
+RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetVersion": ctypes.c_size_t}
+
+BN_EPSILON = 1e-5         # cuDNN's minimum, and the engine's training rule
+BN_AVERAGE_FACTOR = 0.01  # rolling statistics move 1% toward the batch's
+WORKSPACE_LIMIT = 1 << 30
+
+_ONE = ctypes.c_float(1.0)
+_ZERO = ctypes.c_float(0.0)
+
+
+def _candidate_paths():
+    yield "libcudnn.so.9"
+    # pip's nvidia-cudnn-cu* wheels keep it under site-packages/nvidia/cudnn/lib.
+    for root in sys.path:
+        yield from glob.glob(os.path.join(root, "nvidia", "cudnn", "lib", "libcudnn.so.9"))
+
+
+def load_library():
+    errors = []
+    for path in _candidate_paths():
+        try:
+            return ctypes.CDLL(path)
+        except OSError as error:
+            errors.append(str(error))
+    raise BackendError("cuDNN 9 not found (libcudnn.so.9): install cuDNN or the nvidia-cudnn-cu12 "
+                       f"wheel; tried: {errors[0] if errors else 'nothing'}")
+
+
+class Cudnn:
+    """A cuDNN handle on the device's stream, and the calls the backend makes."""
+
+    def __init__(self, stream_handle, allow_tf32=False):
+        self.lib = load_library()
+        for name, argtypes in FUNCTIONS.items():
+            try:
+                function = getattr(self.lib, name)
+            except AttributeError:
+                raise BackendError(f"the cuDNN library has no {name}; cuDNN 9 is needed") from None
+            function.argtypes = argtypes
+            function.restype = RESTYPES.get(name, ctypes.c_int)
+        self.version = self.lib.cudnnGetVersion()
+        handle = P()
+        self.check("cudnnCreate", self.lib.cudnnCreate(ctypes.byref(handle)))
+        self.handle = handle
+        self.check("cudnnSetStream", self.lib.cudnnSetStream(handle, P(stream_handle)))
+        self.math_type = CUDNN_DEFAULT_MATH if allow_tf32 else CUDNN_FMA_MATH
+        self._tensor_descriptors = {}
+
+    def check(self, name, status):
+        if status != CUDNN_STATUS_SUCCESS:
+            message = self.lib.cudnnGetErrorString(status).decode(errors="replace")
+            raise BackendError(f"cuDNN call {name} failed: {message} (status {status})")
+
+    def call(self, name, *args):
+        self.check(name, getattr(self.lib, name)(*args))
+
+    # ---- descriptors ----------------------------------------------------------------------------
+    def tensor(self, shape):
+        """A cached NCHW float descriptor; shapes of fewer than four dimensions get trailing 1s."""
+        shape = tuple(int(s) for s in shape) + (1,) * (4 - len(shape))
+        descriptor = self._tensor_descriptors.get(shape)
+        if descriptor is None:
+            descriptor = P()
+            self.call("cudnnCreateTensorDescriptor", ctypes.byref(descriptor))
+            self.call("cudnnSetTensor4dDescriptor", descriptor, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT,
+                      *shape)
+            self._tensor_descriptors[shape] = descriptor
+        return descriptor
+
+    def filter(self, shape):
+        descriptor = P()
+        self.call("cudnnCreateFilterDescriptor", ctypes.byref(descriptor))
+        self.call("cudnnSetFilter4dDescriptor", descriptor, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW,
+                  *(int(s) for s in shape))
+        return descriptor
+
+    def convolution(self, padding, stride, groups):
+        descriptor = P()
+        self.call("cudnnCreateConvolutionDescriptor", ctypes.byref(descriptor))
+        self.call("cudnnSetConvolution2dDescriptor", descriptor, padding, padding, stride, stride,
+                  1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT)
+        self.call("cudnnSetConvolutionGroupCount", descriptor, groups)
+        self.call("cudnnSetConvolutionMathType", descriptor, self.math_type)
+        return descriptor
+
+    def output_shape(self, conv, x_desc, w_desc):
+        dims = [ctypes.c_int() for _ in range(4)]
+        self.call("cudnnGetConvolution2dForwardOutputDim", conv, x_desc, w_desc,
+                  *(ctypes.byref(d) for d in dims))
+        return tuple(d.value for d in dims)
+
+    def find_algorithm(self, name, *descriptors):
+        """The fastest algorithm cuDNN measures for one convolution shape (done once per shape),
+        among those within WORKSPACE_LIMIT; returns (algo, workspace bytes)."""
+        results = (AlgoPerf * 8)()
+        returned = ctypes.c_int()
+        self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
+                  ctypes.byref(results))
+        for perf in results[:returned.value]:
+            if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT:
+                return perf.algo, perf.memory
+        raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
+
+    # ---- calls ----------------------------------------------------------------------------------
+    def conv_forward(self, plan, x, w, y, workspace):
+        self.call("cudnnConvolutionForward", self.handle, ctypes.byref(_ONE), plan.x_desc, x,
+                  plan.w_desc, w, plan.conv_desc, plan.forward_algo, workspace,
+                  plan.forward_workspace, ctypes.byref(_ZERO), plan.y_desc, y)
+
+    def conv_backward_filter(self, plan, x, dy, dw, workspace):
+        # beta = 1: the weight gradient accumulates into the layer's weight updates.
+        self.call("cudnnConvolutionBackwardFilter", self.handle, ctypes.byref(_ONE), plan.x_desc, x,
+                  plan.y_desc, dy, plan.conv_desc, plan.filter_algo, workspace,
+                  plan.filter_workspace, ctypes.byref(_ONE), plan.w_desc, dw)
+
+    def conv_backward_data(self, plan, w, dy, dx, workspace):
+        self.call("cudnnConvolutionBackwardData", self.handle, ctypes.byref(_ONE), plan.w_desc, w,
+                  plan.y_desc, dy, plan.conv_desc, plan.data_algo, workspace,
+                  plan.data_workspace, ctypes.byref(_ZERO), plan.x_desc, dx)
+
+    def batchnorm_forward_train(self, mode, x_desc, x, y, param_desc, scales, biases,
+                                rolling_mean, rolling_variance, save_mean, save_inv_std):
+        self.call("cudnnBatchNormalizationForwardTraining", self.handle, mode, ctypes.byref(_ONE),
+                  ctypes.byref(_ZERO), x_desc, x, x_desc, y, param_desc, scales, biases,
+                  BN_AVERAGE_FACTOR, rolling_mean, rolling_variance, BN_EPSILON, save_mean,
+                  save_inv_std)
+
+    def batchnorm_backward(self, mode, x_desc, x, dy, dx, param_desc, scales, scale_updates,
+                           bias_updates, save_mean, save_inv_std):
+        # Linear in dy, so Darknet's deltas (negative gradients) give negative gradients back;
+        # betaParamDiff = 1 accumulates them into the layer's updates.
+        self.call("cudnnBatchNormalizationBackward", self.handle, mode, ctypes.byref(_ONE),
+                  ctypes.byref(_ZERO), ctypes.byref(_ONE), ctypes.byref(_ONE), x_desc, x, x_desc,
+                  dy, x_desc, dx, param_desc, scales, scale_updates, bias_updates, BN_EPSILON,
+                  save_mean, save_inv_std)

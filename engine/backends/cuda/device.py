@@ -1,0 +1,91 @@
+"""One GPU: its context, the stream every operation is issued on, and pooled memory.
+
+Everything runs on one non-default stream, so the work of a step is ordered without host
+synchronisation and can be captured into a CUDA graph (the legacy default stream cannot be).
+Device memory comes from PyCUDA's pool: a freed array's memory is reused by later arrays of the
+same size class without a cudaMalloc; reuse is safe because all work is ordered on the stream.
+"""
+
+import atexit
+
+import numpy as np
+
+from ...errors import BackendError
+
+_DEVICES = {}  # device index -> Device; one context per process and GPU
+
+
+def import_pycuda():
+    try:
+        import pycuda.driver as cuda
+        import pycuda.gpuarray as gpuarray
+        import pycuda.tools as tools
+    except ImportError as error:
+        raise BackendError(f"the GPU backend needs pycuda ({error}); install it with "
+                           "pip install -e .[gpu]") from None
+    return cuda, gpuarray, tools
+
+
+class Device:
+    def __init__(self, index):
+        cuda, self.gpuarray, tools = import_pycuda()
+        self.cuda = cuda
+        try:
+            cuda.init()
+            count = cuda.Device.count()
+        except cuda.Error as error:
+            raise BackendError(f"no usable NVIDIA driver: {error}") from None
+        if count == 0:
+            raise BackendError("no NVIDIA GPU found")
+        if not 0 <= index < count:
+            raise BackendError(f"GPU {index} does not exist; this machine has {count} "
+                               f"(0..{count - 1})")
+        self.index = index
+        self.handle = cuda.Device(index)
+        self.name = self.handle.name()
+        # The primary context is the one the CUDA runtime (used by cuDNN and cuBLAS) also uses.
+        self.context = self.handle.retain_primary_context()
+        self.context.push()
+        atexit.register(self._close)
+        self.stream = cuda.Stream()
+        self.pool = tools.DeviceMemoryPool()
+        # While a CUDA graph is being captured every allocation is kept alive with the graph.
+        self.keep_alive = None
+
+    def _close(self):
+        try:
+            self.stream.synchronize()
+            self.pool.stop_holding()
+            self.context.pop()
+        except Exception:  # the process is exiting; nothing useful to report
+            pass
+
+    def allocate(self, nbytes):
+        try:
+            return self.pool.allocate(nbytes)
+        except self.cuda.MemoryError:
+            self.pool.free_held()
+            try:
+                return self.pool.allocate(nbytes)
+            except self.cuda.MemoryError:
+                free, total = self.cuda.mem_get_info()
+                raise BackendError(
+                    f"out of GPU memory on {self.name}: {nbytes / 2**20:.1f} MiB asked, "
+                    f"{free / 2**20:.0f} of {total / 2**20:.0f} MiB free; raise subdivisions in "
+                    "the cfg's [net] section to use smaller mini-batches") from None
+
+    def empty(self, shape, dtype=np.float32):
+        array = self.gpuarray.GPUArray(tuple(int(s) for s in shape), dtype, allocator=self.allocate)
+        if self.keep_alive is not None:
+            self.keep_alive.append(array)
+        return array
+
+    def memory_used(self):
+        free, total = self.cuda.mem_get_info()
+        return total - free
+
+
+def get_device(index):
+    if index not in _DEVICES:
+        _DEVICES[index] = Device(index)
+    return _DEVICES[index]

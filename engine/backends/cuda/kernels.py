@@ -1,0 +1,79 @@
+"""Loads kernels/*.cu with PyCUDA (compiled once per process; PyCUDA also caches the binaries on
+disk) and launches them on the device's stream through prepared calls (cheapest from Python)."""
+
+import os
+
+from ...errors import BackendError
+
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "kernels")
+
+BLOCK = 256
+
+# kernel name -> (source file, PyCUDA argument signature: P pointer, i int, I uint, f float)
+SIGNATURES = {
+    "activate_kernel": ("activations.cu", "Pii"),
+    "gradient_kernel": ("activations.cu", "PPii"),
+    "bias_activate_kernel": ("activations.cu", "PPiiii"),
+    "bn_inference_activate_kernel": ("activations.cu", "PPPPPPiiii"),
+    "bias_backward_kernel": ("activations.cu", "PPiii"),
+    "add_kernel": ("elementwise.cu", "PPi"),
+    "scale_kernel": ("elementwise.cu", "Pfi"),
+    "multiply_kernel": ("elementwise.cu", "PPPi"),
+    "sgd_kernel": ("elementwise.cu", "PPifPfff"),
+    "maxpool_forward_kernel": ("pooling.cu", "PPPiiiiiiii"),
+    "maxpool_backward_kernel": ("pooling.cu", "PPPiiiiiiii"),
+    "avgpool_forward_kernel": ("pooling.cu", "PPii"),
+    "avgpool_backward_kernel": ("pooling.cu", "PPii"),
+    "upsample_kernel": ("resample.cu", "PPiiiif"),
+    "downsample_sum_kernel": ("resample.cu", "PPiiiif"),
+    "channel_copy_kernel": ("resample.cu", "PPiiiiiiii"),
+    "dropout_forward_kernel": ("dropout.cu", "PPPiffIPI"),
+    "softmax_kernel": ("softmax.cu", "PPiif"),
+    "shortcut_forward_kernel": ("detection.cu", "PPPiiiiiiiiiiiiff"),
+    "shortcut_backward_kernel": ("detection.cu", "PPPiiiiiiiiiiiiff"),
+    "anchor_logistic_kernel": ("detection.cu", "Piiiii"),
+    "anchor_softmax_kernel": ("detection.cu", "Piiiii"),
+    "reorg_kernel": ("detection.cu", "PPiiiiii"),
+    "cross_entropy_kernel": ("softmax.cu", "PPPPi"),
+    "sse_kernel": ("softmax.cu", "PPPPi"),
+}
+
+
+class Kernels:
+    def __init__(self, device, kernel_dir=KERNEL_DIR):
+        from pycuda.compiler import SourceModule
+        from pycuda.driver import CompileError
+
+        self.stream = device.stream
+        modules, self.functions = {}, {}
+        for name, (source, signature) in SIGNATURES.items():
+            if source not in modules:
+                path = os.path.join(kernel_dir, source)
+                try:
+                    with open(path) as handle:
+                        code = handle.read()
+                except OSError as error:
+                    raise BackendError(f"cannot read kernel source {path}: {error}") from None
+                try:
+                    modules[source] = SourceModule(code, no_extern_c=True, include_dirs=[kernel_dir],
+                                                   options=["-O3"])
+                except CompileError as error:
+                    message = (error.stderr or error.stdout or str(error)).strip()
+                    raise BackendError(f"kernel {path} failed to compile:\n{message}") from None
+                except OSError as error:  # nvcc missing
+                    raise BackendError(f"cannot compile {path}: {error} (is nvcc on PATH?)") from None
+            function = modules[source].get_function(name)
+            function.prepare(signature)
+            self.functions[name] = function
+
+    def launch(self, name, n, *args):
+        """One thread per element for n elements; args follow the kernel's signature."""
+        if n > 0:
+            self.functions[name].prepared_async_call(((n + BLOCK - 1) // BLOCK, 1), (BLOCK, 1, 1),
+                                                     self.stream, *args)
+
+    def launch_blocks(self, name, blocks, *args):
+        """One block of BLOCK threads per item (reductions)."""
+        if blocks > 0:
+            self.functions[name].prepared_async_call((blocks, 1), (BLOCK, 1, 1), self.stream, *args)

@@ -1,0 +1,293 @@
+"""Object detection with [yolo] and [region] networks, as Darknet's `detector test` does it:
+letterbox the image into the network input, decode every detection layer's boxes back to image
+coordinates, keep those above a confidence threshold, suppress overlaps per class (do_nms_sort),
+and draw the result on a copy of the image.
+
+Boxes are (x, y, w, h): centre and size relative to the image (0..1), Darknet's `relative=1`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
+
+
+# ---- input ---------------------------------------------------------------------------------------
+def read_rgb(path):
+    """Decode an image file to float32 (3, H, W) RGB in [0, 1] (Darknet's load_image_color)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+    return pixels.transpose(2, 0, 1).copy()
+
+
+def resize_bilinear(image, width, height):
+    """Darknet's resize_image: bilinear with the corners of both grids aligned
+    (scale (in-1)/(out-1), float32), horizontal pass first, then vertical. Like Darknet, the
+    last column copies the last input column, and the last row keeps only its upper term."""
+
+    def sample(size_in, size_out):
+        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
+        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
+        low = np.minimum(position.astype(np.int64), size_in - 1)
+        frac = (position - low).astype(np.float32)
+        return low, np.minimum(low + 1, size_in - 1), frac
+
+    c, h, w = image.shape
+    left, right, fx = sample(w, width)
+    left[-1], fx[-1] = w - 1, 0
+    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
+    top, bottom, fy = sample(h, height)
+    upper, lower = (1 - fy)[:, None], fy[:, None]
+    lower[-1] = 0
+    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
+
+
+def letterbox_geometry(image_w, image_h, net_w, net_h):
+    """The size the image is scaled to inside the network input, keeping its aspect ratio
+    (integer arithmetic as in Darknet's letterbox_image and correct_yolo_boxes)."""
+    if net_w / image_w < net_h / image_h:
+        return net_w, (image_h * net_w) // image_w
+    return (image_w * net_h) // image_h, net_h
+
+
+def letterbox(image, net_w, net_h):
+    """Darknet's letterbox_image: scale (3, H, W) to fit (net_h, net_w), centred on grey."""
+    _, h, w = image.shape
+    new_w, new_h = letterbox_geometry(w, h, net_w, net_h)
+    boxed = np.full((image.shape[0], net_h, net_w), LETTERBOX_FILL, dtype=np.float32)
+    dx, dy = (net_w - new_w) // 2, (net_h - new_h) // 2
+    boxed[:, dy:dy + new_h, dx:dx + new_w] = resize_bilinear(image, new_w, new_h)
+    return boxed
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+@dataclass
+class Detections:
+    """N detections: boxes (N, 4) relative (x, y, w, h), objectness (N,), probs (N, classes)
+    where probs = objectness * class score, zero when not above the threshold."""
+
+    boxes: np.ndarray
+    objectness: np.ndarray
+    probs: np.ndarray
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def select(self, keep):
+        return Detections(self.boxes[keep], self.objectness[keep], self.probs[keep])
+
+    @staticmethod
+    def concatenate(parts, classes):
+        if not parts:
+            return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                              np.zeros((0, classes), np.float32))
+        return Detections(*(np.concatenate(arrays) for arrays in
+                            zip(*((p.boxes, p.objectness, p.probs) for p in parts))))
+
+
+def _grid_predictions(output, anchors, entries):
+    """A detection layer's output for one image (anchors*entries, H, W) -> per-box rows
+    (anchor, row, col order, as Darknet enumerates them) and each box's grid column and row."""
+    _, h, w = output.shape
+    rows = output.reshape(anchors, entries, h * w).transpose(0, 2, 1).reshape(-1, entries)
+    cell = np.tile(np.arange(h * w), anchors)
+    return rows, (cell % w).astype(np.float32), (cell // w).astype(np.float32), (w, h)
+
+
+def correct_boxes(boxes, image_w, image_h, net_w, net_h):
+    """Undo the letterbox: boxes relative to the network input -> relative to the image
+    (Darknet's correct_yolo_boxes / correct_region_boxes with relative=1)."""
+    new_w, new_h = letterbox_geometry(image_w, image_h, net_w, net_h)
+    boxes = boxes.copy()
+    boxes[:, 0] = (boxes[:, 0] - (net_w - new_w) / 2.0 / net_w) / (new_w / net_w)
+    boxes[:, 1] = (boxes[:, 1] - (net_h - new_h) / 2.0 / net_h) / (new_h / net_h)
+    boxes[:, 2] *= net_w / new_w
+    boxes[:, 3] *= net_h / new_h
+    return boxes
+
+
+def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h):
+    """Boxes from a detection layer's entries x, y, w, h (`raw[..., 0:4]`, x and y already
+    through the logistic) in grid cell (col, row) of a w x h grid: centre (col + x)/w,
+    (row + y)/h, size exp(w)*anchor_w, exp(h)*anchor_h (anchors relative to the input)."""
+    return np.stack([(col + raw[..., 0]) / w, (row + raw[..., 1]) / h,
+                     np.exp(raw[..., 2]) * anchor_w, np.exp(raw[..., 3]) * anchor_h], axis=-1)
+
+
+def _class_probs(objectness, class_scores, thresh):
+    probs = objectness[:, None] * class_scores
+    return np.where(probs > thresh, probs, 0).astype(np.float32)
+
+
+def yolo_detections(layer, output, net_w, net_h, image_w, image_h, thresh):
+    """Darknet's get_yolo_detections: the boxes of one [yolo] output (C, H, W) whose
+    objectness is above `thresh`; w and h scale the layer's anchors (in network pixels)."""
+    rows, col, row, (w, h) = _grid_predictions(output, len(layer.mask), layer.entries)
+    anchors = np.repeat(layer.mask_anchors, h * w, axis=0)
+    keep = rows[:, 4] > thresh
+    rows, col, row, anchors = rows[keep], col[keep], row[keep], anchors[keep]
+    boxes = grid_boxes(rows, col, row, w, h, anchors[:, 0] / net_w, anchors[:, 1] / net_h)
+    return Detections(correct_boxes(boxes, image_w, image_h, net_w, net_h).astype(np.float32),
+                      rows[:, 4].copy(), _class_probs(rows[:, 4], rows[:, 5:], thresh))
+
+
+def region_detections(layer, output, net_w, net_h, image_w, image_h, thresh):
+    """Darknet's get_region_detections: every anchor of every cell (objectness set to 0 when not
+    above `thresh`); w and h scale the layer's anchors (in grid cells)."""
+    rows, col, row, (w, h) = _grid_predictions(output, layer.num, layer.entries)
+    anchors = np.repeat(layer.anchors, h * w, axis=0)
+    objectness = np.where(rows[:, 4] > thresh, rows[:, 4], 0).astype(np.float32)
+    boxes = grid_boxes(rows, col, row, w, h, anchors[:, 0] / w, anchors[:, 1] / h)
+    probs = np.where(objectness[:, None] > 0, _class_probs(rows[:, 4], rows[:, 5:], thresh), 0)
+    return Detections(correct_boxes(boxes, image_w, image_h, net_w, net_h).astype(np.float32),
+                      objectness, probs.astype(np.float32))
+
+
+DECODERS = {"yolo": yolo_detections, "region": region_detections}
+
+
+def network_detections(net, image_w, image_h, thresh, image_index=0):
+    """Darknet's get_network_boxes after a forward pass: the detections of every [yolo] and
+    [region] layer of `net` for image `image_index` of the batch, in layer order."""
+    parts, classes = [], 0
+    for layer in net.layers:
+        decode = DECODERS.get(layer.type_name)
+        if decode is None:
+            continue
+        output = net.ops.to_host(net.outputs[layer.index])[image_index]
+        classes = layer.classes
+        parts.append(decode(layer, output, net.options.width, net.options.height,
+                            image_w, image_h, thresh))
+    if not parts:
+        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer to detect with")
+    return Detections.concatenate(parts, classes)
+
+
+# ---- non-maximum suppression ---------------------------------------------------------------------
+def box_iou(a, b):
+    """IoU of (x, y, w, h) boxes a and b, broadcasting over leading axes (Darknet's box_iou)."""
+    def overlap(centre_a, size_a, centre_b, size_b):
+        return (np.minimum(centre_a + size_a / 2, centre_b + size_b / 2)
+                - np.maximum(centre_a - size_a / 2, centre_b - size_b / 2))
+
+    width = overlap(a[..., 0], a[..., 2], b[..., 0], b[..., 2])
+    height = overlap(a[..., 1], a[..., 3], b[..., 1], b[..., 3])
+    intersection = np.clip(width, 0, None) * np.clip(height, 0, None)
+    return intersection / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - intersection)
+
+
+def nms_sort(detections, nms_thresh):
+    """Darknet's do_nms_sort: drop detections with zero objectness; then for each class, in
+    order of decreasing probability, zero that class's probability in every later box that
+    overlaps a kept one with IoU > nms_thresh. Returns new Detections."""
+    kept = detections.select(detections.objectness > 0)
+    probs = kept.probs.copy()
+    for k in range(probs.shape[1]):
+        candidates = np.flatnonzero(probs[:, k] > 0)
+        order = candidates[np.argsort(-probs[candidates, k], kind="stable")]
+        for position, i in enumerate(order):
+            if probs[i, k] == 0:
+                continue
+            later = order[position + 1:]
+            overlapping = later[box_iou(kept.boxes[i], kept.boxes[later]) > nms_thresh]
+            probs[overlapping, k] = 0
+    return Detections(kept.boxes, kept.objectness, probs)
+
+
+# ---- output --------------------------------------------------------------------------------------
+@dataclass
+class Labelled:
+    """One box to report: the classes above the threshold with their probabilities, and the
+    box in pixels (left, top, right, bottom), clamped to the image as draw_detections does."""
+
+    classes: list
+    probabilities: list
+    pixels: tuple
+
+
+def label_detections(detections, image_w, image_h, thresh):
+    """The boxes that have at least one class probability above `thresh` (draw_detections)."""
+    labelled = []
+    for box, probs in zip(detections.boxes, detections.probs):
+        classes = [int(k) for k in np.flatnonzero(probs > thresh)]
+        if not classes:
+            continue
+        x, y, w, h = (float(v) for v in box)
+        # int() truncates toward zero, like Darknet's float-to-int assignments. Darknet clamps
+        # only the near sides; we clamp all four so a box outside the image stays drawable.
+        left, right = (min(max(int(v * image_w), 0), image_w - 1) for v in (x - w / 2, x + w / 2))
+        top, bottom = (min(max(int(v * image_h), 0), image_h - 1) for v in (y - h / 2, y + h / 2))
+        labelled.append(Labelled(classes, [float(probs[k]) for k in classes],
+                                 (left, top, right, bottom)))
+    return labelled
+
+
+def class_color(k, classes):
+    """Darknet's get_color palette for class k, as an RGB tuple of 0..255."""
+    palette = np.array([[1, 0, 1], [0, 0, 1], [0, 1, 1], [0, 1, 0], [1, 1, 0], [1, 0, 0]], float)
+    ratio = (k * 123457 % classes) / classes * 5
+    low, high = int(np.floor(ratio)), int(np.ceil(ratio))
+    frac = ratio - low
+    rgb = (1 - frac) * palette[low][::-1] + frac * palette[high][::-1]
+    return tuple(int(round(255 * v)) for v in rgb)
+
+
+def draw(image_path, labelled, names, classes):
+    """A copy of the image with each box and its class names drawn (Pillow)."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(image_path) as source:
+        image = source.convert("RGB")
+    canvas = ImageDraw.Draw(image)
+    width = max(int(image.height * 0.006), 1)
+    for item in labelled:
+        color = class_color(item.classes[0], classes)
+        canvas.rectangle(item.pixels, outline=color, width=width)
+        text = ", ".join(class_name(names, k) for k in item.classes)
+        left, top = item.pixels[:2]
+        text_box = canvas.textbbox((left, top), text)
+        label_top = max(top - (text_box[3] - text_box[1]) - 2, 0)
+        canvas.rectangle((left, label_top, left + text_box[2] - text_box[0] + 4,
+                          label_top + text_box[3] - text_box[1] + 2), fill=color)
+        canvas.text((left + 2, label_top), text, fill=(0, 0, 0))
+    return image
+
+
+def class_name(names, k):
+    return names[k] if names and k < len(names) else str(k)
+
+
+def read_names(path):
+    """A .names file: one class name per line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{path}: names file not found") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read names file ({error.strerror})") from None
+
+
+def detect(net, image_path, thresh=0.5, nms=0.45):
+    """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
+    the Detections after NMS, (image width, image height))."""
+    image = read_rgb(image_path)
+    _, image_h, image_w = image.shape
+    x = letterbox(image, net.options.width, net.options.height)
+    net.forward(net.ops.asarray(x[None]), train=False)
+    detections = network_detections(net, image_w, image_h, thresh)
+    if nms:
+        detections = nms_sort(detections, nms)
+    return label_detections(detections, image_w, image_h, thresh), detections, (image_w, image_h)

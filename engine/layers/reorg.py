@@ -1,0 +1,59 @@
+"""[reorg]: YOLOv2's passthrough, Darknet's reorg with `stride` (default 1): C x H x W becomes
+C*s^2 x H/s x W/s, or with `reverse=1` C/s^2 x H*s x W*s.
+
+The values are permuted exactly as Darknet's reorg_cpu does, including its well-known quirk:
+the forward (non-reverse) layer reads its input as if it were C/s^2 x H*s x W*s, so it is not
+the textbook space-to-depth; pretrained YOLOv2 weights expect this order. The backward pass is
+the inverse permutation. The old `extra=N` variant (go.cfg) flattens the input and appends N
+zeros. `flatten` is refused.
+"""
+
+from .base import Layer, input_shape_error
+
+
+class ReorgLayer(Layer):
+    type_name = "reorg"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        c, h, w = self.in_shape
+        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.reverse = section.bool("reverse", False)
+        self.extra = section.int("extra", 0)
+        if section.int("flatten", 0):
+            raise section.error("flatten=1 is not supported", "flatten")
+        if self.extra < 0:
+            raise section.error(f"extra={self.extra}: expected a value >= 0", "extra")
+        s = self.stride
+        if self.extra:
+            self.out_shape = (c * h * w + self.extra, 1, 1)
+        elif self.reverse:
+            if c % (s * s):
+                raise input_shape_error(section, self.in_shape, f"reverse reorg by {s}")
+            self.out_shape = (c // (s * s), h * s, w * s)
+        else:
+            if h % s or w % s:
+                raise input_shape_error(section, self.in_shape, f"reorg by {s}")
+            self.out_shape = (c * s * s, h // s, w // s)
+
+    def describe(self):
+        c, h, w = self.in_shape
+        if self.extra:
+            return f"reorg              {c * h * w:4d}   ->  {self.outputs:4d}"
+        oc, oh, ow = self.out_shape
+        return (f"reorg              /{self.stride:2d}  {w:4d} x{h:4d} x{c:4d}   ->  "
+                f"{ow:4d} x{oh:4d} x{oc:4d}")
+
+    def forward(self, ops, x, train):
+        if self.extra:
+            flat = ops.reshape(x, (x.shape[0], -1, 1, 1))
+            return ops.concat_channels([flat, ops.zeros((x.shape[0], self.extra, 1, 1))])
+        return ops.reorg(x, self.stride, self.reverse, self.in_shape, self.out_shape)
+
+    def backward(self, ops, delta, need_dx):
+        if not need_dx:
+            return None
+        if self.extra:
+            inputs = self.outputs - self.extra
+            return ops.reshape(ops.channel_slice(delta, 0, inputs), (delta.shape[0],) + self.in_shape)
+        return ops.reorg(delta, self.stride, not self.reverse, self.in_shape, self.in_shape)

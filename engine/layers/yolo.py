@@ -1,0 +1,155 @@
+"""[yolo]: YOLOv3's output layer. Its input holds, for each of the `mask` anchors, the entries
+x, y, w, h, objectness and `classes` class scores, each an H x W plane; the output is the same
+with the logistic applied to x, y, objectness and the classes (w and h stay raw), as Darknet's
+forward_yolo_layer does. Boxes are decoded from it in engine.detection.
+
+`anchors` lists `num` (width, height) pairs in network-input pixels; `mask` picks the ones this
+layer predicts (default: all).
+
+Training: `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
+truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
+Like Darknet's GPU path, the loss runs on the host: it loops over truth boxes, and the output is
+small. Wiring it into training (several loss layers, detection labels) is the network's job.
+"""
+
+import numpy as np
+
+from ..detection import box_iou, grid_boxes
+from .base import Layer
+
+
+def parse_anchors(section, count, default):
+    """The `anchors` list as `count` (w, h) pairs, or Darknet's default value for every entry;
+    each pair is checked to be present so a short list fails at its cfg line."""
+    values = section.float_list("anchors")
+    if values is None:
+        return np.full((count, 2), default, dtype=np.float32)
+    if len(values) % 2:
+        raise section.error(f"anchors lists {len(values)} numbers; expected (width, height) pairs",
+                            "anchors")
+    if len(values) // 2 < count:
+        raise section.error(f"anchors gives {len(values) // 2} (width, height) pairs, but num={count}",
+                            "anchors")
+    return np.array(values[:2 * count], dtype=np.float32).reshape(count, 2)
+
+
+def check_outputs_fit(section, in_shape, anchors, entries):
+    """Darknet asserts that the input has exactly anchors*entries channels; we say which key
+    disagrees."""
+    c, h, w = in_shape
+    if c != anchors * entries:
+        raise section.error(f"the input ({w}x{h}x{c}) must have {anchors} anchors x {entries} "
+                            f"entries = {anchors * entries} channels; set filters={anchors * entries} "
+                            "in the convolution before this layer")
+
+
+class YoloLayer(Layer):
+    type_name = "yolo"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        self.classes = section.require_positive("classes", section.int("classes", 20))
+        self.total = section.require_positive("num", section.int("num", 1))
+        self.mask = section.int_list("mask", list(range(self.total)))
+        for m in self.mask:
+            if not 0 <= m < self.total:
+                raise section.error(f"mask index {m} lies outside the {self.total} anchors "
+                                    f"(num={self.total}; valid indexes 0..{self.total - 1})", "mask")
+        self.anchors = parse_anchors(section, self.total, 0.5)
+        self.entries = 4 + 1 + self.classes
+        check_outputs_fit(section, self.in_shape, len(self.mask), self.entries)
+        self.ignore_thresh = section.float("ignore_thresh", 0.5)
+        self.truth_thresh = section.float("truth_thresh", 1.0)
+        self.max_boxes = section.int("max", 90)
+        # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
+        for key in ("jitter", "random", "map"):
+            section.str(key)
+
+    @property
+    def mask_anchors(self):
+        """(len(mask), 2) anchor sizes in network-input pixels, in this layer's anchor order."""
+        return self.anchors[self.mask]
+
+    def describe(self):
+        return "yolo"
+
+    def forward(self, ops, x, train):
+        self.output = ops.anchor_activate(x, len(self.mask), ((0, 2), (4, self.entries)))
+        return self.output
+
+    def backward(self, ops, delta, need_dx):
+        return delta if need_dx else None
+
+    def loss(self, ops, truths, net_w, net_h):
+        """Darknet's YOLOv3 loss on the last forward's output. `truths[b]` holds image b's boxes
+        as rows (x, y, w, h, class), relative to the network input; like Darknet, a row with
+        x == 0 ends the list. Returns (cost = sum of squared deltas, delta on the backend)."""
+        output = ops.to_host(self.output)
+        delta = np.zeros_like(output)
+        for b, truth in enumerate(truths):
+            self._image_delta(output[b], delta[b], _valid_truths(truth, self.max_boxes),
+                              net_w, net_h)
+        return float((delta.astype(np.float64) ** 2).sum()), ops.asarray(delta)
+
+    def _image_delta(self, output, delta, truth, net_w, net_h):
+        """Fill one image's delta (anchors*entries, H, W) in place, from its valid truths."""
+        n, e = len(self.mask), self.entries
+        out = output.reshape(n, e, *output.shape[1:])
+        dlt = delta.reshape(out.shape)
+        _, _, h, w = out.shape
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        anchors = self.mask_anchors[:, :, None, None] / np.float32([net_w, net_h])[:, None, None]
+        pred = grid_boxes(np.moveaxis(out[:, :4], 1, -1), cols, rows, w, h, anchors[:, 0],
+                          anchors[:, 1])
+        # Every prediction: objectness pushed to 0, unless it overlaps a truth by > ignore_thresh.
+        dlt[:, 4] = -out[:, 4]
+        if len(truth):
+            ious = box_iou(pred[..., None, :], truth[:, :4])  # (n, h, w, T)
+            best_iou, best_t = ious.max(axis=-1), ious.argmax(axis=-1)
+            dlt[:, 4][best_iou > self.ignore_thresh] = 0
+            for a, j, i in zip(*np.nonzero(best_iou > self.truth_thresh)):
+                t = truth[best_t[a, j, i]]
+                dlt[a, 4, j, i] = 1 - out[a, 4, j, i]
+                self._class_delta(out[a, 5:, j, i], dlt[a, 5:, j, i], int(t[4]))
+                self._box_delta(out[a, :4, j, i], dlt[a, :4, j, i], t, self.mask[a], i, j, w, h,
+                                net_w, net_h)
+        # Every truth: the cell holding its centre, in the anchor of best shape (if this layer
+        # predicts that anchor), learns the box, objectness 1 and the class.
+        for t in truth:
+            i, j = min(int(t[0] * w), w - 1), min(int(t[1] * h), h - 1)
+            anchor_shapes = np.column_stack([np.zeros((self.total, 2), np.float32),
+                                             self.anchors / np.float32([net_w, net_h])])
+            shape_iou = box_iou(np.array([0, 0, t[2], t[3]], np.float32), anchor_shapes)
+            best_n = int(shape_iou.argmax())
+            if best_n not in self.mask:
+                continue
+            a = self.mask.index(best_n)
+            self._box_delta(out[a, :4, j, i], dlt[a, :4, j, i], t, best_n, i, j, w, h, net_w, net_h)
+            dlt[a, 4, j, i] = 1 - out[a, 4, j, i]
+            self._class_delta(out[a, 5:, j, i], dlt[a, 5:, j, i], int(t[4]))
+
+    def _box_delta(self, out, dlt, truth, anchor, i, j, w, h, net_w, net_h):
+        """delta_yolo_box: x, y toward the centre's offset in its cell, w, h toward the log of the
+        size over the anchor, all scaled by 2 - truth area (small boxes weigh more)."""
+        x, y, tw, th = (float(v) for v in truth[:4])
+        target = np.array([x * w - i, y * h - j, np.log(tw * net_w / self.anchors[anchor][0]),
+                           np.log(th * net_h / self.anchors[anchor][1])])
+        dlt[:] = (2 - tw * th) * (target - out)
+
+    @staticmethod
+    def _class_delta(out, dlt, cls):
+        """delta_yolo_class: one-hot target; if this anchor already has a class delta (a second
+        truth in the same cell), only the new class's entry is set, as Darknet does."""
+        if dlt[0]:
+            dlt[cls] = 1 - out[cls]
+            return
+        target = np.zeros_like(out)
+        target[cls] = 1
+        dlt[:] = target - out
+
+
+def _valid_truths(truth, max_boxes):
+    """Darknet's truth list: at most `max_boxes` rows, ending at the first with x == 0."""
+    truth = np.asarray(truth, dtype=np.float32).reshape(-1, 5)[:max_boxes]
+    empty = np.flatnonzero(truth[:, 0] == 0)
+    return truth[:empty[0]] if len(empty) else truth

@@ -1,0 +1,66 @@
+// Darknet's max pooling (windows start at -padding/2, cells outside the input never win) and
+// global average pooling.
+#include <math.h>
+
+extern "C" __global__ void maxpool_forward_kernel(const float *x, float *y, int *winner, int n,
+                                                  int height, int width, int out_h, int out_w,
+                                                  int size, int stride, int top)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int ow = i % out_w, oh = (i / out_w) % out_h, plane = i / (out_w * out_h);
+    const float *input = x + (size_t)plane * height * width;
+    float best = -INFINITY;
+    int best_index = -1;
+    for (int r = 0; r < size; ++r) {
+        int h = oh * stride - top + r;
+        for (int s = 0; s < size; ++s) {
+            int w = ow * stride - top + s;
+            if (h < 0 || h >= height || w < 0 || w >= width) continue;
+            float v = input[h * width + w];
+            if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
+        }
+    }
+    y[i] = best;
+    winner[i] = best_index;
+}
+
+// Gathers, for each input cell, the deltas of the windows it won (no atomics, deterministic).
+extern "C" __global__ void maxpool_backward_kernel(const float *delta, const int *winner, float *dx,
+                                                   int n, int height, int width, int out_h,
+                                                   int out_w, int size, int stride, int top)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int w = i % width, h = (i / width) % height, plane = i / (width * height);
+    int ph = h + top, pw = w + top;  // position in the padded frame the windows tile
+    int low_h = ph - size + 1, low_w = pw - size + 1;
+    int oh0 = low_h <= 0 ? 0 : (low_h + stride - 1) / stride;
+    int ow0 = low_w <= 0 ? 0 : (low_w + stride - 1) / stride;
+    int oh1 = min(ph / stride, out_h - 1), ow1 = min(pw / stride, out_w - 1);
+    int cell = h * width + w;
+    size_t base = (size_t)plane * out_h * out_w;
+    float sum = 0.f;
+    for (int oh = oh0; oh <= oh1; ++oh)
+        for (int ow = ow0; ow <= ow1; ++ow) {
+            size_t o = base + oh * out_w + ow;
+            if (winner[o] == cell) sum += delta[o];
+        }
+    dx[i] = sum;
+}
+
+extern "C" __global__ void avgpool_forward_kernel(const float *x, float *y, int planes, int spatial)
+{
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= planes) return;
+    const float *input = x + (size_t)p * spatial;
+    float sum = 0.f;
+    for (int s = 0; s < spatial; ++s) sum += input[s];
+    y[p] = sum / spatial;
+}
+
+extern "C" __global__ void avgpool_backward_kernel(const float *delta, float *dx, int n, int spatial)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dx[i] = delta[i / spatial] / (float)spatial;
+}

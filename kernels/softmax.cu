@@ -1,0 +1,60 @@
+// Softmax over contiguous rows and the two costs: cross-entropy after a softmax, and Darknet's
+// sum of squares. The costs are reduced per block and added into one float (zeroed before).
+
+extern "C" __global__ void softmax_kernel(const float *x, float *y, int rows, int n,
+                                          float inverse_temperature)
+{
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float *in = x + (size_t)r * n;
+    float *out = y + (size_t)r * n;
+    float largest = -INFINITY;
+    for (int k = 0; k < n; ++k) largest = fmaxf(largest, in[k] * inverse_temperature);
+    float sum = 0.f;
+    for (int k = 0; k < n; ++k) {
+        float e = expf(in[k] * inverse_temperature - largest);
+        out[k] = e;
+        sum += e;
+    }
+    for (int k = 0; k < n; ++k) out[k] /= sum;
+}
+
+__device__ void add_block_sum(float value, float *total)
+{
+    __shared__ float partial[256];
+    partial[threadIdx.x] = value;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(total, partial[0]);
+}
+
+// delta = truth - p; cost += -truth * log(max(p, 1e-30)).
+extern "C" __global__ void cross_entropy_kernel(const float *p, const float *truth, float *delta,
+                                                float *cost, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float c = 0.f;
+    if (i < n) {
+        float t = truth[i];
+        delta[i] = t - p[i];
+        if (t != 0.f) c = -t * logf(fmaxf(p[i], 1e-30f));
+    }
+    add_block_sum(c, cost);
+}
+
+// delta = truth - output; cost += delta^2.
+extern "C" __global__ void sse_kernel(const float *output, const float *truth, float *delta,
+                                      float *cost, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float c = 0.f;
+    if (i < n) {
+        float d = truth[i] - output[i];
+        delta[i] = d;
+        c = d * d;
+    }
+    add_block_sum(c, cost);
+}

@@ -1,0 +1,143 @@
+"""Without a GPU: every kernels/*.cu compiles with nvcc for the architectures we support, and the
+cuDNN binding's enum values and argument types agree with cuDNN (its headers where installed,
+else the values cuDNN documents)."""
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from engine.backends.cuda import cudnn
+from engine.backends.cuda.kernels import KERNEL_DIR, SIGNATURES
+
+ARCHITECTURES = ("75", "80", "90")
+SOURCES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
+
+
+def find_nvcc():
+    return shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+def test_every_kernel_the_backend_launches_has_a_source():
+    assert SOURCES
+    names = {os.path.basename(p) for p in SOURCES}
+    for kernel, (source, _) in SIGNATURES.items():
+        assert source in names, kernel
+        with open(os.path.join(KERNEL_DIR, source)) as handle:
+            assert re.search(rf'extern "C" __global__ void {kernel}\(', handle.read()), kernel
+
+
+def test_kernels_compile_for_sm75_sm80_sm90(tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+
+    # --cubin compiles device code only (what PyCUDA loads), much faster than a full -c.
+    def compile_one(job):
+        source, arch = job
+        out = tmp_path / f"{os.path.basename(source)}.sm_{arch}.cubin"
+        result = subprocess.run([nvcc, "--cubin", "-O3", f"-arch=sm_{arch}", "-I", KERNEL_DIR,
+                                 source, "-o", str(out)], capture_output=True, text=True)
+        return f"{source} (sm_{arch})", result.returncode, result.stderr
+
+    jobs = [(source, arch) for source in SOURCES for arch in ARCHITECTURES]
+    with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2)) as pool:
+        failures = [f"{s}:\n{err}" for s, rc, err in pool.map(compile_one, jobs) if rc]
+    assert not failures, "\n".join(failures)
+
+
+# ---- cuDNN binding -------------------------------------------------------------------------------
+# The values cuDNN's documentation (and cudnn_graph.h / cudnn_ops.h of cuDNN 8 and 9) gives.
+DOCUMENTED_ENUMS = {
+    "CUDNN_STATUS_SUCCESS": 0,
+    "CUDNN_DATA_FLOAT": 0,
+    "CUDNN_TENSOR_NCHW": 0,
+    "CUDNN_CROSS_CORRELATION": 1,
+    "CUDNN_DEFAULT_MATH": 0,
+    "CUDNN_TENSOR_OP_MATH": 1,
+    "CUDNN_FMA_MATH": 3,
+    "CUDNN_BATCHNORM_PER_ACTIVATION": 0,
+    "CUDNN_BATCHNORM_SPATIAL": 1,
+}
+
+
+def cudnn_headers():
+    roots = ["/usr/include", "/usr/include/x86_64-linux-gnu", "/usr/local/cuda/include"]
+    roots += [os.path.join(p, "nvidia", "cudnn", "include") for p in sys.path]
+    seen, found = set(), []
+    for root in roots:
+        for path in sorted(glob.glob(os.path.join(root, "cudnn*.h"))):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                found.append(path)
+    return found
+
+
+def header_text():
+    text = ""
+    for path in cudnn_headers():
+        with open(path, errors="replace") as handle:
+            text += handle.read() + "\n"
+    return text
+
+
+def test_enum_values_match_the_documentation():
+    assert {k: cudnn.ENUMS[k] for k in DOCUMENTED_ENUMS} == DOCUMENTED_ENUMS
+    assert set(cudnn.ENUMS) <= set(DOCUMENTED_ENUMS), "add new enums to DOCUMENTED_ENUMS"
+
+
+def test_enum_values_match_the_headers():
+    text = header_text()
+    if "cudnnBatchNormMode_t" not in text:
+        pytest.skip("no cuDNN headers on this machine")
+    for name, value in cudnn.ENUMS.items():
+        match = re.search(rf"\b{name}\s*=\s*(\d+)", text)
+        assert match, f"{name} not in the cuDNN headers"
+        assert int(match.group(1)) == value, name
+
+
+def ctypes_kind(argtype):
+    if argtype in (ctypes.c_void_p,) or getattr(argtype, "_type_", None) in (ctypes.c_int,
+                                                                              ctypes.c_size_t):
+        return "pointer"
+    return {ctypes.c_int: "int", ctypes.c_double: "double", ctypes.c_size_t: "size_t"}[argtype]
+
+
+def c_kind(parameter):
+    """What a C parameter declaration is passed as: pointer, int (ints and enums), double,
+    size_t. Handles and descriptors are pointers to opaque structs."""
+    parameter = parameter.strip()
+    if "*" in parameter or re.search(r"\b(cudnnHandle_t|\w+Descriptor_t|cudaStream_t)\b", parameter):
+        return "pointer"
+    if re.match(r"(const\s+)?double\b", parameter):
+        return "double"
+    if re.match(r"(const\s+)?size_t\b", parameter):
+        return "size_t"
+    return "int"
+
+
+def test_function_argument_types_match_the_headers():
+    text = header_text()
+    if "cudnnConvolutionForward" not in text:
+        pytest.skip("no cuDNN headers on this machine")
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+    for name, argtypes in cudnn.FUNCTIONS.items():
+        match = re.search(rf"\b{name}\s*\(([^)]*)\)\s*;", text)
+        assert match, f"{name} not declared in the cuDNN headers"
+        declared = [p for p in match.group(1).split(",") if p.strip() not in ("", "void")]
+        assert [c_kind(p) for p in declared] == [ctypes_kind(t) for t in argtypes], name
+
+
+def test_perf_struct_layout():
+    # cudnnConvolutionFwdAlgoPerf_t: algo, status, time, memory (size_t), determinism, mathType,
+    # reserved[3] -> 48 bytes on LP64 platforms.
+    assert ctypes.sizeof(cudnn.AlgoPerf) == 48
+    assert cudnn.AlgoPerf.memory.offset == 16

@@ -1,0 +1,87 @@
+"""engine/network.py: the backward pass through a whole network (deltas summed where a layer
+feeds several others) against float64 finite differences of the softmax cross-entropy."""
+
+import numpy as np
+
+from engine.network import Network
+
+from helpers import as_float64, write_cfg
+
+BODY = """
+[convolutional]
+batch_normalize=1
+filters=3
+size=3
+pad=1
+activation=tanh
+
+[maxpool]
+size=2
+stride=1
+
+[convolutional]
+filters=2
+size=1
+activation=logistic
+
+[route]
+layers=0,2
+
+[avgpool]
+
+[connected]
+output=4
+activation=linear
+
+[softmax]
+"""
+
+
+def test_network_backward_matches_finite_differences(tmp_path):
+    """Every trainable parameter of a network with a branch (layer 0 feeds the maxpool and the
+    route) gets -d(cost)/d(param), batch statistics included."""
+    path = write_cfg(tmp_path / "n.cfg", {"batch": 3, "height": 5, "width": 5, "channels": 2}, BODY)
+    net = Network(path, quiet=True)
+    rng = np.random.default_rng(0)
+    for layer in net.layers:
+        as_float64(layer, rng)
+    x = rng.standard_normal((3, 2, 5, 5))
+    truth = np.eye(4)[[0, 3, 1]]
+
+    def cost():
+        net.forward(x, train=True)
+        return net.cost_layer.cost(net.ops, truth)[0]
+
+    cost()
+    _, delta = net.cost_layer.cost(net.ops, truth)
+    net.backward(delta)
+    eps = 1e-6
+    checked = 0
+    for layer in net.layers:
+        for name, updates in layer.updates.items():
+            p = layer.params[name]
+            for i in rng.choice(p.size, min(p.size, 12), replace=False):
+                old = p.flat[i]
+                p.flat[i] = old + eps
+                up = cost()
+                p.flat[i] = old - eps
+                down = cost()
+                p.flat[i] = old
+                numeric = (up - down) / (2 * eps)
+                assert abs(-updates.flat[i] - numeric) <= 1e-5 * max(1.0, abs(numeric)), \
+                    (layer.index, name, i, -updates.flat[i], numeric)
+                checked += 1
+    assert checked == 42  # 12 or all of each: conv0 w,b,s; conv2 w,b; connected w,b
+
+
+def test_predict_batches_and_shapes(tmp_path):
+    """predict() takes (N, C, H, W) or flat rows, any N (split into batches), and gives the same
+    rows as one forward pass."""
+    path = write_cfg(tmp_path / "p.cfg", {"batch": 3, "height": 5, "width": 5, "channels": 2}, BODY)
+    net = Network(path, quiet=True)
+    images = np.random.default_rng(1).uniform(0, 1, (7, 2, 5, 5)).astype(np.float32)
+    whole = net.ops.to_host(net.forward(net.ops.asarray(images), train=False)).reshape(7, -1)
+    np.testing.assert_allclose(net.predict(images), whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(net.predict(images.reshape(7, -1), batch_size=2), whole, rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(net.predict(images).sum(1), 1, rtol=1e-6)
