@@ -508,6 +508,8 @@ def read_floats(path, shape):
 @pytest.mark.parametrize("folder,cfg,batch,shape,outputs", [
     ("G1_mnist_trained", "mnist.cfg", 64, (1, 28, 28), 10),
     ("G2d_activations", "g2d_activations.cfg", 2, (16, 8, 8), 512),
+    ("G2a_core", "g2a_core.cfg", 2, (3, 32, 32), 10),
+    ("G2c_tiny_yolov3_div8", "g2c_tiny_yolov3_div8.cfg", 2, (3, 96, 96), 9180),
 ])
 def test_golden_outputs_on_gpu(gpu, folder, cfg, batch, shape, outputs):
     root = os.path.join(GOLDEN, folder)
