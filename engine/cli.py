@@ -61,7 +61,9 @@ def choose_backend(args, seed=0, rank=0):
         return get_backend("cpu", seed=seed)
 
 
-def build(args, seed=0, weights=None, rank=0):
+def build(args, seed=0, weights=None, rank=0, inference=False):
+    """The cfg's network on the chosen backend, with `weights` loaded; for inference its batch
+    norms are folded into the weights (the same outputs, one pass less per layer)."""
     net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
     if weights:
         covered = net.load_weights(weights)
@@ -69,7 +71,7 @@ def build(args, seed=0, weights=None, rank=0):
         if with_params and covered <= with_params[-1]:
             print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
                   "initial values", file=sys.stderr)
-    return net
+    return net.fold_batchnorm() if inference else net
 
 
 def data_config(args):
@@ -96,7 +98,7 @@ def cmd_train(args):
 
 def cmd_test(args):
     data = data_config(args)
-    net = build(args, weights=args.weights)
+    net = build(args, weights=args.weights, inference=True)
     dataset = data.dataset("valid", net.input_shape)
     top = max(2, data.top)
     top1, topk = evaluate(net, dataset, top=top)
@@ -104,7 +106,7 @@ def cmd_test(args):
 
 
 def cmd_predict(args):
-    net = build(args, weights=args.weights)
+    net = build(args, weights=args.weights, inference=True)
     data_path = args.data or data_io.default_data_path(args.cfg)
     labels = data_io.DataConfig(data_path).labels if (args.data or os.path.exists(data_path)) else None
     for image_path in args.images:
@@ -125,7 +127,7 @@ def cmd_info(args):
 
 
 def cmd_detect(args):
-    net = build(args, weights=args.weights)
+    net = build(args, weights=args.weights, inference=True)
     names = detection.read_names(args.names) if args.names else None
     labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms)
     classes = detections.probs.shape[1]

@@ -6,7 +6,6 @@ its convolution or connected layer, for inference).
 
 import numpy as np
 
-from .backends.numpy_backend import BN_INFERENCE_EPSILON
 from .network import Network
 from .weights import write_atomically
 
@@ -14,50 +13,10 @@ TABLE_HEADER = "layer     filters    size              input                outp
 
 
 # ---- info ----------------------------------------------------------------------------------------
-def _whc(shape):
-    c, h, w = shape
-    return w, h, c
-
-
-def _maps(layer):
-    return "%4d x%4d x%4d   ->  %4d x%4d x%4d" % (_whc(layer.in_shape) + _whc(layer.out_shape))
-
-
-def table_row(layer):
-    """The line Darknet prints for `layer` while parsing the cfg (pjreddie's make_*_layer)."""
-    kind = layer.type_name
-    if kind == "convolutional":
-        return "conv  %5d %2d x%2d /%2d  %s  %5.3f BFLOPs" % (
-            layer.filters, layer.size, layer.size, layer.stride, _maps(layer), layer.flops() / 1e9)
-    if kind == "maxpool":
-        return "max          %d x %d / %d  %s" % (layer.size, layer.size, layer.stride, _maps(layer))
-    if kind == "avgpool":
-        return "avg                     %4d x%4d x%4d   ->  %4d" % (_whc(layer.in_shape) +
-                                                                    (layer.in_shape[0],))
-    if kind == "softmax":
-        return "softmax                                        %4d" % layer.outputs
-    if kind == "dropout":
-        return "dropout       p = %.2f               %4d  ->  %4d" % (
-            layer.probability, layer.outputs, layer.outputs)
-    if kind == "connected":
-        return "connected                            %4d  ->  %4d" % (
-            int(np.prod(layer.in_shape)), layer.outputs)
-    if kind == "route":
-        return "route " + "".join(" %d" % j for j in layer.input_indices)
-    if kind == "upsample":
-        name = "downsample" if layer.reverse else "upsample"
-        return "%-19s%2dx  %s" % (name, layer.stride, _maps(layer))
-    if kind == "cost":
-        return "cost                                           %4d" % layer.outputs
-    if kind == "batchnorm":
-        return "Batch Normalization Layer: %d x %d x %d image" % _whc(layer.in_shape)
-    return layer.describe()  # shortcut ("res"), yolo, region ("detection"), reorg: Darknet's own
-
-
 def layer_table(net):
     """Darknet's layer table for `net`, one line per layer, then the total BFLOPs."""
     lines = [TABLE_HEADER]
-    lines += ["%5d %s" % (layer.index, table_row(layer)) for layer in net.layers]
+    lines += ["%5d %s" % (layer.index, layer.describe()) for layer in net.layers]
     total = sum(layer.flops() for layer in net.layers) / 1e9
     lines.append(f"Total BFLOPs {total:.3f}")
     return "\n".join(lines)
@@ -87,17 +46,6 @@ def _fusable(layer):
     return layer.type_name in ("convolutional", "connected") and layer.batch_normalize
 
 
-def folded_parameters(layer, ops):
-    """(weights, biases) with the layer's inference batch norm folded in:
-    factor = scales / (sqrt(rolling_variance) + 1e-6) (Darknet's inference rule),
-    W' = W * factor per output, b' = biases - rolling_mean * factor."""
-    p = {name: ops.to_host(value).astype(np.float64) for name, value in layer.params.items()}
-    factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
-    weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
-    biases = p["biases"] - p["rolling_mean"] * factor
-    return weights.astype(np.float32), biases.astype(np.float32)
-
-
 def fused_cfg_text(net):
     """The cfg text of `net` with `batch_normalize` removed from every fusable layer."""
     with open(net.cfg_path, encoding="utf-8", errors="replace") as handle:
@@ -115,7 +63,7 @@ def fuse(net, cfg_out, weights_out):
     fused = Network(cfg_out, backend=net.ops, quiet=True)
     for layer, target in zip(net.layers, fused.layers):
         if _fusable(layer):
-            weights, biases = folded_parameters(layer, net.ops)
+            weights, biases = layer.folded_parameters(net.ops)
             target.params["weights"] = net.ops.asarray(weights)
             target.params["biases"] = net.ops.asarray(biases)
         else:

@@ -123,12 +123,6 @@ class Network:
                 return layer
         raise ConfigError(f"{self.cfg_path}: training needs a [softmax] or [cost] layer")
 
-    def describe(self):
-        lines = ["layer     filters    size              input                output"]
-        for layer in self.layers:
-            lines.append(f"{layer.index:5d} {layer.describe()}")
-        return "\n".join(lines)
-
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
         """x: backend array (batch, C, H, W). Returns the output layer's output."""
@@ -188,6 +182,15 @@ class Network:
             y = self.forward(x, train=False)
             results.append(self.ops.to_host(y).reshape(len(x), -1))
         return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
+
+    def fold_batchnorm(self):
+        """Fold every convolutional/connected layer's batch norm into its weights (inference
+        only: the network then computes exactly what it did with the rolling statistics, in one
+        pass less per layer). Saving afterwards writes the layers without BN parameters."""
+        for layer in self.layers:
+            if hasattr(layer, "fold_batchnorm"):
+                layer.fold_batchnorm(self.ops)
+        return self
 
     def load_weights(self, path):
         """Fill the layers from a Darknet .weights file; returns how many layers it covered."""

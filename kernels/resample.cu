@@ -36,3 +36,16 @@ extern "C" __global__ void channel_copy_kernel(const float *src, float *dst, int
     size_t d = ((size_t)b * dst_channels + dst_start + c) * spatial + s;
     dst[d] = accumulate ? dst[d] + v : v;
 }
+
+// Darknet's [crop]: y[p, i, j] = x[p, top + i, col(j)] * scale + shift, with col(j) = left + j,
+// or width - left - 1 - j when flipped (p runs over batch x channels).
+extern "C" __global__ void crop_kernel(const float *x, float *y, int n, int height, int width,
+                                       int top, int left, int crop_h, int crop_w, int flip,
+                                       float scale, float shift)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int j = i % crop_w, r = (i / crop_w) % crop_h, plane = i / (crop_w * crop_h);
+    int col = flip ? width - left - 1 - j : left + j;
+    y[i] = x[((size_t)plane * height + top + r) * width + col] * scale + shift;
+}

@@ -288,6 +288,13 @@ def test_reorg(gpu, cpu, rng, forward):
                                   cpu.reorg(x, 2, forward, dims, out_shape))
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop(gpu, cpu, rng, flip):
+    x = randn(rng, 2, 3, 7, 9)
+    np.testing.assert_allclose(gpu.to_host(gpu.crop(gpu.asarray(x), 1, 2, 4, 5, flip, 2.0, -1.0)),
+                               cpu.crop(x, 1, 2, 4, 5, flip, 2.0, -1.0), rtol=1e-6, atol=1e-6)
+
+
 # ---- layers, through small networks -------------------------------------------------------------
 NET = "[net]\nbatch={batch}\nsubdivisions=1\nheight={h}\nwidth={w}\nchannels={c}\n" \
       "momentum=0.9\ndecay=0.0005\nlearning_rate=0.05\n"
@@ -511,10 +518,14 @@ def read_floats(path, shape):
     ("G2a_core", "g2a_core.cfg", 2, (3, 32, 32), 10),
     ("G2c_tiny_yolov3_div8", "g2c_tiny_yolov3_div8.cfg", 2, (3, 96, 96), 9180),
 ])
-def test_golden_outputs_on_gpu(gpu, folder, cfg, batch, shape, outputs):
+@pytest.mark.parametrize("fold", [False, True], ids=["bn", "folded"])
+def test_golden_outputs_on_gpu(gpu, folder, cfg, batch, shape, outputs, fold):
+    """Darknet's outputs on the GPU, with BN as a kernel and with BN folded into the weights."""
     root = os.path.join(GOLDEN, folder)
     net = Network(os.path.join(root, cfg), backend=gpu, quiet=True)
     net.load_weights(os.path.join(root, "weights"))
+    if fold:
+        net.fold_batchnorm()
     inputs = read_floats(os.path.join(root, "inputs.bin"), (batch,) + shape)
     expected = read_floats(os.path.join(root, "outputs.bin"), (batch, outputs))
     error = relative_error(net.predict(inputs, batch_size=batch), expected)

@@ -2,6 +2,7 @@
 feeds several others) against float64 finite differences of the softmax cross-entropy."""
 
 import numpy as np
+import pytest
 
 from engine.network import Network
 
@@ -85,3 +86,28 @@ def test_predict_batches_and_shapes(tmp_path):
     np.testing.assert_allclose(net.predict(images.reshape(7, -1), batch_size=2), whole, rtol=1e-6,
                                atol=1e-7)
     np.testing.assert_allclose(net.predict(images).sum(1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("folder,cfg,shape", [
+    ("G1_mnist_trained", "mnist.cfg", (1, 28, 28)),
+    ("G2a_core", "g2a_core.cfg", (3, 32, 32)),
+])
+def test_folded_batchnorm_gives_the_unfolded_outputs(folder, cfg, shape):
+    """Folding each layer's inference BN into its weights changes no output (1e-5), and the
+    folded network still matches real Darknet's outputs."""
+    import os
+
+    from conftest import GOLDEN
+
+    root = os.path.join(GOLDEN, folder)
+    inputs = np.fromfile(os.path.join(root, "inputs.bin"), dtype="<f4").reshape((-1,) + shape)
+    darknet = np.fromfile(os.path.join(root, "outputs.bin"), dtype="<f4").reshape(len(inputs), -1)
+    net = Network(os.path.join(root, cfg), quiet=True)
+    net.load_weights(os.path.join(root, "weights"))
+    unfolded = net.predict(inputs, batch_size=len(inputs))
+    assert any(getattr(layer, "batch_normalize", False) for layer in net.layers)
+    net.fold_batchnorm()
+    assert not any(getattr(layer, "batch_normalize", False) for layer in net.layers)
+    folded = net.predict(inputs, batch_size=len(inputs))
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(folded, darknet, rtol=1e-4, atol=1e-5)

@@ -64,8 +64,12 @@ class NumpyBackend:
 
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
-        if activation == "leaky":  # the common case, without a temporary gradient array
-            np.multiply(delta, np.float32(0.1), out=delta, where=y <= 0)
+        if activation == "leaky":
+            # delta * (y > 0 ? 1 : .1) as arithmetic on the mask: numpy's where() is slow here.
+            kept = delta * (y > 0)
+            delta *= delta.dtype.type(0.1)
+            kept *= delta.dtype.type(0.9)
+            delta += kept
         elif activation != "linear":
             delta *= activations.gradient(y, activation)
         return delta
@@ -181,103 +185,128 @@ class NumpyBackend:
 
     # ---- batch normalisation ------------------------------------------------------------------
     @staticmethod
-    def _bn_axes(per_activation):
-        # SPATIAL: one statistic per channel over batch and space; PER_ACTIVATION: per element.
-        return (0,) if per_activation else (0, 2, 3)
-
-    @staticmethod
-    def _bn_view(vector, shape, per_activation):
-        return vector.reshape((1,) + shape[1:]) if per_activation else vector.reshape(1, -1, 1, 1)
+    def _bn_layout(shape, per_activation):
+        """(batch, statistics, positions): BN's view of an NCHW array. SPATIAL keeps one
+        statistic per channel over batch and positions; PER_ACTIVATION one per element."""
+        b = shape[0]
+        if per_activation:
+            return b, int(np.prod(shape[1:])), 1
+        return b, shape[1], int(np.prod(shape[2:]))
 
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
                                 per_activation=False):
         """cuDNN's training rule: biased batch variance, eps under the square root; the rolling
         statistics move by 1% toward the batch mean and the *unbiased* batch variance.
         Returns (y, cache) with y = scales * x_norm + biases."""
-        axes = self._bn_axes(per_activation)
-        count = x.size // rolling_mean.size
-        mean = x.mean(axis=axes, keepdims=True)
-        centered = x - mean
-        variance = np.mean(centered * centered, axis=axes, keepdims=True)
-        inv_std = 1.0 / np.sqrt(variance + np.float32(BN_EPSILON))
-        x_norm = centered * inv_std
-        unbiased = variance * (count / max(count - 1, 1))
+        b, n, positions = self._bn_layout(x.shape, per_activation)
+        count = b * positions
+        view = x.reshape(b, n, positions)
+        mean = np.einsum("bns->n", view) / count
+        x_norm = view - mean[:, None]
+        variance = np.einsum("bns,bns->n", x_norm, x_norm) / count
+        inv_std = 1 / np.sqrt(variance + x.dtype.type(BN_EPSILON))
+        x_norm *= inv_std[:, None]
         rolling_mean *= 1 - BN_MOMENTUM
         rolling_mean += BN_MOMENTUM * mean.reshape(rolling_mean.shape)
         rolling_variance *= 1 - BN_MOMENTUM
-        rolling_variance += BN_MOMENTUM * unbiased.reshape(rolling_variance.shape)
-        view = lambda v: self._bn_view(v, x.shape, per_activation)  # noqa: E731
-        y = x_norm * view(scales) + view(biases)
-        return y, (x_norm, inv_std, per_activation)
+        rolling_variance += (BN_MOMENTUM * count / max(count - 1, 1)) * \
+            variance.reshape(rolling_variance.shape)
+        y = x_norm * scales.reshape(n, 1)
+        y += biases.reshape(n, 1)
+        return y.reshape(x.shape), (x_norm, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear"):
         """Darknet's inference rule, then the activation:
-        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases)."""
-        view = lambda v: self._bn_view(v, x.shape, per_activation)  # noqa: E731
-        std = np.sqrt(view(rolling_variance)) + np.float32(BN_INFERENCE_EPSILON)
-        y = (x - view(rolling_mean)) / std * view(scales) + view(biases)
-        return self.activate_(y, activation)
+        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases), as one affine map per statistic."""
+        b, n, positions = self._bn_layout(x.shape, per_activation)
+        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n)) +
+                                      x.dtype.type(BN_INFERENCE_EPSILON))
+        y = x.reshape(b, n, positions) * factor[:, None]
+        y += (biases.reshape(n) - rolling_mean.reshape(n) * factor)[:, None]
+        return self.activate_(y.reshape(x.shape), activation)
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
-        """Accumulates the scale and bias gradients; returns the delta for the BN input."""
+        """Accumulates the scale and bias gradients; returns the delta for the BN input:
+        dx = scale*inv_std * (delta - mean(delta) - x_norm * mean(delta * x_norm))."""
         x_norm, inv_std, per_activation = cache
-        axes = self._bn_axes(per_activation)
-        count = delta.size // scales.size
-        sum_delta = delta.sum(axis=axes, keepdims=True)
-        sum_delta_xnorm = (delta * x_norm).sum(axis=axes, keepdims=True)
+        b, n, positions = self._bn_layout(delta.shape, per_activation)
+        count = b * positions
+        view = delta.reshape(b, n, positions)
+        sum_delta = np.einsum("bns->n", view)
+        sum_delta_xnorm = np.einsum("bns,bns->n", view, x_norm)
         bias_updates += sum_delta.reshape(bias_updates.shape)
         scale_updates += sum_delta_xnorm.reshape(scale_updates.shape)
-        scale = self._bn_view(scales, delta.shape, per_activation)
-        dx = (scale * inv_std / count) * (count * delta - sum_delta - x_norm * sum_delta_xnorm)
-        return dx
+        gain = scales.reshape(n) * inv_std
+        dx = x_norm * (-gain * sum_delta_xnorm / count)[:, None]
+        dx += view * gain[:, None]
+        dx -= (gain * sum_delta / count)[:, None]
+        return dx.reshape(delta.shape)
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
     @staticmethod
-    def _tiles_input(in_shape, size, stride, padding, out_h, out_w):
-        """True when the windows tile the input exactly (size == stride, no cell outside), so
-        pooling is a reshape; the usual size=2 stride=2 on an even input is such a case."""
+    def _pool_window(padded, i, j, stride, out_h, out_w):
+        """The (B, C, out_h, out_w) view of the cells at offset (i, j) of every window."""
+        return padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+
+    @staticmethod
+    def _pool_frame(in_shape, size, stride, padding, out_h, out_w):
+        """(top, padded height, padded width): the frame every window fits in; the input sits at
+        (top, top), where Darknet's windows start at -padding//2."""
         h, w = in_shape[2:]
-        return size == stride and padding // 2 == 0 and out_h * size == h and out_w * size == w
+        top = padding // 2
+        return top, max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w)
 
     def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
         """Darknet's maxpool: windows start at -padding//2; cells outside the input are -inf.
-        Returns (y, argmax) where argmax is the window offset that won (first one on ties)."""
+        Returns (y, argmax) where argmax is the window offset that won (the first on ties).
+        One pass per window offset, elementwise (numpy's where/argmax are slow here)."""
         b, c, h, w = x.shape
-        if self._tiles_input(x.shape, size, stride, padding, out_h, out_w):
-            windows = x.reshape(b, c, out_h, size, out_w, size).transpose(0, 1, 2, 4, 3, 5)
-            windows = windows.reshape(b, c, out_h, out_w, size * size)
-            argmax = windows.argmax(axis=-1).astype(np.int8 if size * size < 128 else np.int32)
-            return windows.max(axis=-1), argmax
-        top = padding // 2
-        need_h = (out_h - 1) * stride + size
-        need_w = (out_w - 1) * stride + size
-        padded = np.full((b, c, max(need_h, top + h), max(need_w, top + w)), -np.inf, x.dtype)
-        padded[:, :, top:top + h, top:top + w] = x
-        windows = np.empty((size * size, b, c, out_h, out_w), dtype=x.dtype)
-        for i in range(size):
-            for j in range(size):
-                windows[i * size + j] = padded[:, :, i:i + stride * out_h:stride,
-                                               j:j + stride * out_w:stride]
-        argmax = windows.argmax(axis=0).astype(np.int8 if size * size < 128 else np.int32)
-        return windows.max(axis=0), argmax
+        top, frame_h, frame_w = self._pool_frame(x.shape, size, stride, padding, out_h, out_w)
+        if (top, frame_h, frame_w) == (0, h, w):
+            padded = x
+        else:
+            padded = np.full((b, c, frame_h, frame_w), -np.inf, x.dtype)
+            padded[:, :, top:top + h, top:top + w] = x
+        if size == 2:
+            return self._maxpool_2x2(padded, stride, out_h, out_w)
+        index_type = np.int8 if size * size < 128 else np.int32
+        y = self._pool_window(padded, 0, 0, stride, out_h, out_w).copy()
+        argmax = np.zeros(y.shape, dtype=index_type)
+        for offset in range(1, size * size):
+            window = self._pool_window(padded, offset // size, offset % size, stride, out_h, out_w)
+            better = (window > y).view(np.int8).astype(index_type, copy=False)
+            np.maximum(y, window, out=y)
+            argmax += better * (index_type(offset) - argmax)
+        return y, argmax
+
+    def _maxpool_2x2(self, padded, stride, out_h, out_w):
+        """The common 2x2 window as a tournament: first-max of each pair, then of the pairs."""
+        a, b, c, d = (self._pool_window(padded, i, j, stride, out_h, out_w)
+                      for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+        top, bottom = np.maximum(a, b), np.maximum(c, d)
+        top_index = (b > a).view(np.int8)
+        bottom_index = (d > c).view(np.int8) + np.int8(2)
+        bottom_index -= top_index
+        bottom_index *= (bottom > top).view(np.int8)
+        bottom_index += top_index
+        return np.maximum(top, bottom, out=top), bottom_index
 
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
-        if self._tiles_input(in_shape, size, stride, padding, out_h, out_w):
-            windows = np.zeros((b, c, out_h, out_w, size * size), dtype=delta.dtype)
-            np.put_along_axis(windows, argmax[..., None].astype(np.intp), delta[..., None], axis=-1)
-            windows = windows.reshape(b, c, out_h, out_w, size, size).transpose(0, 1, 2, 4, 3, 5)
-            return np.ascontiguousarray(windows).reshape(in_shape)
-        top = padding // 2
-        need_h = max((out_h - 1) * stride + size, top + h)
-        need_w = max((out_w - 1) * stride + size, top + w)
-        padded = np.zeros((b, c, need_h, need_w), dtype=delta.dtype)
-        for i in range(size):
-            for j in range(size):
-                padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
-                    np.where(argmax == i * size + j, delta, 0)
+        top, frame_h, frame_w = self._pool_frame(in_shape, size, stride, padding, out_h, out_w)
+        # Windows that tile the frame cover each cell once: assign instead of accumulating.
+        tiles = size == stride and (out_h * size, out_w * size) == (frame_h, frame_w)
+        padded = (np.empty if tiles else np.zeros)((b, c, frame_h, frame_w), dtype=delta.dtype)
+        for offset in range(size * size):
+            window = self._pool_window(padded, offset // size, offset % size, stride, out_h, out_w)
+            if tiles:
+                np.multiply(delta, argmax == offset, out=window)
+            else:
+                window += delta * (argmax == offset)
+        if (top, frame_h, frame_w) == (0, h, w):
+            return padded
         return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
 
     def avgpool_forward(self, x):

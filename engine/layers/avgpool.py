@@ -12,7 +12,8 @@ class AvgpoolLayer(Layer):
 
     def describe(self):
         c, h, w = self.in_shape
-        return f"avg                      {w:4d} x{h:4d} x{c:4d}   ->  {c:4d}"
+        return "avg                     %4d x%4d x%4d   ->  %4d" % (w, h, c, c)
+
 
     def forward(self, ops, x, train):
         self.batch_in_shape = x.shape

@@ -8,6 +8,8 @@ the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, 
 
 import numpy as np
 
+from ..backends.numpy_backend import BN_INFERENCE_EPSILON
+
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
 
@@ -39,11 +41,14 @@ class Layer:
     def error(self, message, key=None):
         return self.section.error(message, key)
 
+    def maps(self):
+        """Input -> output sizes as Darknet's layer table prints them (w x h x c)."""
+        (c, h, w), (oc, oh, ow) = self.in_shape, self.out_shape
+        return "%4d x%4d x%4d   ->  %4d x%4d x%4d" % (w, h, c, ow, oh, oc)
+
     def describe(self):
-        """One row of the layer table Darknet prints when it loads a network."""
-        c, h, w = self.in_shape
-        oc, oh, ow = self.out_shape
-        return f"{self.type_name:<14s} {w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}"
+        """This layer's row of the table Darknet prints while loading a cfg."""
+        return f"{self.type_name:<14s} {self.maps()}"
 
     def flops(self):
         return 0
@@ -106,6 +111,27 @@ class LinearUnit(Layer):
                 activation=self.activation)
         self.output = y
         return y
+
+    def folded_parameters(self, ops):
+        """(weights, biases) with the inference batch norm folded in, in float64 then rounded:
+        factor = scales / (sqrt(rolling_variance) + 1e-6) (Darknet's inference rule),
+        W' = W * factor per output, b' = biases - rolling_mean * factor."""
+        p = {name: ops.to_host(value).astype(np.float64) for name, value in self.params.items()}
+        factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
+        weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
+        biases = p["biases"] - p["rolling_mean"] * factor
+        return weights.astype(np.float32), biases.astype(np.float32)
+
+    def fold_batchnorm(self, ops):
+        """Become the equivalent layer without batch norm, for inference: conv + bias +
+        activation is one pass less than conv + BN + activation."""
+        if not self.batch_normalize:
+            return
+        weights, biases = self.folded_parameters(ops)
+        self.batch_normalize = False
+        self.params = {"biases": ops.asarray(biases), "weights": ops.asarray(weights)}
+        self.updates = {name: ops.zeros(value.shape) for name, value in self.params.items()}
+        self.weight_order = ("biases", "weights")
 
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""

@@ -26,7 +26,8 @@ class BatchnormLayer(Layer):
 
     def describe(self):
         c, h, w = self.in_shape
-        return f"batch norm               {w:4d} x{h:4d} x{c:4d}   -> {w:4d} x{h:4d} x{c:4d}"
+        return "Batch Normalization Layer: %d x %d x %d image" % (w, h, c)
+
 
     def forward(self, ops, x, train):
         p = self.params

@@ -27,7 +27,9 @@ class ConnectedLayer(LinearUnit):
                                bn_after_weights=True)
 
     def describe(self):
-        return f"connected                {int(np.prod(self.in_shape)):6d}  ->  {self.n_outputs:6d}"
+        return "connected                            %4d  ->  %4d" % (
+            int(np.prod(self.in_shape)), self.outputs)
+
 
     def flops(self):
         return 2.0 * np.prod(self.in_shape) * self.n_outputs

@@ -43,10 +43,9 @@ class ConvolutionalLayer(LinearUnit):
                                net.rng.standard_normal(weight_shape), bn_after_weights=False)
 
     def describe(self):
-        c, h, w = self.in_shape
-        oc, oh, ow = self.out_shape
-        return (f"conv  {self.filters:5d} {self.size:2d} x{self.size:2d} /{self.stride:2d}  "
-                f"{w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}  {self.flops() / 1e9:.3f} BFLOPs")
+        return "conv  %5d %2d x%2d /%2d  %s  %5.3f BFLOPs" % (
+            self.filters, self.size, self.size, self.stride, self.maps(), self.flops() / 1e9)
+
 
     def flops(self):
         c = self.in_shape[0]

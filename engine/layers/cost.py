@@ -19,7 +19,8 @@ class CostLayer(Layer):
         self.scale = section.float("scale", 1.0)
 
     def describe(self):
-        return f"cost                                           {self.outputs:4d}"
+        return "cost                                           %4d" % self.outputs
+
 
     def forward(self, ops, x, train):
         self.output = x

@@ -14,7 +14,9 @@ class DropoutLayer(Layer):
             raise section.error(f"probability={self.probability}: expected 0 <= p < 1", "probability")
 
     def describe(self):
-        return f"dropout       p = {self.probability:.2f}  {self.outputs:6d}  ->  {self.outputs:6d}"
+        return "dropout       p = %.2f               %4d  ->  %4d" % (
+            self.probability, self.outputs, self.outputs)
+
 
     def forward(self, ops, x, train):
         if not train or self.probability == 0:

@@ -22,10 +22,8 @@ class MaxpoolLayer(Layer):
         self.out_shape = (c, out_h, out_w)
 
     def describe(self):
-        c, h, w = self.in_shape
-        oc, oh, ow = self.out_shape
-        return (f"max         {self.size:2d} x{self.size:2d} /{self.stride:2d}  "
-                f"{w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}")
+        return "max          %d x %d / %d  %s" % (self.size, self.size, self.stride, self.maps())
+
 
     def forward(self, ops, x, train):
         y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,

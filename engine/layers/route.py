@@ -43,7 +43,8 @@ class RouteLayer(Layer):
         self.out_shape = (sum(c // self.groups for c, _, _ in shapes),) + tuple(shapes[0][1:])
 
     def describe(self):
-        return "route  " + " ".join(str(j) for j in self.input_indices)
+        return "route " + "".join(" %d" % j for j in self.input_indices)
+
 
     def _slice(self, c):
         part = c // self.groups

@@ -14,6 +14,8 @@ class SoftmaxLayer(Layer):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
+        if section.has("tree"):
+            raise section.error("tree=...: hierarchical softmax (YOLO9000) is not supported", "tree")
         self.groups = section.require_positive("groups", section.int("groups", 1))
         self.temperature = section.float("temperature", 1.0)
         if self.outputs % self.groups:
@@ -23,7 +25,8 @@ class SoftmaxLayer(Layer):
                                 "temperature")
 
     def describe(self):
-        return f"softmax                                        {self.outputs:4d}"
+        return "softmax                                        %4d" % self.outputs
+
 
     def forward(self, ops, x, train):
         self.output = ops.softmax(x, self.groups, self.temperature)

@@ -24,10 +24,9 @@ class UpsampleLayer(Layer):
             self.out_shape = (c, h * self.stride, w * self.stride)
 
     def describe(self):
-        c, h, w = self.in_shape
-        oc, oh, ow = self.out_shape
-        return (f"upsample           {'-' if self.reverse else ' '}{self.stride:2d}x  "
-                f"{w:4d} x{h:4d} x{c:4d}   -> {ow:4d} x{oh:4d} x{oc:4d}")
+        name = "downsample" if self.reverse else "upsample"
+        return "%-19s%2dx  %s" % (name, self.stride, self.maps())
+
 
     def forward(self, ops, x, train):
         if self.reverse:

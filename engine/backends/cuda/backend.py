@@ -318,6 +318,13 @@ class CudaBackend:
                             np.float32(scale))
         return y
 
+    def crop(self, x, top, left, height, width, flip, scale, shift):
+        b, c, h, w = (int(s) for s in x.shape)
+        y = self._empty((b, c, height, width))
+        self.kernels.launch("crop_kernel", y.size, x.ptr, y.ptr, y.size, h, w, top, left, height,
+                            width, int(bool(flip)), np.float32(scale), np.float32(shift))
+        return y
+
     def downsample_sum(self, x, stride, scale):
         b, c, h, w = (int(s) for s in x.shape)
         y = self._empty((b, c, h // stride, w // stride))

@@ -28,6 +28,7 @@ SIGNATURES = {
     "upsample_kernel": ("resample.cu", "PPiiiif"),
     "downsample_sum_kernel": ("resample.cu", "PPiiiif"),
     "channel_copy_kernel": ("resample.cu", "PPiiiiiiii"),
+    "crop_kernel": ("resample.cu", "PPiiiiiiiiff"),
     "dropout_forward_kernel": ("dropout.cu", "PPPiffIPI"),
     "softmax_kernel": ("softmax.cu", "PPiif"),
     "shortcut_forward_kernel": ("detection.cu", "PPPiiiiiiiiiiiiff"),
