@@ -2,7 +2,15 @@
 
 This module is also the reference the CUDA backend is tested against, so it favours plain,
 vectorised numpy: convolution is im2col (a copy per kernel offset, never per pixel) followed by
-one BLAS matrix product over the whole batch.
+a BLAS matrix product over the whole batch, a few output rows at a time.
+
+Layout: arrays are (B, C, H, W) to the layers, but convolution and the ops after it store them
+batch-innermost in memory, as a (C, H, W, B) array seen through transpose(3, 0, 1, 2). That is
+the layout the im2col product writes and reads (columns are (C*k*k, H*W*B)), so no transpose copy
+is needed between them; numpy's elementwise ops keep it (order='K'); and every spatial window
+view (im2col's shifts, pooling's 2x2 cells) has the whole batch as its contiguous inner loop.
+Elementwise work runs over blocks of channels (_channel_blocks) so that an op's several passes
+and temporaries stay in the CPU cache.
 
 Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Backward operations
 *accumulate* parameter gradients into the `*_updates` arrays they are given (Darknet's beta=1),
@@ -18,7 +26,8 @@ BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (infer
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
 
-COLUMN_CACHE_BYTES = 512 << 20  # im2col buffers kept from forward for backward (training)
+COLUMN_BLOCK_ELEMENTS = 1 << 21  # im2col columns per block of output rows (8 MiB of float32)
+BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
 class NumpyBackend:
@@ -26,7 +35,6 @@ class NumpyBackend:
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
-        self._columns = {}  # (id(x), geometry) -> (x, columns), forward -> backward in training
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -55,21 +63,64 @@ class NumpyBackend:
     def synchronize(self):
         pass
 
+    # ---- layout helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _batch_innermost(shape, dtype, zero=False):
+        """A (B, C, H, W) array stored as (C, H, W, B) in memory (see the module docstring)."""
+        b, c, h, w = shape
+        return (np.zeros if zero else np.empty)((c, h, w, b), dtype).transpose(3, 0, 1, 2)
+
+    @staticmethod
+    def _memory_order(x):
+        """x's (C, H, W, B) view: free (no copy) when x is batch-innermost."""
+        return x.transpose(1, 2, 3, 0)
+
+    @staticmethod
+    def _axis_order(x):
+        """x's axes from outermost in memory (largest stride) to innermost."""
+        return sorted(range(x.ndim), key=lambda axis: -x.strides[axis])
+
+    def _empty_laid_like(self, shape, like, dtype=None):
+        """An uninitialised array of `shape` whose axes lie in memory in the same order as
+        like's, so that elementwise ops between the two run in memory order."""
+        order = self._axis_order(like)
+        memory = np.empty([shape[axis] for axis in order], like.dtype if dtype is None else dtype)
+        return memory.transpose(np.argsort(order))
+
+    @staticmethod
+    def _channel_blocks(x):
+        """Index tuples x[index] cutting x into blocks of whole channels (axis 1) of about
+        BLOCK_ELEMENTS each: a multi-pass elementwise op then runs block by block in cache."""
+        if x.ndim < 2:
+            return [Ellipsis]
+        channels = x.shape[1]
+        step = max(1, BLOCK_ELEMENTS * channels // max(x.size, 1))
+        return [(slice(None), slice(c, c + step)) for c in range(0, channels, step)]
+
     # ---- activation and bias ------------------------------------------------------------------
     def activate_(self, x, activation):
         """x = act(x), in place; returns x."""
-        if activation != "linear":
+        if activation == "leaky":  # the common case: max(x, .1x), block by block, no full temporary
+            tenth = x.dtype.type(0.1)
+            for block in self._channel_blocks(x):
+                xb = x[block]
+                np.maximum(xb, xb * tenth, out=xb)
+        elif activation != "linear":
             x[...] = activations.activate(x, activation)
         return x
 
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
         if activation == "leaky":
-            # delta * (y > 0 ? 1 : .1) as arithmetic on the mask: numpy's where() is slow here.
-            kept = delta * (y > 0)
-            delta *= delta.dtype.type(0.1)
-            kept *= delta.dtype.type(0.9)
-            delta += kept
+            # delta *= (y > 0 ? 1 : .1), the factor built as .9 * (y > 0) + .1 (masked ops such as
+            # where() are slow here)
+            f = delta.dtype.type
+            for block in self._channel_blocks(delta):
+                factor = (y[block] > 0).astype(delta.dtype)
+                factor *= f(0.9)
+                factor += f(0.1)
+                db = delta[block]  # not delta[block] *= factor: that copies the block onto itself
+                db *= factor
         elif activation != "linear":
             delta *= activations.gradient(y, activation)
         return delta
@@ -95,79 +146,101 @@ class NumpyBackend:
         out_w = (w + 2 * padding - size) // stride + 1
         return size, out_h, out_w
 
-    def _im2col(self, x, size, stride, padding, out_h, out_w):
-        """(B, C, H, W) -> columns (C*size*size, B*out_h*out_w), one copy per kernel offset."""
-        b, c = x.shape[:2]
-        if size == 1 and stride == 1 and padding == 0:
-            return x.transpose(1, 0, 2, 3).reshape(c, b * out_h * out_w)
+    def _padded_input(self, x, padding):
+        """x in (C, H, W, B) order (a free view when batch-innermost), zero-padded."""
+        xm = self._memory_order(x)
         if padding:
-            x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        xt = x.transpose(1, 0, 2, 3)
-        cols = np.empty((c, size, size, b, out_h, out_w), dtype=x.dtype)
-        for i in range(size):
-            for j in range(size):
-                cols[:, i, j] = xt[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
-        return cols.reshape(c * size * size, b * out_h * out_w)
+            xm = np.pad(xm, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        return xm
 
-    def _col2im(self, cols, x_shape, size, stride, padding, out_h, out_w):
-        """Inverse of _im2col: sum each column entry back into the input position it came from."""
-        b, c, h, w = x_shape
-        if size == 1 and stride == 1 and padding == 0:
-            return cols.reshape(c, b, h, w).transpose(1, 0, 2, 3)
-        cols = cols.reshape(c, size, size, b, out_h, out_w)
-        dx = np.zeros((c, b, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
-        for i in range(size):
-            for j in range(size):
-                dx[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += cols[:, i, j]
-        return dx[:, :, padding:padding + h, padding:padding + w].transpose(1, 0, 2, 3)
+    def _row_blocks(self, channels, size, out_h, out_w, batch):
+        """Ranges of output rows whose im2col columns hold about COLUMN_BLOCK_ELEMENTS: the
+        convolution runs block by block, so its columns stay in the CPU cache."""
+        step = max(1, COLUMN_BLOCK_ELEMENTS // (channels * size * size * out_w * batch))
+        return [(row, min(row + step, out_h)) for row in range(0, out_h, step)]
 
-    def _columns_for(self, x, group, c, size, stride, padding, out_h, out_w, keep=False,
-                     reuse=False):
-        """im2col of channel group `group` (c channels) of x. In training the forward pass keeps its columns
-        (within COLUMN_CACHE_BYTES) so the backward pass need not rebuild them."""
-        key = (id(x), group, size, stride, padding)
-        if reuse:
-            cached = self._columns.pop(key, None)
-            if cached is not None and cached[0] is x:
-                return cached[1]
-        cols = self._im2col(x[:, group * c:(group + 1) * c], size, stride, padding, out_h, out_w)
-        if keep:
-            held = sum(v[1].nbytes for v in self._columns.values())
-            while self._columns and held + cols.nbytes > COLUMN_CACHE_BYTES:
-                held -= self._columns.pop(next(iter(self._columns)))[1].nbytes
-            if cols.nbytes <= COLUMN_CACHE_BYTES:
-                self._columns[key] = (x, cols)
-        return cols
+    @staticmethod
+    def _im2col(xm, size, stride, rows, out_w):
+        """Columns (C*size*size, (row1-row0)*out_w*B) of output rows [row0, row1) from the padded
+        (C, H, W, B) input xm, one copy per kernel offset."""
+        (row0, row1), (c, b) = rows, (xm.shape[0], xm.shape[3])
+        if size == 1 and stride == 1:
+            return xm[:, row0:row1, :out_w].reshape(c, -1)
+        cols = np.empty((c, size, size, row1 - row0, out_w, b), dtype=xm.dtype)
+        for i in range(size):
+            top = row0 * stride + i
+            for j in range(size):
+                cols[:, i, j] = xm[:, top:top + stride * (row1 - row0):stride,
+                                   j:j + stride * out_w:stride]
+        return cols.reshape(c * size * size, -1)
+
+    @staticmethod
+    def _col2im_(dx, cols, size, stride, padding, rows, out_w):
+        """Inverse of _im2col: sum each column entry into the cell of dx (C, H, W, B) it came
+        from; one strided add per kernel offset, clipped to the cells inside dx (no padding)."""
+        c, h, w, b = dx.shape
+        (row0, row1) = rows
+        cols = cols.reshape(c, size, size, row1 - row0, out_w, b)
+
+        def inside(offset, first, last, n_in):
+            # outputs o in [first, last) whose cell o*stride + offset - padding lies in [0, n_in),
+            # and that cell for the first of them
+            first = max(first, -(-(padding - offset) // stride))
+            last = min(last, (n_in - 1 + padding - offset) // stride + 1)
+            return first, last, first * stride + offset - padding
+
+        for i in range(size):
+            y0, y1, top = inside(i, row0, row1, h)
+            for j in range(size):
+                x0, x1, left = inside(j, 0, out_w, w)
+                if y1 > y0 and x1 > x0:
+                    dx[:, top:top + stride * (y1 - y0):stride,
+                       left:left + stride * (x1 - x0):stride] += cols[:, i, j, y0 - row0:y1 - row0,
+                                                                      x0:x1]
+        return dx
 
     def conv_forward(self, x, weights, stride, padding, groups, train=False):
-        """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k)."""
+        """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
+        im2col + one matrix product per block of output rows; y is batch-innermost, so the
+        product writes its (F, rows*out_w*B) block of y directly."""
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
-        y = np.empty((f, b, out_h * out_w), dtype=x.dtype)
+        y = self._batch_innermost((b, f, out_h, out_w), x.dtype)
+        y_rows = self._memory_order(y).reshape(f, -1)  # a view; columns (row, column, image)
+        xm = self._padded_input(x, padding)
         cg, fg = c // groups, f // groups
+        per_row = out_w * b
         for g in range(groups):
-            cols = self._columns_for(x, g, cg, size, stride, padding, out_h, out_w, keep=train)
             wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
-            np.matmul(wg, cols, out=y[g * fg:(g + 1) * fg].reshape(fg, -1))
-        return np.ascontiguousarray(y.reshape(f, b, out_h, out_w).transpose(1, 0, 2, 3))
+            for rows in self._row_blocks(cg, size, out_h, out_w, b):
+                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w)
+                np.matmul(wg, cols, out=y_rows[g * fg:(g + 1) * fg,
+                                               rows[0] * per_row:rows[1] * per_row])
+        return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
-        """weight_updates += delta (*) x; returns the delta for x (or None if not needed)."""
+        """weight_updates += delta (*) x; returns the delta for x (or None if not needed),
+        batch-innermost. Block by block of output rows, as in conv_forward (the columns are
+        rebuilt: from cache that is cheaper than keeping them all from the forward pass)."""
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
         cg, fg = c // groups, f // groups
-        delta_t = delta.transpose(1, 0, 2, 3).reshape(f, b * out_h * out_w)
-        dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+        per_row = out_w * b
+        delta_rows = self._memory_order(delta).reshape(f, -1)  # free if batch-innermost
+        xm = self._padded_input(x, padding)
+        dx = self._batch_innermost(x.shape, x.dtype, zero=True) if need_dx else None
         for g in range(groups):
-            cols = self._columns_for(x, g, cg, size, stride, padding, out_h, out_w, reuse=True)
-            dg = delta_t[g * fg:(g + 1) * fg]
-            weight_updates[g * fg:(g + 1) * fg] += (dg @ cols.T).reshape(fg, cg, size, size)
-            if need_dx:
-                wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
-                dx[:, g * cg:(g + 1) * cg] = self._col2im(wg.T @ dg, (b, cg) + x.shape[2:], size,
-                                                          stride, padding, out_h, out_w)
+            wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
+            dw = np.zeros_like(wg)
+            for rows in self._row_blocks(cg, size, out_h, out_w, b):
+                dg = delta_rows[g * fg:(g + 1) * fg, rows[0] * per_row:rows[1] * per_row]
+                dw += dg @ self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w).T
+                if need_dx:
+                    self._col2im_(self._memory_order(dx)[g * cg:(g + 1) * cg], wg.T @ dg, size,
+                                  stride, padding, rows, out_w)
+            weight_updates[g * fg:(g + 1) * fg] += dw.reshape(fg, cg, size, size)
         return dx
 
     # ---- fully connected ----------------------------------------------------------------------
@@ -178,10 +251,15 @@ class NumpyBackend:
         return y.reshape(b, -1, 1, 1)
 
     def connected_backward(self, x, weights, delta, weight_updates, need_dx):
+        """weight_updates += delta^T x; returns the delta for x, laid out like x."""
         b = x.shape[0]
-        d = delta.reshape(b, -1)
-        weight_updates += d.T @ x.reshape(b, -1)
-        return (d @ weights).reshape(x.shape) if need_dx else None
+        d, xf = delta.reshape(b, -1), x.reshape(b, -1)
+        weight_updates += d.T @ xf
+        if not need_dx:
+            return None
+        if xf.flags.f_contiguous and not xf.flags.c_contiguous:  # x batch-innermost (a conv's)
+            return (weights.T @ d.T).T.reshape(x.shape)
+        return (d @ weights).reshape(x.shape)
 
     # ---- batch normalisation ------------------------------------------------------------------
     @staticmethod
@@ -197,23 +275,31 @@ class NumpyBackend:
                                 per_activation=False):
         """cuDNN's training rule: biased batch variance, eps under the square root; the rolling
         statistics move by 1% toward the batch mean and the *unbiased* batch variance.
-        Returns (y, cache) with y = scales * x_norm + biases."""
+        Returns (y, cache) with y = scales * x_norm + biases; the cache keeps (a view of) x, which
+        layers never change, the mean and 1/std. Block by block, the centred block in cache: no
+        full-size temporary."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
         count = b * positions
         view = x.reshape(b, n, positions)
-        mean = np.einsum("bns->n", view) / count
-        x_norm = view - mean[:, None]
-        variance = np.einsum("bns,bns->n", x_norm, x_norm) / count
+        y = np.empty_like(view)
+        mean, variance = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+        scales, biases = scales.reshape(n), biases.reshape(n)
+        for block in self._channel_blocks(view):
+            stats = block[1]
+            mean[stats] = np.einsum("bns->n", view[block]) / count
+            centered = view[block] - mean[stats, None]
+            variance[stats] = np.einsum("bns,bns->n", centered, centered) / count
+            gain = scales[stats] / np.sqrt(variance[stats] + x.dtype.type(BN_EPSILON))
+            yb = y[block]
+            np.multiply(centered, gain[:, None], out=yb)
+            yb += biases[stats, None]
         inv_std = 1 / np.sqrt(variance + x.dtype.type(BN_EPSILON))
-        x_norm *= inv_std[:, None]
         rolling_mean *= 1 - BN_MOMENTUM
         rolling_mean += BN_MOMENTUM * mean.reshape(rolling_mean.shape)
         rolling_variance *= 1 - BN_MOMENTUM
         rolling_variance += (BN_MOMENTUM * count / max(count - 1, 1)) * \
             variance.reshape(rolling_variance.shape)
-        y = x_norm * scales.reshape(n, 1)
-        y += biases.reshape(n, 1)
-        return y.reshape(x.shape), (x_norm, inv_std, per_activation)
+        return y.reshape(x.shape), (view, mean, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear"):
@@ -222,25 +308,42 @@ class NumpyBackend:
         b, n, positions = self._bn_layout(x.shape, per_activation)
         factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n)) +
                                       x.dtype.type(BN_INFERENCE_EPSILON))
-        y = x.reshape(b, n, positions) * factor[:, None]
-        y += (biases.reshape(n) - rolling_mean.reshape(n) * factor)[:, None]
+        shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
+        view = x.reshape(b, n, positions)
+        y = np.empty_like(view)
+        for block in self._channel_blocks(view):
+            yb = y[block]
+            np.multiply(view[block], factor[block[1], None], out=yb)
+            yb += shift[block[1], None]
         return self.activate_(y.reshape(x.shape), activation)
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         """Accumulates the scale and bias gradients; returns the delta for the BN input:
-        dx = scale*inv_std * (delta - mean(delta) - x_norm * mean(delta * x_norm))."""
-        x_norm, inv_std, per_activation = cache
+        dx = scale*inv_std * (delta - mean(delta) - x_norm * mean(delta * x_norm)),
+        with x_norm = (x - mean) * inv_std, block by block (the centred block in cache)."""
+        view_x, mean, inv_std, per_activation = cache
         b, n, positions = self._bn_layout(delta.shape, per_activation)
         count = b * positions
         view = delta.reshape(b, n, positions)
-        sum_delta = np.einsum("bns->n", view)
-        sum_delta_xnorm = np.einsum("bns,bns->n", view, x_norm)
+        sum_delta = np.empty(n, dtype=delta.dtype)
+        sum_delta_xnorm = np.empty(n, dtype=delta.dtype)
+        gain = scales.reshape(n) * inv_std
+        dx = np.empty_like(view_x)
+        for block in self._channel_blocks(view):
+            stats = block[1]
+            db, centered = view[block], view_x[block] - mean[stats, None]
+            sum_delta[stats] = np.einsum("bns->n", db)
+            sum_delta_xnorm[stats] = np.einsum("bns,bns->n", db, centered) * inv_std[stats]
+            g = gain[stats]
+            # dx = g*delta - g*sum_delta/count - g*inv_std*sum_delta_xnorm/count * centered
+            xb = dx[block]
+            np.multiply(centered, (-g * inv_std[stats] * sum_delta_xnorm[stats] / count)[:, None],
+                        out=xb)
+            xb -= (g * sum_delta[stats] / count)[:, None]
+            centered = np.multiply(db, g[:, None], out=centered)  # reuse the block's temporary
+            xb += centered
         bias_updates += sum_delta.reshape(bias_updates.shape)
         scale_updates += sum_delta_xnorm.reshape(scale_updates.shape)
-        gain = scales.reshape(n) * inv_std
-        dx = x_norm * (-gain * sum_delta_xnorm / count)[:, None]
-        dx += view * gain[:, None]
-        dx -= (gain * sum_delta / count)[:, None]
         return dx.reshape(delta.shape)
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
@@ -259,55 +362,77 @@ class NumpyBackend:
 
     def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
         """Darknet's maxpool: windows start at -padding//2; cells outside the input are -inf.
-        Returns (y, argmax) where argmax is the window offset that won (the first on ties).
-        One pass per window offset, elementwise (numpy's where/argmax are slow here)."""
+        Returns (y, argmax) where argmax is the window offset that won (the first on ties), both
+        laid out like x. One elementwise pass per window offset (numpy's where/argmax are slow
+        here), block by block over channels."""
         b, c, h, w = x.shape
         top, frame_h, frame_w = self._pool_frame(x.shape, size, stride, padding, out_h, out_w)
         if (top, frame_h, frame_w) == (0, h, w):
             padded = x
         else:
-            padded = np.full((b, c, frame_h, frame_w), -np.inf, x.dtype)
+            padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
+            padded.fill(-np.inf)
             padded[:, :, top:top + h, top:top + w] = x
-        if size == 2:
-            return self._maxpool_2x2(padded, stride, out_h, out_w)
         index_type = np.int8 if size * size < 128 else np.int32
-        y = self._pool_window(padded, 0, 0, stride, out_h, out_w).copy()
-        argmax = np.zeros(y.shape, dtype=index_type)
+        y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
+        argmax = self._empty_laid_like(y.shape, x, index_type)
+        pool = self._maxpool_2x2_ if size == 2 else self._maxpool_window_
+        for block in self._channel_blocks(padded):
+            pool(padded[block], size, stride, y[block], argmax[block])
+        return y, argmax
+
+    def _maxpool_window_(self, padded, size, stride, y, argmax):
+        """Any window: a running maximum over the offsets, the index moving on strictly greater."""
+        out_h, out_w = y.shape[2:]
+        index_type = argmax.dtype.type
+        y[...] = self._pool_window(padded, 0, 0, stride, out_h, out_w)
+        argmax.fill(0)
         for offset in range(1, size * size):
             window = self._pool_window(padded, offset // size, offset % size, stride, out_h, out_w)
             better = (window > y).view(np.int8).astype(index_type, copy=False)
             np.maximum(y, window, out=y)
             argmax += better * (index_type(offset) - argmax)
-        return y, argmax
 
-    def _maxpool_2x2(self, padded, stride, out_h, out_w):
+    def _maxpool_2x2_(self, padded, size, stride, y, argmax):
         """The common 2x2 window as a tournament: first-max of each pair, then of the pairs."""
+        out_h, out_w = y.shape[2:]
         a, b, c, d = (self._pool_window(padded, i, j, stride, out_h, out_w)
                       for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
-        top, bottom = np.maximum(a, b), np.maximum(c, d)
+        top, bottom = np.maximum(a, b, out=y), np.maximum(c, d)
         top_index = (b > a).view(np.int8)
-        bottom_index = (d > c).view(np.int8) + np.int8(2)
-        bottom_index -= top_index
-        bottom_index *= (bottom > top).view(np.int8)
-        bottom_index += top_index
-        return np.maximum(top, bottom, out=top), bottom_index
+        np.greater(d, c, out=argmax.view(np.bool_))  # the bottom pair's winner, 0 or 1 ...
+        argmax += np.int8(2)  # ... as its window offset, 2 or 3
+        argmax -= top_index
+        argmax *= (bottom > top).view(np.int8)
+        argmax += top_index
+        np.maximum(top, bottom, out=y)
 
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+        """Each window's delta goes to the cell that won it (argmax); laid out like argmax."""
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
         top, frame_h, frame_w = self._pool_frame(in_shape, size, stride, padding, out_h, out_w)
         # Windows that tile the frame cover each cell once: assign instead of accumulating.
         tiles = size == stride and (out_h * size, out_w * size) == (frame_h, frame_w)
-        padded = (np.empty if tiles else np.zeros)((b, c, frame_h, frame_w), dtype=delta.dtype)
-        for offset in range(size * size):
-            window = self._pool_window(padded, offset // size, offset % size, stride, out_h, out_w)
-            if tiles:
-                np.multiply(delta, argmax == offset, out=window)
-            else:
-                window += delta * (argmax == offset)
+        if self._axis_order(delta) != self._axis_order(argmax):
+            # e.g. from a connected layer: elementwise ops across mixed layouts are slow
+            relaid = self._empty_laid_like(delta.shape, argmax, delta.dtype)
+            relaid[...] = delta
+            delta = relaid
+        padded = self._empty_laid_like((b, c, frame_h, frame_w), argmax, delta.dtype)
+        if not tiles:
+            padded.fill(0)
+        for block in self._channel_blocks(padded):
+            db, ab, pb = delta[block], argmax[block], padded[block]
+            for offset in range(size * size):
+                window = self._pool_window(pb, offset // size, offset % size, stride, out_h, out_w)
+                if tiles:
+                    np.multiply(db, ab == offset, out=window)
+                else:
+                    window += db * (ab == offset)
         if (top, frame_h, frame_w) == (0, h, w):
             return padded
-        return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
+        return padded[:, :, top:top + h, top:top + w].copy(order="K")
 
     def avgpool_forward(self, x):
         """Darknet's [avgpool]: the global average of each channel."""
