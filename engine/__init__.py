@@ -12,13 +12,14 @@ __all__ = ["load", "Network", "EngineError", "ConfigError", "WeightsError", "Dat
            "BackendError"]
 
 
-def load(cfg_path, weights_path=None, backend="cpu", device=0, seed=0, quiet=False):
+def load(cfg_path, weights_path=None, backend="cpu", device=0, seed=0, quiet=False,
+         allow_tf32=False):
     """Build the network described by `cfg_path` on `backend` ('cpu' or 'gpu'), and load
     `weights_path` into it if given."""
     from .backends import get_backend
 
-    net = Network(cfg_path, backend=get_backend(backend, device=device, seed=seed), seed=seed,
-                  quiet=quiet)
+    ops = get_backend(backend, device=device, seed=seed, allow_tf32=allow_tf32)
+    net = Network(cfg_path, backend=ops, seed=seed, quiet=quiet)
     if weights_path:
         net.load_weights(weights_path)
     return net

@@ -29,6 +29,9 @@ def add_backend_options(parser, several=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cpu", action="store_true", help="run on the CPU (numpy)")
     group.add_argument("--gpu", type=int, metavar="N", help="run on GPU N; an error if it is unusable")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let GPU convolutions use TF32 tensor cores (faster; about 1e-3 "
+                             "relative error, as PyTorch's default)")
     if several:
         group.add_argument("--gpus", type=gpu_list, metavar="0,1,...",
                            help="data-parallel training, one rank per GPU (started with mpiexec "
@@ -51,11 +54,12 @@ def choose_backend(args, seed=0, rank=0):
     if args.cpu:
         return get_backend("cpu", seed=seed)
     if getattr(args, "gpus", None):
-        return get_backend("gpu", device=args.gpus[rank % len(args.gpus)], seed=seed)
+        return get_backend("gpu", device=args.gpus[rank % len(args.gpus)], seed=seed,
+                           allow_tf32=args.tf32)
     if args.gpu is not None:
-        return get_backend("gpu", device=args.gpu, seed=seed)
+        return get_backend("gpu", device=args.gpu, seed=seed, allow_tf32=args.tf32)
     try:
-        return get_backend("gpu", device=0, seed=seed)
+        return get_backend("gpu", device=0, seed=seed, allow_tf32=args.tf32)
     except BackendError as error:
         print(f"No usable GPU ({error}); using the CPU.", file=sys.stderr)
         return get_backend("cpu", seed=seed)

@@ -8,8 +8,9 @@ from ..errors import BackendError
 from .numpy_backend import NumpyBackend
 
 
-def get_backend(name="cpu", device=0, seed=0):
-    """'cpu' -> NumpyBackend; 'gpu' -> the CUDA backend on `device` (BackendError if unusable)."""
+def get_backend(name="cpu", device=0, seed=0, allow_tf32=False):
+    """'cpu' -> NumpyBackend; 'gpu' -> the CUDA backend on `device` (BackendError if unusable).
+    allow_tf32 lets cuDNN convolutions use TF32 tensor cores, as PyTorch does by default."""
     if name == "cpu":
         return NumpyBackend(seed=seed)
     if name == "gpu":
@@ -17,5 +18,5 @@ def get_backend(name="cpu", device=0, seed=0):
             from .cuda import CudaBackend
         except ImportError as error:
             raise BackendError(f"the GPU backend is not available: {error}") from None
-        return CudaBackend(device=device, seed=seed)
+        return CudaBackend(device=device, seed=seed, allow_tf32=allow_tf32)
     raise BackendError(f"unknown backend '{name}'; expected 'cpu' or 'gpu'")
