@@ -91,7 +91,7 @@ def main():
     if peer:
         print(f"{'ratio engine/PyTorch':24s} {'':12s} {rows[1][1] / rows[0][1]:12.2f} "
               f"{rows[1][2] / rows[0][2]:12.2f}   (speed; >1 means the engine is faster)")
-    print(f"target: train <= 0.08 s/iter (3x real Darknet's 0.24 s on these machines)")
+    print("target: train <= 0.08 s/iter (3x real Darknet's 0.24 s on these machines)")
 
 
 if __name__ == "__main__":

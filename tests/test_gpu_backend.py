@@ -553,3 +553,23 @@ def test_kernel_compile_failure_shows_nvcc_message(gpu, tmp_path):
     (tmp_path / "activations.cu").write_text("extern \"C\" __global__ void broken( { }\n")
     with pytest.raises(BackendError, match=r"(?s)activations\.cu failed to compile:.*error"):
         Kernels(gpu.device, kernel_dir=str(tmp_path))
+
+
+def test_training_on_the_gpu_is_reproducible(gpu, rng):
+    """Two runs with one seed give bit-identical weights: the convolution algorithms are chosen
+    among cuDNN's deterministic ones, and dropout's random source is seeded."""
+    from engine.backends.cuda import CudaBackend
+    from engine.train import train_iteration
+
+    images = rng.random((32, 1, 28, 28), dtype=np.float32)
+    truth = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]
+    runs = []
+    for _ in range(2):
+        ops = CudaBackend(device=0, seed=3)
+        net = Network(os.path.join(ROOT, "cfg", "mnist.cfg"), backend=ops, seed=3, quiet=True)
+        for _ in range(3):
+            train_iteration(net, images, truth, 0.05)
+        runs.append([ops.to_host(layer.params[name]) for layer in net.layers
+                     for name in layer.weight_order])
+    for first, second in zip(*runs):
+        np.testing.assert_array_equal(first, second)

@@ -73,7 +73,6 @@ class CudaBackend:
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device), bool(allow_tf32))
         self.cuda = self.device.cuda
         self.stream = self.device.stream
-        self._conv_plans = {}
         self._workspace = None
         self._workspace_size = 0
         self._cost = self.device.empty((1,))
@@ -187,13 +186,15 @@ class CudaBackend:
     # ---- convolution --------------------------------------------------------------------------
     def _plan(self, x_shape, w_shape, stride, padding, groups):
         key = (tuple(x_shape), tuple(w_shape), stride, padding, groups)
-        plan = self._conv_plans.get(key)
+        # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
+        # algorithms are measured once per process, so runs with one seed compute alike.
+        plan = self.dnn.plans.get(key)
         if plan is None:
-            plan = self._conv_plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                                    groups)
-            if plan.workspace > self._workspace_size:
-                self._workspace = self._empty((plan.workspace,), np.uint8)
-                self._workspace_size = plan.workspace
+            plan = self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
+                                                  groups)
+        if plan.workspace > self._workspace_size:
+            self._workspace = self._empty((plan.workspace,), np.uint8)
+            self._workspace_size = plan.workspace
         return plan
 
     def _workspace_pointer(self):

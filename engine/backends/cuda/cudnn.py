@@ -23,6 +23,7 @@ CUDNN_TENSOR_OP_MATH = 1
 CUDNN_FMA_MATH = 3           # plain float32 FMA: no TF32 rounding of the inputs
 CUDNN_BATCHNORM_PER_ACTIVATION = 0
 CUDNN_BATCHNORM_SPATIAL = 1
+CUDNN_DETERMINISTIC = 1      # cudnnDeterminism_t
 
 ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
 
@@ -114,6 +115,7 @@ class Cudnn:
         self.handle = handle
         self.check("cudnnSetStream", self.lib.cudnnSetStream(handle, P(stream_handle)))
         self.math_type = CUDNN_DEFAULT_MATH if allow_tf32 else CUDNN_FMA_MATH
+        self.plans = {}  # convolution geometry -> its descriptors and chosen algorithms
         self._tensor_descriptors = {}
 
     def check(self, name, status):
@@ -161,14 +163,17 @@ class Cudnn:
 
     def find_algorithm(self, name, *descriptors):
         """The fastest algorithm cuDNN measures for one convolution shape (done once per shape),
-        among those within WORKSPACE_LIMIT; returns (algo, workspace bytes)."""
+        among those within WORKSPACE_LIMIT, preferring deterministic ones (some backward
+        algorithms sum with atomics, so two runs with one seed would differ); returns
+        (algo, workspace bytes)."""
         results = (AlgoPerf * 8)()
         returned = ctypes.c_int()
         self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
                   ctypes.byref(results))
-        for perf in results[:returned.value]:
-            if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT:
-                return perf.algo, perf.memory
+        usable = [perf for perf in results[:returned.value]
+                  if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT]
+        for perf in sorted(usable, key=lambda perf: perf.determinism != CUDNN_DETERMINISTIC):
+            return perf.algo, perf.memory
         raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
 
     # ---- calls ----------------------------------------------------------------------------------
