@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 def worker(args):
     import engine
     from engine import distributed
-    from engine.train import train_iteration
+    from engine.train import iteration_runner
 
     group = distributed.process_group()
     backend = "cpu" if args.cpu else "gpu"
@@ -38,13 +38,14 @@ def worker(args):
     classes = net.output_layer.outputs
     images = rng.random((batch,) + net.input_shape, dtype=np.float32)
     truth = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)]
+    step = iteration_runner(net, group)  # what engine train uses: CUDA graphs where it can
     for _ in range(args.warmup):
-        train_iteration(net, images, truth, 0.001, group)
+        step(images, truth, 0.001)
     net.ops.synchronize()
     group.allreduce_sum(0)  # start timing together
     started = time.perf_counter()
     for _ in range(args.iterations):
-        train_iteration(net, images, truth, 0.001, group)
+        step(images, truth, 0.001)
     net.ops.synchronize()
     elapsed = group.comm.allreduce(time.perf_counter() - started, op=group.mpi.MAX) \
         if group.size > 1 else time.perf_counter() - started

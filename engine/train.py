@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .distributed import SingleProcess
-from .errors import ConfigError, DataError, TrainingError
+from .errors import BackendError, ConfigError, DataError, TrainingError
 
 SINGLE_PROCESS = SingleProcess()
 
@@ -95,6 +95,70 @@ def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS):
     return group.allreduce_sum(total) / len(truth)
 
 
+class EagerSteps:
+    """Every iteration issued operation by operation: works on every backend."""
+
+    def __init__(self, net, group):
+        self.net, self.group = net, group
+
+    def __call__(self, images, truth, rate):
+        return train_iteration(self.net, images, truth, rate, self.group)
+
+
+class CapturedSteps(EagerSteps):
+    """On a backend that can record a whole iteration and replay it (the CUDA backend's graphs),
+    iterations after the first replay one recording: one launch instead of hundreds, which is
+    what bounds small networks and small per-GPU batches. A recording reads fixed buffers, so
+    each iteration's images are copied into the same device arrays, and the learning rate and
+    dropout seed come from device memory. Used when the batch is one pass (subdivisions=1)."""
+
+    def __init__(self, net, group):
+        super().__init__(net, group)
+        self.recording = None
+        self.eager_iterations = 1  # the first makes the plans and buffers a recording needs
+
+    def _record(self, images, truth):
+        net, group, ops = self.net, self.group, self.net.ops
+        self.images, self.truth = ops.asarray(images), ops.asarray(truth)
+
+        def iteration():
+            group.begin_iteration(net)
+            net.train_step(self.images, self.truth)
+            group.allreduce_updates(net)
+            net.update(0.0)  # the recorded update reads each replay's rate from the device
+
+        try:
+            self.recording = ops.capture(iteration)
+        except BackendError as error:
+            print(f"Training without CUDA graphs ({error})", file=sys.stderr)
+            self.eager_iterations = math.inf
+
+    def __call__(self, images, truth, rate):
+        if self.eager_iterations > 0:
+            self.eager_iterations -= 1
+            return super().__call__(images, truth, rate)
+        net, ops = self.net, self.net.ops
+        shard = self.group.shard(len(images))
+        if self.recording is None:
+            self._record(images[shard], truth[shard])
+            if self.recording is None:
+                return super().__call__(images, truth, rate)
+        else:
+            ops.set_(self.images, images[shard])
+            ops.set_(self.truth, truth[shard])
+        self.recording.replay(rate)
+        net.seen += len(truth)
+        return self.group.allreduce_sum(self.recording.last_cost()) / len(truth)
+
+
+def iteration_runner(net, group):
+    """CapturedSteps where the backend can record iterations and a batch is one pass, else
+    EagerSteps."""
+    if hasattr(net.ops, "capture") and net.options.subdivisions == 1:
+        return CapturedSteps(net, group)
+    return EagerSteps(net, group)
+
+
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
@@ -137,6 +201,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     policy_rng = np.random.default_rng([seed, 1])
     net.ops.seed(seed + 1000003 * group.rank)
     sampler = BatchSampler(len(dataset), o.batch_size, rng)
+    run_iteration = iteration_runner(net, group)
     leader = group.rank == 0
     save = net.save_weights if leader else (lambda path: None)
     average_loss = None
@@ -146,7 +211,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             tick = time.time()
             images, labels = dataset.batch(sampler.next())
             rate = next_learning_rate(net, policy_rng)
-            loss = train_iteration(net, images, dataset.one_hot(labels), rate, group)
+            loss = run_iteration(images, dataset.one_hot(labels), rate)
             if not math.isfinite(loss):
                 save(backup_path)
                 raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "

@@ -573,3 +573,35 @@ def test_training_on_the_gpu_is_reproducible(gpu, rng):
                      for name in layer.weight_order])
     for first, second in zip(*runs):
         np.testing.assert_array_equal(first, second)
+
+
+def test_recorded_training_iterations_equal_eager_ones(gpu, rng, tmp_path):
+    """engine train on the GPU records an iteration as a CUDA graph and replays it; the weights
+    after several iterations equal those of iterations issued one operation at a time."""
+    from engine import train as training
+    from engine.backends.cuda import CudaBackend
+    from engine.data import Dataset
+
+    cfg = tmp_path / "nodrop.cfg"  # mnist.cfg without dropout, whose masks differ between modes
+    with open(os.path.join(CFG, "mnist.cfg")) as handle:
+        cfg.write_text(handle.read().replace("probability=.5", "probability=0").replace(
+            "batch=128", "batch=32"))
+    images = rng.random((96, 1, 28, 28), dtype=np.float32)
+    dataset = Dataset(images, rng.integers(0, 10, 96), 10, "random")
+    results = {}
+    for mode, runner in (("recorded", training.iteration_runner), ("eager", training.EagerSteps)):
+        ops = CudaBackend(device=0, seed=5)
+        net = Network(str(cfg), backend=ops, seed=5, quiet=True)
+        original = training.iteration_runner
+        training.iteration_runner = runner
+        try:
+            training.train(net, dataset, str(tmp_path / mode), max_batches=6, seed=5,
+                           backup_every=0, stream=open(os.devnull, "w"))
+        finally:
+            training.iteration_runner = original
+        results[mode] = [ops.to_host(layer.params[name]) for layer in net.layers
+                         for name in layer.weight_order]
+        assert net.seen == 6 * 32
+    assert isinstance(training.iteration_runner(net, training.SINGLE_PROCESS), training.CapturedSteps)
+    for recorded, eager in zip(results["recorded"], results["eager"]):
+        np.testing.assert_allclose(recorded, eager, rtol=1e-5, atol=1e-6)

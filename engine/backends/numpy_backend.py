@@ -46,6 +46,11 @@ class NumpyBackend:
     def to_host(self, array):
         return np.asarray(array, dtype=np.float32)
 
+    def set_(self, dst, host):
+        """Copy host data into an existing array (a fixed buffer that a recording reads)."""
+        dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)
+        return dst
+
     def zeros(self, shape):
         return np.zeros(shape, dtype=np.float32)
 

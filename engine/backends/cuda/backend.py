@@ -115,6 +115,15 @@ class CudaBackend:
         self.stream.synchronize()
         return host
 
+    def set_(self, dst, host):
+        """Copy host data into an existing device array (a fixed buffer a graph reads)."""
+        host = np.ascontiguousarray(host, dtype=np.float32)
+        if host.size != dst.size:
+            raise BackendError(f"cannot copy {host.size} values into an array of {dst.size}")
+        if host.size:
+            self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
+        return dst
+
     def zeros(self, shape):
         array = self._empty(shape)
         if array.size:
