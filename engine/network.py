@@ -51,6 +51,9 @@ class NetOptions:
         self.burn_in = s.int("burn_in", 0)
         self.power = s.float("power", 4.0)
         self.max_batches = s.int("max_batches", 0)
+        if self.policy == "poly" and self.max_batches <= 0:
+            raise s.error("policy=poly needs max_batches > 0 (the rate falls to 0 there)",
+                          "max_batches" if s.has("max_batches") else "policy")
         self.step = self.scale = self.gamma = None
         self.steps, self.scales = [], []
         if self.policy == "step":
@@ -117,11 +120,17 @@ class Network:
         return self.layers[-1]
 
     @property
+    def cost_layers(self):
+        """The layers with a loss: one [softmax] or [cost] for a classifier, every [yolo] of a
+        detector."""
+        layers = [layer for layer in self.layers if getattr(layer, "has_cost", False)]
+        if not layers:
+            raise ConfigError(f"{self.cfg_path}: training needs a [softmax], [cost] or [yolo] layer")
+        return layers
+
+    @property
     def cost_layer(self):
-        for layer in reversed(self.layers):
-            if getattr(layer, "has_cost", False):
-                return layer
-        raise ConfigError(f"{self.cfg_path}: training needs a [softmax] or [cost] layer")
+        return self.cost_layers[-1]
 
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
@@ -133,12 +142,17 @@ class Network:
         self.outputs = outputs
         return outputs[self.output_layer.index]
 
-    def backward(self, delta):
-        """Propagate `delta` (of the cost layer's output) back through every layer, accumulating
-        parameter updates."""
+    def backward(self, seeds):
+        """Propagate deltas back through every layer, accumulating parameter updates. `seeds`
+        maps layer index -> delta of that layer's output (one per loss layer); a bare array is
+        the delta of `cost_layer`. A seeded layer's delta also gathers what later layers hand
+        back to it."""
         ops = self.ops
+        if not isinstance(seeds, dict):
+            seeds = {self.cost_layer.index: seeds}
         deltas = [None] * len(self.layers)
-        deltas[self.cost_layer.index] = delta
+        for index, delta in seeds.items():
+            deltas[index] = delta
         for layer in reversed(self.layers):
             d, deltas[layer.index] = deltas[layer.index], None
             if d is None:
@@ -164,12 +178,18 @@ class Network:
             layer.update(self.ops, learning_rate, o.momentum, o.decay, o.batch_size)
 
     def train_step(self, x, truth):
-        """One forward/backward on a mini-batch (no update, `seen` unchanged). Returns the
-        summed cost."""
+        """One forward/backward on a mini-batch (no update, `seen` unchanged). Every loss layer
+        seeds its own delta, so deltas from several [yolo] heads sum where the branches meet.
+        Returns the cost summed over the mini-batch; with several loss layers, their mean, the
+        figure Darknet reports (calc_network_cost)."""
         self.forward(x, train=True)
-        cost, delta = self.cost_layer.cost(self.ops, truth)
-        self.backward(delta)
-        return cost
+        costs, seeds = [], {}
+        for layer in self.cost_layers:
+            cost, seeds[layer.index] = layer.cost(self.ops, truth)
+            costs.append(cost)
+        self.backward(seeds)
+        # One loss layer: its cost as is (inside a CUDA-graph capture it is a placeholder).
+        return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
 
     # ---- convenience --------------------------------------------------------------------------
     def predict(self, images, batch_size=None):

@@ -41,7 +41,8 @@ def learning_rate(options, batch_num, rng=None):
     if o.policy == "poly":
         return o.learning_rate * max(1 - batch_num / o.max_batches, 0.0) ** o.power
     if o.policy == "sig":
-        return o.learning_rate / (1 + math.exp(o.gamma * (batch_num - o.step)))
+        exponent = o.gamma * (batch_num - o.step)
+        return 0.0 if exponent > 700 else o.learning_rate / (1 + math.exp(exponent))  # no overflow
     if o.policy == "random":
         rng = rng or np.random.default_rng()
         return o.learning_rate * rng.random() ** o.power

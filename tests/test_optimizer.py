@@ -242,3 +242,17 @@ def test_first_update_uses_batch_one(tmp_path):
     assert net.seen == 2 and next_learning_rate(net) == pytest.approx(0.5)
     want = before + rate / 2 * (truth - p).sum(0)
     np.testing.assert_allclose(fc.params["biases"], want, rtol=1e-5)
+
+
+def test_poly_without_max_batches_is_a_config_error(tmp_path):
+    """Darknet divides by max_batches; without it we stop at the cfg, naming the key."""
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="policy=poly needs max_batches"):
+        _options(tmp_path, policy="poly", max_batches=0)
+
+
+def test_sig_far_past_its_step_is_zero_not_an_overflow(tmp_path):
+    o = _options(tmp_path, policy="sig", gamma=1, step=5)
+    assert learning_rate(o, 5000) == 0.0
+    assert learning_rate(o, 40) == pytest.approx(0.1 / (1 + math.exp(35)))
