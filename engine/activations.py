@@ -24,7 +24,8 @@ def check_name(name, where):
 
 
 def _logistic(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for very negative x gives 0, the limit
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def activate(x, name):

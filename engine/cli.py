@@ -1,6 +1,7 @@
 """The `engine` command: parse arguments, call the API, turn user errors into one line.
 
     engine train   cfg/mnist.cfg [--data D] [--weights W] [--max-batches N] [--seed S] [--cpu|--gpu N]
+                   (a cfg with [yolo] layers trains a detector: Darknet's `detector train`)
     engine test    cfg/mnist.cfg weights/mnist.weights [--data D] [--cpu|--gpu N]
     engine predict cfg/mnist.cfg weights/mnist.weights digit.png [--data D] [--top K]
     engine info    cfg/yolov3.cfg
@@ -20,7 +21,7 @@ import numpy as np
 from . import data as data_io
 from . import detection, distributed, models
 from .backends import get_backend
-from .errors import BackendError, EngineError
+from .errors import BackendError, ConfigError, EngineError
 from .network import Network
 from .train import evaluate, train
 
@@ -82,6 +83,19 @@ def data_config(args):
     return data_io.DataConfig(args.data or data_io.default_data_path(args.cfg))
 
 
+def training_set(net, data):
+    """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
+    is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
+    [softmax] or [cost] a classifier."""
+    detector = [layer.type_name == "yolo" for layer in net.cost_layers]
+    if all(detector):
+        return data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+    if any(detector):
+        raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "
+                          "either a detector or a classifier")
+    return data.dataset("train", net.input_shape)
+
+
 def cmd_train(args):
     if args.gpus and len(args.gpus) > 1 and not distributed.launched_by_mpi():
         return distributed.relaunch_with_mpiexec(len(args.gpus), args.argv)
@@ -89,7 +103,7 @@ def cmd_train(args):
     data = data_config(args)
     net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
     group.adopt(net)
-    dataset = data.dataset("train", net.input_shape)
+    dataset = training_set(net, data)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,
@@ -103,6 +117,9 @@ def cmd_train(args):
 def cmd_test(args):
     data = data_config(args)
     net = build(args, weights=args.weights, inference=True)
+    if any(layer.type_name in ("yolo", "region") for layer in net.layers):
+        raise ConfigError(f"{args.cfg}: engine test measures a classifier's top-k accuracy; this "
+                          "cfg is a detector (use engine detect; mAP is not implemented)")
     dataset = data.dataset("valid", net.input_shape)
     top = max(2, data.top)
     top1, topk = evaluate(net, dataset, top=top)

@@ -4,6 +4,7 @@ format, both turned into float32 NCHW images in [0, 1] with integer labels.
 A .data file (Darknet's) names the sets: `train` and `valid` are either IDX image files (with
 `train_labels`/`valid_labels` beside them, our extension for MNIST) or text files listing image
 paths, whose label is the first label string (from `labels`) found in the path, as Darknet does.
+For detectors the image list's boxes come from label files (engine.detection_data).
 """
 
 import gzip
@@ -62,6 +63,16 @@ class Dataset:
         truth[np.arange(len(labels)), labels] = 1
         return truth
 
+    def training_batch(self, indexes):
+        """(images, truth) as the loss layer takes them: one-hot rows."""
+        images, labels = self.batch(indexes)
+        return images, self.one_hot(labels)
+
+    def check_network(self, net):
+        if self.classes != net.output_layer.outputs:
+            raise ConfigError(f"{self.name}: {self.classes} classes, but {net.cfg_path} "
+                              f"outputs {net.output_layer.outputs} values per image")
+
 
 def load_idx_dataset(images_path, labels_path, classes, shape):
     images = read_idx(images_path)
@@ -102,7 +113,8 @@ def load_image(path, shape):
     return pixels.transpose(2, 0, 1).copy()
 
 
-def load_image_list(list_path, labels, shape):
+def read_image_list(list_path):
+    """The image paths a Darknet list file names, one a line, as written (unresolved)."""
     try:
         with open(list_path, encoding="utf-8") as handle:
             paths = [line.strip() for line in handle if line.strip()]
@@ -112,6 +124,11 @@ def load_image_list(list_path, labels, shape):
         raise DataError(f"{list_path}: cannot read image list ({error.strerror})") from None
     if not paths:
         raise DataError(f"{list_path}: the image list is empty")
+    return paths
+
+
+def load_image_list(list_path, labels, shape):
+    paths = read_image_list(list_path)
     label_of = []
     for number, path in enumerate(paths, start=1):
         # Darknet's rule: the first label (in the labels file's order) that occurs in the path.
@@ -168,6 +185,16 @@ class DataConfig:
             return load_idx_dataset(source, self._file(self.values[labels_key], labels_key),
                                     self.classes, shape)
         return load_image_list(source, self.labels, shape)
+
+    def detection_dataset(self, which, shape, max_boxes):
+        """The `train` or `valid` image list as a detector's set: boxes from the labels/*.txt
+        file beside each image (Darknet's `detector train` format)."""
+        from .detection_data import DetectionDataset
+
+        if which not in self.values:
+            raise ConfigError(f"{self.path}: no {which}=... entry")
+        source = self._file(self.values[which], which)
+        return DetectionDataset(source, self.classes, shape, max_boxes)
 
 
 def default_data_path(cfg_path):

@@ -74,7 +74,8 @@ class BatchSampler:
 
 
 def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS):
-    """One update with learning rate `rate` on a full batch (numpy images, one-hot truth).
+    """One update with learning rate `rate` on a full batch (numpy images and truth: one-hot
+    rows, or a detector's box rows).
     Returns the loss per image.
 
     The batch is processed in `subdivisions` passes whose gradients accumulate; with several
@@ -153,9 +154,11 @@ class CapturedSteps(EagerSteps):
 
 
 def iteration_runner(net, group):
-    """CapturedSteps where the backend can record iterations and a batch is one pass, else
+    """CapturedSteps where the backend can record iterations, a batch is one pass and every loss
+    runs on the device (a [yolo] loss runs on the host, outside any recording), else
     EagerSteps."""
-    if hasattr(net.ops, "capture") and net.options.subdivisions == 1:
+    on_device = not any(getattr(layer, "host_cost", False) for layer in net.cost_layers)
+    if hasattr(net.ops, "capture") and net.options.subdivisions == 1 and on_device:
         return CapturedSteps(net, group)
     return EagerSteps(net, group)
 
@@ -189,9 +192,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
-    if dataset.classes != net.output_layer.outputs:
-        raise ConfigError(f"{dataset.name}: {dataset.classes} classes, but {net.cfg_path} "
-                          f"outputs {net.output_layer.outputs} values per image")
+    dataset.check_network(net)
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")
     final_path = os.path.join(backup_dir, f"{base}_final.weights")
@@ -210,9 +211,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
-            images, labels = dataset.batch(sampler.next())
+            images, truth = dataset.training_batch(sampler.next())
             rate = next_learning_rate(net, policy_rng)
-            loss = run_iteration(images, dataset.one_hot(labels), rate)
+            loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
                 save(backup_path)
                 raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "

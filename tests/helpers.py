@@ -25,7 +25,8 @@ def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1):
     path = write_cfg(tmp_path / f"layer{np.random.randint(1 << 30)}.cfg",
                      {"batch": 1, "height": h, "width": w, "channels": c}, section_text)
     section = read_cfg(path)[1]
-    net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes))
+    net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes),
+                          options=SimpleNamespace(width=w, height=h))
     return LAYER_TYPES[section.name](section, len(layer_shapes), [tuple(in_shape)], net)
 
 

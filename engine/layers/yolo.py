@@ -9,7 +9,15 @@ layer predicts (default: all).
 Training: `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
 truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
 Like Darknet's GPU path, the loss runs on the host: it loops over truth boxes, and the output is
-small. Wiring it into training (several loss layers, detection labels) is the network's job.
+small (on the GPU that is one output download and one delta upload per head and mini-batch).
+`cost` is the loss-layer interface the network's train_step calls on every [yolo] head.
+
+The delta is the exact negative gradient (w.r.t. this layer's *input*) of a per-entry loss:
+binary cross-entropy on the logistic entries (x, y scaled by 2 - truth area, objectness,
+classes) and half the squared error on the raw w, h (also scaled) - with the choice of
+which entries get a target (ignore_thresh, best anchor) held fixed, and except for Darknet's
+shortcut when two truths share a cell and anchor (_class_delta). The reported cost is
+Darknet's sum of squared deltas, which is not that loss.
 """
 
 import numpy as np
@@ -45,6 +53,8 @@ def check_outputs_fit(section, in_shape, anchors, entries):
 
 class YoloLayer(Layer):
     type_name = "yolo"
+    has_cost = True
+    host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
@@ -61,6 +71,8 @@ class YoloLayer(Layer):
         self.ignore_thresh = section.float("ignore_thresh", 0.5)
         self.truth_thresh = section.float("truth_thresh", 1.0)
         self.max_boxes = section.int("max", 90)
+        # The loss measures boxes against the network input (Darknet's net.w, net.h).
+        self.net_w, self.net_h = net.options.width, net.options.height
         # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
         for key in ("jitter", "random", "map"):
             section.str(key)
@@ -79,6 +91,12 @@ class YoloLayer(Layer):
 
     def backward(self, ops, delta, need_dx):
         return delta if need_dx else None
+
+    def cost(self, ops, truth):
+        """(cost, delta) for the mini-batch's truth: (batch, max_boxes * 5) rows of
+        (x, y, w, h, class) per box, zero-padded (Darknet's net.truth), on the backend or host."""
+        truth = ops.to_host(truth)
+        return self.loss(ops, truth.reshape(len(truth), -1, 5), self.net_w, self.net_h)
 
     def loss(self, ops, truths, net_w, net_h):
         """Darknet's YOLOv3 loss on the last forward's output. `truths[b]` holds image b's boxes

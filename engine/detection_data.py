@@ -1,0 +1,116 @@
+"""A detector's training set in Darknet's `detector train` format: an image list, and beside each
+image a label file (the image path with `images` -> `labels`, `JPEGImages` -> `labels` and the
+extension -> .txt) with one line `class x_center y_center width height` per box, relative to the
+image (0..1). An image without a label file trains as one without objects.
+
+Each image is read as RGB and resized to the network input with Darknet's resize_image. Darknet
+also jitters (random crop and aspect), flips and recolours every training image; we do none of
+that. A plain resize leaves image-relative boxes as they are, so the box transform is Darknet's
+correct_boxes with no crop: edges clamped to [0, 1], boxes under 0.001 wide or high dropped.
+
+Truth per image is Darknet's net.truth row: `max_boxes` boxes of (x, y, w, h, class),
+zero-padded. Images are decoded per batch (a detection set rarely fits in memory); the labels
+are all read up front, so a bad label file fails before training starts.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+from .config import resolve_path
+from .data import read_image_list
+from .detection import read_rgb, resize_bilinear
+from .errors import ConfigError, DataError
+
+MIN_BOX_SIZE = 0.001  # fill_truth_detection skips boxes narrower or lower than this
+
+
+def label_path(image_path):
+    """Darknet's label file for an image: images/x.jpg -> labels/x.txt (first occurrence of each
+    folder name, as its find_replace does)."""
+    path = image_path.replace("images", "labels", 1).replace("JPEGImages", "labels", 1)
+    return os.path.splitext(path)[0] + ".txt"
+
+
+def read_boxes(path, classes):
+    """The label file's boxes as rows (x, y, w, h, class), or None if there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read label file ({error})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{number}"
+        if len(fields) != 5:
+            raise DataError(f"{where}: expected 'class x_center y_center width height', got "
+                            f"'{line.strip()}'")
+        try:
+            cls, box = int(fields[0]), [float(v) for v in fields[1:]]
+        except ValueError:
+            raise DataError(f"{where}: expected an integer class and four numbers, got "
+                            f"'{line.strip()}'") from None
+        if not 0 <= cls < classes:
+            raise DataError(f"{where}: class {cls} lies outside 0..{classes - 1} (classes={classes})")
+        if not np.all(np.isfinite(box)):
+            raise DataError(f"{where}: box values must be finite numbers, got '{line.strip()}'")
+        rows.append(box + [cls])
+    return np.array(rows, dtype=np.float32).reshape(-1, 5)
+
+
+def clamp_boxes(boxes):
+    """correct_boxes without crop or flip: edges clamped to the image; then the boxes Darknet
+    skips (under MIN_BOX_SIZE) dropped. Darknet leaves a zero row where it skips one, which
+    ends the truth list early; we close the gap."""
+    x, y, w, h, cls = boxes.T
+    left, right = np.clip(x - w / 2, 0, 1), np.clip(x + w / 2, 0, 1)
+    top, bottom = np.clip(y - h / 2, 0, 1), np.clip(y + h / 2, 0, 1)
+    fitted = np.stack([(left + right) / 2, (top + bottom) / 2, right - left, bottom - top, cls], 1)
+    return fitted[(fitted[:, 2] >= MIN_BOX_SIZE) & (fitted[:, 3] >= MIN_BOX_SIZE)]
+
+
+class DetectionDataset:
+    """Image paths, their truth rows (N, max_boxes * 5), and how to batch them for train()."""
+
+    def __init__(self, list_path, classes, shape, max_boxes):
+        if shape[0] != 3:
+            raise ConfigError(f"{list_path}: detector training reads RGB images, but the network "
+                              f"takes {shape[0]} channels")
+        self.name, self.classes, self.shape = list_path, classes, shape
+        self.paths = [resolve_path(p, list_path) for p in read_image_list(list_path)]
+        self.truth = np.zeros((len(self.paths), max_boxes * 5), dtype=np.float32)
+        missing = []
+        for i, path in enumerate(self.paths):
+            boxes = read_boxes(label_path(path), classes)
+            if boxes is None:
+                missing.append(label_path(path))
+                continue
+            # More than max_boxes: Darknet keeps a random max_boxes; we keep the first ones.
+            boxes = clamp_boxes(boxes)[:max_boxes]
+            self.truth[i, :boxes.size] = boxes.reshape(-1)
+        if missing:
+            print(f"Warning: {len(missing)} of {len(self.paths)} images have no label file (such "
+                  f"as {missing[0]}); they train as images without objects", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def image(self, i):
+        _, h, w = self.shape
+        return resize_bilinear(read_rgb(self.paths[i]), w, h)
+
+    def training_batch(self, indexes):
+        """(images (n, 3, H, W), truth (n, max_boxes * 5)) as the [yolo] layers take them."""
+        return np.stack([self.image(i) for i in indexes]), self.truth[indexes]
+
+    def check_network(self, net):
+        for layer in net.cost_layers:
+            if layer.classes != self.classes:
+                raise ConfigError(f"{layer.where()} classes={layer.classes}, but the data "
+                                  f"({self.name}) has classes={self.classes}")
