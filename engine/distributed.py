@@ -125,10 +125,11 @@ class MpiGroup:
         return self.comm.allreduce(value, op=self.mpi.SUM)
 
     def check_replicas(self, net):
-        """Raise if any rank's parameters differ from rank 0's (they must be identical)."""
+        """Raise if any rank's trained parameters differ from rank 0's (they must be identical;
+        the rolling BN statistics are each rank's own, so they are left out)."""
         digest = hashlib.sha256()
         for layer in net.layers:
-            for name in sorted(layer.params):
+            for name in sorted(layer.updates):  # the trained ones: weights, biases, scales
                 digest.update(net.ops.to_host(layer.params[name]).tobytes())
         digests = self.comm.allgather(digest.hexdigest())
         if len(set(digests)) != 1:

@@ -98,6 +98,17 @@ def test_two_ranks_equal_one_process(setup):
     # The run ends by comparing a digest of every rank's weights (check_replicas): it passed.
 
 
+def test_two_ranks_train_a_network_with_batch_norm(setup):
+    """BN statistics are each rank's own (as in Darknet): training still completes, the trained
+    parameters agree across ranks (the closing replica check), and rank 0 saves."""
+    bn_cfg = CFG.replace("[convolutional]\n", "[convolutional]\nbatch_normalize=1\n")
+    (setup / "bn.cfg").write_text(bn_cfg)
+    result = run([MPIEXEC, "-n", "2"] + engine_command("train", "bn.cfg", "--cpu", "--data",
+                                                       "small.data", "--backup", "bn"), setup)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert (setup / "bn" / "bn_final.weights").exists()
+
+
 RANK_DIES = """
 import os, sys
 sys.argv = ["engine", "train", "small.cfg", "--cpu", "--backup", "dies", "--backup-every", "2",
