@@ -142,3 +142,13 @@ def test_perf_struct_layout():
     # reserved[3] -> 48 bytes on LP64 platforms.
     assert ctypes.sizeof(cudnn.AlgoPerf) == 48
     assert cudnn.AlgoPerf.memory.offset == 16
+
+
+def test_a_missing_nvidia_library_is_one_clear_error():
+    """cuDNN or NCCL missing: a BackendError saying what to install, not a ctypes OSError."""
+    from engine.backends.cuda.libraries import load_library
+    from engine.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"^libfoo is missing: install it; tried: "):
+        load_library(["libengine-test-missing.so.1"], "nothing", "libfoo is missing: install it")
+    assert load_library(["libc.so.6"], "nothing", "libc").getpid() > 0

@@ -7,11 +7,9 @@ raises BackendError naming the call.
 """
 
 import ctypes
-import glob
-import os
-import sys
 
 from ...errors import BackendError
+from .libraries import load_library
 
 # Enum values (cudnn_graph.h / cudnn_ops.h / cudnn_cnn.h, cuDNN 9).
 CUDNN_STATUS_SUCCESS = 0
@@ -79,29 +77,13 @@ _ONE = ctypes.c_float(1.0)
 _ZERO = ctypes.c_float(0.0)
 
 
-def _candidate_paths():
-    yield "libcudnn.so.9"
-    # pip's nvidia-cudnn-cu* wheels keep it under site-packages/nvidia/cudnn/lib.
-    for root in sys.path:
-        yield from glob.glob(os.path.join(root, "nvidia", "cudnn", "lib", "libcudnn.so.9"))
-
-
-def load_library():
-    errors = []
-    for path in _candidate_paths():
-        try:
-            return ctypes.CDLL(path)
-        except OSError as error:
-            errors.append(str(error))
-    raise BackendError("cuDNN 9 not found (libcudnn.so.9): install cuDNN or the nvidia-cudnn-cu12 "
-                       f"wheel; tried: {errors[0] if errors else 'nothing'}")
-
-
 class Cudnn:
     """A cuDNN handle on the device's stream, and the calls the backend makes."""
 
     def __init__(self, stream_handle, allow_tf32=False):
-        self.lib = load_library()
+        self.lib = load_library(["libcudnn.so.9"], "cudnn",
+                                "cuDNN 9 not found (libcudnn.so.9): install cuDNN or the "
+                                "nvidia-cudnn-cu12 wheel")
         for name, argtypes in FUNCTIONS.items():
             try:
                 function = getattr(self.lib, name)

@@ -1,16 +1,14 @@
 """A small ctypes binding of NCCL's all-reduce, for data-parallel training on several GPUs.
 
-libnccl.so.2 is looked for where the CUDA toolkit, the system or a Python wheel (nvidia-nccl-*)
+libnccl.so.2 is looked for where the system or a Python wheel (nvidia-nccl-*)
 put it. The ranks agree on an ncclUniqueId through MPI; the all-reduce runs on the backend's
 stream, so it is ordered after the backward pass that filled the buffer.
 """
 
 import ctypes
-import glob
-import os
-import sys
 
 from ...errors import BackendError
+from .libraries import load_library
 
 NCCL_FLOAT32 = 7   # ncclDataType_t ncclFloat32 (== ncclFloat)
 NCCL_SUM = 0       # ncclRedOp_t ncclSum
@@ -21,30 +19,13 @@ class UniqueId(ctypes.Structure):
     _fields_ = [("internal", ctypes.c_char * UNIQUE_ID_BYTES)]
 
 
-def _candidates():
-    names = ["libnccl.so.2", "libnccl.so"]
-    for root in sys.path:
-        names += glob.glob(os.path.join(root, "nvidia", "nccl", "lib", "libnccl.so*"))
-    names += glob.glob("/usr/local/cuda/lib64/libnccl.so*")
-    return names
-
-
-def load_library():
-    errors = []
-    for name in _candidates():
-        try:
-            return ctypes.CDLL(name)
-        except OSError as error:
-            errors.append(str(error))
-    raise BackendError("NCCL (libnccl.so.2) was not found; multi-GPU training needs it "
-                       "(pip install nvidia-nccl-cu13, or the system's libnccl2)")
-
-
 class NcclCommunicator:
     """One NCCL communicator over the ranks of an MPI communicator, one GPU per rank."""
 
     def __init__(self, mpi_comm, ops):
-        self.lib = load_library()
+        self.lib = load_library(["libnccl.so.2", "libnccl.so"], "nccl",
+                                "NCCL (libnccl.so.2) was not found; multi-GPU training needs it "
+                                "(pip install nvidia-nccl-cu13, or the system's libnccl2)")
         self.lib.ncclGetErrorString.restype = ctypes.c_char_p
         self.ops = ops
         unique = UniqueId()
