@@ -11,7 +11,7 @@ import numpy as np
 from . import weights as weights_io
 from .backends import get_backend
 from .config import read_cfg, warn_unused
-from .errors import ConfigError
+from .errors import ConfigError, EngineError
 from .layers import LAYER_TYPES
 
 POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
@@ -77,6 +77,46 @@ class NetOptions:
         return (self.channels, self.height, self.width)
 
 
+class RecordedInference:
+    """Inference replayed from a recording (CUDA graphs) on backends that can record: a batch
+    size's first forward runs eagerly (it makes the convolution plans), its second is recorded,
+    later ones copy the images into the recording's input buffer and replay it, which removes
+    the host's per-operation cost that dominates small batches. A recording reads the parameter
+    arrays it was made with; when they are replaced (weights loaded, BN folded) it is made anew.
+    """
+
+    def __init__(self, net):
+        self.net = net
+        self.recordings = {}  # batch size -> (input buffer, recording, outputs, parameters)
+        self.eager_done = set()
+
+    def _parameters(self):
+        return [array for layer in self.net.layers for array in layer.params.values()]
+
+    def run(self, images):
+        net, ops, size = self.net, self.net.ops, len(images)
+        entry = self.recordings.get(size)
+        if entry is not None and any(a is not b for a, b in zip(entry[3], self._parameters())):
+            del self.recordings[size]  # the parameters were replaced: record again
+            entry = None
+        if entry is None and size not in self.eager_done:
+            self.eager_done.add(size)
+            return net.forward(ops.asarray(images), train=False)
+        if entry is None:
+            buffer = ops.asarray(images)
+            try:
+                recording = ops.capture(lambda: net.forward(buffer, train=False))
+            except EngineError:
+                self.eager_done.add(size)  # cannot record here: stay eager
+                return net.forward(ops.asarray(images), train=False)
+            entry = self.recordings[size] = (buffer, recording, net.outputs, self._parameters())
+        else:
+            ops.set_(entry[0], images)
+        entry[1].replay()
+        net.outputs = entry[2]
+        return entry[1].result
+
+
 class Network:
     """Build with Network(cfg_path); then forward/backward/update, or use engine.train."""
 
@@ -105,6 +145,7 @@ class Network:
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         for layer in self.layers:
             layer.place(self.ops)
+        self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None
 
     # ---- description --------------------------------------------------------------------------
     @property
@@ -198,9 +239,10 @@ class Network:
         batch_size = batch_size or max(self.options.mini_batch, 1)
         results = []
         for start in range(0, len(images), batch_size):
-            x = self.ops.asarray(images[start:start + batch_size])
-            y = self.forward(x, train=False)
-            results.append(self.ops.to_host(y).reshape(len(x), -1))
+            chunk = images[start:start + batch_size]
+            y = self._inference.run(chunk) if self._inference else \
+                self.forward(self.ops.asarray(chunk), train=False)
+            results.append(self.ops.to_host(y).reshape(len(chunk), -1))
         return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
 
     def fold_batchnorm(self):

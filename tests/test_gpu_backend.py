@@ -605,3 +605,20 @@ def test_recorded_training_iterations_equal_eager_ones(gpu, rng, tmp_path):
     assert isinstance(training.iteration_runner(net, training.SINGLE_PROCESS), training.CapturedSteps)
     for recorded, eager in zip(results["recorded"], results["eager"]):
         np.testing.assert_allclose(recorded, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_path):
+    """predict replays a recorded forward from a batch size's third call on; it gives the eager
+    outputs, and loading other weights (new parameter arrays) makes it record again."""
+    root = os.path.join(GOLDEN, "G2a_core")
+    net = Network(os.path.join(root, "g2a_core.cfg"), backend=gpu, quiet=True)
+    images = rng.random((2, 3, 32, 32), dtype=np.float32)
+    first = [net.predict(images, batch_size=2) for _ in range(4)]  # eager, record, replay x2
+    assert 2 in net._inference.recordings
+    for later in first[1:]:
+        np.testing.assert_allclose(later, first[0], rtol=1e-6, atol=1e-7)
+    net.load_weights(os.path.join(root, "weights"))
+    expected = read_floats(os.path.join(root, "outputs.bin"), (2, 10))
+    inputs = read_floats(os.path.join(root, "inputs.bin"), (2, 3, 32, 32))
+    for _ in range(3):
+        assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
