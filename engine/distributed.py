@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 
 from .errors import BackendError, ConfigError
 
@@ -110,16 +109,10 @@ class MpiGroup:
         """Sum every layer's accumulated updates over the ranks (one bucket, one call)."""
         if self.bucket is None:
             return
-        if self.nccl is not None:
+        if self.nccl is not None:  # GPU arrays (adopt sets NCCL up for every GPU backend)
             self.nccl.allreduce_sum_(self.bucket)
-        elif isinstance(self.bucket, np.ndarray):
+        else:
             self.comm.Allreduce(self.mpi.IN_PLACE, self.bucket, op=self.mpi.SUM)
-        else:  # GPU arrays without NCCL: through the host
-            ops = net.ops
-            host = ops.to_host(self.bucket)
-            self.comm.Allreduce(self.mpi.IN_PLACE, host, op=self.mpi.SUM)
-            ops.scale_(self.bucket, 0.0)
-            ops.add_(self.bucket, ops.asarray(host))
 
     def allreduce_sum(self, value):
         return self.comm.allreduce(value, op=self.mpi.SUM)
