@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-
 from .errors import BackendError, ConfigError
 
 # Environment variables MPI launchers set for each rank (MPICH/Hydra, Open MPI, Slurm's PMI).
