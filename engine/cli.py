@@ -248,10 +248,11 @@ def main(argv=None):
     try:
         return args.run(args) or 0
     except EngineError as error:
-        print(f"engine {args.command}: error: {error}", file=sys.stderr)
         group = getattr(args, "group", None)
         if group is not None and group.size > 1:
+            print(f"engine {args.command}: rank {group.rank}: error: {error}", file=sys.stderr)
             group.abort(1)  # the other ranks would wait for this one forever
+        print(f"engine {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,8 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from .errors import BackendError, ConfigError
+
+# Seconds a failing rank waits between printing its error and aborting the job (see abort).
+ABORT_GRACE_S = 1.0
 
 # Environment variables MPI launchers set for each rank (MPICH/Hydra, Open MPI, Slurm's PMI).
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -133,7 +137,11 @@ class MpiGroup:
         """Stop every rank now (a rank that fails must not leave the others waiting)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort makes the launcher kill every rank at once, and with them whatever output it
+        # has not yet forwarded: this rank's error line included. A moment's grace lets it through.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort should not return; never carry on past it if it does
 
 
 def process_group():
