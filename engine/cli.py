@@ -80,6 +80,9 @@ def build(args, seed=0, weights=None, rank=0, inference=False):
 
 
 def data_config(args):
+    if not args.data and not os.path.isfile(args.cfg):
+        # The default .data file is found beside the cfg: a missing cfg is the error to report.
+        raise ConfigError(f"{args.cfg}: cfg file not found")
     return data_io.DataConfig(args.data or data_io.default_data_path(args.cfg))
 
 

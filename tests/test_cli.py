@@ -152,6 +152,13 @@ def test_missing_cfg(tiny, capsys):
     _one_line_error(code, err, "engine test: error:", "none.cfg", "not found")
 
 
+def test_missing_cfg_without_data_names_the_cfg(capsys):
+    # The .data file would be looked for beside the cfg; the cfg is what is missing.
+    for command in (["train"], ["test", "x.weights"]):
+        code, _, err = _run(capsys, command[0], "nope/none.cfg", *command[1:], "--cpu")
+        _one_line_error(code, err, f"engine {command[0]}: error:", "none.cfg: cfg file not found")
+
+
 def test_cfg_wrong_type_value(tiny, tmp_path, capsys):
     cfg = tmp_path / "bad.cfg"
     cfg.write_text(open(tiny["cfg"]).read().replace("filters=32", "filters=thirty-two"))
