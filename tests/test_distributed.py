@@ -152,6 +152,7 @@ def test_a_rank_error_is_one_line_and_stops_all(setup):
                                                        "small.data"), setup, timeout=60)
     assert result.returncode != 0
     assert "does not split evenly over 2 ranks" in result.stderr
+    assert "engine train: rank " in result.stderr  # which rank failed is said
     assert "Traceback" not in result.stderr
 
 
