@@ -251,18 +251,21 @@ def main(argv=None):
     try:
         return args.run(args) or 0
     except EngineError as error:
-        group = getattr(args, "group", None)
-        if group is not None and group.size > 1:
-            print(f"engine {args.command}: rank {group.rank}: error: {error}", file=sys.stderr)
-            group.abort(1)  # the other ranks would wait for this one forever
-        print(f"engine {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return fail(args, error)
     except KeyboardInterrupt:
         return 130
     except MemoryError:
-        print(f"engine {args.command}: error: out of memory; lower batch or raise subdivisions "
-              "in the cfg", file=sys.stderr)
-        return 1
+        return fail(args, "out of memory; lower batch or raise subdivisions in the cfg")
+
+
+def fail(args, message):
+    """Print the one-line error; under mpiexec, name the rank and stop every rank."""
+    group = getattr(args, "group", None)
+    if group is not None and group.size > 1:
+        print(f"engine {args.command}: rank {group.rank}: error: {message}", file=sys.stderr)
+        group.abort(1)  # the other ranks would wait for this one forever
+    print(f"engine {args.command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

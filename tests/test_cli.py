@@ -159,6 +159,17 @@ def test_missing_cfg_without_data_names_the_cfg(capsys):
         _one_line_error(code, err, f"engine {command[0]}: error:", "none.cfg: cfg file not found")
 
 
+def test_host_out_of_memory_is_one_line(tiny, monkeypatch, capsys):
+    import engine.cli
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(engine.cli, "build", exhausted)
+    code, _, err = _run(capsys, "test", tiny["cfg"], "x.weights", "--data", tiny["data"], "--cpu")
+    _one_line_error(code, err, "engine test: error: out of memory", "raise subdivisions")
+
+
 def test_cfg_wrong_type_value(tiny, tmp_path, capsys):
     cfg = tmp_path / "bad.cfg"
     cfg.write_text(open(tiny["cfg"]).read().replace("filters=32", "filters=thirty-two"))
