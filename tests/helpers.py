@@ -44,3 +44,13 @@ def as_float64(layer, rng=None):
 
 def cpu():
     return NumpyBackend(seed=0)
+
+
+def reference_iou(a, b):
+    """Intersection over union of two (x, y, w, h) centre boxes, in plain Python as Darknet's
+    box_iou computes it: the tests' reference for the engine's vectorised version."""
+    def overlap(c1, s1, c2, s2):
+        return min(c1 + s1 / 2, c2 + s2 / 2) - max(c1 - s1 / 2, c2 - s2 / 2)
+    ow, oh = overlap(a[0], a[2], b[0], b[2]), overlap(a[1], a[3], b[1], b[3])
+    inter = 0 if ow < 0 or oh < 0 else ow * oh
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)

@@ -16,6 +16,7 @@ from engine.errors import DataError
 from engine.network import Network
 
 from conftest import CFG, GOLDEN
+from helpers import reference_iou
 
 G2C = os.path.join(GOLDEN, "G2c_tiny_yolov3_div8")
 G2C_CFG = os.path.join(G2C, "g2c_tiny_yolov3_div8.cfg")
@@ -132,13 +133,6 @@ def reference_detections(net, image_w, image_h, thresh):
 
 
 def reference_nms(found, nms):
-    def iou(a, b):
-        def overlap(c1, s1, c2, s2):
-            return min(c1 + s1 / 2, c2 + s2 / 2) - max(c1 - s1 / 2, c2 - s2 / 2)
-        ow, oh = overlap(a[0], a[2], b[0], b[2]), overlap(a[1], a[3], b[1], b[3])
-        inter = 0 if ow < 0 or oh < 0 else ow * oh
-        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
     probs = [p.copy() for _, p in found]
     for k in range(len(probs[0]) if probs else 0):
         order = sorted(range(len(found)), key=lambda i: -probs[i][k])
@@ -146,7 +140,7 @@ def reference_nms(found, nms):
             if probs[i][k] == 0:
                 continue
             for j in order[a + 1:]:
-                if iou(found[i][0], found[j][0]) > nms:
+                if reference_iou(found[i][0], found[j][0]) > nms:
                     probs[j][k] = 0
     return [(box, p) for (box, _), p in zip(found, probs)]
 

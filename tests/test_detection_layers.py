@@ -12,7 +12,7 @@ from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import ConfigError
 from engine.network import Network
 
-from helpers import build_layer, write_cfg
+from helpers import build_layer, reference_iou, write_cfg
 from test_layers_gradients import check_gradients
 
 
@@ -284,13 +284,6 @@ def yolo_delta_reference(layer, output, truths, net_w, net_h):
     def entry(b, location, e):
         return b * outputs + (location // (w * h)) * w * h * (4 + 1 + classes) + e * w * h + location % (w * h)
 
-    def iou(p, q):
-        def overlap(c1, s1, c2, s2):
-            return min(c1 + s1 / 2, c2 + s2 / 2) - max(c1 - s1 / 2, c2 - s2 / 2)
-        ow, oh = overlap(p[0], p[2], q[0], q[2]), overlap(p[1], p[3], q[1], q[3])
-        inter = 0 if ow < 0 or oh < 0 else ow * oh
-        return inter / (p[2] * p[3] + q[2] * q[3] - inter)
-
     def get_box(anchor, index, i, j):
         s = w * h
         return [(i + x[index]) / w, (j + x[index + s]) / h,
@@ -321,7 +314,7 @@ def yolo_delta_reference(layer, output, truths, net_w, net_h):
                     pred = get_box(layer.mask[a], box_index, i, j)
                     best_iou, best_t = 0, 0
                     for t, tb in enumerate(truth):
-                        v = iou(pred, tb)
+                        v = reference_iou(pred, tb)
                         if v > best_iou:
                             best_iou, best_t = v, t
                     obj = entry(b, a * w * h + j * w + i, 4)
@@ -337,7 +330,7 @@ def yolo_delta_reference(layer, output, truths, net_w, net_h):
             i, j = int(tb[0] * w), int(tb[1] * h)
             best_iou, best_n = 0, 0
             for a in range(layer.total):
-                v = iou([0, 0, biases[2 * a] / net_w, biases[2 * a + 1] / net_h], [0, 0, tb[2], tb[3]])
+                v = reference_iou([0, 0, biases[2 * a] / net_w, biases[2 * a + 1] / net_h], [0, 0, tb[2], tb[3]])
                 if v > best_iou:
                     best_iou, best_n = v, a
             if best_n in layer.mask:

@@ -24,6 +24,17 @@ def _compare(analytic, numeric, what):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-6 * scale, err_msg=what)
 
 
+def _central_differences(cost, x):
+    """d cost / d x for every entry of x, by float64 central differences."""
+    numeric = np.zeros(x.size)
+    for i in range(x.size):
+        plus, minus = x.copy(), x.copy()
+        plus.flat[i] += EPS
+        minus.flat[i] -= EPS
+        numeric[i] = (cost(plus) - cost(minus)) / (2 * EPS)
+    return numeric
+
+
 def _sample(size, rng):
     return rng.choice(size, min(size, SAMPLES), replace=False)
 
@@ -304,12 +315,7 @@ def test_softmax_cross_entropy_delta(tmp_path, groups):
     layer.forward(ops, z, True)
     _, delta = layer.cost(ops, truth)
     dx = layer.backward(ops, delta, True)
-    numeric = np.zeros(z.size)
-    for i in range(z.size):
-        plus, minus = z.copy(), z.copy()
-        plus.flat[i] += EPS
-        minus.flat[i] -= EPS
-        numeric[i] = (cost(plus) - cost(minus)) / (2 * EPS)
+    numeric = _central_differences(cost, z)
     _compare(-np.asarray(dx, dtype=np.float64).ravel(), numeric, "softmax delta")
 
 
@@ -329,12 +335,7 @@ def test_cost_sse_delta(tmp_path, scale):
     assert cost(x) == pytest.approx(float(((truth - x.reshape(3, 4)) ** 2).sum()), rel=1e-6)
     layer.forward(ops, x, True)
     delta = layer.backward(ops, layer.cost(ops, truth)[1], True)
-    numeric = np.zeros(x.size)
-    for i in range(x.size):
-        plus, minus = x.copy(), x.copy()
-        plus.flat[i] += EPS
-        minus.flat[i] -= EPS
-        numeric[i] = (cost(plus) - cost(minus)) / (2 * EPS)
+    numeric = _central_differences(cost, x)
     _compare(np.asarray(delta, dtype=np.float64).ravel(), -scale / 2 * numeric, "sse delta")
 
 
