@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine  # noqa: E402
 from engine.train import train_iteration  # noqa: E402
+from torch_peers import torch_model  # noqa: E402  (benchmarks/, beside this script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "cfg", "mnist.cfg")
@@ -43,13 +44,7 @@ def torch_figures(images, truth, iterations):
         from torch import nn
     except ImportError:
         return None
-    model = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32, momentum=0.01), nn.LeakyReLU(0.1),
-        nn.MaxPool2d(2, 2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64, momentum=0.01), nn.LeakyReLU(0.1),
-        nn.MaxPool2d(2, 2), nn.Flatten(),
-        nn.Linear(3136, 256, bias=False), nn.BatchNorm1d(256, momentum=0.01), nn.LeakyReLU(0.1),
-        nn.Dropout(0.5), nn.Linear(256, 10))
+    model = torch_model("mnist", nn)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0005)
     x = torch.from_numpy(images)
     y = torch.from_numpy(truth.argmax(axis=1))

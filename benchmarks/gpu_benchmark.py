@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from engine import Network  # noqa: E402
 from engine.backends.cuda import CudaBackend  # noqa: E402
+from torch_peers import torch_model  # noqa: E402  (benchmarks/, beside this script)
 
 BATCH = 128
 
@@ -88,25 +89,6 @@ def engine_figures(cfg, ops, seconds, graphs=True):
 
 
 # ---- PyTorch ---------------------------------------------------------------------------------------
-def torch_model(name, nn):
-    def conv(c_in, c_out, size=3, pad=1, bn=True):
-        layers = [nn.Conv2d(c_in, c_out, size, padding=pad, bias=not bn)]
-        if bn:
-            layers.append(nn.BatchNorm2d(c_out, momentum=0.01, eps=1e-5))
-        return layers + [nn.LeakyReLU(0.1)]
-
-    if name == "mnist":
-        return nn.Sequential(*conv(1, 32), nn.MaxPool2d(2, 2), *conv(32, 64), nn.MaxPool2d(2, 2),
-                             nn.Flatten(), nn.Linear(3136, 256, bias=False),
-                             nn.BatchNorm1d(256, momentum=0.01), nn.LeakyReLU(0.1),
-                             nn.Dropout(0.5), nn.Linear(256, 10))
-    return nn.Sequential(*conv(3, 128), *conv(128, 128), *conv(128, 128), nn.MaxPool2d(2, 2),
-                         nn.Dropout(0.5), *conv(128, 256), *conv(256, 256), *conv(256, 256),
-                         nn.MaxPool2d(2, 2), nn.Dropout(0.5), *conv(256, 512), *conv(512, 512),
-                         *conv(512, 512), nn.Dropout(0.5), *conv(512, 10, 1, 0, bn=False),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
 def torch_figures(name, shape, seconds):
     import torch
     from torch import nn
