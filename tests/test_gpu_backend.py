@@ -123,6 +123,22 @@ def test_convolution(gpu, cpu, rng, size, stride, padding, groups, need_dx):
         assert dx_gpu is None
 
 
+def test_exact_float32_leaves_out_the_imprecise_algorithms(gpu):
+    """The non-fused Winograd algorithms were 2e-3 to 5e-3 off for 5x5 filters, so exact float32
+    must not choose them even where cuDNN times them fastest (they won for the first MNIST
+    convolution's backward passes on an H200)."""
+    from engine.backends.cuda import cudnn
+    shapes = [((3, 8, 9, 11), (12, 8, 5, 5), 1, 2), ((128, 1, 28, 28), (32, 1, 3, 3), 1, 1),
+              ((128, 32, 14, 14), (64, 32, 3, 3), 1, 1), ((16, 64, 20, 20), (64, 64, 5, 5), 1, 2)]
+    for x_shape, w_shape, stride, padding in shapes:
+        plan = gpu._plan(x_shape, w_shape, stride, padding, 1)
+        chosen = {"cudnnFindConvolutionForwardAlgorithm": plan.forward_algo,
+                  "cudnnFindConvolutionBackwardDataAlgorithm": plan.data_algo,
+                  "cudnnFindConvolutionBackwardFilterAlgorithm": plan.filter_algo}
+        for call, algo in chosen.items():
+            assert algo != cudnn.IMPRECISE_ALGORITHMS[call], (x_shape, w_shape, call)
+
+
 def test_connected(gpu, cpu, rng):
     x = randn(rng, 5, 7, 3, 3)
     weights = randn(rng, 13, 63)

@@ -66,6 +66,9 @@ DOCUMENTED_ENUMS = {
     "CUDNN_BATCHNORM_PER_ACTIVATION": 0,
     "CUDNN_BATCHNORM_SPATIAL": 1,
     "CUDNN_DETERMINISTIC": 1,
+    "CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED": 7,
+    "CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED": 5,
+    "CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED": 5,
 }
 
 
@@ -152,3 +155,34 @@ def test_a_missing_nvidia_library_is_one_clear_error():
     with pytest.raises(BackendError, match=r"^libfoo is missing: install it; tried: "):
         load_library(["libengine-test-missing.so.1"], "nothing", "libfoo is missing: install it")
     assert load_library(["libc.so.6"], "nothing", "libc").getpid() > 0
+
+
+@pytest.mark.parametrize("call", sorted(cudnn.IMPRECISE_ALGORITHMS))
+@pytest.mark.parametrize("exact", [True, False])
+def test_algorithm_choice(call, exact):
+    """Of the algorithms cuDNN's Find call returns (fastest first), the choice is the fastest
+    that fits the workspace, is deterministic where one is, and, in exact float32, is not a
+    non-fused Winograd one."""
+    imprecise = cudnn.IMPRECISE_ALGORITHMS[call]
+    returned = [  # (algo, status, milliseconds, workspace bytes, determinism)
+        (imprecise, cudnn.CUDNN_STATUS_SUCCESS, 0.01, 0, cudnn.CUDNN_DETERMINISTIC),
+        (9, cudnn.CUDNN_STATUS_SUCCESS, 0.02, 2 * cudnn.WORKSPACE_LIMIT, cudnn.CUDNN_DETERMINISTIC),
+        (8, 7, 0.025, 0, cudnn.CUDNN_DETERMINISTIC),  # a failed trial
+        (0, cudnn.CUDNN_STATUS_SUCCESS, 0.03, 0, 0),  # atomics: not deterministic
+        (1, cudnn.CUDNN_STATUS_SUCCESS, 0.05, 64, cudnn.CUDNN_DETERMINISTIC),
+    ]
+
+    def find(handle, *arguments):
+        count, results = arguments[-2]._obj, arguments[-1]._obj
+        count.value = len(returned)
+        for slot, (algo, status, time, memory, determinism) in zip(results, returned):
+            slot.algo, slot.status, slot.time = algo, status, time
+            slot.memory, slot.determinism = memory, determinism
+        return cudnn.CUDNN_STATUS_SUCCESS
+
+    binding = cudnn.Cudnn.__new__(cudnn.Cudnn)  # no library needed: Find is the fake above
+    binding.lib = type("FakeCudnn", (), {call: staticmethod(find)})()
+    binding.handle = None
+    binding.math_type = cudnn.CUDNN_FMA_MATH if exact else cudnn.CUDNN_DEFAULT_MATH
+    expected = (1, 64) if exact else (imprecise, 0)
+    assert binding.find_algorithm(call, None, None, None, None) == expected

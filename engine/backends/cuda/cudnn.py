@@ -22,6 +22,9 @@ CUDNN_FMA_MATH = 3           # plain float32 FMA: no TF32 rounding of the inputs
 CUDNN_BATCHNORM_PER_ACTIVATION = 0
 CUDNN_BATCHNORM_SPATIAL = 1
 CUDNN_DETERMINISTIC = 1      # cudnnDeterminism_t
+CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED = 7
+CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED = 5
+CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED = 5
 
 ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
 
@@ -72,6 +75,15 @@ RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetVersion": ctypes.c_
 BN_EPSILON = 1e-5         # cuDNN's minimum, and the engine's training rule
 BN_AVERAGE_FACTOR = 0.01  # rolling statistics move 1% toward the batch's
 WORKSPACE_LIMIT = 1 << 30
+# The non-fused Winograd algorithms round far more than float32 needs: on an H200, 5x5 filters
+# were 2e-3 to 5e-3 off (relative) in all three directions, as far as TF32 is, where every other
+# algorithm stays within 1e-6. Exact float32 (the default) leaves them out; --tf32 allows them.
+IMPRECISE_ALGORITHMS = {
+    "cudnnFindConvolutionForwardAlgorithm": CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    "cudnnFindConvolutionBackwardDataAlgorithm": CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    "cudnnFindConvolutionBackwardFilterAlgorithm":
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+}
 
 _ONE = ctypes.c_float(1.0)
 _ZERO = ctypes.c_float(0.0)
@@ -145,15 +157,17 @@ class Cudnn:
 
     def find_algorithm(self, name, *descriptors):
         """The fastest algorithm cuDNN measures for one convolution shape (done once per shape),
-        among those within WORKSPACE_LIMIT, preferring deterministic ones (some backward
-        algorithms sum with atomics, so two runs with one seed would differ); returns
-        (algo, workspace bytes)."""
+        among those within WORKSPACE_LIMIT and, in exact float32, not IMPRECISE_ALGORITHMS,
+        preferring deterministic ones (some backward algorithms sum with atomics, so two runs
+        with one seed would differ); returns (algo, workspace bytes)."""
         results = (AlgoPerf * 8)()
         returned = ctypes.c_int()
         self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
                   ctypes.byref(results))
+        imprecise = IMPRECISE_ALGORITHMS[name] if self.math_type == CUDNN_FMA_MATH else None
         usable = [perf for perf in results[:returned.value]
-                  if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT]
+                  if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT
+                  and perf.algo != imprecise]
         for perf in sorted(usable, key=lambda perf: perf.determinism != CUDNN_DETERMINISTIC):
             return perf.algo, perf.memory
         raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
