@@ -158,11 +158,11 @@ def test_a_missing_nvidia_library_is_one_clear_error():
 
 
 @pytest.mark.parametrize("call", sorted(cudnn.IMPRECISE_ALGORITHMS))
-@pytest.mark.parametrize("exact", [True, False])
-def test_algorithm_choice(call, exact):
+@pytest.mark.parametrize("exact,size", [(True, 5), (True, 3), (False, 5)])
+def test_algorithm_choice(call, exact, size):
     """Of the algorithms cuDNN's Find call returns (fastest first), the choice is the fastest
-    that fits the workspace, is deterministic where one is, and, in exact float32, is not a
-    non-fused Winograd one."""
+    that fits the workspace, is deterministic where one is, and, in exact float32 with filters
+    larger than 3x3, is not a non-fused Winograd one."""
     imprecise = cudnn.IMPRECISE_ALGORITHMS[call]
     returned = [  # (algo, status, milliseconds, workspace bytes, determinism)
         (imprecise, cudnn.CUDNN_STATUS_SUCCESS, 0.01, 0, cudnn.CUDNN_DETERMINISTIC),
@@ -184,5 +184,5 @@ def test_algorithm_choice(call, exact):
     binding.lib = type("FakeCudnn", (), {call: staticmethod(find)})()
     binding.handle = None
     binding.math_type = cudnn.CUDNN_FMA_MATH if exact else cudnn.CUDNN_DEFAULT_MATH
-    expected = (1, 64) if exact else (imprecise, 0)
-    assert binding.find_algorithm(call, None, None, None, None) == expected
+    expected = (1, 64) if exact and size > 3 else (imprecise, 0)
+    assert binding.find_algorithm(call, None, None, None, None, filter_size=size) == expected

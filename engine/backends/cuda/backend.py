@@ -52,15 +52,16 @@ class ConvPlan:
         self.conv_desc = dnn.convolution(padding, stride, groups)
         self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
         self.y_desc = dnn.tensor(self.y_shape)
+        size = max(w_shape[2:])
         self.forward_algo, self.forward_workspace = dnn.find_algorithm(
             "cudnnFindConvolutionForwardAlgorithm", self.x_desc, self.w_desc, self.conv_desc,
-            self.y_desc)
+            self.y_desc, filter_size=size)
         self.data_algo, self.data_workspace = dnn.find_algorithm(
             "cudnnFindConvolutionBackwardDataAlgorithm", self.w_desc, self.y_desc, self.conv_desc,
-            self.x_desc)
+            self.x_desc, filter_size=size)
         self.filter_algo, self.filter_workspace = dnn.find_algorithm(
             "cudnnFindConvolutionBackwardFilterAlgorithm", self.x_desc, self.y_desc,
-            self.conv_desc, self.w_desc)
+            self.conv_desc, self.w_desc, filter_size=size)
         self.workspace = max(self.forward_workspace, self.data_workspace, self.filter_workspace)
 
 

@@ -75,9 +75,12 @@ RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetVersion": ctypes.c_
 BN_EPSILON = 1e-5         # cuDNN's minimum, and the engine's training rule
 BN_AVERAGE_FACTOR = 0.01  # rolling statistics move 1% toward the batch's
 WORKSPACE_LIMIT = 1 << 30
-# The non-fused Winograd algorithms round far more than float32 needs: on an H200, 5x5 filters
-# were 2e-3 to 5e-3 off (relative) in all three directions, as far as TF32 is, where every other
-# algorithm stays within 1e-6. Exact float32 (the default) leaves them out; --tf32 allows them.
+# cuDNN's non-fused Winograd algorithms round more as filters grow. Measured on an H200 against
+# the CPU: 2e-3 to 5e-3 relative for 5x5 filters in all three directions, as far off as TF32;
+# 2e-6 to 3e-5 for 3x3 ones, where they are also what makes cfg/cifar.cfg's wide layers fast
+# (its exact-float32 training runs 1.4x slower without them). So exact float32 (the default)
+# leaves them out for filters larger than 3x3 only; --tf32 allows them everywhere.
+WINOGRAD_EXACT_MAX_SIZE = 3
 IMPRECISE_ALGORITHMS = {
     "cudnnFindConvolutionForwardAlgorithm": CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
     "cudnnFindConvolutionBackwardDataAlgorithm": CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
@@ -155,16 +158,18 @@ class Cudnn:
                   *(ctypes.byref(d) for d in dims))
         return tuple(d.value for d in dims)
 
-    def find_algorithm(self, name, *descriptors):
+    def find_algorithm(self, name, *descriptors, filter_size=1):
         """The fastest algorithm cuDNN measures for one convolution shape (done once per shape),
-        among those within WORKSPACE_LIMIT and, in exact float32, not IMPRECISE_ALGORITHMS,
-        preferring deterministic ones (some backward algorithms sum with atomics, so two runs
-        with one seed would differ); returns (algo, workspace bytes)."""
+        among those within WORKSPACE_LIMIT and, in exact float32 with filters larger than
+        WINOGRAD_EXACT_MAX_SIZE, not IMPRECISE_ALGORITHMS, preferring deterministic ones (some
+        backward algorithms sum with atomics, so two runs with one seed would differ); returns
+        (algo, workspace bytes)."""
         results = (AlgoPerf * 8)()
         returned = ctypes.c_int()
         self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
                   ctypes.byref(results))
-        imprecise = IMPRECISE_ALGORITHMS[name] if self.math_type == CUDNN_FMA_MATH else None
+        too_coarse = self.math_type == CUDNN_FMA_MATH and filter_size > WINOGRAD_EXACT_MAX_SIZE
+        imprecise = IMPRECISE_ALGORITHMS[name] if too_coarse else None
         usable = [perf for perf in results[:returned.value]
                   if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT
                   and perf.algo != imprecise]
