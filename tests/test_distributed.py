@@ -167,15 +167,16 @@ def gpu_count():
 
 
 @pytest.mark.gpu
-def test_two_gpus_equal_one_gpu_through_nccl(setup):
-    """The same equivalence on two GPUs, gradients summed by NCCL."""
-    if gpu_count() < 2:
-        pytest.skip("needs two GPUs")
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_several_gpus_equal_one_gpu_through_nccl(setup, gpus):
+    """The same equivalence on 2 and 4 GPUs, gradients summed by NCCL."""
+    if gpu_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
     one = run(engine_command("train", "small.cfg", "--gpu", "0", "--backup", "one"), setup)
     assert one.returncode == 0, one.stderr
-    two = run(engine_command("train", "small.cfg", "--gpus", "0,1", "--backup", "two"), setup,
-              timeout=300)
-    assert two.returncode == 0, two.stderr + two.stdout
-    assert "on 2 ranks" in two.stdout
-    np.testing.assert_allclose(weights_of(setup / "two" / "small_final.weights"),
+    several = run(engine_command("train", "small.cfg", "--gpus", ",".join(map(str, range(gpus))),
+                                "--backup", "several"), setup, timeout=300)
+    assert several.returncode == 0, several.stderr + several.stdout
+    assert f"on {gpus} ranks" in several.stdout
+    np.testing.assert_allclose(weights_of(setup / "several" / "small_final.weights"),
                                weights_of(setup / "one" / "small_final.weights"), rtol=1e-4, atol=1e-5)
