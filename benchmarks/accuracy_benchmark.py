@@ -90,9 +90,10 @@ def main():
 
     backend_name = "cpu" if args.cpu else "gpu"
     data = DataConfig(os.path.join(ROOT, "cfg", "mnist.data"))
-    shape = Network(CFG, quiet=True).input_shape
-    train_set, test_set = data.dataset("train", shape), data.dataset("valid", shape)
-    options = Network(CFG, quiet=True).options
+    reference = Network(CFG, quiet=True)
+    train_set = data.dataset("train", reference.input_shape)
+    test_set = data.dataset("valid", reference.input_shape)
+    options = reference.options
     options.max_batches = args.max_batches or options.max_batches
 
     torch = nn = None
@@ -109,7 +110,7 @@ def main():
     peer_name = f"PyTorch {torch.__version__} ({torch_device})" if torch else None
     print(f"cfg/mnist.cfg, {options.max_batches} iterations of batch {options.batch_size}; "
           f"top-1 on the {len(test_set)} test images\n")
-    print(f"{'seed':>4}  {'engine':>8} {'s':>6}  {'PyTorch':>8} {'s':>6}")
+    print(f"{'seed':>4}  {'engine':>8} {'s':>6}" + (f"  {'PyTorch':>8} {'s':>6}" if torch else ""))
     ours, theirs = [], []
     for seed in range(args.first, args.first + args.seeds):
         started = time.time()
