@@ -8,6 +8,7 @@ special here.
 
 import numpy as np
 
+from . import memory
 from . import weights as weights_io
 from .backends import get_backend
 from .config import read_cfg, warn_unused
@@ -28,16 +29,16 @@ class NetOptions:
 
     def __init__(self, section):
         s = self.section = section
-        self.batch_size = s.require_positive("batch", s.int("batch", 1))
-        self.subdivisions = s.require_positive("subdivisions", s.int("subdivisions", 1))
+        self.batch_size = s.positive_int("batch", 1)
+        self.subdivisions = s.positive_int("subdivisions", 1)
         if self.batch_size % self.subdivisions:
             raise s.error(f"subdivisions={self.subdivisions} must divide batch={self.batch_size}",
                           "subdivisions")
         self.mini_batch = self.batch_size // self.subdivisions  # what Darknet calls net->batch
-        self.height = s.int("height", 0)
-        self.width = s.int("width", 0)
-        self.channels = s.int("channels", 0)
-        inputs = s.int("inputs", self.height * self.width * self.channels)
+        self.height = s.int("height", 0, low=0)  # 0: not given (then `inputs` says the size)
+        self.width = s.int("width", 0, low=0)
+        self.channels = s.int("channels", 0, low=0)
+        inputs = s.int("inputs", self.height * self.width * self.channels, low=0)
         if self.height * self.width * self.channels == 0:
             if inputs <= 0:
                 raise s.error("needs height, width and channels (or inputs)")
@@ -48,16 +49,16 @@ class NetOptions:
         self.policy = s.str("policy", "constant")
         if self.policy not in POLICIES:
             raise s.error(f"policy={self.policy}: expected one of {', '.join(POLICIES)}", "policy")
-        self.burn_in = s.int("burn_in", 0)
+        self.burn_in = s.int("burn_in", 0, low=0)
         self.power = s.float("power", 4.0)
-        self.max_batches = s.int("max_batches", 0)
+        self.max_batches = s.int("max_batches", 0, low=0)
         if self.policy == "poly" and self.max_batches <= 0:
             raise s.error("policy=poly needs max_batches > 0 (the rate falls to 0 there)",
                           "max_batches" if s.has("max_batches") else "policy")
         self.step = self.scale = self.gamma = None
         self.steps, self.scales = [], []
         if self.policy == "step":
-            self.step = s.require_positive("step", s.int("step", 1))
+            self.step = s.positive_int("step", 1)
             self.scale = s.float("scale", 1.0)
         elif self.policy == "steps":
             self.steps = s.int_list("steps")
@@ -125,6 +126,8 @@ class Network:
         sections = read_cfg(cfg_path)
         self.options = NetOptions(sections[0])
         self.rng = np.random.default_rng(seed)  # weight initialisation
+        self.parameter_budget = memory.ParameterBudget()
+        self.checked_batches = set()  # (batch, train) whose memory estimate fits
         self.layers = []
         self.layer_shapes = []
         for index, section in enumerate(sections[1:]):
@@ -172,6 +175,18 @@ class Network:
     @property
     def cost_layer(self):
         return self.cost_layers[-1]
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def reserve_parameters(self, layer, count):
+        """Called by a layer before it draws `count` initial values: refuses (ConfigError naming
+        the layer) parameters the host cannot hold, before numpy tries to allocate them."""
+        self.parameter_budget.reserve(layer, count)
+
+    def check_memory(self, batch, train=False):
+        """Refuse, with the estimate and what to change, a batch this backend cannot hold."""
+        if (batch, train) not in self.checked_batches:
+            memory.check_network(self, batch, train, self.ops.available_memory(), self.ops.device_name)
+            self.checked_batches.add((batch, train))
 
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
@@ -238,6 +253,7 @@ class Network:
         images = np.asarray(images, dtype=np.float32).reshape((-1,) + self.input_shape)
         batch_size = batch_size or max(self.options.mini_batch, 1)
         results = []
+        self.check_memory(min(batch_size, len(images)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             y = self._inference.run(chunk) if self._inference else \

@@ -18,12 +18,12 @@ class ConvolutionalLayer(LinearUnit):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.filters = section.require_positive("filters", section.int("filters", 1))
-        self.size = section.require_positive("size", section.int("size", 1))
-        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.filters = section.positive_int("filters", 1)
+        self.size = section.positive_int("size", 1)
+        self.stride = section.positive_int("stride", 1)
         pad = section.int("pad", 0)
-        self.padding = self.size // 2 if pad else section.int("padding", 0)
-        self.groups = section.require_positive("groups", section.int("groups", 1))
+        self.padding = self.size // 2 if pad else section.int("padding", 0, low=0)
+        self.groups = section.positive_int("groups", 1)
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
@@ -39,6 +39,7 @@ class ConvolutionalLayer(LinearUnit):
 
         fan_in = c // self.groups * self.size * self.size
         weight_shape = (self.filters, c // self.groups, self.size, self.size)
+        net.reserve_parameters(self, self.filters * (fan_in + 4))
         self.add_output_params(self.filters, np.sqrt(2.0 / fan_in) *
                                net.rng.standard_normal(weight_shape), bn_after_weights=False)
 

@@ -10,11 +10,11 @@ class MaxpoolLayer(Layer):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.stride = section.require_positive("stride", section.int("stride", 1))
-        self.size = section.require_positive("size", section.int("size", self.stride))
-        self.padding = section.int("padding", self.size - 1)
-        if self.padding < 0:
-            raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        self.stride = section.positive_int("stride", 1)
+        # A window wider than twice the input sees all of it from every position; larger ones
+        # only add cells of padding (and time: the pooling loops over the window's cells).
+        self.size = section.positive_int("size", self.stride, high=2 * max(h, w) + 1)
+        self.padding = section.int("padding", self.size - 1, low=0)
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if self.size > h + self.padding or self.size > w + self.padding or out_h < 1 or out_w < 1:
