@@ -196,7 +196,7 @@ def test_truncated_weights(tiny, trained, tmp_path, capsys):
     cut = tmp_path / "cut.weights"
     cut.write_bytes((trained / "tinymnist_final.weights").read_bytes()[:1000])
     code, _, err = _run(capsys, "test", tiny["cfg"], cut, "--data", tiny["data"], "--cpu")
-    _one_line_error(code, err, "cut.weights", "truncated inside layer")
+    _one_line_error(code, err, "cut.weights", "ends inside layer")
 
 
 def test_bad_data_file(tiny, tmp_path, capsys):
