@@ -8,6 +8,7 @@ remember which keys were used so unused ones can be reported as Darknet does ("U
 
 import math
 import os
+import stat
 import sys
 
 from .errors import ConfigError
@@ -226,12 +227,34 @@ def resolve_path(path, relative_to):
 
 
 def _read_lines(path, kind):
+    return read_text_lines(path, kind, ConfigError, strict=False)
+
+
+TEXT_FILE_LIMIT = 1 << 30  # bytes: cfgs, lists and names files are far smaller
+
+
+def read_text_lines(path, kind, error_type, strict=True):
+    """The lines of a text file (a BOM skipped), or one `error_type` line for a missing file, a
+    folder, a FIFO or device, a file too large to be one, or (when `strict`) bytes that are not
+    UTF-8; otherwise undecodable bytes become U+FFFD."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: skip a BOM
-            return handle.read().splitlines()
+        with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise error_type(f"{path}: not a regular file, expected a {kind} file")
+            if info.st_size > TEXT_FILE_LIMIT:
+                raise error_type(f"{path}: {info.st_size} bytes is too large for a {kind} file")
+            data = handle.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {kind} file not found") from None
+        raise error_type(f"{path}: {kind} file not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a {kind} file") from None
+        raise error_type(f"{path}: is a directory, expected a {kind} file") from None
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read {kind} file ({error.strerror})") from None
+        raise error_type(f"{path}: cannot read {kind} file ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise error_type(f"{path}:{line}: the {kind} file is not UTF-8 text (byte "
+                         f"0x{data[error.start]:02x})") from None
+    return text.splitlines()

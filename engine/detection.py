@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import read_text_lines
 from .errors import DataError
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
@@ -27,7 +28,7 @@ def read_rgb(path):
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected an image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None
     return pixels.transpose(2, 0, 1).copy()
 
@@ -271,13 +272,7 @@ def class_name(names, k):
 
 def read_names(path):
     """A .names file: one class name per line."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{path}: names file not found") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read names file ({error.strerror})") from None
+    return [line.strip() for line in read_text_lines(path, "names", DataError) if line.strip()]
 
 
 def detect(net, image_path, thresh=0.5, nms=0.45):
