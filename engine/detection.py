@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import read_text_lines
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
 
@@ -227,9 +227,10 @@ def label_detections(detections, image_w, image_h, thresh):
             continue
         x, y, w, h = (float(v) for v in box)
         # int() truncates toward zero, like Darknet's float-to-int assignments. Darknet clamps
-        # only the near sides; we clamp all four so a box outside the image stays drawable.
-        left, right = (min(max(int(v * image_w), 0), image_w - 1) for v in (x - w / 2, x + w / 2))
-        top, bottom = (min(max(int(v * image_h), 0), image_h - 1) for v in (y - h / 2, y + h / 2))
+        # only the near sides; we clamp all four (before int(), so a box that exp() made
+        # infinite stays a number) so a box outside the image stays drawable.
+        left, right = (int(min(max(v * image_w, 0), image_w - 1)) for v in (x - w / 2, x + w / 2))
+        top, bottom = (int(min(max(v * image_h, 0), image_h - 1)) for v in (y - h / 2, y + h / 2))
         labelled.append(Labelled(classes, [float(probs[k]) for k in classes],
                                  (left, top, right, bottom)))
     return labelled
@@ -278,10 +279,18 @@ def read_names(path):
 def detect(net, image_path, thresh=0.5, nms=0.45):
     """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
     the Detections after NMS, (image width, image height))."""
+    heads = [layer.index for layer in net.layers if layer.type_name in DECODERS]
+    if not heads:
+        raise ConfigError(f"{net.cfg_path}: not a detector (no [yolo] or [region] layer); "
+                          "engine predict classifies images")
+    if net.options.channels != 3:
+        raise ConfigError(f"{net.cfg_path}: detection reads RGB images, but the network takes "
+                          f"{net.options.channels} channels")
     image = read_rgb(image_path)
     _, image_h, image_w = image.shape
     x = letterbox(image, net.options.width, net.options.height)
-    net.forward(net.ops.asarray(x[None]), train=False)
+    net.predict(x[None])
+    net.check_finite_outputs(heads)
     detections = network_detections(net, image_w, image_h, thresh)
     if nms:
         detections = nms_sort(detections, nms)

@@ -12,7 +12,7 @@ from . import memory
 from . import weights as weights_io
 from .backends import get_backend
 from .config import read_cfg, warn_unused
-from .errors import ConfigError, EngineError
+from .errors import ConfigError, EngineError, NumericalError
 from .layers import LAYER_TYPES
 
 POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
@@ -259,7 +259,24 @@ class Network:
             y = self._inference.run(chunk) if self._inference else \
                 self.forward(self.ops.asarray(chunk), train=False)
             results.append(self.ops.to_host(y).reshape(len(chunk), -1))
+            if not np.isfinite(results[-1]).all():
+                self.raise_non_finite()
         return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
+
+    def check_finite_outputs(self, indexes):
+        """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
+        if not all(np.isfinite(self.ops.to_host(self.outputs[i])).all() for i in indexes):
+            self.raise_non_finite()
+
+    def raise_non_finite(self):
+        """Name the first layer whose output (in the last forward) is not finite."""
+        for layer, output in zip(self.layers, self.outputs):
+            if not np.isfinite(self.ops.to_host(output)).all():
+                raise NumericalError(
+                    f"{self.cfg_path}: layer {layer.index} [{layer.type_name}] ({layer.where()}) "
+                    "computed NaN or infinite values; the weights are damaged or too large for "
+                    "this input")
+        raise NumericalError(f"{self.cfg_path}: the network computed NaN or infinite values")
 
     def fold_batchnorm(self):
         """Fold every convolutional/connected layer's batch norm into its weights (inference

@@ -188,10 +188,22 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     With a process group of several ranks, only rank 0 prints and writes weights."""
     stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
     o = net.options
-    max_batches = max_batches if max_batches is not None else o.max_batches
+    leader = group.rank == 0
+    if max_batches is not None and max_batches != o.max_batches:
+        # The run's end is the schedule's end too (poly falls to 0 there), as if the cfg said so.
+        if leader and o.max_batches:
+            print(f"max_batches={max_batches} for this run (the cfg says {o.max_batches}), in "
+                  "the learning-rate schedule too", file=stream, flush=True)
+        o.max_batches = max_batches
+    max_batches = o.max_batches
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
+    if current_batch(net) >= max_batches:
+        raise TrainingError(f"{net.cfg_path}: nothing to train: the weights have been trained "
+                            f"for {current_batch(net)} iterations and max_batches is {max_batches}; "
+                            "raise --max-batches to go on, or pass --clear to start the schedule "
+                            "over (fine-tuning)")
     dataset.check_network(net)
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")
@@ -203,11 +215,12 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     policy_rng = np.random.default_rng([seed, 1])
     net.ops.seed(seed + 1000003 * group.rank)
     sampler = BatchSampler(len(dataset), o.batch_size, rng)
+    net.check_memory(o.mini_batch, train=True)
     run_iteration = iteration_runner(net, group)
-    leader = group.rank == 0
     save = net.save_weights if leader else (lambda path: None)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
+    last_saved = None  # (iteration, path) of this run's last good weights
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
@@ -215,9 +228,11 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
-                save(backup_path)
+                # The weights are now damaged: keep the last good backup rather than overwrite it.
+                kept = (f"the last good weights are {last_saved[1]} (iteration {last_saved[0]})"
+                        if last_saved else "no weights were saved in this run")
                 raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "
-                                   f"try a lower learning_rate (weights saved to {backup_path})")
+                                    f"{kept}; try a lower learning_rate or a longer burn_in")
             average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
             if leader:
@@ -228,6 +243,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                       file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
                 save(backup_path)
+                last_saved = (batch_num, backup_path)
     except KeyboardInterrupt:
         save(backup_path)
         if leader:

@@ -167,7 +167,7 @@ def test_host_out_of_memory_is_one_line(tiny, monkeypatch, capsys):
 
     monkeypatch.setattr(engine.cli, "build", exhausted)
     code, _, err = _run(capsys, "test", tiny["cfg"], "x.weights", "--data", tiny["data"], "--cpu")
-    _one_line_error(code, err, "engine test: error: out of memory", "raise subdivisions")
+    _one_line_error(code, err, "engine test: error: ", "out of host memory", "raise subdivisions")
 
 
 def test_cfg_wrong_type_value(tiny, tmp_path, capsys):
