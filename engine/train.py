@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .distributed import SingleProcess
-from .errors import BackendError, ConfigError, DataError, TrainingError
+from .errors import BackendError, ConfigError, DataError, NumericalError, TrainingError
 
 SINGLE_PROCESS = SingleProcess()
 
@@ -182,6 +182,30 @@ def next_learning_rate(net, rng=None):
     return learning_rate(net.options, current_batch(net) + 1, rng)
 
 
+class Checkpoints:
+    """Training's saves. Weights that are no longer finite are never written, so a run that
+    diverges leaves its last good backup in place, and the error says which file that is."""
+
+    def __init__(self, net, enabled):
+        self.net, self.enabled = net, enabled  # only rank 0 writes
+        self.last = None  # (iteration, path) of this run's last good save
+
+    def save(self, path):
+        if not self.enabled:
+            return
+        try:
+            self.net.save_weights(path)
+        except NumericalError:
+            raise self.diverged("the weights became NaN or infinite") from None
+        self.last = (current_batch(self.net), path)
+
+    def diverged(self, what):
+        kept = (f"the last good weights are {self.last[1]} (iteration {self.last[0]})"
+                if self.last else "no weights were saved in this run")
+        return TrainingError(f"{what} at iteration {current_batch(self.net)}; {kept}; try a "
+                             "lower learning_rate or a longer burn_in")
+
+
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
           group=SINGLE_PROCESS):
     """Train `net` on `dataset` until max_batches; returns the path of the final weights.
@@ -217,10 +241,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     sampler = BatchSampler(len(dataset), o.batch_size, rng)
     net.check_memory(o.mini_batch, train=True)
     run_iteration = iteration_runner(net, group)
-    save = net.save_weights if leader else (lambda path: None)
+    checkpoints = Checkpoints(net, enabled=leader)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
-    last_saved = None  # (iteration, path) of this run's last good weights
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
@@ -228,11 +251,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
-                # The weights are now damaged: keep the last good backup rather than overwrite it.
-                kept = (f"the last good weights are {last_saved[1]} (iteration {last_saved[0]})"
-                        if last_saved else "no weights were saved in this run")
-                raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "
-                                    f"{kept}; try a lower learning_rate or a longer burn_in")
+                raise checkpoints.diverged(f"the loss became {loss}")
             average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
             if leader:
@@ -242,16 +261,15 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                       f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}",
                       file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
-                save(backup_path)
-                last_saved = (batch_num, backup_path)
+                checkpoints.save(backup_path)
     except KeyboardInterrupt:
-        save(backup_path)
+        checkpoints.save(backup_path)
         if leader:
             print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
                   file=stream, flush=True)
         raise
     group.check_replicas(net)
-    save(final_path)
+    checkpoints.save(final_path)
     if leader:
         print(f"Saved {final_path}", file=stream, flush=True)
     return final_path

@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import WeightsError
+from .errors import NumericalError, WeightsError
 
 VERSION = (0, 2, 0)  # what Darknet writes
 HEADER_LIMIT = 100000  # larger major/minor/revision values mean the file is not a weights file
@@ -158,7 +158,11 @@ def save(net, path, cutoff=None):
     parts = [struct.pack("<3iQ", *VERSION, min(max(int(net.seen), 0), SEEN_LIMIT))]
     for layer in net.layers[:cutoff]:
         for name in layer.weight_order:
-            parts.append(net.ops.to_host(layer.params[name]).astype("<f4").tobytes())
+            values = net.ops.to_host(layer.params[name])
+            if not np.isfinite(values).all():  # such a file could not be loaded again
+                raise NumericalError(f"{path}: not written: {_layer_name(layer)} '{name}' "
+                                     "holds NaN or infinite values")
+            parts.append(values.astype("<f4").tobytes())
     write_atomically(path, b"".join(parts))
 
 
