@@ -230,6 +230,17 @@ def _read_lines(path, kind):
     return read_text_lines(path, kind, ConfigError, strict=False)
 
 
+def check_regular_file(path, kind, error_type):
+    """One `error_type` line unless `path` is a regular file (a FIFO would make open() or read()
+    wait forever, a device such as /dev/zero never ends). FileNotFoundError and
+    IsADirectoryError pass through for the caller's own message."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise error_type(f"{path}: not a regular file, expected a {kind} file")
+
+
 TEXT_FILE_LIMIT = 1 << 30  # bytes: cfgs, lists and names files are far smaller
 
 
@@ -238,12 +249,11 @@ def read_text_lines(path, kind, error_type, strict=True):
     folder, a FIFO or device, a file too large to be one, or (when `strict`) bytes that are not
     UTF-8; otherwise undecodable bytes become U+FFFD."""
     try:
+        check_regular_file(path, kind, error_type)  # before open(): opening a FIFO waits
         with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise error_type(f"{path}: not a regular file, expected a {kind} file")
-            if info.st_size > TEXT_FILE_LIMIT:
-                raise error_type(f"{path}: {info.st_size} bytes is too large for a {kind} file")
+            size = os.fstat(handle.fileno()).st_size
+            if size > TEXT_FILE_LIMIT:
+                raise error_type(f"{path}: {size} bytes is too large for a {kind} file")
             data = handle.read()
     except FileNotFoundError:
         raise error_type(f"{path}: {kind} file not found") from None

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from . import memory
-from .config import read_data_file, read_text_lines, resolve_path
+from .config import check_regular_file, read_data_file, read_text_lines, resolve_path
 from .errors import ConfigError, DataError
 
 MAX_CLASSES = 1 << 20
@@ -29,6 +29,7 @@ def read_idx(path, dims_expected=None):
     checked (and the size it promises against the memory available) before the data is read;
     `dims_expected` is the number of dimensions the caller needs (3 for images, 1 for labels)."""
     try:
+        check_regular_file(path, "IDX", DataError)
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as handle:
             header = handle.read(4)
@@ -116,6 +117,7 @@ def load_image(path, shape):
 
     c, h, w = shape
     try:
+        check_regular_file(path, "image", DataError)
         with Image.open(path) as image:
             image = image.convert("L" if c == 1 else "RGB")
             if image.size != (w, h):

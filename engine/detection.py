@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import read_text_lines
+from .config import check_regular_file, read_text_lines
 from .errors import ConfigError, DataError
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
@@ -22,6 +22,7 @@ def read_rgb(path):
     from PIL import Image, UnidentifiedImageError
 
     try:
+        check_regular_file(path, "image", DataError)
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
     except FileNotFoundError:

@@ -14,12 +14,12 @@ under the final name.
 
 import math
 import os
-import stat
 import struct
 import tempfile
 
 import numpy as np
 
+from .config import check_regular_file
 from .errors import NumericalError, WeightsError
 
 VERSION = (0, 2, 0)  # what Darknet writes
@@ -60,6 +60,7 @@ def _open_regular(path):
     """An open binary handle and the size of `path`, which must be a regular file: a FIFO or a
     device (/dev/zero) would hang or never end."""
     try:
+        check_regular_file(path, ".weights", WeightsError)
         handle = open(path, "rb")
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found") from None
@@ -67,11 +68,7 @@ def _open_regular(path):
         raise WeightsError(f"{path}: is a directory, expected a .weights file") from None
     except OSError as error:
         raise WeightsError(f"{path}: cannot read weights file ({error.strerror})") from None
-    info = os.fstat(handle.fileno())
-    if not stat.S_ISREG(info.st_mode):
-        handle.close()
-        raise WeightsError(f"{path}: not a regular file, expected a .weights file")
-    return handle, info.st_size
+    return handle, os.fstat(handle.fileno()).st_size
 
 
 def _layout(net):
