@@ -142,6 +142,7 @@ def cmd_train(args):
     if args.clear:
         net.seen = 0  # fine-tuning: the schedule starts over from these weights
     group.adopt(net)
+    net.check_memory(net.options.mini_batch, train=True)  # before the images are loaded
     dataset = training_set(net, data)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     started = time.time()

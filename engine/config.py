@@ -67,7 +67,7 @@ class Section:
     def int(self, key, default=None, low=None, high=None):
         """An integer option; with `low`/`high`, one outside that range is an error naming
         its line (checked where it is read, before anything is sized by it)."""
-        value = self._typed(key, default, _parse_int, "an integer")
+        value = self._typed(key, default, _parse_int, f"an integer ({INT_MIN}..{INT_MAX})")
         if value is not None and key in self.options:
             self.check_range(key, value, low, high)
         return value

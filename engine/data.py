@@ -92,6 +92,10 @@ class Dataset:
         if self.classes != net.output_layer.outputs:
             raise ConfigError(f"{self.name}: {self.classes} classes, but {net.cfg_path} "
                               f"outputs {net.output_layer.outputs} values per image")
+        for layer in net.cost_layers:  # the truth rows are compared with each loss's input
+            if layer.outputs != self.classes:
+                raise ConfigError(f"{layer.where()} the loss takes {layer.outputs} values per "
+                                  f"image, but the data has {self.classes} classes")
 
 
 def load_idx_dataset(images_path, labels_path, classes, shape):

@@ -9,6 +9,7 @@ times a factor for what the layers keep beside it (deltas, batch-norm caches, te
 for shared machines and for the tests.
 """
 
+import math
 import os
 import resource
 
@@ -110,7 +111,8 @@ def check_network(net, batch, train, available, device):
     the largest output and what to change."""
     parameters = sum(value.size for layer in net.layers for value in layer.params.values())
     parameter_bytes = parameters * PARAMETER_BYTES
-    per_image = [layer.outputs * FLOAT_BYTES for layer in net.layers]
+    per_image = [math.prod(net.input_shape) * FLOAT_BYTES]
+    per_image += [layer.outputs * FLOAT_BYTES for layer in net.layers]
     activation_bytes = batch * sum(per_image) * ACTIVATION_FACTOR[train]
     total = parameter_bytes + activation_bytes + WORKSPACE_BYTES
     if total <= available:

@@ -146,6 +146,7 @@ class Network:
                 warn_unused(section)
         self.seen = 0
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
+        self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
             layer.place(self.ops)
         self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None

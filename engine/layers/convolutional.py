@@ -19,7 +19,9 @@ class ConvolutionalLayer(LinearUnit):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
         self.filters = section.positive_int("filters", 1)
-        self.size = section.positive_int("size", 1)
+        # A kernel wider than twice the input sees all of it from every position: larger ones
+        # only multiply padding (and the time im2col takes).
+        self.size = section.positive_int("size", 1, high=2 * max(h, w) + 1)
         self.stride = section.positive_int("stride", 1)
         pad = section.int("pad", 0)
         self.padding = self.size // 2 if pad else section.int("padding", 0, low=0)
