@@ -7,6 +7,7 @@ Darknet's arithmetic overflows (tanh as (e^2x-1)/(e^2x+1)) we use the equivalent
 
 import numpy as np
 
+from .config import shorten
 from .errors import ConfigError
 
 NAMES = ("logistic", "loggy", "relu", "elu", "selu", "relie", "ramp", "linear", "tanh", "plse",
@@ -19,7 +20,8 @@ SELU_ALPHA = 1.6732
 def check_name(name, where):
     """Darknet turns an unknown name into relu with a warning; we refuse it with a clear error."""
     if name not in NAMES:
-        raise ConfigError(f"{where} unknown activation '{name}'; expected one of {', '.join(NAMES)}")
+        raise ConfigError(f"{where} unknown activation '{shorten(name)}'; expected one of "
+                          f"{', '.join(NAMES)}")
     return name
 
 

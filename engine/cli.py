@@ -26,6 +26,9 @@ from .network import Network
 from .train import evaluate, train
 
 
+MESSAGE_LIMIT = 1000  # characters of an error line; the messages name files and values, cut
+
+
 def add_backend_options(parser, several=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cpu", action="store_true", help="run on the CPU (numpy)")
@@ -323,6 +326,9 @@ def main(argv=None):
 
 def fail(args, message):
     """Print the one-line error; under mpiexec, name the rank and stop every rank."""
+    message = " ".join(str(message).split())  # one line, whatever the message held
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + "..."
     group = getattr(args, "group", None)
     if group is not None and group.size > 1:
         print(f"engine {args.command}: rank {group.rank}: error: {message}", file=sys.stderr)
