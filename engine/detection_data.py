@@ -110,6 +110,9 @@ class DetectionDataset:
 
     def check_network(self, net):
         for layer in net.cost_layers:
+            if layer.type_name != "yolo":
+                raise ConfigError(f"{layer.where()} a detector trains through [yolo] layers; this "
+                                  f"[{layer.type_name}] loss takes class labels, not boxes")
             if layer.classes != self.classes:
                 raise ConfigError(f"{layer.where()} classes={layer.classes}, but the data "
                                   f"({self.name}) has classes={self.classes}")
