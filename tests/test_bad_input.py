@@ -413,3 +413,12 @@ def test_saved_weights_get_the_usual_permissions(zoo, tmp_path):
     finally:
         os.umask(previous)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_box_that_overflowed_to_infinity_is_clamped_to_the_image():
+    from engine.detection import Detections, label_detections
+
+    boxes = np.array([[0.5, 0.5, np.inf, np.inf], [0.5, 0.5, 0.25, 0.25]], np.float32)
+    detections = Detections(boxes, np.ones(2, np.float32), np.full((2, 1), 0.9, np.float32))
+    labelled = label_detections(detections, 640, 480, 0.5)
+    assert [item.pixels for item in labelled] == [(0, 0, 639, 479), (240, 180, 400, 300)]
