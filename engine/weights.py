@@ -94,7 +94,7 @@ def save(net, path, cutoff=None):
     write_atomically(path, b"".join(parts))
 
 
-def write_atomically(path, payload):
+def write_atomically(path, payload, what="weights file"):
     folder = os.path.dirname(os.path.abspath(path))
     temporary = None
     try:
@@ -109,6 +109,6 @@ def write_atomically(path, payload):
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
         if isinstance(error, OSError):  # a full disk, a read-only or missing folder: one line
-            raise WeightsError(f"{path}: cannot write weights file "
+            raise WeightsError(f"{path}: cannot write {what} "
                                f"({error.strerror or error})") from None
         raise
