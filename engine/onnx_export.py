@@ -287,9 +287,9 @@ def _activation(g, layer, x):
 def _route(g, layer, xs):
     parts = []
     for x, (c, _, _) in zip(xs, layer.in_shapes):
-        if layer.groups > 1:
-            start, stop = layer._slice(c)
-            x = g.slice(x, 1, start, stop)
+        if layer.groups > 1:  # channel group `group_id` of each input
+            part = c // layer.groups
+            x = g.slice(x, 1, layer.group_id * part, (layer.group_id + 1) * part)
         parts.append(x)
     return parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=1)
 
@@ -531,8 +531,8 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
                  for i in heads]
         boxes, objectness, scores = (p[0] if len(parts) == 1 else g.op("Concat", list(p), axis=1)
                                      for p in zip(*parts))
-        total = sum(int(np.prod(net.layers[i].out_shape[1:])) * net.layers[i].out_shape[0]
-                    // net.layers[i].entries for i in heads)
+        total = sum(c // net.layers[i].entries * h * w  # anchors x cells
+                    for i in heads for c, h, w in [net.layers[i].out_shape])
         classes = net.layers[heads[0]].classes
         if nms is None:
             outputs += [(boxes, "boxes", elem, [n, total, 4]),

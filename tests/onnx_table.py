@@ -21,7 +21,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from onnx_helpers import (  # noqa: E402
+from onnx_helpers import (
     engine_outputs,
     images_for,
     random_network,
@@ -30,8 +30,8 @@ from onnx_helpers import (  # noqa: E402
     run_model,
 )
 
-import engine  # noqa: E402
-from engine.onnx_export import build_model  # noqa: E402
+import engine
+from engine.onnx_export import build_model
 
 ROOT = os.path.dirname(HERE)
 
