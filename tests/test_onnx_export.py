@@ -24,6 +24,7 @@ from onnx_helpers import (
     relative_difference,
     resized_cfg,
     run_model,
+    session,
 )
 
 from engine import activations, cli, detection, onnx_export
@@ -325,6 +326,33 @@ def test_nms_gives_engine_detect_boxes(tmp_path, fp16):
         assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
         np.testing.assert_allclose(mine.probabilities, theirs.probabilities,
                                    atol=2e-3 if fp16 else 1e-5)
+
+
+def test_nms_thresholds_are_strict_as_darknets():
+    """Darknet keeps a class score only when above the threshold and suppresses a box only when
+    its IoU is above the NMS threshold: at exactly 0.5 the score is dropped and the box kept."""
+    graph = onnx_export.Graph(onnx, None, np.float32)
+    selected, boxes, scores = onnx_export.append_nms(graph, "boxes", "scores", 3, 0.5, 0.5)
+    for name, tensor in (("selected", selected), ("found_boxes", boxes), ("found_scores", scores)):
+        graph.nodes.append(onnx.helper.make_node("Identity", [tensor], [name]))
+    float_input = (lambda name, shape: onnx.helper.make_tensor_value_info(name, 1, shape))
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        graph.nodes, "nms", [float_input("boxes", [1, 3, 4]), float_input("scores", [1, 3, 1])],
+        [onnx.helper.make_tensor_value_info("selected", onnx.TensorProto.INT64, [None, 3]),
+         float_input("found_boxes", [None, 4]), float_input("found_scores", [None])],
+        initializer=graph.initializers), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    # box 1 overlaps box 0 with IoU exactly 0.5 (overlap 2, union 4); box 2 scores exactly 0.5
+    boxes = np.float32([[[0, 0, 3, 1], [1, 0, 3, 1], [9, 9, 1, 1]]])
+    scores = np.float32([[[0.9], [0.8], [0.5]]])
+    selected, found_boxes, found_scores = session(model).run(None, {"boxes": boxes,
+                                                                    "scores": scores})
+    assert selected.tolist() == [[0, 0, 0], [0, 0, 1]]
+    np.testing.assert_array_equal(found_boxes, boxes[0, :2])
+    np.testing.assert_array_equal(found_scores, np.float32([0.9, 0.8]))
+    boxes[0, 1, 0] = 0.999  # IoU just above 0.5: suppressed
+    assert session(model).run(None, {"boxes": boxes, "scores": scores})[0].tolist() == [[0, 0, 0]]
 
 
 def test_new_layer_types_and_activations_are_refused_with_one_line(tmp_path, monkeypatch):
