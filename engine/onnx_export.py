@@ -28,7 +28,8 @@ HEAD_TYPES = ("yolo", "region")
 
 EXPORTERS = {}    # layer type_name -> function(graph, layer, inputs) -> output name
 ACTIVATIONS = {}  # activation name -> function(graph, x) -> output name
-DECODERS = {}     # head type_name -> function(graph, layer, x) -> (boxes, objectness, scores)
+# head type_name -> function(graph, layer, x, net_w, net_h) -> (boxes, objectness, scores)
+DECODERS = {}
 
 
 def _register(table, *names):
@@ -59,10 +60,11 @@ class Graph:
         self.float_type = np.dtype(float_type)
         self.nodes, self.initializers = [], []
         self.count = 0
+        self.prefix = ""  # the layer being exported, so a viewer (Netron) shows where nodes belong
 
     def fresh(self, hint):
         self.count += 1
-        return f"{hint}_{self.count}"
+        return f"{self.prefix}{hint}_{self.count}"
 
     def const(self, values, hint="const", dtype=None):
         """A constant tensor; floats become the model's float type unless `dtype` is given."""
@@ -79,7 +81,8 @@ class Graph:
 
     def op(self, op_type, inputs, hint=None, outputs=1, **attributes):
         names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(self.helper.make_node(op_type, list(inputs), names, **attributes))
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), names, name=names[0],
+                                                **attributes))
         return names[0] if outputs == 1 else names
 
     def scalar(self, value):
@@ -520,12 +523,15 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
             raise ExportError(f"{layer.where()} cannot be exported to ONNX: no exporter for "
                               f"[{layer.type_name}] layers")
         inputs = [tensors[j] for j in layer.input_indices]
+        g.prefix = f"{index}_{layer.type_name}/"
         tensors[index] = export(g, layer, inputs if layer.multi_input else inputs[0])
+    g.prefix = ""
 
     elem = onnx.helper.np_dtype_to_tensor_dtype(g.float_type)
     n = batch if batch is not None else "batch"
     outputs = []  # (graph tensor, public name, element type, shape)
     if decode:
+        g.prefix = "decode/"
         parts = [DECODERS[net.layers[i].type_name](g, net.layers[i], tensors[i],
                                                    net.options.width, net.options.height)
                  for i in heads]
@@ -539,6 +545,7 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
                         (objectness, "objectness", elem, [n, total]),
                         (scores, "scores", elem, [n, total, classes])]
         else:
+            g.prefix = "nms/"
             selected, found_boxes, found_scores = append_nms(g, boxes, scores, total, nms, thresh)
             f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
             outputs += [(selected, "selected", i64, ["detections", 3]),
@@ -553,7 +560,7 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
         outputs.append((flat, "output", elem, [n, layer.outputs]))
 
     for tensor, name, _, _ in outputs:  # the public names, on Identity nodes
-        g.nodes.append(onnx.helper.make_node("Identity", [tensor], [name]))
+        g.nodes.append(onnx.helper.make_node("Identity", [tensor], [name], name=f"output/{name}"))
     graph = onnx.helper.make_graph(
         g.nodes, "engine:" + str(net.cfg_path),
         [onnx.helper.make_tensor_value_info("input", elem, [n] + list(net.input_shape))],
