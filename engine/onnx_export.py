@@ -3,8 +3,9 @@
 The exported graph computes what the engine computes at inference, with Darknet's semantics
 (maxpool padded with -inf from -padding//2, [reorg]'s element order, [shortcut] of different
 shapes, BN folded with Darknet's inference rule). One small function per layer type in
-EXPORTERS and one per activation in ACTIVATIONS: a new layer type or activation is added there,
-and `DECODERS` holds the box decoding of each detection-head type.
+EXPORTERS (with the cfg keys it honours, EXPORTED_KEYS) and one per activation in ACTIVATIONS: a
+new layer type, key or activation is added there, and `DECODERS` holds the box decoding of each
+detection-head type. Anything without an exporter is refused with an ExportError naming it.
 
 Outputs: by default every [yolo]/[region] head's output as the layer produces it, (N, anchors *
 entries, H, W) with the logistic (and softmax) already applied, named `<type>_<layer index>`;
@@ -27,6 +28,7 @@ MIN_OPSET = 13  # Softmax over one axis, ReduceSum/Pad/Resize taking their sizes
 HEAD_TYPES = ("yolo", "region")
 
 EXPORTERS = {}    # layer type_name -> function(graph, layer, inputs) -> output name
+EXPORTED_KEYS = {}  # layer type_name -> the cfg keys its exporter honours
 ACTIVATIONS = {}  # activation name -> function(graph, x) -> output name
 # head type_name -> function(graph, layer, x, net_w, net_h) -> (boxes, objectness, scores)
 DECODERS = {}
@@ -38,6 +40,26 @@ def _register(table, *names):
             table[name] = function
         return function
     return decorate
+
+
+def layer_exporter(*type_names, keys=()):
+    """Register an exporter for these layer types, with the cfg keys it honours (including
+    those that change nothing at inference). A key the layer reads but its exporter does not
+    list, e.g. one added to the layer later, stops the export with an error naming its line
+    instead of exporting something else than the engine computes."""
+    for name in type_names:
+        EXPORTED_KEYS[name] = frozenset(keys)
+    return _register(EXPORTERS, *type_names)
+
+
+def check_keys(layer):
+    section = layer.section
+    if section is None:
+        return
+    for key, option in section.options.items():
+        if option.used and key not in EXPORTED_KEYS[layer.type_name]:
+            raise ExportError(f"{section.where(key)} {key}={option.value}: the ONNX export does "
+                              f"not implement this key of [{layer.type_name}] layers")
 
 
 def import_onnx():
@@ -215,7 +237,8 @@ def linear_parameters(g, layer):
     return host(g, layer.params["weights"]), host(g, layer.params["biases"])
 
 
-@_register(EXPORTERS, "convolutional")
+@layer_exporter("convolutional", keys=("filters", "size", "stride", "pad", "padding", "groups",
+                                      "batch_normalize", "activation"))
 def _convolutional(g, layer, x):
     weights, biases = linear_parameters(g, layer)
     p = layer.padding
@@ -225,7 +248,7 @@ def _convolutional(g, layer, x):
     return g.activation(y, layer.activation, layer)
 
 
-@_register(EXPORTERS, "connected")
+@layer_exporter("connected", keys=("output", "batch_normalize", "activation"))
 def _connected(g, layer, x):
     weights, biases = linear_parameters(g, layer)
     flat = g.op("Flatten", [x], axis=1)
@@ -233,7 +256,7 @@ def _connected(g, layer, x):
     return g.reshape(g.activation(y, layer.activation, layer), layer.out_shape)
 
 
-@_register(EXPORTERS, "maxpool")
+@layer_exporter("maxpool", keys=("size", "stride", "padding"))
 def _maxpool(g, layer, x):
     """Windows start at -padding//2; cells outside the input are -inf. MaxPool's own padding
     ignores padded cells, which is the same, but runtimes require it to be under the window
@@ -251,17 +274,17 @@ def _maxpool(g, layer, x):
     return g.op("MaxPool", [padded], kernel_shape=[size] * 2, strides=[stride] * 2)
 
 
-@_register(EXPORTERS, "avgpool")
+@layer_exporter("avgpool", keys=())
 def _avgpool(g, layer, x):
     return g.op("GlobalAveragePool", [x])
 
 
-@_register(EXPORTERS, "dropout", "cost")
+@layer_exporter("dropout", "cost", keys=("probability", "type", "scale"))  # training only
 def _identity(g, layer, x):
     return x  # dropout is the identity at inference; a cost layer's output is its input
 
 
-@_register(EXPORTERS, "softmax")
+@layer_exporter("softmax", keys=("groups", "temperature"))
 def _softmax(g, layer, x):
     z = g.reshape(x, [layer.groups, -1])
     if layer.temperature != 1:
@@ -269,7 +292,7 @@ def _softmax(g, layer, x):
     return g.reshape(g.op("Softmax", [z], axis=2), layer.out_shape)
 
 
-@_register(EXPORTERS, "batchnorm")
+@layer_exporter("batchnorm", keys=("per_activation",))
 def _batchnorm(g, layer, x):
     """Darknet's inference rule as one affine map per statistic (per channel, or per element
     with per_activation=1)."""
@@ -281,12 +304,12 @@ def _batchnorm(g, layer, x):
     return g.op("Add", [y, g.const(shift.astype(np.float32).reshape(shape), "bn_shift")])
 
 
-@_register(EXPORTERS, "activation")
+@layer_exporter("activation", keys=("activation",))
 def _activation(g, layer, x):
     return g.activation(x, layer.activation, layer)
 
 
-@_register(EXPORTERS, "route")
+@layer_exporter("route", keys=("layers", "groups", "group_id"))
 def _route(g, layer, xs):
     parts = []
     for x, (c, _, _) in zip(xs, layer.in_shapes):
@@ -297,7 +320,7 @@ def _route(g, layer, xs):
     return parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=1)
 
 
-@_register(EXPORTERS, "upsample")
+@layer_exporter("upsample", keys=("stride", "scale"))
 def _upsample(g, layer, x):
     s = layer.stride
     c, h, w = layer.in_shape
@@ -311,7 +334,7 @@ def _upsample(g, layer, x):
     return g.affine(y, layer.scale, 0)
 
 
-@_register(EXPORTERS, "shortcut")
+@layer_exporter("shortcut", keys=("from", "alpha", "beta", "activation"))
 def _shortcut(g, layer, xs):
     """act(alpha*previous + beta*from) on the overlap (Darknet's shortcut_cpu): channels
     0..min(C)-1; the larger map subsampled by the integer size ratio; elsewhere the previous
@@ -347,6 +370,15 @@ def _shortcut(g, layer, xs):
     return g.activation(g.op("Add", [previous, add]), layer.activation, layer)
 
 
+# the keys that matter at inference, and those only the loss or data loading read
+YOLO_KEYS = ("mask", "anchors", "classes", "num", "jitter", "ignore_thresh", "truth_thresh", "max",
+             "random", "map")
+REGION_KEYS = ("anchors", "classes", "num", "coords", "softmax", "tree", "background", "log",
+               "sqrt", "max", "jitter", "rescore", "thresh", "classfix", "absolute", "random",
+               "coord_scale", "object_scale", "noobject_scale", "class_scale", "bias_match",
+               "mask", "map")
+
+
 def anchor_activate(g, x, anchors, entries, logistic_ranges):
     """The logistic on the given entries of every anchor, the other entries unchanged."""
     mask = np.zeros(entries, dtype=bool)
@@ -355,12 +387,12 @@ def anchor_activate(g, x, anchors, entries, logistic_ranges):
     return g.where(np.tile(mask, anchors).reshape(1, -1, 1, 1), g.op("Sigmoid", [x]), x)
 
 
-@_register(EXPORTERS, "yolo")
+@layer_exporter("yolo", keys=YOLO_KEYS)
 def _yolo(g, layer, x):
     return anchor_activate(g, x, len(layer.mask), layer.entries, ((0, 2), (4, layer.entries)))
 
 
-@_register(EXPORTERS, "region")
+@layer_exporter("region", keys=REGION_KEYS)
 def _region(g, layer, x):
     if not layer.softmax:
         return anchor_activate(g, x, layer.num, layer.entries, ((0, 2), (4, layer.entries)))
@@ -373,7 +405,7 @@ def _region(g, layer, x):
     return g.reshape(g.op("Concat", [head, classes], axis=2), [c, h, w])
 
 
-@_register(EXPORTERS, "reorg")
+@layer_exporter("reorg", keys=("stride", "reverse", "extra", "flatten"))
 def _reorg(g, layer, x):
     """Darknet's reorg_cpu order, as the engine's ops.reorg: the non-reverse layer reads its
     (c, h, w) input as (c/s^2, h, s, w, s) (the known quirk), the reverse layer the inverse."""
@@ -394,7 +426,8 @@ def _reorg(g, layer, x):
     return g.reshape(y, layer.out_shape)
 
 
-@_register(EXPORTERS, "crop")
+@layer_exporter("crop", keys=("crop_height", "crop_width", "flip", "noadjust", "angle",
+                              "saturation", "exposure", "shift"))  # the last four: training only
 def _crop(g, layer, x):
     """Inference: the centred window, times scale plus shift (x*2-1 unless noadjust=1)."""
     _, h, w = layer.in_shape
@@ -522,6 +555,7 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
         if export is None:
             raise ExportError(f"{layer.where()} cannot be exported to ONNX: no exporter for "
                               f"[{layer.type_name}] layers")
+        check_keys(layer)
         inputs = [tensors[j] for j in layer.input_indices]
         g.prefix = f"{index}_{layer.type_name}/"
         tensors[index] = export(g, layer, inputs if layer.multi_input else inputs[0])

@@ -366,6 +366,17 @@ def test_new_layer_types_and_activations_are_refused_with_one_line(tmp_path, mon
         build_model(net)
 
 
+def test_a_key_the_exporter_does_not_know_is_refused_with_its_line(tmp_path, monkeypatch):
+    """A key a layer reads that its exporter does not list (as when a layer gains an option
+    later) stops the export rather than exporting something else than the engine computes."""
+    net = feature_net(tmp_path, "shortcut")
+    monkeypatch.setitem(onnx_export.EXPORTED_KEYS, "shortcut",
+                        onnx_export.EXPORTED_KEYS["shortcut"] - {"alpha"})
+    with pytest.raises(ExportError, match=r"shortcut.cfg:\d+: \[shortcut\] alpha=0.5: the ONNX "
+                                          r"export does not implement this key of \[shortcut\]"):
+        build_model(net)
+
+
 # ---- the command line ----------------------------------------------------------------------------
 def test_engine_export_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "tiny.onnx")
