@@ -73,12 +73,17 @@ def build(args, seed=0, weights=None, rank=0, inference=False):
     norms are folded into the weights (the same outputs, one pass less per layer)."""
     net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
     if weights:
-        covered = net.load_weights(weights)
-        with_params = [layer.index for layer in net.layers if layer.weight_order]
-        if with_params and covered <= with_params[-1]:
-            print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
-                  "initial values", file=sys.stderr)
+        load_weights(net, weights)
     return net.fold_batchnorm() if inference else net
+
+
+def load_weights(net, weights):
+    """Load `weights`, with a note when the file covers only the first layers."""
+    covered = net.load_weights(weights)
+    with_params = [layer.index for layer in net.layers if layer.weight_order]
+    if with_params and covered <= with_params[-1]:
+        print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
+              "initial values", file=sys.stderr)
 
 
 def data_config(args):
@@ -182,7 +187,7 @@ def cmd_fuse(args):
 
 def cmd_export(args):
     net = Network(args.cfg, backend=get_backend("cpu"))
-    net.load_weights(args.weights)
+    load_weights(net, args.weights)
     model = models.export_onnx(net, args.out, batch=args.batch, opset=args.opset, fp16=args.fp16,
                                decode=args.decode, nms=args.nms, thresh=args.thresh)
 
