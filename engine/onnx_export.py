@@ -580,7 +580,9 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
                         (scores, "scores", elem, [n, total, classes])]
         else:
             g.prefix = "nms/"
-            selected, found_boxes, found_scores = append_nms(g, boxes, scores, total, nms, thresh)
+            # --nms 0 keeps every box above the threshold, as engine detect --nms 0 does
+            selected, found_boxes, found_scores = append_nms(g, boxes, scores, total,
+                                                             nms or 1.0, thresh)
             f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
             outputs += [(selected, "selected", i64, ["detections", 3]),
                         (found_boxes, "detection_boxes", f32, ["detections", 4]),

@@ -328,6 +328,15 @@ def test_nms_gives_engine_detect_boxes(tmp_path, fp16):
                                    atol=2e-3 if fp16 else 1e-5)
 
 
+def test_nms_0_only_thresholds_as_engine_detect_does():
+    net = g2c_net()
+    images = images_for(net, 1)
+    outputs = run_model(checked_model(net, nms=0, thresh=0.6), images)
+    net.forward(images, train=False)
+    raw = detection.network_detections(net, 96, 96, 0.6)
+    assert len(outputs["selected"]) == (raw.probs > 0.6).sum() > 0
+
+
 def test_nms_thresholds_are_strict_as_darknets():
     """Darknet keeps a class score only when above the threshold and suppresses a box only when
     its IoU is above the NMS threshold: at exactly 0.5 the score is dropped and the box kept."""
