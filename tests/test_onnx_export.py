@@ -256,6 +256,14 @@ def test_float16_is_within_1e_2(tmp_path, case):
     assert relative_difference(got, engine_outputs(net, images)) <= FP16_TOLERANCE
 
 
+@pytest.mark.gpu
+def test_a_network_on_the_gpu_exports_the_same_model():
+    import engine
+
+    on_gpu = engine.load(G2C_CFG, G2C_WEIGHTS, backend="gpu", quiet=True)
+    assert build_model(on_gpu, batch="dynamic") == build_model(g2c_net(), batch="dynamic")
+
+
 # ---- decoding and NonMaxSuppression --------------------------------------------------------------
 @pytest.mark.parametrize("case", ["g2c", "region_softmax", "region_logistic"])
 def test_decode_is_engine_detections(tmp_path, case):
