@@ -43,8 +43,8 @@ def main():
     parser.add_argument("--cfg", default="cfg/mnist.cfg")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--backup-every", type=int, default=10)
-    parser.add_argument("--earliest", type=float, default=8.0, help="seconds after the start")
-    parser.add_argument("--latest", type=float, default=40.0)
+    parser.add_argument("--spread", type=float, default=30.0,
+                        help="kill up to this many seconds after the first backup appears")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -53,13 +53,17 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for trial in range(args.kills):
             backup = os.path.join(folder, f"run{trial}")
-            moment = float(rng.uniform(args.earliest, args.latest))
+            path = os.path.join(backup, f"{base}.backup")
+            started = time.time()
             process = subprocess.Popen(train_command(args.cfg, backup, args.backup_every),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(moment)
+            # A random moment after the first backup (before it, there is nothing to resume).
+            while not os.path.exists(path) and process.poll() is None:
+                time.sleep(0.05)
+            time.sleep(float(rng.uniform(0, args.spread)))
             process.send_signal(signal.SIGKILL)
             process.wait()
-            path = os.path.join(backup, f"{base}.backup")
+            moment = time.time() - started
             if not os.path.exists(path):
                 rows.append((trial, moment, None, None, None))
                 continue

@@ -9,6 +9,8 @@
                    [--thresh 0.5] [--nms 0.45] [--out predictions.png]
     engine partial cfg/darknet53.cfg darknet53.weights darknet53.conv.74 74
     engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
+    engine export  cfg/yolov3-tiny.cfg yolov3-tiny.weights yolov3-tiny.onnx [--batch N|dynamic]
+                   [--opset 17] [--fp16] [--decode] [--nms [IOU]] [--thresh 0.5]
 """
 
 import argparse
@@ -102,12 +104,17 @@ def build(args, seed=0, weights=None, rank=0, inference=False):
     norms are folded into the weights (the same outputs, one pass less per layer)."""
     net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
     if weights:
-        covered = net.load_weights(weights)
-        with_params = [layer.index for layer in net.layers if layer.weight_order]
-        if with_params and covered <= with_params[-1]:
-            print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
-                  "initial values", file=sys.stderr)
+        load_weights(net, weights)
     return net.fold_batchnorm() if inference else net
+
+
+def load_weights(net, weights):
+    """Load `weights`, with a note when the file covers only the first layers."""
+    covered = net.load_weights(weights)
+    with_params = [layer.index for layer in net.layers if layer.weight_order]
+    if with_params and covered <= with_params[-1]:
+        print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
+              "initial values", file=sys.stderr)
 
 
 def data_config(args):
@@ -234,6 +241,21 @@ def cmd_fuse(args):
     print(f"Fused network: {args.cfg_out}, {args.weights_out}")
 
 
+def cmd_export(args):
+    net = Network(args.cfg, backend=get_backend("cpu"))
+    load_weights(net, args.weights)
+    model = models.export_onnx(net, args.out, batch=args.batch, opset=args.opset, fp16=args.fp16,
+                               decode=args.decode, nms=args.nms, thresh=args.thresh)
+
+    def describe(value_info):
+        dims = [d.dim_param or str(d.dim_value) for d in value_info.type.tensor_type.shape.dim]
+        return f"{value_info.name} [{', '.join(dims)}]"
+
+    print(f"Wrote {args.out} (opset {args.opset}, {'float16' if args.fp16 else 'float32'}): "
+          f"input {describe(model.graph.input[0])}; outputs "
+          + ", ".join(describe(v) for v in model.graph.output))
+
+
 def make_parser():
     parser = argparse.ArgumentParser(prog="engine", description="A Darknet-style neural-network engine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +325,22 @@ def make_parser():
     p.add_argument("cfg_out")
     p.add_argument("weights_out")
     p.set_defaults(run=cmd_fuse)
+
+    p = commands.add_parser("export", help="write the network as an ONNX model")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--batch", default="1", help="batch size of the input, or 'dynamic' (default 1)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; 13 or later)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights, input and outputs")
+    p.add_argument("--decode", action="store_true",
+                   help="output Darknet's decoded boxes, objectness and scores instead of the "
+                        "raw [yolo]/[region] outputs")
+    p.add_argument("--nms", type=float, nargs="?", const=0.45, metavar="IOU",
+                   help="decode and append NonMaxSuppression (IoU threshold, default 0.45)")
+    p.add_argument("--thresh", type=float, default=0.5,
+                   help="with --nms: keep scores above this (default 0.5, as engine detect)")
+    p.set_defaults(run=cmd_export)
     return parser
 
 

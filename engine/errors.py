@@ -27,3 +27,8 @@ class NumericalError(EngineError):
 
 class TrainingError(EngineError):
     """Training cannot go on (the loss diverged, or nothing is left to train)."""
+
+
+class ExportError(EngineError):
+    """A network cannot be exported as asked (a layer with no ONNX form, a bad option, the onnx
+    package missing)."""

@@ -1,12 +1,13 @@
 """Whole-model tools, Darknet's commands of the same names: `info` (the layer table Darknet's
 loader prints, with shapes and BFLOPs), `partial` (save the first N layers' weights, as the
 pretrained backbones such as darknet53.conv.74 are made) and `fuse` (fold each batch norm into
-its convolution or connected layer, for inference).
+its convolution or connected layer, for inference); and `export_onnx` (engine/onnx_export.py).
 """
 
 import numpy as np
 
 from .network import Network
+from .onnx_export import export_onnx  # noqa: F401 (part of this module's API)
 from .weights import write_atomically
 
 TABLE_HEADER = "layer     filters    size              input                output"

@@ -163,7 +163,7 @@ def save(net, path, cutoff=None):
     write_atomically(path, b"".join(parts))
 
 
-def write_atomically(path, payload):
+def write_atomically(path, payload, what="weights file"):
     """Write `payload` to a temporary file beside `path`, then rename it: a crash never leaves a
     half-written file under the final name. The temporary name holds our process id, so a later
     save removes those that a killed process left behind. The file gets the usual permissions
@@ -185,7 +185,7 @@ def write_atomically(path, payload):
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
         if isinstance(error, OSError):  # a full disk, a read-only or missing folder: one line
-            raise WeightsError(f"{path}: cannot write weights file "
+            raise WeightsError(f"{path}: cannot write {what} "
                                f"({error.strerror or error})") from None
         raise
 

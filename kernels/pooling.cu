@@ -1,5 +1,6 @@
 // Darknet's max pooling (windows start at -padding/2, cells outside the input never win) and
 // global average pooling.
+#include <float.h>
 #include <math.h>
 
 extern "C" __global__ void maxpool_forward_kernel(const float *x, float *y, int *winner, int n,
@@ -10,13 +11,17 @@ extern "C" __global__ void maxpool_forward_kernel(const float *x, float *y, int 
     if (i >= n) return;
     int ow = i % out_w, oh = (i / out_w) % out_h, plane = i / (out_w * out_h);
     const float *input = x + (size_t)plane * height * width;
-    float best = -INFINITY;
+    float best = -FLT_MAX;  // Darknet's start: a window with no cell inside the input gives it
     int best_index = -1;
-    for (int r = 0; r < size; ++r) {
-        int h = oh * stride - top + r;
-        for (int s = 0; s < size; ++s) {
-            int w = ow * stride - top + s;
-            if (h < 0 || h >= height || w < 0 || w >= width) continue;
+    // Only the window's cells inside the input: a window far larger than the input costs no
+    // more than the input.
+    int h0 = oh * stride - top, w0 = ow * stride - top;
+    int r0 = max(0, -h0), r1 = min(size, height - h0);
+    int s0 = max(0, -w0), s1 = min(size, width - w0);
+    for (int r = r0; r < r1; ++r) {
+        int h = h0 + r;
+        for (int s = s0; s < s1; ++s) {
+            int w = w0 + s;
             float v = input[h * width + w];
             if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
         }

@@ -332,7 +332,6 @@ SMALL = {"batch": 1, "height": 28, "width": 28, "channels": 1}
     ("[convolutional]\nfilters=2\nsize=" + "7" * 400 + "\n", 9, "size", "expected an integer"),
     ("[convolutional]\nfilters=" + "1" + "0" * 30 + "\n", 8, "filters", "expected an integer"),
     ("[convolutional]\nfilters=2\nsize=100\n", 9, "size", "expected a value <= 57"),
-    ("[maxpool]\nsize=2000\n", 8, "size", "expected a value <= 57"),
     ("[convolutional]\nfilters=2\npadding=-1\n", 9, "padding", "expected a value >= 0"),
     ("[dropout]\nprobability=inf\n", 8, "probability", "expected a finite number"),
     ("[convolutional]\nfilters=21\nsize=1\n[yolo]\nmask=0,1,2\nnum=1e308\nclasses=2\n", 12, "num",
@@ -422,3 +421,18 @@ def test_a_box_that_overflowed_to_infinity_is_clamped_to_the_image():
     detections = Detections(boxes, np.ones(2, np.float32), np.full((2, 1), 0.9, np.float32))
     labelled = label_detections(detections, 640, 480, 0.5)
     assert [item.pixels for item in labelled] == [(0, 0, 639, 479), (240, 180, 400, 300)]
+
+
+def test_a_window_far_larger_than_its_input_costs_no_more_than_the_input(tmp_path):
+    """[maxpool] size=2000 on 28x28 (Darknet computes it: every window covers the whole map, so
+    each output is the channel's maximum) runs as fast as a small window, forward and backward."""
+    import time
+
+    path = write_cfg(tmp_path / "m.cfg", dict(SMALL, batch=4), "[maxpool]\nsize=2000\nstride=1\n")
+    net = Network(path, quiet=True)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    started = time.time()
+    y = net.predict(x).reshape(4, 1, 28, 28)
+    net.backward({0: net.ops.asarray(np.ones_like(y))})
+    assert time.time() - started < 5
+    np.testing.assert_array_equal(y, np.broadcast_to(x.max(axis=(2, 3), keepdims=True), y.shape))

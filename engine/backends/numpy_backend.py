@@ -24,6 +24,7 @@ from .. import activations, memory
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
+FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
 
 COLUMN_BLOCK_ELEMENTS = 1 << 21  # im2col columns per block of output rows (8 MiB of float32)
@@ -364,44 +365,65 @@ class NumpyBackend:
 
     @staticmethod
     def _pool_frame(in_shape, size, stride, padding, out_h, out_w):
-        """(top, padded height, padded width): the frame every window fits in; the input sits at
-        (top, top), where Darknet's windows start at -padding//2."""
+        """Where the windows run: (rows, cols, frame height, frame width, top, left). Darknet's
+        windows start at -padding//2; `rows` and `cols` are the window offsets that reach the
+        input for some window (the others hold only padding, so they are skipped: a
+        window far larger than its input costs no more than the input), the frame holds the
+        cells those offsets read, and the input sits at (top, left) in it."""
         h, w = in_shape[2:]
-        top = padding // 2
-        return top, max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w)
+        start = padding // 2
+
+        def reach(n, out_n):
+            first = max(0, start - (out_n - 1) * stride)
+            last = min(size - 1, start + n - 1)
+            return range(first, last + 1), max(last - first + (out_n - 1) * stride + 1,
+                                               start - first + n), start - first
+
+        rows, frame_h, top = reach(h, out_h)
+        cols, frame_w, left = reach(w, out_w)
+        return rows, cols, frame_h, frame_w, top, left
 
     def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
-        """Darknet's maxpool: windows start at -padding//2; cells outside the input are -inf.
+        """Darknet's maxpool: windows start at -padding//2; cells outside the input never win,
+        and a window with none inside gives -FLT_MAX (Darknet's starting maximum).
         Returns (y, argmax) where argmax is the window offset that won (the first on ties), both
         laid out like x. One elementwise pass per window offset (numpy's where/argmax are slow
         here), block by block over channels."""
         b, c, h, w = x.shape
-        top, frame_h, frame_w = self._pool_frame(x.shape, size, stride, padding, out_h, out_w)
-        if (top, frame_h, frame_w) == (0, h, w):
+        rows, cols, frame_h, frame_w, top, left = self._pool_frame(x.shape, size, stride, padding,
+                                                                   out_h, out_w)
+        if (top, left, frame_h, frame_w) == (0, 0, h, w):
             padded = x
         else:
             padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
-            padded.fill(-np.inf)
-            padded[:, :, top:top + h, top:top + w] = x
+            padded.fill(-FLOAT32_MAX)
+            padded[:, :, top:top + h, left:left + w] = x
         index_type = np.int8 if size * size < 128 else np.int32
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
         argmax = self._empty_laid_like(y.shape, x, index_type)
-        pool = self._maxpool_2x2_ if size == 2 else self._maxpool_window_
+        whole = len(rows) == len(cols) == size
         for block in self._channel_blocks(padded):
-            pool(padded[block], size, stride, y[block], argmax[block])
+            if size == 2 and whole:
+                self._maxpool_2x2_(padded[block], size, stride, y[block], argmax[block])
+            else:
+                self._maxpool_window_(padded[block], size, stride, y[block], argmax[block],
+                                      rows, cols)
         return y, argmax
 
-    def _maxpool_window_(self, padded, size, stride, y, argmax):
-        """Any window: a running maximum over the offsets, the index moving on strictly greater."""
+    def _maxpool_window_(self, padded, size, stride, y, argmax, rows, cols):
+        """Any window: a running maximum over the offsets that reach the input (the frame starts
+        at offset (rows[0], cols[0])), the index moving on strictly greater."""
         out_h, out_w = y.shape[2:]
         index_type = argmax.dtype.type
+        offsets = [(i, j) for i in rows for j in cols]
+        i, j = offsets[0]
         y[...] = self._pool_window(padded, 0, 0, stride, out_h, out_w)
-        argmax.fill(0)
-        for offset in range(1, size * size):
-            window = self._pool_window(padded, offset // size, offset % size, stride, out_h, out_w)
+        argmax.fill(i * size + j)
+        for i, j in offsets[1:]:
+            window = self._pool_window(padded, i - rows[0], j - cols[0], stride, out_h, out_w)
             better = (window > y).view(np.int8).astype(index_type, copy=False)
             np.maximum(y, window, out=y)
-            argmax += better * (index_type(offset) - argmax)
+            argmax += better * (index_type(i * size + j) - argmax)
 
     def _maxpool_2x2_(self, padded, size, stride, y, argmax):
         """The common 2x2 window as a tournament: first-max of each pair, then of the pairs."""
@@ -421,9 +443,11 @@ class NumpyBackend:
         """Each window's delta goes to the cell that won it (argmax); laid out like argmax."""
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
-        top, frame_h, frame_w = self._pool_frame(in_shape, size, stride, padding, out_h, out_w)
+        rows, cols, frame_h, frame_w, top, left = self._pool_frame(in_shape, size, stride, padding,
+                                                                   out_h, out_w)
         # Windows that tile the frame cover each cell once: assign instead of accumulating.
-        tiles = size == stride and (out_h * size, out_w * size) == (frame_h, frame_w)
+        tiles = size == stride and (out_h * size, out_w * size) == (frame_h, frame_w) and \
+            len(rows) == len(cols) == size
         if self._axis_order(delta) != self._axis_order(argmax):
             # e.g. from a connected layer: elementwise ops across mixed layouts are slow
             relaid = self._empty_laid_like(delta.shape, argmax, delta.dtype)
@@ -434,15 +458,16 @@ class NumpyBackend:
             padded.fill(0)
         for block in self._channel_blocks(padded):
             db, ab, pb = delta[block], argmax[block], padded[block]
-            for offset in range(size * size):
-                window = self._pool_window(pb, offset // size, offset % size, stride, out_h, out_w)
-                if tiles:
-                    np.multiply(db, ab == offset, out=window)
-                else:
-                    window += db * (ab == offset)
-        if (top, frame_h, frame_w) == (0, h, w):
+            for i in rows:
+                for j in cols:
+                    window = self._pool_window(pb, i - rows[0], j - cols[0], stride, out_h, out_w)
+                    if tiles:
+                        np.multiply(db, ab == i * size + j, out=window)
+                    else:
+                        window += db * (ab == i * size + j)
+        if (top, left, frame_h, frame_w) == (0, 0, h, w):
             return padded
-        return padded[:, :, top:top + h, top:top + w].copy(order="K")
+        return padded[:, :, top:top + h, left:left + w].copy(order="K")
 
     def avgpool_forward(self, x):
         """Darknet's [avgpool]: the global average of each channel."""

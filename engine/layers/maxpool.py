@@ -1,5 +1,6 @@
 """[maxpool]: Darknet's max pooling. Windows start at -padding//2 and cells outside the input
-count as -inf, so size=2 stride=1 keeps the input size (padding defaults to size-1)."""
+never win, so size=2 stride=1 keeps the input size (padding defaults to size-1); a window with
+no cell inside the input gives -FLT_MAX, as Darknet's forward_maxpool_layer does."""
 
 from .base import Layer, input_shape_error
 
@@ -11,9 +12,9 @@ class MaxpoolLayer(Layer):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
         self.stride = section.positive_int("stride", 1)
-        # A window wider than twice the input sees all of it from every position; larger ones
-        # only add cells of padding (and time: the pooling loops over the window's cells).
-        self.size = section.positive_int("size", self.stride, high=2 * max(h, w) + 1)
+        # A window may be larger than the input (SPP's 13x13 on a small map): the cells outside
+        # cost nothing (the backends visit only the cells inside the input).
+        self.size = section.positive_int("size", self.stride)
         self.padding = section.int("padding", self.size - 1, low=0)
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1

@@ -1,0 +1,457 @@
+"""ONNX export (engine/onnx_export.py) checked by ONNX Runtime on the CPU: every cfg in cfg/, the
+golden sets from real Darknet, one small network per layer feature and activation; dynamic and
+fixed batch, float16, box decoding and NonMaxSuppression against `engine detect`, the command
+line and its one-line errors."""
+
+import glob
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from conftest import CFG, GOLDEN
+from helpers import write_cfg
+from onnx_helpers import (
+    CI_SIZES,
+    engine_outputs,
+    images_for,
+    random_network,
+    relative_difference,
+    resized_cfg,
+    run_model,
+    session,
+)
+
+from engine import activations, cli, detection, onnx_export
+from engine.errors import ExportError
+from engine.onnx_export import build_model, export_onnx
+
+TOLERANCE = 1e-4       # exported outputs against the engine's, relative to the output's scale
+FP16_TOLERANCE = 1e-2  # the float16 model against the engine
+G2C = os.path.join(GOLDEN, "G2c_tiny_yolov3_div8")
+G2C_CFG, G2C_WEIGHTS = os.path.join(G2C, "g2c_tiny_yolov3_div8.cfg"), os.path.join(G2C, "weights")
+
+
+def checked_model(net, **options):
+    """Export `net`; the model must pass onnx.checker with full shape inference."""
+    model = build_model(net, **options)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def assert_matches_engine(net, model, batch, tolerance=TOLERANCE, seed=0):
+    images = images_for(net, batch, seed)
+    difference = relative_difference(run_model(model, images), engine_outputs(net, images))
+    assert difference <= tolerance, f"relative difference {difference:.2e}"
+    return difference
+
+
+# ---- every cfg in cfg/ ---------------------------------------------------------------------------
+CFG_NAMES = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(CFG, "*.cfg")))
+
+
+@pytest.mark.parametrize("name", CFG_NAMES)
+def test_cfg_exports_and_matches_the_engine(tmp_path, name):
+    """Every cfg in cfg/, random weights and BN statistics; the large ones at a smaller input
+    and with fewer filters (a cfg added later: 64x64, filters / 4). The full sizes:
+    test_full_size_cfgs and tests/onnx_table.py."""
+    size, divisor = CI_SIZES.get(name, (64, 4))
+    net = random_network(resized_cfg(os.path.join(CFG, name + ".cfg"), tmp_path, size, divisor))
+    assert_matches_engine(net, checked_model(net, batch="dynamic"), batch=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolov3", "densenet201"])
+def test_full_size_cfgs(tmp_path, request, name):
+    """yolov3 takes about a minute on 2 cores: only with `pytest -m slow`."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("full-size network: run with pytest -m slow")
+    net = random_network(resized_cfg(os.path.join(CFG, name + ".cfg"), tmp_path))
+    assert_matches_engine(net, checked_model(net), batch=1)
+
+
+# ---- the golden sets: Darknet's own weights, inputs and outputs ----------------------------------
+@pytest.mark.parametrize("folder", ["G1_mnist_trained", "G2a_core", "G2c_tiny_yolov3_div8",
+                                    "G2d_activations"])
+def test_golden_sets(folder):
+    """The exported model on Darknet's inputs gives the engine's outputs, and Darknet's own."""
+    import engine
+
+    root = os.path.join(GOLDEN, folder)
+    net = engine.load(glob.glob(os.path.join(root, "*.cfg"))[0], os.path.join(root, "weights"),
+                      quiet=True)
+    batch = 64 if folder.startswith("G1") else 2
+    images = np.fromfile(os.path.join(root, "inputs.bin"), dtype="<f4")
+    images = images.reshape((batch,) + net.input_shape)
+    got = run_model(checked_model(net, batch="dynamic"), images)
+    assert relative_difference(got, engine_outputs(net, images)) <= TOLERANCE
+    darknet = np.fromfile(os.path.join(root, "outputs.bin"), dtype="<f4").reshape(batch, -1)
+    final = got["output"] if "output" in got else got[max(got, key=lambda k: int(k.split("_")[1]))]
+    np.testing.assert_allclose(final.reshape(batch, -1), darknet, atol=TOLERANCE)
+
+
+# ---- every layer feature -------------------------------------------------------------------------
+FEATURES = {
+    # shortcut of different shapes both ways (Darknet's rule), alpha, beta, activation
+    "shortcut": ((3, 16, 16), """
+        [convolutional]\nfilters=8\nsize=3\nstride=1\npad=1\nbatch_normalize=1\nactivation=leaky
+        [convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nactivation=linear
+        [shortcut]\nfrom=0\nalpha=0.5\nbeta=2\nactivation=leaky
+        [upsample]\nstride=2
+        [convolutional]\nfilters=6\nsize=1\nstride=1\nactivation=linear
+        [shortcut]\nfrom=2\nalpha=1.5\nactivation=logistic
+        [shortcut]\nfrom=4
+        [shortcut]\nfrom=0\nbeta=0.5\nactivation=tanh"""),
+    # upsample: reverse (sum-pooling), scale, stride 1; maxpool; route of two
+    "upsample": ((3, 8, 8), """
+        [convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [upsample]\nstride=-2\nscale=0.5
+        [upsample]\nstride=4\nscale=1.5
+        [upsample]\nstride=1\nscale=4
+        [maxpool]\nsize=2\nstride=2
+        [route]\nlayers=-1,0"""),
+    "route_groups": ((3, 8, 8), """
+        [convolutional]\nfilters=8\nsize=1\nstride=1\nactivation=linear
+        [convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [route]\nlayers=0\ngroups=2\ngroup_id=1
+        [route]\nlayers=0,1\ngroups=4\ngroup_id=2
+        [route]\nlayers=-1,-2,1"""),
+    # softmax over groups with temperature; the [cost] after it is left out of the graph
+    "softmax": ((3, 4, 4), """
+        [convolutional]\nfilters=6\nsize=1\nstride=1\nactivation=linear
+        [softmax]\ngroups=4\ntemperature=0.5
+        [cost]"""),
+    "reorg": ((3, 8, 8), """
+        [convolutional]\nfilters=8\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [reorg]\nstride=2
+        [convolutional]\nfilters=16\nsize=1\nstride=1\nactivation=linear
+        [reorg]\nstride=2\nreverse=1
+        [route]\nlayers=-1,0"""),
+    "reorg_extra": ((2, 3, 3), """
+        [reorg]\nextra=3
+        [connected]\noutput=5\nbatch_normalize=1\nactivation=relu
+        [softmax]"""),
+    "crop": ((3, 10, 12), """
+        [crop]\ncrop_height=6\ncrop_width=8\nflip=1
+        [convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=linear"""),
+    "crop_noadjust": ((3, 9, 9), """
+        [crop]\ncrop_height=4\ncrop_width=7\nnoadjust=1"""),
+    "batchnorm_dropout_connected": ((3, 6, 6), """
+        [convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [batchnorm]
+        [activation]\nactivation=tanh
+        [batchnorm]\nper_activation=1
+        [dropout]\nprobability=0.3
+        [connected]\noutput=7\nbatch_normalize=1\nactivation=leaky
+        [dropout]
+        [connected]\noutput=3\nactivation=linear"""),
+    # size 2 stride 1 (keeps the size), size 3 stride 2, explicit paddings, then avgpool
+    "maxpool": ((3, 7, 7), """
+        [convolutional]\nfilters=4\nsize=1\nstride=1\nactivation=linear
+        [maxpool]\nsize=2\nstride=1
+        [maxpool]\nsize=3\nstride=2
+        [maxpool]\nsize=3\nstride=1\npadding=1
+        [route]\nlayers=-1
+        [maxpool]\nsize=2\nstride=2\npadding=0
+        [avgpool]"""),
+    # a padding so large that windows lie wholly outside the input: -inf there, as the engine
+    "maxpool_inf": ((2, 4, 4), """
+        [maxpool]\nsize=2\nstride=2\npadding=5"""),
+    "grouped_conv": ((4, 8, 8), """
+        [convolutional]\nfilters=8\nsize=3\nstride=1\npad=1\ngroups=2\nbatch_normalize=1\nactivation=leaky
+        [convolutional]\nfilters=8\nsize=3\nstride=2\npadding=0\ngroups=4\nactivation=relu"""),
+    "region_softmax": ((3, 8, 8), """
+        [convolutional]\nfilters=16\nsize=3\nstride=2\npad=1\nbatch_normalize=1\nactivation=leaky
+        [convolutional]\nfilters=16\nsize=1\nstride=1\nactivation=linear
+        [region]\nanchors=1,2,3,1.5\nclasses=3\nnum=2\nsoftmax=1"""),
+    "region_logistic": ((3, 8, 8), """
+        [convolutional]\nfilters=16\nsize=1\nstride=1\nactivation=linear
+        [region]\nanchors=1,2,3,1.5\nclasses=3\nnum=2"""),
+}
+
+
+def feature_net(tmp_path, name, batch=1):
+    (c, h, w), body = FEATURES[name]
+    text = "\n".join(line.strip() for line in body.strip().splitlines())
+    path = write_cfg(tmp_path / f"{name}.cfg", {"batch": batch, "height": h, "width": w,
+                                                "channels": c}, text.replace("\n[", "\n\n["))
+    return random_network(path, seed=3)
+
+
+@pytest.mark.parametrize("name", sorted(set(FEATURES) - {"maxpool_inf"}))
+def test_layer_features(tmp_path, name):
+    net = feature_net(tmp_path, name)
+    assert_matches_engine(net, checked_model(net, batch="dynamic"), batch=3)
+
+
+def test_maxpool_windows_outside_the_input_give_minus_flt_max(tmp_path):
+    net = feature_net(tmp_path, "maxpool_inf")
+    images = images_for(net, 1)
+    got = run_model(checked_model(net), images)["output"]
+    expected = engine_outputs(net, images)["output"]
+    assert (expected == -np.finfo(np.float32).max).any()  # Darknet's -FLT_MAX, windows outside
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", activations.NAMES)
+def test_every_activation(tmp_path, name):
+    """Each activation alone on inputs from -6 to 6 (plse's and lhtan's pieces, stair's steps)."""
+    path = write_cfg(tmp_path / "a.cfg", {"batch": 1, "height": 9, "width": 9, "channels": 4},
+                     f"[activation]\nactivation={name}")
+    net = random_network(path)
+    images = np.random.default_rng(1).uniform(-6, 6, (2,) + net.input_shape).astype(np.float32)
+    got = run_model(checked_model(net), images[:1])
+    assert relative_difference(got, engine_outputs(net, images[:1])) <= TOLERANCE
+    assert set(onnx_export.ACTIVATIONS) >= set(activations.NAMES)
+
+
+# ---- batch, opsets, float16 ----------------------------------------------------------------------
+def g2c_net():
+    import engine
+
+    return engine.load(G2C_CFG, G2C_WEIGHTS, quiet=True)
+
+
+def test_dynamic_batch_runs_batch_1_and_3_through_one_model():
+    net = g2c_net()
+    model = checked_model(net, batch="dynamic")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert_matches_engine(net, model, batch=1)
+    assert_matches_engine(net, model, batch=3, seed=1)
+
+
+def test_fixed_batch_is_the_declared_shape():
+    import onnxruntime
+
+    net = g2c_net()
+    model = checked_model(net, batch=2)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 96, 96]
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [2, 255, 3, 3]
+    assert_matches_engine(net, model, batch=2)
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument):
+        run_model(model, images_for(net, 3))
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_other_opsets(tmp_path, opset):
+    net = feature_net(tmp_path, "upsample")
+    model = checked_model(net, opset=opset)
+    assert model.opset_import[0].version == opset
+    assert_matches_engine(net, model, batch=1)
+
+
+@pytest.mark.parametrize("case", ["g2c", "shortcut", "region_softmax"])
+def test_float16_is_within_1e_2(tmp_path, case):
+    net = g2c_net() if case == "g2c" else feature_net(tmp_path, case)
+    model = checked_model(net, fp16=True, batch="dynamic")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    images = images_for(net, 2)
+    got = run_model(model, images.astype(np.float16))
+    assert all(v.dtype == np.float16 for v in got.values())
+    assert relative_difference(got, engine_outputs(net, images)) <= FP16_TOLERANCE
+
+
+@pytest.mark.gpu
+def test_a_network_on_the_gpu_exports_the_same_model():
+    import engine
+
+    on_gpu = engine.load(G2C_CFG, G2C_WEIGHTS, backend="gpu", quiet=True)
+    assert build_model(on_gpu, batch="dynamic") == build_model(g2c_net(), batch="dynamic")
+
+
+# ---- decoding and NonMaxSuppression --------------------------------------------------------------
+@pytest.mark.parametrize("case", ["g2c", "region_softmax", "region_logistic"])
+def test_decode_is_engine_detections(tmp_path, case):
+    """boxes (input pixels), objectness and scores equal engine.detection's decoding of the
+    engine's outputs (image = network input, so no letterbox), box for box."""
+    net = g2c_net() if case == "g2c" else feature_net(tmp_path, case)
+    images = images_for(net, 2)
+    got = run_model(checked_model(net, decode=True, batch="dynamic"), images)
+    net.forward(images, train=False)
+    net_w, net_h = net.options.width, net.options.height
+    for image in range(2):
+        expected = detection.network_detections(net, net_w, net_h, thresh=-1, image_index=image)
+        # (the network's own outputs differ by float32 rounding, about 1e-6)
+        np.testing.assert_allclose(got["boxes"][image] / [net_w, net_h, net_w, net_h],
+                                   expected.boxes, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["objectness"][image], expected.objectness, atol=1e-5)
+        np.testing.assert_allclose(got["scores"][image], expected.probs, atol=1e-5)
+
+
+def onnx_detections(outputs, image_w, image_h, net_w, net_h, classes, thresh):
+    """What a deployed model's user does with the NMS outputs of image 0: boxes back from input
+    pixels to the image (undoing the letterbox, engine.detection.correct_boxes), one row per
+    box with its selected classes' scores, labelled as engine detect labels them."""
+    selected, boxes, scores = (outputs[k] for k in ("selected", "detection_boxes",
+                                                    "detection_scores"))
+    rows = {}
+    for (image, k, box), xywh, score in zip(selected, boxes, scores):
+        assert image == 0
+        entry = rows.setdefault(int(box), (xywh, np.zeros(classes, np.float32)))
+        entry[1][k] = score
+    if not rows:
+        return []
+    relative = np.array([xywh for xywh, _ in rows.values()]) / [net_w, net_h, net_w, net_h]
+    found = detection.Detections(
+        detection.correct_boxes(relative.astype(np.float32), image_w, image_h, net_w, net_h),
+        np.ones(len(rows), np.float32), np.array([p for _, p in rows.values()]))
+    return detection.label_detections(found, image_w, image_h, thresh)
+
+
+def write_image(path, width, height, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_nms_gives_engine_detect_boxes(tmp_path, fp16):
+    """Golden tiny-YOLOv3 weights on a 150x90 image, letterboxed outside the model as engine
+    detect does: after NonMaxSuppression, the same boxes, classes and probabilities."""
+    net = g2c_net()
+    path = str(tmp_path / "scene.png")
+    write_image(path, 150, 90)
+    thresh, nms = 0.6, 0.45
+    labelled, _, _ = detection.detect(net, path, thresh, nms)
+    model = checked_model(net, nms=nms, thresh=thresh, fp16=fp16)
+    boxed = detection.letterbox(detection.read_rgb(path), 96, 96)[None]
+    outputs = run_model(model, boxed.astype(np.float16 if fp16 else np.float32))
+    got = onnx_detections(outputs, 150, 90, 96, 96, 80, thresh)
+    assert len(labelled) > 1
+    # NMS did something here: more class scores were above the threshold than were kept
+    raw = detection.network_detections(net, 150, 90, thresh)
+    assert (raw.probs > thresh).sum() > len(outputs["selected"])
+    # the same boxes with the same classes; pixel corners are truncated, so float32 rounding
+    # may move one by a pixel
+    key = (lambda item: (item.classes, item.pixels))
+    got, labelled = sorted(got, key=key), sorted(labelled, key=key)
+    assert [item.classes for item in got] == [item.classes for item in labelled]
+    for mine, theirs in zip(got, labelled):
+        assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
+        np.testing.assert_allclose(mine.probabilities, theirs.probabilities,
+                                   atol=2e-3 if fp16 else 1e-5)
+
+
+def test_nms_0_only_thresholds_as_engine_detect_does():
+    net = g2c_net()
+    images = images_for(net, 1)
+    outputs = run_model(checked_model(net, nms=0, thresh=0.6), images)
+    net.forward(images, train=False)
+    raw = detection.network_detections(net, 96, 96, 0.6)
+    assert len(outputs["selected"]) == (raw.probs > 0.6).sum() > 0
+
+
+def test_nms_thresholds_are_strict_as_darknets():
+    """Darknet keeps a class score only when above the threshold and suppresses a box only when
+    its IoU is above the NMS threshold: at exactly 0.5 the score is dropped and the box kept."""
+    graph = onnx_export.Graph(onnx, None, np.float32)
+    selected, boxes, scores = onnx_export.append_nms(graph, "boxes", "scores", 3, 0.5, 0.5)
+    for name, tensor in (("selected", selected), ("found_boxes", boxes), ("found_scores", scores)):
+        graph.nodes.append(onnx.helper.make_node("Identity", [tensor], [name]))
+    float_input = (lambda name, shape: onnx.helper.make_tensor_value_info(name, 1, shape))
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        graph.nodes, "nms", [float_input("boxes", [1, 3, 4]), float_input("scores", [1, 3, 1])],
+        [onnx.helper.make_tensor_value_info("selected", onnx.TensorProto.INT64, [None, 3]),
+         float_input("found_boxes", [None, 4]), float_input("found_scores", [None])],
+        initializer=graph.initializers), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    # box 1 overlaps box 0 with IoU exactly 0.5 (overlap 2, union 4); box 2 scores exactly 0.5
+    boxes = np.float32([[[0, 0, 3, 1], [1, 0, 3, 1], [9, 9, 1, 1]]])
+    scores = np.float32([[[0.9], [0.8], [0.5]]])
+    selected, found_boxes, found_scores = session(model).run(None, {"boxes": boxes,
+                                                                    "scores": scores})
+    assert selected.tolist() == [[0, 0, 0], [0, 0, 1]]
+    np.testing.assert_array_equal(found_boxes, boxes[0, :2])
+    np.testing.assert_array_equal(found_scores, np.float32([0.9, 0.8]))
+    boxes[0, 1, 0] = 0.999  # IoU just above 0.5: suppressed
+    assert session(model).run(None, {"boxes": boxes, "scores": scores})[0].tolist() == [[0, 0, 0]]
+
+
+def test_new_layer_types_and_activations_are_refused_with_one_line(tmp_path, monkeypatch):
+    net = feature_net(tmp_path, "upsample")
+    monkeypatch.delitem(onnx_export.EXPORTERS, "upsample")
+    with pytest.raises(ExportError, match=r"upsample.cfg:\d+: \[upsample\] cannot be exported"):
+        build_model(net)
+    monkeypatch.undo()
+    monkeypatch.delitem(onnx_export.ACTIVATIONS, "leaky")
+    with pytest.raises(ExportError, match=r"\[convolutional\] activation 'leaky' cannot be"):
+        build_model(net)
+
+
+def test_a_key_the_exporter_does_not_know_is_refused_with_its_line(tmp_path, monkeypatch):
+    """A key a layer reads that its exporter does not list (as when a layer gains an option
+    later) stops the export rather than exporting something else than the engine computes."""
+    net = feature_net(tmp_path, "shortcut")
+    monkeypatch.setitem(onnx_export.EXPORTED_KEYS, "shortcut",
+                        onnx_export.EXPORTED_KEYS["shortcut"] - {"alpha"})
+    with pytest.raises(ExportError, match=r"shortcut.cfg:\d+: \[shortcut\] alpha=0.5: the ONNX "
+                                          r"export does not implement this key of \[shortcut\]"):
+        build_model(net)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def test_engine_export_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "tiny.onnx")
+    assert cli.main(["export", G2C_CFG, G2C_WEIGHTS, out, "--batch", "dynamic"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == (f"Wrote {out} (opset 17, float32): input input [batch, 3, 96, 96]; "
+                       "outputs yolo_16 [batch, 255, 3, 3], yolo_23 [batch, 255, 6, 6]")
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert_matches_engine(g2c_net(), model, batch=2)
+
+    out = str(tmp_path / "nms.onnx")
+    assert cli.main(["export", G2C_CFG, G2C_WEIGHTS, out, "--nms", "--thresh", "0.6",
+                     "--fp16", "--opset", "18"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"Wrote {out} (opset 18, float16): input input [1, 3, 96, 96]; outputs selected "
+        "[detections, 3], detection_boxes [detections, 4], detection_scores [detections]")
+
+
+def test_export_api_writes_the_file(tmp_path):
+    net = feature_net(tmp_path, "softmax")
+    path = tmp_path / "softmax.onnx"
+    model = export_onnx(net, str(path), batch=4)
+    assert onnx.load(str(path)) == model
+    assert [o.name for o in model.graph.output] == ["output"]
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [4, 96]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch", "0"], "--batch 0: expected a positive integer or 'dynamic'"),
+    (["--batch", "many"], "--batch many: expected a positive integer or 'dynamic'"),
+    (["--opset", "9"], "--opset 9: expected 13.."),
+    (["--nms", "1.5"], "--nms 1.5: expected an IoU threshold between 0 and 1"),
+    (["--decode"], "--decode/--nms need [yolo] or [region] layers; this network has none"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, options, message):
+    cfg = os.path.join(GOLDEN, "G2a_core", "g2a_core.cfg")
+    weights = os.path.join(GOLDEN, "G2a_core", "weights")
+    assert cli.main(["export", cfg, weights, str(tmp_path / "x.onnx")] + options) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("engine export: error: ")
+    assert message in error
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_missing_onnx_package_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    assert cli.main(["export", G2C_CFG, G2C_WEIGHTS, str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().err == ("engine export: error: ONNX export needs the onnx package: "
+                                       "pip install -e '.[onnx]' (or pip install 'onnx>=1.15')\n")
+
+
+def test_missing_weights_and_unwritable_output_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["export", G2C_CFG, str(tmp_path / "none.weights"),
+                     str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["export", G2C_CFG, G2C_WEIGHTS, str(blocker / "x.onnx")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot write ONNX file" in error
