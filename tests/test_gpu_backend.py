@@ -190,7 +190,8 @@ def test_batchnorm(gpu, cpu, rng, shape, per_activation):
 
 # ---- pooling, resampling, dropout ---------------------------------------------------------------
 @pytest.mark.parametrize("size,stride,padding", [(2, 2, 1), (2, 1, 1), (3, 2, 2), (3, 1, 2),
-                                                 (2, 2, 0), (5, 3, 4)])
+                                                 (2, 2, 0), (5, 3, 4), (13, 1, 12), (40, 3, 39),
+                                                 (3, 1, 9)])
 def test_maxpool(gpu, cpu, rng, size, stride, padding):
     x = randn(rng, 2, 3, 9, 8)
     x[0, 0, 0, :4] = 7.0  # ties: the first cell of the window wins on both backends

@@ -39,7 +39,8 @@ def conv_reference(x, w, stride, padding, groups):
 
 
 def maxpool_reference(x, size, stride, padding):
-    """Darknet's forward_maxpool_layer: windows start at -padding/2; outside cells are -inf."""
+    """Darknet's forward_maxpool_layer: windows start at -padding/2; the maximum starts at
+    -FLT_MAX and outside cells are skipped."""
     b, c, h, w = x.shape
     oh = (h + padding - size) // stride + 1
     ow = (w + padding - size) // stride + 1
@@ -49,12 +50,12 @@ def maxpool_reference(x, size, stride, padding):
         for ch in range(c):
             for i in range(oh):
                 for j in range(ow):
-                    best = -np.inf
+                    best = -np.finfo(np.float32).max
                     for ki in range(size):
                         for kj in range(size):
                             r, col = offset + i * stride + ki, offset + j * stride + kj
-                            value = x[n, ch, r, col] if 0 <= r < h and 0 <= col < w else -np.inf
-                            best = max(best, value)
+                            if 0 <= r < h and 0 <= col < w:
+                                best = max(best, x[n, ch, r, col])
                     y[n, ch, i, j] = best
     return y
 
@@ -89,6 +90,9 @@ def test_convolution_forward_matches_loops(tmp_path, text, shape):
     ("size=3\nstride=2", (1, 7, 7), (4, 4)),
     ("size=3\nstride=2\npadding=0", (1, 7, 8), (3, 3)),
     ("size=4\nstride=2\npadding=3", (2, 6, 6), (3, 3)),
+    ("size=13\nstride=1", (2, 4, 4), (4, 4)),         # SPP's window on a small map
+    ("size=40\nstride=3", (1, 5, 6), (2, 2)),
+    ("size=3\nstride=1\npadding=9", (1, 4, 4), (11, 11)),  # windows wholly outside: -FLT_MAX
 ])
 def test_maxpool_forward_matches_darknet_rule(tmp_path, text, shape, out_hw):
     """maxpool output = (w + padding - size)/stride + 1, windows from -padding/2, -inf outside;
