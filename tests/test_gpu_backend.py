@@ -69,8 +69,23 @@ def test_activation_forward_and_gradient(gpu, cpu, rng, name):
     y_gpu = gpu.activate_(gpu.asarray(x), name)
     assert_close(gpu, y_gpu, y_cpu, f"{name} forward")
     delta = randn(rng, *x.shape)
-    d_cpu = cpu.activation_backward_(y_cpu, delta.copy(), name)
-    d_gpu = gpu.activation_backward_(gpu.asarray(y_cpu), gpu.asarray(delta), name)
+    if name in activations.INPUT_GRADIENT:
+        d_cpu = cpu.activation_input_backward_(x, delta.copy(), name)
+        d_gpu = gpu.activation_input_backward_(gpu.asarray(x), gpu.asarray(delta), name)
+    else:
+        d_cpu = cpu.activation_backward_(y_cpu, delta.copy(), name)
+        d_gpu = gpu.activation_backward_(gpu.asarray(y_cpu), gpu.asarray(delta), name)
+    assert_close(gpu, d_gpu, d_cpu, f"{name} gradient")
+
+
+@pytest.mark.parametrize("name", activations.CHANNEL_NAMES)
+def test_normalize_channels(gpu, cpu, rng, name):
+    x = randn(rng, 3, 6, 5, 4) * 3
+    assert_close(gpu, gpu.normalize_channels(gpu.asarray(x), name), cpu.normalize_channels(x, name),
+                 f"{name} forward")
+    delta = randn(rng, *x.shape)
+    d_cpu = cpu.normalize_channels_backward_(x, delta.copy(), name)
+    d_gpu = gpu.normalize_channels_backward_(gpu.asarray(x), gpu.asarray(delta), name)
     assert_close(gpu, d_gpu, d_cpu, f"{name} gradient")
 
 

@@ -130,6 +130,20 @@ class NumpyBackend:
             delta *= activations.gradient(y, activation)
         return delta
 
+    def activation_input_backward_(self, x, delta, activation):
+        """delta *= act'(x) from the activation's input x (activations.INPUT_GRADIENT); in place."""
+        delta *= activations.gradient_from_input(x, activation)
+        return delta
+
+    def normalize_channels(self, x, activation):
+        """AlexeyAB's normalize_channels(_softmax(_maxval)) across channels: a new array."""
+        return activations.normalize_channels(x, activation)
+
+    def normalize_channels_backward_(self, x, delta, activation):
+        """delta := the gradient through normalize_channels at input x; returns delta."""
+        delta[...] = activations.normalize_channels_backward(x, delta, activation)
+        return delta
+
     def add_bias_(self, y, biases, activation="linear"):
         """y = act(y + biases per channel), in place."""
         y += biases.reshape(1, -1, 1, 1)

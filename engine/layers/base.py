@@ -8,6 +8,7 @@ the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, 
 
 import numpy as np
 
+from .. import activations
 from ..backends.numpy_backend import BN_INFERENCE_EPSILON
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
@@ -76,6 +77,36 @@ class Layer:
                            decay if name == "weights" else 0.0, batch)
 
 
+def fusable(activation, train):
+    """Whether the activation can run inside a fused elementwise pass (bias or BN + act): not
+    the channel-wise ones, and not those whose gradient needs the input while training."""
+    return activation not in activations.CHANNEL_NAMES and not (
+        train and activation in activations.INPUT_GRADIENT)
+
+
+def needs_input(activation):
+    return activation in activations.INPUT_GRADIENT or activation in activations.CHANNEL_NAMES
+
+
+def activate(ops, x, activation, train, owner):
+    """act(x) for any activation, in place where elementwise; when training an activation whose
+    gradient needs its input, `owner.pre_activation` keeps a copy of x."""
+    if train and needs_input(activation):
+        owner.pre_activation = ops.copy(x)
+    if activation in activations.CHANNEL_NAMES:
+        return ops.normalize_channels(x, activation)
+    return ops.activate_(x, activation)
+
+
+def activation_backward(ops, owner, delta, activation):
+    """delta *= act'(...) in place (from the output, or the kept input where needed)."""
+    if activation in activations.CHANNEL_NAMES:
+        return ops.normalize_channels_backward_(owner.pre_activation, delta, activation)
+    if activation in activations.INPUT_GRADIENT:
+        return ops.activation_input_backward_(owner.pre_activation, delta, activation)
+    return ops.activation_backward_(owner.output, delta, activation)
+
+
 def input_shape_error(section, shape, what):
     c, h, w = shape
     return section.error(f"{what} does not fit the {w}x{h}x{c} input")
@@ -99,16 +130,19 @@ class LinearUnit(Layer):
 
     def normalize_activate(self, ops, y, train):
         p = self.params
+        fused = self.activation if fusable(self.activation, train) else "linear"
         if not self.batch_normalize:
-            y = ops.add_bias_(y, p["biases"], self.activation)  # one fused pass where it can be
+            y = ops.add_bias_(y, p["biases"], fused)  # one fused pass where it can be
         elif train:
             y, self.bn_cache = ops.batchnorm_forward_train(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
-            y = ops.activate_(y, self.activation)
+            fused = "linear"
         else:
             y = ops.batchnorm_forward_inference(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
-                activation=self.activation)
+                activation=fused)
+        if fused != self.activation:
+            y = activate(ops, y, self.activation, train, self)
         self.output = y
         return y
 
@@ -135,7 +169,7 @@ class LinearUnit(Layer):
 
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""
-        delta = ops.activation_backward_(self.output, delta, self.activation)
+        delta = activation_backward(ops, self, delta, self.activation)
         if self.batch_normalize:
             return ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],
                                           self.updates["scales"], self.updates["biases"])

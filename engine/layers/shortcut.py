@@ -8,7 +8,7 @@ ratios disagree; we refuse that case with an error naming the cfg line.
 """
 
 from .. import activations
-from .base import Layer
+from .base import Layer, activate, activation_backward
 
 
 class ShortcutLayer(Layer):
@@ -47,9 +47,9 @@ class ShortcutLayer(Layer):
     def forward(self, ops, xs, train):
         previous, source = xs
         y = ops.shortcut_forward(previous, source, self.alpha, self.beta)
-        self.output = ops.activate_(y, self.activation)
+        self.output = activate(ops, y, self.activation, train, self)
         return self.output
 
     def backward(self, ops, delta, need_dx):
-        delta = ops.activation_backward_(self.output, ops.copy(delta), self.activation)
+        delta = activation_backward(ops, self, ops.copy(delta), self.activation)
         return list(ops.shortcut_backward(delta, self.from_shape, self.alpha, self.beta))

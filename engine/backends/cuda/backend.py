@@ -172,6 +172,26 @@ class CudaBackend:
                                 delta.size, _activation_id(activation))
         return delta
 
+    def activation_input_backward_(self, x, delta, activation):
+        self.kernels.launch("input_gradient_kernel", delta.size, x.ptr, delta.ptr, delta.size,
+                            _activation_id(activation))
+        return delta
+
+    def _normalize_channels_launch(self, name, x, out, activation):
+        spatial, channels = self._channel_layout(x.shape)
+        positions = int(x.shape[0]) * spatial
+        self.kernels.launch(name, positions, x.ptr, out.ptr, positions, channels, spatial,
+                            activations.CHANNEL_NAMES.index(activation))
+
+    def normalize_channels(self, x, activation):
+        y = self._empty(x.shape)
+        self._normalize_channels_launch("normalize_channels_kernel", x, y, activation)
+        return y
+
+    def normalize_channels_backward_(self, x, delta, activation):
+        self._normalize_channels_launch("normalize_channels_backward_kernel", x, delta, activation)
+        return delta
+
     @staticmethod
     def _channel_layout(shape):
         """(spatial, channels) of an NCHW-like shape: element i has channel (i//spatial)%channels."""
