@@ -153,7 +153,8 @@ def cmd_info(args):
 def cmd_detect(args):
     net = build(args, weights=args.weights, inference=True)
     names = detection.read_names(args.names) if args.names else None
-    labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms)
+    labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms,
+                                               letterboxed=False if args.resize else None)
     classes = detections.probs.shape[1]
     for item in labelled:
         left, top, right, bottom = item.pixels
@@ -223,6 +224,9 @@ def make_parser():
     p.add_argument("--thresh", type=float, default=0.5, help="confidence threshold (default 0.5)")
     p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold; 0 turns NMS off")
     p.add_argument("--out", default="predictions.png", help="image with the boxes drawn")
+    p.add_argument("--resize", action="store_true",
+                   help="stretch the image to the input instead of letterboxing it (AlexeyAB's "
+                        "default when [net] has no letter_box=1)")
     add_backend_options(p)
     p.set_defaults(run=cmd_detect)
 

@@ -20,7 +20,7 @@ POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
 # (so Darknet's cfgs load without warnings) and ignored. README lists them.
 IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
                     "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
-                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "letter_box")
+                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic")
 
 
 class NetOptions:
@@ -69,6 +69,8 @@ class NetOptions:
             self.gamma = s.float("gamma", 1.0)
             if self.policy == "sig":
                 self.step = s.int("step", 1)
+        # AlexeyAB's detection preprocessing: 1 letterboxes, 0 stretches (None: not given).
+        self.letter_box = s.int("letter_box") if s.has("letter_box") else None
         for key in IGNORED_NET_KEYS:
             s.str(key)
 

@@ -192,6 +192,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
+    for layer in net.layers:  # options whose training the engine lacks: one line, before any work
+        if hasattr(layer, "check_trainable"):
+            layer.check_trainable()
     dataset.check_network(net)
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")

@@ -653,3 +653,12 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
     inputs = read_floats(os.path.join(root, "inputs.bin"), (2, 3, 32, 32))
     for _ in range(3):
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
+
+
+# ---- AlexeyAB's operations ----------------------------------------------------------------------
+def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
+    x = randn(rng, 2, 3 * 7, 4, 5) * 3
+    args = (3, [(0, 2), (4, 7)])
+    affine = (0, 2, 1.05, -0.025)
+    assert_close(gpu, gpu.anchor_activate(gpu.asarray(x), *args, affine=affine),
+                 cpu.anchor_activate(x, *args, affine=affine), "anchor_activate scale_x_y")

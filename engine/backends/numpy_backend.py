@@ -558,12 +558,13 @@ class NumpyBackend:
         dadd[add_window] = np.float32(beta) * delta[out_window]
         return dx, dadd
 
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
         """YOLO/region output activation. x (B, anchors*E, H, W) holds, per anchor, E entries
         (x, y, w, h, objectness, classes...) each an H x W plane. Returns a new array: the
         logistic 1/(1+exp(-v)) on entries [start, stop) for each (start, stop) in
         `logistic_ranges`, a softmax over entries [start, stop) of `softmax_range` at each
-        (anchor, position), and every other entry unchanged."""
+        (anchor, position), and every other entry unchanged; then, if `affine` = (start, stop,
+        scale, shift), v*scale + shift on those entries (AlexeyAB's scale_x_y)."""
         b, _, h, w = x.shape
         y = x.copy()
         grouped = y.reshape(b, anchors, -1, h, w)
@@ -574,6 +575,10 @@ class NumpyBackend:
             block = grouped[:, :, start:stop]
             block = np.exp(block - block.max(axis=2, keepdims=True))
             grouped[:, :, start:stop] = block / block.sum(axis=2, keepdims=True)
+        if affine is not None:
+            start, stop, scale, shift = affine
+            grouped[:, :, start:stop] = grouped[:, :, start:stop] * y.dtype.type(scale) + \
+                y.dtype.type(shift)
         return y
 
     def reorg(self, x, stride, forward, dims, out_shape):

@@ -471,7 +471,7 @@ class CudaBackend:
                             *geometry, np.float32(alpha), np.float32(beta))
         return dx, d_add
 
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
         b, channels, h, w = (int(s) for s in x.shape)
         entries, spatial, groups = channels // anchors, h * w, b * anchors
         y = self.copy(x)
@@ -484,6 +484,11 @@ class CudaBackend:
             n = groups * spatial
             self.kernels.launch("anchor_softmax_kernel", n, y.ptr, n, entries, start,
                                 stop - start, spatial)
+        if affine is not None:
+            start, stop, scale, shift = affine
+            n = groups * (stop - start) * spatial
+            self.kernels.launch("anchor_affine_kernel", n, y.ptr, n, entries, start,
+                                stop - start, spatial, np.float32(scale), np.float32(shift))
         return y
 
     def reorg(self, x, stride, forward, dims, out_shape):

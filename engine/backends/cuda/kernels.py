@@ -38,6 +38,7 @@ SIGNATURES = {
     "shortcut_backward_kernel": ("detection.cu", "PPPiiiiiiiiiiiiff"),
     "anchor_logistic_kernel": ("detection.cu", "Piiiii"),
     "anchor_softmax_kernel": ("detection.cu", "Piiiii"),
+    "anchor_affine_kernel": ("detection.cu", "Piiiiiff"),
     "reorg_kernel": ("detection.cu", "PPiiiiii"),
     "cross_entropy_kernel": ("softmax.cu", "PPPPi"),
     "sse_kernel": ("softmax.cu", "PPPPi"),
