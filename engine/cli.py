@@ -90,7 +90,7 @@ def training_set(net, data):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
     [softmax] or [cost] a classifier."""
-    detector = [layer.type_name == "yolo" for layer in net.cost_layers]
+    detector = [layer.type_name in ("yolo", "gaussian_yolo") for layer in net.cost_layers]
     if all(detector):
         return data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
     if any(detector):

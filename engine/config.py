@@ -7,6 +7,7 @@ remember which keys were used so unused ones can be reported as Darknet does ("U
 """
 
 import os
+import re
 import sys
 
 from .errors import ConfigError
@@ -89,15 +90,27 @@ class Section:
 
 
 def _parse_int(text):
-    # Darknet reads integers with atoi, which accepts "3.0" as 3; we accept whole-number floats
-    # but refuse "2.5" or "abc" rather than truncating silently.
+    """Darknet reads integers with C's atoi: the longest leading [+-]digits prefix, the rest
+    ignored, no digits giving 0. We follow it where cfgs rely on it (AlexeyAB's `filters=40#32`,
+    an inline comment, is 40; "3.0" is 3) but refuse what is surely a mistake: no leading digits
+    ("abc", which atoi reads as 0) and a fractional number ("2.5", which atoi truncates to 2)."""
     try:
         return int(text)
     except ValueError:
-        value = float(text)
+        pass
+    match = _INT_PREFIX.match(text)
+    if match is None:
+        raise ValueError(text)
+    rest = text[match.end():]
+    if rest[:1] in (".", "e", "E"):
+        value = float(text)  # "3.0", "1e3": whole numbers only
         if value != int(value):
-            raise
+            raise ValueError(text)
         return int(value)
+    return int(match.group())
+
+
+_INT_PREFIX = re.compile(r"[+-]?[0-9]+")
 
 
 def _items(text):

@@ -165,7 +165,25 @@ def region_detections(layer, output, net_w, net_h, image_w, image_h, thresh, let
     return Detections(boxes.astype(np.float32), objectness, probs.astype(np.float32))
 
 
-DECODERS = {"yolo": yolo_detections, "region": region_detections}
+def gaussian_yolo_detections(layer, output, net_w, net_h, image_w, image_h, thresh,
+                             letterboxed=True):
+    """AlexeyAB's get_gaussian_yolo_detections: entries x, uc, y, uc, w, uc, h, uc, objectness,
+    classes; boxes as YOLOv3's from entries 0, 2, 4, 6; class probability objectness * class *
+    (1 - the mean of the four uncertainties)."""
+    rows, col, row, (w, h) = _grid_predictions(output, len(layer.mask), layer.entries)
+    anchors = np.repeat(layer.mask_anchors, h * w, axis=0)
+    keep = rows[:, 8] > thresh
+    rows, col, row, anchors = rows[keep], col[keep], row[keep], anchors[keep]
+    boxes = grid_boxes(rows[:, [0, 2, 4, 6]], col, row, w, h, anchors[:, 0] / net_w,
+                       anchors[:, 1] / net_h)
+    boxes = correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed)
+    certainty = 1 - rows[:, [1, 3, 5, 7]].mean(axis=1)
+    return Detections(boxes.astype(np.float32), rows[:, 8].copy(),
+                      _class_probs(rows[:, 8] * certainty, rows[:, 9:], thresh))
+
+
+DECODERS = {"yolo": yolo_detections, "region": region_detections,
+            "gaussian_yolo": gaussian_yolo_detections}
 
 
 def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed=True):

@@ -14,7 +14,7 @@ from .config import read_cfg, warn_unused
 from .errors import ConfigError, EngineError
 from .layers import LAYER_TYPES
 
-POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
+POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "sigmoid", "random", "sgdr")
 
 # [net] keys Darknet reads for data augmentation and optimisers we do not implement; accepted
 # (so Darknet's cfgs load without warnings) and ignored. README lists them.
@@ -65,10 +65,20 @@ class NetOptions:
             if not self.steps or not self.scales or len(self.steps) != len(self.scales):
                 raise s.error("policy=steps needs steps=... and scales=... lists of equal length",
                               "steps")
-        elif self.policy in ("exp", "sig"):
+        elif self.policy in ("exp", "sig", "sigmoid"):  # sigmoid: AlexeyAB's name for sig
             self.gamma = s.float("gamma", 1.0)
-            if self.policy == "sig":
+            if self.policy != "exp":
                 self.step = s.int("step", 1)
+        elif self.policy == "sgdr":
+            # AlexeyAB's cosine annealing with warm restarts (get_current_rate, SGDR); it parses
+            # steps/scales for it too but does not use them.
+            self.learning_rate_min = s.float("learning_rate_min", 0.00001)
+            self.sgdr_cycle = s.require_positive("sgdr_cycle", s.int("sgdr_cycle", self.max_batches)) \
+                if s.has("sgdr_cycle") or self.max_batches > 0 else 0
+            if self.sgdr_cycle <= 0:
+                raise s.error("policy=sgdr needs sgdr_cycle or max_batches > 0", "policy")
+            self.sgdr_mult = s.require_positive("sgdr_mult", s.int("sgdr_mult", 2))
+            s.str("steps"), s.str("scales")
         # AlexeyAB's detection preprocessing: 1 letterboxes, 0 stretches (None: not given).
         self.letter_box = s.int("letter_box") if s.has("letter_box") else None
         for key in IGNORED_NET_KEYS:

@@ -512,6 +512,54 @@ class NumpyBackend:
         param += np.float32(learning_rate / batch) * updates
         updates *= np.float32(momentum)
 
+    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    def multiply(self, a, b):
+        """a * b for NCHW arrays, b broadcast over any of its axes of size 1: a new array."""
+        return np.multiply(a, b)
+
+    def sum_to(self, x, shape):
+        """The sum of x over the axes where `shape` has 1 and x does not (the adjoint of
+        broadcasting to x's shape): a new array of `shape`."""
+        axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+        return np.ascontiguousarray(x.sum(axis=axes, keepdims=True).reshape(shape))
+
+    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+        """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
+        start at -padding//2, as Darknet's maxpool; cells outside the input are not counted)."""
+        b, c, h, w = x.shape
+        top = padding // 2
+        frame_h, frame_w = (out_h - 1) * stride + size, (out_w - 1) * stride + size
+        padded = np.zeros((b, c, max(frame_h, top + h), max(frame_w, top + w)), x.dtype)
+        padded[:, :, top:top + h, top:top + w] = x
+        count = np.zeros(padded.shape[2:], x.dtype)
+        count[top:top + h, top:top + w] = 1
+        total = np.zeros((b, c, out_h, out_w), x.dtype)
+        cells = np.zeros((out_h, out_w), x.dtype)
+        for i in range(size):
+            for j in range(size):
+                total += self._pool_window(padded, i, j, stride, out_h, out_w)
+                cells += count[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+        return total / cells
+
+    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+        """The adjoint of local_avgpool: each window's delta / its cell count, spread back."""
+        b, c, h, w = in_shape
+        out_h, out_w = delta.shape[2:]
+        top = padding // 2
+        frame = (max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w))
+        count = np.zeros(frame, delta.dtype)
+        count[top:top + h, top:top + w] = 1
+        cells = np.zeros((out_h, out_w), delta.dtype)
+        for i in range(size):
+            for j in range(size):
+                cells += count[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+        share = delta / cells
+        padded = np.zeros((b, c) + frame, delta.dtype)
+        for i in range(size):
+            for j in range(size):
+                self._pool_window(padded, i, j, stride, out_h, out_w)[...] += share
+        return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
+
     # ---- channel plumbing (route) -------------------------------------------------------------
     def channel_slice(self, x, start, stop):
         return np.ascontiguousarray(x[:, start:stop])

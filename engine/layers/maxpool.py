@@ -11,10 +11,16 @@ class MaxpoolLayer(Layer):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
         self.stride = section.require_positive("stride", section.int("stride", 1))
+        refuse_unequal_strides(section, self.stride)
         self.size = section.require_positive("size", section.int("size", self.stride))
         self.padding = section.int("padding", self.size - 1)
         if self.padding < 0:
             raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        # AlexeyAB's variants the engine lacks: refused at their line rather than ignored.
+        for key in ("maxpool_depth", "antialiasing", "maxpool_zero_nonmax"):
+            if section.int(key, 0):
+                raise section.error(f"{key}={section.int(key)} is not supported", key)
+        section.int("out_channels", 1)  # used only with maxpool_depth
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if self.size > h + self.padding or self.size > w + self.padding or out_h < 1 or out_w < 1:
@@ -36,3 +42,47 @@ class MaxpoolLayer(Layer):
             return None
         return ops.maxpool_backward(delta, self.argmax, self.batch_in_shape, self.size,
                                     self.stride, self.padding)
+
+
+class LocalAvgpoolLayer(Layer):
+    """[local_avgpool]: AlexeyAB's windowed average pooling, with [maxpool]'s geometry (windows
+    start at -padding//2, padding defaults to size-1); a window's mean counts only the cells
+    inside the input (forward_local_avgpool_layer)."""
+
+    type_name = "local_avgpool"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        c, h, w = self.in_shape
+        self.stride = section.require_positive("stride", section.int("stride", 1))
+        refuse_unequal_strides(section, self.stride)
+        self.size = section.require_positive("size", section.int("size", self.stride))
+        self.padding = section.int("padding", self.size - 1)
+        if self.padding < 0:
+            raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        out_h = (h + self.padding - self.size) // self.stride + 1
+        out_w = (w + self.padding - self.size) // self.stride + 1
+        if out_h < 1 or out_w < 1:
+            raise input_shape_error(section, self.in_shape, f"local_avgpool size={self.size}")
+        self.out_shape = (c, out_h, out_w)
+
+    def describe(self):
+        return "avg          %d x %d / %d  %s" % (self.size, self.size, self.stride, self.maps())
+
+    def forward(self, ops, x, train):
+        self.batch_in_shape = x.shape
+        return ops.local_avgpool(x, self.size, self.stride, self.padding, *self.out_shape[1:])
+
+    def backward(self, ops, delta, need_dx):
+        if not need_dx:
+            return None
+        return ops.local_avgpool_backward(delta, self.batch_in_shape, self.size, self.stride,
+                                          self.padding)
+
+
+def refuse_unequal_strides(section, stride):
+    """AlexeyAB's stride_x/stride_y: accepted when they equal `stride`, refused otherwise."""
+    for key in ("stride_x", "stride_y"):
+        if section.has(key) and section.int(key) != stride:
+            raise section.error(f"{key}={section.int(key)}: different horizontal and vertical "
+                                "strides are not supported", key)

@@ -101,6 +101,9 @@ def check_outputs_fit(section, in_shape, anchors, entries):
 
 class YoloLayer(Layer):
     type_name = "yolo"
+    box_entries = 4  # x, y, w, h before objectness and the classes
+    nms_kinds = YOLO_NMS_KINDS
+    training_defaults = TRAINING_DEFAULTS
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
 
@@ -114,7 +117,7 @@ class YoloLayer(Layer):
                 raise section.error(f"mask index {m} lies outside the {self.total} anchors "
                                     f"(num={self.total}; valid indexes 0..{self.total - 1})", "mask")
         self.anchors = parse_anchors(section, self.total, 0.5)
-        self.entries = 4 + 1 + self.classes
+        self.entries = self.box_entries + 1 + self.classes
         check_outputs_fit(section, self.in_shape, len(self.mask), self.entries)
         self.ignore_thresh = section.float("ignore_thresh", 0.5)
         self.truth_thresh = section.float("truth_thresh", 1.0)
@@ -122,9 +125,9 @@ class YoloLayer(Layer):
         # The loss measures boxes against the network input (Darknet's net.w, net.h).
         self.net_w, self.net_h = net.options.width, net.options.height
         self.scale_x_y = section.float("scale_x_y", 1.0)
-        self.new_coords = section.bool("new_coords", False)
-        self.nms_kind, self.beta_nms = parse_nms(section, YOLO_NMS_KINDS)
-        self.untrainable = training_keys(section, TRAINING_DEFAULTS)
+        self.new_coords = section.bool("new_coords", False) if self.box_entries == 4 else False
+        self.nms_kind, self.beta_nms = parse_nms(section, self.nms_kinds)
+        self.untrainable = training_keys(section, self.training_defaults)
         # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
         for key in IGNORED_KEYS:
             section.str(key)

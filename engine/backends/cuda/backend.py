@@ -471,6 +471,49 @@ class CudaBackend:
                             *geometry, np.float32(alpha), np.float32(beta))
         return dx, d_add
 
+    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    @staticmethod
+    def _broadcast_strides(shape, full):
+        """Element strides of a contiguous NCHW `shape` over (batch, channel, position) of the
+        `full` shape, 0 along axes it is broadcast on."""
+        b, c, h, w = (int(v) for v in shape)
+        fb, fc, fh, fw = (int(v) for v in full)
+        return (0 if b == 1 and fb != 1 else c * h * w, 0 if c == 1 and fc != 1 else h * w,
+                0 if h * w == 1 and fh * fw != 1 else 1)
+
+    def multiply(self, a, b):
+        full = a.shape if a.size >= b.size else b.shape
+        if a.shape != full:
+            a, b = b, a
+        y = self._empty(full)
+        strides = self._broadcast_strides(b.shape, full)
+        self.kernels.launch("broadcast_multiply_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
+                            int(full[1]), _size(full[2:]), *strides)
+        return y
+
+    def sum_to(self, x, shape):
+        y = self._empty(shape)
+        keep = [int(n == m) for n, m in zip(shape, x.shape)]
+        self.kernels.launch("sum_to_kernel", y.size, x.ptr, y.ptr, y.size, int(x.shape[0]),
+                            int(x.shape[1]), _size(x.shape[2:]), keep[0], keep[1],
+                            int(_size(shape[2:]) == _size(x.shape[2:])))
+        return y
+
+    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+        b, c, h, w = (int(v) for v in x.shape)
+        y = self._empty((b, c, out_h, out_w))
+        self.kernels.launch("local_avgpool_kernel", y.size, x.ptr, y.ptr, y.size, c, h, w,
+                            out_h, out_w, size, stride, padding)
+        return y
+
+    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+        b, c, h, w = (int(v) for v in in_shape)
+        dx = self._empty(in_shape)
+        out_h, out_w = int(delta.shape[2]), int(delta.shape[3])
+        self.kernels.launch("local_avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
+                            c, h, w, out_h, out_w, size, stride, padding)
+        return dx
+
     def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
         b, channels, h, w = (int(s) for s in x.shape)
         entries, spatial, groups = channels // anchors, h * w, b * anchors

@@ -40,6 +40,10 @@ SIGNATURES = {
     "anchor_softmax_kernel": ("detection.cu", "Piiiii"),
     "anchor_affine_kernel": ("detection.cu", "Piiiiiff"),
     "reorg_kernel": ("detection.cu", "PPiiiiii"),
+    "broadcast_multiply_kernel": ("broadcast.cu", "PPPiiiiii"),
+    "sum_to_kernel": ("broadcast.cu", "PPiiiiiii"),
+    "local_avgpool_kernel": ("pooling.cu", "PPiiiiiiiii"),
+    "local_avgpool_backward_kernel": ("pooling.cu", "PPiiiiiiiii"),
     "cross_entropy_kernel": ("softmax.cu", "PPPPi"),
     "sse_kernel": ("softmax.cu", "PPPPi"),
 }

@@ -1,0 +1,36 @@
+"""[implicit]: AlexeyAB's learned constant (representation_layer.c, YOLOR): the output is the
+layer's `filters` x `atoms` x 1 weights, the same for every image; nothing is read from the
+previous layer (only its batch size). Its weights are in the .weights file (filters*atoms floats). Combining it with
+a feature map is done by [shift_channels]/[control_channels], which this engine lacks."""
+
+import numpy as np
+
+from .base import Layer
+
+
+class ImplicitLayer(Layer):
+    type_name = "implicit"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        mean = section.float("mean", 0.0)
+        std = section.float("std", 0.2)
+        filters = section.require_positive("filters", section.int("filters", 128))
+        atoms = section.require_positive("atoms", section.int("atoms", 1))
+        self.out_shape = (filters, atoms, 1)
+        self.add_param("weights", mean + net.rng.uniform(-std, std, self.out_shape))
+        self.weight_order = ("weights",)
+
+    def describe(self):
+        c, h, w = self.out_shape
+        return f"implicit                                   ->  {w:4d} x{h:4d} x{c:4d}"
+
+    def forward(self, ops, x, train):
+        ones = ops.asarray(np.ones((x.shape[0], 1, 1, 1), np.float32))
+        return ops.multiply(ones, ops.reshape(self.params["weights"], (1,) + self.out_shape))
+
+    def backward(self, ops, delta, need_dx):
+        ops.add_(self.updates["weights"], ops.reshape(ops.sum_to(delta, (1,) + self.out_shape),
+                                                      self.out_shape))
+        return None
+
