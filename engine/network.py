@@ -20,7 +20,28 @@ POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "sigmoid", "rando
 # (so Darknet's cfgs load without warnings) and ignored. README lists them.
 IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
                     "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
-                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic")
+                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "cutmix", "blur",
+                    "mixup", "gaussian_noise")
+
+
+# AlexeyAB's sections the engine lacks, with why (the recurrent family keeps state across
+# images; [contrastive] is a self-supervised loss; [detection] is YOLOv1's output layer).
+UNSUPPORTED_SECTIONS = {
+    "rnn": "recurrent layers are not implemented", "crnn": "recurrent layers are not implemented",
+    "lstm": "recurrent layers are not implemented", "gru": "recurrent layers are not implemented",
+    "conv_lstm": "recurrent layers are not implemented",
+    "history": "recurrent layers are not implemented",
+    "contrastive": "AlexeyAB's contrastive loss layer is not implemented",
+    "detection": "YOLOv1's [detection] layer is not implemented",
+    "local": "the locally connected layer is not implemented",
+}
+# Keys AlexeyAB's parser reads in every layer (parse_network_cfg_custom), with their defaults.
+# stopbackward and onlyforward are implemented (backward stops there / skips the layer); the others change training or loading
+# and are refused when set.
+GENERIC_LAYER_KEYS = {"dont_update": 0, "burnin_update": 0,
+                      "train_only_bn": 0, "dontload": 0, "dontloadscales": 0, "clip": 0}
+# [net] keys that change only AlexeyAB's training: training refuses them (inference is fine).
+TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None}
 
 
 class NetOptions:
@@ -79,6 +100,8 @@ class NetOptions:
                 raise s.error("policy=sgdr needs sgdr_cycle or max_batches > 0", "policy")
             self.sgdr_mult = s.require_positive("sgdr_mult", s.int("sgdr_mult", 2))
             s.str("steps"), s.str("scales")
+        self.untrainable = {key: s.str(key) for key, default in TRAINING_NET_KEYS.items()
+                            if s.has(key) and (default is None or float(s.float(key)) != default)}
         # AlexeyAB's detection preprocessing: 1 letterboxes, 0 stretches (None: not given).
         self.letter_box = s.int("letter_box") if s.has("letter_box") else None
         for key in IGNORED_NET_KEYS:
@@ -87,6 +110,15 @@ class NetOptions:
     @property
     def input_shape(self):
         return (self.channels, self.height, self.width)
+
+
+def read_generic_keys(section, layer):
+    """AlexeyAB's keys of every layer: stopbackward kept, the others refused when set."""
+    layer.stopbackward = section.bool("stopbackward", False)
+    layer.onlyforward = section.bool("onlyforward", False)
+    for key, default in GENERIC_LAYER_KEYS.items():
+        if section.has(key) and section.float(key) != default:
+            raise section.error(f"{key}={section.str(key)} is not supported", key)
 
 
 class RecordedInference:
@@ -141,11 +173,14 @@ class Network:
         self.layer_shapes = []
         for index, section in enumerate(sections[1:]):
             layer_class = LAYER_TYPES.get(section.name)
+            if section.name in UNSUPPORTED_SECTIONS:
+                raise ConfigError(f"{section.where()} {UNSUPPORTED_SECTIONS[section.name]}")
             if layer_class is None:
                 known = ", ".join(sorted({c.type_name for c in LAYER_TYPES.values()}))
                 raise ConfigError(f"{section.where()} unknown section type; supported: {known}")
             previous = self.layer_shapes[-1] if self.layer_shapes else self.options.input_shape
             layer = layer_class(section, index, [previous], self)
+            read_generic_keys(section, layer)
             self.layers.append(layer)
             self.layer_shapes.append(tuple(int(v) for v in layer.out_shape))
         if not self.layers:
@@ -207,7 +242,11 @@ class Network:
         for index, delta in seeds.items():
             deltas[index] = delta
         for layer in reversed(self.layers):
+            if layer.stopbackward:
+                break  # AlexeyAB's stopbackward: this layer and those before it are frozen
             d, deltas[layer.index] = deltas[layer.index], None
+            if layer.onlyforward:
+                continue  # AlexeyAB's onlyforward: no backward pass for this layer
             if d is None:
                 continue  # this layer's output does not reach the cost
             need = any(j >= 0 for j in layer.input_indices)

@@ -199,6 +199,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
+    for key, value in o.untrainable.items():
+        raise o.section.error(f"{key}={value}: training with this AlexeyAB option is not "
+                              "implemented", key)
     for layer in net.layers:  # options whose training the engine lacks: one line, before any work
         if hasattr(layer, "check_trainable"):
             layer.check_trainable()

@@ -19,6 +19,8 @@ class Layer:
     type_name = None
     # Multi-input layers (route, shortcut...) get lists of inputs and return lists of deltas.
     multi_input = False
+    stopbackward = False  # AlexeyAB's: no backward pass through this layer and those before
+    onlyforward = False   # AlexeyAB's: no backward pass through this layer
 
     def __init__(self, section, index, in_shapes, net):
         self.section = section

@@ -12,6 +12,37 @@ from .. import activations
 from .base import LinearUnit, input_shape_error
 
 
+# AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
+# their defaults (parse_convolutional): refused at their line when set.
+UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0, "dilation": 1, "antialiasing": 0, "share_index": None,
+                    "sway": 0, "rotate": 0, "stretch": 0, "stretch_sway": 0, "cbn": 0,
+                    "assisted_excitation": 0, "coordconv": 0, "deform": 0, "flipped": 0,
+                    "dot": 0, "grad_centr": 0, "reverse": 0}
+# Read and without effect on what is computed (logging, CUDA streams, the xnor output option).
+NEUTRAL_KEYS = ("bin_output", "stream", "wait_stream", "angle")
+
+
+def refuse_alexeyab_conv_keys(section, stride):
+    for key, default in UNSUPPORTED_KEYS.items():
+        if not section.has(key):
+            continue
+        value = section.str(key)
+        try:
+            same = default is not None and float(value) == default
+        except ValueError:
+            same = False
+        if key == "dilation" and section.int("size", 1) == 1:
+            same = True  # AlexeyAB: dilation is 1 for 1x1 filters
+        if not same:
+            raise section.error(f"{key}={value} is not supported", key)
+    for key in ("stride_x", "stride_y"):
+        if section.has(key) and section.int(key) != stride:
+            raise section.error(f"{key}={section.int(key)}: different horizontal and vertical "
+                                "strides are not supported", key)
+    for key in NEUTRAL_KEYS:
+        section.str(key)
+
+
 class ConvolutionalLayer(LinearUnit):
     type_name = "convolutional"
 
@@ -24,6 +55,7 @@ class ConvolutionalLayer(LinearUnit):
         pad = section.int("pad", 0)
         self.padding = self.size // 2 if pad else section.int("padding", 0)
         self.groups = section.require_positive("groups", section.int("groups", 1))
+        refuse_alexeyab_conv_keys(section, self.stride)
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
