@@ -70,7 +70,8 @@ def load(net, path):
                 raise WeightsError(
                     f"{path}: truncated inside {_layer_name(layer)}: '{name}' needs {4 * count} bytes "
                     f"at offset {offset}, but the file has {total - offset} left")
-            values = np.frombuffer(data, dtype="<f4", count=count, offset=offset)
+            # a copy: arrays over the file's bytes would be read-only, and training writes them
+            values = np.frombuffer(data, dtype="<f4", count=count, offset=offset).copy()
             offset += 4 * count
             if name == "weights" and transposed and layer.type_name == "connected":
                 values = values.reshape(shape[::-1]).T

@@ -662,3 +662,48 @@ def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
     affine = (0, 2, 1.05, -0.025)
     assert_close(gpu, gpu.anchor_activate(gpu.asarray(x), *args, affine=affine),
                  cpu.anchor_activate(x, *args, affine=affine), "anchor_activate scale_x_y")
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 5, 4, 3), (2, 5, 1, 1)), ((2, 5, 4, 3), (2, 1, 4, 3)),
+                                             ((2, 5, 4, 3), (2, 5, 4, 3)), ((2, 5, 4, 3), (1, 5, 1, 1)),
+                                             ((2, 5, 4, 3), (1, 1, 1, 1))])
+def test_broadcast_multiply_and_sum_to(gpu, cpu, rng, a_shape, b_shape):
+    a, b = randn(rng, *a_shape), randn(rng, *b_shape)
+    assert_close(gpu, gpu.multiply(gpu.asarray(a), gpu.asarray(b)), cpu.multiply(a, b), "multiply")
+    assert_close(gpu, gpu.multiply(gpu.asarray(b), gpu.asarray(a)), cpu.multiply(b, a), "multiply b, a")
+    assert_close(gpu, gpu.sum_to(gpu.asarray(a), b_shape), cpu.sum_to(a, b_shape), "sum_to")
+
+
+@pytest.mark.parametrize("size,stride,padding", [(3, 2, 2), (2, 1, 1), (3, 1, 0), (5, 2, 4)])
+def test_local_avgpool(gpu, cpu, rng, size, stride, padding):
+    x = randn(rng, 2, 3, 7, 6)
+    out_h, out_w = (7 + padding - size) // stride + 1, (6 + padding - size) // stride + 1
+    y = cpu.local_avgpool(x, size, stride, padding, out_h, out_w)
+    assert_close(gpu, gpu.local_avgpool(gpu.asarray(x), size, stride, padding, out_h, out_w), y,
+                 "local_avgpool")
+    delta = randn(rng, *y.shape)
+    assert_close(gpu, gpu.local_avgpool_backward(gpu.asarray(delta), x.shape, size, stride, padding),
+                 cpu.local_avgpool_backward(delta, x.shape, size, stride, padding),
+                 "local_avgpool backward")
+
+
+def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
+    """golden A6's network (weighted shortcuts, scale_channels, sam, local_avgpool, reorg3d,
+    implicit, the new activations, Gaussian_yolo): a training-mode forward and a backward from
+    one random delta give the CPU backend's outputs, input deltas and parameter gradients."""
+    cfg = os.path.join(GOLDEN, "A6_alexeyab_layers", "a6_alexeyab_layers.cfg")
+    weights = os.path.join(GOLDEN, "A6_alexeyab_layers", "weights")
+    images = rng.random((2, 3, 16, 16), dtype=np.float32)
+    results = []
+    for ops in (NumpyBackend(seed=0), gpu):
+        net = Network(cfg, backend=ops, quiet=True)
+        net.load_weights(weights)
+        out = net.forward(ops.asarray(images), train=True)
+        delta = np.random.default_rng(7).standard_normal(out.shape).astype(np.float32)
+        net.backward({len(net.layers) - 1: ops.asarray(delta)})
+        results.append((ops.to_host(out), [ops.to_host(u) for layer in net.layers
+                                           for u in layer.updates.values()]))
+    (out_cpu, updates_cpu), (out_gpu, updates_gpu) = results
+    assert relative_error(out_gpu, out_cpu) <= TOLERANCE
+    for got, want in zip(updates_gpu, updates_cpu):
+        assert relative_error(got, want) <= 1e-3

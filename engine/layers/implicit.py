@@ -26,7 +26,7 @@ class ImplicitLayer(Layer):
         return f"implicit                                   ->  {w:4d} x{h:4d} x{c:4d}"
 
     def forward(self, ops, x, train):
-        ones = ops.asarray(np.ones((x.shape[0], 1, 1, 1), np.float32))
+        ones = ops.asarray(np.ones((x.shape[0],) + self.out_shape, np.float32))
         return ops.multiply(ones, ops.reshape(self.params["weights"], (1,) + self.out_shape))
 
     def backward(self, ops, delta, need_dx):

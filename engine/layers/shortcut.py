@@ -138,16 +138,13 @@ class ShortcutLayer(Layer):
                 grad = ops.sum_to(ops.multiply(part, used), (1, shared, 1, 1))
                 if weight.shape[1] == 1:
                     grad = ops.sum_to(grad, (1, 1, 1, 1))
-                elif shared < channels:
-                    full = ops.zeros((1, channels, 1, 1))
-                    ops.add_channel_slice_(full, 0, grad)
-                    grad = full
+                elif shared < channels:  # the weights of channels this source does not reach
+                    grad = ops.concat_channels([grad, ops.zeros((1, channels - shared, 1, 1))])
                 weight_grads.append(grad)
             d = self._weighted(ops, part, weight)
             if c > channels:  # the source's extra channels get no delta
-                full = ops.zeros(x.shape)
-                ops.add_channel_slice_(full, 0, d)
-                d = full
+                rest = (x.shape[0], c - channels) + tuple(x.shape[2:])
+                d = ops.concat_channels([d, ops.zeros(rest)])
             deltas.append(d)
         if weight_grads:
             inputs, per = self.params["weights"].shape
