@@ -46,3 +46,22 @@ def test_every_layer_matches_alexeyab(folder, backend):
         error = np.abs(got - expected).max() / max(1.0, np.abs(expected).max())
         assert error <= TOLERANCE, (f"{folder} layer {index} [{net.layers[index].type_name}]: "
                                     f"relative error {error:.2e}")
+
+
+def test_layer_table_rows_of_the_new_layers_are_alexeyabs():
+    """`engine info` prints AlexeyAB's own rows for its layers (shortcut with weights, scale
+    Layer for sam/scale_channels, local avgpool, reorg3d, empty, implicit): the lines its parser
+    printed for golden A6, without the index column."""
+    from engine.models import layer_table
+
+    root = os.path.join(GOLDEN, "A6_alexeyab_layers")
+    net = engine.load(os.path.join(root, "a6_alexeyab_layers.cfg"), quiet=True)
+    rows = [line.split(None, 1)[1] for line in layer_table(net).splitlines()[1:-1]]
+    with open(os.path.join(root, "alexeyab-table-rows.txt")) as handle:
+        expected = [line.rstrip("\n") for line in handle]
+    for line in expected:
+        if line.startswith("implicit"):
+            assert line.rstrip() in [row.rstrip() for row in rows], line
+            continue
+        index, row = line.split(None, 1)
+        assert rows[int(index)].rstrip() == row.rstrip(), (index, rows[int(index)], row)

@@ -8,7 +8,7 @@ class EmptyLayer(Layer):
     type_name = "empty"
 
     def describe(self):
-        return "empty"
+        return "empty "
 
     def forward(self, ops, x, train):
         return x

@@ -29,7 +29,7 @@ class GaussianYoloLayer(YoloLayer):
             raise section.error(f"yolo_point={point}: only center is supported", "yolo_point")
 
     def describe(self):
-        return "Gaussian_yolo"
+        return f"[Gaussian_yolo] scale: {self.scale_x_y:2.2f}"
 
     def forward(self, ops, x, train):
         anchors = len(self.mask)

@@ -13,8 +13,8 @@ class ImplicitLayer(Layer):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
-        mean = section.float("mean", 0.0)
-        std = section.float("std", 0.2)
+        self.mean = mean = section.float("mean", 0.0)
+        self.std = std = section.float("std", 0.2)
         filters = section.require_positive("filters", section.int("filters", 128))
         atoms = section.require_positive("atoms", section.int("atoms", 1))
         self.out_shape = (filters, atoms, 1)
@@ -22,8 +22,8 @@ class ImplicitLayer(Layer):
         self.weight_order = ("weights",)
 
     def describe(self):
-        c, h, w = self.out_shape
-        return f"implicit                                   ->  {w:4d} x{h:4d} x{c:4d}"
+        c, h, _ = self.out_shape
+        return f"implicit Layer: {c} x {h} \t mean={self.mean:.2f}, std={self.std:.2f} "
 
     def forward(self, ops, x, train):
         ones = ops.asarray(np.ones((x.shape[0],) + self.out_shape, np.float32))

@@ -66,8 +66,14 @@ class LocalAvgpoolLayer(Layer):
             raise input_shape_error(section, self.in_shape, f"local_avgpool size={self.size}")
         self.out_shape = (c, out_h, out_w)
 
-    def describe(self):
-        return "avg          %d x %d / %d  %s" % (self.size, self.size, self.stride, self.maps())
+    def describe(self):  # AlexeyAB's row
+        (c, h, w), (oc, oh, ow) = self.in_shape, self.out_shape
+        return "avg               %2dx%2d/%2d   %4d x%4d x%4d -> %4d x%4d x%4d %5.3f BF" % (
+            self.size, self.size, self.stride, w, h, c, ow, oh, oc, self.flops() / 1e9)
+
+    def flops(self):
+        c, oh, ow = self.out_shape
+        return self.size * self.size * c * oh * ow
 
     def forward(self, ops, x, train):
         self.batch_in_shape = x.shape

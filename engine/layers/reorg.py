@@ -83,8 +83,8 @@ class Reorg3dLayer(Layer):
     def describe(self):
         c, h, w = self.in_shape
         oc, oh, ow = self.out_shape
-        return (f"reorg3d            /{self.stride:2d}  {w:4d} x{h:4d} x{c:4d}   ->  "
-                f"{ow:4d} x{oh:4d} x{oc:4d}")
+        return "reorg                    /%2d %4d x%4d x%4d -> %4d x%4d x%4d" % (
+            self.stride, w, h, c, ow, oh, oc)  # AlexeyAB's row
 
     def forward(self, ops, x, train):
         return ops.reorg(x, self.stride, self.reverse, self.out_shape, self.out_shape)

@@ -49,9 +49,7 @@ class SamLayer(Layer):
         return f"{w}x{h}x{c}"
 
     def describe(self):
-        (c, h, w), (oc, oh, ow) = self.in_shape, self.out_shape
-        return (f"{self.type_name:<15s}{self.source:3d}  {w:4d} x{h:4d} x{c:4d}   ->  "
-                f"{ow:4d} x{oh:4d} x{oc:4d}")
+        return f"scale Layer: {self.source}"  # AlexeyAB's row for both layers
 
     def forward(self, ops, xs, train):
         scale, source = xs

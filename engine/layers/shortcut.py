@@ -88,8 +88,21 @@ class ShortcutLayer(Layer):
     def describe(self):
         c1, h1, w1 = self.from_shape
         c, h, w = self.out_shape
+        if self.multilayer:  # AlexeyAB's row (make_shortcut_layer)
+            weights_type = {"none": 0, "per_feature": 1, "per_layer": 1, "per_channel": 2}[self.weights_type]
+            normalization = {None: 0, "normalize_channels": 1,
+                             "normalize_channels_softmax_maxval": 2}[self.normalization]
+            sources = "".join(f"{j}, " for j in self.sources)
+            return (f"Shortcut Layer: {sources} wt = {weights_type}, wn = {normalization}, "
+                    f"outputs:{w:4d} x{h:4d} x{c:4d} {self.flops() / 1e9:5.3f} BF")
         return (f"res  {self.source:3d}                {w1:4d} x{h1:4d} x{c1:4d}   ->  "
                 f"{w:4d} x{h:4d} x{c:4d}")
+
+    def flops(self):
+        if not self.multilayer:
+            return 0
+        c, h, w = self.out_shape  # AlexeyAB's l.bflops
+        return c * h * w * len(self.sources) * (2 if self.weight_order else 1)
 
     # ---- AlexeyAB's weighted sum ---------------------------------------------------------------
     def _input_weights(self, ops):
