@@ -26,12 +26,18 @@ FOLDER = os.path.join(os.path.dirname(ROOT), "shared", "darknet-cfg", "alexeyab"
 
 # cfg -> the golden set (tests/golden) or test that checks it beyond loading
 COVERAGE = {
-    "yolov4-tiny.cfg": "golden A1_yolov4_tiny",
-    "yolov4.cfg": "golden A2_yolov4_small",
-    "yolov7-tiny.cfg": "golden A3_yolov7_tiny",
-    "efficientnet_b0.cfg": "golden A4_efficientnet_b0",
-    "yolov4-sam-mish-csp-reorg-bfm.cfg": "golden A5_sam",
+    "yolov4-tiny.cfg": "golden A1 (every layer; detector test)",
+    "yolov4.cfg": "golden A2 (every layer)",
+    "yolov7-tiny.cfg": "golden A3 (every layer; detector test)",
+    "efficientnet_b0.cfg": "golden A4 (every layer)",
+    "yolov4-sam-mish-csp-reorg-bfm.cfg": "golden A5 (every layer)",
 }
+# AlexeyAB feature -> the golden set that checks it layer by layer against AlexeyAB's Darknet
+FEATURE_GOLDEN = {"mish": "A2", "swish": "A4", "scale_channels": "A4", "sam": "A5",
+                  "reorg3d": "A5", "scale_x_y": "A1", "new_coords": "A3", "route groups": "A1",
+                  "gaussian_yolo": "A6", "weighted shortcut": "A6", "local_avgpool": "A6",
+                  "hard_mish": "A6", "gelu": "A6", "revleaky": "A6", "implicit": "A6",
+                  "empty": "A6", "normalize_channels": "A6", "depthwise conv": "A4"}
 PUBLISHED_SIZES = {"yolov4.cfg": 257717640, "yolov4-tiny.cfg": 24251276}
 
 
@@ -77,8 +83,35 @@ def survey(folder=FOLDER):
             for section in read_cfg(path):
                 pass
         unused = _unused(net)
-        rows.append((name, "loads", "", parameter_count(net), weights_file_bytes(net), unused))
+        rows.append((name, "loads", ", ".join(features(net)), parameter_count(net),
+                     weights_file_bytes(net), unused))
     return rows
+
+
+def features(net):
+    """The AlexeyAB-only features a loaded network uses."""
+    found = set()
+    for layer in net.layers:
+        kind = layer.type_name
+        if kind in ("scale_channels", "sam", "reorg3d", "gaussian_yolo", "local_avgpool",
+                    "implicit", "empty"):
+            found.add(kind)
+        activation = getattr(layer, "activation", "linear")
+        if activation in ("mish", "swish", "hard_mish", "gelu", "revleaky", "relu6"):
+            found.add(activation)
+        if activation.startswith("normalize_channels"):
+            found.add("normalize_channels")
+        if kind == "yolo" and layer.scale_x_y != 1:
+            found.add("scale_x_y")
+        if kind == "yolo" and layer.new_coords:
+            found.add("new_coords")
+        if kind == "route" and layer.groups > 1:
+            found.add("route groups")
+        if kind == "shortcut" and layer.multilayer:
+            found.add("weighted shortcut")
+        if kind == "convolutional" and layer.groups > 1 and layer.groups == layer.filters:
+            found.add("depthwise conv")
+    return sorted(found)
 
 
 def _unused(net):
@@ -97,14 +130,20 @@ def main():
     rows = survey(args.folder)
     loads = sum(row[1] == "loads" for row in rows)
     if args.markdown:
-        print("| cfg | status | parameters | .weights bytes | covered by |")
-        print("|---|---|---|---|---|")
+        print("| cfg | status | AlexeyAB features used | parameters | .weights bytes | checked by |")
+        print("|---|---|---|---|---|---|")
         for name, status, reason, params, size, unused in rows:
-            what = "loads" if status == "loads" else f"refused: {reason.split(': ', 1)[-1]}"
-            cover = COVERAGE.get(name, "loads, shapes" if status == "loads" else "refusal line")
+            if status == "loads":
+                what, used = "loads", reason
+                goldens = sorted({FEATURE_GOLDEN[f] for f in reason.split(", ") if f})
+                cover = COVERAGE.get(name, "survey" + (f"; its features: golden {', '.join(goldens)}"
+                                                        if goldens else ""))
+            else:
+                what, used = f"refused: {reason.split('] ', 1)[-1]}", "-"
+                cover = "refusal line (survey)"
             if name in PUBLISHED_SIZES:
-                cover += f"; size = published {PUBLISHED_SIZES[name]}"
-            print(f"| {name} | {what} | {params if params is not None else '-'} | "
+                cover += f"; size = published file ({PUBLISHED_SIZES[name]})"
+            print(f"| {name} | {what} | {used or '-'} | {params if params is not None else '-'} | "
                   f"{size if size is not None else '-'} | {cover} |")
     else:
         for name, status, reason, params, size, unused in rows:

@@ -192,6 +192,10 @@ class Network:
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         for layer in self.layers:
             layer.place(self.ops)
+        for layer in self.layers:  # AlexeyAB's share_index: one set of arrays for both layers
+            if getattr(layer, "share_owner", None) is not None:
+                layer._owner = self.layers[layer.share_owner]
+                layer.share_parameters(layer._owner)
         self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None
 
     # ---- description --------------------------------------------------------------------------

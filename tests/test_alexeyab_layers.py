@@ -255,9 +255,9 @@ def test_gaussian_yolo_forward_and_decoding(tmp_path):
 # ---- keys refused at their line, stopbackward -----------------------------------------------------
 @pytest.mark.parametrize("text,key", [
     ("[convolutional]\nfilters=2\nxnor=1", "xnor"),
-    ("[convolutional]\nfilters=2\nsize=3\ndilation=2", "dilation"),
+    ("[convolutional]\nfilters=2\nsize=3\ndilation=2", "dilation"),  # without pad=1
+    ("[convolutional]\nfilters=2\nsize=1\nshare_index=5", "share_index"),
     ("[convolutional]\nfilters=2\nantialiasing=1", "antialiasing"),
-    ("[convolutional]\nfilters=2\nshare_index=0", "share_index"),
     ("[convolutional]\nfilters=2\nstride_x=2\nstride_y=1", "stride_x"),
     ("[maxpool]\nsize=2\nmaxpool_depth=1", "maxpool_depth"),
     ("[maxpool]\nsize=2\nstride=2\nantialiasing=1", "antialiasing"),
@@ -314,3 +314,51 @@ def test_a_loaded_network_trains(tmp_path):
     net.update(0.001)
     assert all(np.isfinite(layer.params[name]).all() for layer in net.layers
                for name in layer.params)
+
+
+@pytest.mark.parametrize("text,shape", [
+    ("filters=3\nsize=3\npad=1\ndilation=2\nactivation=linear", (2, 7, 8)),
+    ("batch_normalize=1\nfilters=4\nsize=3\nstride=2\npad=1\ndilation=3\nactivation=leaky", (2, 9, 9)),
+    ("filters=4\nsize=5\npad=1\ndilation=2\ngroups=2\nactivation=linear", (2, 9, 9)),
+])
+def test_dilated_convolution_forward_and_gradients(tmp_path, text, shape):
+    """Dilated filters (AlexeyAB's dilation, padding times dilation) against a direct sum."""
+    layer = as_float64(build_layer(tmp_path, "[convolutional]\n" + text, shape),
+                       np.random.default_rng(2))
+    x = _x((2,) + shape)
+    if layer.batch_normalize:
+        check_gradients(layer, [x])
+        return
+    y = layer.forward(NumpyBackend(), x, False)
+    w, d, s, p = layer.params["weights"], layer.dilation, layer.stride, layer.padding * layer.dilation
+    groups, k = layer.groups, layer.size
+    padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    want = np.zeros(y.shape)
+    per_group_in, per_group_out = shape[0] // groups, layer.filters // groups
+    for f in range(layer.filters):
+        g = f // per_group_out
+        for i in range(y.shape[2]):
+            for j in range(y.shape[3]):
+                window = padded[:, g * per_group_in:(g + 1) * per_group_in,
+                                i * s:i * s + d * (k - 1) + 1:d, j * s:j * s + d * (k - 1) + 1:d]
+                want[:, f, i, j] = (window * w[f]).sum(axis=(1, 2, 3)) + layer.params["biases"][f]
+    np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)
+    check_gradients(layer, [x])
+
+
+def test_shared_convolution_trains_one_set_of_weights(tmp_path):
+    body = ("[convolutional]\nfilters=2\nsize=3\npad=1\nactivation=linear\n\n"
+            "[convolutional]\nfilters=2\nsize=3\npad=1\nactivation=linear\nshare_index=0\n")
+    path = write_cfg(tmp_path / "s.cfg", {"batch": 1, "width": 4, "height": 4, "channels": 2}, body)
+    net = Network(path, quiet=True)
+    first, second = net.layers
+    assert second.params is first.params and second.weight_order == ()
+    from engine.models import parameter_count
+    assert parameter_count(net) == 2 + 2 * 2 * 9
+    x = _x((1, 2, 4, 4)).astype(np.float32)
+    net.forward(x, train=True)
+    net.backward({1: np.ones((1, 2, 4, 4), np.float32)})
+    before = first.params["weights"].copy()
+    net.update(0.1)
+    assert not np.array_equal(first.params["weights"], before)
+    np.testing.assert_array_equal(first.params["weights"], second.params["weights"])

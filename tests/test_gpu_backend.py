@@ -707,3 +707,19 @@ def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
     assert relative_error(out_gpu, out_cpu) <= TOLERANCE
     for got, want in zip(updates_gpu, updates_cpu):
         assert relative_error(got, want) <= 1e-3
+
+
+@pytest.mark.parametrize("size,stride,dilation", [(3, 1, 2), (3, 2, 3), (5, 1, 2)])
+def test_dilated_convolution(gpu, cpu, rng, size, stride, dilation):
+    x, w = randn(rng, 2, 4, 11, 9), randn(rng, 6, 4, size, size)
+    padding = size // 2 * dilation
+    y_cpu = cpu.conv_forward(x, w, stride, padding, 1, dilation=dilation)
+    assert_close(gpu, gpu.conv_forward(gpu.asarray(x), gpu.asarray(w), stride, padding, 1,
+                                       dilation=dilation), y_cpu, "dilated forward")
+    delta = randn(rng, *y_cpu.shape)
+    dw_cpu, dw_gpu = np.zeros_like(w), gpu.zeros(w.shape)
+    dx_cpu = cpu.conv_backward(x, w, delta, stride, padding, 1, dw_cpu, True, dilation=dilation)
+    dx_gpu = gpu.conv_backward(gpu.asarray(x), gpu.asarray(w), gpu.asarray(delta), stride, padding,
+                               1, dw_gpu, True, dilation=dilation)
+    assert_close(gpu, dx_gpu, dx_cpu, "dilated dx")
+    assert_close(gpu, dw_gpu, dw_cpu, "dilated dw")

@@ -158,11 +158,12 @@ class NumpyBackend:
 
     # ---- convolution --------------------------------------------------------------------------
     @staticmethod
-    def _conv_geometry(x_shape, w_shape, stride, padding):
+    def _conv_geometry(x_shape, w_shape, stride, padding, dilation=1):
         _, _, h, w = x_shape
         size = w_shape[2]
-        out_h = (h + 2 * padding - size) // stride + 1
-        out_w = (w + 2 * padding - size) // stride + 1
+        reach = dilation * (size - 1) + 1  # the input span a dilated filter covers
+        out_h = (h + 2 * padding - reach) // stride + 1
+        out_w = (w + 2 * padding - reach) // stride + 1
         return size, out_h, out_w
 
     def _padded_input(self, x, padding):
@@ -179,22 +180,23 @@ class NumpyBackend:
         return [(row, min(row + step, out_h)) for row in range(0, out_h, step)]
 
     @staticmethod
-    def _im2col(xm, size, stride, rows, out_w):
+    def _im2col(xm, size, stride, rows, out_w, dilation=1):
         """Columns (C*size*size, (row1-row0)*out_w*B) of output rows [row0, row1) from the padded
-        (C, H, W, B) input xm, one copy per kernel offset."""
+        (C, H, W, B) input xm, one copy per kernel offset (offsets `dilation` apart)."""
         (row0, row1), (c, b) = rows, (xm.shape[0], xm.shape[3])
         if size == 1 and stride == 1:
             return xm[:, row0:row1, :out_w].reshape(c, -1)
         cols = np.empty((c, size, size, row1 - row0, out_w, b), dtype=xm.dtype)
         for i in range(size):
-            top = row0 * stride + i
+            top = row0 * stride + i * dilation
             for j in range(size):
+                left = j * dilation
                 cols[:, i, j] = xm[:, top:top + stride * (row1 - row0):stride,
-                                   j:j + stride * out_w:stride]
+                                   left:left + stride * out_w:stride]
         return cols.reshape(c * size * size, -1)
 
     @staticmethod
-    def _col2im_(dx, cols, size, stride, padding, rows, out_w):
+    def _col2im_(dx, cols, size, stride, padding, rows, out_w, dilation=1):
         """Inverse of _im2col: sum each column entry into the cell of dx (C, H, W, B) it came
         from; one strided add per kernel offset, clipped to the cells inside dx (no padding)."""
         c, h, w, b = dx.shape
@@ -209,22 +211,22 @@ class NumpyBackend:
             return first, last, first * stride + offset - padding
 
         for i in range(size):
-            y0, y1, top = inside(i, row0, row1, h)
+            y0, y1, top = inside(i * dilation, row0, row1, h)
             for j in range(size):
-                x0, x1, left = inside(j, 0, out_w, w)
+                x0, x1, left = inside(j * dilation, 0, out_w, w)
                 if y1 > y0 and x1 > x0:
                     dx[:, top:top + stride * (y1 - y0):stride,
                        left:left + stride * (x1 - x0):stride] += cols[:, i, j, y0 - row0:y1 - row0,
                                                                       x0:x1]
         return dx
 
-    def conv_forward(self, x, weights, stride, padding, groups, train=False):
+    def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
         im2col + one matrix product per block of output rows; y is batch-innermost, so the
         product writes its (F, rows*out_w*B) block of y directly."""
         b, c = x.shape[:2]
         f = weights.shape[0]
-        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         y = self._batch_innermost((b, f, out_h, out_w), x.dtype)
         y_rows = self._memory_order(y).reshape(f, -1)  # a view; columns (row, column, image)
         xm = self._padded_input(x, padding)
@@ -233,18 +235,19 @@ class NumpyBackend:
         for g in range(groups):
             wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
             for rows in self._row_blocks(cg, size, out_h, out_w, b):
-                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w)
+                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
                 np.matmul(wg, cols, out=y_rows[g * fg:(g + 1) * fg,
                                                rows[0] * per_row:rows[1] * per_row])
         return y
 
-    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
+                      dilation=1):
         """weight_updates += delta (*) x; returns the delta for x (or None if not needed),
         batch-innermost. Block by block of output rows, as in conv_forward (the columns are
         rebuilt: from cache that is cheaper than keeping them all from the forward pass)."""
         b, c = x.shape[:2]
         f = weights.shape[0]
-        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         cg, fg = c // groups, f // groups
         per_row = out_w * b
         delta_rows = self._memory_order(delta).reshape(f, -1)  # free if batch-innermost
@@ -255,10 +258,11 @@ class NumpyBackend:
             dw = np.zeros_like(wg)
             for rows in self._row_blocks(cg, size, out_h, out_w, b):
                 dg = delta_rows[g * fg:(g + 1) * fg, rows[0] * per_row:rows[1] * per_row]
-                dw += dg @ self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w).T
+                dw += dg @ self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w,
+                                        dilation).T
                 if need_dx:
                     self._col2im_(self._memory_order(dx)[g * cg:(g + 1) * cg], wg.T @ dg, size,
-                                  stride, padding, rows, out_w)
+                                  stride, padding, rows, out_w, dilation)
             weight_updates[g * fg:(g + 1) * fg] += dw.reshape(fg, cg, size, size)
         return dx
 

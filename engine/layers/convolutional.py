@@ -14,7 +14,7 @@ from .base import LinearUnit, input_shape_error
 
 # AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
 # their defaults (parse_convolutional): refused at their line when set.
-UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0, "dilation": 1, "antialiasing": 0, "share_index": None,
+UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0, "antialiasing": 0,
                     "sway": 0, "rotate": 0, "stretch": 0, "stretch_sway": 0, "cbn": 0,
                     "assisted_excitation": 0, "coordconv": 0, "deform": 0, "flipped": 0,
                     "dot": 0, "grad_centr": 0, "reverse": 0}
@@ -31,8 +31,6 @@ def refuse_alexeyab_conv_keys(section, stride):
             same = default is not None and float(value) == default
         except ValueError:
             same = False
-        if key == "dilation" and section.int("size", 1) == 1:
-            same = True  # AlexeyAB: dilation is 1 for 1x1 filters
         if not same:
             raise section.error(f"{key}={value} is not supported", key)
     for key in ("stride_x", "stride_y"):
@@ -56,6 +54,11 @@ class ConvolutionalLayer(LinearUnit):
         self.padding = self.size // 2 if pad else section.int("padding", 0)
         self.groups = section.require_positive("groups", section.int("groups", 1))
         refuse_alexeyab_conv_keys(section, self.stride)
+        # AlexeyAB's dilation (1 for 1x1 filters): the filter's taps `dilation` apart, with the
+        # padding multiplied by it, as its cuDNN and im2col calls do.
+        self.dilation = section.require_positive("dilation", section.int("dilation", 1))
+        if self.size == 1:
+            self.dilation = 1
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
@@ -64,6 +67,12 @@ class ConvolutionalLayer(LinearUnit):
                                 f"and filters={self.filters}", "groups")
         out_h = (h + 2 * self.padding - self.size) // self.stride + 1
         out_w = (w + 2 * self.padding - self.size) // self.stride + 1
+        if self.dilation > 1 and 2 * self.padding != self.size - 1:
+            # AlexeyAB sizes the output as if undilated; that matches the dilated convolution
+            # only when the padding is (size-1)/2
+            raise section.error(f"dilation={self.dilation} needs pad=1 (padding (size-1)/2) with "
+                                f"an odd size; got size={self.size} padding={self.padding}",
+                                "dilation")
         if out_h < 1 or out_w < 1:
             raise input_shape_error(section, self.in_shape,
                                     f"size={self.size} with padding={self.padding}")
@@ -73,10 +82,49 @@ class ConvolutionalLayer(LinearUnit):
         weight_shape = (self.filters, c // self.groups, self.size, self.size)
         self.add_output_params(self.filters, np.sqrt(2.0 / fan_in) *
                                net.rng.standard_normal(weight_shape), bn_after_weights=False)
+        self.share_owner = None
+        if section.has("share_index"):
+            self._share(section, index, net)
+
+    def _share(self, section, index, net):
+        """AlexeyAB's share_index: this layer uses (and trains) the parameters of an earlier
+        [convolutional] of the same shape; they are in the .weights file once, with it."""
+        ref = section.int("share_index")
+        owner = ref if ref >= 0 else index + ref
+        if not 0 <= owner < index:
+            raise section.error(f"share_index={ref} refers to layer {owner}, but only layers "
+                                f"0..{index - 1} come before this one", "share_index")
+        other = net.layers[owner] if hasattr(net, "layers") and owner < len(net.layers) else None
+        if not isinstance(other, ConvolutionalLayer) or \
+                other.params["weights"].shape != self.params["weights"].shape or \
+                other.batch_normalize != self.batch_normalize:
+            raise section.error(f"share_index={ref}: layer {owner} is not a [convolutional] with "
+                                "the same filters, size, input channels and batch_normalize",
+                                "share_index")
+        self.share_owner = owner
+        self.weight_order = ()
+
+    def share_parameters(self, owner):
+        """Point at the owner's parameter and update dicts (after both are placed)."""
+        self.params, self.updates = owner.params, owner.updates
+        self.batch_normalize = owner.batch_normalize
+        self.weight_order = ()
+
+    def fold_batchnorm(self, ops):
+        if self.share_owner is None:
+            return super().fold_batchnorm(ops)
+        # the owner (earlier) has folded the shared parameters already
+        self.share_parameters(self._owner)
+
+    def update(self, ops, learning_rate, momentum, decay, batch):
+        if self.share_owner is None:  # a sharing layer's gradients are the owner's to apply
+            super().update(ops, learning_rate, momentum, decay, batch)
 
     def describe(self):
-        return "conv  %5d %2d x%2d /%2d  %s  %5.3f BFLOPs" % (
-            self.filters, self.size, self.size, self.stride, self.maps(), self.flops() / 1e9)
+        dilation = f"({self.dilation})" if self.dilation > 1 else ""
+        return "conv  %5d %2d x%2d /%2d%s  %s  %5.3f BFLOPs" % (
+            self.filters, self.size, self.size, self.stride, dilation, self.maps(),
+            self.flops() / 1e9)
 
 
     def flops(self):
@@ -86,11 +134,12 @@ class ConvolutionalLayer(LinearUnit):
 
     def forward(self, ops, x, train):
         self.input = x
-        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding, self.groups,
-                             train=train)
+        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding * self.dilation,
+                             self.groups, train=train, dilation=self.dilation)
         return self.normalize_activate(ops, y, train)
 
     def backward(self, ops, delta, need_dx):
         delta = self.normalize_activate_backward(ops, delta)
         return ops.conv_backward(self.input, self.params["weights"], delta, self.stride,
-                                 self.padding, self.groups, self.updates["weights"], need_dx)
+                                 self.padding * self.dilation, self.groups,
+                                 self.updates["weights"], need_dx, dilation=self.dilation)

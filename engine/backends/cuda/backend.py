@@ -46,10 +46,10 @@ def _activation_id(name):
 class ConvPlan:
     """Descriptors, algorithms and workspace sizes for one convolution shape, found once."""
 
-    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups):
+    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1):
         self.x_desc = dnn.tensor(x_shape)
         self.w_desc = dnn.filter(w_shape)
-        self.conv_desc = dnn.convolution(padding, stride, groups)
+        self.conv_desc = dnn.convolution(padding, stride, groups, dilation)
         self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
         self.y_desc = dnn.tensor(self.y_shape)
         size = max(w_shape[2:])
@@ -214,14 +214,14 @@ class CudaBackend:
         return x
 
     # ---- convolution --------------------------------------------------------------------------
-    def _plan(self, x_shape, w_shape, stride, padding, groups):
-        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups)
+    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
         plan = self.dnn.plans.get(key)
         if plan is None:
             plan = self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                                  groups)
+                                                  groups, dilation)
         if plan.workspace > self._workspace_size:
             self._workspace = self._empty((plan.workspace,), np.uint8)
             self._workspace_size = plan.workspace
@@ -230,14 +230,15 @@ class CudaBackend:
     def _workspace_pointer(self):
         return self._workspace.ptr if self._workspace is not None else None
 
-    def conv_forward(self, x, weights, stride, padding, groups, train=False):
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+    def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
         y = self._empty(plan.y_shape)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
 
-    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
+                      dilation=1):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
         workspace = self._workspace_pointer()
         self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr,
                                       workspace)
