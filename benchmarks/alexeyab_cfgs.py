@@ -37,7 +37,13 @@ FEATURE_GOLDEN = {"mish": "A2", "swish": "A4", "scale_channels": "A4", "sam": "A
                   "reorg3d": "A5", "scale_x_y": "A1", "new_coords": "A3", "route groups": "A1",
                   "gaussian_yolo": "A6", "weighted shortcut": "A6", "local_avgpool": "A6",
                   "hard_mish": "A6", "gelu": "A6", "revleaky": "A6", "implicit": "A6",
-                  "empty": "A6", "normalize_channels": "A6", "depthwise conv": "A4"}
+                  "empty": "A6", "normalize_channels": "A6", "depthwise conv": "A4",
+                  "dilation": "A7", "share_index": "A7"}
+# Refusals caused by mistakes in the cfg itself (AlexeyAB reads past its arrays there).
+CFG_MISTAKES = {
+    "cspx-p7-mish.cfg": "the cfg lists 20 anchors with num=16 and masks 16..19",
+    "cspx-p7-mish_hp.cfg": "a missing comma ('61,45    61,45') merges two anchors into 4561",
+}
 PUBLISHED_SIZES = {"yolov4.cfg": 257717640, "yolov4-tiny.cfg": 24251276}
 
 
@@ -111,6 +117,10 @@ def features(net):
             found.add("weighted shortcut")
         if kind == "convolutional" and layer.groups > 1 and layer.groups == layer.filters:
             found.add("depthwise conv")
+        if kind == "convolutional" and layer.dilation > 1:
+            found.add("dilation")
+        if kind == "convolutional" and layer.share_owner is not None:
+            found.add("share_index")
     return sorted(found)
 
 
@@ -135,11 +145,14 @@ def main():
         for name, status, reason, params, size, unused in rows:
             if status == "loads":
                 what, used = "loads", reason
-                goldens = sorted({FEATURE_GOLDEN[f] for f in reason.split(", ") if f})
+                goldens = sorted({FEATURE_GOLDEN[f] for f in reason.split(", ") if f in FEATURE_GOLDEN})
                 cover = COVERAGE.get(name, "survey" + (f"; its features: golden {', '.join(goldens)}"
                                                         if goldens else ""))
             else:
-                what, used = f"refused: {reason.split('] ', 1)[-1]}", "-"
+                line = reason.split(":")[1] if reason.count(":") >= 2 else "?"
+                what, used = f"refused (line {line}): {reason.split('] ', 1)[-1]}", "-"
+                if name in CFG_MISTAKES:
+                    what += f" ({CFG_MISTAKES[name]})"
                 cover = "refusal line (survey)"
             if name in PUBLISHED_SIZES:
                 cover += f"; size = published file ({PUBLISHED_SIZES[name]})"
