@@ -257,10 +257,10 @@ def test_gaussian_yolo_forward_and_decoding(tmp_path):
     ("[convolutional]\nfilters=2\nxnor=1", "xnor"),
     ("[convolutional]\nfilters=2\nsize=3\ndilation=2", "dilation"),  # without pad=1
     ("[convolutional]\nfilters=2\nsize=1\nshare_index=5", "share_index"),
-    ("[convolutional]\nfilters=2\nantialiasing=1", "antialiasing"),
+    ("[convolutional]\nfilters=2\nantialiasing=3", "antialiasing"),
     ("[convolutional]\nfilters=2\nstride_x=2\nstride_y=1", "stride_x"),
     ("[maxpool]\nsize=2\nmaxpool_depth=1", "maxpool_depth"),
-    ("[maxpool]\nsize=2\nstride=2\nantialiasing=1", "antialiasing"),
+    ("[maxpool]\nsize=2\nmaxpool_zero_nonmax=1", "maxpool_zero_nonmax"),
     ("[convolutional]\nfilters=2\ntrain_only_bn=1", "train_only_bn"),
 ])
 def test_alexeyab_keys_not_implemented_are_refused_at_their_line(tmp_path, text, key):
@@ -362,3 +362,28 @@ def test_shared_convolution_trains_one_set_of_weights(tmp_path):
     net.update(0.1)
     assert not np.array_equal(first.params["weights"], before)
     np.testing.assert_array_equal(first.params["weights"], second.params["weights"])
+
+
+@pytest.mark.parametrize("text,shape,out_hw", [
+    ("[convolutional]\nbatch_normalize=1\nfilters=3\nsize=3\nstride=2\npad=1\nantialiasing=1\n"
+     "activation=leaky", (2, 7, 7), (4, 4)),
+    ("[convolutional]\nfilters=3\nsize=3\nstride=1\npad=1\nantialiasing=2\nactivation=linear",
+     (2, 5, 6), (4, 5)),
+    ("[maxpool]\nsize=2\nstride=2\nantialiasing=1", (2, 6, 6), (3, 3)),
+])
+def test_antialiasing_blurs_after_a_stride_one_pass(tmp_path, text, shape, out_hw):
+    """antialiasing: the layer at stride 1, then the fixed depthwise blur at the layer's stride
+    (golden A8 checks the values against AlexeyAB; here the blur and the gradients)."""
+    layer = build_layer(tmp_path, text, shape)
+    assert layer.out_shape[1:] == out_hw and layer.weight_order in ((), ("biases",) +
+                                                                     (("scales", "rolling_mean",
+                                                                       "rolling_variance")
+                                                                      if "batch_normalize" in text
+                                                                      else ()) + ("weights",))
+    layer = as_float64(layer, np.random.default_rng(2))
+    layer.blur.host_weights = layer.blur.host_weights.astype(np.float64)
+    layer.blur.weights = layer.blur.host_weights
+    x = _x((2,) + shape)
+    if layer.type_name == "maxpool":
+        x = x + np.arange(x.size).reshape(x.shape) * 1e-3  # no ties between pooled cells
+    check_gradients(layer, [x])

@@ -9,12 +9,13 @@ only accumulates gradients into the update buffers; `update` (in Layer) applies 
 import numpy as np
 
 from .. import activations
+from .antialiasing import Blur
 from .base import LinearUnit, input_shape_error
 
 
 # AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
 # their defaults (parse_convolutional): refused at their line when set.
-UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0, "antialiasing": 0,
+UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0,
                     "sway": 0, "rotate": 0, "stretch": 0, "stretch_sway": 0, "cbn": 0,
                     "assisted_excitation": 0, "coordconv": 0, "deform": 0, "flipped": 0,
                     "dot": 0, "grad_centr": 0, "reverse": 0}
@@ -59,6 +60,10 @@ class ConvolutionalLayer(LinearUnit):
         self.dilation = section.require_positive("dilation", section.int("dilation", 1))
         if self.size == 1:
             self.dilation = 1
+        self.antialiasing = section.int("antialiasing", 0)
+        self.blur_stride = self.stride
+        if self.antialiasing:
+            self.stride = 1  # the convolution runs at stride 1; the blur strides
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
@@ -77,6 +82,10 @@ class ConvolutionalLayer(LinearUnit):
             raise input_shape_error(section, self.in_shape,
                                     f"size={self.size} with padding={self.padding}")
         self.out_shape = (self.filters, out_h, out_w)
+        self.blur = None
+        if self.antialiasing:
+            self.blur = Blur(section, self.antialiasing, self.filters, self.blur_stride, out_h, out_w)
+            self.out_shape = (self.filters,) + self.blur.out_hw
 
         fan_in = c // self.groups * self.size * self.size
         weight_shape = (self.filters, c // self.groups, self.size, self.size)
@@ -130,15 +139,26 @@ class ConvolutionalLayer(LinearUnit):
     def flops(self):
         c = self.in_shape[0]
         oc, oh, ow = self.out_shape
+        if self.blur is not None:  # AlexeyAB counts the stride-1 convolution
+            oh = (self.in_shape[1] + 2 * self.padding - self.size) + 1
+            ow = (self.in_shape[2] + 2 * self.padding - self.size) + 1
         return 2.0 * oc * self.size * self.size * c / self.groups * oh * ow
+
+    def place(self, ops):
+        super().place(ops)
+        if self.blur is not None:
+            self.blur.place(ops)
 
     def forward(self, ops, x, train):
         self.input = x
         y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding * self.dilation,
                              self.groups, train=train, dilation=self.dilation)
-        return self.normalize_activate(ops, y, train)
+        y = self.normalize_activate(ops, y, train)
+        return self.blur.forward(ops, y) if self.blur is not None else y
 
     def backward(self, ops, delta, need_dx):
+        if self.blur is not None:
+            delta = self.blur.backward(ops, delta)
         delta = self.normalize_activate_backward(ops, delta)
         return ops.conv_backward(self.input, self.params["weights"], delta, self.stride,
                                  self.padding * self.dilation, self.groups,

@@ -1,6 +1,7 @@
 """[maxpool]: Darknet's max pooling. Windows start at -padding//2 and cells outside the input
 count as -inf, so size=2 stride=1 keeps the input size (padding defaults to size-1)."""
 
+from .antialiasing import Blur
 from .base import Layer, input_shape_error
 
 
@@ -17,29 +18,44 @@ class MaxpoolLayer(Layer):
         if self.padding < 0:
             raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
         # AlexeyAB's variants the engine lacks: refused at their line rather than ignored.
-        for key in ("maxpool_depth", "antialiasing", "maxpool_zero_nonmax"):
+        for key in ("maxpool_depth", "maxpool_zero_nonmax"):
             if section.int(key, 0):
                 raise section.error(f"{key}={section.int(key)} is not supported", key)
         section.int("out_channels", 1)  # used only with maxpool_depth
+        self.antialiasing = section.int("antialiasing", 0)
+        self.blur_stride = self.stride
+        if self.antialiasing:
+            self.stride = 1  # AlexeyAB: pooling at stride 1, then the blur strides
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if self.size > h + self.padding or self.size > w + self.padding or out_h < 1 or out_w < 1:
             raise input_shape_error(section, self.in_shape, f"maxpool size={self.size}")
         self.out_shape = (c, out_h, out_w)
+        self.pooled_hw = (out_h, out_w)
+        self.blur = None
+        if self.antialiasing:
+            self.blur = Blur(section, self.antialiasing, c, self.blur_stride, out_h, out_w)
+            self.out_shape = (c,) + self.blur.out_hw
 
     def describe(self):
-        return "max          %d x %d / %d  %s" % (self.size, self.size, self.stride, self.maps())
+        return "max          %d x %d / %d  %s" % (self.size, self.size, self.blur_stride, self.maps())
 
+    def place(self, ops):
+        super().place(ops)
+        if self.blur is not None:
+            self.blur.place(ops)
 
     def forward(self, ops, x, train):
         y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,
-                                             self.out_shape[1], self.out_shape[2])
+                                             *self.pooled_hw)
         self.batch_in_shape = x.shape
-        return y
+        return self.blur.forward(ops, y) if self.blur is not None else y
 
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
+        if self.blur is not None:
+            delta = self.blur.backward(ops, delta)
         return ops.maxpool_backward(delta, self.argmax, self.batch_in_shape, self.size,
                                     self.stride, self.padding)
 
