@@ -116,3 +116,33 @@ extern "C" __global__ void local_avgpool_backward_kernel(const float *delta, flo
     }
     dx[index] = sum;
 }
+
+// AlexeyAB's maxpool_depth: output channel g = max over input channels g, g+groups, ... (the
+// first maximum wins); winner holds that channel. One thread per output element.
+extern "C" __global__ void channel_max_kernel(const float *x, float *y, int *winner, int n,
+                                              int channels, int groups, int spatial)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int s = index % spatial, g = (index / spatial) % groups, b = index / (spatial * groups);
+    float best = -INFINITY;
+    int best_k = g;
+    for (int k = g; k < channels; k += groups) {
+        float v = x[((size_t)b * channels + k) * spatial + s];
+        if (v > best) { best = v; best_k = k; }
+    }
+    y[index] = best;
+    winner[index] = best_k;
+}
+
+// Its backward, gathered per input element: the delta of the output this channel won, else 0.
+extern "C" __global__ void channel_max_backward_kernel(const float *delta, const int *winner,
+                                                       float *dx, int n, int channels, int groups,
+                                                       int spatial)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int s = index % spatial, k = (index / spatial) % channels, b = index / (spatial * channels);
+    size_t out = ((size_t)b * groups + k % groups) * spatial + s;
+    dx[index] = winner[out] == k ? delta[out] : 0.f;
+}

@@ -259,7 +259,6 @@ def test_gaussian_yolo_forward_and_decoding(tmp_path):
     ("[convolutional]\nfilters=2\nsize=1\nshare_index=5", "share_index"),
     ("[convolutional]\nfilters=2\nantialiasing=3", "antialiasing"),
     ("[convolutional]\nfilters=2\nstride_x=2\nstride_y=1", "stride_x"),
-    ("[maxpool]\nsize=2\nmaxpool_depth=1", "maxpool_depth"),
     ("[maxpool]\nsize=2\nmaxpool_zero_nonmax=1", "maxpool_zero_nonmax"),
     ("[convolutional]\nfilters=2\ntrain_only_bn=1", "train_only_bn"),
 ])
@@ -387,3 +386,15 @@ def test_antialiasing_blurs_after_a_stride_one_pass(tmp_path, text, shape, out_h
     if layer.type_name == "maxpool":
         x = x + np.arange(x.size).reshape(x.shape) * 1e-3  # no ties between pooled cells
     check_gradients(layer, [x])
+
+
+@pytest.mark.parametrize("channels,groups", [(6, 3), (5, 2)])
+def test_maxpool_depth_takes_the_maximum_across_channels(tmp_path, channels, groups):
+    layer = build_layer(tmp_path, f"[maxpool]\nmaxpool_depth=1\nout_channels={groups}",
+                        (channels, 3, 4))
+    assert layer.out_shape == (groups, 3, 4)
+    x = _x((2, channels, 3, 4))
+    y = layer.forward(NumpyBackend(), x, False)
+    for g in range(groups):
+        np.testing.assert_array_equal(y[:, g], x[:, g::groups].max(axis=1))
+    check_gradients(layer, [x], params=())

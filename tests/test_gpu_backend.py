@@ -723,3 +723,14 @@ def test_dilated_convolution(gpu, cpu, rng, size, stride, dilation):
                                1, dw_gpu, True, dilation=dilation)
     assert_close(gpu, dx_gpu, dx_cpu, "dilated dx")
     assert_close(gpu, dw_gpu, dw_cpu, "dilated dw")
+
+
+@pytest.mark.parametrize("channels,groups", [(6, 3), (5, 2)])
+def test_channel_max(gpu, cpu, rng, channels, groups):
+    x = randn(rng, 2, channels, 4, 3)
+    y_cpu, winner_cpu = cpu.channel_max(x, groups)
+    y_gpu, winner_gpu = gpu.channel_max(gpu.asarray(x), groups)
+    assert_close(gpu, y_gpu, y_cpu, "channel_max")
+    delta = randn(rng, *y_cpu.shape)
+    assert_close(gpu, gpu.channel_max_backward(gpu.asarray(delta), winner_gpu, x.shape),
+                 cpu.channel_max_backward(delta, winner_cpu, x.shape), "channel_max backward")

@@ -527,6 +527,27 @@ class NumpyBackend:
         axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
         return np.ascontiguousarray(x.sum(axis=axes, keepdims=True).reshape(shape))
 
+    def channel_max(self, x, groups):
+        """AlexeyAB's maxpool_depth: output channel g is the maximum over the input channels
+        g, g + groups, g + 2*groups... at each position. Returns (y, argmax channel)."""
+        b, c, h, w = x.shape
+        y = np.empty((b, groups, h, w), x.dtype)
+        winner = np.empty((b, groups, h, w), np.int32)
+        for g in range(groups):
+            members = x[:, g::groups]
+            index = members.argmax(axis=1)  # the first maximum, as AlexeyAB's strict >
+            y[:, g] = np.take_along_axis(members, index[:, None], axis=1)[:, 0]
+            winner[:, g] = g + groups * index
+        return y, winner
+
+    def channel_max_backward(self, delta, winner, in_shape):
+        """Each output's delta to the input channel that won it."""
+        dx = np.zeros(in_shape, delta.dtype)
+        groups = delta.shape[1]
+        for k in range(in_shape[1]):
+            dx[:, k] = np.where(winner[:, k % groups] == k, delta[:, k % groups], 0)
+        return dx
+
     def local_avgpool(self, x, size, stride, padding, out_h, out_w):
         """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
         start at -padding//2, as Darknet's maxpool; cells outside the input are not counted)."""

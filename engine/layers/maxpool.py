@@ -18,11 +18,20 @@ class MaxpoolLayer(Layer):
         if self.padding < 0:
             raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
         # AlexeyAB's variants the engine lacks: refused at their line rather than ignored.
-        for key in ("maxpool_depth", "maxpool_zero_nonmax"):
-            if section.int(key, 0):
-                raise section.error(f"{key}={section.int(key)} is not supported", key)
-        section.int("out_channels", 1)  # used only with maxpool_depth
+        if section.int("maxpool_zero_nonmax", 0):
+            raise section.error(f"maxpool_zero_nonmax={section.int('maxpool_zero_nonmax')} is not "
+                                "supported", "maxpool_zero_nonmax")
+        # AlexeyAB's maxpool_depth: a maximum across channels instead (size, stride unused)
+        self.depth = section.bool("maxpool_depth", False)
+        out_channels = section.require_positive("out_channels", section.int("out_channels", 1))
         self.antialiasing = section.int("antialiasing", 0)
+        if self.depth:
+            if self.antialiasing:
+                raise section.error("antialiasing with maxpool_depth is not supported",
+                                    "antialiasing")
+            self.out_shape = (out_channels, h, w)
+            self.blur = None
+            return
         self.blur_stride = self.stride
         if self.antialiasing:
             self.stride = 1  # AlexeyAB: pooling at stride 1, then the blur strides
@@ -38,6 +47,10 @@ class MaxpoolLayer(Layer):
             self.out_shape = (c,) + self.blur.out_hw
 
     def describe(self):
+        if self.depth:  # AlexeyAB's row
+            (c, h, w), (oc, oh, ow) = self.in_shape, self.out_shape
+            return "max-depth         %2dx%2d/%2d   %4d x%4d x%4d -> %4d x%4d x%4d %5.3f BF" % (
+                self.size, self.size, self.stride, w, h, c, ow, oh, oc, 0.0)
         return "max          %d x %d / %d  %s" % (self.size, self.size, self.blur_stride, self.maps())
 
     def place(self, ops):
@@ -46,6 +59,10 @@ class MaxpoolLayer(Layer):
             self.blur.place(ops)
 
     def forward(self, ops, x, train):
+        if self.depth:
+            self.batch_in_shape = x.shape
+            y, self.argmax = ops.channel_max(x, self.out_shape[0])
+            return y
         y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,
                                              *self.pooled_hw)
         self.batch_in_shape = x.shape
@@ -54,6 +71,8 @@ class MaxpoolLayer(Layer):
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
+        if self.depth:
+            return ops.channel_max_backward(delta, self.argmax, self.batch_in_shape)
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
         return ops.maxpool_backward(delta, self.argmax, self.batch_in_shape, self.size,

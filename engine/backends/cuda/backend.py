@@ -500,6 +500,21 @@ class CudaBackend:
                             int(_size(shape[2:]) == _size(x.shape[2:])))
         return y
 
+    def channel_max(self, x, groups):
+        b, c, h, w = (int(v) for v in x.shape)
+        y = self._empty((b, groups, h, w))
+        winner = self._empty((b, groups, h, w), np.int32)
+        self.kernels.launch("channel_max_kernel", y.size, x.ptr, y.ptr, winner.ptr, y.size, c,
+                            groups, h * w)
+        return y, winner
+
+    def channel_max_backward(self, delta, winner, in_shape):
+        b, c, h, w = (int(v) for v in in_shape)
+        dx = self._empty(in_shape)
+        self.kernels.launch("channel_max_backward_kernel", dx.size, delta.ptr, winner.ptr, dx.ptr,
+                            dx.size, c, int(delta.shape[1]), h * w)
+        return dx
+
     def local_avgpool(self, x, size, stride, padding, out_h, out_w):
         b, c, h, w = (int(v) for v in x.shape)
         y = self._empty((b, c, out_h, out_w))

@@ -43,6 +43,8 @@ SIGNATURES = {
     "broadcast_multiply_kernel": ("broadcast.cu", "PPPiiiiii"),
     "sum_to_kernel": ("broadcast.cu", "PPiiiiiii"),
     "local_avgpool_kernel": ("pooling.cu", "PPiiiiiiiii"),
+    "channel_max_kernel": ("pooling.cu", "PPPiiii"),
+    "channel_max_backward_kernel": ("pooling.cu", "PPPiiii"),
     "local_avgpool_backward_kernel": ("pooling.cu", "PPiiiiiiiii"),
     "cross_entropy_kernel": ("softmax.cu", "PPPPi"),
     "sse_kernel": ("softmax.cu", "PPPPi"),
