@@ -6,9 +6,7 @@ size the cfg implies, unused fields, and which golden set or check covers it.
 """
 
 import argparse
-import contextlib
 import glob
-import io
 import os
 import sys
 
@@ -83,11 +81,6 @@ def survey(folder=FOLDER):
             reason = str(error).replace(path, name)
             rows.append((name, "refused", reason, None, None, ""))
             continue
-        stream = io.StringIO()
-        with contextlib.redirect_stderr(stream):
-            from engine.config import read_cfg, warn_unused
-            for section in read_cfg(path):
-                pass
         unused = _unused(net)
         rows.append((name, "loads", ", ".join(features(net)), parameter_count(net),
                      weights_file_bytes(net), unused))

@@ -20,17 +20,22 @@ class ImplicitLayer(Layer):
         self.out_shape = (filters, atoms, 1)
         self.add_param("weights", mean + net.rng.uniform(-std, std, self.out_shape))
         self.weight_order = ("weights",)
+        self._ones = {}
 
     def describe(self):
         c, h, _ = self.out_shape
         return f"implicit Layer: {c} x {h} \t mean={self.mean:.2f}, std={self.std:.2f} "
 
     def forward(self, ops, x, train):
-        ones = ops.asarray(np.ones((x.shape[0],) + self.out_shape, np.float32))
+        # one array of ones per batch size, made on first use (a recorded forward replays it)
+        ones = self._ones.get(x.shape[0])
+        if ones is None:
+            ones = self._ones[x.shape[0]] = ops.asarray(np.ones((x.shape[0],) + self.out_shape,
+                                                                np.float32))
         return ops.multiply(ones, ops.reshape(self.params["weights"], (1,) + self.out_shape))
 
     def backward(self, ops, delta, need_dx):
         ops.add_(self.updates["weights"], ops.reshape(ops.sum_to(delta, (1,) + self.out_shape),
                                                       self.out_shape))
-        return None
+        return None  # the layer reads no input
 
