@@ -29,6 +29,9 @@ COVERAGE = {
     "yolov7-tiny.cfg": "golden A3 (every layer; detector test)",
     "efficientnet_b0.cfg": "golden A4 (every layer)",
     "yolov4-sam-mish-csp-reorg-bfm.cfg": "golden A5 (every layer)",
+    "yolov7.cfg": "golden A9 (every layer)",
+    "Gaussian_yolov3_BDD.cfg": "golden A10 (every layer)",
+    "yolov4-csp.cfg": "golden A11 (every layer)",
 }
 # AlexeyAB feature -> the golden set that checks it layer by layer against AlexeyAB's Darknet
 FEATURE_GOLDEN = {"mish": "A2", "swish": "A4", "scale_channels": "A4", "sam": "A5",
