@@ -141,3 +141,15 @@ def test_net_training_only_keys_refuse_training(tmp_path):
     dataset = Dataset(np.zeros((2, 1, 2, 2), np.float32), np.zeros(2, int), 2, "d")
     with pytest.raises(ConfigError, match=r"e\.cfg:\d+: \[net\] ema_alpha=0.9998"):
         train(net, dataset, str(tmp_path), stream=open(os.devnull, "w"))
+
+
+@needs_folder
+@pytest.mark.parametrize("name,total", [("yolov4.cfg", "128.459"), ("yolov4-tiny.cfg", "6.910"),
+                                        ("yolov7-tiny.cfg", "5.802"), ("efficientnet_b0.cfg", "0.915")])
+def test_total_bflops_equal_alexeyabs(name, total):
+    """`engine info`'s total equals the "Total BFLOPS" AlexeyAB's parser prints for the cfg
+    (convolutions, pooling and shortcuts counted as it counts them)."""
+    from engine.models import layer_table
+
+    net = alexeyab_cfgs.load_without_weights(os.path.join(FOLDER, name))
+    assert layer_table(net).splitlines()[-1] == f"Total BFLOPs {total}"

@@ -58,6 +58,15 @@ class MaxpoolLayer(Layer):
         if self.blur is not None:
             self.blur.place(ops)
 
+    def flops(self):
+        """AlexeyAB's l.bflops (its total counts pooling): size^2 * C * the stride-1 or
+        strided output's cells."""
+        c, h, w = self.in_shape
+        if self.depth:
+            return self.size * self.size * c * h * w
+        out_h, out_w = self.pooled_hw
+        return self.size * self.size * c * out_h * out_w
+
     def forward(self, ops, x, train):
         if self.depth:
             self.batch_in_shape = x.shape

@@ -99,9 +99,7 @@ class ShortcutLayer(Layer):
                 f"{w:4d} x{h:4d} x{c:4d}")
 
     def flops(self):
-        if not self.multilayer:
-            return 0
-        c, h, w = self.out_shape  # AlexeyAB's l.bflops
+        c, h, w = self.out_shape  # AlexeyAB's l.bflops (its total counts shortcuts)
         return c * h * w * len(self.sources) * (2 if self.weight_order else 1)
 
     # ---- AlexeyAB's weighted sum ---------------------------------------------------------------
