@@ -153,8 +153,9 @@ def cmd_info(args):
 def cmd_detect(args):
     net = build(args, weights=args.weights, inference=True)
     names = detection.read_names(args.names) if args.names else None
+    choice = False if args.resize else (True if args.letterbox else None)
     labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms,
-                                               letterboxed=False if args.resize else None)
+                                               letterboxed=choice)
     classes = detections.probs.shape[1]
     for item in labelled:
         left, top, right, bottom = item.pixels
@@ -224,9 +225,12 @@ def make_parser():
     p.add_argument("--thresh", type=float, default=0.5, help="confidence threshold (default 0.5)")
     p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold; 0 turns NMS off")
     p.add_argument("--out", default="predictions.png", help="image with the boxes drawn")
-    p.add_argument("--resize", action="store_true",
-                   help="stretch the image to the input instead of letterboxing it (AlexeyAB's "
-                        "default when [net] has no letter_box=1)")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--resize", action="store_true",
+                     help="stretch the image to the input (AlexeyAB's detector test; the default "
+                          "for its cfgs without letter_box=1)")
+    fit.add_argument("--letterbox", action="store_true",
+                     help="letterbox the image (pjreddie's detector test; the default for its cfgs)")
     add_backend_options(p)
     p.set_defaults(run=cmd_detect)
 

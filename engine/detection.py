@@ -338,13 +338,16 @@ def read_names(path):
 
 def uses_letterbox(net, letterboxed=None):
     """Whether detection letterboxes the image: the caller's choice, else [net] letter_box
-    (AlexeyAB: 1 letterboxes, 0 stretches the image to the input), else letterboxing, which is
-    what pjreddie's `detector test` always does (AlexeyAB's stretches when letter_box is
-    absent: `engine detect --resize` does that)."""
+    (AlexeyAB: 1 letterboxes, 0 stretches the image to the input), else the convention of the
+    Darknet the cfg comes from: AlexeyAB's `detector test` stretches, pjreddie's letterboxes.
+    A cfg whose detection layers use keys only AlexeyAB reads (scale_x_y, nms_kind, iou_loss,
+    [Gaussian_yolo]...) is AlexeyAB's; the others (YOLOv2, YOLOv3) are taken as pjreddie's."""
     if letterboxed is not None:
         return letterboxed
     letter_box = net.options.letter_box
-    return True if letter_box is None else bool(letter_box)
+    if letter_box is not None:
+        return bool(letter_box)
+    return not any(getattr(layer, "alexeyab", False) for layer in net.layers)
 
 
 def nms_choice(net):

@@ -41,6 +41,7 @@ TRAINING_DEFAULTS = {"max_delta": None, "counters_per_class": None, "label_smoot
                      "cls_normalizer": 1.0, "delta_normalizer": 1.0, "iou_loss": "mse",
                      "iou_thresh_kind": "iou", "focal_loss": 0.0, "iou_thresh": 1.0,
                      "scale_x_y": 1.0, "new_coords": 0.0}
+ALEXEYAB_ONLY_KEYS = tuple(TRAINING_DEFAULTS) + ("nms_kind", "beta_nms", "uc_normalizer")
 # Read and without effect here: logging, tracking and augmentation options.
 IGNORED_KEYS = ("jitter", "random", "map", "resize", "show_details", "track_history_size",
                 "sim_thresh", "dets_for_track", "dets_for_show", "track_ciou_norm",
@@ -128,6 +129,9 @@ class YoloLayer(Layer):
         self.new_coords = section.bool("new_coords", False) if self.box_entries == 4 else False
         self.nms_kind, self.beta_nms = parse_nms(section, self.nms_kinds)
         self.untrainable = training_keys(section, self.training_defaults)
+        # a head with keys only AlexeyAB's fork reads comes from that fork (detection follows
+        # its conventions, see engine.detection.uses_letterbox)
+        self.alexeyab = any(section.has(key) for key in ALEXEYAB_ONLY_KEYS)
         # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
         for key in IGNORED_KEYS:
             section.str(key)
