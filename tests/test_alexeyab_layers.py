@@ -258,7 +258,7 @@ def test_gaussian_yolo_forward_and_decoding(tmp_path):
     ("[convolutional]\nfilters=2\nsize=3\ndilation=2", "dilation"),  # without pad=1
     ("[convolutional]\nfilters=2\nsize=1\nshare_index=5", "share_index"),
     ("[convolutional]\nfilters=2\nantialiasing=3", "antialiasing"),
-    ("[convolutional]\nfilters=2\nstride_x=2\nstride_y=1", "stride_x"),
+    ("[maxpool]\nsize=2\nstride_x=2\nstride_y=1", "stride_x"),
     ("[maxpool]\nsize=2\nmaxpool_zero_nonmax=1", "maxpool_zero_nonmax"),
     ("[convolutional]\nfilters=2\ntrain_only_bn=1", "train_only_bn"),
 ])
@@ -398,3 +398,28 @@ def test_maxpool_depth_takes_the_maximum_across_channels(tmp_path, channels, gro
     for g in range(groups):
         np.testing.assert_array_equal(y[:, g], x[:, g::groups].max(axis=1))
     check_gradients(layer, [x], params=())
+
+
+@pytest.mark.parametrize("text,shape,out_hw", [
+    ("filters=3\nsize=3\nstride_x=2\nstride_y=1\npad=1\nactivation=linear", (2, 5, 7), (5, 4)),
+    ("batch_normalize=1\nfilters=2\nsize=3\nstride=1\nstride_y=3\npad=1\ndilation=2\n"
+     "activation=leaky", (2, 8, 6), (3, 6)),
+])
+def test_convolution_with_different_strides(tmp_path, text, shape, out_hw):
+    """stride_x / stride_y (golden A7 checks values against AlexeyAB; here shapes, a direct
+    sum and the gradients)."""
+    layer = as_float64(build_layer(tmp_path, "[convolutional]\n" + text, shape),
+                       np.random.default_rng(2))
+    assert layer.out_shape[1:] == out_hw
+    x = _x((2,) + shape)
+    if not layer.batch_normalize:
+        y = layer.forward(NumpyBackend(), x, False)
+        p, w = layer.padding, layer.params["weights"]
+        padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        for i in range(out_hw[0]):
+            for j in range(out_hw[1]):
+                window = padded[:, :, i * layer.stride_y:i * layer.stride_y + 3,
+                                j * layer.stride_x:j * layer.stride_x + 3]
+                want = np.einsum("bcij,fcij->bf", window, w) + layer.params["biases"]
+                np.testing.assert_allclose(y[:, :, i, j], want, rtol=1e-10)
+    check_gradients(layer, [x])

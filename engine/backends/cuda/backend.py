@@ -215,6 +215,7 @@ class CudaBackend:
 
     # ---- convolution --------------------------------------------------------------------------
     def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
+        stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
         key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
