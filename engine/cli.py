@@ -33,6 +33,9 @@ def add_backend_options(parser, several=False):
     parser.add_argument("--tf32", action="store_true",
                         help="let GPU convolutions use TF32 tensor cores (faster; about 1e-3 "
                              "relative error, as PyTorch's default)")
+    parser.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                        help="whose inference batch-norm rule to use (default: the cfg tells; "
+                             "AlexeyAB's divides by sqrt(var + 1e-5), pjreddie's by sqrt(var) + 1e-6)")
     if several:
         group.add_argument("--gpus", type=gpu_list, metavar="0,1,...",
                            help="data-parallel training, one rank per GPU (started with mpiexec "
@@ -69,7 +72,8 @@ def choose_backend(args, seed=0, rank=0):
 def build(args, seed=0, weights=None, rank=0, inference=False):
     """The cfg's network on the chosen backend, with `weights` loaded; for inference its batch
     norms are folded into the weights (the same outputs, one pass less per layer)."""
-    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
+    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0,
+                  darknet=getattr(args, "darknet", None))
     if weights:
         covered = net.load_weights(weights)
         with_params = [layer.index for layer in net.layers if layer.weight_order]
@@ -174,7 +178,7 @@ def cmd_partial(args):
 
 
 def cmd_fuse(args):
-    net = Network(args.cfg, backend=get_backend("cpu"))
+    net = Network(args.cfg, backend=get_backend("cpu"), darknet=args.darknet)
     net.load_weights(args.weights)
     models.fuse(net, args.cfg_out, args.weights_out)
     print(f"Fused network: {args.cfg_out}, {args.weights_out}")
@@ -246,6 +250,8 @@ def make_parser():
     p.add_argument("weights")
     p.add_argument("cfg_out")
     p.add_argument("weights_out")
+    p.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                   help="whose inference batch-norm rule to fold (default: the cfg tells)")
     p.set_defaults(run=cmd_fuse)
     return parser
 

@@ -9,7 +9,9 @@ special here.
 import numpy as np
 
 from . import weights as weights_io
+from .activations import CHANNEL_NAMES, NAMES as ACTIVATION_NAMES
 from .backends import get_backend
+from .backends.numpy_backend import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .config import read_cfg, warn_unused
 from .errors import ConfigError, EngineError
 from .layers import LAYER_TYPES
@@ -112,6 +114,31 @@ class NetOptions:
         return (self.channels, self.height, self.width)
 
 
+# What only AlexeyAB's fork reads: a cfg with one of these is AlexeyAB's (see darknet_of).
+ALEXEYAB_SECTIONS = {"sam", "scale_channels", "local_avgpool", "local_avg", "reorg3d", "implicit",
+                     "empty", "silence", "gaussian_yolo", "contrastive", "conv_lstm", "history"}
+ALEXEYAB_ACTIVATIONS = set(ACTIVATION_NAMES[14:]) | set(CHANNEL_NAMES)
+ALEXEYAB_KEYS = {"scale_x_y", "new_coords", "nms_kind", "beta_nms", "iou_loss", "iou_normalizer",
+                 "cls_normalizer", "obj_normalizer", "iou_thresh", "max_delta", "weights_type",
+                 "weights_normalization", "stride_x", "stride_y", "dilation", "share_index",
+                 "antialiasing", "maxpool_depth", "stopbackward", "letter_box", "mosaic",
+                 "cutmix", "ema_alpha", "group_id", "learning_rate_min", "sgdr_cycle"}
+
+
+def darknet_of(sections):
+    """'alexeyab' when the cfg uses a section, activation or key only AlexeyAB's fork reads,
+    else 'pjreddie'. The two differ in inference batch norm (AlexeyAB divides by
+    sqrt(var + 1e-5), pjreddie by sqrt(var) + 1e-6: 4.5e-4 apart for a variance of 0.011), so
+    the weights each trains are best run with its own rule."""
+    for section in sections:
+        if section.name in ALEXEYAB_SECTIONS or ALEXEYAB_KEYS & section.options.keys():
+            return "alexeyab"
+        activation = section.options.get("activation")
+        if activation is not None and activation.value in ALEXEYAB_ACTIVATIONS:
+            return "alexeyab"
+    return "pjreddie"
+
+
 def read_generic_keys(section, layer):
     """AlexeyAB's keys of every layer: stopbackward kept, the others refused when set."""
     layer.stopbackward = section.bool("stopbackward", False)
@@ -164,9 +191,16 @@ class RecordedInference:
 class Network:
     """Build with Network(cfg_path); then forward/backward/update, or use engine.train."""
 
-    def __init__(self, cfg_path, backend=None, seed=0, quiet=False):
+    def __init__(self, cfg_path, backend=None, seed=0, quiet=False, darknet=None):
+        """darknet: 'pjreddie' or 'alexeyab' chooses whose inference batch-norm rule to use;
+        by default the cfg says (darknet_of)."""
         self.cfg_path = cfg_path
         sections = read_cfg(cfg_path)
+        self.darknet = darknet or darknet_of(sections)
+        if self.darknet not in ("pjreddie", "alexeyab"):
+            raise ValueError(f"darknet={darknet!r}: expected 'pjreddie' or 'alexeyab'")
+        self.bn_epsilons = ALEXEYAB_BN_EPSILONS if self.darknet == "alexeyab" else \
+            PJREDDIE_BN_EPSILONS
         self.options = NetOptions(sections[0])
         self.rng = np.random.default_rng(seed)  # weight initialisation
         self.layers = []

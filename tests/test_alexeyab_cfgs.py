@@ -153,3 +153,42 @@ def test_total_bflops_equal_alexeyabs(name, total):
 
     net = alexeyab_cfgs.load_without_weights(os.path.join(FOLDER, name))
     assert layer_table(net).splitlines()[-1] == f"Total BFLOPs {total}"
+
+
+# ---- whose batch-norm rule ------------------------------------------------------------------------
+def test_inference_batch_norm_follows_the_darknet_the_cfg_comes_from(tmp_path):
+    """AlexeyAB's Darknet normalises with sqrt(var + 1e-5), pjreddie's with sqrt(var) + 1e-6; a
+    cfg with AlexeyAB-only keys (here an activation) gets AlexeyAB's rule, others pjreddie's, and
+    `darknet=` overrides. With a variance of 0.011 (as in Darknet-trained weights) the two rules
+    are 4.5e-4 apart, more than the golden tolerance."""
+    import engine
+    from engine.network import darknet_of
+    from engine.config import read_cfg
+
+    results = {}
+    for activation in ("leaky", "mish"):
+        path = write_cfg(tmp_path / f"{activation}.cfg", {"batch": 1, "width": 1, "height": 1,
+                                                          "channels": 1},
+                         f"[convolutional]\nbatch_normalize=1\nfilters=1\nsize=1\n"
+                         f"activation={activation}")
+        for darknet in (None, "pjreddie", "alexeyab"):
+            net = engine.load(path, quiet=True, darknet=darknet)
+            layer = net.layers[0]
+            layer.params["weights"][...] = 1
+            layer.params["rolling_variance"][...] = 0.011
+            layer.params["rolling_mean"][...] = 0
+            layer.params["scales"][...] = 1
+            y = float(net.forward(np.full((1, 1, 1, 1), 0.5, np.float32))[0, 0, 0, 0])
+            pre = 0.5 / np.sqrt(0.011 + 1e-5) if (darknet or darknet_of(read_cfg(path))) == \
+                "alexeyab" else 0.5 / (np.sqrt(0.011) + 1e-6)
+            want = pre if activation == "leaky" else pre * np.tanh(np.log1p(np.exp(pre)))
+            assert y == pytest.approx(want, rel=1e-6), (activation, darknet)
+            results[activation, darknet] = y
+            folded = engine.load(path, quiet=True, darknet=darknet)
+            folded.layers[0].params = {k: v.copy() for k, v in layer.params.items()}
+            folded.fold_batchnorm()
+            assert float(folded.forward(np.full((1, 1, 1, 1), 0.5, np.float32))[0, 0, 0, 0]) == \
+                pytest.approx(y, rel=1e-6)
+    assert results["leaky", None] == results["leaky", "pjreddie"]
+    assert results["mish", None] == results["mish", "alexeyab"]
+    assert abs(results["leaky", "pjreddie"] / results["leaky", "alexeyab"] - 1) > 4e-4

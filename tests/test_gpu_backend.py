@@ -749,3 +749,16 @@ def test_convolution_with_different_strides(gpu, cpu, rng, stride):
                                dw_gpu, True)
     assert_close(gpu, dx_gpu, dx_cpu, "dx")
     assert_close(gpu, dw_gpu, dw_cpu, "dw")
+
+
+def test_batchnorm_inference_with_alexeyabs_epsilons(gpu, cpu, rng):
+    x = randn(rng, 2, 5, 4, 3)
+    scales, biases, mean = randn(rng, 5), randn(rng, 5), randn(rng, 5)
+    variance = rng.uniform(0.005, 0.05, 5).astype(np.float32)
+    for epsilons in ((0.0, 1e-6), (1e-5, 0.0)):
+        y_cpu = cpu.batchnorm_forward_inference(x, scales, biases, mean, variance,
+                                                activation="mish", epsilons=epsilons)
+        y_gpu = gpu.batchnorm_forward_inference(*(gpu.asarray(a) for a in (x, scales, biases, mean,
+                                                                           variance)),
+                                                activation="mish", epsilons=epsilons)
+        assert_close(gpu, y_gpu, y_cpu, f"epsilons {epsilons}")

@@ -23,6 +23,10 @@ from .. import activations
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
+# Inference BN's (epsilon under the square root, epsilon added to it): pjreddie's Darknet divides
+# by sqrt(var) + 1e-6, AlexeyAB's by sqrt(var + 1e-5) (normalize_cpu, fuse_conv_batchnorm).
+PJREDDIE_BN_EPSILONS = (0.0, BN_INFERENCE_EPSILON)
+ALEXEYAB_BN_EPSILONS = (1e-5, 0.0)
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
 
@@ -333,12 +337,14 @@ class NumpyBackend:
         return y.reshape(x.shape), (view, mean, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule, then the activation:
-        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases), as one affine map per statistic."""
+        act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
+        (pjreddie's (0, 1e-6) or AlexeyAB's (1e-5, 0)), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
-        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n)) +
-                                      x.dtype.type(BN_INFERENCE_EPSILON))
+        inside, outside = (x.dtype.type(e) for e in epsilons)
+        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
         shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)

@@ -9,7 +9,7 @@ the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, 
 import numpy as np
 
 from .. import activations
-from ..backends.numpy_backend import BN_INFERENCE_EPSILON
+from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -32,6 +32,8 @@ class Layer:
         self.params = {}      # name -> array, in the backend's memory once the net is placed
         self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
         self.weight_order = ()  # names of params in .weights file order
+        # inference BN's epsilons: the rule of the Darknet the cfg comes from (network.py)
+        self.bn_epsilons = getattr(net, "bn_epsilons", PJREDDIE_BN_EPSILONS)
 
     # ---- description --------------------------------------------------------------------------
     @property
@@ -142,7 +144,7 @@ class LinearUnit(Layer):
         else:
             y = ops.batchnorm_forward_inference(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
-                activation=fused)
+                activation=fused, epsilons=self.bn_epsilons)
         if fused != self.activation:
             y = activate(ops, y, self.activation, train, self)
         self.output = y
@@ -150,10 +152,12 @@ class LinearUnit(Layer):
 
     def folded_parameters(self, ops):
         """(weights, biases) with the inference batch norm folded in, in float64 then rounded:
-        factor = scales / (sqrt(rolling_variance) + 1e-6) (Darknet's inference rule),
+        factor = scales / (sqrt(rolling_variance + e0) + e1) (Darknet's inference rule;
+        (e0, e1) = (0, 1e-6) for pjreddie's, (1e-5, 0) for AlexeyAB's),
         W' = W * factor per output, b' = biases - rolling_mean * factor."""
         p = {name: ops.to_host(value).astype(np.float64) for name, value in self.params.items()}
-        factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
+        inside, outside = self.bn_epsilons
+        factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
         weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
         biases = p["biases"] - p["rolling_mean"] * factor
         return weights.astype(np.float32), biases.astype(np.float32)

@@ -291,7 +291,8 @@ class CudaBackend:
         return y, (x, save_mean, save_inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=(0.0, 1e-6)):
         """Darknet's rule, optionally fused with the activation that follows."""
         y = self._empty(x.shape)
         if per_activation:
@@ -300,7 +301,8 @@ class CudaBackend:
             spatial, channels = self._channel_layout(x.shape)
         self.kernels.launch("bn_inference_activate_kernel", x.size, x.ptr, y.ptr,
                             rolling_mean.ptr, rolling_variance.ptr, scales.ptr,
-                            biases.ptr, x.size, spatial, channels, _activation_id(activation))
+                            biases.ptr, x.size, spatial, channels, _activation_id(activation),
+                            np.float32(epsilons[0]), np.float32(epsilons[1]))
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
