@@ -182,7 +182,28 @@ def gaussian_yolo_detections(layer, output, net_w, net_h, image_w, image_h, thre
                       _class_probs(rows[:, 8] * certainty, rows[:, 9:], thresh))
 
 
+def detection_v1_detections(layer, output, net_w, net_h, image_w, image_h, thresh,
+                            letterboxed=False):
+    """get_detection_detections (YOLOv1): every box of every cell; class probability
+    confidence * class score where above `thresh`. Boxes are relative to the stretched image."""
+    cells, classes, num = layer.side * layer.side, layer.classes, layer.num
+    flat = output.reshape(-1)
+    scores = flat[:cells * classes].reshape(cells, classes)
+    confidence = flat[cells * classes:cells * (classes + num)].reshape(cells, num)
+    coords = flat[cells * (classes + num):].reshape(cells, num, 4).astype(np.float64)
+    cell = np.arange(cells)
+    col, row = (cell % layer.side)[:, None], (cell // layer.side)[:, None]
+    power = 2 if layer.sqrt else 1
+    boxes = np.stack([(coords[..., 0] + col) / layer.side, (coords[..., 1] + row) / layer.side,
+                      coords[..., 2] ** power, coords[..., 3] ** power], axis=-1).reshape(-1, 4)
+    objectness = confidence.reshape(-1).astype(np.float32)
+    class_scores = np.repeat(scores, num, axis=0)
+    return Detections(boxes.astype(np.float32), objectness,
+                      _class_probs(objectness, class_scores, thresh))
+
+
 DECODERS = {"yolo": yolo_detections, "region": region_detections,
+            "detection": detection_v1_detections,
             "gaussian_yolo": gaussian_yolo_detections}
 
 
@@ -199,7 +220,8 @@ def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed
         parts.append(decode(layer, output, net.options.width, net.options.height,
                             image_w, image_h, thresh, letterboxed))
     if not parts:
-        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer to detect with")
+        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer (nor "
+                        "YOLOv1's [detection]) to detect with")
     return Detections.concatenate(parts, classes)
 
 
@@ -347,6 +369,8 @@ def uses_letterbox(net, letterboxed=None):
     letter_box = net.options.letter_box
     if letter_box is not None:
         return bool(letter_box)
+    if any(layer.type_name == "detection" for layer in net.layers):
+        return False  # YOLOv1 decodes boxes relative to the stretched image
     return not any(getattr(layer, "alexeyab", False) for layer in net.layers)
 
 

@@ -33,8 +33,6 @@ UNSUPPORTED_SECTIONS = {
     "lstm": "recurrent layers are not implemented", "gru": "recurrent layers are not implemented",
     "conv_lstm": "recurrent layers are not implemented",
     "history": "recurrent layers are not implemented",
-    "contrastive": "AlexeyAB's contrastive loss layer is not implemented",
-    "detection": "YOLOv1's [detection] layer is not implemented",
     "local": "the locally connected layer is not implemented",
 }
 # Keys AlexeyAB's parser reads in every layer (parse_network_cfg_custom), with their defaults.
@@ -43,7 +41,8 @@ UNSUPPORTED_SECTIONS = {
 GENERIC_LAYER_KEYS = {"dont_update": 0, "burnin_update": 0,
                       "train_only_bn": 0, "dontload": 0, "dontloadscales": 0, "clip": 0}
 # [net] keys that change only AlexeyAB's training: training refuses them (inference is fine).
-TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None}
+TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None, "contrastive": 0,
+                     "contrastive_color": 0, "contrastive_jit_flip": 0}
 
 
 class NetOptions:

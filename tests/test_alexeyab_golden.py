@@ -17,7 +17,7 @@ from conftest import GOLDEN
 TOLERANCE = 1e-4
 SETS = ["A1_yolov4_tiny", "A2_yolov4_small", "A3_yolov7_tiny", "A4_efficientnet_b0", "A5_sam",
         "A6_alexeyab_layers", "A7_dilation_share", "A8_antialiasing", "A9_yolov7",
-        "A10_gaussian_yolov3", "A11_yolov4_csp"]
+        "A10_gaussian_yolov3", "A11_yolov4_csp", "A12_yolov1_detection"]
 
 
 def read_set(folder):
