@@ -5,11 +5,12 @@
     probabilities = net.predict(images)       # images: (N, 1, 28, 28) in [0, 1]
 """
 
-from .errors import BackendError, ConfigError, DataError, EngineError, WeightsError
+from .errors import (BackendError, ConfigError, DataError, EngineError, NumericalError,
+                     WeightsError)
 from .network import Network
 
 __all__ = ["load", "Network", "EngineError", "ConfigError", "WeightsError", "DataError",
-           "BackendError"]
+           "BackendError", "NumericalError"]
 
 
 def load(cfg_path, weights_path=None, backend="cpu", device=0, seed=0, quiet=False,

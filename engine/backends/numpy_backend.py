@@ -19,7 +19,7 @@ and only `sgd_update` changes parameters.
 
 import numpy as np
 
-from .. import activations
+from .. import activations, memory
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -41,6 +41,7 @@ def _pair(stride):
 
 class NumpyBackend:
     name = "cpu"
+    device_name = "CPU"
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
@@ -49,6 +50,10 @@ class NumpyBackend:
         self.rng = np.random.default_rng(seed)
 
     # ---- memory -------------------------------------------------------------------------------
+    def available_memory(self):
+        """Bytes this backend can still allocate (checked before a network runs)."""
+        return memory.host_available()
+
     def asarray(self, host):
         return np.ascontiguousarray(host, dtype=np.float32)
 

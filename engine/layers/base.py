@@ -6,6 +6,8 @@ arithmetic only through the backend `ops` they are handed, so one layer class se
 the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, height, width).
 """
 
+import math
+
 import numpy as np
 
 from .. import activations
@@ -38,7 +40,7 @@ class Layer:
     # ---- description --------------------------------------------------------------------------
     @property
     def outputs(self):
-        return int(np.prod(self.out_shape))
+        return math.prod(self.out_shape)  # Python ints: an absurd cfg cannot wrap around
 
     def where(self):
         return self.section.where() if self.section is not None else f"layer {self.index}"

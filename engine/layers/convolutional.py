@@ -44,19 +44,21 @@ class ConvolutionalLayer(LinearUnit):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.filters = section.require_positive("filters", section.int("filters", 1))
-        self.size = section.require_positive("size", section.int("size", 1))
-        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.filters = section.positive_int("filters", 1)
+        # A kernel wider than twice the input sees all of it from every position: larger ones
+        # only multiply padding (and the time im2col takes).
+        self.size = section.positive_int("size", 1, high=2 * max(h, w) + 1)
+        self.stride = section.positive_int("stride", 1)
         pad = section.int("pad", 0)
-        self.padding = self.size // 2 if pad else section.int("padding", 0)
-        self.groups = section.require_positive("groups", section.int("groups", 1))
+        self.padding = self.size // 2 if pad else section.int("padding", 0, low=0)
+        self.groups = section.positive_int("groups", 1)
         refuse_alexeyab_conv_keys(section)
         # AlexeyAB's stride_x / stride_y (each defaults to `stride`)
-        self.stride_y = section.require_positive("stride_y", section.int("stride_y", self.stride))
-        self.stride_x = section.require_positive("stride_x", section.int("stride_x", self.stride))
+        self.stride_y = section.positive_int("stride_y", self.stride)
+        self.stride_x = section.positive_int("stride_x", self.stride)
         # AlexeyAB's dilation (1 for 1x1 filters): the filter's taps `dilation` apart, with the
         # padding multiplied by it, as its cuDNN and im2col calls do.
-        self.dilation = section.require_positive("dilation", section.int("dilation", 1))
+        self.dilation = section.positive_int("dilation", 1)
         if self.size == 1:
             self.dilation = 1
         self.antialiasing = section.int("antialiasing", 0)
@@ -95,6 +97,7 @@ class ConvolutionalLayer(LinearUnit):
 
         fan_in = c // self.groups * self.size * self.size
         weight_shape = (self.filters, c // self.groups, self.size, self.size)
+        net.reserve_parameters(self, self.filters * (fan_in + 4))
         self.add_output_params(self.filters, np.sqrt(2.0 / fan_in) *
                                net.rng.standard_normal(weight_shape), bn_after_weights=False)
         self.share_owner = None

@@ -75,6 +75,10 @@ def parse_nms(section, kinds):
     return kind, section.float("beta_nms", 0.6)
 
 
+MAX_ANCHORS = 1 << 16  # no network has more; a larger `num` is a typo, not a model
+MAX_TRUTH_BOXES = 1 << 16  # `max`: the truth rows per image the loss reads
+
+
 def parse_anchors(section, count, default):
     """The `anchors` list as `count` (w, h) pairs, or Darknet's default value for every entry;
     each pair is checked to be present so a short list fails at its cfg line."""
@@ -110,8 +114,8 @@ class YoloLayer(Layer):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
-        self.classes = section.require_positive("classes", section.int("classes", 20))
-        self.total = section.require_positive("num", section.int("num", 1))
+        self.classes = section.positive_int("classes", 20)
+        self.total = section.positive_int("num", 1, high=MAX_ANCHORS)
         self.mask = section.int_list("mask", list(range(self.total)))
         for m in self.mask:
             if not 0 <= m < self.total:
@@ -122,7 +126,7 @@ class YoloLayer(Layer):
         check_outputs_fit(section, self.in_shape, len(self.mask), self.entries)
         self.ignore_thresh = section.float("ignore_thresh", 0.5)
         self.truth_thresh = section.float("truth_thresh", 1.0)
-        self.max_boxes = section.int("max", 90)
+        self.max_boxes = section.positive_int("max", 90, high=MAX_TRUTH_BOXES)
         # The loss measures boxes against the network input (Darknet's net.w, net.h).
         self.net_w, self.net_h = net.options.width, net.options.height
         self.scale_x_y = section.float("scale_x_y", 1.0)

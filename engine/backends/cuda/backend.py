@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from ... import activations
+from ... import activations, memory
 from ...errors import BackendError
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
@@ -90,6 +90,15 @@ class CudaBackend:
 
     def __repr__(self):
         return f"CudaBackend(GPU {self.device.index}: {self.device.name})"
+
+    @property
+    def device_name(self):
+        return f"GPU {self.device.index} ({self.device.name})"
+
+    def available_memory(self):
+        """Bytes this backend can still allocate: the GPU's free memory and what our pool holds
+        for reuse, capped by ENGINE_MEMORY_LIMIT."""
+        return memory.limited(self.device.memory_free())
 
     # ---- memory -------------------------------------------------------------------------------
     def _empty(self, shape, dtype=np.float32):
