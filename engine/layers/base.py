@@ -113,6 +113,15 @@ def activation_backward(ops, owner, delta, activation):
     return ops.activation_backward_(owner.output, delta, activation)
 
 
+def window_limit(h, w):
+    """The largest filter or pooling window accepted on an h x w map. Beyond twice the map a
+    window sees all of it from every position and only adds padding (and time); but Darknet's
+    cfgs keep their windows when run at small inputs (YOLOv4's SPP pools 13x13 on the 5x5 map of
+    a 160-pixel input, EfficientNet's 5x5 depthwise filters reach 1x1 maps), so windows up to 32
+    are always accepted."""
+    return max(2 * max(h, w) + 1, 32)
+
+
 def input_shape_error(section, shape, what):
     c, h, w = shape
     return section.error(f"{what} does not fit the {w}x{h}x{c} input")

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import activations
 from .antialiasing import Blur
-from .base import LinearUnit, input_shape_error
+from .base import LinearUnit, input_shape_error, window_limit
 
 
 # AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
@@ -47,7 +47,7 @@ class ConvolutionalLayer(LinearUnit):
         self.filters = section.positive_int("filters", 1)
         # A kernel wider than twice the input sees all of it from every position: larger ones
         # only multiply padding (and the time im2col takes).
-        self.size = section.positive_int("size", 1, high=2 * max(h, w) + 1)
+        self.size = section.positive_int("size", 1, high=window_limit(h, w))
         self.stride = section.positive_int("stride", 1)
         pad = section.int("pad", 0)
         self.padding = self.size // 2 if pad else section.int("padding", 0, low=0)

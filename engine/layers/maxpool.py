@@ -2,7 +2,7 @@
 count as -inf, so size=2 stride=1 keeps the input size (padding defaults to size-1)."""
 
 from .antialiasing import Blur
-from .base import Layer, input_shape_error
+from .base import Layer, input_shape_error, window_limit
 
 
 class MaxpoolLayer(Layer):
@@ -15,7 +15,7 @@ class MaxpoolLayer(Layer):
         refuse_unequal_strides(section, self.stride)
         # A window wider than twice the input sees all of it from every position; larger ones
         # only add cells of padding (and time: the pooling loops over the window's cells).
-        self.size = section.positive_int("size", self.stride, high=2 * max(h, w) + 1)
+        self.size = section.positive_int("size", self.stride, high=window_limit(h, w))
         self.padding = section.int("padding", self.size - 1, low=0)
         # AlexeyAB's variants the engine lacks: refused at their line rather than ignored.
         if section.int("maxpool_zero_nonmax", 0):
@@ -102,7 +102,7 @@ class LocalAvgpoolLayer(Layer):
         refuse_unequal_strides(section, self.stride)
         # A window wider than twice the input sees all of it from every position; larger ones
         # only add cells of padding (and time: the pooling loops over the window's cells).
-        self.size = section.positive_int("size", self.stride, high=2 * max(h, w) + 1)
+        self.size = section.positive_int("size", self.stride, high=window_limit(h, w))
         self.padding = section.int("padding", self.size - 1, low=0)
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
