@@ -39,6 +39,9 @@ def add_backend_options(parser, several=False):
     parser.add_argument("--tf32", action="store_true",
                         help="let GPU convolutions use TF32 tensor cores (faster; about 1e-3 "
                              "relative error, as PyTorch's default)")
+    parser.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                        help="whose inference batch-norm rule to use (default: the cfg tells; "
+                             "AlexeyAB's divides by sqrt(var + 1e-5), pjreddie's by sqrt(var) + 1e-6)")
     if several:
         group.add_argument("--gpus", type=gpu_list, metavar="0,1,...",
                            help="data-parallel training, one rank per GPU (started with mpiexec "
@@ -102,7 +105,8 @@ def choose_backend(args, seed=0, rank=0):
 def build(args, seed=0, weights=None, rank=0, inference=False):
     """The cfg's network on the chosen backend, with `weights` loaded; for inference its batch
     norms are folded into the weights (the same outputs, one pass less per layer)."""
-    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
+    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0,
+                  darknet=getattr(args, "darknet", None))
     if weights:
         load_weights(net, weights)
     return net.fold_batchnorm() if inference else net
@@ -134,7 +138,7 @@ def training_set(net, data):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
     [softmax] or [cost] a classifier."""
-    detector = [layer.type_name == "yolo" for layer in net.cost_layers]
+    detector = [layer.type_name in ("yolo", "gaussian_yolo") for layer in net.cost_layers]
     if all(detector):
         return data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
     if any(detector):
@@ -213,7 +217,9 @@ def cmd_detect(args):
     check_output_image(args.out)
     net = build(args, weights=args.weights, inference=True)
     names = detection.read_names(args.names) if args.names else None
-    labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms)
+    choice = False if args.resize else (True if args.letterbox else None)
+    labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms,
+                                               letterboxed=choice)
     classes = detections.probs.shape[1]
     for item in labelled:
         left, top, right, bottom = item.pixels
@@ -235,7 +241,7 @@ def cmd_partial(args):
 
 
 def cmd_fuse(args):
-    net = Network(args.cfg, backend=get_backend("cpu"))
+    net = Network(args.cfg, backend=get_backend("cpu"), darknet=args.darknet)
     net.load_weights(args.weights)
     models.fuse(net, args.cfg_out, args.weights_out)
     print(f"Fused network: {args.cfg_out}, {args.weights_out}")
@@ -309,6 +315,12 @@ def make_parser():
     p.add_argument("--nms", type=unit_interval, default=0.45,
                    help="NMS IoU threshold; 0 turns NMS off")
     p.add_argument("--out", default="predictions.png", help="image with the boxes drawn")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--resize", action="store_true",
+                     help="stretch the image to the input (AlexeyAB's detector test; the default "
+                          "for its cfgs without letter_box=1)")
+    fit.add_argument("--letterbox", action="store_true",
+                     help="letterbox the image (pjreddie's detector test; the default for its cfgs)")
     add_backend_options(p)
     p.set_defaults(run=cmd_detect)
 
@@ -324,6 +336,8 @@ def make_parser():
     p.add_argument("weights")
     p.add_argument("cfg_out")
     p.add_argument("weights_out")
+    p.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                   help="whose inference batch-norm rule to fold (default: the cfg tells)")
     p.set_defaults(run=cmd_fuse)
 
     p = commands.add_parser("export", help="write the network as an ONNX model")

@@ -8,6 +8,7 @@ remember which keys were used so unused ones can be reported as Darknet does ("U
 
 import math
 import os
+import re
 import stat
 import sys
 
@@ -124,21 +125,32 @@ def shorten(text):
 
 
 def _parse_int(text):
-    # Darknet reads integers with atoi, which accepts "3.0" as 3; we accept whole-number floats
-    # but refuse "2.5" or "abc" rather than truncating silently, and values a C int cannot hold
-    # (atoi's result is undefined there).
+    """Darknet reads integers with C's atoi: the longest leading [+-]digits prefix, the rest
+    ignored, no digits giving 0. We follow it where cfgs rely on it (AlexeyAB's `filters=40#32`,
+    an inline comment, is 40; "3.0" is 3) but refuse what is surely a mistake: no leading digits
+    ("abc", which atoi reads as 0), a fractional number ("2.5", which atoi truncates to 2), and
+    values a C int cannot hold (atoi's result is undefined there)."""
     if len(text) > 40:
         raise ValueError(text)  # int() of a huge digit string is slow, and cannot fit anyway
     try:
         value = int(text)
     except ValueError:
-        number = float(text)  # ValueError for "abc"; inf and nan fail the test below
-        if not math.isfinite(number) or number != int(number):
+        match = _INT_PREFIX.match(text)
+        if match is None:
             raise ValueError(text) from None
-        value = int(number)
+        if text[match.end():][:1] in (".", "e", "E"):
+            number = float(text)  # "3.0", "1e3": whole numbers only; inf and nan fail below
+            if not math.isfinite(number) or number != int(number):
+                raise ValueError(text) from None
+            value = int(number)
+        else:
+            value = int(match.group())
     if not INT_MIN <= value <= INT_MAX:
         raise ValueError(text)
     return value
+
+
+_INT_PREFIX = re.compile(r"[+-]?[0-9]+")
 
 
 def _parse_float(text):

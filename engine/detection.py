@@ -108,9 +108,12 @@ def _grid_predictions(output, anchors, entries):
     return rows, (cell % w).astype(np.float32), (cell // w).astype(np.float32), (w, h)
 
 
-def correct_boxes(boxes, image_w, image_h, net_w, net_h):
+def correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed=True):
     """Undo the letterbox: boxes relative to the network input -> relative to the image
-    (Darknet's correct_yolo_boxes / correct_region_boxes with relative=1)."""
+    (Darknet's correct_yolo_boxes / correct_region_boxes with relative=1). An input that was
+    resized without letterboxing (AlexeyAB's letter=0) needs no correction."""
+    if not letterboxed:
+        return boxes.copy()
     new_w, new_h = letterbox_geometry(image_w, image_h, net_w, net_h)
     boxes = boxes.copy()
     boxes[:, 0] = (boxes[:, 0] - (net_w - new_w) / 2.0 / net_w) / (new_w / net_w)
@@ -120,12 +123,17 @@ def correct_boxes(boxes, image_w, image_h, net_w, net_h):
     return boxes
 
 
-def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h):
+def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h, new_coords=False):
     """Boxes from a detection layer's entries x, y, w, h (`raw[..., 0:4]`, x and y already
     through the logistic) in grid cell (col, row) of a w x h grid: centre (col + x)/w,
-    (row + y)/h, size exp(w)*anchor_w, exp(h)*anchor_h (anchors relative to the input)."""
+    (row + y)/h, size exp(w)*anchor_w, exp(h)*anchor_h (anchors relative to the input); with
+    AlexeyAB's new_coords, size (2w)^2*anchor_w, (2h)^2*anchor_h (get_yolo_box)."""
+    if new_coords:
+        size_w, size_h = raw[..., 2] * raw[..., 2] * 4, raw[..., 3] * raw[..., 3] * 4
+    else:
+        size_w, size_h = np.exp(raw[..., 2]), np.exp(raw[..., 3])
     return np.stack([(col + raw[..., 0]) / w, (row + raw[..., 1]) / h,
-                     np.exp(raw[..., 2]) * anchor_w, np.exp(raw[..., 3]) * anchor_h], axis=-1)
+                     size_w * anchor_w, size_h * anchor_h], axis=-1)
 
 
 def _class_probs(objectness, class_scores, thresh):
@@ -133,19 +141,21 @@ def _class_probs(objectness, class_scores, thresh):
     return np.where(probs > thresh, probs, 0).astype(np.float32)
 
 
-def yolo_detections(layer, output, net_w, net_h, image_w, image_h, thresh):
+def yolo_detections(layer, output, net_w, net_h, image_w, image_h, thresh, letterboxed=True):
     """Darknet's get_yolo_detections: the boxes of one [yolo] output (C, H, W) whose
     objectness is above `thresh`; w and h scale the layer's anchors (in network pixels)."""
     rows, col, row, (w, h) = _grid_predictions(output, len(layer.mask), layer.entries)
     anchors = np.repeat(layer.mask_anchors, h * w, axis=0)
     keep = rows[:, 4] > thresh
     rows, col, row, anchors = rows[keep], col[keep], row[keep], anchors[keep]
-    boxes = grid_boxes(rows, col, row, w, h, anchors[:, 0] / net_w, anchors[:, 1] / net_h)
-    return Detections(correct_boxes(boxes, image_w, image_h, net_w, net_h).astype(np.float32),
-                      rows[:, 4].copy(), _class_probs(rows[:, 4], rows[:, 5:], thresh))
+    boxes = grid_boxes(rows, col, row, w, h, anchors[:, 0] / net_w, anchors[:, 1] / net_h,
+                       getattr(layer, "new_coords", False))
+    boxes = correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed)
+    return Detections(boxes.astype(np.float32), rows[:, 4].copy(),
+                      _class_probs(rows[:, 4], rows[:, 5:], thresh))
 
 
-def region_detections(layer, output, net_w, net_h, image_w, image_h, thresh):
+def region_detections(layer, output, net_w, net_h, image_w, image_h, thresh, letterboxed=True):
     """Darknet's get_region_detections: every anchor of every cell (objectness set to 0 when not
     above `thresh`); w and h scale the layer's anchors (in grid cells)."""
     rows, col, row, (w, h) = _grid_predictions(output, layer.num, layer.entries)
@@ -153,14 +163,53 @@ def region_detections(layer, output, net_w, net_h, image_w, image_h, thresh):
     objectness = np.where(rows[:, 4] > thresh, rows[:, 4], 0).astype(np.float32)
     boxes = grid_boxes(rows, col, row, w, h, anchors[:, 0] / w, anchors[:, 1] / h)
     probs = np.where(objectness[:, None] > 0, _class_probs(rows[:, 4], rows[:, 5:], thresh), 0)
-    return Detections(correct_boxes(boxes, image_w, image_h, net_w, net_h).astype(np.float32),
-                      objectness, probs.astype(np.float32))
+    boxes = correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed)
+    return Detections(boxes.astype(np.float32), objectness, probs.astype(np.float32))
 
 
-DECODERS = {"yolo": yolo_detections, "region": region_detections}
+def gaussian_yolo_detections(layer, output, net_w, net_h, image_w, image_h, thresh,
+                             letterboxed=True):
+    """AlexeyAB's get_gaussian_yolo_detections: entries x, uc, y, uc, w, uc, h, uc, objectness,
+    classes; boxes as YOLOv3's from entries 0, 2, 4, 6; class probability objectness * class *
+    (1 - the mean of the four uncertainties)."""
+    rows, col, row, (w, h) = _grid_predictions(output, len(layer.mask), layer.entries)
+    anchors = np.repeat(layer.mask_anchors, h * w, axis=0)
+    keep = rows[:, 8] > thresh
+    rows, col, row, anchors = rows[keep], col[keep], row[keep], anchors[keep]
+    boxes = grid_boxes(rows[:, [0, 2, 4, 6]], col, row, w, h, anchors[:, 0] / net_w,
+                       anchors[:, 1] / net_h)
+    boxes = correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed)
+    certainty = 1 - rows[:, [1, 3, 5, 7]].mean(axis=1)
+    return Detections(boxes.astype(np.float32), rows[:, 8].copy(),
+                      _class_probs(rows[:, 8] * certainty, rows[:, 9:], thresh))
 
 
-def network_detections(net, image_w, image_h, thresh, image_index=0):
+def detection_v1_detections(layer, output, net_w, net_h, image_w, image_h, thresh,
+                            letterboxed=False):
+    """get_detection_detections (YOLOv1): every box of every cell; class probability
+    confidence * class score where above `thresh`. Boxes are relative to the stretched image."""
+    cells, classes, num = layer.side * layer.side, layer.classes, layer.num
+    flat = output.reshape(-1)
+    scores = flat[:cells * classes].reshape(cells, classes)
+    confidence = flat[cells * classes:cells * (classes + num)].reshape(cells, num)
+    coords = flat[cells * (classes + num):].reshape(cells, num, 4).astype(np.float64)
+    cell = np.arange(cells)
+    col, row = (cell % layer.side)[:, None], (cell // layer.side)[:, None]
+    power = 2 if layer.sqrt else 1
+    boxes = np.stack([(coords[..., 0] + col) / layer.side, (coords[..., 1] + row) / layer.side,
+                      coords[..., 2] ** power, coords[..., 3] ** power], axis=-1).reshape(-1, 4)
+    objectness = confidence.reshape(-1).astype(np.float32)
+    class_scores = np.repeat(scores, num, axis=0)
+    return Detections(boxes.astype(np.float32), objectness,
+                      _class_probs(objectness, class_scores, thresh))
+
+
+DECODERS = {"yolo": yolo_detections, "region": region_detections,
+            "detection": detection_v1_detections,
+            "gaussian_yolo": gaussian_yolo_detections}
+
+
+def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed=True):
     """Darknet's get_network_boxes after a forward pass: the detections of every [yolo] and
     [region] layer of `net` for image `image_index` of the batch, in layer order."""
     parts, classes = [], 0
@@ -171,9 +220,10 @@ def network_detections(net, image_w, image_h, thresh, image_index=0):
         output = net.ops.to_host(net.outputs[layer.index])[image_index]
         classes = layer.classes
         parts.append(decode(layer, output, net.options.width, net.options.height,
-                            image_w, image_h, thresh))
+                            image_w, image_h, thresh, letterboxed))
     if not parts:
-        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer to detect with")
+        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer (nor "
+                        "YOLOv1's [detection]) to detect with")
     return Detections.concatenate(parts, classes)
 
 
@@ -190,10 +240,38 @@ def box_iou(a, b):
     return intersection / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - intersection)
 
 
-def nms_sort(detections, nms_thresh):
+def box_diou(a, b, beta):
+    """AlexeyAB's box_diou / box_diounms: IoU minus (d/c)^beta, d the squared distance of the
+    centres and c the squared diagonal of the smallest box enclosing both (IoU where c = 0)."""
+    left = np.minimum(a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)
+    right = np.maximum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2)
+    top = np.minimum(a[..., 1] - a[..., 3] / 2, b[..., 1] - b[..., 3] / 2)
+    bottom = np.maximum(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2)
+    c = (right - left) ** 2 + (bottom - top) ** 2
+    d = (a[..., 0] - b[..., 0]) ** 2 + (a[..., 1] - b[..., 1]) ** 2
+    iou = box_iou(a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        penalty = np.where(c > 0, np.power(np.where(c > 0, d / c, 0), beta), 0)
+    return iou - penalty
+
+
+# nms_kind -> the overlap measure AlexeyAB's diounms_sort compares with the threshold
+# (greedynms uses box_diou, whose exponent is fixed at 0.6; cornersnms plain IoU).
+NMS_OVERLAPS = {
+    "default": lambda a, b, beta: box_iou(a, b),
+    "cornersnms": lambda a, b, beta: box_iou(a, b),
+    "greedynms": lambda a, b, beta: box_diou(a, b, 0.6),
+    "diounms": lambda a, b, beta: box_diou(a, b, beta),
+}
+
+
+def nms_sort(detections, nms_thresh, kind="default", beta=0.6):
     """Darknet's do_nms_sort: drop detections with zero objectness; then for each class, in
     order of decreasing probability, zero that class's probability in every later box that
-    overlaps a kept one with IoU > nms_thresh. Returns new Detections."""
+    overlaps a kept one with IoU > nms_thresh. Returns new Detections. AlexeyAB's diounms_sort
+    (nms_kind greedynms, diounms, cornersnms; `beta` is beta_nms) is the same loop with another
+    overlap measure (NMS_OVERLAPS)."""
+    overlap_measure = NMS_OVERLAPS[kind]
     kept = detections.select(detections.objectness > 0)
     probs = kept.probs.copy()
     for k in range(probs.shape[1]):
@@ -203,7 +281,7 @@ def nms_sort(detections, nms_thresh):
             if probs[i, k] == 0:
                 continue
             later = order[position + 1:]
-            overlapping = later[box_iou(kept.boxes[i], kept.boxes[later]) > nms_thresh]
+            overlapping = later[overlap_measure(kept.boxes[i], kept.boxes[later], beta) > nms_thresh]
             probs[overlapping, k] = 0
     return Detections(kept.boxes, kept.objectness, probs)
 
@@ -277,7 +355,29 @@ def read_names(path):
     return [line.strip() for line in read_text_lines(path, "names", DataError) if line.strip()]
 
 
-def detect(net, image_path, thresh=0.5, nms=0.45):
+def uses_letterbox(net, letterboxed=None):
+    """Whether detection letterboxes the image: the caller's choice, else [net] letter_box
+    (AlexeyAB: 1 letterboxes, 0 stretches the image to the input), else the convention of the
+    Darknet the cfg comes from: AlexeyAB's `detector test` stretches, pjreddie's letterboxes.
+    A cfg whose detection layers use keys only AlexeyAB reads (scale_x_y, nms_kind, iou_loss,
+    [Gaussian_yolo]...) is AlexeyAB's; the others (YOLOv2, YOLOv3) are taken as pjreddie's."""
+    if letterboxed is not None:
+        return letterboxed
+    letter_box = net.options.letter_box
+    if letter_box is not None:
+        return bool(letter_box)
+    if any(layer.type_name == "detection" for layer in net.layers):
+        return False  # YOLOv1 decodes boxes relative to the stretched image
+    return not any(getattr(layer, "alexeyab", False) for layer in net.layers)
+
+
+def nms_choice(net):
+    """(nms_kind, beta_nms) of the network's last layer, the one AlexeyAB's test_detector reads."""
+    last = net.layers[-1]
+    return getattr(last, "nms_kind", "default"), getattr(last, "beta_nms", 0.6)
+
+
+def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
     """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
     the Detections after NMS, (image width, image height))."""
     heads = [layer.index for layer in net.layers if layer.type_name in DECODERS]
@@ -289,10 +389,15 @@ def detect(net, image_path, thresh=0.5, nms=0.45):
                           f"{net.options.channels} channels")
     image = read_rgb(image_path)
     _, image_h, image_w = image.shape
-    x = letterbox(image, net.options.width, net.options.height)
+    letterboxed = uses_letterbox(net, letterboxed)
+    if letterboxed:
+        x = letterbox(image, net.options.width, net.options.height)
+    else:
+        x = resize_bilinear(image, net.options.width, net.options.height)
     net.predict(x[None])
     net.check_finite_outputs(heads)
-    detections = network_detections(net, image_w, image_h, thresh)
+    detections = network_detections(net, image_w, image_h, thresh, letterboxed=letterboxed)
     if nms:
-        detections = nms_sort(detections, nms)
+        kind, beta = nms_choice(net)
+        detections = nms_sort(detections, nms, kind, beta)
     return label_detections(detections, image_w, image_h, thresh), detections, (image_w, image_h)

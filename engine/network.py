@@ -10,18 +10,40 @@ import numpy as np
 
 from . import memory
 from . import weights as weights_io
+from .activations import CHANNEL_NAMES, NAMES as ACTIVATION_NAMES
 from .backends import get_backend
+from .backends.numpy_backend import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .config import read_cfg, warn_unused
 from .errors import ConfigError, EngineError, NumericalError
 from .layers import LAYER_TYPES
 
-POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
+POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "sigmoid", "random", "sgdr")
 
 # [net] keys Darknet reads for data augmentation and optimisers we do not implement; accepted
 # (so Darknet's cfgs load without warnings) and ignored. README lists them.
 IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
                     "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
-                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "letter_box")
+                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "cutmix", "blur",
+                    "mixup", "gaussian_noise")
+
+
+# AlexeyAB's sections the engine lacks, with why (the recurrent family keeps state across
+# images; [contrastive] is a self-supervised loss; [detection] is YOLOv1's output layer).
+UNSUPPORTED_SECTIONS = {
+    "rnn": "recurrent layers are not implemented", "crnn": "recurrent layers are not implemented",
+    "lstm": "recurrent layers are not implemented", "gru": "recurrent layers are not implemented",
+    "conv_lstm": "recurrent layers are not implemented",
+    "history": "recurrent layers are not implemented",
+    "local": "the locally connected layer is not implemented",
+}
+# Keys AlexeyAB's parser reads in every layer (parse_network_cfg_custom), with their defaults.
+# stopbackward and onlyforward are implemented (backward stops there / skips the layer); the others change training or loading
+# and are refused when set.
+GENERIC_LAYER_KEYS = {"dont_update": 0, "burnin_update": 0,
+                      "train_only_bn": 0, "dontload": 0, "dontloadscales": 0, "clip": 0}
+# [net] keys that change only AlexeyAB's training: training refuses them (inference is fine).
+TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None, "contrastive": 0,
+                     "contrastive_color": 0, "contrastive_jit_flip": 0}
 
 
 class NetOptions:
@@ -66,16 +88,64 @@ class NetOptions:
             if not self.steps or not self.scales or len(self.steps) != len(self.scales):
                 raise s.error("policy=steps needs steps=... and scales=... lists of equal length",
                               "steps")
-        elif self.policy in ("exp", "sig"):
+        elif self.policy in ("exp", "sig", "sigmoid"):  # sigmoid: AlexeyAB's name for sig
             self.gamma = s.float("gamma", 1.0)
-            if self.policy == "sig":
+            if self.policy != "exp":
                 self.step = s.int("step", 1)
+        elif self.policy == "sgdr":
+            # AlexeyAB's cosine annealing with warm restarts (get_current_rate, SGDR); it parses
+            # steps/scales for it too but does not use them.
+            self.learning_rate_min = s.float("learning_rate_min", 0.00001)
+            self.sgdr_cycle = s.require_positive("sgdr_cycle", s.int("sgdr_cycle", self.max_batches)) \
+                if s.has("sgdr_cycle") or self.max_batches > 0 else 0
+            if self.sgdr_cycle <= 0:
+                raise s.error("policy=sgdr needs sgdr_cycle or max_batches > 0", "policy")
+            self.sgdr_mult = s.require_positive("sgdr_mult", s.int("sgdr_mult", 2))
+            s.str("steps"), s.str("scales")
+        self.untrainable = {key: s.str(key) for key, default in TRAINING_NET_KEYS.items()
+                            if s.has(key) and (default is None or float(s.float(key)) != default)}
+        # AlexeyAB's detection preprocessing: 1 letterboxes, 0 stretches (None: not given).
+        self.letter_box = s.int("letter_box") if s.has("letter_box") else None
         for key in IGNORED_NET_KEYS:
             s.str(key)
 
     @property
     def input_shape(self):
         return (self.channels, self.height, self.width)
+
+
+# What only AlexeyAB's fork reads: a cfg with one of these is AlexeyAB's (see darknet_of).
+ALEXEYAB_SECTIONS = {"sam", "scale_channels", "local_avgpool", "local_avg", "reorg3d", "implicit",
+                     "empty", "silence", "gaussian_yolo", "contrastive", "conv_lstm", "history"}
+ALEXEYAB_ACTIVATIONS = set(ACTIVATION_NAMES[14:]) | set(CHANNEL_NAMES)
+ALEXEYAB_KEYS = {"scale_x_y", "new_coords", "nms_kind", "beta_nms", "iou_loss", "iou_normalizer",
+                 "cls_normalizer", "obj_normalizer", "iou_thresh", "max_delta", "weights_type",
+                 "weights_normalization", "stride_x", "stride_y", "dilation", "share_index",
+                 "antialiasing", "maxpool_depth", "stopbackward", "letter_box", "mosaic",
+                 "cutmix", "ema_alpha", "group_id", "learning_rate_min", "sgdr_cycle"}
+
+
+def darknet_of(sections):
+    """'alexeyab' when the cfg uses a section, activation or key only AlexeyAB's fork reads,
+    else 'pjreddie'. The two differ in inference batch norm (AlexeyAB divides by
+    sqrt(var + 1e-5), pjreddie by sqrt(var) + 1e-6: 4.5e-4 apart for a variance of 0.011), so
+    the weights each trains are best run with its own rule."""
+    for section in sections:
+        if section.name in ALEXEYAB_SECTIONS or ALEXEYAB_KEYS & section.options.keys():
+            return "alexeyab"
+        activation = section.options.get("activation")
+        if activation is not None and activation.value in ALEXEYAB_ACTIVATIONS:
+            return "alexeyab"
+    return "pjreddie"
+
+
+def read_generic_keys(section, layer):
+    """AlexeyAB's keys of every layer: stopbackward kept, the others refused when set."""
+    layer.stopbackward = section.bool("stopbackward", False)
+    layer.onlyforward = section.bool("onlyforward", False)
+    for key, default in GENERIC_LAYER_KEYS.items():
+        if section.has(key) and section.float(key) != default:
+            raise section.error(f"{key}={section.str(key)} is not supported", key)
 
 
 class RecordedInference:
@@ -121,9 +191,16 @@ class RecordedInference:
 class Network:
     """Build with Network(cfg_path); then forward/backward/update, or use engine.train."""
 
-    def __init__(self, cfg_path, backend=None, seed=0, quiet=False):
+    def __init__(self, cfg_path, backend=None, seed=0, quiet=False, darknet=None):
+        """darknet: 'pjreddie' or 'alexeyab' chooses whose inference batch-norm rule to use;
+        by default the cfg says (darknet_of)."""
         self.cfg_path = cfg_path
         sections = read_cfg(cfg_path)
+        self.darknet = darknet or darknet_of(sections)
+        if self.darknet not in ("pjreddie", "alexeyab"):
+            raise ValueError(f"darknet={darknet!r}: expected 'pjreddie' or 'alexeyab'")
+        self.bn_epsilons = ALEXEYAB_BN_EPSILONS if self.darknet == "alexeyab" else \
+            PJREDDIE_BN_EPSILONS
         self.options = NetOptions(sections[0])
         self.rng = np.random.default_rng(seed)  # weight initialisation
         self.parameter_budget = memory.ParameterBudget()
@@ -132,11 +209,14 @@ class Network:
         self.layer_shapes = []
         for index, section in enumerate(sections[1:]):
             layer_class = LAYER_TYPES.get(section.name)
+            if section.name in UNSUPPORTED_SECTIONS:
+                raise ConfigError(f"{section.where()} {UNSUPPORTED_SECTIONS[section.name]}")
             if layer_class is None:
                 known = ", ".join(sorted({c.type_name for c in LAYER_TYPES.values()}))
                 raise ConfigError(f"{section.where()} unknown section type; supported: {known}")
             previous = self.layer_shapes[-1] if self.layer_shapes else self.options.input_shape
             layer = layer_class(section, index, [previous], self)
+            read_generic_keys(section, layer)
             self.layers.append(layer)
             self.layer_shapes.append(tuple(int(v) for v in layer.out_shape))
         if not self.layers:
@@ -149,6 +229,10 @@ class Network:
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
             layer.place(self.ops)
+        for layer in self.layers:  # AlexeyAB's share_index: one set of arrays for both layers
+            if getattr(layer, "share_owner", None) is not None:
+                layer._owner = self.layers[layer.share_owner]
+                layer.share_parameters(layer._owner)
         self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None
 
     # ---- description --------------------------------------------------------------------------
@@ -211,7 +295,11 @@ class Network:
         for index, delta in seeds.items():
             deltas[index] = delta
         for layer in reversed(self.layers):
+            if layer.stopbackward:
+                break  # AlexeyAB's stopbackward: this layer and those before it are frozen
             d, deltas[layer.index] = deltas[layer.index], None
+            if layer.onlyforward:
+                continue  # AlexeyAB's onlyforward: no backward pass for this layer
             if d is None:
                 continue  # this layer's output does not reach the cost
             need = any(j >= 0 for j in layer.input_indices)

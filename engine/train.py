@@ -40,12 +40,19 @@ def learning_rate(options, batch_num, rng=None):
         return o.learning_rate * o.gamma ** batch_num
     if o.policy == "poly":
         return o.learning_rate * max(1 - batch_num / o.max_batches, 0.0) ** o.power
-    if o.policy == "sig":
+    if o.policy in ("sig", "sigmoid"):
         exponent = o.gamma * (batch_num - o.step)
         return 0.0 if exponent > 700 else o.learning_rate / (1 + math.exp(exponent))  # no overflow
     if o.policy == "random":
         rng = rng or np.random.default_rng()
         return o.learning_rate * rng.random() ** o.power
+    if o.policy == "sgdr":  # AlexeyAB: cosine from learning_rate to learning_rate_min per cycle
+        start, cycle = 0, o.sgdr_cycle
+        while start + cycle < batch_num:
+            start += cycle
+            cycle *= o.sgdr_mult
+        return o.learning_rate_min + 0.5 * (o.learning_rate - o.learning_rate_min) * (
+            1 + math.cos((batch_num - start) * 3.14159265 / cycle))
     raise ValueError(f"unknown policy {o.policy}")
 
 
@@ -223,6 +230,12 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
+    for key, value in o.untrainable.items():
+        raise o.section.error(f"{key}={value}: training with this AlexeyAB option is not "
+                              "implemented", key)
+    for layer in net.layers:  # options whose training the engine lacks: one line, before any work
+        if hasattr(layer, "check_trainable"):
+            layer.check_trainable()
     if current_batch(net) >= max_batches:
         raise TrainingError(f"{net.cfg_path}: nothing to train: the weights have been trained "
                             f"for {current_batch(net)} iterations and max_batches is {max_batches}; "

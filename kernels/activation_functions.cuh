@@ -16,9 +16,27 @@
 #define ACT_STAIR 11
 #define ACT_HARDTAN 12
 #define ACT_LHTAN 13
+#define ACT_MISH 14
+#define ACT_SWISH 15
+#define ACT_HARD_MISH 16
+#define ACT_RELU6 17
+#define ACT_GELU 18
+#define ACT_REVLEAKY 19
+
+#define MISH_THRESHOLD 20.f
 
 #define SELU_LAMBDA 1.0507f
 #define SELU_LAMBDA_ALPHA ((float)(1.0507 * 1.6732))
+
+// AlexeyAB's softplus_activate(x, MISH_THRESHOLD).
+__device__ __forceinline__ float softplus_mish(float x)
+{
+    if (x > MISH_THRESHOLD) return x;
+    if (x < -MISH_THRESHOLD) return expf(x);
+    return log1pf(expf(x));
+}
+
+__device__ __forceinline__ float gelu_inner(float x) { return 0.797885f * x + 0.035677f * x * x * x; }
 
 __device__ __forceinline__ float activate(float x, int act)
 {
@@ -46,6 +64,15 @@ __device__ __forceinline__ float activate(float x, int act)
         if (x < 0.f) return 0.001f * x;
         if (x > 1.f) return 0.001f * (x - 1.f) + 1.f;
         return x;
+    case ACT_MISH: return x * tanhf(softplus_mish(x));
+    case ACT_SWISH: return x / (1.f + expf(-x));
+    case ACT_HARD_MISH:
+        if (x > 0.f) return x;
+        if (x > -2.f) return x * x / 2.f + x;
+        return 0.f;
+    case ACT_RELU6: return fminf(fmaxf(x, 0.f), 6.f);
+    case ACT_GELU: return 0.5f * x * (1.f + tanhf(gelu_inner(x)));
+    case ACT_REVLEAKY: return x > 0.f ? x : 0.1f * x;
     default: return x;  // linear
     }
 }
@@ -66,6 +93,33 @@ __device__ __forceinline__ float gradient(float y, int act)
     case ACT_STAIR: return floorf(y) != y ? 1.f : 0.f;
     case ACT_HARDTAN: return (y > -1.f && y < 1.f) ? 1.f : 0.f;
     case ACT_LHTAN: return (y > 0.f && y < 1.f) ? 1.f : 0.001f;
+    case ACT_RELU6: return (y > 0.f && y < 6.f) ? 1.f : 0.f;
+    case ACT_REVLEAKY: return y > 0.f ? 1.f : 0.1f;
     default: return 1.f;  // linear
+    }
+}
+
+// The gradient at the input x, for the activations whose gradient needs it
+// (activations.INPUT_GRADIENT: mish, swish, hard_mish, gelu).
+__device__ __forceinline__ float gradient_from_input(float x, int act)
+{
+    switch (act) {
+    case ACT_MISH: {
+        float sp = softplus_mish(x), tsp = tanhf(sp);
+        return x * (1.f - tsp * tsp) * (1.f - expf(-sp)) + tsp;
+    }
+    case ACT_SWISH: {
+        float sigmoid = 1.f / (1.f + expf(-x)), y = x * sigmoid;
+        return y + sigmoid * (1.f - y);
+    }
+    case ACT_HARD_MISH:
+        if (x > 0.f) return 1.f;
+        if (x > -2.f) return x + 1.f;
+        return 0.f;
+    case ACT_GELU: {
+        float t = tanhf(gelu_inner(x));
+        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * (0.797885f + 3.f * 0.035677f * x * x);
+    }
+    default: return 1.f;
     }
 }

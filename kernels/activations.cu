@@ -17,6 +17,81 @@ extern "C" __global__ void gradient_kernel(const float *y, float *delta, int n, 
     if (i < n) delta[i] *= gradient(y[i], act);
 }
 
+// delta *= act'(x) for the activations whose gradient needs the input x.
+extern "C" __global__ void input_gradient_kernel(const float *x, float *delta, int n, int act)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) delta[i] *= gradient_from_input(x[i], act);
+}
+
+// AlexeyAB's normalize_channels activations across the C channels of each (image, position);
+// one thread per position. mode 0: positive values over (1e-4 + their sum), others 0;
+// 1: exp(x) / (1e-4 + sum exp(x)); 2: as 1 with the channels' maximum subtracted first.
+extern "C" __global__ void normalize_channels_kernel(const float *x, float *y, int positions,
+                                                     int channels, int spatial, int mode)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= positions) return;
+    size_t base = (size_t)(i / spatial) * channels * spatial + i % spatial;
+    float shift = 0.f, sum = 1e-4f;
+    if (mode == 2) {
+        shift = x[base];
+        for (int k = 1; k < channels; ++k) shift = fmaxf(shift, x[base + (size_t)k * spatial]);
+    }
+    for (int k = 0; k < channels; ++k) {
+        float v = x[base + (size_t)k * spatial];
+        sum += mode == 0 ? (v > 0.f ? v : 0.f) : expf(v - shift);
+    }
+    for (int k = 0; k < channels; ++k) {
+        float v = x[base + (size_t)k * spatial];
+        y[base + (size_t)k * spatial] = mode == 0 ? (v > 0.f ? v / sum : 0.f) : expf(v - shift) / sum;
+    }
+}
+
+// The exact gradient of normalize_channels_kernel at input x: dx replaces delta, in place.
+extern "C" __global__ void normalize_channels_backward_kernel(const float *x, float *delta,
+                                                              int positions, int channels,
+                                                              int spatial, int mode)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= positions) return;
+    size_t base = (size_t)(i / spatial) * channels * spatial + i % spatial;
+    float shift = 0.f, sum = 1e-4f, inner = 0.f;
+    int winner = 0;
+    if (mode == 2) {
+        shift = x[base];
+        for (int k = 1; k < channels; ++k) {
+            float v = x[base + (size_t)k * spatial];
+            if (v > shift) { shift = v; winner = k; }
+        }
+    }
+    for (int k = 0; k < channels; ++k) {
+        float v = x[base + (size_t)k * spatial];
+        sum += mode == 0 ? (v > 0.f ? v : 0.f) : expf(v - shift);
+    }
+    for (int k = 0; k < channels; ++k) {
+        size_t at = base + (size_t)k * spatial;
+        float v = x[at];
+        float y = mode == 0 ? (v > 0.f ? v / sum : 0.f) : expf(v - shift) / sum;
+        inner += y * delta[at];
+    }
+    float winner_shift = 0.f;
+    for (int k = 0; k < channels; ++k) {
+        size_t at = base + (size_t)k * spatial;
+        float v = x[at];
+        if (mode == 0) {
+            delta[at] = v > 0.f ? (delta[at] - inner) / sum : 0.f;
+        } else {
+            float y = expf(v - shift) / sum;
+            delta[at] = y * (delta[at] - inner);
+        }
+    }
+    if (mode == 2) {
+        winner_shift = inner * 1e-4f / sum;
+        delta[base + (size_t)winner * spatial] -= winner_shift;
+    }
+}
+
 extern "C" __global__ void bias_activate_kernel(float *x, const float *bias, int n, int spatial,
                                                 int channels, int act)
 {
@@ -24,16 +99,18 @@ extern "C" __global__ void bias_activate_kernel(float *x, const float *bias, int
     if (i < n) x[i] = activate(x[i] + bias[(i / spatial) % channels], act);
 }
 
-// Darknet's inference rule: scale * (x - mean) / (sqrt(var) + 1e-6) + bias, then act.
+// Darknet's inference rule: scale * (x - mean) / (sqrt(var + inside) + outside) + bias, then
+// act; pjreddie's epsilons are (0, 1e-6), AlexeyAB's (1e-5, 0).
 extern "C" __global__ void bn_inference_activate_kernel(const float *x, float *y, const float *mean,
                                                         const float *variance, const float *scale,
                                                         const float *bias, int n, int spatial,
-                                                        int channels, int act)
+                                                        int channels, int act, float inside,
+                                                        float outside)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int c = (i / spatial) % channels;
-    float normalized = (x[i] - mean[c]) / (sqrtf(variance[c]) + 1e-6f);
+    float normalized = (x[i] - mean[c]) / (sqrtf(variance[c] + inside) + outside);
     y[i] = activate(normalized * scale[c] + bias[c], act);
 }
 

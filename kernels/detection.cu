@@ -53,6 +53,17 @@ extern "C" __global__ void anchor_logistic_kernel(float *y, int n, int entries, 
     y[index] = 1.f / (1.f + expf(-y[index]));
 }
 
+// v*scale + shift on entries [start, start+count) (AlexeyAB's scale_x_y), laid out as above.
+extern "C" __global__ void anchor_affine_kernel(float *y, int n, int entries, int start, int count,
+                                                int spatial, float scale, float shift)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int s = i % spatial, e = start + (i / spatial) % count, g = i / (spatial * count);
+    size_t index = ((size_t)g * entries + e) * spatial + s;
+    y[index] = y[index] * scale + shift;
+}
+
 // Softmax over entries [start, start+count) at each (group, position); n = groups*spatial.
 extern "C" __global__ void anchor_softmax_kernel(float *y, int n, int entries, int start,
                                                  int count, int spatial)

@@ -69,3 +69,85 @@ extern "C" __global__ void avgpool_backward_kernel(const float *delta, float *dx
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dx[i] = delta[i / spatial] / (float)spatial;
 }
+
+// AlexeyAB's [local_avgpool]: the mean of the input cells in each window (windows start at
+// -padding/2; cells outside the input are not counted). One thread per output element.
+extern "C" __global__ void local_avgpool_kernel(const float *x, float *y, int n, int c, int h,
+                                                int w, int out_h, int out_w, int size, int stride,
+                                                int padding)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int j = index % out_w, i = (index / out_w) % out_h, plane = index / (out_w * out_h);
+    int offset = -padding / 2;
+    float sum = 0.f;
+    int count = 0;
+    for (int m = 0; m < size; ++m)
+        for (int k = 0; k < size; ++k) {
+            int row = offset + i * stride + m, col = offset + j * stride + k;
+            if (row >= 0 && row < h && col >= 0 && col < w) {
+                sum += x[((size_t)plane * h + row) * w + col];
+                ++count;
+            }
+        }
+    y[index] = sum / count;
+}
+
+// Its adjoint, gathered per input cell: the sum of delta / count over the windows holding it.
+extern "C" __global__ void local_avgpool_backward_kernel(const float *delta, float *dx, int n,
+                                                         int c, int h, int w, int out_h,
+                                                         int out_w, int size, int stride,
+                                                         int padding)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int col = index % w, row = (index / w) % h, plane = index / (w * h);
+    int offset = -padding / 2;
+    float sum = 0.f;
+    for (int i = 0; i < out_h; ++i) {
+        int top = offset + i * stride;
+        if (row < top || row >= top + size) continue;
+        for (int j = 0; j < out_w; ++j) {
+            int left = offset + j * stride;
+            if (col < left || col >= left + size) continue;
+            int count = 0;
+            for (int m = 0; m < size; ++m)
+                for (int k = 0; k < size; ++k) {
+                    int r = top + m, q = left + k;
+                    if (r >= 0 && r < h && q >= 0 && q < w) ++count;
+                }
+            sum += delta[((size_t)plane * out_h + i) * out_w + j] / count;
+        }
+    }
+    dx[index] = sum;
+}
+
+// AlexeyAB's maxpool_depth: output channel g = max over input channels g, g+groups, ... (the
+// first maximum wins); winner holds that channel. One thread per output element.
+extern "C" __global__ void channel_max_kernel(const float *x, float *y, int *winner, int n,
+                                              int channels, int groups, int spatial)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int s = index % spatial, g = (index / spatial) % groups, b = index / (spatial * groups);
+    float best = -INFINITY;
+    int best_k = g;
+    for (int k = g; k < channels; k += groups) {
+        float v = x[((size_t)b * channels + k) * spatial + s];
+        if (v > best) { best = v; best_k = k; }
+    }
+    y[index] = best;
+    winner[index] = best_k;
+}
+
+// Its backward, gathered per input element: the delta of the output this channel won, else 0.
+extern "C" __global__ void channel_max_backward_kernel(const float *delta, const int *winner,
+                                                       float *dx, int n, int channels, int groups,
+                                                       int spatial)
+{
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= n) return;
+    int s = index % spatial, k = (index / spatial) % channels, b = index / (spatial * channels);
+    size_t out = ((size_t)b * groups + k % groups) * spatial + s;
+    dx[index] = winner[out] == k ? delta[out] : 0.f;
+}

@@ -181,9 +181,9 @@ def test_cfg_wrong_type_value(tiny, tmp_path, capsys):
 
 def test_cfg_unknown_section(tiny, tmp_path, capsys):
     cfg = tmp_path / "sec.cfg"
-    cfg.write_text(open(tiny["cfg"]).read() + "\n[lstm]\noutput=3\n")
+    cfg.write_text(open(tiny["cfg"]).read() + "\n[lstmx]\noutput=3\n")
     code, _, err = _run(capsys, "test", cfg, "x.weights", "--data", tiny["data"], "--cpu")
-    _one_line_error(code, err, "[lstm]", "unknown section")
+    _one_line_error(code, err, "[lstmx]", "unknown section")
 
 
 def test_missing_weights(tiny, tmp_path, capsys):

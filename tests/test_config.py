@@ -174,7 +174,7 @@ def test_net_without_layers(tmp_path):
     ("[convolutional]\nfilters=2\nsize=7\n", "does not fit"),
     ("[convolutional]\nfilters=3\ngroups=2\n", "groups=2 must divide"),
     ("[convolutional]\nfilters=0\n", "filters=0: expected a positive value"),
-    ("[convolutional]\nfilters=2\nactivation=swish\n", "unknown activation 'swish'"),
+    ("[convolutional]\nfilters=2\nactivation=swishy\n", "unknown activation 'swishy'"),
     ("[route]\nlayers=3\n", "refers to layer 3"),
     ("[softmax]\ngroups=3\n", "groups=3 must divide"),
     ("[upsample]\nstride=-3\n", "does not fit"),

@@ -69,8 +69,23 @@ def test_activation_forward_and_gradient(gpu, cpu, rng, name):
     y_gpu = gpu.activate_(gpu.asarray(x), name)
     assert_close(gpu, y_gpu, y_cpu, f"{name} forward")
     delta = randn(rng, *x.shape)
-    d_cpu = cpu.activation_backward_(y_cpu, delta.copy(), name)
-    d_gpu = gpu.activation_backward_(gpu.asarray(y_cpu), gpu.asarray(delta), name)
+    if name in activations.INPUT_GRADIENT:
+        d_cpu = cpu.activation_input_backward_(x, delta.copy(), name)
+        d_gpu = gpu.activation_input_backward_(gpu.asarray(x), gpu.asarray(delta), name)
+    else:
+        d_cpu = cpu.activation_backward_(y_cpu, delta.copy(), name)
+        d_gpu = gpu.activation_backward_(gpu.asarray(y_cpu), gpu.asarray(delta), name)
+    assert_close(gpu, d_gpu, d_cpu, f"{name} gradient")
+
+
+@pytest.mark.parametrize("name", activations.CHANNEL_NAMES)
+def test_normalize_channels(gpu, cpu, rng, name):
+    x = randn(rng, 3, 6, 5, 4) * 3
+    assert_close(gpu, gpu.normalize_channels(gpu.asarray(x), name), cpu.normalize_channels(x, name),
+                 f"{name} forward")
+    delta = randn(rng, *x.shape)
+    d_cpu = cpu.normalize_channels_backward_(x, delta.copy(), name)
+    d_gpu = gpu.normalize_channels_backward_(gpu.asarray(x), gpu.asarray(delta), name)
     assert_close(gpu, d_gpu, d_cpu, f"{name} gradient")
 
 
@@ -639,3 +654,112 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
     inputs = read_floats(os.path.join(root, "inputs.bin"), (2, 3, 32, 32))
     for _ in range(3):
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
+
+
+# ---- AlexeyAB's operations ----------------------------------------------------------------------
+def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
+    x = randn(rng, 2, 3 * 7, 4, 5) * 3
+    args = (3, [(0, 2), (4, 7)])
+    affine = (0, 2, 1.05, -0.025)
+    assert_close(gpu, gpu.anchor_activate(gpu.asarray(x), *args, affine=affine),
+                 cpu.anchor_activate(x, *args, affine=affine), "anchor_activate scale_x_y")
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 5, 4, 3), (2, 5, 1, 1)), ((2, 5, 4, 3), (2, 1, 4, 3)),
+                                             ((2, 5, 4, 3), (2, 5, 4, 3)), ((2, 5, 4, 3), (1, 5, 1, 1)),
+                                             ((2, 5, 4, 3), (1, 1, 1, 1))])
+def test_broadcast_multiply_and_sum_to(gpu, cpu, rng, a_shape, b_shape):
+    a, b = randn(rng, *a_shape), randn(rng, *b_shape)
+    assert_close(gpu, gpu.multiply(gpu.asarray(a), gpu.asarray(b)), cpu.multiply(a, b), "multiply")
+    assert_close(gpu, gpu.multiply(gpu.asarray(b), gpu.asarray(a)), cpu.multiply(b, a), "multiply b, a")
+    assert_close(gpu, gpu.sum_to(gpu.asarray(a), b_shape), cpu.sum_to(a, b_shape), "sum_to")
+
+
+@pytest.mark.parametrize("size,stride,padding", [(3, 2, 2), (2, 1, 1), (3, 1, 0), (5, 2, 4)])
+def test_local_avgpool(gpu, cpu, rng, size, stride, padding):
+    x = randn(rng, 2, 3, 7, 6)
+    out_h, out_w = (7 + padding - size) // stride + 1, (6 + padding - size) // stride + 1
+    y = cpu.local_avgpool(x, size, stride, padding, out_h, out_w)
+    assert_close(gpu, gpu.local_avgpool(gpu.asarray(x), size, stride, padding, out_h, out_w), y,
+                 "local_avgpool")
+    delta = randn(rng, *y.shape)
+    assert_close(gpu, gpu.local_avgpool_backward(gpu.asarray(delta), x.shape, size, stride, padding),
+                 cpu.local_avgpool_backward(delta, x.shape, size, stride, padding),
+                 "local_avgpool backward")
+
+
+def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
+    """golden A6's network (weighted shortcuts, scale_channels, sam, local_avgpool, reorg3d,
+    implicit, the new activations, Gaussian_yolo): a training-mode forward and a backward from
+    one random delta give the CPU backend's outputs, input deltas and parameter gradients."""
+    cfg = os.path.join(GOLDEN, "A6_alexeyab_layers", "a6_alexeyab_layers.cfg")
+    weights = os.path.join(GOLDEN, "A6_alexeyab_layers", "weights")
+    images = rng.random((2, 3, 16, 16), dtype=np.float32)
+    results = []
+    for ops in (NumpyBackend(seed=0), gpu):
+        net = Network(cfg, backend=ops, quiet=True)
+        net.load_weights(weights)
+        out = net.forward(ops.asarray(images), train=True)
+        delta = np.random.default_rng(7).standard_normal(out.shape).astype(np.float32)
+        net.backward({len(net.layers) - 1: ops.asarray(delta)})
+        results.append((ops.to_host(out), [ops.to_host(u) for layer in net.layers
+                                           for u in layer.updates.values()]))
+    (out_cpu, updates_cpu), (out_gpu, updates_gpu) = results
+    assert relative_error(out_gpu, out_cpu) <= TOLERANCE
+    for got, want in zip(updates_gpu, updates_cpu):
+        assert relative_error(got, want) <= 1e-3
+
+
+@pytest.mark.parametrize("size,stride,dilation", [(3, 1, 2), (3, 2, 3), (5, 1, 2)])
+def test_dilated_convolution(gpu, cpu, rng, size, stride, dilation):
+    x, w = randn(rng, 2, 4, 11, 9), randn(rng, 6, 4, size, size)
+    padding = size // 2 * dilation
+    y_cpu = cpu.conv_forward(x, w, stride, padding, 1, dilation=dilation)
+    assert_close(gpu, gpu.conv_forward(gpu.asarray(x), gpu.asarray(w), stride, padding, 1,
+                                       dilation=dilation), y_cpu, "dilated forward")
+    delta = randn(rng, *y_cpu.shape)
+    dw_cpu, dw_gpu = np.zeros_like(w), gpu.zeros(w.shape)
+    dx_cpu = cpu.conv_backward(x, w, delta, stride, padding, 1, dw_cpu, True, dilation=dilation)
+    dx_gpu = gpu.conv_backward(gpu.asarray(x), gpu.asarray(w), gpu.asarray(delta), stride, padding,
+                               1, dw_gpu, True, dilation=dilation)
+    assert_close(gpu, dx_gpu, dx_cpu, "dilated dx")
+    assert_close(gpu, dw_gpu, dw_cpu, "dilated dw")
+
+
+@pytest.mark.parametrize("channels,groups", [(6, 3), (5, 2)])
+def test_channel_max(gpu, cpu, rng, channels, groups):
+    x = randn(rng, 2, channels, 4, 3)
+    y_cpu, winner_cpu = cpu.channel_max(x, groups)
+    y_gpu, winner_gpu = gpu.channel_max(gpu.asarray(x), groups)
+    assert_close(gpu, y_gpu, y_cpu, "channel_max")
+    delta = randn(rng, *y_cpu.shape)
+    assert_close(gpu, gpu.channel_max_backward(gpu.asarray(delta), winner_gpu, x.shape),
+                 cpu.channel_max_backward(delta, winner_cpu, x.shape), "channel_max backward")
+
+
+@pytest.mark.parametrize("stride", [(1, 2), (3, 1)])
+def test_convolution_with_different_strides(gpu, cpu, rng, stride):
+    x, w = randn(rng, 2, 4, 10, 9), randn(rng, 5, 4, 3, 3)
+    y_cpu = cpu.conv_forward(x, w, stride, 1, 1)
+    assert_close(gpu, gpu.conv_forward(gpu.asarray(x), gpu.asarray(w), stride, 1, 1), y_cpu,
+                 "forward")
+    delta = randn(rng, *y_cpu.shape)
+    dw_cpu, dw_gpu = np.zeros_like(w), gpu.zeros(w.shape)
+    dx_cpu = cpu.conv_backward(x, w, delta, stride, 1, 1, dw_cpu, True)
+    dx_gpu = gpu.conv_backward(gpu.asarray(x), gpu.asarray(w), gpu.asarray(delta), stride, 1, 1,
+                               dw_gpu, True)
+    assert_close(gpu, dx_gpu, dx_cpu, "dx")
+    assert_close(gpu, dw_gpu, dw_cpu, "dw")
+
+
+def test_batchnorm_inference_with_alexeyabs_epsilons(gpu, cpu, rng):
+    x = randn(rng, 2, 5, 4, 3)
+    scales, biases, mean = randn(rng, 5), randn(rng, 5), randn(rng, 5)
+    variance = rng.uniform(0.005, 0.05, 5).astype(np.float32)
+    for epsilons in ((0.0, 1e-6), (1e-5, 0.0)):
+        y_cpu = cpu.batchnorm_forward_inference(x, scales, biases, mean, variance,
+                                                activation="mish", epsilons=epsilons)
+        y_gpu = gpu.batchnorm_forward_inference(*(gpu.asarray(a) for a in (x, scales, biases, mean,
+                                                                           variance)),
+                                                activation="mish", epsilons=epsilons)
+        assert_close(gpu, y_gpu, y_cpu, f"epsilons {epsilons}")

@@ -117,6 +117,10 @@ CONV_CASES = {
     "size=1": ("filters=3\nsize=1\nstride=1\nactivation=linear", (2, 4, 4)),
     "size=1 BN": ("batch_normalize=1\nfilters=3\nsize=1\nactivation=elu", (4, 3, 3)),
     "size=1 stride=2": ("filters=3\nsize=1\nstride=2\nactivation=linear", (2, 5, 5)),
+    "BN mish": ("batch_normalize=1\nfilters=3\nsize=3\npad=1\nactivation=mish", (2, 4, 4)),
+    "swish": ("filters=3\nsize=3\npad=1\nactivation=swish", (2, 4, 4)),
+    "BN normalize_channels_softmax": ("batch_normalize=1\nfilters=3\nsize=1\n"
+                                      "activation=normalize_channels_softmax", (2, 3, 3)),
 }
 
 
@@ -208,7 +212,10 @@ def test_dropout_is_identity_at_inference(tmp_path):
 
 
 @pytest.mark.parametrize("activation", ["logistic", "loggy", "relu", "elu", "selu", "relie", "ramp",
-                                        "linear", "tanh", "plse", "leaky", "stair", "hardtan", "lhtan"])
+                                        "linear", "tanh", "plse", "leaky", "stair", "hardtan", "lhtan",
+                                        "mish", "swish", "hard_mish", "relu6", "gelu", "revleaky",
+                                        "normalize_channels", "normalize_channels_softmax",
+                                        "normalize_channels_softmax_maxval"])
 def test_activation_layer_gradients(tmp_path, activation):
     """[activation]: delta * act'(x), for every activation (inputs spread over the kinks' sides)."""
     layer = build_layer(tmp_path, f"[activation]\nactivation={activation}", (3, 3, 3))

@@ -23,12 +23,21 @@ from .. import activations, memory
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
+# Inference BN's (epsilon under the square root, epsilon added to it): pjreddie's Darknet divides
+# by sqrt(var) + 1e-6, AlexeyAB's by sqrt(var + 1e-5) (normalize_cpu, fuse_conv_batchnorm).
+PJREDDIE_BN_EPSILONS = (0.0, BN_INFERENCE_EPSILON)
+ALEXEYAB_BN_EPSILONS = (1e-5, 0.0)
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
 
 COLUMN_BLOCK_ELEMENTS = 1 << 21  # im2col columns per block of output rows (8 MiB of float32)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
+
+
+def _pair(stride):
+    """(vertical, horizontal) stride from one int or AlexeyAB's (stride_y, stride_x)."""
+    return (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
 
 
 class NumpyBackend:
@@ -136,6 +145,20 @@ class NumpyBackend:
             delta *= activations.gradient(y, activation)
         return delta
 
+    def activation_input_backward_(self, x, delta, activation):
+        """delta *= act'(x) from the activation's input x (activations.INPUT_GRADIENT); in place."""
+        delta *= activations.gradient_from_input(x, activation)
+        return delta
+
+    def normalize_channels(self, x, activation):
+        """AlexeyAB's normalize_channels(_softmax(_maxval)) across channels: a new array."""
+        return activations.normalize_channels(x, activation)
+
+    def normalize_channels_backward_(self, x, delta, activation):
+        """delta := the gradient through normalize_channels at input x; returns delta."""
+        delta[...] = activations.normalize_channels_backward(x, delta, activation)
+        return delta
+
     def add_bias_(self, y, biases, activation="linear"):
         """y = act(y + biases per channel), in place."""
         y += biases.reshape(1, -1, 1, 1)
@@ -150,11 +173,13 @@ class NumpyBackend:
 
     # ---- convolution --------------------------------------------------------------------------
     @staticmethod
-    def _conv_geometry(x_shape, w_shape, stride, padding):
+    def _conv_geometry(x_shape, w_shape, stride, padding, dilation=1):
         _, _, h, w = x_shape
         size = w_shape[2]
-        out_h = (h + 2 * padding - size) // stride + 1
-        out_w = (w + 2 * padding - size) // stride + 1
+        stride_y, stride_x = _pair(stride)
+        reach = dilation * (size - 1) + 1  # the input span a dilated filter covers
+        out_h = (h + 2 * padding - reach) // stride_y + 1
+        out_w = (w + 2 * padding - reach) // stride_x + 1
         return size, out_h, out_w
 
     def _padded_input(self, x, padding):
@@ -171,52 +196,55 @@ class NumpyBackend:
         return [(row, min(row + step, out_h)) for row in range(0, out_h, step)]
 
     @staticmethod
-    def _im2col(xm, size, stride, rows, out_w):
+    def _im2col(xm, size, stride, rows, out_w, dilation=1):
         """Columns (C*size*size, (row1-row0)*out_w*B) of output rows [row0, row1) from the padded
-        (C, H, W, B) input xm, one copy per kernel offset."""
+        (C, H, W, B) input xm, one copy per kernel offset (offsets `dilation` apart)."""
         (row0, row1), (c, b) = rows, (xm.shape[0], xm.shape[3])
-        if size == 1 and stride == 1:
+        stride_y, stride_x = _pair(stride)
+        if size == 1 and stride_y == stride_x == 1:
             return xm[:, row0:row1, :out_w].reshape(c, -1)
         cols = np.empty((c, size, size, row1 - row0, out_w, b), dtype=xm.dtype)
         for i in range(size):
-            top = row0 * stride + i
+            top = row0 * stride_y + i * dilation
             for j in range(size):
-                cols[:, i, j] = xm[:, top:top + stride * (row1 - row0):stride,
-                                   j:j + stride * out_w:stride]
+                left = j * dilation
+                cols[:, i, j] = xm[:, top:top + stride_y * (row1 - row0):stride_y,
+                                   left:left + stride_x * out_w:stride_x]
         return cols.reshape(c * size * size, -1)
 
     @staticmethod
-    def _col2im_(dx, cols, size, stride, padding, rows, out_w):
+    def _col2im_(dx, cols, size, stride, padding, rows, out_w, dilation=1):
         """Inverse of _im2col: sum each column entry into the cell of dx (C, H, W, B) it came
         from; one strided add per kernel offset, clipped to the cells inside dx (no padding)."""
         c, h, w, b = dx.shape
         (row0, row1) = rows
         cols = cols.reshape(c, size, size, row1 - row0, out_w, b)
 
-        def inside(offset, first, last, n_in):
+        def inside(offset, first, last, n_in, stride):
             # outputs o in [first, last) whose cell o*stride + offset - padding lies in [0, n_in),
             # and that cell for the first of them
             first = max(first, -(-(padding - offset) // stride))
             last = min(last, (n_in - 1 + padding - offset) // stride + 1)
             return first, last, first * stride + offset - padding
 
+        stride_y, stride_x = _pair(stride)
         for i in range(size):
-            y0, y1, top = inside(i, row0, row1, h)
+            y0, y1, top = inside(i * dilation, row0, row1, h, stride_y)
             for j in range(size):
-                x0, x1, left = inside(j, 0, out_w, w)
+                x0, x1, left = inside(j * dilation, 0, out_w, w, stride_x)
                 if y1 > y0 and x1 > x0:
-                    dx[:, top:top + stride * (y1 - y0):stride,
-                       left:left + stride * (x1 - x0):stride] += cols[:, i, j, y0 - row0:y1 - row0,
+                    dx[:, top:top + stride_y * (y1 - y0):stride_y,
+                       left:left + stride_x * (x1 - x0):stride_x] += cols[:, i, j, y0 - row0:y1 - row0,
                                                                       x0:x1]
         return dx
 
-    def conv_forward(self, x, weights, stride, padding, groups, train=False):
+    def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
         im2col + one matrix product per block of output rows; y is batch-innermost, so the
         product writes its (F, rows*out_w*B) block of y directly."""
         b, c = x.shape[:2]
         f = weights.shape[0]
-        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         y = self._batch_innermost((b, f, out_h, out_w), x.dtype)
         y_rows = self._memory_order(y).reshape(f, -1)  # a view; columns (row, column, image)
         xm = self._padded_input(x, padding)
@@ -225,18 +253,19 @@ class NumpyBackend:
         for g in range(groups):
             wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
             for rows in self._row_blocks(cg, size, out_h, out_w, b):
-                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w)
+                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
                 np.matmul(wg, cols, out=y_rows[g * fg:(g + 1) * fg,
                                                rows[0] * per_row:rows[1] * per_row])
         return y
 
-    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
+                      dilation=1):
         """weight_updates += delta (*) x; returns the delta for x (or None if not needed),
         batch-innermost. Block by block of output rows, as in conv_forward (the columns are
         rebuilt: from cache that is cheaper than keeping them all from the forward pass)."""
         b, c = x.shape[:2]
         f = weights.shape[0]
-        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding)
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         cg, fg = c // groups, f // groups
         per_row = out_w * b
         delta_rows = self._memory_order(delta).reshape(f, -1)  # free if batch-innermost
@@ -247,10 +276,11 @@ class NumpyBackend:
             dw = np.zeros_like(wg)
             for rows in self._row_blocks(cg, size, out_h, out_w, b):
                 dg = delta_rows[g * fg:(g + 1) * fg, rows[0] * per_row:rows[1] * per_row]
-                dw += dg @ self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w).T
+                dw += dg @ self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w,
+                                        dilation).T
                 if need_dx:
                     self._col2im_(self._memory_order(dx)[g * cg:(g + 1) * cg], wg.T @ dg, size,
-                                  stride, padding, rows, out_w)
+                                  stride, padding, rows, out_w, dilation)
             weight_updates[g * fg:(g + 1) * fg] += dw.reshape(fg, cg, size, size)
         return dx
 
@@ -313,12 +343,14 @@ class NumpyBackend:
         return y.reshape(x.shape), (view, mean, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule, then the activation:
-        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases), as one affine map per statistic."""
+        act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
+        (pjreddie's (0, 1e-6) or AlexeyAB's (1e-5, 0)), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
-        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n)) +
-                                      x.dtype.type(BN_INFERENCE_EPSILON))
+        inside, outside = (x.dtype.type(e) for e in epsilons)
+        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
         shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)
@@ -528,6 +560,75 @@ class NumpyBackend:
         param += np.float32(learning_rate / batch) * updates
         updates *= np.float32(momentum)
 
+    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    def multiply(self, a, b):
+        """a * b for NCHW arrays, b broadcast over any of its axes of size 1: a new array."""
+        return np.multiply(a, b)
+
+    def sum_to(self, x, shape):
+        """The sum of x over the axes where `shape` has 1 and x does not (the adjoint of
+        broadcasting to x's shape): a new array of `shape`."""
+        axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+        return np.ascontiguousarray(x.sum(axis=axes, keepdims=True).reshape(shape))
+
+    def channel_max(self, x, groups):
+        """AlexeyAB's maxpool_depth: output channel g is the maximum over the input channels
+        g, g + groups, g + 2*groups... at each position. Returns (y, argmax channel)."""
+        b, c, h, w = x.shape
+        y = np.empty((b, groups, h, w), x.dtype)
+        winner = np.empty((b, groups, h, w), np.int32)
+        for g in range(groups):
+            members = x[:, g::groups]
+            index = members.argmax(axis=1)  # the first maximum, as AlexeyAB's strict >
+            y[:, g] = np.take_along_axis(members, index[:, None], axis=1)[:, 0]
+            winner[:, g] = g + groups * index
+        return y, winner
+
+    def channel_max_backward(self, delta, winner, in_shape):
+        """Each output's delta to the input channel that won it."""
+        dx = np.zeros(in_shape, delta.dtype)
+        groups = delta.shape[1]
+        for k in range(in_shape[1]):
+            dx[:, k] = np.where(winner[:, k % groups] == k, delta[:, k % groups], 0)
+        return dx
+
+    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+        """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
+        start at -padding//2, as Darknet's maxpool; cells outside the input are not counted)."""
+        b, c, h, w = x.shape
+        top = padding // 2
+        frame_h, frame_w = (out_h - 1) * stride + size, (out_w - 1) * stride + size
+        padded = np.zeros((b, c, max(frame_h, top + h), max(frame_w, top + w)), x.dtype)
+        padded[:, :, top:top + h, top:top + w] = x
+        count = np.zeros(padded.shape[2:], x.dtype)
+        count[top:top + h, top:top + w] = 1
+        total = np.zeros((b, c, out_h, out_w), x.dtype)
+        cells = np.zeros((out_h, out_w), x.dtype)
+        for i in range(size):
+            for j in range(size):
+                total += self._pool_window(padded, i, j, stride, out_h, out_w)
+                cells += count[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+        return total / cells
+
+    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+        """The adjoint of local_avgpool: each window's delta / its cell count, spread back."""
+        b, c, h, w = in_shape
+        out_h, out_w = delta.shape[2:]
+        top = padding // 2
+        frame = (max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w))
+        count = np.zeros(frame, delta.dtype)
+        count[top:top + h, top:top + w] = 1
+        cells = np.zeros((out_h, out_w), delta.dtype)
+        for i in range(size):
+            for j in range(size):
+                cells += count[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+        share = delta / cells
+        padded = np.zeros((b, c) + frame, delta.dtype)
+        for i in range(size):
+            for j in range(size):
+                self._pool_window(padded, i, j, stride, out_h, out_w)[...] += share
+        return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
+
     # ---- channel plumbing (route) -------------------------------------------------------------
     def channel_slice(self, x, start, stop):
         return np.ascontiguousarray(x[:, start:stop])
@@ -574,12 +675,13 @@ class NumpyBackend:
         dadd[add_window] = np.float32(beta) * delta[out_window]
         return dx, dadd
 
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
         """YOLO/region output activation. x (B, anchors*E, H, W) holds, per anchor, E entries
         (x, y, w, h, objectness, classes...) each an H x W plane. Returns a new array: the
         logistic 1/(1+exp(-v)) on entries [start, stop) for each (start, stop) in
         `logistic_ranges`, a softmax over entries [start, stop) of `softmax_range` at each
-        (anchor, position), and every other entry unchanged."""
+        (anchor, position), and every other entry unchanged; then, if `affine` = (start, stop,
+        scale, shift), v*scale + shift on those entries (AlexeyAB's scale_x_y)."""
         b, _, h, w = x.shape
         y = x.copy()
         grouped = y.reshape(b, anchors, -1, h, w)
@@ -590,6 +692,10 @@ class NumpyBackend:
             block = grouped[:, :, start:stop]
             block = np.exp(block - block.max(axis=2, keepdims=True))
             grouped[:, :, start:stop] = block / block.sum(axis=2, keepdims=True)
+        if affine is not None:
+            start, stop, scale, shift = affine
+            grouped[:, :, start:stop] = grouped[:, :, start:stop] * y.dtype.type(scale) + \
+                y.dtype.type(shift)
         return y
 
     def reorg(self, x, stride, forward, dims, out_shape):

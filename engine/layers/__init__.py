@@ -7,11 +7,16 @@ from .connected import ConnectedLayer
 from .convolutional import ConvolutionalLayer
 from .cost import CostLayer
 from .crop import CropLayer
+from .detection_v1 import ContrastiveLayer, DetectionLayer
 from .dropout import DropoutLayer
-from .maxpool import MaxpoolLayer
+from .empty import EmptyLayer
+from .gaussian_yolo import GaussianYoloLayer
+from .implicit import ImplicitLayer
+from .maxpool import LocalAvgpoolLayer, MaxpoolLayer
 from .region import RegionLayer
-from .reorg import ReorgLayer
+from .reorg import Reorg3dLayer, ReorgLayer
 from .route import RouteLayer
+from .sam import SamLayer, ScaleChannelsLayer
 from .shortcut import ShortcutLayer
 from .softmax import SoftmaxLayer
 from .upsample import UpsampleLayer
@@ -41,3 +46,12 @@ register(YoloLayer)
 register(RegionLayer)
 register(ReorgLayer)
 register(CropLayer)
+register(Reorg3dLayer)
+register(SamLayer)
+register(ScaleChannelsLayer)
+register(LocalAvgpoolLayer, "local_avg")
+register(EmptyLayer, "silence")
+register(ImplicitLayer)
+register(GaussianYoloLayer)
+register(DetectionLayer)
+register(ContrastiveLayer)

@@ -1,7 +1,7 @@
 """[activation]: applies one of Darknet's activations on its own (default linear)."""
 
 from .. import activations
-from .base import Layer
+from .base import Layer, activate, activation_backward
 
 
 class ActivationLayer(Layer):
@@ -16,10 +16,10 @@ class ActivationLayer(Layer):
         return f"{self.activation:<10s}               {self.outputs:6d}  ->  {self.outputs:6d}"
 
     def forward(self, ops, x, train):
-        self.output = ops.activate_(ops.copy(x), self.activation)
+        self.output = activate(ops, ops.copy(x), self.activation, train, self)
         return self.output
 
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
-        return ops.activation_backward_(self.output, ops.copy(delta), self.activation)
+        return activation_backward(ops, self, ops.copy(delta), self.activation)

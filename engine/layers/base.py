@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from ..backends.numpy_backend import BN_INFERENCE_EPSILON
+from .. import activations
+from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -20,6 +21,8 @@ class Layer:
     type_name = None
     # Multi-input layers (route, shortcut...) get lists of inputs and return lists of deltas.
     multi_input = False
+    stopbackward = False  # AlexeyAB's: no backward pass through this layer and those before
+    onlyforward = False   # AlexeyAB's: no backward pass through this layer
 
     def __init__(self, section, index, in_shapes, net):
         self.section = section
@@ -31,6 +34,8 @@ class Layer:
         self.params = {}      # name -> array, in the backend's memory once the net is placed
         self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
         self.weight_order = ()  # names of params in .weights file order
+        # inference BN's epsilons: the rule of the Darknet the cfg comes from (network.py)
+        self.bn_epsilons = getattr(net, "bn_epsilons", PJREDDIE_BN_EPSILONS)
 
     # ---- description --------------------------------------------------------------------------
     @property
@@ -78,6 +83,45 @@ class Layer:
                            decay if name == "weights" else 0.0, batch)
 
 
+def fusable(activation, train):
+    """Whether the activation can run inside a fused elementwise pass (bias or BN + act): not
+    the channel-wise ones, and not those whose gradient needs the input while training."""
+    return activation not in activations.CHANNEL_NAMES and not (
+        train and activation in activations.INPUT_GRADIENT)
+
+
+def needs_input(activation):
+    return activation in activations.INPUT_GRADIENT or activation in activations.CHANNEL_NAMES
+
+
+def activate(ops, x, activation, train, owner):
+    """act(x) for any activation, in place where elementwise; when training an activation whose
+    gradient needs its input, `owner.pre_activation` keeps a copy of x."""
+    if train and needs_input(activation):
+        owner.pre_activation = ops.copy(x)
+    if activation in activations.CHANNEL_NAMES:
+        return ops.normalize_channels(x, activation)
+    return ops.activate_(x, activation)
+
+
+def activation_backward(ops, owner, delta, activation):
+    """delta *= act'(...) in place (from the output, or the kept input where needed)."""
+    if activation in activations.CHANNEL_NAMES:
+        return ops.normalize_channels_backward_(owner.pre_activation, delta, activation)
+    if activation in activations.INPUT_GRADIENT:
+        return ops.activation_input_backward_(owner.pre_activation, delta, activation)
+    return ops.activation_backward_(owner.output, delta, activation)
+
+
+def window_limit(h, w):
+    """The largest filter or pooling window accepted on an h x w map. Beyond twice the map a
+    window sees all of it from every position and only adds padding (and time); but Darknet's
+    cfgs keep their windows when run at small inputs (YOLOv4's SPP pools 13x13 on the 5x5 map of
+    a 160-pixel input, EfficientNet's 5x5 depthwise filters reach 1x1 maps), so windows up to 32
+    are always accepted."""
+    return max(2 * max(h, w) + 1, 32)
+
+
 def input_shape_error(section, shape, what):
     c, h, w = shape
     return section.error(f"{what} does not fit the {w}x{h}x{c} input")
@@ -101,25 +145,30 @@ class LinearUnit(Layer):
 
     def normalize_activate(self, ops, y, train):
         p = self.params
+        fused = self.activation if fusable(self.activation, train) else "linear"
         if not self.batch_normalize:
-            y = ops.add_bias_(y, p["biases"], self.activation)  # one fused pass where it can be
+            y = ops.add_bias_(y, p["biases"], fused)  # one fused pass where it can be
         elif train:
             y, self.bn_cache = ops.batchnorm_forward_train(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
-            y = ops.activate_(y, self.activation)
+            fused = "linear"
         else:
             y = ops.batchnorm_forward_inference(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
-                activation=self.activation)
+                activation=fused, epsilons=self.bn_epsilons)
+        if fused != self.activation:
+            y = activate(ops, y, self.activation, train, self)
         self.output = y
         return y
 
     def folded_parameters(self, ops):
         """(weights, biases) with the inference batch norm folded in, in float64 then rounded:
-        factor = scales / (sqrt(rolling_variance) + 1e-6) (Darknet's inference rule),
+        factor = scales / (sqrt(rolling_variance + e0) + e1) (Darknet's inference rule;
+        (e0, e1) = (0, 1e-6) for pjreddie's, (1e-5, 0) for AlexeyAB's),
         W' = W * factor per output, b' = biases - rolling_mean * factor."""
         p = {name: ops.to_host(value).astype(np.float64) for name, value in self.params.items()}
-        factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
+        inside, outside = self.bn_epsilons
+        factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
         weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
         biases = p["biases"] - p["rolling_mean"] * factor
         return weights.astype(np.float32), biases.astype(np.float32)
@@ -137,7 +186,7 @@ class LinearUnit(Layer):
 
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""
-        delta = ops.activation_backward_(self.output, delta, self.activation)
+        delta = activation_backward(ops, self, delta, self.activation)
         if self.batch_normalize:
             return ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],
                                           self.updates["scales"], self.updates["biases"])

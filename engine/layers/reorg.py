@@ -59,3 +59,39 @@ class ReorgLayer(Layer):
             inputs = self.outputs - self.extra
             return ops.reshape(ops.channel_slice(delta, 0, inputs), (delta.shape[0],) + self.in_shape)
         return ops.reorg(delta, self.stride, not self.reverse, self.in_shape, self.in_shape)
+
+
+class Reorg3dLayer(Layer):
+    """[reorg3d]: AlexeyAB's reorg layer (reorg_layer.c), the space-to-depth its [reorg] (the
+    old one, above) is not: reorg_cpu run on the *output's* dimensions, so C x H x W becomes
+    C*s^2 x H/s x W/s in textbook order (or, with reverse=1, C/s^2 x H*s x W*s)."""
+
+    type_name = "reorg3d"
+
+    def __init__(self, section, index, in_shapes, net):
+        super().__init__(section, index, in_shapes, net)
+        c, h, w = self.in_shape
+        self.stride = s = section.require_positive("stride", section.int("stride", 1))
+        self.reverse = section.bool("reverse", False)
+        if self.reverse:
+            if c % (s * s * s * s):  # reorg_cpu splits the output's channels by s^2 again
+                raise input_shape_error(section, self.in_shape, f"reverse reorg3d by {s}")
+            self.out_shape = (c // (s * s), h * s, w * s)
+        else:
+            if h % s or w % s:
+                raise input_shape_error(section, self.in_shape, f"reorg3d by {s}")
+            self.out_shape = (c * s * s, h // s, w // s)
+
+    def describe(self):
+        c, h, w = self.in_shape
+        oc, oh, ow = self.out_shape
+        return "reorg                    /%2d %4d x%4d x%4d -> %4d x%4d x%4d" % (
+            self.stride, w, h, c, ow, oh, oc)  # AlexeyAB's row
+
+    def forward(self, ops, x, train):
+        return ops.reorg(x, self.stride, self.reverse, self.out_shape, self.out_shape)
+
+    def backward(self, ops, delta, need_dx):
+        if not need_dx:
+            return None
+        return ops.reorg(delta, self.stride, not self.reverse, self.out_shape, self.in_shape)

@@ -6,6 +6,14 @@ forward_yolo_layer does. Boxes are decoded from it in engine.detection.
 `anchors` lists `num` (width, height) pairs in network-input pixels; `mask` picks the ones this
 layer predicts (default: all).
 
+AlexeyAB's keys (its src/yolo_layer.c): `scale_x_y=s` maps x and y to s*x - (s-1)/2 after the
+logistic (YOLOv4's grid-sensitivity fix), and `new_coords=1` (YOLOv7, scaled-YOLOv4) applies no
+logistic here at all (the convolution before already used it) and decodes sizes as
+(2*w)^2 * anchor instead of exp(w) * anchor. `nms_kind` and `beta_nms` choose the suppression
+`engine detect` uses. Its training-only keys (loss normalizers, iou_loss, label smoothing...) are
+kept; the YOLOv3 loss here implements none of them, so training refuses a cfg that sets one to
+a value other than AlexeyAB's default (TRAINING_DEFAULTS), naming its line.
+
 Training: `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
 truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
 Like Darknet's GPU path, the loss runs on the host: it loops over truth boxes, and the output is
@@ -24,6 +32,47 @@ import numpy as np
 
 from ..detection import box_iou, grid_boxes
 from .base import Layer
+
+YOLO_NMS_KINDS = ("default", "greedynms", "diounms")
+# AlexeyAB's training-only [yolo] keys and their defaults (parse_yolo): a cfg may set them, but
+# training with another value would need a loss the engine does not have.
+TRAINING_DEFAULTS = {"max_delta": None, "counters_per_class": None, "label_smooth_eps": 0.0,
+                     "objectness_smooth": 0.0, "iou_normalizer": 0.75, "obj_normalizer": 1.0,
+                     "cls_normalizer": 1.0, "delta_normalizer": 1.0, "iou_loss": "mse",
+                     "iou_thresh_kind": "iou", "focal_loss": 0.0, "iou_thresh": 1.0,
+                     "scale_x_y": 1.0, "new_coords": 0.0}
+ALEXEYAB_ONLY_KEYS = tuple(TRAINING_DEFAULTS) + ("nms_kind", "beta_nms", "uc_normalizer")
+# Read and without effect here: logging, tracking and augmentation options.
+IGNORED_KEYS = ("jitter", "random", "map", "resize", "show_details", "track_history_size",
+                "sim_thresh", "dets_for_track", "dets_for_show", "track_ciou_norm",
+                "embedding_layer")
+
+
+def training_keys(section, defaults):
+    """{key: value} of the training-only keys this section sets to a non-default value."""
+    found = {}
+    for key, default in defaults.items():
+        if not section.has(key):
+            continue
+        raw = section.str(key)
+        if default is None or isinstance(default, str):
+            different = default is None or raw != default
+        else:
+            try:
+                different = float(raw) != default
+            except ValueError:
+                different = True
+        if different:
+            found[key] = raw
+    return found
+
+
+def parse_nms(section, kinds):
+    kind = section.str("nms_kind", "default")
+    if kind not in kinds:
+        # AlexeyAB falls back to the default silently; we refuse a name it does not know here.
+        raise section.error(f"nms_kind={kind}: expected one of {', '.join(kinds)}", "nms_kind")
+    return kind, section.float("beta_nms", 0.6)
 
 
 MAX_ANCHORS = 1 << 16  # no network has more; a larger `num` is a typo, not a model
@@ -57,6 +106,9 @@ def check_outputs_fit(section, in_shape, anchors, entries):
 
 class YoloLayer(Layer):
     type_name = "yolo"
+    box_entries = 4  # x, y, w, h before objectness and the classes
+    nms_kinds = YOLO_NMS_KINDS
+    training_defaults = TRAINING_DEFAULTS
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
 
@@ -70,15 +122,22 @@ class YoloLayer(Layer):
                 raise section.error(f"mask index {m} lies outside the {self.total} anchors "
                                     f"(num={self.total}; valid indexes 0..{self.total - 1})", "mask")
         self.anchors = parse_anchors(section, self.total, 0.5)
-        self.entries = 4 + 1 + self.classes
+        self.entries = self.box_entries + 1 + self.classes
         check_outputs_fit(section, self.in_shape, len(self.mask), self.entries)
         self.ignore_thresh = section.float("ignore_thresh", 0.5)
         self.truth_thresh = section.float("truth_thresh", 1.0)
         self.max_boxes = section.positive_int("max", 90, high=MAX_TRUTH_BOXES)
         # The loss measures boxes against the network input (Darknet's net.w, net.h).
         self.net_w, self.net_h = net.options.width, net.options.height
+        self.scale_x_y = section.float("scale_x_y", 1.0)
+        self.new_coords = section.bool("new_coords", False) if self.box_entries == 4 else False
+        self.nms_kind, self.beta_nms = parse_nms(section, self.nms_kinds)
+        self.untrainable = training_keys(section, self.training_defaults)
+        # a head with keys only AlexeyAB's fork reads comes from that fork (detection follows
+        # its conventions, see engine.detection.uses_letterbox)
+        self.alexeyab = any(section.has(key) for key in ALEXEYAB_ONLY_KEYS)
         # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
-        for key in ("jitter", "random", "map"):
+        for key in IGNORED_KEYS:
             section.str(key)
 
     @property
@@ -90,8 +149,20 @@ class YoloLayer(Layer):
         return "yolo"
 
     def forward(self, ops, x, train):
-        self.output = ops.anchor_activate(x, len(self.mask), ((0, 2), (4, self.entries)))
+        logistic = () if self.new_coords else ((0, 2), (4, self.entries))
+        affine = None
+        if self.scale_x_y != 1:
+            affine = (0, 2, self.scale_x_y, -0.5 * (self.scale_x_y - 1))
+        self.output = ops.anchor_activate(x, len(self.mask), logistic, affine=affine)
         return self.output
+
+    def check_trainable(self):
+        """Training needs AlexeyAB's losses for these keys, which are not implemented."""
+        if self.untrainable:
+            key = next(iter(self.untrainable))
+            raise self.section.error(f"{key}={self.untrainable[key]}: training with this AlexeyAB "
+                                     "[yolo] option is not implemented (its loss is AlexeyAB's); "
+                                     "inference and detection use the layer as is", key)
 
     def backward(self, ops, delta, need_dx):
         return delta if need_dx else None
@@ -99,6 +170,7 @@ class YoloLayer(Layer):
     def cost(self, ops, truth):
         """(cost, delta) for the mini-batch's truth: (batch, max_boxes * 5) rows of
         (x, y, w, h, class) per box, zero-padded (Darknet's net.truth), on the backend or host."""
+        self.check_trainable()
         truth = ops.to_host(truth)
         return self.loss(ops, truth.reshape(len(truth), -1, 5), self.net_w, self.net_h)
 

@@ -46,10 +46,10 @@ def _activation_id(name):
 class ConvPlan:
     """Descriptors, algorithms and workspace sizes for one convolution shape, found once."""
 
-    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups):
+    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1):
         self.x_desc = dnn.tensor(x_shape)
         self.w_desc = dnn.filter(w_shape)
-        self.conv_desc = dnn.convolution(padding, stride, groups)
+        self.conv_desc = dnn.convolution(padding, stride, groups, dilation)
         self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
         self.y_desc = dnn.tensor(self.y_shape)
         size = max(w_shape[2:])
@@ -181,6 +181,26 @@ class CudaBackend:
                                 delta.size, _activation_id(activation))
         return delta
 
+    def activation_input_backward_(self, x, delta, activation):
+        self.kernels.launch("input_gradient_kernel", delta.size, x.ptr, delta.ptr, delta.size,
+                            _activation_id(activation))
+        return delta
+
+    def _normalize_channels_launch(self, name, x, out, activation):
+        spatial, channels = self._channel_layout(x.shape)
+        positions = int(x.shape[0]) * spatial
+        self.kernels.launch(name, positions, x.ptr, out.ptr, positions, channels, spatial,
+                            activations.CHANNEL_NAMES.index(activation))
+
+    def normalize_channels(self, x, activation):
+        y = self._empty(x.shape)
+        self._normalize_channels_launch("normalize_channels_kernel", x, y, activation)
+        return y
+
+    def normalize_channels_backward_(self, x, delta, activation):
+        self._normalize_channels_launch("normalize_channels_backward_kernel", x, delta, activation)
+        return delta
+
     @staticmethod
     def _channel_layout(shape):
         """(spatial, channels) of an NCHW-like shape: element i has channel (i//spatial)%channels."""
@@ -203,14 +223,15 @@ class CudaBackend:
         return x
 
     # ---- convolution --------------------------------------------------------------------------
-    def _plan(self, x_shape, w_shape, stride, padding, groups):
-        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups)
+    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
+        stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
         plan = self.dnn.plans.get(key)
         if plan is None:
             plan = self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                                  groups)
+                                                  groups, dilation)
         if plan.workspace > self._workspace_size:
             self._workspace = self._empty((plan.workspace,), np.uint8)
             self._workspace_size = plan.workspace
@@ -219,14 +240,15 @@ class CudaBackend:
     def _workspace_pointer(self):
         return self._workspace.ptr if self._workspace is not None else None
 
-    def conv_forward(self, x, weights, stride, padding, groups, train=False):
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+    def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
         y = self._empty(plan.y_shape)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
 
-    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx):
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups)
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
+                      dilation=1):
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
         workspace = self._workspace_pointer()
         self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr,
                                       workspace)
@@ -278,7 +300,8 @@ class CudaBackend:
         return y, (x, save_mean, save_inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=(0.0, 1e-6)):
         """Darknet's rule, optionally fused with the activation that follows."""
         y = self._empty(x.shape)
         if per_activation:
@@ -287,7 +310,8 @@ class CudaBackend:
             spatial, channels = self._channel_layout(x.shape)
         self.kernels.launch("bn_inference_activate_kernel", x.size, x.ptr, y.ptr,
                             rolling_mean.ptr, rolling_variance.ptr, scales.ptr,
-                            biases.ptr, x.size, spatial, channels, _activation_id(activation))
+                            biases.ptr, x.size, spatial, channels, _activation_id(activation),
+                            np.float32(epsilons[0]), np.float32(epsilons[1]))
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
@@ -460,7 +484,65 @@ class CudaBackend:
                             *geometry, np.float32(alpha), np.float32(beta))
         return dx, d_add
 
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None):
+    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    @staticmethod
+    def _broadcast_strides(shape, full):
+        """Element strides of a contiguous NCHW `shape` over (batch, channel, position) of the
+        `full` shape, 0 along axes it is broadcast on."""
+        b, c, h, w = (int(v) for v in shape)
+        fb, fc, fh, fw = (int(v) for v in full)
+        return (0 if b == 1 and fb != 1 else c * h * w, 0 if c == 1 and fc != 1 else h * w,
+                0 if h * w == 1 and fh * fw != 1 else 1)
+
+    def multiply(self, a, b):
+        full = a.shape if a.size >= b.size else b.shape
+        if a.shape != full:
+            a, b = b, a
+        y = self._empty(full)
+        strides = self._broadcast_strides(b.shape, full)
+        self.kernels.launch("broadcast_multiply_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
+                            int(full[1]), _size(full[2:]), *strides)
+        return y
+
+    def sum_to(self, x, shape):
+        y = self._empty(shape)
+        keep = [int(n == m) for n, m in zip(shape, x.shape)]
+        self.kernels.launch("sum_to_kernel", y.size, x.ptr, y.ptr, y.size, int(x.shape[0]),
+                            int(x.shape[1]), _size(x.shape[2:]), keep[0], keep[1],
+                            int(_size(shape[2:]) == _size(x.shape[2:])))
+        return y
+
+    def channel_max(self, x, groups):
+        b, c, h, w = (int(v) for v in x.shape)
+        y = self._empty((b, groups, h, w))
+        winner = self._empty((b, groups, h, w), np.int32)
+        self.kernels.launch("channel_max_kernel", y.size, x.ptr, y.ptr, winner.ptr, y.size, c,
+                            groups, h * w)
+        return y, winner
+
+    def channel_max_backward(self, delta, winner, in_shape):
+        b, c, h, w = (int(v) for v in in_shape)
+        dx = self._empty(in_shape)
+        self.kernels.launch("channel_max_backward_kernel", dx.size, delta.ptr, winner.ptr, dx.ptr,
+                            dx.size, c, int(delta.shape[1]), h * w)
+        return dx
+
+    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+        b, c, h, w = (int(v) for v in x.shape)
+        y = self._empty((b, c, out_h, out_w))
+        self.kernels.launch("local_avgpool_kernel", y.size, x.ptr, y.ptr, y.size, c, h, w,
+                            out_h, out_w, size, stride, padding)
+        return y
+
+    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+        b, c, h, w = (int(v) for v in in_shape)
+        dx = self._empty(in_shape)
+        out_h, out_w = int(delta.shape[2]), int(delta.shape[3])
+        self.kernels.launch("local_avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
+                            c, h, w, out_h, out_w, size, stride, padding)
+        return dx
+
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
         b, channels, h, w = (int(s) for s in x.shape)
         entries, spatial, groups = channels // anchors, h * w, b * anchors
         y = self.copy(x)
@@ -473,6 +555,11 @@ class CudaBackend:
             n = groups * spatial
             self.kernels.launch("anchor_softmax_kernel", n, y.ptr, n, entries, start,
                                 stop - start, spatial)
+        if affine is not None:
+            start, stop, scale, shift = affine
+            n = groups * (stop - start) * spatial
+            self.kernels.launch("anchor_affine_kernel", n, y.ptr, n, entries, start,
+                                stop - start, spatial, np.float32(scale), np.float32(shift))
         return y
 
     def reorg(self, x, stride, forward, dims, out_shape):
