@@ -21,11 +21,14 @@ it, stay outside the model.
 import numpy as np
 
 from . import activations as engine_activations
-from .backends.numpy_backend import BN_INFERENCE_EPSILON
+from . import detection
 from .errors import ExportError
+from .layers import convolutional as conv_module
+from .network import GENERIC_LAYER_KEYS
+from .layers import yolo as yolo_module
 
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum/Pad/Resize taking their sizes as inputs
-HEAD_TYPES = ("yolo", "region")
+HEAD_TYPES = ("yolo", "region", "gaussian_yolo", "detection")
 
 EXPORTERS = {}    # layer type_name -> function(graph, layer, inputs) -> output name
 EXPORTED_KEYS = {}  # layer type_name -> the cfg keys its exporter honours
@@ -52,12 +55,17 @@ def layer_exporter(*type_names, keys=()):
     return _register(EXPORTERS, *type_names)
 
 
+# AlexeyAB's keys of every layer (engine.network.read_generic_keys): they change training or
+# weights loading only (the others than these two are refused by the engine unless default)
+EVERY_LAYER_KEYS = frozenset(("stopbackward", "onlyforward") + tuple(GENERIC_LAYER_KEYS))
+
+
 def check_keys(layer):
     section = layer.section
     if section is None:
         return
     for key, option in section.options.items():
-        if option.used and key not in EXPORTED_KEYS[layer.type_name]:
+        if option.used and key not in EXPORTED_KEYS[layer.type_name] | EVERY_LAYER_KEYS:
             raise ExportError(f"{section.where(key)} {key}={option.value}: the ONNX export does "
                               f"not implement this key of [{layer.type_name}] layers")
 
@@ -76,8 +84,8 @@ def import_onnx():
 class Graph:
     """Nodes and constants of the model being built; float tensors in `float_type`."""
 
-    def __init__(self, onnx, ops, float_type):
-        self.onnx, self.ops = onnx, ops
+    def __init__(self, onnx, ops, float_type, opset=17):
+        self.onnx, self.ops, self.opset = onnx, ops, opset
         self.helper = onnx.helper
         self.float_type = np.dtype(float_type)
         self.nodes, self.initializers = [], []
@@ -125,6 +133,17 @@ class Graph:
     def slice(self, x, axis, start, stop, step=1):
         return self.op("Slice", [x, self.ints([start]), self.ints([stop]), self.ints([axis]),
                                  self.ints([step])])
+
+    def reduce(self, op_type, x, axes, keepdims=1):
+        """ReduceSum takes its axes as an input from opset 13, the other reductions from 18."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.ints(axes, "axes")], keepdims=keepdims)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
+
+    def batch_shape(self, x, shape):
+        """(batch of x,) + shape as an int64 tensor, for Expand and ConstantOfShape."""
+        batch = self.slice(self.op("Shape", [x]), 0, 0, 1)
+        return self.op("Concat", [batch, self.ints(list(shape))], axis=0)
 
     def where(self, mask, when_true, when_false):
         return self.op("Where", [self.const(np.asarray(mask, dtype=bool), "mask", bool),
@@ -229,6 +248,69 @@ def _lhtan(g, x):
     return g.op("Where", [_less(g, x, 0), g.affine(x, 0.001, 0), inner])
 
 
+# AlexeyAB's activations
+def _softplus(g, x):
+    """AlexeyAB's softplus_activate with MISH_THRESHOLD: x above it, exp(x) below -it."""
+    t = engine_activations.MISH_THRESHOLD
+    inner = g.op("Where", [_less(g, x, -t), g.op("Exp", [x]), g.op("Softplus", [x])])
+    return g.op("Where", [_greater(g, x, t), x, inner])
+
+
+@_register(ACTIVATIONS, "mish")
+def _mish(g, x):
+    return g.op("Mul", [x, g.op("Tanh", [_softplus(g, x)])])
+
+
+@_register(ACTIVATIONS, "swish")
+def _swish(g, x):
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+@_register(ACTIVATIONS, "hard_mish")
+def _hard_mish(g, x):
+    square = g.op("Add", [g.op("Mul", [g.op("Mul", [x, x]), g.scalar(0.5)]), x])
+    inner = g.op("Where", [_greater(g, x, -2), square, g.scalar(0)])
+    return g.op("Where", [_greater(g, x, 0), x, inner])
+
+
+@_register(ACTIVATIONS, "relu6")
+def _relu6(g, x):
+    return g.op("Clip", [x, g.scalar(0), g.scalar(6)])
+
+
+@_register(ACTIVATIONS, "gelu")
+def _gelu(g, x):
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Add", [g.affine(x, 0.797885, 0), g.affine(cube, 0.035677, 0)])
+    return g.op("Mul", [g.affine(x, 0.5, 0), g.affine(g.op("Tanh", [inner]), 1, 1)])
+
+
+@_register(ACTIVATIONS, "revleaky")
+def _revleaky(g, x):  # leaky forward on both of AlexeyAB's paths
+    return g.op("LeakyRelu", [x], alpha=0.1)
+
+
+def _over_channel_sum(g, values):
+    total = g.reduce("ReduceSum", values, [1])
+    eps = g.scalar(engine_activations.NORMALIZE_CHANNELS_EPSILON)
+    return g.op("Div", [values, g.op("Add", [eps, total])])
+
+
+@_register(ACTIVATIONS, "normalize_channels")
+def _normalize_channels(g, x):
+    return _over_channel_sum(g, g.op("Relu", [x]))
+
+
+@_register(ACTIVATIONS, "normalize_channels_softmax")
+def _normalize_channels_softmax(g, x):
+    return _over_channel_sum(g, g.op("Exp", [x]))
+
+
+@_register(ACTIVATIONS, "normalize_channels_softmax_maxval")
+def _normalize_channels_softmax_maxval(g, x):
+    return _over_channel_sum(g, g.op("Exp", [g.op("Sub", [x, g.reduce("ReduceMax", x, [1])])]))
+
+
 # ---- layers (engine/layers/) ---------------------------------------------------------------------
 def linear_parameters(g, layer):
     """(weights, biases) with an inference batch norm folded in (Darknet's rule)."""
@@ -237,15 +319,30 @@ def linear_parameters(g, layer):
     return host(g, layer.params["weights"]), host(g, layer.params["biases"])
 
 
-@layer_exporter("convolutional", keys=("filters", "size", "stride", "pad", "padding", "groups",
-                                      "batch_normalize", "activation"))
+CONV_KEYS = ("filters", "size", "stride", "pad", "padding", "groups", "batch_normalize",
+             "activation", "stride_x", "stride_y", "dilation", "share_index", "antialiasing") + \
+    tuple(conv_module.UNSUPPORTED_KEYS) + conv_module.NEUTRAL_KEYS  # refused unless default
+
+
+def blur(g, layer, x):
+    """AlexeyAB's antialiasing: the fixed depthwise blur after the stride-1 layer."""
+    b = layer.blur
+    return g.op("Conv", [x, g.const(b.host_weights, "blur")], kernel_shape=[b.size] * 2,
+                strides=[b.stride] * 2, pads=[b.padding] * 4, group=b.channels)
+
+
+@layer_exporter("convolutional", keys=CONV_KEYS)
 def _convolutional(g, layer, x):
+    """Darknet's convolution with AlexeyAB's stride_x/stride_y, dilation (padding times the
+    dilation, as its im2col), share_index (the owner's parameters, which the layer holds) and
+    antialiasing."""
     weights, biases = linear_parameters(g, layer)
-    p = layer.padding
+    p = layer.padding * layer.dilation
     y = g.op("Conv", [x, g.const(weights, "weights"), g.const(biases, "biases")],
-             kernel_shape=[layer.size] * 2, strides=[layer.stride] * 2, pads=[p] * 4,
-             group=layer.groups)
-    return g.activation(y, layer.activation, layer)
+             kernel_shape=[layer.size] * 2, strides=[layer.stride_y, layer.stride_x],
+             pads=[p] * 4, dilations=[layer.dilation] * 2, group=layer.groups)
+    y = g.activation(y, layer.activation, layer)
+    return blur(g, layer, y) if layer.blur is not None else y
 
 
 @layer_exporter("connected", keys=("output", "batch_normalize", "activation"))
@@ -256,23 +353,65 @@ def _connected(g, layer, x):
     return g.reshape(g.activation(y, layer.activation, layer), layer.out_shape)
 
 
-@layer_exporter("maxpool", keys=("size", "stride", "padding"))
-def _maxpool(g, layer, x):
-    """Windows start at -padding//2; cells outside the input are -inf. MaxPool's own padding
-    ignores padded cells, which is the same, but runtimes require it to be under the window
-    size: a larger explicit padding goes through Pad with -inf instead."""
+def pool_frame(layer, out_h, out_w):
+    """Darknet's pooling geometry: windows start at -padding//2; pads (top, left, bottom, right)
+    reaching every window's cells."""
     _, h, w = layer.in_shape
-    _, out_h, out_w = layer.out_shape
     top, size, stride = layer.padding // 2, layer.size, layer.stride
     bottom = max((out_h - 1) * stride + size, top + h) - top - h
     right = max((out_w - 1) * stride + size, top + w) - top - w
-    pads = [top, top, bottom, right]
+    return [top, top, bottom, right]
+
+
+@layer_exporter("maxpool", keys=("size", "stride", "padding", "stride_x", "stride_y",
+                                 "maxpool_zero_nonmax", "maxpool_depth", "out_channels",
+                                 "antialiasing"))
+def _maxpool(g, layer, x):
+    """Windows start at -padding//2; cells outside the input are -inf. MaxPool's own padding
+    ignores padded cells, which is the same, but runtimes require it to be under the window
+    size: a larger explicit padding goes through Pad with -inf instead. AlexeyAB's
+    maxpool_depth is a maximum across channels g, g + groups...; antialiasing pools at stride 1
+    and blurs with the layer's stride."""
+    if layer.depth:
+        c, h, w = layer.in_shape
+        groups = layer.out_shape[0]
+        members = -(-c // groups)
+        if members * groups != c:  # the last members' slots: -inf never wins
+            x = g.op("Pad", [x, g.ints([0, 0, 0, 0, 0, members * groups - c, 0, 0]),
+                             g.scalar(-np.inf)], mode="constant")
+        return g.reduce("ReduceMax", g.reshape(x, [members, groups, h, w]), [1], keepdims=0)
+    size, stride = layer.size, layer.stride
+    pads = pool_frame(layer, *layer.pooled_hw)
     if max(pads) < size:
-        return g.op("MaxPool", [x], kernel_shape=[size] * 2, strides=[stride] * 2, pads=pads)
-    # Only here can a window hold no input cell: Darknet gives it -FLT_MAX, so pad with that.
-    padded = g.op("Pad", [x, g.ints([0, 0, top, top, 0, 0, bottom, right]),
-                          g.scalar(-np.finfo(np.float32).max)], mode="constant")
-    return g.op("MaxPool", [padded], kernel_shape=[size] * 2, strides=[stride] * 2)
+        y = g.op("MaxPool", [x], kernel_shape=[size] * 2, strides=[stride] * 2, pads=pads)
+    else:
+        # Only here can a window hold no input cell: Darknet gives it -FLT_MAX, so pad with that.
+        top, _, bottom, right = pads
+        padded = g.op("Pad", [x, g.ints([0, 0, top, top, 0, 0, bottom, right]),
+                              g.scalar(-np.finfo(np.float32).max)], mode="constant")
+        y = g.op("MaxPool", [padded], kernel_shape=[size] * 2, strides=[stride] * 2)
+    return blur(g, layer, y) if layer.blur is not None else y
+
+
+@layer_exporter("local_avgpool", keys=("size", "stride", "padding", "stride_x", "stride_y"))
+def _local_avgpool(g, layer, x):
+    """The mean of the input cells inside each window: the window's sum (zero padding) times
+    size^2 / the number of cells inside, a constant of the geometry (0/0 = NaN for a window
+    wholly outside, as the engine)."""
+    _, out_h, out_w = layer.out_shape
+    top, _, bottom, right = pool_frame(layer, out_h, out_w)
+    size, stride = layer.size, layer.stride
+    _, h, w = layer.in_shape
+    inside = np.zeros((top + h + bottom, top + w + right))
+    inside[top:top + h, top:top + w] = 1
+    cells = sum(inside[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+                for i in range(size) for j in range(size))
+    with np.errstate(divide="ignore"):
+        factor = np.where(cells > 0, size * size / np.maximum(cells, 1), np.nan)
+    padded = g.op("Pad", [x, g.ints([0, 0, top, top, 0, 0, bottom, right]), g.scalar(0)],
+                  mode="constant")
+    mean = g.op("AveragePool", [padded], kernel_shape=[size] * 2, strides=[stride] * 2)
+    return g.op("Mul", [mean, g.const(factor.reshape(1, 1, out_h, out_w), "cells")])
 
 
 @layer_exporter("avgpool", keys=())
@@ -281,8 +420,32 @@ def _avgpool(g, layer, x):
 
 
 @layer_exporter("dropout", "cost", keys=("probability", "type", "scale"))  # training only
+@layer_exporter("empty", keys=())  # AlexeyAB's [empty] and [silence]
 def _identity(g, layer, x):
     return x  # dropout is the identity at inference; a cost layer's output is its input
+
+
+@layer_exporter("contrastive", keys=("classes", "yolo_layer", "temperature", "cls_normalizer",
+                                     "max_delta", "contrastive_neg_max"))
+def _contrastive(g, layer, x):
+    """AlexeyAB's contrastive loss computes nothing at inference: zeros of the input's shape."""
+    return g.op("Expand", [g.scalar(0), g.op("Shape", [x])])
+
+
+@layer_exporter("implicit", keys=("filters", "atoms", "mean", "std"))
+def _implicit(g, layer, x):
+    """The learned constant, once per image of the input's batch."""
+    weights = host(g, layer.params["weights"]).reshape((1,) + tuple(layer.out_shape))
+    return g.op("Expand", [g.const(weights, "implicit"), g.batch_shape(x, layer.out_shape)])
+
+
+@layer_exporter("sam", keys=("from", "activation"))
+@layer_exporter("scale_channels", keys=("from", "activation", "scale_wh"))
+def _scale(g, layer, xs):
+    """act(from's output * the input), the input broadcast over positions ([scale_channels])
+    or channels (scale_wh=1)."""
+    scale, source = xs
+    return g.activation(g.op("Mul", [source, scale]), layer.activation, layer)
 
 
 @layer_exporter("softmax", keys=("groups", "temperature"))
@@ -298,7 +461,8 @@ def _batchnorm(g, layer, x):
     """Darknet's inference rule as one affine map per statistic (per channel, or per element
     with per_activation=1)."""
     p = {name: host(g, value).astype(np.float64) for name, value in layer.params.items()}
-    factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
+    inside, outside = layer.bn_epsilons  # the engine's rule for this network's Darknet
+    factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
     shift = p["biases"] - p["rolling_mean"] * factor
     shape = (1,) + tuple(layer.in_shape) if layer.per_activation else (1, -1, 1, 1)
     y = g.op("Mul", [x, g.const(factor.astype(np.float32).reshape(shape), "bn_factor")])
@@ -335,9 +499,43 @@ def _upsample(g, layer, x):
     return g.affine(y, layer.scale, 0)
 
 
-@layer_exporter("shortcut", keys=("from", "alpha", "beta", "activation"))
+@layer_exporter("shortcut", keys=("from", "alpha", "beta", "activation", "weights_type",
+                                  "weights_normalization"))
 def _shortcut(g, layer, xs):
-    """act(alpha*previous + beta*from) on the overlap (Darknet's shortcut_cpu): channels
+    if layer.multilayer:
+        return _weighted_shortcut(g, layer, xs)
+    return g.activation(_darknet_shortcut(g, layer, xs), layer.activation, layer)
+
+
+def _weighted_shortcut(g, layer, xs):
+    """AlexeyAB's act(w_0*prev + sum w_i*from_i): a source with fewer channels adds to the first
+    ones, a wider one adds its first channels; the weights (normalized across the inputs as the
+    engine does, by its own normalize_channels) are constants."""
+    channels = layer.out_shape[0]
+    weights = None
+    if layer.weight_order:
+        raw = host(g, layer.params["weights"])
+        inputs, per = raw.shape
+        view = raw.reshape(1, inputs, per, 1)
+        if layer.normalization:
+            view = engine_activations.normalize_channels(view, layer.normalization)
+        weights = view.reshape(inputs, per)
+    total = None
+    for i, (x, c) in enumerate(zip(xs, [layer.in_shape[0]] + [s[0] for s in layer.from_shapes])):
+        if c > channels:
+            x, c = g.slice(x, 1, 0, channels), channels
+        if weights is not None:
+            w = weights[i] if weights.shape[1] == 1 else weights[i][:c]
+            x = g.op("Mul", [x, g.const(w.reshape(1, -1, 1, 1), "weight")])
+        if c < channels:
+            x = g.op("Pad", [x, g.ints([0, 0, 0, 0, 0, channels - c, 0, 0]), g.scalar(0)],
+                     mode="constant")
+        total = x if total is None else g.op("Add", [total, x])
+    return g.activation(total, layer.activation, layer)
+
+
+def _darknet_shortcut(g, layer, xs):
+    """alpha*previous + beta*from on the overlap (Darknet's shortcut_cpu): channels
     0..min(C)-1; the larger map subsampled by the integer size ratio; elsewhere the previous
     layer's value. The `from` part is cut to the overlap, spread on the output's grid with zeros
     between its cells, and padded with zeros to the output's shape."""
@@ -368,29 +566,73 @@ def _shortcut(g, layer, xs):
             grid[:, :minc, :minh * sample:sample, :minw * sample:sample] = layer.alpha
             factor = g.const(grid, "alpha")
         previous = g.op("Mul", [previous, factor])
-    return g.activation(g.op("Add", [previous, add]), layer.activation, layer)
+    return g.op("Add", [previous, add])
 
 
-# the keys that matter at inference, and those only the loss or data loading read
-YOLO_KEYS = ("mask", "anchors", "classes", "num", "jitter", "ignore_thresh", "truth_thresh", "max",
-             "random", "map")
+# the keys that matter at inference, and those only the loss, data loading or detection read
+YOLO_KEYS = ("mask", "anchors", "classes", "num", "ignore_thresh", "truth_thresh", "max",
+             "scale_x_y", "new_coords", "nms_kind", "beta_nms") + \
+    tuple(yolo_module.TRAINING_DEFAULTS) + yolo_module.IGNORED_KEYS
+GAUSSIAN_YOLO_KEYS = YOLO_KEYS + ("uc_normalizer", "yolo_point")
 REGION_KEYS = ("anchors", "classes", "num", "coords", "softmax", "tree", "background", "log",
                "sqrt", "max", "jitter", "rescore", "thresh", "classfix", "absolute", "random",
                "coord_scale", "object_scale", "noobject_scale", "class_scale", "bias_match",
                "mask", "map")
 
 
-def anchor_activate(g, x, anchors, entries, logistic_ranges):
-    """The logistic on the given entries of every anchor, the other entries unchanged."""
-    mask = np.zeros(entries, dtype=bool)
-    for start, stop in logistic_ranges:
-        mask[start:stop] = True
-    return g.where(np.tile(mask, anchors).reshape(1, -1, 1, 1), g.op("Sigmoid", [x]), x)
+def anchor_activate(g, x, anchors, entries, logistic_ranges, affine=None):
+    """The logistic on the given entries of every anchor, the other entries unchanged; then
+    `affine` = (entries, scale, shift): v*scale + shift on those (AlexeyAB's scale_x_y)."""
+    def mask_of(ranges):
+        mask = np.zeros(entries, dtype=bool)
+        for start, stop in ranges:
+            mask[start:stop] = True
+        return np.tile(mask, anchors).reshape(1, -1, 1, 1)
+
+    if logistic_ranges:
+        x = g.where(mask_of(logistic_ranges), g.op("Sigmoid", [x]), x)
+    if affine is not None:
+        ranges, scale, shift = affine
+        x = g.where(mask_of(ranges), g.affine(x, scale, shift), x)
+    return x
+
+
+def scale_x_y(layer, ranges):
+    if layer.scale_x_y == 1:
+        return None
+    return ranges, layer.scale_x_y, -0.5 * (layer.scale_x_y - 1)
 
 
 @layer_exporter("yolo", keys=YOLO_KEYS)
 def _yolo(g, layer, x):
-    return anchor_activate(g, x, len(layer.mask), layer.entries, ((0, 2), (4, layer.entries)))
+    """Logistic on x, y, objectness and classes (none with new_coords), then scale_x_y."""
+    logistic = () if layer.new_coords else ((0, 2), (4, layer.entries))
+    return anchor_activate(g, x, len(layer.mask), layer.entries, logistic,
+                           scale_x_y(layer, ((0, 2),)))
+
+
+@layer_exporter("gaussian_yolo", keys=GAUSSIAN_YOLO_KEYS)
+def _gaussian_yolo(g, layer, x):
+    """Logistic on everything but the raw w, h (entries 4 and 6), scale_x_y on x and y
+    (entries 0 and 2)."""
+    return anchor_activate(g, x, len(layer.mask), layer.entries,
+                           ((0, 4), (5, 6), (7, layer.entries)),
+                           scale_x_y(layer, ((0, 1), (2, 3))))
+
+
+@layer_exporter("detection", keys=("classes", "coords", "num", "side", "softmax", "sqrt", "reorg",
+                                   "rescore", "max", "coord_scale", "forced", "object_scale",
+                                   "noobject_scale", "class_scale", "jitter", "resize", "random"))
+def _detection(g, layer, x):
+    """YOLOv1: the flat input, with a softmax over each cell's classes when softmax=1."""
+    total = layer.out_shape[0]
+    flat = g.reshape(x, [total])
+    if layer.softmax:
+        cells = layer.side * layer.side
+        scores = g.reshape(g.slice(flat, 1, 0, cells * layer.classes), [cells, layer.classes])
+        scores = g.reshape(g.op("Softmax", [scores], axis=2), [cells * layer.classes])
+        flat = g.op("Concat", [scores, g.slice(flat, 1, cells * layer.classes, total)], axis=1)
+    return g.reshape(flat, [total, 1, 1])
 
 
 @layer_exporter("region", keys=REGION_KEYS)
@@ -414,17 +656,28 @@ def _reorg(g, layer, x):
         flat = g.reshape(x, [-1, 1, 1])
         return g.op("Pad", [flat, g.ints([0, 0, 0, 0, 0, layer.extra, 0, 0]), g.scalar(0)],
                     mode="constant")
-    c, h, w = layer.in_shape
-    s = layer.stride
+    c, s = layer.in_shape[0], layer.stride
     if c % (s * s):
         raise ExportError(f"{layer.where()} reorg by {s} of {c} channels: the engine's own "
                           f"order needs channels divisible by {s * s}; cannot export")
+    return darknet_reorg(g, x, s, layer.reverse, layer.in_shape, layer.out_shape)
+
+
+@layer_exporter("reorg3d", keys=("stride", "reverse"))
+def _reorg3d(g, layer, x):
+    """AlexeyAB's reorg: reorg_cpu on the output's dimensions (textbook space-to-depth)."""
+    return darknet_reorg(g, x, layer.stride, layer.reverse, layer.out_shape, layer.out_shape)
+
+
+def darknet_reorg(g, x, s, forward, dims, out_shape):
+    """The engine's ops.reorg(x, s, forward, dims, out_shape) (reorg_cpu on dims (c, h, w))."""
+    c, h, w = dims
     oc = c // (s * s)
-    if layer.reverse:
+    if forward:
         y = g.op("Transpose", [g.reshape(x, [s, s, oc, h, w])], perm=[0, 3, 4, 1, 5, 2])
     else:
         y = g.op("Transpose", [g.reshape(x, [oc, h, s, w, s])], perm=[0, 3, 5, 1, 2, 4])
-    return g.reshape(y, layer.out_shape)
+    return g.reshape(y, out_shape)
 
 
 @layer_exporter("crop", keys=("crop_height", "crop_width", "flip", "noadjust", "angle",
@@ -440,32 +693,58 @@ def _crop(g, layer, x):
 
 
 # ---- box decoding (engine.detection) -------------------------------------------------------------
-def decode_grid(g, layer, x, anchors, anchor_pixels, net_w, net_h):
+def decode_grid(g, layer, x, anchors, anchor_pixels, net_w, net_h, new_coords=False,
+                box_entries=(0, 1, 2, 3), objectness_entry=4, certainty_entries=None):
     """One head's output (N, anchors*entries, H, W) -> boxes (N, B, 4) centre x, y, width,
     height in input pixels, objectness (N, B), scores (N, B, classes); boxes in Darknet's order
-    (anchor, row, column)."""
+    (anchor, row, column). Sizes exp(w) * anchor, or (2w)^2 * anchor with new_coords;
+    `certainty_entries` (Gaussian YOLO): scores also times 1 - the mean of those entries."""
     _, h, w = layer.out_shape
     entries = layer.entries
     rows = g.reshape(g.op("Transpose", [g.reshape(x, [anchors, entries, h * w])],
                           perm=[0, 1, 3, 2]), [anchors * h * w, entries])
+
+    def entry(index):
+        return g.slice(rows, 2, index, index + 1)
+
     cell = np.arange(h * w)
     grid = np.tile(np.stack([cell % w, cell // w], axis=-1), (anchors, 1))[None]
     cell_size = np.float32([net_w / w, net_h / h]).reshape(1, 1, 2)
-    centres = g.op("Mul", [g.op("Add", [g.slice(rows, 2, 0, 2), g.const(grid.astype(np.float32),
-                                                                          "grid")]),
+    ex, ey, ew, eh = box_entries
+    xy = g.op("Concat", [entry(ex), entry(ey)], axis=2) if ey != ex + 1 else g.slice(rows, 2, ex, ex + 2)
+    wh = g.op("Concat", [entry(ew), entry(eh)], axis=2) if eh != ew + 1 else g.slice(rows, 2, ew, ew + 2)
+    centres = g.op("Mul", [g.op("Add", [xy, g.const(grid.astype(np.float32), "grid")]),
                            g.const(cell_size, "cell")])
-    sizes = g.op("Mul", [g.op("Exp", [g.slice(rows, 2, 2, 4)]),
-                         g.const(np.repeat(anchor_pixels, h * w, axis=0)[None], "anchors")])
+    if new_coords:  # AlexeyAB's get_yolo_box with new_coords: (2w)^2 = w * w * 4
+        grow = g.op("Mul", [g.op("Mul", [wh, wh]), g.scalar(4)])
+    else:
+        grow = g.op("Exp", [wh])
+    sizes = g.op("Mul", [grow, g.const(np.repeat(anchor_pixels, h * w, axis=0)[None], "anchors")])
     boxes = g.op("Concat", [centres, sizes], axis=2)
-    objectness = g.slice(rows, 2, 4, 5)
-    scores = g.op("Mul", [objectness, g.slice(rows, 2, 5, entries)])
+    objectness = entry(objectness_entry)
+    weight = objectness
+    if certainty_entries is not None:
+        uncertainty = g.op("Concat", [entry(i) for i in certainty_entries], axis=2)
+        mean = g.reduce("ReduceMean", uncertainty, [2])
+        weight = g.op("Mul", [objectness, g.op("Sub", [g.scalar(1), mean])])
+    scores = g.op("Mul", [weight, g.slice(rows, 2, objectness_entry + 1, entries)])
     return boxes, g.reshape(objectness, [-1]), scores
 
 
 @_register(DECODERS, "yolo")
 def _decode_yolo(g, layer, x, net_w, net_h):
     # anchors in input pixels
-    return decode_grid(g, layer, x, len(layer.mask), layer.mask_anchors, net_w, net_h)
+    return decode_grid(g, layer, x, len(layer.mask), layer.mask_anchors, net_w, net_h,
+                       new_coords=layer.new_coords)
+
+
+@_register(DECODERS, "gaussian_yolo")
+def _decode_gaussian_yolo(g, layer, x, net_w, net_h):
+    """get_gaussian_yolo_detections: boxes from entries 0, 2, 4, 6; objectness entry 8; class
+    scores times objectness and 1 - the mean of the uncertainties 1, 3, 5, 7."""
+    return decode_grid(g, layer, x, len(layer.mask), layer.mask_anchors, net_w, net_h,
+                       box_entries=(0, 2, 4, 6), objectness_entry=8,
+                       certainty_entries=(1, 3, 5, 7))
 
 
 @_register(DECODERS, "region")
@@ -474,6 +753,49 @@ def _decode_region(g, layer, x, net_w, net_h):
     _, h, w = layer.out_shape
     pixels = layer.anchors * np.float32([net_w / w, net_h / h])
     return decode_grid(g, layer, x, layer.num, pixels, net_w, net_h)
+
+
+@_register(DECODERS, "detection")
+def _decode_detection(g, layer, x, net_w, net_h):
+    """YOLOv1's get_detection_detections: per cell, `num` boxes ((x + col)/side, (y + row)/side,
+    w, h, squared with sqrt=1) in input pixels, confidence, confidence x the cell's classes."""
+    side, classes, num = layer.side, layer.classes, layer.num
+    cells = side * side
+    scores = g.reshape(g.slice(g.reshape(x, [-1]), 1, 0, cells * classes), [cells, 1, classes])
+    confidence = g.reshape(g.slice(g.reshape(x, [-1]), 1, cells * classes,
+                                   cells * (classes + num)), [cells, num, 1])
+    coords = g.reshape(g.slice(g.reshape(x, [-1]), 1, cells * (classes + num),
+                               cells * (classes + num * 5)), [cells, num, 4])
+    cell = np.arange(cells)
+    grid = np.stack([cell % side, cell // side], axis=-1).reshape(1, cells, 1, 2)
+    centres = g.op("Mul", [g.op("Add", [g.slice(coords, 3, 0, 2),
+                                         g.const(grid.astype(np.float32), "grid")]),
+                           g.const(np.float32([net_w / side, net_h / side]), "cell")])
+    sizes = g.slice(coords, 3, 2, 4)
+    if layer.sqrt:
+        sizes = g.op("Mul", [sizes, sizes])
+    sizes = g.op("Mul", [sizes, g.const(np.float32([net_w, net_h]), "input")])
+    boxes = g.reshape(g.op("Concat", [centres, sizes], axis=3), [cells * num, 4])
+    probs = g.reshape(g.op("Mul", [confidence, scores]), [cells * num, classes])
+    return boxes, g.reshape(confidence, [-1]), probs
+
+
+def head_boxes(layer):
+    """How many boxes a head decodes."""
+    if layer.type_name == "detection":
+        return layer.side * layer.side * layer.num
+    c, h, w = layer.out_shape
+    return c // layer.entries * h * w
+
+
+def valid_boxes(g, layer, objectness, thresh, nms):
+    """Which boxes engine detect considers: objectness above the threshold (Darknet's
+    get_yolo/region_detections), or for YOLOv1 above 0 when NMS runs (do_nms_sort)."""
+    if layer.type_name == "detection":
+        if not nms:
+            return None
+        return _greater(g, objectness, 0)
+    return _greater(g, objectness, thresh)
 
 
 def append_nms(g, boxes, scores, total, iou_threshold, score_threshold):
@@ -493,6 +815,110 @@ def append_nms(g, boxes, scores, total, iou_threshold, score_threshold):
     image_box_class = g.op("Gather", [selected, g.ints([0, 2, 1])], axis=1)
     detection_boxes = g.op("GatherND", [boxes, image_box])
     detection_scores = g.op("GatherND", [scores, image_box_class])
+    return selected, detection_boxes, detection_scores
+
+
+def diou(g, a, b, beta):
+    """AlexeyAB's box_diou(a, b) as engine.detection.box_diou: IoU - (d/c)^beta, d the squared
+    distance of the centres, c the squared diagonal of the enclosing box (IoU where c = 0);
+    boxes (..., 4) centre x, y, width, height; returns (...)."""
+    def part(box, index):
+        return g.op("Squeeze", [g.slice(box, -1, index, index + 1), g.ints([-1], "axes")])
+
+    ax, ay, aw, ah = (part(a, i) for i in range(4))
+    bx, by, bw, bh = (part(b, i) for i in range(4))
+    half = g.scalar(0.5)
+
+    def edges(centre, size):
+        offset = g.op("Mul", [size, half])
+        return g.op("Sub", [centre, offset]), g.op("Add", [centre, offset])
+
+    (al, ar), (at, ab) = edges(ax, aw), edges(ay, ah)
+    (bl, br), (bt, bb) = edges(bx, bw), edges(by, bh)
+    zero = g.scalar(0)
+    width = g.op("Max", [g.op("Sub", [g.op("Min", [ar, br]), g.op("Max", [al, bl])]), zero])
+    height = g.op("Max", [g.op("Sub", [g.op("Min", [ab, bb]), g.op("Max", [at, bt])]), zero])
+    inter = g.op("Mul", [width, height])
+    union = g.op("Sub", [g.op("Add", [g.op("Mul", [aw, ah]), g.op("Mul", [bw, bh])]), inter])
+    iou = g.op("Div", [inter, union])
+
+    def square(v):
+        return g.op("Mul", [v, v])
+
+    c = g.op("Add", [square(g.op("Sub", [g.op("Max", [ar, br]), g.op("Min", [al, bl])])),
+                     square(g.op("Sub", [g.op("Max", [ab, bb]), g.op("Min", [at, bt])]))])
+    d = g.op("Add", [square(g.op("Sub", [ax, bx])), square(g.op("Sub", [ay, by]))])
+    positive = _greater(g, c, 0)
+    ratio = g.op("Div", [d, g.op("Where", [positive, c, g.scalar(1)])])
+    penalty = g.op("Where", [positive, g.op("Pow", [ratio, g.scalar(beta)]), zero])
+    return g.op("Sub", [iou, penalty])
+
+
+def append_diou_nms(g, boxes, scores, nms_thresh, score_threshold, beta, net_w, net_h):
+    """AlexeyAB's diounms_sort as engine.detection.nms_sort computes it (greedynms: DIoU with
+    exponent 0.6; diounms: with beta_nms), which ONNX's NonMaxSuppression (plain IoU) cannot
+    express: per image and class, the scores above the threshold in decreasing order (ties:
+    lower box first, as the engine's stable sort), each box still alive zeroing every later box
+    whose DIoU with it is above nms_thresh. DIoU is measured on boxes relative to the input, as
+    the engine's stretched detection has them. A Loop over as many ranks as the most populated
+    (image, class) has candidates. Returns the same three outputs as append_nms, the rows in
+    (image, class, box) order."""
+    float32 = g.onnx.TensorProto.FLOAT
+    if g.float_type != np.float32:
+        boxes = g.op("Cast", [boxes], to=float32)
+        scores = g.op("Cast", [scores], to=float32)
+    f32 = (lambda v: g.const(np.float32(v), "scalar", np.float32))
+    by_class = g.op("Transpose", [scores], perm=[0, 2, 1])  # (N, K, B)
+    alive = g.op("Where", [g.op("Greater", [by_class, f32(score_threshold)]), by_class, f32(0)])
+    count = g.op("Shape", [alive])
+    total = g.slice(count, 0, 2, 3)
+    _, order = g.op("TopK", [alive, total], outputs=2, axis=2, largest=1, sorted=1)
+    # rank[n, k, box] = the box's position in its class's order
+    positions = g.op("Expand", [g.op("Range", [g.ints(0, "start"), g.op("Squeeze", [total]),
+                                               g.ints(1, "delta")]), count])
+    rank = g.op("ScatterElements", [g.op("Expand", [g.ints(0, "zero"), count]), order,
+                                    positions], axis=2)
+    candidates = g.op("Cast", [g.op("Greater", [alive, f32(0)])], to=g.onnx.TensorProto.INT64)
+    trips = g.reduce("ReduceMax", g.reduce("ReduceSum", candidates, [2], keepdims=0), [0, 1],
+                     keepdims=0)
+    # boxes per (image, class): (N, K, B, 4)
+    relative = g.op("Div", [boxes, g.const(np.float32([net_w, net_h, net_w, net_h]), "input",
+                                           np.float32)])
+    class_boxes = g.op("Expand", [g.op("Unsqueeze", [relative, g.ints([1], "axes")]),
+                                  g.op("Concat", [count, g.ints([4])], axis=0)])
+
+    # the loop body: iteration p suppresses with the box of rank p in each (image, class)
+    outer_nodes = g.nodes
+    g.nodes = []
+    step, condition, state = g.fresh("p"), g.fresh("cond"), g.fresh("alive")
+    index = g.op("Unsqueeze", [g.op("Unsqueeze", [step, g.ints([0], "axes")]), g.ints([0], "axes")])
+    pick = g.op("Expand", [g.op("Unsqueeze", [index, g.ints([0], "axes")]),
+                           g.op("Concat", [g.slice(count, 0, 0, 2), g.ints([1])], axis=0)])
+    chosen = g.op("GatherElements", [order, pick], axis=2)  # (N, K, 1)
+    chosen_score = g.op("GatherElements", [state, chosen], axis=2)
+    chosen_box = g.op("GatherElements", [class_boxes, g.op("Expand", [
+        g.op("Unsqueeze", [chosen, g.ints([3], "axes")]),
+        g.op("Concat", [g.slice(count, 0, 0, 2), g.ints([1, 4])], axis=0)])], axis=2)
+    overlap = diou(g, chosen_box, class_boxes, beta)  # (N, K, B)
+    suppress = g.op("And", [g.op("And", [g.op("Greater", [overlap, f32(nms_thresh)]),
+                                         g.op("Greater", [rank, step])]),
+                            g.op("Greater", [chosen_score, f32(0)])])
+    new_state = g.op("Where", [suppress, f32(0), state])
+    keep_going = g.op("Identity", [condition])
+    body_nodes, g.nodes = g.nodes, outer_nodes
+    helper = g.helper
+    body = helper.make_graph(
+        body_nodes, "diou_nms_step",
+        [helper.make_tensor_value_info(step, g.onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info(condition, g.onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info(state, float32, None)],
+        [helper.make_tensor_value_info(keep_going, g.onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info(new_state, float32, None)])
+    kept = g.op("Loop", [trips, "", alive], hint="diou_nms", body=body)
+    selected = g.op("Transpose", [g.op("NonZero", [kept])], perm=[1, 0])  # rows n, k, box
+    image_box = g.op("Gather", [selected, g.ints([0, 2])], axis=1)
+    detection_boxes = g.op("GatherND", [boxes, image_box])
+    detection_scores = g.op("GatherND", [kept, selected])
     return selected, detection_boxes, detection_scores
 
 
@@ -541,14 +967,21 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
     decode = decode or nms is not None
     heads = [layer.index for layer in net.layers if layer.type_name in HEAD_TYPES]
     if decode and not heads:
-        raise ExportError(f"{net.cfg_path}: --decode/--nms need [yolo] or [region] layers; this "
-                          "network has none")
+        raise ExportError(f"{net.cfg_path}: --decode/--nms need [yolo], [region], "
+                          "[Gaussian_yolo] or [detection] layers; this network has none")
     if decode and len({net.layers[i].classes for i in heads}) > 1:
         raise ExportError(f"{net.cfg_path}: the detection layers disagree on classes; cannot "
                           "decode them into one scores tensor")
+    nms_kind, beta_nms = detection.nms_choice(net)
+    diou_beta = {"greedynms": 0.6, "diounms": beta_nms}.get(nms_kind)
+    if nms and diou_beta is not None and detection.uses_letterbox(net):
+        last = net.layers[-1]
+        raise ExportError(f"{last.section.where('nms_kind')} nms_kind={nms_kind}: with "
+                          "letterboxed detection its DIoU depends on the image's aspect ratio; "
+                          "cannot export --nms (export --decode and run the NMS outside)")
     output_layers = heads or [net.output_layer.index]
 
-    g = Graph(onnx, net.ops, np.float16 if fp16 else np.float32)
+    g = Graph(onnx, net.ops, np.float16 if fp16 else np.float32, opset)
     tensors = {-1: "input"}
     for index in needed_layers(net, output_layers):
         layer = net.layers[index]
@@ -572,8 +1005,7 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
                  for i in heads]
         boxes, objectness, scores = (p[0] if len(parts) == 1 else g.op("Concat", list(p), axis=1)
                                      for p in zip(*parts))
-        total = sum(c // net.layers[i].entries * h * w  # anchors x cells
-                    for i in heads for c, h, w in [net.layers[i].out_shape])
+        total = sum(head_boxes(net.layers[i]) for i in heads)
         classes = net.layers[heads[0]].classes
         if nms is None:
             outputs += [(boxes, "boxes", elem, [n, total, 4]),
@@ -581,9 +1013,23 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
                         (scores, "scores", elem, [n, total, classes])]
         else:
             g.prefix = "nms/"
-            # --nms 0 keeps every box above the threshold, as engine detect --nms 0 does
-            selected, found_boxes, found_scores = append_nms(g, boxes, scores, total,
-                                                             nms or 1.0, thresh)
+            # the boxes engine detect considers (objectness above the threshold)
+            masks = [valid_boxes(g, net.layers[i], part[1], thresh, nms)
+                     for i, part in zip(heads, parts)]
+            if any(mask is not None for mask in masks):
+                masks = [mask if mask is not None else g.op("Not", [_less(g, part[1], -np.inf)])
+                         for mask, part in zip(masks, parts)]
+                valid = masks[0] if len(masks) == 1 else g.op("Concat", masks, axis=1)
+                scores = g.op("Where", [g.op("Unsqueeze", [valid, g.ints([2], "axes")]), scores,
+                                        g.scalar(0)])
+            if nms and diou_beta is not None:
+                selected, found_boxes, found_scores = append_diou_nms(
+                    g, boxes, scores, nms, thresh, diou_beta, net.options.width,
+                    net.options.height)
+            else:
+                # --nms 0 keeps every box above the threshold, as engine detect --nms 0 does
+                selected, found_boxes, found_scores = append_nms(g, boxes, scores, total,
+                                                                 nms or 1.0, thresh)
             f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
             outputs += [(selected, "selected", i64, ["detections", 3]),
                         (found_boxes, "detection_boxes", f32, ["detections", 4]),

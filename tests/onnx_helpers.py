@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.backends.numpy_backend import NumpyBackend
 from engine.network import Network
+from engine.onnx_export import HEAD_TYPES
 
 # Every cfg in cfg/ at a size that keeps the CI quick: (input width = height, filters divisor).
 # Convolutions that feed a [yolo]/[region] head keep their filters; the full-size networks are
@@ -98,8 +99,9 @@ def _pre_bn_output(ops, layer, x):
     if not getattr(layer, "batch_normalize", False):
         return None
     if layer.type_name == "convolutional":
-        return ops.conv_forward(x, layer.params["weights"], layer.stride, layer.padding,
-                                layer.groups, train=False)
+        return ops.conv_forward(x, layer.params["weights"], layer.conv_stride,
+                                layer.padding * layer.dilation, layer.groups, train=False,
+                                dilation=layer.dilation)
     return ops.connected_forward(x, layer.params["weights"])
 
 
@@ -119,8 +121,8 @@ def session(model):
 
 def engine_outputs(net, images):
     """The engine's inference outputs under the exported model's output names: each
-    [yolo]/[region] head's output, or `output` = Network.predict for other networks."""
-    heads = [layer for layer in net.layers if layer.type_name in ("yolo", "region")]
+    detection head's output, or `output` = Network.predict for other networks."""
+    heads = [layer for layer in net.layers if layer.type_name in HEAD_TYPES]
     if not heads:
         return {"output": net.predict(images, batch_size=len(images))}
     net.forward(net.ops.asarray(images), train=False)

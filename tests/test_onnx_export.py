@@ -427,7 +427,8 @@ def test_export_api_writes_the_file(tmp_path):
     (["--batch", "many"], "--batch many: expected a positive integer or 'dynamic'"),
     (["--opset", "9"], "--opset 9: expected 13.."),
     (["--nms", "1.5"], "--nms 1.5: expected an IoU threshold between 0 and 1"),
-    (["--decode"], "--decode/--nms need [yolo] or [region] layers; this network has none"),
+    (["--decode"], "--decode/--nms need [yolo], [region], [Gaussian_yolo] or [detection] layers; "
+                   "this network has none"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, options, message):
     cfg = os.path.join(GOLDEN, "G2a_core", "g2a_core.cfg")
