@@ -24,8 +24,8 @@ CI_SIZES = {"mnist": (None, 1), "cifar": (None, 1), "go": (None, 4), "tiny": (64
 def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
     """A copy of the cfg with [net] batch=`batch`; with `size`, width = height = size ([crop]
     windows scaled alike, so VGG-16's crop still fits); with `divisor`, every convolution's
-    filters (and every [connected] output but the last) divided by it, except those right
-    before a [yolo] or [region] layer. Returns its path."""
+    filters and groups (and every [connected] output but the last) divided by it, except those
+    right before a [yolo], [Gaussian_yolo] or [region] layer. Returns its path."""
     with open(cfg_path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
     headers = [n for n, line in enumerate(lines) if line.strip().startswith("[")]
@@ -36,11 +36,11 @@ def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
         if stripped.startswith("["):
             sections += 1
             section = stripped
-            following = [lines[n].strip() for n in headers if n > number][:1]
-            feeds_head = following in (["[yolo]"], ["[region]"])
+            following = [lines[n].strip().lower() for n in headers if n > number][:1]
+            feeds_head = following in (["[yolo]"], ["[region]"], ["[gaussian_yolo]"])
             last = number == last_connected
         key = stripped.split("=", 1)[0].strip() if "=" in stripped else None
-        value = stripped.split("=", 1)[1].strip() if key else None
+        value = stripped.split("=", 1)[1].split("#")[0].strip() if key else None
         if sections == 1 and key in ("batch", "subdivisions"):
             lines[number] = f"{key}={batch if key == 'batch' else 1}"
         elif sections == 1 and key in ("width", "height") and size:
@@ -50,6 +50,10 @@ def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
             lines[number] = f"{key}={int(value) * size // original}"
         elif key == "filters" and section.startswith("[conv") and not feeds_head:
             lines[number] = f"filters={max(int(value) // divisor, 1)}"
+        elif key == "groups" and section.startswith("[conv") and divisor > 1 and not feeds_head:
+            # depthwise (groups = filters) stays depthwise; others shrink with the filters
+            groups = int(value)
+            lines[number] = f"groups={max(groups // divisor, 1)}"
         elif key == "output" and section.startswith("[conn") and not last:
             lines[number] = f"output={max(int(value) // divisor, 1)}"
     name = re.sub(r"\.cfg$", "", os.path.basename(cfg_path))
@@ -59,7 +63,7 @@ def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
     return path
 
 
-def randomize(net, seed=0):
+def randomize(net, seed=0, images=2):
     """Random biases and BN scales, and rolling statistics taken from the network's own pre-BN
     outputs on random images: the mean partly (a random 0..50% of it), the variance as the
     mean square about that, times 1..2. BN folding is tested while each layer's output keeps a
@@ -73,7 +77,7 @@ def randomize(net, seed=0):
             if name in layer.params:
                 values = rng.uniform(low, high, layer.params[name].shape).astype(np.float32)
                 layer.params[name] = ops.asarray(values)
-    images, outputs = ops.asarray(images_for(net, 2, seed)), []
+    images, outputs = ops.asarray(images_for(net, images, seed)), []
     for layer in net.layers:
         inputs = [images if j < 0 else outputs[j] for j in layer.input_indices]
         x = inputs if layer.multi_input else inputs[0]
@@ -105,8 +109,11 @@ def _pre_bn_output(ops, layer, x):
     return ops.connected_forward(x, layer.params["weights"])
 
 
-def random_network(cfg_path, seed=0):
-    return randomize(Network(cfg_path, backend=NumpyBackend(), seed=seed, quiet=True), seed)
+def random_network(cfg_path, seed=0, images=2):
+    """`images`: how many random images the BN statistics come from (more for deep networks
+    whose last maps are a few cells, where two images' variance can be near zero)."""
+    return randomize(Network(cfg_path, backend=NumpyBackend(), seed=seed, quiet=True), seed,
+                     images)
 
 
 def session(model):
