@@ -64,7 +64,7 @@ def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
 
 
 def randomize(net, seed=0, images=2):
-    """Random biases and BN scales, and rolling statistics taken from the network's own pre-BN
+    """Random biases, BN scales and [shortcut] weights, and rolling statistics taken from the network's own pre-BN
     outputs on random images: the mean partly (a random 0..50% of it), the variance as the
     mean square about that, times 1..2. BN folding is tested while each layer's output keeps a
     trained network's scale, so a deep network's softmax does not saturate into an exact
@@ -73,6 +73,9 @@ def randomize(net, seed=0, images=2):
     rng = np.random.default_rng(seed)
     ops = net.ops
     for layer in net.layers:
+        if layer.type_name == "shortcut" and "weights" in layer.params:  # AlexeyAB's weights
+            weights = rng.uniform(-1, 1.5, layer.params["weights"].shape).astype(np.float32)
+            layer.params["weights"] = ops.asarray(weights)
         for name, (low, high) in (("biases", (-0.5, 0.5)), ("scales", (0.5, 1.5))):
             if name in layer.params:
                 values = rng.uniform(low, high, layer.params[name].shape).astype(np.float32)

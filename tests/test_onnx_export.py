@@ -95,6 +95,70 @@ def test_golden_sets(folder):
     np.testing.assert_allclose(final.reshape(batch, -1), darknet, atol=TOLERANCE)
 
 
+ALEXEYAB_SETS = ["A1_yolov4_tiny", "A2_yolov4_small", "A3_yolov7_tiny", "A4_efficientnet_b0",
+                 "A5_sam", "A6_alexeyab_layers", "A7_dilation_share", "A8_antialiasing",
+                 "A9_yolov7", "A10_gaussian_yolov3", "A11_yolov4_csp", "A12_yolov1_detection"]
+
+
+def read_alexeyab_set(folder):
+    """(network with AlexeyAB's weights, its inputs, {layer index: AlexeyAB's output})."""
+    import engine
+
+    root = os.path.join(GOLDEN, folder)
+    with open(os.path.join(root, "layers.txt")) as handle:
+        header = dict(item.split("=") for item in handle.readline().split()[2:])
+    batch = int(header["batch_at_dump"])
+    net = engine.load(glob.glob(os.path.join(root, "*.cfg"))[0], os.path.join(root, "weights"),
+                      quiet=True)
+    images = np.fromfile(os.path.join(root, "inputs.bin"), dtype="<f4")
+    dumps = {int(os.path.basename(p)[1:4]): np.fromfile(p, dtype="<f4").reshape(batch, -1)
+             for p in glob.glob(os.path.join(root, "layers", "L*.bin"))}
+    return net, images.reshape((batch,) + net.input_shape), dumps
+
+
+@pytest.mark.parametrize("folder", ALEXEYAB_SETS)
+def test_alexeyab_golden_sets(folder):
+    """AlexeyAB's golden sets (its weights, inputs and per-layer outputs, AlexeyAB's BN rule):
+    every exported output equals the engine's and what AlexeyAB's Darknet computed for that
+    layer (relative to the larger of 1 and the layer's magnitude, as tests/
+    test_alexeyab_golden.py)."""
+    net, images, dumps = read_alexeyab_set(folder)
+    got = run_model(checked_model(net, batch="dynamic"), images)
+    assert relative_difference(got, engine_outputs(net, images)) <= TOLERANCE
+    for name, values in got.items():
+        index = net.output_layer.index if name == "output" else int(name.rsplit("_", 1)[1])
+        expected = dumps[index]
+        error = np.abs(values.reshape(len(images), -1) - expected).max()
+        assert error / max(1.0, np.abs(expected).max()) <= TOLERANCE, (name, error)
+
+
+def test_batch_norm_follows_the_networks_darknet(tmp_path):
+    """The same cfg and parameters under pjreddie's rule (sqrt(var) + 1e-6) and AlexeyAB's
+    (sqrt(var + 1e-5)): with small variances the two differ by percents, and each export
+    matches the engine under its own rule (the layer's own folding)."""
+    from engine.backends.numpy_backend import NumpyBackend
+    from engine.network import Network
+
+    path = write_cfg(tmp_path / "bn.cfg", {"batch": 1, "height": 6, "width": 6, "channels": 3},
+                     "[convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nbatch_normalize=1\n"
+                     "activation=leaky\n\n[batchnorm]\n\n[connected]\noutput=5\n"
+                     "batch_normalize=1\nactivation=linear")
+    results = {}
+    for darknet in ("pjreddie", "alexeyab"):
+        net = Network(path, backend=NumpyBackend(), seed=2, quiet=True, darknet=darknet)
+        rng = np.random.default_rng(0)
+        for layer in net.layers:
+            if "rolling_variance" in layer.params:
+                shape = layer.params["rolling_variance"].shape
+                layer.params["rolling_variance"] = rng.uniform(1e-5, 1e-4, shape).astype(np.float32)
+                layer.params["rolling_mean"] = rng.uniform(-0.1, 0.1, shape).astype(np.float32)
+        model = checked_model(net, batch=2)
+        assert_matches_engine(net, model, batch=2)
+        results[darknet] = run_model(model, images_for(net, 2))["output"]
+    first, second = results["pjreddie"], results["alexeyab"]
+    assert np.abs(first - second).max() > 1e-2 * np.abs(first).max()
+
+
 # ---- every layer feature -------------------------------------------------------------------------
 FEATURES = {
     # shortcut of different shapes both ways (Darknet's rule), alpha, beta, activation
@@ -172,6 +236,76 @@ FEATURES = {
     "region_logistic": ((3, 8, 8), """
         [convolutional]\nfilters=16\nsize=1\nstride=1\nactivation=linear
         [region]\nanchors=1,2,3,1.5\nclasses=3\nnum=2"""),
+    # ---- AlexeyAB's layers and keys ----
+    # dilation (padding times it), stride_x != stride_y, share_index (absolute, relative, with BN)
+    "conv_dilation_strides_share": ((3, 12, 12), """
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\ndilation=2\nbatch_normalize=1\nactivation=mish
+        [convolutional]\nfilters=6\nsize=3\nstride=2\npad=1\ndilation=3\nactivation=swish
+        [convolutional]\nfilters=6\nsize=3\nstride_x=2\nstride_y=1\npad=1\nactivation=leaky
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\nshare_index=2\nactivation=relu6
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\nbatch_normalize=1\nactivation=gelu
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\ndilation=2\nbatch_normalize=1\nshare_index=-1\nactivation=hard_mish"""),
+    # the blur after conv (3x3 and 2x2 kinds) and after maxpool
+    "antialiasing": ((3, 13, 13), """
+        [convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nantialiasing=1\nbatch_normalize=1\nactivation=leaky
+        [convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nantialiasing=2\nactivation=revleaky
+        [maxpool]\nsize=2\nstride=2\nantialiasing=1"""),
+    # maximum across channels g, g + groups...: 6 channels in 4 groups (uneven), then 2
+    "maxpool_depth": ((3, 5, 5), """
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\nactivation=linear
+        [maxpool]\nmaxpool_depth=1\nout_channels=4
+        [maxpool]\nmaxpool_depth=1\nout_channels=2"""),
+    "sam_scale_channels": ((3, 8, 8), """
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [convolutional]\nfilters=6\nsize=1\nstride=1\nactivation=logistic
+        [sam]\nfrom=0\nactivation=swish
+        [avgpool]
+        [convolutional]\nfilters=6\nsize=1\nstride=1\nactivation=logistic
+        [scale_channels]\nfrom=2
+        [convolutional]\nfilters=1\nsize=1\nstride=1\nactivation=logistic
+        [scale_channels]\nfrom=5\nscale_wh=1\nactivation=leaky"""),
+    # several `from`, sources with fewer and more channels, weights per channel and per input,
+    # normalized by softmax, relu, or not at all
+    "weighted_shortcut": ((3, 8, 8), """
+        [convolutional]\nfilters=6\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [convolutional]\nfilters=4\nsize=3\nstride=1\npad=1\nactivation=leaky
+        [convolutional]\nfilters=8\nsize=1\nstride=1\nactivation=linear
+        [shortcut]\nfrom=0,1\nweights_type=per_channel\nweights_normalization=softmax
+        [shortcut]\nfrom=0\nweights_type=per_feature\nweights_normalization=relu\nactivation=mish
+        [convolutional]\nfilters=4\nsize=1\nstride=1\nactivation=linear
+        [shortcut]\nfrom=2,3\nactivation=normalize_channels
+        [shortcut]\nfrom=0,4\nweights_type=per_channel\nweights_normalization=none"""),
+    "local_avgpool_reorg3d_implicit": ((4, 8, 8), """
+        [local_avgpool]\nsize=3\nstride=2
+        [reorg3d]\nstride=2
+        [reorg3d]\nstride=2\nreverse=1
+        [empty]
+        [silence]
+        [local_avgpool]\nsize=3\nstride=1\npadding=4
+        [implicit]\nfilters=4
+        [scale_channels]\nfrom=-2
+        [activation]\nactivation=normalize_channels_softmax_maxval"""),
+    # [yolo] with scale_x_y, and with new_coords (no logistic, (2w)^2 sizes) and scale_x_y
+    "yolo_alexeyab": ((3, 8, 8), """
+        [convolutional]\nfilters=21\nsize=3\nstride=2\npad=1\nbatch_normalize=1\nactivation=leaky
+        [yolo]\nmask=0,1,2\nanchors=2,3, 4,5, 6,4, 7,7, 3,8, 9,9\nclasses=2\nnum=6\nscale_x_y=1.2
+        [route]\nlayers=0
+        [convolutional]\nfilters=21\nsize=1\nstride=1\nactivation=logistic
+        [yolo]\nmask=3,4,5\nanchors=2,3, 4,5, 6,4, 7,7, 3,8, 9,9\nclasses=2\nnum=6\nnew_coords=1\nscale_x_y=2.0"""),
+    "gaussian_yolo": ((3, 8, 8), """
+        [convolutional]\nfilters=33\nsize=3\nstride=2\npad=1\nactivation=linear
+        [Gaussian_yolo]\nmask=0,1,2\nanchors=2,3, 4,5, 6,4\nclasses=2\nnum=3\nscale_x_y=1.1"""),
+    "detection_v1": ((3, 8, 8), """
+        [convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nactivation=leaky
+        [connected]\noutput=52\nactivation=linear
+        [detection]\nclasses=3\ncoords=4\nnum=2\nside=2\nsoftmax=1\nsqrt=1"""),
+    "detection_v1_plain": ((3, 8, 8), """
+        [connected]\noutput=52\nactivation=logistic
+        [detection]\nclasses=3\ncoords=4\nnum=2\nside=2"""),
+    # AlexeyAB's contrastive loss gives zeros at inference
+    "contrastive": ((3, 4, 4), """
+        [convolutional]\nfilters=4\nsize=1\nstride=1\nactivation=linear
+        [contrastive]\nclasses=2"""),
 }
 
 
@@ -198,16 +332,27 @@ def test_maxpool_windows_outside_the_input_give_minus_flt_max(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("name", activations.NAMES)
+@pytest.mark.parametrize("name", activations.NAMES + activations.CHANNEL_NAMES)
 def test_every_activation(tmp_path, name):
-    """Each activation alone on inputs from -6 to 6 (plse's and lhtan's pieces, stair's steps)."""
+    """Each activation alone on inputs from -6 to 6 (plse's and lhtan's pieces, stair's steps;
+    the normalize_channels family across the 4 channels)."""
     path = write_cfg(tmp_path / "a.cfg", {"batch": 1, "height": 9, "width": 9, "channels": 4},
                      f"[activation]\nactivation={name}")
     net = random_network(path)
     images = np.random.default_rng(1).uniform(-6, 6, (2,) + net.input_shape).astype(np.float32)
     got = run_model(checked_model(net), images[:1])
     assert relative_difference(got, engine_outputs(net, images[:1])) <= TOLERANCE
-    assert set(onnx_export.ACTIVATIONS) >= set(activations.NAMES)
+    assert set(onnx_export.ACTIVATIONS) >= set(activations.NAMES + activations.CHANNEL_NAMES)
+
+
+def test_mish_beyond_the_softplus_threshold(tmp_path):
+    """AlexeyAB's softplus is x above 20 and exp(x) below -20: mish there, to float32."""
+    path = write_cfg(tmp_path / "m.cfg", {"batch": 1, "height": 1, "width": 8, "channels": 1},
+                     "[activation]\nactivation=mish")
+    net = random_network(path)
+    images = np.float32([-90, -30, -20.5, -19.5, 19.5, 20.5, 30, 90]).reshape(1, 1, 1, 8)
+    got = run_model(checked_model(net), images)["output"]
+    np.testing.assert_allclose(got, engine_outputs(net, images)["output"], rtol=1e-6, atol=1e-30)
 
 
 # ---- batch, opsets, float16 ----------------------------------------------------------------------
@@ -265,17 +410,25 @@ def test_a_network_on_the_gpu_exports_the_same_model():
 
 
 # ---- decoding and NonMaxSuppression --------------------------------------------------------------
-@pytest.mark.parametrize("case", ["g2c", "region_softmax", "region_logistic"])
+@pytest.mark.parametrize("case", ["g2c", "region_softmax", "region_logistic", "yolo_alexeyab",
+                                  "gaussian_yolo", "detection_v1", "detection_v1_plain",
+                                  "A3_yolov7_tiny", "A10_gaussian_yolov3",
+                                  "A12_yolov1_detection"])
 def test_decode_is_engine_detections(tmp_path, case):
     """boxes (input pixels), objectness and scores equal engine.detection's decoding of the
-    engine's outputs (image = network input, so no letterbox), box for box."""
-    net = g2c_net() if case == "g2c" else feature_net(tmp_path, case)
+    engine's outputs (image = network input, so no letterbox), box for box: scale_x_y and
+    new_coords, Gaussian YOLO's uncertainties, YOLOv1's cells."""
+    if case.startswith("A"):
+        net = read_alexeyab_set(case)[0]
+    else:
+        net = g2c_net() if case == "g2c" else feature_net(tmp_path, case)
     images = images_for(net, 2)
     got = run_model(checked_model(net, decode=True, batch="dynamic"), images)
     net.forward(images, train=False)
     net_w, net_h = net.options.width, net.options.height
     for image in range(2):
-        expected = detection.network_detections(net, net_w, net_h, thresh=-1, image_index=image)
+        expected = detection.network_detections(net, net_w, net_h, thresh=-np.inf,
+                                                image_index=image)
         # (the network's own outputs differ by float32 rounding, about 1e-6)
         np.testing.assert_allclose(got["boxes"][image] / [net_w, net_h, net_w, net_h],
                                    expected.boxes, rtol=1e-4, atol=1e-5)
