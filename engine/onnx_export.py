@@ -874,8 +874,10 @@ def append_diou_nms(g, boxes, scores, nms_thresh, score_threshold, beta, net_w, 
     total = g.slice(count, 0, 2, 3)
     _, order = g.op("TopK", [alive, total], outputs=2, axis=2, largest=1, sorted=1)
     # rank[n, k, box] = the box's position in its class's order
-    positions = g.op("Expand", [g.op("Range", [g.ints(0, "start"), g.op("Squeeze", [total]),
-                                               g.ints(1, "delta")]), count])
+    # (constants are stored 1-d: Range's scalar inputs go through Squeeze)
+    positions = g.op("Expand", [g.op("Range", [g.op("Squeeze", [g.ints([0], "start")]),
+                                               g.op("Squeeze", [total]),
+                                               g.op("Squeeze", [g.ints([1], "delta")])]), count])
     rank = g.op("ScatterElements", [g.op("Expand", [g.ints(0, "zero"), count]), order,
                                     positions], axis=2)
     candidates = g.op("Cast", [g.op("Greater", [alive, f32(0)])], to=g.onnx.TensorProto.INT64)

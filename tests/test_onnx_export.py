@@ -14,7 +14,7 @@ from PIL import Image
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from conftest import CFG, GOLDEN
+from conftest import CFG, GOLDEN, ROOT
 from helpers import write_cfg
 from onnx_helpers import (
     CI_SIZES,
@@ -34,6 +34,7 @@ from engine.onnx_export import build_model, export_onnx
 TOLERANCE = 1e-4       # exported outputs against the engine's, relative to the output's scale
 FP16_TOLERANCE = 1e-2  # the float16 model against the engine
 G2C = os.path.join(GOLDEN, "G2c_tiny_yolov3_div8")
+ALEXEYAB_CFGS = os.path.join(os.path.dirname(ROOT), "shared", "darknet-cfg", "alexeyab")
 G2C_CFG, G2C_WEIGHTS = os.path.join(G2C, "g2c_tiny_yolov3_div8.cfg"), os.path.join(G2C, "weights")
 
 
@@ -436,7 +437,7 @@ def test_decode_is_engine_detections(tmp_path, case):
         np.testing.assert_allclose(got["scores"][image], expected.probs, atol=1e-5)
 
 
-def onnx_detections(outputs, image_w, image_h, net_w, net_h, classes, thresh):
+def onnx_detections(outputs, image_w, image_h, net_w, net_h, classes, thresh, letterboxed=True):
     """What a deployed model's user does with the NMS outputs of image 0: boxes back from input
     pixels to the image (undoing the letterbox, engine.detection.correct_boxes), one row per
     box with its selected classes' scores, labelled as engine detect labels them."""
@@ -451,7 +452,8 @@ def onnx_detections(outputs, image_w, image_h, net_w, net_h, classes, thresh):
         return []
     relative = np.array([xywh for xywh, _ in rows.values()]) / [net_w, net_h, net_w, net_h]
     found = detection.Detections(
-        detection.correct_boxes(relative.astype(np.float32), image_w, image_h, net_w, net_h),
+        detection.correct_boxes(relative.astype(np.float32), image_w, image_h, net_w, net_h,
+                                letterboxed),
         np.ones(len(rows), np.float32), np.array([p for _, p in rows.values()]))
     return detection.label_detections(found, image_w, image_h, thresh)
 
@@ -523,6 +525,112 @@ def test_nms_thresholds_are_strict_as_darknets():
     np.testing.assert_array_equal(found_scores, np.float32([0.9, 0.8]))
     boxes[0, 1, 0] = 0.999  # IoU just above 0.5: suppressed
     assert session(model).run(None, {"boxes": boxes, "scores": scores})[0].tolist() == [[0, 0, 0]]
+
+
+def diou_nms_model(nms_thresh, score_threshold, beta, net_w, net_h, opset=17):
+    """A model of append_diou_nms alone: inputs boxes (N, B, 4) in pixels, scores (N, B, K)."""
+    graph = onnx_export.Graph(onnx, None, np.float32, opset)
+    outputs = onnx_export.append_diou_nms(graph, "boxes", "scores", nms_thresh, score_threshold,
+                                          beta, net_w, net_h)
+    for name, tensor in zip(("selected", "found_boxes", "found_scores"), outputs):
+        graph.nodes.append(onnx.helper.make_node("Identity", [tensor], [name]))
+    float_input = (lambda name, shape: onnx.helper.make_tensor_value_info(name, 1, shape))
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        graph.nodes, "nms", [float_input("boxes", [None, None, 4]),
+                             float_input("scores", [None, None, None])],
+        [onnx.helper.make_tensor_value_info("selected", onnx.TensorProto.INT64, [None, 3]),
+         float_input("found_boxes", [None, 4]), float_input("found_scores", [None])],
+        initializer=graph.initializers), opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = onnx.helper.find_min_ir_version_for([model.opset_import[0]])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("kind, beta, opset", [("greedynms", 0.6, 17), ("diounms", 0.8, 17),
+                                               ("diounms", 1.7, 13)])
+def test_diou_nms_is_the_engines_nms_sort(kind, beta, opset):
+    """AlexeyAB's greedynms/diounms (DIoU, which ONNX's NonMaxSuppression cannot do) as an ONNX
+    Loop: on clustered random boxes, two images, 3 classes, with ties, the kept (image, class,
+    box) and scores are engine.detection.nms_sort's; plain IoU would keep fewer."""
+    rng = np.random.default_rng(7)
+    net_w, net_h, count, classes, thresh, nms = 96, 64, 60, 3, 0.3, 0.45
+    centres = rng.uniform(10, 50, (2, 5, 1, 2)) + rng.normal(0, 4, (2, 5, count // 5, 2))
+    sizes = rng.uniform(8, 20, (2, 5, 1, 2)) * rng.uniform(0.8, 1.25, (2, 5, count // 5, 2))
+    boxes = np.concatenate([centres, sizes], -1).reshape(2, count, 4).astype(np.float32)
+    scores = rng.uniform(0, 1, (2, count, classes)).astype(np.float32)
+    scores[:, 7] = scores[:, 3]  # a tie: the lower box comes first, as the stable sort
+    model = diou_nms_model(nms, thresh, beta, net_w, net_h, opset)
+    selected, found_boxes, found_scores = session(model).run(None, {"boxes": boxes,
+                                                                    "scores": scores})
+    got = {tuple(row): score for row, score in zip(selected.tolist(), found_scores)}
+    expected, with_iou = {}, 0
+    for image in range(2):
+        relative = boxes[image] / np.float32([net_w, net_h, net_w, net_h])
+        probs = np.where(scores[image] > thresh, scores[image], 0).astype(np.float32)
+        found = detection.Detections(relative, np.ones(count, np.float32), probs)
+        kept = detection.nms_sort(found, nms, kind, beta).probs
+        for box, k in zip(*np.nonzero(kept)):
+            expected[(image, int(k), int(box))] = kept[box, k]
+        with_iou += np.count_nonzero(detection.nms_sort(found, nms, "default").probs)
+    assert got.keys() == expected.keys()
+    np.testing.assert_array_equal([got[key] for key in expected], list(expected.values()))
+    np.testing.assert_array_equal(found_boxes, boxes[selected[:, 0], selected[:, 2]])
+    assert with_iou < len(expected)  # DIoU suppresses less than IoU here: the kind matters
+
+
+def alexeyab_detector(tmp_path, name, size=128):
+    """AlexeyAB's cfg at `size` with filters / 8, random weights and BN statistics."""
+    path = os.path.join(ALEXEYAB_CFGS, name)
+    if not os.path.exists(path):
+        pytest.skip(f"no {path} here")
+    return random_network(resized_cfg(path, tmp_path, size, 8), seed=1, images=8)
+
+
+@pytest.mark.parametrize("name, kind", [("yolov4-tiny.cfg", "greedynms"),
+                                        ("yolov7-tiny.cfg", "diounms")])
+def test_alexeyab_detectors_nms_gives_engine_detect_boxes(tmp_path, name, kind):
+    """yolov4-tiny (scale_x_y, greedynms) and yolov7-tiny (new_coords, diounms) from AlexeyAB's
+    folder at 128x128, random weights: engine detect's boxes on a 150x90 image (stretched to
+    the input, as AlexeyAB's detector test and engine detect do for these cfgs) are the
+    exported model's after its DIoU NMS, box for box."""
+    net = alexeyab_detector(tmp_path, name)
+    assert detection.nms_choice(net)[0] == kind and not detection.uses_letterbox(net)
+    path = str(tmp_path / "scene.png")
+    write_image(path, 150, 90)
+    thresh, nms = 0.25, 0.45
+    labelled, _, _ = detection.detect(net, path, thresh, nms)
+    model = checked_model(net, nms=nms, thresh=thresh)
+    assert "Loop" in [node.op_type for node in model.graph.node]
+    stretched = detection.resize_bilinear(detection.read_rgb(path), 128, 128)[None]
+    outputs = run_model(model, stretched)
+    got = onnx_detections(outputs, 150, 90, 128, 128, 80, thresh, letterboxed=False)
+    raw = detection.network_detections(net, 150, 90, thresh, letterboxed=False)
+    assert len(labelled) > 1 and (raw.probs > thresh).sum() > len(outputs["selected"])
+    key = (lambda item: (item.classes, item.pixels))
+    got, labelled = sorted(got, key=key), sorted(labelled, key=key)
+    assert [item.classes for item in got] == [item.classes for item in labelled]
+    for mine, theirs in zip(got, labelled):
+        assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
+        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-5)
+
+
+def test_cornersnms_is_onnx_nonmaxsuppression_and_letterboxed_diou_is_refused(tmp_path):
+    """cornersnms measures plain IoU in the engine: ONNX's NonMaxSuppression. DIoU on a
+    letterboxed image depends on its aspect ratio, which the model does not know: refused,
+    naming the key's line."""
+    (c, h, w), body = FEATURES["gaussian_yolo"]
+    text = "\n".join(line.strip() for line in body.strip().splitlines()).replace("\n[", "\n\n[")
+    options = {"batch": 1, "height": h, "width": w, "channels": c}
+    net = random_network(write_cfg(tmp_path / "corners.cfg", options,
+                                   text + "\nnms_kind=cornersnms"))
+    ops = [node.op_type for node in checked_model(net, nms=0.45).graph.node]
+    assert "NonMaxSuppression" in ops and "Loop" not in ops
+    options["letter_box"] = 1
+    net = random_network(write_cfg(tmp_path / "boxed.cfg", options, text + "\nnms_kind=diounms"))
+    with pytest.raises(ExportError, match=r"boxed.cfg:\d+: \[gaussian_yolo\] nms_kind=diounms: "
+                                          r"with letterboxed detection"):
+        build_model(net, nms=0.45)
+    assert build_model(net, decode=True) is not None  # decoding alone is fine
 
 
 def test_new_layer_types_and_activations_are_refused_with_one_line(tmp_path, monkeypatch):
