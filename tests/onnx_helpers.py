@@ -155,3 +155,18 @@ def relative_difference(got, expected):
 
 def images_for(net, batch, seed=0):
     return np.random.default_rng(seed).random((batch,) + net.input_shape, dtype=np.float32)
+
+
+# AlexeyAB's cfg folder: every cfg the engine loads is exported at this size, filters / 8, its
+# BN statistics from 8 images (at 64 pixels the deepest maps of the P6/P7 models are 1x1 and
+# the random networks become chaotic: 1e-7 of input noise moves their outputs by more than 1e-4).
+ALEXEYAB_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "shared", "darknet-cfg", "alexeyab")
+SURVEY_SIZE, SURVEY_DIVISOR, SURVEY_IMAGES = 128, 8, 8
+
+
+def survey_network(cfg_path, folder):
+    """The random network tests/onnx_table.py and the survey test export for an AlexeyAB cfg
+    (raises the engine's ConfigError for the cfgs it refuses)."""
+    return random_network(resized_cfg(cfg_path, folder, SURVEY_SIZE, SURVEY_DIVISOR),
+                          images=SURVEY_IMAGES)

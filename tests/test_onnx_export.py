@@ -14,7 +14,8 @@ from PIL import Image
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from conftest import CFG, GOLDEN, ROOT
+import onnx_helpers
+from conftest import CFG, GOLDEN
 from helpers import write_cfg
 from onnx_helpers import (
     CI_SIZES,
@@ -34,7 +35,6 @@ from engine.onnx_export import build_model, export_onnx
 TOLERANCE = 1e-4       # exported outputs against the engine's, relative to the output's scale
 FP16_TOLERANCE = 1e-2  # the float16 model against the engine
 G2C = os.path.join(GOLDEN, "G2c_tiny_yolov3_div8")
-ALEXEYAB_CFGS = os.path.join(os.path.dirname(ROOT), "shared", "darknet-cfg", "alexeyab")
 G2C_CFG, G2C_WEIGHTS = os.path.join(G2C, "g2c_tiny_yolov3_div8.cfg"), os.path.join(G2C, "weights")
 
 
@@ -158,6 +158,30 @@ def test_batch_norm_follows_the_networks_darknet(tmp_path):
         results[darknet] = run_model(model, images_for(net, 2))["output"]
     first, second = results["pjreddie"], results["alexeyab"]
     assert np.abs(first - second).max() > 1e-2 * np.abs(first).max()
+
+
+ALEXEYAB_CFG_NAMES = sorted(os.path.basename(p) for p in
+                            glob.glob(os.path.join(onnx_helpers.ALEXEYAB_FOLDER, "*.cfg")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALEXEYAB_CFG_NAMES)
+def test_alexeyab_cfg_survey(tmp_path, name):
+    """Every cfg of AlexeyAB's folder the engine loads, at 128x128 with filters / 8 and random
+    weights, exports and matches the engine (under two minutes for the 87: `pytest -m slow`);
+    the others are those the engine refuses, for the reasons tests/test_alexeyab_cfgs.py
+    lists."""
+    from engine.errors import ConfigError
+    from test_alexeyab_cfgs import REFUSED
+
+    try:
+        net = onnx_helpers.survey_network(os.path.join(onnx_helpers.ALEXEYAB_FOLDER, name),
+                                          tmp_path)
+    except ConfigError:
+        assert name in REFUSED
+        pytest.skip("the engine refuses this cfg")
+    assert name not in REFUSED
+    assert_matches_engine(net, checked_model(net, batch="dynamic"), batch=1)
 
 
 # ---- every layer feature -------------------------------------------------------------------------
@@ -580,7 +604,7 @@ def test_diou_nms_is_the_engines_nms_sort(kind, beta, opset):
 
 def alexeyab_detector(tmp_path, name, size=128):
     """AlexeyAB's cfg at `size` with filters / 8, random weights and BN statistics."""
-    path = os.path.join(ALEXEYAB_CFGS, name)
+    path = os.path.join(onnx_helpers.ALEXEYAB_FOLDER, name)
     if not os.path.exists(path):
         pytest.skip(f"no {path} here")
     return random_network(resized_cfg(path, tmp_path, size, 8), seed=1, images=8)
