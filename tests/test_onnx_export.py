@@ -407,9 +407,12 @@ def test_fixed_batch_is_the_declared_shape():
         run_model(model, images_for(net, 3))
 
 
-@pytest.mark.parametrize("opset", [13, 21])
-def test_other_opsets(tmp_path, opset):
-    net = feature_net(tmp_path, "upsample")
+@pytest.mark.parametrize("opset, case", [(13, "upsample"), (21, "upsample"),
+                                         (13, "maxpool_depth"), (18, "maxpool_depth"),
+                                         (13, "local_avgpool_reorg3d_implicit")])
+def test_other_opsets(tmp_path, opset, case):
+    """ReduceMax takes its axes as an attribute before opset 18 and as an input from it."""
+    net = feature_net(tmp_path, case)
     model = checked_model(net, opset=opset)
     assert model.opset_import[0].version == opset
     assert_matches_engine(net, model, batch=1)
@@ -600,6 +603,31 @@ def test_diou_nms_is_the_engines_nms_sort(kind, beta, opset):
     np.testing.assert_array_equal([got[key] for key in expected], list(expected.values()))
     np.testing.assert_array_equal(found_boxes, boxes[selected[:, 0], selected[:, 2]])
     assert with_iou < len(expected)  # DIoU suppresses less than IoU here: the kind matters
+
+
+@pytest.mark.parametrize("case, thresh", [("yolo_alexeyab", 0.3), ("gaussian_yolo", 0.05),
+                                          ("detection_v1_plain", 0.3), ("region_logistic", 0.3)])
+def test_nms_of_every_head_type_is_engine_detections(tmp_path, case, thresh):
+    """--nms on the new heads against engine.detection's decoding, threshold and nms_sort for
+    the image that is the network input (Gaussian YOLO's uncertainties lower its scores, hence
+    its lower threshold; YOLOv1 keeps boxes of positive confidence)."""
+    net = feature_net(tmp_path, case)
+    images = images_for(net, 1, seed=4)
+    outputs = run_model(checked_model(net, nms=0.45, thresh=thresh), images)
+    net.forward(images, train=False)
+    w, h = net.options.width, net.options.height
+    size = 1000  # labelled in a large image, so that distinct boxes have distinct pixels
+    found = detection.network_detections(net, size, size, thresh, letterboxed=False)
+    expected = detection.label_detections(detection.nms_sort(found, 0.45), size, size, thresh)
+    got = onnx_detections(outputs, size, size, w, h, net.layers[-1].classes, thresh,
+                          letterboxed=False)
+    assert len(expected) > 1
+    key = (lambda item: (item.classes, item.pixels, item.probabilities))
+    got, expected = sorted(got, key=key), sorted(expected, key=key)
+    assert [item.classes for item in got] == [item.classes for item in expected]
+    for mine, theirs in zip(got, expected):
+        assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
+        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-5)
 
 
 def alexeyab_detector(tmp_path, name, size=128):
