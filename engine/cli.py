@@ -248,7 +248,7 @@ def cmd_fuse(args):
 
 
 def cmd_export(args):
-    net = Network(args.cfg, backend=get_backend("cpu"))
+    net = Network(args.cfg, backend=get_backend("cpu"), darknet=args.darknet)
     load_weights(net, args.weights)
     model = models.export_onnx(net, args.out, batch=args.batch, opset=args.opset, fp16=args.fp16,
                                decode=args.decode, nms=args.nms, thresh=args.thresh)
@@ -354,6 +354,8 @@ def make_parser():
                    help="decode and append NonMaxSuppression (IoU threshold, default 0.45)")
     p.add_argument("--thresh", type=float, default=0.5,
                    help="with --nms: keep scores above this (default 0.5, as engine detect)")
+    p.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                   help="whose inference batch-norm rule to fold (default: the cfg tells)")
     p.set_defaults(run=cmd_export)
     return parser
 

@@ -726,6 +726,29 @@ def test_engine_export_end_to_end(tmp_path, capsys):
         "[detections, 3], detection_boxes [detections, 4], detection_scores [detections]")
 
 
+def test_engine_export_of_an_alexeyab_golden_set_and_its_darknet_option(tmp_path, capsys):
+    """AlexeyAB's yolov4-tiny golden set through the command line, with its own BN rule by
+    default and pjreddie's with --darknet pjreddie (each the engine's under that rule)."""
+    import engine
+
+    root = os.path.join(GOLDEN, "A1_yolov4_tiny")
+    cfg, weights = os.path.join(root, "a1_yolov4_tiny.cfg"), os.path.join(root, "weights")
+    outputs = {}
+    for darknet in ("alexeyab", "pjreddie"):
+        out = str(tmp_path / f"{darknet}.onnx")
+        options = [] if darknet == "alexeyab" else ["--darknet", darknet]
+        assert cli.main(["export", cfg, weights, out, "--nms", "--thresh", "0.25"] + options) == 0
+        assert "outputs selected [detections, 3]" in capsys.readouterr().out
+        out_raw = str(tmp_path / f"{darknet}-raw.onnx")
+        assert cli.main(["export", cfg, weights, out_raw] + options) == 0
+        capsys.readouterr()
+        net = engine.load(cfg, weights, quiet=True, darknet=darknet)
+        assert_matches_engine(net, onnx.load(out_raw), batch=1)
+        outputs[darknet] = run_model(onnx.load(out_raw), images_for(net, 1))["yolo_30"]
+        assert "Loop" in [node.op_type for node in onnx.load(out).graph.node]  # greedynms
+    assert np.abs(outputs["alexeyab"] - outputs["pjreddie"]).max() > 1e-6
+
+
 def test_export_api_writes_the_file(tmp_path):
     net = feature_net(tmp_path, "softmax")
     path = tmp_path / "softmax.onnx"
