@@ -430,11 +430,16 @@ def test_float16_is_within_1e_2(tmp_path, case):
 
 
 @pytest.mark.gpu
-def test_a_network_on_the_gpu_exports_the_same_model():
+@pytest.mark.parametrize("folder", ["G2c_tiny_yolov3_div8", "A6_alexeyab_layers",
+                                    "A7_dilation_share", "A8_antialiasing"])
+def test_a_network_on_the_gpu_exports_the_same_model(folder):
     import engine
 
-    on_gpu = engine.load(G2C_CFG, G2C_WEIGHTS, backend="gpu", quiet=True)
-    assert build_model(on_gpu, batch="dynamic") == build_model(g2c_net(), batch="dynamic")
+    root = os.path.join(GOLDEN, folder)
+    cfg, weights = glob.glob(os.path.join(root, "*.cfg"))[0], os.path.join(root, "weights")
+    on_gpu = engine.load(cfg, weights, backend="gpu", quiet=True)
+    on_cpu = engine.load(cfg, weights, quiet=True)
+    assert build_model(on_gpu, batch="dynamic") == build_model(on_cpu, batch="dynamic")
 
 
 # ---- decoding and NonMaxSuppression --------------------------------------------------------------
