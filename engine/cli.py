@@ -9,6 +9,7 @@
                    [--thresh 0.5] [--nms 0.45] [--out predictions.png]
     engine partial cfg/darknet53.cfg darknet53.weights darknet53.conv.74 74
     engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
+    engine mnist-detection data/mnist-detect [--train N] [--valid M] [--size 96] [--seed S]
 """
 
 import argparse
@@ -178,6 +179,18 @@ def cmd_fuse(args):
     print(f"Fused network: {args.cfg_out}, {args.weights_out}")
 
 
+def cmd_mnist_detection(args):
+    from . import mnist_detection
+
+    started = time.time()
+    data = mnist_detection.generate(args.out, train=args.train, valid=args.valid, size=args.size,
+                                    seed=args.seed, min_digits=args.min_digits,
+                                    max_digits=args.max_digits, min_digit=args.min_digit,
+                                    max_digit=args.max_digit, max_overlap=args.max_overlap)
+    print(f"Wrote {args.train} training and {args.valid} validation scenes in "
+          f"{time.time() - started:.1f} s; data file: {data}")
+
+
 def make_parser():
     parser = argparse.ArgumentParser(prog="engine", description="A Darknet-style neural-network engine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +252,21 @@ def make_parser():
     p.add_argument("cfg_out")
     p.add_argument("weights_out")
     p.set_defaults(run=cmd_fuse)
+
+    p = commands.add_parser("mnist-detection",
+                            help="write a detection set of MNIST digit scenes (Darknet's layout)")
+    p.add_argument("out", help="folder for images/, labels/, train.txt, valid.txt and the .data file")
+    p.add_argument("--train", type=int, default=10000, help="training scenes (default 10000)")
+    p.add_argument("--valid", type=int, default=1000, help="validation scenes (default 1000)")
+    p.add_argument("--size", type=int, default=96, help="scene width and height (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-digits", type=int, default=1, help="digits per scene, at least")
+    p.add_argument("--max-digits", type=int, default=5, help="digits per scene, at most")
+    p.add_argument("--min-digit", type=int, help="smallest digit, pixels (default size/6)")
+    p.add_argument("--max-digit", type=int, help="largest digit, pixels (default size/2)")
+    p.add_argument("--max-overlap", type=float, default=0.1,
+                   help="largest IoU between two digits' boxes (default 0.1)")
+    p.set_defaults(run=cmd_mnist_detection)
     return parser
 
 
