@@ -9,6 +9,8 @@
                    [--thresh 0.5] [--nms 0.45] [--out predictions.png]
     engine partial cfg/darknet53.cfg darknet53.weights darknet53.conv.74 74
     engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
+    engine map     cfg/mnist-detect.cfg weights.weights [--data D] [--thresh 0.25] [--iou 0.5]
+                   [--points 0|11|101]
     engine mnist-detection data/mnist-detect [--train N] [--valid M] [--size 96] [--seed S]
 """
 
@@ -123,11 +125,34 @@ def cmd_test(args):
     net = build(args, weights=args.weights, inference=True)
     if any(layer.type_name in ("yolo", "region") for layer in net.layers):
         raise ConfigError(f"{args.cfg}: engine test measures a classifier's top-k accuracy; this "
-                          "cfg is a detector (use engine detect; mAP is not implemented)")
+                          "cfg is a detector: measure it with engine map")
     dataset = data.dataset("valid", net.input_shape)
     top = max(2, data.top)
     top1, topk = evaluate(net, dataset, top=top)
     print(f"top-1 {100 * top1:.2f}%  top-{top} {100 * topk:.2f}%  ({len(dataset)} images)")
+
+
+def cmd_map(args):
+    from . import evaluation, validation
+
+    data = data_config(args)
+    net = build(args, weights=args.weights, inference=True)
+    heads = [layer for layer in net.layers if layer.type_name in ("yolo", "region")]
+    if not heads:
+        raise ConfigError(f"{args.cfg}: engine map measures a detector; this cfg has no [yolo] or "
+                          "[region] layer (use engine test)")
+    classes = heads[-1].classes
+    if classes != data.classes:
+        raise ConfigError(f"{data.path}: classes={data.classes}, but {args.cfg} detects "
+                          f"{classes} classes")
+    if "valid" not in data.values:
+        raise ConfigError(f"{data.path}: no valid=... entry (the images to measure on)")
+    started = time.time()
+    results = validation.detector_results(net, data._file(data.values["valid"], "valid"), classes)
+    report = evaluation.darknet_map(results, classes, args.iou, args.points, args.thresh)
+    print(f" detections_count = {report.detections}, unique_truth_count = {report.truths}  ")
+    print(evaluation.format_report(report, data.labels, args.thresh, args.iou, args.points))
+    print(f"Total Detection Time: {time.time() - started:.1f} Seconds", file=sys.stderr)
 
 
 def cmd_predict(args):
@@ -214,6 +239,19 @@ def make_parser():
     p.add_argument("--data", help="the .data file (default: the one beside the cfg)")
     add_backend_options(p)
     p.set_defaults(run=cmd_test)
+
+    p = commands.add_parser("map", help="a detector's mAP on the .data file's valid set "
+                                        "(darknet detector map)")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("--data", help="the .data file (default: the one beside the cfg)")
+    p.add_argument("--thresh", type=float, default=0.25,
+                   help="confidence threshold for TP/FP, precision, recall, F1, IoU (default 0.25)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU for a true positive (default 0.5)")
+    p.add_argument("--points", type=int, default=0, choices=(0, 11, 101),
+                   help="0: area under the PR curve (default); 11: VOC 2007; 101: COCO")
+    add_backend_options(p)
+    p.set_defaults(run=cmd_map)
 
     p = commands.add_parser("predict", help="classify image files")
     p.add_argument("cfg")
