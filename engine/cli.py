@@ -11,6 +11,7 @@
     engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
     engine map     cfg/mnist-detect.cfg weights.weights [--data D] [--thresh 0.25] [--iou 0.5]
                    [--points 0|11|101]
+    engine calc_anchors cfg/mnist-detect.data [--num 9] [--width 416] [--height 416] [--seed S]
     engine mnist-detection data/mnist-detect [--train N] [--valid M] [--size 96] [--seed S]
 """
 
@@ -155,6 +156,25 @@ def cmd_map(args):
     print(f"Total Detection Time: {time.time() - started:.1f} Seconds", file=sys.stderr)
 
 
+def cmd_calc_anchors(args):
+    from . import anchors
+
+    if args.num <= 0 or args.width <= 0 or args.height <= 0:
+        raise ConfigError("--num, --width and --height must be positive")
+    data = data_io.DataConfig(args.data)
+    print(f" num_of_clusters = {args.num}, width = {args.width}, height = {args.height} ")
+    found, average_iou, counts = anchors.calc_anchors(data, args.num, args.width, args.height,
+                                                      args.seed)
+    print(f" read labels: {int(counts.sum())} boxes")
+    print(f"counters_per_class = {', '.join(str(int(c)) for c in counts)}")
+    print(f" avg IoU = {100 * average_iou:2.2f} % ")
+    line = anchors.anchors_line(found, args.width)
+    with open("anchors.txt", "w") as handle:
+        handle.write(line)
+    print("Saving anchors to the file: anchors.txt ")
+    print(f"anchors = {line}")
+
+
 def cmd_predict(args):
     net = build(args, weights=args.weights, inference=True)
     data_path = args.data or data_io.default_data_path(args.cfg)
@@ -252,6 +272,15 @@ def make_parser():
                    help="0: area under the PR curve (default); 11: VOC 2007; 101: COCO")
     add_backend_options(p)
     p.set_defaults(run=cmd_map)
+
+    p = commands.add_parser("calc_anchors", help="k-means anchors from the training labels "
+                                                 "(darknet detector calc_anchors)")
+    p.add_argument("data", help="the detector's .data file (its train list's label files)")
+    p.add_argument("--num", "--num_of_clusters", type=int, default=9, help="anchors (default 9)")
+    p.add_argument("--width", type=int, default=416, help="network width (default 416)")
+    p.add_argument("--height", type=int, default=416, help="network height (default 416)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the initial centres")
+    p.set_defaults(run=cmd_calc_anchors)
 
     p = commands.add_parser("predict", help="classify image files")
     p.add_argument("cfg")
