@@ -90,13 +90,19 @@ def data_config(args):
     return data_io.DataConfig(args.data or data_io.default_data_path(args.cfg))
 
 
-def training_set(net, data):
+def training_set(net, data, seed=0):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
-    [softmax] or [cost] a classifier."""
+    [softmax] or [cost] a classifier. A detector's images are augmented as its cfg asks."""
     detector = [layer.type_name == "yolo" for layer in net.cost_layers]
     if all(detector):
-        return data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        from .augmentation import DetectionAugmentation
+
+        dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        augmentation = DetectionAugmentation.from_network(net)
+        if augmentation.changes_images:
+            dataset.augment(augmentation, seed)
+        return dataset
     if any(detector):
         raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "
                           "either a detector or a classifier")
@@ -110,7 +116,7 @@ def cmd_train(args):
     data = data_config(args)
     net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
     group.adopt(net)
-    dataset = training_set(net, data)
+    dataset = training_set(net, data, args.seed)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,

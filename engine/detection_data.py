@@ -3,23 +3,27 @@ image a label file (the image path with `images` -> `labels`, `JPEGImages` -> `l
 extension -> .txt) with one line `class x_center y_center width height` per box, relative to the
 image (0..1). An image without a label file trains as one without objects.
 
-Each image is read as RGB and resized to the network input with Darknet's resize_image. Darknet
-also jitters (random crop and aspect), flips and recolours every training image; we do none of
-that. A plain resize leaves image-relative boxes as they are, so the box transform is Darknet's
-correct_boxes with no crop: edges clamped to [0, 1], boxes under 0.001 wide or high dropped.
+Each image is read as RGB and resized to the network input with Darknet's resize_image. A plain
+resize leaves image-relative boxes as they are, so the box transform is Darknet's correct_boxes
+with no crop: edges clamped to [0, 1], boxes under 0.001 wide or high dropped. With an
+`augmentation` (engine.augmentation; `engine train` sets the cfg's) training images are instead
+jittered, flipped and recoloured as Darknet does, in worker processes (`batches`).
 
 Truth per image is Darknet's net.truth row: `max_boxes` boxes of (x, y, w, h, class),
 zero-padded. Images are decoded per batch (a detection set rarely fits in memory); the labels
 are all read up front, so a bad label file fails before training starts.
 """
 
+import multiprocessing
 import os
 import sys
+from collections import deque
 
 import numpy as np
 
 from .config import resolve_path
 from .data import read_image_list
+from .augmentation import load_augmented, truth_rows
 from .detection import read_rgb, resize_bilinear
 from .errors import ConfigError, DataError
 
@@ -85,9 +89,13 @@ class DetectionDataset:
         self.name, self.classes, self.shape = list_path, classes, shape
         self.paths = [resolve_path(p, list_path) for p in read_image_list(list_path)]
         self.truth = np.zeros((len(self.paths), max_boxes * 5), dtype=np.float32)
+        self.max_boxes = max_boxes
+        self.boxes = []  # each image's label rows as written, for augmentation
+        self.augmentation, self.seed, self.batch_number = None, 0, 0
         missing = []
         for i, path in enumerate(self.paths):
             boxes = read_boxes(label_path(path), classes)
+            self.boxes.append(np.zeros((0, 5), np.float32) if boxes is None else boxes)
             if boxes is None:
                 missing.append(label_path(path))
                 continue
@@ -107,7 +115,52 @@ class DetectionDataset:
 
     def training_batch(self, indexes):
         """(images (n, 3, H, W), truth (n, max_boxes * 5)) as the [yolo] layers take them."""
-        return np.stack([self.image(i) for i in indexes]), self.truth[indexes]
+        if self.augmentation is None:
+            return np.stack([self.image(i) for i in indexes]), self.truth[indexes]
+        jobs, blend = self._augmentation_jobs(indexes)
+        return self._assemble([load_augmented(job) for job in jobs], blend)
+
+    def augment(self, augmentation, seed):
+        """Augment training batches from now on (None: plain resizing again)."""
+        self.augmentation, self.seed, self.batch_number = augmentation, seed, 0
+
+    def _augmentation_jobs(self, indexes):
+        """The worker jobs of one batch, each with its own seed (seed, batch, image), and
+        whether this batch is blended with a second one (mixup, half of the batches)."""
+        _, h, w = self.shape
+        batch, self.batch_number = self.batch_number, self.batch_number + 1
+        rng = np.random.default_rng([self.seed, batch])
+        blend = bool(self.augmentation.mixup and rng.integers(2))
+        picks = list(indexes) + (list(rng.integers(len(self), size=len(indexes))) if blend else [])
+        return [(self.paths[i], self.boxes[i], self.augmentation, (self.seed, batch, n), w, h)
+                for n, i in enumerate(picks)], blend
+
+    def _assemble(self, results, blend):
+        images = [image for image, _ in results]
+        rows = [boxes for _, boxes in results]
+        if blend:  # blend_images 0.5/0.5; blend_truth: the second image's boxes, then the first's
+            n = len(results) // 2
+            images = [0.5 * images[n + i] + 0.5 * images[i] for i in range(n)]
+            rows = [np.concatenate([rows[n + i], rows[i]]) for i in range(n)]
+        return np.stack(images).astype(np.float32), truth_rows(rows, self.max_boxes)
+
+    def batches(self, sampler, workers=None, ahead=2):
+        """Training batches for sampler's indexes, decoded and augmented `ahead` batches in
+        advance by a pool of worker processes, so the trainer does not wait on them. The
+        images do not depend on which worker made them."""
+        if self.augmentation is None:
+            while True:
+                yield self.training_batch(sampler.next())
+        workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+        # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pending = deque()
+            while True:
+                while len(pending) < ahead:
+                    jobs, blend = self._augmentation_jobs(sampler.next())
+                    pending.append((pool.map_async(load_augmented, jobs), blend))
+                results, blend = pending.popleft()
+                yield self._assemble(results.get(), blend)
 
     def check_network(self, net):
         for layer in net.cost_layers:

@@ -208,10 +208,12 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     save = net.save_weights if leader else (lambda path: None)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
+    # A dataset that can prepare batches ahead (in worker processes) hands them over in order.
+    prepared = dataset.batches(sampler) if hasattr(dataset, "batches") else None
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
-            images, truth = dataset.training_batch(sampler.next())
+            images, truth = next(prepared) if prepared else dataset.training_batch(sampler.next())
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
@@ -234,6 +236,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
                   file=stream, flush=True)
         raise
+    finally:
+        if prepared:
+            prepared.close()  # stops the worker processes
     group.check_replicas(net)
     save(final_path)
     if leader:

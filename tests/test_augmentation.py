@@ -1,0 +1,218 @@
+"""Detector augmentation (engine/augmentation.py) as Darknet's load_data_detection: a rectangle
+drawn in an image stays enclosed by its transformed box after every transform; colours against a
+colorsys reference; worker processes give the same batches as the trainer's own process; the cfg
+keys and their refusals; `engine train` with augmentation end to end."""
+
+import colorsys
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import cli
+from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
+                                 distort, load_augmented, transform_boxes)
+from engine.data import DataConfig
+from engine.errors import ConfigError
+from engine.network import Network
+from engine.train import BatchSampler
+
+from helpers import write_cfg
+
+NET = 64
+
+
+def _rectangle_image(ow, oh, box):
+    """A grey image with a white rectangle at pixel edges (left, top, right, bottom); its label
+    row relative to the image."""
+    image = np.full((3, oh, ow), 0.0, np.float32)
+    left, top, right, bottom = box
+    image[:, top:bottom, left:right] = 1.0
+    row = np.array([[(left + right) / 2 / ow, (top + bottom) / 2 / oh, (right - left) / ow,
+                     (bottom - top) / oh, 1]], np.float32)
+    return image, row
+
+
+def _ink_extent(image):
+    """Continuous (left, top, right, bottom) of the pixels above half, in network units."""
+    mask = image[0] > 0.5
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return cols[0] / NET, rows[0] / NET, (cols[-1] + 1) / NET, (rows[-1] + 1) / NET
+
+
+def _box_edges(row):
+    x, y, w, h = row[:4]
+    return x - w / 2, y - h / 2, x + w / 2, y + h / 2
+
+
+CHOICES = [
+    ImageDraw((0.5, 0.5, 0.5, 0.5), False, 0, 1, 1),         # no crop
+    ImageDraw((0.9, 0.1, 0.8, 0.3), False, 0, 1, 1),         # crop in on the left and top
+    ImageDraw((0.1, 0.9, 0.2, 0.7), True, 0, 1, 1),          # widen, mirrored
+    ImageDraw((0.0, 1.0, 1.0, 0.0), True, 0, 1, 1),          # extremes
+]
+
+
+@pytest.mark.parametrize("letter_box", [False, True])
+@pytest.mark.parametrize("choice", range(len(CHOICES)))
+def test_box_encloses_the_rectangle_after_the_transform(choice, letter_box):
+    """Jitter 0.3, flip and letter_box on a 120x80 image: the transformed box and the white
+    pixels' extent agree within the resampling's one network pixel (a wrong offset, scale or
+    mirror moves them by several)."""
+    augmentation = DetectionAugmentation(jitter=0.3, flip=True, letter_box=letter_box)
+    image, row = _rectangle_image(120, 80, (50, 20, 90, 60))
+    out, rows = augment(image, row, augmentation, CHOICES[choice], NET, NET)
+    assert out.shape == (3, NET, NET) and len(rows) == 1 and rows[0, 4] == 1
+    np.testing.assert_allclose(_box_edges(rows[0]), _ink_extent(out), atol=1.01 / NET)
+
+
+def test_boxes_pushed_out_by_the_crop_are_clipped_or_dropped():
+    """A crop that cuts the left 40%: a box across the cut is clipped at the new border, a box
+    wholly in the cut part vanishes (zero width after clamping), a box inside only moves."""
+    augmentation = DetectionAugmentation(jitter=0.4)
+    choice = ImageDraw((1.0, 0.5, 0.5, 0.5), False, 0, 1, 1)
+    assert crop_amounts(augmentation, choice, 100, 100, NET, NET) == (40, 0, 0, 0)
+    sx = 0.6
+    rows = np.array([[0.45, 0.5, 0.2, 0.2, 0],    # 0.35..0.55: across the cut
+                     [0.2, 0.5, 0.2, 0.2, 1],     # 0.10..0.30: cut away
+                     [0.8, 0.3, 0.2, 0.2, 2]], np.float32)  # 0.70..0.90: inside
+    out = transform_boxes(rows, 0.4 / sx, 0, 1 / sx, 1, False, NET, NET)
+    assert list(out[:, 4]) == [0, 2]
+    np.testing.assert_allclose(_box_edges(out[0]), [0, 0.4, 0.15 / sx, 0.6], atol=1e-6)
+    np.testing.assert_allclose(_box_edges(out[1]), [0.3 / sx, 0.2, 0.5 / sx, 0.4], atol=1e-6)
+
+
+def test_flip_mirrors_pixels_and_boxes_exactly():
+    image, row = _rectangle_image(NET, NET, (5, 10, 25, 30))
+    plain = ImageDraw((0.5,) * 4, False, 0, 1, 1)
+    flipped = ImageDraw((0.5,) * 4, True, 0, 1, 1)
+    augmentation = DetectionAugmentation(flip=True)
+    a, rows_a = augment(image, row, augmentation, plain, NET, NET)
+    b, rows_b = augment(image, row, augmentation, flipped, NET, NET)
+    np.testing.assert_array_equal(b, a[:, :, ::-1])
+    np.testing.assert_allclose(rows_b[0, [1, 2, 3]], rows_a[0, [1, 2, 3]])
+    assert rows_b[0, 0] == pytest.approx(1 - rows_a[0, 0])
+
+
+def test_hue_saturation_exposure_against_colorsys():
+    """distort: hue shifted (wrapping), S and V scaled, clamped; colorsys is the reference.
+    Boxes are untouched by colour."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (3, 5, 7)).astype(np.float32)
+    out = distort(image, 0.3, 1.4, 0.8)
+    for y in range(5):
+        for x in range(7):
+            h, s, v = colorsys.rgb_to_hsv(*image[:, y, x].astype(float))
+            # Darknet scales S without a bound: S > 1 gives negative RGB, clamped to 0.
+            expected = np.clip(colorsys.hsv_to_rgb((h + 0.3) % 1, s * 1.4, v * 0.8), 0, 1)
+            np.testing.assert_allclose(out[:, y, x], expected, atol=1e-5)
+    grey = np.full((3, 2, 2), 0.5, np.float32)
+    np.testing.assert_allclose(distort(grey, 0.4, 2.0, 1.5), 0.75, atol=1e-6)
+    augmentation = DetectionAugmentation(hue=0.5, saturation=2, exposure=2)
+    img, row = _rectangle_image(NET, NET, (5, 10, 25, 30))
+    _, rows = augment(img, row, augmentation, ImageDraw((0.5,) * 4, False, 0.2, 1.5, 0.7), NET, NET)
+    np.testing.assert_allclose(rows, row, atol=1e-6)
+
+
+# ---- cfg keys, worker processes, engine train -----------------------------------------------
+DETECTOR = """
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=45
+size=1
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=6,6, 10,10, 14,14
+classes=10
+num=3
+{yolo}
+"""
+
+
+def _cfg(folder, net=None, yolo=""):
+    options = dict(batch=4, subdivisions=1, width=32, height=32, channels=3, max_batches=2)
+    options.update(net or {})
+    return write_cfg(folder / "aug.cfg", options, DETECTOR.format(yolo=yolo))
+
+
+def test_cfg_keys_and_darknet_defaults(tmp_path):
+    net = Network(_cfg(tmp_path), quiet=True)
+    assert DetectionAugmentation.from_network(net) == DetectionAugmentation(jitter=0.2, flip=True)
+    net = Network(_cfg(tmp_path, dict(flip=0, hue=0.1, saturation=1.5, exposure=1.5,
+                                      letter_box=1, mixup=1), "jitter=.3"), quiet=True)
+    assert DetectionAugmentation.from_network(net) == DetectionAugmentation(
+        jitter=0.3, flip=False, hue=0.1, saturation=1.5, exposure=1.5, letter_box=True, mixup=True)
+    for key in ("mosaic", "blur", "cutmix"):
+        net = Network(_cfg(tmp_path, {key: 1}), quiet=True)  # inference still builds
+        with pytest.raises(ConfigError, match=f"aug.cfg:[0-9]+: \\[net\\] {key}=1"):
+            DetectionAugmentation.from_network(net)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("augset")
+    cli.main(["mnist-detection", str(folder), "--train", "12", "--valid", "2", "--size", "40",
+              "--min-digit", "10", "--max-digit", "20"])
+    return str(folder / "mnist-detect.data")
+
+
+def test_workers_give_the_batches_the_trainer_would_make(scenes, tmp_path):
+    """The same seed gives the same augmented batches in a process pool and in-process, mixup
+    included (blended images hold more boxes); another seed gives other images."""
+    net = Network(_cfg(tmp_path), quiet=True)
+    data = DataConfig(scenes)
+    augmentation = DetectionAugmentation(jitter=0.2, flip=True, exposure=1.5, mixup=True)
+
+    def first_batches(workers, seed):
+        dataset = data.detection_dataset("train", net.input_shape, 90)
+        dataset.augment(augmentation, seed)
+        sampler = BatchSampler(len(dataset), 4, np.random.default_rng(0))
+        if workers == 0:
+            return [dataset.training_batch(sampler.next()) for _ in range(4)]
+        batches = dataset.batches(sampler, workers=workers)
+        try:
+            return [next(batches) for _ in range(4)]
+        finally:
+            batches.close()
+
+    inline, pooled, other = first_batches(0, 5), first_batches(2, 5), first_batches(0, 6)
+    for (a, ta), (b, tb) in zip(inline, pooled):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+    assert not np.array_equal(inline[0][0], other[0][0])
+    # Mixup: some batches are blended; such a batch is the mean of two augmented images, with
+    # the second image's boxes before the first's.
+    dataset = data.detection_dataset("train", net.input_shape, 90)
+    dataset.augment(augmentation, 5)
+    sampler = BatchSampler(len(dataset), 4, np.random.default_rng(0))
+    plans = [dataset._augmentation_jobs(sampler.next()) for _ in range(4)]
+    blended = [n for n, (_, blend) in enumerate(plans) if blend]
+    assert blended and len(blended) < 4
+    jobs = plans[blended[0]][0]
+    assert len(jobs) == 8
+    (first, first_rows), (second, second_rows) = load_augmented(jobs[0]), load_augmented(jobs[4])
+    images, truth = inline[blended[0]]
+    np.testing.assert_allclose(images[0], 0.5 * first + 0.5 * second, atol=1e-6)
+    expected = np.concatenate([second_rows, first_rows]).reshape(-1)
+    np.testing.assert_array_equal(truth[0, :len(expected)], expected)
+    assert not truth[0, len(expected):].any()
+
+
+def test_engine_train_augments_a_detector(scenes, tmp_path, capsys):
+    cfg = _cfg(tmp_path, dict(hue=0.1, exposure=1.5), "jitter=.3")
+    code = cli.main(["train", cfg, "--data", scenes, "--cpu", "--backup", str(tmp_path / "b")])
+    assert code == 0 and os.path.exists(tmp_path / "b" / "aug_final.weights")
+    cfg = _cfg(tmp_path, dict(mosaic=1))
+    code = cli.main(["train", cfg, "--data", scenes, "--cpu", "--backup", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 1 and "mosaic=1" in err and len(err.strip().splitlines()) == 1
