@@ -1,4 +1,6 @@
-"""Detector training images augmented as AlexeyAB's Darknet does (load_data_detection in
+"""Training images augmented as AlexeyAB's Darknet does: detectors below, classifiers at the end.
+
+Detector training images are augmented as AlexeyAB's Darknet does (load_data_detection in
 src/data.c, its path without OpenCV, and distort_image in src/image.c), with the boxes
 transformed exactly with the image. Only training is augmented; inference never is.
 
@@ -187,11 +189,15 @@ def augment(image, boxes, augmentation, choice, net_w, net_h):
 
 
 def load_augmented(job):
-    """Worker entry point: (path, boxes, augmentation, seed tuple, net_w, net_h) -> (image,
-    rows). Picklable, so a process pool can run it."""
+    """(path, boxes, augmentation, seed tuple, net_w, net_h) -> (image, rows)."""
     path, boxes, augmentation, seed, net_w, net_h = job
     rng = np.random.default_rng(seed)
     return augment(read_rgb(path), boxes, augmentation, draw(augmentation, rng), net_w, net_h)
+
+
+def load_augmented_batch(jobs):
+    """Worker entry point: a batch's load_augmented jobs -> their results."""
+    return [load_augmented(job) for job in jobs]
 
 
 def truth_rows(per_image, max_boxes):
@@ -201,3 +207,126 @@ def truth_rows(per_image, max_boxes):
         rows = rows[:max_boxes]
         truth[i, :rows.size] = rows.reshape(-1)
     return truth
+
+
+# ---- classifiers -----------------------------------------------------------------------------
+CLASSIFIER_KEYS = ("angle", "aspect", "min_crop", "max_crop", "flip", "hue", "saturation",
+                   "exposure")
+
+
+@dataclass(frozen=True)
+class ClassifierAugmentation:
+    """Darknet's classifier augmentation (load_image_augment_paths, random_augment_image,
+    rotate_crop_image, random_distort_image), with its defaults for absent keys: angle 0,
+    aspect 1, min_crop = width, max_crop = 2 * width, flip 1, hue 0, saturation 1, exposure 1.
+
+    Per image: the aspect drawn by rand_scale, a short side r drawn in [min_crop, max_crop],
+    an angle in [-angle, angle] degrees; the image scaled so its short side is r, rotated about
+    its centre and cut to a size x size square (size = the larger of width and height) at a
+    random offset within the scaled image, bilinear with zeros outside; mirrored half of the
+    time with flip; recoloured (distort_image); resized to the network input."""
+
+    width: int
+    height: int
+    angle: float = 0.0
+    aspect: float = 1.0
+    min_crop: int = 0
+    max_crop: int = 0
+    flip: bool = True
+    hue: float = 0.0
+    saturation: float = 1.0
+    exposure: float = 1.0
+
+    @staticmethod
+    def from_network(net):
+        """The cfg's augmentation, or None when its [net] names none of the keys: then images
+        train as they are (our rule, so that cfg/mnist.cfg's recipe keeps plain images; Darknet
+        would flip and zoom by default)."""
+        s = net.options.section
+        if not any(s.has(key) for key in CLASSIFIER_KEYS):
+            return None
+        o = net.options
+        augmentation = ClassifierAugmentation(
+            o.width, o.height, angle=s.float("angle", 0.0), aspect=s.float("aspect", 1.0) or 1.0,
+            min_crop=s.int("min_crop", o.width), max_crop=s.int("max_crop", 2 * o.width),
+            flip=s.bool("flip", True), hue=s.float("hue", 0.0),
+            saturation=s.float("saturation", 1.0) or 1.0, exposure=s.float("exposure", 1.0) or 1.0)
+        if not 0 < augmentation.min_crop <= augmentation.max_crop:
+            raise s.error(f"min_crop={augmentation.min_crop}, max_crop={augmentation.max_crop}: "
+                          "expected 0 < min_crop <= max_crop", "min_crop" if s.has("min_crop")
+                          else "max_crop")
+        for key in ("mixup", "blur", "cutmix", "mosaic"):
+            if s.int(key, 0):
+                raise s.error(f"{key}={s.str(key)}: not implemented for classifiers; set {key}=0", key)
+        return augmentation
+
+
+def rotate_crop(image, radians, scale, size, dx, dy, aspect):
+    """Darknet's rotate_crop_image to a size x size output: each output pixel samples the
+    image (bilinear, zero outside) at its rotated, scaled and shifted position."""
+    c, h, w = image.shape
+    y, x = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
+                       indexing="ij")
+    u = (x - size / 2) / scale * aspect + dx / scale * aspect
+    v = (y - size / 2) / scale + dy / scale
+    rx = np.cos(radians) * u - np.sin(radians) * v + w / 2
+    ry = np.sin(radians) * u + np.cos(radians) * v + h / 2
+    ix, iy = np.floor(rx).astype(np.int64), np.floor(ry).astype(np.int64)
+    fx, fy = rx - ix, ry - iy
+
+    def pixel(px, py):
+        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        return np.where(inside, image[:, np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], 0)
+
+    return ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
+            + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1)).astype(np.float32)
+
+
+def augment_classifier_image(image, a, rng):
+    """One (C, H, W) image in [0, 1] -> (C, a.height, a.width), as load_image_augment_paths."""
+    _, h, w = image.shape
+    size = max(a.width, a.height)
+    aspect = rand_scale(rng, a.aspect)
+    short = int(rng.integers(a.min_crop, a.max_crop + 1))
+    scale = short / int(min(h, w * aspect))  # Darknet stores the short side in an int
+    radians = rng.uniform(-a.angle, a.angle) * 2 * np.pi / 360
+    dx = max((w * scale / aspect - size) / 2, 0)
+    dy = max((h * scale - size) / 2, 0)
+    dx, dy = rng.uniform(-dx, dx), rng.uniform(-dy, dy)
+    crop = rotate_crop(image, radians, scale, size, dx, dy, aspect)
+    if a.flip and rng.integers(2):
+        crop = crop[:, :, ::-1]
+    hue = rng.uniform(-a.hue, a.hue) if a.hue else 0.0
+    crop = distort(crop, hue, rand_scale(rng, a.saturation), rand_scale(rng, a.exposure))
+    if crop.shape[1:] != (a.height, a.width):
+        crop = resize_bilinear(crop, a.width, a.height)
+    return np.ascontiguousarray(crop)
+
+
+def augment_classifier_batch(job):
+    """Worker entry point: (images (n, C, H, W), augmentation, seed, batch) -> augmented images."""
+    images, augmentation, seed, batch = job
+    return np.stack([augment_classifier_image(image, augmentation,
+                                              np.random.default_rng([seed, batch, n]))
+                     for n, image in enumerate(images)])
+
+
+def prefetched(next_job, work, finish, workers=None, ahead=2):
+    """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
+    running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
+    wait on decoding and augmenting. Results come in order, so they do not depend on which
+    worker made them."""
+    import multiprocessing
+    import os
+    from collections import deque
+
+    workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending = deque()
+        while True:
+            while len(pending) < ahead:
+                job, plan = next_job()
+                pending.append((pool.apply_async(work, (job,)), plan))
+            result, plan = pending.popleft()
+            yield finish(result.get(), plan)

@@ -106,7 +106,11 @@ def training_set(net, data, seed=0):
     if any(detector):
         raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "
                           "either a detector or a classifier")
-    return data.dataset("train", net.input_shape)
+    from .augmentation import ClassifierAugmentation
+
+    dataset = data.dataset("train", net.input_shape)
+    dataset.augment(ClassifierAugmentation.from_network(net), seed)
+    return dataset
 
 
 def cmd_train(args):

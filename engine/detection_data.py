@@ -14,16 +14,14 @@ zero-padded. Images are decoded per batch (a detection set rarely fits in memory
 are all read up front, so a bad label file fails before training starts.
 """
 
-import multiprocessing
 import os
 import sys
-from collections import deque
 
 import numpy as np
 
 from .config import resolve_path
 from .data import read_image_list
-from .augmentation import load_augmented, truth_rows
+from .augmentation import load_augmented, load_augmented_batch, prefetched, truth_rows
 from .detection import read_rgb, resize_bilinear
 from .errors import ConfigError, DataError
 
@@ -144,23 +142,14 @@ class DetectionDataset:
             rows = [np.concatenate([rows[n + i], rows[i]]) for i in range(n)]
         return np.stack(images).astype(np.float32), truth_rows(rows, self.max_boxes)
 
-    def batches(self, sampler, workers=None, ahead=2):
-        """Training batches for sampler's indexes, decoded and augmented `ahead` batches in
-        advance by a pool of worker processes, so the trainer does not wait on them. The
-        images do not depend on which worker made them."""
+    def batches(self, sampler, workers=None):
+        """Training batches for sampler's indexes; augmented ones are decoded and augmented
+        ahead by worker processes (engine.augmentation.prefetched)."""
         if self.augmentation is None:
             while True:
                 yield self.training_batch(sampler.next())
-        workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
-        # spawn: the parent may hold a CUDA context, which forked children must not inherit.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pending = deque()
-            while True:
-                while len(pending) < ahead:
-                    jobs, blend = self._augmentation_jobs(sampler.next())
-                    pending.append((pool.map_async(load_augmented, jobs), blend))
-                results, blend = pending.popleft()
-                yield self._assemble(results.get(), blend)
+        yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
+                              self._assemble, workers)
 
     def check_network(self, net):
         for layer in net.cost_layers:

@@ -216,3 +216,140 @@ def test_engine_train_augments_a_detector(scenes, tmp_path, capsys):
     code = cli.main(["train", cfg, "--data", scenes, "--cpu", "--backup", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 1 and "mosaic=1" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- classifiers -----------------------------------------------------------------------------
+from engine.augmentation import (ClassifierAugmentation, augment_classifier_image,  # noqa: E402
+                                 rotate_crop)
+
+
+def reference_rotate_crop(image, rad, s, size, dx, dy, aspect):
+    """rotate_crop_image and bilinear_interpolate (src/image.c) in plain Python loops."""
+    import math
+
+    c, h, w = image.shape
+    out = np.zeros((c, size, size))
+
+    def get(k, x, y):
+        return image[k, y, x] if 0 <= x < w and 0 <= y < h else 0.0
+
+    for k in range(c):
+        for y in range(size):
+            for x in range(size):
+                rx = (math.cos(rad) * ((x - size / 2) / s * aspect + dx / s * aspect)
+                      - math.sin(rad) * ((y - size / 2) / s + dy / s) + w / 2)
+                ry = (math.sin(rad) * ((x - size / 2) / s * aspect + dx / s * aspect)
+                      + math.cos(rad) * ((y - size / 2) / s + dy / s) + h / 2)
+                ix, iy = math.floor(rx), math.floor(ry)
+                fx, fy = rx - ix, ry - iy
+                out[k, y, x] = ((1 - fy) * (1 - fx) * get(k, ix, iy) + fy * (1 - fx) * get(k, ix, iy + 1)
+                                + (1 - fy) * fx * get(k, ix + 1, iy) + fy * fx * get(k, ix + 1, iy + 1))
+    return out
+
+
+@pytest.mark.parametrize("params", [(0.3, 1.0, 12, 0.0, 0.0, 1.0), (-0.7, 1.6, 10, 2.5, -1.5, 1.3),
+                                    (0.0, 0.8, 14, 0.0, 0.0, 0.7)])
+def test_rotate_crop_equals_darknets_loops(params):
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, 9, 11)).astype(np.float32)
+    rad, s, size, dx, dy, aspect = params
+    np.testing.assert_allclose(rotate_crop(image, rad, s, size, dx, dy, aspect),
+                               reference_rotate_crop(image, rad, s, size, dx, dy, aspect), atol=1e-5)
+
+
+def test_quarter_turn_and_identity():
+    """A 90 degree turn maps out[y, x] to in[x, w - y] (one column falls outside: zero); with
+    min_crop = max_crop = width, no angle, aspect 1 and no flip the image is unchanged."""
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 1, (1, 8, 8)).astype(np.float32)
+    turned = rotate_crop(image, np.pi / 2, 1.0, 8, 0, 0, 1)
+    for y in range(1, 8):
+        for x in range(8):
+            assert turned[0, y, x] == pytest.approx(image[0, x, 8 - y], abs=1e-6)
+    assert not turned[0, 0].any()
+    plain = ClassifierAugmentation(8, 8, min_crop=8, max_crop=8, flip=False)
+    np.testing.assert_allclose(augment_classifier_image(image, plain, np.random.default_rng(0)),
+                               image, atol=1e-6)
+
+
+def test_zoom_crop_and_flip_draws():
+    """min_crop = max_crop = 2 * width: the image doubled and cut to width at a random offset
+    (every output is a crop of the doubled image); flip mirrors about half of the draws."""
+    image = np.zeros((1, 8, 8), np.float32)
+    image[0, :, :4] = 1  # left half white
+    zoom = ClassifierAugmentation(8, 8, min_crop=16, max_crop=16, flip=True)
+    means = [augment_classifier_image(image, zoom, np.random.default_rng(n))[0, :, :2].mean()
+             for n in range(40)]
+    flips = sum(m < 0.5 for m in means)
+    assert 8 < flips < 32
+    out = augment_classifier_image(image, ClassifierAugmentation(8, 8, min_crop=16, max_crop=16,
+                                                                 flip=False),
+                                   np.random.default_rng(3))
+    assert out.shape == (1, 8, 8) and out[0, :, 0].mean() > 0.5
+
+
+def test_classifier_keys(tmp_path):
+    body = "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n\n[softmax]\n"
+    plain = Network(write_cfg(tmp_path / "a.cfg", dict(batch=2, width=8, height=8, channels=1),
+                              body), quiet=True)
+    assert ClassifierAugmentation.from_network(plain) is None
+    net = Network(write_cfg(tmp_path / "b.cfg", dict(batch=2, width=8, height=8, channels=1,
+                                                      angle=7, exposure=1.2), body), quiet=True)
+    assert ClassifierAugmentation.from_network(net) == ClassifierAugmentation(
+        8, 8, angle=7, min_crop=8, max_crop=16, flip=True, exposure=1.2)
+    bad = Network(write_cfg(tmp_path / "c.cfg", dict(batch=2, width=8, height=8, channels=1,
+                                                      min_crop=20, max_crop=10), body), quiet=True)
+    with pytest.raises(ConfigError, match="c.cfg:[0-9]+: \\[net\\] min_crop=20"):
+        ClassifierAugmentation.from_network(bad)
+
+
+def test_classifier_batches_from_workers_equal_in_process(tmp_path):
+    from engine.data import Dataset
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (10, 1, 8, 8)).astype(np.float32)
+    augmentation = ClassifierAugmentation(8, 8, angle=10, min_crop=8, max_crop=12, exposure=1.3)
+
+    def first(workers):
+        dataset = Dataset(images, np.arange(10) % 3, 3, "x")
+        dataset.augment(augmentation, 4)
+        sampler = BatchSampler(10, 4, np.random.default_rng(1))
+        if not workers:
+            return [dataset.training_batch(sampler.next()) for _ in range(3)]
+        batches = dataset.batches(sampler, workers=workers)
+        try:
+            return [next(batches) for _ in range(3)]
+        finally:
+            batches.close()
+
+    for (a, ta), (b, tb) in zip(first(0), first(2)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+    assert not np.allclose(first(0)[0][0], images[BatchSampler(10, 4, np.random.default_rng(1)).next()])
+
+
+def test_engine_train_augments_a_classifier(tmp_path, capsys):
+    """cfg/mnist.cfg with angle, min_crop/max_crop and flip=0 trains through engine train."""
+    import gzip
+    import struct
+
+    from conftest import CFG, ROOT
+    from engine.data import read_idx
+
+    def write_idx(path, array):
+        with gzip.open(path, "wb") as handle:
+            handle.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+                         + array.astype(np.uint8).tobytes())
+
+    mnist = os.path.join(ROOT, "data", "mnist")
+    write_idx(tmp_path / "i.idx3.gz", read_idx(os.path.join(mnist, "train-images.idx3-ubyte.gz"))[:64])
+    write_idx(tmp_path / "l.idx1.gz", read_idx(os.path.join(mnist, "train-labels.idx1-ubyte.gz"))[:64])
+    data = tmp_path / "m.data"
+    data.write_text(f"classes=10\ntrain={tmp_path}/i.idx3.gz\ntrain_labels={tmp_path}/l.idx1.gz\n"
+                    f"backup={tmp_path}/backup\n")
+    text = open(os.path.join(CFG, "mnist.cfg")).read()
+    text = text.replace("batch=128", "batch=16\nangle=10\nmin_crop=28\nmax_crop=34\nflip=0")
+    cfg = tmp_path / "aug-mnist.cfg"
+    cfg.write_text(text.replace("max_batches=2000", "max_batches=3"))
+    assert cli.main(["train", str(cfg), "--data", str(data), "--cpu"]) == 0
+    assert os.path.exists(tmp_path / "backup" / "aug-mnist_final.weights")
