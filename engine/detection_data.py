@@ -77,6 +77,12 @@ def clamp_boxes(boxes):
     return fitted[(fitted[:, 2] >= MIN_BOX_SIZE) & (fitted[:, 3] >= MIN_BOX_SIZE)]
 
 
+def load_resized_batch(job):
+    """Worker entry point: (paths, (C, H, W)) -> the images resized to the network input."""
+    paths, (_, h, w) = job
+    return np.stack([resize_bilinear(read_rgb(path), w, h) for path in paths])
+
+
 class DetectionDataset:
     """Image paths, their truth rows (N, max_boxes * 5), and how to batch them for train()."""
 
@@ -143,11 +149,15 @@ class DetectionDataset:
         return np.stack(images).astype(np.float32), truth_rows(rows, self.max_boxes)
 
     def batches(self, sampler, workers=None):
-        """Training batches for sampler's indexes; augmented ones are decoded and augmented
-        ahead by worker processes (engine.augmentation.prefetched)."""
+        """Training batches for sampler's indexes, decoded (and augmented) ahead by worker
+        processes (engine.augmentation.prefetched)."""
         if self.augmentation is None:
-            while True:
-                yield self.training_batch(sampler.next())
+            def next_job():
+                indexes = sampler.next()
+                return ([self.paths[i] for i in indexes], self.shape), indexes
+
+            yield from prefetched(next_job, load_resized_batch,
+                                  lambda images, indexes: (images, self.truth[indexes]), workers)
         yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
                               self._assemble, workers)
 

@@ -21,7 +21,8 @@ POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "random")
 # classifiers ignore them, as every network ignores the optimiser keys. README lists them.
 IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
                     "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
-                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "letter_box")
+                    "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "letter_box",
+                    "mixup", "blur", "cutmix")
 
 
 class NetOptions:

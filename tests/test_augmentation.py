@@ -353,3 +353,22 @@ def test_engine_train_augments_a_classifier(tmp_path, capsys):
     cfg.write_text(text.replace("max_batches=2000", "max_batches=3"))
     assert cli.main(["train", str(cfg), "--data", str(data), "--cpu"]) == 0
     assert os.path.exists(tmp_path / "backup" / "aug-mnist_final.weights")
+
+
+@pytest.mark.parametrize("jitter", ["0", ".2"])
+def test_undecodable_image_in_a_worker_is_one_line(scenes, tmp_path, capsys, jitter):
+    """An image a worker process cannot decode ends engine train with the usual one line, with
+    and without augmentation."""
+    folder = tmp_path / "broken"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "bad.png").write_bytes(b"not an image")
+    listed = (open(DataConfig(scenes).values["train"]).read().split()[:3]
+              + [str(folder / "images" / "bad.png")])
+    (folder / "train.txt").write_text("\n".join(listed) + "\n")
+    data = folder / "b.data"
+    data.write_text(f"classes=10\ntrain={folder}/train.txt\nbackup={folder}/backup\n")
+    cfg = _cfg(tmp_path, dict(flip=0), f"jitter={jitter}")
+    code = cli.main(["train", cfg, "--data", str(data), "--cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "bad.png: cannot decode image" in err[-1], err
+    assert not any("Traceback" in line for line in err)
