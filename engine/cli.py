@@ -1,6 +1,7 @@
 """The `engine` command: parse arguments, call the API, turn user errors into one line.
 
     engine train   cfg/mnist.cfg [--data D] [--weights W] [--max-batches N] [--seed S] [--cpu|--gpu N]
+                   [--map [--map-every N]] [--chart]
                    (a cfg with [yolo] layers trains a detector: Darknet's `detector train`)
     engine test    cfg/mnist.cfg weights/mnist.weights [--data D] [--cpu|--gpu N]
     engine predict cfg/mnist.cfg weights/mnist.weights digit.png [--data D] [--top K]
@@ -113,6 +114,27 @@ def training_set(net, data, seed=0):
     return dataset
 
 
+def training_monitor(args, net, data, dataset, backup):
+    """chart.png beside the backups (--chart or --map) and, with --map, the validation mAP
+    every --map-every iterations (a detector whose .data file has valid=...)."""
+    from .chart import TrainingChart
+    from .validation import TrainingMonitor
+
+    max_batches = args.max_batches or net.options.max_batches
+    chart = TrainingChart(os.path.join(backup, "chart.png"), max_batches) \
+        if args.chart or args.map else None
+    valid_list, classes = None, 0
+    if args.map:
+        heads = [layer for layer in net.layers if layer.type_name == "yolo"]
+        if not heads:
+            raise ConfigError(f"{args.cfg}: --map measures a detector; this cfg has no [yolo] layer")
+        if "valid" not in data.values:
+            raise ConfigError(f"{data.path}: --map needs a valid=... entry (the images to measure on)")
+        valid_list, classes = data._file(data.values["valid"], "valid"), heads[-1].classes
+    return TrainingMonitor(net, backup, max_batches, chart, valid_list, classes, args.map_every,
+                           len(dataset), args.backup_every)
+
+
 def cmd_train(args):
     if args.gpus and len(args.gpus) > 1 and not distributed.launched_by_mpi():
         return distributed.relaunch_with_mpiexec(len(args.gpus), args.argv)
@@ -122,9 +144,10 @@ def cmd_train(args):
     group.adopt(net)
     dataset = training_set(net, data, args.seed)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
+    monitor = training_monitor(args, net, data, dataset, backup) if group.rank == 0 else None
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,
-                  backup_every=args.backup_every, group=group)
+                  backup_every=args.backup_every, group=group, after_iteration=monitor)
     if group.rank == 0:
         ranks = f" on {group.size} ranks" if group.size > 1 else ""
         print(f"Trained {net.seen} images{ranks} in {time.time() - started:.1f} s; weights: {final}")
@@ -260,6 +283,14 @@ def make_parser():
     p.add_argument("--backup", help="folder for weights (default: the .data file's backup)")
     p.add_argument("--backup-every", type=int, default=100, metavar="N",
                    help="save <backup>/<cfg>.backup every N iterations (default 100)")
+    p.add_argument("--map", action="store_true",
+                   help="a detector's validation mAP@0.50 while training (darknet's -map); the "
+                        "best weights go to <backup>/<cfg>_best.weights")
+    p.add_argument("--map-every", type=int, metavar="N",
+                   help="with --map: every N iterations (default: 4 epochs, at least 100)")
+    p.add_argument("--chart", action="store_true",
+                   help="draw <backup>/chart.png: the average loss, and mAP with --map (which "
+                        "draws it too); needs matplotlib")
     add_backend_options(p, several=True)
     p.set_defaults(run=cmd_train)
 

@@ -2,8 +2,10 @@
 image resized to the network input (Darknet's IMAGE_DATA when letter_box is off), every
 detection layer's boxes kept above a 0.005 confidence, do_nms_sort at 0.45, and each (box,
 class) with a probability above 0 handed to engine.evaluation with the image's label file.
+Also what engine train watches while it trains (TrainingMonitor: chart.png, --map).
 """
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -42,3 +44,50 @@ def detector_results(net, list_path, classes, batch_size=16):
                                                 found.boxes[box_index],
                                                 found.probs[box_index, class_index], class_index))
     return results
+
+
+class TrainingMonitor:
+    """What `engine train` does after each iteration: the chart's loss point (chart.png redrawn
+    with every backup, each mAP and at the end) and, with --map, the validation mAP@0.50 as
+    AlexeyAB's `detector train -map` computes it: every `every` iterations (default: 4 epochs,
+    at least 100, not before burn_in) and at the last one, saving <backup>/<cfg>_best.weights
+    whenever it is the best so far."""
+
+    def __init__(self, net, backup_dir, max_batches, chart=None, valid_list=None, classes=0,
+                 every=None, train_images=0, backup_every=100):
+        self.net, self.chart, self.valid_list, self.classes = net, chart, valid_list, classes
+        self.backup_every = backup_every
+        batch = net.options.batch_size
+        self.every = every or max(4 * train_images // batch, 100)
+        self.next_map = max(self.every, net.options.burn_in)
+        base = os.path.splitext(os.path.basename(net.cfg_path))[0]
+        self.best_path = os.path.join(backup_dir, f"{base}_best.weights")
+        self.best = None
+        self.max_batches = max_batches
+
+    def measure(self):
+        from .evaluation import darknet_map
+
+        return darknet_map(detector_results(self.net, self.valid_list, self.classes),
+                           self.classes).mean_ap
+
+    def __call__(self, iteration, loss, average_loss, last):
+        report = None
+        if self.chart is not None:
+            self.chart.add_loss(iteration, average_loss)
+        if self.valid_list and (iteration >= self.next_map or last):
+            value = self.measure()
+            self.next_map = iteration + self.every
+            report = f"mAP@0.50 = {value:.4f} at iteration {iteration}"
+            if self.best is None or value >= self.best:
+                self.best = value
+                self.net.save_weights(self.best_path)
+                report += f"; new best, saved {self.best_path}"
+            else:
+                report += f" (best {self.best:.4f})"
+            if self.chart is not None:
+                self.chart.add_map(iteration, value)
+        if self.chart is not None and (report or last or (self.backup_every and
+                                                          iteration % self.backup_every == 0)):
+            self.chart.save()
+        return report
