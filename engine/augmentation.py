@@ -315,18 +315,39 @@ def prefetched(next_job, work, finish, workers=None, ahead=2):
     """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
     running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
     wait on decoding and augmenting. Results come in order, so they do not depend on which
-    worker made them."""
+    worker made them. A worker that dies ends training with an error instead of a hang."""
     import multiprocessing
     import os
+    import sys
     from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import DataError
 
     workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
-    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending = deque()
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers == 0 or (main_file is not None and not os.path.exists(main_file)):
+        # No workers asked for, or a program read from stdin, which spawned workers cannot
+        # import: prepare each batch in this process when it is needed.
         while True:
-            while len(pending) < ahead:
-                job, plan = next_job()
-                pending.append((pool.apply_async(work, (job,)), plan))
-            result, plan = pending.popleft()
-            yield finish(result.get(), plan)
+            job, plan = next_job()
+            yield finish(work(job), plan)
+    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = deque()
+        try:
+            while True:
+                while len(pending) < ahead:
+                    job, plan = next_job()
+                    pending.append((pool.submit(work, job), plan))
+                result, plan = pending.popleft()
+                try:
+                    value = result.result()
+                except BrokenProcessPool:
+                    raise DataError("a data-loading worker process stopped unexpectedly (out of "
+                                    "memory?)") from None
+                yield finish(value, plan)
+        finally:
+            for future, _ in pending:
+                future.cancel()

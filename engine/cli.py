@@ -100,9 +100,12 @@ def training_set(net, data, seed=0):
         from .augmentation import DetectionAugmentation
 
         dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        from .multiscale import MultiScale
+
         augmentation = DetectionAugmentation.from_network(net)
         if augmentation.changes_images:
             dataset.augment(augmentation, seed)
+        dataset.multiscale = MultiScale.from_network(net, seed)
         return dataset
     if any(detector):
         raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "

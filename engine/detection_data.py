@@ -96,6 +96,7 @@ class DetectionDataset:
         self.max_boxes = max_boxes
         self.boxes = []  # each image's label rows as written, for augmentation
         self.augmentation, self.seed, self.batch_number = None, 0, 0
+        self.multiscale = None  # engine.multiscale.MultiScale: random=1's sizes per batch
         missing = []
         for i, path in enumerate(self.paths):
             boxes = read_boxes(label_path(path), classes)
@@ -120,19 +121,31 @@ class DetectionDataset:
     def training_batch(self, indexes):
         """(images (n, 3, H, W), truth (n, max_boxes * 5)) as the [yolo] layers take them."""
         if self.augmentation is None:
-            return np.stack([self.image(i) for i in indexes]), self.truth[indexes]
+            job, indexes = self._plain_job(indexes)
+            return load_resized_batch(job), self.truth[indexes]
         jobs, blend = self._augmentation_jobs(indexes)
         return self._assemble([load_augmented(job) for job in jobs], blend)
 
+    def _next_batch(self):
+        """(number, (C, H, W)) of the next training batch: with multi-scale its own size."""
+        batch, self.batch_number = self.batch_number, self.batch_number + 1
+        if self.multiscale is None:
+            return batch, self.shape
+        w, h = self.multiscale.size(batch)
+        return batch, (self.shape[0], h, w)
+
+    def _plain_job(self, indexes):
+        _, shape = self._next_batch()
+        return ([self.paths[i] for i in indexes], shape), indexes
+
     def augment(self, augmentation, seed):
         """Augment training batches from now on (None: plain resizing again)."""
-        self.augmentation, self.seed, self.batch_number = augmentation, seed, 0
+        self.augmentation, self.seed = augmentation, seed
 
     def _augmentation_jobs(self, indexes):
         """The worker jobs of one batch, each with its own seed (seed, batch, image), and
         whether this batch is blended with a second one (mixup, half of the batches)."""
-        _, h, w = self.shape
-        batch, self.batch_number = self.batch_number, self.batch_number + 1
+        batch, (_, h, w) = self._next_batch()
         rng = np.random.default_rng([self.seed, batch])
         blend = bool(self.augmentation.mixup and rng.integers(2))
         picks = list(indexes) + (list(rng.integers(len(self), size=len(indexes))) if blend else [])
@@ -152,11 +165,7 @@ class DetectionDataset:
         """Training batches for sampler's indexes, decoded (and augmented) ahead by worker
         processes (engine.augmentation.prefetched)."""
         if self.augmentation is None:
-            def next_job():
-                indexes = sampler.next()
-                return ([self.paths[i] for i in indexes], self.shape), indexes
-
-            yield from prefetched(next_job, load_resized_batch,
+            yield from prefetched(lambda: self._plain_job(sampler.next()), load_resized_batch,
                                   lambda images, indexes: (images, self.truth[indexes]), workers)
         yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
                               self._assemble, workers)

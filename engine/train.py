@@ -213,11 +213,19 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     start_batch, started = current_batch(net), time.time()
     # A dataset that can prepare batches ahead (in worker processes) hands them over in order.
     prepared = dataset.batches(sampler) if hasattr(dataset, "batches") else None
+    multiscale = getattr(dataset, "multiscale", None)  # random=1: batches come in several sizes
+    if multiscale:
+        from .multiscale import resize_network
+
+        initial_size = o.width, o.height
+        multiscale.start(start_batch, max_batches)
     in_place = leader and hasattr(stream, "isatty") and stream.isatty()
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
             images, truth = next(prepared) if prepared else dataset.training_batch(sampler.next())
+            if multiscale and images.shape[2:] != (o.height, o.width):
+                resize_network(net, images.shape[3], images.shape[2])
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
@@ -248,6 +256,8 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     finally:
         if prepared:
             prepared.close()  # stops the worker processes
+    if multiscale:
+        resize_network(net, *initial_size)
     group.check_replicas(net)
     save(final_path)
     if leader:

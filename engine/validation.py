@@ -66,10 +66,18 @@ class TrainingMonitor:
         self.max_batches = max_batches
 
     def measure(self):
+        """mAP@0.50 at the cfg's input size (random=1 may have resized the network)."""
         from .evaluation import darknet_map
+        from .multiscale import resize_network
 
-        return darknet_map(detector_results(self.net, self.valid_list, self.classes),
-                           self.classes).mean_ap
+        net, section = self.net, self.net.options.section
+        size = net.options.width, net.options.height
+        resize_network(net, section.int("width", size[0]), section.int("height", size[1]))
+        try:
+            return darknet_map(detector_results(net, self.valid_list, self.classes),
+                               self.classes).mean_ap
+        finally:
+            resize_network(net, *size)
 
     def __call__(self, iteration, loss, average_loss, last):
         report = None
