@@ -145,6 +145,8 @@ def cmd_train(args):
     data = data_config(args)
     net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
     group.adopt(net)
+    if group.rank == 0:
+        print(models.layer_table(net), flush=True)  # as Darknet prints it while loading the cfg
     dataset = training_set(net, data, args.seed)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     monitor = training_monitor(args, net, data, dataset, backup) if group.rank == 0 else None
