@@ -58,7 +58,8 @@ def kmeans_iou(sizes, k, rng):
 def label_sizes(data_config):
     """(sizes (N, 2) relative w, h of every box of the train list, per-class counts)."""
     if "train" not in data_config.values:
-        raise DataError(f"{data_config.path}: no train=... entry (the images whose boxes to cluster)")
+        raise DataError(f"{data_config.path}: no train=... entry (the images whose boxes to "
+                        "cluster)")
     list_path = data_config._file(data_config.values["train"], "train")
     rows = []
     for path in read_image_list(list_path):

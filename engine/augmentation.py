@@ -257,7 +257,8 @@ class ClassifierAugmentation:
                           else "max_crop")
         for key in ("mixup", "blur", "cutmix", "mosaic"):
             if s.int(key, 0):
-                raise s.error(f"{key}={s.str(key)}: not implemented for classifiers; set {key}=0", key)
+                raise s.error(f"{key}={s.str(key)}: not implemented for classifiers; set {key}=0",
+                              key)
         return augmentation
 
 
@@ -278,8 +279,9 @@ def rotate_crop(image, radians, scale, size, dx, dy, aspect):
         inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
         return np.where(inside, image[:, np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], 0)
 
-    return ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
-            + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1)).astype(np.float32)
+    value = ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
+             + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1))
+    return value.astype(np.float32)
 
 
 def augment_classifier_image(image, a, rng):

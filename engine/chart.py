@@ -66,8 +66,8 @@ class TrainingChart:
             figure.savefig(temporary)
             os.replace(temporary, self.path)
         except OSError as error:
-            raise TrainingError(f"{self.path}: cannot write the chart ({error.strerror or error})") \
-                from None
+            reason = error.strerror or error
+            raise TrainingError(f"{self.path}: cannot write the chart ({reason})") from None
         finally:
             plt.close(figure)
         return self.path

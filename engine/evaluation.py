@@ -155,8 +155,9 @@ def darknet_map(images, classes, iou_thresh=0.5, points=0, thresh=0.25):
                 iou_sum += match_iou[d]
             else:
                 fp_at[image.classes[d]] += 1
-    scores, labels = np.concatenate(scores or [[]]), np.concatenate(labels or [[]]).astype(int)
-    image_of, truth_of = np.concatenate(image_of or [[]]).astype(int), np.concatenate(truth_of or [[]]).astype(int)
+    scores = np.concatenate(scores or [[]])
+    labels, image_of, truth_of = (np.concatenate(part or [[]]).astype(int)
+                                  for part in (labels, image_of, truth_of))
     report.detections = len(scores)
     order = np.argsort(-scores, kind="stable")
     for k in range(classes):
@@ -244,7 +245,8 @@ def format_report(report, names, thresh, iou_thresh, points):
     lines.append(f" for conf_thresh = {thresh:.2f}, TP = {report.tp}, FP = {report.fp}, "
                  f"FN = {report.fn}, average IoU = {100 * report.average_iou:.2f} % ")
     lines.append("")
-    used = f"used {points} Recall-points" if points else "used Area-Under-Curve for each unique Recall"
+    used = f"used {points} Recall-points" if points else \
+        "used Area-Under-Curve for each unique Recall"
     lines.append(f" IoU threshold = {100 * iou_thresh:.0f} %, {used} ")
     lines.append(f" mean average precision (mAP@{iou_thresh:.2f}) = {report.mean_ap:f}, or "
                  f"{100 * report.mean_ap:.2f} % ")

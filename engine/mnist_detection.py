@@ -30,7 +30,8 @@ PLACEMENT_TRIES = 50  # a digit that finds no free enough place in this many dra
 
 
 def default_mnist_folder():
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "mnist")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "data", "mnist")
 
 
 def ink_box(pixels):
@@ -86,8 +87,9 @@ def make_scene(digits, labels, size, rng, count, min_digit, max_digit, max_overl
 
 def label_lines(boxes, size):
     """Darknet's label lines: class, centre and size relative to the scene."""
-    return [f"{cls} {(l + r) / 2 / size:.6f} {(t + b) / 2 / size:.6f} {(r - l) / size:.6f} "
-            f"{(b - t) / size:.6f}" for cls, (l, t, r, b) in boxes]
+    return [f"{cls} {(left + right) / 2 / size:.6f} {(top + bottom) / 2 / size:.6f} "
+            f"{(right - left) / size:.6f} {(bottom - top) / size:.6f}"
+            for cls, (left, top, right, bottom) in boxes]
 
 
 def generate(out_dir, train=10000, valid=1000, size=96, seed=0, min_digits=1, max_digits=5,

@@ -31,7 +31,8 @@ def detector_results(net, list_path, classes, batch_size=16):
     results = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # decoding overlaps the network's work
         batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-        pending = pool.map(lambda chunk: np.stack([_load(p, width, height) for p in chunk]), batches)
+        pending = pool.map(lambda chunk: np.stack([_load(p, width, height) for p in chunk]),
+                           batches)
         for chunk, images in zip(batches, pending):
             net.forward(net.ops.asarray(images), train=False)
             for b, path in enumerate(chunk):

@@ -2,7 +2,6 @@
 checked against a plain-Python version of do_kmeans, on clusters it must find, and its output."""
 
 import numpy as np
-import pytest
 
 from engine import cli
 from engine.anchors import anchors_line, kmeans_iou

@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from engine import cli
 from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
