@@ -1,5 +1,6 @@
 """A detector run over a .data file's validation list, as `darknet detector map` runs it: each
-image resized to the network input (Darknet's IMAGE_DATA when letter_box is off), every
+image resized to the network input (Darknet's IMAGE_DATA), or letterboxed into it with
+`[net] letter_box=1` (LETTERBOX_DATA, the boxes then mapped back to the image), every
 detection layer's boxes kept above a 0.005 confidence, do_nms_sort at 0.45, and each (box,
 class) with a probability above 0 handed to engine.evaluation with the image's label file.
 Also what engine train watches while it trains (TrainingMonitor: chart.png, --map).
@@ -12,7 +13,7 @@ import numpy as np
 
 from .config import resolve_path
 from .data import read_image_list
-from .detection import network_detections, nms_sort, read_rgb, resize_bilinear
+from .detection import letterbox, network_detections, nms_sort, read_rgb, resize_bilinear
 from .detection_data import label_path, read_boxes
 from .evaluation import ImageResult
 
@@ -20,24 +21,32 @@ MAP_THRESH = 0.005  # validate_detector_map's detection threshold
 MAP_NMS = 0.45
 
 
-def _load(path, width, height):
-    return resize_bilinear(read_rgb(path), width, height)
+def _load(path, width, height, letter_box):
+    """(image at the network's size, the image file's (width, height))."""
+    image = read_rgb(path)
+    size = image.shape[2], image.shape[1]
+    if letter_box:
+        return letterbox(image, width, height), size
+    return resize_bilinear(image, width, height), size
 
 
 def detector_results(net, list_path, classes, batch_size=16):
     """ImageResult for every image of the list (truths from its label file; none if missing)."""
     paths = [resolve_path(p, list_path) for p in read_image_list(list_path)]
     width, height = net.options.width, net.options.height
+    letter_box = net.options.section.bool("letter_box", False)
     results = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # decoding overlaps the network's work
         batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-        pending = pool.map(lambda chunk: np.stack([_load(p, width, height) for p in chunk]),
+        pending = pool.map(lambda chunk: [_load(p, width, height, letter_box) for p in chunk],
                            batches)
-        for chunk, images in zip(batches, pending):
-            net.forward(net.ops.asarray(images), train=False)
+        for chunk, loaded in zip(batches, pending):
+            net.forward(net.ops.asarray(np.stack([image for image, _ in loaded])), train=False)
             for b, path in enumerate(chunk):
-                # The image is the network's size here, so no letterbox correction applies.
-                found = nms_sort(network_detections(net, width, height, MAP_THRESH, b), MAP_NMS)
+                # Resized: boxes are relative to the image as they are (the letterbox
+                # correction for an image of the network's size is none).
+                image_w, image_h = loaded[b][1] if letter_box else (width, height)
+                found = nms_sort(network_detections(net, image_w, image_h, MAP_THRESH, b), MAP_NMS)
                 box_index, class_index = np.nonzero(found.probs > 0)
                 truth = read_boxes(label_path(path), classes)
                 truth = np.zeros((0, 5), np.float32) if truth is None else truth

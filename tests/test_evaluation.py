@@ -254,3 +254,28 @@ def test_map_on_a_classifier_is_one_line(capsys):
                                                                         "mnist.weights"), "--cpu"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "no [yolo]" in err
+
+
+def test_letter_box_map_sees_what_engine_detect_sees(tmp_path):
+    """With [net] letter_box=1 a wide image is letterboxed as `engine detect` does it, and its
+    boxes come back in the image's coordinates: the same detections as detection.detect."""
+    from PIL import Image
+
+    from engine import detection, validation
+    from engine.network import Network
+
+    cfg = write_cfg(tmp_path / "lb.cfg", dict(batch=1, width=32, height=32, channels=3,
+                                              letter_box=1), TINY_DETECTOR)
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "images" / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (20, 50, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "list.txt").write_text(f"{path}\n")
+    net = Network(cfg, quiet=True, seed=3)
+    (result,) = validation.detector_results(net, str(tmp_path / "list.txt"), 10)
+    _, found, _ = detection.detect(net, str(path), thresh=0.005, nms=0.45)
+    rows, classes = np.nonzero(found.probs > 0)
+    assert len(result.scores) == len(rows) > 0
+    np.testing.assert_allclose(result.boxes, found.boxes[rows], rtol=1e-6)
+    np.testing.assert_allclose(result.scores, found.probs[rows, classes], rtol=1e-6)
+    assert len(result.truth_classes) == 0  # no label file: an image without objects
