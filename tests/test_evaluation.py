@@ -279,3 +279,17 @@ def test_letter_box_map_sees_what_engine_detect_sees(tmp_path):
     np.testing.assert_allclose(result.boxes, found.boxes[rows], rtol=1e-6)
     np.testing.assert_allclose(result.scores, found.probs[rows, classes], rtol=1e-6)
     assert len(result.truth_classes) == 0  # no label file: an image without objects
+
+
+@pytest.mark.gpu
+def test_engine_map_on_the_gpu_equals_the_cpu(small_set, capsys):
+    """The same weights measured on GPU 0 and on the CPU give the same figures."""
+    lines = {}
+    for backend in (["--cpu"], ["--gpu", "0"]):
+        capsys.readouterr()
+        assert cli.main(["map", small_set["cfg"], small_set["weights"], "--data", small_set["data"],
+                         "--points", "101"] + backend) == 0
+        lines[backend[0]] = capsys.readouterr().out.strip().splitlines()[-1]
+    cpu = [float(v) for v in re.findall(r"= (\d\.\d{4})", lines["--cpu"])]
+    gpu = [float(v) for v in re.findall(r"= (\d\.\d{4})", lines["--gpu"])]
+    np.testing.assert_allclose(gpu, cpu, atol=2e-4)

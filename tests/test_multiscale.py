@@ -95,3 +95,19 @@ def test_dynamic_minibatch_is_refused(tmp_path):
         MultiScale.from_network(net, 0)
     assert MultiScale.from_network(Network(_cfg(tmp_path / "e.cfg", body=TINY_DETECTOR),
                                            quiet=True), 0) is None
+
+
+@pytest.mark.gpu
+def test_resized_network_on_the_gpu_equals_the_cpu(tmp_path):
+    """Resizing on the GPU backend (new cuDNN shapes) computes what the CPU computes."""
+    from engine.backends import get_backend
+
+    cfg = _cfg(tmp_path / "g.cfg")
+    cpu = Network(cfg, quiet=True, seed=2)
+    gpu = Network(cfg, backend=get_backend("gpu"), quiet=True, seed=2)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 3, 96, 128)).astype(np.float32)
+    for net in (cpu, gpu):
+        net.forward(net.ops.asarray(np.zeros((2, 3, 64, 64), np.float32)), train=False)
+        resize_network(net, 128, 96)
+    np.testing.assert_allclose(gpu.ops.to_host(gpu.forward(gpu.ops.asarray(x), train=False)),
+                               cpu.forward(x, train=False), atol=1e-4, rtol=1e-4)
