@@ -15,14 +15,13 @@ from engine.evaluation import ImageResult, average_precision, coco_map, darknet_
 from conftest import CFG, ROOT
 from helpers import reference_iou, write_cfg
 
-coco = pytest.importorskip("pycocotools.coco")
-cocoeval = pytest.importorskip("pycocotools.cocoeval")
-
 PIXELS = 640.0  # pycocotools works in pixels; IoU does not depend on the scale
 
 
 def pycocotools_figures(images, classes):
     """(AP@0.50:0.95, AP@0.50) from pycocotools' COCOeval on the same truths and detections."""
+    coco = pytest.importorskip("pycocotools.coco")  # the test extra; only these tests need it
+    cocoeval = pytest.importorskip("pycocotools.cocoeval")
     dataset = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(classes)]}
     results = []
     for n, image in enumerate(images, start=1):
