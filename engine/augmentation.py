@@ -313,6 +313,13 @@ def augment_classifier_batch(job):
                      for n, image in enumerate(images)])
 
 
+def _ignore_interrupts():
+    """Workers leave Ctrl-C to the trainer, which saves its weights and stops them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prefetched(next_job, work, finish, workers=None, ahead=2):
     """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
     running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
@@ -336,7 +343,8 @@ def prefetched(next_job, work, finish, workers=None, ahead=2):
             job, plan = next_job()
             yield finish(work(job), plan)
     # spawn: the parent may hold a CUDA context, which forked children must not inherit.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_ignore_interrupts) as pool:
         pending = deque()
         try:
             while True:
