@@ -313,11 +313,22 @@ def augment_classifier_batch(job):
                      for n, image in enumerate(images)])
 
 
-def _ignore_interrupts():
-    """Workers leave Ctrl-C to the trainer, which saves its weights and stops them."""
+def _worker_setup(trainer):
+    """Workers leave Ctrl-C to the trainer, which saves its weights and stops them; and they
+    end when the trainer is gone (killed), rather than wait for work forever."""
+    import os
     import signal
+    import threading
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == trainer:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def prefetched(next_job, work, finish, workers=None, ahead=2):
@@ -344,7 +355,7 @@ def prefetched(next_job, work, finish, workers=None, ahead=2):
             yield finish(work(job), plan)
     # spawn: the parent may hold a CUDA context, which forked children must not inherit.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_ignore_interrupts) as pool:
+                             initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
         pending = deque()
         try:
             while True:
