@@ -1,6 +1,7 @@
 """The `engine` command: parse arguments, call the API, turn user errors into one line.
 
     engine train   cfg/mnist.cfg [--data D] [--weights W] [--max-batches N] [--seed S] [--cpu|--gpu N]
+                   [--map [--map-every N]] [--chart]
                    (a cfg with [yolo] layers trains a detector: Darknet's `detector train`)
     engine test    cfg/mnist.cfg weights/mnist.weights [--data D] [--cpu|--gpu N]
     engine predict cfg/mnist.cfg weights/mnist.weights digit.png [--data D] [--top K]
@@ -11,6 +12,10 @@
     engine fuse    cfg/x.cfg x.weights x-fused.cfg x-fused.weights
     engine export  cfg/yolov3-tiny.cfg yolov3-tiny.weights yolov3-tiny.onnx [--batch N|dynamic]
                    [--opset 17] [--fp16] [--decode] [--nms [IOU]] [--thresh 0.5]
+    engine map     cfg/mnist-detect.cfg weights.weights [--data D] [--thresh 0.25] [--iou 0.5]
+                   [--points 0|11|101]
+    engine calc_anchors cfg/mnist-detect.data [--num 9] [--width 416] [--height 416] [--seed S]
+    engine mnist-detection data/mnist-detect [--train N] [--valid M] [--size 96] [--seed S]
 """
 
 import argparse
@@ -134,17 +139,51 @@ def data_config(args):
     return data_io.DataConfig(path)
 
 
-def training_set(net, data):
+def training_set(net, data, seed=0):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
-    [softmax] or [cost] a classifier."""
+    [softmax] or [cost] a classifier. A detector's images are augmented as its cfg asks."""
     detector = [layer.type_name in ("yolo", "gaussian_yolo") for layer in net.cost_layers]
     if all(detector):
-        return data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        from .augmentation import DetectionAugmentation
+
+        dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        from .multiscale import MultiScale
+
+        augmentation = DetectionAugmentation.from_network(net)
+        if augmentation.changes_images:
+            dataset.augment(augmentation, seed)
+        dataset.multiscale = MultiScale.from_network(net, seed)
+        return dataset
     if any(detector):
         raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "
                           "either a detector or a classifier")
-    return data.dataset("train", net.input_shape)
+    from .augmentation import ClassifierAugmentation
+
+    dataset = data.dataset("train", net.input_shape)
+    dataset.augment(ClassifierAugmentation.from_network(net), seed)
+    return dataset
+
+
+def training_monitor(args, net, data, dataset, backup):
+    """chart.png beside the backups (--chart or --map) and, with --map, the validation mAP
+    every --map-every iterations (a detector whose .data file has valid=...)."""
+    from .chart import TrainingChart
+    from .validation import TrainingMonitor
+
+    max_batches = args.max_batches or net.options.max_batches
+    chart = TrainingChart(os.path.join(backup, "chart.png"), max_batches) \
+        if args.chart or args.map else None
+    valid_list, classes = None, 0
+    if args.map:
+        heads = [layer for layer in net.layers if layer.type_name == "yolo"]
+        if not heads:
+            raise ConfigError(f"{args.cfg}: --map measures a detector; this cfg has no [yolo] layer")
+        if "valid" not in data.values:
+            raise ConfigError(f"{data.path}: --map needs a valid=... entry (the images to measure on)")
+        valid_list, classes = data._file(data.values["valid"], "valid"), heads[-1].classes
+    return TrainingMonitor(net, backup, max_batches, chart, valid_list, classes, args.map_every,
+                           len(dataset), args.backup_every)
 
 
 def cmd_train(args):
@@ -157,11 +196,14 @@ def cmd_train(args):
         net.seen = 0  # fine-tuning: the schedule starts over from these weights
     group.adopt(net)
     net.check_memory(net.options.mini_batch, train=True)  # before the images are loaded
-    dataset = training_set(net, data)
+    if group.rank == 0:
+        print(models.layer_table(net), flush=True)  # as Darknet prints it while loading the cfg
+    dataset = training_set(net, data, args.seed)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
+    monitor = training_monitor(args, net, data, dataset, backup) if group.rank == 0 else None
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,
-                  backup_every=args.backup_every, group=group)
+                  backup_every=args.backup_every, group=group, after_iteration=monitor)
     if group.rank == 0:
         ranks = f" on {group.size} ranks" if group.size > 1 else ""
         print(f"Trained {net.seen} images{ranks} in {time.time() - started:.1f} s; weights: {final}")
@@ -173,11 +215,53 @@ def cmd_test(args):
     net = build(args, weights=args.weights, inference=True)
     if any(layer.type_name in ("yolo", "region") for layer in net.layers):
         raise ConfigError(f"{args.cfg}: engine test measures a classifier's top-k accuracy; this "
-                          "cfg is a detector (use engine detect; mAP is not implemented)")
+                          "cfg is a detector: measure it with engine map")
     dataset = data.dataset("valid", net.input_shape)
     top = max(2, data.top)
     top1, topk = evaluate(net, dataset, top=top)
     print(f"top-1 {100 * top1:.2f}%  top-{top} {100 * topk:.2f}%  ({len(dataset)} images)")
+
+
+def cmd_map(args):
+    from . import evaluation, validation
+
+    data = data_config(args)
+    net = build(args, weights=args.weights, inference=True)
+    heads = [layer for layer in net.layers if layer.type_name in ("yolo", "region")]
+    if not heads:
+        raise ConfigError(f"{args.cfg}: engine map measures a detector; this cfg has no [yolo] or "
+                          "[region] layer (use engine test)")
+    classes = heads[-1].classes
+    if classes != data.classes:
+        raise ConfigError(f"{data.path}: classes={data.classes}, but {args.cfg} detects "
+                          f"{classes} classes")
+    if "valid" not in data.values:
+        raise ConfigError(f"{data.path}: no valid=... entry (the images to measure on)")
+    started = time.time()
+    results = validation.detector_results(net, data._file(data.values["valid"], "valid"), classes)
+    report = evaluation.darknet_map(results, classes, args.iou, args.points, args.thresh)
+    print(f" detections_count = {report.detections}, unique_truth_count = {report.truths}  ")
+    print(evaluation.format_report(report, data.labels, args.thresh, args.iou, args.points))
+    print(f"Total Detection Time: {time.time() - started:.1f} Seconds", file=sys.stderr)
+
+
+def cmd_calc_anchors(args):
+    from . import anchors
+
+    if args.num <= 0 or args.width <= 0 or args.height <= 0:
+        raise ConfigError("--num, --width and --height must be positive")
+    data = data_io.DataConfig(args.data)
+    print(f" num_of_clusters = {args.num}, width = {args.width}, height = {args.height} ")
+    found, average_iou, counts = anchors.calc_anchors(data, args.num, args.width, args.height,
+                                                      args.seed)
+    print(f" read labels: {int(counts.sum())} boxes")
+    print(f"counters_per_class = {', '.join(str(int(c)) for c in counts)}")
+    print(f" avg IoU = {100 * average_iou:2.2f} % ")
+    line = anchors.anchors_line(found, args.width)
+    with open("anchors.txt", "w") as handle:
+        handle.write(line)
+    print("Saving anchors to the file: anchors.txt ")
+    print(f"anchors = {line}")
 
 
 def cmd_predict(args):
@@ -262,6 +346,18 @@ def cmd_export(args):
           + ", ".join(describe(v) for v in model.graph.output))
 
 
+def cmd_mnist_detection(args):
+    from . import mnist_detection
+
+    started = time.time()
+    data = mnist_detection.generate(args.out, train=args.train, valid=args.valid, size=args.size,
+                                    seed=args.seed, min_digits=args.min_digits,
+                                    max_digits=args.max_digits, min_digit=args.min_digit,
+                                    max_digit=args.max_digit, max_overlap=args.max_overlap)
+    print(f"Wrote {args.train} training and {args.valid} validation scenes in "
+          f"{time.time() - started:.1f} s; data file: {data}")
+
+
 def make_parser():
     parser = argparse.ArgumentParser(prog="engine", description="A Darknet-style neural-network engine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +378,14 @@ def make_parser():
     p.add_argument("--backup", help="folder for weights (default: the .data file's backup)")
     p.add_argument("--backup-every", type=count, default=100, metavar="N",
                    help="save <backup>/<cfg>.backup every N iterations (default 100; 0: never)")
+    p.add_argument("--map", action="store_true",
+                   help="a detector's validation mAP@0.50 while training (darknet's -map); the "
+                        "best weights go to <backup>/<cfg>_best.weights")
+    p.add_argument("--map-every", type=positive_int, metavar="N",
+                   help="with --map: every N iterations (default: 4 epochs, at least 100)")
+    p.add_argument("--chart", action="store_true",
+                   help="draw <backup>/chart.png: the average loss, and mAP with --map (which "
+                        "draws it too); needs matplotlib")
     add_backend_options(p, several=True)
     p.set_defaults(run=cmd_train)
 
@@ -291,6 +395,28 @@ def make_parser():
     p.add_argument("--data", help="the .data file (default: the one beside the cfg)")
     add_backend_options(p)
     p.set_defaults(run=cmd_test)
+
+    p = commands.add_parser("map", help="a detector's mAP on the .data file's valid set "
+                                        "(darknet detector map)")
+    p.add_argument("cfg")
+    p.add_argument("weights")
+    p.add_argument("--data", help="the .data file (default: the one beside the cfg)")
+    p.add_argument("--thresh", type=unit_interval, default=0.25,
+                   help="confidence threshold for TP/FP, precision, recall, F1, IoU (default 0.25)")
+    p.add_argument("--iou", type=unit_interval, default=0.5, help="IoU for a true positive (default 0.5)")
+    p.add_argument("--points", type=int, default=0, choices=(0, 11, 101),
+                   help="0: area under the PR curve (default); 11: VOC 2007; 101: COCO")
+    add_backend_options(p)
+    p.set_defaults(run=cmd_map)
+
+    p = commands.add_parser("calc_anchors", help="k-means anchors from the training labels "
+                                                 "(darknet detector calc_anchors)")
+    p.add_argument("data", help="the detector's .data file (its train list's label files)")
+    p.add_argument("--num", "--num_of_clusters", type=positive_int, default=9, help="anchors (default 9)")
+    p.add_argument("--width", type=positive_int, default=416, help="network width (default 416)")
+    p.add_argument("--height", type=positive_int, default=416, help="network height (default 416)")
+    p.add_argument("--seed", type=count, default=0, help="seed for the initial centres")
+    p.set_defaults(run=cmd_calc_anchors)
 
     p = commands.add_parser("predict", help="classify image files")
     p.add_argument("cfg")
@@ -352,11 +478,28 @@ def make_parser():
                         "raw [yolo]/[region] outputs")
     p.add_argument("--nms", type=float, nargs="?", const=0.45, metavar="IOU",
                    help="decode and append NonMaxSuppression (IoU threshold, default 0.45)")
-    p.add_argument("--thresh", type=float, default=0.5,
+    p.add_argument("--thresh", type=unit_interval, default=0.5,
                    help="with --nms: keep scores above this (default 0.5, as engine detect)")
     p.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
                    help="whose inference batch-norm rule to fold (default: the cfg tells)")
     p.set_defaults(run=cmd_export)
+
+
+    p = commands.add_parser("mnist-detection",
+                            help="write a detection set of MNIST digit scenes (Darknet's layout)")
+    p.add_argument("out", help="folder for images/, labels/, train.txt, valid.txt and the .data file")
+    p.add_argument("--train", type=count, default=10000, help="training scenes (default 10000)")
+    p.add_argument("--valid", type=count, default=1000, help="validation scenes (default 1000)")
+    p.add_argument("--size", type=positive_int, default=96,
+                   help="scene width and height (default 96)")
+    p.add_argument("--seed", type=count, default=0)
+    p.add_argument("--min-digits", type=positive_int, default=1, help="digits per scene, at least")
+    p.add_argument("--max-digits", type=positive_int, default=5, help="digits per scene, at most")
+    p.add_argument("--min-digit", type=positive_int, help="smallest digit, pixels (default size/6)")
+    p.add_argument("--max-digit", type=positive_int, help="largest digit, pixels (default size/2)")
+    p.add_argument("--max-overlap", type=unit_interval, default=0.1,
+                   help="largest IoU between two digits' boxes (default 0.1)")
+    p.set_defaults(run=cmd_mnist_detection)
     return parser
 
 

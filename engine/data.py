@@ -71,6 +71,12 @@ class Dataset:
         self.labels = labels
         self.classes = classes
         self.name = name
+        self.augmentation, self.seed, self.batch_number = None, 0, 0
+
+    def augment(self, augmentation, seed):
+        """Augment training batches (engine.augmentation.ClassifierAugmentation; None: off),
+        each image from its own generator seeded by (seed, batch, image)."""
+        self.augmentation, self.seed, self.batch_number = augmentation, seed, 0
 
     def __len__(self):
         return len(self.labels)
@@ -85,8 +91,30 @@ class Dataset:
 
     def training_batch(self, indexes):
         """(images, truth) as the loss layer takes them: one-hot rows."""
+        if self.augmentation is None:
+            images, labels = self.batch(indexes)
+            return images, self.one_hot(labels)
+        from .augmentation import augment_classifier_batch
+
+        job, labels = self._augmentation_job(indexes)
+        return augment_classifier_batch(job), self.one_hot(labels)
+
+    def _augmentation_job(self, indexes):
         images, labels = self.batch(indexes)
-        return images, self.one_hot(labels)
+        batch, self.batch_number = self.batch_number, self.batch_number + 1
+        return (images, self.augmentation, self.seed, batch), labels
+
+    def batches(self, sampler, workers=None):
+        """Training batches for sampler's indexes; augmented ones are made ahead by worker
+        processes (engine.augmentation.prefetched)."""
+        if self.augmentation is None:
+            while True:
+                yield self.training_batch(sampler.next())
+        from .augmentation import augment_classifier_batch, prefetched
+
+        yield from prefetched(lambda: self._augmentation_job(sampler.next()),
+                              augment_classifier_batch,
+                              lambda images, labels: (images, self.one_hot(labels)), workers)
 
     def check_network(self, net):
         if self.classes != net.output_layer.outputs:

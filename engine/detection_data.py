@@ -3,10 +3,11 @@ image a label file (the image path with `images` -> `labels`, `JPEGImages` -> `l
 extension -> .txt) with one line `class x_center y_center width height` per box, relative to the
 image (0..1). An image without a label file trains as one without objects.
 
-Each image is read as RGB and resized to the network input with Darknet's resize_image. Darknet
-also jitters (random crop and aspect), flips and recolours every training image; we do none of
-that. A plain resize leaves image-relative boxes as they are, so the box transform is Darknet's
-correct_boxes with no crop: edges clamped to [0, 1], boxes under 0.001 wide or high dropped.
+Each image is read as RGB and resized to the network input with Darknet's resize_image. A plain
+resize leaves image-relative boxes as they are, so the box transform is Darknet's correct_boxes
+with no crop: edges clamped to [0, 1], boxes under 0.001 wide or high dropped. With an
+`augmentation` (engine.augmentation; `engine train` sets the cfg's) training images are instead
+jittered, flipped and recoloured as Darknet does, in worker processes (`batches`).
 
 Truth per image is Darknet's net.truth row: `max_boxes` boxes of (x, y, w, h, class),
 zero-padded. Images are decoded per batch (a detection set rarely fits in memory); the labels
@@ -20,6 +21,7 @@ import numpy as np
 
 from .config import read_text_lines, resolve_path
 from .data import read_image_list
+from .augmentation import load_augmented, load_augmented_batch, prefetched, truth_rows
 from .detection import read_rgb, resize_bilinear
 from .errors import ConfigError, DataError
 
@@ -74,6 +76,12 @@ def clamp_boxes(boxes):
     return fitted[(fitted[:, 2] >= MIN_BOX_SIZE) & (fitted[:, 3] >= MIN_BOX_SIZE)]
 
 
+def load_resized_batch(job):
+    """Worker entry point: (paths, (C, H, W)) -> the images resized to the network input."""
+    paths, (_, h, w) = job
+    return np.stack([resize_bilinear(read_rgb(path), w, h) for path in paths])
+
+
 class DetectionDataset:
     """Image paths, their truth rows (N, max_boxes * 5), and how to batch them for train()."""
 
@@ -84,9 +92,14 @@ class DetectionDataset:
         self.name, self.classes, self.shape = list_path, classes, shape
         self.paths = [resolve_path(p, list_path) for p in read_image_list(list_path)]
         self.truth = np.zeros((len(self.paths), max_boxes * 5), dtype=np.float32)
+        self.max_boxes = max_boxes
+        self.boxes = []  # each image's label rows as written, for augmentation
+        self.augmentation, self.seed, self.batch_number = None, 0, 0
+        self.multiscale = None  # engine.multiscale.MultiScale: random=1's sizes per batch
         missing = []
         for i, path in enumerate(self.paths):
             boxes = read_boxes(label_path(path), classes)
+            self.boxes.append(np.zeros((0, 5), np.float32) if boxes is None else boxes)
             if boxes is None:
                 missing.append(label_path(path))
                 continue
@@ -106,7 +119,55 @@ class DetectionDataset:
 
     def training_batch(self, indexes):
         """(images (n, 3, H, W), truth (n, max_boxes * 5)) as the [yolo] layers take them."""
-        return np.stack([self.image(i) for i in indexes]), self.truth[indexes]
+        if self.augmentation is None:
+            job, indexes = self._plain_job(indexes)
+            return load_resized_batch(job), self.truth[indexes]
+        jobs, blend = self._augmentation_jobs(indexes)
+        return self._assemble([load_augmented(job) for job in jobs], blend)
+
+    def _next_batch(self):
+        """(number, (C, H, W)) of the next training batch: with multi-scale its own size."""
+        batch, self.batch_number = self.batch_number, self.batch_number + 1
+        if self.multiscale is None:
+            return batch, self.shape
+        w, h = self.multiscale.size(batch)
+        return batch, (self.shape[0], h, w)
+
+    def _plain_job(self, indexes):
+        _, shape = self._next_batch()
+        return ([self.paths[i] for i in indexes], shape), indexes
+
+    def augment(self, augmentation, seed):
+        """Augment training batches from now on (None: plain resizing again)."""
+        self.augmentation, self.seed = augmentation, seed
+
+    def _augmentation_jobs(self, indexes):
+        """The worker jobs of one batch, each with its own seed (seed, batch, image), and
+        whether this batch is blended with a second one (mixup, half of the batches)."""
+        batch, (_, h, w) = self._next_batch()
+        rng = np.random.default_rng([self.seed, batch])
+        blend = bool(self.augmentation.mixup and rng.integers(2))
+        picks = list(indexes) + (list(rng.integers(len(self), size=len(indexes))) if blend else [])
+        return [(self.paths[i], self.boxes[i], self.augmentation, (self.seed, batch, n), w, h)
+                for n, i in enumerate(picks)], blend
+
+    def _assemble(self, results, blend):
+        images = [image for image, _ in results]
+        rows = [boxes for _, boxes in results]
+        if blend:  # blend_images 0.5/0.5; blend_truth: the second image's boxes, then the first's
+            n = len(results) // 2
+            images = [0.5 * images[n + i] + 0.5 * images[i] for i in range(n)]
+            rows = [np.concatenate([rows[n + i], rows[i]]) for i in range(n)]
+        return np.stack(images).astype(np.float32), truth_rows(rows, self.max_boxes)
+
+    def batches(self, sampler, workers=None):
+        """Training batches for sampler's indexes, decoded (and augmented) ahead by worker
+        processes (engine.augmentation.prefetched)."""
+        if self.augmentation is None:
+            yield from prefetched(lambda: self._plain_job(sampler.next()), load_resized_batch,
+                                  lambda images, indexes: (images, self.truth[indexes]), workers)
+        yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
+                              self._assemble, workers)
 
     def check_network(self, net):
         for layer in net.cost_layers:

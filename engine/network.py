@@ -19,8 +19,9 @@ from .layers import LAYER_TYPES
 
 POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "sigmoid", "random", "sgdr")
 
-# [net] keys Darknet reads for data augmentation and optimisers we do not implement; accepted
-# (so Darknet's cfgs load without warnings) and ignored. README lists them.
+# [net] keys Darknet reads for data augmentation and optimisers, accepted so Darknet's cfgs load
+# without warnings. A detector's training reads its augmentation keys (engine.augmentation);
+# classifiers ignore them, as every network ignores the optimiser keys. README lists them.
 IGNORED_NET_KEYS = ("max_crop", "min_crop", "max_ratio", "min_ratio", "center", "clip", "angle",
                     "aspect", "saturation", "exposure", "hue", "jitter", "random", "notruth",
                     "time_steps", "adam", "B1", "B2", "eps", "flip", "mosaic", "cutmix", "blur",

@@ -214,9 +214,12 @@ class Checkpoints:
 
 
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
-          group=SINGLE_PROCESS):
+          group=SINGLE_PROCESS, after_iteration=None):
     """Train `net` on `dataset` until max_batches; returns the path of the final weights.
-    With a process group of several ranks, only rank 0 prints and writes weights."""
+    With a process group of several ranks, only rank 0 prints and writes weights.
+    On a terminal the iteration line is rewritten in place; otherwise one line per iteration.
+    `after_iteration(iteration, loss, average_loss, last)`, if given, runs on rank 0 after each
+    iteration (engine train's --map and chart.png); what it returns, if anything, is printed."""
     stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
     o = net.options
     leader = group.rank == 0
@@ -257,10 +260,21 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     checkpoints = Checkpoints(net, enabled=leader)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
+    # A dataset that can prepare batches ahead (in worker processes) hands them over in order.
+    prepared = dataset.batches(sampler) if hasattr(dataset, "batches") else None
+    multiscale = getattr(dataset, "multiscale", None)  # random=1: batches come in several sizes
+    if multiscale:
+        from .multiscale import resize_network
+
+        initial_size = o.width, o.height
+        multiscale.start(start_batch, max_batches)
+    in_place = leader and hasattr(stream, "isatty") and stream.isatty()
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
-            images, truth = dataset.training_batch(sampler.next())
+            images, truth = next(prepared) if prepared else dataset.training_batch(sampler.next())
+            if multiscale and images.shape[2:] != (o.height, o.width):
+                resize_network(net, images.shape[3], images.shape[2])
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
@@ -270,21 +284,31 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             if leader:
                 bar = progress_bar(batch_num - start_batch, max_batches - start_batch,
                                    time.time() - started)
-                print(f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
-                      f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}",
+                line = (f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
+                        f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}")
+                print(f"\r{line}\x1b[K" if in_place else line, end="" if in_place else "\n",
                       file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
                 checkpoints.save(backup_path)
+            report = after_iteration(batch_num, loss, average_loss, batch_num >= max_batches) \
+                if after_iteration and leader else None
+            if report:
+                print(f"\n{report}" if in_place else report, file=stream, flush=True)
     except KeyboardInterrupt:
         checkpoints.save(backup_path)
         if leader:
             print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
                   file=stream, flush=True)
         raise
+    finally:
+        if prepared:
+            prepared.close()  # stops the worker processes
+    if multiscale:
+        resize_network(net, *initial_size)
     group.check_replicas(net)
     checkpoints.save(final_path)
     if leader:
-        print(f"Saved {final_path}", file=stream, flush=True)
+        print(f"{chr(10) if in_place else ''}Saved {final_path}", file=stream, flush=True)
     return final_path
 
 

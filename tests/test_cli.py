@@ -93,6 +93,7 @@ def test_train_prints_darknet_iteration_lines(tiny, tmp_path, capsys):
     assert re.match(r"^1, [\d.]+: [\d.]+, [\d.]+ avg, [\d.]+ rate, [\d.]+ seconds, 16 images .*ETA",
                     lines[0]), lines[0]
     assert (tmp_path / "tinymnist_final.weights").exists()
+    assert out.startswith("layer     filters    size") and "BFLOPs" in out  # Darknet's table first
 
 
 def test_test_prints_the_summary_line(tiny, trained, capsys):

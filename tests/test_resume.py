@@ -155,7 +155,7 @@ def test_sigkill_then_resume(tiny, tmp_path):
     resumed = subprocess.Popen(command + ["--weights", str(backup / "killed.backup")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=tmp_path)
-    first = resumed.stdout.readline()
+    first = next(line for line in resumed.stdout if _iterations(line))  # after the layer table
     resumed.kill()
     resumed.communicate()
     (k, rate), = _iterations(first)

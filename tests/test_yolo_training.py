@@ -362,5 +362,4 @@ def test_engine_test_refuses_a_detector_with_one_line(tmp_path, capsys):
                      "--data", str(data)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("this cfg is a detector (use engine detect; mAP is "
-                                                 "not implemented)")
+    assert err.strip().splitlines()[-1].endswith("this cfg is a detector: measure it with engine map")

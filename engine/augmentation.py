@@ -1,0 +1,374 @@
+"""Training images augmented as AlexeyAB's Darknet does: detectors below, classifiers at the end.
+
+Detector training images are augmented as AlexeyAB's Darknet does (load_data_detection in
+src/data.c, its path without OpenCV, and distort_image in src/image.c), with the boxes
+transformed exactly with the image. Only training is augmented; inference never is.
+
+Keys (Darknet's defaults): [net] `flip` (1), `hue` (0), `saturation` (1), `exposure` (1),
+`letter_box` (0), `mixup` (0); the last [yolo] layer's `jitter` (0.2). Per image:
+
+- jitter: the image (ow x oh) is cropped by pleft, pright, ptop, pbot pixels, each drawn
+  uniformly in [-jitter*ow, jitter*ow] (heights alike) and truncated to an integer; a negative
+  amount widens the crop, whose outside repeats the border pixels (crop_image clamps); the crop
+  is then resized to the network input with Darknet's resize_image. With letter_box the crop is
+  widened (or heightened) to keep the image's aspect ratio in the network's.
+- flip: mirrored left-right half of the time.
+- hue, saturation, exposure: in Darknet's HSV, hue shifted by U(-hue, hue) (wrapping), S and V
+  scaled by rand_scale (U(1, s), inverted half of the time), RGB clamped to [0, 1].
+- boxes: edges mapped by the same crop and scale, mirrored with the image, clamped to [0, 1];
+  boxes then narrower or lower than one network pixel are dropped (fill_truth_detection).
+- mixup=1: half of the batches are blended 0.5/0.5 with a second, independently augmented batch
+  of random images; the second batch's boxes follow the first's (blend_truth).
+
+Refused when training (an error naming the line): `mosaic`, `blur` and `cutmix` (Darknet does
+them only in its OpenCV path, not implemented here; Darknet refuses cutmix for detectors too).
+Random draws come from numpy generators seeded by (seed, batch, image), so a seed gives the same
+images whichever worker process augments them.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .detection import read_rgb, resize_bilinear
+
+
+@dataclass(frozen=True)
+class DetectionAugmentation:
+    jitter: float = 0.0
+    flip: bool = False
+    hue: float = 0.0
+    saturation: float = 1.0
+    exposure: float = 1.0
+    letter_box: bool = False
+    mixup: bool = False
+
+    @property
+    def changes_images(self):
+        return bool(self.jitter or self.flip or self.hue or self.saturation != 1
+                    or self.exposure != 1 or self.letter_box or self.mixup)
+
+    @staticmethod
+    def from_network(net):
+        """The augmentation a detector cfg asks for (Darknet's defaults for absent keys)."""
+        s = net.options.section
+        for key in ("mosaic", "blur", "cutmix"):
+            if s.int(key, 0):
+                raise s.error(f"{key}={s.str(key)}: not implemented (Darknet does it only in its "
+                              f"OpenCV build); set {key}=0", key)
+        heads = [layer for layer in net.layers if layer.type_name == "yolo"]
+        jitter = heads[-1].section.float("jitter", 0.2) if heads else 0.0
+        if not 0 <= jitter < 0.5:
+            raise heads[-1].section.error(f"jitter={jitter}: expected 0 <= jitter < 0.5", "jitter")
+        return DetectionAugmentation(
+            jitter=jitter, flip=s.bool("flip", True), hue=s.float("hue", 0.0),
+            saturation=s.float("saturation", 1.0) or 1.0, exposure=s.float("exposure", 1.0) or 1.0,
+            letter_box=s.bool("letter_box", False), mixup=s.int("mixup", 0) == 1)
+
+
+@dataclass(frozen=True)
+class ImageDraw:
+    """One image's random choices (Darknet's r1..r4, flip, dhue, dsat, dexp)."""
+
+    crop: tuple  # r1..r4 in [0, 1)
+    flip: bool
+    hue: float
+    saturation: float
+    exposure: float
+
+
+def rand_scale(rng, s):
+    """Darknet's rand_scale: U(1, s), or its inverse half of the time."""
+    scale = rng.uniform(min(1, s), max(1, s))
+    return scale if rng.integers(2) else 1 / scale
+
+
+def draw(augmentation, rng):
+    a = augmentation
+    return ImageDraw(crop=tuple(rng.random(4)), flip=bool(a.flip and rng.integers(2)),
+                     hue=rng.uniform(-a.hue, a.hue) if a.hue else 0.0,
+                     saturation=rand_scale(rng, a.saturation), exposure=rand_scale(rng, a.exposure))
+
+
+def crop_amounts(augmentation, choice, ow, oh, net_w, net_h):
+    """(pleft, pright, ptop, pbot) in pixels, as load_data_detection computes them."""
+    dw, dh = int(ow * augmentation.jitter), int(oh * augmentation.jitter)
+    r1, r2, r3, r4 = choice.crop
+    # rand_precalc_random(-d, d, r) = r * 2d - d, stored in an int (truncated toward zero).
+    pleft, pright = int(r1 * 2 * dw - dw), int(r2 * 2 * dw - dw)
+    ptop, pbot = int(r3 * 2 * dh - dh), int(r4 * 2 * dh - dh)
+    if augmentation.letter_box:
+        image_ratio, net_ratio = ow / oh, net_w / net_h
+        if image_ratio / net_ratio > 1:
+            delta = (ow / net_ratio - oh) / 2
+            ptop, pbot = int(ptop - delta), int(pbot - delta)
+        else:
+            delta = (oh * net_ratio - ow) / 2
+            pleft, pright = int(pleft - delta), int(pright - delta)
+    return pleft, pright, ptop, pbot
+
+
+def crop_image(image, left, top, width, height):
+    """Darknet's crop_image: a width x height window at (left, top); outside, the border
+    pixels repeat."""
+    _, h, w = image.shape
+    rows = np.clip(np.arange(top, top + height), 0, h - 1)
+    cols = np.clip(np.arange(left, left + width), 0, w - 1)
+    return image[:, rows][:, :, cols]
+
+
+def rgb_to_hsv(image):
+    r, g, b = image
+    high, low = image.max(axis=0), image.min(axis=0)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1)
+    hue = np.where(r == high, (g - b) / safe, np.where(g == high, 2 + (b - r) / safe,
+                                                        4 + (r - g) / safe))
+    hue = np.where(hue < 0, hue + 6, hue) / 6
+    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1), 0)
+    hue = np.where((high > 0) & (delta > 0), hue, 0)
+    return np.stack([hue, saturation, high])
+
+
+def hsv_to_rgb(image):
+    h, s, v = image
+    h = 6 * h
+    index = np.floor(h)
+    f = h - index
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v)]
+    rgb = [v, p, q]  # index 5 (and above)
+    for sector in reversed(range(5)):
+        rgb = [np.where(index == sector, sectors[sector][c], rgb[c]) for c in range(3)]
+    return np.where(s == 0, v, np.stack(rgb))
+
+
+def distort(image, hue, saturation, exposure):
+    """Darknet's distort_image (3 channels: HSV; 1 channel: exposure only), clamped to [0, 1]."""
+    if image.shape[0] < 3:
+        return np.clip(image * exposure, 0, 1).astype(np.float32)
+    hsv = rgb_to_hsv(image.astype(np.float32))
+    hsv[1] *= saturation
+    hsv[2] *= exposure
+    shifted = hsv[0] + hue
+    hsv[0] = np.where(shifted > 1, shifted - 1, np.where(shifted < 0, shifted + 1, shifted))
+    return np.clip(hsv_to_rgb(hsv), 0, 1).astype(np.float32)
+
+
+def transform_boxes(boxes, dx, dy, sx, sy, flip, net_w, net_h):
+    """correct_boxes then fill_truth_detection's filter: rows (x, y, w, h, class) relative to
+    the source image -> relative to the augmented image; boxes under one network pixel wide or
+    high, and rows Darknet treats as no box (x = y = 0, or wholly outside the image), dropped."""
+    x, y, w, h, cls = (boxes[:, k].astype(np.float64) for k in range(5))
+    outside = ((x == 0) & (y == 0)) | (x + w / 2 < 0) | (y + h / 2 < 0) | (x - w / 2 > 1) | \
+        (y - h / 2 > 1)
+    left, right = (x - w / 2) * sx - dx, (x + w / 2) * sx - dx
+    top, bottom = (y - h / 2) * sy - dy, (y + h / 2) * sy - dy
+    if flip:
+        left, right = 1 - right, 1 - left
+    left, right, top, bottom = (np.clip(v, 0, 1) for v in (left, right, top, bottom))
+    fitted = np.stack([(left + right) / 2, (top + bottom) / 2, right - left, bottom - top, cls], 1)
+    keep = ~outside & (fitted[:, 2] >= 1 / net_w) & (fitted[:, 3] >= 1 / net_h)
+    return fitted[keep].astype(np.float32)
+
+
+def augment(image, boxes, augmentation, choice, net_w, net_h):
+    """One image (C, oh, ow) in [0, 1] and its label rows -> (C, net_h, net_w) and its rows."""
+    _, oh, ow = image.shape
+    pleft, pright, ptop, pbot = crop_amounts(augmentation, choice, ow, oh, net_w, net_h)
+    swidth, sheight = ow - pleft - pright, oh - ptop - pbot
+    sx, sy = swidth / ow, sheight / oh
+    sized = resize_bilinear(crop_image(image, pleft, ptop, swidth, sheight), net_w, net_h)
+    if choice.flip:
+        sized = sized[:, :, ::-1]
+    if choice.hue or choice.saturation != 1 or choice.exposure != 1:
+        sized = distort(sized, choice.hue, choice.saturation, choice.exposure)
+    dx, dy = pleft / ow / sx, ptop / oh / sy
+    return np.ascontiguousarray(sized), transform_boxes(boxes, dx, dy, 1 / sx, 1 / sy,
+                                                        choice.flip, net_w, net_h)
+
+
+def load_augmented(job):
+    """(path, boxes, augmentation, seed tuple, net_w, net_h) -> (image, rows)."""
+    path, boxes, augmentation, seed, net_w, net_h = job
+    rng = np.random.default_rng(seed)
+    return augment(read_rgb(path), boxes, augmentation, draw(augmentation, rng), net_w, net_h)
+
+
+def load_augmented_batch(jobs):
+    """Worker entry point: a batch's load_augmented jobs -> their results."""
+    return [load_augmented(job) for job in jobs]
+
+
+def truth_rows(per_image, max_boxes):
+    """Darknet's net.truth: each image's rows (x, y, w, h, class), zero-padded to max_boxes."""
+    truth = np.zeros((len(per_image), max_boxes * 5), np.float32)
+    for i, rows in enumerate(per_image):
+        rows = rows[:max_boxes]
+        truth[i, :rows.size] = rows.reshape(-1)
+    return truth
+
+
+# ---- classifiers -----------------------------------------------------------------------------
+CLASSIFIER_KEYS = ("angle", "aspect", "min_crop", "max_crop", "flip", "hue", "saturation",
+                   "exposure")
+
+
+@dataclass(frozen=True)
+class ClassifierAugmentation:
+    """Darknet's classifier augmentation (load_image_augment_paths, random_augment_image,
+    rotate_crop_image, random_distort_image), with its defaults for absent keys: angle 0,
+    aspect 1, min_crop = width, max_crop = 2 * width, flip 1, hue 0, saturation 1, exposure 1.
+
+    Per image: the aspect drawn by rand_scale, a short side r drawn in [min_crop, max_crop],
+    an angle in [-angle, angle] degrees; the image scaled so its short side is r, rotated about
+    its centre and cut to a size x size square (size = the larger of width and height) at a
+    random offset within the scaled image, bilinear with zeros outside; mirrored half of the
+    time with flip; recoloured (distort_image); resized to the network input."""
+
+    width: int
+    height: int
+    angle: float = 0.0
+    aspect: float = 1.0
+    min_crop: int = 0
+    max_crop: int = 0
+    flip: bool = True
+    hue: float = 0.0
+    saturation: float = 1.0
+    exposure: float = 1.0
+
+    @staticmethod
+    def from_network(net):
+        """The cfg's augmentation, or None when its [net] names none of the keys: then images
+        train as they are (our rule, so that cfg/mnist.cfg's recipe keeps plain images; Darknet
+        would flip and zoom by default)."""
+        s = net.options.section
+        if not any(s.has(key) for key in CLASSIFIER_KEYS):
+            return None
+        o = net.options
+        augmentation = ClassifierAugmentation(
+            o.width, o.height, angle=s.float("angle", 0.0), aspect=s.float("aspect", 1.0) or 1.0,
+            min_crop=s.int("min_crop", o.width), max_crop=s.int("max_crop", 2 * o.width),
+            flip=s.bool("flip", True), hue=s.float("hue", 0.0),
+            saturation=s.float("saturation", 1.0) or 1.0, exposure=s.float("exposure", 1.0) or 1.0)
+        if not 0 < augmentation.min_crop <= augmentation.max_crop:
+            raise s.error(f"min_crop={augmentation.min_crop}, max_crop={augmentation.max_crop}: "
+                          "expected 0 < min_crop <= max_crop", "min_crop" if s.has("min_crop")
+                          else "max_crop")
+        for key in ("mixup", "blur", "cutmix", "mosaic"):
+            if s.int(key, 0):
+                raise s.error(f"{key}={s.str(key)}: not implemented for classifiers; set {key}=0",
+                              key)
+        return augmentation
+
+
+def rotate_crop(image, radians, scale, size, dx, dy, aspect):
+    """Darknet's rotate_crop_image to a size x size output: each output pixel samples the
+    image (bilinear, zero outside) at its rotated, scaled and shifted position."""
+    c, h, w = image.shape
+    y, x = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
+                       indexing="ij")
+    u = (x - size / 2) / scale * aspect + dx / scale * aspect
+    v = (y - size / 2) / scale + dy / scale
+    rx = np.cos(radians) * u - np.sin(radians) * v + w / 2
+    ry = np.sin(radians) * u + np.cos(radians) * v + h / 2
+    ix, iy = np.floor(rx).astype(np.int64), np.floor(ry).astype(np.int64)
+    fx, fy = rx - ix, ry - iy
+
+    def pixel(px, py):
+        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        return np.where(inside, image[:, np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], 0)
+
+    value = ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
+             + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1))
+    return value.astype(np.float32)
+
+
+def augment_classifier_image(image, a, rng):
+    """One (C, H, W) image in [0, 1] -> (C, a.height, a.width), as load_image_augment_paths."""
+    _, h, w = image.shape
+    size = max(a.width, a.height)
+    aspect = rand_scale(rng, a.aspect)
+    short = int(rng.integers(a.min_crop, a.max_crop + 1))
+    scale = short / int(min(h, w * aspect))  # Darknet stores the short side in an int
+    radians = rng.uniform(-a.angle, a.angle) * 2 * np.pi / 360
+    dx = max((w * scale / aspect - size) / 2, 0)
+    dy = max((h * scale - size) / 2, 0)
+    dx, dy = rng.uniform(-dx, dx), rng.uniform(-dy, dy)
+    crop = rotate_crop(image, radians, scale, size, dx, dy, aspect)
+    if a.flip and rng.integers(2):
+        crop = crop[:, :, ::-1]
+    hue = rng.uniform(-a.hue, a.hue) if a.hue else 0.0
+    crop = distort(crop, hue, rand_scale(rng, a.saturation), rand_scale(rng, a.exposure))
+    if crop.shape[1:] != (a.height, a.width):
+        crop = resize_bilinear(crop, a.width, a.height)
+    return np.ascontiguousarray(crop)
+
+
+def augment_classifier_batch(job):
+    """Worker entry point: (images (n, C, H, W), augmentation, seed, batch) -> augmented images."""
+    images, augmentation, seed, batch = job
+    return np.stack([augment_classifier_image(image, augmentation,
+                                              np.random.default_rng([seed, batch, n]))
+                     for n, image in enumerate(images)])
+
+
+def _worker_setup(trainer):
+    """Workers leave Ctrl-C to the trainer, which saves its weights and stops them; and they
+    end when the trainer is gone (killed), rather than wait for work forever."""
+    import os
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == trainer:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def prefetched(next_job, work, finish, workers=None, ahead=2):
+    """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
+    running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
+    wait on decoding and augmenting. Results come in order, so they do not depend on which
+    worker made them. A worker that dies ends training with an error instead of a hang."""
+    import multiprocessing
+    import os
+    import sys
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import DataError
+
+    workers = workers if workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers == 0 or (main_file is not None and not os.path.exists(main_file)):
+        # No workers asked for, or a program read from stdin, which spawned workers cannot
+        # import: prepare each batch in this process when it is needed.
+        while True:
+            job, plan = next_job()
+            yield finish(work(job), plan)
+    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
+        pending = deque()
+        try:
+            while True:
+                while len(pending) < ahead:
+                    job, plan = next_job()
+                    pending.append((pool.submit(work, job), plan))
+                result, plan = pending.popleft()
+                try:
+                    value = result.result()
+                except BrokenProcessPool:
+                    raise DataError("a data-loading worker process stopped unexpectedly (out of "
+                                    "memory?)") from None
+                yield finish(value, plan)
+        finally:
+            for future, _ in pending:
+                future.cancel()

@@ -1,0 +1,373 @@
+"""Detector augmentation (engine/augmentation.py) as Darknet's load_data_detection: a rectangle
+drawn in an image stays enclosed by its transformed box after every transform; colours against a
+colorsys reference; worker processes give the same batches as the trainer's own process; the cfg
+keys and their refusals; `engine train` with augmentation end to end."""
+
+import colorsys
+import os
+
+import numpy as np
+import pytest
+
+from engine import cli
+from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
+                                 distort, load_augmented, transform_boxes)
+from engine.data import DataConfig
+from engine.errors import ConfigError
+from engine.network import Network
+from engine.train import BatchSampler
+
+from helpers import write_cfg
+
+NET = 64
+
+
+def _rectangle_image(ow, oh, box):
+    """A grey image with a white rectangle at pixel edges (left, top, right, bottom); its label
+    row relative to the image."""
+    image = np.full((3, oh, ow), 0.0, np.float32)
+    left, top, right, bottom = box
+    image[:, top:bottom, left:right] = 1.0
+    row = np.array([[(left + right) / 2 / ow, (top + bottom) / 2 / oh, (right - left) / ow,
+                     (bottom - top) / oh, 1]], np.float32)
+    return image, row
+
+
+def _ink_extent(image):
+    """Continuous (left, top, right, bottom) of the pixels above half, in network units."""
+    mask = image[0] > 0.5
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return cols[0] / NET, rows[0] / NET, (cols[-1] + 1) / NET, (rows[-1] + 1) / NET
+
+
+def _box_edges(row):
+    x, y, w, h = row[:4]
+    return x - w / 2, y - h / 2, x + w / 2, y + h / 2
+
+
+CHOICES = [
+    ImageDraw((0.5, 0.5, 0.5, 0.5), False, 0, 1, 1),         # no crop
+    ImageDraw((0.9, 0.1, 0.8, 0.3), False, 0, 1, 1),         # crop in on the left and top
+    ImageDraw((0.1, 0.9, 0.2, 0.7), True, 0, 1, 1),          # widen, mirrored
+    ImageDraw((0.0, 1.0, 1.0, 0.0), True, 0, 1, 1),          # extremes
+]
+
+
+@pytest.mark.parametrize("letter_box", [False, True])
+@pytest.mark.parametrize("choice", range(len(CHOICES)))
+def test_box_encloses_the_rectangle_after_the_transform(choice, letter_box):
+    """Jitter 0.3, flip and letter_box on a 120x80 image: the transformed box and the white
+    pixels' extent agree within the resampling's one network pixel (a wrong offset, scale or
+    mirror moves them by several)."""
+    augmentation = DetectionAugmentation(jitter=0.3, flip=True, letter_box=letter_box)
+    image, row = _rectangle_image(120, 80, (50, 20, 90, 60))
+    out, rows = augment(image, row, augmentation, CHOICES[choice], NET, NET)
+    assert out.shape == (3, NET, NET) and len(rows) == 1 and rows[0, 4] == 1
+    np.testing.assert_allclose(_box_edges(rows[0]), _ink_extent(out), atol=1.01 / NET)
+
+
+def test_boxes_pushed_out_by_the_crop_are_clipped_or_dropped():
+    """A crop that cuts the left 40%: a box across the cut is clipped at the new border, a box
+    wholly in the cut part vanishes (zero width after clamping), a box inside only moves."""
+    augmentation = DetectionAugmentation(jitter=0.4)
+    choice = ImageDraw((1.0, 0.5, 0.5, 0.5), False, 0, 1, 1)
+    assert crop_amounts(augmentation, choice, 100, 100, NET, NET) == (40, 0, 0, 0)
+    sx = 0.6
+    rows = np.array([[0.45, 0.5, 0.2, 0.2, 0],    # 0.35..0.55: across the cut
+                     [0.2, 0.5, 0.2, 0.2, 1],     # 0.10..0.30: cut away
+                     [0.8, 0.3, 0.2, 0.2, 2]], np.float32)  # 0.70..0.90: inside
+    out = transform_boxes(rows, 0.4 / sx, 0, 1 / sx, 1, False, NET, NET)
+    assert list(out[:, 4]) == [0, 2]
+    np.testing.assert_allclose(_box_edges(out[0]), [0, 0.4, 0.15 / sx, 0.6], atol=1e-6)
+    np.testing.assert_allclose(_box_edges(out[1]), [0.3 / sx, 0.2, 0.5 / sx, 0.4], atol=1e-6)
+
+
+def test_flip_mirrors_pixels_and_boxes_exactly():
+    image, row = _rectangle_image(NET, NET, (5, 10, 25, 30))
+    plain = ImageDraw((0.5,) * 4, False, 0, 1, 1)
+    flipped = ImageDraw((0.5,) * 4, True, 0, 1, 1)
+    augmentation = DetectionAugmentation(flip=True)
+    a, rows_a = augment(image, row, augmentation, plain, NET, NET)
+    b, rows_b = augment(image, row, augmentation, flipped, NET, NET)
+    np.testing.assert_array_equal(b, a[:, :, ::-1])
+    np.testing.assert_allclose(rows_b[0, [1, 2, 3]], rows_a[0, [1, 2, 3]])
+    assert rows_b[0, 0] == pytest.approx(1 - rows_a[0, 0])
+
+
+def test_hue_saturation_exposure_against_colorsys():
+    """distort: hue shifted (wrapping), S and V scaled, clamped; colorsys is the reference.
+    Boxes are untouched by colour."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (3, 5, 7)).astype(np.float32)
+    out = distort(image, 0.3, 1.4, 0.8)
+    for y in range(5):
+        for x in range(7):
+            h, s, v = colorsys.rgb_to_hsv(*image[:, y, x].astype(float))
+            # Darknet scales S without a bound: S > 1 gives negative RGB, clamped to 0.
+            expected = np.clip(colorsys.hsv_to_rgb((h + 0.3) % 1, s * 1.4, v * 0.8), 0, 1)
+            np.testing.assert_allclose(out[:, y, x], expected, atol=1e-5)
+    grey = np.full((3, 2, 2), 0.5, np.float32)
+    np.testing.assert_allclose(distort(grey, 0.4, 2.0, 1.5), 0.75, atol=1e-6)
+    augmentation = DetectionAugmentation(hue=0.5, saturation=2, exposure=2)
+    img, row = _rectangle_image(NET, NET, (5, 10, 25, 30))
+    _, rows = augment(img, row, augmentation, ImageDraw((0.5,) * 4, False, 0.2, 1.5, 0.7), NET, NET)
+    np.testing.assert_allclose(rows, row, atol=1e-6)
+
+
+# ---- cfg keys, worker processes, engine train -----------------------------------------------
+DETECTOR = """
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=45
+size=1
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=6,6, 10,10, 14,14
+classes=10
+num=3
+{yolo}
+"""
+
+
+def _cfg(folder, net=None, yolo=""):
+    options = dict(batch=4, subdivisions=1, width=32, height=32, channels=3, max_batches=2)
+    options.update(net or {})
+    return write_cfg(folder / "aug.cfg", options, DETECTOR.format(yolo=yolo))
+
+
+def test_cfg_keys_and_darknet_defaults(tmp_path):
+    net = Network(_cfg(tmp_path), quiet=True)
+    assert DetectionAugmentation.from_network(net) == DetectionAugmentation(jitter=0.2, flip=True)
+    net = Network(_cfg(tmp_path, dict(flip=0, hue=0.1, saturation=1.5, exposure=1.5,
+                                      letter_box=1, mixup=1), "jitter=.3"), quiet=True)
+    assert DetectionAugmentation.from_network(net) == DetectionAugmentation(
+        jitter=0.3, flip=False, hue=0.1, saturation=1.5, exposure=1.5, letter_box=True, mixup=True)
+    for key in ("mosaic", "blur", "cutmix"):
+        net = Network(_cfg(tmp_path, {key: 1}), quiet=True)  # inference still builds
+        with pytest.raises(ConfigError, match=f"aug.cfg:[0-9]+: \\[net\\] {key}=1"):
+            DetectionAugmentation.from_network(net)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("augset")
+    cli.main(["mnist-detection", str(folder), "--train", "12", "--valid", "2", "--size", "40",
+              "--min-digit", "10", "--max-digit", "20"])
+    return str(folder / "mnist-detect.data")
+
+
+def test_workers_give_the_batches_the_trainer_would_make(scenes, tmp_path):
+    """The same seed gives the same augmented batches in a process pool and in-process, mixup
+    included (blended images hold more boxes); another seed gives other images."""
+    net = Network(_cfg(tmp_path), quiet=True)
+    data = DataConfig(scenes)
+    augmentation = DetectionAugmentation(jitter=0.2, flip=True, exposure=1.5, mixup=True)
+
+    def first_batches(workers, seed):
+        dataset = data.detection_dataset("train", net.input_shape, 90)
+        dataset.augment(augmentation, seed)
+        sampler = BatchSampler(len(dataset), 4, np.random.default_rng(0))
+        if workers == 0:
+            return [dataset.training_batch(sampler.next()) for _ in range(4)]
+        batches = dataset.batches(sampler, workers=workers)
+        try:
+            return [next(batches) for _ in range(4)]
+        finally:
+            batches.close()
+
+    inline, pooled, other = first_batches(0, 5), first_batches(2, 5), first_batches(0, 6)
+    for (a, ta), (b, tb) in zip(inline, pooled):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+    assert not np.array_equal(inline[0][0], other[0][0])
+    # Mixup: some batches are blended; such a batch is the mean of two augmented images, with
+    # the second image's boxes before the first's.
+    dataset = data.detection_dataset("train", net.input_shape, 90)
+    dataset.augment(augmentation, 5)
+    sampler = BatchSampler(len(dataset), 4, np.random.default_rng(0))
+    plans = [dataset._augmentation_jobs(sampler.next()) for _ in range(4)]
+    blended = [n for n, (_, blend) in enumerate(plans) if blend]
+    assert blended and len(blended) < 4
+    jobs = plans[blended[0]][0]
+    assert len(jobs) == 8
+    (first, first_rows), (second, second_rows) = load_augmented(jobs[0]), load_augmented(jobs[4])
+    images, truth = inline[blended[0]]
+    np.testing.assert_allclose(images[0], 0.5 * first + 0.5 * second, atol=1e-6)
+    expected = np.concatenate([second_rows, first_rows]).reshape(-1)
+    np.testing.assert_array_equal(truth[0, :len(expected)], expected)
+    assert not truth[0, len(expected):].any()
+
+
+def test_engine_train_augments_a_detector(scenes, tmp_path, capsys):
+    cfg = _cfg(tmp_path, dict(hue=0.1, exposure=1.5), "jitter=.3")
+    code = cli.main(["train", cfg, "--data", scenes, "--cpu", "--backup", str(tmp_path / "b")])
+    assert code == 0 and os.path.exists(tmp_path / "b" / "aug_final.weights")
+    cfg = _cfg(tmp_path, dict(mosaic=1))
+    code = cli.main(["train", cfg, "--data", scenes, "--cpu", "--backup", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 1 and "mosaic=1" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- classifiers -----------------------------------------------------------------------------
+from engine.augmentation import (ClassifierAugmentation, augment_classifier_image,  # noqa: E402
+                                 rotate_crop)
+
+
+def reference_rotate_crop(image, rad, s, size, dx, dy, aspect):
+    """rotate_crop_image and bilinear_interpolate (src/image.c) in plain Python loops."""
+    import math
+
+    c, h, w = image.shape
+    out = np.zeros((c, size, size))
+
+    def get(k, x, y):
+        return image[k, y, x] if 0 <= x < w and 0 <= y < h else 0.0
+
+    for k in range(c):
+        for y in range(size):
+            for x in range(size):
+                rx = (math.cos(rad) * ((x - size / 2) / s * aspect + dx / s * aspect)
+                      - math.sin(rad) * ((y - size / 2) / s + dy / s) + w / 2)
+                ry = (math.sin(rad) * ((x - size / 2) / s * aspect + dx / s * aspect)
+                      + math.cos(rad) * ((y - size / 2) / s + dy / s) + h / 2)
+                ix, iy = math.floor(rx), math.floor(ry)
+                fx, fy = rx - ix, ry - iy
+                out[k, y, x] = ((1 - fy) * (1 - fx) * get(k, ix, iy) + fy * (1 - fx) * get(k, ix, iy + 1)
+                                + (1 - fy) * fx * get(k, ix + 1, iy) + fy * fx * get(k, ix + 1, iy + 1))
+    return out
+
+
+@pytest.mark.parametrize("params", [(0.3, 1.0, 12, 0.0, 0.0, 1.0), (-0.7, 1.6, 10, 2.5, -1.5, 1.3),
+                                    (0.0, 0.8, 14, 0.0, 0.0, 0.7)])
+def test_rotate_crop_equals_darknets_loops(params):
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, 9, 11)).astype(np.float32)
+    rad, s, size, dx, dy, aspect = params
+    np.testing.assert_allclose(rotate_crop(image, rad, s, size, dx, dy, aspect),
+                               reference_rotate_crop(image, rad, s, size, dx, dy, aspect), atol=1e-5)
+
+
+def test_quarter_turn_and_identity():
+    """A 90 degree turn maps out[y, x] to in[x, w - y] (one column falls outside: zero); with
+    min_crop = max_crop = width, no angle, aspect 1 and no flip the image is unchanged."""
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 1, (1, 8, 8)).astype(np.float32)
+    turned = rotate_crop(image, np.pi / 2, 1.0, 8, 0, 0, 1)
+    for y in range(1, 8):
+        for x in range(8):
+            assert turned[0, y, x] == pytest.approx(image[0, x, 8 - y], abs=1e-6)
+    assert not turned[0, 0].any()
+    plain = ClassifierAugmentation(8, 8, min_crop=8, max_crop=8, flip=False)
+    np.testing.assert_allclose(augment_classifier_image(image, plain, np.random.default_rng(0)),
+                               image, atol=1e-6)
+
+
+def test_zoom_crop_and_flip_draws():
+    """min_crop = max_crop = 2 * width: the image doubled and cut to width at a random offset
+    (every output is a crop of the doubled image); flip mirrors about half of the draws."""
+    image = np.zeros((1, 8, 8), np.float32)
+    image[0, :, :4] = 1  # left half white
+    zoom = ClassifierAugmentation(8, 8, min_crop=16, max_crop=16, flip=True)
+    means = [augment_classifier_image(image, zoom, np.random.default_rng(n))[0, :, :2].mean()
+             for n in range(40)]
+    flips = sum(m < 0.5 for m in means)
+    assert 8 < flips < 32
+    out = augment_classifier_image(image, ClassifierAugmentation(8, 8, min_crop=16, max_crop=16,
+                                                                 flip=False),
+                                   np.random.default_rng(3))
+    assert out.shape == (1, 8, 8) and out[0, :, 0].mean() > 0.5
+
+
+def test_classifier_keys(tmp_path):
+    body = "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n\n[softmax]\n"
+    plain = Network(write_cfg(tmp_path / "a.cfg", dict(batch=2, width=8, height=8, channels=1),
+                              body), quiet=True)
+    assert ClassifierAugmentation.from_network(plain) is None
+    net = Network(write_cfg(tmp_path / "b.cfg", dict(batch=2, width=8, height=8, channels=1,
+                                                      angle=7, exposure=1.2), body), quiet=True)
+    assert ClassifierAugmentation.from_network(net) == ClassifierAugmentation(
+        8, 8, angle=7, min_crop=8, max_crop=16, flip=True, exposure=1.2)
+    bad = Network(write_cfg(tmp_path / "c.cfg", dict(batch=2, width=8, height=8, channels=1,
+                                                      min_crop=20, max_crop=10), body), quiet=True)
+    with pytest.raises(ConfigError, match="c.cfg:[0-9]+: \\[net\\] min_crop=20"):
+        ClassifierAugmentation.from_network(bad)
+
+
+def test_classifier_batches_from_workers_equal_in_process(tmp_path):
+    from engine.data import Dataset
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (10, 1, 8, 8)).astype(np.float32)
+    augmentation = ClassifierAugmentation(8, 8, angle=10, min_crop=8, max_crop=12, exposure=1.3)
+
+    def first(workers):
+        dataset = Dataset(images, np.arange(10) % 3, 3, "x")
+        dataset.augment(augmentation, 4)
+        sampler = BatchSampler(10, 4, np.random.default_rng(1))
+        if not workers:
+            return [dataset.training_batch(sampler.next()) for _ in range(3)]
+        batches = dataset.batches(sampler, workers=workers)
+        try:
+            return [next(batches) for _ in range(3)]
+        finally:
+            batches.close()
+
+    for (a, ta), (b, tb) in zip(first(0), first(2)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+    assert not np.allclose(first(0)[0][0], images[BatchSampler(10, 4, np.random.default_rng(1)).next()])
+
+
+def test_engine_train_augments_a_classifier(tmp_path, capsys):
+    """cfg/mnist.cfg with angle, min_crop/max_crop and flip=0 trains through engine train."""
+    import gzip
+    import struct
+
+    from conftest import CFG, ROOT
+    from engine.data import read_idx
+
+    def write_idx(path, array):
+        with gzip.open(path, "wb") as handle:
+            handle.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+                         + array.astype(np.uint8).tobytes())
+
+    mnist = os.path.join(ROOT, "data", "mnist")
+    write_idx(tmp_path / "i.idx3.gz", read_idx(os.path.join(mnist, "train-images.idx3-ubyte.gz"))[:64])
+    write_idx(tmp_path / "l.idx1.gz", read_idx(os.path.join(mnist, "train-labels.idx1-ubyte.gz"))[:64])
+    data = tmp_path / "m.data"
+    data.write_text(f"classes=10\ntrain={tmp_path}/i.idx3.gz\ntrain_labels={tmp_path}/l.idx1.gz\n"
+                    f"backup={tmp_path}/backup\n")
+    text = open(os.path.join(CFG, "mnist.cfg")).read()
+    text = text.replace("batch=128", "batch=16\nangle=10\nmin_crop=28\nmax_crop=34\nflip=0")
+    cfg = tmp_path / "aug-mnist.cfg"
+    cfg.write_text(text.replace("max_batches=2000", "max_batches=3"))
+    assert cli.main(["train", str(cfg), "--data", str(data), "--cpu"]) == 0
+    assert os.path.exists(tmp_path / "backup" / "aug-mnist_final.weights")
+
+
+@pytest.mark.parametrize("jitter", ["0", ".2"])
+def test_undecodable_image_in_a_worker_is_one_line(scenes, tmp_path, capsys, jitter):
+    """An image a worker process cannot decode ends engine train with the usual one line, with
+    and without augmentation."""
+    folder = tmp_path / "broken"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "bad.png").write_bytes(b"not an image")
+    listed = (open(DataConfig(scenes).values["train"]).read().split()[:3]
+              + [str(folder / "images" / "bad.png")])
+    (folder / "train.txt").write_text("\n".join(listed) + "\n")
+    data = folder / "b.data"
+    data.write_text(f"classes=10\ntrain={folder}/train.txt\nbackup={folder}/backup\n")
+    cfg = _cfg(tmp_path, dict(flip=0), f"jitter={jitter}")
+    code = cli.main(["train", cfg, "--data", str(data), "--cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "bad.png: cannot decode image" in err[-1], err
+    assert not any("Traceback" in line for line in err)
