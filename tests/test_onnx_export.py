@@ -370,6 +370,7 @@ def test_every_activation(tmp_path, name):
     assert set(onnx_export.ACTIVATIONS) >= set(activations.NAMES + activations.CHANNEL_NAMES)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the engine's np.where
 def test_mish_beyond_the_softplus_threshold(tmp_path):
     """AlexeyAB's softplus is x above 20 and exp(x) below -20: mish there, to float32."""
     path = write_cfg(tmp_path / "m.cfg", {"batch": 1, "height": 1, "width": 8, "channels": 1},
