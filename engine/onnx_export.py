@@ -2,20 +2,26 @@
 
 The exported graph computes what the engine computes at inference, with Darknet's semantics
 (maxpool padded with -inf from -padding//2, [reorg]'s element order, [shortcut] of different
-shapes, BN folded with Darknet's inference rule). One small function per layer type in
-EXPORTERS (with the cfg keys it honours, EXPORTED_KEYS) and one per activation in ACTIVATIONS: a
+shapes, BN folded with the network's inference rule), AlexeyAB's layers and keys included. One
+small function per layer type in EXPORTERS (with the cfg keys it honours, EXPORTED_KEYS) and
+one per activation in ACTIVATIONS: a
 new layer type, key or activation is added there, and `DECODERS` holds the box decoding of each
 detection-head type. Anything without an exporter is refused with an ExportError naming it.
 
-Outputs: by default every [yolo]/[region] head's output as the layer produces it, (N, anchors *
-entries, H, W) with the logistic (and softmax) already applied, named `<type>_<layer index>`;
+Outputs: by default every detection head's output ([yolo], [region], AlexeyAB's
+[Gaussian_yolo], YOLOv1's [detection]) as the layer produces it, e.g. (N, anchors * entries, H, W)
+with the logistic (and softmax, scale_x_y) already applied, named `<type>_<layer index>`;
 a network without heads has one output `output`, (N, outputs), as Network.predict returns.
 `decode=True` adds Darknet's box decoding: `boxes` (N, B, 4) centre x, y, width, height in
 network-input pixels, `objectness` (N, B) and `scores` (N, B, classes) = objectness x class
-score. `nms=IOU` then appends ONNX NonMaxSuppression per class (Darknet's do_nms_sort with
-`thresh`), giving `selected` (K, 3) int64 rows (image, class, box), `detection_boxes` (K, 4)
-and `detection_scores` (K,). Letterboxing an image into the input, and mapping boxes back to
-it, stay outside the model.
+score. `nms=IOU` then appends the suppression engine detect uses (Darknet's do_nms_sort with
+`thresh`: ONNX NonMaxSuppression per class; AlexeyAB's DIoU kinds greedynms/diounms as a Loop),
+giving `selected` (K, 3) int64 rows (image, class, box), `detection_boxes` (K, 4) and
+`detection_scores` (K,). Letterboxing an image into the input, and mapping boxes back to it,
+stay outside the model.
+
+Batch norm is folded by the layers' own folding (LinearUnit.folded_parameters), so with the
+engine's inference rule for the network's Darknet (pjreddie's or AlexeyAB's).
 """
 
 import numpy as np
@@ -711,8 +717,13 @@ def decode_grid(g, layer, x, anchors, anchor_pixels, net_w, net_h, new_coords=Fa
     grid = np.tile(np.stack([cell % w, cell // w], axis=-1), (anchors, 1))[None]
     cell_size = np.float32([net_w / w, net_h / h]).reshape(1, 1, 2)
     ex, ey, ew, eh = box_entries
-    xy = g.op("Concat", [entry(ex), entry(ey)], axis=2) if ey != ex + 1 else g.slice(rows, 2, ex, ex + 2)
-    wh = g.op("Concat", [entry(ew), entry(eh)], axis=2) if eh != ew + 1 else g.slice(rows, 2, ew, ew + 2)
+
+    def pair(first, second):
+        if second == first + 1:
+            return g.slice(rows, 2, first, first + 2)
+        return g.op("Concat", [entry(first), entry(second)], axis=2)
+
+    xy, wh = pair(ex, ey), pair(ew, eh)
     centres = g.op("Mul", [g.op("Add", [xy, g.const(grid.astype(np.float32), "grid")]),
                            g.const(cell_size, "cell")])
     if new_coords:  # AlexeyAB's get_yolo_box with new_coords: (2w)^2 = w * w * 4
@@ -790,12 +801,11 @@ def head_boxes(layer):
 
 def valid_boxes(g, layer, objectness, thresh, nms):
     """Which boxes engine detect considers: objectness above the threshold (Darknet's
-    get_yolo/region_detections), or for YOLOv1 above 0 when NMS runs (do_nms_sort)."""
-    if layer.type_name == "detection":
-        if not nms:
-            return None
-        return _greater(g, objectness, 0)
-    return _greater(g, objectness, thresh)
+    get_yolo/region_detections); YOLOv1 keeps every box, but do_nms_sort then drops those of
+    confidence 0 or less."""
+    if layer.type_name != "detection":
+        return _greater(g, objectness, thresh)
+    return _greater(g, objectness, 0 if nms else -np.inf)
 
 
 def append_nms(g, boxes, scores, total, iou_threshold, score_threshold):
@@ -1018,12 +1028,9 @@ def build_model(net, batch=1, opset=17, fp16=False, decode=False, nms=None, thre
             # the boxes engine detect considers (objectness above the threshold)
             masks = [valid_boxes(g, net.layers[i], part[1], thresh, nms)
                      for i, part in zip(heads, parts)]
-            if any(mask is not None for mask in masks):
-                masks = [mask if mask is not None else g.op("Not", [_less(g, part[1], -np.inf)])
-                         for mask, part in zip(masks, parts)]
-                valid = masks[0] if len(masks) == 1 else g.op("Concat", masks, axis=1)
-                scores = g.op("Where", [g.op("Unsqueeze", [valid, g.ints([2], "axes")]), scores,
-                                        g.scalar(0)])
+            valid = masks[0] if len(masks) == 1 else g.op("Concat", masks, axis=1)
+            scores = g.op("Where", [g.op("Unsqueeze", [valid, g.ints([2], "axes")]), scores,
+                                    g.scalar(0)])
             if nms and diou_beta is not None:
                 selected, found_boxes, found_scores = append_diou_nms(
                     g, boxes, scores, nms, thresh, diou_beta, net.options.width,

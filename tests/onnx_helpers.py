@@ -64,8 +64,8 @@ def resized_cfg(cfg_path, folder, size=None, divisor=1, batch=1):
 
 
 def randomize(net, seed=0, images=2):
-    """Random biases, BN scales and [shortcut] weights, and rolling statistics taken from the network's own pre-BN
-    outputs on random images: the mean partly (a random 0..50% of it), the variance as the
+    """Random biases, BN scales and [shortcut] weights, and rolling statistics taken from the
+    network's own pre-BN outputs on random images: the mean partly (a random 0..50% of it), the variance as the
     mean square about that, times 1..2. BN folding is tested while each layer's output keeps a
     trained network's scale, so a deep network's softmax does not saturate into an exact
     one-hot vector (which would match anything), and no channel whose values barely vary is
