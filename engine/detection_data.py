@@ -29,10 +29,14 @@ MIN_BOX_SIZE = 0.001  # fill_truth_detection skips boxes narrower or lower than 
 
 
 def label_path(image_path):
-    """Darknet's label file for an image: images/x.jpg -> labels/x.txt (first occurrence of each
-    folder name, as its find_replace does)."""
+    """The label file for an image. pjreddie's Darknet: images/x.jpg -> labels/x.txt (first
+    occurrence of each folder name, as its find_replace does). AlexeyAB's fork keeps it beside
+    the image, x.jpg -> x.txt (its replace_image_to_label maps only COCO's and VOC's folder
+    names): that one is read when pjreddie's does not exist, so sets made for either fork load."""
     path = image_path.replace("images", "labels", 1).replace("JPEGImages", "labels", 1)
-    return os.path.splitext(path)[0] + ".txt"
+    pjreddie = os.path.splitext(path)[0] + ".txt"
+    beside = os.path.splitext(image_path)[0] + ".txt"
+    return beside if not os.path.exists(pjreddie) and os.path.exists(beside) else pjreddie
 
 
 def read_boxes(path, classes):

@@ -13,6 +13,7 @@ the same files byte for byte.
 
     OUT/images/train/000000.png   OUT/labels/train/000000.txt   (class x_center y_center w h)
     OUT/images/valid/000000.png   OUT/labels/valid/000000.txt
+    OUT/images/train/000000.txt   (the same label beside its image: where AlexeyAB's fork looks)
     OUT/train.txt  OUT/valid.txt  (absolute image paths, as Darknet reads them from any folder)
     OUT/mnist-detect.names  OUT/mnist-detect.data  (classes, train, valid, names, backup)
 """
@@ -123,8 +124,11 @@ def generate(out_dir, train=10000, valid=1000, size=96, seed=0, min_digits=1, ma
                                       min_digit, max_digit, max_overlap)
             path = os.path.join(image_dir, f"{n:06d}.png")
             Image.fromarray(scene).save(path)
-            with open(os.path.join(label_dir, f"{n:06d}.txt"), "w") as handle:
-                handle.write("".join(line + "\n" for line in label_lines(boxes, size)))
+            text = "".join(line + "\n" for line in label_lines(boxes, size))
+            # pjreddie's Darknet reads labels/, AlexeyAB's the file beside the image.
+            for folder in (label_dir, image_dir):
+                with open(os.path.join(folder, f"{n:06d}.txt"), "w") as handle:
+                    handle.write(text)
             paths.append(path)
         with open(os.path.join(out_dir, f"{split}.txt"), "w") as handle:
             handle.write("".join(p + "\n" for p in paths))

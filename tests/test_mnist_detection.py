@@ -53,6 +53,9 @@ def test_layout_and_data_file(generated):
             with Image.open(path) as image:
                 assert image.size == (SIZE, SIZE)
             assert os.path.exists(label_path(path))
+            # the same label beside the image, where AlexeyAB's fork reads it
+            beside = os.path.splitext(path)[0] + ".txt"
+            assert open(beside).read() == open(label_path(path)).read() != ""
     dataset = data.detection_dataset("valid", (3, SIZE, SIZE), 90)
     assert len(dataset) == 10 and (dataset.truth[:, 0] > 0).all()  # every scene holds a digit
 

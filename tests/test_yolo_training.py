@@ -275,6 +275,21 @@ def test_label_path_follows_darknet():
     assert label_path("/x/images/b.png") == "/x/labels/b.txt"
 
 
+def test_a_label_beside_its_image_is_read_as_alexeyabs_fork_does(tmp_path):
+    """AlexeyAB's layout (x.png with x.txt beside it, no labels/ folder) loads its boxes; where
+    both exist, pjreddie's labels/ file is the one read."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    (images / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    assert label_path(str(images / "a.png")) == str(images / "a.txt")
+    np.testing.assert_allclose(read_boxes(label_path(str(images / "a.png")), 2),
+                               [[0.5, 0.5, 0.2, 0.2, 1]])
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    assert label_path(str(images / "a.png")) == str(tmp_path / "labels" / "a.txt")
+
+
 @pytest.mark.parametrize("line, message", [
     ("0 0.5 0.5 0.2", "expected 'class x_center y_center width height', got '0 0.5 0.5 0.2'"),
     ("0 0.5 0.5 0.2 0.2 7", "expected 'class x_center y_center width height'"),
