@@ -123,7 +123,9 @@ ALEXEYAB_KEYS = {"scale_x_y", "new_coords", "nms_kind", "beta_nms", "iou_loss", 
                  "cls_normalizer", "obj_normalizer", "iou_thresh", "max_delta", "weights_type",
                  "weights_normalization", "stride_x", "stride_y", "dilation", "share_index",
                  "antialiasing", "maxpool_depth", "stopbackward", "letter_box", "mosaic",
-                 "cutmix", "ema_alpha", "group_id", "learning_rate_min", "sgdr_cycle"}
+                 "cutmix", "ema_alpha", "group_id", "learning_rate_min", "sgdr_cycle",
+                 "label_smooth_eps", "objectness_smooth", "counters_per_class",
+                 "delta_normalizer", "iou_thresh_kind", "focal_loss"}
 
 
 def darknet_of(sections):

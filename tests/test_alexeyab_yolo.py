@@ -176,13 +176,19 @@ def test_unknown_nms_kind_names_its_line(tmp_path):
 @pytest.mark.parametrize("extra,key", [("iou_loss=ciou", "iou_loss"), ("iou_normalizer=0.07", "iou_normalizer"),
                                        ("scale_x_y=1.05", "scale_x_y"), ("new_coords=1", "new_coords"),
                                        ("label_smooth_eps=0.1", "label_smooth_eps")])
-def test_training_keys_load_but_refuse_training(tmp_path, capsys, extra, key):
-    """Training-only keys are read (no 'Unused field'), inference works, and training refuses a
-    non-default value with one line naming it; AlexeyAB's defaults are accepted."""
+def test_training_keys_train_with_alexeyabs_loss(tmp_path, capsys, extra, key):
+    """Training-only keys are read (no 'Unused field'), inference works, and the cfg (AlexeyAB's)
+    trains with AlexeyAB's loss; run as pjreddie's (--darknet pjreddie), whose loss lacks the
+    key, training refuses a non-default value with one line naming it; AlexeyAB's defaults are
+    accepted."""
     net = Network(detector_cfg(tmp_path, yolo_extra=extra))
     assert "Unused field" not in capsys.readouterr().err
     net.forward(net.ops.asarray(np.zeros((1, 3, 64, 64), np.float32)))
+    assert net.layers[-1].loss_kind == "alexeyab"
+    net.layers[-1].check_trainable()
+    as_pjreddie = Network(detector_cfg(tmp_path, yolo_extra=extra), quiet=True, darknet="pjreddie")
     with pytest.raises(ConfigError, match=rf"det\.cfg:\d+: \[yolo\] {key}="):
-        net.layers[-1].check_trainable()
+        as_pjreddie.layers[-1].check_trainable()
     defaults = "iou_loss=mse\niou_normalizer=0.75\nscale_x_y=1.0\nnew_coords=0"
-    Network(detector_cfg(tmp_path, yolo_extra=defaults), quiet=True).layers[-1].check_trainable()
+    Network(detector_cfg(tmp_path, yolo_extra=defaults), quiet=True,
+            darknet="pjreddie").layers[-1].check_trainable()

@@ -10,11 +10,17 @@ AlexeyAB's keys (its src/yolo_layer.c): `scale_x_y=s` maps x and y to s*x - (s-1
 logistic (YOLOv4's grid-sensitivity fix), and `new_coords=1` (YOLOv7, scaled-YOLOv4) applies no
 logistic here at all (the convolution before already used it) and decodes sizes as
 (2*w)^2 * anchor instead of exp(w) * anchor. `nms_kind` and `beta_nms` choose the suppression
-`engine detect` uses. Its training-only keys (loss normalizers, iou_loss, label smoothing...) are
-kept; the YOLOv3 loss here implements none of them, so training refuses a cfg that sets one to
-a value other than AlexeyAB's default (TRAINING_DEFAULTS), naming its line.
+`engine detect` uses.
 
-Training: `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
+Which loss trains the layer follows the Darknet the cfg comes from (Network.darknet: a cfg with
+a section, activation or key only AlexeyAB's fork reads is AlexeyAB's, `--darknet` overrides):
+AlexeyAB's cfgs train with AlexeyAB's loss and all its training keys
+(engine.layers.alexeyab_yolo_loss); pjreddie's (yolov3*.cfg) with pjreddie's YOLOv3 loss below,
+which has none of those keys, so a cfg run as pjreddie's that sets one to a value other than
+AlexeyAB's default is refused for training, naming its line. The two losses differ even with
+AlexeyAB's defaults (iou_normalizer=0.75, the class-score condition on ignore_thresh...).
+
+Training (pjreddie's): `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
 truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
 Like Darknet's GPU path, the loss runs on the host: it loops over truth boxes, and the output is
 small (on the GPU that is one output download and one delta upload per head and mini-batch).
@@ -31,11 +37,13 @@ Darknet's sum of squared deltas, which is not that loss.
 import numpy as np
 
 from ..detection import box_iou, grid_boxes
+from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
+                                 classes_multipliers)
 from .base import Layer
 
 YOLO_NMS_KINDS = ("default", "greedynms", "diounms")
-# AlexeyAB's training-only [yolo] keys and their defaults (parse_yolo): a cfg may set them, but
-# training with another value would need a loss the engine does not have.
+# AlexeyAB's training-only [yolo] keys and their defaults (parse_yolo): AlexeyAB's loss reads
+# them; training with pjreddie's loss refuses another value.
 TRAINING_DEFAULTS = {"max_delta": None, "counters_per_class": None, "label_smooth_eps": 0.0,
                      "objectness_smooth": 0.0, "iou_normalizer": 0.75, "obj_normalizer": 1.0,
                      "cls_normalizer": 1.0, "delta_normalizer": 1.0, "iou_loss": "mse",
@@ -133,6 +141,9 @@ class YoloLayer(Layer):
         self.new_coords = section.bool("new_coords", False) if self.box_entries == 4 else False
         self.nms_kind, self.beta_nms = parse_nms(section, self.nms_kinds)
         self.untrainable = training_keys(section, self.training_defaults)
+        self.loss_kind = getattr(net, "darknet", "pjreddie")
+        if self.loss_kind == "alexeyab" and self.box_entries == 4:
+            self.read_alexeyab_loss_keys(section)
         # a head with keys only AlexeyAB's fork reads comes from that fork (detection follows
         # its conventions, see engine.detection.uses_letterbox)
         self.alexeyab = any(section.has(key) for key in ALEXEYAB_ONLY_KEYS)
@@ -156,8 +167,35 @@ class YoloLayer(Layer):
         self.output = ops.anchor_activate(x, len(self.mask), logistic, affine=affine)
         return self.output
 
+    def read_alexeyab_loss_keys(self, section):
+        """The keys of AlexeyAB's loss (parse_yolo's defaults); names it does not know refused
+        (AlexeyAB falls back to iou silently)."""
+        self.iou_loss = section.str("iou_loss", "mse")
+        if self.iou_loss not in IOU_LOSSES:
+            raise section.error(f"iou_loss={self.iou_loss}: expected one of {', '.join(IOU_LOSSES)}",
+                                "iou_loss")
+        self.iou_thresh_kind = section.str("iou_thresh_kind", "iou")
+        if self.iou_thresh_kind not in IOU_KINDS:
+            raise section.error(f"iou_thresh_kind={self.iou_thresh_kind}: expected one of "
+                                f"{', '.join(IOU_KINDS)}", "iou_thresh_kind")
+        self.iou_normalizer = section.float("iou_normalizer", 0.75)
+        self.obj_normalizer = section.float("obj_normalizer", 1.0)
+        self.cls_normalizer = section.float("cls_normalizer", 1.0)
+        self.delta_normalizer = section.float("delta_normalizer", 1.0)
+        self.iou_thresh = section.float("iou_thresh", 1.0)
+        self.max_delta = section.float("max_delta", FLT_MAX)
+        self.label_smooth_eps = section.float("label_smooth_eps", 0.0)
+        self.objectness_smooth = section.int("objectness_smooth", 0)
+        self.focal_loss = section.int("focal_loss", 0)
+        self.class_multipliers = classes_multipliers(section, self.classes, self.max_delta)
+        # map=FILE renames the truth's classes in AlexeyAB's loss: not read here
+        self.untrainable = {"map": section.str("map")} if section.has("map") else {}
+
     def check_trainable(self):
-        """Training needs AlexeyAB's losses for these keys, which are not implemented."""
+        """Training options the chosen loss lacks: refused with their line."""
+        if self.untrainable and self.loss_kind == "alexeyab":
+            raise self.section.error("map=...: training with a class map file is not "
+                                     "implemented", "map")
         if self.untrainable:
             key = next(iter(self.untrainable))
             raise self.section.error(f"{key}={self.untrainable[key]}: training with this AlexeyAB "
@@ -171,8 +209,27 @@ class YoloLayer(Layer):
         """(cost, delta) for the mini-batch's truth: (batch, max_boxes * 5) rows of
         (x, y, w, h, class) per box, zero-padded (Darknet's net.truth), on the backend or host."""
         self.check_trainable()
-        truth = ops.to_host(truth)
-        return self.loss(ops, truth.reshape(len(truth), -1, 5), self.net_w, self.net_h)
+        truth = ops.to_host(truth).reshape(len(truth), -1, 5)
+        if self.loss_kind == "alexeyab":
+            cost, delta = self.alexeyab_loss(ops.to_host(self.output), truth, self.net_w,
+                                             self.net_h)
+            # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
+            return cost, ops.asarray(delta * np.float32(self.delta_normalizer))
+        return self.loss(ops, truth, self.net_w, self.net_h)
+
+    def alexeyab_loss(self, output, truths, net_w, net_h):
+        """AlexeyAB's loss on an output (batch, anchors*entries, H, W) on the host, for truths
+        as in `loss`: (AlexeyAB's cost, delta on the host)."""
+        output = np.asarray(output, dtype=np.float32)
+        n, e = len(self.mask), self.entries
+        delta = np.zeros_like(output)
+        loss = AlexeyabYoloLoss(self)
+        stats = {"count": 0, "iou_loss": 0.0, "giou_loss": 0.0}
+        for b, truth in enumerate(truths):
+            shape = (n, e) + output.shape[2:]
+            loss.image_delta(output[b].reshape(shape), delta[b].reshape(shape),
+                             _valid_truths(truth, self.max_boxes), net_w, net_h, stats)
+        return loss.cost(delta, stats), delta
 
     def loss(self, ops, truths, net_w, net_h):
         """Darknet's YOLOv3 loss on the last forward's output. `truths[b]` holds image b's boxes
