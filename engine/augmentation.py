@@ -56,7 +56,7 @@ class DetectionAugmentation:
             if s.int(key, 0):
                 raise s.error(f"{key}={s.str(key)}: not implemented (Darknet does it only in its "
                               f"OpenCV build); set {key}=0", key)
-        heads = [layer for layer in net.layers if layer.type_name == "yolo"]
+        heads = [layer for layer in net.layers if layer.type_name in ("yolo", "region")]
         jitter = heads[-1].section.float("jitter", 0.2) if heads else 0.0
         if not 0 <= jitter < 0.5:
             raise heads[-1].section.error(f"jitter={jitter}: expected 0 <= jitter < 0.5", "jitter")

@@ -143,7 +143,7 @@ def training_set(net, data, seed=0):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
     [softmax] or [cost] a classifier. A detector's images are augmented as its cfg asks."""
-    detector = [layer.type_name in ("yolo", "gaussian_yolo") for layer in net.cost_layers]
+    detector = [layer.type_name in ("yolo", "gaussian_yolo", "region") for layer in net.cost_layers]
     if all(detector):
         from .augmentation import DetectionAugmentation
 

@@ -175,8 +175,9 @@ class DetectionDataset:
 
     def check_network(self, net):
         for layer in net.cost_layers:
-            if layer.type_name != "yolo":
-                raise ConfigError(f"{layer.where()} a detector trains through [yolo] layers; this "
+            if layer.type_name not in ("yolo", "region"):
+                raise ConfigError(f"{layer.where()} a detector trains through [yolo] or [region] "
+                                  f"layers; this "
                                   f"[{layer.type_name}] loss takes class labels, not boxes")
             if layer.classes != self.classes:
                 raise ConfigError(f"{layer.where()} classes={layer.classes}, but the data "

@@ -32,7 +32,7 @@ class MultiScale:
     def from_network(net, seed):
         """The schedule the cfg asks for (its last layer's `random`), or None."""
         last = net.layers[-1]
-        if last.type_name != "yolo" or not last.section.float("random", 0):
+        if last.type_name not in ("yolo", "region") or not last.section.float("random", 0):
             return None
         s = net.options.section
         if s.int("dynamic_minibatch", 0):
@@ -105,6 +105,9 @@ class _Builder:
 
     def __init__(self, net):
         self.options = net.options
+        self.network = net  # the network being resized (a [region] layer reads its `seen`)
+        self.darknet = net.darknet  # whose conventions: the [yolo] loss and inference BN follow it
+        self.bn_epsilons = net.bn_epsilons
         self.rng = np.random.default_rng(0)
         self.layer_shapes = []
         self.cfg_path = net.cfg_path

@@ -188,3 +188,14 @@ def test_yolov4_tiny_style_detector_loss_falls(tmp_path):
     assert len(losses) == 30
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_multiscale_rebuild_keeps_alexeyabs_loss():
+    """random=1 rebuilds the layers at a new size: they stay AlexeyAB's (loss and BN rule)."""
+    from engine.multiscale import resize_network
+
+    net = Network(os.path.join(GOLDEN, "v4tiny", "v4tiny.cfg"), quiet=True)
+    resize_network(net, 64, 64)
+    assert net.layers[-1].in_shape[1:] == (16, 16)
+    assert all(layer.loss_kind == "alexeyab" for layer in net.cost_layers)
+    assert net.layers[-1].bn_epsilons == net.bn_epsilons
