@@ -195,3 +195,32 @@ def test_region_map_file_is_refused_for_training(tmp_path):
                     REGION_NET.format(filters=24) + "map=data/x.map\n")
     with pytest.raises(ConfigError, match=r"m\.cfg:\d+: \[region\] map="):
         Network(cfg, quiet=True).layers[1].check_trainable()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["region", "alexeyab_yolo"])
+def test_train_step_on_the_gpu_equals_the_cpu(tmp_path, kind):
+    """The host losses ([region], AlexeyAB's [yolo]) on the CUDA backend: one training step's
+    cost and parameter updates equal the CPU's."""
+    from engine.backends import get_backend
+    from test_alexeyab_yolo_loss import V4_HEAD
+    from test_yolo_training import TINY_YOLO
+
+    body = V2_TINY.format(filters=3 * (5 + CLASSES), classes=CLASSES) if kind == "region" else \
+        TINY_YOLO.replace("num=4\n", "num=4\n" + V4_HEAD)
+    cfg = write_cfg(tmp_path / "g.cfg", dict(batch=4, subdivisions=1, width=32, height=32,
+                                             channels=3), body)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (4, 3, 32, 32)).astype(np.float32)
+    truth = np.zeros((4, 30 * 5), np.float32)
+    truth[:, :5] = (0.4, 0.6, 0.3, 0.35, 1)
+    truth[:, 5:10] = (0.7, 0.2, 0.2, 0.15, 0)
+    results = []
+    for backend in ("cpu", "gpu"):
+        net = Network(cfg, backend=get_backend(backend), quiet=True, seed=3)
+        cost = net.train_step(net.ops.asarray(x), net.ops.asarray(truth[:, :net.cost_layer.max_boxes * 5]))
+        results.append((cost, [net.ops.to_host(u) for layer in net.layers
+                               for u in layer.updates.values()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-3)
+    for cpu, gpu in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(gpu, cpu, atol=1e-3, rtol=1e-3)
