@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from .data import read_idx
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 MNIST_FILES = {"train": ("train-images.idx3-ubyte.gz", "train-labels.idx1-ubyte.gz"),
                "valid": ("t10k-images.idx3-ubyte.gz", "t10k-labels.idx1-ubyte.gz")}
@@ -106,37 +106,41 @@ def generate(out_dir, train=10000, valid=1000, size=96, seed=0, min_digits=1, ma
         raise ConfigError(f"max overlap {max_overlap}: expected an IoU in [0, 1)")
     from PIL import Image
 
-    mnist_folder = mnist_folder or default_mnist_folder()
-    out_dir = os.path.abspath(out_dir)
-    for split, count in (("train", train), ("valid", valid)):
-        images_name, labels_name = MNIST_FILES[split]
-        digits = read_idx(os.path.join(mnist_folder, images_name))
-        labels = read_idx(os.path.join(mnist_folder, labels_name))
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-        image_dir = os.path.join(out_dir, "images", split)
-        label_dir = os.path.join(out_dir, "labels", split)
-        os.makedirs(image_dir, exist_ok=True)
-        os.makedirs(label_dir, exist_ok=True)
-        paths = []
-        for n in range(count):
-            scene, boxes = make_scene(digits, labels, size, rng,
-                                      int(rng.integers(min_digits, max_digits + 1)),
-                                      min_digit, max_digit, max_overlap)
-            path = os.path.join(image_dir, f"{n:06d}.png")
-            Image.fromarray(scene).save(path)
-            text = "".join(line + "\n" for line in label_lines(boxes, size))
-            # pjreddie's Darknet reads labels/, AlexeyAB's the file beside the image.
-            for folder in (label_dir, image_dir):
-                with open(os.path.join(folder, f"{n:06d}.txt"), "w") as handle:
-                    handle.write(text)
-            paths.append(path)
-        with open(os.path.join(out_dir, f"{split}.txt"), "w") as handle:
-            handle.write("".join(p + "\n" for p in paths))
-    names = os.path.join(out_dir, "mnist-detect.names")
-    with open(names, "w") as handle:
-        handle.write("".join(f"{k}\n" for k in range(10)))
-    data = os.path.join(out_dir, "mnist-detect.data")
-    with open(data, "w") as handle:
-        handle.write(f"classes=10\ntrain={out_dir}/train.txt\nvalid={out_dir}/valid.txt\n"
-                     f"names={names}\nbackup=backup/\n")
-    return data
+    try:
+        mnist_folder = mnist_folder or default_mnist_folder()
+        out_dir = os.path.abspath(out_dir)
+        for split, count in (("train", train), ("valid", valid)):
+            images_name, labels_name = MNIST_FILES[split]
+            digits = read_idx(os.path.join(mnist_folder, images_name))
+            labels = read_idx(os.path.join(mnist_folder, labels_name))
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+            image_dir = os.path.join(out_dir, "images", split)
+            label_dir = os.path.join(out_dir, "labels", split)
+            os.makedirs(image_dir, exist_ok=True)
+            os.makedirs(label_dir, exist_ok=True)
+            paths = []
+            for n in range(count):
+                scene, boxes = make_scene(digits, labels, size, rng,
+                                          int(rng.integers(min_digits, max_digits + 1)),
+                                          min_digit, max_digit, max_overlap)
+                path = os.path.join(image_dir, f"{n:06d}.png")
+                Image.fromarray(scene).save(path)
+                text = "".join(line + "\n" for line in label_lines(boxes, size))
+                # pjreddie's Darknet reads labels/, AlexeyAB's the file beside the image.
+                for folder in (label_dir, image_dir):
+                    with open(os.path.join(folder, f"{n:06d}.txt"), "w") as handle:
+                        handle.write(text)
+                paths.append(path)
+            with open(os.path.join(out_dir, f"{split}.txt"), "w") as handle:
+                handle.write("".join(p + "\n" for p in paths))
+        names = os.path.join(out_dir, "mnist-detect.names")
+        with open(names, "w") as handle:
+            handle.write("".join(f"{k}\n" for k in range(10)))
+        data = os.path.join(out_dir, "mnist-detect.data")
+        with open(data, "w") as handle:
+            handle.write(f"classes=10\ntrain={out_dir}/train.txt\nvalid={out_dir}/valid.txt\n"
+                         f"names={names}\nbackup=backup/\n")
+        return data
+    except OSError as error:  # a file where the folder should be, a full disk, no permission
+        raise DataError(f"{out_dir}: cannot write the detection set "
+                        f"({error.strerror or error})") from None

@@ -258,22 +258,35 @@ type=sse
 """
 
 SEEDS = {"classifier": CLASSIFIER, "detector": DETECTOR, "region": REGION, "crop": CROP}
+# AlexeyAB's layers and keys: the small cfgs of the golden sets made with its Darknet.
+for _name in ("A1_yolov4_tiny", "A3_yolov7_tiny", "A4_efficientnet_b0", "A6_alexeyab_layers",
+              "A7_dilation_share", "A8_antialiasing", "A10_gaussian_yolov3",
+              "A12_yolov1_detection"):
+    with open(os.path.join(HERE, "golden", _name, _name.lower() + ".cfg")) as _handle:
+        SEEDS[_name] = _handle.read()
 
 EXTREME_VALUES = [
     "0", "-1", "-28", "1", "2", "3", "7", "64", "1e400", "-1e400", "inf", "-inf", "nan", "2.5",
     "1" * 400, str(2 ** 62), str(2 ** 31), str(10 ** 9), str(10 ** 30), "1e308", "", "abc",
     "40#32", "3,", ",", "1,2,3", "0x10", "-0", "1e-45", "1e5", "100000", "65536", "3000", "999",
-    "leaky", "mish", "é", "\x00", "1,,2", "-3,-5", "0,0,0,0",
+    "leaky", "mish", "é", "\x00", "1,,2", "-3,-5", "0,0,0,0", "swish", "normalize_channels",
+    "per_channel", "per_feature", "softmax", "relu", "diounms", "ciou", "0.05", "1.05", "-2,-3",
 ]
 SECTIONS = ["net", "convolutional", "conv", "connected", "maxpool", "avgpool", "dropout",
             "softmax", "cost", "batchnorm", "activation", "route", "upsample", "shortcut", "yolo",
-            "region", "reorg", "crop", "unknown", "rnn", "local", "", "net]"]
+            "region", "reorg", "crop", "unknown", "rnn", "local", "", "net]", "sam",
+            "scale_channels", "implicit_add", "implicit_mul", "reorg3d", "local_avgpool",
+            "empty", "silence", "Gaussian_yolo", "detection", "contrastive", "lstm"]
 KEYS = ["filters", "size", "stride", "pad", "padding", "groups", "batch_normalize", "activation",
         "output", "probability", "layers", "from", "mask", "anchors", "classes", "num", "max",
         "height", "width", "channels", "batch", "subdivisions", "inputs", "temperature", "alpha",
         "beta", "scale", "extra", "reverse", "crop_height", "crop_width", "group_id", "coords",
         "steps", "scales", "policy", "max_batches", "burn_in", "power", "step", "gamma", "tree",
-        "xnor", "per_activation", "type", "softmax", "flatten", "noadjust", "ignore_thresh"]
+        "xnor", "per_activation", "type", "softmax", "flatten", "noadjust", "ignore_thresh",
+        "scale_x_y", "new_coords", "nms_kind", "beta_nms", "iou_loss", "iou_normalizer",
+        "weights_type", "weights_normalization", "dilation", "stride_x", "stride_y",
+        "share_index", "antialiasing", "maxpool_depth", "out_channels", "scale_wh",
+        "letter_box", "stopbackward", "groups", "group_id", "mosaic", "jitter", "random"]
 
 
 # ---- cfg cases ------------------------------------------------------------------------------------

@@ -197,6 +197,26 @@ def zoo(tmp_path_factory):
         data_file(name, text)
     files["missing.data"] = str(d / "missing.data")
     files["dir"] = str(d)
+
+    # ---- a small detection set (engine mnist-detection) and damaged variants of it
+    from engine import mnist_detection
+
+    det = mnist_detection.generate(str(d / "det"), train=4, valid=4, size=96, seed=1)
+    files["det.data"] = det
+    files["det.cfg"] = os.path.join(CFG, "mnist-detect.cfg")
+    files["det.weights"] = os.path.join(ROOT, "weights", "mnist-detect.weights")
+    det_text = open(det).read()
+    bad_label_dir = d / "badlabels"
+    (bad_label_dir / "images").mkdir(parents=True)
+    (bad_label_dir / "labels").mkdir()
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(bad_label_dir / "images" / "a.png")
+    (bad_label_dir / "labels" / "a.txt").write_text("3 0.5 0.5 0.2\n")
+    put("badlabels.list", f"{bad_label_dir}/images/a.png\n")
+    put("det_bad_label.data", f"classes=10\ntrain={d}/badlabels.list\nvalid={d}/badlabels.list\n")
+    put("det_no_valid.data", "\n".join(line for line in det_text.splitlines()
+                                       if not line.startswith("valid")) + "\n")
+    put("det_classes3.data", det_text.replace("classes=10", "classes=3"))
+    put("det_missing_images.data", det_text.replace("valid=", "valid=/nonexistent/"))
     return files
 
 
@@ -267,6 +287,41 @@ def _cases():
                                    "good.data", "--cpu", "--backup", "B"]),
         ("detect good", ["detect", "yolo.cfg", "yolo.weights", "scene.png", "--cpu", "--out",
                          "OUT.png"]),
+        ("map good", ["map", "det.cfg", "det.weights", "--data", "det.data", "--cpu"]),
+        ("map a classifier", ["map", "good.cfg", "good.weights", "--data", "det.data", "--cpu"]),
+        ("map --points 7", ["map", "det.cfg", "det.weights", "--data", "det.data", "--points", "7"]),
+        ("map --iou 2", ["map", "det.cfg", "det.weights", "--data", "det.data", "--iou", "2"]),
+        ("map without valid", ["map", "det.cfg", "det.weights", "--data", "det_no_valid.data",
+                               "--cpu"]),
+        ("map wrong classes", ["map", "det.cfg", "det.weights", "--data", "det_classes3.data",
+                               "--cpu"]),
+        ("map missing images", ["map", "det.cfg", "det.weights", "--data",
+                                "det_missing_images.data", "--cpu"]),
+        ("map bad label", ["map", "det.cfg", "det.weights", "--data", "det_bad_label.data",
+                           "--cpu"]),
+        ("train detector bad label", ["train", "det.cfg", "--data", "det_bad_label.data", "--cpu",
+                                      "--backup", "B"]),
+        ("calc_anchors good", ["calc_anchors", "det.data", "--num", "3", "--width", "96",
+                               "--height", "96"]),
+        ("calc_anchors --num 0", ["calc_anchors", "det.data", "--num", "0"]),
+        ("calc_anchors missing", ["calc_anchors", "missing.data"]),
+        ("calc_anchors bad label", ["calc_anchors", "det_bad_label.data"]),
+        ("calc_anchors no train", ["calc_anchors", "no_train.data"]),
+        ("mnist-detection --size 0", ["mnist-detection", "OUTdir", "--size", "0"]),
+        ("mnist-detection --max-overlap 1.5", ["mnist-detection", "OUTdir", "--max-overlap", "1.5"]),
+        ("mnist-detection into a file", ["mnist-detection", "good.cfg", "--train", "1",
+                                         "--valid", "1"]),
+        ("mnist-detection digits larger than scenes", ["mnist-detection", "OUTdir", "--size", "20",
+                                                       "--min-digit", "30", "--train", "1"]),
+        ("export good", ["export", "good.cfg", "good.weights", "OUT.onnx"]),
+        ("export --decode on a classifier", ["export", "good.cfg", "good.weights", "OUT.onnx",
+                                             "--decode"]),
+        ("export --batch 0", ["export", "good.cfg", "good.weights", "OUT.onnx", "--batch", "0"]),
+        ("export --batch abc", ["export", "good.cfg", "good.weights", "OUT.onnx", "--batch", "abc"]),
+        ("export --opset 5", ["export", "good.cfg", "good.weights", "OUT.onnx", "--opset", "5"]),
+        ("export into a missing folder", ["export", "good.cfg", "good.weights",
+                                          "/nonexistent/x.onnx"]),
+        ("export nan weights", ["export", "good.cfg", "nan.weights", "OUT.onnx"]),
         ("predict good", ["predict", "good.cfg", "good.weights", "digit.png", "--cpu"]),
     ]
     return cases

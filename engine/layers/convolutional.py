@@ -58,7 +58,9 @@ class ConvolutionalLayer(LinearUnit):
         self.stride_x = section.positive_int("stride_x", self.stride)
         # AlexeyAB's dilation (1 for 1x1 filters): the filter's taps `dilation` apart, with the
         # padding multiplied by it, as its cuDNN and im2col calls do.
-        self.dilation = section.positive_int("dilation", 1)
+        # The dilated filter spans (size-1)*dilation+1 cells: held to the same limit as a size.
+        self.dilation = section.positive_int(
+            "dilation", 1, high=max((window_limit(h, w) - 1) // max(self.size - 1, 1), 1))
         if self.size == 1:
             self.dilation = 1
         self.antialiasing = section.int("antialiasing", 0)

@@ -24,7 +24,8 @@ class MaxpoolLayer(Layer):
                                 "supported", "maxpool_zero_nonmax")
         # AlexeyAB's maxpool_depth: a maximum across channels instead (size, stride unused)
         self.depth = section.bool("maxpool_depth", False)
-        out_channels = section.require_positive("out_channels", section.int("out_channels", 1))
+        # More output channels than input ones would hold only AlexeyAB's -FLT_MAX: refused.
+        out_channels = section.positive_int("out_channels", 1, high=c)
         self.antialiasing = section.int("antialiasing", 0)
         if self.depth:
             if self.antialiasing:
