@@ -44,7 +44,10 @@ GENERIC_LAYER_KEYS = {"dont_update": 0, "burnin_update": 0,
                       "train_only_bn": 0, "dontload": 0, "dontloadscales": 0, "clip": 0}
 # [net] keys that change only AlexeyAB's training: training refuses them (inference is fine).
 TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None, "contrastive": 0,
-                     "contrastive_color": 0, "contrastive_jit_flip": 0}
+                     "contrastive_color": 0, "contrastive_jit_flip": 0,
+                     # these change AlexeyAB's [yolo] loss (bad-label rejection, adversarial)
+                     "equidistant_point": 0, "badlabels_rejection_percentage": 0,
+                     "num_sigmas_reject_badlabels": 0, "adversarial_lr": 0}
 
 
 class NetOptions:

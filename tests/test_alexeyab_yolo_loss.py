@@ -199,3 +199,23 @@ def test_multiscale_rebuild_keeps_alexeyabs_loss():
     assert net.layers[-1].in_shape[1:] == (16, 16)
     assert all(layer.loss_kind == "alexeyab" for layer in net.cost_layers)
     assert net.layers[-1].bn_epsilons == net.bn_epsilons
+
+
+@pytest.mark.parametrize("key", ["equidistant_point=100", "badlabels_rejection_percentage=5",
+                                 "num_sigmas_reject_badlabels=3", "adversarial_lr=0.05"])
+def test_net_keys_that_change_alexeyabs_loss_refuse_training(tmp_path, key):
+    """[net] keys that change AlexeyAB's [yolo] loss (not implemented) refuse training, naming
+    their line."""
+    from engine.errors import ConfigError
+
+    body = TINY_YOLO.replace("num=4\n", "num=4\n" + V4_HEAD)
+    cfg = write_cfg(tmp_path / "n.cfg", dict(batch=8, subdivisions=1, width=32, height=32,
+                                             channels=3, max_batches=1), body)
+    cfg_text = open(cfg).read().replace("[net]\n", f"[net]\n{key}\n", 1)
+    open(cfg, "w").write(cfg_text)
+    net = Network(cfg, quiet=True)
+    data = DataConfig(_synthetic_set(tmp_path))
+    dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"n\.cfg:\d+: \[net\] {name}="):
+        train(net, dataset, str(tmp_path / "backup"), stream=io.StringIO())
