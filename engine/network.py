@@ -307,6 +307,11 @@ class Network:
         for layer in self.layers:
             if hasattr(layer, "fold_batchnorm"):
                 layer.fold_batchnorm(self.ops)
+        # From here the parameters are read-only: a backend may keep work derived from them
+        # (the CPU's Winograd filters); training a folded network is an error.
+        for layer in self.layers:
+            for array in layer.params.values():
+                self.ops.freeze_(array)
         return self
 
     def load_weights(self, path):

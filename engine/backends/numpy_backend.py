@@ -17,9 +17,12 @@ Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Bac
 and only `sgd_update` changes parameters.
 """
 
+import weakref
+
 import numpy as np
 
 from .. import activations
+from . import winograd
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -35,6 +38,7 @@ class NumpyBackend:
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
+        self._winograd_cache = {}  # id(frozen weights) -> (weakref to them, transformed filters)
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -67,6 +71,11 @@ class NumpyBackend:
 
     def synchronize(self):
         pass
+
+    def freeze_(self, array):
+        """Make a parameter read-only (inference from here on): derived work may be cached."""
+        array.flags.writeable = False
+        return array
 
     # ---- layout helpers -----------------------------------------------------------------------
     @staticmethod
@@ -166,6 +175,21 @@ class NumpyBackend:
         out_w = (w + 2 * padding - reach) // stride + 1
         return size, out_h, out_w
 
+    def _winograd_filters(self, weights):
+        """The filters in Winograd's domain. Frozen weights (read-only arrays owning their
+        memory: Network.freeze makes them so for inference) are transformed once and kept while
+        the array lives; writable ones may change in place (training, tests), so are transformed
+        on every call (a few percent of the convolution)."""
+        if weights.flags.writeable or weights.base is not None:
+            return winograd.transform_filters(weights)
+        key = id(weights)
+        entry = self._winograd_cache.get(key)
+        if entry is None or entry[0]() is not weights:
+            entry = (weakref.ref(weights), winograd.transform_filters(weights))
+            self._winograd_cache[key] = entry
+            weakref.finalize(weights, self._winograd_cache.pop, key, None)
+        return entry[1]
+
     def _padded_input(self, x, padding):
         """x in (C, H, W, B) order (a free view when batch-innermost), zero-padded."""
         xm = self._memory_order(x)
@@ -223,7 +247,11 @@ class NumpyBackend:
     def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
         im2col + one matrix product per block of output rows; y is batch-innermost, so the
-        product writes its (F, rows*out_w*B) block of y directly."""
+        product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
+        convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py)."""
+        if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
+            return winograd.conv3x3(x, self._winograd_filters(weights), weights.shape[0],
+                                    self._batch_innermost, self._memory_order)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)

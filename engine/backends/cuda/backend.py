@@ -147,6 +147,10 @@ class CudaBackend:
     def synchronize(self):
         self.stream.synchronize()
 
+    def freeze_(self, array):
+        """Parameters become read-only for inference; nothing on the GPU is derived from them."""
+        return array
+
     def capture(self, step):
         """Record step() (issuing this backend's operations) into a CUDA graph; returns a
         CapturedStep whose replay(learning_rate) reruns it. Run step() once eagerly first, so
