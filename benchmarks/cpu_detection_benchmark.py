@@ -147,11 +147,11 @@ def peer_main(args):
     json.dump({"median_ms": med, "min_ms": best, "version": version}, open(args.result, "w"))
 
 
-def spawn(peer, cfg, weights, input_path, compare, args, folder):
+def spawn(peer, cfg, weights, input_path, compare, args, folder, blas_threads=None):
     result = os.path.join(folder, f"{peer}.json")
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[key] = str(args.threads)
+        env[key] = str(blas_threads or args.threads)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--peer", peer, "--cfg", cfg,
                     "--weights", weights, "--input", input_path, "--result", result,
                     "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
@@ -213,6 +213,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    p.add_argument("--engine-blas-threads", nargs="+", type=int, default=[1, 2],
+                   help="OPENBLAS_NUM_THREADS for the engine's runs, one run each (default: 1 2)")
     p.add_argument("--profile", action="store_true", help="print the engine's per-layer table")
     for name in ("--peer", "--cfg", "--weights", "--input", "--result", "--compare"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -234,30 +236,48 @@ def main(argv=None):
             weights = os.path.join(folder, f"{name}.weights")
             write_random_weights(cfg, weights)
             compare = yolo_inputs(cfg)
-            figures = {peer: spawn(peer, cfg, weights, input_path, compare, args, folder)
-                       for peer in args.peers}
+            figures = {}
+            for peer in args.peers:
+                if peer != "engine":
+                    figures[peer] = spawn(peer, cfg, weights, input_path, compare, args, folder)
+                    continue
+                for n in args.engine_blas_threads:
+                    figures[f"engine{n}"] = spawn(peer, cfg, weights, input_path, compare, args,
+                                                  folder, n)
             rows.append((name, figures))
             if args.profile:
                 profile(cfg, weights, x, args.runs)
-    print("\n| network | engine ms | OpenCV ms | PyTorch ms | engine/OpenCV | engine/PyTorch | "
-          "max rel. diff vs OpenCV | vs PyTorch |\n|---|---|---|---|---|---|---|---|")
+    engines = [f"engine{n}" for n in args.engine_blas_threads] if "engine" in args.peers else []
+    peers = [p for p in ("opencv", "torch") if p in args.peers]
+    names = {"opencv": "OpenCV", "torch": "PyTorch"}
+    header = [f"engine, BLAS {n} thread{'s' * (n > 1)} ms" for n in args.engine_blas_threads
+              if engines] + [f"{names[p]} ms" for p in peers]
+    header += [f"{e.replace('engine', 'engine(')})/{names[p]}" for e in engines for p in peers]
+    header += [f"max rel. diff engine vs {names[p]}" for p in peers if engines]
+    print("\n| network | " + " | ".join(header) + " |")
+    print("|---" * (len(header) + 1) + "|")
     versions = set()
     for name, figures in rows:
-        eng = figures.get("engine", {})
-        cells, ratios, diffs = [], [], []
-        for peer in PEERS:
-            f = figures.get(peer)
-            if f is None or "missing" in f:
-                cells.append("n/a" if f is None else "not installed")
+        cells = []
+        for key in engines + peers:
+            f = figures[key]
+            if "missing" in f:
+                cells.append("not installed")
                 continue
             versions.add(f["version"])
             cells.append(f"{f['median_ms']:.1f}")
-        for peer in ("opencv", "torch"):
-            f = figures.get(peer)
-            ok = f is not None and "missing" not in f and "median_ms" in eng
-            ratios.append(f"{eng['median_ms'] / f['median_ms']:.2f}" if ok else "-")
-            diffs.append(f"{relative_difference(eng['outputs'], f['outputs']):.1e}" if ok else "-")
-        print(f"| {name} | " + " | ".join(cells + ratios + diffs) + " |")
+        usable = {k: f for k, f in figures.items() if "missing" not in f}
+        for e in engines:
+            for p in peers:
+                ok = e in usable and p in usable
+                cells.append(f"{usable[e]['median_ms'] / usable[p]['median_ms']:.2f}"
+                             if ok else "-")
+        for p in peers if engines else ():
+            e = engines[0]
+            ok = e in usable and p in usable
+            cells.append(f"{relative_difference(usable[e]['outputs'], usable[p]['outputs']):.1e}"
+                         if ok else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n" + ", ".join(sorted(versions)) + f"; load average after: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

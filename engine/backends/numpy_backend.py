@@ -29,7 +29,7 @@ BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (infer
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
 
-COLUMN_BLOCK_ELEMENTS = 1 << 21  # im2col columns per block of output rows (8 MiB of float32)
+COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
@@ -175,17 +175,17 @@ class NumpyBackend:
         out_w = (w + 2 * padding - reach) // stride + 1
         return size, out_h, out_w
 
-    def _winograd_filters(self, weights):
-        """The filters in Winograd's domain. Frozen weights (read-only arrays owning their
-        memory: Network.freeze makes them so for inference) are transformed once and kept while
-        the array lives; writable ones may change in place (training, tests), so are transformed
-        on every call (a few percent of the convolution)."""
+    def _winograd_filters(self, weights, v):
+        """The filters in the Winograd domain of variant v. Frozen weights (read-only arrays
+        owning their memory: Network.fold_batchnorm makes them so) are transformed once and
+        kept while the array lives; writable ones may change in place (training, tests), so they
+        are transformed on every call (a few percent of the convolution)."""
         if weights.flags.writeable or weights.base is not None:
-            return winograd.transform_filters(weights)
-        key = id(weights)
+            return winograd.transform_filters(weights, v)
+        key = (id(weights), v.tile)
         entry = self._winograd_cache.get(key)
         if entry is None or entry[0]() is not weights:
-            entry = (weakref.ref(weights), winograd.transform_filters(weights))
+            entry = (weakref.ref(weights), winograd.transform_filters(weights, v))
             self._winograd_cache[key] = entry
             weakref.finalize(weights, self._winograd_cache.pop, key, None)
         return entry[1]
@@ -250,7 +250,8 @@ class NumpyBackend:
         product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
         convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py)."""
         if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
-            return winograd.conv3x3(x, self._winograd_filters(weights), weights.shape[0],
+            v = winograd.variant(*x.shape[2:])
+            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
                                     self._batch_innermost, self._memory_order)
         b, c = x.shape[:2]
         f = weights.shape[0]
