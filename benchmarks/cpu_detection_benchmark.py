@@ -147,11 +147,19 @@ def peer_main(args):
     json.dump({"median_ms": med, "min_ms": best, "version": version}, open(args.result, "w"))
 
 
-def spawn(peer, cfg, weights, input_path, compare, args, folder, blas_threads=None):
+# How the engine uses its threads: "own" = the backend's threads over single-threaded BLAS
+# calls, "blas" = one Python thread and a multi-threaded BLAS, "single" = one thread in all.
+ENGINE_MODES = {"own": lambda n: (1, n), "blas": lambda n: (n, 1), "single": lambda n: (1, 1)}
+MODE_NAMES = {"own": "engine threads", "blas": "BLAS threads", "single": "1 thread"}
+
+
+def spawn(peer, cfg, weights, input_path, compare, args, folder, mode=None):
     result = os.path.join(folder, f"{peer}.json")
     env = dict(os.environ)
+    blas, own = ENGINE_MODES[mode](args.threads) if mode else (args.threads, 1)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[key] = str(blas_threads or args.threads)
+        env[key] = str(blas)
+    env["ENGINE_CPU_THREADS"] = str(own)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--peer", peer, "--cfg", cfg,
                     "--weights", weights, "--input", input_path, "--result", result,
                     "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
@@ -213,8 +221,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
-    p.add_argument("--engine-blas-threads", nargs="+", type=int, default=[1, 2],
-                   help="OPENBLAS_NUM_THREADS for the engine's runs, one run each (default: 1 2)")
+    p.add_argument("--engine-modes", nargs="+", default=["own", "blas"], choices=ENGINE_MODES,
+                   help="engine runs: own = ENGINE_CPU_THREADS=threads with single-threaded "
+                        "BLAS; blas = OPENBLAS_NUM_THREADS=threads; single = 1 thread "
+                        "(default: own blas)")
     p.add_argument("--profile", action="store_true", help="print the engine's per-layer table")
     for name in ("--peer", "--cfg", "--weights", "--input", "--result", "--compare"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -241,18 +251,18 @@ def main(argv=None):
                 if peer != "engine":
                     figures[peer] = spawn(peer, cfg, weights, input_path, compare, args, folder)
                     continue
-                for n in args.engine_blas_threads:
-                    figures[f"engine{n}"] = spawn(peer, cfg, weights, input_path, compare, args,
-                                                  folder, n)
+                for mode in args.engine_modes:
+                    figures[f"engine-{mode}"] = spawn(peer, cfg, weights, input_path, compare,
+                                                      args, folder, mode)
             rows.append((name, figures))
             if args.profile:
                 profile(cfg, weights, x, args.runs)
-    engines = [f"engine{n}" for n in args.engine_blas_threads] if "engine" in args.peers else []
+    engines = [f"engine-{m}" for m in args.engine_modes] if "engine" in args.peers else []
     peers = [p for p in ("opencv", "torch") if p in args.peers]
     names = {"opencv": "OpenCV", "torch": "PyTorch"}
-    header = [f"engine, BLAS {n} thread{'s' * (n > 1)} ms" for n in args.engine_blas_threads
-              if engines] + [f"{names[p]} ms" for p in peers]
-    header += [f"{e.replace('engine', 'engine(')})/{names[p]}" for e in engines for p in peers]
+    names.update({f"engine-{m}": f"engine ({MODE_NAMES[m]})" for m in ENGINE_MODES})
+    header = [f"{names[p]} ms" for p in engines + peers]
+    header += [f"{names[e]} / {names[p]}" for e in engines for p in peers]
     header += [f"max rel. diff engine vs {names[p]}" for p in peers if engines]
     print("\n| network | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")

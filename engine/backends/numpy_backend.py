@@ -17,17 +17,26 @@ Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Bac
 and only `sgd_update` changes parameters.
 """
 
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import activations
+from ..errors import BackendError
 from . import winograd
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
+
+# The backend's own threads (default 1): with ENGINE_CPU_THREADS=N, convolutions and the bias and
+# activation pass run their blocks on N threads, each calling BLAS, which should then be
+# single-threaded (OPENBLAS_NUM_THREADS=1): OpenBLAS's own threads spin while they wait and lose
+# badly on a loaded machine (README, "CPU inference speed").
+THREADS_VARIABLE = "ENGINE_CPU_THREADS"
 
 COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
@@ -39,6 +48,25 @@ class NumpyBackend:
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
         self._winograd_cache = {}  # id(frozen weights) -> (weakref to them, transformed filters)
+        value = os.environ.get(THREADS_VARIABLE, "1")
+        try:
+            self.threads = int(value)
+        except ValueError:
+            self.threads = 0
+        if self.threads < 1:
+            raise BackendError(f"{THREADS_VARIABLE}={value}: expected a whole number of threads "
+                               "(1 or more)")
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def _run(self, tasks):
+        """Call each task (independent pieces of one operation): on the backend's threads when
+        it has several, else one after the other."""
+        if self._pool is None or len(tasks) < 2:
+            for task in tasks:
+                task()
+            return
+        for future in [self._pool.submit(task) for task in tasks]:
+            future.result()
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -115,10 +143,8 @@ class NumpyBackend:
     def activate_(self, x, activation):
         """x = act(x), in place; returns x."""
         if activation == "leaky":  # the common case: max(x, .1x), block by block, no full temporary
-            tenth = x.dtype.type(0.1)
-            for block in self._channel_blocks(x):
-                xb = x[block]
-                np.maximum(xb, xb * tenth, out=xb)
+            self._run([lambda block=block: self._leaky_(x[block])
+                       for block in self._channel_blocks(x)])
         elif activation != "linear":
             x[...] = activations.activate(x, activation)
         return x
@@ -153,10 +179,24 @@ class NumpyBackend:
         delta[...] = activations.normalize_channels_backward(x, delta, activation)
         return delta
 
+    @staticmethod
+    def _leaky_(x):
+        np.maximum(x, x * x.dtype.type(0.1), out=x)
+
     def add_bias_(self, y, biases, activation="linear"):
-        """y = act(y + biases per channel), in place."""
-        y += biases.reshape(1, -1, 1, 1)
-        return self.activate_(y, activation)
+        """y = act(y + biases per channel), in place; leaky in the same pass over each block."""
+        if activation not in ("leaky", "linear"):
+            y += biases.reshape(1, -1, 1, 1)
+            return self.activate_(y, activation)
+        b = biases.reshape(1, -1, 1, 1)
+
+        def block_(block):
+            yb = y[block]
+            yb += b[block]
+            if activation == "leaky":
+                self._leaky_(yb)
+        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)])
+        return y
 
     def bias_backward(self, delta, bias_updates):
         bias_updates += delta.sum(axis=(0, 2, 3))
@@ -252,7 +292,8 @@ class NumpyBackend:
         if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._batch_innermost, self._memory_order)
+                                    self._batch_innermost, self._memory_order, self._run,
+                                    self.threads)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
@@ -261,12 +302,19 @@ class NumpyBackend:
         xm = self._padded_input(x, padding)
         cg, fg = c // groups, f // groups
         per_row = out_w * b
-        for g in range(groups):
-            wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
-            for rows in self._row_blocks(cg, size, out_h, out_w, b):
-                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
-                np.matmul(wg, cols, out=y_rows[g * fg:(g + 1) * fg,
-                                               rows[0] * per_row:rows[1] * per_row])
+        blocks = [(g, rows) for g in range(groups)
+                  for rows in self._row_blocks(cg, size, out_h, out_w, b)]
+        # with fewer blocks than threads (small maps), the filters are shared out as well
+        parts = self.threads if len(blocks) < self.threads else 1
+        step = -(-fg // parts)
+
+        def block_(g, rows, f0):
+            cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
+            f1 = min(f0 + step, fg)
+            np.matmul(weights[g * fg + f0:g * fg + f1].reshape(f1 - f0, -1), cols,
+                      out=y_rows[g * fg + f0:g * fg + f1, rows[0] * per_row:rows[1] * per_row])
+        self._run([lambda g=g, rows=rows, f0=f0: block_(g, rows, f0)
+                   for g, rows in blocks for f0 in range(0, fg, step)])
         return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,

@@ -82,10 +82,11 @@ def transform_filters(weights, v):
                                 dtype=np.float32)
 
 
-def conv3x3(x, filters, f, v, batch_innermost, memory_order):
+def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, F, C); returns y (B, F, H, W), batch-innermost. Block by block of tile
-    rows so the transformed input stays in cache."""
+    rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
+    threads; with fewer blocks than threads, each block's filters are shared out too)."""
     b, c, h, w = x.shape
     tile, alpha = v.tile, v.alpha
     rows, cols = -(-h // tile), -(-w // tile)
@@ -96,10 +97,13 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order):
     ym = memory_order(y)
     step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
     step = min(step, rows)
-    buffer = np.empty(alpha * alpha * c * step * cols * b, x.dtype)
-    for row0 in range(0, rows, step):
-        n = min(step, rows - row0)
-        d = buffer[:alpha * alpha * c * n * cols * b].reshape(alpha, alpha, c, n, cols, b)
+    starts = range(0, rows, step)
+    parts = threads if len(starts) < threads else 1
+    f_step = -(-f // parts)
+
+    def block_(row0, f0):
+        n, f1 = min(step, rows - row0), min(f0 + f_step, f)
+        d = np.empty((alpha, alpha, c, n, cols, b), x.dtype)
         for i in range(alpha):  # gather: d[i, j, c, row, col] = the tile's cell (i, j)
             top = row0 * tile + i
             for j in range(alpha):
@@ -108,12 +112,20 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order):
         # V = B^T d B: over i (one product), then over j (a product per i)
         t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
         u = np.matmul(v.b_t, t)
-        m = np.matmul(filters, u.reshape(alpha * alpha, c, -1))  # (alpha^2, F, tiles)
-        # Y = A^T M A, likewise: (tile, tile, F, n, cols, B)
+        m = np.matmul(filters[:, f0:f1], u.reshape(alpha * alpha, c, -1))  # (alpha^2, F', tiles)
+        # Y = A^T M A, likewise: (tile, tile, F', n, cols, B)
         t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
-        out = np.matmul(v.a_t, t).reshape(tile, tile, f, n, cols, b)
+        out = np.matmul(v.a_t, t).reshape(tile, tile, f1 - f0, n, cols, b)
         # out[i, j, f, row, col] is y's cell (row*tile + i, col*tile + j)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
-        full = out.transpose(2, 3, 0, 4, 1, 5).reshape(f, n * tile, cols * tile, b)
-        ym[:, top:bottom] = full[:, :bottom - top, :w]
+        full = out.transpose(2, 3, 0, 4, 1, 5).reshape(f1 - f0, n * tile, cols * tile, b)
+        ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
+
+    tasks = [lambda row0=row0, f0=f0: block_(row0, f0) for row0 in starts
+             for f0 in range(0, f, f_step)]
+    if run is None:
+        for task in tasks:
+            task()
+    else:
+        run(tasks)
     return y
