@@ -460,11 +460,12 @@ class NumpyBackend:
         top = padding // 2
         return top, max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w)
 
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
+    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
         """Darknet's maxpool: windows start at -padding//2; cells outside the input are -inf.
         Returns (y, argmax) where argmax is the window offset that won (the first on ties), both
-        laid out like x. One elementwise pass per window offset (numpy's where/argmax are slow
-        here), block by block over channels."""
+        laid out like x; at inference (train=False) argmax is None and only maxima are taken.
+        One elementwise pass per window offset (numpy's where/argmax are slow here), block by
+        block over channels."""
         b, c, h, w = x.shape
         top, frame_h, frame_w = self._pool_frame(x.shape, size, stride, padding, out_h, out_w)
         if (top, frame_h, frame_w) == (0, h, w):
@@ -473,13 +474,26 @@ class NumpyBackend:
             padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
             padded.fill(-np.inf)
             padded[:, :, top:top + h, top:top + w] = x
-        index_type = np.int8 if size * size < 128 else np.int32
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
+        if not train:
+            self._run([lambda block=block: self._maxpool_max_(padded[block], size, stride,
+                                                              y[block])
+                       for block in self._channel_blocks(padded)])
+            return y, None
+        index_type = np.int8 if size * size < 128 else np.int32
         argmax = self._empty_laid_like(y.shape, x, index_type)
         pool = self._maxpool_2x2_ if size == 2 else self._maxpool_window_
         for block in self._channel_blocks(padded):
             pool(padded[block], size, stride, y[block], argmax[block])
         return y, argmax
+
+    def _maxpool_max_(self, padded, size, stride, y):
+        """The maxima alone: a running maximum over the window offsets."""
+        out_h, out_w = y.shape[2:]
+        np.copyto(y, self._pool_window(padded, 0, 0, stride, out_h, out_w))
+        for offset in range(1, size * size):
+            np.maximum(y, self._pool_window(padded, offset // size, offset % size, stride,
+                                            out_h, out_w), out=y)
 
     def _maxpool_window_(self, padded, size, stride, y, argmax):
         """Any window: a running maximum over the offsets, the index moving on strictly greater."""
@@ -693,6 +707,10 @@ class NumpyBackend:
         0..min(C)-1; spatially, with stride = max(W_add//W_x, 1) and sample = max(W_x//W_add, 1),
         y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
         j < min(H), i < min(W). Same shapes: y = alpha*x + beta*add everywhere."""
+        if x.shape == add.shape:  # the usual case (ResNet, YOLO): one pass
+            if alpha == 1 and beta == 1:
+                return np.add(x, add)
+            return np.float32(alpha) * x + np.float32(beta) * add
         out_window, add_window = self._shortcut_windows(x.shape[1:], add.shape[1:])
         y = x.copy()
         y[out_window] = np.float32(alpha) * x[out_window] + np.float32(beta) * add[add_window]
