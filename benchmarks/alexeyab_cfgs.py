@@ -32,6 +32,7 @@ COVERAGE = {
     "yolov7.cfg": "golden A9 (every layer)",
     "Gaussian_yolov3_BDD.cfg": "golden A10 (every layer)",
     "yolov4-csp.cfg": "golden A11 (every layer)",
+    "t1.test.cfg": "golden A12 (every layer)",
 }
 # AlexeyAB feature -> the golden set that checks it layer by layer against AlexeyAB's Darknet
 FEATURE_GOLDEN = {"mish": "A2", "swish": "A4", "scale_channels": "A4", "sam": "A5",

@@ -19,6 +19,7 @@ Where AlexeyAB's code departs from its own formula we follow the formula and say
 
 import numpy as np
 
+from .config import shorten
 from .errors import ConfigError
 
 NAMES = ("logistic", "loggy", "relu", "elu", "selu", "relie", "ramp", "linear", "tanh", "plse",
@@ -40,7 +41,7 @@ SELU_ALPHA = 1.6732
 def check_name(name, where):
     """Darknet turns an unknown name into relu with a warning; we refuse it with a clear error."""
     if name not in NAMES and name not in CHANNEL_NAMES:
-        raise ConfigError(f"{where} unknown activation '{name}'; expected one of "
+        raise ConfigError(f"{where} unknown activation '{shorten(name)}'; expected one of "
                           f"{', '.join(NAMES + CHANNEL_NAMES)}")
     return name
 

@@ -21,28 +21,62 @@ import numpy as np
 from . import data as data_io
 from . import detection, distributed, models
 from .backends import get_backend
-from .errors import BackendError, ConfigError, EngineError
+from .errors import BackendError, ConfigError, DataError, EngineError
 from .network import Network
 from .train import evaluate, train
+
+
+MESSAGE_LIMIT = 1000  # characters of an error line; the messages name files and values, cut
 
 
 def add_backend_options(parser, several=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cpu", action="store_true", help="run on the CPU (numpy)")
-    group.add_argument("--gpu", type=int, metavar="N", help="run on GPU N; an error if it is unusable")
+    group.add_argument("--gpu", type=count, metavar="N",
+                       help="run on GPU N; an error if it is unusable")
     parser.add_argument("--tf32", action="store_true",
                         help="let GPU convolutions use TF32 tensor cores (faster; about 1e-3 "
                              "relative error, as PyTorch's default)")
+    parser.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                        help="whose inference batch-norm rule to use (default: the cfg tells; "
+                             "AlexeyAB's divides by sqrt(var + 1e-5), pjreddie's by sqrt(var) + 1e-6)")
     if several:
         group.add_argument("--gpus", type=gpu_list, metavar="0,1,...",
                            help="data-parallel training, one rank per GPU (started with mpiexec "
                                 "when this command is not already one of several ranks)")
 
 
+def count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def positive_int(text):
+    value = count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number >= 1, got 0")
+    return value
+
+
+def unit_interval(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
 def gpu_list(text):
     try:
-        gpus = [int(g) for g in text.split(",") if g.strip() != ""]
-    except ValueError:
+        gpus = [count(g) for g in text.split(",") if g.strip() != ""]
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected GPU numbers like 0,1,2,3, got '{text}'") from None
     if not gpus:
         raise argparse.ArgumentTypeError("expected at least one GPU number")
@@ -69,7 +103,8 @@ def choose_backend(args, seed=0, rank=0):
 def build(args, seed=0, weights=None, rank=0, inference=False):
     """The cfg's network on the chosen backend, with `weights` loaded; for inference its batch
     norms are folded into the weights (the same outputs, one pass less per layer)."""
-    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0)
+    net = Network(args.cfg, backend=choose_backend(args, seed, rank), seed=seed, quiet=rank > 0,
+                  darknet=getattr(args, "darknet", None))
     if weights:
         covered = net.load_weights(weights)
         with_params = [layer.index for layer in net.layers if layer.weight_order]
@@ -80,10 +115,16 @@ def build(args, seed=0, weights=None, rank=0, inference=False):
 
 
 def data_config(args):
-    if not args.data and not os.path.isfile(args.cfg):
+    if args.data:
+        return data_io.DataConfig(args.data)
+    if not os.path.isfile(args.cfg):
         # The default .data file is found beside the cfg: a missing cfg is the error to report.
         raise ConfigError(f"{args.cfg}: cfg file not found")
-    return data_io.DataConfig(args.data or data_io.default_data_path(args.cfg))
+    path = data_io.default_data_path(args.cfg)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: data file not found (looked for beside {args.cfg}; name "
+                          "another with --data FILE)")
+    return data_io.DataConfig(path)
 
 
 def training_set(net, data):
@@ -105,7 +146,10 @@ def cmd_train(args):
     group = args.group = distributed.process_group()
     data = data_config(args)
     net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
+    if args.clear:
+        net.seen = 0  # fine-tuning: the schedule starts over from these weights
     group.adopt(net)
+    net.check_memory(net.options.mini_batch, train=True)  # before the images are loaded
     dataset = training_set(net, data)
     backup = args.backup or data_io.resolve_path(data.backup, data.path)
     started = time.time()
@@ -150,18 +194,35 @@ def cmd_info(args):
           f"{models.weights_file_bytes(net)} bytes")
 
 
+def check_output_image(path):
+    """Fail before any work if the drawn image cannot be written where --out says."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"{path}: the folder {folder} does not exist")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise DataError(f"{path}: unknown image format '{extension}'; use .png or .jpg")
+
+
 def cmd_detect(args):
+    check_output_image(args.out)
     net = build(args, weights=args.weights, inference=True)
     names = detection.read_names(args.names) if args.names else None
+    choice = False if args.resize else (True if args.letterbox else None)
     labelled, detections, _ = detection.detect(net, args.image, args.thresh, args.nms,
-                                               letterboxed=False if args.resize else None)
+                                               letterboxed=choice)
     classes = detections.probs.shape[1]
     for item in labelled:
         left, top, right, bottom = item.pixels
         found = ", ".join(f"{detection.class_name(names, k)}: {100 * p:.0f}%"
                           for k, p in zip(item.classes, item.probabilities))
         print(f"{found}  box (left, top, right, bottom) = ({left}, {top}, {right}, {bottom})")
-    detection.draw(args.image, labelled, names, classes).save(args.out)
+    try:
+        detection.draw(args.image, labelled, names, classes).save(args.out)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{args.out}: cannot write the image ({error})") from None
     print(f"{len(labelled)} detections; drawn in {args.out}")
 
 
@@ -173,7 +234,7 @@ def cmd_partial(args):
 
 
 def cmd_fuse(args):
-    net = Network(args.cfg, backend=get_backend("cpu"))
+    net = Network(args.cfg, backend=get_backend("cpu"), darknet=args.darknet)
     net.load_weights(args.weights)
     models.fuse(net, args.cfg_out, args.weights_out)
     print(f"Fused network: {args.cfg_out}, {args.weights_out}")
@@ -188,11 +249,17 @@ def make_parser():
     p.add_argument("weights", nargs="?", help="start from these weights (same as --weights)")
     p.add_argument("--weights", dest="weights_option", help="start from these weights")
     p.add_argument("--data", help="the .data file (default: the one beside the cfg)")
-    p.add_argument("--max-batches", type=int, help="stop after this many iterations")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches, dropout")
+    p.add_argument("--max-batches", type=positive_int, metavar="N",
+                   help="train until iteration N (it replaces the cfg's max_batches, in the "
+                        "learning-rate schedule too)")
+    p.add_argument("--clear", action="store_true",
+                   help="start the iteration count (and schedule) at 0 from the loaded weights, "
+                        "to fine-tune rather than resume")
+    p.add_argument("--seed", type=count, default=0,
+                   help="seed for initialisation, batches, dropout")
     p.add_argument("--backup", help="folder for weights (default: the .data file's backup)")
-    p.add_argument("--backup-every", type=int, default=100, metavar="N",
-                   help="save <backup>/<cfg>.backup every N iterations (default 100)")
+    p.add_argument("--backup-every", type=count, default=100, metavar="N",
+                   help="save <backup>/<cfg>.backup every N iterations (default 100; 0: never)")
     add_backend_options(p, several=True)
     p.set_defaults(run=cmd_train)
 
@@ -208,7 +275,7 @@ def make_parser():
     p.add_argument("weights")
     p.add_argument("images", nargs="+")
     p.add_argument("--data", help="the .data file whose labels name the classes")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     add_backend_options(p)
     p.set_defaults(run=cmd_predict)
 
@@ -221,12 +288,17 @@ def make_parser():
     p.add_argument("weights")
     p.add_argument("image")
     p.add_argument("--names", help="class names, one a line (e.g. cfg/coco.names)")
-    p.add_argument("--thresh", type=float, default=0.5, help="confidence threshold (default 0.5)")
-    p.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold; 0 turns NMS off")
+    p.add_argument("--thresh", type=unit_interval, default=0.5,
+                   help="confidence threshold (default 0.5)")
+    p.add_argument("--nms", type=unit_interval, default=0.45,
+                   help="NMS IoU threshold; 0 turns NMS off")
     p.add_argument("--out", default="predictions.png", help="image with the boxes drawn")
-    p.add_argument("--resize", action="store_true",
-                   help="stretch the image to the input instead of letterboxing it (AlexeyAB's "
-                        "default when [net] has no letter_box=1)")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--resize", action="store_true",
+                     help="stretch the image to the input (AlexeyAB's detector test; the default "
+                          "for its cfgs without letter_box=1)")
+    fit.add_argument("--letterbox", action="store_true",
+                     help="letterbox the image (pjreddie's detector test; the default for its cfgs)")
     add_backend_options(p)
     p.set_defaults(run=cmd_detect)
 
@@ -234,7 +306,7 @@ def make_parser():
     p.add_argument("cfg")
     p.add_argument("weights")
     p.add_argument("out")
-    p.add_argument("layers", type=int, help="how many layers to keep (N)")
+    p.add_argument("layers", type=count, help="how many layers to keep (N)")
     p.set_defaults(run=cmd_partial)
 
     p = commands.add_parser("fuse", help="fold batch norms into the convolutions")
@@ -242,6 +314,8 @@ def make_parser():
     p.add_argument("weights")
     p.add_argument("cfg_out")
     p.add_argument("weights_out")
+    p.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
+                   help="whose inference batch-norm rule to fold (default: the cfg tells)")
     p.set_defaults(run=cmd_fuse)
     return parser
 
@@ -259,11 +333,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except MemoryError:
-        return fail(args, "out of memory; lower batch or raise subdivisions in the cfg")
+        return fail(args, f"{getattr(args, 'cfg', '')}: out of host memory while running it; "
+                          "lower batch, width/height or filters in the cfg (or raise "
+                          "subdivisions, for training)")
 
 
 def fail(args, message):
     """Print the one-line error; under mpiexec, name the rank and stop every rank."""
+    message = " ".join(str(message).split())  # one line, whatever the message held
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + "..."
     group = getattr(args, "group", None)
     if group is not None and group.size > 1:
         print(f"engine {args.command}: rank {group.rank}: error: {message}", file=sys.stderr)

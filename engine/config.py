@@ -6,8 +6,10 @@ through typed getters that name the file, line and key when a value has the wron
 remember which keys were used so unused ones can be reported as Darknet does ("Unused field").
 """
 
+import math
 import os
 import re
+import stat
 import sys
 
 from .errors import ConfigError
@@ -34,7 +36,7 @@ class Section:
 
     def where(self, key=None):
         line = self.options[key].line if key in self.options else self.line
-        return f"{self.path}:{line}: [{self.name}]"
+        return f"{self.path}:{line}: [{shorten(self.name)}]"
 
     def error(self, message, key=None):
         """A ConfigError that names the file, line and section (and the key's line if given)."""
@@ -56,18 +58,37 @@ class Section:
             return default
         try:
             return convert(raw)
-        except ValueError:
-            raise self.error(f"{key}={raw}: expected {expected}", key) from None
+        except (ValueError, OverflowError):
+            raise self.error(f"{key}={shorten(raw)}: expected {expected}", key) from None
 
     def str(self, key, default=None):
         raw = self._raw(key)
         return default if raw is None else raw
 
-    def int(self, key, default=None):
-        return self._typed(key, default, _parse_int, "an integer")
+    def int(self, key, default=None, low=None, high=None):
+        """An integer option; with `low`/`high`, one outside that range is an error naming
+        its line (checked where it is read, before anything is sized by it)."""
+        value = self._typed(key, default, _parse_int, f"an integer ({INT_MIN}..{INT_MAX})")
+        if value is not None and key in self.options:
+            self.check_range(key, value, low, high)
+        return value
 
-    def float(self, key, default=None):
-        return self._typed(key, default, float, "a number")
+    def float(self, key, default=None, low=None, high=None):
+        value = self._typed(key, default, _parse_float, "a finite number")
+        if value is not None and key in self.options:
+            self.check_range(key, value, low, high)
+        return value
+
+    def check_range(self, key, value, low=None, high=None):
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                expected = f"a value >= {low}"
+            elif low is None:
+                expected = f"a value <= {high}"
+            else:
+                expected = f"a value in {low}..{high}"
+            raise self.error(f"{key}={value}: expected {expected}", key)
+        return value
 
     def bool(self, key, default=False):
         return bool(self._typed(key, int(default), _parse_int, "0 or 1"))
@@ -77,40 +98,66 @@ class Section:
                            "a comma-separated list of integers")
 
     def float_list(self, key, default=None):
-        return self._typed(key, default, lambda v: [float(x) for x in _items(v)],
-                           "a comma-separated list of numbers")
+        return self._typed(key, default, lambda v: [_parse_float(x) for x in _items(v)],
+                           "a comma-separated list of finite numbers")
 
     def require_positive(self, key, value):
         if value <= 0:
             raise self.error(f"{key}={value}: expected a positive value", key)
         return value
 
+    def positive_int(self, key, default, high=None):
+        """An integer that sizes something: at least 1 (and at most `high`), default included."""
+        value = self.int(key, default)
+        return self.check_range(key, self.require_positive(key, value), high=high)
+
     def unused(self):
         return [k for k, o in self.options.items() if not o.used]
+
+
+INT_MIN, INT_MAX = -2 ** 31, 2 ** 31 - 1  # Darknet reads cfg integers into C ints
+ECHO_LIMIT = 60  # characters of a cfg value or line an error message repeats
+
+
+def shorten(text):
+    """`text` as an error message repeats it: a megabyte-long line is cut, not echoed."""
+    return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
 
 
 def _parse_int(text):
     """Darknet reads integers with C's atoi: the longest leading [+-]digits prefix, the rest
     ignored, no digits giving 0. We follow it where cfgs rely on it (AlexeyAB's `filters=40#32`,
     an inline comment, is 40; "3.0" is 3) but refuse what is surely a mistake: no leading digits
-    ("abc", which atoi reads as 0) and a fractional number ("2.5", which atoi truncates to 2)."""
+    ("abc", which atoi reads as 0), a fractional number ("2.5", which atoi truncates to 2), and
+    values a C int cannot hold (atoi's result is undefined there)."""
+    if len(text) > 40:
+        raise ValueError(text)  # int() of a huge digit string is slow, and cannot fit anyway
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        pass
-    match = _INT_PREFIX.match(text)
-    if match is None:
+        match = _INT_PREFIX.match(text)
+        if match is None:
+            raise ValueError(text) from None
+        if text[match.end():][:1] in (".", "e", "E"):
+            number = float(text)  # "3.0", "1e3": whole numbers only; inf and nan fail below
+            if not math.isfinite(number) or number != int(number):
+                raise ValueError(text) from None
+            value = int(number)
+        else:
+            value = int(match.group())
+    if not INT_MIN <= value <= INT_MAX:
         raise ValueError(text)
-    rest = text[match.end():]
-    if rest[:1] in (".", "e", "E"):
-        value = float(text)  # "3.0", "1e3": whole numbers only
-        if value != int(value):
-            raise ValueError(text)
-        return int(value)
-    return int(match.group())
+    return value
 
 
 _INT_PREFIX = re.compile(r"[+-]?[0-9]+")
+
+
+def _parse_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # inf, nan, 1e400: no cfg value means that
+        raise ValueError(text)
+    return value
 
 
 def _items(text):
@@ -127,13 +174,14 @@ def read_cfg(path):
             continue
         if line[0] == "[":
             if not line.endswith("]") or len(line) < 3:
-                raise ConfigError(f"{path}:{number}: malformed section header '{raw.strip()}'")
+                raise ConfigError(f"{path}:{number}: malformed section header "
+                                  f"'{shorten(raw.strip())}'")
             sections.append(Section(line[1:-1].lower(), path, number))
             continue
         if "=" not in line:
-            raise ConfigError(f"{path}:{number}: expected 'key=value', got '{raw.strip()}'")
+            raise ConfigError(f"{path}:{number}: expected 'key=value', got '{shorten(raw.strip())}'")
         if not sections:
-            raise ConfigError(f"{path}:{number}: option '{line}' before any [section]")
+            raise ConfigError(f"{path}:{number}: option '{shorten(line)}' before any [section]")
         key, value = line.split("=", 1)
         if key in sections[-1].options:
             # Darknet's option_find returns the first occurrence; a repeat is an unused field.
@@ -144,18 +192,20 @@ def read_cfg(path):
         raise ConfigError(f"{path}: no sections found; a cfg starts with [net]")
     if sections[0].name not in ("net", "network"):
         first = sections[0]
-        raise ConfigError(f"{path}:{first.line}: the first section must be [net], got [{first.name}]")
+        raise ConfigError(f"{path}:{first.line}: the first section must be [net], got "
+                          f"[{shorten(first.name)}]")
     return sections
 
 
 def warn_unused(section, stream=None):
     stream = stream if stream is not None else sys.stderr  # looked up now, so redirection works
     for key in section.unused():
-        print(f"Unused field: '{key}' in [{section.name}] at {section.path}:{section.options[key].line}",
-              file=stream)
+        print(f"Unused field: '{shorten(key)}' in [{shorten(section.name)}] at "
+              f"{section.path}:{section.options[key].line}", file=stream)
     for key, line in section.repeated:
-        print(f"Unused field: '{key}' in [{section.name}] at {section.path}:{line} (repeated; "
-              f"line {section.options[key].line} is used)", file=stream)
+        print(f"Unused field: '{shorten(key)}' in [{shorten(section.name)}] at "
+              f"{section.path}:{line} (repeated; line {section.options[key].line} is used)",
+              file=stream)
 
 
 def read_data_file(path):
@@ -170,7 +220,7 @@ def read_data_file(path):
         if not line or line[0] in "#;":
             continue
         if "=" not in line:
-            raise ConfigError(f"{path}:{number}: expected 'key=value', got '{line}'")
+            raise ConfigError(f"{path}:{number}: expected 'key=value', got '{shorten(line)}'")
         key, value = (part.strip() for part in line.split("=", 1))
         values.setdefault(key, value)  # Darknet uses the first occurrence of a key
     return values
@@ -189,12 +239,44 @@ def resolve_path(path, relative_to):
 
 
 def _read_lines(path, kind):
+    return read_text_lines(path, kind, ConfigError, strict=False)
+
+
+def check_regular_file(path, kind, error_type):
+    """One `error_type` line unless `path` is a regular file (a FIFO would make open() or read()
+    wait forever, a device such as /dev/zero never ends). FileNotFoundError and
+    IsADirectoryError pass through for the caller's own message."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise error_type(f"{path}: not a regular file, expected a {kind} file")
+
+
+TEXT_FILE_LIMIT = 1 << 30  # bytes: cfgs, lists and names files are far smaller
+
+
+def read_text_lines(path, kind, error_type, strict=True):
+    """The lines of a text file (a BOM skipped), or one `error_type` line for a missing file, a
+    folder, a FIFO or device, a file too large to be one, or (when `strict`) bytes that are not
+    UTF-8; otherwise undecodable bytes become U+FFFD."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: skip a BOM
-            return handle.read().splitlines()
+        check_regular_file(path, kind, error_type)  # before open(): opening a FIFO waits
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > TEXT_FILE_LIMIT:
+                raise error_type(f"{path}: {size} bytes is too large for a {kind} file")
+            data = handle.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {kind} file not found") from None
+        raise error_type(f"{path}: {kind} file not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a {kind} file") from None
+        raise error_type(f"{path}: is a directory, expected a {kind} file") from None
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read {kind} file ({error.strerror})") from None
+        raise error_type(f"{path}: cannot read {kind} file ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise error_type(f"{path}:{line}: the {kind} file is not UTF-8 text (byte "
+                         f"0x{data[error.start]:02x})") from None
+    return text.splitlines()

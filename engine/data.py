@@ -8,39 +8,59 @@ For detectors the image list's boxes come from label files (engine.detection_dat
 """
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
-from .config import read_data_file, resolve_path
+from . import memory
+from .config import check_regular_file, read_data_file, read_text_lines, resolve_path
 from .errors import ConfigError, DataError
 
+MAX_CLASSES = 1 << 20
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 # ---- IDX (MNIST) ----------------------------------------------------------------------------------
-def read_idx(path):
-    """Read an IDX file (gzipped or not) into a numpy array of its declared shape."""
+def read_idx(path, dims_expected=None):
+    """Read an IDX file (gzipped or not) into a numpy array of its declared shape. The header is
+    checked (and the size it promises against the memory available) before the data is read;
+    `dims_expected` is the number of dimensions the caller needs (3 for images, 1 for labels)."""
     try:
+        check_regular_file(path, "IDX", DataError)
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as handle:
-            data = handle.read()
+            header = handle.read(4)
+            if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in IDX_TYPES:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            dims = header[3]
+            if dims_expected is not None and dims != dims_expected:
+                what = "images: count, rows, columns" if dims_expected == 3 else "labels: count"
+                raise DataError(f"{path}: IDX file of {dims} dimensions; expected {dims_expected} "
+                                f"({what})")
+            shape_bytes = handle.read(4 * dims)
+            if len(shape_bytes) < 4 * dims:
+                raise DataError(f"{path}: IDX header cut short ({dims} dimensions announced)")
+            shape = struct.unpack(f">{dims}I", shape_bytes)
+            dtype = np.dtype(IDX_TYPES[header[2]])
+            expected = math.prod(shape) * dtype.itemsize
+            if expected > memory.host_available():
+                raise DataError(f"{path}: IDX header promises {memory.format_bytes(expected)} of "
+                                "data, more than the memory available")
+            data = handle.read(expected)
+            extra = handle.read(1)
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
-    except (OSError, EOFError) as error:
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an IDX file") from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip's damaged streams are among these
         raise DataError(f"{path}: cannot read IDX file ({error})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dims = data[3]
-    shape = struct.unpack_from(f">{dims}I", data, 4)
-    dtype = np.dtype(IDX_TYPES[data[2]])
-    offset = 4 + 4 * dims
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - offset != expected:
+    if len(data) != expected or extra:
         raise DataError(f"{path}: IDX header promises {expected} bytes of data, file has "
-                        f"{len(data) - offset}")
-    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+                        f"{len(data) if not extra else 'more'}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class Dataset:
@@ -72,11 +92,15 @@ class Dataset:
         if self.classes != net.output_layer.outputs:
             raise ConfigError(f"{self.name}: {self.classes} classes, but {net.cfg_path} "
                               f"outputs {net.output_layer.outputs} values per image")
+        for layer in net.cost_layers:  # the truth rows are compared with each loss's input
+            if layer.outputs != self.classes:
+                raise ConfigError(f"{layer.where()} the loss takes {layer.outputs} values per "
+                                  f"image, but the data has {self.classes} classes")
 
 
 def load_idx_dataset(images_path, labels_path, classes, shape):
-    images = read_idx(images_path)
-    labels = read_idx(labels_path).astype(np.int64)
+    images = read_idx(images_path, dims_expected=3)
+    labels = read_idx(labels_path, dims_expected=1).astype(np.int64)
     if len(images) != len(labels):
         raise DataError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
     c, h, w = shape
@@ -97,6 +121,7 @@ def load_image(path, shape):
 
     c, h, w = shape
     try:
+        check_regular_file(path, "image", DataError)
         with Image.open(path) as image:
             image = image.convert("L" if c == 1 else "RGB")
             if image.size != (w, h):
@@ -104,7 +129,7 @@ def load_image(path, shape):
             pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None
     if c == 1:
         return pixels[None]
@@ -115,13 +140,8 @@ def load_image(path, shape):
 
 def read_image_list(list_path):
     """The image paths a Darknet list file names, one a line, as written (unresolved)."""
-    try:
-        with open(list_path, encoding="utf-8") as handle:
-            paths = [line.strip() for line in handle if line.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{list_path}: image list not found") from None
-    except OSError as error:
-        raise DataError(f"{list_path}: cannot read image list ({error.strerror})") from None
+    paths = [line.strip() for line in read_text_lines(list_path, "image list", DataError)
+             if line.strip()]
     if not paths:
         raise DataError(f"{list_path}: the image list is empty")
     return paths
@@ -152,14 +172,16 @@ class DataConfig:
             self.top = int(values.get("top", "1"))
         except ValueError:
             raise ConfigError(f"{path}: classes and top must be integers") from None
-        if self.classes <= 0:
-            raise ConfigError(f"{path}: needs classes=N with N > 0")
+        if not 0 < self.classes <= MAX_CLASSES:
+            raise ConfigError(f"{path}: needs classes=N with 0 < N <= {MAX_CLASSES}")
+        if self.top < 1:
+            raise ConfigError(f"{path}: top={self.top}: expected a value >= 1")
         self.values = values
         labels_file = values.get("labels") or values.get("names")
         if labels_file:
             labels_path = self._file(labels_file, "labels")
-            with open(labels_path, encoding="utf-8") as handle:
-                self.labels = [line.strip() for line in handle if line.strip()]
+            self.labels = [line.strip() for line in
+                           read_text_lines(labels_path, "labels", ConfigError) if line.strip()]
             if len(self.labels) != self.classes:
                 raise ConfigError(f"{path}: classes={self.classes} but {labels_path} lists "
                                   f"{len(self.labels)} labels")

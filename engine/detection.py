@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DataError
+from .config import check_regular_file, read_text_lines
+from .errors import ConfigError, DataError
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
 
@@ -21,13 +22,14 @@ def read_rgb(path):
     from PIL import Image, UnidentifiedImageError
 
     try:
+        check_regular_file(path, "image", DataError)
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected an image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None
     return pixels.transpose(2, 0, 1).copy()
 
@@ -182,7 +184,28 @@ def gaussian_yolo_detections(layer, output, net_w, net_h, image_w, image_h, thre
                       _class_probs(rows[:, 8] * certainty, rows[:, 9:], thresh))
 
 
+def detection_v1_detections(layer, output, net_w, net_h, image_w, image_h, thresh,
+                            letterboxed=False):
+    """get_detection_detections (YOLOv1): every box of every cell; class probability
+    confidence * class score where above `thresh`. Boxes are relative to the stretched image."""
+    cells, classes, num = layer.side * layer.side, layer.classes, layer.num
+    flat = output.reshape(-1)
+    scores = flat[:cells * classes].reshape(cells, classes)
+    confidence = flat[cells * classes:cells * (classes + num)].reshape(cells, num)
+    coords = flat[cells * (classes + num):].reshape(cells, num, 4).astype(np.float64)
+    cell = np.arange(cells)
+    col, row = (cell % layer.side)[:, None], (cell // layer.side)[:, None]
+    power = 2 if layer.sqrt else 1
+    boxes = np.stack([(coords[..., 0] + col) / layer.side, (coords[..., 1] + row) / layer.side,
+                      coords[..., 2] ** power, coords[..., 3] ** power], axis=-1).reshape(-1, 4)
+    objectness = confidence.reshape(-1).astype(np.float32)
+    class_scores = np.repeat(scores, num, axis=0)
+    return Detections(boxes.astype(np.float32), objectness,
+                      _class_probs(objectness, class_scores, thresh))
+
+
 DECODERS = {"yolo": yolo_detections, "region": region_detections,
+            "detection": detection_v1_detections,
             "gaussian_yolo": gaussian_yolo_detections}
 
 
@@ -199,7 +222,8 @@ def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed
         parts.append(decode(layer, output, net.options.width, net.options.height,
                             image_w, image_h, thresh, letterboxed))
     if not parts:
-        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer to detect with")
+        raise DataError(f"{net.cfg_path}: the network has no [yolo] or [region] layer (nor "
+                        "YOLOv1's [detection]) to detect with")
     return Detections.concatenate(parts, classes)
 
 
@@ -282,9 +306,10 @@ def label_detections(detections, image_w, image_h, thresh):
             continue
         x, y, w, h = (float(v) for v in box)
         # int() truncates toward zero, like Darknet's float-to-int assignments. Darknet clamps
-        # only the near sides; we clamp all four so a box outside the image stays drawable.
-        left, right = (min(max(int(v * image_w), 0), image_w - 1) for v in (x - w / 2, x + w / 2))
-        top, bottom = (min(max(int(v * image_h), 0), image_h - 1) for v in (y - h / 2, y + h / 2))
+        # only the near sides; we clamp all four (before int(), so a box that exp() made
+        # infinite stays a number) so a box outside the image stays drawable.
+        left, right = (int(min(max(v * image_w, 0), image_w - 1)) for v in (x - w / 2, x + w / 2))
+        top, bottom = (int(min(max(v * image_h, 0), image_h - 1)) for v in (y - h / 2, y + h / 2))
         labelled.append(Labelled(classes, [float(probs[k]) for k in classes],
                                  (left, top, right, bottom)))
     return labelled
@@ -327,24 +352,23 @@ def class_name(names, k):
 
 def read_names(path):
     """A .names file: one class name per line."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{path}: names file not found") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read names file ({error.strerror})") from None
+    return [line.strip() for line in read_text_lines(path, "names", DataError) if line.strip()]
 
 
 def uses_letterbox(net, letterboxed=None):
     """Whether detection letterboxes the image: the caller's choice, else [net] letter_box
-    (AlexeyAB: 1 letterboxes, 0 stretches the image to the input), else letterboxing, which is
-    what pjreddie's `detector test` always does (AlexeyAB's stretches when letter_box is
-    absent: `engine detect --resize` does that)."""
+    (AlexeyAB: 1 letterboxes, 0 stretches the image to the input), else the convention of the
+    Darknet the cfg comes from: AlexeyAB's `detector test` stretches, pjreddie's letterboxes.
+    A cfg whose detection layers use keys only AlexeyAB reads (scale_x_y, nms_kind, iou_loss,
+    [Gaussian_yolo]...) is AlexeyAB's; the others (YOLOv2, YOLOv3) are taken as pjreddie's."""
     if letterboxed is not None:
         return letterboxed
     letter_box = net.options.letter_box
-    return True if letter_box is None else bool(letter_box)
+    if letter_box is not None:
+        return bool(letter_box)
+    if any(layer.type_name == "detection" for layer in net.layers):
+        return False  # YOLOv1 decodes boxes relative to the stretched image
+    return not any(getattr(layer, "alexeyab", False) for layer in net.layers)
 
 
 def nms_choice(net):
@@ -356,6 +380,13 @@ def nms_choice(net):
 def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
     """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
     the Detections after NMS, (image width, image height))."""
+    heads = [layer.index for layer in net.layers if layer.type_name in DECODERS]
+    if not heads:
+        raise ConfigError(f"{net.cfg_path}: not a detector (no [yolo] or [region] layer); "
+                          "engine predict classifies images")
+    if net.options.channels != 3:
+        raise ConfigError(f"{net.cfg_path}: detection reads RGB images, but the network takes "
+                          f"{net.options.channels} channels")
     image = read_rgb(image_path)
     _, image_h, image_w = image.shape
     letterboxed = uses_letterbox(net, letterboxed)
@@ -363,7 +394,8 @@ def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
         x = letterbox(image, net.options.width, net.options.height)
     else:
         x = resize_bilinear(image, net.options.width, net.options.height)
-    net.forward(net.ops.asarray(x[None]), train=False)
+    net.predict(x[None])
+    net.check_finite_outputs(heads)
     detections = network_detections(net, image_w, image_h, thresh, letterboxed=letterboxed)
     if nms:
         kind, beta = nms_choice(net)

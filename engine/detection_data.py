@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from .config import resolve_path
+from .config import read_text_lines, resolve_path
 from .data import read_image_list
 from .detection import read_rgb, resize_bilinear
 from .errors import ConfigError, DataError
@@ -36,12 +36,11 @@ def label_path(image_path):
 def read_boxes(path, classes):
     """The label file's boxes as rows (x, y, w, h, class), or None if there is no such file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read label file ({error})") from None
+        lines = read_text_lines(path, "label", DataError)
+    except DataError:
+        if not os.path.exists(path):
+            return None
+        raise
     rows = []
     for number, line in enumerate(lines, start=1):
         fields = line.split()
@@ -111,6 +110,9 @@ class DetectionDataset:
 
     def check_network(self, net):
         for layer in net.cost_layers:
+            if layer.type_name != "yolo":
+                raise ConfigError(f"{layer.where()} a detector trains through [yolo] layers; this "
+                                  f"[{layer.type_name}] loss takes class labels, not boxes")
             if layer.classes != self.classes:
                 raise ConfigError(f"{layer.where()} classes={layer.classes}, but the data "
                                   f"({self.name}) has classes={self.classes}")

@@ -21,5 +21,9 @@ class BackendError(EngineError):
     """The requested compute backend is not usable on this machine."""
 
 
+class NumericalError(EngineError):
+    """A forward pass produced NaN or infinite values: the results would be meaningless."""
+
+
 class TrainingError(EngineError):
     """Training cannot go on (the loss diverged, or nothing is left to train)."""

@@ -60,7 +60,7 @@ def fuse(net, cfg_out, weights_out):
     folded into the layer's weights and biases. Returns the fused Network (on net's backend).
     Standalone [batchnorm] layers stay as they are."""
     write_atomically(cfg_out, fused_cfg_text(net).encode("utf-8"))
-    fused = Network(cfg_out, backend=net.ops, quiet=True)
+    fused = Network(cfg_out, backend=net.ops, quiet=True, darknet=net.darknet)
     for layer, target in zip(net.layers, fused.layers):
         if _fusable(layer):
             weights, biases = layer.folded_parameters(net.ops)

@@ -8,10 +8,13 @@ special here.
 
 import numpy as np
 
+from . import memory
 from . import weights as weights_io
+from .activations import CHANNEL_NAMES, NAMES as ACTIVATION_NAMES
 from .backends import get_backend
+from .backends.numpy_backend import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .config import read_cfg, warn_unused
-from .errors import ConfigError, EngineError
+from .errors import ConfigError, EngineError, NumericalError
 from .layers import LAYER_TYPES
 
 POLICIES = ("constant", "step", "steps", "exp", "poly", "sig", "sigmoid", "random", "sgdr")
@@ -31,8 +34,6 @@ UNSUPPORTED_SECTIONS = {
     "lstm": "recurrent layers are not implemented", "gru": "recurrent layers are not implemented",
     "conv_lstm": "recurrent layers are not implemented",
     "history": "recurrent layers are not implemented",
-    "contrastive": "AlexeyAB's contrastive loss layer is not implemented",
-    "detection": "YOLOv1's [detection] layer is not implemented",
     "local": "the locally connected layer is not implemented",
 }
 # Keys AlexeyAB's parser reads in every layer (parse_network_cfg_custom), with their defaults.
@@ -41,7 +42,8 @@ UNSUPPORTED_SECTIONS = {
 GENERIC_LAYER_KEYS = {"dont_update": 0, "burnin_update": 0,
                       "train_only_bn": 0, "dontload": 0, "dontloadscales": 0, "clip": 0}
 # [net] keys that change only AlexeyAB's training: training refuses them (inference is fine).
-TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None}
+TRAINING_NET_KEYS = {"ema_alpha": 0, "label_smooth_eps": 0, "max_epochs": None, "contrastive": 0,
+                     "contrastive_color": 0, "contrastive_jit_flip": 0}
 
 
 class NetOptions:
@@ -49,16 +51,16 @@ class NetOptions:
 
     def __init__(self, section):
         s = self.section = section
-        self.batch_size = s.require_positive("batch", s.int("batch", 1))
-        self.subdivisions = s.require_positive("subdivisions", s.int("subdivisions", 1))
+        self.batch_size = s.positive_int("batch", 1)
+        self.subdivisions = s.positive_int("subdivisions", 1)
         if self.batch_size % self.subdivisions:
             raise s.error(f"subdivisions={self.subdivisions} must divide batch={self.batch_size}",
                           "subdivisions")
         self.mini_batch = self.batch_size // self.subdivisions  # what Darknet calls net->batch
-        self.height = s.int("height", 0)
-        self.width = s.int("width", 0)
-        self.channels = s.int("channels", 0)
-        inputs = s.int("inputs", self.height * self.width * self.channels)
+        self.height = s.int("height", 0, low=0)  # 0: not given (then `inputs` says the size)
+        self.width = s.int("width", 0, low=0)
+        self.channels = s.int("channels", 0, low=0)
+        inputs = s.int("inputs", self.height * self.width * self.channels, low=0)
         if self.height * self.width * self.channels == 0:
             if inputs <= 0:
                 raise s.error("needs height, width and channels (or inputs)")
@@ -69,16 +71,16 @@ class NetOptions:
         self.policy = s.str("policy", "constant")
         if self.policy not in POLICIES:
             raise s.error(f"policy={self.policy}: expected one of {', '.join(POLICIES)}", "policy")
-        self.burn_in = s.int("burn_in", 0)
+        self.burn_in = s.int("burn_in", 0, low=0)
         self.power = s.float("power", 4.0)
-        self.max_batches = s.int("max_batches", 0)
+        self.max_batches = s.int("max_batches", 0, low=0)
         if self.policy == "poly" and self.max_batches <= 0:
             raise s.error("policy=poly needs max_batches > 0 (the rate falls to 0 there)",
                           "max_batches" if s.has("max_batches") else "policy")
         self.step = self.scale = self.gamma = None
         self.steps, self.scales = [], []
         if self.policy == "step":
-            self.step = s.require_positive("step", s.int("step", 1))
+            self.step = s.positive_int("step", 1)
             self.scale = s.float("scale", 1.0)
         elif self.policy == "steps":
             self.steps = s.int_list("steps")
@@ -110,6 +112,31 @@ class NetOptions:
     @property
     def input_shape(self):
         return (self.channels, self.height, self.width)
+
+
+# What only AlexeyAB's fork reads: a cfg with one of these is AlexeyAB's (see darknet_of).
+ALEXEYAB_SECTIONS = {"sam", "scale_channels", "local_avgpool", "local_avg", "reorg3d", "implicit",
+                     "empty", "silence", "gaussian_yolo", "contrastive", "conv_lstm", "history"}
+ALEXEYAB_ACTIVATIONS = set(ACTIVATION_NAMES[14:]) | set(CHANNEL_NAMES)
+ALEXEYAB_KEYS = {"scale_x_y", "new_coords", "nms_kind", "beta_nms", "iou_loss", "iou_normalizer",
+                 "cls_normalizer", "obj_normalizer", "iou_thresh", "max_delta", "weights_type",
+                 "weights_normalization", "stride_x", "stride_y", "dilation", "share_index",
+                 "antialiasing", "maxpool_depth", "stopbackward", "letter_box", "mosaic",
+                 "cutmix", "ema_alpha", "group_id", "learning_rate_min", "sgdr_cycle"}
+
+
+def darknet_of(sections):
+    """'alexeyab' when the cfg uses a section, activation or key only AlexeyAB's fork reads,
+    else 'pjreddie'. The two differ in inference batch norm (AlexeyAB divides by
+    sqrt(var + 1e-5), pjreddie by sqrt(var) + 1e-6: 4.5e-4 apart for a variance of 0.011), so
+    the weights each trains are best run with its own rule."""
+    for section in sections:
+        if section.name in ALEXEYAB_SECTIONS or ALEXEYAB_KEYS & section.options.keys():
+            return "alexeyab"
+        activation = section.options.get("activation")
+        if activation is not None and activation.value in ALEXEYAB_ACTIVATIONS:
+            return "alexeyab"
+    return "pjreddie"
 
 
 def read_generic_keys(section, layer):
@@ -164,11 +191,20 @@ class RecordedInference:
 class Network:
     """Build with Network(cfg_path); then forward/backward/update, or use engine.train."""
 
-    def __init__(self, cfg_path, backend=None, seed=0, quiet=False):
+    def __init__(self, cfg_path, backend=None, seed=0, quiet=False, darknet=None):
+        """darknet: 'pjreddie' or 'alexeyab' chooses whose inference batch-norm rule to use;
+        by default the cfg says (darknet_of)."""
         self.cfg_path = cfg_path
         sections = read_cfg(cfg_path)
+        self.darknet = darknet or darknet_of(sections)
+        if self.darknet not in ("pjreddie", "alexeyab"):
+            raise ValueError(f"darknet={darknet!r}: expected 'pjreddie' or 'alexeyab'")
+        self.bn_epsilons = ALEXEYAB_BN_EPSILONS if self.darknet == "alexeyab" else \
+            PJREDDIE_BN_EPSILONS
         self.options = NetOptions(sections[0])
         self.rng = np.random.default_rng(seed)  # weight initialisation
+        self.parameter_budget = memory.ParameterBudget()
+        self.checked_batches = set()  # (batch, train) whose memory estimate fits
         self.layers = []
         self.layer_shapes = []
         for index, section in enumerate(sections[1:]):
@@ -190,6 +226,7 @@ class Network:
                 warn_unused(section)
         self.seen = 0
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
+        self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
             layer.place(self.ops)
         for layer in self.layers:  # AlexeyAB's share_index: one set of arrays for both layers
@@ -223,6 +260,18 @@ class Network:
     @property
     def cost_layer(self):
         return self.cost_layers[-1]
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def reserve_parameters(self, layer, count):
+        """Called by a layer before it draws `count` initial values: refuses (ConfigError naming
+        the layer) parameters the host cannot hold, before numpy tries to allocate them."""
+        self.parameter_budget.reserve(layer, count)
+
+    def check_memory(self, batch, train=False):
+        """Refuse, with the estimate and what to change, a batch this backend cannot hold."""
+        if (batch, train) not in self.checked_batches:
+            memory.check_network(self, batch, train, self.ops.available_memory(), self.ops.device_name)
+            self.checked_batches.add((batch, train))
 
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
@@ -293,12 +342,30 @@ class Network:
         images = np.asarray(images, dtype=np.float32).reshape((-1,) + self.input_shape)
         batch_size = batch_size or max(self.options.mini_batch, 1)
         results = []
+        self.check_memory(min(batch_size, len(images)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             y = self._inference.run(chunk) if self._inference else \
                 self.forward(self.ops.asarray(chunk), train=False)
             results.append(self.ops.to_host(y).reshape(len(chunk), -1))
+            if not np.isfinite(results[-1]).all():
+                self.raise_non_finite()
         return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
+
+    def check_finite_outputs(self, indexes):
+        """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
+        if not all(np.isfinite(self.ops.to_host(self.outputs[i])).all() for i in indexes):
+            self.raise_non_finite()
+
+    def raise_non_finite(self):
+        """Name the first layer whose output (in the last forward) is not finite."""
+        for layer, output in zip(self.layers, self.outputs):
+            if not np.isfinite(self.ops.to_host(output)).all():
+                raise NumericalError(
+                    f"{self.cfg_path}: layer {layer.index} [{layer.type_name}] ({layer.where()}) "
+                    "computed NaN or infinite values; the weights are damaged or too large for "
+                    "this input")
+        raise NumericalError(f"{self.cfg_path}: the network computed NaN or infinite values")
 
     def fold_batchnorm(self):
         """Fold every convolutional/connected layer's batch norm into its weights (inference

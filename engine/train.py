@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .distributed import SingleProcess
-from .errors import BackendError, ConfigError, DataError, TrainingError
+from .errors import BackendError, ConfigError, DataError, NumericalError, TrainingError
 
 SINGLE_PROCESS = SingleProcess()
 
@@ -189,13 +189,44 @@ def next_learning_rate(net, rng=None):
     return learning_rate(net.options, current_batch(net) + 1, rng)
 
 
+class Checkpoints:
+    """Training's saves. Weights that are no longer finite are never written, so a run that
+    diverges leaves its last good backup in place, and the error says which file that is."""
+
+    def __init__(self, net, enabled):
+        self.net, self.enabled = net, enabled  # only rank 0 writes
+        self.last = None  # (iteration, path) of this run's last good save
+
+    def save(self, path):
+        if not self.enabled:
+            return
+        try:
+            self.net.save_weights(path)
+        except NumericalError:
+            raise self.diverged("the weights became NaN or infinite") from None
+        self.last = (current_batch(self.net), path)
+
+    def diverged(self, what):
+        kept = (f"the last good weights are {self.last[1]} (iteration {self.last[0]})"
+                if self.last else "no weights were saved in this run")
+        return TrainingError(f"{what} at iteration {current_batch(self.net)}; {kept}; try a "
+                             "lower learning_rate or a longer burn_in")
+
+
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
           group=SINGLE_PROCESS):
     """Train `net` on `dataset` until max_batches; returns the path of the final weights.
     With a process group of several ranks, only rank 0 prints and writes weights."""
     stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
     o = net.options
-    max_batches = max_batches if max_batches is not None else o.max_batches
+    leader = group.rank == 0
+    if max_batches is not None and max_batches != o.max_batches:
+        # The run's end is the schedule's end too (poly falls to 0 there), as if the cfg said so.
+        if leader and o.max_batches:
+            print(f"max_batches={max_batches} for this run (the cfg says {o.max_batches}), in "
+                  "the learning-rate schedule too", file=stream, flush=True)
+        o.max_batches = max_batches
+    max_batches = o.max_batches
     if max_batches <= 0:
         raise ConfigError(f"{net.cfg_path}: max_batches must be positive (set it in [net] or "
                           "pass --max-batches)")
@@ -205,6 +236,11 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     for layer in net.layers:  # options whose training the engine lacks: one line, before any work
         if hasattr(layer, "check_trainable"):
             layer.check_trainable()
+    if current_batch(net) >= max_batches:
+        raise TrainingError(f"{net.cfg_path}: nothing to train: the weights have been trained "
+                            f"for {current_batch(net)} iterations and max_batches is {max_batches}; "
+                            "raise --max-batches to go on, or pass --clear to start the schedule "
+                            "over (fine-tuning)")
     dataset.check_network(net)
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")
@@ -216,9 +252,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     policy_rng = np.random.default_rng([seed, 1])
     net.ops.seed(seed + 1000003 * group.rank)
     sampler = BatchSampler(len(dataset), o.batch_size, rng)
+    net.check_memory(o.mini_batch, train=True)
     run_iteration = iteration_runner(net, group)
-    leader = group.rank == 0
-    save = net.save_weights if leader else (lambda path: None)
+    checkpoints = Checkpoints(net, enabled=leader)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
     try:
@@ -228,9 +264,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
-                save(backup_path)
-                raise TrainingError(f"the loss became {loss} at iteration {current_batch(net)}; "
-                                   f"try a lower learning_rate (weights saved to {backup_path})")
+                raise checkpoints.diverged(f"the loss became {loss}")
             average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
             if leader:
@@ -240,15 +274,15 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                       f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}",
                       file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
-                save(backup_path)
+                checkpoints.save(backup_path)
     except KeyboardInterrupt:
-        save(backup_path)
+        checkpoints.save(backup_path)
         if leader:
             print(f"\nInterrupted at iteration {current_batch(net)}: weights saved to {backup_path}",
                   file=stream, flush=True)
         raise
     group.check_replicas(net)
-    save(final_path)
+    checkpoints.save(final_path)
     if leader:
         print(f"Saved {final_path}", file=stream, flush=True)
     return final_path

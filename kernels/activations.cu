@@ -99,16 +99,18 @@ extern "C" __global__ void bias_activate_kernel(float *x, const float *bias, int
     if (i < n) x[i] = activate(x[i] + bias[(i / spatial) % channels], act);
 }
 
-// Darknet's inference rule: scale * (x - mean) / (sqrt(var) + 1e-6) + bias, then act.
+// Darknet's inference rule: scale * (x - mean) / (sqrt(var + inside) + outside) + bias, then
+// act; pjreddie's epsilons are (0, 1e-6), AlexeyAB's (1e-5, 0).
 extern "C" __global__ void bn_inference_activate_kernel(const float *x, float *y, const float *mean,
                                                         const float *variance, const float *scale,
                                                         const float *bias, int n, int spatial,
-                                                        int channels, int act)
+                                                        int channels, int act, float inside,
+                                                        float outside)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int c = (i / spatial) % channels;
-    float normalized = (x[i] - mean[c]) / (sqrtf(variance[c]) + 1e-6f);
+    float normalized = (x[i] - mean[c]) / (sqrtf(variance[c] + inside) + outside);
     y[i] = activate(normalized * scale[c] + bias[c], act);
 }
 

@@ -20,6 +20,11 @@ def gpu_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    if "slow" not in (config.option.markexpr or ""):
+        skip = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
     if any("gpu" in item.keywords for item in items) and not gpu_available():
         skip = pytest.mark.skip(reason="no usable NVIDIA GPU (pycuda, driver and device needed)")
         for item in items:

@@ -7,6 +7,7 @@ import numpy as np
 from engine.backends.numpy_backend import NumpyBackend
 from engine.config import read_cfg
 from engine.layers import LAYER_TYPES
+from engine.memory import ParameterBudget
 
 
 def write_cfg(path, net_options, body):
@@ -26,7 +27,8 @@ def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1):
                      {"batch": 1, "height": h, "width": w, "channels": c}, section_text)
     section = read_cfg(path)[1]
     net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes),
-                          options=SimpleNamespace(width=w, height=h))
+                          options=SimpleNamespace(width=w, height=h),
+                          reserve_parameters=ParameterBudget().reserve)
     return LAYER_TYPES[section.name](section, len(layer_shapes), [tuple(in_shape)], net)
 
 

@@ -258,7 +258,7 @@ def test_gaussian_yolo_forward_and_decoding(tmp_path):
     ("[convolutional]\nfilters=2\nsize=3\ndilation=2", "dilation"),  # without pad=1
     ("[convolutional]\nfilters=2\nsize=1\nshare_index=5", "share_index"),
     ("[convolutional]\nfilters=2\nantialiasing=3", "antialiasing"),
-    ("[convolutional]\nfilters=2\nstride_x=2\nstride_y=1", "stride_x"),
+    ("[maxpool]\nsize=2\nstride_x=2\nstride_y=1", "stride_x"),
     ("[maxpool]\nsize=2\nmaxpool_zero_nonmax=1", "maxpool_zero_nonmax"),
     ("[convolutional]\nfilters=2\ntrain_only_bn=1", "train_only_bn"),
 ])
@@ -277,7 +277,7 @@ def test_dilation_one_and_equal_strides_are_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("section,reason", [("rnn", "recurrent"), ("lstm", "recurrent"),
-                                            ("contrastive", "contrastive")])
+                                            ("conv_lstm", "recurrent")])
 def test_unsupported_sections_say_why(tmp_path, section, reason):
     path = write_cfg(tmp_path / "u.cfg", {"batch": 1, "width": 8, "height": 8, "channels": 3},
                      f"[{section}]\noutput=4")
@@ -398,3 +398,69 @@ def test_maxpool_depth_takes_the_maximum_across_channels(tmp_path, channels, gro
     for g in range(groups):
         np.testing.assert_array_equal(y[:, g], x[:, g::groups].max(axis=1))
     check_gradients(layer, [x], params=())
+
+
+@pytest.mark.parametrize("text,shape,out_hw", [
+    ("filters=3\nsize=3\nstride_x=2\nstride_y=1\npad=1\nactivation=linear", (2, 5, 7), (5, 4)),
+    ("batch_normalize=1\nfilters=2\nsize=3\nstride=1\nstride_y=3\npad=1\ndilation=2\n"
+     "activation=leaky", (2, 8, 6), (3, 6)),
+])
+def test_convolution_with_different_strides(tmp_path, text, shape, out_hw):
+    """stride_x / stride_y (golden A7 checks values against AlexeyAB; here shapes, a direct
+    sum and the gradients)."""
+    layer = as_float64(build_layer(tmp_path, "[convolutional]\n" + text, shape),
+                       np.random.default_rng(2))
+    assert layer.out_shape[1:] == out_hw
+    x = _x((2,) + shape)
+    if not layer.batch_normalize:
+        y = layer.forward(NumpyBackend(), x, False)
+        p, w = layer.padding, layer.params["weights"]
+        padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        for i in range(out_hw[0]):
+            for j in range(out_hw[1]):
+                window = padded[:, :, i * layer.stride_y:i * layer.stride_y + 3,
+                                j * layer.stride_x:j * layer.stride_x + 3]
+                want = np.einsum("bcij,fcij->bf", window, w) + layer.params["biases"]
+                np.testing.assert_allclose(y[:, :, i, j], want, rtol=1e-10)
+    check_gradients(layer, [x])
+
+
+def test_yolov1_detection_layer_forward_and_decoding(tmp_path):
+    """[detection] (YOLOv1): softmax over each cell's classes with softmax=1, identity otherwise;
+    boxes as get_detection_detections decodes them."""
+    from engine import detection
+
+    side, classes, num = 2, 3, 2
+    inputs = side * side * (classes + num * 5)
+    for softmax in (0, 1):
+        layer = build_layer(tmp_path, f"[detection]\nclasses={classes}\ncoords=4\nnum={num}\n"
+                            f"side={side}\nsoftmax={softmax}\nsqrt=1", (inputs, 1, 1))
+        x = np.random.default_rng(4).uniform(0.05, 0.95, (1, inputs, 1, 1)).astype(np.float32)
+        y = layer.forward(NumpyBackend(), x, False)
+        flat = x.reshape(-1).astype(np.float64)
+        if softmax:
+            for cell in range(side * side):
+                block = flat[cell * classes:(cell + 1) * classes]
+                flat[cell * classes:(cell + 1) * classes] = np.exp(block) / np.exp(block).sum()
+        np.testing.assert_allclose(y.reshape(-1), flat, rtol=1e-6)
+    found = detection.detection_v1_detections(layer, y[0], 0, 0, 0, 0, 0.1)
+    assert len(found) == side * side * num
+    for cell in range(side * side):
+        row, col = divmod(cell, side)
+        for n in range(num):
+            index = cell * num + n
+            scale = flat[side * side * classes + index]
+            box = flat[side * side * (classes + num) + 4 * index:][:4]
+            np.testing.assert_allclose(found.boxes[index], [(box[0] + col) / side,
+                                                            (box[1] + row) / side,
+                                                            box[2] ** 2, box[3] ** 2], rtol=1e-5)
+            probs = scale * flat[cell * classes:(cell + 1) * classes]
+            np.testing.assert_allclose(found.probs[index], np.where(probs > 0.1, probs, 0),
+                                       rtol=1e-5)
+
+
+def test_contrastive_outputs_zeros_and_refuses_training(tmp_path):
+    layer = build_layer(tmp_path, "[contrastive]\nclasses=1\nyolo_layer=-2", (4, 2, 2))
+    assert not layer.forward(NumpyBackend(), _x((2, 4, 2, 2)), False).any()
+    with pytest.raises(ConfigError, match=r"\[contrastive\] training"):
+        layer.check_trainable()

@@ -141,13 +141,17 @@ def detector_cfg(tmp_path, net_extra="", yolo_extra=""):
 
 
 def test_letter_box_key_chooses_the_preprocessing(tmp_path):
-    """[net] letter_box=0 stretches the image to the input (AlexeyAB's resize_image), 1 or absent
-    letterboxes; the last layer's nms_kind/beta_nms are the ones detection uses."""
-    for value, expected in (("", True), ("letter_box=1", True), ("letter_box=0", False)):
+    """[net] letter_box=0 stretches the image to the input (AlexeyAB's resize_image), 1
+    letterboxes; without it an AlexeyAB cfg (keys only its fork reads) stretches, as its
+    `detector test` does, and a pjreddie one letterboxes. The last layer's nms_kind/beta_nms are
+    the ones detection uses."""
+    for value, expected in (("", False), ("letter_box=1", True), ("letter_box=0", False)):
         net = Network(detector_cfg(tmp_path, value, "nms_kind=diounms\nbeta_nms=0.5"), quiet=True)
         assert detection.uses_letterbox(net) is expected
         assert detection.uses_letterbox(net, False) is False
+        assert detection.uses_letterbox(net, True) is True
         assert detection.nms_choice(net) == ("diounms", 0.5)
+    assert detection.uses_letterbox(Network(detector_cfg(tmp_path), quiet=True)) is True
 
 
 def test_detect_without_letterbox_feeds_the_resized_image(tmp_path):

@@ -118,7 +118,7 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize("body, key, expected", [
     ("[convolutional]\nfilters=abc\n", "filters", "an integer"),
     ("[convolutional]\nfilters=2\nsize=2.5\n", "size", "an integer"),
-    ("[dropout]\nprobability=half\n", "probability", "a number"),
+    ("[dropout]\nprobability=half\n", "probability", "a finite number"),
     ("[convolutional]\nfilters=2\nbatch_normalize=yes\n", "batch_normalize", "0 or 1"),
 ])
 def test_wrong_typed_value_names_file_line_key_expected(tmp_path, body, key, expected):
@@ -134,7 +134,7 @@ def test_wrong_typed_value_names_file_line_key_expected(tmp_path, body, key, exp
 def test_wrong_typed_net_option(tmp_path):
     path = _cfg(tmp_path, "[net]\nbatch=1\nheight=4\nwidth=4\nchannels=1\nlearning_rate=fast\n"
                           "[connected]\noutput=2\n")
-    with pytest.raises(ConfigError, match=r"t\.cfg:6: \[net\] learning_rate=fast: expected a number"):
+    with pytest.raises(ConfigError, match=r"t\.cfg:6: \[net\] learning_rate=fast: expected a finite number"):
         Network(path, quiet=True)
 
 

@@ -57,7 +57,9 @@ def test_winograd_is_used_only_where_it_fits():
     fits = winograd.fits
     assert fits((1, 16, 8, 8), (4, 16, 3, 3), 1, 1, 1, 1)
     assert not fits((1, 8, 8, 8), (4, 8, 3, 3), 1, 1, 1, 1)      # too few channels
+    assert fits((1, 16, 8, 8), (4, 16, 3, 3), (1, 1), 1, 1, 1)
     assert not fits((1, 16, 8, 8), (4, 16, 3, 3), 2, 1, 1, 1)    # strided
+    assert not fits((1, 16, 8, 8), (4, 16, 3, 3), (1, 2), 1, 1, 1)
     assert not fits((1, 16, 8, 8), (4, 8, 3, 3), 1, 1, 2, 1)     # grouped
     assert not fits((1, 16, 8, 8), (4, 16, 3, 3), 1, 2, 1, 2)    # dilated
     assert not fits((1, 16, 8, 8), (4, 16, 1, 1), 1, 0, 1, 1)    # 1x1

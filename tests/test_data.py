@@ -166,7 +166,7 @@ def test_image_list_errors(tmp_path):
     (tmp_path / "empty.list").write_text("\n")
     with pytest.raises(DataError, match="empty"):
         data_io.load_image_list(str(tmp_path / "empty.list"), LABELS, (1, 3, 4))
-    with pytest.raises(DataError, match="nope.list: image list not found"):
+    with pytest.raises(DataError, match="nope.list: image list file not found"):
         data_io.load_image_list(str(tmp_path / "nope.list"), LABELS, (1, 3, 4))
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine import cli, detection
 from engine.backends.numpy_backend import NumpyBackend
-from engine.errors import DataError
+from engine.errors import ConfigError, DataError
 from engine.network import Network
 
 from conftest import CFG, GOLDEN
@@ -221,7 +221,7 @@ def test_detect_needs_a_detection_layer(tmp_path):
                   quiet=True)
     path = str(tmp_path / "scene.png")
     write_image(path, 32, 32)
-    with pytest.raises(DataError, match=r"no \[yolo\] or \[region\] layer"):
+    with pytest.raises(ConfigError, match=r"not a detector \(no \[yolo\] or \[region\] layer\)"):
         detection.detect(net, path)
 
 

@@ -142,7 +142,8 @@ def test_a_dying_rank_stops_the_others(setup):
     import engine
 
     net = engine.load(str(setup / "small.cfg"), str(backup), quiet=True)
-    assert net.seen == 4 * 32
+    # Iteration 4's backup, or iteration 2's when mpiexec stopped rank 0 while it wrote the next.
+    assert net.seen in (2 * 32, 4 * 32)
 
 
 def test_a_rank_error_is_one_line_and_stops_all(setup):

@@ -734,3 +734,31 @@ def test_channel_max(gpu, cpu, rng, channels, groups):
     delta = randn(rng, *y_cpu.shape)
     assert_close(gpu, gpu.channel_max_backward(gpu.asarray(delta), winner_gpu, x.shape),
                  cpu.channel_max_backward(delta, winner_cpu, x.shape), "channel_max backward")
+
+
+@pytest.mark.parametrize("stride", [(1, 2), (3, 1)])
+def test_convolution_with_different_strides(gpu, cpu, rng, stride):
+    x, w = randn(rng, 2, 4, 10, 9), randn(rng, 5, 4, 3, 3)
+    y_cpu = cpu.conv_forward(x, w, stride, 1, 1)
+    assert_close(gpu, gpu.conv_forward(gpu.asarray(x), gpu.asarray(w), stride, 1, 1), y_cpu,
+                 "forward")
+    delta = randn(rng, *y_cpu.shape)
+    dw_cpu, dw_gpu = np.zeros_like(w), gpu.zeros(w.shape)
+    dx_cpu = cpu.conv_backward(x, w, delta, stride, 1, 1, dw_cpu, True)
+    dx_gpu = gpu.conv_backward(gpu.asarray(x), gpu.asarray(w), gpu.asarray(delta), stride, 1, 1,
+                               dw_gpu, True)
+    assert_close(gpu, dx_gpu, dx_cpu, "dx")
+    assert_close(gpu, dw_gpu, dw_cpu, "dw")
+
+
+def test_batchnorm_inference_with_alexeyabs_epsilons(gpu, cpu, rng):
+    x = randn(rng, 2, 5, 4, 3)
+    scales, biases, mean = randn(rng, 5), randn(rng, 5), randn(rng, 5)
+    variance = rng.uniform(0.005, 0.05, 5).astype(np.float32)
+    for epsilons in ((0.0, 1e-6), (1e-5, 0.0)):
+        y_cpu = cpu.batchnorm_forward_inference(x, scales, biases, mean, variance,
+                                                activation="mish", epsilons=epsilons)
+        y_gpu = gpu.batchnorm_forward_inference(*(gpu.asarray(a) for a in (x, scales, biases, mean,
+                                                                           variance)),
+                                                activation="mish", epsilons=epsilons)
+        assert_close(gpu, y_gpu, y_cpu, f"epsilons {epsilons}")

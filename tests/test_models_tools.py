@@ -59,7 +59,7 @@ def test_partial_keeps_the_first_layers(tmp_path, capsys):
     with open(out, "rb") as handle:
         data = handle.read()
     (tmp_path / "cut").write_bytes(data[:-4])
-    with pytest.raises(WeightsError, match="truncated inside layer 12"):
+    with pytest.raises(WeightsError, match="ends inside layer 12"):
         fresh.load_weights(str(tmp_path / "cut"))
 
 

@@ -132,7 +132,8 @@ def test_batch_sampler_epochs():
 
 
 def test_diverging_loss_stops_with_a_clear_error(tmp_path):
-    """A loss that becomes inf/nan stops training with TrainingError; the weights are saved."""
+    """A loss that becomes inf/nan stops training with TrainingError; the last good backup is
+    kept (not overwritten by the damaged weights) and still loads."""
     from engine.errors import TrainingError
     from helpers import write_cfg
 
@@ -142,6 +143,8 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
     net = Network(path, quiet=True)
     rng = np.random.default_rng(0)
     ds = Dataset(rng.uniform(0, 1, (8, 1, 2, 2)).astype(np.float32), np.arange(8) % 3, 3, "div")
-    with np.errstate(all="ignore"), pytest.raises(TrainingError, match="lower learning_rate"):
-        train(net, ds, str(tmp_path / "b"), stream=io.StringIO())
-    assert (tmp_path / "b" / "div.backup").exists()
+    backup = tmp_path / "b" / "div.backup"
+    with np.errstate(all="ignore"), pytest.raises(TrainingError, match="lower learning_rate") as info:
+        train(net, ds, str(tmp_path / "b"), stream=io.StringIO(), backup_every=1)
+    assert f"the last good weights are {backup} (iteration " in str(info.value)
+    Network(path, quiet=True).load_weights(str(backup))  # finite: it loads

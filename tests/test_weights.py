@@ -200,14 +200,15 @@ def _load_error(tmp_path, data):
 def test_truncated_inside_a_layer(tmp_path):
     data = _saved(tmp_path)
     message = _load_error(tmp_path, data[:20 + 4 * 10])      # inside conv1's parameters
-    assert "truncated inside layer 0 [convolutional]" in message
+    assert "ends inside layer 0 [convolutional]" in message
+    assert "cut short or was written for another network" in message
     message = _load_error(tmp_path, data[:-4])
-    assert "truncated inside layer 6 [connected]" in message
+    assert "ends inside layer 6 [connected]" in message
 
 
 def test_bytes_left_over(tmp_path):
     message = _load_error(tmp_path, _saved(tmp_path) + b"\0" * 12)
-    assert "12 bytes left over" in message
+    assert "12 bytes more than" in message and "another (larger) network" in message
 
 
 @pytest.mark.parametrize("data", [

@@ -23,12 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .. import activations
+from .. import activations, memory
 from ..errors import BackendError
 from . import winograd
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
+# Inference BN's (epsilon under the square root, epsilon added to it): pjreddie's Darknet divides
+# by sqrt(var) + 1e-6, AlexeyAB's by sqrt(var + 1e-5) (normalize_cpu, fuse_conv_batchnorm).
+PJREDDIE_BN_EPSILONS = (0.0, BN_INFERENCE_EPSILON)
+ALEXEYAB_BN_EPSILONS = (1e-5, 0.0)
 BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 
 
@@ -42,8 +46,14 @@ COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 Mi
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
+def _pair(stride):
+    """(vertical, horizontal) stride from one int or AlexeyAB's (stride_y, stride_x)."""
+    return (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
+
+
 class NumpyBackend:
     name = "cpu"
+    device_name = "CPU"
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
@@ -72,6 +82,10 @@ class NumpyBackend:
         self.rng = np.random.default_rng(seed)
 
     # ---- memory -------------------------------------------------------------------------------
+    def available_memory(self):
+        """Bytes this backend can still allocate (checked before a network runs)."""
+        return memory.host_available()
+
     def asarray(self, host):
         return np.ascontiguousarray(host, dtype=np.float32)
 
@@ -210,9 +224,10 @@ class NumpyBackend:
     def _conv_geometry(x_shape, w_shape, stride, padding, dilation=1):
         _, _, h, w = x_shape
         size = w_shape[2]
+        stride_y, stride_x = _pair(stride)
         reach = dilation * (size - 1) + 1  # the input span a dilated filter covers
-        out_h = (h + 2 * padding - reach) // stride + 1
-        out_w = (w + 2 * padding - reach) // stride + 1
+        out_h = (h + 2 * padding - reach) // stride_y + 1
+        out_w = (w + 2 * padding - reach) // stride_x + 1
         return size, out_h, out_w
 
     def _winograd_filters(self, weights, v):
@@ -248,15 +263,16 @@ class NumpyBackend:
         """Columns (C*size*size, (row1-row0)*out_w*B) of output rows [row0, row1) from the padded
         (C, H, W, B) input xm, one copy per kernel offset (offsets `dilation` apart)."""
         (row0, row1), (c, b) = rows, (xm.shape[0], xm.shape[3])
-        if size == 1 and stride == 1:
+        stride_y, stride_x = _pair(stride)
+        if size == 1 and stride_y == stride_x == 1:
             return xm[:, row0:row1, :out_w].reshape(c, -1)
         cols = np.empty((c, size, size, row1 - row0, out_w, b), dtype=xm.dtype)
         for i in range(size):
-            top = row0 * stride + i * dilation
+            top = row0 * stride_y + i * dilation
             for j in range(size):
                 left = j * dilation
-                cols[:, i, j] = xm[:, top:top + stride * (row1 - row0):stride,
-                                   left:left + stride * out_w:stride]
+                cols[:, i, j] = xm[:, top:top + stride_y * (row1 - row0):stride_y,
+                                   left:left + stride_x * out_w:stride_x]
         return cols.reshape(c * size * size, -1)
 
     @staticmethod
@@ -267,20 +283,21 @@ class NumpyBackend:
         (row0, row1) = rows
         cols = cols.reshape(c, size, size, row1 - row0, out_w, b)
 
-        def inside(offset, first, last, n_in):
+        def inside(offset, first, last, n_in, stride):
             # outputs o in [first, last) whose cell o*stride + offset - padding lies in [0, n_in),
             # and that cell for the first of them
             first = max(first, -(-(padding - offset) // stride))
             last = min(last, (n_in - 1 + padding - offset) // stride + 1)
             return first, last, first * stride + offset - padding
 
+        stride_y, stride_x = _pair(stride)
         for i in range(size):
-            y0, y1, top = inside(i * dilation, row0, row1, h)
+            y0, y1, top = inside(i * dilation, row0, row1, h, stride_y)
             for j in range(size):
-                x0, x1, left = inside(j * dilation, 0, out_w, w)
+                x0, x1, left = inside(j * dilation, 0, out_w, w, stride_x)
                 if y1 > y0 and x1 > x0:
-                    dx[:, top:top + stride * (y1 - y0):stride,
-                       left:left + stride * (x1 - x0):stride] += cols[:, i, j, y0 - row0:y1 - row0,
+                    dx[:, top:top + stride_y * (y1 - y0):stride_y,
+                       left:left + stride_x * (x1 - x0):stride_x] += cols[:, i, j, y0 - row0:y1 - row0,
                                                                       x0:x1]
         return dx
 
@@ -402,12 +419,14 @@ class NumpyBackend:
         return y.reshape(x.shape), (view, mean, inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule, then the activation:
-        act(scales * (x - mean) / (sqrt(var) + 1e-6) + biases), as one affine map per statistic."""
+        act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
+        (pjreddie's (0, 1e-6) or AlexeyAB's (1e-5, 0)), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
-        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n)) +
-                                      x.dtype.type(BN_INFERENCE_EPSILON))
+        inside, outside = (x.dtype.type(e) for e in epsilons)
+        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
         shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)

@@ -62,9 +62,9 @@ MIN_TILES = 64  # tiles per block at least, so that each block's products amorti
 
 
 def fits(x_shape, w_shape, stride, padding, groups, dilation):
-    """Whether a convolution takes this path: 3x3, stride 1, padding 1, one group, no
+    """Whether a convolution takes this path: 3x3, stride 1 (or (1, 1)), padding 1, one group, no
     dilation, at least MIN_CHANNELS input channels."""
-    return (w_shape[2:] == (3, 3) and stride == 1 and padding == 1 and groups == 1
+    return (w_shape[2:] == (3, 3) and stride in (1, (1, 1)) and padding == 1 and groups == 1
             and dilation == 1 and x_shape[1] >= MIN_CHANNELS)
 
 

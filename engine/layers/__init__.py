@@ -7,6 +7,7 @@ from .connected import ConnectedLayer
 from .convolutional import ConvolutionalLayer
 from .cost import CostLayer
 from .crop import CropLayer
+from .detection_v1 import ContrastiveLayer, DetectionLayer
 from .dropout import DropoutLayer
 from .empty import EmptyLayer
 from .gaussian_yolo import GaussianYoloLayer
@@ -52,3 +53,5 @@ register(LocalAvgpoolLayer, "local_avg")
 register(EmptyLayer, "silence")
 register(ImplicitLayer)
 register(GaussianYoloLayer)
+register(DetectionLayer)
+register(ContrastiveLayer)

@@ -6,10 +6,12 @@ arithmetic only through the backend `ops` they are handed, so one layer class se
 the GPU. Arrays are NCHW; a layer's output shape excludes the batch: (channels, height, width).
 """
 
+import math
+
 import numpy as np
 
 from .. import activations
-from ..backends.numpy_backend import BN_INFERENCE_EPSILON
+from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -32,11 +34,13 @@ class Layer:
         self.params = {}      # name -> array, in the backend's memory once the net is placed
         self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
         self.weight_order = ()  # names of params in .weights file order
+        # inference BN's epsilons: the rule of the Darknet the cfg comes from (network.py)
+        self.bn_epsilons = getattr(net, "bn_epsilons", PJREDDIE_BN_EPSILONS)
 
     # ---- description --------------------------------------------------------------------------
     @property
     def outputs(self):
-        return int(np.prod(self.out_shape))
+        return math.prod(self.out_shape)  # Python ints: an absurd cfg cannot wrap around
 
     def where(self):
         return self.section.where() if self.section is not None else f"layer {self.index}"
@@ -109,6 +113,15 @@ def activation_backward(ops, owner, delta, activation):
     return ops.activation_backward_(owner.output, delta, activation)
 
 
+def window_limit(h, w):
+    """The largest filter or pooling window accepted on an h x w map. Beyond twice the map a
+    window sees all of it from every position and only adds padding (and time); but Darknet's
+    cfgs keep their windows when run at small inputs (YOLOv4's SPP pools 13x13 on the 5x5 map of
+    a 160-pixel input, EfficientNet's 5x5 depthwise filters reach 1x1 maps), so windows up to 32
+    are always accepted."""
+    return max(2 * max(h, w) + 1, 32)
+
+
 def input_shape_error(section, shape, what):
     c, h, w = shape
     return section.error(f"{what} does not fit the {w}x{h}x{c} input")
@@ -142,7 +155,7 @@ class LinearUnit(Layer):
         else:
             y = ops.batchnorm_forward_inference(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
-                activation=fused)
+                activation=fused, epsilons=self.bn_epsilons)
         if fused != self.activation:
             y = activate(ops, y, self.activation, train, self)
         self.output = y
@@ -150,10 +163,12 @@ class LinearUnit(Layer):
 
     def folded_parameters(self, ops):
         """(weights, biases) with the inference batch norm folded in, in float64 then rounded:
-        factor = scales / (sqrt(rolling_variance) + 1e-6) (Darknet's inference rule),
+        factor = scales / (sqrt(rolling_variance + e0) + e1) (Darknet's inference rule;
+        (e0, e1) = (0, 1e-6) for pjreddie's, (1e-5, 0) for AlexeyAB's),
         W' = W * factor per output, b' = biases - rolling_mean * factor."""
         p = {name: ops.to_host(value).astype(np.float64) for name, value in self.params.items()}
-        factor = p["scales"] / (np.sqrt(p["rolling_variance"]) + BN_INFERENCE_EPSILON)
+        inside, outside = self.bn_epsilons
+        factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
         weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
         biases = p["biases"] - p["rolling_mean"] * factor
         return weights.astype(np.float32), biases.astype(np.float32)

@@ -36,7 +36,7 @@ class BatchnormLayer(Layer):
         if train:
             y, self.bn_cache = ops.batchnorm_forward_train(x, *args)
             return y
-        return ops.batchnorm_forward_inference(x, *args)
+        return ops.batchnorm_forward_inference(x, *args, epsilons=self.bn_epsilons)
 
     def backward(self, ops, delta, need_dx):
         dx = ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],

@@ -4,6 +4,8 @@ Its batch norm is the convolutional layer's SPATIAL mode on a C x 1 x 1 output, 
 as PER_ACTIVATION there: one statistic per output over the batch.
 """
 
+import math
+
 import numpy as np
 
 from .. import activations
@@ -15,12 +17,13 @@ class ConnectedLayer(LinearUnit):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
-        inputs = int(np.prod(self.in_shape))
-        self.n_outputs = section.require_positive("output", section.int("output", 1))
+        inputs = math.prod(self.in_shape)
+        self.n_outputs = section.positive_int("output", 1)
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
         self.out_shape = (self.n_outputs, 1, 1)
+        net.reserve_parameters(self, self.n_outputs * (inputs + 4))
         scale = np.sqrt(2.0 / inputs)
         # Darknet stores a connected layer's BN parameters after its weights.
         self.add_output_params(self.n_outputs, scale * net.rng.uniform(-1, 1, (self.n_outputs, inputs)),
@@ -28,11 +31,11 @@ class ConnectedLayer(LinearUnit):
 
     def describe(self):
         return "connected                            %4d  ->  %4d" % (
-            int(np.prod(self.in_shape)), self.outputs)
+            math.prod(self.in_shape), self.outputs)
 
 
     def flops(self):
-        return 2.0 * np.prod(self.in_shape) * self.n_outputs
+        return 2.0 * math.prod(self.in_shape) * self.n_outputs
 
     def forward(self, ops, x, train):
         self.input = x

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import activations
 from .antialiasing import Blur
-from .base import LinearUnit, input_shape_error
+from .base import LinearUnit, input_shape_error, window_limit
 
 
 # AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
@@ -23,7 +23,7 @@ UNSUPPORTED_KEYS = {"xnor": 0, "binary": 0,
 NEUTRAL_KEYS = ("bin_output", "stream", "wait_stream", "angle")
 
 
-def refuse_alexeyab_conv_keys(section, stride):
+def refuse_alexeyab_conv_keys(section):
     for key, default in UNSUPPORTED_KEYS.items():
         if not section.has(key):
             continue
@@ -34,10 +34,6 @@ def refuse_alexeyab_conv_keys(section, stride):
             same = False
         if not same:
             raise section.error(f"{key}={value} is not supported", key)
-    for key in ("stride_x", "stride_y"):
-        if section.has(key) and section.int(key) != stride:
-            raise section.error(f"{key}={section.int(key)}: different horizontal and vertical "
-                                "strides are not supported", key)
     for key in NEUTRAL_KEYS:
         section.str(key)
 
@@ -48,30 +44,42 @@ class ConvolutionalLayer(LinearUnit):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.filters = section.require_positive("filters", section.int("filters", 1))
-        self.size = section.require_positive("size", section.int("size", 1))
-        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.filters = section.positive_int("filters", 1)
+        # A kernel wider than twice the input sees all of it from every position: larger ones
+        # only multiply padding (and the time im2col takes).
+        self.size = section.positive_int("size", 1, high=window_limit(h, w))
+        self.stride = section.positive_int("stride", 1)
         pad = section.int("pad", 0)
-        self.padding = self.size // 2 if pad else section.int("padding", 0)
-        self.groups = section.require_positive("groups", section.int("groups", 1))
-        refuse_alexeyab_conv_keys(section, self.stride)
+        self.padding = self.size // 2 if pad else section.int("padding", 0, low=0)
+        self.groups = section.positive_int("groups", 1)
+        refuse_alexeyab_conv_keys(section)
+        # AlexeyAB's stride_x / stride_y (each defaults to `stride`)
+        self.stride_y = section.positive_int("stride_y", self.stride)
+        self.stride_x = section.positive_int("stride_x", self.stride)
         # AlexeyAB's dilation (1 for 1x1 filters): the filter's taps `dilation` apart, with the
         # padding multiplied by it, as its cuDNN and im2col calls do.
-        self.dilation = section.require_positive("dilation", section.int("dilation", 1))
+        self.dilation = section.positive_int("dilation", 1)
         if self.size == 1:
             self.dilation = 1
         self.antialiasing = section.int("antialiasing", 0)
         self.blur_stride = self.stride
         if self.antialiasing:
-            self.stride = 1  # the convolution runs at stride 1; the blur strides
+            if self.stride_x != self.stride_y:
+                raise section.error("antialiasing with different stride_x and stride_y is not "
+                                    "supported", "antialiasing")
+            self.blur_stride = self.stride_x
+            self.stride = self.stride_x = self.stride_y = 1  # the blur strides instead
         self.batch_normalize = section.bool("batch_normalize", False)
         self.activation = activations.check_name(section.str("activation", "logistic"),
                                                  section.where("activation"))
         if c % self.groups or self.filters % self.groups:
             raise section.error(f"groups={self.groups} must divide both the {c} input channels "
                                 f"and filters={self.filters}", "groups")
-        out_h = (h + 2 * self.padding - self.size) // self.stride + 1
-        out_w = (w + 2 * self.padding - self.size) // self.stride + 1
+        out_h = (h + 2 * self.padding - self.size) // self.stride_y + 1
+        out_w = (w + 2 * self.padding - self.size) // self.stride_x + 1
+        # what the backends take: one stride, or (vertical, horizontal)
+        self.conv_stride = self.stride_y if self.stride_x == self.stride_y else \
+            (self.stride_y, self.stride_x)
         if self.dilation > 1 and 2 * self.padding != self.size - 1:
             # AlexeyAB sizes the output as if undilated; that matches the dilated convolution
             # only when the padding is (size-1)/2
@@ -89,6 +97,7 @@ class ConvolutionalLayer(LinearUnit):
 
         fan_in = c // self.groups * self.size * self.size
         weight_shape = (self.filters, c // self.groups, self.size, self.size)
+        net.reserve_parameters(self, self.filters * (fan_in + 4))
         self.add_output_params(self.filters, np.sqrt(2.0 / fan_in) *
                                net.rng.standard_normal(weight_shape), bn_after_weights=False)
         self.share_owner = None
@@ -131,8 +140,10 @@ class ConvolutionalLayer(LinearUnit):
 
     def describe(self):
         dilation = f"({self.dilation})" if self.dilation > 1 else ""
-        return "conv  %5d %2d x%2d /%2d%s  %s  %5.3f BFLOPs" % (
-            self.filters, self.size, self.size, self.stride, dilation, self.maps(),
+        stride = "%2d" % self.stride_x if self.stride_x == self.stride_y else \
+            "%2dx%2d" % (self.stride_x, self.stride_y)  # AlexeyAB's order: x, then y
+        return "conv  %5d %2d x%2d /%s%s  %s  %5.3f BFLOPs" % (
+            self.filters, self.size, self.size, stride, dilation, self.maps(),
             self.flops() / 1e9)
 
 
@@ -151,7 +162,7 @@ class ConvolutionalLayer(LinearUnit):
 
     def forward(self, ops, x, train):
         self.input = x
-        y = ops.conv_forward(x, self.params["weights"], self.stride, self.padding * self.dilation,
+        y = ops.conv_forward(x, self.params["weights"], self.conv_stride, self.padding * self.dilation,
                              self.groups, train=train, dilation=self.dilation)
         y = self.normalize_activate(ops, y, train)
         return self.blur.forward(ops, y) if self.blur is not None else y
@@ -160,6 +171,6 @@ class ConvolutionalLayer(LinearUnit):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
         delta = self.normalize_activate_backward(ops, delta)
-        return ops.conv_backward(self.input, self.params["weights"], delta, self.stride,
+        return ops.conv_backward(self.input, self.params["weights"], delta, self.conv_stride,
                                  self.padding * self.dilation, self.groups,
                                  self.updates["weights"], need_dx, dilation=self.dilation)

@@ -28,6 +28,8 @@ class GaussianYoloLayer(YoloLayer):
         if point != "center":
             raise section.error(f"yolo_point={point}: only center is supported", "yolo_point")
 
+    alexeyab = True  # only AlexeyAB's fork has this layer
+
     def describe(self):
         return f"[Gaussian_yolo] scale: {self.scale_x_y:2.2f}"
 

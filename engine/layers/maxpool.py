@@ -2,7 +2,7 @@
 count as -inf, so size=2 stride=1 keeps the input size (padding defaults to size-1)."""
 
 from .antialiasing import Blur
-from .base import Layer, input_shape_error
+from .base import Layer, input_shape_error, window_limit
 
 
 class MaxpoolLayer(Layer):
@@ -11,12 +11,12 @@ class MaxpoolLayer(Layer):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.stride = section.positive_int("stride", 1)
         refuse_unequal_strides(section, self.stride)
-        self.size = section.require_positive("size", section.int("size", self.stride))
-        self.padding = section.int("padding", self.size - 1)
-        if self.padding < 0:
-            raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        # A window wider than twice the input sees all of it from every position; larger ones
+        # only add cells of padding (and time: the pooling loops over the window's cells).
+        self.size = section.positive_int("size", self.stride, high=window_limit(h, w))
+        self.padding = section.int("padding", self.size - 1, low=0)
         # AlexeyAB's variants the engine lacks: refused at their line rather than ignored.
         if section.int("maxpool_zero_nonmax", 0):
             raise section.error(f"maxpool_zero_nonmax={section.int('maxpool_zero_nonmax')} is not "
@@ -98,12 +98,12 @@ class LocalAvgpoolLayer(Layer):
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
         c, h, w = self.in_shape
-        self.stride = section.require_positive("stride", section.int("stride", 1))
+        self.stride = section.positive_int("stride", 1)
         refuse_unequal_strides(section, self.stride)
-        self.size = section.require_positive("size", section.int("size", self.stride))
-        self.padding = section.int("padding", self.size - 1)
-        if self.padding < 0:
-            raise section.error(f"padding={self.padding}: expected a value >= 0", "padding")
+        # A window wider than twice the input sees all of it from every position; larger ones
+        # only add cells of padding (and time: the pooling loops over the window's cells).
+        self.size = section.positive_int("size", self.stride, high=window_limit(h, w))
+        self.padding = section.int("padding", self.size - 1, low=0)
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if out_h < 1 or out_w < 1:

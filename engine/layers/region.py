@@ -9,7 +9,7 @@ Not supported (refused with an error naming the line): YOLO9000's `tree` (hierar
 """
 
 from .base import Layer
-from .yolo import check_outputs_fit, parse_anchors
+from .yolo import MAX_ANCHORS, check_outputs_fit, parse_anchors
 
 COORDS = 4
 
@@ -19,8 +19,8 @@ class RegionLayer(Layer):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
-        self.classes = section.require_positive("classes", section.int("classes", 20))
-        self.num = section.require_positive("num", section.int("num", 1))
+        self.classes = section.positive_int("classes", 20)
+        self.num = section.positive_int("num", 1, high=MAX_ANCHORS)
         coords = section.int("coords", COORDS)
         if coords != COORDS:
             raise section.error(f"coords={coords}: only coords=4 is supported", "coords")

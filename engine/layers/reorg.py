@@ -32,7 +32,9 @@ class ReorgLayer(Layer):
                 raise input_shape_error(section, self.in_shape, f"reverse reorg by {s}")
             self.out_shape = (c // (s * s), h * s, w * s)
         else:
-            if h % s or w % s:
+            # Darknet's reorg_cpu reads the input as (c/s^2, h*s, w*s) (see the module
+            # docstring), so the channels must divide by s^2 as well.
+            if h % s or w % s or c % (s * s):
                 raise input_shape_error(section, self.in_shape, f"reorg by {s}")
             self.out_shape = (c * s * s, h // s, w // s)
 

@@ -41,6 +41,7 @@ TRAINING_DEFAULTS = {"max_delta": None, "counters_per_class": None, "label_smoot
                      "cls_normalizer": 1.0, "delta_normalizer": 1.0, "iou_loss": "mse",
                      "iou_thresh_kind": "iou", "focal_loss": 0.0, "iou_thresh": 1.0,
                      "scale_x_y": 1.0, "new_coords": 0.0}
+ALEXEYAB_ONLY_KEYS = tuple(TRAINING_DEFAULTS) + ("nms_kind", "beta_nms", "uc_normalizer")
 # Read and without effect here: logging, tracking and augmentation options.
 IGNORED_KEYS = ("jitter", "random", "map", "resize", "show_details", "track_history_size",
                 "sim_thresh", "dets_for_track", "dets_for_show", "track_ciou_norm",
@@ -72,6 +73,10 @@ def parse_nms(section, kinds):
         # AlexeyAB falls back to the default silently; we refuse a name it does not know here.
         raise section.error(f"nms_kind={kind}: expected one of {', '.join(kinds)}", "nms_kind")
     return kind, section.float("beta_nms", 0.6)
+
+
+MAX_ANCHORS = 1 << 16  # no network has more; a larger `num` is a typo, not a model
+MAX_TRUTH_BOXES = 1 << 16  # `max`: the truth rows per image the loss reads
 
 
 def parse_anchors(section, count, default):
@@ -109,8 +114,8 @@ class YoloLayer(Layer):
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
-        self.classes = section.require_positive("classes", section.int("classes", 20))
-        self.total = section.require_positive("num", section.int("num", 1))
+        self.classes = section.positive_int("classes", 20)
+        self.total = section.positive_int("num", 1, high=MAX_ANCHORS)
         self.mask = section.int_list("mask", list(range(self.total)))
         for m in self.mask:
             if not 0 <= m < self.total:
@@ -121,13 +126,16 @@ class YoloLayer(Layer):
         check_outputs_fit(section, self.in_shape, len(self.mask), self.entries)
         self.ignore_thresh = section.float("ignore_thresh", 0.5)
         self.truth_thresh = section.float("truth_thresh", 1.0)
-        self.max_boxes = section.int("max", 90)
+        self.max_boxes = section.positive_int("max", 90, high=MAX_TRUTH_BOXES)
         # The loss measures boxes against the network input (Darknet's net.w, net.h).
         self.net_w, self.net_h = net.options.width, net.options.height
         self.scale_x_y = section.float("scale_x_y", 1.0)
         self.new_coords = section.bool("new_coords", False) if self.box_entries == 4 else False
         self.nms_kind, self.beta_nms = parse_nms(section, self.nms_kinds)
         self.untrainable = training_keys(section, self.training_defaults)
+        # a head with keys only AlexeyAB's fork reads comes from that fork (detection follows
+        # its conventions, see engine.detection.uses_letterbox)
+        self.alexeyab = any(section.has(key) for key in ALEXEYAB_ONLY_KEYS)
         # Data-augmentation options Darknet reads; accepted so its cfgs load without warnings.
         for key in IGNORED_KEYS:
             section.str(key)

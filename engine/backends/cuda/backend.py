@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from ... import activations
+from ... import activations, memory
 from ...errors import BackendError
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
@@ -90,6 +90,15 @@ class CudaBackend:
 
     def __repr__(self):
         return f"CudaBackend(GPU {self.device.index}: {self.device.name})"
+
+    @property
+    def device_name(self):
+        return f"GPU {self.device.index} ({self.device.name})"
+
+    def available_memory(self):
+        """Bytes this backend can still allocate: the GPU's free memory and what our pool holds
+        for reuse, capped by ENGINE_MEMORY_LIMIT."""
+        return memory.limited(self.device.memory_free())
 
     # ---- memory -------------------------------------------------------------------------------
     def _empty(self, shape, dtype=np.float32):
@@ -219,6 +228,7 @@ class CudaBackend:
 
     # ---- convolution --------------------------------------------------------------------------
     def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
+        stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
         key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
@@ -294,7 +304,8 @@ class CudaBackend:
         return y, (x, save_mean, save_inv_std, per_activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
-                                    per_activation=False, activation="linear"):
+                                    per_activation=False, activation="linear",
+                                    epsilons=(0.0, 1e-6)):
         """Darknet's rule, optionally fused with the activation that follows."""
         y = self._empty(x.shape)
         if per_activation:
@@ -303,7 +314,8 @@ class CudaBackend:
             spatial, channels = self._channel_layout(x.shape)
         self.kernels.launch("bn_inference_activate_kernel", x.size, x.ptr, y.ptr,
                             rolling_mean.ptr, rolling_variance.ptr, scales.ptr,
-                            biases.ptr, x.size, spatial, channels, _activation_id(activation))
+                            biases.ptr, x.size, spatial, channels, _activation_id(activation),
+                            np.float32(epsilons[0]), np.float32(epsilons[1]))
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):

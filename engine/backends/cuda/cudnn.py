@@ -146,8 +146,9 @@ class Cudnn:
     def convolution(self, padding, stride, groups, dilation=1):
         descriptor = P()
         self.call("cudnnCreateConvolutionDescriptor", ctypes.byref(descriptor))
-        self.call("cudnnSetConvolution2dDescriptor", descriptor, padding, padding, stride, stride,
-                  dilation, dilation, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT)
+        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+        self.call("cudnnSetConvolution2dDescriptor", descriptor, padding, padding, stride_y,
+                  stride_x, dilation, dilation, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT)
         self.call("cudnnSetConvolutionGroupCount", descriptor, groups)
         self.call("cudnnSetConvolutionMathType", descriptor, self.math_type)
         return descriptor

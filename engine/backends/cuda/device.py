@@ -80,6 +80,12 @@ class Device:
             self.keep_alive.append(array)
         return array
 
+    def memory_free(self):
+        """Free device memory, counting what our pool holds for reuse as free."""
+        free, _ = self.cuda.mem_get_info()
+        held = getattr(self.pool, "managed_bytes", 0) - getattr(self.pool, "active_bytes", 0)
+        return free + max(held, 0)
+
     def memory_used(self):
         free, total = self.cuda.mem_get_info()
         return total - free

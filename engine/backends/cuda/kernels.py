@@ -18,7 +18,7 @@ SIGNATURES = {
     "input_gradient_kernel": ("activations.cu", "PPii"),
     "normalize_channels_kernel": ("activations.cu", "PPiiii"),
     "normalize_channels_backward_kernel": ("activations.cu", "PPiiii"),
-    "bn_inference_activate_kernel": ("activations.cu", "PPPPPPiiii"),
+    "bn_inference_activate_kernel": ("activations.cu", "PPPPPPiiiiff"),
     "bias_backward_kernel": ("activations.cu", "PPiii"),
     "add_kernel": ("elementwise.cu", "PPi"),
     "scale_kernel": ("elementwise.cu", "Pfi"),
