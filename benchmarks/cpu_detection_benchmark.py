@@ -184,6 +184,27 @@ def profile(cfg, weights, x, runs):
     net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
     ops, xa = net.ops, net.ops.asarray(x)
     net.forward(xa)
+    # time spent inside some backend operations (instance attributes shadow the methods)
+    inside = {"im2col copies": ["_im2col"], "input padding": ["_padded_input"],
+              "bias + activation": ["add_bias_", "activate_"]}
+    spent = {part: 0.0 for part in inside}
+    depth = [0]  # only the outermost of nested calls (add_bias_ calling activate_) counts
+
+    def timed(method, part):
+        def call(*a, **k):
+            start = time.perf_counter()
+            depth[0] += 1
+            try:
+                return method(*a, **k)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[part] += time.perf_counter() - start
+        return call
+    for part, methods in inside.items():
+        for name in methods:
+            if hasattr(ops, name):
+                setattr(ops, name, timed(getattr(ops, name), part))
     per_layer = np.zeros((runs, len(net.layers)))
     for r in range(runs):
         outputs = []
@@ -211,6 +232,10 @@ def profile(cfg, weights, x, runs):
     print("\n| layer type | ms | share |\n|---|---|---|")
     for kind, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {t:.1f} | {100 * t / total:.0f}% |")
+    print("\n| inside the layers (mean per forward) | ms | share |\n|---|---|---|")
+    for part, t in spent.items():
+        t = 1e3 * t / runs
+        print(f"| {part} | {t:.1f} | {100 * t / total:.0f}% |")
 
 
 # ---- the run --------------------------------------------------------------------------------

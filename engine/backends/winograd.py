@@ -20,6 +20,7 @@ and columns are strided views, and the output tiles are written back into that l
 """
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 
 class Variant:
@@ -103,11 +104,10 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1
 
     def block_(row0, f0):
         n, f1 = min(step, rows - row0), min(f0 + f_step, f)
-        d = np.empty((alpha, alpha, c, n, cols, b), x.dtype)
-        for i in range(alpha):  # gather: d[i, j, c, row, col] = the tile's cell (i, j)
-            top = row0 * tile + i
-            for j in range(alpha):
-                d[i, j] = padded[:, top:top + tile * n:tile, j:j + tile * cols:tile]
+        # gather in one copy: d[i, j, c, row, col] = the cell (i, j) of tile (row0 + row, col)
+        sc, sh, sw, sb = padded.strides
+        d = np.array(as_strided(padded[:, row0 * tile:], (alpha, alpha, c, n, cols, b),
+                                (sh, sw, sc, tile * sh, tile * sw, sb), writeable=False))
         points = c * n * cols * b
         # V = B^T d B: over i (one product), then over j (a product per i)
         t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
