@@ -118,8 +118,12 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1
         out = np.matmul(v.a_t, t).reshape(tile, tile, f1 - f0, n, cols, b)
         # out[i, j, f, row, col] is y's cell (row*tile + i, col*tile + j)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
-        full = out.transpose(2, 3, 0, 4, 1, 5).reshape(f1 - f0, n * tile, cols * tile, b)
-        ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
+        tiled = out.transpose(2, 3, 0, 4, 1, 5)  # (F', n, tile, cols, tile, B)
+        if bottom - top == n * tile and w == cols * tile:  # whole tiles: straight into y
+            np.copyto(ym[f0:f1, top:bottom].reshape(tiled.shape), tiled)
+        else:
+            full = tiled.reshape(f1 - f0, n * tile, cols * tile, b)
+            ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
 
     tasks = [lambda row0=row0, f0=f0: block_(row0, f0) for row0 in starts
              for f0 in range(0, f, f_step)]
