@@ -79,8 +79,8 @@ def torch_from_network(net, torch):
                     conv = nn.Conv2d(c, layer.filters, layer.size, layer.stride, layer.padding,
                                      groups=layer.groups, bias=True)
                     with torch.no_grad():
-                        conv.weight.copy_(torch.from_numpy(np.asarray(layer.params["weights"])))
-                        conv.bias.copy_(torch.from_numpy(np.asarray(layer.params["biases"])))
+                        conv.weight.copy_(torch.from_numpy(np.array(layer.params["weights"])))
+                        conv.bias.copy_(torch.from_numpy(np.array(layer.params["biases"])))
                     self.convs[str(layer.index)] = conv
                 elif kind not in ("maxpool", "route", "upsample", "shortcut", "yolo"):
                     raise ValueError(f"layer {layer.index}: [{kind}] has no PyTorch peer here")
