@@ -40,13 +40,15 @@ PEERS = ("engine", "opencv", "torch")
 def inference_cfg(src, dst, size=SIZE):
     """A copy of the cfg whose [net] says batch=1, subdivisions=1, width=height=size."""
     out, in_net = [], False
-    for line in open(src):
+    with open(src) as handle:
+        lines = handle.readlines()
+    for line in lines:
         stripped = line.strip()
         if stripped.startswith("["):
             in_net = stripped.lower() in ("[net]", "[network]")
             out.append(line)
             if in_net:
-                out += [f"batch=1\n", "subdivisions=1\n", f"width={size}\n", f"height={size}\n"]
+                out += ["batch=1\n", "subdivisions=1\n", f"width={size}\n", f"height={size}\n"]
             continue
         key = stripped.split("=", 1)[0].strip()
         if in_net and key in ("batch", "subdivisions", "width", "height"):
@@ -120,8 +122,9 @@ def run_opencv(cfg, weights, x, compare, runs, warmup, threads):
 
 def run_torch(cfg, weights, x, compare, runs, warmup, threads):
     import torch
-    import engine
     from torch_peers import torch_from_network
+
+    import engine
     torch.set_num_threads(threads)
     net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
     model = torch_from_network(net, torch).eval()
@@ -141,10 +144,12 @@ def peer_main(args):
         med, best, outs, version = run(args.cfg, args.weights, x, compare, args.runs,
                                        args.warmup, args.threads)
     except ImportError as error:
-        json.dump({"missing": str(error)}, open(args.result, "w"))
-        return
-    np.savez(args.result + ".npz", *outs)
-    json.dump({"median_ms": med, "min_ms": best, "version": version}, open(args.result, "w"))
+        figures = {"missing": str(error)}
+    else:
+        np.savez(args.result + ".npz", *outs)
+        figures = {"median_ms": med, "min_ms": best, "version": version}
+    with open(args.result, "w") as handle:
+        json.dump(figures, handle)
 
 
 # How the engine uses its threads: "own" = the backend's threads over single-threaded BLAS
@@ -165,7 +170,8 @@ def spawn(peer, cfg, weights, input_path, compare, args, folder, mode=None):
                     "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
                     "--warmup", str(args.warmup), "--threads", str(args.threads)],
                    env=env, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    figures = json.load(open(result))
+    with open(result) as handle:
+        figures = json.load(handle)
     if "missing" not in figures:
         with np.load(result + ".npz") as data:
             figures["outputs"] = [data[f"arr_{i}"] for i in range(len(compare))]
@@ -220,7 +226,8 @@ def profile(cfg, weights, x, runs):
     for layer, t in zip(net.layers, ms):
         kind = layer.type_name
         if kind == "convolutional":
-            kind = f"conv {layer.size}x{layer.size}" + (f"/{layer.stride}" if layer.stride > 1 else "")
+            kind = f"conv {layer.size}x{layer.size}"
+            kind += f"/{layer.stride}" if layer.stride > 1 else ""
         groups[kind] = groups.get(kind, 0.0) + t
         flops = layer.flops() if hasattr(layer, "flops") else 0
         rows.append((layer.index, kind, "x".join(map(str, layer.out_shape)), t,

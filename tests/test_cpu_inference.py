@@ -18,7 +18,7 @@ YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
 
 def direct_conv(x, w, padding):
     """float64 reference: y[b, f, i, j] = sum_c,di,dj w[f, c, di, dj] x[b, c, i+di-p, j+dj-p]."""
-    b, c, h, wd = x.shape
+    b, _, h, wd = x.shape
     f, _, k, _ = w.shape
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     out_h, out_w = h + 2 * padding - k + 1, wd + 2 * padding - k + 1

@@ -12,8 +12,8 @@ each is two small matrix products over one tile axis at a time, also done by BLA
 
 Rounding: the transforms' coefficients (up to 8 in A, 5 in B) make the result differ from the
 direct sum by about 1e-5 of the layer's largest output in float32 (measured: 4e-6 .. 1.4e-5 on
-random data; F(2x2, 3x3) about 1e-6), well inside the 1e-4 the Darknet golden files are matched to. Layers too small for
-the transforms to pay stay on im2col (`fits`).
+random data; F(2x2, 3x3) about 1e-6), well inside the 1e-4 the Darknet golden files are matched
+to. Layers too small for the transforms to pay stay on im2col (`fits`).
 
 Arrays are batch-innermost as in numpy_backend: x's memory is (C, H, W, B), so a tile's rows
 and columns are strided views, and the output tiles are written back into that layout.
