@@ -2,7 +2,9 @@
 
 This module is also the reference the CUDA backend is tested against, so it favours plain,
 vectorised numpy: convolution is im2col (a copy per kernel offset, never per pixel) followed by
-a BLAS matrix product over the whole batch, a few output rows at a time.
+a BLAS matrix product over the whole batch, a few output rows at a time. At inference, 3x3
+stride-1 convolutions take Winograd's algorithm instead (winograd.py; within 1.4e-5 of the direct
+sum relative to the layer's largest output), the fastest path numpy's BLAS offers for them.
 
 Layout: arrays are (B, C, H, W) to the layers, but convolution and the ops after it store them
 batch-innermost in memory, as a (C, H, W, B) array seen through transpose(3, 0, 1, 2). That is
