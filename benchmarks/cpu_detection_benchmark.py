@@ -185,7 +185,8 @@ def relative_difference(a, b):
 # ---- per-layer profile of the engine's forward --------------------------------------------------
 def profile(cfg, weights, x, runs):
     """Per-layer milliseconds (median over runs) of the folded engine forward, with the share
-    of each layer type and of convolutions by kind (3x3 stride 1 / strided / 1x1)."""
+    of each layer type (convolutions by kind: 3x3, strided, 1x1) and the time spent inside
+    im2col copies, input padding and the bias + activation pass (median per forward)."""
     import engine
     net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
     ops, xa = net.ops, net.ops.asarray(x)
@@ -212,13 +213,18 @@ def profile(cfg, weights, x, runs):
             if hasattr(ops, name):
                 setattr(ops, name, timed(getattr(ops, name), part))
     per_layer = np.zeros((runs, len(net.layers)))
+    per_part = {part: [] for part in inside}
     for r in range(runs):
+        for part in spent:
+            spent[part] = 0.0
         outputs = []
         for layer in net.layers:
             inputs = [xa if j < 0 else outputs[j] for j in layer.input_indices]
             start = time.perf_counter()
             outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0], False))
             per_layer[r, layer.index] = time.perf_counter() - start
+        for part, t in spent.items():
+            per_part[part].append(t)
     ms = 1e3 * np.median(per_layer, axis=0)
     total = ms.sum()
     groups = {}
@@ -239,9 +245,9 @@ def profile(cfg, weights, x, runs):
     print("\n| layer type | ms | share |\n|---|---|---|")
     for kind, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {t:.1f} | {100 * t / total:.0f}% |")
-    print("\n| inside the layers (mean per forward) | ms | share |\n|---|---|---|")
-    for part, t in spent.items():
-        t = 1e3 * t / runs
+    print("\n| inside the layers (median per forward) | ms | share |\n|---|---|---|")
+    for part, times in per_part.items():
+        t = 1e3 * float(np.median(times))
         print(f"| {part} | {t:.1f} | {100 * t / total:.0f}% |")
 
 
