@@ -90,7 +90,8 @@ def test_folding_freezes_the_parameters():
 
 
 @pytest.mark.parametrize("size, stride, padding, out", [(2, 2, 1, 4), (2, 1, 1, 8), (3, 2, 2, 4),
-                                                        (5, 1, 4, 8)])
+                                                        (5, 1, 4, 8), (9, 1, 8, 8), (1, 1, 0, 8),
+                                                        (3, 3, 0, 2)])
 def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out):
     rng = np.random.default_rng(size * 10 + stride)
     ops = NumpyBackend()
