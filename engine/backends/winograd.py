@@ -119,8 +119,11 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1
         # out[i, j, f, row, col] is y's cell (row*tile + i, col*tile + j)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         tiled = out.transpose(2, 3, 0, 4, 1, 5)  # (F', n, tile, cols, tile, B)
+        target = None
         if bottom - top == n * tile and w == cols * tile:  # whole tiles: straight into y
-            np.copyto(ym[f0:f1, top:bottom].reshape(tiled.shape), tiled)
+            target = ym[f0:f1, top:bottom].reshape(tiled.shape)  # a view (y is contiguous)
+        if target is not None and np.may_share_memory(target, ym):
+            np.copyto(target, tiled)
         else:
             full = tiled.reshape(f1 - f0, n * tile, cols * tile, b)
             ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
