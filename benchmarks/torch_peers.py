@@ -52,3 +52,72 @@ def darknet_sgd(model, torch, learning_rate, momentum=0.9, decay=0.0005):
     return torch.optim.SGD([{"params": weights, "weight_decay": decay},
                             {"params": others, "weight_decay": 0.0}],
                            lr=learning_rate, momentum=momentum)
+
+
+def torch_from_network(net, torch):
+    """An nn.Module computing what the engine's (BN-folded) detection network computes, layer by
+    layer from the cfg the engine parsed: [convolutional] (with bias), [maxpool] (Darknet's
+    padding rule: windows start at -padding//2, cells outside are -inf), [route] (with
+    groups/group_id), [upsample], [shortcut] (equal shapes), [yolo] (the logistic on x, y,
+    objectness and classes, scale_x_y). Parameters are copied from the engine's layers.
+    `model.outputs` holds every layer's output after a call."""
+    nn, functional = torch.nn, torch.nn.functional
+    acts = {"leaky": lambda v: functional.leaky_relu(v, 0.1), "linear": lambda v: v,
+            "logistic": torch.sigmoid, "relu": functional.relu, "mish": functional.mish,
+            "swish": functional.silu}
+
+    class Peer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleDict()
+            for layer in net.layers:
+                kind = layer.type_name
+                if kind == "convolutional":
+                    if layer.batch_normalize or layer.blur is not None or layer.dilation != 1:
+                        raise ValueError(f"layer {layer.index}: fold BN first; no antialiasing")
+                    c = layer.in_shape[0]
+                    conv = nn.Conv2d(c, layer.filters, layer.size, layer.stride, layer.padding,
+                                     groups=layer.groups, bias=True)
+                    with torch.no_grad():
+                        conv.weight.copy_(torch.from_numpy(np.array(layer.params["weights"])))
+                        conv.bias.copy_(torch.from_numpy(np.array(layer.params["biases"])))
+                    self.convs[str(layer.index)] = conv
+                elif kind not in ("maxpool", "route", "upsample", "shortcut", "yolo"):
+                    raise ValueError(f"layer {layer.index}: [{kind}] has no PyTorch peer here")
+
+        def forward(self, x):
+            outputs = []
+            for layer in net.layers:
+                kind = layer.type_name
+                inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
+                v = inputs[0]
+                if kind == "convolutional":
+                    y = acts[layer.activation](self.convs[str(layer.index)](v))
+                elif kind == "maxpool":
+                    top = layer.padding // 2
+                    if layer.padding:
+                        v = functional.pad(v, (top, layer.padding - top, top,
+                                               layer.padding - top), value=float("-inf"))
+                    y = functional.max_pool2d(v, layer.size, layer.stride)
+                elif kind == "route":
+                    parts = [t.chunk(layer.groups, 1)[layer.group_id] for t in inputs]
+                    y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+                elif kind == "upsample":
+                    y = functional.interpolate(v, scale_factor=layer.stride, mode="nearest")
+                    if layer.scale != 1:
+                        y = y * layer.scale
+                elif kind == "shortcut":
+                    y = acts[layer.activation](inputs[0] + inputs[1])
+                else:  # yolo
+                    b, _, h, w = v.shape
+                    g = v.reshape(b, len(layer.mask), -1, h, w)
+                    xy = torch.sigmoid(g[:, :, 0:2])
+                    if layer.scale_x_y != 1:
+                        xy = xy * layer.scale_x_y - 0.5 * (layer.scale_x_y - 1)
+                    y = torch.cat([xy, g[:, :, 2:4], torch.sigmoid(g[:, :, 4:])], 2)
+                    y = y.reshape(v.shape)
+                outputs.append(y)
+            self.outputs = outputs
+            return [outputs[layer.index] for layer in net.layers if layer.type_name == "yolo"]
+
+    return Peer()

@@ -231,6 +231,7 @@ class Network:
             for section in sections:
                 warn_unused(section)
         self.seen = 0
+        self.folded = False  # fold_batchnorm: inference only from then on
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -380,6 +381,12 @@ class Network:
         for layer in self.layers:
             if hasattr(layer, "fold_batchnorm"):
                 layer.fold_batchnorm(self.ops)
+        # From here the parameters are read-only: a backend may keep work derived from them
+        # (the CPU's Winograd filters); training a folded network is an error (engine.train).
+        for layer in self.layers:
+            for array in layer.params.values():
+                self.ops.freeze_(array)
+        self.folded = True
         return self
 
     def load_weights(self, path):

@@ -221,6 +221,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     `after_iteration(iteration, loss, average_loss, last)`, if given, runs on rank 0 after each
     iteration (engine train's --map and chart.png); what it returns, if anything, is printed."""
     stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
+    if getattr(net, "folded", False):
+        raise TrainingError(f"{net.cfg_path}: this network's batch norms were folded for inference "
+                            "(fold_batchnorm); build it again to train it")
     o = net.options
     leader = group.rank == 0
     if max_batches is not None and max_batches != o.max_batches:

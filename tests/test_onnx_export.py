@@ -633,7 +633,8 @@ def test_nms_of_every_head_type_is_engine_detections(tmp_path, case, thresh):
     assert [item.classes for item in got] == [item.classes for item in expected]
     for mine, theirs in zip(got, expected):
         assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
-        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-5)
+        # 1e-4: the engine runs 3x3 convolutions by Winograd at inference (float32 rounding)
+        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-4)
 
 
 def alexeyab_detector(tmp_path, name, size=128):
@@ -669,7 +670,8 @@ def test_alexeyab_detectors_nms_gives_engine_detect_boxes(tmp_path, name, kind):
     assert [item.classes for item in got] == [item.classes for item in labelled]
     for mine, theirs in zip(got, labelled):
         assert np.abs(np.subtract(mine.pixels, theirs.pixels)).max() <= 1
-        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-5)
+        # 1e-4: the engine runs 3x3 convolutions by Winograd at inference (float32 rounding)
+        np.testing.assert_allclose(mine.probabilities, theirs.probabilities, atol=1e-4)
 
 
 def test_cornersnms_is_onnx_nonmaxsuppression_and_letterboxed_diou_is_refused(tmp_path):

@@ -148,3 +148,16 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
         train(net, ds, str(tmp_path / "b"), stream=io.StringIO(), backup_every=1)
     assert f"the last good weights are {backup} (iteration " in str(info.value)
     Network(path, quiet=True).load_weights(str(backup))  # finite: it loads
+
+
+def test_a_folded_network_cannot_be_trained(tmp_path):
+    from engine.errors import TrainingError
+    from helpers import write_cfg
+
+    path = write_cfg(tmp_path / "f.cfg", dict(batch=2, height=4, width=4, channels=1, max_batches=2),
+                     "[convolutional]\nfilters=2\nsize=3\npad=1\nbatch_normalize=1\n\n"
+                     "[connected]\noutput=3\n\n[softmax]\n")
+    net = Network(path, quiet=True).fold_batchnorm()
+    ds = Dataset(np.zeros((4, 1, 4, 4), np.float32), np.arange(4) % 3, 3, "f")
+    with pytest.raises(TrainingError, match="folded for inference"):
+        train(net, ds, str(tmp_path / "b"), stream=io.StringIO())

@@ -2,7 +2,9 @@
 
 This module is also the reference the CUDA backend is tested against, so it favours plain,
 vectorised numpy: convolution is im2col (a copy per kernel offset, never per pixel) followed by
-a BLAS matrix product over the whole batch, a few output rows at a time.
+a BLAS matrix product over the whole batch, a few output rows at a time. At inference, 3x3
+stride-1 convolutions take Winograd's algorithm instead (winograd.py; within 1.4e-5 of the direct
+sum relative to the layer's largest output), the fastest path numpy's BLAS offers for them.
 
 Layout: arrays are (B, C, H, W) to the layers, but convolution and the ops after it store them
 batch-innermost in memory, as a (C, H, W, B) array seen through transpose(3, 0, 1, 2). That is
@@ -17,9 +19,15 @@ Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Bac
 and only `sgd_update` changes parameters.
 """
 
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .. import activations, memory
+from ..errors import BackendError
+from . import winograd
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -31,7 +39,14 @@ BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statisti
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
 
-COLUMN_BLOCK_ELEMENTS = 1 << 21  # im2col columns per block of output rows (8 MiB of float32)
+# The backend's own threads (default 1): with ENGINE_CPU_THREADS=N, convolutions and the bias and
+# activation pass run their blocks on N threads, each calling BLAS, which should then be
+# single-threaded (OPENBLAS_NUM_THREADS=1): OpenBLAS's own threads spin while they wait and lose
+# badly on a loaded machine (README, "CPU inference speed").
+THREADS_VARIABLE = "ENGINE_CPU_THREADS"
+
+COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
+MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one or two blocks)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
@@ -46,6 +61,26 @@ class NumpyBackend:
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
+        self._winograd_cache = {}  # id(frozen weights) -> (weakref to them, transformed filters)
+        value = os.environ.get(THREADS_VARIABLE, "1")
+        try:
+            self.threads = int(value)
+        except ValueError:
+            self.threads = 0
+        if self.threads < 1:
+            raise BackendError(f"{THREADS_VARIABLE}={value}: expected a whole number of threads "
+                               "(1 or more)")
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def _run(self, tasks):
+        """Call each task (independent pieces of one operation): on the backend's threads when
+        it has several, else one after the other."""
+        if self._pool is None or len(tasks) < 2:
+            for task in tasks:
+                task()
+            return
+        for future in [self._pool.submit(task) for task in tasks]:
+            future.result()
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -82,6 +117,11 @@ class NumpyBackend:
 
     def synchronize(self):
         pass
+
+    def freeze_(self, array):
+        """Make a parameter read-only (inference from here on): derived work may be cached."""
+        array.flags.writeable = False
+        return array
 
     # ---- layout helpers -----------------------------------------------------------------------
     @staticmethod
@@ -121,10 +161,8 @@ class NumpyBackend:
     def activate_(self, x, activation):
         """x = act(x), in place; returns x."""
         if activation == "leaky":  # the common case: max(x, .1x), block by block, no full temporary
-            tenth = x.dtype.type(0.1)
-            for block in self._channel_blocks(x):
-                xb = x[block]
-                np.maximum(xb, xb * tenth, out=xb)
+            self._run([lambda block=block: self._leaky_(x[block])
+                       for block in self._channel_blocks(x)])
         elif activation != "linear":
             x[...] = activations.activate(x, activation)
         return x
@@ -159,10 +197,24 @@ class NumpyBackend:
         delta[...] = activations.normalize_channels_backward(x, delta, activation)
         return delta
 
+    @staticmethod
+    def _leaky_(x):
+        np.maximum(x, x * x.dtype.type(0.1), out=x)
+
     def add_bias_(self, y, biases, activation="linear"):
-        """y = act(y + biases per channel), in place."""
-        y += biases.reshape(1, -1, 1, 1)
-        return self.activate_(y, activation)
+        """y = act(y + biases per channel), in place; leaky in the same pass over each block."""
+        if activation not in ("leaky", "linear"):
+            y += biases.reshape(1, -1, 1, 1)
+            return self.activate_(y, activation)
+        b = biases.reshape(1, -1, 1, 1)
+
+        def block_(block):
+            yb = y[block]
+            yb += b[block]
+            if activation == "leaky":
+                self._leaky_(yb)
+        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)])
+        return y
 
     def bias_backward(self, delta, bias_updates):
         bias_updates += delta.sum(axis=(0, 2, 3))
@@ -182,6 +234,21 @@ class NumpyBackend:
         out_w = (w + 2 * padding - reach) // stride_x + 1
         return size, out_h, out_w
 
+    def _winograd_filters(self, weights, v):
+        """The filters in the Winograd domain of variant v. Frozen weights (read-only arrays
+        owning their memory: Network.fold_batchnorm makes them so) are transformed once and
+        kept while the array lives; writable ones may change in place (training, tests), so they
+        are transformed on every call (a few percent of the convolution)."""
+        if weights.flags.writeable or weights.base is not None:
+            return winograd.transform_filters(weights, v)
+        key = (id(weights), v.tile)
+        entry = self._winograd_cache.get(key)
+        if entry is None or entry[0]() is not weights:
+            entry = (weakref.ref(weights), winograd.transform_filters(weights, v))
+            self._winograd_cache[key] = entry
+            weakref.finalize(weights, self._winograd_cache.pop, key, None)
+        return entry[1]
+
     def _padded_input(self, x, padding):
         """x in (C, H, W, B) order (a free view when batch-innermost), zero-padded."""
         xm = self._memory_order(x)
@@ -191,8 +258,11 @@ class NumpyBackend:
 
     def _row_blocks(self, channels, size, out_h, out_w, batch):
         """Ranges of output rows whose im2col columns hold about COLUMN_BLOCK_ELEMENTS: the
-        convolution runs block by block, so its columns stay in the CPU cache."""
-        step = max(1, COLUMN_BLOCK_ELEMENTS // (channels * size * size * out_w * batch))
+        convolution runs block by block, so its columns stay in the CPU cache; but at least
+        MIN_BLOCK_COLUMNS columns, so that each block's product amortises reading the filters."""
+        per_row = out_w * batch
+        step = max(-(-MIN_BLOCK_COLUMNS // per_row),
+                   COLUMN_BLOCK_ELEMENTS // (channels * size * size * per_row))
         return [(row, min(row + step, out_h)) for row in range(0, out_h, step)]
 
     @staticmethod
@@ -241,7 +311,13 @@ class NumpyBackend:
     def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
         im2col + one matrix product per block of output rows; y is batch-innermost, so the
-        product writes its (F, rows*out_w*B) block of y directly."""
+        product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
+        convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py)."""
+        if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
+            v = winograd.variant(*x.shape[2:])
+            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
+                                    self._batch_innermost, self._memory_order, self._run,
+                                    self.threads)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
@@ -250,12 +326,19 @@ class NumpyBackend:
         xm = self._padded_input(x, padding)
         cg, fg = c // groups, f // groups
         per_row = out_w * b
-        for g in range(groups):
-            wg = weights[g * fg:(g + 1) * fg].reshape(fg, -1)
-            for rows in self._row_blocks(cg, size, out_h, out_w, b):
-                cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
-                np.matmul(wg, cols, out=y_rows[g * fg:(g + 1) * fg,
-                                               rows[0] * per_row:rows[1] * per_row])
+        blocks = [(g, rows) for g in range(groups)
+                  for rows in self._row_blocks(cg, size, out_h, out_w, b)]
+        # with fewer blocks than threads (small maps), the filters are shared out as well
+        parts = self.threads if len(blocks) < self.threads else 1
+        step = -(-fg // parts)
+
+        def block_(g, rows, f0):
+            cols = self._im2col(xm[g * cg:(g + 1) * cg], size, stride, rows, out_w, dilation)
+            f1 = min(f0 + step, fg)
+            np.matmul(weights[g * fg + f0:g * fg + f1].reshape(f1 - f0, -1), cols,
+                      out=y_rows[g * fg + f0:g * fg + f1, rows[0] * per_row:rows[1] * per_row])
+        self._run([lambda g=g, rows=rows, f0=f0: block_(g, rows, f0)
+                   for g, rows in blocks for f0 in range(0, fg, step)])
         return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
@@ -415,12 +498,13 @@ class NumpyBackend:
         cols, frame_w, left = reach(w, out_w)
         return rows, cols, frame_h, frame_w, top, left
 
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
+    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
         """Darknet's maxpool: windows start at -padding//2; cells outside the input never win,
         and a window with none inside gives -FLT_MAX (Darknet's starting maximum).
         Returns (y, argmax) where argmax is the window offset that won (the first on ties), both
-        laid out like x. One elementwise pass per window offset (numpy's where/argmax are slow
-        here), block by block over channels."""
+        laid out like x; at inference (train=False) argmax is None and only maxima are taken.
+        One elementwise pass per window offset (numpy's where/argmax are slow here), block by
+        block over channels."""
         b, c, h, w = x.shape
         rows, cols, frame_h, frame_w, top, left = self._pool_frame(x.shape, size, stride, padding,
                                                                    out_h, out_w)
@@ -430,8 +514,13 @@ class NumpyBackend:
             padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
-        index_type = np.int8 if size * size < 128 else np.int32
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
+        if not train:
+            self._run([lambda block=block: self._maxpool_max_(padded[block], len(rows), len(cols),
+                                                              stride, y[block])
+                       for block in self._channel_blocks(padded)])
+            return y, None
+        index_type = np.int8 if size * size < 128 else np.int32
         argmax = self._empty_laid_like(y.shape, x, index_type)
         whole = len(rows) == len(cols) == size
         for block in self._channel_blocks(padded):
@@ -441,6 +530,28 @@ class NumpyBackend:
                 self._maxpool_window_(padded[block], size, stride, y[block], argmax[block],
                                       rows, cols)
         return y, argmax
+
+    def _maxpool_max_(self, padded, height, width, stride, y):
+        """The maxima alone, separably: the maximum over each window's `height` rows (for every
+        column of the frame), then over its `width` columns; height + width - 2 passes instead
+        of height * width - 1. (The window's offsets that reach the input, see _pool_frame.)"""
+        b, c, _, frame_w = padded.shape
+        out_h, out_w = y.shape[2:]
+        rows = [padded[:, :, i:i + stride * out_h:stride] for i in range(height)]
+        if height == 1:
+            row_max = rows[0]
+        else:
+            row_max = self._empty_laid_like((b, c, out_h, frame_w), padded)
+            np.maximum(rows[0], rows[1], out=row_max)
+            for row in rows[2:]:
+                np.maximum(row_max, row, out=row_max)
+        columns = [row_max[:, :, :, j:j + stride * out_w:stride] for j in range(width)]
+        if width == 1:
+            np.copyto(y, columns[0])
+            return
+        np.maximum(columns[0], columns[1], out=y)
+        for column in columns[2:]:
+            np.maximum(y, column, out=y)
 
     def _maxpool_window_(self, padded, size, stride, y, argmax, rows, cols):
         """Any window: a running maximum over the offsets that reach the input (the frame starts
@@ -660,6 +771,10 @@ class NumpyBackend:
         0..min(C)-1; spatially, with stride = max(W_add//W_x, 1) and sample = max(W_x//W_add, 1),
         y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
         j < min(H), i < min(W). Same shapes: y = alpha*x + beta*add everywhere."""
+        if x.shape == add.shape:  # the usual case (ResNet, YOLO): one pass
+            if alpha == 1 and beta == 1:
+                return np.add(x, add)
+            return np.float32(alpha) * x + np.float32(beta) * add
         out_window, add_window = self._shortcut_windows(x.shape[1:], add.shape[1:])
         y = x.copy()
         y[out_window] = np.float32(alpha) * x[out_window] + np.float32(beta) * add[add_window]

@@ -75,7 +75,7 @@ class MaxpoolLayer(Layer):
             y, self.argmax = ops.channel_max(x, self.out_shape[0])
             return y
         y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,
-                                             *self.pooled_hw)
+                                             *self.pooled_hw, train=train)
         self.batch_in_shape = x.shape
         return self.blur.forward(ops, y) if self.blur is not None else y
 

@@ -156,6 +156,10 @@ class CudaBackend:
     def synchronize(self):
         self.stream.synchronize()
 
+    def freeze_(self, array):
+        """Parameters become read-only for inference; nothing on the GPU is derived from them."""
+        return array
+
     def capture(self, step):
         """Record step() (issuing this backend's operations) into a CUDA graph; returns a
         CapturedStep whose replay(learning_rate) reruns it. Run step() once eagerly first, so
@@ -325,8 +329,9 @@ class CudaBackend:
         return dx
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w):
-        """Returns (y, winner): winner holds the input cell (h*W+w) that won each window."""
+    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
+        """Returns (y, winner): winner holds the input cell (h*W+w) that won each window (also
+        at inference: one kernel does both)."""
         b, c, h, w = (int(s) for s in x.shape)
         y = self._empty((b, c, out_h, out_w))
         winner = self._empty((b, c, out_h, out_w), np.int32)

@@ -1,0 +1,334 @@
+"""CPU inference latency of detection networks: the engine (BN folded, as `engine detect` runs
+it) against OpenCV's DNN module and PyTorch, batch 1, 416x416, on one shared random weights file.
+
+    python benchmarks/cpu_detection_benchmark.py [--networks yolov3-tiny yolov4-tiny yolov3]
+        [--runs 10] [--warmup 3] [--threads 2] [--profile]
+
+Every peer runs in its own process (a fresh interpreter, its thread count fixed through the
+environment before numpy/OpenCV/PyTorch start) on the same cfg (rewritten to 416x416, batch 1),
+the same .weights (written by the engine from its random initialisation, BN statistics
+randomised so that folding is exercised) and the same input. Each prints the median of `runs`
+forwards after `warmup`. The outputs of the convolutions that feed the [yolo] layers are compared
+(engine against OpenCV and PyTorch: largest difference relative to the largest value) so the
+comparison is between equal computations. `--profile` adds the engine's per-layer table.
+
+Peers are benchmark-only (never engine dependencies): `pip install 'opencv-python-headless<5'
+torch` (OpenCV 5 dropped the Darknet importer). A peer that is not installed is reported as such.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CFGS = {"yolov3-tiny": os.path.join(ROOT, "cfg", "yolov3-tiny.cfg"),
+        "yolov4-tiny": os.path.join(ROOT, "cfg", "yolov4-tiny.cfg"),
+        "yolov3": os.path.join(ROOT, "cfg", "yolov3.cfg")}
+SIZE = 416
+PEERS = ("engine", "opencv", "torch")
+
+
+# ---- set-up (the parent process) --------------------------------------------------------------
+def inference_cfg(src, dst, size=SIZE):
+    """A copy of the cfg whose [net] says batch=1, subdivisions=1, width=height=size."""
+    out, in_net = [], False
+    with open(src) as handle:
+        lines = handle.readlines()
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("["):
+            in_net = stripped.lower() in ("[net]", "[network]")
+            out.append(line)
+            if in_net:
+                out += ["batch=1\n", "subdivisions=1\n", f"width={size}\n", f"height={size}\n"]
+            continue
+        key = stripped.split("=", 1)[0].strip()
+        if in_net and key in ("batch", "subdivisions", "width", "height"):
+            continue
+        out.append(line)
+    with open(dst, "w") as handle:
+        handle.writelines(out)
+
+
+def write_random_weights(cfg, path, seed=1):
+    """The engine's random initialisation, with BN statistics and biases drawn too (so folding
+    them matters), saved as a Darknet .weights file every peer reads."""
+    import engine
+    net = engine.load(cfg, seed=seed, quiet=True)
+    rng = np.random.default_rng(seed)
+    for layer in net.layers:
+        p = layer.params
+        if "rolling_mean" in p:
+            n = p["biases"].shape
+            p["scales"][...] = rng.uniform(0.5, 1.5, n)
+            p["biases"][...] = rng.uniform(-0.1, 0.1, n)
+            p["rolling_mean"][...] = rng.uniform(-0.1, 0.1, n)
+            p["rolling_variance"][...] = rng.uniform(0.5, 1.5, n)
+    net.save_weights(path)
+
+
+def yolo_inputs(cfg):
+    """Indexes of the layers feeding each [yolo] layer (the convolutions compared)."""
+    import engine
+    net = engine.load(cfg, quiet=True)
+    return [layer.index - 1 for layer in net.layers if layer.type_name == "yolo"]
+
+
+# ---- peers (each in its own process) ----------------------------------------------------------
+def median_ms(step, runs, warmup):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)), 1e3 * float(np.min(times))
+
+
+def run_engine(cfg, weights, x, compare, runs, warmup, threads):
+    import engine
+    net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
+    med, best = median_ms(lambda: net.predict(x), runs, warmup)
+    net.predict(x)
+    outs = [np.asarray(net.outputs[i]).reshape(-1) for i in compare]
+    return med, best, outs, f"numpy {np.__version__}"
+
+
+def run_opencv(cfg, weights, x, compare, runs, warmup, threads):
+    import cv2
+    cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromDarknet(cfg, weights)
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    names = net.getUnconnectedOutLayersNames()
+
+    def step():
+        net.setInput(x)
+        return net.forward(names)
+    med, best = median_ms(step, runs, warmup)
+    net.setInput(x)
+    outs = [np.asarray(o).reshape(-1) for o in net.forward([f"conv_{i}" for i in compare])]
+    return med, best, outs, f"OpenCV {cv2.__version__}"
+
+
+def run_torch(cfg, weights, x, compare, runs, warmup, threads):
+    import torch
+    from torch_peers import torch_from_network
+
+    import engine
+    torch.set_num_threads(threads)
+    net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
+    model = torch_from_network(net, torch).eval()
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        med, best = median_ms(lambda: model(xt), runs, warmup)
+        model(xt)
+        outs = [model.outputs[i].numpy().reshape(-1) for i in compare]
+    return med, best, outs, f"PyTorch {torch.__version__}"
+
+
+def peer_main(args):
+    x = np.load(args.input)
+    compare = [int(i) for i in args.compare.split(",")]
+    run = {"engine": run_engine, "opencv": run_opencv, "torch": run_torch}[args.peer]
+    try:
+        med, best, outs, version = run(args.cfg, args.weights, x, compare, args.runs,
+                                       args.warmup, args.threads)
+    except ImportError as error:
+        figures = {"missing": str(error)}
+    else:
+        np.savez(args.result + ".npz", *outs)
+        figures = {"median_ms": med, "min_ms": best, "version": version}
+    with open(args.result, "w") as handle:
+        json.dump(figures, handle)
+
+
+# How the engine uses its threads: "own" = the backend's threads over single-threaded BLAS
+# calls, "blas" = one Python thread and a multi-threaded BLAS, "single" = one thread in all.
+ENGINE_MODES = {"own": lambda n: (1, n), "blas": lambda n: (n, 1), "single": lambda n: (1, 1)}
+MODE_NAMES = {"own": "engine threads", "blas": "BLAS threads", "single": "1 thread"}
+
+
+def spawn(peer, cfg, weights, input_path, compare, args, folder, mode=None):
+    result = os.path.join(folder, f"{peer}.json")
+    env = dict(os.environ)
+    blas, own = ENGINE_MODES[mode](args.threads) if mode else (args.threads, 1)
+    for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[key] = str(blas)
+    env["ENGINE_CPU_THREADS"] = str(own)
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--peer", peer, "--cfg", cfg,
+                    "--weights", weights, "--input", input_path, "--result", result,
+                    "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
+                    "--warmup", str(args.warmup), "--threads", str(args.threads)],
+                   env=env, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    with open(result) as handle:
+        figures = json.load(handle)
+    if "missing" not in figures:
+        with np.load(result + ".npz") as data:
+            figures["outputs"] = [data[f"arr_{i}"] for i in range(len(compare))]
+    return figures
+
+
+def relative_difference(a, b):
+    return max(float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-12)) for x, y in zip(a, b))
+
+
+# ---- per-layer profile of the engine's forward --------------------------------------------------
+def profile(cfg, weights, x, runs):
+    """Per-layer milliseconds (median over runs) of the folded engine forward, with the share
+    of each layer type (convolutions by kind: 3x3, strided, 1x1) and the time spent inside
+    im2col copies, input padding and the bias + activation pass (median per forward)."""
+    import engine
+    net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
+    ops, xa = net.ops, net.ops.asarray(x)
+    net.forward(xa)
+    # time spent inside some backend operations (instance attributes shadow the methods)
+    inside = {"im2col copies": ["_im2col"], "input padding": ["_padded_input"],
+              "bias + activation": ["add_bias_", "activate_"]}
+    spent = {part: 0.0 for part in inside}
+    depth = [0]  # only the outermost of nested calls (add_bias_ calling activate_) counts
+
+    def timed(method, part):
+        def call(*a, **k):
+            start = time.perf_counter()
+            depth[0] += 1
+            try:
+                return method(*a, **k)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[part] += time.perf_counter() - start
+        return call
+    for part, methods in inside.items():
+        for name in methods:
+            if hasattr(ops, name):
+                setattr(ops, name, timed(getattr(ops, name), part))
+    per_layer = np.zeros((runs, len(net.layers)))
+    per_part = {part: [] for part in inside}
+    for r in range(runs):
+        for part in spent:
+            spent[part] = 0.0
+        outputs = []
+        for layer in net.layers:
+            inputs = [xa if j < 0 else outputs[j] for j in layer.input_indices]
+            start = time.perf_counter()
+            outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0], False))
+            per_layer[r, layer.index] = time.perf_counter() - start
+        for part, t in spent.items():
+            per_part[part].append(t)
+    ms = 1e3 * np.median(per_layer, axis=0)
+    total = ms.sum()
+    groups = {}
+    rows = []
+    for layer, t in zip(net.layers, ms):
+        kind = layer.type_name
+        if kind == "convolutional":
+            kind = f"conv {layer.size}x{layer.size}"
+            kind += f"/{layer.stride}" if layer.stride > 1 else ""
+        groups[kind] = groups.get(kind, 0.0) + t
+        flops = layer.flops() if hasattr(layer, "flops") else 0
+        rows.append((layer.index, kind, "x".join(map(str, layer.out_shape)), t,
+                     flops / (t * 1e6) if t > 0 and flops else 0.0))
+    print(f"\nper-layer profile of {os.path.basename(cfg)} (median of {runs}, total "
+          f"{total:.1f} ms)\n\n| layer | type | output | ms | GFLOP/s |\n|---|---|---|---|---|")
+    for index, kind, shape, t, gflops in rows:
+        print(f"| {index} | {kind} | {shape} | {t:.2f} | {gflops:.0f} |")
+    print("\n| layer type | ms | share |\n|---|---|---|")
+    for kind, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {t:.1f} | {100 * t / total:.0f}% |")
+    print("\n| inside the layers (median per forward) | ms | share |\n|---|---|---|")
+    for part, times in per_part.items():
+        t = 1e3 * float(np.median(times))
+        print(f"| {part} | {t:.1f} | {100 * t / total:.0f}% |")
+
+
+# ---- the run --------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--networks", nargs="+", default=list(CFGS), choices=list(CFGS))
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    p.add_argument("--engine-modes", nargs="+", default=["own", "blas"], choices=ENGINE_MODES,
+                   help="engine runs: own = ENGINE_CPU_THREADS=threads with single-threaded "
+                        "BLAS; blas = OPENBLAS_NUM_THREADS=threads; single = 1 thread "
+                        "(default: own blas)")
+    p.add_argument("--profile", action="store_true", help="print the engine's per-layer table")
+    for name in ("--peer", "--cfg", "--weights", "--input", "--result", "--compare"):
+        p.add_argument(name, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.peer:
+        return peer_main(args)
+    load = os.getloadavg()
+    print(f"batch 1, {SIZE}x{SIZE}, {args.threads} threads per peer, median of {args.runs} after "
+          f"{args.warmup} warm-up; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+        input_path = os.path.join(folder, "input.npy")
+        np.save(input_path, x)
+        for name in args.networks:
+            cfg = os.path.join(folder, f"{name}.cfg")
+            inference_cfg(CFGS[name], cfg)
+            weights = os.path.join(folder, f"{name}.weights")
+            write_random_weights(cfg, weights)
+            compare = yolo_inputs(cfg)
+            figures = {}
+            for peer in args.peers:
+                if peer != "engine":
+                    figures[peer] = spawn(peer, cfg, weights, input_path, compare, args, folder)
+                    continue
+                for mode in args.engine_modes:
+                    figures[f"engine-{mode}"] = spawn(peer, cfg, weights, input_path, compare,
+                                                      args, folder, mode)
+            rows.append((name, figures))
+            if args.profile:
+                profile(cfg, weights, x, args.runs)
+    engines = [f"engine-{m}" for m in args.engine_modes] if "engine" in args.peers else []
+    peers = [p for p in ("opencv", "torch") if p in args.peers]
+    names = {"opencv": "OpenCV", "torch": "PyTorch"}
+    names.update({f"engine-{m}": f"engine ({MODE_NAMES[m]})" for m in ENGINE_MODES})
+    header = [f"{names[p]} ms" for p in engines + peers]
+    header += [f"{names[e]} / {names[p]}" for e in engines for p in peers]
+    header += [f"max rel. diff engine vs {names[p]}" for p in peers if engines]
+    print("\n| network | " + " | ".join(header) + " |")
+    print("|---" * (len(header) + 1) + "|")
+    versions = set()
+    for name, figures in rows:
+        cells = []
+        for key in engines + peers:
+            f = figures[key]
+            if "missing" in f:
+                cells.append("not installed")
+                continue
+            versions.add(f["version"])
+            cells.append(f"{f['median_ms']:.1f}")
+        usable = {k: f for k, f in figures.items() if "missing" not in f}
+        for e in engines:
+            for p in peers:
+                ok = e in usable and p in usable
+                cells.append(f"{usable[e]['median_ms'] / usable[p]['median_ms']:.2f}"
+                             if ok else "-")
+        for p in peers if engines else ():
+            e = engines[0]
+            ok = e in usable and p in usable
+            cells.append(f"{relative_difference(usable[e]['outputs'], usable[p]['outputs']):.1e}"
+                         if ok else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n" + ", ".join(sorted(versions)) + f"; load average after: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

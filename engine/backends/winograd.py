@@ -1,0 +1,138 @@
+"""Winograd's minimal filtering F(4x4, 3x3) and F(2x2, 3x3) for the CPU backend's 3x3 stride-1
+convolutions.
+
+Each 6x6 input tile (tiles 4 apart) and each 3x3 filter are taken into a 36-point domain where
+the convolution is 36 independent products over channels: with V = B^T d B for the tiles and
+U = G g G^T for the filters, one batched matrix product M[k] = U[k] @ V[k] (k = 0..35, channels
+summed by BLAS) and the output transform Y = A^T M A give each 4x4 output tile. That is 36
+multiplications per 16 outputs per channel pair instead of 144 (Lavin and Gray, "Fast Algorithms
+for Convolutional Neural Networks", 2015; the matrices are theirs). Small maps (13x13) take
+F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs instead of 36. The transforms are separable:
+each is two small matrix products over one tile axis at a time, also done by BLAS.
+
+Rounding: the transforms' coefficients (up to 8 in A, 5 in B) make the result differ from the
+direct sum by about 1e-5 of the layer's largest output in float32 (measured: 4e-6 .. 1.4e-5 on
+random data; F(2x2, 3x3) about 1e-6), well inside the 1e-4 the Darknet golden files are matched
+to. Layers too small for the transforms to pay stay on im2col (`fits`).
+
+Arrays are batch-innermost as in numpy_backend: x's memory is (C, H, W, B), so a tile's rows
+and columns are strided views, and the output tiles are written back into that layout.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+class Variant:
+    """F(m x m, 3x3): tile side m, input tile side alpha = m + 2, and the transform matrices
+    (float64 for the filters, float32 for the data)."""
+
+    def __init__(self, tile, b_t, g, a_t):
+        self.tile, self.alpha = tile, tile + 2
+        self.g = np.array(g, dtype=np.float64)
+        self.b_t = np.array(b_t, dtype=np.float32)
+        self.a_t = np.array(a_t, dtype=np.float32)
+
+
+F4 = Variant(4, b_t=[[4, 0, -5, 0, 1, 0],
+                     [0, -4, -4, 1, 1, 0],
+                     [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0],
+                     [0, 2, -1, -2, 1, 0],
+                     [0, 4, 0, -5, 0, 1]],
+             g=[[1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1]],
+             a_t=[[1, 1, 1, 1, 1, 0],
+                  [0, 1, -1, 2, -2, 0],
+                  [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]])
+F2 = Variant(2, b_t=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+             g=[[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+             a_t=[[1, 1, 1, 0], [0, 1, -1, -1]])
+
+MIN_CHANNELS = 16      # below this the input transform costs more than the products it saves
+# Maps smaller than this (13x13 in YOLO) take F(2x2, 3x3): 4x4 tiles would waste half their
+# outputs, and the 36-point filters (4x the direct ones) make the products memory-bound.
+F4_MIN_SIDE = 20
+BLOCK_ELEMENTS = 1 << 16  # transformed-input elements per block of tile rows (256 KiB)
+MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
+
+
+def fits(x_shape, w_shape, stride, padding, groups, dilation):
+    """Whether a convolution takes this path: 3x3, stride 1 (or (1, 1)), padding 1, one group, no
+    dilation, at least MIN_CHANNELS input channels."""
+    return (w_shape[2:] == (3, 3) and stride in (1, (1, 1)) and padding == 1 and groups == 1
+            and dilation == 1 and x_shape[1] >= MIN_CHANNELS)
+
+
+def variant(h, w):
+    """The variant for an h x w output map."""
+    return F4 if min(h, w) >= F4_MIN_SIDE else F2
+
+
+def transform_filters(weights, v):
+    """U = G g G^T for every filter: (alpha^2, F, C) float32, computed in float64."""
+    f, c = weights.shape[:2]
+    g = np.asarray(weights, dtype=np.float64).reshape(f * c, 3, 3)
+    u = np.matmul(np.matmul(v.g, g), v.g.T)  # (F*C, alpha, alpha)
+    return np.ascontiguousarray(u.reshape(f, c, v.alpha * v.alpha).transpose(2, 0, 1),
+                                dtype=np.float32)
+
+
+def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1):
+    """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
+    variant v (alpha^2, F, C); returns y (B, F, H, W), batch-innermost. Block by block of tile
+    rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
+    threads; with fewer blocks than threads, each block's filters are shared out too)."""
+    b, c, h, w = x.shape
+    tile, alpha = v.tile, v.alpha
+    rows, cols = -(-h // tile), -(-w // tile)
+    # the input zero-padded by 1 on the top and left, and to whole tiles on the bottom and right
+    padded = np.zeros((c, rows * tile + 2, cols * tile + 2, b), x.dtype)
+    padded[:, 1:1 + h, 1:1 + w] = memory_order(x)
+    y = batch_innermost((b, f, h, w), x.dtype)
+    ym = memory_order(y)
+    step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
+    step = min(step, rows)
+    starts = range(0, rows, step)
+    parts = threads if len(starts) < threads else 1
+    f_step = -(-f // parts)
+
+    def block_(row0, f0):
+        n, f1 = min(step, rows - row0), min(f0 + f_step, f)
+        # gather in one copy: d[i, j, c, row, col] = the cell (i, j) of tile (row0 + row, col)
+        sc, sh, sw, sb = padded.strides
+        d = np.array(as_strided(padded[:, row0 * tile:], (alpha, alpha, c, n, cols, b),
+                                (sh, sw, sc, tile * sh, tile * sw, sb), writeable=False))
+        points = c * n * cols * b
+        # V = B^T d B: over i (one product), then over j (a product per i)
+        t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
+        u = np.matmul(v.b_t, t)
+        m = np.matmul(filters[:, f0:f1], u.reshape(alpha * alpha, c, -1))  # (alpha^2, F', tiles)
+        # Y = A^T M A, likewise: (tile, tile, F', n, cols, B)
+        t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
+        out = np.matmul(v.a_t, t).reshape(tile, tile, f1 - f0, n, cols, b)
+        # out[i, j, f, row, col] is y's cell (row*tile + i, col*tile + j)
+        top, bottom = row0 * tile, min((row0 + n) * tile, h)
+        tiled = out.transpose(2, 3, 0, 4, 1, 5)  # (F', n, tile, cols, tile, B)
+        target = None
+        if bottom - top == n * tile and w == cols * tile:  # whole tiles: straight into y
+            target = ym[f0:f1, top:bottom].reshape(tiled.shape)  # a view (y is contiguous)
+        if target is not None and np.may_share_memory(target, ym):
+            np.copyto(target, tiled)
+        else:
+            full = tiled.reshape(f1 - f0, n * tile, cols * tile, b)
+            ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
+
+    tasks = [lambda row0=row0, f0=f0: block_(row0, f0) for row0 in starts
+             for f0 in range(0, f, f_step)]
+    if run is None:
+        for task in tasks:
+            task()
+    else:
+        run(tasks)
+    return y

@@ -1,0 +1,131 @@
+"""The CPU backend's inference paths (README, "CPU inference speed"): Winograd convolutions,
+cached filters for frozen weights, maxpool without argmax, the equal-shape shortcut and the
+backend's own threads, each against plain float64 numpy or the training path."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import CFG
+
+from engine.backends import numpy_backend, winograd
+from engine.backends.numpy_backend import NumpyBackend
+from engine.errors import BackendError
+from engine.network import Network
+
+YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
+
+
+def direct_conv(x, w, padding):
+    """float64 reference: y[b, f, i, j] = sum_c,di,dj w[f, c, di, dj] x[b, c, i+di-p, j+dj-p]."""
+    b, _, h, wd = x.shape
+    f, _, k, _ = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h, out_w = h + 2 * padding - k + 1, wd + 2 * padding - k + 1
+    y = np.zeros((b, f, out_h, out_w))
+    for di in range(k):
+        for dj in range(k):
+            y += np.einsum("bchw,fc->bfhw", xp[:, :, di:di + out_h, dj:dj + out_w],
+                           w[:, :, di, dj].astype(np.float64))
+    return y
+
+
+def relative_error(got, expected):
+    return np.abs(got - expected).max() / np.abs(expected).max()
+
+
+# shapes cover both variants (F4 from 20x20 up, F2 below), sides that are not whole tiles,
+# batches, and maps cut into several blocks of tile rows
+@pytest.mark.parametrize("batch, channels, filters, height, width", [
+    (1, 16, 32, 13, 13), (2, 32, 24, 26, 27), (3, 20, 8, 7, 5), (1, 64, 16, 52, 49),
+    (1, 128, 40, 24, 24), (2, 16, 16, 41, 21)])
+def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width):
+    rng = np.random.default_rng(height * width + channels)
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    assert winograd.fits(x.shape, w.shape, 1, 1, 1, 1)
+    ops = NumpyBackend()
+    y = ops.conv_forward(x, w, 1, 1, 1, train=False)
+    expected = direct_conv(x, w, 1)
+    assert y.shape == expected.shape
+    assert relative_error(y, expected) < 2e-5
+    # the training path (im2col) is the float32 direct sum
+    assert relative_error(ops.conv_forward(x, w, 1, 1, 1, train=True), expected) < 2e-6
+
+
+def test_winograd_is_used_only_where_it_fits():
+    fits = winograd.fits
+    assert fits((1, 16, 8, 8), (4, 16, 3, 3), 1, 1, 1, 1)
+    assert not fits((1, 8, 8, 8), (4, 8, 3, 3), 1, 1, 1, 1)      # too few channels
+    assert fits((1, 16, 8, 8), (4, 16, 3, 3), (1, 1), 1, 1, 1)
+    assert not fits((1, 16, 8, 8), (4, 16, 3, 3), 2, 1, 1, 1)    # strided
+    assert not fits((1, 16, 8, 8), (4, 16, 3, 3), (1, 2), 1, 1, 1)
+    assert not fits((1, 16, 8, 8), (4, 8, 3, 3), 1, 1, 2, 1)     # grouped
+    assert not fits((1, 16, 8, 8), (4, 16, 3, 3), 1, 2, 1, 2)    # dilated
+    assert not fits((1, 16, 8, 8), (4, 16, 1, 1), 1, 0, 1, 1)    # 1x1
+
+
+def test_frozen_weights_are_transformed_once_and_forgotten_with_them():
+    rng = np.random.default_rng(1)
+    ops = NumpyBackend()
+    x = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    writable = ops.conv_forward(x, w, 1, 1, 1)
+    assert not ops._winograd_cache  # writable weights may change: nothing kept
+    ops.freeze_(w)
+    first = ops.conv_forward(x, w, 1, 1, 1)
+    assert len(ops._winograd_cache) == 1
+    np.testing.assert_array_equal(ops.conv_forward(x, w, 1, 1, 1), first)
+    np.testing.assert_array_equal(first, writable)
+    with pytest.raises(ValueError):
+        w[0, 0, 0, 0] = 1.0  # frozen: no in-place change can make the cache stale
+    del w
+    assert not ops._winograd_cache
+
+
+def test_folding_freezes_the_parameters():
+    net = Network(YOLOV3_TINY, quiet=True).fold_batchnorm()
+    arrays = [a for layer in net.layers for a in layer.params.values()]
+    assert arrays and not any(a.flags.writeable for a in arrays)
+
+
+@pytest.mark.parametrize("size, stride, padding, out", [(2, 2, 1, 4), (2, 1, 1, 8), (3, 2, 2, 4),
+                                                        (5, 1, 4, 8), (9, 1, 8, 8), (1, 1, 0, 8),
+                                                        (3, 3, 0, 2)])
+def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out):
+    rng = np.random.default_rng(size * 10 + stride)
+    ops = NumpyBackend()
+    x = ops.conv_forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32),
+                         rng.standard_normal((16, 16, 1, 1)).astype(np.float32), 1, 0, 1,
+                         train=True)  # batch-innermost, as after a convolution
+    trained, argmax = ops.maxpool_forward(x, size, stride, padding, out, out, train=True)
+    inferred, none = ops.maxpool_forward(x, size, stride, padding, out, out, train=False)
+    assert none is None and argmax is not None
+    np.testing.assert_array_equal(inferred, trained)
+
+
+def test_equal_shape_shortcut_is_the_weighted_sum():
+    rng = np.random.default_rng(2)
+    ops = NumpyBackend()
+    x, add = (rng.standard_normal((2, 4, 5, 5)).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(ops.shortcut_forward(x, add, 1, 1), x + add)
+    np.testing.assert_allclose(ops.shortcut_forward(x, add, 0.5, 2.0), 0.5 * x + 2.0 * add,
+                               rtol=1e-6)
+
+
+def test_own_threads_compute_what_one_thread_does(monkeypatch):
+    net = Network(YOLOV3_TINY, quiet=True)
+    x = np.random.default_rng(3).random((1, 3, 416, 416), dtype=np.float32)
+    one = net.fold_batchnorm().predict(x)
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "2")
+    threaded = NumpyBackend()
+    assert threaded.threads == 2
+    net.ops = threaded
+    # the same sums, blocked differently (filters shared out): float rounding apart
+    assert relative_error(net.predict(x), one) < 1e-5
+
+
+def test_a_bad_thread_count_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "two")
+    with pytest.raises(BackendError, match="ENGINE_CPU_THREADS=two"):
+        NumpyBackend()
