@@ -248,8 +248,6 @@ def cmd_map(args):
 def cmd_calc_anchors(args):
     from . import anchors
 
-    if args.num <= 0 or args.width <= 0 or args.height <= 0:
-        raise ConfigError("--num, --width and --height must be positive")
     data = data_io.DataConfig(args.data)
     print(f" num_of_clusters = {args.num}, width = {args.width}, height = {args.height} ")
     found, average_iou, counts = anchors.calc_anchors(data, args.num, args.width, args.height,

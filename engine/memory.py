@@ -60,10 +60,7 @@ def host_available():
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         limits.append(max(soft - _address_space_used(), 0))
-    configured = os.environ.get(LIMIT_VARIABLE)
-    if configured:
-        limits.append(parse_size(configured))
-    return min(limits)
+    return limited(min(limits))
 
 
 def _address_space_used():
