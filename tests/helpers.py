@@ -27,6 +27,7 @@ def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1):
                      {"batch": 1, "height": h, "width": w, "channels": c}, section_text)
     section = read_cfg(path)[1]
     net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes),
+                          darknet="pjreddie",
                           options=SimpleNamespace(width=w, height=h),
                           reserve_parameters=ParameterBudget().reserve)
     return LAYER_TYPES[section.name](section, len(layer_shapes), [tuple(in_shape)], net)
