@@ -23,7 +23,7 @@ def test_shipped_detector_map_and_detect(tmp_path, capsys):
     match = re.fullmatch(r"mAP@0\.50 = (\d\.\d{4})  mAP@0\.50:0\.95 = (\d\.\d{4})  \(60 images\)",
                          last)
     assert match, last
-    assert float(match.group(1)) >= 0.85 and float(match.group(2)) >= 0.5  # 0.937 / 0.610 on 1000
+    assert float(match.group(1)) >= 0.85 and float(match.group(2)) >= 0.5  # 0.956 / 0.663 on 1000
     scene = str(tmp_path / "set" / "images" / "valid" / "000000.png")
     assert cli.main(["detect", os.path.join(CFG, "mnist-detect.cfg"), WEIGHTS, scene, "--names",
                      os.path.join(CFG, "mnist-detect.names"), "--thresh", "0.25", "--cpu",
