@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from .. import activations
-from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -34,8 +33,9 @@ class Layer:
         self.params = {}      # name -> array, in the backend's memory once the net is placed
         self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
         self.weight_order = ()  # names of params in .weights file order
-        # inference BN's epsilons: the rule of the Darknet the cfg comes from (network.py)
-        self.bn_epsilons = getattr(net, "bn_epsilons", PJREDDIE_BN_EPSILONS)
+        # inference BN's (epsilon under the square root, epsilon added to it): the rule of the
+        # Darknet the cfg comes from, which the network decides (Network.bn_epsilons)
+        self.bn_epsilons = net.bn_epsilons
 
     # ---- description --------------------------------------------------------------------------
     @property

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from ..detection import box_iou
+from ..boxes import box_iou
 from .base import Layer
 from .yolo import MAX_ANCHORS, check_outputs_fit, parse_anchors
 

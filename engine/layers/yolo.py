@@ -36,7 +36,7 @@ Darknet's sum of squared deltas, which is not that loss.
 
 import numpy as np
 
-from ..detection import box_iou, grid_boxes
+from ..boxes import box_iou, grid_boxes
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
 from .base import Layer
