@@ -175,7 +175,7 @@ class DetectionDataset:
 
     def check_network(self, net):
         for layer in net.cost_layers:
-            if layer.type_name not in ("yolo", "region"):
+            if not layer.box_truth:
                 raise ConfigError(f"{layer.where()} a detector trains through [yolo] or [region] "
                                   f"layers; this "
                                   f"[{layer.type_name}] loss takes class labels, not boxes")

@@ -21,6 +21,8 @@ class Layer:
     # Multi-input layers (route, shortcut...) get lists of inputs and return lists of deltas.
     multi_input = False
     stopbackward = False  # AlexeyAB's: no backward pass through this layer and those before
+    outputs_boxes = False  # its output decodes into boxes (a detector's head)
+    box_truth = False      # its loss trains on box truth rows, not class labels
     onlyforward = False   # AlexeyAB's: no backward pass through this layer
 
     def __init__(self, section, index, in_shapes, net):

@@ -40,6 +40,7 @@ class RegionLayer(Layer):
     type_name = "region"
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
+    outputs_boxes = box_truth = True
     max_boxes = TRUTH_BOXES
 
     def __init__(self, section, index, in_shapes, net):

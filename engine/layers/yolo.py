@@ -119,6 +119,7 @@ class YoloLayer(Layer):
     training_defaults = TRAINING_DEFAULTS
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
+    outputs_boxes = box_truth = True
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)
