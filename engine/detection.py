@@ -11,52 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .boxes import box_diou, box_iou, grid_boxes  # noqa: F401 (also this module's API)
-from .config import check_regular_file, read_text_lines
+from .config import read_text_lines
 from .errors import ConfigError, DataError
+from .images import read_rgb, resize_bilinear  # noqa: F401 (also this module's API)
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
 
 
 # ---- input ---------------------------------------------------------------------------------------
-def read_rgb(path):
-    """Decode an image file to float32 (3, H, W) RGB in [0, 1] (Darknet's load_image_color)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        check_regular_file(path, "image", DataError)
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an image file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error})") from None
-    return pixels.transpose(2, 0, 1).copy()
-
-
-def resize_bilinear(image, width, height):
-    """Darknet's resize_image: bilinear with the corners of both grids aligned
-    (scale (in-1)/(out-1), float32), horizontal pass first, then vertical. Like Darknet, the
-    last column copies the last input column, and the last row keeps only its upper term."""
-
-    def sample(size_in, size_out):
-        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
-        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
-        low = np.minimum(position.astype(np.int64), size_in - 1)
-        frac = (position - low).astype(np.float32)
-        return low, np.minimum(low + 1, size_in - 1), frac
-
-    c, h, w = image.shape
-    left, right, fx = sample(w, width)
-    left[-1], fx[-1] = w - 1, 0
-    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
-    top, bottom, fy = sample(h, height)
-    upper, lower = (1 - fy)[:, None], fy[:, None]
-    lower[-1] = 0
-    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
-
-
 def letterbox_geometry(image_w, image_h, net_w, net_h):
     """The size the image is scaled to inside the network input, keeping its aspect ratio
     (integer arithmetic as in Darknet's letterbox_image and correct_yolo_boxes)."""
