@@ -96,6 +96,14 @@ class NumpyBackend:
     def to_host(self, array):
         return np.asarray(array, dtype=np.float32)
 
+    def collectives(self, comm):
+        """How this backend's arrays are summed over the ranks of the MPI communicator `comm`
+        (data-parallel training): an object whose allreduce_sum_(array) sums a contiguous
+        float32 array over the ranks, in place. Host arrays: MPI's own Allreduce."""
+        from .collectives import MpiAllreduce
+
+        return MpiAllreduce(comm)
+
     def set_(self, dst, host):
         """Copy host data into an existing array (a fixed buffer that a recording reads)."""
         dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)

@@ -160,6 +160,13 @@ class CudaBackend:
     def synchronize(self):
         self.stream.synchronize()
 
+    def collectives(self, comm):
+        """As NumpyBackend.collectives: GPU arrays are summed over the ranks by NCCL, on this
+        backend's stream (ordered after the backward pass that filled them)."""
+        from .nccl import NcclCommunicator
+
+        return NcclCommunicator(comm, self)
+
     def freeze_(self, array):
         """Parameters become read-only for inference; nothing on the GPU is derived from them."""
         return array
