@@ -3,7 +3,7 @@ summed with one all-reduce per iteration, by the collectives the backend provide
 (ops.collectives: NCCL for GPU arrays, MPI for host arrays).
 
 Every rank builds the same network from the same seed and draws the same global batches; each
-trains on its own shard of every batch, the ranks' accumulated updates are summed, and every rank
+trains on its own shard of every batch, the ranks' accumulated gradients are summed, and every rank
 applies the same update, so the replicas stay identical (checked at the end of training). Batch
 norm statistics are per rank, as in Darknet. Only rank 0 prints and writes weights.
 
@@ -42,9 +42,6 @@ class SingleProcess:
     def adopt(self, net):
         pass
 
-    def begin_iteration(self, net):
-        pass
-
     def allreduce_updates(self, net):
         pass
 
@@ -80,16 +77,8 @@ class MpiGroup:
         share = count // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def begin_iteration(self, net):
-        """The update buffers carry momentum * the last update, the same on every rank; only
-        rank 0 keeps it, so that the all-reduce adds it once to the ranks' new gradients."""
-        if self.rank != 0:
-            for layer in net.layers:
-                for updates in layer.updates.values():
-                    net.ops.scale_(updates, 0.0)
-
     def adopt(self, net):
-        """Re-home every layer's update buffer as a view into one flat bucket, so the
+        """Re-home every layer's gradient buffer as a view into one flat bucket, so the
         iteration's gradients are summed by a single all-reduce with no copies, by the
         backend's collectives."""
         ops = net.ops
@@ -107,7 +96,8 @@ class MpiGroup:
             self.collectives = ops.collectives(self.comm)
 
     def allreduce_updates(self, net):
-        """Sum every layer's accumulated updates over the ranks (one bucket, one call)."""
+        """Sum every layer's accumulated gradients over the ranks (one bucket, one call); the
+        optimiser's state (velocities) is the same on every rank and never crosses."""
         if self.bucket is None:
             return
         self.collectives.allreduce_sum_(self.bucket)

@@ -114,7 +114,6 @@ def accumulate_and_update(net, passes, rate, group):
     """What an iteration computes on the backend, and what a recorded iteration replays: a
     forward/backward per (images, truth) pass, whose gradients accumulate, the gradients summed
     over the ranks, and the update. Returns the summed loss of this rank's passes."""
-    group.begin_iteration(net)
     total = 0.0
     for x, t in passes:
         total += net.train_step(x, t)

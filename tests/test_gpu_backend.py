@@ -272,12 +272,14 @@ def test_softmax_and_costs(gpu, cpu, rng, groups, temperature):
 
 @pytest.mark.parametrize("decay", [0.0, 0.0005])
 def test_sgd_update(gpu, cpu, rng, decay):
-    param, updates = randn(rng, 7, 3, 3, 3), randn(rng, 7, 3, 3, 3)
-    p_cpu, u_cpu, p_gpu, u_gpu = param.copy(), updates.copy(), gpu.asarray(param), gpu.asarray(updates)
-    cpu.sgd_update(p_cpu, u_cpu, 0.1, 0.9, decay, 128)
-    gpu.sgd_update(p_gpu, u_gpu, 0.1, 0.9, decay, 128)
+    param, gradient, velocity = (randn(rng, 7, 3, 3, 3) for _ in range(3))
+    p_cpu, g_cpu, v_cpu = param.copy(), gradient.copy(), velocity.copy()
+    p_gpu, g_gpu, v_gpu = gpu.asarray(param), gpu.asarray(gradient), gpu.asarray(velocity)
+    cpu.sgd_update(p_cpu, g_cpu, v_cpu, 0.1, 0.9, decay, 128)
+    gpu.sgd_update(p_gpu, g_gpu, v_gpu, 0.1, 0.9, decay, 128)
     assert_close(gpu, p_gpu, p_cpu, "param")
-    assert_close(gpu, u_gpu, u_cpu, "momentum")
+    assert_close(gpu, v_gpu, v_cpu, "velocity")
+    assert not gpu.to_host(g_gpu).any() and not g_cpu.any()  # the gradient is consumed
 
 
 def test_channel_plumbing(gpu, cpu, rng):

@@ -61,10 +61,10 @@ class RecordingNumpy(NumpyBackend):
 
         return Replay()
 
-    def sgd_update(self, param, updates, learning_rate, momentum, decay, batch):
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
         if self.replay_rate is not None:
             learning_rate = self.replay_rate
-        return super().sgd_update(param, updates, learning_rate, momentum, decay, batch)
+        return super().sgd_update(param, gradient, velocity, learning_rate, momentum, decay, batch)
 
 
 def test_captured_steps_train_as_eager_steps(tmp_path):
@@ -90,7 +90,7 @@ def test_captured_steps_train_as_eager_steps(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-# ---- the CUDA backend's recording interface, on fakes ---------------------------------------------
+# ---- the CUDA backend's recording interface, on fakes -------------------------------------------
 class FakeArray:
     addresses = iter(range(4096, 1 << 40, 4096))
 
@@ -158,16 +158,17 @@ def test_cuda_recording_interface(fake_gpu):
     addresses); inside, the addresses of the step values set_step refreshes; allocations are
     kept with the recording; a loss reads 0.0 until last_cost."""
     ops, launches = fake_gpu, fake_gpu.kernels.launches
-    param, updates, x = FakeArray((3,)), FakeArray((3,)), FakeArray((2, 3))
-    ops.sgd_update(param, updates, 0.1, 0.9, 0.0, 1)
+    param, gradient, velocity = FakeArray((3,)), FakeArray((3,)), FakeArray((3,))
+    x = FakeArray((2, 3))
+    ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1)
     ops.dropout_forward(x, 0.5)
-    assert launches[-2][1][4] == 0 and launches[-1][1][7] == 0
+    assert launches[-2][1][5] == 0 and launches[-1][1][7] == 0
     with ops.recording() as kept:
-        ops.sgd_update(param, updates, 0.1, 0.9, 0.0, 1)
+        ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1)
         y, mask = ops.dropout_forward(x, 0.5)
         cost, _ = ops.sse(x, FakeArray((2, 3)))
     step_values = ops._step_values.ptr
-    assert launches[-3][1][4] == step_values and launches[-2][1][7] == step_values + 4
+    assert launches[-3][1][5] == step_values and launches[-2][1][7] == step_values + 4
     assert y in kept and mask in kept and ops.device.keep_alive is None
     assert cost == 0.0 and ops.last_cost() == 2.5
     assert ops.sse(x, FakeArray((2, 3)))[0] == 2.5  # eager again

@@ -476,9 +476,9 @@ class CudaBackend:
         return self._cost_kernel("sse_kernel", output, truth)
 
     # ---- optimisation -------------------------------------------------------------------------
-    def sgd_update(self, param, updates, learning_rate, momentum, decay, batch):
-        self.kernels.launch("sgd_kernel", param.size, param.ptr, updates.ptr, param.size,
-                            np.float32(learning_rate / batch), self._step_value(0),
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+        self.kernels.launch("sgd_kernel", param.size, param.ptr, gradient.ptr, velocity.ptr,
+                            param.size, np.float32(learning_rate / batch), self._step_value(0),
                             np.float32(1.0 / batch), np.float32(momentum),
                             np.float32(decay * batch))
 
