@@ -303,7 +303,7 @@ def nms_choice(net):
 def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
     """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
     the Detections after NMS, (image width, image height))."""
-    heads = [layer.index for layer in net.layers if layer.type_name in DECODERS]
+    heads = [layer.index for layer in net.detection_layers]
     if not heads:
         raise ConfigError(f"{net.cfg_path}: not a detector (no [yolo] or [region] layer); "
                           "engine predict classifies images")

@@ -154,3 +154,13 @@ layers=0
     assert net.is_detector
     with pytest.raises(Exception, match="both \\[yolo\\] and \\[softmax\\]"):
         net.training_task
+
+
+def test_every_detection_layer_has_a_decoder():
+    """net.detection_layers (the layers' outputs_boxes) and engine.detection's decoders name the
+    same layer types."""
+    from engine import detection
+    from engine.layers import LAYER_TYPES
+
+    assert {cls.type_name for cls in LAYER_TYPES.values() if cls.outputs_boxes} == \
+        set(detection.DECODERS)
