@@ -16,9 +16,9 @@ import sys
 import numpy as np
 
 from .config import resolve_path
-from .data import read_image_list
 from .detection_data import label_path, read_boxes
 from .errors import DataError
+from .images import read_image_list
 
 MAX_ROUNDS = 1000
 

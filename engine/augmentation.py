@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detection import read_rgb, resize_bilinear
+from .images import read_rgb, resize_bilinear
 
 
 @dataclass(frozen=True)

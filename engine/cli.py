@@ -120,8 +120,7 @@ def build(args, seed=0, weights=None, rank=0, inference=False):
 def load_weights(net, weights):
     """Load `weights`, with a note when the file covers only the first layers."""
     covered = net.load_weights(weights)
-    with_params = [layer.index for layer in net.layers if layer.weight_order]
-    if with_params and covered <= with_params[-1]:
+    if covered < net.layers_with_weights:
         print(f"{weights}: loaded the layers before layer {covered}; the rest keep their "
               "initial values", file=sys.stderr)
 
@@ -143,11 +142,10 @@ def training_set(net, data, seed=0):
     """The cfg decides what kind of training this is: a network whose losses are [yolo] layers
     is a detector (Darknet's `detector train`: boxes from label files), one whose loss is
     [softmax] or [cost] a classifier. A detector's images are augmented as its cfg asks."""
-    detector = [layer.type_name in ("yolo", "gaussian_yolo", "region") for layer in net.cost_layers]
-    if all(detector):
+    if net.training_task == "detector":
         from .augmentation import DetectionAugmentation
 
-        dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        dataset = data.detection_dataset("train", net.input_shape, net.truth_boxes)
         from .multiscale import MultiScale
 
         augmentation = DetectionAugmentation.from_network(net)
@@ -155,9 +153,6 @@ def training_set(net, data, seed=0):
             dataset.augment(augmentation, seed)
         dataset.multiscale = MultiScale.from_network(net, seed)
         return dataset
-    if any(detector):
-        raise ConfigError(f"{net.cfg_path}: has both [yolo] and [softmax]/[cost] losses; train "
-                          "either a detector or a classifier")
     from .augmentation import ClassifierAugmentation
 
     dataset = data.dataset("train", net.input_shape)
@@ -176,12 +171,12 @@ def training_monitor(args, net, data, dataset, backup):
         if args.chart or args.map else None
     valid_list, classes = None, 0
     if args.map:
-        heads = [layer for layer in net.layers if layer.type_name == "yolo"]
-        if not heads:
-            raise ConfigError(f"{args.cfg}: --map measures a detector; this cfg has no [yolo] layer")
+        if not net.is_detector:
+            raise ConfigError(f"{args.cfg}: --map measures a detector; this cfg has no [yolo] or "
+                              "[region] layer")
         if "valid" not in data.values:
             raise ConfigError(f"{data.path}: --map needs a valid=... entry (the images to measure on)")
-        valid_list, classes = data._file(data.values["valid"], "valid"), heads[-1].classes
+        valid_list, classes = data._file(data.values["valid"], "valid"), net.detected_classes
     return TrainingMonitor(net, backup, max_batches, chart, valid_list, classes, args.map_every,
                            len(dataset), args.backup_every)
 
@@ -213,7 +208,7 @@ def cmd_train(args):
 def cmd_test(args):
     data = data_config(args)
     net = build(args, weights=args.weights, inference=True)
-    if any(layer.type_name in ("yolo", "region") for layer in net.layers):
+    if net.is_detector:
         raise ConfigError(f"{args.cfg}: engine test measures a classifier's top-k accuracy; this "
                           "cfg is a detector: measure it with engine map")
     dataset = data.dataset("valid", net.input_shape)
@@ -227,11 +222,10 @@ def cmd_map(args):
 
     data = data_config(args)
     net = build(args, weights=args.weights, inference=True)
-    heads = [layer for layer in net.layers if layer.type_name in ("yolo", "region")]
-    if not heads:
+    if not net.is_detector:
         raise ConfigError(f"{args.cfg}: engine map measures a detector; this cfg has no [yolo] or "
                           "[region] layer (use engine test)")
-    classes = heads[-1].classes
+    classes = net.detected_classes
     if classes != data.classes:
         raise ConfigError(f"{data.path}: classes={data.classes}, but {args.cfg} detects "
                           f"{classes} classes")

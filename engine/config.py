@@ -45,6 +45,25 @@ class Section:
     def has(self, key):
         return key in self.options
 
+    def keys(self):
+        """The keys this section sets, in file order."""
+        return list(self.options)
+
+    def line_of(self, key):
+        """The line `key` is set on (None if the section does not set it)."""
+        option = self.options.get(key)
+        return option.line if option is not None else None
+
+    def peek(self, key):
+        """The raw text of `key` (None if not set) without counting it as used: for looking at
+        a cfg before its layers read it."""
+        option = self.options.get(key)
+        return option.value if option is not None else None
+
+    def used_options(self):
+        """(key, raw value) of every option read so far."""
+        return [(key, option.value) for key, option in self.options.items() if option.used]
+
     def _raw(self, key):
         option = self.options.get(key)
         if option is None:

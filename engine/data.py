@@ -4,7 +4,8 @@ format, both turned into float32 NCHW images in [0, 1] with integer labels.
 A .data file (Darknet's) names the sets: `train` and `valid` are either IDX image files (with
 `train_labels`/`valid_labels` beside them, our extension for MNIST) or text files listing image
 paths, whose label is the first label string (from `labels`) found in the path, as Darknet does.
-For detectors the image list's boxes come from label files (engine.detection_data).
+For detectors the image list's boxes come from label files (engine.detection_data); image files
+and list files are read by engine.images, which both modules share.
 """
 
 import gzip
@@ -18,6 +19,7 @@ import numpy as np
 from . import memory
 from .config import check_regular_file, read_data_file, read_text_lines, resolve_path
 from .errors import ConfigError, DataError
+from .images import load_image, read_image_list  # noqa: F401 (also this module's API)
 
 MAX_CLASSES = 1 << 20
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -143,38 +145,6 @@ def load_idx_dataset(images_path, labels_path, classes, shape):
 
 
 # ---- images and Darknet image lists ---------------------------------------------------------------
-def load_image(path, shape):
-    """Decode an image file to float32 (C, H, W) in [0, 1], resized to the network's input."""
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = shape
-    try:
-        check_regular_file(path, "image", DataError)
-        with Image.open(path) as image:
-            image = image.convert("L" if c == 1 else "RGB")
-            if image.size != (w, h):
-                image = image.resize((w, h), Image.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error})") from None
-    if c == 1:
-        return pixels[None]
-    if c != 3:
-        raise DataError(f"{path}: the network expects {c} channels; images give 1 or 3")
-    return pixels.transpose(2, 0, 1).copy()
-
-
-def read_image_list(list_path):
-    """The image paths a Darknet list file names, one a line, as written (unresolved)."""
-    paths = [line.strip() for line in read_text_lines(list_path, "image list", DataError)
-             if line.strip()]
-    if not paths:
-        raise DataError(f"{list_path}: the image list is empty")
-    return paths
-
-
 def load_image_list(list_path, labels, shape):
     paths = read_image_list(list_path)
     label_of = []

@@ -10,52 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import check_regular_file, read_text_lines
+from .boxes import box_diou, box_iou, grid_boxes  # noqa: F401 (also this module's API)
+from .config import read_text_lines
 from .errors import ConfigError, DataError
+from .images import read_rgb, resize_bilinear  # noqa: F401 (also this module's API)
 
 LETTERBOX_FILL = 0.5  # the grey Darknet puts around a letterboxed image
 
 
 # ---- input ---------------------------------------------------------------------------------------
-def read_rgb(path):
-    """Decode an image file to float32 (3, H, W) RGB in [0, 1] (Darknet's load_image_color)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        check_regular_file(path, "image", DataError)
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an image file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error})") from None
-    return pixels.transpose(2, 0, 1).copy()
-
-
-def resize_bilinear(image, width, height):
-    """Darknet's resize_image: bilinear with the corners of both grids aligned
-    (scale (in-1)/(out-1), float32), horizontal pass first, then vertical. Like Darknet, the
-    last column copies the last input column, and the last row keeps only its upper term."""
-
-    def sample(size_in, size_out):
-        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
-        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
-        low = np.minimum(position.astype(np.int64), size_in - 1)
-        frac = (position - low).astype(np.float32)
-        return low, np.minimum(low + 1, size_in - 1), frac
-
-    c, h, w = image.shape
-    left, right, fx = sample(w, width)
-    left[-1], fx[-1] = w - 1, 0
-    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
-    top, bottom, fy = sample(h, height)
-    upper, lower = (1 - fy)[:, None], fy[:, None]
-    lower[-1] = 0
-    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
-
-
 def letterbox_geometry(image_w, image_h, net_w, net_h):
     """The size the image is scaled to inside the network input, keeping its aspect ratio
     (integer arithmetic as in Darknet's letterbox_image and correct_yolo_boxes)."""
@@ -121,19 +84,6 @@ def correct_boxes(boxes, image_w, image_h, net_w, net_h, letterboxed=True):
     boxes[:, 2] *= net_w / new_w
     boxes[:, 3] *= net_h / new_h
     return boxes
-
-
-def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h, new_coords=False):
-    """Boxes from a detection layer's entries x, y, w, h (`raw[..., 0:4]`, x and y already
-    through the logistic) in grid cell (col, row) of a w x h grid: centre (col + x)/w,
-    (row + y)/h, size exp(w)*anchor_w, exp(h)*anchor_h (anchors relative to the input); with
-    AlexeyAB's new_coords, size (2w)^2*anchor_w, (2h)^2*anchor_h (get_yolo_box)."""
-    if new_coords:
-        size_w, size_h = raw[..., 2] * raw[..., 2] * 4, raw[..., 3] * raw[..., 3] * 4
-    else:
-        size_w, size_h = np.exp(raw[..., 2]), np.exp(raw[..., 3])
-    return np.stack([(col + raw[..., 0]) / w, (row + raw[..., 1]) / h,
-                     size_w * anchor_w, size_h * anchor_h], axis=-1)
 
 
 def _class_probs(objectness, class_scores, thresh):
@@ -228,33 +178,6 @@ def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed
 
 
 # ---- non-maximum suppression ---------------------------------------------------------------------
-def box_iou(a, b):
-    """IoU of (x, y, w, h) boxes a and b, broadcasting over leading axes (Darknet's box_iou)."""
-    def overlap(centre_a, size_a, centre_b, size_b):
-        return (np.minimum(centre_a + size_a / 2, centre_b + size_b / 2)
-                - np.maximum(centre_a - size_a / 2, centre_b - size_b / 2))
-
-    width = overlap(a[..., 0], a[..., 2], b[..., 0], b[..., 2])
-    height = overlap(a[..., 1], a[..., 3], b[..., 1], b[..., 3])
-    intersection = np.clip(width, 0, None) * np.clip(height, 0, None)
-    return intersection / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - intersection)
-
-
-def box_diou(a, b, beta):
-    """AlexeyAB's box_diou / box_diounms: IoU minus (d/c)^beta, d the squared distance of the
-    centres and c the squared diagonal of the smallest box enclosing both (IoU where c = 0)."""
-    left = np.minimum(a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)
-    right = np.maximum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2)
-    top = np.minimum(a[..., 1] - a[..., 3] / 2, b[..., 1] - b[..., 3] / 2)
-    bottom = np.maximum(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2)
-    c = (right - left) ** 2 + (bottom - top) ** 2
-    d = (a[..., 0] - b[..., 0]) ** 2 + (a[..., 1] - b[..., 1]) ** 2
-    iou = box_iou(a, b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        penalty = np.where(c > 0, np.power(np.where(c > 0, d / c, 0), beta), 0)
-    return iou - penalty
-
-
 # nms_kind -> the overlap measure AlexeyAB's diounms_sort compares with the threshold
 # (greedynms uses box_diou, whose exponent is fixed at 0.6; cornersnms plain IoU).
 NMS_OVERLAPS = {
@@ -380,7 +303,7 @@ def nms_choice(net):
 def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
     """Run `net` on one image as Darknet's `detector test` does. Returns (labelled boxes,
     the Detections after NMS, (image width, image height))."""
-    heads = [layer.index for layer in net.layers if layer.type_name in DECODERS]
+    heads = [layer.index for layer in net.detection_layers]
     if not heads:
         raise ConfigError(f"{net.cfg_path}: not a detector (no [yolo] or [region] layer); "
                           "engine predict classifies images")

@@ -20,10 +20,9 @@ import sys
 import numpy as np
 
 from .config import read_text_lines, resolve_path
-from .data import read_image_list
 from .augmentation import load_augmented, load_augmented_batch, prefetched, truth_rows
-from .detection import read_rgb, resize_bilinear
 from .errors import ConfigError, DataError
+from .images import read_image_list, read_rgb, resize_bilinear
 
 MIN_BOX_SIZE = 0.001  # fill_truth_detection skips boxes narrower or lower than this
 
@@ -175,7 +174,7 @@ class DetectionDataset:
 
     def check_network(self, net):
         for layer in net.cost_layers:
-            if layer.type_name not in ("yolo", "region"):
+            if not layer.box_truth:
                 raise ConfigError(f"{layer.where()} a detector trains through [yolo] or [region] "
                                   f"layers; this "
                                   f"[{layer.type_name}] loss takes class labels, not boxes")

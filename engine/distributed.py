@@ -1,9 +1,9 @@
 """Data-parallel training over ranks: MPI (mpi4py) starts and coordinates them; gradients are
-summed with one all-reduce per iteration, through NCCL for GPU arrays where it is available and
-through MPI otherwise.
+summed with one all-reduce per iteration, by the collectives the backend provides
+(ops.collectives: NCCL for GPU arrays, MPI for host arrays).
 
 Every rank builds the same network from the same seed and draws the same global batches; each
-trains on its own shard of every batch, the ranks' accumulated updates are summed, and every rank
+trains on its own shard of every batch, the ranks' accumulated gradients are summed, and every rank
 applies the same update, so the replicas stay identical (checked at the end of training). Batch
 norm statistics are per rank, as in Darknet. Only rank 0 prints and writes weights.
 
@@ -42,9 +42,6 @@ class SingleProcess:
     def adopt(self, net):
         pass
 
-    def begin_iteration(self, net):
-        pass
-
     def allreduce_updates(self, net):
         pass
 
@@ -70,7 +67,7 @@ class MpiGroup:
         self.mpi = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.nccl = self.bucket = None
+        self.collectives = self.bucket = None
 
     def shard(self, count):
         """This rank's contiguous share of a global batch of `count` images."""
@@ -80,18 +77,10 @@ class MpiGroup:
         share = count // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def begin_iteration(self, net):
-        """The update buffers carry momentum * the last update, the same on every rank; only
-        rank 0 keeps it, so that the all-reduce adds it once to the ranks' new gradients."""
-        if self.rank != 0:
-            for layer in net.layers:
-                for updates in layer.updates.values():
-                    net.ops.scale_(updates, 0.0)
-
     def adopt(self, net):
-        """Re-home every layer's update buffer as a view into one flat bucket, so the
-        iteration's gradients are summed by a single all-reduce with no copies; on the GPU
-        through NCCL."""
+        """Re-home every layer's gradient buffer as a view into one flat bucket, so the
+        iteration's gradients are summed by a single all-reduce with no copies, by the
+        backend's collectives."""
         ops = net.ops
         entries = [(layer, name) for layer in net.layers for name in sorted(layer.updates)]
         total = sum(layer.updates[name].size for layer, name in entries)
@@ -103,19 +92,15 @@ class MpiGroup:
             ops.add_(view, current)
             layer.updates[name] = view
             start += current.size
-        if ops.name == "gpu" and self.bucket is not None:
-            from .backends.cuda.nccl import NcclCommunicator
-
-            self.nccl = NcclCommunicator(self.comm, ops)
+        if self.bucket is not None:
+            self.collectives = ops.collectives(self.comm)
 
     def allreduce_updates(self, net):
-        """Sum every layer's accumulated updates over the ranks (one bucket, one call)."""
+        """Sum every layer's accumulated gradients over the ranks (one bucket, one call); the
+        optimiser's state (velocities) is the same on every rank and never crosses."""
         if self.bucket is None:
             return
-        if self.nccl is not None:  # GPU arrays (adopt sets NCCL up for every GPU backend)
-            self.nccl.allreduce_sum_(self.bucket)
-        else:
-            self.comm.Allreduce(self.mpi.IN_PLACE, self.bucket, op=self.mpi.SUM)
+        self.collectives.allreduce_sum_(self.bucket)
 
     def allreduce_sum(self, value):
         return self.comm.allreduce(value, op=self.mpi.SUM)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .detection import box_iou
+from .boxes import box_iou
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)

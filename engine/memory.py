@@ -2,11 +2,11 @@
 large is allocated, so a cfg that cannot fit fails with the estimate and what to change instead
 of swapping, being killed, or failing deep inside numpy or the GPU allocator.
 
-The estimate is deliberately simple: float32 parameters with their update buffers, and for a
-batch every layer's output (the network keeps them all: routes and the backward pass read them)
-times a factor for what the layers keep beside it (deltas, batch-norm caches, temporaries).
-`ENGINE_MEMORY_LIMIT` (bytes, or with a K/M/G suffix) caps what the engine lets itself use,
-for shared machines and for the tests.
+The estimate is deliberately simple: float32 parameters with their gradient buffers (and, for
+training, the optimiser's velocities), and for a batch every layer's output (the network keeps
+them all: routes and the backward pass read them) times a factor for what the layers keep
+beside it (deltas, batch-norm caches, temporaries). `ENGINE_MEMORY_LIMIT` (bytes, or with a
+K/M/G suffix) caps what the engine lets itself use, for shared machines and for the tests.
 """
 
 import math
@@ -108,6 +108,9 @@ def check_network(net, batch, train, available, device):
     the largest output and what to change."""
     parameters = sum(value.size for layer in net.layers for value in layer.params.values())
     parameter_bytes = parameters * PARAMETER_BYTES
+    if train:  # the optimiser's velocities, one per trained value (made at the first update)
+        parameter_bytes += FLOAT_BYTES * sum(value.size for layer in net.layers
+                                             for value in layer.updates.values())
     per_image = [math.prod(net.input_shape) * FLOAT_BYTES]
     per_image += [layer.outputs * FLOAT_BYTES for layer in net.layers]
     activation_bytes = batch * sum(per_image) * ACTIVATION_FACTOR[train]

@@ -51,8 +51,7 @@ def fused_cfg_text(net):
     """The cfg text of `net` with `batch_normalize` removed from every fusable layer."""
     with open(net.cfg_path, encoding="utf-8", errors="replace") as handle:
         lines = handle.read().splitlines(keepends=True)
-    dropped = {layer.section.options["batch_normalize"].line
-               for layer in net.layers if _fusable(layer)}
+    dropped = {layer.section.line_of("batch_normalize") for layer in net.layers if _fusable(layer)}
     return "".join(line for number, line in enumerate(lines, start=1) if number not in dropped)
 
 

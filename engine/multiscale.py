@@ -87,7 +87,8 @@ def resize_network(net, width, height):
                     raise ConfigError(f"{old.where()} its parameters depend on the input size, so "
                                       "the network cannot be resized (random=1)")
             for attribute, value in vars(old).items():
-                if attribute in ("params", "updates", "rng", "batch_normalize", "weight_order"):
+                if attribute in ("params", "updates", "velocities", "rng", "batch_normalize",
+                                 "weight_order"):
                     setattr(layer, attribute, value)
             layers.append(layer)
             shapes.append(tuple(int(v) for v in layer.out_shape))

@@ -137,10 +137,9 @@ def darknet_of(sections):
     sqrt(var + 1e-5), pjreddie by sqrt(var) + 1e-6: 4.5e-4 apart for a variance of 0.011), so
     the weights each trains are best run with its own rule."""
     for section in sections:
-        if section.name in ALEXEYAB_SECTIONS or ALEXEYAB_KEYS & section.options.keys():
+        if section.name in ALEXEYAB_SECTIONS or ALEXEYAB_KEYS.intersection(section.keys()):
             return "alexeyab"
-        activation = section.options.get("activation")
-        if activation is not None and activation.value in ALEXEYAB_ACTIVATIONS:
+        if section.peek("activation") in ALEXEYAB_ACTIVATIONS:
             return "alexeyab"
     return "pjreddie"
 
@@ -267,6 +266,52 @@ class Network:
     @property
     def cost_layer(self):
         return self.cost_layers[-1]
+
+    # What kind of model this is, for the commands that need one kind (detect, map, test).
+    @property
+    def detection_layers(self):
+        """The layers whose outputs decode into boxes ([yolo], [gaussian_yolo], [region],
+        YOLOv1's [detection]), in order."""
+        return [layer for layer in self.layers if layer.outputs_boxes]
+
+    @property
+    def is_detector(self):
+        return bool(self.detection_layers)
+
+    @property
+    def is_classifier(self):
+        return not self.is_detector
+
+    @property
+    def task(self):
+        return "detector" if self.is_detector else "classifier"
+
+    @property
+    def detected_classes(self):
+        """The number of classes a detector's last head tells apart."""
+        return self.detection_layers[-1].classes
+
+    @property
+    def training_task(self):
+        """What truth training takes: 'detector' when every loss layer learns from boxes
+        ([yolo], [region]), 'classifier' when none does (class labels)."""
+        on_boxes = [layer.box_truth for layer in self.cost_layers]
+        if all(on_boxes):
+            return "detector"
+        if any(on_boxes):
+            raise ConfigError(f"{self.cfg_path}: has both [yolo] and [softmax]/[cost] losses; "
+                              "train either a detector or a classifier")
+        return "classifier"
+
+    @property
+    def truth_boxes(self):
+        """Boxes per image in a detector's training truth rows (the [yolo] `max` key)."""
+        return self.cost_layer.max_boxes
+
+    @property
+    def layers_with_weights(self):
+        """How many layers a full .weights file covers: up to the last one with parameters."""
+        return max((layer.index + 1 for layer in self.layers if layer.weight_order), default=0)
 
     # ---- memory ---------------------------------------------------------------------------------
     def reserve_parameters(self, layer, count):

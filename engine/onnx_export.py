@@ -70,9 +70,9 @@ def check_keys(layer):
     section = layer.section
     if section is None:
         return
-    for key, option in section.options.items():
-        if option.used and key not in EXPORTED_KEYS[layer.type_name] | EVERY_LAYER_KEYS:
-            raise ExportError(f"{section.where(key)} {key}={option.value}: the ONNX export does "
+    for key, value in section.used_options():
+        if key not in EXPORTED_KEYS[layer.type_name] | EVERY_LAYER_KEYS:
+            raise ExportError(f"{section.where(key)} {key}={value}: the ONNX export does "
                               f"not implement this key of [{layer.type_name}] layers")
 
 

@@ -80,28 +80,46 @@ class BatchSampler:
         return indexes
 
 
-def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS):
+def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS, run_shard=None):
     """One update with learning rate `rate` on a full batch (numpy images and truth: one-hot
     rows, or a detector's box rows).
     Returns the loss per image.
 
-    The batch is processed in `subdivisions` passes whose gradients accumulate; with several
-    ranks each takes its shard of the batch and the ranks' gradients are summed before the update.
+    With several ranks each takes its shard of the batch. `run_shard(images, truth, rate)` runs
+    this rank's part of the iteration and returns its summed loss: by default eagerly
+    (run_eagerly); CapturedSteps replays a recording of it instead. The bookkeeping around it
+    (sharding, `seen`, the loss over the ranks) is the same either way.
     """
-    o, ops = net.options, net.ops
     shard = group.shard(len(images))
-    images, local_truth = images[shard], truth[shard]
-    mini_batch = max(len(images) // o.subdivisions, 1)
+    if run_shard is None:
+        def run_shard(images, truth, rate):
+            return run_eagerly(net, images, truth, rate, group)
+    loss = run_shard(images[shard], truth[shard], rate)
+    net.seen += len(truth)
+    return group.allreduce_sum(loss) / len(truth)
+
+
+def run_eagerly(net, images, truth, rate, group):
+    """This rank's share of an iteration, operation by operation: `subdivisions` passes (numpy
+    arrays in, copied to the backend one mini-batch at a time)."""
+    ops = net.ops
+    mini_batch = max(len(images) // net.options.subdivisions, 1)
+    passes = ((ops.asarray(images[start:start + mini_batch]),
+               ops.asarray(truth[start:start + mini_batch]))
+              for start in range(0, len(images), mini_batch))
+    return accumulate_and_update(net, passes, rate, group)
+
+
+def accumulate_and_update(net, passes, rate, group):
+    """What an iteration computes on the backend, and what a recorded iteration replays: a
+    forward/backward per (images, truth) pass, whose gradients accumulate, the gradients summed
+    over the ranks, and the update. Returns the summed loss of this rank's passes."""
     total = 0.0
-    group.begin_iteration(net)
-    for start in range(0, len(images), mini_batch):
-        x = ops.asarray(images[start:start + mini_batch])
-        t = ops.asarray(local_truth[start:start + mini_batch])
+    for x, t in passes:
         total += net.train_step(x, t)
     group.allreduce_updates(net)
-    net.seen += len(truth)
     net.update(rate)
-    return group.allreduce_sum(total) / len(truth)
+    return total
 
 
 class EagerSteps:
@@ -129,15 +147,10 @@ class CapturedSteps(EagerSteps):
     def _record(self, images, truth):
         net, group, ops = self.net, self.group, self.net.ops
         self.images, self.truth = ops.asarray(images), ops.asarray(truth)
-
-        def iteration():
-            group.begin_iteration(net)
-            net.train_step(self.images, self.truth)
-            group.allreduce_updates(net)
-            net.update(0.0)  # the recorded update reads each replay's rate from the device
-
+        # the recorded update reads each replay's rate from the device
+        passes = [(self.images, self.truth)]
         try:
-            self.recording = ops.capture(iteration)
+            self.recording = ops.capture(lambda: accumulate_and_update(net, passes, 0.0, group))
         except BackendError as error:
             print(f"Training without CUDA graphs ({error})", file=sys.stderr)
             self.eager_iterations = math.inf
@@ -146,18 +159,20 @@ class CapturedSteps(EagerSteps):
         if self.eager_iterations > 0:
             self.eager_iterations -= 1
             return super().__call__(images, truth, rate)
-        net, ops = self.net, self.net.ops
-        shard = self.group.shard(len(images))
+        return train_iteration(self.net, images, truth, rate, self.group, self._replay)
+
+    def _replay(self, images, truth, rate):
+        """This rank's share of the iteration, replayed (recorded on first use)."""
+        ops = self.net.ops
         if self.recording is None:
-            self._record(images[shard], truth[shard])
+            self._record(images, truth)
             if self.recording is None:
-                return super().__call__(images, truth, rate)
+                return run_eagerly(self.net, images, truth, rate, self.group)
         else:
-            ops.set_(self.images, images[shard])
-            ops.set_(self.truth, truth[shard])
+            ops.set_(self.images, images)
+            ops.set_(self.truth, truth)
         self.recording.replay(rate)
-        net.seen += len(truth)
-        return self.group.allreduce_sum(self.recording.last_cost()) / len(truth)
+        return self.recording.last_cost()
 
 
 def iteration_runner(net, group):

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .config import resolve_path
-from .data import read_image_list
-from .detection import letterbox, network_detections, nms_sort, read_rgb, resize_bilinear
+from .detection import letterbox, network_detections, nms_sort
 from .detection_data import label_path, read_boxes
 from .evaluation import ImageResult
+from .images import read_image_list, read_rgb, resize_bilinear
 
 MAP_THRESH = 0.005  # validate_detector_map's detection threshold
 MAP_NMS = 0.45

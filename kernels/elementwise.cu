@@ -18,18 +18,20 @@ extern "C" __global__ void multiply_kernel(const float *a, const float *b, float
     if (i < n) out[i] = a[i] * b[i];
 }
 
-// Darknet's update for one tensor: u += -decay*batch*p; p += lr/batch * u; u *= momentum.
+// Darknet's update for one tensor (numpy_backend.sgd_update): v = momentum*v + gradient -
+// decay*batch*p; p += lr/batch * v; gradient = 0 (the velocity v is the optimiser's state).
 // lr_over_batch comes as an argument, or, when learning_rate is not null, from device memory
 // (a captured CUDA graph replays with the rate of each step).
-extern "C" __global__ void sgd_kernel(float *param, float *updates, int n, float lr_over_batch,
-                                      const float *learning_rate, float inverse_batch,
-                                      float momentum, float decay_times_batch)
+extern "C" __global__ void sgd_kernel(float *param, float *gradient, float *velocity, int n,
+                                      float lr_over_batch, const float *learning_rate,
+                                      float inverse_batch, float momentum, float decay_times_batch)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float rate = learning_rate ? learning_rate[0] * inverse_batch : lr_over_batch;
     float p = param[i];
-    float u = updates[i] - decay_times_batch * p;
-    param[i] = p + rate * u;
-    updates[i] = u * momentum;
+    float v = __fmul_rn(velocity[i], momentum) + gradient[i] - decay_times_batch * p;
+    param[i] = p + rate * v;
+    velocity[i] = v;
+    gradient[i] = 0.0f;
 }

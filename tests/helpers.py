@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from engine.backends.numpy_backend import NumpyBackend
+from engine.backends.numpy_backend import PJREDDIE_BN_EPSILONS, NumpyBackend
 from engine.config import read_cfg
 from engine.layers import LAYER_TYPES
 from engine.memory import ParameterBudget
@@ -29,7 +29,8 @@ def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1):
     net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes),
                           darknet="pjreddie",
                           options=SimpleNamespace(width=w, height=h),
-                          reserve_parameters=ParameterBudget().reserve)
+                          reserve_parameters=ParameterBudget().reserve,
+                          bn_epsilons=PJREDDIE_BN_EPSILONS)
     return LAYER_TYPES[section.name](section, len(layer_shapes), [tuple(in_shape)], net)
 
 

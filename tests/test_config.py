@@ -29,10 +29,23 @@ def test_syntax_comments_whitespace_sections(tmp_path):
     assert [s.name for s in sections] == ["net", "convolutional", "maxpool"]
     net, conv, pool = sections
     assert net.int("batch") == 4 and net.float("learning_rate") == 0.5
-    assert net.options["batch"].line == 3 and conv.line == 7
+    assert net.line_of("batch") == 3 and conv.line == 7 and net.line_of("height") is None
     assert conv.int("filters") == 8  # Darknet strips all whitespace, even inside a key
     assert conv.str("activation") == "leaky"
     assert pool.options == {}
+
+
+def test_section_inspection_does_not_count_as_use(tmp_path):
+    """keys/peek/line_of look at a section (network.darknet_of, models.fuse) without marking
+    options used; used_options lists only what the getters read."""
+    path = _cfg(tmp_path, "[net]\n[convolutional]\nfilters=8\nactivation=mish\nsize=3\n")
+    conv = read_cfg(path)[1]
+    assert conv.keys() == ["filters", "activation", "size"]
+    assert conv.peek("activation") == "mish" and conv.peek("pad") is None
+    assert conv.line_of("size") == 5
+    assert conv.used_options() == [] and conv.unused() == ["filters", "activation", "size"]
+    conv.int("filters")
+    assert conv.used_options() == [("filters", "8")]
 
 
 def test_typed_getters_and_defaults(tmp_path):

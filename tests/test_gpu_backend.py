@@ -272,12 +272,14 @@ def test_softmax_and_costs(gpu, cpu, rng, groups, temperature):
 
 @pytest.mark.parametrize("decay", [0.0, 0.0005])
 def test_sgd_update(gpu, cpu, rng, decay):
-    param, updates = randn(rng, 7, 3, 3, 3), randn(rng, 7, 3, 3, 3)
-    p_cpu, u_cpu, p_gpu, u_gpu = param.copy(), updates.copy(), gpu.asarray(param), gpu.asarray(updates)
-    cpu.sgd_update(p_cpu, u_cpu, 0.1, 0.9, decay, 128)
-    gpu.sgd_update(p_gpu, u_gpu, 0.1, 0.9, decay, 128)
+    param, gradient, velocity = (randn(rng, 7, 3, 3, 3) for _ in range(3))
+    p_cpu, g_cpu, v_cpu = param.copy(), gradient.copy(), velocity.copy()
+    p_gpu, g_gpu, v_gpu = gpu.asarray(param), gpu.asarray(gradient), gpu.asarray(velocity)
+    cpu.sgd_update(p_cpu, g_cpu, v_cpu, 0.1, 0.9, decay, 128)
+    gpu.sgd_update(p_gpu, g_gpu, v_gpu, 0.1, 0.9, decay, 128)
     assert_close(gpu, p_gpu, p_cpu, "param")
-    assert_close(gpu, u_gpu, u_cpu, "momentum")
+    assert_close(gpu, v_gpu, v_cpu, "velocity")
+    assert not gpu.to_host(g_gpu).any() and not g_cpu.any()  # the gradient is consumed
 
 
 def test_channel_plumbing(gpu, cpu, rng):
@@ -437,7 +439,8 @@ def build_pair(tmp_path, cfg_text, gpu, seed=5):
 
 def compare_training_step(net_cpu, net_gpu, gpu, x, truth, learning_rate, check_outputs=True):
     """One train_step + update on each; compares every layer's output, every accumulated
-    gradient, every parameter after the update, and the inference output after that."""
+    gradient, every parameter and velocity after the update, and the inference output after
+    that."""
     cost_cpu = net_cpu.train_step(x, truth)
     cost_gpu = net_gpu.train_step(gpu.asarray(x), gpu.asarray(truth))
     assert abs(cost_gpu - cost_cpu) <= TOLERANCE * max(abs(cost_cpu), 1e-6), (cost_gpu, cost_cpu)
@@ -454,9 +457,10 @@ def compare_training_step(net_cpu, net_gpu, gpu, x, truth, learning_rate, check_
         for name, value in layer_cpu.params.items():
             assert_close(gpu, layer_gpu.params[name], value,
                          f"layer {layer_cpu.index} {name} after the update")
-        for name, updates in layer_cpu.updates.items():
-            assert_close(gpu, layer_gpu.updates[name], updates,
+        for name, velocity in layer_cpu.velocities.items():
+            assert_close(gpu, layer_gpu.velocities[name], velocity,
                          f"layer {layer_cpu.index} momentum of {name}")
+            assert not gpu.to_host(layer_gpu.updates[name]).any(), "the update consumes gradients"
     y_cpu = net_cpu.forward(x, train=False)
     y_gpu = net_gpu.forward(gpu.asarray(x), train=False)
     assert_close(gpu, y_gpu, y_cpu, "inference output after the update")

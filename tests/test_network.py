@@ -111,3 +111,56 @@ def test_folded_batchnorm_gives_the_unfolded_outputs(folder, cfg, shape):
     folded = net.predict(inputs, batch_size=len(inputs))
     np.testing.assert_allclose(folded, unfolded, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(folded, darknet, rtol=1e-4, atol=1e-5)
+
+
+def test_what_kind_of_model(tmp_path):
+    """The commands ask the network what it is (detect, map, test, train's dataset), not its
+    layers' type names."""
+    classifier = Network("cfg/mnist.cfg", quiet=True)
+    assert classifier.is_classifier and not classifier.is_detector
+    assert classifier.task == classifier.training_task == "classifier"
+    assert classifier.detection_layers == []
+    detector = Network("cfg/mnist-detect.cfg", quiet=True)
+    assert detector.is_detector and detector.task == detector.training_task == "detector"
+    assert [layer.type_name for layer in detector.detection_layers] == ["yolo", "yolo"]
+    assert detector.detected_classes == 10 and detector.truth_boxes == 90  # [yolo] max default
+    assert detector.layers_with_weights == max(
+        layer.index for layer in detector.layers if layer.weight_order) + 1
+    # a [yolo] head and a [softmax] loss in one network: neither kind of training
+    mixed = write_cfg(tmp_path / "mixed.cfg", {"batch": 1, "height": 8, "width": 8, "channels": 1},
+                      """
+[convolutional]
+filters=7
+size=1
+activation=linear
+
+[route]
+layers=-1
+
+[yolo]
+mask=0
+anchors=2,2
+num=1
+classes=2
+
+[route]
+layers=0
+
+[avgpool]
+
+[softmax]
+""")
+    net = Network(mixed, quiet=True)
+    assert net.is_detector
+    with pytest.raises(Exception, match="both \\[yolo\\] and \\[softmax\\]"):
+        net.training_task
+
+
+def test_every_detection_layer_has_a_decoder():
+    """net.detection_layers (the layers' outputs_boxes) and engine.detection's decoders name the
+    same layer types."""
+    from engine import detection
+    from engine.layers import LAYER_TYPES
+
+    assert {cls.type_name for cls in LAYER_TYPES.values() if cls.outputs_boxes} == \
+        set(detection.DECODERS)

@@ -27,25 +27,33 @@ def darknet_step(param, updates, lr, momentum, decay, batch):
 
 
 def test_layer_update_is_darknet_sgd(tmp_path):
-    """Weights get decay, biases and scales do not; updates keep momentum; rolling stats are
-    untouched. Two consecutive steps."""
+    """Weights get decay, biases and scales do not; momentum carries over (Darknet keeps it in
+    its update buffer, we in the velocities: Darknet's buffer after a step is momentum times our
+    velocity); the gradients are consumed; rolling stats are untouched. Two consecutive steps."""
     layer = as_float64(build_layer(tmp_path, "[convolutional]\nbatch_normalize=1\nfilters=3\nsize=3\n"
                                    "pad=1\nactivation=leaky", (2, 4, 4)), np.random.default_rng(0))
     rng = np.random.default_rng(1)
     lr, momentum, decay, batch = 0.05, 0.9, 0.0005, 16
     rolling = {k: layer.params[k].copy() for k in ("rolling_mean", "rolling_variance")}
+    darknet_updates = {name: np.zeros(layer.updates[name].size) for name in layer.updates}
+    assert layer.velocities == {}  # made at the first update
     for step in range(2):
-        for name in layer.updates:
-            layer.updates[name] += rng.standard_normal(layer.updates[name].shape)
         want = {}
         for name in ("weights", "biases", "scales"):
+            gradient = rng.standard_normal(layer.updates[name].shape)
+            layer.updates[name] += gradient
+            darknet_updates[name] += gradient.ravel()
             d = decay if name == "weights" else 0.0
-            want[name] = darknet_step(layer.params[name], layer.updates[name], lr, momentum, d, batch)
+            want[name] = darknet_step(layer.params[name], darknet_updates[name], lr, momentum, d,
+                                      batch)
+            darknet_updates[name] = want[name][1]
         layer.update(NumpyBackend(), lr, momentum, decay, batch)
         for name, (param, updates) in want.items():
             # (the backend rounds lr/batch and decay*batch to float32 scalars: rtol 1e-6)
             np.testing.assert_allclose(layer.params[name].ravel(), param, rtol=1e-6, err_msg=name)
-            np.testing.assert_allclose(layer.updates[name].ravel(), updates, rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(momentum * layer.velocities[name].ravel(), updates,
+                                       rtol=1e-6, err_msg=name)
+            assert not layer.updates[name].any(), name
     for k, v in rolling.items():
         np.testing.assert_array_equal(layer.params[k], v)
 

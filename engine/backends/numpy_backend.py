@@ -96,6 +96,14 @@ class NumpyBackend:
     def to_host(self, array):
         return np.asarray(array, dtype=np.float32)
 
+    def collectives(self, comm):
+        """How this backend's arrays are summed over the ranks of the MPI communicator `comm`
+        (data-parallel training): an object whose allreduce_sum_(array) sums a contiguous
+        float32 array over the ranks, in place. Host arrays: MPI's own Allreduce."""
+        from .collectives import MpiAllreduce
+
+        return MpiAllreduce(comm)
+
     def set_(self, dst, host):
         """Copy host data into an existing array (a fixed buffer that a recording reads)."""
         dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)
@@ -663,13 +671,18 @@ class NumpyBackend:
         return float((diff * diff).sum()), diff.reshape(output.shape)
 
     # ---- optimisation -------------------------------------------------------------------------
-    def sgd_update(self, param, updates, learning_rate, momentum, decay, batch):
-        """Darknet's SGD step for one tensor (updates hold summed negative gradients):
-        u += -decay*batch*p;  p += lr/batch * u;  u *= momentum."""
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+        """Darknet's SGD step for one tensor, in place. `gradient` holds the summed negative
+        gradients of the batch and is zeroed; `velocity` is the optimiser's state:
+        v = momentum*v + gradient - decay*batch*p;  p += lr/batch * v;  gradient = 0.
+        (Darknet keeps v and the gradient in one buffer, u = momentum*v before the backward
+        pass adds to it: the same values.)"""
+        velocity *= np.float32(momentum)
+        velocity += gradient
         if decay:
-            updates -= np.float32(decay * batch) * param
-        param += np.float32(learning_rate / batch) * updates
-        updates *= np.float32(momentum)
+            velocity -= np.float32(decay * batch) * param
+        param += np.float32(learning_rate / batch) * velocity
+        gradient[...] = 0
 
     # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
     def multiply(self, a, b):

@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from .. import activations
-from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -22,6 +21,8 @@ class Layer:
     # Multi-input layers (route, shortcut...) get lists of inputs and return lists of deltas.
     multi_input = False
     stopbackward = False  # AlexeyAB's: no backward pass through this layer and those before
+    outputs_boxes = False  # its output decodes into boxes (a detector's head)
+    box_truth = False      # its loss trains on box truth rows, not class labels
     onlyforward = False   # AlexeyAB's: no backward pass through this layer
 
     def __init__(self, section, index, in_shapes, net):
@@ -32,10 +33,15 @@ class Layer:
         self.out_shape = self.in_shape
         self.activation = "linear"
         self.params = {}      # name -> array, in the backend's memory once the net is placed
-        self.updates = {}     # name -> accumulated negative gradient, for TRAINABLE params
+        # name -> this iteration's accumulated negative gradient (Darknet's *_updates), for the
+        # TRAINABLE params; backward adds to them, update() consumes them (zeroes them)
+        self.updates = {}
+        # name -> the optimiser's state (SGD's velocity), made at the first update()
+        self.velocities = {}
         self.weight_order = ()  # names of params in .weights file order
-        # inference BN's epsilons: the rule of the Darknet the cfg comes from (network.py)
-        self.bn_epsilons = getattr(net, "bn_epsilons", PJREDDIE_BN_EPSILONS)
+        # inference BN's (epsilon under the square root, epsilon added to it): the rule of the
+        # Darknet the cfg comes from, which the network decides (Network.bn_epsilons)
+        self.bn_epsilons = net.bn_epsilons
 
     # ---- description --------------------------------------------------------------------------
     @property
@@ -67,9 +73,10 @@ class Layer:
             self.updates[name] = np.zeros_like(self.params[name])
 
     def place(self, ops):
-        """Move parameters and their update buffers into the backend's memory."""
+        """Move parameters, their gradients and any optimiser state into the backend's memory."""
         self.params = {k: ops.asarray(ops.to_host(v)) for k, v in self.params.items()}
         self.updates = {k: ops.asarray(ops.to_host(v)) for k, v in self.updates.items()}
+        self.velocities = {k: ops.asarray(ops.to_host(v)) for k, v in self.velocities.items()}
 
     # ---- computation -------------------------------------------------------------------------
     # Each layer defines forward(ops, x, train) -> y and backward(ops, delta, need_dx) -> dx
@@ -77,9 +84,13 @@ class Layer:
     # returns the delta for the input, or None when need_dx is False.
 
     def update(self, ops, learning_rate, momentum, decay, batch):
-        """Darknet's per-layer SGD step; weight decay applies to `weights` only."""
-        for name, updates in self.updates.items():
-            ops.sgd_update(self.params[name], updates, learning_rate, momentum,
+        """Darknet's per-layer SGD step with momentum, from the accumulated gradients (which
+        it zeroes); weight decay applies to `weights` only."""
+        for name, gradient in self.updates.items():
+            velocity = self.velocities.get(name)
+            if velocity is None:
+                velocity = self.velocities[name] = ops.zeros(gradient.shape)
+            ops.sgd_update(self.params[name], gradient, velocity, learning_rate, momentum,
                            decay if name == "weights" else 0.0, batch)
 
 
@@ -182,6 +193,7 @@ class LinearUnit(Layer):
         self.batch_normalize = False
         self.params = {"biases": ops.asarray(biases), "weights": ops.asarray(weights)}
         self.updates = {name: ops.zeros(value.shape) for name, value in self.params.items()}
+        self.velocities = {}  # new parameters: no optimiser state (and no training: engine.train)
         self.weight_order = ("biases", "weights")
 
     def normalize_activate_backward(self, ops, delta):

@@ -18,6 +18,7 @@ from .base import Layer
 
 class DetectionLayer(Layer):
     type_name = "detection"
+    outputs_boxes = True  # inference only: no loss
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from ..detection import box_iou
+from ..boxes import box_iou
 from .base import Layer
 from .yolo import MAX_ANCHORS, check_outputs_fit, parse_anchors
 
@@ -40,6 +40,7 @@ class RegionLayer(Layer):
     type_name = "region"
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
+    outputs_boxes = box_truth = True
     max_boxes = TRUTH_BOXES
 
     def __init__(self, section, index, in_shapes, net):

@@ -36,7 +36,7 @@ Darknet's sum of squared deltas, which is not that loss.
 
 import numpy as np
 
-from ..detection import box_iou, grid_boxes
+from ..boxes import box_iou, grid_boxes
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
 from .base import Layer
@@ -119,6 +119,7 @@ class YoloLayer(Layer):
     training_defaults = TRAINING_DEFAULTS
     has_cost = True
     host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
+    outputs_boxes = box_truth = True
 
     def __init__(self, section, index, in_shapes, net):
         super().__init__(section, index, in_shapes, net)

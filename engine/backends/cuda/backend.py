@@ -7,6 +7,7 @@ kernels/*.cu. Inference batch norm is Darknet's rule, scale*(x-mean)/(sqrt(var)+
 in our own kernel, since cuDNN's inference call divides by sqrt(var+eps).
 """
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -19,6 +20,7 @@ from .device import get_device
 from .kernels import Kernels
 
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
+STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drained once per wrap
 
 _RUNTIMES = {}  # (device, allow_tf32) -> (Device, Kernels, Cudnn, Cublas), made once
 
@@ -78,11 +80,13 @@ class CudaBackend:
         self._workspace_size = 0
         self._cost = self.device.empty((1,))
         self.seed(seed)
-        # Set while a CUDA graph is captured (graph.py): device addresses the kernels read the
-        # learning rate and dropout seed from, so each replay can use new values.
-        self.step_learning_rate = None
-        self.step_seed = None
-        self.capturing = False
+        # Recorded steps (recording, set_step; graph.py): while recording, the kernels read the
+        # learning rate and dropout seed from _step_values on the device, so that each replay
+        # can use new ones.
+        self._recording = False
+        self._step_values = None  # device [learning rate (float32 bits), dropout seed]
+        self._step_slots = None   # pinned host ring set_step copies from
+        self._step_refreshes = 0
 
     def seed(self, seed):
         self._seed = int(seed) & 0xFFFFFFFF
@@ -156,9 +160,51 @@ class CudaBackend:
     def synchronize(self):
         self.stream.synchronize()
 
+    def collectives(self, comm):
+        """As NumpyBackend.collectives: GPU arrays are summed over the ranks by NCCL, on this
+        backend's stream (ordered after the backward pass that filled them)."""
+        from .nccl import NcclCommunicator
+
+        return NcclCommunicator(comm, self)
+
     def freeze_(self, array):
         """Parameters become read-only for inference; nothing on the GPU is derived from them."""
         return array
+
+    @contextlib.contextmanager
+    def recording(self):
+        """The state of this backend while a step is recorded (graph.py): the learning rate of
+        sgd_update and the dropout seed are read from device memory that set_step refreshes
+        before each replay, loss operations return 0.0 (last_cost reads a replay's), and every
+        array allocated is kept alive with the recording: `with ops.recording() as kept:`."""
+        if self._step_values is None:
+            self._step_values = self._empty((2,), np.uint32)
+            self._step_slots = self.cuda.pagelocked_empty((STEP_SLOTS, 2), np.uint32)
+        kept = self.device.keep_alive = []
+        self._recording = True
+        try:
+            yield kept
+        finally:
+            self._recording = False
+            self.device.keep_alive = None
+
+    def set_step(self, learning_rate, step):
+        """The values the next replay of a recording reads: its learning rate, and its dropout
+        seed, drawn from this backend's seed and `step` (the replay's number). Asynchronous, in
+        stream order before the replay."""
+        slot = self._step_refreshes % STEP_SLOTS
+        if slot == 0 and self._step_refreshes:
+            self.synchronize()  # every slot's copy has run before slots are reused
+        self._step_refreshes += 1
+        values = self._step_slots[slot]
+        values[0] = np.float32(learning_rate).view(np.uint32)
+        values[1] = (self._seed * 0x9E3779B1 + step) & 0xFFFFFFFF
+        self.cuda.memcpy_htod_async(self._step_values.ptr, values, self.stream)
+
+    def _step_value(self, index):
+        """While recording, the device address of step value `index` (0: learning rate,
+        1: dropout seed) that a kernel reads instead of its argument; otherwise 0 (none)."""
+        return self._step_values.ptr + 4 * index if self._recording else 0
 
     def capture(self, step):
         """Record step() (issuing this backend's operations) into a CUDA graph; returns a
@@ -388,7 +434,7 @@ class CudaBackend:
         mask = self._empty(x.shape)
         self.kernels.launch("dropout_forward_kernel", x.size, x.ptr, y.ptr, mask.ptr,
                             x.size, np.float32(probability), np.float32(1.0 / (1.0 - probability)),
-                            np.uint32(self._seed), self.step_seed or 0,
+                            np.uint32(self._seed), self._step_value(1),
                             np.uint32(next(self._dropout_calls) & 0xFFFFFFFF))
         return y, mask
 
@@ -416,7 +462,7 @@ class CudaBackend:
         self.cuda.memset_d32_async(self._cost.ptr, 0, 1, self.stream)
         self.kernels.launch(name, max(output.size, 1), output.ptr, truth.ptr,
                             delta.ptr, self._cost.ptr, output.size)
-        if self.capturing:
+        if self._recording:
             return 0.0, delta  # read after each replay with last_cost()
         return self.last_cost(), delta
 
@@ -430,9 +476,9 @@ class CudaBackend:
         return self._cost_kernel("sse_kernel", output, truth)
 
     # ---- optimisation -------------------------------------------------------------------------
-    def sgd_update(self, param, updates, learning_rate, momentum, decay, batch):
-        self.kernels.launch("sgd_kernel", param.size, param.ptr, updates.ptr, param.size,
-                            np.float32(learning_rate / batch), self.step_learning_rate or 0,
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+        self.kernels.launch("sgd_kernel", param.size, param.ptr, gradient.ptr, velocity.ptr,
+                            param.size, np.float32(learning_rate / batch), self._step_value(0),
                             np.float32(1.0 / batch), np.float32(momentum),
                             np.float32(decay * batch))
 

@@ -4,14 +4,10 @@ At MNIST sizes each cuDNN call costs tens of microseconds of host time, more tha
 a captured graph replays the step's ~50 launches with one. A captured step reuses the same
 buffers every replay, so everything allocated while capturing is kept alive with the graph, and
 the values that change per step (learning rate, dropout seed) are read by the kernels from device
-memory that each replay refreshes.
+memory that each replay refreshes (CudaBackend.recording and set_step).
 """
 
-import numpy as np
-
 from ...errors import BackendError
-
-RING = 1024  # pinned slots for per-step values; the stream is drained once per wrap
 
 
 def _driver():
@@ -33,21 +29,17 @@ def _check(driver, result, call):
 
 
 class CapturedStep:
+    """One recorded step: made by CudaBackend.capture, replayed with a new learning rate (and
+    dropout seed) each time. The backend's recording() sets up what a recording needs (step
+    values read from device memory, allocations kept alive); set_step refreshes those values."""
+
     def __init__(self, backend, step):
         self.backend = backend
         self.driver = driver = _driver()
-        device, cuda = backend.device, backend.cuda
-        self.stream = driver.CUstream(device.stream.handle)
-        # [learning rate (float32), dropout seed (uint32)] on the device, and pinned host slots.
-        self.step_values = device.empty((2,), np.uint32)
-        self.host_values = cuda.pagelocked_empty((RING, 2), np.uint32)
+        self.stream = driver.CUstream(backend.stream.handle)
         self.replays = 0
         backend.synchronize()
-        device.keep_alive = self.keep_alive = []
-        backend.step_learning_rate = self.step_values.ptr
-        backend.step_seed = self.step_values.ptr + 4
-        backend.capturing = True
-        try:
+        with backend.recording() as self.keep_alive:
             _check(driver, driver.cuStreamBeginCapture(
                 self.stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED),
                 "cuStreamBeginCapture")
@@ -55,23 +47,13 @@ class CapturedStep:
                 self.result = step()
             finally:
                 graph = _check(driver, driver.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
-        finally:
-            backend.capturing = False
-            backend.step_learning_rate = backend.step_seed = None
-            device.keep_alive = None
         self.graph = graph
         self.executable = _check(driver, driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 
     def replay(self, learning_rate=0.0):
         """Launch the graph once more (asynchronously) with this step's learning rate."""
-        slot = self.replays % RING
-        if slot == 0 and self.replays:
-            self.backend.synchronize()  # every slot's copy has run before slots are reused
         self.replays += 1
-        values = self.host_values[slot]
-        values[0] = np.float32(learning_rate).view(np.uint32)
-        values[1] = (self.backend._seed * 0x9E3779B1 + self.replays) & 0xFFFFFFFF
-        self.backend.cuda.memcpy_htod_async(self.step_values.ptr, values, self.backend.stream)
+        self.backend.set_step(learning_rate, self.replays)
         _check(self.driver, self.driver.cuGraphLaunch(self.executable, self.stream),
                "cuGraphLaunch")
 

@@ -23,7 +23,7 @@ SIGNATURES = {
     "add_kernel": ("elementwise.cu", "PPi"),
     "scale_kernel": ("elementwise.cu", "Pfi"),
     "multiply_kernel": ("elementwise.cu", "PPPi"),
-    "sgd_kernel": ("elementwise.cu", "PPifPfff"),
+    "sgd_kernel": ("elementwise.cu", "PPPifPfff"),
     "maxpool_forward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "maxpool_backward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "avgpool_forward_kernel": ("pooling.cu", "PPii"),

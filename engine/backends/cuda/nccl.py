@@ -48,3 +48,4 @@ class NcclCommunicator:
         self._check("ncclAllReduce", self.lib.ncclAllReduce(
             ctypes.c_void_p(array.ptr), ctypes.c_void_p(array.ptr), ctypes.c_size_t(array.size),
             ctypes.c_int(NCCL_FLOAT32), ctypes.c_int(NCCL_SUM), self.comm, stream))
+        return array

@@ -1,0 +1,49 @@
+"""Box geometry shared by the detection layers' losses and by detection post-processing:
+decoding a grid cell's raw entries into a box, and overlap measures. Boxes are (x, y, w, h):
+centre and size, in whatever unit the caller uses (relative to the image, or grid cells).
+
+This sits below engine.layers and engine.detection, so a layer can decode and compare boxes
+without importing the application-level detection module.
+"""
+
+import numpy as np
+
+
+def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h, new_coords=False):
+    """Boxes from a detection layer's entries x, y, w, h (`raw[..., 0:4]`, x and y already
+    through the logistic) in grid cell (col, row) of a w x h grid: centre (col + x)/w,
+    (row + y)/h, size exp(w)*anchor_w, exp(h)*anchor_h (anchors relative to the input); with
+    AlexeyAB's new_coords, size (2w)^2*anchor_w, (2h)^2*anchor_h (get_yolo_box)."""
+    if new_coords:
+        size_w, size_h = raw[..., 2] * raw[..., 2] * 4, raw[..., 3] * raw[..., 3] * 4
+    else:
+        size_w, size_h = np.exp(raw[..., 2]), np.exp(raw[..., 3])
+    return np.stack([(col + raw[..., 0]) / w, (row + raw[..., 1]) / h,
+                     size_w * anchor_w, size_h * anchor_h], axis=-1)
+
+
+def box_iou(a, b):
+    """IoU of (x, y, w, h) boxes a and b, broadcasting over leading axes (Darknet's box_iou)."""
+    def overlap(centre_a, size_a, centre_b, size_b):
+        return (np.minimum(centre_a + size_a / 2, centre_b + size_b / 2)
+                - np.maximum(centre_a - size_a / 2, centre_b - size_b / 2))
+
+    width = overlap(a[..., 0], a[..., 2], b[..., 0], b[..., 2])
+    height = overlap(a[..., 1], a[..., 3], b[..., 1], b[..., 3])
+    intersection = np.clip(width, 0, None) * np.clip(height, 0, None)
+    return intersection / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - intersection)
+
+
+def box_diou(a, b, beta):
+    """AlexeyAB's box_diou / box_diounms: IoU minus (d/c)^beta, d the squared distance of the
+    centres and c the squared diagonal of the smallest box enclosing both (IoU where c = 0)."""
+    left = np.minimum(a[..., 0] - a[..., 2] / 2, b[..., 0] - b[..., 2] / 2)
+    right = np.maximum(a[..., 0] + a[..., 2] / 2, b[..., 0] + b[..., 2] / 2)
+    top = np.minimum(a[..., 1] - a[..., 3] / 2, b[..., 1] - b[..., 3] / 2)
+    bottom = np.maximum(a[..., 1] + a[..., 3] / 2, b[..., 1] + b[..., 3] / 2)
+    c = (right - left) ** 2 + (bottom - top) ** 2
+    d = (a[..., 0] - b[..., 0]) ** 2 + (a[..., 1] - b[..., 1]) ** 2
+    iou = box_iou(a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        penalty = np.where(c > 0, np.power(np.where(c > 0, d / c, 0), beta), 0)
+    return iou - penalty

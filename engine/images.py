@@ -1,0 +1,81 @@
+"""Image files and Darknet's image lists, as every data path reads them: decoding to float32
+(C, H, W) in [0, 1], Darknet's bilinear resize, and list files of image paths. Classification
+data (engine.data), detection data (engine.detection_data, engine.augmentation) and detection
+itself (engine.detection) build on this module; it imports none of them.
+"""
+
+import numpy as np
+
+from .config import check_regular_file, read_text_lines
+from .errors import DataError
+
+
+def read_rgb(path):
+    """Decode an image file to float32 (3, H, W) RGB in [0, 1] (Darknet's load_image_color)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        check_regular_file(path, "image", DataError)
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an image file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+    return pixels.transpose(2, 0, 1).copy()
+
+
+def resize_bilinear(image, width, height):
+    """Darknet's resize_image: bilinear with the corners of both grids aligned
+    (scale (in-1)/(out-1), float32), horizontal pass first, then vertical. Like Darknet, the
+    last column copies the last input column, and the last row keeps only its upper term."""
+
+    def sample(size_in, size_out):
+        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
+        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
+        low = np.minimum(position.astype(np.int64), size_in - 1)
+        frac = (position - low).astype(np.float32)
+        return low, np.minimum(low + 1, size_in - 1), frac
+
+    c, h, w = image.shape
+    left, right, fx = sample(w, width)
+    left[-1], fx[-1] = w - 1, 0
+    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
+    top, bottom, fy = sample(h, height)
+    upper, lower = (1 - fy)[:, None], fy[:, None]
+    lower[-1] = 0
+    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
+
+
+def load_image(path, shape):
+    """Decode an image file to float32 (C, H, W) in [0, 1], resized to the network's input."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        check_regular_file(path, "image", DataError)
+        with Image.open(path) as image:
+            image = image.convert("L" if c == 1 else "RGB")
+            if image.size != (w, h):
+                image = image.resize((w, h), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from None
+    if c == 1:
+        return pixels[None]
+    if c != 3:
+        raise DataError(f"{path}: the network expects {c} channels; images give 1 or 3")
+    return pixels.transpose(2, 0, 1).copy()
+
+
+def read_image_list(list_path):
+    """The image paths a Darknet list file names, one a line, as written (unresolved)."""
+    paths = [line.strip() for line in read_text_lines(list_path, "image list", DataError)
+             if line.strip()]
+    if not paths:
+        raise DataError(f"{list_path}: the image list is empty")
+    return paths

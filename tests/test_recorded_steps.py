@@ -1,0 +1,225 @@
+"""Recorded training steps without a GPU: train.CapturedSteps on a numpy backend that records
+as the CUDA backend does (the recording runs only when replayed, with the replay's learning
+rate), and the CUDA backend's recording interface (recording(), set_step) on fake devices.
+The real graphs run in tests/test_gpu_backend.py (-m gpu)."""
+
+import numpy as np
+import pytest
+
+from engine import train as training
+from engine.backends.cuda import backend as cuda_backend
+from engine.backends.cuda import graph as cuda_graph
+from engine.backends.numpy_backend import NumpyBackend
+from engine.network import Network
+
+from helpers import write_cfg
+
+BODY = """
+[convolutional]
+filters=4
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[dropout]
+probability=.25
+
+[connected]
+output=3
+activation=linear
+
+[softmax]
+"""
+
+
+class RecordingNumpy(NumpyBackend):
+    """A numpy backend that records like CudaBackend: capture() runs nothing, each replay runs
+    the step with the replay's learning rate where the recording passed 0.0."""
+
+    can_record = True
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.replay_rate = None
+        self.recordings = 0
+
+    def capture(self, step):
+        backend = self
+        backend.recordings += 1
+
+        class Replay:
+            def replay(self, learning_rate=0.0):
+                backend.replay_rate = learning_rate
+                try:
+                    self.cost = step()
+                finally:
+                    backend.replay_rate = None
+
+            def last_cost(self):
+                return self.cost
+
+        return Replay()
+
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+        if self.replay_rate is not None:
+            learning_rate = self.replay_rate
+        return super().sgd_update(param, gradient, velocity, learning_rate, momentum, decay, batch)
+
+
+def test_captured_steps_train_as_eager_steps(tmp_path):
+    """The same batches and rates through CapturedSteps (one eager iteration, then a recording
+    replayed) and EagerSteps: the same losses, `seen` and weights."""
+    path = write_cfg(tmp_path / "r.cfg", {"batch": 4, "subdivisions": 1, "height": 6, "width": 6,
+                                          "channels": 1, "learning_rate": 0.1, "momentum": 0.9,
+                                          "decay": 0.001}, BODY)
+    rng = np.random.default_rng(3)
+    batches = [(rng.uniform(0, 1, (4, 1, 6, 6)).astype(np.float32),
+                np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]) for _ in range(4)]
+    results = []
+    for runner in (training.EagerSteps, training.CapturedSteps):
+        net = Network(path, backend=RecordingNumpy(seed=5), quiet=True)
+        run = runner(net, training.SINGLE_PROCESS)
+        losses = [run(images, truth, 0.1 * (k + 1)) for k, (images, truth) in enumerate(batches)]
+        weights = [net.ops.to_host(a).copy() for layer in net.layers for a in layer.params.values()]
+        results.append((losses, net.seen, weights, net.ops.recordings))
+    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = results
+    assert recordings == 1 and seen == eager_seen == 16
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
+    for got, want in zip(weights, eager_weights):
+        np.testing.assert_array_equal(got, want)
+
+
+# ---- the CUDA backend's recording interface, on fakes -------------------------------------------
+class FakeArray:
+    addresses = iter(range(4096, 1 << 40, 4096))
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.size = int(np.prod(self.shape))
+        self.ptr = self.gpudata = next(FakeArray.addresses)
+
+
+class FakeStream:
+    handle = 77
+
+    def __init__(self):
+        self.synchronized = 0
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+class FakeCuda:
+    def __init__(self):
+        self.copies = []  # (device address, values) of memcpy_htod_async
+
+    pagelocked_empty = staticmethod(np.empty)
+
+    def memcpy_htod_async(self, address, values, stream):
+        self.copies.append((address, np.array(values)))
+
+    def memset_d32_async(self, address, value, count, stream):
+        pass
+
+    def memcpy_dtoh_async(self, host, address, stream):
+        host[...] = 2.5
+
+
+class FakeDevice:
+    def __init__(self):
+        self.cuda, self.stream, self.keep_alive = FakeCuda(), FakeStream(), None
+        self.index, self.name = 0, "fake"
+
+    def empty(self, shape, dtype=np.float32):
+        array = FakeArray(shape, dtype)
+        if self.keep_alive is not None:
+            self.keep_alive.append(array)
+        return array
+
+
+class FakeKernels:
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, name, n, *args):
+        self.launches.append((name, args))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_runtime",
+                        lambda device, tf32: (FakeDevice(), FakeKernels(), None, None))
+    return cuda_backend.CudaBackend(seed=11)
+
+
+def test_cuda_recording_interface(fake_gpu):
+    """Outside a recording the kernels get the learning rate and seed as arguments (null
+    addresses); inside, the addresses of the step values set_step refreshes; allocations are
+    kept with the recording; a loss reads 0.0 until last_cost."""
+    ops, launches = fake_gpu, fake_gpu.kernels.launches
+    param, gradient, velocity = FakeArray((3,)), FakeArray((3,)), FakeArray((3,))
+    x = FakeArray((2, 3))
+    ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1)
+    ops.dropout_forward(x, 0.5)
+    assert launches[-2][1][5] == 0 and launches[-1][1][7] == 0
+    with ops.recording() as kept:
+        ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1)
+        y, mask = ops.dropout_forward(x, 0.5)
+        cost, _ = ops.sse(x, FakeArray((2, 3)))
+    step_values = ops._step_values.ptr
+    assert launches[-3][1][5] == step_values and launches[-2][1][7] == step_values + 4
+    assert y in kept and mask in kept and ops.device.keep_alive is None
+    assert cost == 0.0 and ops.last_cost() == 2.5
+    assert ops.sse(x, FakeArray((2, 3)))[0] == 2.5  # eager again
+
+    copies, stream = ops.cuda.copies, ops.stream
+    synchronized = stream.synchronized
+    for step in range(1, cuda_backend.STEP_SLOTS + 2):
+        ops.set_step(0.25 * step, step)
+    address, values = copies[-1]
+    step = cuda_backend.STEP_SLOTS + 1
+    assert address == step_values
+    assert values[0] == np.float32(0.25 * step).view(np.uint32)
+    assert values[1] == (11 * 0x9E3779B1 + step) & 0xFFFFFFFF
+    assert stream.synchronized == synchronized + 1  # once per wrap of the pinned slots
+
+
+class FakeDriver:
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    class CUstreamCaptureMode:
+        CU_STREAM_CAPTURE_MODE_RELAXED = 1
+
+    CUstream = staticmethod(lambda handle: ("stream", handle))
+
+    def __init__(self):
+        self.launched = 0
+
+    def cuStreamBeginCapture(self, stream, mode):
+        return (0,)
+
+    def cuStreamEndCapture(self, stream):
+        return (0, "graph")
+
+    def cuGraphInstantiate(self, graph, flags):
+        return (0, "executable")
+
+    def cuGraphLaunch(self, executable, stream):
+        self.launched += 1
+        return (0,)
+
+
+def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
+    driver = FakeDriver()
+    monkeypatch.setattr(cuda_graph, "_driver", lambda: driver)
+    ops, seen = fake_gpu, []
+    step = ops.capture(lambda: seen.append((ops._recording, ops.device.keep_alive is not None)))
+    assert seen == [(True, True)] and not ops._recording
+    step.replay(0.5)
+    step.replay(0.25)
+    assert driver.launched == 2
+    (_, first), (_, second) = ops.cuda.copies[-2:]
+    assert first[0] == np.float32(0.5).view(np.uint32)
+    assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
