@@ -28,6 +28,7 @@ import numpy as np
 from .. import activations, memory
 from ..errors import BackendError
 from . import winograd
+from .operations import Operations
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -55,7 +56,7 @@ def _pair(stride):
     return (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
 
 
-class NumpyBackend:
+class NumpyBackend(Operations):
     name = "cpu"
     device_name = "CPU"
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ... import activations, memory
 from ...errors import BackendError
+from ..operations import Operations
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
 from .device import get_device
@@ -65,7 +66,7 @@ class ConvPlan:
         self.workspace = max(self.forward_workspace, self.data_workspace, self.filter_workspace)
 
 
-class CudaBackend:
+class CudaBackend(Operations):
     name = "gpu"
 
     def __init__(self, device=0, seed=0, allow_tf32=False):
@@ -167,10 +168,6 @@ class CudaBackend:
         from .graph import CapturedStep
 
         return CapturedStep(self, step)
-
-    def memory_used(self):
-        """Bytes of GPU memory in use on this device (all processes), for reports."""
-        return self.device.memory_used()
 
     # ---- activation and bias ------------------------------------------------------------------
     def activate_(self, x, activation):
