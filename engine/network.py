@@ -240,7 +240,7 @@ class Network:
             if getattr(layer, "share_owner", None) is not None:
                 layer._owner = self.layers[layer.share_owner]
                 layer.share_parameters(layer._owner)
-        self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None
+        self._inference = RecordedInference(self) if self.ops.can_record else None
 
     # ---- description --------------------------------------------------------------------------
     @property

@@ -9,6 +9,9 @@ from engine.backends.cuda.backend import CudaBackend  # importable without a GPU
 from engine.backends.numpy_backend import NumpyBackend
 from engine.backends.operations import Operations
 from engine.errors import BackendError
+from engine.network import Network
+from engine.train import CapturedSteps, EagerSteps, iteration_runner
+from helpers import write_cfg
 
 BACKEND_CLASSES = [NumpyBackend, CudaBackend]
 
@@ -61,3 +64,28 @@ def test_a_backend_missing_an_operation_cannot_be_made():
         if name != "conv_forward"})
     with pytest.raises(TypeError, match="conv_forward"):
         incomplete()
+
+
+# ---- capabilities ----------------------------------------------------------------------------
+def test_capabilities_have_defaults():
+    ops = NumpyBackend()
+    assert ops.can_record is False
+    with pytest.raises(BackendError, match="cannot record"):
+        ops.capture(lambda: None)
+    assert CudaBackend.can_record is True
+
+
+def test_recording_follows_the_declared_capability(tmp_path):
+    """Recorded inference and recorded training iterations are used exactly where the backend
+    declares can_record (no probing for a `capture` attribute)."""
+    cfg = write_cfg(tmp_path / "small.cfg", {"batch": 2, "height": 4, "width": 4, "channels": 1},
+                    "[connected]\noutput=3\nactivation=linear\n\n[softmax]\n")
+    plain = Network(cfg, quiet=True)
+    assert plain._inference is None and type(iteration_runner(plain, None)) is EagerSteps
+
+    class RecordingBackend(NumpyBackend):
+        can_record = True
+
+    recording = Network(cfg, backend=RecordingBackend(), quiet=True)
+    assert recording._inference is not None
+    assert type(iteration_runner(recording, None)) is CapturedSteps

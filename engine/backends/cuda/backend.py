@@ -68,6 +68,7 @@ class ConvPlan:
 
 class CudaBackend(Operations):
     name = "gpu"
+    can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
     def __init__(self, device=0, seed=0, allow_tf32=False):
         """allow_tf32 lets cuDNN use TF32 tensor cores for convolutions (faster, ~1e-3 relative
