@@ -12,8 +12,8 @@ from . import memory
 from . import weights as weights_io
 from .activations import CHANNEL_NAMES, NAMES as ACTIVATION_NAMES
 from .backends import get_backend
-from .backends.numpy_backend import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .config import read_cfg, warn_unused
+from .constants import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .errors import ConfigError, EngineError, NumericalError
 from .layers import LAYER_TYPES
 

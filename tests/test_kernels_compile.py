@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine.backends.cuda import cudnn
-from engine.backends.cuda.kernels import KERNEL_DIR, SIGNATURES
+from engine.backends.cuda.kernels import COMPILE_OPTIONS, KERNEL_DIR, SIGNATURES
 
 ARCHITECTURES = ("75", "80", "90")
 SOURCES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
@@ -43,8 +43,8 @@ def test_kernels_compile_for_sm75_sm80_sm90(tmp_path):
     def compile_one(job):
         source, arch = job
         out = tmp_path / f"{os.path.basename(source)}.sm_{arch}.cubin"
-        result = subprocess.run([nvcc, "--cubin", "-O3", f"-arch=sm_{arch}", "-I", KERNEL_DIR,
-                                 source, "-o", str(out)], capture_output=True, text=True)
+        result = subprocess.run([nvcc, "--cubin", *COMPILE_OPTIONS, f"-arch=sm_{arch}", "-I",
+                                 KERNEL_DIR, source, "-o", str(out)], capture_output=True, text=True)
         return f"{source} (sm_{arch})", result.returncode, result.stderr
 
     jobs = [(source, arch) for source in SOURCES for arch in ARCHITECTURES]

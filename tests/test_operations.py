@@ -11,6 +11,7 @@ from engine.backends.operations import Operations
 from engine.errors import BackendError
 from engine.network import Network
 from engine.train import CapturedSteps, EagerSteps, iteration_runner
+
 from helpers import write_cfg
 
 BACKEND_CLASSES = [NumpyBackend, CudaBackend]

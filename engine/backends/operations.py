@@ -25,6 +25,7 @@ Capabilities are declared as class attributes with defaults here, so callers ask
 
 from abc import ABC, abstractmethod
 
+from ..constants import PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 
 
@@ -178,7 +179,7 @@ class Operations(ABC):
     @abstractmethod
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
-                                    epsilons=(0.0, 1e-6)):
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule then the activation, a new array:
         act(scales * (x - rolling_mean) / (sqrt(rolling_variance + e0) + e1) + biases),
         (e0, e1) = epsilons: constants.PJREDDIE_BN_EPSILONS (the default) or

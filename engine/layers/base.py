@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .. import activations
-from ..backends.numpy_backend import PJREDDIE_BN_EPSILONS
+from ..constants import PJREDDIE_BN_EPSILONS
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")

@@ -3,8 +3,8 @@ deltas are negative gradients, *_updates accumulate, in-place ops return their a
 PyCUDA GPUArrays, issued in order on one stream.
 
 Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, the rest in
-kernels/*.cu. Inference batch norm is Darknet's rule, scale*(x-mean)/(sqrt(var)+1e-6)+bias,
-in our own kernel, since cuDNN's inference call divides by sqrt(var+eps).
+kernels/*.cu. Inference batch norm is Darknet's rule (operations.py), in our own kernel, since
+cuDNN's inference call divides by sqrt(var+eps).
 """
 
 import itertools
@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 
 from ... import activations, memory
+from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
 from ..operations import Operations
 from .cublas import Cublas
@@ -303,7 +304,7 @@ class CudaBackend(Operations):
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
-                                    epsilons=(0.0, 1e-6)):
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's rule, optionally fused with the activation that follows."""
         y = self._empty(x.shape)
         if per_activation:
