@@ -19,6 +19,7 @@ from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
 from .device import get_device
 from .kernels import Kernels
+from .libraries import check_gpu_dependencies
 
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
 
@@ -28,6 +29,7 @@ _RUNTIMES = {}  # (device, allow_tf32) -> (Device, Kernels, Cudnn, Cublas), made
 def _runtime(device_index, allow_tf32):
     key = (device_index, allow_tf32)
     if key not in _RUNTIMES:
+        check_gpu_dependencies()  # a missing package or library: one line naming it
         device = get_device(device_index)
         stream = device.stream.handle
         _RUNTIMES[key] = (device, Kernels(device), Cudnn(stream, allow_tf32), Cublas(stream))

@@ -10,7 +10,7 @@ import ctypes
 
 from ...constants import BN_MOMENTUM, BN_TRAINING_EPSILON
 from ...errors import BackendError
-from .libraries import load_library
+from .libraries import CUDNN, load
 
 # Enum values (cudnn_graph.h / cudnn_ops.h / cudnn_cnn.h, cuDNN 9).
 CUDNN_STATUS_SUCCESS = 0
@@ -95,9 +95,7 @@ class Cudnn:
     """A cuDNN handle on the device's stream, and the calls the backend makes."""
 
     def __init__(self, stream_handle, allow_tf32=False):
-        self.lib = load_library(["libcudnn.so.9"], "cudnn",
-                                "cuDNN 9 not found (libcudnn.so.9): install cuDNN or the "
-                                "nvidia-cudnn-cu12 wheel")
+        self.lib = load(CUDNN)
         for name, argtypes in FUNCTIONS.items():
             try:
                 function = getattr(self.lib, name)

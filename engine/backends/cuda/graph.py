@@ -10,19 +10,9 @@ memory that each replay refreshes.
 import numpy as np
 
 from ...errors import BackendError
+from .libraries import cuda_driver
 
 RING = 1024  # pinned slots for per-step values; the stream is drained once per wrap
-
-
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # cuda-python < 12.6
-        except ImportError as error:
-            raise BackendError(f"CUDA graphs need the cuda-bindings package ({error})") from None
-    return driver
 
 
 def _check(driver, result, call):
@@ -35,7 +25,7 @@ def _check(driver, result, call):
 class CapturedStep:
     def __init__(self, backend, step):
         self.backend = backend
-        self.driver = driver = _driver()
+        self.driver = driver = cuda_driver()
         device, cuda = backend.device, backend.cuda
         self.stream = driver.CUstream(device.stream.handle)
         # [learning rate (float32), dropout seed (uint32)] on the device, and pinned host slots.
