@@ -390,10 +390,10 @@ def test_batchnorm_training(ops, rng, shape, per_activation):
                  "BN bias updates")
     assert_close(to_numpy(ops, moved[2]), su0 + (delta * normal).sum(axis=axes).reshape(-1),
                  "BN scale updates")
-    if x.size <= 100:  # finite differences through the batch statistics
-        numeric = numeric_gradient(lambda v: bn_train_reference(v, scales, biases,
-                                                                per_activation)[0], x, delta)
-        assert_close(dx, numeric, "BN delta", tolerance=1e-3)
+    # the delta through the batch statistics, by finite differences
+    numeric = numeric_gradient(lambda v: bn_train_reference(v, scales, biases, per_activation)[0],
+                               x, delta)
+    assert_close(dx, numeric, "BN delta", tolerance=1e-3)
 
 
 @pytest.mark.parametrize("epsilons", [constants.PJREDDIE_BN_EPSILONS,
@@ -535,12 +535,12 @@ def test_softmax_and_costs(ops, rng, groups, temperature):
     (cost, delta), _ = call(ops, "softmax_cross_entropy", p, truth)
     p64 = p.astype(np.float64).reshape(6, 10)
     floor = constants.CROSS_ENTROPY_FLOOR
-    assert cost == pytest.approx(-(truth * np.log(np.maximum(p64, floor))).sum(), rel=1e-5)
+    assert cost == pytest.approx(-(truth * np.log(np.maximum(p64, floor))).sum(), rel=1e-4)
     assert_close(delta, (truth - p64).reshape(p.shape), "cross-entropy delta")
     target = randn(rng, 6, 10)
     (cost, delta), _ = call(ops, "sse", x, target)
     diff = target - x.astype(np.float64).reshape(6, 10)
-    assert cost == pytest.approx((diff ** 2).sum(), rel=1e-5)
+    assert cost == pytest.approx((diff ** 2).sum(), rel=1e-4)
     assert_close(delta, diff.reshape(x.shape), "sse delta")
 
 
