@@ -149,7 +149,7 @@ def cublas_header_text():
         path = os.path.join(root, "cublas_api.h")
         if os.path.exists(path):
             with open(path, errors="replace") as handle:
-                return re.sub(r"/\*.*?\*/|//[^\n]*", " ", handle.read(), flags=re.S)
+                return re.sub(r"/\*.*?\*/|//[^\n]*", " ", handle.read(), flags=re.DOTALL)
     return None
 
 
