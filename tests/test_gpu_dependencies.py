@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from engine.backends import get_backend
+from engine.backends.cuda import backend as cuda_backend
 from engine.backends.cuda import cublas, libraries
 from engine.errors import BackendError
 
@@ -49,6 +50,7 @@ def test_the_gpu_backend_refuses_to_start_without_cuda_bindings(monkeypatch):
     times slower; now the backend is not made, and the CLI says why in one line."""
     monkeypatch.setitem(sys.modules, "pycuda.driver", types.ModuleType("pycuda.driver"))
     monkeypatch.setitem(sys.modules, "cuda.bindings.driver", None)
+    monkeypatch.setattr(cuda_backend, "_RUNTIMES", {})  # as in a fresh process
     with pytest.raises(BackendError, match=r"CUDA graphs .* need the cuda-bindings package"):
         get_backend("gpu")
 
