@@ -20,6 +20,9 @@ Where AlexeyAB's code departs from its own formula we follow the formula and say
 import numpy as np
 
 from .config import shorten
+from .constants import (GELU_CUBIC, GELU_LINEAR, LEAKY_SLOPE, LHTAN_SLOPE, MISH_THRESHOLD,
+                        NORMALIZE_CHANNELS_EPSILON, PLSE_OUTER_SLOPE, PLSE_SLOPE, RAMP_SLOPE,
+                        RELIE_SLOPE, SELU_ALPHA, SELU_LAMBDA)
 from .errors import ConfigError
 
 NAMES = ("logistic", "loggy", "relu", "elu", "selu", "relie", "ramp", "linear", "tanh", "plse",
@@ -28,14 +31,10 @@ NAMES = ("logistic", "loggy", "relu", "elu", "selu", "relie", "ramp", "linear", 
 
 # Gradients computed from the activation's input (the layer keeps it while training).
 INPUT_GRADIENT = ("mish", "swish", "hard_mish", "gelu")
-# AlexeyAB's activations across the channels of each position (eps 1e-4 in the sum).
+# AlexeyAB's activations across the channels of each position (NORMALIZE_CHANNELS_EPSILON in
+# the sum). The slopes and thresholds of every activation are engine/constants.py's.
 CHANNEL_NAMES = ("normalize_channels", "normalize_channels_softmax",
                  "normalize_channels_softmax_maxval")
-NORMALIZE_CHANNELS_EPSILON = 1e-4
-MISH_THRESHOLD = 20.0  # AlexeyAB's softplus: x above it, exp(x) below -it, else log(exp(x)+1)
-
-SELU_LAMBDA = 1.0507
-SELU_ALPHA = 1.6732
 
 
 def check_name(name, where):
@@ -56,7 +55,7 @@ def _softplus(x):
 
 def _gelu_inner(x):
     f = x.dtype.type
-    return f(0.797885) * x + f(0.035677) * x * x * x
+    return f(GELU_LINEAR) * x + f(GELU_CUBIC) * x * x * x
 
 
 def _logistic(x):
@@ -70,7 +69,7 @@ def activate(x, name):
     if name == "linear":
         return x.copy()
     if name == "leaky":
-        return np.maximum(x, x * f(0.1))  # the same as x > 0 ? x : .1x, in one pass
+        return np.maximum(x, x * f(LEAKY_SLOPE))  # the same as x > 0 ? x : slope*x, in one pass
     if name == "relu":
         return x * (x > 0)
     if name == "logistic":
@@ -85,12 +84,13 @@ def activate(x, name):
         return np.where(x >= 0, f(SELU_LAMBDA) * x,
                         f(SELU_LAMBDA * SELU_ALPHA) * np.expm1(np.minimum(x, 0)))
     if name == "relie":
-        return np.where(x > 0, x, x * f(0.01))
+        return np.where(x > 0, x, x * f(RELIE_SLOPE))
     if name == "ramp":
-        return x * (x > 0) + f(0.1) * x
+        return x * (x > 0) + f(RAMP_SLOPE) * x
     if name == "plse":
-        return np.where(x < -4, f(0.01) * (x + 4),
-                        np.where(x > 4, f(0.01) * (x - 4) + 1, f(0.125) * x + f(0.5))).astype(x.dtype)
+        return np.where(x < -4, f(PLSE_OUTER_SLOPE) * (x + 4),
+                        np.where(x > 4, f(PLSE_OUTER_SLOPE) * (x - 4) + 1,
+                                 f(PLSE_SLOPE) * x + f(0.5))).astype(x.dtype)
     if name == "stair":
         n = np.floor(x)
         odd = np.mod(n, 2) != 0
@@ -98,7 +98,8 @@ def activate(x, name):
     if name == "hardtan":
         return np.clip(x, -1, 1)
     if name == "lhtan":
-        return np.where(x < 0, f(0.001) * x, np.where(x > 1, f(0.001) * (x - 1) + 1, x)).astype(x.dtype)
+        return np.where(x < 0, f(LHTAN_SLOPE) * x,
+                        np.where(x > 1, f(LHTAN_SLOPE) * (x - 1) + 1, x)).astype(x.dtype)
     if name == "mish":
         return (x * np.tanh(_softplus(x))).astype(x.dtype)
     if name == "swish":
@@ -110,7 +111,7 @@ def activate(x, name):
     if name == "gelu":
         return (f(0.5) * x * (1 + np.tanh(_gelu_inner(x)))).astype(x.dtype)
     if name == "revleaky":
-        return np.maximum(x, x * f(0.1))
+        return np.maximum(x, x * f(LEAKY_SLOPE))
     raise ValueError(f"unknown activation {name}")
 
 
@@ -121,7 +122,7 @@ def gradient(y, name):
     if name == "linear":
         return one
     if name == "leaky":
-        return np.where(y > 0, one, f(0.1))
+        return np.where(y > 0, one, f(LEAKY_SLOPE))
     if name == "relu":
         return (y > 0).astype(y.dtype)
     if name == "logistic":
@@ -136,22 +137,22 @@ def gradient(y, name):
     if name == "selu":
         return np.where(y >= 0, f(SELU_LAMBDA), y + f(SELU_LAMBDA * SELU_ALPHA))
     if name == "relie":
-        return np.where(y > 0, one, f(0.01))
+        return np.where(y > 0, one, f(RELIE_SLOPE))
     if name == "ramp":
-        return (y > 0).astype(y.dtype) + f(0.1)
+        return (y > 0).astype(y.dtype) + f(RAMP_SLOPE)
     if name == "plse":
-        return np.where((y < 0) | (y > 1), f(0.01), f(0.125))
+        return np.where((y < 0) | (y > 1), f(PLSE_OUTER_SLOPE), f(PLSE_SLOPE))
     if name == "stair":
         # On the even steps the output is a constant integer; on the odd ones it has slope 1.
         return (np.floor(y) != y).astype(y.dtype)
     if name == "hardtan":
         return ((y > -1) & (y < 1)).astype(y.dtype)
     if name == "lhtan":
-        return np.where((y > 0) & (y < 1), one, f(0.001))
+        return np.where((y > 0) & (y < 1), one, f(LHTAN_SLOPE))
     if name == "relu6":
         return ((y > 0) & (y < 6)).astype(y.dtype)
     if name == "revleaky":
-        return np.where(y > 0, one, f(0.1))
+        return np.where(y > 0, one, f(LEAKY_SLOPE))
     raise ValueError(f"unknown activation {name}")
 
 
@@ -172,7 +173,7 @@ def gradient_from_input(x, name):
     if name == "gelu":
         inner = _gelu_inner(x)
         tanh_inner = np.tanh(inner)
-        d_inner = f(0.797885) + f(3 * 0.035677) * x * x
+        d_inner = f(GELU_LINEAR) + f(3 * GELU_CUBIC) * x * x
         return (f(0.5) * (1 + tanh_inner) + f(0.5) * x * (1 - tanh_inner * tanh_inner)
                 * d_inner).astype(x.dtype)
     raise ValueError(f"activation {name} has no input gradient")
@@ -180,8 +181,9 @@ def gradient_from_input(x, name):
 
 def normalize_channels(x, name):
     """AlexeyAB's activate_array_normalize_channels(_softmax): x (B, C, H, W), across C at each
-    position. normalize_channels: positive values over (1e-4 + their sum), others 0; _softmax:
-    exp(x) / (1e-4 + sum exp(x)); _softmax_maxval: the same with the channel maximum subtracted."""
+    position. normalize_channels: positive values over (eps + their sum), others 0; _softmax:
+    exp(x) / (eps + sum exp(x)); _softmax_maxval: the same with the channel maximum subtracted
+    (eps: NORMALIZE_CHANNELS_EPSILON)."""
     f = x.dtype.type
     eps = f(NORMALIZE_CHANNELS_EPSILON)
     if name == "normalize_channels":

@@ -12,8 +12,8 @@ from . import memory
 from . import weights as weights_io
 from .activations import CHANNEL_NAMES, NAMES as ACTIVATION_NAMES
 from .backends import get_backend
-from .backends.numpy_backend import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .config import read_cfg, warn_unused
+from .constants import ALEXEYAB_BN_EPSILONS, PJREDDIE_BN_EPSILONS
 from .errors import ConfigError, EngineError, NumericalError
 from .layers import LAYER_TYPES
 
@@ -239,7 +239,7 @@ class Network:
             if getattr(layer, "share_owner", None) is not None:
                 layer._owner = self.layers[layer.share_owner]
                 layer.share_parameters(layer._owner)
-        self._inference = RecordedInference(self) if hasattr(self.ops, "capture") else None
+        self._inference = RecordedInference(self) if self.ops.can_record else None
 
     # ---- description --------------------------------------------------------------------------
     @property

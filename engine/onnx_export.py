@@ -28,6 +28,8 @@ import numpy as np
 
 from . import activations as engine_activations
 from . import detection
+from .constants import (GELU_CUBIC, GELU_LINEAR, LEAKY_SLOPE, LHTAN_SLOPE, PLSE_OUTER_SLOPE,
+                        PLSE_SLOPE, RAMP_SLOPE, RELIE_SLOPE)
 from .errors import ExportError
 from .layers import convolutional as conv_module
 from .network import GENERIC_LAYER_KEYS
@@ -175,7 +177,7 @@ def _linear(g, x):
 
 @_register(ACTIVATIONS, "leaky")
 def _leaky(g, x):
-    return g.op("LeakyRelu", [x], alpha=0.1)
+    return g.op("LeakyRelu", [x], alpha=LEAKY_SLOPE)
 
 
 @_register(ACTIVATIONS, "relu")
@@ -211,12 +213,12 @@ def _selu(g, x):
 
 @_register(ACTIVATIONS, "relie")
 def _relie(g, x):
-    return g.op("LeakyRelu", [x], alpha=0.01)
+    return g.op("LeakyRelu", [x], alpha=RELIE_SLOPE)
 
 
 @_register(ACTIVATIONS, "ramp")
 def _ramp(g, x):
-    return g.op("Add", [g.op("Relu", [x]), g.affine(x, 0.1, 0)])
+    return g.op("Add", [g.op("Relu", [x]), g.affine(x, RAMP_SLOPE, 0)])
 
 
 def _less(g, x, value):
@@ -229,7 +231,9 @@ def _greater(g, x, value):
 
 @_register(ACTIVATIONS, "plse")
 def _plse(g, x):
-    low, high, middle = g.affine(x, 0.01, 0.04), g.affine(x, 0.01, 0.96), g.affine(x, 0.125, 0.5)
+    outer = PLSE_OUTER_SLOPE  # .01(x + 4) below -4, .01(x - 4) + 1 above 4
+    low, high = g.affine(x, outer, 4 * outer), g.affine(x, outer, 1 - 4 * outer)
+    middle = g.affine(x, PLSE_SLOPE, 0.5)
     inner = g.op("Where", [_greater(g, x, 4), high, middle])
     return g.op("Where", [_less(g, x, -4), low, inner])
 
@@ -249,9 +253,9 @@ def _hardtan(g, x):
 
 @_register(ACTIVATIONS, "lhtan")
 def _lhtan(g, x):
-    above = g.op("Add", [g.affine(g.op("Sub", [x, g.scalar(1)]), 0.001, 0), g.scalar(1)])
+    above = g.op("Add", [g.affine(g.op("Sub", [x, g.scalar(1)]), LHTAN_SLOPE, 0), g.scalar(1)])
     inner = g.op("Where", [_greater(g, x, 1), above, x])
-    return g.op("Where", [_less(g, x, 0), g.affine(x, 0.001, 0), inner])
+    return g.op("Where", [_less(g, x, 0), g.affine(x, LHTAN_SLOPE, 0), inner])
 
 
 # AlexeyAB's activations
@@ -287,13 +291,13 @@ def _relu6(g, x):
 @_register(ACTIVATIONS, "gelu")
 def _gelu(g, x):
     cube = g.op("Mul", [g.op("Mul", [x, x]), x])
-    inner = g.op("Add", [g.affine(x, 0.797885, 0), g.affine(cube, 0.035677, 0)])
+    inner = g.op("Add", [g.affine(x, GELU_LINEAR, 0), g.affine(cube, GELU_CUBIC, 0)])
     return g.op("Mul", [g.affine(x, 0.5, 0), g.affine(g.op("Tanh", [inner]), 1, 1)])
 
 
 @_register(ACTIVATIONS, "revleaky")
 def _revleaky(g, x):  # leaky forward on both of AlexeyAB's paths
-    return g.op("LeakyRelu", [x], alpha=0.1)
+    return g.op("LeakyRelu", [x], alpha=LEAKY_SLOPE)
 
 
 def _over_channel_sum(g, values):

@@ -180,7 +180,7 @@ def iteration_runner(net, group):
     runs on the device (a [yolo] loss runs on the host, outside any recording), else
     EagerSteps."""
     on_device = not any(getattr(layer, "host_cost", False) for layer in net.cost_layers)
-    if hasattr(net.ops, "capture") and net.options.subdivisions == 1 and on_device:
+    if net.ops.can_record and net.options.subdivisions == 1 and on_device:
         return CapturedSteps(net, group)
     return EagerSteps(net, group)
 

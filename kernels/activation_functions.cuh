@@ -1,6 +1,11 @@
 // Darknet's activations (src/activations.h) and their gradients written through the output y,
-// as engine/activations.py computes them. The ids follow activations.NAMES.
+// as engine/activations.py computes them. The ids follow activations.NAMES. The slopes and
+// thresholds (LEAKY_SLOPE ...) are engine/constants.py's, given as -D options at compile time.
 #pragma once
+
+#ifndef LEAKY_SLOPE
+#error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
+#endif
 
 #define ACT_LOGISTIC 0
 #define ACT_LOGGY 1
@@ -23,11 +28,6 @@
 #define ACT_GELU 18
 #define ACT_REVLEAKY 19
 
-#define MISH_THRESHOLD 20.f
-
-#define SELU_LAMBDA 1.0507f
-#define SELU_LAMBDA_ALPHA ((float)(1.0507 * 1.6732))
-
 // AlexeyAB's softplus_activate(x, MISH_THRESHOLD).
 __device__ __forceinline__ float softplus_mish(float x)
 {
@@ -36,7 +36,7 @@ __device__ __forceinline__ float softplus_mish(float x)
     return log1pf(expf(x));
 }
 
-__device__ __forceinline__ float gelu_inner(float x) { return 0.797885f * x + 0.035677f * x * x * x; }
+__device__ __forceinline__ float gelu_inner(float x) { return GELU_LINEAR * x + GELU_CUBIC * x * x * x; }
 
 __device__ __forceinline__ float activate(float x, int act)
 {
@@ -46,14 +46,14 @@ __device__ __forceinline__ float activate(float x, int act)
     case ACT_RELU: return x > 0.f ? x : 0.f;
     case ACT_ELU: return x >= 0.f ? x : expm1f(x);
     case ACT_SELU: return x >= 0.f ? SELU_LAMBDA * x : SELU_LAMBDA_ALPHA * expm1f(x);
-    case ACT_RELIE: return x > 0.f ? x : 0.01f * x;
-    case ACT_RAMP: return (x > 0.f ? x : 0.f) + 0.1f * x;
+    case ACT_RELIE: return x > 0.f ? x : RELIE_SLOPE * x;
+    case ACT_RAMP: return (x > 0.f ? x : 0.f) + RAMP_SLOPE * x;
     case ACT_TANH: return tanhf(x);
     case ACT_PLSE:
-        if (x < -4.f) return 0.01f * (x + 4.f);
-        if (x > 4.f) return 0.01f * (x - 4.f) + 1.f;
-        return 0.125f * x + 0.5f;
-    case ACT_LEAKY: return x > 0.f ? x : 0.1f * x;
+        if (x < -4.f) return PLSE_OUTER_SLOPE * (x + 4.f);
+        if (x > 4.f) return PLSE_OUTER_SLOPE * (x - 4.f) + 1.f;
+        return PLSE_SLOPE * x + 0.5f;
+    case ACT_LEAKY: return x > 0.f ? x : LEAKY_SLOPE * x;
     case ACT_STAIR: {
         float n = floorf(x);
         float half = floorf(x / 2.f);
@@ -61,8 +61,8 @@ __device__ __forceinline__ float activate(float x, int act)
     }
     case ACT_HARDTAN: return fminf(fmaxf(x, -1.f), 1.f);
     case ACT_LHTAN:
-        if (x < 0.f) return 0.001f * x;
-        if (x > 1.f) return 0.001f * (x - 1.f) + 1.f;
+        if (x < 0.f) return LHTAN_SLOPE * x;
+        if (x > 1.f) return LHTAN_SLOPE * (x - 1.f) + 1.f;
         return x;
     case ACT_MISH: return x * tanhf(softplus_mish(x));
     case ACT_SWISH: return x / (1.f + expf(-x));
@@ -72,7 +72,7 @@ __device__ __forceinline__ float activate(float x, int act)
         return 0.f;
     case ACT_RELU6: return fminf(fmaxf(x, 0.f), 6.f);
     case ACT_GELU: return 0.5f * x * (1.f + tanhf(gelu_inner(x)));
-    case ACT_REVLEAKY: return x > 0.f ? x : 0.1f * x;
+    case ACT_REVLEAKY: return x > 0.f ? x : LEAKY_SLOPE * x;
     default: return x;  // linear
     }
 }
@@ -85,16 +85,16 @@ __device__ __forceinline__ float gradient(float y, int act)
     case ACT_RELU: return y > 0.f ? 1.f : 0.f;
     case ACT_ELU: return y >= 0.f ? 1.f : y + 1.f;
     case ACT_SELU: return y >= 0.f ? SELU_LAMBDA : y + SELU_LAMBDA_ALPHA;
-    case ACT_RELIE: return y > 0.f ? 1.f : 0.01f;
-    case ACT_RAMP: return (y > 0.f ? 1.f : 0.f) + 0.1f;
+    case ACT_RELIE: return y > 0.f ? 1.f : RELIE_SLOPE;
+    case ACT_RAMP: return (y > 0.f ? 1.f : 0.f) + RAMP_SLOPE;
     case ACT_TANH: return 1.f - y * y;
-    case ACT_PLSE: return (y < 0.f || y > 1.f) ? 0.01f : 0.125f;
-    case ACT_LEAKY: return y > 0.f ? 1.f : 0.1f;
+    case ACT_PLSE: return (y < 0.f || y > 1.f) ? PLSE_OUTER_SLOPE : PLSE_SLOPE;
+    case ACT_LEAKY: return y > 0.f ? 1.f : LEAKY_SLOPE;
     case ACT_STAIR: return floorf(y) != y ? 1.f : 0.f;
     case ACT_HARDTAN: return (y > -1.f && y < 1.f) ? 1.f : 0.f;
-    case ACT_LHTAN: return (y > 0.f && y < 1.f) ? 1.f : 0.001f;
+    case ACT_LHTAN: return (y > 0.f && y < 1.f) ? 1.f : LHTAN_SLOPE;
     case ACT_RELU6: return (y > 0.f && y < 6.f) ? 1.f : 0.f;
-    case ACT_REVLEAKY: return y > 0.f ? 1.f : 0.1f;
+    case ACT_REVLEAKY: return y > 0.f ? 1.f : LEAKY_SLOPE;
     default: return 1.f;  // linear
     }
 }
@@ -118,7 +118,7 @@ __device__ __forceinline__ float gradient_from_input(float x, int act)
         return 0.f;
     case ACT_GELU: {
         float t = tanhf(gelu_inner(x));
-        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * (0.797885f + 3.f * 0.035677f * x * x);
+        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * (GELU_LINEAR + 3.f * GELU_CUBIC * x * x);
     }
     default: return 1.f;
     }

@@ -25,15 +25,16 @@ extern "C" __global__ void input_gradient_kernel(const float *x, float *delta, i
 }
 
 // AlexeyAB's normalize_channels activations across the C channels of each (image, position);
-// one thread per position. mode 0: positive values over (1e-4 + their sum), others 0;
-// 1: exp(x) / (1e-4 + sum exp(x)); 2: as 1 with the channels' maximum subtracted first.
+// one thread per position. mode 0: positive values over (eps + their sum), others 0;
+// 1: exp(x) / (eps + sum exp(x)); 2: as 1 with the channels' maximum subtracted first
+// (eps: NORMALIZE_CHANNELS_EPSILON).
 extern "C" __global__ void normalize_channels_kernel(const float *x, float *y, int positions,
                                                      int channels, int spatial, int mode)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= positions) return;
     size_t base = (size_t)(i / spatial) * channels * spatial + i % spatial;
-    float shift = 0.f, sum = 1e-4f;
+    float shift = 0.f, sum = NORMALIZE_CHANNELS_EPSILON;
     if (mode == 2) {
         shift = x[base];
         for (int k = 1; k < channels; ++k) shift = fmaxf(shift, x[base + (size_t)k * spatial]);
@@ -56,7 +57,7 @@ extern "C" __global__ void normalize_channels_backward_kernel(const float *x, fl
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= positions) return;
     size_t base = (size_t)(i / spatial) * channels * spatial + i % spatial;
-    float shift = 0.f, sum = 1e-4f, inner = 0.f;
+    float shift = 0.f, sum = NORMALIZE_CHANNELS_EPSILON, inner = 0.f;
     int winner = 0;
     if (mode == 2) {
         shift = x[base];
@@ -87,7 +88,7 @@ extern "C" __global__ void normalize_channels_backward_kernel(const float *x, fl
         }
     }
     if (mode == 2) {
-        winner_shift = inner * 1e-4f / sum;
+        winner_shift = inner * NORMALIZE_CHANNELS_EPSILON / sum;
         delta[base + (size_t)winner * spatial] -= winner_shift;
     }
 }
@@ -100,7 +101,7 @@ extern "C" __global__ void bias_activate_kernel(float *x, const float *bias, int
 }
 
 // Darknet's inference rule: scale * (x - mean) / (sqrt(var + inside) + outside) + bias, then
-// act; pjreddie's epsilons are (0, 1e-6), AlexeyAB's (1e-5, 0).
+// act; (inside, outside) are engine/constants.py's PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS.
 extern "C" __global__ void bn_inference_activate_kernel(const float *x, float *y, const float *mean,
                                                         const float *variance, const float *scale,
                                                         const float *bias, int n, int spatial,

@@ -1,6 +1,10 @@
 // Softmax over contiguous rows and the two costs: cross-entropy after a softmax, and Darknet's
 // sum of squares. The costs are reduced per block and added into one float (zeroed before).
 
+#ifndef CROSS_ENTROPY_FLOOR
+#error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
+#endif
+
 extern "C" __global__ void softmax_kernel(const float *x, float *y, int rows, int n,
                                           float inverse_temperature)
 {
@@ -31,7 +35,7 @@ __device__ void add_block_sum(float value, float *total)
     if (threadIdx.x == 0) atomicAdd(total, partial[0]);
 }
 
-// delta = truth - p; cost += -truth * log(max(p, 1e-30)).
+// delta = truth - p; cost += -truth * log(max(p, CROSS_ENTROPY_FLOOR)).
 extern "C" __global__ void cross_entropy_kernel(const float *p, const float *truth, float *delta,
                                                 float *cost, int n)
 {
@@ -40,7 +44,7 @@ extern "C" __global__ void cross_entropy_kernel(const float *p, const float *tru
     if (i < n) {
         float t = truth[i];
         delta[i] = t - p[i];
-        if (t != 0.f) c = -t * logf(fmaxf(p[i], 1e-30f));
+        if (t != 0.f) c = -t * logf(fmaxf(p[i], CROSS_ENTROPY_FLOOR));
     }
     add_block_sum(c, cost);
 }

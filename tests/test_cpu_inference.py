@@ -104,15 +104,6 @@ def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out)
     np.testing.assert_array_equal(inferred, trained)
 
 
-def test_equal_shape_shortcut_is_the_weighted_sum():
-    rng = np.random.default_rng(2)
-    ops = NumpyBackend()
-    x, add = (rng.standard_normal((2, 4, 5, 5)).astype(np.float32) for _ in range(2))
-    np.testing.assert_array_equal(ops.shortcut_forward(x, add, 1, 1), x + add)
-    np.testing.assert_allclose(ops.shortcut_forward(x, add, 0.5, 2.0), 0.5 * x + 2.0 * add,
-                               rtol=1e-6)
-
-
 def test_own_threads_compute_what_one_thread_does(monkeypatch):
     net = Network(YOLOV3_TINY, quiet=True)
     x = np.random.default_rng(3).random((1, 3, 416, 416), dtype=np.float32)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.backends.cuda import cudnn
-from engine.backends.cuda.kernels import KERNEL_DIR, SIGNATURES
+from engine.backends.cuda import cublas, cudnn
+from engine.backends.cuda.kernels import COMPILE_OPTIONS, KERNEL_DIR, SIGNATURES
 
 ARCHITECTURES = ("75", "80", "90")
 SOURCES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
@@ -43,8 +43,8 @@ def test_kernels_compile_for_sm75_sm80_sm90(tmp_path):
     def compile_one(job):
         source, arch = job
         out = tmp_path / f"{os.path.basename(source)}.sm_{arch}.cubin"
-        result = subprocess.run([nvcc, "--cubin", "-O3", f"-arch=sm_{arch}", "-I", KERNEL_DIR,
-                                 source, "-o", str(out)], capture_output=True, text=True)
+        result = subprocess.run([nvcc, "--cubin", *COMPILE_OPTIONS, f"-arch=sm_{arch}", "-I",
+                                 KERNEL_DIR, source, "-o", str(out)], capture_output=True, text=True)
         return f"{source} (sm_{arch})", result.returncode, result.stderr
 
     jobs = [(source, arch) for source in SOURCES for arch in ARCHITECTURES]
@@ -109,8 +109,9 @@ def test_enum_values_match_the_headers():
 
 
 def ctypes_kind(argtype):
-    if argtype in (ctypes.c_void_p,) or getattr(argtype, "_type_", None) in (ctypes.c_int,
-                                                                              ctypes.c_size_t):
+    if argtype is ctypes.c_void_p or getattr(argtype, "_type_", None) in (ctypes.c_int,
+                                                                           ctypes.c_size_t,
+                                                                           ctypes.c_float):
         return "pointer"
     return {ctypes.c_int: "int", ctypes.c_double: "double", ctypes.c_size_t: "size_t"}[argtype]
 
@@ -119,7 +120,8 @@ def c_kind(parameter):
     """What a C parameter declaration is passed as: pointer, int (ints and enums), double,
     size_t. Handles and descriptors are pointers to opaque structs."""
     parameter = parameter.strip()
-    if "*" in parameter or re.search(r"\b(cudnnHandle_t|\w+Descriptor_t|cudaStream_t)\b", parameter):
+    if "*" in parameter or re.search(r"\b(cudnnHandle_t|cublasHandle_t|\w+Descriptor_t|cudaStream_t)\b",
+                                     parameter):
         return "pointer"
     if re.match(r"(const\s+)?double\b", parameter):
         return "double"
@@ -136,6 +138,33 @@ def test_function_argument_types_match_the_headers():
     for name, argtypes in cudnn.FUNCTIONS.items():
         match = re.search(rf"\b{name}\s*\(([^)]*)\)\s*;", text)
         assert match, f"{name} not declared in the cuDNN headers"
+        declared = [p for p in match.group(1).split(",") if p.strip() not in ("", "void")]
+        assert [c_kind(p) for p in declared] == [ctypes_kind(t) for t in argtypes], name
+
+
+def cublas_header_text():
+    roots = ["/usr/include", "/usr/local/cuda/include"]
+    roots += [os.path.join(p, "nvidia", "cublas", "include") for p in sys.path]
+    for root in roots:
+        path = os.path.join(root, "cublas_api.h")
+        if os.path.exists(path):
+            with open(path, errors="replace") as handle:
+                return re.sub(r"/\*.*?\*/|//[^\n]*", " ", handle.read(), flags=re.DOTALL)
+    return None
+
+
+def test_cublas_binding_matches_the_headers():
+    """cuBLAS's enums (documented values) and, where cublas_api.h is installed, the argument
+    types of every function the binding declares."""
+    assert cublas.ENUMS == {"CUBLAS_STATUS_SUCCESS": 0, "CUBLAS_OP_N": 0, "CUBLAS_OP_T": 1}
+    text = cublas_header_text()
+    if text is None:
+        pytest.skip("no cuBLAS headers on this machine")
+    for name, value in cublas.ENUMS.items():
+        assert int(re.search(rf"\b{name}\s*=\s*(\d+)", text).group(1)) == value, name
+    for name, argtypes in cublas.FUNCTIONS.items():
+        match = re.search(rf"\b{name}\s*\(([^)]*)\)\s*;", text)
+        assert match, f"{name} not declared in cublas_api.h"
         declared = [p for p in match.group(1).split(",") if p.strip() not in ("", "void")]
         assert [c_kind(p) for p in declared] == [ctypes_kind(t) for t in argtypes], name
 

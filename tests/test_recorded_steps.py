@@ -213,7 +213,7 @@ class FakeDriver:
 
 def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     driver = FakeDriver()
-    monkeypatch.setattr(cuda_graph, "_driver", lambda: driver)
+    monkeypatch.setattr(cuda_graph, "cuda_driver", lambda: driver)
     ops, seen = fake_gpu, []
     step = ops.capture(lambda: seen.append((ops._recording, ops.device.keep_alive is not None)))
     assert seen == [(True, True)] and not ops._recording

@@ -1,4 +1,5 @@
-"""Compute backends: each implements the same set of operations the layers call.
+"""Compute backends: each implements the operation set the layers call, declared once in
+operations.py (`Operations`).
 
 `numpy_backend.NumpyBackend` is the CPU reference. The CUDA backend lives in `cuda/` and is
 imported only when asked for, so the CPU engine needs nothing beyond numpy.

@@ -26,16 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import activations, memory
+from ..constants import (BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, LEAKY_SLOPE,
+                         PJREDDIE_BN_EPSILONS)
 from ..errors import BackendError
 from . import winograd
+from .operations import Operations
 
-BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
-BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
-# Inference BN's (epsilon under the square root, epsilon added to it): pjreddie's Darknet divides
-# by sqrt(var) + 1e-6, AlexeyAB's by sqrt(var + 1e-5) (normalize_cpu, fuse_conv_batchnorm).
-PJREDDIE_BN_EPSILONS = (0.0, BN_INFERENCE_EPSILON)
-ALEXEYAB_BN_EPSILONS = (1e-5, 0.0)
-BN_MOMENTUM = 0.01           # exponentialAverageFactor for the rolling statistics
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
 
@@ -55,7 +51,7 @@ def _pair(stride):
     return (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
 
 
-class NumpyBackend:
+class NumpyBackend(Operations):
     name = "cpu"
     device_name = "CPU"
 
@@ -178,13 +174,13 @@ class NumpyBackend:
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
         if activation == "leaky":
-            # delta *= (y > 0 ? 1 : .1), the factor built as .9 * (y > 0) + .1 (masked ops such as
-            # where() are slow here)
+            # delta *= (y > 0 ? 1 : slope), the factor built as (1 - slope) * (y > 0) + slope
+            # (masked ops such as where() are slow here)
             f = delta.dtype.type
             for block in self._channel_blocks(delta):
                 factor = (y[block] > 0).astype(delta.dtype)
-                factor *= f(0.9)
-                factor += f(0.1)
+                factor *= f(1 - LEAKY_SLOPE)
+                factor += f(LEAKY_SLOPE)
                 db = delta[block]  # not delta[block] *= factor: that copies the block onto itself
                 db *= factor
         elif activation != "linear":
@@ -207,7 +203,7 @@ class NumpyBackend:
 
     @staticmethod
     def _leaky_(x):
-        np.maximum(x, x * x.dtype.type(0.1), out=x)
+        np.maximum(x, x * x.dtype.type(LEAKY_SLOPE), out=x)
 
     def add_bias_(self, y, biases, activation="linear"):
         """y = act(y + biases per channel), in place; leaky in the same pass over each block."""
@@ -421,11 +417,11 @@ class NumpyBackend:
             mean[stats] = np.einsum("bns->n", view[block]) / count
             centered = view[block] - mean[stats, None]
             variance[stats] = np.einsum("bns,bns->n", centered, centered) / count
-            gain = scales[stats] / np.sqrt(variance[stats] + x.dtype.type(BN_EPSILON))
+            gain = scales[stats] / np.sqrt(variance[stats] + x.dtype.type(BN_TRAINING_EPSILON))
             yb = y[block]
             np.multiply(centered, gain[:, None], out=yb)
             yb += biases[stats, None]
-        inv_std = 1 / np.sqrt(variance + x.dtype.type(BN_EPSILON))
+        inv_std = 1 / np.sqrt(variance + x.dtype.type(BN_TRAINING_EPSILON))
         rolling_mean *= 1 - BN_MOMENTUM
         rolling_mean += BN_MOMENTUM * mean.reshape(rolling_mean.shape)
         rolling_variance *= 1 - BN_MOMENTUM
@@ -438,7 +434,7 @@ class NumpyBackend:
                                     epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule, then the activation:
         act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
-        (pjreddie's (0, 1e-6) or AlexeyAB's (1e-5, 0)), as one affine map per statistic."""
+        (constants.PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
         inside, outside = (x.dtype.type(e) for e in epsilons)
         factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
@@ -662,7 +658,7 @@ class NumpyBackend:
         """(cost summed over the batch, delta = truth - p) for a softmax output."""
         p = probabilities.reshape(truth.shape)
         with np.errstate(divide="ignore"):
-            cost = float(-(truth * np.log(np.maximum(p, np.float32(1e-30)))).sum())
+            cost = float(-(truth * np.log(np.maximum(p, np.float32(CROSS_ENTROPY_FLOOR)))).sum())
         return cost, (truth - p).reshape(probabilities.shape)
 
     def sse(self, output, truth):

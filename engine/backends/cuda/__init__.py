@@ -1,5 +1,6 @@
-"""The CUDA backend: PyCUDA kernels (kernels/*.cu), cuDNN through a small ctypes binding of its
-legacy API, cuBLAS through scikit-cuda. Imported only when the GPU backend is asked for."""
+"""The CUDA backend: PyCUDA kernels (kernels/*.cu), cuDNN and cuBLAS through small ctypes
+bindings (libraries.py finds them and every other dependency). Imported only when the GPU
+backend is asked for."""
 
 from .backend import CudaBackend
 

@@ -3,8 +3,8 @@ deltas are negative gradients, *_updates accumulate, in-place ops return their a
 PyCUDA GPUArrays, issued in order on one stream.
 
 Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, the rest in
-kernels/*.cu. Inference batch norm is Darknet's rule, scale*(x-mean)/(sqrt(var)+1e-6)+bias,
-in our own kernel, since cuDNN's inference call divides by sqrt(var+eps).
+kernels/*.cu. Inference batch norm is Darknet's rule (operations.py), in our own kernel, since
+cuDNN's inference call divides by sqrt(var+eps).
 """
 
 import contextlib
@@ -13,11 +13,14 @@ import itertools
 import numpy as np
 
 from ... import activations, memory
+from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
+from ..operations import Operations
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
 from .device import get_device
 from .kernels import Kernels
+from .libraries import check_gpu_dependencies
 
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
 STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drained once per wrap
@@ -28,6 +31,7 @@ _RUNTIMES = {}  # (device, allow_tf32) -> (Device, Kernels, Cudnn, Cublas), made
 def _runtime(device_index, allow_tf32):
     key = (device_index, allow_tf32)
     if key not in _RUNTIMES:
+        check_gpu_dependencies()  # a missing package or library: one line naming it
         device = get_device(device_index)
         stream = device.stream.handle
         _RUNTIMES[key] = (device, Kernels(device), Cudnn(stream, allow_tf32), Cublas(stream))
@@ -67,8 +71,9 @@ class ConvPlan:
         self.workspace = max(self.forward_workspace, self.data_workspace, self.filter_workspace)
 
 
-class CudaBackend:
+class CudaBackend(Operations):
     name = "gpu"
+    can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
     def __init__(self, device=0, seed=0, allow_tf32=False):
         """allow_tf32 lets cuDNN use TF32 tensor cores for convolutions (faster, ~1e-3 relative
@@ -214,10 +219,6 @@ class CudaBackend:
 
         return CapturedStep(self, step)
 
-    def memory_used(self):
-        """Bytes of GPU memory in use on this device (all processes), for reports."""
-        return self.device.memory_used()
-
     # ---- activation and bias ------------------------------------------------------------------
     def activate_(self, x, activation):
         if activation != "linear":
@@ -351,7 +352,7 @@ class CudaBackend:
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
-                                    epsilons=(0.0, 1e-6)):
+                                    epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's rule, optionally fused with the activation that follows."""
         y = self._empty(x.shape)
         if per_activation:

@@ -8,8 +8,9 @@ raises BackendError naming the call.
 
 import ctypes
 
+from ...constants import BN_MOMENTUM, BN_TRAINING_EPSILON
 from ...errors import BackendError
-from .libraries import load_library
+from .libraries import CUDNN, load
 
 # Enum values (cudnn_graph.h / cudnn_ops.h / cudnn_cnn.h, cuDNN 9).
 CUDNN_STATUS_SUCCESS = 0
@@ -72,8 +73,6 @@ FUNCTIONS = {
 }
 RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetVersion": ctypes.c_size_t}
 
-BN_EPSILON = 1e-5         # cuDNN's minimum, and the engine's training rule
-BN_AVERAGE_FACTOR = 0.01  # rolling statistics move 1% toward the batch's
 WORKSPACE_LIMIT = 1 << 30
 # cuDNN's non-fused Winograd algorithms round more as filters grow. Measured on an H200 against
 # the CPU: 2e-3 to 5e-3 relative for 5x5 filters in all three directions, as far off as TF32;
@@ -96,9 +95,7 @@ class Cudnn:
     """A cuDNN handle on the device's stream, and the calls the backend makes."""
 
     def __init__(self, stream_handle, allow_tf32=False):
-        self.lib = load_library(["libcudnn.so.9"], "cudnn",
-                                "cuDNN 9 not found (libcudnn.so.9): install cuDNN or the "
-                                "nvidia-cudnn-cu12 wheel")
+        self.lib = load(CUDNN)
         for name, argtypes in FUNCTIONS.items():
             try:
                 function = getattr(self.lib, name)
@@ -199,7 +196,7 @@ class Cudnn:
                                 rolling_mean, rolling_variance, save_mean, save_inv_std):
         self.call("cudnnBatchNormalizationForwardTraining", self.handle, mode, ctypes.byref(_ONE),
                   ctypes.byref(_ZERO), x_desc, x, x_desc, y, param_desc, scales, biases,
-                  BN_AVERAGE_FACTOR, rolling_mean, rolling_variance, BN_EPSILON, save_mean,
+                  BN_MOMENTUM, rolling_mean, rolling_variance, BN_TRAINING_EPSILON, save_mean,
                   save_inv_std)
 
     def batchnorm_backward(self, mode, x_desc, x, dy, dx, param_desc, scales, scale_updates,
@@ -208,5 +205,5 @@ class Cudnn:
         # betaParamDiff = 1 accumulates them into the layer's updates.
         self.call("cudnnBatchNormalizationBackward", self.handle, mode, ctypes.byref(_ONE),
                   ctypes.byref(_ZERO), ctypes.byref(_ONE), ctypes.byref(_ONE), x_desc, x, x_desc,
-                  dy, x_desc, dx, param_desc, scales, scale_updates, bias_updates, BN_EPSILON,
+                  dy, x_desc, dx, param_desc, scales, scale_updates, bias_updates, BN_TRAINING_EPSILON,
                   save_mean, save_inv_std)

@@ -11,18 +11,15 @@ import atexit
 import numpy as np
 
 from ...errors import BackendError
+from .libraries import import_package
 
 _DEVICES = {}  # device index -> Device; one context per process and GPU
 
 
 def import_pycuda():
-    try:
-        import pycuda.driver as cuda
-        import pycuda.gpuarray as gpuarray
-        import pycuda.tools as tools
-    except ImportError as error:
-        raise BackendError(f"the GPU backend needs pycuda ({error}); install it with "
-                           "pip install -e .[gpu]") from None
+    cuda = import_package("pycuda.driver")  # a BackendError naming the package if missing
+    import pycuda.gpuarray as gpuarray
+    import pycuda.tools as tools
     return cuda, gpuarray, tools
 
 

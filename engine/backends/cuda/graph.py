@@ -8,17 +8,7 @@ memory that each replay refreshes (CudaBackend.recording and set_step).
 """
 
 from ...errors import BackendError
-
-
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # cuda-python < 12.6
-        except ImportError as error:
-            raise BackendError(f"CUDA graphs need the cuda-bindings package ({error})") from None
-    return driver
+from .libraries import cuda_driver
 
 
 def _check(driver, result, call):
@@ -35,7 +25,7 @@ class CapturedStep:
 
     def __init__(self, backend, step):
         self.backend = backend
-        self.driver = driver = _driver()
+        self.driver = driver = cuda_driver()
         self.stream = driver.CUstream(backend.stream.handle)
         self.replays = 0
         backend.synchronize()

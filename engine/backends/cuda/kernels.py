@@ -3,12 +3,16 @@ disk) and launches them on the device's stream through prepared calls (cheapest 
 
 import os
 
+from ...constants import kernel_define_options
 from ...errors import BackendError
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "kernels")
 
 BLOCK = 256
+
+# nvcc options of every kernel: optimised, and engine/constants.py's values as -D definitions.
+COMPILE_OPTIONS = ["-O3"] + kernel_define_options()
 
 # kernel name -> (source file, PyCUDA argument signature: P pointer, i int, I uint, f float)
 SIGNATURES = {
@@ -68,7 +72,7 @@ class Kernels:
                     raise BackendError(f"cannot read kernel source {path}: {error}") from None
                 try:
                     modules[source] = SourceModule(code, no_extern_c=True, include_dirs=[kernel_dir],
-                                                   options=["-O3"])
+                                                   options=COMPILE_OPTIONS)
                 except CompileError as error:
                     message = (error.stderr or error.stdout or str(error)).strip()
                     raise BackendError(f"kernel {path} failed to compile:\n{message}") from None

@@ -1,0 +1,369 @@
+"""The operation set: every operation layers, the network and training call on a backend `ops`.
+
+Declared here once; `NumpyBackend` (numpy_backend.py) and `CudaBackend` (cuda/backend.py)
+subclass `Operations` and implement each abstract method with these signatures and semantics,
+and tests/test_operations.py checks both against plain numpy. A backend that misses one cannot
+be instantiated, and tests/test_operations.py fails when a backend has a public member this
+class does not declare: a new operation is declared here first (see README, "Architecture").
+
+Conventions, for every operation:
+- An *array* is the backend's own float32 array (numpy.ndarray or PyCUDA GPUArray), C-ordered
+  NCHW to the caller: (B, C, H, W) images, (B, N, 1, 1) vectors. Where an operation says "new",
+  it returns a new array and leaves its inputs unchanged; names ending in `_` change their first
+  array argument in place and return it. The numpy backend may lay a 4-D array out
+  batch-innermost in memory (numpy_backend.py): callers index and reshape only through
+  operations, never through the layout.
+- Darknet's sign convention: a *delta* is the negative gradient of the loss. Backward operations
+  *accumulate* parameter gradients into the `*_updates` arrays they are given (cuDNN's beta = 1)
+  and only `sgd_update` changes parameters.
+- Scalars (strides, sizes, factors) are Python numbers; shapes are tuples of ints.
+- Semantic constants (epsilons, momentum, activation slopes) come from engine/constants.py.
+
+Capabilities are declared as class attributes with defaults here, so callers ask
+(`ops.can_record`) instead of probing with hasattr.
+"""
+
+from abc import ABC, abstractmethod
+
+from ..constants import PJREDDIE_BN_EPSILONS
+from ..errors import BackendError
+
+
+class Operations(ABC):
+    """The operations a backend implements (abstract) and the capabilities it declares."""
+
+    # ---- capabilities (defaults; a backend overrides what it can do) ---------------------------
+    can_record = False
+    """True when `capture` works: a whole step can be recorded once and replayed (CUDA graphs).
+    Network (recorded inference) and train.py (recorded iterations) use it only then."""
+
+    # ---- identity ------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def name(self):
+        """'cpu' or 'gpu': the name `get_backend` knows this backend by."""
+
+    @property
+    @abstractmethod
+    def device_name(self):
+        """The device in words for messages ('CPU', 'GPU 0 (NVIDIA H200)')."""
+
+    @abstractmethod
+    def seed(self, seed):
+        """Restart the backend's random source (dropout masks) from the integer `seed`."""
+
+    # ---- memory --------------------------------------------------------------------------------
+    @abstractmethod
+    def available_memory(self):
+        """Bytes this backend can still allocate (an int), capped by ENGINE_MEMORY_LIMIT; checked
+        before a network runs."""
+
+    @abstractmethod
+    def asarray(self, host):
+        """A float32 array on this backend holding `host` (any array-like; converted to float32).
+        May return `host` itself when it already is such an array."""
+
+    @abstractmethod
+    def to_host(self, array):
+        """A float32 numpy array with `array`'s values (the backend's work so far is finished
+        first)."""
+
+    @abstractmethod
+    def set_(self, dst, host):
+        """Copy host values (dst.size of them, any shape) into the existing array dst, in place;
+        dst keeps its identity (a fixed buffer a recording reads). Returns dst."""
+
+    @abstractmethod
+    def zeros(self, shape):
+        """A new float32 array of `shape`, all zero."""
+
+    @abstractmethod
+    def copy(self, array):
+        """A new array equal to `array`."""
+
+    @abstractmethod
+    def reshape(self, array, shape):
+        """`array`'s values as `shape` (same size), in row-major NCHW order; may share memory."""
+
+    @abstractmethod
+    def add_(self, dst, src):
+        """dst += src elementwise (same shape), in place; returns dst. Sums the deltas that reach
+        one layer along several paths."""
+
+    @abstractmethod
+    def synchronize(self):
+        """Wait until every operation issued so far has finished (for timing)."""
+
+    @abstractmethod
+    def freeze_(self, array):
+        """Mark a parameter array read-only from here on (inference): the backend may cache work
+        derived from it. Returns array."""
+
+    # ---- activation and bias -------------------------------------------------------------------
+    @abstractmethod
+    def activate_(self, x, activation):
+        """x = act(x) elementwise for one of activations.NAMES, in place; returns x."""
+
+    @abstractmethod
+    def activation_backward_(self, y, delta, activation):
+        """delta *= act'(x), the derivative written through the activation's output y
+        (activations.gradient); y and delta of one shape; delta in place, returned."""
+
+    @abstractmethod
+    def activation_input_backward_(self, x, delta, activation):
+        """delta *= act'(x) from the activation's input x, for activations.INPUT_GRADIENT
+        (mish, swish, hard_mish, gelu); delta in place, returned."""
+
+    @abstractmethod
+    def normalize_channels(self, x, activation):
+        """AlexeyAB's activations across the channels of each position (activations.CHANNEL_NAMES)
+        of a (B, C, H, W) x: a new array (activations.normalize_channels)."""
+
+    @abstractmethod
+    def normalize_channels_backward_(self, x, delta, activation):
+        """delta := the delta through normalize_channels at its input x (both (B, C, H, W));
+        delta in place, returned."""
+
+    @abstractmethod
+    def add_bias_(self, y, biases, activation="linear"):
+        """y = act(y + biases[c]) for y (B, C, ...) and biases (C,), in place, in one pass;
+        returns y."""
+
+    @abstractmethod
+    def bias_backward(self, delta, bias_updates):
+        """bias_updates (C,) += the sum of delta (B, C, ...) over all axes but the channel's.
+        Returns nothing."""
+
+    @abstractmethod
+    def scale_(self, x, factor):
+        """x *= factor (a Python number), in place; returns x."""
+
+    # ---- convolution and fully connected -------------------------------------------------------
+    @abstractmethod
+    def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
+        """Darknet's convolution (cross-correlation, no flip): x (B, C, H, W), weights
+        (F, C/groups, k, k) -> a new (B, F, out_h, out_w) with
+        out = (n + 2*padding - dilation*(k-1) - 1) // stride + 1 per axis; `stride` is an int or
+        (stride_y, stride_x); zero padding on every side; `groups` splits C and F alike.
+        train=False allows inference-only algorithms (numpy: Winograd for 3x3 stride 1)."""
+
+    @abstractmethod
+    def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
+                      dilation=1):
+        """The adjoint of conv_forward for delta (B, F, out_h, out_w): weight_updates
+        (F, C/groups, k, k) += the weights' negative gradient; returns a new delta for x
+        (B, C, H, W), or None when need_dx is False."""
+
+    @abstractmethod
+    def connected_forward(self, x, weights):
+        """x (B, ...) flattened to (B, inputs), weights (outputs, inputs) -> a new
+        (B, outputs, 1, 1) = x @ weights.T."""
+
+    @abstractmethod
+    def connected_backward(self, x, weights, delta, weight_updates, need_dx):
+        """delta (B, outputs, 1, 1): weight_updates (outputs, inputs) += delta^T @ x; returns a
+        new delta for x (x's shape) = delta @ weights, or None when need_dx is False."""
+
+    # ---- batch normalisation -------------------------------------------------------------------
+    @abstractmethod
+    def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
+                                per_activation=False):
+        """Training batch norm (cuDNN's rule) of x (B, C, H, W) or (B, N, 1, 1): statistics per
+        channel over batch and positions (SPATIAL), or per element over the batch
+        (per_activation; parameters then of x.shape[1:]). y = scales * (x - mean) /
+        sqrt(var + BN_TRAINING_EPSILON) + biases with the biased batch variance; in place:
+        rolling_mean and rolling_variance move by BN_MOMENTUM toward the batch mean and the
+        *unbiased* batch variance. Returns (new y, cache) where the cache is opaque and only for
+        batchnorm_backward."""
+
+    @abstractmethod
+    def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
+                                    per_activation=False, activation="linear",
+                                    epsilons=PJREDDIE_BN_EPSILONS):
+        """Darknet's inference rule then the activation, a new array:
+        act(scales * (x - rolling_mean) / (sqrt(rolling_variance + e0) + e1) + biases),
+        (e0, e1) = epsilons: constants.PJREDDIE_BN_EPSILONS (the default) or
+        ALEXEYAB_BN_EPSILONS. Layout as batchnorm_forward_train."""
+
+    @abstractmethod
+    def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
+        """The exact backward of batchnorm_forward_train (batch statistics) for its cache:
+        scale_updates += sum(delta * x_norm), bias_updates += sum(delta) per statistic;
+        returns a new delta for x."""
+
+    # ---- pooling, resampling, dropout ----------------------------------------------------------
+    @abstractmethod
+    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
+        """Darknet's maxpool of x (B, C, H, W) -> (y (B, C, out_h, out_w), argmax): window
+        (i, j) covers rows i*stride - padding//2 + [0, size), columns likewise; cells outside x
+        never win and a window with none inside gives -FLT_MAX. argmax records the winners (the
+        first on ties) in a backend-specific form, only for maxpool_backward; it may be None
+        when train is False."""
+
+    @abstractmethod
+    def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+        """Each window's delta (B, C, out_h, out_w) summed into the cell that won it: a new
+        array of in_shape."""
+
+    @abstractmethod
+    def avgpool_forward(self, x):
+        """Darknet's [avgpool]: the mean of each channel of x (B, C, H, W), a new (B, C, 1, 1)."""
+
+    @abstractmethod
+    def avgpool_backward(self, delta, in_shape):
+        """delta (B, C, 1, 1) / (H*W) spread over every cell: a new array of in_shape."""
+
+    @abstractmethod
+    def upsample(self, x, stride, scale):
+        """Nearest-neighbour upsampling of x (B, C, H, W) by the int `stride`, times `scale`:
+        a new (B, C, H*stride, W*stride)."""
+
+    @abstractmethod
+    def downsample_sum(self, x, stride, scale):
+        """The adjoint of upsample: each stride x stride block of x (B, C, H, W) summed, times
+        `scale`: a new (B, C, H//stride, W//stride)."""
+
+    @abstractmethod
+    def dropout_forward(self, x, probability):
+        """Training dropout: each element zeroed with `probability`, survivors times 1/(1-p).
+        Returns (new y, mask) where mask (x's shape) holds each element's factor (0 or 1/(1-p)),
+        drawn from the backend's seeded random source."""
+
+    @abstractmethod
+    def dropout_backward(self, delta, mask):
+        """delta * mask: a new array."""
+
+    # ---- outputs and losses --------------------------------------------------------------------
+    @abstractmethod
+    def softmax(self, x, groups, temperature):
+        """Softmax of x / temperature over each of `groups` equal contiguous blocks of every
+        image's values (x (B, ...), flattened per image): a new array of x's shape."""
+
+    @abstractmethod
+    def softmax_cross_entropy(self, probabilities, truth):
+        """(cost, delta) for softmax outputs: cost = -sum(truth * log(max(p,
+        CROSS_ENTROPY_FLOOR))) over the batch as a Python float (0.0 while recording: read
+        last_cost after the replay), delta = truth - p, a new array of probabilities' shape.
+        truth: a host or backend array with as many values."""
+
+    @abstractmethod
+    def sse(self, output, truth):
+        """Darknet's l2 cost: (sum of (truth - output)^2 as a float, new delta = truth - output),
+        as softmax_cross_entropy."""
+
+    # ---- optimisation --------------------------------------------------------------------------
+    @abstractmethod
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+        """Darknet's SGD step for one tensor, in place. `gradient` holds the batch's summed
+        negative gradients and is zeroed; `velocity` is the optimiser's state:
+        velocity = momentum*velocity + gradient - decay*batch*param; param += learning_rate/batch
+        * velocity; gradient = 0 (Darknet's one buffer holds the same values). While recording,
+        the learning rate is the replay's. Returns nothing."""
+
+    # ---- broadcasting arithmetic ---------------------------------------------------------------
+    @abstractmethod
+    def multiply(self, a, b):
+        """a * b for 4-D arrays of which one broadcasts over any of its axes of size 1 (batch,
+        channel, or all positions): a new array of the larger shape."""
+
+    @abstractmethod
+    def sum_to(self, x, shape):
+        """x (4-D) summed over the axes where `shape` has 1 and x does not (the adjoint of
+        broadcasting): a new array of `shape`."""
+
+    # ---- channels ------------------------------------------------------------------------------
+    @abstractmethod
+    def channel_max(self, x, groups):
+        """AlexeyAB's maxpool_depth: output channel g (of `groups`) is the maximum over input
+        channels g, g+groups, g+2*groups... at each position (the first on ties). Returns (new y
+        (B, groups, H, W), winner) where winner (int32, y's shape) is the winning input channel."""
+
+    @abstractmethod
+    def channel_max_backward(self, delta, winner, in_shape):
+        """Each output's delta to the input channel that won it: a new array of in_shape."""
+
+    @abstractmethod
+    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+        """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
+        as maxpool_forward's; cells outside the input not counted): a new (B, C, out_h, out_w)."""
+
+    @abstractmethod
+    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+        """The adjoint of local_avgpool: each window's delta / its cell count, summed back: a new
+        array of in_shape."""
+
+    @abstractmethod
+    def channel_slice(self, x, start, stop):
+        """Channels [start, stop) of x (B, C, ...): a new (B, stop-start, ...)."""
+
+    @abstractmethod
+    def concat_channels(self, xs):
+        """The arrays of the list xs (same batch and positions) joined along channels: new."""
+
+    @abstractmethod
+    def add_channel_slice_(self, dst, start, src):
+        """dst[:, start:start + src.shape[1]] += src, in place; returns dst."""
+
+    # ---- detection-model operations ------------------------------------------------------------
+    @abstractmethod
+    def shortcut_forward(self, x, add, alpha, beta):
+        """Darknet's [shortcut] sum (shortcut_cpu) before the activation: a new array equal to x
+        except where x and add (B, C', H', W') overlap, where it is alpha*x + beta*add. Overlap:
+        channels < min(C, C'); with stride = max(W'//W, 1) and sample = max(W//W', 1),
+        y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
+        j < min(H, H'), i < min(W, W')."""
+
+    @abstractmethod
+    def shortcut_backward(self, delta, add_shape, alpha, beta):
+        """The gradient of shortcut_forward: (new delta for x, new delta for add of shape
+        (B,) + add_shape, zero outside the overlap)."""
+
+    @abstractmethod
+    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
+        """YOLO/region output activation of x (B, anchors*E, H, W) (per anchor E entries, each an
+        H x W plane): a new array with the logistic on entries [start, stop) of each range in
+        logistic_ranges, a softmax over entries softmax_range = (start, stop) at each (anchor,
+        position), other entries unchanged; then, for affine = (start, stop, scale, shift),
+        v*scale + shift on those entries."""
+
+    @abstractmethod
+    def reorg(self, x, stride, forward, dims, out_shape):
+        """Darknet's reorg_cpu on the layer's input dims (c, h, w): a new (B,) + out_shape holding
+        x's values reordered (numpy_backend.NumpyBackend.reorg gives the index map)."""
+
+    @abstractmethod
+    def crop(self, x, top, left, height, width, flip, scale, shift):
+        """Darknet's [crop]: y[:, :, i, j] = x[:, :, top+i, col(j)] * scale + shift, col(j) =
+        left + j, or W - left - 1 - j when flip: a new (B, C, height, width)."""
+
+    # ---- data-parallel training ----------------------------------------------------------------
+    @abstractmethod
+    def collectives(self, comm):
+        """How this backend's arrays are summed over the ranks of the MPI communicator `comm`:
+        an object whose allreduce_sum_(array) sums a contiguous float32 array over the ranks,
+        in place, and returns it (host arrays: MPI's Allreduce; GPU arrays: NCCL)."""
+
+    # ---- recording (only where can_record) -----------------------------------------------------
+    def recording(self):
+        """A context manager for the duration of a recording (`with ops.recording() as kept:`):
+        sgd_update's learning rate and the dropout seed are read from values set_step refreshes
+        before each replay, loss operations return 0.0, and every array allocated is appended to
+        `kept` to live as long as the recording. Only where can_record."""
+        raise BackendError(f"the {self.name} backend cannot record steps")
+
+    def set_step(self, learning_rate, step):
+        """The values the next replay of a recording reads: its learning rate, and its dropout
+        seed drawn from the backend's seed and `step`. Only where can_record."""
+        raise BackendError(f"the {self.name} backend cannot record steps")
+
+    def capture(self, step):
+        """Record step() (a function issuing this backend's operations) once, returning an object
+        whose replay(learning_rate=0.0) reruns it on the same buffers, whose `result` is step()'s
+        return value and whose last_cost() reads the cost of the latest replay. Run step() once
+        eagerly first. Only where can_record; elsewhere a BackendError."""
+        raise BackendError(f"the {self.name} backend cannot record steps")
+
+    def last_cost(self):
+        """The cost of the latest loss operation (softmax_cross_entropy, sse) as a float, for
+        recorded steps, whose loss operations return 0.0 (only where can_record)."""
+        raise BackendError(f"the {self.name} backend cannot record steps")
