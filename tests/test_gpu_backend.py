@@ -14,6 +14,11 @@ import pytest
 from engine import Network, activations
 from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import BackendError
+from engine.layers.anchor_activation import anchor_activate
+from engine.layers.channels import add_channel_slice_, channel_slice, concat_channels
+from engine.layers.reorg import reorg
+from engine.layers.upsample import downsample_sum, upsample
+from helpers import build_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "cfg")
@@ -212,12 +217,13 @@ def test_maxpool(gpu, cpu, rng, size, stride, padding):
     x[0, 0, 0, :4] = 7.0  # ties: the first cell of the window wins on both backends
     out_h = (9 + padding - size) // stride + 1
     out_w = (8 + padding - size) // stride + 1
-    y_cpu, arg_cpu = cpu.maxpool_forward(x, size, stride, padding, out_h, out_w)
-    y_gpu, arg_gpu = gpu.maxpool_forward(gpu.asarray(x), size, stride, padding, out_h, out_w)
+    pad = padding // 2  # Darknet's rule, computed by layers/maxpool.py
+    y_cpu, arg_cpu = cpu.maxpool_forward(x, size, stride, pad, out_h, out_w)
+    y_gpu, arg_gpu = gpu.maxpool_forward(gpu.asarray(x), size, stride, pad, out_h, out_w)
     assert_close(gpu, y_gpu, y_cpu, "maxpool forward")
     delta = randn(rng, *y_cpu.shape)
-    dx_cpu = cpu.maxpool_backward(delta, arg_cpu, x.shape, size, stride, padding)
-    dx_gpu = gpu.maxpool_backward(gpu.asarray(delta), arg_gpu, x.shape, size, stride, padding)
+    dx_cpu = cpu.maxpool_backward(delta, arg_cpu, x.shape, size, stride, pad)
+    dx_gpu = gpu.maxpool_backward(gpu.asarray(delta), arg_gpu, x.shape, size, stride, pad)
     assert_close(gpu, dx_gpu, dx_cpu, "maxpool delta")
 
 
@@ -228,11 +234,11 @@ def test_avgpool_and_resampling(gpu, cpu, rng):
     assert_close(gpu, gpu.avgpool_backward(gpu.asarray(delta), x.shape),
                  cpu.avgpool_backward(delta, x.shape), "avgpool delta")
     for stride, scale in ((2, 1.0), (3, 0.5), (1, 4.0)):
-        assert_close(gpu, gpu.upsample(gpu.asarray(x), stride, scale), cpu.upsample(x, stride, scale),
-                     "upsample")
+        assert_close(gpu, upsample(gpu, gpu.asarray(x), stride, scale),
+                     upsample(cpu, x, stride, scale), "upsample")
     for stride, scale in ((2, 1.0), (3, 0.25)):
-        assert_close(gpu, gpu.downsample_sum(gpu.asarray(x), stride, scale),
-                     cpu.downsample_sum(x, stride, scale), "downsample_sum")
+        assert_close(gpu, downsample_sum(gpu, gpu.asarray(x), stride, scale),
+                     downsample_sum(cpu, x, stride, scale), "downsample_sum")
 
 
 def test_dropout(gpu, rng):
@@ -282,23 +288,26 @@ def test_sgd_update(gpu, cpu, rng, decay):
 
 def test_channel_plumbing(gpu, cpu, rng):
     a, b = randn(rng, 2, 3, 4, 5), randn(rng, 2, 5, 4, 5)
-    assert_close(gpu, gpu.channel_slice(gpu.asarray(b), 1, 4), cpu.channel_slice(b, 1, 4), "slice")
-    assert_close(gpu, gpu.concat_channels([gpu.asarray(a), gpu.asarray(b)]),
-                 cpu.concat_channels([a, b]), "concat")
-    assert_close(gpu, gpu.add_channel_slice_(gpu.asarray(b), 2, gpu.asarray(a)),
-                 cpu.add_channel_slice_(b.copy(), 2, a), "add_channel_slice_")
+    assert_close(gpu, channel_slice(gpu, gpu.asarray(b), 1, 4), channel_slice(cpu, b, 1, 4),
+                 "slice")
+    assert_close(gpu, concat_channels(gpu, [gpu.asarray(a), (gpu.asarray(b), 1, 3)]),
+                 concat_channels(cpu, [a, (b, 1, 3)]), "concat")
+    assert_close(gpu, add_channel_slice_(gpu, gpu.asarray(b), 2, gpu.asarray(a)),
+                 add_channel_slice_(cpu, b.copy(), 2, a), "add_channel_slice_")
 
 
 @pytest.mark.parametrize("x_shape,add_shape", [((2, 4, 8, 8), (2, 4, 8, 8)),
                                                ((2, 4, 8, 8), (2, 6, 4, 4)),
                                                ((2, 5, 4, 4), (2, 3, 8, 8))])
-def test_shortcut(gpu, cpu, rng, x_shape, add_shape):
+def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
+    layer = build_layer(tmp_path, "[shortcut]\nfrom=0\nalpha=0.5\nbeta=2", x_shape[1:],
+                        layer_shapes=[add_shape[1:], x_shape[1:]])
     x, add = randn(rng, *x_shape), randn(rng, *add_shape)
-    assert_close(gpu, gpu.shortcut_forward(gpu.asarray(x), gpu.asarray(add), 0.5, 2.0),
-                 cpu.shortcut_forward(x, add, 0.5, 2.0), "shortcut forward")
+    assert_close(gpu, layer.forward(gpu, [gpu.asarray(x), gpu.asarray(add)], False),
+                 layer.forward(cpu, [x, add], False), "shortcut forward")
     delta = randn(rng, *x_shape)
-    dx_cpu, dadd_cpu = cpu.shortcut_backward(delta, add_shape[1:], 0.5, 2.0)
-    dx_gpu, dadd_gpu = gpu.shortcut_backward(gpu.asarray(delta), add_shape[1:], 0.5, 2.0)
+    dx_cpu, dadd_cpu = layer.backward(cpu, delta, True)
+    dx_gpu, dadd_gpu = layer.backward(gpu, gpu.asarray(delta), True)
     assert_close(gpu, dx_gpu, dx_cpu, "shortcut delta")
     assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
 
@@ -307,8 +316,8 @@ def test_shortcut(gpu, cpu, rng, x_shape, add_shape):
 def test_anchor_activate(gpu, cpu, rng, softmax_range):
     x = randn(rng, 2, 3 * 7, 4, 5) * 3
     ranges = [(0, 2), (4, 5)]
-    assert_close(gpu, gpu.anchor_activate(gpu.asarray(x), 3, ranges, softmax_range),
-                 cpu.anchor_activate(x, 3, ranges, softmax_range), "anchor_activate")
+    assert_close(gpu, anchor_activate(gpu, gpu.asarray(x), 3, ranges, softmax_range),
+                 anchor_activate(cpu, x, 3, ranges, softmax_range), "anchor_activate")
 
 
 @pytest.mark.parametrize("forward", [False, True])
@@ -316,15 +325,19 @@ def test_reorg(gpu, cpu, rng, forward):
     dims = (8, 3, 4)
     x = randn(rng, 2, *dims)
     out_shape = (2, 6, 8) if forward else (8, 3, 4)
-    np.testing.assert_array_equal(gpu.to_host(gpu.reorg(gpu.asarray(x), 2, forward, dims, out_shape)),
-                                  cpu.reorg(x, 2, forward, dims, out_shape))
+    np.testing.assert_array_equal(gpu.to_host(reorg(gpu, gpu.asarray(x), 2, forward, dims, out_shape)),
+                                  reorg(cpu, x, 2, forward, dims, out_shape))
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_crop(gpu, cpu, rng, flip):
+def test_crop(gpu, cpu, rng, tmp_path, flip):
+    """Training crops: random offsets and flips, the same draws on both backends."""
     x = randn(rng, 2, 3, 7, 9)
-    np.testing.assert_allclose(gpu.to_host(gpu.crop(gpu.asarray(x), 1, 2, 4, 5, flip, 2.0, -1.0)),
-                               cpu.crop(x, 1, 2, 4, 5, flip, 2.0, -1.0), rtol=1e-6, atol=1e-6)
+    text = f"[crop]\ncrop_height=4\ncrop_width=5\nflip={int(flip)}"
+    cpu_layer, gpu_layer = (build_layer(tmp_path, text, (3, 7, 9), seed=5) for _ in range(2))
+    for _ in range(4):
+        np.testing.assert_allclose(gpu.to_host(gpu_layer.forward(gpu, gpu.asarray(x), True)),
+                                   cpu_layer.forward(cpu, x, True), rtol=1e-6, atol=1e-6)
 
 
 # ---- layers, through small networks -------------------------------------------------------------
@@ -660,9 +673,9 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
 def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
     x = randn(rng, 2, 3 * 7, 4, 5) * 3
     args = (3, [(0, 2), (4, 7)])
-    affine = (0, 2, 1.05, -0.025)
-    assert_close(gpu, gpu.anchor_activate(gpu.asarray(x), *args, affine=affine),
-                 cpu.anchor_activate(x, *args, affine=affine), "anchor_activate scale_x_y")
+    affines = ((0, 2, 1.05, -0.025),)
+    assert_close(gpu, anchor_activate(gpu, gpu.asarray(x), *args, affines=affines),
+                 anchor_activate(cpu, x, *args, affines=affines), "anchor_activate scale_x_y")
 
 
 @pytest.mark.parametrize("a_shape,b_shape", [((2, 5, 4, 3), (2, 5, 1, 1)), ((2, 5, 4, 3), (2, 1, 4, 3)),
@@ -679,12 +692,13 @@ def test_broadcast_multiply_and_sum_to(gpu, cpu, rng, a_shape, b_shape):
 def test_local_avgpool(gpu, cpu, rng, size, stride, padding):
     x = randn(rng, 2, 3, 7, 6)
     out_h, out_w = (7 + padding - size) // stride + 1, (6 + padding - size) // stride + 1
-    y = cpu.local_avgpool(x, size, stride, padding, out_h, out_w)
-    assert_close(gpu, gpu.local_avgpool(gpu.asarray(x), size, stride, padding, out_h, out_w), y,
+    pad = padding // 2  # Darknet's rule, computed by layers/maxpool.py
+    y = cpu.local_avgpool(x, size, stride, pad, out_h, out_w)
+    assert_close(gpu, gpu.local_avgpool(gpu.asarray(x), size, stride, pad, out_h, out_w), y,
                  "local_avgpool")
     delta = randn(rng, *y.shape)
-    assert_close(gpu, gpu.local_avgpool_backward(gpu.asarray(delta), x.shape, size, stride, padding),
-                 cpu.local_avgpool_backward(delta, x.shape, size, stride, padding),
+    assert_close(gpu, gpu.local_avgpool_backward(gpu.asarray(delta), x.shape, size, stride, pad),
+                 cpu.local_avgpool_backward(delta, x.shape, size, stride, pad),
                  "local_avgpool backward")
 
 

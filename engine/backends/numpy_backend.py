@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import activations, memory
 from ..errors import BackendError
-from . import winograd
+from . import views, winograd
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -166,6 +166,7 @@ class NumpyBackend:
         if activation == "linear":
             return x
         if view is not None:
+            views.check(view, x.size)
             with self._writable(x, view) as part:
                 part[...] = activations.activate(part, activation)
             return x
@@ -725,6 +726,8 @@ class NumpyBackend:
         """dst[dst_view] = scale * src[src_view] + shift, or += that when `accumulate`, in place
         (views.py: the two windows hold the same counts; src may be dst itself, with the same
         view); returns dst."""
+        views.check(src_view, src.size)
+        views.check(dst_view, dst.size)
         value = self._part(self._seen(src, src_view), src_view)
         f = np.float32
         with self._writable(dst, dst_view) as part:
@@ -746,6 +749,7 @@ class NumpyBackend:
     def softmax_(self, x, view, axis):
         """Softmax along `axis` of the window of `view` in x, in place (the largest value
         subtracted before exp); the rest of x unchanged. Returns x."""
+        views.check(view, x.size)
         with self._writable(x, view) as part:
             z = np.exp(part - part.max(axis=axis, keepdims=True))
             part[...] = z / z.sum(axis=axis, keepdims=True)
