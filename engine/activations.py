@@ -64,13 +64,26 @@ def _logistic(x):
         return 1.0 / (1.0 + np.exp(-x))
 
 
+def activate_(x, name):
+    """x = act(x) in place; returns x. Leaky (the common case) needs no full-size temporary."""
+    if name == "leaky":
+        return _leaky(x, out=x)
+    if name != "linear":
+        x[...] = activate(x, name)
+    return x
+
+
+def _leaky(x, out=None):
+    return np.maximum(x, x * x.dtype.type(0.1), out=out)  # x > 0 ? x : .1x, in one pass
+
+
 def activate(x, name):
     """Return act(x) as a new array of x's dtype."""
     f = x.dtype.type
     if name == "linear":
         return x.copy()
     if name == "leaky":
-        return np.maximum(x, x * f(0.1))  # the same as x > 0 ? x : .1x, in one pass
+        return _leaky(x)
     if name == "relu":
         return x * (x > 0)
     if name == "logistic":
@@ -110,7 +123,7 @@ def activate(x, name):
     if name == "gelu":
         return (f(0.5) * x * (1 + np.tanh(_gelu_inner(x)))).astype(x.dtype)
     if name == "revleaky":
-        return np.maximum(x, x * f(0.1))
+        return _leaky(x)
     raise ValueError(f"unknown activation {name}")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import activations as engine_activations
 from . import detection
+from .backends.batchnorm_rule import inference_affine
 from .errors import ExportError
 from .layers import convolutional as conv_module
 from .network import GENERIC_LAYER_KEYS
@@ -467,9 +468,9 @@ def _batchnorm(g, layer, x):
     """Darknet's inference rule as one affine map per statistic (per channel, or per element
     with per_activation=1)."""
     p = {name: host(g, value).astype(np.float64) for name, value in layer.params.items()}
-    inside, outside = layer.bn_epsilons  # the engine's rule for this network's Darknet
-    factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
-    shift = p["biases"] - p["rolling_mean"] * factor
+    # the engine's rule for this network's Darknet
+    factor, shift = inference_affine(p["scales"], p["biases"], p["rolling_mean"],
+                                     p["rolling_variance"], layer.bn_epsilons)
     shape = (1,) + tuple(layer.in_shape) if layer.per_activation else (1, -1, 1, 1)
     y = g.op("Mul", [x, g.const(factor.astype(np.float32).reshape(shape), "bn_factor")])
     return g.op("Add", [y, g.const(shift.astype(np.float32).reshape(shape), "bn_shift")])

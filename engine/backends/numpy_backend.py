@@ -20,6 +20,7 @@ and only `sgd_update` changes parameters.
 """
 
 import contextlib
+import functools
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import numpy as np
 from .. import activations, memory
 from ..errors import BackendError
 from . import views, winograd
+from .batchnorm_rule import inference_affine
 
 BN_EPSILON = 1e-5            # cuDNN's epsilon for batch statistics (training)
 BN_INFERENCE_EPSILON = 1e-6  # Darknet's: added to the standard deviation (inference)
@@ -49,6 +51,21 @@ THREADS_VARIABLE = "ENGINE_CPU_THREADS"
 COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one or two blocks)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_slices(view):
+    """(numpy slices of a View's window, whether a step of 0 repeats an index); a repeated
+    index is sliced once, to be broadcast."""
+    slices, repeats = [], False
+    for start, count, step in view.window:
+        if step == 0:
+            slices.append(slice(start, start + 1))
+            repeats = True
+        else:
+            stop = start + (count - 1) * step + (1 if step > 0 else -1)
+            slices.append(slice(start, stop if stop >= 0 else None, step))
+    return tuple(slices), repeats
 
 
 def _pair(stride):
@@ -176,7 +193,7 @@ class NumpyBackend:
 
     @staticmethod
     def _activate_block_(block, activation):
-        block[...] = activations.activate(block, activation)
+        activations.activate_(block, activation)
 
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
@@ -432,9 +449,9 @@ class NumpyBackend:
         act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
         (pjreddie's (0, 1e-6) or AlexeyAB's (1e-5, 0)), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
-        inside, outside = (x.dtype.type(e) for e in epsilons)
-        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
-        shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
+        factor, shift = inference_affine(*(a.reshape(n).astype(x.dtype, copy=False) for a in
+                                           (scales, biases, rolling_mean, rolling_variance)),
+                                         epsilons)
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)
         for block in self._channel_blocks(view):
@@ -692,16 +709,14 @@ class NumpyBackend:
     def _part(seen, view):
         """The window of view in `seen` (the array already reshaped and permuted): a numpy view,
         read-only where a step of 0 repeats an index."""
-        slices, repeats = [], False
-        for start, count, step in view.window:
-            if step == 0:
-                slices.append(slice(start, start + 1))
-                repeats = True
-            else:
-                stop = start + (count - 1) * step + (1 if step > 0 else -1)
-                slices.append(slice(start, stop if stop >= 0 else None, step))
-        part = seen[tuple(slices)]
-        return np.broadcast_to(part, view.counts) if repeats else part
+        slices, repeats = _window_slices(view)
+        part = seen[slices]
+        if not repeats:
+            return part
+        start, count, step = view.window[-1]
+        if step == 0 and count > 1:  # repeats along the innermost axis: materialised, faster
+            part = np.repeat(part, count, axis=-1)
+        return np.broadcast_to(part, view.counts)
 
     @staticmethod
     def _seen(array, view):
@@ -712,14 +727,21 @@ class NumpyBackend:
     def _writable(self, array, view):
         """The window of `view` in `array`, to write in: a numpy view where reshaping is free,
         else a contiguous copy written back afterwards."""
+        part, written_back = self._target(array, view)
+        yield part
+        if written_back is not None:
+            array[...] = written_back.reshape(array.shape)
+
+    def _target(self, array, view):
+        """(window to write in, None) where reshaping array is free, else (window of a
+        contiguous copy, that copy to write back)."""
         shaped = array.reshape(view.shape)
-        inside = np.may_share_memory(shaped, array)
-        if not inside:
-            shaped = np.ascontiguousarray(array).reshape(view.shape)
+        if np.may_share_memory(shaped, array):
+            copy = None
+        else:
+            copy = shaped = np.ascontiguousarray(array).reshape(view.shape)
         seen = shaped if view.axes is None else shaped.transpose(view.axes)
-        yield self._part(seen, view)
-        if not inside:
-            array[...] = shaped.reshape(array.shape)
+        return self._part(seen, view), copy
 
     def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
                       accumulate=False):
@@ -730,20 +752,19 @@ class NumpyBackend:
         views.check(dst_view, dst.size)
         value = self._part(self._seen(src, src_view), src_view)
         f = np.float32
-        with self._writable(dst, dst_view) as part:
-            if accumulate:
-                if scale != 1:
-                    value = value * f(scale)
-                part += value
-                if shift:
-                    part += f(shift)
-            else:
-                if scale != 1:
-                    np.multiply(value, f(scale), out=part)
-                else:
-                    part[...] = value
-                if shift:
-                    part += f(shift)
+        part, written_back = self._target(dst, dst_view)
+        if accumulate:
+            if scale != 1:
+                value = value * f(scale)
+            part += value
+        elif scale != 1:
+            np.multiply(value, f(scale), out=part)
+        else:
+            np.copyto(part, value)
+        if shift:
+            part += f(shift)
+        if written_back is not None:
+            dst[...] = written_back.reshape(dst.shape)
         return dst
 
     def softmax_(self, x, view, axis):

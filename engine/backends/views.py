@@ -9,10 +9,13 @@ and keeps, along each axis, the `count` indexes start, start + step, start + 2*s
 In numpy terms: array.reshape(shape).transpose(axes)[window's slices] (a step of 0 broadcasts).
 """
 
+from functools import lru_cache
 from math import prod
 from typing import NamedTuple, Optional, Tuple
 
 MAX_AXES = 6
+# Layers build the same few views at every forward pass: made (and checked) once each.
+_remembered = lru_cache(maxsize=4096)
 
 
 class View(NamedTuple):
@@ -26,6 +29,7 @@ class View(NamedTuple):
         return tuple(count for _, count, _ in self.window)
 
 
+@_remembered
 def whole(shape, axes=None):
     """Every element of an array seen as `shape`, its axes permuted by `axes`."""
     shape = tuple(int(n) for n in shape)
@@ -33,6 +37,7 @@ def whole(shape, axes=None):
     return View(shape, tuple((0, n, 1) for n in seen), None if axes is None else tuple(axes))
 
 
+@_remembered
 def window(shape, *ranges):
     """The array seen as `shape`, cut along each axis by `ranges`: one (start, count, step) per
     axis, or None for the whole axis."""
@@ -42,6 +47,7 @@ def window(shape, *ranges):
     return View(shape, cut)
 
 
+@_remembered
 def check(view, size):
     """ValueError unless `view` is a valid view of an array of `size` elements."""
     shape, cut, axes = view
@@ -54,6 +60,7 @@ def check(view, size):
             raise ValueError(f"view {view} reaches outside its array")
 
 
+@_remembered
 def strides(view):
     """(offset, counts, strides) of the view over the array's contiguous NCHW elements, each of
     counts and strides padded in front to MAX_AXES entries (counts 1, strides 0): the geometry the

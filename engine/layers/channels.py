@@ -1,6 +1,8 @@
 """Channel plumbing the layers share ([route], [shortcut]'s weighted form, [reorg]'s extra,
 [detection]), composed from the backend's general strided_copy_: one copy per input."""
 
+from functools import lru_cache
+
 from ..backends.views import whole, window
 
 
@@ -13,9 +15,14 @@ def _planes(shape):
     return b, c, positions
 
 
+@lru_cache(maxsize=4096)
+def _channel_range(shape, start, count):
+    return window(_planes(shape), None, (start, count, 1))
+
+
 def channel_range(shape, start, count):
     """The View of channels [start, start + count) of an NCHW array."""
-    return window(_planes(shape), None, (start, count, 1))
+    return _channel_range(tuple(int(n) for n in shape), int(start), int(count))
 
 
 def channel_slice(ops, x, start, stop):

@@ -3,8 +3,9 @@ deltas are negative gradients, *_updates accumulate, in-place ops return their a
 PyCUDA GPUArrays, issued in order on one stream.
 
 Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, the rest in
-kernels/*.cu. Inference batch norm is Darknet's rule, scale*(x-mean)/(sqrt(var)+1e-6)+bias,
-in our own kernel, since cuDNN's inference call divides by sqrt(var+eps).
+kernels/*.cu. Inference batch norm is Darknet's rule (backends/batchnorm_rule.py) in our own
+kernel, since cuDNN's inference call divides by sqrt(var+eps) and has no fused activation.
+Layer geometry arrives as strided views (backends/views.py), walked by kernels/strided.cuh.
 """
 
 import itertools
@@ -13,6 +14,7 @@ import numpy as np
 
 from ... import activations, memory
 from .. import views
+from ..numpy_backend import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
@@ -355,8 +357,9 @@ class CudaBackend:
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
-                                    epsilons=(0.0, 1e-6)):
-        """Darknet's rule, optionally fused with the activation that follows."""
+                                    epsilons=PJREDDIE_BN_EPSILONS):
+        """Darknet's rule (batchnorm_rule.py), optionally fused with the activation that
+        follows: bn_inference_activate_kernel."""
         y = self._empty(x.shape)
         if per_activation:
             spatial, channels = 1, _size(x.shape[1:])
