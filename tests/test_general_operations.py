@@ -390,3 +390,27 @@ def test_cuda_softmax_lanes(axis):
     indexes = reference_indexes(view)
     expected = np.moveaxis(indexes, axis, -1).reshape(-1, indexes.shape[axis])
     np.testing.assert_array_equal(np.array(lanes), expected)
+
+
+@pytest.mark.parametrize("case", list(COPIES))
+def test_cuda_joint_walk_of_a_copy(case):
+    """strided_copy_'s two views walked together (axes merged where both allow) pair the
+    elements the loops pair."""
+    from engine.backends.cuda.backend import _joint_walk
+
+    dst_shape, dst_view, src_shape, src_view = COPIES[case]
+    n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(np.prod(src_shape))),
+                                                   (dst_view, int(np.prod(dst_shape)))))
+    for walk, view in ((src_walk, src_view), (dst_walk, dst_view)):
+        walked = [transcribed_strided_at(i, counts, walk) for i in range(n)]
+        np.testing.assert_array_equal(walked, reference_indexes(view).ravel())
+
+
+def test_cuda_joint_walk_merges_a_routes_copy():
+    """Copying a whole map into a channel range of one image needs no index division."""
+    from engine.backends.cuda.backend import _joint_walk
+
+    src = views.whole((1, 32, 208 * 208))
+    dst = views.window((1, 96, 208 * 208), None, (32, 32, 1))
+    n, counts, _ = _joint_walk(((src, 32 * 208 * 208), (dst, 96 * 208 * 208)))
+    assert n == 32 * 208 * 208 and counts == (1, 1, 1, 1, 1)

@@ -8,6 +8,7 @@ kernel, since cuDNN's inference call divides by sqrt(var+eps) and has no fused a
 Layer geometry arrives as strided views (backends/views.py), walked by kernels/strided.cuh.
 """
 
+import functools
 import itertools
 
 import numpy as np
@@ -42,9 +43,39 @@ def _size(shape):
 def _walk(view, array):
     """(elements, counts c1..c5, (offset, s0..s5)) of a View of `array`, as the kernels of
     strided.cuh take them."""
-    views.check(view, array.size)
-    offset, counts, steps = views.strides(view)
-    return _size(counts), counts[1:], (offset,) + steps
+    n, counts, (walk,) = _joint_walk(((view, int(array.size)),))
+    return n, counts, walk
+
+
+@functools.lru_cache(maxsize=4096)
+def _joint_walk(views_and_sizes):
+    """The geometry of views holding the same counts, walked together: (elements, counts
+    c1..c5, one (offset, s0..s5) per view). Axes of one element are dropped and neighbouring
+    axes that every view steps through as one are merged, so that the kernels divide the
+    element index by as few counts as possible (a route's copy of one image: by none)."""
+    geometries = []
+    for view, size in views_and_sizes:
+        views.check(view, size)
+        geometries.append(views.strides(view))
+    counts = geometries[0][1]
+    if any(g[1] != counts for g in geometries):
+        raise ValueError(f"views {[v for v, _ in views_and_sizes]} hold different counts")
+    axes = []  # [count, [step in each view]], outermost first
+    for k, count in enumerate(counts):
+        if count == 1:
+            continue
+        steps = [g[2][k] for g in geometries]
+        if axes and all(outer == inner * count for outer, inner in zip(axes[-1][1], steps)):
+            axes[-1] = [axes[-1][0] * count, steps]
+        else:
+            axes.append([count, steps])
+    # The outermost axis goes first (c0: the kernels never divide by it), counts of 1 (no
+    # division either) between it and the others.
+    axes = axes or [[1, [0] * len(geometries)]]
+    axes = axes[:1] + [[1, [0] * len(geometries)]] * (views.MAX_AXES - len(axes)) + axes[1:]
+    walks = tuple((g[0],) + tuple(steps[j] for _, steps in axes)
+                  for j, g in enumerate(geometries))
+    return _size(counts), tuple(count for count, _ in axes[1:]), walks
 
 
 def _lanes(view, axis, array):
@@ -511,10 +542,8 @@ class CudaBackend:
     def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
                       accumulate=False):
         """dst[dst_view] = scale * src[src_view] + shift (+= with accumulate): one kernel."""
-        n, counts, src_walk = _walk(src_view, src)
-        dst_n, dst_counts, dst_walk = _walk(dst_view, dst)
-        if (n, counts) != (dst_n, dst_counts):
-            raise ValueError(f"views {src_view} and {dst_view} hold different counts")
+        n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(src.size)),
+                                                       (dst_view, int(dst.size))))
         self.kernels.launch("strided_copy_kernel", n, src.ptr, dst.ptr, n, *counts, *src_walk,
                             *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)))
         return dst
