@@ -1,7 +1,7 @@
 // Max pooling over windows of size x size cells, stride apart, the first at (-top, -top) (the
 // layer computes Darknet's top = padding/2); cells outside the input never win, a window with none
-// inside gives -FLT_MAX. Global and windowed average pooling, and AlexeyAB's maximum across
-// channels.
+// inside gives -FLT_MAX. Windowed average pooling, and AlexeyAB's maximum across channels.
+// (Global average pooling is strided.cu's sum_to_kernel.)
 #include <float.h>
 #include <math.h>
 
@@ -54,22 +54,6 @@ extern "C" __global__ void maxpool_backward_kernel(const float *delta, const int
             if (winner[o] == cell) sum += delta[o];
         }
     dx[i] = sum;
-}
-
-extern "C" __global__ void avgpool_forward_kernel(const float *x, float *y, int planes, int spatial)
-{
-    int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= planes) return;
-    const float *input = x + (size_t)p * spatial;
-    float sum = 0.f;
-    for (int s = 0; s < spatial; ++s) sum += input[s];
-    y[p] = sum / spatial;
-}
-
-extern "C" __global__ void avgpool_backward_kernel(const float *delta, float *dx, int n, int spatial)
-{
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dx[i] = delta[i / spatial] / (float)spatial;
 }
 
 // Average pooling over the max pooling's windows (the first at (-pad, -pad)): the mean of the

@@ -34,15 +34,22 @@ extern "C" __global__ void sum_to_kernel(const float *x, float *out, int n, int 
             reduced *= count[k];
         }
     }
+    // The innermost summed axis is walked by its stride; the others (rarely any: the host merges
+    // neighbouring summed axes) by dividing.
+    int inner = -1;
+    for (int k = 5; k >= 0 && inner < 0; --k)
+        if (!(keep >> k & 1) && count[k] > 1) inner = k;
+    long long inner_count = inner < 0 ? 1 : count[inner];
+    long long inner_stride = inner < 0 ? 0 : stride[inner];
     float sum = 0.f;
-    for (long long r = 0; r < reduced; ++r) {
+    for (long long r = 0; r < reduced / inner_count; ++r) {
         long long at = base, q = r;
         for (int k = 5; k >= 0; --k)
-            if (!(keep >> k & 1)) {
+            if (!(keep >> k & 1) && k != inner) {
                 at += (q % count[k]) * stride[k];
                 q /= count[k];
             }
-        sum += x[at];
+        for (long long j = 0; j < inner_count; ++j) sum += x[at + j * inner_stride];
     }
     out[o] = scale * sum;
 }

@@ -109,6 +109,8 @@ def test_strided_copy_refuses_a_view_outside_its_array():
         ops.strided_copy_(x, views.window((1, 2, 9), None, (1, 2, 1)), x, views.whole((1, 2, 9)))
     with pytest.raises(ValueError):
         ops.strided_copy_(x, views.whole((2, 9)), x, views.whole((1, 2, 3, 4)))
+    with pytest.raises(ValueError):  # the same number of elements, other counts
+        ops.strided_copy_(x, views.whole((2, 9)), x, views.whole((1, 2, 9)))
 
 
 def test_view_geometry_matches_loops():
@@ -163,7 +165,8 @@ def test_add_broadcasts_with_weights(ops, b_shape):
 
 @pytest.mark.parametrize("x_shape, shape", [
     ((2, 3, 4, 5), (1, 3, 1, 1)), ((2, 3, 4, 5), (1, 1, 1, 1)), ((2, 3, 4, 5), (2, 1, 4, 5)),
-    ((2, 3, 2, 3, 2, 3), (2, 3, 2, 1, 2, 1)), ((3, 1, 4, 2, 5, 2), (1, 1, 4, 1, 5, 1))])
+    ((2, 3, 2, 3, 2, 3), (2, 3, 2, 1, 2, 1)), ((3, 1, 4, 2, 5, 2), (1, 1, 4, 1, 5, 1)),
+    ((2, 5, 36), (2, 5, 1))])
 def test_sum_to_matches_loops(ops, x_shape, shape):
     rng = np.random.default_rng(7)
     x = randn(rng, *x_shape)
@@ -319,34 +322,38 @@ def test_kernel_arguments_match_the_launch_signature(kernel):
 def transcribed_sum_to(x, counts, keep, scale):
     """strided.cu's sum_to_kernel, line by line, over every output element."""
     stride, step = [0] * 6, 1
-    for k in range(5, -1, -1):
-        stride[k] = step
-        step *= counts[k]
     outputs = int(np.prod([c if keep >> k & 1 else 1 for k, c in enumerate(counts)]))
     out = np.zeros(outputs)
     for o in range(outputs):
-        base, rest, reduced = 0, o, 1
+        base, rest, reduced, step = 0, o, 1, 1
         for k in range(5, -1, -1):
+            stride[k] = step
+            step *= counts[k]
             if keep >> k & 1:
                 base += (rest % counts[k]) * stride[k]
                 rest //= counts[k]
             else:
                 reduced *= counts[k]
+        inner = next((k for k in range(5, -1, -1) if not keep >> k & 1 and counts[k] > 1), -1)
+        inner_count = 1 if inner < 0 else counts[inner]
+        inner_stride = 0 if inner < 0 else stride[inner]
         total = 0.0
-        for r in range(reduced):
+        for r in range(reduced // inner_count):
             at, q = base, r
             for k in range(5, -1, -1):
-                if not keep >> k & 1:
+                if not keep >> k & 1 and k != inner:
                     at += (q % counts[k]) * stride[k]
                     q //= counts[k]
-            total += x.flat[at]
+            for j in range(inner_count):
+                total += x.flat[at + j * inner_stride]
         out[o] = scale * total
     return out
 
 
 @pytest.mark.parametrize("x_shape, shape", [
     ((2, 3, 4, 5), (1, 3, 1, 1)), ((2, 3, 4, 5), (1, 1, 1, 1)), ((2, 3, 4, 5), (2, 1, 4, 5)),
-    ((2, 3, 2, 3, 2, 3), (2, 3, 2, 1, 2, 1)), ((3, 1, 4, 2, 5, 2), (1, 1, 4, 1, 5, 1))])
+    ((2, 3, 2, 3, 2, 3), (2, 3, 2, 1, 2, 1)), ((3, 1, 4, 2, 5, 2), (1, 1, 4, 1, 5, 1)),
+    ((2, 5, 36), (2, 5, 1))])
 def test_cuda_sum_to_geometry(x_shape, shape):
     from engine.backends.cuda.backend import _merged_axes
 

@@ -227,12 +227,14 @@ def test_maxpool(gpu, cpu, rng, size, stride, padding):
     assert_close(gpu, dx_gpu, dx_cpu, "maxpool delta")
 
 
-def test_avgpool_and_resampling(gpu, cpu, rng):
+def test_avgpool_and_resampling(gpu, cpu, rng, tmp_path):
     x = randn(rng, 3, 4, 6, 6)
-    assert_close(gpu, gpu.avgpool_forward(gpu.asarray(x)), cpu.avgpool_forward(x), "avgpool")
+    layer = build_layer(tmp_path, "[avgpool]", (4, 6, 6))
+    assert_close(gpu, layer.forward(gpu, gpu.asarray(x), False), layer.forward(cpu, x, False),
+                 "avgpool")
     delta = randn(rng, 3, 4, 1, 1)
-    assert_close(gpu, gpu.avgpool_backward(gpu.asarray(delta), x.shape),
-                 cpu.avgpool_backward(delta, x.shape), "avgpool delta")
+    assert_close(gpu, layer.backward(gpu, gpu.asarray(delta), True),
+                 layer.backward(cpu, delta, True), "avgpool delta")
     for stride, scale in ((2, 1.0), (3, 0.5), (1, 4.0)):
         assert_close(gpu, upsample(gpu, gpu.asarray(x), stride, scale),
                      upsample(cpu, x, stride, scale), "upsample")

@@ -630,14 +630,6 @@ class NumpyBackend:
             return padded
         return padded[:, :, top:top + h, left:left + w].copy(order="K")
 
-    def avgpool_forward(self, x):
-        """Darknet's [avgpool]: the global average of each channel."""
-        return x.mean(axis=(2, 3), keepdims=True)
-
-    def avgpool_backward(self, delta, in_shape):
-        h, w = in_shape[2:]
-        return np.broadcast_to(delta / (h * w), in_shape).copy()
-
     def dropout_forward(self, x, probability):
         """Training: zero each input with `probability`, scale survivors by 1/(1-p).
         Returns (y, mask) where mask holds the per-element factor (0 or 1/(1-p))."""
@@ -750,6 +742,8 @@ class NumpyBackend:
         view); returns dst."""
         views.check(src_view, src.size)
         views.check(dst_view, dst.size)
+        if src_view.counts != dst_view.counts:
+            raise ValueError(f"views {src_view} and {dst_view} hold different counts")
         value = self._part(self._seen(src, src_view), src_view)
         f = np.float32
         part, written_back = self._target(dst, dst_view)

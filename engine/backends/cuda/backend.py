@@ -432,19 +432,6 @@ class CudaBackend:
                             dx.ptr, dx.size, h, w, out_h, out_w, size, stride, pad)
         return dx
 
-    def avgpool_forward(self, x):
-        b, c = (int(s) for s in x.shape[:2])
-        y = self._empty((b, c, 1, 1))
-        self.kernels.launch("avgpool_forward_kernel", b * c, x.ptr, y.ptr, b * c,
-                            _size(x.shape[2:]))
-        return y
-
-    def avgpool_backward(self, delta, in_shape):
-        dx = self._empty(in_shape)
-        self.kernels.launch("avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
-                            _size(in_shape[2:]))
-        return dx
-
     def dropout_forward(self, x, probability):
         """The mask comes from a hash of (seed, call number, element), drawn on the GPU; under a
         captured graph the seed is read from device memory so each replay draws anew."""

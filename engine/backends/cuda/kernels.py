@@ -27,8 +27,6 @@ SIGNATURES = {
     "sgd_kernel": ("elementwise.cu", "PPifPfff"),
     "maxpool_forward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "maxpool_backward_kernel": ("pooling.cu", "PPPiiiiiiii"),
-    "avgpool_forward_kernel": ("pooling.cu", "PPii"),
-    "avgpool_backward_kernel": ("pooling.cu", "PPii"),
     "dropout_forward_kernel": ("dropout.cu", "PPPiffIPI"),
     "softmax_kernel": ("softmax.cu", "PPiif"),
     "broadcast_multiply_kernel": ("broadcast.cu", "PPPiiiiii"),
