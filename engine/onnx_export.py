@@ -657,7 +657,7 @@ def _region(g, layer, x):
 
 @layer_exporter("reorg", keys=("stride", "reverse", "extra", "flatten"))
 def _reorg(g, layer, x):
-    """Darknet's reorg_cpu order, as the engine's ops.reorg: the non-reverse layer reads its
+    """Darknet's reorg_cpu order, as the engine's layers/reorg.py: the non-reverse layer reads its
     (c, h, w) input as (c/s^2, h, s, w, s) (the known quirk), the reverse layer the inverse."""
     if layer.extra:  # go.cfg's variant: flatten and append `extra` zeros
         flat = g.reshape(x, [-1, 1, 1])
@@ -677,7 +677,7 @@ def _reorg3d(g, layer, x):
 
 
 def darknet_reorg(g, x, s, forward, dims, out_shape):
-    """The engine's ops.reorg(x, s, forward, dims, out_shape) (reorg_cpu on dims (c, h, w))."""
+    """The engine's reorg(ops, x, s, forward, dims, out_shape) (reorg_cpu on dims (c, h, w))."""
     c, h, w = dims
     oc = c // (s * s)
     if forward:
