@@ -740,10 +740,7 @@ class NumpyBackend:
         """dst[dst_view] = scale * src[src_view] + shift, or += that when `accumulate`, in place
         (views.py: the two windows hold the same counts; src may be dst itself, with the same
         view); returns dst."""
-        views.check(src_view, src.size)
-        views.check(dst_view, dst.size)
-        if src_view.counts != dst_view.counts:
-            raise ValueError(f"views {src_view} and {dst_view} hold different counts")
+        views.check_pair(src_view, src.size, dst_view, dst.size)
         value = self._part(self._seen(src, src_view), src_view)
         f = np.float32
         part, written_back = self._target(dst, dst_view)

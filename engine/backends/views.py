@@ -61,6 +61,15 @@ def check(view, size):
 
 
 @_remembered
+def check_pair(view, size, other, other_size):
+    """check() both views, and that they hold the same counts (a copy between them)."""
+    check(view, size)
+    check(other, other_size)
+    if view.counts != other.counts:
+        raise ValueError(f"views {view} and {other} hold different counts")
+
+
+@_remembered
 def strides(view):
     """(offset, counts, strides) of the view over the array's contiguous NCHW elements, each of
     counts and strides padded in front to MAX_AXES entries (counts 1, strides 0): the geometry the

@@ -22,7 +22,7 @@ def _channel_range(shape, start, count):
 
 def channel_range(shape, start, count):
     """The View of channels [start, start + count) of an NCHW array."""
-    return _channel_range(tuple(int(n) for n in shape), int(start), int(count))
+    return _channel_range(tuple(shape), start, count)
 
 
 def channel_slice(ops, x, start, stop):
