@@ -207,13 +207,14 @@ class CudaBackend:
         return dst
 
     def zeros(self, shape, like=None):
+        """Zeros (float32; `like` only sets the numpy backend's dtype)."""
         array = self._empty(shape)
         if array.size:
             self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
         return array
 
     def empty(self, shape, like=None):
-        """An uninitialised array (to be written whole before it is read)."""
+        """An uninitialised float32 array (to be written whole before it is read)."""
         return self._empty(shape)
 
     def copy(self, array):
