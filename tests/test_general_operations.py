@@ -421,3 +421,22 @@ def test_cuda_joint_walk_merges_a_routes_copy():
     dst = views.window((1, 96, 208 * 208), None, (32, 32, 1))
     n, counts, _ = _joint_walk(((src, 32 * 208 * 208), (dst, 96 * 208 * 208)))
     assert n == 32 * 208 * 208 and counts == (1, 1, 1, 1, 1)
+
+
+def test_numpy_views_of_batch_innermost_arrays():
+    """The numpy backend keeps convolution outputs batch-innermost; a view whose reshape would
+    copy such an array is written through a copy and written back."""
+    ops = NumpyBackend()
+    rng = np.random.default_rng(14)
+    x = ops.conv_forward(randn(rng, 3, 4, 5, 5), randn(rng, 6, 4, 1, 1), 1, 0, 1, train=True)
+    assert not x.flags.c_contiguous  # (C, H, W, B) in memory
+    expected = np.array(x, dtype=np.float64, order="C")
+    flat = expected.reshape(18, 25)
+    flat[2:9:3] = 2 * flat[2:9:3] + 1
+    view = views.window((18, 25), (2, 3, 3))  # batch and channel merged: no numpy view of x
+    ops.strided_copy_(x, view, x.copy(), view, scale=2.0, shift=1.0)
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
+    logistic = views.window((3, 2, 3, 25), None, None, (1, 2, 1))  # a view of x itself
+    expected = np.array(x, dtype=np.float64, order="C")
+    expected.reshape(3, 2, 3, 25)[:, :, 1:3] = 1 / (1 + np.exp(-expected.reshape(3, 2, 3, 25)[:, :, 1:3]))
+    np.testing.assert_allclose(ops.activate_(x, "logistic", logistic), expected, rtol=1e-6)
