@@ -63,13 +63,26 @@ def _logistic(x):
         return 1.0 / (1.0 + np.exp(-x))
 
 
+def activate_(x, name):
+    """x = act(x) in place; returns x. Leaky (the common case) needs no full-size temporary."""
+    if name == "leaky":
+        return _leaky(x, out=x)
+    if name != "linear":
+        x[...] = activate(x, name)
+    return x
+
+
+def _leaky(x, out=None):
+    return np.maximum(x, x * x.dtype.type(LEAKY_SLOPE), out=out)  # x > 0 ? x : slope*x, one pass
+
+
 def activate(x, name):
     """Return act(x) as a new array of x's dtype."""
     f = x.dtype.type
     if name == "linear":
         return x.copy()
     if name == "leaky":
-        return np.maximum(x, x * f(LEAKY_SLOPE))  # the same as x > 0 ? x : slope*x, in one pass
+        return _leaky(x)
     if name == "relu":
         return x * (x > 0)
     if name == "logistic":
@@ -111,18 +124,21 @@ def activate(x, name):
     if name == "gelu":
         return (f(0.5) * x * (1 + np.tanh(_gelu_inner(x)))).astype(x.dtype)
     if name == "revleaky":
-        return np.maximum(x, x * f(LEAKY_SLOPE))
+        return _leaky(x)
     raise ValueError(f"unknown activation {name}")
 
 
 def gradient(y, name):
     """d act / d x, expressed through the output y = act(x), as Darknet does."""
     f = y.dtype.type
+    if name == "leaky":  # (y > 0 ? 1 : slope) as (1 - slope) * (y > 0) + slope: where() is slow
+        factor = (y > 0).astype(y.dtype)
+        factor *= f(1 - LEAKY_SLOPE)
+        factor += f(LEAKY_SLOPE)
+        return factor
     one = np.ones_like(y)
     if name == "linear":
         return one
-    if name == "leaky":
-        return np.where(y > 0, one, f(LEAKY_SLOPE))
     if name == "relu":
         return (y > 0).astype(y.dtype)
     if name == "logistic":

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import activations as engine_activations
 from . import detection
+from .batchnorm_rule import inference_affine
 from .constants import (GELU_CUBIC, GELU_LINEAR, LEAKY_SLOPE, LHTAN_SLOPE, PLSE_OUTER_SLOPE,
                         PLSE_SLOPE, RAMP_SLOPE, RELIE_SLOPE)
 from .errors import ExportError
@@ -471,9 +472,9 @@ def _batchnorm(g, layer, x):
     """Darknet's inference rule as one affine map per statistic (per channel, or per element
     with per_activation=1)."""
     p = {name: host(g, value).astype(np.float64) for name, value in layer.params.items()}
-    inside, outside = layer.bn_epsilons  # the engine's rule for this network's Darknet
-    factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
-    shift = p["biases"] - p["rolling_mean"] * factor
+    # the engine's rule for this network's Darknet
+    factor, shift = inference_affine(p["scales"], p["biases"], p["rolling_mean"],
+                                     p["rolling_variance"], layer.bn_epsilons)
     shape = (1,) + tuple(layer.in_shape) if layer.per_activation else (1, -1, 1, 1)
     y = g.op("Mul", [x, g.const(factor.astype(np.float32).reshape(shape), "bn_factor")])
     return g.op("Add", [y, g.const(shift.astype(np.float32).reshape(shape), "bn_shift")])
@@ -660,7 +661,7 @@ def _region(g, layer, x):
 
 @layer_exporter("reorg", keys=("stride", "reverse", "extra", "flatten"))
 def _reorg(g, layer, x):
-    """Darknet's reorg_cpu order, as the engine's ops.reorg: the non-reverse layer reads its
+    """Darknet's reorg_cpu order, as the engine's layers/reorg.py: the non-reverse layer reads its
     (c, h, w) input as (c/s^2, h, s, w, s) (the known quirk), the reverse layer the inverse."""
     if layer.extra:  # go.cfg's variant: flatten and append `extra` zeros
         flat = g.reshape(x, [-1, 1, 1])
@@ -680,7 +681,7 @@ def _reorg3d(g, layer, x):
 
 
 def darknet_reorg(g, x, s, forward, dims, out_shape):
-    """The engine's ops.reorg(x, s, forward, dims, out_shape) (reorg_cpu on dims (c, h, w))."""
+    """The engine's reorg(ops, x, s, forward, dims, out_shape) (reorg_cpu on dims (c, h, w))."""
     c, h, w = dims
     oc = c // (s * s)
     if forward:

@@ -1,6 +1,7 @@
 // Activations, their gradients, and the passes that follow a linear part fused with them:
 // bias + activation, and Darknet's inference batch norm + activation (one read, one write).
 #include "activation_functions.cuh"
+#include "strided.cuh"
 
 // Index of the per-channel parameter of element i of an NCHW tensor: (i / spatial) % channels.
 // PER_ACTIVATION statistics use spatial = 1 and channels = C*H*W.
@@ -15,6 +16,16 @@ extern "C" __global__ void gradient_kernel(const float *y, float *delta, int n, 
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) delta[i] *= gradient(y[i], act);
+}
+
+// act on the n elements of a strided window of x (strided.cuh), in place.
+extern "C" __global__ void activate_strided_kernel(float *x, int n, WINDOW_COUNTS,
+                                                   WINDOW_STRIDES(x_), int act)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long at = AT(x_, i);
+    x[at] = activate(x[at], act);
 }
 
 // delta *= act'(x) for the activations whose gradient needs the input x.

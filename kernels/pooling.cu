@@ -1,5 +1,7 @@
-// Darknet's max pooling (windows start at -padding/2, cells outside the input never win) and
-// global average pooling.
+// Max pooling over windows of size x size cells, stride apart, the first at (-top, -top) (the
+// layer computes Darknet's top = padding/2); cells outside the input never win, a window with none
+// inside gives -FLT_MAX. Windowed average pooling, and AlexeyAB's maximum across channels.
+// (Global average pooling is strided.cu's sum_to_kernel.)
 #include <float.h>
 #include <math.h>
 
@@ -54,32 +56,16 @@ extern "C" __global__ void maxpool_backward_kernel(const float *delta, const int
     dx[i] = sum;
 }
 
-extern "C" __global__ void avgpool_forward_kernel(const float *x, float *y, int planes, int spatial)
-{
-    int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= planes) return;
-    const float *input = x + (size_t)p * spatial;
-    float sum = 0.f;
-    for (int s = 0; s < spatial; ++s) sum += input[s];
-    y[p] = sum / spatial;
-}
-
-extern "C" __global__ void avgpool_backward_kernel(const float *delta, float *dx, int n, int spatial)
-{
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dx[i] = delta[i / spatial] / (float)spatial;
-}
-
-// AlexeyAB's [local_avgpool]: the mean of the input cells in each window (windows start at
-// -padding/2; cells outside the input are not counted). One thread per output element.
+// Average pooling over the max pooling's windows (the first at (-pad, -pad)): the mean of the
+// input cells in each window (cells outside the input are not counted). One thread per output.
 extern "C" __global__ void local_avgpool_kernel(const float *x, float *y, int n, int c, int h,
                                                 int w, int out_h, int out_w, int size, int stride,
-                                                int padding)
+                                                int pad)
 {
     int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= n) return;
     int j = index % out_w, i = (index / out_w) % out_h, plane = index / (out_w * out_h);
-    int offset = -padding / 2;
+    int offset = -pad;
     float sum = 0.f;
     int count = 0;
     for (int m = 0; m < size; ++m)
@@ -97,12 +83,12 @@ extern "C" __global__ void local_avgpool_kernel(const float *x, float *y, int n,
 extern "C" __global__ void local_avgpool_backward_kernel(const float *delta, float *dx, int n,
                                                          int c, int h, int w, int out_h,
                                                          int out_w, int size, int stride,
-                                                         int padding)
+                                                         int pad)
 {
     int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= n) return;
     int col = index % w, row = (index / w) % h, plane = index / (w * h);
-    int offset = -padding / 2;
+    int offset = -pad;
     float sum = 0.f;
     for (int i = 0; i < out_h; ++i) {
         int top = offset + i * stride;

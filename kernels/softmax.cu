@@ -1,5 +1,7 @@
-// Softmax over contiguous rows and the two costs: cross-entropy after a softmax, and Darknet's
-// sum of squares. The costs are reduced per block and added into one float (zeroed before).
+// Softmax over contiguous rows or along an axis of a strided view, and the two costs:
+// cross-entropy after a softmax, and Darknet's sum of squares. The costs are reduced per block
+// and added into one float (zeroed before).
+#include "strided.cuh"
 
 #ifndef CROSS_ENTROPY_FLOOR
 #error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
@@ -21,6 +23,25 @@ extern "C" __global__ void softmax_kernel(const float *x, float *y, int rows, in
         sum += e;
     }
     for (int k = 0; k < n; ++k) out[k] /= sum;
+}
+
+// Softmax along one axis of a strided window of x, in place: the window's counts here have 1 on
+// that axis (n lanes), which holds `count` elements `stride` apart.
+extern "C" __global__ void softmax_strided_kernel(float *x, int n, WINDOW_COUNTS,
+                                                  WINDOW_STRIDES(x_), int count, int stride)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float *v = x + AT(x_, i);
+    float largest = -INFINITY;
+    for (int e = 0; e < count; ++e) largest = fmaxf(largest, v[(long long)e * stride]);
+    float sum = 0.f;
+    for (int e = 0; e < count; ++e) {
+        float t = expf(v[(long long)e * stride] - largest);
+        v[(long long)e * stride] = t;
+        sum += t;
+    }
+    for (int e = 0; e < count; ++e) v[(long long)e * stride] /= sum;
 }
 
 __device__ void add_block_sum(float value, float *total)

@@ -98,10 +98,20 @@ def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out)
     x = ops.conv_forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32),
                          rng.standard_normal((16, 16, 1, 1)).astype(np.float32), 1, 0, 1,
                          train=True)  # batch-innermost, as after a convolution
-    trained, argmax = ops.maxpool_forward(x, size, stride, padding, out, out, train=True)
-    inferred, none = ops.maxpool_forward(x, size, stride, padding, out, out, train=False)
+    pad = padding // 2  # Darknet's rule, as layers/maxpool.py computes it
+    trained, argmax = ops.maxpool_forward(x, size, stride, pad, out, out, train=True)
+    inferred, none = ops.maxpool_forward(x, size, stride, pad, out, out, train=False)
     assert none is None and argmax is not None
     np.testing.assert_array_equal(inferred, trained)
+
+
+def test_equal_shape_shortcut_is_the_weighted_sum():
+    rng = np.random.default_rng(2)
+    ops = NumpyBackend()
+    x, add = (rng.standard_normal((2, 4, 5, 5)).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(ops.add(x, add), x + add)
+    np.testing.assert_allclose(ops.add(x, add, 0.5, 2.0), 0.5 * x + 2.0 * add,
+                               rtol=1e-6)
 
 
 def test_own_threads_compute_what_one_thread_does(monkeypatch):

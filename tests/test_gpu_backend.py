@@ -14,6 +14,11 @@ import pytest
 from engine import Network
 from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import BackendError
+from engine.layers.anchor_activation import anchor_activate
+from engine.layers.channels import add_channel_slice_, channel_slice, concat_channels
+from engine.layers.reorg import reorg
+from engine.layers.upsample import downsample_sum, upsample
+from helpers import build_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "cfg")
@@ -66,6 +71,71 @@ def test_exact_float32_leaves_out_the_imprecise_algorithms(gpu):
                   "cudnnFindConvolutionBackwardFilterAlgorithm": plan.filter_algo}
         for call, algo in chosen.items():
             assert algo != cudnn.IMPRECISE_ALGORITHMS[call], (x_shape, w_shape, call)
+
+
+# ---- layers composed of general operations, GPU against CPU ------------------------------------
+def test_avgpool_and_resampling(gpu, cpu, rng, tmp_path):
+    x = randn(rng, 3, 4, 6, 6)
+    layer = build_layer(tmp_path, "[avgpool]", (4, 6, 6))
+    assert_close(gpu, layer.forward(gpu, gpu.asarray(x), False), layer.forward(cpu, x, False),
+                 "avgpool")
+    delta = randn(rng, 3, 4, 1, 1)
+    assert_close(gpu, layer.backward(gpu, gpu.asarray(delta), True),
+                 layer.backward(cpu, delta, True), "avgpool delta")
+    for stride, scale in ((2, 1.0), (3, 0.5), (1, 4.0)):
+        assert_close(gpu, upsample(gpu, gpu.asarray(x), stride, scale),
+                     upsample(cpu, x, stride, scale), "upsample")
+    for stride, scale in ((2, 1.0), (3, 0.25)):
+        assert_close(gpu, downsample_sum(gpu, gpu.asarray(x), stride, scale),
+                     downsample_sum(cpu, x, stride, scale), "downsample_sum")
+
+
+def test_channel_plumbing(gpu, cpu, rng):
+    a, b = randn(rng, 2, 3, 4, 5), randn(rng, 2, 5, 4, 5)
+    assert_close(gpu, channel_slice(gpu, gpu.asarray(b), 1, 4), channel_slice(cpu, b, 1, 4),
+                 "slice")
+    assert_close(gpu, concat_channels(gpu, [gpu.asarray(a), (gpu.asarray(b), 1, 3)]),
+                 concat_channels(cpu, [a, (b, 1, 3)]), "concat")
+    assert_close(gpu, add_channel_slice_(gpu, gpu.asarray(b), 2, gpu.asarray(a)),
+                 add_channel_slice_(cpu, b.copy(), 2, a), "add_channel_slice_")
+
+
+def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
+    layer = build_layer(tmp_path, "[shortcut]\nfrom=0\nalpha=0.5\nbeta=2", x_shape[1:],
+                        layer_shapes=[add_shape[1:], x_shape[1:]])
+    x, add = randn(rng, *x_shape), randn(rng, *add_shape)
+    assert_close(gpu, layer.forward(gpu, [gpu.asarray(x), gpu.asarray(add)], False),
+                 layer.forward(cpu, [x, add], False), "shortcut forward")
+    delta = randn(rng, *x_shape)
+    dx_cpu, dadd_cpu = layer.backward(cpu, delta, True)
+    dx_gpu, dadd_gpu = layer.backward(gpu, gpu.asarray(delta), True)
+    assert_close(gpu, dx_gpu, dx_cpu, "shortcut delta")
+    assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
+
+
+def test_anchor_activate(gpu, cpu, rng, softmax_range):
+    x = randn(rng, 2, 3 * 7, 4, 5) * 3
+    ranges = [(0, 2), (4, 5)]
+    assert_close(gpu, anchor_activate(gpu, gpu.asarray(x), 3, ranges, softmax_range),
+                 anchor_activate(cpu, x, 3, ranges, softmax_range), "anchor_activate")
+
+
+def test_reorg(gpu, cpu, rng, forward):
+    dims = (8, 3, 4)
+    x = randn(rng, 2, *dims)
+    out_shape = (2, 6, 8) if forward else (8, 3, 4)
+    np.testing.assert_array_equal(gpu.to_host(reorg(gpu, gpu.asarray(x), 2, forward, dims, out_shape)),
+                                  reorg(cpu, x, 2, forward, dims, out_shape))
+
+
+def test_crop(gpu, cpu, rng, tmp_path, flip):
+    """Training crops: random offsets and flips, the same draws on both backends."""
+    x = randn(rng, 2, 3, 7, 9)
+    text = f"[crop]\ncrop_height=4\ncrop_width=5\nflip={int(flip)}"
+    cpu_layer, gpu_layer = (build_layer(tmp_path, text, (3, 7, 9), seed=5) for _ in range(2))
+    for _ in range(4):
+        np.testing.assert_allclose(gpu.to_host(gpu_layer.forward(gpu, gpu.asarray(x), True)),
+                                   cpu_layer.forward(cpu, x, True), rtol=1e-6, atol=1e-6)
 
 
 # ---- layers, through small networks -------------------------------------------------------------
@@ -397,6 +467,15 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
     inputs = read_floats(os.path.join(root, "inputs.bin"), (2, 3, 32, 32))
     for _ in range(3):
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
+
+
+# ---- AlexeyAB's operations ----------------------------------------------------------------------
+def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
+    x = randn(rng, 2, 3 * 7, 4, 5) * 3
+    args = (3, [(0, 2), (4, 7)])
+    affines = ((0, 2, 1.05, -0.025),)
+    assert_close(gpu, anchor_activate(gpu, gpu.asarray(x), *args, affines=affines),
+                 anchor_activate(cpu, x, *args, affines=affines), "anchor_activate scale_x_y")
 
 
 def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):

@@ -19,6 +19,8 @@ Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Bac
 and only `sgd_update` changes parameters.
 """
 
+import contextlib
+import functools
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,8 @@ from .. import activations, memory
 from ..constants import (BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, LEAKY_SLOPE,
                          PJREDDIE_BN_EPSILONS)
 from ..errors import BackendError
-from . import winograd
+from . import views, winograd
+from ..batchnorm_rule import inference_affine
 from .operations import Operations
 
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
@@ -44,6 +47,21 @@ THREADS_VARIABLE = "ENGINE_CPU_THREADS"
 COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one or two blocks)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_slices(view):
+    """(numpy slices of a View's window, whether a step of 0 repeats an index); a repeated
+    index is sliced once, to be broadcast."""
+    slices, repeats = [], False
+    for start, count, step in view.window:
+        if step == 0:
+            slices.append(slice(start, start + 1))
+            repeats = True
+        else:
+            stop = start + (count - 1) * step + (1 if step > 0 else -1)
+            slices.append(slice(start, stop if stop >= 0 else None, step))
+    return tuple(slices), repeats
 
 
 def _pair(stride):
@@ -105,8 +123,9 @@ class NumpyBackend(Operations):
         dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)
         return dst
 
-    def zeros(self, shape):
-        return np.zeros(shape, dtype=np.float32)
+    def zeros(self, shape, like=None):
+        """Zeros, float32 or of like's dtype (float64 in the gradient checks)."""
+        return np.zeros(shape, dtype=np.float32 if like is None else like.dtype)
 
     def copy(self, array):
         return array.copy()
@@ -162,29 +181,30 @@ class NumpyBackend(Operations):
         return [(slice(None), slice(c, c + step)) for c in range(0, channels, step)]
 
     # ---- activation and bias ------------------------------------------------------------------
-    def activate_(self, x, activation):
-        """x = act(x), in place; returns x."""
-        if activation == "leaky":  # the common case: max(x, .1x), block by block, no full temporary
-            self._run([lambda block=block: self._leaky_(x[block])
-                       for block in self._channel_blocks(x)])
-        elif activation != "linear":
-            x[...] = activations.activate(x, activation)
+    def activate_(self, x, activation, view=None):
+        """x = act(x) in place, or, given a View (views.py), only on the elements it holds;
+        returns x. Elementwise activations only (not activations.CHANNEL_NAMES)."""
+        if activation == "linear":
+            return x
+        if view is not None:
+            views.check(view, x.size)
+            with self._writable(x, view) as part:
+                part[...] = activations.activate(part, activation)
+            return x
+        self._run([lambda block=block: self._activate_block_(x[block], activation)
+                   for block in self._channel_blocks(x)])
         return x
+
+    @staticmethod
+    def _activate_block_(block, activation):
+        activations.activate_(block, activation)
 
     def activation_backward_(self, y, delta, activation):
         """delta *= act'(x), computed from the output y; in place, returns delta."""
-        if activation == "leaky":
-            # delta *= (y > 0 ? 1 : slope), the factor built as (1 - slope) * (y > 0) + slope
-            # (masked ops such as where() are slow here)
-            f = delta.dtype.type
+        if activation != "linear":
             for block in self._channel_blocks(delta):
-                factor = (y[block] > 0).astype(delta.dtype)
-                factor *= f(1 - LEAKY_SLOPE)
-                factor += f(LEAKY_SLOPE)
-                db = delta[block]  # not delta[block] *= factor: that copies the block onto itself
-                db *= factor
-        elif activation != "linear":
-            delta *= activations.gradient(y, activation)
+                db = delta[block]  # not delta[block] *= ...: that copies the block onto itself
+                db *= activations.gradient(y[block], activation)
         return delta
 
     def activation_input_backward_(self, x, delta, activation):
@@ -201,13 +221,10 @@ class NumpyBackend(Operations):
         delta[...] = activations.normalize_channels_backward(x, delta, activation)
         return delta
 
-    @staticmethod
-    def _leaky_(x):
-        np.maximum(x, x * x.dtype.type(LEAKY_SLOPE), out=x)
-
     def add_bias_(self, y, biases, activation="linear"):
-        """y = act(y + biases per channel), in place; leaky in the same pass over each block."""
-        if activation not in ("leaky", "linear"):
+        """y = act(y + biases per channel), in place; elementwise activations in the same pass
+        over each block."""
+        if activation in activations.CHANNEL_NAMES:
             y += biases.reshape(1, -1, 1, 1)
             return self.activate_(y, activation)
         b = biases.reshape(1, -1, 1, 1)
@@ -215,8 +232,8 @@ class NumpyBackend(Operations):
         def block_(block):
             yb = y[block]
             yb += b[block]
-            if activation == "leaky":
-                self._leaky_(yb)
+            if activation != "linear":
+                self._activate_block_(yb, activation)
         self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)])
         return y
 
@@ -436,9 +453,9 @@ class NumpyBackend(Operations):
         act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
         (constants.PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS), as one affine map per statistic."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
-        inside, outside = (x.dtype.type(e) for e in epsilons)
-        factor = scales.reshape(n) / (np.sqrt(rolling_variance.reshape(n) + inside) + outside)
-        shift = biases.reshape(n) - rolling_mean.reshape(n) * factor
+        factor, shift = inference_affine(*(a.reshape(n).astype(x.dtype, copy=False) for a in
+                                           (scales, biases, rolling_mean, rolling_variance)),
+                                         epsilons)
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)
         for block in self._channel_blocks(view):
@@ -483,14 +500,14 @@ class NumpyBackend(Operations):
         return padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
 
     @staticmethod
-    def _pool_frame(in_shape, size, stride, padding, out_h, out_w):
-        """Where the windows run: (rows, cols, frame height, frame width, top, left). Darknet's
-        windows start at -padding//2; `rows` and `cols` are the window offsets that reach the
+    def _pool_frame(in_shape, size, stride, pad, out_h, out_w):
+        """Where the windows run: (rows, cols, frame height, frame width, top, left). The
+        windows start at -pad; `rows` and `cols` are the window offsets that reach the
         input for some window (the others hold only padding, so they are skipped: a
         window far larger than its input costs no more than the input), the frame holds the
         cells those offsets read, and the input sits at (top, left) in it."""
         h, w = in_shape[2:]
-        start = padding // 2
+        start = pad
 
         def reach(n, out_n):
             first = max(0, start - (out_n - 1) * stride)
@@ -502,15 +519,16 @@ class NumpyBackend(Operations):
         cols, frame_w, left = reach(w, out_w)
         return rows, cols, frame_h, frame_w, top, left
 
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
-        """Darknet's maxpool: windows start at -padding//2; cells outside the input never win,
-        and a window with none inside gives -FLT_MAX (Darknet's starting maximum).
+    def maxpool_forward(self, x, size, stride, pad, out_h, out_w, train=True):
+        """Max pooling over out_h x out_w windows of size x size cells, `stride` apart, the first
+        starting at (-pad, -pad): each output is the maximum of its window's cells inside the
+        input (cells outside never win), or -FLT_MAX for a window with none inside.
         Returns (y, argmax) where argmax is the window offset that won (the first on ties), both
         laid out like x; at inference (train=False) argmax is None and only maxima are taken.
         One elementwise pass per window offset (numpy's where/argmax are slow here), block by
         block over channels."""
         b, c, h, w = x.shape
-        rows, cols, frame_h, frame_w, top, left = self._pool_frame(x.shape, size, stride, padding,
+        rows, cols, frame_h, frame_w, top, left = self._pool_frame(x.shape, size, stride, pad,
                                                                    out_h, out_w)
         if (top, left, frame_h, frame_w) == (0, 0, h, w):
             padded = x
@@ -586,11 +604,11 @@ class NumpyBackend(Operations):
         argmax += top_index
         np.maximum(top, bottom, out=y)
 
-    def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+    def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
         """Each window's delta goes to the cell that won it (argmax); laid out like argmax."""
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
-        rows, cols, frame_h, frame_w, top, left = self._pool_frame(in_shape, size, stride, padding,
+        rows, cols, frame_h, frame_w, top, left = self._pool_frame(in_shape, size, stride, pad,
                                                                    out_h, out_w)
         # Windows that tile the frame cover each cell once: assign instead of accumulating.
         tiles = size == stride and (out_h * size, out_w * size) == (frame_h, frame_w) and \
@@ -615,25 +633,6 @@ class NumpyBackend(Operations):
         if (top, left, frame_h, frame_w) == (0, 0, h, w):
             return padded
         return padded[:, :, top:top + h, left:left + w].copy(order="K")
-
-    def avgpool_forward(self, x):
-        """Darknet's [avgpool]: the global average of each channel."""
-        return x.mean(axis=(2, 3), keepdims=True)
-
-    def avgpool_backward(self, delta, in_shape):
-        h, w = in_shape[2:]
-        return np.broadcast_to(delta / (h * w), in_shape).copy()
-
-    def upsample(self, x, stride, scale):
-        """Nearest-neighbour upsampling by `stride`, times `scale`."""
-        y = np.repeat(np.repeat(x, stride, axis=2), stride, axis=3)
-        return y * np.float32(scale) if scale != 1 else y
-
-    def downsample_sum(self, x, stride, scale):
-        """The adjoint of upsample: sums each stride x stride block, times `scale`."""
-        b, c, h, w = x.shape
-        y = x.reshape(b, c, h // stride, stride, w // stride, stride).sum(axis=(3, 5))
-        return y * np.float32(scale) if scale != 1 else y
 
     def dropout_forward(self, x, probability):
         """Training: zero each input with `probability`, scale survivors by 1/(1-p).
@@ -680,16 +679,102 @@ class NumpyBackend(Operations):
         param += np.float32(learning_rate / batch) * velocity
         gradient[...] = 0
 
-    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    # ---- broadcasting arithmetic and reductions ------------------------------------------------
     def multiply(self, a, b):
         """a * b for NCHW arrays, b broadcast over any of its axes of size 1: a new array."""
         return np.multiply(a, b)
 
-    def sum_to(self, x, shape):
-        """The sum of x over the axes where `shape` has 1 and x does not (the adjoint of
-        broadcasting to x's shape): a new array of `shape`."""
+    def add(self, a, b, alpha=1.0, beta=1.0):
+        """alpha*a + beta*b for NCHW arrays, b broadcast over any of its axes of size 1 (as in
+        multiply): a new array shaped like a."""
+        if alpha == 1 and beta == 1:
+            return np.add(a, b)
+        return np.float32(alpha) * a + np.float32(beta) * b
+
+    def sum_to(self, x, shape, scale=1.0):
+        """scale times the sum of x over the axes where `shape` (as many axes as x, at most six)
+        has 1 and x does not: the adjoint of broadcasting to x's shape. A new array of `shape`."""
         axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
-        return np.ascontiguousarray(x.sum(axis=axes, keepdims=True).reshape(shape))
+        y = np.ascontiguousarray(x.sum(axis=axes, keepdims=True).reshape(shape))
+        if scale != 1:
+            y *= np.float32(scale)
+        return y
+
+    # ---- strided views (views.py) --------------------------------------------------------------
+    def empty(self, shape, like=None):
+        """An uninitialised array (to be written whole before it is read), float32 or of like's
+        dtype."""
+        return np.empty(shape, np.float32 if like is None else like.dtype)
+
+    @staticmethod
+    def _part(seen, view):
+        """The window of view in `seen` (the array already reshaped and permuted): a numpy view,
+        read-only where a step of 0 repeats an index."""
+        slices, repeats = _window_slices(view)
+        part = seen[slices]
+        if not repeats:
+            return part
+        start, count, step = view.window[-1]
+        if step == 0 and count > 1:  # repeats along the innermost axis: materialised, faster
+            part = np.repeat(part, count, axis=-1)
+        return np.broadcast_to(part, view.counts)
+
+    @staticmethod
+    def _seen(array, view):
+        seen = array.reshape(view.shape)
+        return seen if view.axes is None else seen.transpose(view.axes)
+
+    @contextlib.contextmanager
+    def _writable(self, array, view):
+        """The window of `view` in `array`, to write in: a numpy view where reshaping is free,
+        else a contiguous copy written back afterwards."""
+        part, written_back = self._target(array, view)
+        yield part
+        if written_back is not None:
+            array[...] = written_back.reshape(array.shape)
+
+    def _target(self, array, view):
+        """(window to write in, None) where reshaping array is free, else (window of a
+        contiguous copy, that copy to write back)."""
+        shaped = array.reshape(view.shape)
+        if np.may_share_memory(shaped, array):
+            copy = None
+        else:
+            copy = shaped = np.ascontiguousarray(array).reshape(view.shape)
+        seen = shaped if view.axes is None else shaped.transpose(view.axes)
+        return self._part(seen, view), copy
+
+    def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
+                      accumulate=False):
+        """dst[dst_view] = scale * src[src_view] + shift, or += that when `accumulate`, in place
+        (views.py: the two windows hold the same counts; src may be dst itself, with the same
+        view); returns dst."""
+        views.check_pair(src_view, src.size, dst_view, dst.size)
+        value = self._part(self._seen(src, src_view), src_view)
+        f = np.float32
+        part, written_back = self._target(dst, dst_view)
+        if accumulate:
+            if scale != 1:
+                value = value * f(scale)
+            part += value
+        elif scale != 1:
+            np.multiply(value, f(scale), out=part)
+        else:
+            np.copyto(part, value)
+        if shift:
+            part += f(shift)
+        if written_back is not None:
+            dst[...] = written_back.reshape(dst.shape)
+        return dst
+
+    def softmax_(self, x, view, axis):
+        """Softmax along `axis` of the window of `view` in x, in place (the largest value
+        subtracted before exp); the rest of x unchanged. Returns x."""
+        views.check(view, x.size)
+        with self._writable(x, view) as part:
+            z = np.exp(part - part.max(axis=axis, keepdims=True))
+            part[...] = z / z.sum(axis=axis, keepdims=True)
+        return x
 
     def channel_max(self, x, groups):
         """AlexeyAB's maxpool_depth: output channel g is the maximum over the input channels
@@ -712,11 +797,11 @@ class NumpyBackend(Operations):
             dx[:, k] = np.where(winner[:, k % groups] == k, delta[:, k % groups], 0)
         return dx
 
-    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
-        """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
-        start at -padding//2, as Darknet's maxpool; cells outside the input are not counted)."""
+    def local_avgpool(self, x, size, stride, pad, out_h, out_w):
+        """Average pooling over maxpool_forward's windows (the first starting at (-pad, -pad)):
+        the mean of each window's cells inside the input (cells outside are not counted)."""
         b, c, h, w = x.shape
-        top = padding // 2
+        top = pad
         frame_h, frame_w = (out_h - 1) * stride + size, (out_w - 1) * stride + size
         padded = np.zeros((b, c, max(frame_h, top + h), max(frame_w, top + w)), x.dtype)
         padded[:, :, top:top + h, top:top + w] = x
@@ -730,11 +815,11 @@ class NumpyBackend(Operations):
                 cells += count[i:i + stride * out_h:stride, j:j + stride * out_w:stride]
         return total / cells
 
-    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+    def local_avgpool_backward(self, delta, in_shape, size, stride, pad):
         """The adjoint of local_avgpool: each window's delta / its cell count, spread back."""
         b, c, h, w = in_shape
         out_h, out_w = delta.shape[2:]
-        top = padding // 2
+        top = pad
         frame = (max((out_h - 1) * stride + size, top + h), max((out_w - 1) * stride + size, top + w))
         count = np.zeros(frame, delta.dtype)
         count[top:top + h, top:top + w] = 1
@@ -748,105 +833,3 @@ class NumpyBackend(Operations):
             for j in range(size):
                 self._pool_window(padded, i, j, stride, out_h, out_w)[...] += share
         return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
-
-    # ---- channel plumbing (route) -------------------------------------------------------------
-    def channel_slice(self, x, start, stop):
-        return np.ascontiguousarray(x[:, start:stop])
-
-    def concat_channels(self, xs):
-        return np.concatenate(xs, axis=1)
-
-    def add_channel_slice_(self, dst, start, src):
-        dst[:, start:start + src.shape[1]] += src
-        return dst
-
-    # ---- detection-model ops (shortcut, yolo, region, reorg) ----------------------------------
-    @staticmethod
-    def _shortcut_windows(out_shape, add_shape):
-        """Darknet's shortcut_cpu geometry: the overlapping channels, and for each map the
-        positions that meet (the larger map is subsampled by the integer size ratio)."""
-        (c2, h2, w2), (c1, h1, w1) = out_shape, add_shape
-        stride, sample = max(w1 // w2, 1), max(w2 // w1, 1)
-        minc, minh, minw = min(c1, c2), min(h1, h2), min(w1, w2)
-        out_window = (slice(None), slice(0, minc), slice(0, minh * sample, sample),
-                      slice(0, minw * sample, sample))
-        add_window = (slice(None), slice(0, minc), slice(0, minh * stride, stride),
-                      slice(0, minw * stride, stride))
-        return out_window, add_window
-
-    def shortcut_forward(self, x, add, alpha, beta):
-        """Darknet's [shortcut] sum (shortcut_cpu), before the activation: a new array equal to
-        x, except where the maps overlap: y = alpha*x + beta*add there. Overlap: channels
-        0..min(C)-1; spatially, with stride = max(W_add//W_x, 1) and sample = max(W_x//W_add, 1),
-        y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
-        j < min(H), i < min(W). Same shapes: y = alpha*x + beta*add everywhere."""
-        if x.shape == add.shape:  # the usual case (ResNet, YOLO): one pass
-            if alpha == 1 and beta == 1:
-                return np.add(x, add)
-            return np.float32(alpha) * x + np.float32(beta) * add
-        out_window, add_window = self._shortcut_windows(x.shape[1:], add.shape[1:])
-        y = x.copy()
-        y[out_window] = np.float32(alpha) * x[out_window] + np.float32(beta) * add[add_window]
-        return y
-
-    def shortcut_backward(self, delta, add_shape, alpha, beta):
-        """The exact gradient of shortcut_forward: returns (delta for x, delta for add), add's
-        being a new (B,) + add_shape array (zero outside the overlap)."""
-        out_window, add_window = self._shortcut_windows(delta.shape[1:], add_shape)
-        dx = delta.copy()
-        dx[out_window] *= np.float32(alpha)
-        dadd = np.zeros((delta.shape[0],) + tuple(add_shape), dtype=delta.dtype)
-        dadd[add_window] = np.float32(beta) * delta[out_window]
-        return dx, dadd
-
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
-        """YOLO/region output activation. x (B, anchors*E, H, W) holds, per anchor, E entries
-        (x, y, w, h, objectness, classes...) each an H x W plane. Returns a new array: the
-        logistic 1/(1+exp(-v)) on entries [start, stop) for each (start, stop) in
-        `logistic_ranges`, a softmax over entries [start, stop) of `softmax_range` at each
-        (anchor, position), and every other entry unchanged; then, if `affine` = (start, stop,
-        scale, shift), v*scale + shift on those entries (AlexeyAB's scale_x_y)."""
-        b, _, h, w = x.shape
-        y = x.copy()
-        grouped = y.reshape(b, anchors, -1, h, w)
-        for start, stop in logistic_ranges:
-            grouped[:, :, start:stop] = activations.activate(grouped[:, :, start:stop], "logistic")
-        if softmax_range is not None:
-            start, stop = softmax_range
-            block = grouped[:, :, start:stop]
-            block = np.exp(block - block.max(axis=2, keepdims=True))
-            grouped[:, :, start:stop] = block / block.sum(axis=2, keepdims=True)
-        if affine is not None:
-            start, stop, scale, shift = affine
-            grouped[:, :, start:stop] = grouped[:, :, start:stop] * y.dtype.type(scale) + \
-                y.dtype.type(shift)
-        return y
-
-    def reorg(self, x, stride, forward, dims, out_shape):
-        """Darknet's reorg_cpu(x, w, h, c, batch, stride, forward, out) on the layer's input dims
-        (c, h, w) = `dims`; x and the result hold the same B*c*h*w values in another order, and
-        the result has shape (B,) + out_shape. With oc = c/stride^2, (k, j, i) ranging over
-        (c, h, w) and (k', j', i') = (k % oc, j*stride + (k//oc) // stride,
-        i*stride + (k//oc) % stride) over (oc, h*stride, w*stride):
-        forward=False: result(c,h,w)[k,j,i] = x viewed as (oc,h*s,w*s)[k',j',i'] (the
-        non-reverse layer's forward, and the reverse layer's backward);
-        forward=True: result viewed as (oc,h*s,w*s)[k',j',i'] = x(c,h,w)[k,j,i] (the inverse)."""
-        c, h, w = dims
-        b, oc = x.shape[0], c // (stride * stride)
-        if forward:
-            # x as (B, dy, dx, oc, j, i) -> (B, oc, j, dy, i, dx)
-            y = x.reshape(b, stride, stride, oc, h, w).transpose(0, 3, 4, 1, 5, 2)
-        else:
-            # x as (B, oc, j, dy, i, dx) -> (B, dy, dx, oc, j, i)
-            y = x.reshape(b, oc, h, stride, w, stride).transpose(0, 3, 5, 1, 2, 4)
-        return np.ascontiguousarray(y).reshape((b,) + tuple(out_shape))
-
-    def crop(self, x, top, left, height, width, flip, scale, shift):
-        """Darknet's [crop] (forward_crop_layer): y[:, :, i, j] = x[:, :, top + i, col(j)] * scale
-        + shift with col(j) = left + j, or W - left - 1 - j when `flip` (mirrored)."""
-        w = x.shape[3]
-        if flip:
-            window = x[:, :, top:top + height, w - left - width:w - left][:, :, :, ::-1]
-        else:
-            window = x[:, :, top:top + height, left:left + width]
-        return (window * np.float32(scale) + np.float32(shift)).astype(x.dtype, copy=False)

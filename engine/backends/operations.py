@@ -74,8 +74,14 @@ class Operations(ABC):
         dst keeps its identity (a fixed buffer a recording reads). Returns dst."""
 
     @abstractmethod
-    def zeros(self, shape):
-        """A new float32 array of `shape`, all zero."""
+    def zeros(self, shape, like=None):
+        """A new array of `shape`, all zero: float32, or of like's dtype (float64 in the gradient
+        checks)."""
+
+    @abstractmethod
+    def empty(self, shape, like=None):
+        """A new uninitialised array of `shape` (written whole before it is read), float32 or of
+        like's dtype."""
 
     @abstractmethod
     def copy(self, array):
@@ -101,8 +107,9 @@ class Operations(ABC):
 
     # ---- activation and bias -------------------------------------------------------------------
     @abstractmethod
-    def activate_(self, x, activation):
-        """x = act(x) elementwise for one of activations.NAMES, in place; returns x."""
+    def activate_(self, x, activation, view=None):
+        """x = act(x) elementwise for one of activations.NAMES, in place, on all of x or only on
+        the elements a View (views.py) holds; returns x."""
 
     @abstractmethod
     def activation_backward_(self, y, delta, activation):
@@ -193,35 +200,18 @@ class Operations(ABC):
 
     # ---- pooling, resampling, dropout ----------------------------------------------------------
     @abstractmethod
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
-        """Darknet's maxpool of x (B, C, H, W) -> (y (B, C, out_h, out_w), argmax): window
-        (i, j) covers rows i*stride - padding//2 + [0, size), columns likewise; cells outside x
+    def maxpool_forward(self, x, size, stride, pad, out_h, out_w, train=True):
+        """Max pooling of x (B, C, H, W) -> (y (B, C, out_h, out_w), argmax): window (i, j)
+        covers rows i*stride - pad + [0, size), columns likewise (the layer computes pad and the
+        output size from its cfg: Darknet's rule lives in layers/maxpool.py); cells outside x
         never win and a window with none inside gives -FLT_MAX. argmax records the winners (the
         first on ties) in a backend-specific form, only for maxpool_backward; it may be None
         when train is False."""
 
     @abstractmethod
-    def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+    def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
         """Each window's delta (B, C, out_h, out_w) summed into the cell that won it: a new
         array of in_shape."""
-
-    @abstractmethod
-    def avgpool_forward(self, x):
-        """Darknet's [avgpool]: the mean of each channel of x (B, C, H, W), a new (B, C, 1, 1)."""
-
-    @abstractmethod
-    def avgpool_backward(self, delta, in_shape):
-        """delta (B, C, 1, 1) / (H*W) spread over every cell: a new array of in_shape."""
-
-    @abstractmethod
-    def upsample(self, x, stride, scale):
-        """Nearest-neighbour upsampling of x (B, C, H, W) by the int `stride`, times `scale`:
-        a new (B, C, H*stride, W*stride)."""
-
-    @abstractmethod
-    def downsample_sum(self, x, stride, scale):
-        """The adjoint of upsample: each stride x stride block of x (B, C, H, W) summed, times
-        `scale`: a new (B, C, H//stride, W//stride)."""
 
     @abstractmethod
     def dropout_forward(self, x, probability):
@@ -267,9 +257,28 @@ class Operations(ABC):
         channel, or all positions): a new array of the larger shape."""
 
     @abstractmethod
-    def sum_to(self, x, shape):
-        """x (4-D) summed over the axes where `shape` has 1 and x does not (the adjoint of
-        broadcasting): a new array of `shape`."""
+    def add(self, a, b, alpha=1.0, beta=1.0):
+        """alpha*a + beta*b for 4-D arrays, b broadcast over any of its axes of size 1 (as in
+        multiply): a new array shaped like a."""
+
+    @abstractmethod
+    def sum_to(self, x, shape, scale=1.0):
+        """scale times x summed over the axes where `shape` (as many axes as x, at most six) has
+        1 and x does not (the adjoint of broadcasting): a new array of `shape`."""
+
+    # ---- strided views (views.py: a shape, an optional permutation, a window per axis) ---------
+    @abstractmethod
+    def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
+                      accumulate=False):
+        """dst[dst_view] = scale * src[src_view] + shift, or += that when `accumulate`, in place;
+        the two windows hold the same counts (a step of 0 in src's window repeats a cell); src
+        may be dst itself with the same view. Returns dst. Route, shortcut, reorg, crop,
+        upsample and the YOLO activation are composed of it in their layers."""
+
+    @abstractmethod
+    def softmax_(self, x, view, axis):
+        """Softmax along `axis` of the window of `view` in x, in place (the largest value
+        subtracted before exp); the rest of x unchanged. Returns x."""
 
     # ---- channels ------------------------------------------------------------------------------
     @abstractmethod
@@ -283,58 +292,14 @@ class Operations(ABC):
         """Each output's delta to the input channel that won it: a new array of in_shape."""
 
     @abstractmethod
-    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+    def local_avgpool(self, x, size, stride, pad, out_h, out_w):
         """AlexeyAB's [local_avgpool]: the mean of the input cells inside each window (windows
         as maxpool_forward's; cells outside the input not counted): a new (B, C, out_h, out_w)."""
 
     @abstractmethod
-    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+    def local_avgpool_backward(self, delta, in_shape, size, stride, pad):
         """The adjoint of local_avgpool: each window's delta / its cell count, summed back: a new
         array of in_shape."""
-
-    @abstractmethod
-    def channel_slice(self, x, start, stop):
-        """Channels [start, stop) of x (B, C, ...): a new (B, stop-start, ...)."""
-
-    @abstractmethod
-    def concat_channels(self, xs):
-        """The arrays of the list xs (same batch and positions) joined along channels: new."""
-
-    @abstractmethod
-    def add_channel_slice_(self, dst, start, src):
-        """dst[:, start:start + src.shape[1]] += src, in place; returns dst."""
-
-    # ---- detection-model operations ------------------------------------------------------------
-    @abstractmethod
-    def shortcut_forward(self, x, add, alpha, beta):
-        """Darknet's [shortcut] sum (shortcut_cpu) before the activation: a new array equal to x
-        except where x and add (B, C', H', W') overlap, where it is alpha*x + beta*add. Overlap:
-        channels < min(C, C'); with stride = max(W'//W, 1) and sample = max(W//W', 1),
-        y[:, k, j*sample, i*sample] pairs with add[:, k, j*stride, i*stride] for
-        j < min(H, H'), i < min(W, W')."""
-
-    @abstractmethod
-    def shortcut_backward(self, delta, add_shape, alpha, beta):
-        """The gradient of shortcut_forward: (new delta for x, new delta for add of shape
-        (B,) + add_shape, zero outside the overlap)."""
-
-    @abstractmethod
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
-        """YOLO/region output activation of x (B, anchors*E, H, W) (per anchor E entries, each an
-        H x W plane): a new array with the logistic on entries [start, stop) of each range in
-        logistic_ranges, a softmax over entries softmax_range = (start, stop) at each (anchor,
-        position), other entries unchanged; then, for affine = (start, stop, scale, shift),
-        v*scale + shift on those entries."""
-
-    @abstractmethod
-    def reorg(self, x, stride, forward, dims, out_shape):
-        """Darknet's reorg_cpu on the layer's input dims (c, h, w): a new (B,) + out_shape holding
-        x's values reordered (numpy_backend.NumpyBackend.reorg gives the index map)."""
-
-    @abstractmethod
-    def crop(self, x, top, left, height, width, flip, scale, shift):
-        """Darknet's [crop]: y[:, :, i, j] = x[:, :, top+i, col(j)] * scale + shift, col(j) =
-        left + j, or W - left - 1 - j when flip: a new (B, C, height, width)."""
 
     # ---- data-parallel training ----------------------------------------------------------------
     @abstractmethod

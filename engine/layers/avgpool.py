@@ -1,5 +1,7 @@
-"""[avgpool]: Darknet's global average pooling, C x H x W -> C x 1 x 1."""
+"""[avgpool]: Darknet's global average pooling, C x H x W -> C x 1 x 1: a sum over each channel's
+positions times 1/(H*W), and back, each position receiving 1/(H*W) of its channel's delta."""
 
+from ..backends.views import whole, window
 from .base import Layer
 
 
@@ -16,8 +18,15 @@ class AvgpoolLayer(Layer):
 
 
     def forward(self, ops, x, train):
-        self.batch_in_shape = x.shape
-        return ops.avgpool_forward(x)
+        b, c, h, w = (int(n) for n in x.shape)
+        self.batch_in_shape = (b, c, h, w)
+        planes = ops.reshape(x, (b, c, h * w))
+        return ops.reshape(ops.sum_to(planes, (b, c, 1), 1.0 / (h * w)), (b, c, 1, 1))
 
     def backward(self, ops, delta, need_dx):
-        return ops.avgpool_backward(delta, self.batch_in_shape) if need_dx else None
+        if not need_dx:
+            return None
+        b, c, h, w = self.batch_in_shape
+        dx = ops.empty(self.batch_in_shape, like=delta)
+        spread = window((b, c, 1), None, None, (0, h * w, 0))  # each channel's delta, repeated
+        return ops.strided_copy_(dx, whole((b, c, h * w)), delta, spread, scale=1.0 / (h * w))

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .. import activations
+from ..batchnorm_rule import inference_affine
 
 # Parameters the optimizer changes; everything else in `params` (rolling statistics) is state.
 TRAINABLE = ("biases", "scales", "weights")
@@ -178,10 +179,9 @@ class LinearUnit(Layer):
         (e0, e1) = (0, 1e-6) for pjreddie's, (1e-5, 0) for AlexeyAB's),
         W' = W * factor per output, b' = biases - rolling_mean * factor."""
         p = {name: ops.to_host(value).astype(np.float64) for name, value in self.params.items()}
-        inside, outside = self.bn_epsilons
-        factor = p["scales"] / (np.sqrt(p["rolling_variance"] + inside) + outside)
+        factor, biases = inference_affine(p["scales"], p["biases"], p["rolling_mean"],
+                                          p["rolling_variance"], self.bn_epsilons)
         weights = p["weights"] * factor.reshape((-1,) + (1,) * (p["weights"].ndim - 1))
-        biases = p["biases"] - p["rolling_mean"] * factor
         return weights.astype(np.float32), biases.astype(np.float32)
 
     def fold_batchnorm(self, ops):

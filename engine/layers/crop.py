@@ -9,6 +9,7 @@ Like Darknet's (empty) backward_crop_layer, no delta flows back through it.
 
 import numpy as np
 
+from ..backends.views import whole, window
 from .base import Layer, input_shape_error
 
 
@@ -44,8 +45,13 @@ class CropLayer(Layer):
             left = int(self.rng.integers(w - self.crop_width + 1))
         else:
             flip, top, left = False, (h - self.crop_height) // 2, (w - self.crop_width) // 2
-        return ops.crop(x, top, left, self.crop_height, self.crop_width, flip, self.scale,
-                        self.shift)
+        # y[:, :, i, j] = x[:, :, top + i, col(j)] * scale + shift, col(j) = left + j, or
+        # W - left - 1 - j when flipped (forward_crop_layer)
+        b, c = int(x.shape[0]), int(x.shape[1])
+        columns = (w - left - 1, self.crop_width, -1) if flip else (left, self.crop_width, 1)
+        source = window((b, c, h, w), None, None, (top, self.crop_height, 1), columns)
+        y = ops.empty((b, c, self.crop_height, self.crop_width), like=x)
+        return ops.strided_copy_(y, whole(y.shape), x, source, scale=self.scale, shift=self.shift)
 
     def backward(self, ops, delta, need_dx):
         return None

@@ -14,6 +14,7 @@ output stays zero there, as its buffer does in AlexeyAB. Training it is refused 
 import numpy as np
 
 from .base import Layer
+from .channels import channel_slice, concat_channels
 
 
 class DetectionLayer(Layer):
@@ -50,8 +51,8 @@ class DetectionLayer(Layer):
         if not self.softmax:
             return ops.copy(flat)
         scores = self.side * self.side * self.classes
-        probabilities = ops.softmax(ops.channel_slice(flat, 0, scores), self.side * self.side, 1.0)
-        return ops.concat_channels([probabilities, ops.channel_slice(flat, scores, flat.shape[1])])
+        probabilities = ops.softmax(channel_slice(ops, flat, 0, scores), self.side * self.side, 1.0)
+        return concat_channels(ops, [probabilities, (flat, scores, int(flat.shape[1]))])
 
     def backward(self, ops, delta, need_dx):
         return ops.reshape(delta, (delta.shape[0],) + self.in_shape) if need_dx else None

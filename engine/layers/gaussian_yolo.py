@@ -9,6 +9,7 @@ Its loss (Gaussian negative log-likelihood on the boxes) is not implemented: tra
 a network with this layer, naming its line.
 """
 
+from .anchor_activation import anchor_activate
 from .yolo import TRAINING_DEFAULTS, YoloLayer
 
 GAUSSIAN_TRAINING_DEFAULTS = dict(TRAINING_DEFAULTS, uc_normalizer=1.0)
@@ -36,12 +37,11 @@ class GaussianYoloLayer(YoloLayer):
     def forward(self, ops, x, train):
         anchors = len(self.mask)
         logistic = ((0, 4), (5, 6), (7, self.entries))
-        if self.scale_x_y == 1:
-            self.output = ops.anchor_activate(x, anchors, logistic)
-            return self.output
-        scale, shift = self.scale_x_y, -0.5 * (self.scale_x_y - 1)
-        y = ops.anchor_activate(x, anchors, logistic, affine=(0, 1, scale, shift))
-        self.output = ops.anchor_activate(y, anchors, (), affine=(2, 3, scale, shift))
+        affines = ()
+        if self.scale_x_y != 1:
+            scale, shift = self.scale_x_y, -0.5 * (self.scale_x_y - 1)
+            affines = ((0, 1, scale, shift), (2, 3, scale, shift))
+        self.output = anchor_activate(ops, x, anchors, logistic, affines=affines)
         return self.output
 
     def check_trainable(self):

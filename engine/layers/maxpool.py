@@ -1,6 +1,9 @@
 """[maxpool]: Darknet's max pooling. Windows start at -padding//2 and cells outside the input
 never win, so size=2 stride=1 keeps the input size (padding defaults to size-1); a window with
-no cell inside the input gives -FLT_MAX, as Darknet's forward_maxpool_layer does."""
+no cell inside the input gives -FLT_MAX, as Darknet's forward_maxpool_layer does.
+
+Darknet's rule (the first window's offset padding//2 and the output size) is computed here, once;
+the backends' pooling takes it as explicit geometry (size, stride, pad, output size)."""
 
 from .antialiasing import Blur
 from .base import Layer, input_shape_error, window_limit
@@ -37,6 +40,7 @@ class MaxpoolLayer(Layer):
         self.blur_stride = self.stride
         if self.antialiasing:
             self.stride = 1  # AlexeyAB: pooling at stride 1, then the blur strides
+        self.pad = self.padding // 2  # Darknet's: the first window starts at -padding//2
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if self.size > h + self.padding or self.size > w + self.padding or out_h < 1 or out_w < 1:
@@ -74,7 +78,7 @@ class MaxpoolLayer(Layer):
             self.batch_in_shape = x.shape
             y, self.argmax = ops.channel_max(x, self.out_shape[0])
             return y
-        y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.padding,
+        y, self.argmax = ops.maxpool_forward(x, self.size, self.stride, self.pad,
                                              *self.pooled_hw, train=train)
         self.batch_in_shape = x.shape
         return self.blur.forward(ops, y) if self.blur is not None else y
@@ -87,7 +91,7 @@ class MaxpoolLayer(Layer):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
         return ops.maxpool_backward(delta, self.argmax, self.batch_in_shape, self.size,
-                                    self.stride, self.padding)
+                                    self.stride, self.pad)
 
 
 class LocalAvgpoolLayer(Layer):
@@ -106,6 +110,7 @@ class LocalAvgpoolLayer(Layer):
         # only add cells of padding (and time: the pooling loops over the window's cells).
         self.size = section.positive_int("size", self.stride, high=window_limit(h, w))
         self.padding = section.int("padding", self.size - 1, low=0)
+        self.pad = self.padding // 2  # maxpool's rule
         out_h = (h + self.padding - self.size) // self.stride + 1
         out_w = (w + self.padding - self.size) // self.stride + 1
         if out_h < 1 or out_w < 1:
@@ -123,13 +128,13 @@ class LocalAvgpoolLayer(Layer):
 
     def forward(self, ops, x, train):
         self.batch_in_shape = x.shape
-        return ops.local_avgpool(x, self.size, self.stride, self.padding, *self.out_shape[1:])
+        return ops.local_avgpool(x, self.size, self.stride, self.pad, *self.out_shape[1:])
 
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
         return ops.local_avgpool_backward(delta, self.batch_in_shape, self.size, self.stride,
-                                          self.padding)
+                                          self.pad)
 
 
 def refuse_unequal_strides(section, stride):

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..boxes import box_iou
+from .anchor_activation import anchor_activate
 from .base import Layer
 from .yolo import MAX_ANCHORS, check_outputs_fit, parse_anchors
 
@@ -80,9 +81,9 @@ class RegionLayer(Layer):
     def forward(self, ops, x, train):
         classes = (COORDS + 1, self.entries)
         if self.softmax:
-            self.output = ops.anchor_activate(x, self.num, ((0, 2), (COORDS, COORDS + 1)), classes)
+            self.output = anchor_activate(ops, x, self.num, ((0, 2), (COORDS, COORDS + 1)), classes)
         else:
-            self.output = ops.anchor_activate(x, self.num, ((0, 2), (COORDS, self.entries)))
+            self.output = anchor_activate(ops, x, self.num, ((0, 2), (COORDS, self.entries)))
         return self.output
 
     def check_trainable(self):

@@ -8,7 +8,30 @@ the inverse permutation. The old `extra=N` variant (go.cfg) flattens the input a
 zeros. `flatten` is refused.
 """
 
+from ..backends.views import whole
 from .base import Layer, input_shape_error
+from .channels import channel_slice, concat_channels
+
+
+def reorg(ops, x, stride, forward, dims, out_shape):
+    """Darknet's reorg_cpu(x, w, h, c, batch, stride, forward, out) on dims (c, h, w): x and the
+    result hold the same B*c*h*w values in another order, and the result has shape
+    (B,) + out_shape. With oc = c/stride^2, (k, j, i) ranging over (c, h, w) and
+    (k', j', i') = (k % oc, j*stride + (k//oc) // stride, i*stride + (k//oc) % stride) over
+    (oc, h*stride, w*stride):
+    forward=False: result(c,h,w)[k,j,i] = x viewed as (oc,h*s,w*s)[k',j',i'] (the non-reverse
+    layer's forward, and the reverse layer's backward);
+    forward=True: result viewed as (oc,h*s,w*s)[k',j',i'] = x(c,h,w)[k,j,i] (the inverse).
+    One strided copy: a permutation of x's axes split as below."""
+    c, h, w = dims
+    b, s = int(x.shape[0]), stride
+    oc = c // (s * s)
+    if forward:  # x as (B, dy, dx, oc, j, i) -> (B, oc, j, dy, i, dx)
+        source = whole((b, s, s, oc, h, w), axes=(0, 3, 4, 1, 5, 2))
+    else:  # x as (B, oc, j, dy, i, dx) -> (B, dy, dx, oc, j, i)
+        source = whole((b, oc, h, s, w, s), axes=(0, 3, 5, 1, 2, 4))
+    y = ops.empty((b,) + tuple(out_shape), like=x)
+    return ops.strided_copy_(y, whole(source.counts), x, source)
 
 
 class ReorgLayer(Layer):
@@ -49,16 +72,17 @@ class ReorgLayer(Layer):
     def forward(self, ops, x, train):
         if self.extra:
             flat = ops.reshape(x, (x.shape[0], -1, 1, 1))
-            return ops.concat_channels([flat, ops.zeros((x.shape[0], self.extra, 1, 1))])
-        return ops.reorg(x, self.stride, self.reverse, self.in_shape, self.out_shape)
+            return concat_channels(ops, [flat, ops.zeros((x.shape[0], self.extra, 1, 1))])
+        return reorg(ops, x, self.stride, self.reverse, self.in_shape, self.out_shape)
 
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
         if self.extra:
             inputs = self.outputs - self.extra
-            return ops.reshape(ops.channel_slice(delta, 0, inputs), (delta.shape[0],) + self.in_shape)
-        return ops.reorg(delta, self.stride, not self.reverse, self.in_shape, self.in_shape)
+            return ops.reshape(channel_slice(ops, delta, 0, inputs),
+                               (delta.shape[0],) + self.in_shape)
+        return reorg(ops, delta, self.stride, not self.reverse, self.in_shape, self.in_shape)
 
 
 class Reorg3dLayer(Layer):
@@ -89,9 +113,9 @@ class Reorg3dLayer(Layer):
             self.stride, w, h, c, ow, oh, oc)  # AlexeyAB's row
 
     def forward(self, ops, x, train):
-        return ops.reorg(x, self.stride, self.reverse, self.out_shape, self.out_shape)
+        return reorg(ops, x, self.stride, self.reverse, self.out_shape, self.out_shape)
 
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
-        return ops.reorg(delta, self.stride, not self.reverse, self.out_shape, self.in_shape)
+        return reorg(ops, delta, self.stride, not self.reverse, self.out_shape, self.in_shape)

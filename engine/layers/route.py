@@ -6,6 +6,7 @@ inputs' heights or widths differ; we refuse that with an error naming the cfg li
 """
 
 from .base import Layer
+from .channels import add_channel_slice_, channel_slice, concat_channels
 
 
 class RouteLayer(Layer):
@@ -51,18 +52,19 @@ class RouteLayer(Layer):
         return self.group_id * part, (self.group_id + 1) * part
 
     def forward(self, ops, xs, train):
-        parts = [ops.channel_slice(x, *self._slice(x.shape[1])) if self.groups > 1 else x for x in xs]
-        return parts[0] if len(parts) == 1 and self.groups == 1 else ops.concat_channels(parts)
+        if len(xs) == 1 and self.groups == 1:
+            return xs[0]
+        return concat_channels(ops, [(x,) + self._slice(int(x.shape[1])) for x in xs])
 
     def backward(self, ops, delta, need_dx):
         deltas, start = [], 0
         for c, h, w in self.in_shapes:
             part = c // self.groups
-            d = ops.channel_slice(delta, start, start + part)
+            d = channel_slice(ops, delta, start, start + part)
             start += part
             if self.groups > 1:
-                full = ops.zeros((delta.shape[0], c, h, w))
-                ops.add_channel_slice_(full, self._slice(c)[0], d)
+                full = ops.zeros((delta.shape[0], c, h, w), like=delta)
+                add_channel_slice_(ops, full, self._slice(c)[0], d)
                 d = full
             deltas.append(d)
         return deltas

@@ -19,7 +19,9 @@ alpha and beta there; so do we.
 import numpy as np
 
 from .. import activations
+from ..backends.views import window
 from .base import Layer, activate, activation_backward
+from .channels import add_channel_slice_, channel_slice, concat_channels
 
 WEIGHTS_TYPES = ("none", "per_feature", "per_layer", "per_channel")  # per_layer = per_feature
 NORMALIZATIONS = {"none": None, "relu": "normalize_channels", "avg_relu": "normalize_channels",
@@ -110,7 +112,7 @@ class ShortcutLayer(Layer):
         view = ops.reshape(weights, (1, inputs, per, 1))
         if self.normalization:
             view = ops.normalize_channels(view, self.normalization)
-        return [ops.reshape(ops.channel_slice(view, i, i + 1), (1, per, 1, 1))
+        return [ops.reshape(channel_slice(ops, view, i, i + 1), (1, per, 1, 1))
                 for i in range(inputs)]
 
     @staticmethod
@@ -119,7 +121,7 @@ class ShortcutLayer(Layer):
         if weight is None:
             return x
         if weight.shape[1] not in (1, x.shape[1]):
-            weight = ops.channel_slice(weight, 0, x.shape[1])
+            weight = channel_slice(ops, weight, 0, x.shape[1])
         return ops.multiply(x, weight)
 
     def _forward_multilayer(self, ops, xs):
@@ -128,12 +130,12 @@ class ShortcutLayer(Layer):
         channels = self.out_shape[0]
         for x, weight in zip(xs[1:], weights[1:]):
             if x.shape[1] > channels:  # a wider source adds its first channels only
-                x = ops.channel_slice(x, 0, channels)
+                x = channel_slice(ops, x, 0, channels)
             term = self._weighted(ops, x, weight)
             if term.shape[1] == channels:
                 ops.add_(y, term)
             else:
-                ops.add_channel_slice_(y, 0, term)
+                add_channel_slice_(ops, y, 0, term)
         self.weights_used = weights
         return y
 
@@ -143,28 +145,68 @@ class ShortcutLayer(Layer):
         for x, weight in zip(self.inputs, self.weights_used):
             c = x.shape[1]
             shared = min(c, channels)
-            part = delta if shared == channels else ops.channel_slice(delta, 0, shared)
+            part = delta if shared == channels else channel_slice(ops, delta, 0, shared)
             if weight is not None:
-                used = x if c == shared else ops.channel_slice(x, 0, shared)
+                used = x if c == shared else channel_slice(ops, x, 0, shared)
                 grad = ops.sum_to(ops.multiply(part, used), (1, shared, 1, 1))
                 if weight.shape[1] == 1:
                     grad = ops.sum_to(grad, (1, 1, 1, 1))
                 elif shared < channels:  # the weights of channels this source does not reach
-                    grad = ops.concat_channels([grad, ops.zeros((1, channels - shared, 1, 1))])
+                    grad = concat_channels(ops, [grad, ops.zeros((1, channels - shared, 1, 1))])
                 weight_grads.append(grad)
             d = self._weighted(ops, part, weight)
             if c > channels:  # the source's extra channels get no delta
                 rest = (x.shape[0], c - channels) + tuple(x.shape[2:])
-                d = ops.concat_channels([d, ops.zeros(rest)])
+                d = concat_channels(ops, [d, ops.zeros(rest)])
             deltas.append(d)
         if weight_grads:
             inputs, per = self.params["weights"].shape
-            grads = ops.concat_channels([ops.reshape(g, (1, 1, per, 1)) for g in weight_grads])
+            grads = concat_channels(ops, [ops.reshape(g, (1, 1, per, 1)) for g in weight_grads])
             if self.normalization:
                 raw = ops.reshape(self.params["weights"], (1, inputs, per, 1))
                 grads = ops.normalize_channels_backward_(raw, grads, self.normalization)
             ops.add_(self.updates["weights"], ops.reshape(grads, (inputs, per)))
         return deltas
+
+    # ---- Darknet's sum (shortcut_cpu) ----------------------------------------------------------
+    def _windows(self, batch):
+        """The Views of the overlap in the output (the previous layer's shape) and in the added
+        map: channels 0..min(C)-1; spatially, with stride = max(W_add//W, 1) and
+        sample = max(W//W_add, 1), output cell (j*sample, i*sample) pairs with added cell
+        (j*stride, i*stride) for j < min(H), i < min(W)."""
+        (c2, h2, w2), (c1, h1, w1) = self.in_shape, self.from_shape
+        stride, sample = max(w1 // w2, 1), max(w2 // w1, 1)
+        c, h, w = min(c1, c2), min(h1, h2), min(w1, w2)
+        out = window((batch, c2, h2, w2), None, (0, c, 1), (0, h, sample), (0, w, sample))
+        add = window((batch, c1, h1, w1), None, (0, c, 1), (0, h, stride), (0, w, stride))
+        return out, add
+
+    def _forward_sum(self, ops, x, add):
+        """alpha*x + beta*add on the overlap, x elsewhere: a new array."""
+        if tuple(x.shape[1:]) == tuple(self.from_shape):  # the usual case (ResNet, YOLO): one pass
+            return ops.add(x, add, self.alpha, self.beta)
+        out, added = self._windows(int(x.shape[0]))
+        y = ops.copy(x)
+        if self.alpha != 1:
+            ops.strided_copy_(y, out, x, out, scale=self.alpha)
+        return ops.strided_copy_(y, out, add, added, scale=self.beta, accumulate=True)
+
+    def _backward_sum(self, ops, delta):
+        """[delta for the previous layer, delta for the added one] (zero outside the overlap);
+        delta is the layer's own copy, so it becomes the first."""
+        dx = delta
+        if tuple(delta.shape[1:]) == tuple(self.from_shape):
+            d_add = ops.copy(delta)
+            if self.alpha != 1:
+                ops.scale_(dx, self.alpha)
+            if self.beta != 1:
+                ops.scale_(d_add, self.beta)
+            return [dx, d_add]
+        out, added = self._windows(int(delta.shape[0]))
+        if self.alpha != 1:
+            ops.strided_copy_(dx, out, delta, out, scale=self.alpha)
+        d_add = ops.zeros((delta.shape[0],) + tuple(self.from_shape), like=delta)
+        return [dx, ops.strided_copy_(d_add, added, delta, out, scale=self.beta)]
 
     # ---- the layer -----------------------------------------------------------------------------
     def forward(self, ops, xs, train):
@@ -172,8 +214,7 @@ class ShortcutLayer(Layer):
             self.inputs = xs
             y = self._forward_multilayer(ops, xs)
         else:
-            previous, source = xs
-            y = ops.shortcut_forward(previous, source, self.alpha, self.beta)
+            y = self._forward_sum(ops, *xs)
         self.output = activate(ops, y, self.activation, train, self)
         return self.output
 
@@ -181,4 +222,4 @@ class ShortcutLayer(Layer):
         delta = activation_backward(ops, self, ops.copy(delta), self.activation)
         if self.multilayer:
             return self._backward_multilayer(ops, delta)
-        return list(ops.shortcut_backward(delta, self.from_shape, self.alpha, self.beta))
+        return self._backward_sum(ops, delta)

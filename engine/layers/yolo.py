@@ -39,6 +39,7 @@ import numpy as np
 from ..boxes import box_iou, grid_boxes
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
+from .anchor_activation import anchor_activate
 from .base import Layer
 
 YOLO_NMS_KINDS = ("default", "greedynms", "diounms")
@@ -162,10 +163,10 @@ class YoloLayer(Layer):
 
     def forward(self, ops, x, train):
         logistic = () if self.new_coords else ((0, 2), (4, self.entries))
-        affine = None
+        affines = ()
         if self.scale_x_y != 1:
-            affine = (0, 2, self.scale_x_y, -0.5 * (self.scale_x_y - 1))
-        self.output = ops.anchor_activate(x, len(self.mask), logistic, affine=affine)
+            affines = ((0, 2, self.scale_x_y, -0.5 * (self.scale_x_y - 1)),)
+        self.output = anchor_activate(ops, x, len(self.mask), logistic, affines=affines)
         return self.output
 
     def read_alexeyab_loss_keys(self, section):

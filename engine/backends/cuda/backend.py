@@ -3,17 +3,20 @@ deltas are negative gradients, *_updates accumulate, in-place ops return their a
 PyCUDA GPUArrays, issued in order on one stream.
 
 Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, the rest in
-kernels/*.cu. Inference batch norm is Darknet's rule (operations.py), in our own kernel, since
-cuDNN's inference call divides by sqrt(var+eps).
+kernels/*.cu. Inference batch norm is Darknet's rule (engine/batchnorm_rule.py) in our own
+kernel, since cuDNN's inference call divides by sqrt(var+eps) and has no fused activation.
+Layer geometry arrives as strided views (backends/views.py), walked by kernels/strided.cuh.
 """
 
 import contextlib
+import functools
 import itertools
 
 import numpy as np
 
 from ... import activations, memory
 from ...constants import PJREDDIE_BN_EPSILONS
+from .. import views
 from ...errors import BackendError
 from ..operations import Operations
 from .cublas import Cublas
@@ -40,6 +43,74 @@ def _runtime(device_index, allow_tf32):
 
 def _size(shape):
     return int(np.prod(shape, dtype=np.int64))
+
+
+def _walk(view, array):
+    """(elements, counts c1..c5, (offset, s0..s5)) of a View of `array`, as the kernels of
+    strided.cuh take them."""
+    n, counts, (walk,) = _joint_walk(((view, int(array.size)),))
+    return n, counts, walk
+
+
+@functools.lru_cache(maxsize=4096)
+def _joint_walk(views_and_sizes):
+    """The geometry of views holding the same counts, walked together: (elements, counts
+    c1..c5, one (offset, s0..s5) per view). Axes of one element are dropped and neighbouring
+    axes that every view steps through as one are merged, so that the kernels divide the
+    element index by as few counts as possible (a route's copy of one image: by none)."""
+    geometries = []
+    for view, size in views_and_sizes:
+        views.check(view, size)
+        geometries.append(views.strides(view))
+    counts = geometries[0][1]
+    if any(g[1] != counts for g in geometries):
+        raise ValueError(f"views {[v for v, _ in views_and_sizes]} hold different counts")
+    axes = []  # [count, [step in each view]], outermost first
+    for k, count in enumerate(counts):
+        if count == 1:
+            continue
+        steps = [g[2][k] for g in geometries]
+        if axes and all(outer == inner * count for outer, inner in zip(axes[-1][1], steps)):
+            axes[-1] = [axes[-1][0] * count, steps]
+        else:
+            axes.append([count, steps])
+    # The outermost axis goes first (c0: the kernels never divide by it), counts of 1 (no
+    # division either) between it and the others.
+    axes = axes or [[1, [0] * len(geometries)]]
+    axes = axes[:1] + [[1, [0] * len(geometries)]] * (views.MAX_AXES - len(axes)) + axes[1:]
+    walks = tuple((g[0],) + tuple(steps[j] for _, steps in axes)
+                  for j, g in enumerate(geometries))
+    return _size(counts), tuple(count for count, _ in axes[1:]), walks
+
+
+def _lanes(view, axis, array):
+    """The lanes of a softmax along `axis` of a View: _walk's geometry of their first elements
+    (the view with one index on that axis), and the axis' count and element stride."""
+    lanes = view._replace(window=tuple((start, 1, step) if k == axis else (start, count, step)
+                                       for k, (start, count, step) in enumerate(view.window)))
+    _, _, steps = views.strides(view)
+    along = views.MAX_AXES - len(view.window) + axis
+    return _walk(lanes, array) + (view.window[axis][1], steps[along])
+
+
+def _merged_axes(shape, out_shape):
+    """x's `shape` and its sum's `out_shape` as at most six counts (adjacent axes that are both
+    kept or both summed merged into one, then padded with 1s in front) and the bitmask of kept
+    axes sum_to_kernel takes."""
+    merged = []  # [count, kept]
+    for n, m in zip(shape, out_shape):
+        kept = m == n
+        if n == 1:
+            continue
+        if merged and merged[-1][1] == kept:
+            merged[-1][0] *= n
+        else:
+            merged.append([n, kept])
+    if len(merged) > views.MAX_AXES:
+        raise ValueError(f"cannot sum {shape} to {out_shape}: too many alternating axes")
+    merged = [[1, True]] * (views.MAX_AXES - len(merged)) + merged
+    keep = sum(1 << k for k, (_, kept) in enumerate(merged) if kept)
+    return tuple(n for n, _ in merged), keep
 
 
 def _activation_id(name):
@@ -143,11 +214,16 @@ class CudaBackend(Operations):
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
         return dst
 
-    def zeros(self, shape):
+    def zeros(self, shape, like=None):
+        """Zeros (float32; `like` only sets the numpy backend's dtype)."""
         array = self._empty(shape)
         if array.size:
             self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
         return array
+
+    def empty(self, shape, like=None):
+        """An uninitialised float32 array (to be written whole before it is read)."""
+        return self._empty(shape)
 
     def copy(self, array):
         result = self._empty(array.shape)
@@ -220,10 +296,17 @@ class CudaBackend(Operations):
         return CapturedStep(self, step)
 
     # ---- activation and bias ------------------------------------------------------------------
-    def activate_(self, x, activation):
-        if activation != "linear":
+    def activate_(self, x, activation, view=None):
+        """x = act(x) in place, or only on the elements of a View (views.py)."""
+        if activation == "linear":
+            return x
+        if view is None:
             self.kernels.launch("activate_kernel", x.size, x.ptr, x.size,
                                 _activation_id(activation))
+            return x
+        n, counts, walk = _walk(view, x)
+        self.kernels.launch("activate_strided_kernel", n, x.ptr, n, *counts, *walk,
+                            _activation_id(activation))
         return x
 
     def activation_backward_(self, y, delta, activation):
@@ -353,7 +436,8 @@ class CudaBackend(Operations):
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
                                     epsilons=PJREDDIE_BN_EPSILONS):
-        """Darknet's rule, optionally fused with the activation that follows."""
+        """Darknet's rule (engine/batchnorm_rule.py), optionally fused with the activation that
+        follows: bn_inference_activate_kernel."""
         y = self._empty(x.shape)
         if per_activation:
             spatial, channels = 1, _size(x.shape[1:])
@@ -376,57 +460,24 @@ class CudaBackend(Operations):
         return dx
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
-    def maxpool_forward(self, x, size, stride, padding, out_h, out_w, train=True):
-        """Returns (y, winner): winner holds the input cell (h*W+w) that won each window (also
-        at inference: one kernel does both)."""
+    def maxpool_forward(self, x, size, stride, pad, out_h, out_w, train=True):
+        """Max pooling, the first window at (-pad, -pad) (as numpy_backend's). Returns
+        (y, winner): winner holds the input cell (h*W+w) that won each window (also at
+        inference: one kernel does both)."""
         b, c, h, w = (int(s) for s in x.shape)
         y = self._empty((b, c, out_h, out_w))
         winner = self._empty((b, c, out_h, out_w), np.int32)
         self.kernels.launch("maxpool_forward_kernel", y.size, x.ptr, y.ptr, winner.ptr,
-                            y.size, h, w, out_h, out_w, size, stride, padding // 2)
+                            y.size, h, w, out_h, out_w, size, stride, pad)
         return y, winner
 
-    def maxpool_backward(self, delta, argmax, in_shape, size, stride, padding):
+    def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
         b, c, h, w = (int(s) for s in in_shape)
         out_h, out_w = (int(s) for s in delta.shape[2:])
         dx = self._empty((b, c, h, w))
         self.kernels.launch("maxpool_backward_kernel", dx.size, delta.ptr, argmax.ptr,
-                            dx.ptr, dx.size, h, w, out_h, out_w, size, stride, padding // 2)
+                            dx.ptr, dx.size, h, w, out_h, out_w, size, stride, pad)
         return dx
-
-    def avgpool_forward(self, x):
-        b, c = (int(s) for s in x.shape[:2])
-        y = self._empty((b, c, 1, 1))
-        self.kernels.launch("avgpool_forward_kernel", b * c, x.ptr, y.ptr, b * c,
-                            _size(x.shape[2:]))
-        return y
-
-    def avgpool_backward(self, delta, in_shape):
-        dx = self._empty(in_shape)
-        self.kernels.launch("avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
-                            _size(in_shape[2:]))
-        return dx
-
-    def upsample(self, x, stride, scale):
-        b, c, h, w = (int(s) for s in x.shape)
-        y = self._empty((b, c, h * stride, w * stride))
-        self.kernels.launch("upsample_kernel", y.size, x.ptr, y.ptr, y.size, h, w, stride,
-                            np.float32(scale))
-        return y
-
-    def crop(self, x, top, left, height, width, flip, scale, shift):
-        b, c, h, w = (int(s) for s in x.shape)
-        y = self._empty((b, c, height, width))
-        self.kernels.launch("crop_kernel", y.size, x.ptr, y.ptr, y.size, h, w, top, left, height,
-                            width, int(bool(flip)), np.float32(scale), np.float32(shift))
-        return y
-
-    def downsample_sum(self, x, stride, scale):
-        b, c, h, w = (int(s) for s in x.shape)
-        y = self._empty((b, c, h // stride, w // stride))
-        self.kernels.launch("downsample_sum_kernel", y.size, x.ptr, y.ptr, y.size,
-                            h // stride, w // stride, stride, np.float32(scale))
-        return y
 
     def dropout_forward(self, x, probability):
         """The mask comes from a hash of (seed, call number, element), drawn on the GPU; under a
@@ -483,60 +534,7 @@ class CudaBackend(Operations):
                             np.float32(1.0 / batch), np.float32(momentum),
                             np.float32(decay * batch))
 
-    # ---- channel plumbing (route) -------------------------------------------------------------
-    def _channel_copy(self, src, src_start, dst, dst_start, count, accumulate):
-        batch = int(src.shape[0])
-        spatial = _size(src.shape[2:])
-        n = batch * count * spatial
-        self.kernels.launch("channel_copy_kernel", n, src.ptr, dst.ptr, n, count, spatial,
-                            int(src.shape[1]), src_start, int(dst.shape[1]), dst_start,
-                            int(accumulate))
-
-    def channel_slice(self, x, start, stop):
-        y = self._empty((x.shape[0], stop - start) + tuple(x.shape[2:]))
-        self._channel_copy(x, start, y, 0, stop - start, False)
-        return y
-
-    def concat_channels(self, xs):
-        channels = sum(int(x.shape[1]) for x in xs)
-        y = self._empty((xs[0].shape[0], channels) + tuple(xs[0].shape[2:]))
-        start = 0
-        for x in xs:
-            self._channel_copy(x, 0, y, start, int(x.shape[1]), False)
-            start += int(x.shape[1])
-        return y
-
-    def add_channel_slice_(self, dst, start, src):
-        self._channel_copy(src, 0, dst, start, int(src.shape[1]), True)
-        return dst
-
-    # ---- detection-model ops (shortcut, yolo, region, reorg) ----------------------------------
-    @staticmethod
-    def _shortcut_geometry(out_shape, add_shape):
-        """Darknet's shortcut_cpu: overlapping channels; the larger map is subsampled by the
-        integer ratio of the widths. Returns the kernel's geometry arguments after n."""
-        (c2, h2, w2), (c1, h1, w1) = (tuple(int(v) for v in s) for s in (out_shape, add_shape))
-        stride, sample = max(w1 // w2, 1), max(w2 // w1, 1)
-        return (min(c1, c2), min(h1, h2), min(w1, w2), c2, h2, w2, c1, h1, w1, stride, sample)
-
-    def shortcut_forward(self, x, add, alpha, beta):
-        geometry = self._shortcut_geometry(x.shape[1:], add.shape[1:])
-        y = self.copy(x)
-        n = int(x.shape[0]) * geometry[0] * geometry[1] * geometry[2]
-        self.kernels.launch("shortcut_forward_kernel", n, x.ptr, add.ptr, y.ptr, n, *geometry,
-                            np.float32(alpha), np.float32(beta))
-        return y
-
-    def shortcut_backward(self, delta, add_shape, alpha, beta):
-        geometry = self._shortcut_geometry(delta.shape[1:], add_shape)
-        dx = self.copy(delta)
-        d_add = self.zeros((delta.shape[0],) + tuple(add_shape))
-        n = int(delta.shape[0]) * geometry[0] * geometry[1] * geometry[2]
-        self.kernels.launch("shortcut_backward_kernel", n, delta.ptr, dx.ptr, d_add.ptr, n,
-                            *geometry, np.float32(alpha), np.float32(beta))
-        return dx, d_add
-
-    # ---- broadcasting arithmetic (sam, scale_channels, weighted shortcut) ----------------------
+    # ---- broadcasting arithmetic and reductions ------------------------------------------------
     @staticmethod
     def _broadcast_strides(shape, full):
         """Element strides of a contiguous NCHW `shape` over (batch, channel, position) of the
@@ -556,13 +554,39 @@ class CudaBackend(Operations):
                             int(full[1]), _size(full[2:]), *strides)
         return y
 
-    def sum_to(self, x, shape):
-        y = self._empty(shape)
-        keep = [int(n == m) for n, m in zip(shape, x.shape)]
-        self.kernels.launch("sum_to_kernel", y.size, x.ptr, y.ptr, y.size, int(x.shape[0]),
-                            int(x.shape[1]), _size(x.shape[2:]), keep[0], keep[1],
-                            int(_size(shape[2:]) == _size(x.shape[2:])))
+    def add(self, a, b, alpha=1.0, beta=1.0):
+        """alpha*a + beta*b, b broadcast over its axes of size 1: one pass."""
+        y = self._empty(a.shape)
+        strides = self._broadcast_strides(b.shape, a.shape)
+        self.kernels.launch("broadcast_add_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
+                            int(a.shape[1]), _size(a.shape[2:]), *strides, np.float32(alpha),
+                            np.float32(beta))
         return y
+
+    def sum_to(self, x, shape, scale=1.0):
+        """scale * the sum of x over the axes where `shape` has 1 and x does not."""
+        y = self._empty(shape)
+        counts, keep = _merged_axes(tuple(int(n) for n in x.shape),
+                                    tuple(int(n) for n in shape))
+        self.kernels.launch("sum_to_kernel", y.size, x.ptr, y.ptr, y.size, *counts, keep,
+                            np.float32(scale))
+        return y
+
+    # ---- strided views (views.py) --------------------------------------------------------------
+    def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
+                      accumulate=False):
+        """dst[dst_view] = scale * src[src_view] + shift (+= with accumulate): one kernel."""
+        n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(src.size)),
+                                                       (dst_view, int(dst.size))))
+        self.kernels.launch("strided_copy_kernel", n, src.ptr, dst.ptr, n, *counts, *src_walk,
+                            *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)))
+        return dst
+
+    def softmax_(self, x, view, axis):
+        """Softmax along `axis` of the window of view in x, in place: a thread per lane."""
+        n, counts, walk, count, stride = _lanes(view, axis, x)
+        self.kernels.launch("softmax_strided_kernel", n, x.ptr, n, *counts, *walk, count, stride)
+        return x
 
     def channel_max(self, x, groups):
         b, c, h, w = (int(v) for v in x.shape)
@@ -579,44 +603,17 @@ class CudaBackend(Operations):
                             dx.size, c, int(delta.shape[1]), h * w)
         return dx
 
-    def local_avgpool(self, x, size, stride, padding, out_h, out_w):
+    def local_avgpool(self, x, size, stride, pad, out_h, out_w):
         b, c, h, w = (int(v) for v in x.shape)
         y = self._empty((b, c, out_h, out_w))
         self.kernels.launch("local_avgpool_kernel", y.size, x.ptr, y.ptr, y.size, c, h, w,
-                            out_h, out_w, size, stride, padding)
+                            out_h, out_w, size, stride, pad)
         return y
 
-    def local_avgpool_backward(self, delta, in_shape, size, stride, padding):
+    def local_avgpool_backward(self, delta, in_shape, size, stride, pad):
         b, c, h, w = (int(v) for v in in_shape)
         dx = self._empty(in_shape)
         out_h, out_w = int(delta.shape[2]), int(delta.shape[3])
         self.kernels.launch("local_avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
-                            c, h, w, out_h, out_w, size, stride, padding)
+                            c, h, w, out_h, out_w, size, stride, pad)
         return dx
-
-    def anchor_activate(self, x, anchors, logistic_ranges, softmax_range=None, affine=None):
-        b, channels, h, w = (int(s) for s in x.shape)
-        entries, spatial, groups = channels // anchors, h * w, b * anchors
-        y = self.copy(x)
-        for start, stop in logistic_ranges:
-            n = groups * (stop - start) * spatial
-            self.kernels.launch("anchor_logistic_kernel", n, y.ptr, n, entries, start,
-                                stop - start, spatial)
-        if softmax_range is not None:
-            start, stop = softmax_range
-            n = groups * spatial
-            self.kernels.launch("anchor_softmax_kernel", n, y.ptr, n, entries, start,
-                                stop - start, spatial)
-        if affine is not None:
-            start, stop, scale, shift = affine
-            n = groups * (stop - start) * spatial
-            self.kernels.launch("anchor_affine_kernel", n, y.ptr, n, entries, start,
-                                stop - start, spatial, np.float32(scale), np.float32(shift))
-        return y
-
-    def reorg(self, x, stride, forward, dims, out_shape):
-        c, h, w = (int(v) for v in dims)
-        y = self._empty((x.shape[0],) + tuple(out_shape))
-        self.kernels.launch("reorg_kernel", x.size, x.ptr, y.ptr, x.size, c, h, w, stride,
-                            int(bool(forward)))
-        return y
