@@ -37,6 +37,11 @@ def gpu():
 
 
 @pytest.fixture
+def cpu():
+    return NumpyBackend(seed=0)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 
@@ -259,7 +264,10 @@ def compare_training_step(net_cpu, net_gpu, gpu, x, truth, learning_rate, check_
         if check_outputs:
             assert_close(gpu, out_gpu, out_cpu, f"{what} output")
         for name, updates in layer_cpu.updates.items():
-            assert_close(gpu, layer_gpu.updates[name], updates, f"{what} gradient of {name}")
+            # The iteration's gradients alone (the momentum lives in `velocities`): cuDNN's and
+            # numpy's float32 reductions in the BN backward round apart by about 1e-4 here.
+            assert_close(gpu, layer_gpu.updates[name], updates, f"{what} gradient of {name}",
+                         tolerance=3 * TOLERANCE)
     net_cpu.update(learning_rate)
     net_gpu.update(learning_rate)
     for layer_cpu, layer_gpu in zip(net_cpu.layers, net_gpu.layers):
