@@ -94,7 +94,7 @@ def summary(runs, bar):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg", default=os.path.join("cfg", "mnist-augment.cfg"),
+    parser.add_argument("--cfg", default=os.path.join(ROOT, "cfg", "mnist-augment.cfg"),
                         help="the classifier cfg (default cfg/mnist-augment.cfg)")
     parser.add_argument("--data", help="the .data file (default: the one beside the cfg)")
     parser.add_argument("--seeds", type=int, default=8, help="how many seeds (default 8)")
