@@ -104,7 +104,8 @@ def main(argv=None):
     where.add_argument("--gpu", type=int, default=0, metavar="N", help="train on GPU N (default 0)")
     parser.add_argument("--parallel", type=int, default=1, metavar="K",
                         help="seeds trained at once, each its own process (default 1)")
-    parser.add_argument("--max-batches", type=int, help="a shorter run than the cfg's (a smoke test)")
+    parser.add_argument("--max-batches", type=int,
+                        help="a shorter run than the cfg's (a smoke test)")
     parser.add_argument("--bar", type=float, default=99.5, help="the mean top-1 to reach (99.5)")
     parser.add_argument("--keep", metavar="DIR", help="keep each seed's weights in DIR/seed-S/")
     options = parser.parse_args(argv)
