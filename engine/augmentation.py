@@ -265,28 +265,29 @@ class ClassifierAugmentation:
 def rotate_crop(image, radians, scale, size, dx, dy, aspect):
     """Darknet's rotate_crop_image to a size x size output: each output pixel samples the
     image (bilinear, zero outside) at its rotated, scaled and shifted position."""
-    c, h, w = image.shape
-    y, x = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
-                       indexing="ij")
-    u = (x - size / 2) / scale * aspect + dx / scale * aspect
-    v = (y - size / 2) / scale + dy / scale
-    rx = np.cos(radians) * u - np.sin(radians) * v + w / 2
-    ry = np.sin(radians) * u + np.cos(radians) * v + h / 2
-    ix, iy = np.floor(rx).astype(np.int64), np.floor(ry).astype(np.int64)
-    fx, fy = rx - ix, ry - iy
-
-    def pixel(px, py):
-        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        return np.where(inside, image[:, np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], 0)
-
-    value = ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
-             + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1))
-    return value.astype(np.float32)
+    draw = ClassifierDraw(aspect, scale, np.cos(radians), np.sin(radians), dx, dy)
+    return rotate_crop_batch(image[None], [draw], size)[0]
 
 
-def augment_classifier_image(image, a, rng):
-    """One (C, H, W) image in [0, 1] -> (C, a.height, a.width), as load_image_augment_paths."""
-    _, h, w = image.shape
+@dataclass(frozen=True)
+class ClassifierDraw:
+    """One image's random choices for random_augment_image and random_distort_image."""
+
+    aspect: float
+    scale: float
+    cos: float  # of the angle: taken per image, so a batch rotates exactly as single images do
+    sin: float
+    dx: float
+    dy: float
+    flip: bool = False
+    hue: float = 0.0
+    saturation: float = 1.0
+    exposure: float = 1.0
+
+
+def classifier_draw(a, rng, h, w):
+    """Darknet's draws for one h x w image, in its order: the aspect (rand_scale), the short
+    side r in [min_crop, max_crop], the angle, the offsets, flip, then hue, saturation, exposure."""
     size = max(a.width, a.height)
     aspect = rand_scale(rng, a.aspect)
     short = int(rng.integers(a.min_crop, a.max_crop + 1))
@@ -295,22 +296,77 @@ def augment_classifier_image(image, a, rng):
     dx = max((w * scale / aspect - size) / 2, 0)
     dy = max((h * scale - size) / 2, 0)
     dx, dy = rng.uniform(-dx, dx), rng.uniform(-dy, dy)
-    crop = rotate_crop(image, radians, scale, size, dx, dy, aspect)
-    if a.flip and rng.integers(2):
-        crop = crop[:, :, ::-1]
+    flip = bool(a.flip and rng.integers(2))
     hue = rng.uniform(-a.hue, a.hue) if a.hue else 0.0
-    crop = distort(crop, hue, rand_scale(rng, a.saturation), rand_scale(rng, a.exposure))
-    if crop.shape[1:] != (a.height, a.width):
-        crop = resize_bilinear(crop, a.width, a.height)
-    return np.ascontiguousarray(crop)
+    return ClassifierDraw(aspect, scale, np.cos(radians), np.sin(radians), dx, dy, flip, hue,
+                          rand_scale(rng, a.saturation), rand_scale(rng, a.exposure))
+
+
+def rotate_crop_batch(images, draws, size):
+    """rotate_crop for a batch (n, C, H, W), image i with draws[i]: the same arithmetic, one
+    pass over all the images (the per-image numpy calls were most of the time)."""
+    n, c, h, w = images.shape
+
+    def column(name):
+        return np.array([getattr(draw, name) for draw in draws], np.float64)[:, None, None]
+
+    aspect, scale, cos, sin = column("aspect"), column("scale"), column("cos"), column("sin")
+    y, x = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
+                       indexing="ij")
+    u = (x - size / 2) / scale * aspect + column("dx") / scale * aspect
+    v = (y - size / 2) / scale + column("dy") / scale
+    rx = cos * u - sin * v + w / 2
+    ry = sin * u + cos * v + h / 2
+    ix, iy = np.floor(rx), np.floor(ry)
+    fx, fy = (rx - ix)[:, None], (ry - iy)[:, None]
+    # Zeros outside: the images get a border of one zero pixel, and every position outside
+    # them is moved onto that border (x in -1..w, y in -1..h, shifted by one).
+    padded = np.zeros((n, c, h + 2, w + 2), images.dtype)
+    padded[:, :, 1:-1, 1:-1] = images
+    flat = padded.reshape(n, c, -1)
+    ix, iy = ix.astype(np.int64) + 1, iy.astype(np.int64) + 1
+
+    def pixel(px, py):  # (n, c, size, size): image i's pixels at (px[i], py[i])
+        index = (np.minimum(np.maximum(py, 0), h + 1) * (w + 2)
+                 + np.minimum(np.maximum(px, 0), w + 1))
+        return np.take_along_axis(flat, index.reshape(n, 1, -1), axis=2).reshape(n, c, size, size)
+
+    value = ((1 - fy) * (1 - fx) * pixel(ix, iy) + fy * (1 - fx) * pixel(ix, iy + 1)
+             + (1 - fy) * fx * pixel(ix + 1, iy) + fy * fx * pixel(ix + 1, iy + 1))
+    return value.astype(np.float32)
+
+
+def augment_classifier_images(images, a, draws):
+    """Images (n, C, H, W) in [0, 1] -> (n, C, a.height, a.width), image i augmented with
+    draws[i], as load_image_augment_paths: crop, flip, recolour, resize."""
+    crops = rotate_crop_batch(images, draws, max(a.width, a.height))
+    flips = np.array([draw.flip for draw in draws])
+    crops[flips] = crops[flips][..., ::-1]
+    if crops.shape[1] < 3:  # distort_image on 1 or 2 channels: exposure only, one pass
+        exposure = np.array([draw.exposure for draw in draws], np.float32)[:, None, None, None]
+        crops = np.clip(crops * exposure, 0, 1).astype(np.float32)
+    else:
+        crops = np.stack([distort(crop, draw.hue, draw.saturation, draw.exposure)
+                          for crop, draw in zip(crops, draws)])
+    if crops.shape[2:] != (a.height, a.width):
+        crops = np.stack([resize_bilinear(crop, a.width, a.height) for crop in crops])
+    return np.ascontiguousarray(crops)
+
+
+def augment_classifier_image(image, a, rng):
+    """One (C, H, W) image in [0, 1] -> (C, a.height, a.width), as load_image_augment_paths."""
+    _, h, w = image.shape
+    return augment_classifier_images(image[None], a, [classifier_draw(a, rng, h, w)])[0]
 
 
 def augment_classifier_batch(job):
-    """Worker entry point: (images (n, C, H, W), augmentation, seed, batch) -> augmented images."""
+    """Worker entry point: (images (n, C, H, W), augmentation, seed, batch) -> augmented images,
+    image n drawn from the generator seeded by (seed, batch, n)."""
     images, augmentation, seed, batch = job
-    return np.stack([augment_classifier_image(image, augmentation,
-                                              np.random.default_rng([seed, batch, n]))
-                     for n, image in enumerate(images)])
+    _, _, h, w = images.shape
+    draws = [classifier_draw(augmentation, np.random.default_rng([seed, batch, n]), h, w)
+             for n in range(len(images))]
+    return augment_classifier_images(images, augmentation, draws)
 
 
 def _worker_setup(trainer):

@@ -287,6 +287,72 @@ def test_zoom_crop_and_flip_draws():
     assert out.shape == (1, 8, 8) and out[0, :, 0].mean() > 0.5
 
 
+def reference_classifier_image(image, a, rng):
+    """load_image_augment_paths for one image, from the C: random_augment_image's draws in its
+    order (rand_scale, rand_int, rand_uniform for the angle, dx, dy), the loops of
+    rotate_crop_image, flip, then random_distort_image (1 channel: exposure only)."""
+    import math
+
+    def rand_scale(s):
+        scale = rng.uniform(1, s)
+        return scale if rng.integers(2) else 1 / scale
+
+    _, h, w = image.shape
+    size = max(a.width, a.height)
+    aspect = rand_scale(a.aspect)
+    r = int(rng.integers(a.min_crop, a.max_crop + 1))
+    scale = r / int(h if h < w * aspect else w * aspect)
+    rad = rng.uniform(-a.angle, a.angle) * 2 * math.pi / 360
+    dx, dy = max((w * scale / aspect - size) / 2, 0), max((h * scale - size) / 2, 0)
+    dx, dy = rng.uniform(-dx, dx), rng.uniform(-dy, dy)
+    crop = reference_rotate_crop(image, rad, scale, size, dx, dy, aspect)
+    if a.flip and rng.integers(2):
+        crop = crop[:, :, ::-1]
+    rand_scale(a.saturation)  # drawn, unused on one channel
+    return np.clip(crop * rand_scale(a.exposure), 0, 1)
+
+
+def test_classifier_batch_equals_darknets_per_image_loops():
+    """A batch is augmented in one pass (rotate_crop_batch); each of its images equals
+    Darknet's per-image computation with that image's generator (seed, batch, n)."""
+    from engine.augmentation import augment_classifier_batch
+
+    images = np.random.default_rng(5).uniform(0, 1, (5, 1, 10, 10)).astype(np.float32)
+    a = ClassifierAugmentation(10, 10, angle=25, aspect=1.3, min_crop=7, max_crop=16, flip=True,
+                               exposure=1.5)
+    batch = augment_classifier_batch((images, a, 7, 3))
+    for n, image in enumerate(images):
+        expected = reference_classifier_image(image, a, np.random.default_rng([7, 3, n]))
+        np.testing.assert_allclose(batch[n], expected, atol=1e-5)
+    assert len({batch[n].tobytes() for n in range(5)}) == 5
+
+
+def test_mnist_training_set_is_augmented_as_its_cfg_says():
+    """Training from MNIST's IDX files (cfg/mnist.data): cfg/mnist-augment.cfg's batches are its
+    augmentation of the sampled images (seed, batch number, image); cfg/mnist.cfg's, which names
+    no augmentation key, are the images themselves."""
+    from conftest import CFG
+    from engine.augmentation import augment_classifier_batch
+
+    data = DataConfig(os.path.join(CFG, "mnist.data"))
+    net = Network(os.path.join(CFG, "mnist-augment.cfg"), quiet=True)
+    dataset = cli.training_set(net, data, seed=11)
+    assert dataset.augmentation == ClassifierAugmentation(28, 28, angle=10, aspect=1.1,
+                                                          min_crop=25, max_crop=33, flip=False,
+                                                          exposure=1.3)
+    indexes = np.array([5, 0, 59999, 123])
+    for batch in range(2):
+        images, truth = dataset.training_batch(indexes)
+        expected = augment_classifier_batch((dataset.images[indexes], dataset.augmentation, 11,
+                                             batch))
+        np.testing.assert_array_equal(images, expected)
+        assert not np.allclose(images, dataset.images[indexes], atol=0.05)
+        np.testing.assert_array_equal(truth.argmax(1), dataset.labels[indexes])
+    plain = cli.training_set(Network(os.path.join(CFG, "mnist.cfg"), quiet=True), data)
+    assert plain.augmentation is None
+    np.testing.assert_array_equal(plain.training_batch(indexes)[0], plain.images[indexes])
+
+
 def test_classifier_keys(tmp_path):
     body = "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n\n[softmax]\n"
     plain = Network(write_cfg(tmp_path / "a.cfg", dict(batch=2, width=8, height=8, channels=1),
