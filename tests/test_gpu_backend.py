@@ -55,6 +55,10 @@ def relative_error(actual, expected):
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12))
 
 
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
 def assert_close(gpu, actual, expected, what="", tolerance=TOLERANCE):
     actual = gpu.to_host(actual) if hasattr(actual, "gpudata") else actual
     error = relative_error(actual, expected)
@@ -105,6 +109,9 @@ def test_channel_plumbing(gpu, cpu, rng):
                  add_channel_slice_(cpu, b.copy(), 2, a), "add_channel_slice_")
 
 
+@pytest.mark.parametrize("x_shape,add_shape", [((2, 4, 8, 8), (2, 4, 8, 8)),
+                                               ((2, 4, 8, 8), (2, 6, 4, 4)),
+                                               ((2, 5, 4, 4), (2, 3, 8, 8))])
 def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
     layer = build_layer(tmp_path, "[shortcut]\nfrom=0\nalpha=0.5\nbeta=2", x_shape[1:],
                         layer_shapes=[add_shape[1:], x_shape[1:]])
@@ -118,6 +125,7 @@ def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
     assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
 
 
+@pytest.mark.parametrize("softmax_range", [None, (5, 7)])
 def test_anchor_activate(gpu, cpu, rng, softmax_range):
     x = randn(rng, 2, 3 * 7, 4, 5) * 3
     ranges = [(0, 2), (4, 5)]
@@ -125,6 +133,7 @@ def test_anchor_activate(gpu, cpu, rng, softmax_range):
                  anchor_activate(cpu, x, 3, ranges, softmax_range), "anchor_activate")
 
 
+@pytest.mark.parametrize("forward", [False, True])
 def test_reorg(gpu, cpu, rng, forward):
     dims = (8, 3, 4)
     x = randn(rng, 2, *dims)
@@ -133,6 +142,7 @@ def test_reorg(gpu, cpu, rng, forward):
                                   reorg(cpu, x, 2, forward, dims, out_shape))
 
 
+@pytest.mark.parametrize("flip", [False, True])
 def test_crop(gpu, cpu, rng, tmp_path, flip):
     """Training crops: random offsets and flips, the same draws on both backends."""
     x = randn(rng, 2, 3, 7, 9)
