@@ -4,11 +4,12 @@ convolutions.
 Each 6x6 input tile (tiles 4 apart) and each 3x3 filter are taken into a 36-point domain where
 the convolution is 36 independent products over channels: with V = B^T d B for the tiles and
 U = G g G^T for the filters, one batched matrix product M[k] = V[k] @ U[k] (k = 0..35, V[k]
-(tiles, C), U[k] (C, F), channels summed by BLAS) and the output transform Y = A^T M A give each 4x4 output tile. That is 36
-multiplications per 16 outputs per channel pair instead of 144 (Lavin and Gray, "Fast Algorithms
-for Convolutional Neural Networks", 2015; the matrices are theirs). Small maps (13x13) take
-F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs instead of 36. The transforms are separable:
-each is two small matrix products over one tile axis at a time, also done by BLAS.
+(tiles, C), U[k] (C, F), channels summed by BLAS) and the output transform Y = A^T M A give
+each 4x4 output tile. That is 36 multiplications per 16 outputs per channel pair instead of 144
+(Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2015; the matrices are
+theirs). Small maps (13x13) take F(2x2, 3x3): 4x4 tiles, 16 products per 4 outputs instead of
+36. The transforms are separable: each is two small matrix products over one tile axis at a
+time, also done by BLAS.
 
 Rounding: the transforms' coefficients (up to 8 in A, 5 in B) make the result differ from the
 direct sum by about 1e-5 of the layer's largest output in float32 (measured: 4e-6 .. 1.4e-5 on
