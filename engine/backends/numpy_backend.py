@@ -28,11 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import activations, memory
-from ..constants import (BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, LEAKY_SLOPE,
-                         PJREDDIE_BN_EPSILONS)
+from ..batchnorm_rule import inference_affine
+from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
-from ..batchnorm_rule import inference_affine
 from .operations import Operations
 
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
@@ -451,7 +450,8 @@ class NumpyBackend(Operations):
                                     epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's inference rule, then the activation:
         act(scales * (x - mean) / (sqrt(var + e0) + e1) + biases) with (e0, e1) = `epsilons`
-        (constants.PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS), as one affine map per statistic."""
+        (constants.PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS), as one affine map per
+        statistic (batchnorm_rule.inference_affine)."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
         factor, shift = inference_affine(*(a.reshape(n).astype(x.dtype, copy=False) for a in
                                            (scales, biases, rolling_mean, rolling_variance)),

@@ -16,8 +16,8 @@ import numpy as np
 
 from ... import activations, memory
 from ...constants import PJREDDIE_BN_EPSILONS
-from .. import views
 from ...errors import BackendError
+from .. import views
 from ..operations import Operations
 from .cublas import Cublas
 from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
