@@ -4,6 +4,10 @@ graph (what `predict` and `engine detect` do), BN folded and unfolded. Run it on
 to compare them (the numbers are only comparable on one machine):
 
     python benchmarks/gpu_detection_forward.py [--cfg cfg/yolov3.cfg] [--batches 1 8] [--runs 50]
+        [--precisions fp32 tf32 fp16 bf16] [--folded-only]
+
+"eager forward" times the forward pass alone on a device input; "predict" is what a user calls:
+host images in, host outputs out (copies included).
 """
 
 import argparse
@@ -42,13 +46,16 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--size", type=int, default=416)
+    p.add_argument("--precisions", nargs="+", default=["fp32"])
+    p.add_argument("--folded-only", action="store_true")
     args = p.parse_args()
-    ops = CudaBackend(device=0, seed=0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, os.path.basename(args.cfg))
         inference_cfg(args.cfg, cfg, args.size)
-        for folded in (True, False):
+        for precision, folded in ((p, f) for p in args.precisions
+                                  for f in ((True,) if args.folded_only else (True, False))):
+            ops = CudaBackend(device=0, seed=0, precision=precision)
             net = Network(cfg, backend=ops, seed=0, quiet=True)
             if folded:
                 net.fold_batchnorm()
@@ -59,13 +66,14 @@ def main():
                 eager = median_ms(lambda: net.forward(x, train=False), ops.synchronize, args.runs)
                 graph = median_ms(lambda: net.predict(images, batch_size=batch), ops.synchronize,
                                   args.runs)
-                rows.append((folded, batch, eager, graph))
+                rows.append((precision, folded, batch, eager, graph))
     print(f"{os.path.basename(args.cfg)} at {args.size}x{args.size} on {ops.device_name}, "
           f"median of {args.runs}")
-    print("| BN | batch | eager forward ms | predict (recorded) ms |")
-    print("|---|---|---|---|")
-    for folded, batch, eager, graph in rows:
-        print(f"| {'folded' if folded else 'unfolded'} | {batch} | {eager:.2f} | {graph:.2f} |")
+    print("| precision | BN | batch | eager forward ms | predict (recorded) ms | predict img/s |")
+    print("|---|---|---|---|---|---|")
+    for precision, folded, batch, eager, graph in rows:
+        print(f"| {precision} | {'folded' if folded else 'unfolded'} | {batch} | {eager:.2f} | "
+              f"{graph:.2f} | {1e3 * batch / graph:.0f} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from . import detection, distributed, models
 from .backends import get_backend
 from .errors import BackendError, ConfigError, DataError, EngineError
 from .network import Network
+from .precision import PRECISIONS, REDUCED
 from .train import evaluate, train
 
 
@@ -41,9 +42,12 @@ def add_backend_options(parser, several=False):
     group.add_argument("--cpu", action="store_true", help="run on the CPU (numpy)")
     group.add_argument("--gpu", type=count, metavar="N",
                        help="run on GPU N; an error if it is unusable")
-    parser.add_argument("--tf32", action="store_true",
-                        help="let GPU convolutions use TF32 tensor cores (faster; about 1e-3 "
-                             "relative error, as PyTorch's default)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="GPU precision: fp32 (default, exact), tf32 (TF32 tensor cores for "
+                             "convolutions, about 1e-3 relative error, PyTorch's default), fp16 "
+                             "or bf16 (half-precision activations on tensor cores, float32 "
+                             "parameters)")
+    parser.add_argument("--tf32", action="store_true", help="the same as --precision tf32")
     parser.add_argument("--darknet", choices=("pjreddie", "alexeyab"),
                         help="whose inference batch-norm rule to use (default: the cfg tells; "
                              "AlexeyAB's divides by sqrt(var + 1e-5), pjreddie's by sqrt(var) + 1e-6)")
@@ -93,16 +97,19 @@ def gpu_list(text):
 def choose_backend(args, seed=0, rank=0):
     """--cpu, --gpu N, --gpus (one per rank), or (none) GPU 0 when usable, else the CPU with a
     note saying why."""
+    precision = args.precision or ("tf32" if args.tf32 else "fp32")
     if args.cpu:
-        return get_backend("cpu", seed=seed)
+        return get_backend("cpu", seed=seed, precision=precision)
     if getattr(args, "gpus", None):
         return get_backend("gpu", device=args.gpus[rank % len(args.gpus)], seed=seed,
-                           allow_tf32=args.tf32)
+                           precision=precision)
     if args.gpu is not None:
-        return get_backend("gpu", device=args.gpu, seed=seed, allow_tf32=args.tf32)
+        return get_backend("gpu", device=args.gpu, seed=seed, precision=precision)
     try:
-        return get_backend("gpu", device=0, seed=seed, allow_tf32=args.tf32)
+        return get_backend("gpu", device=0, seed=seed, precision=precision)
     except BackendError as error:
+        if precision in REDUCED:
+            raise BackendError(f"precision {precision} needs a GPU: {error}") from None
         print(f"No usable GPU ({error}); using the CPU.", file=sys.stderr)
         return get_backend("cpu", seed=seed)
 

@@ -399,20 +399,22 @@ class Network:
             chunk = images[start:start + batch_size]
             y = self._inference.run(chunk) if self._inference else \
                 self.forward(self.ops.asarray(chunk), train=False)
-            results.append(self.ops.to_host(y).reshape(len(chunk), -1))
-            if not np.isfinite(results[-1]).all():
+            if not self.ops.all_finite(y):  # checked on the device: one flag copied back
                 self.raise_non_finite()
+            results.append(self.ops.to_host(y).reshape(len(chunk), -1))
+        if len(results) == 1:
+            return results[0]
         return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
 
     def check_finite_outputs(self, indexes):
         """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
-        if not all(np.isfinite(self.ops.to_host(self.outputs[i])).all() for i in indexes):
+        if not all(self.ops.all_finite(self.outputs[i]) for i in indexes):
             self.raise_non_finite()
 
     def raise_non_finite(self):
         """Name the first layer whose output (in the last forward) is not finite."""
         for layer, output in zip(self.layers, self.outputs):
-            if not np.isfinite(self.ops.to_host(output)).all():
+            if not self.ops.all_finite(output):
                 raise NumericalError(
                     f"{self.cfg_path}: layer {layer.index} [{layer.type_name}] ({layer.where()}) "
                     "computed NaN or infinite values; the weights are damaged or too large for "

@@ -1,45 +1,46 @@
 // Activations, their gradients, and the passes that follow a linear part fused with them:
 // bias + activation, and Darknet's inference batch norm + activation (one read, one write).
 #include "activation_functions.cuh"
+#include "storage.cuh"
 #include "strided.cuh"
 
 // Index of the per-channel parameter of element i of an NCHW tensor: (i / spatial) % channels.
 // PER_ACTIVATION statistics use spatial = 1 and channels = C*H*W.
 
-extern "C" __global__ void activate_kernel(float *x, int n, int act)
+extern "C" __global__ void activate_kernel(act_t *x, int n, int act)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = activate(x[i], act);
+    if (i < n) x[i] = store(activate(load(x[i]), act));
 }
 
-extern "C" __global__ void gradient_kernel(const float *y, float *delta, int n, int act)
+extern "C" __global__ void gradient_kernel(const act_t *y, act_t *delta, int n, int act)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) delta[i] *= gradient(y[i], act);
+    if (i < n) delta[i] = store(load(delta[i]) * gradient(load(y[i]), act));
 }
 
 // act on the n elements of a strided window of x (strided.cuh), in place.
-extern "C" __global__ void activate_strided_kernel(float *x, int n, WINDOW_COUNTS,
+extern "C" __global__ void activate_strided_kernel(act_t *x, int n, WINDOW_COUNTS,
                                                    WINDOW_STRIDES(x_), int act)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long long at = AT(x_, i);
-    x[at] = activate(x[at], act);
+    x[at] = store(activate(load(x[at]), act));
 }
 
 // delta *= act'(x) for the activations whose gradient needs the input x.
-extern "C" __global__ void input_gradient_kernel(const float *x, float *delta, int n, int act)
+extern "C" __global__ void input_gradient_kernel(const act_t *x, act_t *delta, int n, int act)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) delta[i] *= gradient_from_input(x[i], act);
+    if (i < n) delta[i] = store(load(delta[i]) * gradient_from_input(load(x[i]), act));
 }
 
 // AlexeyAB's normalize_channels activations across the C channels of each (image, position);
 // one thread per position. mode 0: positive values over (eps + their sum), others 0;
 // 1: exp(x) / (eps + sum exp(x)); 2: as 1 with the channels' maximum subtracted first
 // (eps: NORMALIZE_CHANNELS_EPSILON).
-extern "C" __global__ void normalize_channels_kernel(const float *x, float *y, int positions,
+extern "C" __global__ void normalize_channels_kernel(const act_t *x, act_t *y, int positions,
                                                      int channels, int spatial, int mode)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -47,21 +48,21 @@ extern "C" __global__ void normalize_channels_kernel(const float *x, float *y, i
     size_t base = (size_t)(i / spatial) * channels * spatial + i % spatial;
     float shift = 0.f, sum = NORMALIZE_CHANNELS_EPSILON;
     if (mode == 2) {
-        shift = x[base];
-        for (int k = 1; k < channels; ++k) shift = fmaxf(shift, x[base + (size_t)k * spatial]);
+        shift = load(x[base]);
+        for (int k = 1; k < channels; ++k) shift = fmaxf(shift, load(x[base + (size_t)k * spatial]));
     }
     for (int k = 0; k < channels; ++k) {
-        float v = x[base + (size_t)k * spatial];
+        float v = load(x[base + (size_t)k * spatial]);
         sum += mode == 0 ? (v > 0.f ? v : 0.f) : expf(v - shift);
     }
     for (int k = 0; k < channels; ++k) {
-        float v = x[base + (size_t)k * spatial];
-        y[base + (size_t)k * spatial] = mode == 0 ? (v > 0.f ? v / sum : 0.f) : expf(v - shift) / sum;
+        float v = load(x[base + (size_t)k * spatial]);
+        y[base + (size_t)k * spatial] = store(mode == 0 ? (v > 0.f ? v / sum : 0.f) : expf(v - shift) / sum);
     }
 }
 
 // The exact gradient of normalize_channels_kernel at input x: dx replaces delta, in place.
-extern "C" __global__ void normalize_channels_backward_kernel(const float *x, float *delta,
+extern "C" __global__ void normalize_channels_backward_kernel(const act_t *x, act_t *delta,
                                                               int positions, int channels,
                                                               int spatial, int mode)
 {
@@ -71,49 +72,49 @@ extern "C" __global__ void normalize_channels_backward_kernel(const float *x, fl
     float shift = 0.f, sum = NORMALIZE_CHANNELS_EPSILON, inner = 0.f;
     int winner = 0;
     if (mode == 2) {
-        shift = x[base];
+        shift = load(x[base]);
         for (int k = 1; k < channels; ++k) {
-            float v = x[base + (size_t)k * spatial];
+            float v = load(x[base + (size_t)k * spatial]);
             if (v > shift) { shift = v; winner = k; }
         }
     }
     for (int k = 0; k < channels; ++k) {
-        float v = x[base + (size_t)k * spatial];
+        float v = load(x[base + (size_t)k * spatial]);
         sum += mode == 0 ? (v > 0.f ? v : 0.f) : expf(v - shift);
     }
     for (int k = 0; k < channels; ++k) {
         size_t at = base + (size_t)k * spatial;
-        float v = x[at];
+        float v = load(x[at]);
         float y = mode == 0 ? (v > 0.f ? v / sum : 0.f) : expf(v - shift) / sum;
-        inner += y * delta[at];
+        inner += y * load(delta[at]);
     }
     float winner_shift = 0.f;
     for (int k = 0; k < channels; ++k) {
         size_t at = base + (size_t)k * spatial;
-        float v = x[at];
+        float v = load(x[at]);
         if (mode == 0) {
-            delta[at] = v > 0.f ? (delta[at] - inner) / sum : 0.f;
+            delta[at] = store(v > 0.f ? (load(delta[at]) - inner) / sum : 0.f);
         } else {
             float y = expf(v - shift) / sum;
-            delta[at] = y * (delta[at] - inner);
+            delta[at] = store(y * (load(delta[at]) - inner));
         }
     }
     if (mode == 2) {
         winner_shift = inner * NORMALIZE_CHANNELS_EPSILON / sum;
-        delta[base + (size_t)winner * spatial] -= winner_shift;
+        delta[base + (size_t)winner * spatial] = store(load(delta[base + (size_t)winner * spatial]) - winner_shift);
     }
 }
 
-extern "C" __global__ void bias_activate_kernel(float *x, const float *bias, int n, int spatial,
+extern "C" __global__ void bias_activate_kernel(act_t *x, const float *bias, int n, int spatial,
                                                 int channels, int act)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = activate(x[i] + bias[(i / spatial) % channels], act);
+    if (i < n) x[i] = store(activate(load(x[i]) + bias[(i / spatial) % channels], act));
 }
 
 // Darknet's inference rule: scale * (x - mean) / (sqrt(var + inside) + outside) + bias, then
 // act; (inside, outside) are engine/constants.py's PJREDDIE_BN_EPSILONS or ALEXEYAB_BN_EPSILONS.
-extern "C" __global__ void bn_inference_activate_kernel(const float *x, float *y, const float *mean,
+extern "C" __global__ void bn_inference_activate_kernel(const act_t *x, act_t *y, const float *mean,
                                                         const float *variance, const float *scale,
                                                         const float *bias, int n, int spatial,
                                                         int channels, int act, float inside,
@@ -122,12 +123,12 @@ extern "C" __global__ void bn_inference_activate_kernel(const float *x, float *y
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int c = (i / spatial) % channels;
-    float normalized = (x[i] - mean[c]) / (sqrtf(variance[c] + inside) + outside);
-    y[i] = activate(normalized * scale[c] + bias[c], act);
+    float normalized = (load(x[i]) - mean[c]) / (sqrtf(variance[c] + inside) + outside);
+    y[i] = store(activate(normalized * scale[c] + bias[c], act));
 }
 
 // bias_updates[c] += sum over batch and space of delta; one block per channel.
-extern "C" __global__ void bias_backward_kernel(const float *delta, float *bias_updates, int batch,
+extern "C" __global__ void bias_backward_kernel(const act_t *delta, float *bias_updates, int batch,
                                                 int channels, int spatial)
 {
     __shared__ float partial[256];
@@ -136,7 +137,7 @@ extern "C" __global__ void bias_backward_kernel(const float *delta, float *bias_
     int count = batch * spatial;
     for (int k = threadIdx.x; k < count; k += blockDim.x) {
         int b = k / spatial, s = k % spatial;
-        sum += delta[((size_t)b * channels + c) * spatial + s];
+        sum += load(delta[((size_t)b * channels + c) * spatial + s]);
     }
     partial[threadIdx.x] = sum;
     __syncthreads();

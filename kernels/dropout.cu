@@ -1,5 +1,6 @@
 // Dropout with a counter-based random source: element i of call `seed` draws hash(seed, i), so
 // no generator state lives on the GPU and a captured graph gets new masks from a new seed.
+#include "storage.cuh"
 
 __device__ __forceinline__ unsigned int mix(unsigned int x)
 {
@@ -11,7 +12,7 @@ __device__ __forceinline__ unsigned int mix(unsigned int x)
 }
 
 // seed_in_memory, when not null, overrides seed (read per step by a replayed graph).
-extern "C" __global__ void dropout_forward_kernel(const float *x, float *y, float *mask, int n,
+extern "C" __global__ void dropout_forward_kernel(const act_t *x, act_t *y, act_t *mask, int n,
                                                   float probability, float survivor_scale,
                                                   unsigned int seed,
                                                   const unsigned int *seed_in_memory,
@@ -23,6 +24,6 @@ extern "C" __global__ void dropout_forward_kernel(const float *x, float *y, floa
     unsigned int bits = mix(mix(s ^ mix(salt)) + (unsigned int)i);
     float uniform = (bits >> 8) * (1.f / 16777216.f);  // 24 bits: exact in float, in [0, 1)
     float factor = uniform >= probability ? survivor_scale : 0.f;
-    mask[i] = factor;
-    y[i] = x[i] * factor;
+    mask[i] = store(factor);
+    y[i] = store(load(x[i]) * factor);
 }

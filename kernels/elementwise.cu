@@ -1,21 +1,23 @@
-// Small elementwise passes: sums of deltas, scaling, masks, and Darknet's SGD step.
+// Small elementwise passes: sums of deltas, scaling, masks, and Darknet's SGD step (whose
+// parameters are float in every storage), and conversions between float and the storage type.
+#include "storage.cuh"
 
-extern "C" __global__ void add_kernel(float *dst, const float *src, int n)
+extern "C" __global__ void add_kernel(act_t *dst, const act_t *src, int n)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] += src[i];
+    if (i < n) dst[i] = store(load(dst[i]) + load(src[i]));
 }
 
-extern "C" __global__ void scale_kernel(float *x, float factor, int n)
+extern "C" __global__ void scale_kernel(act_t *x, float factor, int n)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] *= factor;
+    if (i < n) x[i] = store(load(x[i]) * factor);
 }
 
-extern "C" __global__ void multiply_kernel(const float *a, const float *b, float *out, int n)
+extern "C" __global__ void multiply_kernel(const act_t *a, const act_t *b, act_t *out, int n)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] * b[i];
+    if (i < n) out[i] = store(load(a[i]) * load(b[i]));
 }
 
 // Darknet's update for one tensor (numpy_backend.sgd_update): v = momentum*v + gradient -
@@ -34,4 +36,26 @@ extern "C" __global__ void sgd_kernel(float *param, float *gradient, float *velo
     param[i] = p + rate * v;
     velocity[i] = v;
     gradient[i] = 0.0f;
+}
+
+// Conversions: storage from float, and float from storage (added to `to` when accumulate: a
+// reduced-precision weight gradient joins its float updates).
+extern "C" __global__ void from_float_kernel(const float *src, act_t *dst, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = store(src[i]);
+}
+
+extern "C" __global__ void to_float_kernel(const act_t *src, float *dst, int n, int accumulate)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = accumulate ? dst[i] + load(src[i]) : load(src[i]);
+}
+
+// flag[0] = 1 if any of the n values is NaN or infinite (flag zeroed before): the finiteness
+// check of outputs without copying them to the host first.
+extern "C" __global__ void nonfinite_kernel(const act_t *x, int *flag, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n && !isfinite(load(x[i]))) *flag = 1;
 }

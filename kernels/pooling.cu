@@ -4,15 +4,16 @@
 // (Global average pooling is strided.cu's sum_to_kernel.)
 #include <float.h>
 #include <math.h>
+#include "storage.cuh"
 
-extern "C" __global__ void maxpool_forward_kernel(const float *x, float *y, int *winner, int n,
+extern "C" __global__ void maxpool_forward_kernel(const act_t *x, act_t *y, int *winner, int n,
                                                   int height, int width, int out_h, int out_w,
                                                   int size, int stride, int top)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int ow = i % out_w, oh = (i / out_w) % out_h, plane = i / (out_w * out_h);
-    const float *input = x + (size_t)plane * height * width;
+    const act_t *input = x + (size_t)plane * height * width;
     float best = -FLT_MAX;  // Darknet's start: a window with no cell inside the input gives it
     int best_index = -1;
     // Only the window's cells inside the input: a window far larger than the input costs no
@@ -24,16 +25,16 @@ extern "C" __global__ void maxpool_forward_kernel(const float *x, float *y, int 
         int h = h0 + r;
         for (int s = s0; s < s1; ++s) {
             int w = w0 + s;
-            float v = input[h * width + w];
+            float v = load(input[h * width + w]);
             if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
         }
     }
-    y[i] = best;
+    y[i] = store(best);
     winner[i] = best_index;
 }
 
 // Gathers, for each input cell, the deltas of the windows it won (no atomics, deterministic).
-extern "C" __global__ void maxpool_backward_kernel(const float *delta, const int *winner, float *dx,
+extern "C" __global__ void maxpool_backward_kernel(const act_t *delta, const int *winner, act_t *dx,
                                                    int n, int height, int width, int out_h,
                                                    int out_w, int size, int stride, int top)
 {
@@ -51,14 +52,14 @@ extern "C" __global__ void maxpool_backward_kernel(const float *delta, const int
     for (int oh = oh0; oh <= oh1; ++oh)
         for (int ow = ow0; ow <= ow1; ++ow) {
             size_t o = base + oh * out_w + ow;
-            if (winner[o] == cell) sum += delta[o];
+            if (winner[o] == cell) sum += load(delta[o]);
         }
-    dx[i] = sum;
+    dx[i] = store(sum);
 }
 
 // Average pooling over the max pooling's windows (the first at (-pad, -pad)): the mean of the
 // input cells in each window (cells outside the input are not counted). One thread per output.
-extern "C" __global__ void local_avgpool_kernel(const float *x, float *y, int n, int c, int h,
+extern "C" __global__ void local_avgpool_kernel(const act_t *x, act_t *y, int n, int c, int h,
                                                 int w, int out_h, int out_w, int size, int stride,
                                                 int pad)
 {
@@ -72,15 +73,15 @@ extern "C" __global__ void local_avgpool_kernel(const float *x, float *y, int n,
         for (int k = 0; k < size; ++k) {
             int row = offset + i * stride + m, col = offset + j * stride + k;
             if (row >= 0 && row < h && col >= 0 && col < w) {
-                sum += x[((size_t)plane * h + row) * w + col];
+                sum += load(x[((size_t)plane * h + row) * w + col]);
                 ++count;
             }
         }
-    y[index] = sum / count;
+    y[index] = store(sum / count);
 }
 
 // Its adjoint, gathered per input cell: the sum of delta / count over the windows holding it.
-extern "C" __global__ void local_avgpool_backward_kernel(const float *delta, float *dx, int n,
+extern "C" __global__ void local_avgpool_backward_kernel(const act_t *delta, act_t *dx, int n,
                                                          int c, int h, int w, int out_h,
                                                          int out_w, int size, int stride,
                                                          int pad)
@@ -102,15 +103,15 @@ extern "C" __global__ void local_avgpool_backward_kernel(const float *delta, flo
                     int r = top + m, q = left + k;
                     if (r >= 0 && r < h && q >= 0 && q < w) ++count;
                 }
-            sum += delta[((size_t)plane * out_h + i) * out_w + j] / count;
+            sum += load(delta[((size_t)plane * out_h + i) * out_w + j]) / count;
         }
     }
-    dx[index] = sum;
+    dx[index] = store(sum);
 }
 
 // AlexeyAB's maxpool_depth: output channel g = max over input channels g, g+groups, ... (the
 // first maximum wins); winner holds that channel. One thread per output element.
-extern "C" __global__ void channel_max_kernel(const float *x, float *y, int *winner, int n,
+extern "C" __global__ void channel_max_kernel(const act_t *x, act_t *y, int *winner, int n,
                                               int channels, int groups, int spatial)
 {
     int index = blockIdx.x * blockDim.x + threadIdx.x;
@@ -119,21 +120,21 @@ extern "C" __global__ void channel_max_kernel(const float *x, float *y, int *win
     float best = -INFINITY;
     int best_k = g;
     for (int k = g; k < channels; k += groups) {
-        float v = x[((size_t)b * channels + k) * spatial + s];
+        float v = load(x[((size_t)b * channels + k) * spatial + s]);
         if (v > best) { best = v; best_k = k; }
     }
-    y[index] = best;
+    y[index] = store(best);
     winner[index] = best_k;
 }
 
 // Its backward, gathered per input element: the delta of the output this channel won, else 0.
-extern "C" __global__ void channel_max_backward_kernel(const float *delta, const int *winner,
-                                                       float *dx, int n, int channels, int groups,
+extern "C" __global__ void channel_max_backward_kernel(const act_t *delta, const int *winner,
+                                                       act_t *dx, int n, int channels, int groups,
                                                        int spatial)
 {
     int index = blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= n) return;
     int s = index % spatial, k = (index / spatial) % channels, b = index / (spatial * channels);
     size_t out = ((size_t)b * groups + k % groups) * spatial + s;
-    dx[index] = winner[out] == k ? delta[out] : 0.f;
+    dx[index] = winner[out] == k ? delta[out] : store(0.f);
 }

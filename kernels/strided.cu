@@ -1,23 +1,24 @@
 // The general operations on strided views (engine/backends/views.py; the numpy backend's
 // strided_copy_ and sum_to are the reference): a copy between two views, and sums over axes.
+#include "storage.cuh"
 #include "strided.cuh"
 
 // dst[window] = scale * src[window'] + shift, or += that when accumulate; n elements.
-extern "C" __global__ void strided_copy_kernel(const float *src, float *dst, int n,
+extern "C" __global__ void strided_copy_kernel(const act_t *src, act_t *dst, int n,
                                                WINDOW_COUNTS, WINDOW_STRIDES(src_),
                                                WINDOW_STRIDES(dst_), float scale, float shift,
                                                int accumulate)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = scale * src[AT(src_, i)] + shift;
+    float v = scale * load(src[AT(src_, i)]) + shift;
     long long d = AT(dst_, i);
-    dst[d] = accumulate ? dst[d] + v : v;
+    dst[d] = store(accumulate ? load(dst[d]) + v : v);
 }
 
 // out = scale * (x summed over the axes whose bit in `keep` is 0), x contiguous with counts
 // c0..c5 (bit k: axis k kept; c5 fastest). One thread per output element.
-extern "C" __global__ void sum_to_kernel(const float *x, float *out, int n, int c0, int c1,
+extern "C" __global__ void sum_to_kernel(const act_t *x, act_t *out, int n, int c0, int c1,
                                          int c2, int c3, int c4, int c5, int keep, float scale)
 {
     int o = blockIdx.x * blockDim.x + threadIdx.x;
@@ -49,7 +50,7 @@ extern "C" __global__ void sum_to_kernel(const float *x, float *out, int n, int 
                 at += (q % count[k]) * stride[k];
                 q /= count[k];
             }
-        for (long long j = 0; j < inner_count; ++j) sum += x[at + j * inner_stride];
+        for (long long j = 0; j < inner_count; ++j) sum += load(x[at + j * inner_stride]);
     }
-    out[o] = scale * sum;
+    out[o] = store(scale * sum);
 }

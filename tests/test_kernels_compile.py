@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine.backends.cuda import cublas, cudnn
-from engine.backends.cuda.kernels import COMPILE_OPTIONS, KERNEL_DIR, SIGNATURES
+from engine.backends.cuda.kernels import COMPILE_OPTIONS, KERNEL_DIR, SIGNATURES, STORAGE_TYPES
 
 ARCHITECTURES = ("75", "80", "90")
 SOURCES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")))
@@ -34,20 +34,25 @@ def test_every_kernel_the_backend_launches_has_a_source():
             assert re.search(rf'extern "C" __global__ void {kernel}\(', handle.read()), kernel
 
 
-def test_kernels_compile_for_sm75_sm80_sm90(tmp_path):
+def test_kernels_compile_for_sm75_sm80_sm90_and_each_storage(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
 
     # --cubin compiles device code only (what PyCUDA loads), much faster than a full -c.
     def compile_one(job):
-        source, arch = job
-        out = tmp_path / f"{os.path.basename(source)}.sm_{arch}.cubin"
-        result = subprocess.run([nvcc, "--cubin", *COMPILE_OPTIONS, f"-arch=sm_{arch}", "-I",
-                                 KERNEL_DIR, source, "-o", str(out)], capture_output=True, text=True)
-        return f"{source} (sm_{arch})", result.returncode, result.stderr
+        source, arch, storage = job
+        out = tmp_path / f"{os.path.basename(source)}.sm_{arch}.{storage}.cubin"
+        result = subprocess.run([nvcc, "--cubin", *COMPILE_OPTIONS, f"-DSTORAGE={storage}",
+                                 f"-arch=sm_{arch}", "-I", KERNEL_DIR, source, "-o", str(out)],
+                                capture_output=True, text=True)
+        return f"{source} (sm_{arch}, {storage})", result.returncode, result.stderr
 
-    jobs = [(source, arch) for source in SOURCES for arch in ARCHITECTURES]
+    # float storage for every architecture; fp16 and bf16 storage (engine/precision.py) for the
+    # tensor-core ones.
+    jobs = [(source, arch, "float") for source in SOURCES for arch in ARCHITECTURES]
+    jobs += [(source, "80", storage) for source in SOURCES
+             for storage in STORAGE_TYPES.values() if storage != "float"]
     with ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2)) as pool:
         failures = [f"{s}:\n{err}" for s, rc, err in pool.map(compile_one, jobs) if rc]
     assert not failures, "\n".join(failures)
@@ -58,6 +63,8 @@ def test_kernels_compile_for_sm75_sm80_sm90(tmp_path):
 DOCUMENTED_ENUMS = {
     "CUDNN_STATUS_SUCCESS": 0,
     "CUDNN_DATA_FLOAT": 0,
+    "CUDNN_DATA_HALF": 2,
+    "CUDNN_DATA_BFLOAT16": 9,
     "CUDNN_TENSOR_NCHW": 0,
     "CUDNN_CROSS_CORRELATION": 1,
     "CUDNN_DEFAULT_MATH": 0,

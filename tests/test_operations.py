@@ -38,7 +38,8 @@ def test_the_set_is_declared():
     for name in DECLARED:
         member = inspect.getattr_static(Operations, name)
         doc = member.__doc__ if not isinstance(member, bool) else None
-        assert name == "can_record" or (doc and len(doc.split()) >= 5), f"{name}: no docstring"
+        assert name in ("can_record", "precision") or (doc and len(doc.split()) >= 5), \
+            f"{name}: no docstring"
 
 
 @pytest.mark.parametrize("backend_class", BACKEND_CLASSES, ids=lambda c: c.__name__)
@@ -76,6 +77,7 @@ def test_a_backend_missing_an_operation_cannot_be_made():
 def test_capabilities_have_defaults():
     ops = NumpyBackend()
     assert ops.can_record is False
+    assert ops.precision == "fp32"  # the CPU computes in fp32 only (engine/precision.py)
     with pytest.raises(BackendError, match="cannot record"):
         ops.capture(lambda: None)
     assert CudaBackend.can_record is True
@@ -200,6 +202,14 @@ def test_identity_and_memory(ops, rng):
     assert ops.freeze_(device) is device
     np.testing.assert_array_equal(ops.to_host(device), x)
     ops.synchronize()
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_all_finite(ops, rng, bad):
+    x = randn(rng, 2, 3, 4, 5)
+    if bad is not None:
+        x[1, 2, 3, 4] = bad
+    assert ops.all_finite(ops.asarray(x)) is (bad is None)
 
 
 def test_add_and_scale_in_place(ops, rng):

@@ -142,14 +142,14 @@ class FakeKernels:
     def __init__(self):
         self.launches = []
 
-    def launch(self, name, n, *args):
+    def launch(self, name, n, *args, dtype=None):
         self.launches.append((name, args))
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_runtime",
-                        lambda device, tf32: (FakeDevice(), FakeKernels(), None, None))
+                        lambda device, math_type: (FakeDevice(), FakeKernels(), None, None))
     return cuda_backend.CudaBackend(seed=11)
 
 

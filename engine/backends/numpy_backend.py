@@ -122,6 +122,9 @@ class NumpyBackend(Operations):
         dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)
         return dst
 
+    def all_finite(self, array):
+        return bool(np.isfinite(array).all())
+
     def zeros(self, shape, like=None):
         """Zeros, float32 or of like's dtype (float64 in the gradient checks)."""
         return np.zeros(shape, dtype=np.float32 if like is None else like.dtype)

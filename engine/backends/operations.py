@@ -8,7 +8,9 @@ class does not declare: a new operation is declared here first (see README, "Arc
 
 Conventions, for every operation:
 - An *array* is the backend's own float32 array (numpy.ndarray or PyCUDA GPUArray), C-ordered
-  NCHW to the caller: (B, C, H, W) images, (B, N, 1, 1) vectors. Where an operation says "new",
+  NCHW to the caller (on a GPU backend in fp16 or bf16 precision, engine/precision.py, the
+  activations and deltas its operations make are stored in that type; parameters and host data
+  stay float32, and an operation converts an operand of the other type itself): (B, C, H, W) images, (B, N, 1, 1) vectors. Where an operation says "new",
   it returns a new array and leaves its inputs unchanged; names ending in `_` change their first
   array argument in place and return it. The numpy backend may lay a 4-D array out
   batch-innermost in memory (numpy_backend.py): callers index and reshape only through
@@ -36,6 +38,10 @@ class Operations(ABC):
     can_record = False
     """True when `capture` works: a whole step can be recorded once and replayed (CUDA graphs).
     Network (recorded inference) and train.py (recorded iterations) use it only then."""
+
+    precision = "fp32"
+    """The precision this backend computes in (engine/precision.py): 'fp32' on the CPU; 'fp32',
+    'tf32', 'fp16' or 'bf16' on the GPU."""
 
     # ---- identity ------------------------------------------------------------------------------
     @property
@@ -72,6 +78,11 @@ class Operations(ABC):
     def set_(self, dst, host):
         """Copy host values (dst.size of them, any shape) into the existing array dst, in place;
         dst keeps its identity (a fixed buffer a recording reads). Returns dst."""
+
+    @abstractmethod
+    def all_finite(self, array):
+        """True when no value of `array` is NaN or infinite (checked where the array lives: a
+        GPU backend copies one flag, not the array)."""
 
     @abstractmethod
     def zeros(self, shape, like=None):

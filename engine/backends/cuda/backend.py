@@ -6,6 +6,12 @@ Convolutions and batch-norm training run in cuDNN, matrix products in cuBLAS, th
 kernels/*.cu. Inference batch norm is Darknet's rule (engine/batchnorm_rule.py) in our own
 kernel, since cuDNN's inference call divides by sqrt(var+eps) and has no fused activation.
 Layer geometry arrives as strided views (backends/views.py), walked by kernels/strided.cuh.
+
+Precision (engine/precision.py): in fp16 or bf16 the activations and deltas the operations make
+are stored in that type (every kernel is built for it: kernels/storage.cuh) and convolutions run
+on tensor cores; parameters and their updates stay float32. An operation makes the operands it
+combines one type: the first activation operand's, the others converted (a float32 parameter
+used as an activation, such as a convolution's weights, is converted once when frozen).
 """
 
 import contextlib
@@ -17,10 +23,12 @@ import numpy as np
 from ... import activations, memory
 from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
+from ...precision import STORAGE_DTYPES, check_precision
 from .. import views
 from ..operations import Operations
 from .cublas import Cublas
-from .cudnn import CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, Cudnn
+from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
+                    CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
 from .device import get_device
 from .kernels import Kernels
 from .libraries import check_gpu_dependencies
@@ -28,16 +36,23 @@ from .libraries import check_gpu_dependencies
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
 STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drained once per wrap
 
-_RUNTIMES = {}  # (device, allow_tf32) -> (Device, Kernels, Cudnn, Cublas), made once
+# cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
+MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
+              "bf16": CUDNN_TENSOR_OP_MATH}
+FLOAT32 = np.dtype(np.float32)
+
+_RUNTIMES = {}  # (device, math type) -> (Device, Kernels, Cudnn, Cublas), made once
 
 
-def _runtime(device_index, allow_tf32):
-    key = (device_index, allow_tf32)
+def _runtime(device_index, math_type):
+    key = (device_index, math_type)
     if key not in _RUNTIMES:
         check_gpu_dependencies()  # a missing package or library: one line naming it
         device = get_device(device_index)
         stream = device.stream.handle
-        _RUNTIMES[key] = (device, Kernels(device), Cudnn(stream, allow_tf32), Cublas(stream))
+        kernels = next((r[1] for k, r in _RUNTIMES.items() if k[0] == device_index), None)
+        _RUNTIMES[key] = (device, kernels or Kernels(device), Cudnn(stream, math_type),
+                          Cublas(stream))
     return _RUNTIMES[key]
 
 
@@ -123,12 +138,13 @@ def _activation_id(name):
 class ConvPlan:
     """Descriptors, algorithms and workspace sizes for one convolution shape, found once."""
 
-    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1):
-        self.x_desc = dnn.tensor(x_shape)
-        self.w_desc = dnn.filter(w_shape)
+    def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
+                 dtype=FLOAT32):
+        self.x_desc = dnn.tensor(x_shape, dtype)
+        self.w_desc = dnn.filter(w_shape, dtype)
         self.conv_desc = dnn.convolution(padding, stride, groups, dilation)
         self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
-        self.y_desc = dnn.tensor(self.y_shape)
+        self.y_desc = dnn.tensor(self.y_shape, dtype)
         size = max(w_shape[2:])
         self.forward_algo, self.forward_workspace = dnn.find_algorithm(
             "cudnnFindConvolutionForwardAlgorithm", self.x_desc, self.w_desc, self.conv_desc,
@@ -146,10 +162,15 @@ class CudaBackend(Operations):
     name = "gpu"
     can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
-    def __init__(self, device=0, seed=0, allow_tf32=False):
-        """allow_tf32 lets cuDNN use TF32 tensor cores for convolutions (faster, ~1e-3 relative
-        error); off by default so results match the CPU backend."""
-        self.device, self.kernels, self.dnn, self.blas = _runtime(int(device), bool(allow_tf32))
+    def __init__(self, device=0, seed=0, allow_tf32=False, precision=None):
+        """precision (engine/precision.py): 'fp32' (the default, results match the CPU
+        backend's), 'tf32' (TF32 tensor cores for convolutions, ~1e-3 relative error), 'fp16' or
+        'bf16'; allow_tf32=True is the older spelling of 'tf32'."""
+        self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
+        self.dtype = STORAGE_DTYPES[self.precision]  # of the activations operations make
+        self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
+                                                                  MATH_TYPES[self.precision])
+        self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
         self.cuda = self.device.cuda
         self.stream = self.device.stream
         self._workspace = None
@@ -169,7 +190,7 @@ class CudaBackend(Operations):
         self._dropout_calls = itertools.count(1)
 
     def __repr__(self):
-        return f"CudaBackend(GPU {self.device.index}: {self.device.name})"
+        return f"CudaBackend(GPU {self.device.index}: {self.device.name}, {self.precision})"
 
     @property
     def device_name(self):
@@ -188,6 +209,7 @@ class CudaBackend(Operations):
         return array if hasattr(array, "gpudata") else self.asarray(array)
 
     def asarray(self, host):
+        """A float32 device array of host's values (host data: images, parameters, truths)."""
         if hasattr(host, "gpudata"):
             return host
         host = np.ascontiguousarray(host, dtype=np.float32)
@@ -197,36 +219,56 @@ class CudaBackend(Operations):
         return array
 
     def to_host(self, array):
+        """float32 numpy values of a device array (fp16 or bf16 ones converted on the device)."""
         if not hasattr(array, "gpudata"):
             return np.asarray(array, dtype=np.float32)
+        array = self._as_type(array, FLOAT32)
         host = np.empty(array.shape, dtype=np.float32)
         if host.size:
             self.cuda.memcpy_dtoh_async(host, array.ptr, self.stream)
         self.stream.synchronize()
         return host
 
+    def all_finite(self, array):
+        """No NaN or infinity in a device array: one kernel, one int copied back."""
+        if not hasattr(array, "gpudata"):
+            return bool(np.isfinite(array).all())
+        flag = self._empty((1,), np.int32)
+        self.cuda.memset_d32_async(flag.ptr, 0, 1, self.stream)
+        self.kernels.launch("nonfinite_kernel", array.size, array.ptr, flag.ptr, array.size,
+                            dtype=array.dtype)
+        found = np.empty(1, np.int32)
+        self.cuda.memcpy_dtoh_async(found, flag.ptr, self.stream)
+        self.stream.synchronize()
+        return not found[0]
+
     def set_(self, dst, host):
         """Copy host data into an existing device array (a fixed buffer a graph reads)."""
         host = np.ascontiguousarray(host, dtype=np.float32)
         if host.size != dst.size:
             raise BackendError(f"cannot copy {host.size} values into an array of {dst.size}")
-        if host.size:
+        if host.size and dst.dtype == FLOAT32:
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
+        elif host.size:
+            self._convert(self.asarray(host), dst)
         return dst
 
     def zeros(self, shape, like=None):
-        """Zeros (float32; `like` only sets the numpy backend's dtype)."""
-        array = self._empty(shape)
-        if array.size:
+        """Zeros: float32, or of like's dtype (fp16 or bf16 activations)."""
+        array = self._empty(shape, FLOAT32 if like is None else like.dtype)
+        if array.size and array.dtype.itemsize == 4:
             self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
+        elif array.size:
+            self.cuda.memset_d16_async(array.ptr, 0, array.size, self.stream)
         return array
 
     def empty(self, shape, like=None):
-        """An uninitialised float32 array (to be written whole before it is read)."""
-        return self._empty(shape)
+        """An uninitialised array (to be written whole before it is read): float32, or of
+        like's dtype."""
+        return self._empty(shape, FLOAT32 if like is None else like.dtype)
 
     def copy(self, array):
-        result = self._empty(array.shape)
+        result = self._empty(array.shape, array.dtype)
         if array.size:
             self.cuda.memcpy_dtod_async(result.ptr, array.ptr, array.nbytes, self.stream)
         return result
@@ -235,8 +277,35 @@ class CudaBackend(Operations):
         return array.reshape(shape)
 
     def add_(self, dst, src):
-        self.kernels.launch("add_kernel", dst.size, dst.ptr, src.ptr, dst.size)
+        src = self._as_type(src, dst.dtype)
+        self.kernels.launch("add_kernel", dst.size, dst.ptr, src.ptr, dst.size, dtype=dst.dtype)
         return dst
+
+    # ---- storage types (precision) -------------------------------------------------------------
+    def _convert(self, src, dst, accumulate=False):
+        """dst = src (or dst += src) between float32 and the other storage type, elementwise."""
+        if src.dtype == FLOAT32:
+            self.kernels.launch("from_float_kernel", src.size, src.ptr, dst.ptr, src.size,
+                                dtype=dst.dtype)
+        else:
+            self.kernels.launch("to_float_kernel", src.size, src.ptr, dst.ptr, src.size,
+                                int(accumulate), dtype=src.dtype)
+        return dst
+
+    def _as_type(self, array, dtype):
+        """`array` stored as dtype: itself, the copy made when it was frozen, or a new
+        conversion. Only float32 and this backend's storage type meet."""
+        if array.dtype == dtype:
+            return array
+        cached = self._converted.get(id(array))
+        if cached is not None and cached[0] is array and cached[1].dtype == dtype:
+            return cached[1]
+        return self._convert(array, self._empty(array.shape, dtype))
+
+    def _activation(self, array):
+        """An activation operand in this backend's storage type (the network's input, or a
+        float32 parameter a layer uses as an activation, is converted)."""
+        return self._as_type(array, self.dtype)
 
     def synchronize(self):
         self.stream.synchronize()
@@ -249,7 +318,11 @@ class CudaBackend(Operations):
         return NcclCommunicator(comm, self)
 
     def freeze_(self, array):
-        """Parameters become read-only for inference; nothing on the GPU is derived from them."""
+        """Parameters become read-only for inference: in fp16 or bf16 their copy in that type is
+        made once here (a convolution's weights are then not converted on every call)."""
+        if self.dtype != FLOAT32 and array.dtype == FLOAT32:
+            self._converted[id(array)] = (array, self._convert(array, self._empty(array.shape,
+                                                                                 self.dtype)))
         return array
 
     @contextlib.contextmanager
@@ -302,37 +375,40 @@ class CudaBackend(Operations):
             return x
         if view is None:
             self.kernels.launch("activate_kernel", x.size, x.ptr, x.size,
-                                _activation_id(activation))
+                                _activation_id(activation), dtype=x.dtype)
             return x
         n, counts, walk = _walk(view, x)
         self.kernels.launch("activate_strided_kernel", n, x.ptr, n, *counts, *walk,
-                            _activation_id(activation))
+                            _activation_id(activation), dtype=x.dtype)
         return x
 
     def activation_backward_(self, y, delta, activation):
         if activation != "linear":
+            y = self._as_type(y, delta.dtype)
             self.kernels.launch("gradient_kernel", delta.size, y.ptr, delta.ptr,
-                                delta.size, _activation_id(activation))
+                                delta.size, _activation_id(activation), dtype=delta.dtype)
         return delta
 
     def activation_input_backward_(self, x, delta, activation):
+        x = self._as_type(x, delta.dtype)
         self.kernels.launch("input_gradient_kernel", delta.size, x.ptr, delta.ptr, delta.size,
-                            _activation_id(activation))
+                            _activation_id(activation), dtype=delta.dtype)
         return delta
 
     def _normalize_channels_launch(self, name, x, out, activation):
         spatial, channels = self._channel_layout(x.shape)
         positions = int(x.shape[0]) * spatial
         self.kernels.launch(name, positions, x.ptr, out.ptr, positions, channels, spatial,
-                            activations.CHANNEL_NAMES.index(activation))
+                            activations.CHANNEL_NAMES.index(activation), dtype=out.dtype)
 
     def normalize_channels(self, x, activation):
-        y = self._empty(x.shape)
+        y = self._empty(x.shape, x.dtype)
         self._normalize_channels_launch("normalize_channels_kernel", x, y, activation)
         return y
 
     def normalize_channels_backward_(self, x, delta, activation):
-        self._normalize_channels_launch("normalize_channels_backward_kernel", x, delta, activation)
+        self._normalize_channels_launch("normalize_channels_backward_kernel",
+                                        self._as_type(x, delta.dtype), delta, activation)
         return delta
 
     @staticmethod
@@ -343,29 +419,32 @@ class CudaBackend(Operations):
     def add_bias_(self, y, biases, activation="linear"):
         """y = act(y + biases per channel), one pass."""
         spatial, channels = self._channel_layout(y.shape)
+        biases = self._as_type(biases, FLOAT32)
         self.kernels.launch("bias_activate_kernel", y.size, y.ptr, biases.ptr, y.size,
-                            spatial, channels, _activation_id(activation))
+                            spatial, channels, _activation_id(activation), dtype=y.dtype)
         return y
 
     def bias_backward(self, delta, bias_updates):
         spatial, channels = self._channel_layout(delta.shape)
         self.kernels.launch_blocks("bias_backward_kernel", channels, delta.ptr,
-                                   bias_updates.ptr, int(delta.shape[0]), channels, spatial)
+                                   bias_updates.ptr, int(delta.shape[0]), channels, spatial,
+                                   dtype=delta.dtype)
 
     def scale_(self, x, factor):
-        self.kernels.launch("scale_kernel", x.size, x.ptr, np.float32(factor), x.size)
+        self.kernels.launch("scale_kernel", x.size, x.ptr, np.float32(factor), x.size,
+                            dtype=x.dtype)
         return x
 
     # ---- convolution --------------------------------------------------------------------------
     def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
         stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
-        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation)
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation, self.dtype)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
         plan = self.dnn.plans.get(key)
         if plan is None:
             plan = self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                                  groups, dilation)
+                                                  groups, dilation, self.dtype)
         if plan.workspace > self._workspace_size:
             self._workspace = self._empty((plan.workspace,), np.uint8)
             self._workspace_size = plan.workspace
@@ -375,34 +454,46 @@ class CudaBackend(Operations):
         return self._workspace.ptr if self._workspace is not None else None
 
     def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
+        """In this backend's storage type: x and the weights are converted when they are not."""
+        x, weights = self._activation(x), self._activation(weights)
         plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
-        y = self._empty(plan.y_shape)
+        y = self._empty(plan.y_shape, self.dtype)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):
+        x, weights, delta = (self._activation(a) for a in (x, weights, delta))
         plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
         workspace = self._workspace_pointer()
-        self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr,
-                                      workspace)
+        if weight_updates.dtype == self.dtype:
+            self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr, workspace)
+        else:  # fp16/bf16: cuDNN's gradient in that type, added to the float32 updates
+            gradient = self.zeros(weight_updates.shape, like=delta)
+            self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, gradient.ptr, workspace)
+            self._convert(gradient, weight_updates, accumulate=True)
         if not need_dx:
             return None
-        dx = self._empty(x.shape)
+        dx = self._empty(x.shape, self.dtype)
         self.dnn.conv_backward_data(plan, weights.ptr, delta.ptr, dx.ptr, workspace)
         return dx
 
     # ---- fully connected ----------------------------------------------------------------------
     def connected_forward(self, x, weights):
+        """A float32 product in every precision (connected layers are small); its result is
+        stored in x's type."""
         batch = int(x.shape[0])
         outputs, inputs = (int(s) for s in weights.shape)
         y = self._empty((batch, outputs, 1, 1))
-        self.blas.gemm(False, True, batch, outputs, inputs, x.ptr, weights.ptr, y.ptr)
-        return y
+        self.blas.gemm(False, True, batch, outputs, inputs, self._as_type(x, FLOAT32).ptr,
+                       weights.ptr, y.ptr)
+        return self._as_type(y, x.dtype)
 
     def connected_backward(self, x, weights, delta, weight_updates, need_dx):
         batch = int(x.shape[0])
         outputs, inputs = (int(s) for s in weights.shape)
+        stored_as = delta.dtype
+        x, delta = self._as_type(x, FLOAT32), self._as_type(delta, FLOAT32)
         # weight_updates (outputs x inputs) += delta^T @ x
         self.blas.gemm(True, False, outputs, inputs, batch, delta.ptr, x.ptr, weight_updates.ptr,
                        beta=1.0)
@@ -410,7 +501,7 @@ class CudaBackend(Operations):
             return None
         dx = self._empty(x.shape)
         self.blas.gemm(False, False, batch, inputs, outputs, delta.ptr, weights.ptr, dx.ptr)
-        return dx
+        return self._as_type(dx, stored_as)
 
     # ---- batch normalisation ------------------------------------------------------------------
     @staticmethod
@@ -423,10 +514,10 @@ class CudaBackend(Operations):
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
                                 per_activation=False):
         shape, params, mode = self._bn_shapes(x.shape, per_activation)
-        y = self._empty(x.shape)
+        y = self._empty(x.shape, x.dtype)
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
-        x_desc = self.dnn.tensor(shape)
+        x_desc = self.dnn.tensor(shape, x.dtype)
         self.dnn.batchnorm_forward_train(mode, x_desc, x.ptr, y.ptr,
                                          self.dnn.tensor(params), scales.ptr, biases.ptr,
                                          rolling_mean.ptr, rolling_variance.ptr,
@@ -438,7 +529,9 @@ class CudaBackend(Operations):
                                     epsilons=PJREDDIE_BN_EPSILONS):
         """Darknet's rule (engine/batchnorm_rule.py), optionally fused with the activation that
         follows: bn_inference_activate_kernel."""
-        y = self._empty(x.shape)
+        y = self._empty(x.shape, x.dtype)
+        scales, biases, rolling_mean, rolling_variance = (
+            self._as_type(a, FLOAT32) for a in (scales, biases, rolling_mean, rolling_variance))
         if per_activation:
             spatial, channels = 1, _size(x.shape[1:])
         else:
@@ -446,14 +539,15 @@ class CudaBackend(Operations):
         self.kernels.launch("bn_inference_activate_kernel", x.size, x.ptr, y.ptr,
                             rolling_mean.ptr, rolling_variance.ptr, scales.ptr,
                             biases.ptr, x.size, spatial, channels, _activation_id(activation),
-                            np.float32(epsilons[0]), np.float32(epsilons[1]))
+                            np.float32(epsilons[0]), np.float32(epsilons[1]), dtype=x.dtype)
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         x, save_mean, save_inv_std, per_activation = cache
         shape, params, mode = self._bn_shapes(x.shape, per_activation)
-        dx = self._empty(x.shape)
-        self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape), x.ptr, delta.ptr,
+        delta = self._as_type(delta, x.dtype)
+        dx = self._empty(x.shape, x.dtype)
+        self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape, x.dtype), x.ptr, delta.ptr,
                                     dx.ptr, self.dnn.tensor(params), scales.ptr,
                                     scale_updates.ptr, bias_updates.ptr,
                                     save_mean.ptr, save_inv_std.ptr)
@@ -465,55 +559,57 @@ class CudaBackend(Operations):
         (y, winner): winner holds the input cell (h*W+w) that won each window (also at
         inference: one kernel does both)."""
         b, c, h, w = (int(s) for s in x.shape)
-        y = self._empty((b, c, out_h, out_w))
+        y = self._empty((b, c, out_h, out_w), x.dtype)
         winner = self._empty((b, c, out_h, out_w), np.int32)
         self.kernels.launch("maxpool_forward_kernel", y.size, x.ptr, y.ptr, winner.ptr,
-                            y.size, h, w, out_h, out_w, size, stride, pad)
+                            y.size, h, w, out_h, out_w, size, stride, pad, dtype=x.dtype)
         return y, winner
 
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
         b, c, h, w = (int(s) for s in in_shape)
         out_h, out_w = (int(s) for s in delta.shape[2:])
-        dx = self._empty((b, c, h, w))
+        dx = self._empty((b, c, h, w), delta.dtype)
         self.kernels.launch("maxpool_backward_kernel", dx.size, delta.ptr, argmax.ptr,
-                            dx.ptr, dx.size, h, w, out_h, out_w, size, stride, pad)
+                            dx.ptr, dx.size, h, w, out_h, out_w, size, stride, pad,
+                            dtype=delta.dtype)
         return dx
 
     def dropout_forward(self, x, probability):
         """The mask comes from a hash of (seed, call number, element), drawn on the GPU; under a
         captured graph the seed is read from device memory so each replay draws anew."""
-        y = self._empty(x.shape)
-        mask = self._empty(x.shape)
+        y = self._empty(x.shape, x.dtype)
+        mask = self._empty(x.shape, x.dtype)
         self.kernels.launch("dropout_forward_kernel", x.size, x.ptr, y.ptr, mask.ptr,
                             x.size, np.float32(probability), np.float32(1.0 / (1.0 - probability)),
                             np.uint32(self._seed), self._step_value(1),
-                            np.uint32(next(self._dropout_calls) & 0xFFFFFFFF))
+                            np.uint32(next(self._dropout_calls) & 0xFFFFFFFF), dtype=x.dtype)
         return y, mask
 
     def dropout_backward(self, delta, mask):
-        dx = self._empty(delta.shape)
+        dx = self._empty(delta.shape, delta.dtype)
+        mask = self._as_type(mask, delta.dtype)
         self.kernels.launch("multiply_kernel", dx.size, delta.ptr, mask.ptr, dx.ptr,
-                            dx.size)
+                            dx.size, dtype=delta.dtype)
         return dx
 
     # ---- outputs and losses -------------------------------------------------------------------
     def softmax(self, x, groups, temperature):
         batch = int(x.shape[0])
         rows = batch * groups
-        y = self._empty(x.shape)
+        y = self._empty(x.shape, x.dtype)
         self.kernels.launch("softmax_kernel", rows, x.ptr, y.ptr, rows, x.size // rows,
-                            np.float32(1.0 / temperature))
+                            np.float32(1.0 / temperature), dtype=x.dtype)
         return y
 
     def _cost_kernel(self, name, output, truth):
         """Runs a cost kernel: delta (shape of output) and the summed cost as a float."""
-        truth = self._on_device(truth)
+        truth = self._as_type(self._on_device(truth), FLOAT32)
         if truth.size != output.size:
             raise BackendError(f"truth has {truth.size} values for {output.size} outputs")
-        delta = self._empty(output.shape)
+        delta = self._empty(output.shape, output.dtype)
         self.cuda.memset_d32_async(self._cost.ptr, 0, 1, self.stream)
         self.kernels.launch(name, max(output.size, 1), output.ptr, truth.ptr,
-                            delta.ptr, self._cost.ptr, output.size)
+                            delta.ptr, self._cost.ptr, output.size, dtype=output.dtype)
         if self._recording:
             return 0.0, delta  # read after each replay with last_cost()
         return self.last_cost(), delta
@@ -548,72 +644,77 @@ class CudaBackend(Operations):
         full = a.shape if a.size >= b.size else b.shape
         if a.shape != full:
             a, b = b, a
-        y = self._empty(full)
+        b = self._as_type(b, a.dtype)
+        y = self._empty(full, a.dtype)
         strides = self._broadcast_strides(b.shape, full)
         self.kernels.launch("broadcast_multiply_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
-                            int(full[1]), _size(full[2:]), *strides)
+                            int(full[1]), _size(full[2:]), *strides, dtype=a.dtype)
         return y
 
     def add(self, a, b, alpha=1.0, beta=1.0):
         """alpha*a + beta*b, b broadcast over its axes of size 1: one pass."""
-        y = self._empty(a.shape)
+        b = self._as_type(b, a.dtype)
+        y = self._empty(a.shape, a.dtype)
         strides = self._broadcast_strides(b.shape, a.shape)
         self.kernels.launch("broadcast_add_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
                             int(a.shape[1]), _size(a.shape[2:]), *strides, np.float32(alpha),
-                            np.float32(beta))
+                            np.float32(beta), dtype=a.dtype)
         return y
 
     def sum_to(self, x, shape, scale=1.0):
         """scale * the sum of x over the axes where `shape` has 1 and x does not."""
-        y = self._empty(shape)
+        y = self._empty(shape, x.dtype)
         counts, keep = _merged_axes(tuple(int(n) for n in x.shape),
                                     tuple(int(n) for n in shape))
         self.kernels.launch("sum_to_kernel", y.size, x.ptr, y.ptr, y.size, *counts, keep,
-                            np.float32(scale))
+                            np.float32(scale), dtype=x.dtype)
         return y
 
     # ---- strided views (views.py) --------------------------------------------------------------
     def strided_copy_(self, dst, dst_view, src, src_view, scale=1.0, shift=0.0,
                       accumulate=False):
         """dst[dst_view] = scale * src[src_view] + shift (+= with accumulate): one kernel."""
+        src = self._as_type(src, dst.dtype)
         n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(src.size)),
                                                        (dst_view, int(dst.size))))
         self.kernels.launch("strided_copy_kernel", n, src.ptr, dst.ptr, n, *counts, *src_walk,
-                            *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)))
+                            *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)),
+                            dtype=dst.dtype)
         return dst
 
     def softmax_(self, x, view, axis):
         """Softmax along `axis` of the window of view in x, in place: a thread per lane."""
         n, counts, walk, count, stride = _lanes(view, axis, x)
-        self.kernels.launch("softmax_strided_kernel", n, x.ptr, n, *counts, *walk, count, stride)
+        self.kernels.launch("softmax_strided_kernel", n, x.ptr, n, *counts, *walk, count, stride,
+                            dtype=x.dtype)
         return x
 
     def channel_max(self, x, groups):
         b, c, h, w = (int(v) for v in x.shape)
-        y = self._empty((b, groups, h, w))
+        y = self._empty((b, groups, h, w), x.dtype)
         winner = self._empty((b, groups, h, w), np.int32)
         self.kernels.launch("channel_max_kernel", y.size, x.ptr, y.ptr, winner.ptr, y.size, c,
-                            groups, h * w)
+                            groups, h * w, dtype=x.dtype)
         return y, winner
 
     def channel_max_backward(self, delta, winner, in_shape):
         b, c, h, w = (int(v) for v in in_shape)
-        dx = self._empty(in_shape)
+        dx = self._empty(in_shape, delta.dtype)
         self.kernels.launch("channel_max_backward_kernel", dx.size, delta.ptr, winner.ptr, dx.ptr,
-                            dx.size, c, int(delta.shape[1]), h * w)
+                            dx.size, c, int(delta.shape[1]), h * w, dtype=delta.dtype)
         return dx
 
     def local_avgpool(self, x, size, stride, pad, out_h, out_w):
         b, c, h, w = (int(v) for v in x.shape)
-        y = self._empty((b, c, out_h, out_w))
+        y = self._empty((b, c, out_h, out_w), x.dtype)
         self.kernels.launch("local_avgpool_kernel", y.size, x.ptr, y.ptr, y.size, c, h, w,
-                            out_h, out_w, size, stride, pad)
+                            out_h, out_w, size, stride, pad, dtype=x.dtype)
         return y
 
     def local_avgpool_backward(self, delta, in_shape, size, stride, pad):
         b, c, h, w = (int(v) for v in in_shape)
-        dx = self._empty(in_shape)
+        dx = self._empty(in_shape, delta.dtype)
         out_h, out_w = int(delta.shape[2]), int(delta.shape[3])
         self.kernels.launch("local_avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
-                            c, h, w, out_h, out_w, size, stride, pad)
+                            c, h, w, out_h, out_w, size, stride, pad, dtype=delta.dtype)
         return dx

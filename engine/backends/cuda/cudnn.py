@@ -8,6 +8,8 @@ raises BackendError naming the call.
 
 import ctypes
 
+import numpy as np
+
 from ...constants import BN_MOMENTUM, BN_TRAINING_EPSILON
 from ...errors import BackendError
 from .libraries import CUDNN, load
@@ -15,6 +17,8 @@ from .libraries import CUDNN, load
 # Enum values (cudnn_graph.h / cudnn_ops.h / cudnn_cnn.h, cuDNN 9).
 CUDNN_STATUS_SUCCESS = 0
 CUDNN_DATA_FLOAT = 0
+CUDNN_DATA_HALF = 2
+CUDNN_DATA_BFLOAT16 = 9
 CUDNN_TENSOR_NCHW = 0
 CUDNN_CROSS_CORRELATION = 1  # Darknet's convolution does not flip the kernel
 CUDNN_DEFAULT_MATH = 0
@@ -87,6 +91,10 @@ IMPRECISE_ALGORITHMS = {
         CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
 }
 
+# numpy dtype of the backend's arrays -> cuDNN's data type (bf16 values live in uint16 arrays).
+DATA_TYPES = {np.dtype(np.float32): CUDNN_DATA_FLOAT, np.dtype(np.float16): CUDNN_DATA_HALF,
+              np.dtype(np.uint16): CUDNN_DATA_BFLOAT16}
+
 _ONE = ctypes.c_float(1.0)
 _ZERO = ctypes.c_float(0.0)
 
@@ -94,7 +102,7 @@ _ZERO = ctypes.c_float(0.0)
 class Cudnn:
     """A cuDNN handle on the device's stream, and the calls the backend makes."""
 
-    def __init__(self, stream_handle, allow_tf32=False):
+    def __init__(self, stream_handle, math_type=CUDNN_FMA_MATH):
         self.lib = load(CUDNN)
         for name, argtypes in FUNCTIONS.items():
             try:
@@ -108,7 +116,7 @@ class Cudnn:
         self.check("cudnnCreate", self.lib.cudnnCreate(ctypes.byref(handle)))
         self.handle = handle
         self.check("cudnnSetStream", self.lib.cudnnSetStream(handle, P(stream_handle)))
-        self.math_type = CUDNN_DEFAULT_MATH if allow_tf32 else CUDNN_FMA_MATH
+        self.math_type = math_type
         self.plans = {}  # convolution geometry -> its descriptors and chosen algorithms
         self._tensor_descriptors = {}
 
@@ -121,26 +129,29 @@ class Cudnn:
         self.check(name, getattr(self.lib, name)(*args))
 
     # ---- descriptors ----------------------------------------------------------------------------
-    def tensor(self, shape):
-        """A cached NCHW float descriptor; shapes of fewer than four dimensions get trailing 1s."""
+    def tensor(self, shape, dtype=np.float32):
+        """A cached NCHW descriptor of `dtype`'s values; shapes of fewer than four dimensions get
+        trailing 1s."""
         shape = tuple(int(s) for s in shape) + (1,) * (4 - len(shape))
-        descriptor = self._tensor_descriptors.get(shape)
+        key = shape + (DATA_TYPES[np.dtype(dtype)],)
+        descriptor = self._tensor_descriptors.get(key)
         if descriptor is None:
             descriptor = P()
             self.call("cudnnCreateTensorDescriptor", ctypes.byref(descriptor))
-            self.call("cudnnSetTensor4dDescriptor", descriptor, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT,
-                      *shape)
-            self._tensor_descriptors[shape] = descriptor
+            self.call("cudnnSetTensor4dDescriptor", descriptor, CUDNN_TENSOR_NCHW, key[-1], *shape)
+            self._tensor_descriptors[key] = descriptor
         return descriptor
 
-    def filter(self, shape):
+    def filter(self, shape, dtype=np.float32):
         descriptor = P()
         self.call("cudnnCreateFilterDescriptor", ctypes.byref(descriptor))
-        self.call("cudnnSetFilter4dDescriptor", descriptor, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW,
-                  *(int(s) for s in shape))
+        self.call("cudnnSetFilter4dDescriptor", descriptor, DATA_TYPES[np.dtype(dtype)],
+                  CUDNN_TENSOR_NCHW, *(int(s) for s in shape))
         return descriptor
 
     def convolution(self, padding, stride, groups, dilation=1):
+        """A convolution that accumulates in float32 whatever its data type (cuDNN's
+        PSEUDO_HALF / PSEUDO_BFLOAT16 configurations for half data)."""
         descriptor = P()
         self.call("cudnnCreateConvolutionDescriptor", ctypes.byref(descriptor))
         stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride

@@ -1,7 +1,15 @@
-"""Loads kernels/*.cu with PyCUDA (compiled once per process; PyCUDA also caches the binaries on
-disk) and launches them on the device's stream through prepared calls (cheapest from Python)."""
+"""Loads kernels/*.cu with PyCUDA (compiled once per process and storage type; PyCUDA also caches
+the binaries on disk) and launches them on the device's stream through prepared calls (cheapest
+from Python).
+
+Every source is compiled for each storage type of activations a backend uses (kernels/storage.cuh:
+float, and __half or __nv_bfloat16 in fp16 or bf16 precision); a launch names the numpy dtype of
+the arrays it works on and gets that build of the kernel.
+"""
 
 import os
+
+import numpy as np
 
 from ...constants import kernel_define_options
 from ...errors import BackendError
@@ -44,27 +52,46 @@ SIGNATURES = {
     "local_avgpool_backward_kernel": ("pooling.cu", "PPiiiiiiiii"),
     "cross_entropy_kernel": ("softmax.cu", "PPPPi"),
     "sse_kernel": ("softmax.cu", "PPPPi"),
+    "from_float_kernel": ("elementwise.cu", "PPi"),
+    "to_float_kernel": ("elementwise.cu", "PPii"),
+    "nonfinite_kernel": ("elementwise.cu", "PPi"),
 }
+
+# numpy dtype of a device array -> the C type kernels/storage.cuh stores it as (bf16 values are
+# held in uint16 arrays: engine/precision.py).
+STORAGE_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
+                 np.dtype(np.uint16): "__nv_bfloat16"}
+FLOAT32 = np.dtype(np.float32)
 
 
 class Kernels:
     def __init__(self, device, kernel_dir=KERNEL_DIR):
+        self.stream = device.stream
+        self.kernel_dir = kernel_dir
+        self.builds = {}  # numpy dtype -> {kernel name: prepared function}
+        self.functions = self._build(FLOAT32)
+
+    def _build(self, dtype):
+        """Every kernel compiled with -DSTORAGE=<dtype's C type>, made once per process."""
         from pycuda.compiler import SourceModule
         from pycuda.driver import CompileError
 
-        self.stream = device.stream
-        modules, self.functions = {}, {}
+        dtype = np.dtype(dtype)
+        if dtype in self.builds:
+            return self.builds[dtype]
+        options = COMPILE_OPTIONS + [f"-DSTORAGE={STORAGE_TYPES[dtype]}"]
+        modules, functions = {}, {}
         for name, (source, signature) in SIGNATURES.items():
             if source not in modules:
-                path = os.path.join(kernel_dir, source)
+                path = os.path.join(self.kernel_dir, source)
                 try:
                     with open(path) as handle:
                         code = handle.read()
                 except OSError as error:
                     raise BackendError(f"cannot read kernel source {path}: {error}") from None
                 try:
-                    modules[source] = SourceModule(code, no_extern_c=True, include_dirs=[kernel_dir],
-                                                   options=COMPILE_OPTIONS)
+                    modules[source] = SourceModule(code, no_extern_c=True,
+                                                   include_dirs=[self.kernel_dir], options=options)
                 except CompileError as error:
                     message = (error.stderr or error.stdout or str(error)).strip()
                     raise BackendError(f"kernel {path} failed to compile:\n{message}") from None
@@ -72,15 +99,23 @@ class Kernels:
                     raise BackendError(f"cannot compile {path}: {error} (is nvcc on PATH?)") from None
             function = modules[source].get_function(name)
             function.prepare(signature)
-            self.functions[name] = function
+            functions[name] = function
+        self.builds[dtype] = functions
+        return functions
 
-    def launch(self, name, n, *args):
-        """One thread per element for n elements; args follow the kernel's signature."""
+    def _function(self, name, dtype):
+        functions = self.builds.get(dtype) if dtype is not None else self.functions
+        return (functions or self._build(dtype))[name]
+
+    def launch(self, name, n, *args, dtype=None):
+        """One thread per element for n elements; args follow the kernel's signature; dtype: the
+        storage of its activation arrays (float32 when None)."""
         if n > 0:
-            self.functions[name].prepared_async_call(((n + BLOCK - 1) // BLOCK, 1), (BLOCK, 1, 1),
-                                                     self.stream, *args)
+            self._function(name, dtype).prepared_async_call(
+                ((n + BLOCK - 1) // BLOCK, 1), (BLOCK, 1, 1), self.stream, *args)
 
-    def launch_blocks(self, name, blocks, *args):
+    def launch_blocks(self, name, blocks, *args, dtype=None):
         """One block of BLOCK threads per item (reductions)."""
         if blocks > 0:
-            self.functions[name].prepared_async_call((blocks, 1), (BLOCK, 1, 1), self.stream, *args)
+            self._function(name, dtype).prepared_async_call((blocks, 1), (BLOCK, 1, 1),
+                                                            self.stream, *args)
