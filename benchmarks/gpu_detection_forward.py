@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from calibrated_weights import write_calibrated_weights  # noqa: E402
 from cpu_detection_benchmark import inference_cfg  # noqa: E402
 from engine import Network  # noqa: E402
 from engine.backends.cuda import CudaBackend  # noqa: E402
@@ -48,15 +49,22 @@ def main():
     p.add_argument("--size", type=int, default=416)
     p.add_argument("--precisions", nargs="+", default=["fp32"])
     p.add_argument("--folded-only", action="store_true")
+    p.add_argument("--weights", help="a .weights file (default: calibrated random weights, "
+                                     "benchmarks/calibrated_weights.py, which fp16 can hold)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, os.path.basename(args.cfg))
         inference_cfg(args.cfg, cfg, args.size)
+        weights = args.weights
+        if weights is None:
+            weights = os.path.join(tmp, "calibrated.weights")
+            write_calibrated_weights(cfg, weights, backend="gpu")
         for precision, folded in ((p, f) for p in args.precisions
                                   for f in ((True,) if args.folded_only else (True, False))):
             ops = CudaBackend(device=0, seed=0, precision=precision)
             net = Network(cfg, backend=ops, seed=0, quiet=True)
+            net.load_weights(weights)
             if folded:
                 net.fold_batchnorm()
             for batch in args.batches:

@@ -270,7 +270,8 @@ def test_normalize_channels(ops, rng, name):
     assert_close(result, numeric, f"{name} gradient", tolerance=1e-3)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (6, 7, 1, 1)])
+# (2, 3, 40, 30): planes of 1200 elements, which the GPU walks in pieces (its *_planes kernels).
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (6, 7, 1, 1), (2, 3, 40, 30)])
 @pytest.mark.parametrize("activation", ["linear", "leaky", "logistic"])
 def test_bias(ops, rng, shape, activation):
     y, biases = randn(rng, *shape), randn(rng, shape[1])
@@ -415,10 +416,11 @@ def test_batchnorm_training(ops, rng, shape, per_activation):
                                       constants.ALEXEYAB_BN_EPSILONS])
 @pytest.mark.parametrize("activation, per_activation", [("linear", False), ("mish", False),
                                                         ("leaky", True)])
-def test_batchnorm_inference(ops, rng, epsilons, activation, per_activation):
-    x = randn(rng, 2, 5, 4, 3)
-    n = 60 if per_activation else 5
-    shape = (1, 5, 4, 3) if per_activation else (1, 5, 1, 1)
+@pytest.mark.parametrize("height", [4, 90])  # 90 x 3 cells: the GPU's *_planes kernel
+def test_batchnorm_inference(ops, rng, epsilons, activation, per_activation, height):
+    x = randn(rng, 2, 5, height, 3)
+    n = 5 * height * 3 if per_activation else 5
+    shape = (1, 5, height, 3) if per_activation else (1, 5, 1, 1)
     scales, biases, mean = randn(rng, n), randn(rng, n), randn(rng, n)
     variance = rng.uniform(0.005, 0.05, n).astype(np.float32)
     y, _ = call(ops, "batchnorm_forward_inference", x, scales, biases, mean, variance,

@@ -148,3 +148,39 @@ def test_detection_networks_within_1e_2_of_fp32(cfg, tmp_path):
         limit = 1e-2 if precision == "fp16" else 3e-2
         assert error <= limit, f"{cfg} {precision}: {error:.3g} of the output scale"
         print(f"{cfg} {precision}: max error {error:.2e} of the output scale")
+
+
+def train_and_test(precision, backup):
+    """`engine train cfg/mnist.cfg` then `engine test` in one precision: top-1 in percent."""
+    common = ["--gpu", "0", "--precision", precision]
+    subprocess.run([sys.executable, "-m", "engine.cli", "train", "cfg/mnist.cfg", "--backup",
+                    str(backup)] + common, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "test", "cfg/mnist.cfg",
+                             str(backup / "mnist_final.weights")] + common, cwd=ROOT, check=True,
+                            capture_output=True, text=True, timeout=120)
+    return float(result.stdout.split("top-1")[1].split("%")[0])
+
+
+@pytest.mark.gpu
+def test_mnist_trains_to_fp32_accuracy_in_each_precision(tmp_path):
+    """The issue's bar: training in fp16 (and bf16) reaches fp32's MNIST accuracy within 0.1
+    points, by the user's commands; the weights it saves are float32 Darknet weights."""
+    exact = train_and_test("fp32", tmp_path / "fp32")
+    for precision in REDUCED:
+        top1 = train_and_test(precision, tmp_path / precision)
+        print(f"MNIST top-1: fp32 {exact:.2f}%, {precision} {top1:.2f}%")
+        assert top1 >= exact - 0.1, f"{precision}: {top1}% against fp32's {exact}%"
+
+
+@pytest.mark.gpu
+def test_large_downloads_through_pinned_stages(reduced):
+    """to_host of arrays larger than the staging threshold (several pinned chunks and a partial
+    last one) returns every value, in fp32 storage and converted from the reduced one."""
+    from engine.backends.cuda import backend
+
+    values = np.random.default_rng(2).standard_normal(3 * backend.STAGE_CHUNK // 4 + 123)
+    values = values.astype(np.float32)
+    exact = reduced.asarray(values)
+    np.testing.assert_array_equal(reduced.to_host(exact), values)
+    converted = reduced.to_host(stored(reduced, values))
+    np.testing.assert_allclose(converted, values, rtol=TOLERANCES[reduced.precision], atol=1e-3)

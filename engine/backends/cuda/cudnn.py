@@ -168,11 +168,15 @@ class Cudnn:
         return tuple(d.value for d in dims)
 
     def find_algorithm(self, name, *descriptors, filter_size=1):
-        """The fastest algorithm cuDNN measures for one convolution shape (done once per shape),
-        among those within WORKSPACE_LIMIT and, in exact float32 with filters larger than
-        WINOGRAD_EXACT_MAX_SIZE, not IMPRECISE_ALGORITHMS, preferring deterministic ones (some
-        backward algorithms sum with atomics, so two runs with one seed would differ); returns
-        (algo, workspace bytes)."""
+        """(algo, workspace bytes): the first of find_candidates."""
+        return self.find_candidates(name, *descriptors, filter_size=filter_size)[0]
+
+    def find_candidates(self, name, *descriptors, filter_size=1):
+        """The algorithms cuDNN measures for one convolution shape (done once per shape), the
+        fastest first, among those within WORKSPACE_LIMIT and, in exact float32 with filters
+        larger than WINOGRAD_EXACT_MAX_SIZE, not IMPRECISE_ALGORITHMS, deterministic ones before
+        the others (some backward algorithms sum with atomics, so two runs with one seed would
+        differ); returns [(algo, workspace bytes)], one entry per algorithm."""
         results = (AlgoPerf * 8)()
         returned = ctypes.c_int()
         self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
@@ -182,9 +186,13 @@ class Cudnn:
         usable = [perf for perf in results[:returned.value]
                   if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT
                   and perf.algo != imprecise]
+        candidates = []
         for perf in sorted(usable, key=lambda perf: perf.determinism != CUDNN_DETERMINISTIC):
-            return perf.algo, perf.memory
-        raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
+            if perf.algo not in (algo for algo, _ in candidates):
+                candidates.append((perf.algo, perf.memory))
+        if not candidates:
+            raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
+        return candidates
 
     # ---- calls ----------------------------------------------------------------------------------
     def conv_forward(self, plan, x, w, y, workspace):

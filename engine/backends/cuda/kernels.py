@@ -18,6 +18,7 @@ KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
     os.path.abspath(__file__))))), "kernels")
 
 BLOCK = 256
+PLANE_CHUNK = 1024  # elements of a channel plane per block in the *_planes kernels
 
 # nvcc options of every kernel: optimised, and engine/constants.py's values as -D definitions.
 COMPILE_OPTIONS = ["-O3"] + kernel_define_options()
@@ -33,6 +34,9 @@ SIGNATURES = {
     "normalize_channels_backward_kernel": ("activations.cu", "PPiiii"),
     "bn_inference_activate_kernel": ("activations.cu", "PPPPPPiiiiff"),
     "bias_backward_kernel": ("activations.cu", "PPiii"),
+    "bias_activate_planes_kernel": ("activations.cu", "PPiiii"),
+    "bn_inference_activate_planes_kernel": ("activations.cu", "PPPPPPiiiiff"),
+    "add_scaled_kernel": ("broadcast.cu", "PPPiff"),
     "add_kernel": ("elementwise.cu", "PPi"),
     "scale_kernel": ("elementwise.cu", "Pfi"),
     "multiply_kernel": ("elementwise.cu", "PPPi"),
@@ -113,6 +117,17 @@ class Kernels:
         if n > 0:
             self._function(name, dtype).prepared_async_call(
                 ((n + BLOCK - 1) // BLOCK, 1), (BLOCK, 1, 1), self.stream, *args)
+
+    @staticmethod
+    def plane_chunks(spatial):
+        """Blocks per channel plane of `spatial` elements in the *_planes kernels."""
+        return (spatial + PLANE_CHUNK - 1) // PLANE_CHUNK
+
+    def launch_planes(self, name, planes, spatial, *args, dtype=None):
+        """A *_planes kernel (kernels/activations.cu) over `planes` channel planes of `spatial`
+        elements; args follow its signature (they include plane_chunks(spatial))."""
+        if planes > 0 and spatial > 0:
+            self.launch_blocks(name, planes * self.plane_chunks(spatial), *args, dtype=dtype)
 
     def launch_blocks(self, name, blocks, *args, dtype=None):
         """One block of BLOCK threads per item (reductions)."""
