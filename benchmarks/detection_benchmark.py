@@ -192,20 +192,22 @@ def failure(error):
 
 
 # ---- cfg copies and synthetic data (the parent process) ----------------------------------------
-def rewrite_net(src, dst, settings):
-    """A copy of the cfg whose [net] section has `settings` (key -> value) instead of its own."""
-    out, in_net = [], False
+def rewrite_cfg(src, dst, settings):
+    """A copy of the cfg in which each section named in `settings` ("net", "yolo", ...) has
+    the given key -> value pairs instead of its own."""
+    out, current = [], None
     with open(src) as handle:
         lines = handle.readlines()
     for line in lines:
         stripped = line.strip()
         if stripped.startswith("["):
-            in_net = stripped.lower() in ("[net]", "[network]")
+            name = stripped.strip("[]").strip().lower()
+            current = settings.get("net" if name == "network" else name)
             out.append(line)
-            if in_net:
-                out += [f"{key}={value}\n" for key, value in settings.items()]
+            if current:
+                out += [f"{key}={value}\n" for key, value in current.items()]
             continue
-        if in_net and stripped.split("=", 1)[0].strip() in settings:
+        if current and stripped.split("=", 1)[0].strip() in current:
             continue
         out.append(line)
     with open(dst, "w") as handle:
@@ -213,13 +215,15 @@ def rewrite_net(src, dst, settings):
 
 
 def training_cfg(src, dst, batch, size, max_batches, half=False):
-    """[net] with batch=subdivisions-free `batch`, size x size, max_batches; `half`: AlexeyAB's
+    """[net] with one pass of `batch` images (subdivisions=1), size x size and max_batches;
+    [yolo] random=0 and [net] mosaic=0, so that every iteration runs at size x size and a
+    Darknet built without OpenCV can load the data (mosaic needs OpenCV). `half`: AlexeyAB's
     fp16 training switched on from the first iteration (loss_scale != 1, burn_in=0)."""
-    settings = {"batch": batch, "subdivisions": 1, "width": size, "height": size,
-                "max_batches": max_batches}
+    net = {"batch": batch, "subdivisions": 1, "width": size, "height": size,
+           "max_batches": max_batches, "mosaic": 0}
     if half:
-        settings.update(loss_scale=128, burn_in=0)
-    rewrite_net(src, dst, settings)
+        net.update(loss_scale=128, burn_in=0)
+    rewrite_cfg(src, dst, {"net": net, "yolo": {"random": 0}, "gaussian_yolo": {"random": 0}})
 
 
 def detector_classes(cfg):
@@ -433,9 +437,20 @@ def run_logged(command, log, timeout, cwd, stdin_text=None, env=None):
         return code, handle.read()
 
 
+ERROR_LINE = re.compile(r"error|failed|out of memory|Traceback|Killed", re.I)
+
+
 def last_line(text):
+    """The line that says why a process failed: the last Python exception line after a
+    traceback, else the first line that mentions an error, else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    if any(line.startswith("Traceback") for line in lines):
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+        if errors:
+            return errors[-1][:300]
+    errors = [line for line in lines if ERROR_LINE.search(line)
+              and not line.startswith("Darknet error location")]
+    return (errors[0] if errors else lines[-1] if lines else "")[:300]
 
 
 def darknet_figures(peer, setup, args, binary):
