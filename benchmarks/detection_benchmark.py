@@ -572,7 +572,7 @@ def run_engine(precision, setup, args, results):
     from engine import Network
     from engine.train import SINGLE_PROCESS, iteration_runner
     try:
-        ops = engine_backend(precision, args.device, args.engine_backend)
+        ops = engine_backend(precision, args.device, args.backend)
     except Unsupported as error:
         for key, _, _ in measures(args.batches, args.train_batch):
             results[key] = {"unsupported": str(error)}
@@ -631,14 +631,19 @@ def run_torch(variant, setup, args, results):
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    device = torch.device("cuda", args.device)
-    torch.cuda.set_device(device)
+    on_gpu = args.backend == "gpu"  # "cpu": the tests' smoke run, bf16 standing in for fp16
+    device = torch.device("cuda", args.device) if on_gpu else torch.device("cpu")
+    half = torch.float16 if on_gpu else torch.bfloat16
+    if on_gpu:
+        torch.cuda.set_device(device)
     amp = variant == "torch-amp"
     layout = torch.channels_last if amp else torch.contiguous_format
     rng = np.random.default_rng(0)
     shape = (3, args.size, args.size)
 
     def memory_mib():
+        if not on_gpu:
+            return None
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**20
@@ -646,10 +651,10 @@ def run_torch(variant, setup, args, results):
     folded = engine.load(setup["infer_cfg"], setup["weights"], quiet=True).fold_batchnorm()
     model = torch_from_network(folded, torch, keep_outputs=False).to(device, memory_format=layout)
     model.eval()
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     def eager_call(host):
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, half, enabled=amp):
             x = torch.from_numpy(host).to(device).contiguous(memory_format=layout)
             return [y.float().cpu() for y in model(x)]
 
@@ -684,7 +689,8 @@ def run_torch(variant, setup, args, results):
             lambda call=caller(batch): call(images), sync, args.seconds, args.warmup))
     results.measure("infer_mib", memory_mib)
     del model
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
     if variant == "torch-graph":
         return  # training is measured eagerly (torch-eager, torch-amp)
 
@@ -695,7 +701,7 @@ def run_torch(variant, setup, args, results):
                                                                        memory_format=layout)
         model.train()
         optimizer = darknet_sgd(model, torch, TRAIN_LEARNING_RATE)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and on_gpu)
         images = rng.random((args.train_batch,) + shape, dtype=np.float32)
         with torch.no_grad():
             sample = model(torch.from_numpy(images).to(device).contiguous(memory_format=layout))
@@ -705,7 +711,7 @@ def run_torch(variant, setup, args, results):
         def step():
             x = torch.from_numpy(images).to(device).contiguous(memory_format=layout)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", torch.float16, enabled=amp):
+            with torch.autocast(device.type, half, enabled=amp):
                 outputs = model(x)
             loss = sum(((y.float() - t) ** 2).sum() for y, t in zip(outputs, targets))
             scaler.scale(loss / len(images)).backward()
@@ -773,8 +779,7 @@ def prepare(name, cfg, folder, args, darknet):
     return setup
 
 
-CHILD_OPTIONS = ("size", "seconds", "warmup", "train_warmup", "train_batch", "device",
-                 "engine_backend")
+CHILD_OPTIONS = ("size", "seconds", "warmup", "train_warmup", "train_batch", "device", "backend")
 
 
 def spawn(peer, setup, args):
@@ -846,8 +851,8 @@ def parse_args(argv):
     p.add_argument("--scratch", help="folder for cfgs, weights, data and logs (kept)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--table-from", help="print the table of a --json file and stop")
-    p.add_argument("--engine-backend", default="gpu", choices=["gpu", "cpu"],
-                   help=argparse.SUPPRESS)  # cpu: the tests' run of the engine path
+    p.add_argument("--backend", default="gpu", choices=["gpu", "cpu"],
+                   help=argparse.SUPPRESS)  # cpu: the tests' smoke run of the peers' code
     for name in ("--child", "--setup", "--result"):
         p.add_argument(name, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
