@@ -462,7 +462,7 @@ def darknet_figures(peer, setup, args, binary):
         with MemoryPeak(args.device) as memory:
             code, text = run_logged(
                 [binary, "detector", "test", setup["darknet_data"], setup["infer_cfg"],
-                 setup["weights"], "-dont_show", "-thresh", "1.01"],
+                 setup["weights"], "-dont_show", "-thresh", "1.01", "-i", str(args.device)],
                 os.path.join(folder, "darknet-test.log"), args.timeout, folder,
                 stdin_text=(setup["jpg"] + "\n") * runs, env=env)
         try:
@@ -474,7 +474,8 @@ def darknet_figures(peer, setup, args, binary):
     cfg = setup["darknet_half_cfg" if peer == "darknet-half" else "darknet_train_cfg"]
     with MemoryPeak(args.device) as memory:
         code, text = run_logged([binary, "detector", "train", setup["darknet_data"], cfg,
-                                 "-dont_show"], os.path.join(folder, f"{peer}-train.log"),
+                                 "-dont_show", "-i", str(args.device)],
+                                os.path.join(folder, f"{peer}-train.log"),
                                 args.timeout, folder, env=env)
     try:
         seconds, loaded, images = parse_train_iterations(text, args.train_warmup)
@@ -769,9 +770,12 @@ def prepare(name, cfg, folder, args, darknet):
         setup["darknet_half_cfg"] = os.path.join(folder, f"{name}-train-half.cfg")
         training_cfg(cfg, setup["darknet_half_cfg"], args.train_batch, args.size, iterations,
                      half=True)
-        data_folder = os.path.join(folder, "data")
-        setup["darknet_data"] = write_darknet_dataset(data_folder, args.darknet_images, args.size,
-                                                      detector_classes(cfg))
+        # one data set per class count, shared by the networks
+        classes = detector_classes(cfg)
+        data_folder = os.path.join(os.path.dirname(folder), f"darknet-data-{classes}")
+        data = os.path.join(data_folder, "train.data")
+        setup["darknet_data"] = data if os.path.exists(data) else write_darknet_dataset(
+            data_folder, args.darknet_images, args.size, classes)
         with open(os.path.join(data_folder, "train.txt")) as handle:
             setup["jpg"] = handle.readline().strip()
     with open(os.path.join(folder, "setup.json"), "w") as handle:
