@@ -271,8 +271,8 @@ def write_darknet_dataset(folder, count, size, classes, seed=0):
         Image.fromarray(pixels).save(path, quality=90)
         boxes = random_boxes(rng, int(rng.integers(1, MAX_TRUTH_PER_IMAGE + 1)))
         with open(os.path.splitext(path)[0] + ".txt", "w") as handle:
-            for box in boxes:
-                handle.write(f"{rng.integers(classes)} " + " ".join(f"{v:.6f}" for v in box) + "\n")
+            handle.writelines(f"{rng.integers(classes)} " + " ".join(f"{v:.6f}" for v in box)
+                              + "\n" for box in boxes)
         paths.append(path)
     train_list = os.path.join(folder, "train.txt")
     with open(train_list, "w") as handle:
@@ -292,7 +292,7 @@ def write_darknet_dataset(folder, count, size, classes, seed=0):
 # ---- Darknet: build, run, parse ------------------------------------------------------------------
 PREDICTED = re.compile(r"Predicted in ([0-9.]+) milli-seconds")
 ITERATION = re.compile(r"^\s*(\d+): \S+, \S+ avg loss, \S+ rate, ([0-9.]+) seconds, (\d+) images",
-                       re.M)
+                       re.MULTILINE)
 LOADED = re.compile(r"Loaded: ([0-9.]+) seconds")
 
 
@@ -324,7 +324,7 @@ def cudnn_wheel_dirs():
         import nvidia.cudnn
     except ImportError:
         return None
-    base = list(nvidia.cudnn.__path__)[0]
+    base = next(iter(nvidia.cudnn.__path__))
     return os.path.join(base, "include"), os.path.join(base, "lib")
 
 
@@ -357,7 +357,7 @@ def build_darknet(src, build, arch=DARKNET_ARCH, jobs=None, gpu=True, timeout=90
     log = os.path.join(build, "build.log")
     with open(log, "w") as handle:
         done = subprocess.run(["make", f"-j{jobs}"] + flags, cwd=tree, env=env, stdout=handle,
-                              stderr=subprocess.STDOUT, timeout=timeout)
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if done.returncode != 0 or not os.path.exists(binary):
         with open(log) as handle:
             last = [line.strip() for line in handle if line.strip()][-1:]
@@ -391,7 +391,7 @@ class MemoryPeak:
             out = subprocess.run(["nvidia-smi", "-i", str(self.device),
                                   "--query-gpu=memory.total,memory.free",
                                   "--format=csv,noheader,nounits"], capture_output=True,
-                                 text=True, timeout=10).stdout
+                                 text=True, timeout=10, check=False).stdout
             total, free = (float(v) for v in out.strip().split(","))
             return total - free
         except (OSError, ValueError, subprocess.SubprocessError):
@@ -437,7 +437,7 @@ def run_logged(command, log, timeout, cwd, stdin_text=None, env=None):
         return code, handle.read()
 
 
-ERROR_LINE = re.compile(r"error|failed|out of memory|Traceback|Killed", re.I)
+ERROR_LINE = re.compile(r"error|failed|out of memory|Traceback|Killed", re.IGNORECASE)
 
 
 def last_line(text):
@@ -488,7 +488,7 @@ def darknet_figures(peer, setup, args, binary):
     return figures
 
 
-# ---- timing (inside a peer's process) -------------------------------------------------------------
+# ---- timing (inside a peer's process) ------------------------------------------------------------
 def per_second(step, sync, seconds, warmup, minimum=3):
     """Calls of step() per second over about `seconds` (at least `minimum` calls) after
     `warmup` calls."""
@@ -536,7 +536,7 @@ class Results:
             self[key] = {"failed": failure(error)}
 
 
-# ---- the engine (a peer process) ------------------------------------------------------------------
+# ---- the engine (a peer process) -----------------------------------------------------------------
 class Unsupported(Exception):
     pass
 
@@ -597,12 +597,14 @@ def run_engine(precision, setup, args, results):
         one = rng.random((1,) + shape, dtype=np.float32)
         results.measure("b1_ms", lambda: median_ms(lambda: net.predict(one), args.seconds,
                                                    args.warmup))
+        def throughput(images):
+            return len(images) * per_second(lambda: net.predict(images, batch_size=len(images)),
+                                            sync, args.seconds, args.warmup)
         for batch in args.batches:
             images = rng.random((batch,) + shape, dtype=np.float32)
-            results.measure(f"b{batch}_ips", lambda: batch * per_second(
-                lambda: net.predict(images, batch_size=batch), sync, args.seconds, args.warmup))
+            results.measure(f"b{batch}_ips", lambda images=images: throughput(images))
         results.measure("infer_mib", lambda: engine_memory_mib(ops))
-        del net
+        net = None  # inference's memory back before training
         gc.collect()
     pool = getattr(getattr(ops, "device", None), "pool", None)
     if pool is not None:
@@ -623,7 +625,7 @@ def run_engine(precision, setup, args, results):
         results["train_mib"] = results.figures["train_ips"]
 
 
-# ---- PyTorch (a peer process) ---------------------------------------------------------------------
+# ---- PyTorch (a peer process) --------------------------------------------------------------------
 def run_torch(variant, setup, args, results):
     import torch
     from torch_peers import torch_from_network
@@ -649,10 +651,10 @@ def run_torch(variant, setup, args, results):
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**20
 
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     folded = engine.load(setup["infer_cfg"], setup["weights"], quiet=True).fold_batchnorm()
     model = torch_from_network(folded, torch, keep_outputs=False).to(device, memory_format=layout)
     model.eval()
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     def eager_call(host):
         with torch.inference_mode(), torch.autocast(device.type, half, enabled=amp):
@@ -681,15 +683,20 @@ def run_torch(variant, setup, args, results):
     def caller(batch):
         return graph_call(batch) if variant == "torch-graph" else eager_call
 
-    one = rng.random((1,) + shape, dtype=np.float32)
-    results.measure("b1_ms", lambda: median_ms(lambda call=caller(1): call(one), args.seconds,
-                                               args.warmup))
+    def latency(images):
+        call = caller(len(images))
+        return median_ms(lambda: call(images), args.seconds, args.warmup)
+
+    def throughput(images):
+        call = caller(len(images))
+        return len(images) * per_second(lambda: call(images), sync, args.seconds, args.warmup)
+
+    results.measure("b1_ms", lambda: latency(rng.random((1,) + shape, dtype=np.float32)))
     for batch in args.batches:
         images = rng.random((batch,) + shape, dtype=np.float32)
-        results.measure(f"b{batch}_ips", lambda: batch * per_second(
-            lambda call=caller(batch): call(images), sync, args.seconds, args.warmup))
+        results.measure(f"b{batch}_ips", lambda images=images: throughput(images))
     results.measure("infer_mib", memory_mib)
-    del model
+    model = None  # inference's memory back before training
     if on_gpu:
         torch.cuda.empty_cache()
     if variant == "torch-graph":
@@ -738,7 +745,7 @@ def child_main(args):
         run_torch(args.child, setup, args, results)
 
 
-# ---- the parent: set-up, one process per peer, the table ------------------------------------------
+# ---- the parent: set-up, one process per peer, the table -----------------------------------------
 def find_cfg(spec, alexeyab_dir):
     if spec.startswith("alexeyab:"):
         name = spec.split(":", 1)[1]
@@ -816,7 +823,7 @@ def gpu_description():
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
                               "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+                             timeout=10, check=False).stdout.strip()
         return out.splitlines()[0] if out else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -939,7 +946,7 @@ def main(argv=None):
             else:
                 figures[peer] = spawn(peer, setup, args)
             shown = ", ".join(f"{k} {format_cell(v, k)}" for k, v in figures[peer].items()
-                              if k in dict((r[0], r) for r in rows))
+                              if k in {r[0] for r in rows})
             print(f"{name} {peer} ({time.perf_counter() - start:.0f} s): {shown}", flush=True)
             save()
     print()

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import detection_benchmark as bench  # noqa: E402
+
 from engine.config import read_cfg  # noqa: E402
 from engine.detection_data import DetectionDataset  # noqa: E402
 from engine.network import Network  # noqa: E402
@@ -180,12 +181,14 @@ def test_training_cfgs_and_synthetic_truth(tmp_path):
 
 def test_darknet_dataset_reads_back(tmp_path):
     data = bench.write_darknet_dataset(str(tmp_path), 3, 32, classes=2)
-    options = dict(line.split("=", 1) for line in open(data).read().split())
+    with open(data) as handle:
+        options = dict(line.split("=", 1) for line in handle.read().split())
     dataset = DetectionDataset(options["train"], 2, (3, 32, 32), max_boxes=10)
     assert len(dataset) == 3 and options["classes"] == "2"
     images, truth = dataset.training_batch([0, 1, 2])
     assert images.shape == (3, 3, 32, 32) and (truth.reshape(3, 10, 5)[:, 0, 2] > 0).all()
-    assert len(open(options["names"]).read().split()) == 2
+    with open(options["names"]) as handle:
+        assert len(handle.read().split()) == 2
 
 
 FAKE_DARKNET = """#!/bin/sh
@@ -211,7 +214,7 @@ def test_cpu_run_with_a_hanging_peer(tmp_path):
          "--peers", "darknet", "--darknet-bin", str(darknet), "--size", "32", "--batches", "2",
          "--train-batch", "2", "--quick", "--seconds", "0.01", "--timeout", "4",
          "--darknet-images", "2", "--scratch", str(tmp_path / "scratch"), "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     figures = json.loads(out.read_text())["results"]["tiny"]
     engine = figures["engine-fp32"]
