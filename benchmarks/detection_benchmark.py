@@ -457,33 +457,34 @@ def darknet_figures(peer, setup, args, binary):
     """Darknet's cells for one network: batch-1 latency (peer 'darknet') and training
     images/s, each from its own darknet process."""
     figures, folder, env = {}, setup["folder"], darknet_env()
+    timeout = args.darknet_timeout or args.timeout
     if peer == "darknet":
         runs = args.runs + args.warmup
         with MemoryPeak(args.device) as memory:
             code, text = run_logged(
                 [binary, "detector", "test", setup["darknet_data"], setup["infer_cfg"],
                  setup["weights"], "-dont_show", "-thresh", "1.01", "-i", str(args.device)],
-                os.path.join(folder, "darknet-test.log"), args.timeout, folder,
+                os.path.join(folder, "darknet-test.log"), timeout, folder,
                 stdin_text=(setup["jpg"] + "\n") * runs, env=env)
         try:
             figures["b1_ms"] = parse_predicted_ms(text, args.warmup)
             figures["b1_mib"] = memory.mib  # batch 1: kept out of the table's b64 memory row
         except ValueError as error:
-            why = "timed out" if code is None else f"exit {code}"
+            why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}"
             figures["b1_ms"] = {"failed": f"{why}: {last_line(text) or error}"}
     cfg = setup["darknet_half_cfg" if peer == "darknet-half" else "darknet_train_cfg"]
     with MemoryPeak(args.device) as memory:
         code, text = run_logged([binary, "detector", "train", setup["darknet_data"], cfg,
                                  "-dont_show", "-i", str(args.device)],
-                                os.path.join(folder, f"{peer}-train.log"),
-                                args.timeout, folder, env=env)
+                                os.path.join(folder, f"{peer}-train.log"), timeout, folder,
+                                env=env)
     try:
         seconds, loaded, images = parse_train_iterations(text, args.train_warmup)
         figures["train_ips"] = images / seconds
         figures["train_loaded_s"] = loaded
         figures["train_mib"] = memory.mib
     except ValueError as error:
-        why = "timed out" if code is None else f"exit {code}"
+        why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}"
         figures["train_ips"] = {"failed": f"{why}: {last_line(text) or error}"}
     return figures
 
@@ -847,6 +848,8 @@ def parse_args(argv):
     p.add_argument("--train-iterations", type=int, default=8,
                    help="Darknet training iterations timed (after --train-warmup)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per peer process")
+    p.add_argument("--darknet-timeout", type=float,
+                   help="seconds per darknet process (default: --timeout)")
     p.add_argument("--quick", action="store_true",
                    help="short timings: --seconds 0.3 --warmup 2 --runs 10 --train-warmup 1 "
                         "--train-iterations 3 --timeout 180")

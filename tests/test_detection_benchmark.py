@@ -196,7 +196,7 @@ FAKE_DARKNET = """#!/bin/sh
 if [ "$2" = "test" ]; then
     while read image; do echo "$image: Predicted in 12.5 milli-seconds."; done
 else
-    sleep 30
+    sleep 600
 fi
 """
 
@@ -212,7 +212,8 @@ def test_cpu_run_with_a_hanging_peer(tmp_path):
         [sys.executable, os.path.join(ROOT, "benchmarks", "detection_benchmark.py"),
          "--networks", f"tiny={cfg}", "--backend", "cpu", "--precisions", "fp32", "fp16",
          "--peers", "darknet", "--darknet-bin", str(darknet), "--size", "32", "--batches", "2",
-         "--train-batch", "2", "--quick", "--seconds", "0.01", "--timeout", "4",
+         "--train-batch", "2", "--quick", "--seconds", "0.01", "--timeout", "60",
+         "--darknet-timeout", "3",
          "--darknet-images", "2", "--scratch", str(tmp_path / "scratch"), "--json", str(out)],
         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
