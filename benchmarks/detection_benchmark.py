@@ -94,7 +94,8 @@ def measures(batches, train_batch):
     rows += [(f"b{b}_ips", f"inference b{b}, img/s", False) for b in batches]
     rows += [("train_ips", f"training b{train_batch}, img/s", False),
              ("infer_mib", f"GPU memory inference b{max(batches, default=1)}, MiB", True),
-             ("train_mib", "GPU memory training, MiB", True)]
+             ("train_mib", "GPU memory training, MiB", True),
+             ("diff_fp32", "b1 outputs: max rel. diff vs engine fp32", True)]
     return rows
 
 
@@ -130,6 +131,8 @@ def advantage(engine_value, peer_value, lower):
 def ratios(figures, key, lower, peers):
     """The ratio columns of one row: (engine best vs PyTorch, engine best vs Darknet), as the
     Targets define them (see the module docstring)."""
+    if key == "diff_fp32":
+        return None, None
     engines = [figures.get(p, {}).get(key) for p in peers if p.startswith("engine-")]
     mine = best(engines, lower)
     torch_cells = [figures.get(p, {}).get(key) for p in peers if p in TORCH_PEERS]
@@ -142,7 +145,8 @@ def ratios(figures, key, lower, peers):
             advantage(mine, best(darknet_cells, lower), lower))
 
 
-TARGETS = {"b1_ms": "PyTorch ≥ 1", "train_ips": "Darknet ≥ 5, PyTorch ≥ 1"}
+TARGETS = {"b1_ms": "PyTorch ≥ 1", "train_ips": "Darknet ≥ 5, PyTorch ≥ 1",
+           "diff_fp32": "engine fp16 ≤ 1e-2"}
 
 
 def format_cell(cell, key):
@@ -154,6 +158,8 @@ def format_cell(cell, key):
         return f"{kind}: {reason[:40]}{'…' if len(reason) > 40 else ''}"
     if key == "b1_ms":
         return f"{cell:.2f}"
+    if key == "diff_fp32":
+        return f"{cell:.1e}"
     return f"{cell:.0f}"
 
 
@@ -537,6 +543,30 @@ class Results:
             self[key] = {"failed": failure(error)}
 
 
+def save_outputs(results, compute):
+    """The [yolo] outputs for the shared batch-1 input, beside the figures (PEER.json.npz), for
+    the parent to compare with the engine's fp32 ones; a failure here costs only that row."""
+    try:
+        np.savez(results.path + ".npz", *[np.asarray(a, dtype=np.float32) for a in compute()])
+    except Exception as error:  # the figures matter more than the comparison
+        results["diff_fp32"] = {"failed": failure(error)}
+
+
+def relative_difference(outputs, reference):
+    """Largest |difference| over each [yolo] output's largest |value|, the largest over them."""
+    if len(outputs) != len(reference):
+        raise ValueError(f"{len(outputs)} [yolo] outputs against {len(reference)}")
+    return max(float(np.abs(a.reshape(b.shape) - b).max() / max(np.abs(b).max(), 1e-12))
+               for a, b in zip(outputs, reference))
+
+
+def load_outputs(result):
+    if not os.path.exists(result + ".npz"):
+        return None
+    with np.load(result + ".npz") as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
 # ---- the engine (a peer process) -----------------------------------------------------------------
 class Unsupported(Exception):
     pass
@@ -595,9 +625,15 @@ def run_engine(precision, setup, args, results):
         for key in ["b1_ms"] + [f"b{b}_ips" for b in args.batches] + ["infer_mib"]:
             results[key] = why
     else:
-        one = rng.random((1,) + shape, dtype=np.float32)
+        one = np.load(setup["input"])
         results.measure("b1_ms", lambda: median_ms(lambda: net.predict(one), args.seconds,
                                                    args.warmup))
+
+        def yolo_outputs():
+            net.predict(one)
+            return [ops.to_host(net.outputs[layer.index]) for layer in net.layers
+                    if layer.type_name == "yolo"]
+        save_outputs(results, yolo_outputs)
         def throughput(images):
             return len(images) * per_second(lambda: net.predict(images, batch_size=len(images)),
                                             sync, args.seconds, args.warmup)
@@ -686,13 +722,15 @@ def run_torch(variant, setup, args, results):
 
     def latency(images):
         call = caller(len(images))
-        return median_ms(lambda: call(images), args.seconds, args.warmup)
+        figure = median_ms(lambda: call(images), args.seconds, args.warmup)
+        save_outputs(results, lambda: [y.numpy() for y in call(images)])
+        return figure
 
     def throughput(images):
         call = caller(len(images))
         return len(images) * per_second(lambda: call(images), sync, args.seconds, args.warmup)
 
-    results.measure("b1_ms", lambda: latency(rng.random((1,) + shape, dtype=np.float32)))
+    results.measure("b1_ms", lambda: latency(np.load(setup["input"])))
     for batch in args.batches:
         images = rng.random((batch,) + shape, dtype=np.float32)
         results.measure(f"b{batch}_ips", lambda images=images: throughput(images))
@@ -773,6 +811,9 @@ def prepare(name, cfg, folder, args, darknet):
     iterations = args.train_warmup + args.train_iterations
     training_cfg(cfg, setup["train_cfg"], args.train_batch, args.size, iterations)
     write_random_weights(setup["infer_cfg"], setup["weights"])
+    setup["input"] = os.path.join(folder, "input-b1.npy")  # every peer's batch-1 image
+    np.save(setup["input"], np.random.default_rng(0).random((1, 3, args.size, args.size),
+                                                            dtype=np.float32))
     if darknet:
         setup["darknet_train_cfg"] = setup["train_cfg"]
         setup["darknet_half_cfg"] = os.path.join(folder, f"{name}-train-half.cfg")
@@ -798,8 +839,9 @@ def spawn(peer, setup, args):
     """One peer's figures from its own process, within args.timeout."""
     folder = setup["folder"]
     result = os.path.join(folder, f"{peer}.json")
-    if os.path.exists(result):
-        os.remove(result)
+    for stale in (result, result + ".npz"):
+        if os.path.exists(stale):
+            os.remove(stale)
     command = [sys.executable, os.path.abspath(__file__), "--child", peer,
                "--setup", os.path.join(folder, "setup.json"), "--result", result,
                "--batches"] + [str(b) for b in args.batches]
@@ -815,9 +857,25 @@ def spawn(peer, setup, args):
         why = f"timed out after {args.timeout:.0f} s" if code is None else \
             f"exit {code}: {last_line(text)}"
         for key, _, _ in measures(args.batches, args.train_batch):
-            if key not in figures and not (peer == "torch-graph" and key.startswith("train")):
+            if key not in figures and key != "diff_fp32" and not (
+                    peer == "torch-graph" and key.startswith("train")):
                 figures[key] = {"failed": why}
     return figures
+
+
+def compare_outputs(figures, peers, folder):
+    """Each peer's [yolo] outputs for the batch-1 image against the engine's in fp32."""
+    reference = load_outputs(os.path.join(folder, "engine-fp32.json"))
+    if reference is None:
+        return
+    for peer in peers:
+        outputs = load_outputs(os.path.join(folder, f"{peer}.json"))
+        if peer == "engine-fp32" or outputs is None or "diff_fp32" in figures.get(peer, {}):
+            continue
+        try:
+            figures[peer]["diff_fp32"] = relative_difference(outputs, reference)
+        except ValueError as error:
+            figures[peer]["diff_fp32"] = {"failed": failure(error)}
 
 
 def gpu_description():
@@ -952,6 +1010,8 @@ def main(argv=None):
                               if k in {r[0] for r in rows})
             print(f"{name} {peer} ({time.perf_counter() - start:.0f} s): {shown}", flush=True)
             save()
+        compare_outputs(figures, peers, setup["folder"])
+        save()
     print()
     print(format_table(results, peers, rows))
     print("\n> 1 in the ratio columns: the engine is ahead (throughput: engine best / PyTorch "

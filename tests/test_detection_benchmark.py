@@ -245,7 +245,8 @@ def test_torch_peer_runs_the_same_network(tmp_path):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
 
     setup = {"infer_cfg": str(cfg), "train_cfg": str(tmp_path / "train.cfg"),
-             "weights": str(weights)}
+             "weights": str(weights), "input": str(tmp_path / "input.npy")}
+    np.save(setup["input"], x[:1])
     bench.training_cfg(str(cfg), setup["train_cfg"], 2, 32, 3)
     args = bench.parse_args(["--backend", "cpu", "--size", "32", "--batches", "2",
                              "--train-batch", "2", "--quick", "--seconds", "0.01"])
@@ -253,3 +254,18 @@ def test_torch_peer_runs_the_same_network(tmp_path):
     bench.run_torch("torch-amp", setup, args, results)
     assert results.figures["b1_ms"] > 0 and results.figures["b2_ips"] > 0
     assert results.figures["train_ips"] > 0
+    (saved,) = bench.load_outputs(results.path)  # its outputs for the engine's comparison
+    assert bench.relative_difference([saved], [expected[:1]]) < 2e-2  # bf16 autocast
+
+
+def test_outputs_compared_with_engine_fp32(tmp_path):
+    reference = [np.array([[1.0, -4.0]]), np.array([2.0, 0.5])]
+    np.savez(tmp_path / "engine-fp32.json.npz", *reference)
+    np.savez(tmp_path / "engine-fp16.json.npz", np.array([[1.02, -4.0]]), np.array([2.0, 0.2]))
+    np.savez(tmp_path / "torch-amp.json.npz", np.array([[1.0, -4.0]]))
+    figures = {"engine-fp32": {}, "engine-fp16": {}, "torch-amp": {}, "torch-eager": {}}
+    bench.compare_outputs(figures, list(figures), str(tmp_path))
+    # largest difference over each output's largest magnitude: 0.02 / 4 and 0.3 / 2
+    assert figures["engine-fp16"]["diff_fp32"] == pytest.approx(0.15)
+    assert "1 [yolo] outputs against 2" in figures["torch-amp"]["diff_fp32"]["failed"]
+    assert figures["engine-fp32"] == {} and figures["torch-eager"] == {}  # no outputs saved
