@@ -26,7 +26,9 @@ read by every peer):
   train_network; waiting for the loader thread is reported apart, as "Loaded:");
 - GPU memory (MiB, total - free on the device, so the process's context is included) after the
   largest inference batch and after training; Darknet: the peak of nvidia-smi's total - free
-  while its process runs (test: batch 1), minus the reading before it started.
+  while its process runs, minus the reading before it started;
+- the [yolo] outputs of every engine precision and PyTorch peer for one shared batch-1 image
+  against the engine's fp32 ones (largest difference over the output's largest value).
 
 Peers: `darknet` uses the cfg as written (AlexeyAB trains in fp32/TF32 unless the cfg sets
 loss_scale, and then only after 3 * burn_in iterations; its inference uses fp16 with
