@@ -346,7 +346,10 @@ def build_darknet(src, build, arch=DARKNET_ARCH, jobs=None, gpu=True, timeout=90
         raise FileNotFoundError(f"no darknet binary in {tree} and no --darknet-src to build one")
     if not os.path.isdir(tree):
         shutil.copytree(src, tree, ignore=shutil.ignore_patterns(".git", "obj", "*.o"))
-    env = dict(os.environ)
+    env = darknet_env()
+    toolkit = cuda_toolkit()
+    if gpu and toolkit and not shutil.which("nvcc", path=env.get("PATH")):
+        prepend(env, "PATH", os.path.join(toolkit, "bin"))
     flags = ["GPU=1", "CUDNN=1", "CUDNN_HALF=1", "OPENMP=1", "AVX=1", f"ARCH={arch}"] if gpu \
         else ["GPU=0", "CUDNN=0", "CUDNN_HALF=0", "OPENMP=0", "AVX=0"]
     dirs = cudnn_wheel_dirs() if gpu else None
@@ -358,9 +361,8 @@ def build_darknet(src, build, arch=DARKNET_ARCH, jobs=None, gpu=True, timeout=90
         versioned = sorted(glob.glob(os.path.join(lib, "libcudnn.so.*")))
         if versioned and not os.path.exists(os.path.join(links, "libcudnn.so")):
             os.symlink(versioned[0], os.path.join(links, "libcudnn.so"))
-        for key, value in (("CPATH", include), ("LIBRARY_PATH", f"{links}:{lib}"),
-                           ("LD_LIBRARY_PATH", lib)):
-            env[key] = value + (f":{env[key]}" if env.get(key) else "")
+        prepend(env, "CPATH", include)
+        prepend(env, "LIBRARY_PATH", links, lib)
     jobs = jobs or os.cpu_count() or 2
     log = os.path.join(build, "build.log")
     with open(log, "w") as handle:
@@ -374,12 +376,25 @@ def build_darknet(src, build, arch=DARKNET_ARCH, jobs=None, gpu=True, timeout=90
     return binary
 
 
+def cuda_toolkit():
+    """The CUDA toolkit's folder (CUDA_HOME, else /usr/local/cuda), or None."""
+    for folder in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if folder and os.path.isdir(folder):
+            return folder
+    return None
+
+
+def prepend(env, key, *folders):
+    folders = [f for f in folders if f and os.path.isdir(f)]
+    if folders:
+        env[key] = ":".join(folders + ([env[key]] if env.get(key) else []))
+
+
 def darknet_env():
-    env = dict(os.environ)
-    dirs = cudnn_wheel_dirs()
-    if dirs:
-        env["LD_LIBRARY_PATH"] = dirs[1] + (f":{env['LD_LIBRARY_PATH']}"
-                                            if env.get("LD_LIBRARY_PATH") else "")
+    """The environment darknet runs in: cuDNN from the wheel, the toolkit's libraries."""
+    env, dirs, toolkit = dict(os.environ), cudnn_wheel_dirs(), cuda_toolkit()
+    prepend(env, "LD_LIBRARY_PATH", dirs[1] if dirs else None,
+            os.path.join(toolkit, "lib64") if toolkit else None)
     return env
 
 
@@ -636,6 +651,7 @@ def run_engine(precision, setup, args, results):
             return [ops.to_host(net.outputs[layer.index]) for layer in net.layers
                     if layer.type_name == "yolo"]
         save_outputs(results, yolo_outputs)
+
         def throughput(images):
             return len(images) * per_second(lambda: net.predict(images, batch_size=len(images)),
                                             sync, args.seconds, args.warmup)
@@ -652,6 +668,7 @@ def run_engine(precision, setup, args, results):
     def training():
         net = Network(setup["train_cfg"], backend=ops, seed=0, quiet=True)
         net.load_weights(setup["weights"])
+        net.check_memory(args.train_batch, train=True)  # the engine's own refusal, if any
         images = rng.random((args.train_batch,) + shape, dtype=np.float32)
         truth = synthetic_truth(rng, args.train_batch, net.detected_classes, net.truth_boxes)
         runner = iteration_runner(net, SINGLE_PROCESS)
