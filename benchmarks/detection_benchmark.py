@@ -911,9 +911,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--networks", nargs="+", default=list(NETWORKS),
                    help="names from " + ", ".join(NETWORKS) + ", or NAME=CFG for another cfg")
-    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS,
+                   help="engine precisions, each in its own process (none: no engine column)")
     p.add_argument("--peers", nargs="*", default=list(TORCH_PEERS) + list(DARKNET_PEERS),
-                   choices=list(TORCH_PEERS) + list(DARKNET_PEERS))
+                   choices=list(TORCH_PEERS) + list(DARKNET_PEERS),
+                   help="peers besides the engine (default: all; none: the engine alone)")
     p.add_argument("--batches", type=int, nargs="*", default=[16, 64],
                    help="inference throughput batch sizes (latency is always batch 1)")
     p.add_argument("--train-batch", type=int, default=64)
@@ -928,7 +930,7 @@ def parse_args(argv):
     p.add_argument("--darknet-timeout", type=float,
                    help="seconds per darknet process (default: --timeout)")
     p.add_argument("--quick", action="store_true",
-                   help="short timings: --seconds 0.3 --warmup 2 --runs 10 --train-warmup 1 "
+                   help="short timings: --seconds 0.3 --warmup 2 --runs 10 --train-warmup 2 "
                         "--train-iterations 3 --timeout 180")
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--alexeyab-cfg-dir")
@@ -948,7 +950,8 @@ def parse_args(argv):
         p.add_argument(name, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        defaults = {"seconds": 0.3, "warmup": 2, "runs": 10, "train_warmup": 1,
+        # warm-ups of 2: the engine records a CUDA graph on a batch size's second call
+        defaults = {"seconds": 0.3, "warmup": 2, "runs": 10, "train_warmup": 2,
                     "train_iterations": 3, "timeout": 180}
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])
                  if a.startswith("--")}
