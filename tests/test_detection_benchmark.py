@@ -269,3 +269,27 @@ def test_outputs_compared_with_engine_fp32(tmp_path):
     assert figures["engine-fp16"]["diff_fp32"] == pytest.approx(0.15)
     assert "1 [yolo] outputs against 2" in figures["torch-amp"]["diff_fp32"]["failed"]
     assert figures["engine-fp32"] == {} and figures["torch-eager"] == {}  # no outputs saved
+
+
+@pytest.mark.parametrize("cfg", ["cfg/yolov4-tiny.cfg", "alexeyab:yolov4.cfg"])
+def test_torch_peer_covers_yolov4(cfg, tmp_path):
+    """The PyTorch peer on yolov4-tiny (route groups, maxpool 2/1) and yolov4 (mish, SPP's
+    maxpools 5, 9, 13, scale_x_y), BN unfolded, at 32x32: the engine's [yolo] outputs."""
+    torch = pytest.importorskip("torch")
+    from torch_peers import torch_from_network
+    try:
+        src = bench.find_cfg(cfg, None)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    small = tmp_path / "net.cfg"
+    bench.inference_cfg(src, str(small), 32)
+    weights = tmp_path / "net.weights"
+    bench.write_random_weights(str(small), str(weights))
+    net = Network(str(small), quiet=True)
+    net.load_weights(str(weights))
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    net.predict(x)
+    expected = [net.outputs[layer.index] for layer in net.layers if layer.type_name == "yolo"]
+    with torch.no_grad():
+        got = torch_from_network(net, torch, keep_outputs=False).eval()(torch.from_numpy(x))
+    assert bench.relative_difference([y.numpy() for y in got], expected) < 1e-5
