@@ -980,7 +980,9 @@ def main(argv=None):
     if args.table_from:
         with open(args.table_from) as handle:
             saved = json.load(handle)
-        print(format_table(saved["results"], saved["peers"], rows))
+        meta = saved["meta"]
+        print(format_table(saved["results"], saved["peers"],
+                           measures(meta["batches"], meta["train_batch"])))
         return
     peers = [engine_peer(p) for p in args.precisions] + list(args.peers)
     darknet_peers = [p for p in peers if p in DARKNET_PEERS]

@@ -225,6 +225,11 @@ def test_cpu_run_with_a_hanging_peer(tmp_path):
     assert figures["darknet"]["train_ips"]["failed"].startswith("timed out")
     assert "| tiny | latency b1, ms |" in run.stdout and "failed: timed out" in run.stdout
     assert "engine / Darknet" in run.stdout
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                         "detection_benchmark.py"),
+                            "--table-from", str(out)], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert "| tiny | inference b2, img/s |" in again.stdout  # the batches the run used
 
 
 def test_torch_peer_runs_the_same_network(tmp_path):
