@@ -604,7 +604,10 @@ def engine_backend(precision, device, backend="gpu"):
         if "precision" not in str(error):
             raise
     except Exception as error:
-        raise Unsupported(failure(error)) from None
+        # a refusal of this precision (not a missing GPU or library, which fails every one)
+        if isinstance(error, (ValueError, NotImplementedError)) or precision in str(error):
+            raise Unsupported(failure(error)) from None
+        raise
     if precision not in ("fp32", "tf32"):
         raise Unsupported(f"this engine's CudaBackend takes no precision= (for {precision})")
     return CudaBackend(device, 0, allow_tf32=precision == "tf32")

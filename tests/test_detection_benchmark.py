@@ -298,3 +298,38 @@ def test_torch_peer_covers_yolov4(cfg, tmp_path):
     with torch.no_grad():
         got = torch_from_network(net, torch, keep_outputs=False).eval()(torch.from_numpy(x))
     assert bench.relative_difference([y.numpy() for y in got], expected) < 1e-5
+
+
+class BackendWithoutPrecision:
+    """CudaBackend's signature before `precision` (allow_tf32 only)."""
+
+    def __init__(self, device=0, seed=0, allow_tf32=False):
+        self.allow_tf32 = allow_tf32
+
+
+class BackendWithPrecision:
+    def __init__(self, device=0, seed=0, precision="fp32"):
+        if precision == "bf16":
+            raise ValueError("precision bf16 needs cuDNN 8.9 or later")
+        if device == 7:
+            raise EngineErrorStandIn("no NVIDIA GPU found")
+        self.precision = precision
+
+
+class EngineErrorStandIn(Exception):
+    pass
+
+
+def test_engine_precision_adapter(monkeypatch):
+    import engine.backends.cuda as cuda
+    monkeypatch.setattr(cuda, "CudaBackend", BackendWithoutPrecision)
+    assert bench.engine_backend("tf32", 0).allow_tf32
+    assert not bench.engine_backend("fp32", 0).allow_tf32
+    with pytest.raises(bench.Unsupported, match="takes no precision"):
+        bench.engine_backend("fp16", 0)
+    monkeypatch.setattr(cuda, "CudaBackend", BackendWithPrecision)
+    assert bench.engine_backend("fp16", 0).precision == "fp16"
+    with pytest.raises(bench.Unsupported, match="ValueError: precision bf16 needs cuDNN"):
+        bench.engine_backend("bf16", 0)
+    with pytest.raises(EngineErrorStandIn):  # not about the precision: a failure, as it is
+        bench.engine_backend("fp16", 7)
