@@ -54,17 +54,49 @@ def darknet_sgd(model, torch, learning_rate, momentum=0.9, decay=0.0005):
                            lr=learning_rate, momentum=momentum)
 
 
-def torch_from_network(net, torch):
-    """An nn.Module computing what the engine's (BN-folded) detection network computes, layer by
-    layer from the cfg the engine parsed: [convolutional] (with bias), [maxpool] (Darknet's
-    padding rule: windows start at -padding//2, cells outside are -inf), [route] (with
-    groups/group_id), [upsample], [shortcut] (equal shapes), [yolo] (the logistic on x, y,
-    objectness and classes, scale_x_y). Parameters are copied from the engine's layers.
-    `model.outputs` holds every layer's output after a call."""
+def torch_from_network(net, torch, keep_outputs=True):
+    """An nn.Module computing what the engine's detection network computes, layer by layer from
+    the cfg the engine parsed: [convolutional] (with bias, or batch_normalize as nn.BatchNorm2d
+    holding the rolling statistics: train() makes it learn as Darknet's does), [maxpool]
+    (Darknet's padding rule: windows start at -padding//2, cells outside are -inf), [route]
+    (with groups/group_id), [upsample], [shortcut] (equal shapes, no weights), [yolo] (the
+    logistic on x, y, objectness and classes, scale_x_y). Parameters are copied from the
+    engine's layers. With keep_outputs, `model.outputs` holds every layer's output after a call;
+    without, each output is dropped after its last use (as a hand-written module would)."""
     nn, functional = torch.nn, torch.nn.functional
     acts = {"leaky": lambda v: functional.leaky_relu(v, 0.1), "linear": lambda v: v,
             "logistic": torch.sigmoid, "relu": functional.relu, "mish": functional.mish,
             "swish": functional.silu}
+
+    def convolution(layer):
+        if layer.blur is not None or layer.dilation != 1:
+            raise ValueError(f"layer {layer.index}: antialiasing and dilation have no peer here")
+        p = {name: torch.from_numpy(np.array(value)) for name, value in layer.params.items()}
+        conv = nn.Conv2d(layer.in_shape[0], layer.filters, layer.size, layer.stride,
+                         layer.padding, groups=layer.groups, bias=not layer.batch_normalize)
+        with torch.no_grad():
+            conv.weight.copy_(p["weights"].reshape(conv.weight.shape))
+            if not layer.batch_normalize:
+                conv.bias.copy_(p["biases"])
+                return conv
+            # Darknet's BN: eps 1e-5 in training, rolling statistics updated by 1%
+            norm = nn.BatchNorm2d(layer.filters, eps=1e-5, momentum=0.01)
+            norm.weight.copy_(p["scales"])
+            norm.bias.copy_(p["biases"])
+            norm.running_mean.copy_(p["rolling_mean"])
+            norm.running_var.copy_(p["rolling_variance"])
+        return nn.Sequential(conv, norm)
+
+    def refuse_unsupported(layer):
+        kind = layer.type_name
+        if kind == "maxpool" and (getattr(layer, "antialiasing", 0)
+                                  or getattr(layer, "depth", False)):
+            raise ValueError(f"layer {layer.index}: this [maxpool] variant has no peer here")
+        if kind == "shortcut" and (layer.multilayer or layer.from_shape != layer.in_shape):
+            raise ValueError(f"layer {layer.index}: weighted, multi-input or unequal-shape "
+                             "[shortcut] has no peer here")
+        if kind == "yolo" and layer.new_coords:
+            raise ValueError(f"layer {layer.index}: [yolo] new_coords=1 has no peer here")
 
     class Peer(nn.Module):
         def __init__(self):
@@ -73,17 +105,18 @@ def torch_from_network(net, torch):
             for layer in net.layers:
                 kind = layer.type_name
                 if kind == "convolutional":
-                    if layer.batch_normalize or layer.blur is not None or layer.dilation != 1:
-                        raise ValueError(f"layer {layer.index}: fold BN first; no antialiasing")
-                    c = layer.in_shape[0]
-                    conv = nn.Conv2d(c, layer.filters, layer.size, layer.stride, layer.padding,
-                                     groups=layer.groups, bias=True)
-                    with torch.no_grad():
-                        conv.weight.copy_(torch.from_numpy(np.array(layer.params["weights"])))
-                        conv.bias.copy_(torch.from_numpy(np.array(layer.params["biases"])))
-                    self.convs[str(layer.index)] = conv
+                    self.convs[str(layer.index)] = convolution(layer)
                 elif kind not in ("maxpool", "route", "upsample", "shortcut", "yolo"):
                     raise ValueError(f"layer {layer.index}: [{kind}] has no PyTorch peer here")
+                refuse_unsupported(layer)
+            # the last layer reading each output (the [yolo] outputs are returned: kept)
+            self.last_use = {}
+            for layer in net.layers:
+                for j in layer.input_indices:
+                    self.last_use[j] = layer.index
+            for layer in net.layers:
+                if layer.type_name == "yolo":
+                    self.last_use[layer.index] = len(net.layers)
 
         def forward(self, x):
             outputs = []
@@ -117,6 +150,10 @@ def torch_from_network(net, torch):
                     y = torch.cat([xy, g[:, :, 2:4], torch.sigmoid(g[:, :, 4:])], 2)
                     y = y.reshape(v.shape)
                 outputs.append(y)
+                if not keep_outputs:
+                    for j in set(layer.input_indices) | {layer.index}:
+                        if j >= 0 and self.last_use.get(j, -1) <= layer.index:
+                            outputs[j] = None
             self.outputs = outputs
             return [outputs[layer.index] for layer in net.layers if layer.type_name == "yolo"]
 
