@@ -832,7 +832,16 @@ def prepare(name, cfg, folder, args, darknet):
     # the engine and PyTorch run a fixed number of steps; max_batches matters to Darknet only
     iterations = args.train_warmup + args.train_iterations
     training_cfg(cfg, setup["train_cfg"], args.train_batch, args.size, iterations)
-    write_random_weights(setup["infer_cfg"], setup["weights"])
+    # Calibrated (benchmarks/calibrated_weights.py): plain random weights overflow fp16 in
+    # YOLOv3's residual sums, which trained weights do not; a calibration in a subprocess on the
+    # GPU (the CPU where there is none), so this process holds no GPU context.
+    calibrate = [sys.executable, os.path.join(ROOT, "benchmarks", "calibrated_weights.py"),
+                 setup["infer_cfg"], setup["weights"]]
+    if subprocess.run(calibrate + (["--gpu"] if args.backend != "cpu" else []),
+                      capture_output=True).returncode != 0:
+        print(f"{name}: calibrating the random weights failed; plain random weights "
+              "(fp16 may overflow)", file=sys.stderr)
+        write_random_weights(setup["infer_cfg"], setup["weights"])
     setup["input"] = os.path.join(folder, "input-b1.npy")  # every peer's batch-1 image
     np.save(setup["input"], np.random.default_rng(0).random((1, 3, args.size, args.size),
                                                             dtype=np.float32))
