@@ -270,8 +270,8 @@ def test_normalize_channels(ops, rng, name):
     assert_close(result, numeric, f"{name} gradient", tolerance=1e-3)
 
 
-# (2, 3, 40, 30): planes of 1200 elements, which the GPU walks in pieces (its *_planes kernels).
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (6, 7, 1, 1), (2, 3, 40, 30)])
+# (2, 3, 48, 50): planes of 2400 elements, which the GPU walks in pieces (its *_planes kernels).
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (6, 7, 1, 1), (2, 3, 48, 50)])
 @pytest.mark.parametrize("activation", ["linear", "leaky", "logistic"])
 def test_bias(ops, rng, shape, activation):
     y, biases = randn(rng, *shape), randn(rng, shape[1])
@@ -416,7 +416,7 @@ def test_batchnorm_training(ops, rng, shape, per_activation):
                                       constants.ALEXEYAB_BN_EPSILONS])
 @pytest.mark.parametrize("activation, per_activation", [("linear", False), ("mish", False),
                                                         ("leaky", True)])
-@pytest.mark.parametrize("height", [4, 90])  # 90 x 3 cells: the GPU's *_planes kernel
+@pytest.mark.parametrize("height", [4, 700])  # 700 x 3 cells: the GPU's *_planes kernel
 def test_batchnorm_inference(ops, rng, epsilons, activation, per_activation, height):
     x = randn(rng, 2, 5, height, 3)
     n = 5 * height * 3 if per_activation else 5
