@@ -152,8 +152,9 @@ def _finite_or_zero(value):
 
 
 class AlexeyabYoloLoss:
-    """The loss of one [yolo] layer: `image_delta` fills one image's delta; `stats` collects
-    what AlexeyAB's cost needs across the mini-batch."""
+    """The loss of one [yolo] layer: `batch_delta` fills a mini-batch's delta (Darknet's
+    process_batch for each image); `stats` collects what AlexeyAB's cost needs across the
+    mini-batch."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -220,10 +221,12 @@ class AlexeyabYoloLoss:
             for n in range(L.classes):
                 d[n] = ((1.0 if n == cls else 0.0) - float(o[n])) * FOCAL_ALPHA * grad
             return
-        for n in range(L.classes):
-            value = self.smoothed(1.0 if n == cls else 0.0) - float(o[n])
-            if math.isfinite(value):
-                d[n] = value
+        target = np.zeros(L.classes)
+        target[cls] = 1.0
+        with np.errstate(invalid="ignore", over="ignore"):
+            value = self.smoothed(target) - o.astype(np.float64)
+        finite = np.isfinite(value)
+        d[finite] = value[finite]
         if mult is not None:
             d[cls] *= mult[cls] * L.cls_normalizer
 
@@ -241,43 +244,76 @@ class AlexeyabYoloLoss:
             dlt[a, 4, j, i] = obj
         self.class_delta(out, dlt, a, i, j, cls)
 
-    # ---- one image ---------------------------------------------------------------------------
-    def image_delta(self, out, dlt, truth, net_w, net_h, stats):
-        """process_batch for one image: out, dlt (anchors, entries, H, W); truth rows
-        (x, y, w, h, class) already cut at the first x == 0."""
+    # ---- a mini-batch --------------------------------------------------------------------------
+    def batch_delta(self, output, delta, truths, net_w, net_h, stats):
+        """process_batch for every image of output, delta (batch, anchors, entries, H, W), truths
+        one row list per image: the per-prediction part (objectness, ignore_thresh) for many
+        images at once, then each image's truths (images are independent, so the order is
+        Darknet's within each image)."""
         L = self.layer
-        n_anchors, _, lh, lw = out.shape
-        truths = [(Box(*row[:4]), int(row[4])) for row in truth]
-        usable = [(t, c) for t, c in truths if 0 <= c < L.classes]
-        # Every prediction: objectness toward 0, unless it matches a truth (ignore_thresh).
-        dlt[:, 4] = L.obj_normalizer * (0 - out[:, 4])
-        if usable:
-            rows, cols = np.meshgrid(np.arange(lh), np.arange(lw), indexing="ij")
-            anchors = L.mask_anchors.astype(np.float64)
-            x, y = out[:, 0].astype(np.float64), out[:, 1].astype(np.float64)
-            w, h = out[:, 2].astype(np.float64), out[:, 3].astype(np.float64)
-            px, py = (cols + x) / lw, (rows + y) / lh
-            if L.new_coords:
-                pw = w * w * 4 * anchors[:, 0, None, None] / net_w
-                ph = h * h * 4 * anchors[:, 1, None, None] / net_h
-            else:
-                with np.errstate(over="ignore"):
-                    pw = np.exp(w) * anchors[:, 0, None, None] / net_w
-                    ph = np.exp(h) * anchors[:, 1, None, None] / net_h
-            ious = np.stack([_grid_iou(px, py, pw, ph, t) for t, _ in usable], axis=-1)
-            best_iou = np.maximum(ious.max(axis=-1), 0)
-            best_t = ious.argmax(axis=-1)
-            class_match = (out[:, 5:] > CLASS_MATCH_THRESH).any(axis=1)
-            best_match = np.where(class_match, best_iou, 0.0)
-            matched = best_match > L.ignore_thresh
-            if L.objectness_smooth:
-                smooth = L.obj_normalizer * (best_match - out[:, 4])
-                dlt[:, 4] = np.where(matched, np.maximum(dlt[:, 4], smooth), dlt[:, 4])
-            else:
-                dlt[:, 4][matched] = 0
-            for a, j, i in zip(*np.nonzero(best_iou > L.truth_thresh)):
-                self.truth_thresh_delta(out, dlt, a, i, j, usable[best_t[a, j, i]],
-                                        float(best_iou[a, j, i]), lw, lh, net_w, net_h)
+        batch, n_anchors, _, lh, lw = output.shape
+        usable = [[(Box(*row[:4]), int(row[4])) for row in truth if 0 <= int(row[4]) < L.classes]
+                  for truth in truths]
+        delta[:, :, 4] = L.obj_normalizer * (0 - output[:, :, 4])
+        images = [b for b in range(batch) if usable[b]]
+        most = max((len(usable[b]) for b in images), default=0)
+        # Images per pass: the IoU array (images, anchors, H, W, truths) stays near 8M values.
+        step = max(1, int(8e6 // max(n_anchors * lh * lw * most, 1)))
+        for start in range(0, len(images), step):
+            self._predictions_delta(output, delta, images[start:start + step], usable, net_w,
+                                    net_h)
+        for b in range(batch):
+            self.truths_delta(output[b], delta[b], usable[b], net_w, net_h, stats)
+
+    def _predictions_delta(self, output, delta, images, usable, net_w, net_h):
+        """The per-prediction loop of process_batch for `images` (each with usable truths)."""
+        L = self.layer
+        out = output[images]  # (images, anchors, entries, H, W)
+        _, _, _, lh, lw = out.shape
+        rows, cols = np.meshgrid(np.arange(lh), np.arange(lw), indexing="ij")
+        anchors = L.mask_anchors.astype(np.float64)[None]
+        x, y = out[:, :, 0].astype(np.float64), out[:, :, 1].astype(np.float64)
+        w, h = out[:, :, 2].astype(np.float64), out[:, :, 3].astype(np.float64)
+        px, py = (cols + x) / lw, (rows + y) / lh
+        if L.new_coords:
+            pw = w * w * 4 * anchors[:, :, 0, None, None] / net_w
+            ph = h * h * 4 * anchors[:, :, 1, None, None] / net_h
+        else:
+            with np.errstate(over="ignore"):
+                pw = np.exp(w) * anchors[:, :, 0, None, None] / net_w
+                ph = np.exp(h) * anchors[:, :, 1, None, None] / net_h
+        count = max(len(usable[b]) for b in images)
+        boxes = np.zeros((len(images), 1, 1, 1, count, 4))
+        padding = np.ones((len(images), 1, 1, 1, count), dtype=bool)
+        for k, b in enumerate(images):
+            for t, (box, _) in enumerate(usable[b]):
+                boxes[k, 0, 0, 0, t] = box.x, box.y, box.w, box.h
+                padding[k, 0, 0, 0, t] = False
+        ious = _grid_iou(px[..., None], py[..., None], pw[..., None], ph[..., None],
+                         *(boxes[..., v] for v in range(4)))
+        ious = np.where(padding, -np.inf, ious)  # (images, anchors, H, W, truths)
+        best_iou = np.maximum(ious.max(axis=-1), 0)
+        best_t = ious.argmax(axis=-1)
+        class_match = (out[:, :, 5:] > CLASS_MATCH_THRESH).any(axis=2)
+        best_match = np.where(class_match, best_iou, 0.0)
+        matched = best_match > L.ignore_thresh
+        objectness = delta[images, :, 4]
+        if L.objectness_smooth:
+            smooth = L.obj_normalizer * (best_match - out[:, :, 4])
+            objectness = np.where(matched, np.maximum(objectness, smooth), objectness)
+        else:
+            objectness[matched] = 0
+        delta[images, :, 4] = objectness
+        for k, a, j, i in zip(*np.nonzero(best_iou > L.truth_thresh)):
+            b = images[k]
+            self.truth_thresh_delta(output[b], delta[b], a, i, j, usable[b][best_t[k, a, j, i]],
+                                    float(best_iou[k, a, j, i]), lw, lh, net_w, net_h)
+
+    # ---- one image ---------------------------------------------------------------------------
+    def truths_delta(self, out, dlt, usable, net_w, net_h, stats):
+        """The per-truth loop of one image (after its per-prediction one): usable (box, class)."""
+        L = self.layer
+        _, _, lh, lw = out.shape
         # Every truth: its cell, in the anchor of best shape and (iou_thresh) the others close.
         for t, cls in usable:
             i, j = min(int(t.x * lw), lw - 1), min(int(t.y * lh), lh - 1)
@@ -324,23 +360,30 @@ class AlexeyabYoloLoss:
         iou_loss=mse; else iou_normalizer * the mean (1 - GIoU) for giou, (1 - IoU) otherwise,
         plus obj_normalizer * the squared non-box deltas."""
         L = self.layer
-        d = delta.astype(np.float64)
         if L.iou_loss == "mse":
-            return float((d ** 2).sum())
+            return sum_of_squares(delta)
         n, e = len(L.mask), L.entries
-        no_box = d.reshape(len(d), n, e, -1)[:, :, 4:]
-        classification = L.obj_normalizer * float((no_box ** 2).sum())
+        classification = L.obj_normalizer * sum_of_squares(
+            delta.reshape(len(delta), n, e, -1)[:, :, 4:])
         count = max(stats["count"], 1)
         key = "giou_loss" if L.iou_loss == "giou" else "iou_loss"
         return L.iou_normalizer * stats[key] / count + classification
 
 
-def _grid_iou(px, py, pw, ph, t):
-    """box_iou of every prediction (arrays) with one truth, as box_iou does."""
-    ow = np.minimum(px + pw / 2, t.x + t.w / 2) - np.maximum(px - pw / 2, t.x - t.w / 2)
-    oh = np.minimum(py + ph / 2, t.y + t.h / 2) - np.maximum(py - ph / 2, t.y - t.h / 2)
+def sum_of_squares(values):
+    """The sum of squares of a float32 array as one BLAS dot product: it sums in blocks (closer
+    to the exact sum than Darknet's running float sum) and makes no float64 copy."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def _grid_iou(px, py, pw, ph, tx, ty, tw, th):
+    """box_iou of predictions (arrays) with truths (numbers or arrays broadcast with them), as
+    box_iou does."""
+    ow = np.minimum(px + pw / 2, tx + tw / 2) - np.maximum(px - pw / 2, tx - tw / 2)
+    oh = np.minimum(py + ph / 2, ty + th / 2) - np.maximum(py - ph / 2, ty - th / 2)
     inter = np.where((ow < 0) | (oh < 0), 0.0, ow * oh)
-    union = pw * ph + t.w * t.h - inter
+    union = pw * ph + tw * th - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where((inter == 0) | (union == 0), 0.0, inter / np.where(union == 0, 1, union))
     return iou

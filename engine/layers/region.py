@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..boxes import box_iou
+from .alexeyab_yolo_loss import sum_of_squares
 from .anchor_activation import anchor_activate
 from .base import Layer
 from .yolo import MAX_ANCHORS, check_outputs_fit, parse_anchors
@@ -113,7 +114,7 @@ class RegionLayer(Layer):
             empty = np.flatnonzero(rows[:, 0] == 0)
             rows = rows[:empty[0]] if len(empty) else rows
             self._image_delta(output[b].reshape(shape), delta[b].reshape(shape), rows, seen)
-        return float((delta.astype(np.float64) ** 2).sum()), delta
+        return sum_of_squares(delta), delta
 
     def _pred_box(self, out, n, i, j, w, h):
         """get_region_box: (x, y, w, h) relative to the image."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..boxes import box_iou, grid_boxes
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
-                                 classes_multipliers)
+                                 classes_multipliers, sum_of_squares)
 from .anchor_activation import anchor_activate
 from .base import Layer
 
@@ -216,7 +216,9 @@ class YoloLayer(Layer):
             cost, delta = self.alexeyab_loss(ops.to_host(self.output), truth, self.net_w,
                                              self.net_h)
             # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
-            return cost, ops.asarray(delta * np.float32(self.delta_normalizer))
+            if self.delta_normalizer != 1:
+                delta *= np.float32(self.delta_normalizer)
+            return cost, ops.asarray(delta)
         return self.loss(ops, truth, self.net_w, self.net_h)
 
     def alexeyab_loss(self, output, truths, net_w, net_h):
@@ -227,10 +229,10 @@ class YoloLayer(Layer):
         delta = np.zeros_like(output)
         loss = AlexeyabYoloLoss(self)
         stats = {"count": 0, "iou_loss": 0.0, "giou_loss": 0.0}
-        for b, truth in enumerate(truths):
-            shape = (n, e) + output.shape[2:]
-            loss.image_delta(output[b].reshape(shape), delta[b].reshape(shape),
-                             _valid_truths(truth, self.max_boxes), net_w, net_h, stats)
+        shape = (len(output), n, e) + output.shape[2:]
+        loss.batch_delta(output.reshape(shape), delta.reshape(shape),
+                         [_valid_truths(truth, self.max_boxes) for truth in truths], net_w,
+                         net_h, stats)
         return loss.cost(delta, stats), delta
 
     def loss(self, ops, truths, net_w, net_h):
@@ -242,7 +244,7 @@ class YoloLayer(Layer):
         for b, truth in enumerate(truths):
             self._image_delta(output[b], delta[b], _valid_truths(truth, self.max_boxes),
                               net_w, net_h)
-        return float((delta.astype(np.float64) ** 2).sum()), ops.asarray(delta)
+        return sum_of_squares(delta), ops.asarray(delta)
 
     def _image_delta(self, output, delta, truth, net_w, net_h):
         """Fill one image's delta (anchors*entries, H, W) in place, from its valid truths."""
