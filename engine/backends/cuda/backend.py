@@ -40,6 +40,7 @@ STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drain
 # faster than one pageable copy for YOLOv3's 58 MB of batch-16 outputs on an H200 (uploads
 # staged so measured slower than the pageable copy, so they are not).
 STAGED_MIN = 1 << 20
+STAGE_CHUNK = 4 << 20
 # Channel planes of at least PLANES_MIN elements get the *_planes kernels (a block per piece of a
 # plane, no division per element: 2.5 -> 1.6 ms for YOLOv3's 75 bias passes at batch 16 in fp16);
 # smaller ones (MNIST's, CIFAR's) keep the one-thread-per-element kernels.
@@ -50,7 +51,6 @@ PLANES_MIN = 2048
 # arrays (FORWARD_REPEATS runs each after a warm-up), and keeps the fastest.
 FORWARD_CANDIDATES = 4
 FORWARD_REPEATS = 3
-STAGE_CHUNK = 4 << 20
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
