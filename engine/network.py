@@ -179,9 +179,6 @@ class RecordedInference:
             self.eager_done.add(size)
             return net.forward(ops.asarray(images), train=False)
         if entry is None:
-            # The eager pass's arrays go back to the memory pool, for the recording to reuse:
-            # otherwise a recorded batch size holds two sets of activations.
-            net.outputs = []
             buffer = ops.asarray(images)
             try:
                 recording = ops.capture(lambda: net.forward(buffer, train=False))
