@@ -33,6 +33,10 @@ IOU_KINDS = ("iou", "giou", "diou", "ciou")
 CLASS_MATCH_THRESH = 0.25  # compare_yolo_class: a class score above it lets ignore_thresh act
 FOCAL_ALPHA = 0.5  # delta_yolo_class's focal loss
 FLT_MAX = float(np.finfo(np.float32).max)
+# The per-prediction IoUs are computed for as many images at once as fit about CHUNK_VALUES
+# values: small enough for the CPU's caches (64K: 8x faster per value than 8M on a 2-core VM),
+# large enough to spare per-image calls. yolo.py's loss uses it too.
+CHUNK_VALUES = 1 << 16
 
 
 class Box:
@@ -257,8 +261,9 @@ class AlexeyabYoloLoss:
         delta[:, :, 4] = L.obj_normalizer * (0 - output[:, :, 4])
         images = [b for b in range(batch) if usable[b]]
         most = max((len(usable[b]) for b in images), default=0)
-        # Images per pass: the IoU array (images, anchors, H, W, truths) stays near 8M values.
-        step = max(1, int(8e6 // max(n_anchors * lh * lw * most, 1)))
+        # Images per pass: the IoU array (images, anchors, H, W, truths) holds about
+        # CHUNK_VALUES values (small enough for the CPU's caches).
+        step = max(1, int(CHUNK_VALUES // max(n_anchors * lh * lw * most, 1)))
         for start in range(0, len(images), step):
             self._predictions_delta(output, delta, images[start:start + step], usable, net_w,
                                     net_h)

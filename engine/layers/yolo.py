@@ -37,8 +37,8 @@ Darknet's sum of squared deltas, which is not that loss.
 import numpy as np
 
 from ..boxes import box_iou, grid_boxes
-from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
-                                 classes_multipliers, sum_of_squares)
+from .alexeyab_yolo_loss import (CHUNK_VALUES, FLT_MAX, IOU_KINDS, IOU_LOSSES,
+                                 AlexeyabYoloLoss, classes_multipliers, sum_of_squares)
 from .anchor_activation import anchor_activate
 from .base import Layer
 
@@ -241,39 +241,58 @@ class YoloLayer(Layer):
         x == 0 ends the list. Returns (cost = sum of squared deltas, delta on the backend)."""
         output = ops.to_host(self.output)
         delta = np.zeros_like(output)
+        shape = (len(output), len(self.mask), self.entries) + output.shape[2:]
+        out, dlt = output.reshape(shape), delta.reshape(shape)
+        truths = [_valid_truths(truth, self.max_boxes) for truth in truths]
+        # Images are independent: the per-prediction part for many at once, then each image's
+        # truths (within an image, Darknet's order).
+        dlt[:, :, 4] = -out[:, :, 4]
+        images = [b for b, truth in enumerate(truths) if len(truth)]
+        most = max((len(truths[b]) for b in images), default=0)
+        step = max(1, int(CHUNK_VALUES // max(out[0, :, 0].size * most, 1)))
+        for start in range(0, len(images), step):
+            self._predictions_delta(out, dlt, images[start:start + step], truths, net_w, net_h)
+        anchor_shapes = np.column_stack([np.zeros((self.total, 2), np.float32),
+                                         self.anchors / np.float32([net_w, net_h])])
         for b, truth in enumerate(truths):
-            self._image_delta(output[b], delta[b], _valid_truths(truth, self.max_boxes),
-                              net_w, net_h)
+            self._truths_delta(out[b], dlt[b], truth, anchor_shapes, net_w, net_h)
         return sum_of_squares(delta), ops.asarray(delta)
 
-    def _image_delta(self, output, delta, truth, net_w, net_h):
-        """Fill one image's delta (anchors*entries, H, W) in place, from its valid truths."""
-        n, e = len(self.mask), self.entries
-        out = output.reshape(n, e, *output.shape[1:])
-        dlt = delta.reshape(out.shape)
-        _, _, h, w = out.shape
+    def _predictions_delta(self, out, dlt, images, truths, net_w, net_h):
+        """Every prediction of `images` (each with truths): objectness pushed to 0 (already in
+        dlt), unless it overlaps a truth by > ignore_thresh; > truth_thresh learns that truth."""
+        _, _, _, h, w = out.shape
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         anchors = self.mask_anchors[:, :, None, None] / np.float32([net_w, net_h])[:, None, None]
-        pred = grid_boxes(np.moveaxis(out[:, :4], 1, -1), cols, rows, w, h, anchors[:, 0],
-                          anchors[:, 1])
-        # Every prediction: objectness pushed to 0, unless it overlaps a truth by > ignore_thresh.
-        dlt[:, 4] = -out[:, 4]
-        if len(truth):
-            ious = box_iou(pred[..., None, :], truth[:, :4])  # (n, h, w, T)
-            best_iou, best_t = ious.max(axis=-1), ious.argmax(axis=-1)
-            dlt[:, 4][best_iou > self.ignore_thresh] = 0
-            for a, j, i in zip(*np.nonzero(best_iou > self.truth_thresh)):
-                t = truth[best_t[a, j, i]]
-                dlt[a, 4, j, i] = 1 - out[a, 4, j, i]
-                self._class_delta(out[a, 5:, j, i], dlt[a, 5:, j, i], int(t[4]))
-                self._box_delta(out[a, :4, j, i], dlt[a, :4, j, i], t, self.mask[a], i, j, w, h,
-                                net_w, net_h)
-        # Every truth: the cell holding its centre, in the anchor of best shape (if this layer
-        # predicts that anchor), learns the box, objectness 1 and the class.
+        pred = grid_boxes(np.moveaxis(out[images, :, :4], 2, -1), cols, rows, w, h,
+                          anchors[:, 0], anchors[:, 1])  # (images, anchors, h, w, 4)
+        boxes = np.zeros((len(images), 1, 1, 1, max(len(truths[b]) for b in images), 4),
+                         np.float32)
+        valid = np.zeros(boxes.shape[:-1], dtype=bool)
+        for k, b in enumerate(images):
+            boxes[k, 0, 0, 0, :len(truths[b])] = truths[b][:, :4]
+            valid[k, 0, 0, 0, :len(truths[b])] = True
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ious = np.where(valid, box_iou(pred[..., None, :], boxes), -np.inf)
+        best_iou, best_t = ious.max(axis=-1), ious.argmax(axis=-1)
+        objectness = dlt[images, :, 4]
+        objectness[best_iou > self.ignore_thresh] = 0
+        dlt[images, :, 4] = objectness
+        for k, a, j, i in zip(*np.nonzero(best_iou > self.truth_thresh)):
+            b = images[k]
+            t = truths[b][best_t[k, a, j, i]]
+            dlt[b, a, 4, j, i] = 1 - out[b, a, 4, j, i]
+            self._class_delta(out[b, a, 5:, j, i], dlt[b, a, 5:, j, i], int(t[4]))
+            self._box_delta(out[b, a, :4, j, i], dlt[b, a, :4, j, i], t, self.mask[a], i, j, w,
+                            h, net_w, net_h)
+
+    def _truths_delta(self, out, dlt, truth, anchor_shapes, net_w, net_h):
+        """Every truth of one image (anchors, entries, H, W): the cell holding its centre, in
+        the anchor of best shape (if this layer predicts that anchor), learns the box,
+        objectness 1 and the class."""
+        _, _, h, w = out.shape
         for t in truth:
             i, j = min(int(t[0] * w), w - 1), min(int(t[1] * h), h - 1)
-            anchor_shapes = np.column_stack([np.zeros((self.total, 2), np.float32),
-                                             self.anchors / np.float32([net_w, net_h])])
             shape_iou = box_iou(np.array([0, 0, t[2], t[3]], np.float32), anchor_shapes)
             best_n = int(shape_iou.argmax())
             if best_n not in self.mask:
@@ -298,9 +317,8 @@ class YoloLayer(Layer):
         if dlt[0]:
             dlt[cls] = 1 - out[cls]
             return
-        target = np.zeros_like(out)
-        target[cls] = 1
-        dlt[:] = target - out
+        dlt[:] = -out  # the one-hot target minus out
+        dlt[cls] = 1 - out[cls]
 
 
 def _valid_truths(truth, max_boxes):
