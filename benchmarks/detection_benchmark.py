@@ -955,7 +955,10 @@ def parse_args(argv):
     p.add_argument("--build-only", action="store_true", help="build Darknet and stop")
     p.add_argument("--scratch", help="folder for cfgs, weights, data and logs (kept)")
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--table-from", help="print the table of a --json file and stop")
+    p.add_argument("--table-from", nargs="+", metavar="JSON",
+                   help="print the table of --json files and stop; several runs are merged, a "
+                        "later file's figures replacing an earlier one's (a full run takes longer "
+                        "than one GPU call allows: run networks or peers apart, then merge)")
     p.add_argument("--backend", default="gpu", choices=["gpu", "cpu"],
                    help=argparse.SUPPRESS)  # cpu: the tests' smoke run of the peers' code
     for name in ("--child", "--setup", "--result"):
@@ -984,14 +987,29 @@ def networks_of(args):
     return chosen
 
 
+def merged_runs(paths):
+    """The saved runs of `paths` as one: figures per network and peer, a later run's replacing
+    an earlier one's; peers in the order first seen; the first run's batches."""
+    merged = None
+    for path in paths:
+        with open(path) as handle:
+            saved = json.load(handle)
+        if merged is None:
+            merged = {"meta": saved["meta"], "peers": list(saved["peers"]), "results": {}}
+        merged["peers"] += [p for p in saved["peers"] if p not in merged["peers"]]
+        for network, peers in saved["results"].items():
+            for peer, figures in peers.items():
+                merged["results"].setdefault(network, {}).setdefault(peer, {}).update(figures)
+    return merged
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child_main(args)
     rows = measures(args.batches, args.train_batch)
     if args.table_from:
-        with open(args.table_from) as handle:
-            saved = json.load(handle)
+        saved = merged_runs(args.table_from)
         meta = saved["meta"]
         print(format_table(saved["results"], saved["peers"],
                            measures(meta["batches"], meta["train_batch"])))

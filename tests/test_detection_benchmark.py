@@ -232,6 +232,32 @@ def test_cpu_run_with_a_hanging_peer(tmp_path):
     assert "| tiny | inference b2, img/s |" in again.stdout  # the batches the run used
 
 
+def test_runs_are_merged_later_figures_first(tmp_path):
+    """--table-from with several runs (a full run is split across GPU calls): figures per network
+    and peer, the later run's replacing the earlier's, peers in the order first seen."""
+    meta = {"batches": [16], "train_batch": 64}
+    first = {"meta": meta, "peers": ["engine-fp32", "torch-eager"], "results": {
+        "yolov3": {"engine-fp32": {"b1_ms": 5.0, "b16_ips": 400.0},
+                   "torch-eager": {"b1_ms": 6.0}}}}
+    second = {"meta": meta, "peers": ["engine-fp16"], "results": {
+        "yolov3": {"engine-fp32": {"b1_ms": 4.0}, "engine-fp16": {"b1_ms": 3.0}},
+        "yolov4": {"engine-fp16": {"b1_ms": 9.0}}}}
+    paths = []
+    for k, run in enumerate((first, second)):
+        paths.append(str(tmp_path / f"run{k}.json"))
+        with open(paths[-1], "w") as handle:
+            json.dump(run, handle)
+    merged = bench.merged_runs(paths)
+    assert merged["peers"] == ["engine-fp32", "torch-eager", "engine-fp16"]
+    assert merged["results"]["yolov3"]["engine-fp32"] == {"b1_ms": 4.0, "b16_ips": 400.0}
+    assert merged["results"]["yolov3"]["torch-eager"] == {"b1_ms": 6.0}
+    assert merged["results"]["yolov4"]["engine-fp16"] == {"b1_ms": 9.0}
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                         "detection_benchmark.py"),
+                            "--table-from"] + paths, capture_output=True, text=True, timeout=60)
+    assert "| yolov4 | latency b1, ms |" in table.stdout, table.stderr
+
+
 def test_torch_peer_runs_the_same_network(tmp_path):
     """The PyTorch peer's code path (CPU, bf16 autocast standing in for fp16) and its model:
     the same outputs as the engine on the tiny detector, BN unfolded (training's model)."""
