@@ -224,8 +224,10 @@ class Checkpoints:
     def diverged(self, what):
         kept = (f"the last good weights are {self.last[1]} (iteration {self.last[0]})"
                 if self.last else "no weights were saved in this run")
+        # fp16 holds nothing above 65504 (engine/precision.py); bf16 has float32's range.
+        fp16 = " or --precision bf16" if self.net.ops.precision == "fp16" else ""
         return TrainingError(f"{what} at iteration {current_batch(self.net)}; {kept}; try a "
-                             "lower learning_rate or a longer burn_in")
+                             f"lower learning_rate or a longer burn_in{fp16}")
 
 
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,

@@ -147,7 +147,13 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
     with np.errstate(all="ignore"), pytest.raises(TrainingError, match="lower learning_rate") as info:
         train(net, ds, str(tmp_path / "b"), stream=io.StringIO(), backup_every=1)
     assert f"the last good weights are {backup} (iteration " in str(info.value)
+    assert "--precision bf16" not in str(info.value)
     Network(path, quiet=True).load_weights(str(backup))  # finite: it loads
+    # In fp16 (a GPU precision; its name stands in here) the error also suggests bf16's range.
+    net = Network(path, quiet=True)
+    net.ops.precision = "fp16"
+    with np.errstate(all="ignore"), pytest.raises(TrainingError, match="or --precision bf16"):
+        train(net, ds, str(tmp_path / "c"), stream=io.StringIO(), backup_every=1)
 
 
 def test_a_folded_network_cannot_be_trained(tmp_path):
