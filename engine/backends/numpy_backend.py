@@ -50,6 +50,7 @@ THREADS_VARIABLE = "ENGINE_CPU_THREADS"
 
 COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one or two blocks)
+PARALLEL_ELEMENTS = 1 << 19  # a memory pass over fewer elements stays on one thread (_run)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
@@ -90,10 +91,13 @@ class NumpyBackend(Operations):
                                "(1 or more)")
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def _run(self, tasks):
+    def _run(self, tasks, elements=None):
         """Call each task (independent pieces of one operation): on the backend's threads when
-        it has several, else one after the other."""
-        if self._pool is None or len(tasks) < 2:
+        it has several, else one after the other; also one after the other for a memory pass
+        over fewer than PARALLEL_ELEMENTS `elements`, where handing tasks to threads costs
+        more than it saves."""
+        if self._pool is None or len(tasks) < 2 or (elements is not None and
+                                                    elements < PARALLEL_ELEMENTS):
             for task in tasks:
                 task()
             return
@@ -208,7 +212,7 @@ class NumpyBackend(Operations):
                 part[...] = activations.activate(part, activation)
             return x
         self._run([lambda block=block: self._activate_block_(x[block], activation)
-                   for block in self._channel_blocks(x)])
+                   for block in self._channel_blocks(x)], x.size)
         return x
 
     @staticmethod
@@ -243,14 +247,24 @@ class NumpyBackend(Operations):
         if activation in activations.CHANNEL_NAMES:
             y += biases.reshape(1, -1, 1, 1)
             return self.activate_(y, activation)
-        b = biases.reshape(1, -1, 1, 1)
+        b, b_row = biases.reshape(1, -1, 1, 1), None
+        memory = y.transpose(2, 3, 0, 1)
+        if self._channels_innermost(y) and memory.flags.c_contiguous:
+            # rows of (W, B, C) plus the biases repeated along a row: long inner loops (a
+            # (C,) vector broadcast over channels-innermost data loops over C at a time)
+            y_rows, b_row = memory.reshape(y.shape[2], -1), np.tile(biases, y.shape[3] * y.shape[0])
 
         def block_(block):
             yb = y[block]
-            yb += b[:, block[1]]
+            if b_row is None:
+                yb += b[:, block[1]]
+            else:
+                rows = y_rows[block[2]]
+                rows += b_row
             if activation != "linear":
                 self._activate_block_(yb, activation)
-        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)])
+        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)],
+                  y.size)
         return y
 
     def bias_backward(self, delta, bias_updates):
@@ -626,7 +640,7 @@ class NumpyBackend(Operations):
         if not train:
             self._run([lambda frame=frame, out=out: self._maxpool_max_(
                 padded[frame], len(rows), len(cols), stride, y[out])
-                for frame, out in self._pool_blocks(padded, y, len(rows), stride)])
+                for frame, out in self._pool_blocks(padded, y, len(rows), stride)], padded.size)
             return y, None
         index_type = np.int8 if size * size < 128 else np.int32
         argmax = self._empty_laid_like(y.shape, x, index_type)
