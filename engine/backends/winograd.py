@@ -141,8 +141,12 @@ def conv3x3(x, filters, f, v, run=None, threads=1):
         out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f1 - f0)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
-        full = out.transpose(2, 0, 3, 1, 4, 5).reshape(n * tile, cols * tile, b, f1 - f0)
-        ym[top:bottom, :, :, f0:f1] = full[:bottom - top, :w]
+        tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
+        if bottom - top == n * tile and w == cols * tile:  # whole tiles: one copy, into y
+            ym[top:bottom, :, :, f0:f1].reshape(tiled.shape)[...] = tiled  # a view of y
+        else:  # the last tiles hang over y's edge: through a contiguous copy
+            full = tiled.reshape(n * tile, cols * tile, b, f1 - f0)
+            ym[top:bottom, :, :, f0:f1] = full[:bottom - top, :w]
 
     tasks = [lambda rows=rows, f0=f0: block_(*rows, f0) for rows in blocks
              for f0 in range(0, f, f_step)]
