@@ -137,6 +137,18 @@ def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out,
     np.testing.assert_array_equal(inferred, trained)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_inference_maxpool_of_whole_tiles_gives_the_training_maxima(size):
+    """Windows that tile a channels-innermost input exactly take _maxpool_tiles."""
+    rng = np.random.default_rng(size)
+    ops = NumpyBackend()
+    x = rng.standard_normal((2, 5, 4 * size, 3 * size)).astype(np.float32)
+    trained, _ = ops.maxpool_forward(x, size, size, 0, 4, 3, train=True)
+    inferred, _ = ops.maxpool_forward(channels_innermost(x), size, size, 0, 4, 3, train=False)
+    assert inferred.strides[1] == 4
+    np.testing.assert_array_equal(inferred, trained)
+
+
 def test_channels_innermost_arrays_keep_their_layout_and_values():
     """Bias + activation, copies and new arrays laid out like a channels-innermost input, and
     a route over such arrays: the values numpy gives on plain arrays."""

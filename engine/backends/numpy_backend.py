@@ -652,6 +652,9 @@ class NumpyBackend(Operations):
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
+        if not train and size == stride and padded is x and (out_h * size, out_w * size) == (h, w) \
+                and self._channels_innermost(x) and x.transpose(2, 3, 0, 1).flags.c_contiguous:
+            return self._maxpool_tiles(x, size), None
         if not train:
             tasks = [lambda frame=frame, out=out: self._maxpool_max_(
                 padded[frame], len(rows), len(cols), stride, y[out])
@@ -670,6 +673,36 @@ class NumpyBackend(Operations):
                 self._maxpool_window_(padded[block], size, stride, y[block], argmax[block],
                                       rows, cols)
         return y, argmax
+
+    def _maxpool_tiles(self, x, size):
+        """Inference maxpool of a contiguous channels-innermost x whose size x size windows tile
+        it exactly (the common 2x2/2): x's memory seen as (window row, i, window column,
+        (j, B, C)), the maximum over i, then over the j slices of each row: long inner loops and
+        no index arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as
+        _maxpool_max_."""
+        b, c, h, w = x.shape
+        out_h, out_w, cells = h // size, w // size, b * c
+        windows = x.transpose(2, 3, 0, 1).reshape(out_h, size, out_w, size * cells)
+        ym = np.empty((out_h, out_w, b, c), x.dtype)
+        y_cells = ym.reshape(out_h, out_w, cells)
+        row_max = np.empty((out_h, out_w, size * cells), x.dtype) if size > 1 else None
+
+        def rows_(row0, row1):
+            if row_max is None:
+                np.copyto(y_cells[row0:row1], windows[row0:row1, 0])
+                return
+            part = row_max[row0:row1]
+            np.maximum(windows[row0:row1, 0], windows[row0:row1, 1], out=part)
+            for i in range(2, size):
+                np.maximum(part, windows[row0:row1, i], out=part)
+            out = y_cells[row0:row1]
+            np.maximum(part[..., :cells], part[..., cells:2 * cells], out=out)
+            for j in range(2, size):
+                np.maximum(out, part[..., j * cells:(j + 1) * cells], out=out)
+        parts = self.threads if x.size >= POOL_PARALLEL_ELEMENTS else 1
+        self._run([lambda rows=rows: rows_(*rows)
+                   for rows in winograd.row_ranges(out_h, -(-out_h // parts), parts)])
+        return ym.transpose(2, 3, 0, 1)
 
     def _pool_blocks(self, padded, y, height, stride):
         """(frame index, output index) pairs cutting a pooling into blocks: of channels, or of
