@@ -150,8 +150,9 @@ def test_inference_maxpool_of_whole_tiles_gives_the_training_maxima(size):
 
 
 def test_channels_innermost_arrays_keep_their_layout_and_values():
-    """Bias + activation, copies and new arrays laid out like a channels-innermost input, and
-    a route over such arrays: the values numpy gives on plain arrays."""
+    """Bias + activation, inference batch norm, copies and new arrays laid out like a
+    channels-innermost input, and a route over such arrays: the values numpy gives on plain
+    arrays."""
     rng = np.random.default_rng(5)
     ops = NumpyBackend()
     x = rng.standard_normal((2, 6, 5, 7)).astype(np.float32)
@@ -160,6 +161,11 @@ def test_channels_innermost_arrays_keep_their_layout_and_values():
     biased = ops.add_bias_(stored.copy(order="K"), biases, "leaky")
     expected = x + biases.reshape(1, -1, 1, 1)
     np.testing.assert_array_equal(biased, np.maximum(expected, expected * np.float32(0.1)))
+    statistics = [rng.uniform(0.5, 1.5, 6).astype(np.float32) for _ in range(4)]
+    normalized = ops.batchnorm_forward_inference(stored, *statistics, activation="leaky")
+    assert normalized.strides[1] == 4
+    np.testing.assert_array_equal(
+        normalized, ops.batchnorm_forward_inference(x, *statistics, activation="leaky"))
     for array in (ops.copy(stored), ops.empty(x.shape, like=stored)):
         assert array.strides[1] == 4
     np.testing.assert_array_equal(ops.copy(stored), x)

@@ -571,6 +571,21 @@ class NumpyBackend(Operations):
         factor, shift = inference_affine(*(a.reshape(n).astype(x.dtype, copy=False) for a in
                                            (scales, biases, rolling_mean, rolling_variance)),
                                          epsilons)
+        memory = x.transpose(2, 3, 0, 1) if x.ndim == 4 else x
+        if not per_activation and self._channels_innermost(x) and memory.flags.c_contiguous:
+            # an inference convolution's output: rows of (W, B, C) times the factors repeated
+            # along a row, plus the shifts likewise (the same operations, in x's layout)
+            rows = memory.reshape(memory.shape[0], -1)
+            y_memory = np.empty_like(memory)
+            y_rows = y_memory.reshape(rows.shape)
+            repeats = rows.shape[1] // n
+            factor_row, shift_row = np.tile(factor, repeats), np.tile(shift, repeats)
+            step = max(1, BLOCK_ELEMENTS // rows.shape[1])
+            for row in range(0, rows.shape[0], step):
+                yb = y_rows[row:row + step]
+                np.multiply(rows[row:row + step], factor_row, out=yb)
+                yb += shift_row
+            return self.activate_(y_memory.transpose(2, 3, 0, 1), activation)
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)
         for block in self._channel_blocks(view):
