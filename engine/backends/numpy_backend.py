@@ -81,7 +81,9 @@ class NumpyBackend(Operations):
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
-        self._winograd_cache = {}  # id(frozen weights) -> (weakref to them, transformed filters)
+        # (id(frozen weights), kind) -> (weakref to them, filters derived from them: Winograd's,
+        # or the columns' matrix; _derived_filters)
+        self._winograd_cache = {}
         value = os.environ.get(THREADS_VARIABLE, "1")
         try:
             self.threads = int(value)
@@ -266,7 +268,8 @@ class NumpyBackend(Operations):
         if self._channels_innermost(y) and memory.flags.c_contiguous:
             # rows of (W, B, C) plus the biases repeated along a row: long inner loops (a
             # (C,) vector broadcast over channels-innermost data loops over C at a time)
-            y_rows, b_row = memory.reshape(y.shape[2], -1), np.tile(biases, y.shape[3] * y.shape[0])
+            y_rows = memory.reshape(y.shape[2], -1)
+            b_row = np.tile(biases, y.shape[3] * y.shape[0])
 
         def block_(block):
             yb = y[block]
@@ -666,10 +669,10 @@ class NumpyBackend(Operations):
             padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
-        y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
         if not train and size == stride and padded is x and (out_h * size, out_w * size) == (h, w) \
                 and self._channels_innermost(x) and x.transpose(2, 3, 0, 1).flags.c_contiguous:
             return self._maxpool_tiles(x, size), None
+        y = self._empty_laid_like((b, c, out_h, out_w), x)  # laid out as x (after a conv)
         if not train:
             tasks = [lambda frame=frame, out=out: self._maxpool_max_(
                 padded[frame], len(rows), len(cols), stride, y[out])

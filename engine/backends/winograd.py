@@ -24,6 +24,8 @@ views of it, and y is stored (H, W, B, F), so that each block's output tiles are
 of filters.
 """
 
+import itertools
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -85,7 +87,7 @@ def row_ranges(count, step, threads=1):
         return [(row, min(row + step, count)) for row in range(0, count, step)]
     ranges = min(count, ranges + (-ranges) % threads)
     bounds = [count * i // ranges for i in range(ranges + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def variant(h, w):
