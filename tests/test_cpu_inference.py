@@ -11,6 +11,7 @@ from conftest import CFG
 from engine.backends import numpy_backend, winograd
 from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import BackendError
+from engine.layers.channels import concat_channels
 from engine.network import Network
 
 YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
@@ -89,20 +90,87 @@ def test_folding_freezes_the_parameters():
     assert arrays and not any(a.flags.writeable for a in arrays)
 
 
+def channels_innermost(x):
+    """x (B, C, H, W) stored as (H, W, B, C), as inference convolutions store their outputs."""
+    return np.ascontiguousarray(x.transpose(2, 3, 0, 1)).transpose(2, 3, 0, 1)
+
+
+# (kernel, stride, padding, dilation, input channels): Winograd, strided, 1x1, dilated, 5x5,
+# AlexeyAB's (stride_y, stride_x), few channels (im2col from a batch-innermost input)
+@pytest.mark.parametrize("size, stride, padding, dilation, channels", [
+    (3, 1, 1, 1, 16), (3, 2, 1, 1, 16), (1, 1, 0, 1, 24), (3, 1, 2, 2, 16), (5, 1, 2, 1, 8),
+    (3, (2, 1), 1, 1, 16), (3, 1, 1, 1, 3), (1, 2, 0, 1, 16)])
+@pytest.mark.parametrize("layout", ["batch-innermost", "channels-innermost"])
+def test_inference_convolutions_are_channels_innermost(size, stride, padding, dilation,
+                                                        channels, layout):
+    """At inference a convolution stores its output channels innermost (whatever the input's
+    layout): the values of the training path (im2col, checked against the definition in
+    test_operations.py), float rounding apart."""
+    rng = np.random.default_rng(size * 10 + channels)
+    ops = NumpyBackend()
+    x = rng.standard_normal((2, channels, 11, 12)).astype(np.float32)
+    w = (rng.standard_normal((10, channels, size, size)) / size).astype(np.float32)
+    expected = ops.conv_forward(x, w, stride, padding, 1, train=True, dilation=dilation)
+    if layout == "channels-innermost":
+        x = channels_innermost(x)
+    y = ops.conv_forward(x, w, stride, padding, 1, train=False, dilation=dilation)
+    assert y.shape == expected.shape and y.strides[1] == 4
+    assert relative_error(y, expected) < 2e-5
+
+
 @pytest.mark.parametrize("size, stride, padding, out", [(2, 2, 1, 4), (2, 1, 1, 8), (3, 2, 2, 4),
                                                         (5, 1, 4, 8), (9, 1, 8, 8), (1, 1, 0, 8),
                                                         (3, 3, 0, 2)])
-def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out):
+@pytest.mark.parametrize("layout", ["batch-innermost", "channels-innermost"])
+def test_inference_maxpool_gives_the_training_maxima(size, stride, padding, out, layout):
     rng = np.random.default_rng(size * 10 + stride)
     ops = NumpyBackend()
     x = ops.conv_forward(rng.standard_normal((2, 16, 8, 8)).astype(np.float32),
                          rng.standard_normal((16, 16, 1, 1)).astype(np.float32), 1, 0, 1,
-                         train=True)  # batch-innermost, as after a convolution
+                         train=True)  # batch-innermost, as after a convolution in training
     pad = padding // 2  # Darknet's rule, as layers/maxpool.py computes it
     trained, argmax = ops.maxpool_forward(x, size, stride, pad, out, out, train=True)
+    if layout == "channels-innermost":
+        x = channels_innermost(x)
     inferred, none = ops.maxpool_forward(x, size, stride, pad, out, out, train=False)
     assert none is None and argmax is not None
     np.testing.assert_array_equal(inferred, trained)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_inference_maxpool_of_whole_tiles_gives_the_training_maxima(size):
+    """Windows that tile a channels-innermost input exactly take _maxpool_tiles."""
+    rng = np.random.default_rng(size)
+    ops = NumpyBackend()
+    x = rng.standard_normal((2, 5, 4 * size, 3 * size)).astype(np.float32)
+    trained, _ = ops.maxpool_forward(x, size, size, 0, 4, 3, train=True)
+    inferred, _ = ops.maxpool_forward(channels_innermost(x), size, size, 0, 4, 3, train=False)
+    assert inferred.strides[1] == 4
+    np.testing.assert_array_equal(inferred, trained)
+
+
+def test_channels_innermost_arrays_keep_their_layout_and_values():
+    """Bias + activation, inference batch norm, copies and new arrays laid out like a
+    channels-innermost input, and a route over such arrays: the values numpy gives on plain
+    arrays."""
+    rng = np.random.default_rng(5)
+    ops = NumpyBackend()
+    x = rng.standard_normal((2, 6, 5, 7)).astype(np.float32)
+    biases = rng.standard_normal(6).astype(np.float32)
+    stored = channels_innermost(x)
+    biased = ops.add_bias_(stored.copy(order="K"), biases, "leaky")
+    expected = x + biases.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(biased, np.maximum(expected, expected * np.float32(0.1)))
+    statistics = [rng.uniform(0.5, 1.5, 6).astype(np.float32) for _ in range(4)]
+    normalized = ops.batchnorm_forward_inference(stored, *statistics, activation="leaky")
+    assert normalized.strides[1] == 4
+    np.testing.assert_array_equal(
+        normalized, ops.batchnorm_forward_inference(x, *statistics, activation="leaky"))
+    for array in (ops.copy(stored), ops.empty(x.shape, like=stored)):
+        assert array.strides[1] == 4
+    np.testing.assert_array_equal(ops.copy(stored), x)
+    routed = concat_channels(ops, [stored, (channels_innermost(x[:, :4]), 1, 3)])
+    np.testing.assert_array_equal(routed, np.concatenate([x, x[:, 1:3]], axis=1))
 
 
 def test_equal_shape_shortcut_is_the_weighted_sum():

@@ -11,8 +11,13 @@ batch-innermost in memory, as a (C, H, W, B) array seen through transpose(3, 0, 
 the layout the im2col product writes and reads (columns are (C*k*k, H*W*B)), so no transpose copy
 is needed between them; numpy's elementwise ops keep it (order='K'); and every spatial window
 view (im2col's shifts, pooling's 2x2 cells) has the whole batch as its contiguous inner loop.
-Elementwise work runs over blocks of channels (_channel_blocks) so that an op's several passes
-and temporaries stay in the CPU cache.
+At inference (train=False) convolutions store their outputs channels innermost instead, as an
+(H, W, B, C) array seen through transpose(2, 3, 0, 1): the order Winograd's output tiles come
+in and its input transform (and channels-innermost im2col, (positions, k*k*C) @ (k*k*C, F))
+read, so that a network of them makes no transposing copy (_conv_channels_last); pooling, bias,
+activation, routes and upsampling keep the layout they are given (empty/copy follow `like`).
+Elementwise work runs over blocks of channels (_channel_blocks), or of rows where channels are
+innermost, so that an op's several passes and temporaries stay in the CPU cache.
 
 Sign convention (Darknet's): a "delta" is the negative gradient of the loss. Backward operations
 *accumulate* parameter gradients into the `*_updates` arrays they are given (Darknet's beta=1),
@@ -45,6 +50,8 @@ THREADS_VARIABLE = "ENGINE_CPU_THREADS"
 
 COLUMN_BLOCK_ELEMENTS = 1 << 18  # im2col columns per block of output rows (1 MiB of float32)
 MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one or two blocks)
+PARALLEL_ELEMENTS = 1 << 20  # a memory pass over fewer elements stays on one thread (_run)
+POOL_PARALLEL_ELEMENTS = 1 << 21  # the same for inference maxpool (input elements)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
 
 
@@ -74,7 +81,9 @@ class NumpyBackend(Operations):
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
-        self._winograd_cache = {}  # id(frozen weights) -> (weakref to them, transformed filters)
+        # (id(frozen weights), kind) -> (weakref to them, filters derived from them: Winograd's,
+        # or the columns' matrix; _derived_filters)
+        self._winograd_cache = {}
         value = os.environ.get(THREADS_VARIABLE, "1")
         try:
             self.threads = int(value)
@@ -83,17 +92,33 @@ class NumpyBackend(Operations):
         if self.threads < 1:
             raise BackendError(f"{THREADS_VARIABLE}={value}: expected a whole number of threads "
                                "(1 or more)")
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # the calling thread works too (_run), so the pool holds the other threads - 1
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
-    def _run(self, tasks):
+    def _run(self, tasks, elements=None, minimum=None):
         """Call each task (independent pieces of one operation): on the backend's threads when
-        it has several, else one after the other."""
-        if self._pool is None or len(tasks) < 2:
+        it has several, else one after the other; also one after the other for a memory pass
+        over fewer `elements` than `minimum` (default PARALLEL_ELEMENTS), where handing tasks
+        to threads costs more than it saves."""
+        if self._pool is None or len(tasks) < 2 or (
+                elements is not None and elements < (minimum or PARALLEL_ELEMENTS)):
             for task in tasks:
                 task()
             return
-        for future in [self._pool.submit(task) for task in tasks]:
-            future.result()
+        # The caller and the pool's threads take the tasks from one iterator (its next() is
+        # atomic under the GIL) until none is left: one wake-up per helper thread and operation
+        # (costly on a virtual machine: 50-100 us for an idle CPU), not one per task.
+        remaining = iter(tasks)
+
+        def work():
+            for task in remaining:
+                task()
+        helpers = [self._pool.submit(work) for _ in range(self.threads - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.result()
 
     def seed(self, seed):
         self.rng = np.random.default_rng(seed)
@@ -130,7 +155,7 @@ class NumpyBackend(Operations):
         return np.zeros(shape, dtype=np.float32 if like is None else like.dtype)
 
     def copy(self, array):
-        return array.copy()
+        return array.copy(order="K")  # laid out as array is (channels innermost or not)
 
     def reshape(self, array, shape):
         return array.reshape(shape)
@@ -173,11 +198,23 @@ class NumpyBackend(Operations):
         return memory.transpose(np.argsort(order))
 
     @staticmethod
-    def _channel_blocks(x):
+    def _channels_innermost(x):
+        """Whether x (B, C, H, W) is stored channels innermost, as inference convolutions write
+        their outputs (see conv_forward)."""
+        return x.ndim == 4 and x.shape[1] > 1 and x.strides[1] == x.itemsize
+
+    @classmethod
+    def _channel_blocks(cls, x):
         """Index tuples x[index] cutting x into blocks of whole channels (axis 1) of about
-        BLOCK_ELEMENTS each: a multi-pass elementwise op then runs block by block in cache."""
+        BLOCK_ELEMENTS each: a multi-pass elementwise op then runs block by block in cache.
+        Channels-innermost arrays are cut into blocks of rows (axis 2) instead, each holding
+        every channel (the index's channel entry is then slice(None))."""
         if x.ndim < 2:
             return [Ellipsis]
+        if cls._channels_innermost(x):
+            rows = x.shape[2]
+            step = max(1, BLOCK_ELEMENTS * rows // max(x.size, 1))
+            return [(slice(None), slice(None), slice(r, r + step)) for r in range(0, rows, step)]
         channels = x.shape[1]
         step = max(1, BLOCK_ELEMENTS * channels // max(x.size, 1))
         return [(slice(None), slice(c, c + step)) for c in range(0, channels, step)]
@@ -194,7 +231,7 @@ class NumpyBackend(Operations):
                 part[...] = activations.activate(part, activation)
             return x
         self._run([lambda block=block: self._activate_block_(x[block], activation)
-                   for block in self._channel_blocks(x)])
+                   for block in self._channel_blocks(x)], x.size)
         return x
 
     @staticmethod
@@ -229,14 +266,25 @@ class NumpyBackend(Operations):
         if activation in activations.CHANNEL_NAMES:
             y += biases.reshape(1, -1, 1, 1)
             return self.activate_(y, activation)
-        b = biases.reshape(1, -1, 1, 1)
+        b, b_row = biases.reshape(1, -1, 1, 1), None
+        memory = y.transpose(2, 3, 0, 1)
+        if self._channels_innermost(y) and memory.flags.c_contiguous:
+            # rows of (W, B, C) plus the biases repeated along a row: long inner loops (a
+            # (C,) vector broadcast over channels-innermost data loops over C at a time)
+            y_rows = memory.reshape(y.shape[2], -1)
+            b_row = np.tile(biases, y.shape[3] * y.shape[0])
 
         def block_(block):
             yb = y[block]
-            yb += b[block]
+            if b_row is None:
+                yb += b[:, block[1]]
+            else:
+                rows = y_rows[block[2]]
+                rows += b_row
             if activation != "linear":
                 self._activate_block_(yb, activation)
-        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)])
+        self._run([lambda block=block: block_(block) for block in self._channel_blocks(y)],
+                  y.size)
         return y
 
     def bias_backward(self, delta, bias_updates):
@@ -258,16 +306,22 @@ class NumpyBackend(Operations):
         return size, out_h, out_w
 
     def _winograd_filters(self, weights, v):
-        """The filters in the Winograd domain of variant v. Frozen weights (read-only arrays
-        owning their memory: Network.fold_batchnorm makes them so) are transformed once and
-        kept while the array lives; writable ones may change in place (training, tests), so they
-        are transformed on every call (a few percent of the convolution)."""
+        """The filters in the Winograd domain of variant v (_derived_filters)."""
+        return self._derived_filters(weights, v.tile,
+                                     lambda: winograd.transform_filters(weights, v))
+
+    def _derived_filters(self, weights, kind, make):
+        """make(): filters derived from `weights` (Winograd's domain, a transposed matrix).
+        Frozen weights (read-only arrays owning their memory: Network.fold_batchnorm makes them
+        so) are transformed once and kept while the array lives; writable ones may change in
+        place (training, tests), so they are transformed on every call (a few percent of the
+        convolution)."""
         if weights.flags.writeable or weights.base is not None:
-            return winograd.transform_filters(weights, v)
-        key = (id(weights), v.tile)
+            return make()
+        key = (id(weights), kind)
         entry = self._winograd_cache.get(key)
         if entry is None or entry[0]() is not weights:
-            entry = (weakref.ref(weights), winograd.transform_filters(weights, v))
+            entry = (weakref.ref(weights), make())
             self._winograd_cache[key] = entry
             weakref.finalize(weights, self._winograd_cache.pop, key, None)
         return entry[1]
@@ -279,14 +333,15 @@ class NumpyBackend(Operations):
             xm = np.pad(xm, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         return xm
 
-    def _row_blocks(self, channels, size, out_h, out_w, batch):
+    def _row_blocks(self, channels, size, out_h, out_w, batch, threads=1):
         """Ranges of output rows whose im2col columns hold about COLUMN_BLOCK_ELEMENTS: the
         convolution runs block by block, so its columns stay in the CPU cache; but at least
-        MIN_BLOCK_COLUMNS columns, so that each block's product amortises reading the filters."""
+        MIN_BLOCK_COLUMNS columns, so that each block's product amortises reading the filters.
+        Evened out for `threads` (winograd.row_ranges)."""
         per_row = out_w * batch
         step = max(-(-MIN_BLOCK_COLUMNS // per_row),
                    COLUMN_BLOCK_ELEMENTS // (channels * size * size * per_row))
-        return [(row, min(row + step, out_h)) for row in range(0, out_h, step)]
+        return winograd.row_ranges(out_h, step, threads)
 
     @staticmethod
     def _im2col(xm, size, stride, rows, out_w, dilation=1):
@@ -335,12 +390,14 @@ class NumpyBackend(Operations):
         """y[b, f] = sum_c weights[f, c] (*) x[b, c]; weights (F, C/groups, k, k).
         im2col + one matrix product per block of output rows; y is batch-innermost, so the
         product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
-        convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py)."""
+        convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py), and
+        every ungrouped convolution stores y channels innermost (_conv_channels_last)."""
         if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._batch_innermost, self._memory_order, self._run,
-                                    self.threads)
+                                    self._run, self.threads)
+        if not train and groups == 1:
+            return self._conv_channels_last(x, weights, stride, padding, dilation)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
@@ -363,6 +420,67 @@ class NumpyBackend(Operations):
         self._run([lambda g=g, rows=rows, f0=f0: block_(g, rows, f0)
                    for g, rows in blocks for f0 in range(0, fg, step)])
         return y
+
+    def _columns_filters(self, weights):
+        """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
+        (kernel row, kernel column, channel) multiply; kept for frozen weights, as the Winograd
+        filters are."""
+        def make():
+            f, c, k, _ = weights.shape
+            return np.ascontiguousarray(weights.transpose(2, 3, 1, 0).reshape(k * k * c, f))
+        return self._derived_filters(weights, "columns", make)
+
+    def _conv_channels_last(self, x, weights, stride, padding, dilation):
+        """An inference convolution (one group) whose output is channels-innermost: (positions,
+        K) @ (K, F) products, block by block of output rows. A channels-innermost input is
+        padded in its own layout and its columns are gathered with the channels innermost
+        (k*k copies of runs of C), times _columns_filters; any other input takes the usual
+        im2col columns (C*k*k, positions), transposed into the product."""
+        b, c = x.shape[:2]
+        f = weights.shape[0]
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
+        stride_y, stride_x = _pair(stride)
+        ym = np.empty((out_h, out_w, b, f), x.dtype)
+        y_rows = ym.reshape(-1, f)  # rows (row, column, image)
+        per_row = out_w * b
+        if self._channels_innermost(x):
+            xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
+            if padding:
+                h, w = x.shape[2:]
+                padded = np.zeros((h + 2 * padding, w + 2 * padding, b, c), x.dtype)
+                padded[padding:padding + h, padding:padding + w] = xl
+                xl = padded
+            wt = self._columns_filters(weights)
+
+            def columns(rows):
+                (row0, row1) = rows
+                if size == 1 and stride_y == stride_x == 1:
+                    return xl[row0:row1, :out_w].reshape(-1, c)
+                cols = np.empty((row1 - row0, out_w, b, size, size, c), x.dtype)
+                for i in range(size):
+                    top = row0 * stride_y + i * dilation
+                    for j in range(size):
+                        left = j * dilation
+                        cols[:, :, :, i, j] = xl[top:top + stride_y * (row1 - row0):stride_y,
+                                                 left:left + stride_x * out_w:stride_x]
+                return cols.reshape(-1, size * size * c)
+        else:
+            xm = self._padded_input(x, padding)
+            wt = weights.reshape(f, -1).T
+
+            def columns(rows):
+                return self._im2col(xm, size, stride, rows, out_w, dilation).T
+        blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
+        # with fewer blocks than threads (small maps), the filters are shared out as well
+        parts = self.threads if len(blocks) < self.threads else 1
+        step = -(-f // parts)
+
+        def block_(rows, f0):
+            np.matmul(columns(rows), wt[:, f0:f0 + step],
+                      out=y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step])
+        self._run([lambda rows=rows, f0=f0: block_(rows, f0)
+                   for rows in blocks for f0 in range(0, f, step)])
+        return ym.transpose(2, 3, 0, 1)
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):
@@ -459,6 +577,21 @@ class NumpyBackend(Operations):
         factor, shift = inference_affine(*(a.reshape(n).astype(x.dtype, copy=False) for a in
                                            (scales, biases, rolling_mean, rolling_variance)),
                                          epsilons)
+        memory = x.transpose(2, 3, 0, 1) if x.ndim == 4 else x
+        if not per_activation and self._channels_innermost(x) and memory.flags.c_contiguous:
+            # an inference convolution's output: rows of (W, B, C) times the factors repeated
+            # along a row, plus the shifts likewise (the same operations, in x's layout)
+            rows = memory.reshape(memory.shape[0], -1)
+            y_memory = np.empty_like(memory)
+            y_rows = y_memory.reshape(rows.shape)
+            repeats = rows.shape[1] // n
+            factor_row, shift_row = np.tile(factor, repeats), np.tile(shift, repeats)
+            step = max(1, BLOCK_ELEMENTS // rows.shape[1])
+            for row in range(0, rows.shape[0], step):
+                yb = y_rows[row:row + step]
+                np.multiply(rows[row:row + step], factor_row, out=yb)
+                yb += shift_row
+            return self.activate_(y_memory.transpose(2, 3, 0, 1), activation)
         view = x.reshape(b, n, positions)
         y = np.empty_like(view)
         for block in self._channel_blocks(view):
@@ -539,11 +672,17 @@ class NumpyBackend(Operations):
             padded = self._empty_laid_like((b, c, frame_h, frame_w), x)
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
-        y = self._empty_laid_like((b, c, out_h, out_w), x)  # batch-innermost after a conv
+        if not train and size == stride and padded is x and (out_h * size, out_w * size) == (h, w) \
+                and self._channels_innermost(x) and x.transpose(2, 3, 0, 1).flags.c_contiguous:
+            return self._maxpool_tiles(x, size), None
+        y = self._empty_laid_like((b, c, out_h, out_w), x)  # laid out as x (after a conv)
         if not train:
-            self._run([lambda block=block: self._maxpool_max_(padded[block], len(rows), len(cols),
-                                                              stride, y[block])
-                       for block in self._channel_blocks(padded)])
+            tasks = [lambda frame=frame, out=out: self._maxpool_max_(
+                padded[frame], len(rows), len(cols), stride, y[out])
+                for frame, out in self._pool_blocks(padded, y, len(rows), stride)]
+            # threads pay only on the largest maps (16x416x416: 1.35 -> 1.05 ms on two; a
+            # 32x208x208 input is slower on two)
+            self._run(tasks, padded.size, POOL_PARALLEL_ELEMENTS)
             return y, None
         index_type = np.int8 if size * size < 128 else np.int32
         argmax = self._empty_laid_like(y.shape, x, index_type)
@@ -555,6 +694,48 @@ class NumpyBackend(Operations):
                 self._maxpool_window_(padded[block], size, stride, y[block], argmax[block],
                                       rows, cols)
         return y, argmax
+
+    def _maxpool_tiles(self, x, size):
+        """Inference maxpool of a contiguous channels-innermost x whose size x size windows tile
+        it exactly (the common 2x2/2): x's memory seen as (window row, i, window column,
+        (j, B, C)), the maximum over i, then over the j slices of each row: long inner loops and
+        no index arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as
+        _maxpool_max_."""
+        b, c, h, w = x.shape
+        out_h, out_w, cells = h // size, w // size, b * c
+        windows = x.transpose(2, 3, 0, 1).reshape(out_h, size, out_w, size * cells)
+        ym = np.empty((out_h, out_w, b, c), x.dtype)
+        y_cells = ym.reshape(out_h, out_w, cells)
+        row_max = np.empty((out_h, out_w, size * cells), x.dtype) if size > 1 else None
+
+        def rows_(row0, row1):
+            if row_max is None:
+                np.copyto(y_cells[row0:row1], windows[row0:row1, 0])
+                return
+            part = row_max[row0:row1]
+            np.maximum(windows[row0:row1, 0], windows[row0:row1, 1], out=part)
+            for i in range(2, size):
+                np.maximum(part, windows[row0:row1, i], out=part)
+            out = y_cells[row0:row1]
+            np.maximum(part[..., :cells], part[..., cells:2 * cells], out=out)
+            for j in range(2, size):
+                np.maximum(out, part[..., j * cells:(j + 1) * cells], out=out)
+        parts = self.threads if x.size >= POOL_PARALLEL_ELEMENTS else 1
+        self._run([lambda rows=rows: rows_(*rows)
+                   for rows in winograd.row_ranges(out_h, -(-out_h // parts), parts)])
+        return ym.transpose(2, 3, 0, 1)
+
+    def _pool_blocks(self, padded, y, height, stride):
+        """(frame index, output index) pairs cutting a pooling into blocks: of channels, or of
+        output rows (and the frame rows their windows of `height` rows read) where channels are
+        innermost."""
+        if not self._channels_innermost(y):
+            return [(block, block) for block in self._channel_blocks(padded)]
+        out_h = y.shape[2]
+        step = max(1, BLOCK_ELEMENTS * out_h // max(padded.size, 1))
+        return [((slice(None), slice(None), slice(r * stride, (min(r + step, out_h) - 1) * stride
+                                                  + height)),
+                 (slice(None), slice(None), slice(r, r + step))) for r in range(0, out_h, step)]
 
     def _maxpool_max_(self, padded, height, width, stride, y):
         """The maxima alone, separably: the maximum over each window's `height` rows (for every
@@ -706,8 +887,14 @@ class NumpyBackend(Operations):
     # ---- strided views (views.py) --------------------------------------------------------------
     def empty(self, shape, like=None):
         """An uninitialised array (to be written whole before it is read), float32 or of like's
-        dtype."""
-        return np.empty(shape, np.float32 if like is None else like.dtype)
+        dtype; channels innermost when like is (route and upsample outputs then keep the
+        layout of inference convolutions, and copy runs of channels)."""
+        if like is None:
+            return np.empty(shape, np.float32)
+        if len(shape) == 4 and self._channels_innermost(like):
+            b, c, h, w = shape
+            return np.empty((h, w, b, c), like.dtype).transpose(2, 3, 0, 1)
+        return np.empty(shape, like.dtype)
 
     @staticmethod
     def _part(seen, view):

@@ -16,10 +16,15 @@ direct sum by about 1e-5 of the layer's largest output in float32 (measured: 4e-
 random data; F(2x2, 3x3) about 1e-6), well inside the 1e-4 the Darknet golden files are matched
 to. Layers too small for the transforms to pay stay on im2col (`fits`).
 
-Arrays are batch-innermost as in numpy_backend: x's memory is (C, H, W, B); the padded input is
-copied into (H, W, B, C) order (channels innermost, the products' inner dimension), a tile's rows
-and columns are strided views of it, and the output tiles are written back into y's layout.
+Layouts: x may be stored in any order (batch-innermost (C, H, W, B) after a training-path
+convolution or the input image, channels-innermost (H, W, B, C) after an inference
+convolution); the padded input is copied into (H, W, B, C) order (channels innermost, the
+products' inner dimension; a plain copy when x already is), a tile's rows and columns are strided
+views of it, and y is stored (H, W, B, F), so that each block's output tiles are stored as runs
+of filters.
 """
+
+import itertools
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -71,6 +76,20 @@ def fits(x_shape, w_shape, stride, padding, groups, dilation):
             and dilation == 1 and x_shape[1] >= MIN_CHANNELS)
 
 
+def row_ranges(count, step, threads=1):
+    """[start, stop) ranges of about `step` rows covering `count` rows. On several threads, and
+    with at least as many ranges as threads, the ranges are made a multiple of `threads` in
+    number and even in size (differing by one row at most), so that no thread is left with one
+    range more than the others (13 rows in steps of 5 on two threads: 3 + 3 | 3 + 4 rows, not
+    5 + 3 | 5)."""
+    ranges = -(-count // step)
+    if threads == 1 or ranges < threads:
+        return [(row, min(row + step, count)) for row in range(0, count, step)]
+    ranges = min(count, ranges + (-ranges) % threads)
+    bounds = [count * i // ranges for i in range(ranges + 1)]
+    return list(itertools.pairwise(bounds))
+
+
 def variant(h, w):
     """The variant for an h x w output map."""
     return F4 if min(h, w) >= F4_MIN_SIDE else F2
@@ -85,9 +104,11 @@ def transform_filters(weights, v):
                                 dtype=np.float32)
 
 
-def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1):
+def conv3x3(x, filters, f, v, run=None, threads=1):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
-    variant v (alpha^2, C, F); returns y (B, F, H, W), batch-innermost. Block by block of tile
+    variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
+    memory: the output tiles' own order, so that they are stored as runs of filters and the
+    next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
     threads; with fewer blocks than threads, each block's filters are shared out too).
 
@@ -99,18 +120,16 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1
     tile, alpha = v.tile, v.alpha
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.zeros((rows * tile + 2, cols * tile + 2, b, c), x.dtype)  # channels innermost
-    padded[1:1 + h, 1:1 + w] = memory_order(x).transpose(1, 2, 3, 0)
-    y = batch_innermost((b, f, h, w), x.dtype)
-    ym = memory_order(y)
+    padded[1:1 + h, 1:1 + w] = x.transpose(2, 3, 0, 1)  # a plain copy if x is channels-last
+    ym = np.empty((h, w, b, f), x.dtype)
     step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
-    step = min(step, rows)
-    starts = range(0, rows, step)
-    parts = threads if len(starts) < threads else 1
+    blocks = row_ranges(rows, min(step, rows), threads)
+    parts = threads if len(blocks) < threads else 1
     f_step = -(-f // parts)
     sh, sw, sb, sc = padded.strides
 
-    def block_(row0, f0):
-        n, f1 = min(step, rows - row0), min(f0 + f_step, f)
+    def block_(row0, row1, f0):
+        n, f1 = row1 - row0, min(f0 + f_step, f)
         # gather in one copy: d[i, j, row, col, b, c] = cell (i, j) of tile (row0 + row, col)
         d = np.array(as_strided(padded[row0 * tile:], (alpha, alpha, n, cols, b, c),
                                 (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False))
@@ -119,22 +138,23 @@ def conv3x3(x, filters, f, v, batch_innermost, memory_order, run=None, threads=1
         t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
         u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
         m = np.matmul(u, filters[:, :, f0:f1])  # (alpha^2, tiles, F')
-        # Y = A^T M A, likewise: out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
+        # Y = A^T M A, likewise
         t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
         out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f1 - f0)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
-        tiled = out.transpose(5, 2, 0, 3, 1, 4)  # (F', n, tile, cols, tile, B)
-        if bottom - top == n * tile and w == cols * tile:  # whole tiles: straight into y
-            ym[f0:f1, top:bottom].reshape(tiled.shape)[...] = tiled  # a view: y is contiguous
-        else:
-            full = tiled.reshape(f1 - f0, n * tile, cols * tile, b)
-            ym[f0:f1, top:bottom] = full[:, :bottom - top, :w]
+        # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
+        tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
+        if bottom - top == n * tile and w == cols * tile:  # whole tiles: one copy, into y
+            ym[top:bottom, :, :, f0:f1].reshape(tiled.shape)[...] = tiled  # a view of y
+        else:  # the last tiles hang over y's edge: through a contiguous copy
+            full = tiled.reshape(n * tile, cols * tile, b, f1 - f0)
+            ym[top:bottom, :, :, f0:f1] = full[:bottom - top, :w]
 
-    tasks = [lambda row0=row0, f0=f0: block_(row0, f0) for row0 in starts
+    tasks = [lambda rows=rows, f0=f0: block_(*rows, f0) for rows in blocks
              for f0 in range(0, f, f_step)]
     if run is None:
         for task in tasks:
             task()
     else:
         run(tasks)
-    return y
+    return ym.transpose(2, 3, 0, 1)
