@@ -7,8 +7,8 @@ in one run, as one table (issue 13's peers table).
         darknet-half] [--batches 16 64] [--train-batch 64] [--seconds 1] [--quick]
         [--darknet-src DIR --darknet-build DIR] [--alexeyab-cfg-dir DIR] [--json PATH]
 
-Measures, per network (random weights written once by the engine, BN statistics randomised,
-read by every peer):
+Measures, per network (random weights written once, calibrated so that fp16 holds them:
+benchmarks/calibrated_weights.py; read by every peer):
 - latency at batch 1 as a user calls it: a host numpy image in, host outputs out (engine:
   `Network.predict` with BN folded; PyTorch: torch.from_numpy -> .cuda() -> model -> .cpu() of
   the [yolo] outputs; CUDA graph: copy into the captured input, replay, .cpu(); Darknet: its
