@@ -39,19 +39,25 @@ PEERS = ("engine", "opencv", "torch")
 # ---- set-up (the parent process) --------------------------------------------------------------
 def inference_cfg(src, dst, size=SIZE):
     """A copy of the cfg whose [net] says batch=1, subdivisions=1, width=height=size."""
-    out, in_net = [], False
+    rewrite_cfg(src, dst, {"net": {"batch": 1, "subdivisions": 1, "width": size, "height": size}})
+
+
+def rewrite_cfg(src, dst, settings):
+    """A copy of the cfg in which each section named in `settings` ("net", "yolo", ...) has
+    the given key -> value pairs instead of its own."""
+    out, current = [], None
     with open(src) as handle:
         lines = handle.readlines()
     for line in lines:
         stripped = line.strip()
         if stripped.startswith("["):
-            in_net = stripped.lower() in ("[net]", "[network]")
+            name = stripped.strip("[]").strip().lower()
+            current = settings.get("net" if name == "network" else name)
             out.append(line)
-            if in_net:
-                out += ["batch=1\n", "subdivisions=1\n", f"width={size}\n", f"height={size}\n"]
+            if current:
+                out += [f"{key}={value}\n" for key, value in current.items()]
             continue
-        key = stripped.split("=", 1)[0].strip()
-        if in_net and key in ("batch", "subdivisions", "width", "height"):
+        if current and stripped.split("=", 1)[0].strip() in current:
             continue
         out.append(line)
     with open(dst, "w") as handle:

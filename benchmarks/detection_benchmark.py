@@ -73,7 +73,8 @@ BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCHMARKS)
 
-from cpu_detection_benchmark import inference_cfg, write_random_weights  # noqa: E402
+from cpu_detection_benchmark import (inference_cfg, rewrite_cfg,  # noqa: E402
+                                     write_random_weights)
 
 SIZE = 416
 NETWORKS = {"yolov3-tiny": "cfg/yolov3-tiny.cfg", "yolov4-tiny": "cfg/yolov4-tiny.cfg",
@@ -200,28 +201,6 @@ def failure(error):
 
 
 # ---- cfg copies and synthetic data (the parent process) ----------------------------------------
-def rewrite_cfg(src, dst, settings):
-    """A copy of the cfg in which each section named in `settings` ("net", "yolo", ...) has
-    the given key -> value pairs instead of its own."""
-    out, current = [], None
-    with open(src) as handle:
-        lines = handle.readlines()
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("["):
-            name = stripped.strip("[]").strip().lower()
-            current = settings.get("net" if name == "network" else name)
-            out.append(line)
-            if current:
-                out += [f"{key}={value}\n" for key, value in current.items()]
-            continue
-        if current and stripped.split("=", 1)[0].strip() in current:
-            continue
-        out.append(line)
-    with open(dst, "w") as handle:
-        handle.writelines(out)
-
-
 def training_cfg(src, dst, batch, size, max_batches, half=False):
     """[net] with one pass of `batch` images (subdivisions=1), size x size and max_batches;
     [yolo] random=0 and [net] mosaic=0, so that every iteration runs at size x size and a

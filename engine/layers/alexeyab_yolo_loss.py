@@ -28,15 +28,13 @@ import math
 
 import numpy as np
 
+from ..boxes import image_chunks, padded_truths
+
 IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 IOU_KINDS = ("iou", "giou", "diou", "ciou")
 CLASS_MATCH_THRESH = 0.25  # compare_yolo_class: a class score above it lets ignore_thresh act
 FOCAL_ALPHA = 0.5  # delta_yolo_class's focal loss
 FLT_MAX = float(np.finfo(np.float32).max)
-# The per-prediction IoUs are computed for as many images at once as fit about CHUNK_VALUES
-# values: small enough for the CPU's caches (64K: 8x faster per value than 8M on a 2-core VM),
-# large enough to spare per-image calls. yolo.py's loss uses it too.
-CHUNK_VALUES = 1 << 16
 
 
 class Box:
@@ -259,14 +257,8 @@ class AlexeyabYoloLoss:
         usable = [[(Box(*row[:4]), int(row[4])) for row in truth if 0 <= int(row[4]) < L.classes]
                   for truth in truths]
         delta[:, :, 4] = L.obj_normalizer * (0 - output[:, :, 4])
-        images = [b for b in range(batch) if usable[b]]
-        most = max((len(usable[b]) for b in images), default=0)
-        # Images per pass: the IoU array (images, anchors, H, W, truths) holds about
-        # CHUNK_VALUES values (small enough for the CPU's caches).
-        step = max(1, int(CHUNK_VALUES // max(n_anchors * lh * lw * most, 1)))
-        for start in range(0, len(images), step):
-            self._predictions_delta(output, delta, images[start:start + step], usable, net_w,
-                                    net_h)
+        for images in image_chunks([len(u) for u in usable], n_anchors * lh * lw):
+            self._predictions_delta(output, delta, images, usable, net_w, net_h)
         for b in range(batch):
             self.truths_delta(output[b], delta[b], usable[b], net_w, net_h, stats)
 
@@ -287,16 +279,11 @@ class AlexeyabYoloLoss:
             with np.errstate(over="ignore"):
                 pw = np.exp(w) * anchors[:, :, 0, None, None] / net_w
                 ph = np.exp(h) * anchors[:, :, 1, None, None] / net_h
-        count = max(len(usable[b]) for b in images)
-        boxes = np.zeros((len(images), 1, 1, 1, count, 4))
-        padding = np.ones((len(images), 1, 1, 1, count), dtype=bool)
-        for k, b in enumerate(images):
-            for t, (box, _) in enumerate(usable[b]):
-                boxes[k, 0, 0, 0, t] = box.x, box.y, box.w, box.h
-                padding[k, 0, 0, 0, t] = False
+        boxes, valid = padded_truths([[(box.x, box.y, box.w, box.h) for box, _ in usable[b]]
+                                      for b in images], np.float64)
         ious = _grid_iou(px[..., None], py[..., None], pw[..., None], ph[..., None],
                          *(boxes[..., v] for v in range(4)))
-        ious = np.where(padding, -np.inf, ious)  # (images, anchors, H, W, truths)
+        ious = np.where(valid, ious, -np.inf)  # (images, anchors, H, W, truths)
         best_iou = np.maximum(ious.max(axis=-1), 0)
         best_t = ious.argmax(axis=-1)
         class_match = (out[:, :, 5:] > CLASS_MATCH_THRESH).any(axis=2)

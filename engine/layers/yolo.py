@@ -36,9 +36,9 @@ Darknet's sum of squared deltas, which is not that loss.
 
 import numpy as np
 
-from ..boxes import box_iou, grid_boxes
-from .alexeyab_yolo_loss import (CHUNK_VALUES, FLT_MAX, IOU_KINDS, IOU_LOSSES,
-                                 AlexeyabYoloLoss, classes_multipliers, sum_of_squares)
+from ..boxes import box_iou, grid_boxes, image_chunks, padded_truths
+from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
+                                 classes_multipliers, sum_of_squares)
 from .anchor_activation import anchor_activate
 from .base import Layer
 
@@ -247,11 +247,8 @@ class YoloLayer(Layer):
         # Images are independent: the per-prediction part for many at once, then each image's
         # truths (within an image, Darknet's order).
         dlt[:, :, 4] = -out[:, :, 4]
-        images = [b for b, truth in enumerate(truths) if len(truth)]
-        most = max((len(truths[b]) for b in images), default=0)
-        step = max(1, int(CHUNK_VALUES // max(out[0, :, 0].size * most, 1)))
-        for start in range(0, len(images), step):
-            self._predictions_delta(out, dlt, images[start:start + step], truths, net_w, net_h)
+        for images in image_chunks([len(truth) for truth in truths], out[0, :, 0].size):
+            self._predictions_delta(out, dlt, images, truths, net_w, net_h)
         anchor_shapes = np.column_stack([np.zeros((self.total, 2), np.float32),
                                          self.anchors / np.float32([net_w, net_h])])
         for b, truth in enumerate(truths):
@@ -266,12 +263,7 @@ class YoloLayer(Layer):
         anchors = self.mask_anchors[:, :, None, None] / np.float32([net_w, net_h])[:, None, None]
         pred = grid_boxes(np.moveaxis(out[images, :, :4], 2, -1), cols, rows, w, h,
                           anchors[:, 0], anchors[:, 1])  # (images, anchors, h, w, 4)
-        boxes = np.zeros((len(images), 1, 1, 1, max(len(truths[b]) for b in images), 4),
-                         np.float32)
-        valid = np.zeros(boxes.shape[:-1], dtype=bool)
-        for k, b in enumerate(images):
-            boxes[k, 0, 0, 0, :len(truths[b])] = truths[b][:, :4]
-            valid[k, 0, 0, 0, :len(truths[b])] = True
+        boxes, valid = padded_truths([truths[b][:, :4] for b in images], np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
             ious = np.where(valid, box_iou(pred[..., None, :], boxes), -np.inf)
         best_iou, best_t = ious.max(axis=-1), ious.argmax(axis=-1)
