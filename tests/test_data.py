@@ -235,3 +235,22 @@ def test_bundled_mnist_test_set_through_mnist_data():
     golden = np.fromfile(os.path.join(ROOT, "tests", "golden", "G1_mnist_trained", "inputs.bin"),
                          dtype="<f4").reshape(64, 1, 28, 28)
     np.testing.assert_array_equal(ds.images[:64], golden)
+
+
+def test_host_batches_reuse_arrays_in_turn_and_keep_two_sizes():
+    from engine.data import HostBatches
+
+    made = []
+
+    def allocate(shape):
+        made.append(np.empty(shape, np.float32))
+        return made[-1]
+    batches = HostBatches(allocate)
+    a, b = batches((2, 3, 4, 4)), batches((2, 3, 4, 4))
+    assert a is not b and batches((2, 3, 4, 4)) is a and batches((2, 3, 4, 4)) is b
+    assert len(made) == 2  # in turn, no new allocation
+    c = batches((2, 3, 8, 8))
+    assert c.shape == (2, 3, 8, 8) and len(made) == 3
+    batches((2, 3, 6, 6))  # a third size: the oldest (4x4) is let go
+    assert set(batches.rings) == {(2, 3, 8, 8), (2, 3, 6, 6)}
+    assert batches((2, 3, 4, 4)) is not a

@@ -518,3 +518,37 @@ def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
         assert relative_error(got, want) <= 1e-3
 
 
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 70, 70), (2, 7, 5, 3), (64, 2, 1, 1)])
+def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape):
+    """kernels/batchnorm.cu's statistics (a block per piece of a plane, several per plane for
+    70x70) and backward equal the CPU backend's; the mean is far from 0 so that the variance's
+    rounding shows."""
+    x = randn(rng, *shape) * 3 + 5
+    delta = randn(rng, *shape)
+    c = shape[1]
+    params = [randn(rng, c) for _ in range(2)] + [randn(rng, c), np.abs(randn(rng, c))]
+    host = [p.copy() for p in params]
+    device = [gpu.asarray(p) for p in params]
+    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *host)
+    y_gpu, cache_gpu = gpu.batchnorm_forward_train(gpu.asarray(x), *device)
+    assert_close(gpu, y_gpu, y_cpu, "y")
+    assert_close(gpu, device[2], host[2], "rolling mean")
+    assert_close(gpu, device[3], host[3], "rolling variance")
+    updates_cpu = [np.full(c, 0.5, np.float32) for _ in range(2)]
+    updates_gpu = [gpu.asarray(u) for u in updates_cpu]
+    dx_cpu = cpu.batchnorm_backward(delta, cache_cpu, host[0], *updates_cpu)
+    dx_gpu = gpu.batchnorm_backward(gpu.asarray(delta), cache_gpu, device[0], *updates_gpu)
+    assert_close(gpu, dx_gpu, dx_cpu, "dx", tolerance=3 * TOLERANCE)
+    assert_close(gpu, updates_gpu[0], updates_cpu[0], "scale updates", tolerance=3 * TOLERANCE)
+    assert_close(gpu, updates_gpu[1], updates_cpu[1], "bias updates", tolerance=3 * TOLERANCE)
+
+
+def test_page_locked_batches_copy_in_and_out(gpu, rng):
+    """host_empty's page-locked arrays go through asarray and set_ like numpy ones."""
+    host = gpu.host_empty((3, 4, 5))
+    host[...] = randn(rng, 3, 4, 5)
+    assert np.array_equal(gpu.to_host(gpu.asarray(host)), host)
+    dst = gpu.zeros((3, 4, 5))
+    assert np.array_equal(gpu.to_host(gpu.set_(dst, host)), host)

@@ -382,15 +382,19 @@ def bn_train_reference(x, scales, biases, per_activation):
 
 @pytest.mark.parametrize("shape, per_activation", [((6, 5, 4, 3), False), ((16, 9, 1, 1), False),
                                                    ((4, 3, 2, 2), True)])
-def test_batchnorm_training(ops, rng, shape, per_activation):
+@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic"])
+def test_batchnorm_training(ops, rng, shape, per_activation, activation):
+    """y = act(BN(x)) with the batch statistics; the backward through both."""
     x = randn(rng, *shape) * 3 + 1
     n = int(np.prod(shape[1:])) if per_activation else shape[1]
     scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
     biases, mean0 = randn(rng, n), randn(rng, n, scale=0.1)
     variance0 = rng.uniform(0.5, 1.5, n).astype(np.float32)
     (y, cache), args = call(ops, "batchnorm_forward_train", x, scales, biases, mean0, variance0,
-                            per_activation=per_activation)
-    expected, mean, variance, normal, count = bn_train_reference(x, scales, biases, per_activation)
+                            per_activation=per_activation, activation=activation)
+    normalized, mean, variance, normal, count = bn_train_reference(x, scales, biases,
+                                                                   per_activation)
+    expected = activations.activate(normalized, activation)
     assert_close(y, expected, "BN forward")
     momentum = constants.BN_MOMENTUM
     assert_close(args[3], (1 - momentum) * mean0 + momentum * mean.reshape(-1), "rolling mean")
@@ -402,14 +406,23 @@ def test_batchnorm_training(ops, rng, shape, per_activation):
     moved = [to_backend(ops, a) for a in (delta, scales, su0, bu0)]
     dx = to_numpy(ops, ops.batchnorm_backward(moved[0], cache, moved[1], moved[2], moved[3]))
     axes = (0,) if per_activation else (0, 2, 3)
-    assert_close(to_numpy(ops, moved[3]), bu0 + delta.astype(np.float64).sum(axis=axes).reshape(-1),
+    through = delta * activations.gradient(expected, activation)  # the delta of BN's output
+    assert_close(to_numpy(ops, moved[3]), bu0 + through.sum(axis=axes).reshape(-1),
                  "BN bias updates")
-    assert_close(to_numpy(ops, moved[2]), su0 + (delta * normal).sum(axis=axes).reshape(-1),
+    assert_close(to_numpy(ops, moved[2]), su0 + (through * normal).sum(axis=axes).reshape(-1),
                  "BN scale updates")
-    # the delta through the batch statistics, by finite differences
-    numeric = numeric_gradient(lambda v: bn_train_reference(v, scales, biases, per_activation)[0],
-                               x, delta)
+    # the delta through the activation and the batch statistics, by finite differences
+    numeric = numeric_gradient(lambda v: activations.activate(
+        bn_train_reference(v, scales, biases, per_activation)[0], activation), x, delta)
     assert_close(dx, numeric, "BN delta", tolerance=1e-3)
+
+
+def test_host_empty(ops):
+    """A float32 host array of the shape asked for, which asarray copies in."""
+    host = ops.host_empty((2, 3, 4))
+    assert isinstance(host, np.ndarray) and host.shape == (2, 3, 4) and host.dtype == np.float32
+    host[...] = np.arange(24).reshape(2, 3, 4)
+    assert np.array_equal(to_numpy(ops, ops.asarray(host)), host)
 
 
 @pytest.mark.parametrize("epsilons", [constants.PJREDDIE_BN_EPSILONS,

@@ -131,6 +131,9 @@ class NumpyBackend(Operations):
     def asarray(self, host):
         return np.ascontiguousarray(host, dtype=np.float32)
 
+    def host_empty(self, shape):
+        return np.empty(shape, np.float32)
+
     def to_host(self, array):
         return np.asarray(array, dtype=np.float32)
 
@@ -537,7 +540,7 @@ class NumpyBackend(Operations):
         return b, shape[1], int(np.prod(shape[2:]))
 
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
-                                per_activation=False):
+                                per_activation=False, activation="linear"):
         """cuDNN's training rule: biased batch variance, eps under the square root; the rolling
         statistics move by 1% toward the batch mean and the *unbiased* batch variance.
         Returns (y, cache) with y = scales * x_norm + biases; the cache keeps (a view of) x, which
@@ -564,7 +567,8 @@ class NumpyBackend(Operations):
         rolling_variance *= 1 - BN_MOMENTUM
         rolling_variance += (BN_MOMENTUM * count / max(count - 1, 1)) * \
             variance.reshape(rolling_variance.shape)
-        return y.reshape(x.shape), (view, mean, inv_std, per_activation)
+        y = self.activate_(y.reshape(x.shape), activation)
+        return y, (view, mean, inv_std, per_activation, y, activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
@@ -604,7 +608,8 @@ class NumpyBackend(Operations):
         """Accumulates the scale and bias gradients; returns the delta for the BN input:
         dx = scale*inv_std * (delta - mean(delta) - x_norm * mean(delta * x_norm)),
         with x_norm = (x - mean) * inv_std, block by block (the centred block in cache)."""
-        view_x, mean, inv_std, per_activation = cache
+        view_x, mean, inv_std, per_activation, y, activation = cache
+        delta = self.activation_backward_(y, delta, activation)
         b, n, positions = self._bn_layout(delta.shape, per_activation)
         count = b * positions
         view = delta.reshape(b, n, positions)

@@ -160,10 +160,10 @@ class LinearUnit(Layer):
         fused = self.activation if fusable(self.activation, train) else "linear"
         if not self.batch_normalize:
             y = ops.add_bias_(y, p["biases"], fused)  # one fused pass where it can be
-        elif train:
+        elif train:  # the op keeps what its backward needs, activation included
             y, self.bn_cache = ops.batchnorm_forward_train(
-                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"])
-            fused = "linear"
+                y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
+                activation=fused)
         else:
             y = ops.batchnorm_forward_inference(
                 y, p["scales"], p["biases"], p["rolling_mean"], p["rolling_variance"],
@@ -198,9 +198,11 @@ class LinearUnit(Layer):
 
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""
-        delta = activation_backward(ops, self, delta, self.activation)
         if self.batch_normalize:
+            if not fusable(self.activation, True):  # else batchnorm_backward's own activation
+                delta = activation_backward(ops, self, delta, self.activation)
             return ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],
                                           self.updates["scales"], self.updates["biases"])
+        delta = activation_backward(ops, self, delta, self.activation)
         ops.bias_backward(delta, self.updates["biases"])
         return delta

@@ -238,12 +238,18 @@ class CudaBackend(Operations):
             self.cuda.memcpy_htod_async(array.ptr, host, self.stream)
         return array
 
+    def host_empty(self, shape):
+        """Page-locked host memory: the copy engine reads it directly, asynchronously."""
+        return self.cuda.pagelocked_empty(tuple(int(s) for s in shape), np.float32)
+
     def to_host(self, array):
-        """float32 numpy values of a device array (fp16 or bf16 ones converted on the device)."""
+        """numpy values of a device array: float32 for activations (fp16 or bf16 ones converted on
+        the device), integers as they are."""
         if not hasattr(array, "gpudata"):
             return np.asarray(array, dtype=np.float32)
-        array = self._as_type(array, FLOAT32)
-        host = np.empty(array.shape, dtype=np.float32)
+        if array.dtype in STORAGE_DTYPES.values():
+            array = self._as_type(array, FLOAT32)
+        host = np.empty(array.shape, dtype=array.dtype)
         if host.nbytes > STAGED_MIN:
             self._staged_download(array, host)
         elif host.size:
@@ -594,17 +600,41 @@ class CudaBackend(Operations):
         return shape, params, mode
 
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
-                                per_activation=False):
-        shape, params, mode = self._bn_shapes(x.shape, per_activation)
-        y = self._empty(x.shape, x.dtype)
+                                per_activation=False, activation="linear"):
+        """SPATIAL statistics in kernels/batchnorm.cu (cuDNN's kernels give a channel one block:
+        slow for few channels of large maps), the activation fused; PER_ACTIVATION ones (dense
+        layers) in cuDNN, then the activation."""
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
-        x_desc = self.dnn.tensor(shape, x.dtype)
-        self.dnn.batchnorm_forward_train(mode, x_desc, x.ptr, y.ptr,
-                                         self.dnn.tensor(params), scales.ptr, biases.ptr,
-                                         rolling_mean.ptr, rolling_variance.ptr,
-                                         save_mean.ptr, save_inv_std.ptr)
-        return y, (x, save_mean, save_inv_std, per_activation)
+        y = self._empty(x.shape, x.dtype)
+        if per_activation:
+            shape, params, mode = self._bn_shapes(x.shape, per_activation)
+            x_desc = self.dnn.tensor(shape, x.dtype)
+            self.dnn.batchnorm_forward_train(mode, x_desc, x.ptr, y.ptr,
+                                             self.dnn.tensor(params), scales.ptr, biases.ptr,
+                                             rolling_mean.ptr, rolling_variance.ptr,
+                                             save_mean.ptr, save_inv_std.ptr)
+            y = self.activate_(y, activation)
+            return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+        spatial, channels = self._channel_layout(x.shape)
+        planes, chunks = x.size // spatial, self.kernels.plane_chunks(spatial)
+        sums = self._channel_sums(channels)
+        self.kernels.launch_blocks("bn_sums_kernel", planes * chunks, x.ptr, sums.ptr, spatial,
+                                   channels, chunks, dtype=x.dtype)
+        self.kernels.launch("bn_statistics_kernel", channels, sums.ptr, save_mean.ptr,
+                            save_inv_std.ptr, rolling_mean.ptr, rolling_variance.ptr, channels,
+                            x.size // channels)
+        self.kernels.launch_blocks("bn_normalize_kernel", planes * chunks, x.ptr, y.ptr,
+                                   save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr,
+                                   spatial, channels, chunks, _activation_id(activation),
+                                   dtype=x.dtype)
+        return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+
+    def _channel_sums(self, channels):
+        """Two zeroed float64 accumulators per channel (kernels/batchnorm.cu adds into them)."""
+        sums = self._empty((channels, 2), np.float64)
+        self.cuda.memset_d32_async(sums.ptr, 0, 4 * channels, self.stream)
+        return sums
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
                                     per_activation=False, activation="linear",
@@ -632,14 +662,30 @@ class CudaBackend(Operations):
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
-        x, save_mean, save_inv_std, per_activation = cache
-        shape, params, mode = self._bn_shapes(x.shape, per_activation)
+        x, save_mean, save_inv_std, per_activation, y, activation = cache
         delta = self._as_type(delta, x.dtype)
         dx = self._empty(x.shape, x.dtype)
-        self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape, x.dtype), x.ptr, delta.ptr,
-                                    dx.ptr, self.dnn.tensor(params), scales.ptr,
-                                    scale_updates.ptr, bias_updates.ptr,
-                                    save_mean.ptr, save_inv_std.ptr)
+        if per_activation:
+            delta = self.activation_backward_(y, delta, activation)
+            shape, params, mode = self._bn_shapes(x.shape, per_activation)
+            self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape, x.dtype), x.ptr, delta.ptr,
+                                        dx.ptr, self.dnn.tensor(params), scales.ptr,
+                                        scale_updates.ptr, bias_updates.ptr,
+                                        save_mean.ptr, save_inv_std.ptr)
+            return dx
+        spatial, channels = self._channel_layout(x.shape)
+        planes, chunks = x.size // spatial, self.kernels.plane_chunks(spatial)
+        act = _activation_id(activation)
+        sums = self._channel_sums(channels)
+        self.kernels.launch_blocks("bn_backward_sums_kernel", planes * chunks, x.ptr, y.ptr,
+                                   delta.ptr, save_mean.ptr, save_inv_std.ptr, sums.ptr, spatial,
+                                   channels, chunks, act, dtype=x.dtype)
+        self.kernels.launch("bn_updates_kernel", channels, sums.ptr, scale_updates.ptr,
+                            bias_updates.ptr, channels)
+        self.kernels.launch_blocks("bn_backward_kernel", planes * chunks, x.ptr, y.ptr,
+                                   delta.ptr, dx.ptr, save_mean.ptr, save_inv_std.ptr,
+                                   scales.ptr, sums.ptr, spatial, channels, chunks,
+                                   x.size // channels, act, dtype=x.dtype)
         return dx
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
@@ -657,6 +703,11 @@ class CudaBackend(Operations):
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
         b, c, h, w = (int(s) for s in in_shape)
         out_h, out_w = (int(s) for s in delta.shape[2:])
+        if stride >= size:
+            dx = self.zeros((b, c, h, w), like=delta)
+            self.kernels.launch("maxpool_scatter_kernel", delta.size, delta.ptr, argmax.ptr,
+                                dx.ptr, delta.size, out_h * out_w, h * w, dtype=delta.dtype)
+            return dx
         dx = self._empty((b, c, h, w), delta.dtype)
         self.kernels.launch("maxpool_backward_kernel", dx.size, delta.ptr, argmax.ptr,
                             dx.ptr, dx.size, h, w, out_h, out_w, size, stride, pad,

@@ -43,6 +43,7 @@ SIGNATURES = {
     "sgd_kernel": ("elementwise.cu", "PPPifPfff"),
     "maxpool_forward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "maxpool_backward_kernel": ("pooling.cu", "PPPiiiiiiii"),
+    "maxpool_scatter_kernel": ("pooling.cu", "PPPiii"),
     "dropout_forward_kernel": ("dropout.cu", "PPPiffIPI"),
     "softmax_kernel": ("softmax.cu", "PPiif"),
     "broadcast_multiply_kernel": ("broadcast.cu", "PPPiiiiii"),
@@ -59,6 +60,17 @@ SIGNATURES = {
     "from_float_kernel": ("elementwise.cu", "PPi"),
     "to_float_kernel": ("elementwise.cu", "PPii"),
     "nonfinite_kernel": ("elementwise.cu", "PPi"),
+    "bn_sums_kernel": ("batchnorm.cu", "PPiii"),
+    "bn_statistics_kernel": ("batchnorm.cu", "PPPPPii"),
+    "bn_normalize_kernel": ("batchnorm.cu", "PPPPPPiiii"),
+    "bn_backward_sums_kernel": ("batchnorm.cu", "PPPPPPiiii"),
+    "bn_updates_kernel": ("batchnorm.cu", "PPPi"),
+    "bn_backward_kernel": ("batchnorm.cu", "PPPPPPPPiiiii"),
+    "truth_overlap_kernel": ("yolo_loss.cu", "PPPPPiiiiiiffiif"),
+    "objectness_delta_kernel": ("yolo_loss.cu", "PPPiiiiffi"),
+    "gather_cells_kernel": ("yolo_loss.cu", "PPPiiiii"),
+    "scatter_cells_kernel": ("yolo_loss.cu", "PPPiiiii"),
+    "sum_of_squares_kernel": ("yolo_loss.cu", "PPi"),
 }
 
 # numpy dtype of a device array -> the C type kernels/storage.cuh stores it as (bf16 values are

@@ -1,0 +1,139 @@
+// Training batch norm over channels (SPATIAL statistics of an NCHW tensor), cuDNN's rule: the
+// batch mean and biased variance normalise, the rolling statistics move BN_MOMENTUM toward the
+// mean and the unbiased variance. cuDNN's own kernels give each channel one block, so YOLO's
+// first layers (16-64 channels of 416x416 or 208x208 planes at batch 64) ran on a few dozen
+// blocks: 1.4-6.4 ms per call on an H200. Here every block takes PLANE_CHUNK elements of one
+// plane (as activations.cu's *_planes kernels) and adds its partial sums into per-channel
+// doubles (zeroed before), then a small kernel per channel finishes. The activation that
+// follows is fused in (one whose gradient comes from its output: layers/base.py's fusable).
+#include "activation_functions.cuh"
+#include "storage.cuh"
+
+#ifndef BN_MOMENTUM
+#error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
+#endif
+
+#define PLANE_CHUNK 1024
+#define REDUCE_THREADS 256
+
+// The block's sums of a and b (one pair per thread) added into total[0] and total[1].
+__device__ void add_block_pair(double a, double b, double *total)
+{
+    __shared__ double shared_a[REDUCE_THREADS / 32], shared_b[REDUCE_THREADS / 32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_down_sync(0xffffffff, a, offset);
+        b += __shfl_down_sync(0xffffffff, b, offset);
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { shared_a[warp] = a; shared_b[warp] = b; }
+    __syncthreads();
+    if (warp == 0) {
+        a = lane < blockDim.x / 32 ? shared_a[lane] : 0.0;
+        b = lane < blockDim.x / 32 ? shared_b[lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            a += __shfl_down_sync(0xffffffff, a, offset);
+            b += __shfl_down_sync(0xffffffff, b, offset);
+        }
+        if (lane == 0) {
+            atomicAdd(total, a);
+            atomicAdd(total + 1, b);
+        }
+    }
+}
+
+// sums[2c], sums[2c+1] += the sum of x and of x^2 over channel c's planes.
+extern "C" __global__ void bn_sums_kernel(const act_t *x, double *sums, int spatial,
+                                          int channels, int chunks)
+{
+    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    const act_t *row = x + (size_t)plane * spatial;
+    float sum = 0.f, squares = 0.f;  // at most PLANE_CHUNK / blockDim.x values per thread
+    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
+         i += blockDim.x) {
+        float v = load(row[i]);
+        sum += v;
+        squares += v * v;
+    }
+    add_block_pair(sum, squares, sums + 2 * c);
+}
+
+// Per channel: the batch mean and 1/sqrt(var + epsilon) saved for the backward, the rolling
+// statistics moved. count: the values per channel.
+extern "C" __global__ void bn_statistics_kernel(const double *sums, float *mean, float *inv_std,
+                                                float *rolling_mean, float *rolling_variance,
+                                                int channels, int count)
+{
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    double m = sums[2 * c] / count;
+    double variance = fmax(sums[2 * c + 1] / count - m * m, 0.0);
+    mean[c] = (float)m;
+    inv_std[c] = (float)(1.0 / sqrt(variance + BN_TRAINING_EPSILON));
+    double unbiased = count > 1 ? variance * count / (count - 1) : variance;
+    rolling_mean[c] = (float)((1.0 - BN_MOMENTUM) * rolling_mean[c] + BN_MOMENTUM * m);
+    rolling_variance[c] = (float)((1.0 - BN_MOMENTUM) * rolling_variance[c] + BN_MOMENTUM * unbiased);
+}
+
+// y = act(scale * (x - mean) * inv_std + bias), over whole planes.
+extern "C" __global__ void bn_normalize_kernel(const act_t *x, act_t *y, const float *mean,
+                                               const float *inv_std, const float *scale,
+                                               const float *bias, int spatial, int channels,
+                                               int chunks, int act)
+{
+    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    float m = mean[c], k = inv_std[c] * scale[c], b = bias[c];
+    size_t base = (size_t)plane * spatial;
+    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
+         i += blockDim.x)
+        y[base + i] = store(activate((load(x[base + i]) - m) * k + b, act));
+}
+
+// With d = delta * act'(y): sums[2c], sums[2c+1] += the sum of d and of d * x_normalised over
+// channel c.
+extern "C" __global__ void bn_backward_sums_kernel(const act_t *x, const act_t *y,
+                                                   const act_t *delta, const float *mean,
+                                                   const float *inv_std, double *sums,
+                                                   int spatial, int channels, int chunks, int act)
+{
+    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    float m = mean[c], s = inv_std[c];
+    size_t base = (size_t)plane * spatial;
+    float sum = 0.f, inner = 0.f;
+    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
+         i += blockDim.x) {
+        float d = load(delta[base + i]) * gradient(load(y[base + i]), act);
+        sum += d;
+        inner += d * (load(x[base + i]) - m) * s;
+    }
+    add_block_pair(sum, inner, sums + 2 * c);
+}
+
+// The parameters' updates accumulate the sums (bias: of delta; scale: of delta * x_normalised).
+extern "C" __global__ void bn_updates_kernel(const double *sums, float *scale_updates,
+                                             float *bias_updates, int channels)
+{
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    bias_updates[c] += (float)sums[2 * c];
+    scale_updates[c] += (float)sums[2 * c + 1];
+}
+
+// The delta for x: scale * inv_std * (d - (sum d + x_normalised * sum d*x_normalised) / count),
+// d = delta * act'(y): the exact backward of the activation and the batch statistics.
+extern "C" __global__ void bn_backward_kernel(const act_t *x, const act_t *y, const act_t *delta,
+                                              act_t *dx, const float *mean, const float *inv_std,
+                                              const float *scale, const double *sums,
+                                              int spatial, int channels, int chunks, int count,
+                                              int act)
+{
+    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    float m = mean[c], s = inv_std[c], k = scale[c] * s;
+    float mean_delta = (float)(sums[2 * c] / count), mean_inner = (float)(sums[2 * c + 1] / count);
+    size_t base = (size_t)plane * spatial;
+    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
+         i += blockDim.x) {
+        float normalised = (load(x[base + i]) - m) * s;
+        float d = load(delta[base + i]) * gradient(load(y[base + i]), act);
+        dx[base + i] = store(k * (d - mean_delta - normalised * mean_inner));
+    }
+}
