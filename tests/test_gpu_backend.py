@@ -552,3 +552,23 @@ def test_page_locked_batches_copy_in_and_out(gpu, rng):
     assert np.array_equal(gpu.to_host(gpu.asarray(host)), host)
     dst = gpu.zeros((3, 4, 5))
     assert np.array_equal(gpu.to_host(gpu.set_(dst, host)), host)
+
+
+@pytest.mark.parametrize("channels", [32, 3])  # 32: whole 16-byte vectors per row; 3: not
+def test_route_and_shortcut_copies_of_rows(gpu, cpu, rng, channels):
+    """strided_copy_ of contiguous rows (copy_rows_kernel where rows are whole vectors, the
+    strided kernel otherwise): a channel block per image, scaled, shifted and accumulated."""
+    from engine.backends import views
+    x = randn(rng, 4, 2 * channels, 6, 10)
+    src = views.window(x.shape, None, (channels, channels, 1))
+    dst_shape = (4, 3 * channels, 6, 10)
+    dst = views.window(dst_shape, None, (channels, channels, 1))
+    base = randn(rng, *dst_shape)
+    for scale, shift, accumulate in ((1.0, 0.0, False), (2.0, 0.5, True)):
+        expected = cpu.strided_copy_(base.copy(), dst, x, src, scale, shift, accumulate)
+        actual = gpu.strided_copy_(gpu.asarray(base), dst, gpu.asarray(x), src, scale, shift,
+                                   accumulate)
+        assert_close(gpu, actual, expected, f"scale {scale} accumulate {accumulate}")
+    whole = views.whole(x.shape)
+    assert_close(gpu, gpu.strided_copy_(gpu.zeros(x.shape), whole, gpu.asarray(x), whole, 3.0),
+                 3 * x, "a whole array")

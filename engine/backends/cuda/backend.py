@@ -30,7 +30,7 @@ from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
 from .device import get_device
-from .kernels import Kernels
+from .kernels import ROW_CHUNK, Kernels
 from .libraries import check_gpu_dependencies
 
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
@@ -112,6 +112,26 @@ def _joint_walk(views_and_sizes):
     walks = tuple((g[0],) + tuple(steps[j] for _, steps in axes)
                   for j, g in enumerate(geometries))
     return _size(counts), tuple(count for count, _ in axes[1:]), walks
+
+
+def _vector_rows(n, counts, *walks, vector):
+    """For a joint walk (_joint_walk) that is rows of contiguous elements in every view, whole
+    vectors of `vector` elements long and apart: (row length, one (offset, row step) per view)
+    for copy_rows_kernel; else None."""
+    if any(count != 1 for count in counts[:-1]):
+        return None
+    length = counts[-1]
+    if length == 1:  # one axis: contiguous throughout, or not at all
+        if any(walk[1] != 1 for walk in walks):
+            return None
+        length, steps = n, [(walk[0], 0) for walk in walks]
+    elif any(walk[-1] != 1 for walk in walks):
+        return None
+    else:
+        steps = [(walk[0], walk[1]) for walk in walks]
+    if length % vector or any(offset % vector or step % vector for offset, step in steps):
+        return None
+    return length, *steps
 
 
 def _lanes(view, axis, array):
@@ -821,6 +841,16 @@ class CudaBackend(Operations):
         src = self._as_type(src, dst.dtype)
         n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(src.size)),
                                                        (dst_view, int(dst.size))))
+        rows = _vector_rows(n, counts, src_walk, dst_walk, vector=16 // dst.dtype.itemsize)
+        if rows is not None and src.ptr % 16 == 0 and dst.ptr % 16 == 0:
+            length, (src_offset, src_step), (dst_offset, dst_step) = rows
+            chunks = -(-length // ROW_CHUNK)
+            self.kernels.launch_blocks("copy_rows_kernel", n // length * chunks, src.ptr,
+                                       dst.ptr, length, chunks, src_offset, src_step,
+                                       dst_offset, dst_step, np.float32(scale),
+                                       np.float32(shift), int(bool(accumulate)),
+                                       dtype=dst.dtype)
+            return dst
         self.kernels.launch("strided_copy_kernel", n, src.ptr, dst.ptr, n, *counts, *src_walk,
                             *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)),
                             dtype=dst.dtype)

@@ -19,6 +19,7 @@ KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 BLOCK = 256
 PLANE_CHUNK = 1024  # elements of a channel plane per block in the *_planes kernels
+ROW_CHUNK = 4096  # elements of a row per block in copy_rows_kernel (kernels/strided.cu)
 
 # nvcc options of every kernel: optimised, and engine/constants.py's values as -D definitions.
 COMPILE_OPTIONS = ["-O3"] + kernel_define_options()
@@ -50,6 +51,7 @@ SIGNATURES = {
     "broadcast_add_kernel": ("broadcast.cu", "PPPiiiiiiff"),
     "sum_to_kernel": ("strided.cu", "PP" + "i" * 8 + "f"),
     "strided_copy_kernel": ("strided.cu", "PP" + "i" * 20 + "ffi"),
+    "copy_rows_kernel": ("strided.cu", "PPiiiiiiffi"),
     "softmax_strided_kernel": ("softmax.cu", "P" + "i" * 15),
     "local_avgpool_kernel": ("pooling.cu", "PPiiiiiiiii"),
     "channel_max_kernel": ("pooling.cu", "PPPiiii"),
