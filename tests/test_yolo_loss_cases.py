@@ -188,3 +188,33 @@ def test_loss_equals_the_scalar_codes(tmp_path, saved, name):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     write(DATA)
+
+
+def test_rounds_order_the_events_of_a_cell():
+    """An event's round is how many earlier events share its cell; each round's events touch
+    distinct cells, and rounds come in order."""
+    from engine.layers.yolo_cells import CellRounds, truth_events
+
+    cell_of = [(0, 1, 2, 3), (1, 0, 0, 0), (0, 1, 2, 3), (0, 0, 2, 3), (0, 1, 2, 3), (1, 0, 0, 0)]
+    image, slot, j, i = (np.array(v) for v in zip(*cell_of))
+    events = truth_events(image, np.arange(6), slot, slot, j, i)
+    cells = CellRounds(events, (2, 2, 4, 5))
+    np.testing.assert_array_equal(cells.round, [0, 0, 1, 0, 2, 1])
+    assert [tuple(cells.cells[u]) for u in cells.cell] == cell_of
+    assert [list(r) for r in cells.rounds()] == [[0, 1, 3], [2, 5], [4]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_loss_equals_cpu(tmp_path, saved, name):
+    """YoloLayer.cost on the CUDA backend (its dense part in float32 kernels) against the numpy
+    backend's, on every case: the deltas to 1e-4 of the largest, the cost to 1e-4."""
+    from engine.backends.cuda import CudaBackend
+
+    output, truth = saved[f"{name}/output"], saved[f"{name}/truth"]
+    cpu_cost, cpu_delta = run_cost(make_layer(tmp_path, name), NumpyBackend(), output, truth)
+    gpu_cost, gpu_delta = run_cost(make_layer(tmp_path, name), CudaBackend(device=0, seed=0),
+                                   output, truth)
+    scale = np.abs(cpu_delta).max()
+    assert np.abs(gpu_delta - cpu_delta).max() <= 1e-4 * scale
+    assert gpu_cost == pytest.approx(cpu_cost, rel=1e-4)
