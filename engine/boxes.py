@@ -79,14 +79,13 @@ def image_chunks(counts, cells):
 
 def padded_truths(boxes, dtype):
     """Per-image (n_i, 4) truth boxes as one (images, 1, 1, 1, most, 4) array of `dtype`,
-    broadcasting against (images, anchors, H, W) predictions, and the mask of the real ones."""
+    broadcasting against (images, anchors, H, W) predictions; the padding is zeros (a box of
+    size 0, which iou_or_zero gives 0 with any prediction)."""
     most = max(len(rows) for rows in boxes)
     padded = np.zeros((len(boxes), 1, 1, 1, most, 4), dtype)
-    valid = np.zeros(padded.shape[:-1], dtype=bool)
     for k, rows in enumerate(boxes):
         padded[k, 0, 0, 0, :len(rows)] = rows
-        valid[k, 0, 0, 0, :len(rows)] = True
-    return padded, valid
+    return padded
 
 
 def box_iou(a, b):

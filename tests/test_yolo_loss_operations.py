@@ -97,9 +97,9 @@ def overlap_case(rng, new_coords):
 
     def on_prediction(b, a, j, i, stretch):
         x, y, w, h = (float(v) for v in grid[b, a, :4, j, i])
-        size = (w * w * 4 if new_coords else math.exp(w)), (h * h * 4 if new_coords else math.exp(h))
-        return [(i + x) / width, (j + y) / height, size[0] * anchors[a, 0] / net_w * stretch,
-                size[1] * anchors[a, 1] / net_h * stretch, 1]
+        sw, sh = (w * w * 4, h * h * 4) if new_coords else (math.exp(w), math.exp(h))
+        return [(i + x) / width, (j + y) / height, sw * anchors[a, 0] / net_w * stretch,
+                sh * anchors[a, 1] / net_h * stretch, 1]
 
     first = on_prediction(0, 1, 2, 3, 1.1)
     truths[0, :6] = [first, [0.3, 0.4, 0.2, 0.3, 3], on_prediction(0, 0, 1, 1, 0.9), first,

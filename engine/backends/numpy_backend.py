@@ -1045,7 +1045,7 @@ class NumpyBackend(Operations):
                                               rows_of_cells, width, height, sizes[:, 0],
                                               sizes[:, 1], net_w, net_h, new_coords)
             numbers = [np.flatnonzero(usable[b]) for b in images]
-            boxes, _ = padded_truths([rows[b, n, :4] for b, n in zip(images, numbers)], np.float64)
+            boxes = padded_truths([rows[b, n, :4] for b, n in zip(images, numbers)], np.float64)
             top, found = np.full(px.shape, -1.0), np.zeros(px.shape, np.int32)
             # truth by truth, the first largest wins; the padding's boxes (zeros) meet no
             # prediction (IoU 0), and come after each image's real truths
