@@ -218,3 +218,17 @@ def test_gpu_loss_equals_cpu(tmp_path, saved, name):
     scale = np.abs(cpu_delta).max()
     assert np.abs(gpu_delta - cpu_delta).max() <= 1e-4 * scale
     assert gpu_cost == pytest.approx(cpu_cost, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pjreddie", "alexeyab_defaults", "giou_truth_thresh"])
+def test_a_batch_without_truths_gets_the_objectness_push_alone(tmp_path, saved, name):
+    """No truth in the mini-batch: the delta is obj_normalizer * (0 - objectness), nothing
+    else, and the cost its sum of squares (an IoU loss adds no box term: no truth counted)."""
+    layer = make_layer(tmp_path, name)
+    output = saved[f"{name}/output"]
+    cost, delta = run_cost(layer, NumpyBackend(), output, np.zeros((BATCH, ROWS * 5), np.float32))
+    normalizer = getattr(layer, "obj_normalizer", 1.0)
+    expected = np.zeros(output.shape)
+    expected[:, 4::layer.entries] = -normalizer * output[:, 4::layer.entries].astype(np.float64)
+    np.testing.assert_allclose(delta, expected, rtol=1e-6)
+    assert cost == pytest.approx(float((expected ** 2).sum()), rel=1e-5)

@@ -257,13 +257,17 @@ class YoloLayer(Layer):
             events = Events.joined(past_truth_thresh(ops, best, index, self.truth_thresh,
                                                      self.mask), events)
         cells = CellRounds(events, tuple(best.shape))
-        out = ops.gather_cells(output, cells.cells, entries)
-        dlt = ops.gather_cells(delta, cells.cells, entries)
+        if len(events):
+            out = ops.gather_cells(output, cells.cells, entries)
+            dlt = ops.gather_cells(delta, cells.cells, entries)
+        else:  # no truth lands in this head: the objectness push is all
+            out = dlt = np.zeros((0, entries), np.float32)
         loss.start(events, cells.cell, rows, out)
         for which in cells.rounds():
             loss.apply(which, cells.cell[which], out, dlt)
         loss.finish(dlt)
-        ops.scatter_cells_(delta, cells.cells, dlt)
+        if len(events):
+            ops.scatter_cells_(delta, cells.cells, dlt)
         return loss.cost(ops, delta, dlt), delta
 
 
