@@ -42,10 +42,21 @@ def iou_or_zero(px, py, pw, ph, tx, ty, tw, th):
     """Darknet's box_iou of boxes (px, py, pw, ph) and (tx, ty, tw, th) (numbers or arrays that
     broadcast), guarded as AlexeyAB's box.c guards it: 0 where the intersection or the union
     is 0."""
-    ow = np.minimum(px + pw / 2, tx + tw / 2) - np.maximum(px - pw / 2, tx - tw / 2)
-    oh = np.minimum(py + ph / 2, ty + th / 2) - np.maximum(py - ph / 2, ty - th / 2)
+    return edges_iou_or_zero(box_edges(px, py, pw, ph), box_edges(tx, ty, tw, th))
+
+
+def box_edges(x, y, w, h):
+    """(left, right, top, bottom, area) of boxes: what iou_or_zero computes from each box, for
+    a caller that compares the same boxes with many others."""
+    return x - w / 2, x + w / 2, y - h / 2, y + h / 2, w * h
+
+
+def edges_iou_or_zero(a, b):
+    """iou_or_zero of boxes given by box_edges."""
+    ow = np.minimum(a[1], b[1]) - np.maximum(a[0], b[0])
+    oh = np.minimum(a[3], b[3]) - np.maximum(a[2], b[2])
     inter = np.where((ow < 0) | (oh < 0), 0.0, ow * oh)
-    union = pw * ph + tw * th - inter
+    union = a[4] + b[4] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where((inter == 0) | (union == 0), 0.0, inter / np.where(union == 0, 1, union))
 

@@ -34,7 +34,8 @@ import numpy as np
 
 from .. import activations, memory
 from ..batchnorm_rule import inference_affine
-from ..boxes import image_chunks, iou_or_zero, listed_truths, padded_truths, prediction_boxes
+from ..boxes import (box_edges, edges_iou_or_zero, image_chunks, listed_truths, padded_truths,
+                     prediction_boxes)
 from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
@@ -1041,16 +1042,17 @@ class NumpyBackend(Operations):
         sizes = np.asarray(anchors, dtype=np.float64).reshape(count, 2)[:, :, None, None]
         cols, rows_of_cells = np.arange(width), np.arange(height)[:, None]
         for images in image_chunks(usable.sum(axis=1), count * height * width):
-            px, py, pw, ph = prediction_boxes(np.moveaxis(grid[images, :, :4], 2, -1), cols,
-                                              rows_of_cells, width, height, sizes[:, 0],
-                                              sizes[:, 1], net_w, net_h, new_coords)
+            predicted = box_edges(*prediction_boxes(
+                np.moveaxis(grid[images, :, :4], 2, -1), cols, rows_of_cells, width, height,
+                sizes[:, 0], sizes[:, 1], net_w, net_h, new_coords))
             numbers = [np.flatnonzero(usable[b]) for b in images]
             boxes = padded_truths([rows[b, n, :4] for b, n in zip(images, numbers)], np.float64)
-            top, found = np.full(px.shape, -1.0), np.zeros(px.shape, np.int32)
+            top = np.full(predicted[0].shape, -1.0)
+            found = np.zeros(top.shape, np.int32)
             # truth by truth, the first largest wins; the padding's boxes (zeros) meet no
             # prediction (IoU 0), and come after each image's real truths
             for t in range(boxes.shape[-2]):
-                iou = iou_or_zero(px, py, pw, ph, *(boxes[..., t, v] for v in range(4)))
+                iou = edges_iou_or_zero(predicted, box_edges(*(boxes[..., t, v] for v in range(4))))
                 better = iou > top
                 top = np.where(better, iou, top)
                 row = np.array([n[t] if t < len(n) else 0 for n in numbers], np.int32)
