@@ -204,7 +204,7 @@ class AlexeyabYoloLoss:
                                                     L.iou_normalizer * self.mult)
         counted = ~events.past
         self.count = int(counted.sum())
-        # Darknet's running float sums, in its order
+        # running float64 sums over the truth events, in Darknet's order (as the scalar code)
         self.iou_loss = float(np.cumsum(1 - iou[counted])[-1]) if self.count else 0.0
         self.giou_loss = float(np.cumsum(1 - giou[counted])[-1]) if self.count else 0.0
         if self.smooth and events.past.any():
