@@ -204,6 +204,23 @@ def test_rounds_order_the_events_of_a_cell():
     assert [list(r) for r in cells.rounds()] == [[0, 1, 3], [2, 5], [4]]
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_cases_keep_clear_of_the_thresholds(tmp_path, saved, name):
+    """No best IoU (with or without the class gate) lies within 1e-4 of ignore_thresh or
+    truth_thresh, so the GPU's float32 truth_overlap takes the decisions the CPU's float64 one
+    takes, and test_gpu_loss_equals_cpu can compare deltas closely."""
+    layer = make_layer(tmp_path, name)
+    ops = NumpyBackend()
+    rows = saved[f"{name}/truth"].reshape(BATCH, ROWS, 5)[:, :layer.max_boxes]
+    alexeyab = layer.loss_kind == "alexeyab"
+    for gate in (0.25, None) if alexeyab else (None,):
+        best, _ = ops.truth_overlap(saved[f"{name}/output"], rows.reshape(BATCH, -1),
+                                    layer.mask_anchors, layer.entries, NET_W, NET_H,
+                                    layer.new_coords, layer.classes if alexeyab else None, gate)
+        for thresh in (layer.ignore_thresh, layer.truth_thresh):
+            assert np.abs(best - thresh).min() > 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_gpu_loss_equals_cpu(tmp_path, saved, name):
