@@ -1,9 +1,10 @@
-"""Box geometry shared by the detection layers' losses and by detection post-processing:
-decoding a grid cell's raw entries into a box, and overlap measures. Boxes are (x, y, w, h):
-centre and size, in whatever unit the caller uses (relative to the image, or grid cells).
+"""Box geometry shared by the detection layers' losses, the numpy backend's [yolo] operations
+and detection post-processing: decoding a grid cell's raw entries into a box, overlap measures,
+and Darknet's truth lists. Boxes are (x, y, w, h): centre and size, in whatever unit the caller
+uses (relative to the image, or grid cells).
 
-This sits below engine.layers and engine.detection, so a layer can decode and compare boxes
-without importing the application-level detection module.
+This sits below engine.layers, engine.backends and engine.detection, so a layer or a backend can
+decode and compare boxes without importing the application-level detection module.
 """
 
 import numpy as np
@@ -22,7 +23,57 @@ def grid_boxes(raw, col, row, w, h, anchor_w, anchor_h, new_coords=False):
                      size_w * anchor_w, size_h * anchor_h], axis=-1)
 
 
-# The losses compare every prediction with every truth for as many images at once as fit about
+def prediction_boxes(raw, col, row, grid_w, grid_h, anchor_w, anchor_h, net_w, net_h,
+                     new_coords=False):
+    """(px, py, pw, ph) in float64 of [yolo] predictions relative to the network input, from
+    their entries x, y, w, h (`raw[..., 0:4]`) in cell (col, row) and their anchor's size in
+    input pixels, as the [yolo] losses decode them: (col + x)/grid_w, (row + y)/grid_h,
+    exp(w)*anchor_w/net_w or, with new_coords, w*w*4*anchor_w/net_w (get_yolo_box)."""
+    x, y, w, h = (raw[..., k].astype(np.float64) for k in range(4))
+    if new_coords:
+        pw, ph = w * w * 4 * anchor_w / net_w, h * h * 4 * anchor_h / net_h
+    else:
+        with np.errstate(over="ignore"):
+            pw, ph = np.exp(w) * anchor_w / net_w, np.exp(h) * anchor_h / net_h
+    return (col + x) / grid_w, (row + y) / grid_h, pw, ph
+
+
+def iou_or_zero(px, py, pw, ph, tx, ty, tw, th):
+    """Darknet's box_iou of boxes (px, py, pw, ph) and (tx, ty, tw, th) (numbers or arrays that
+    broadcast), guarded as AlexeyAB's box.c guards it: 0 where the intersection or the union
+    is 0."""
+    return edges_iou_or_zero(box_edges(px, py, pw, ph), box_edges(tx, ty, tw, th))
+
+
+def box_edges(x, y, w, h):
+    """(left, right, top, bottom, area) of boxes: what iou_or_zero computes from each box, for
+    a caller that compares the same boxes with many others."""
+    return x - w / 2, x + w / 2, y - h / 2, y + h / 2, w * h
+
+
+def edges_iou_or_zero(a, b):
+    """iou_or_zero of boxes given by box_edges."""
+    ow = np.minimum(a[1], b[1]) - np.maximum(a[0], b[0])
+    oh = np.minimum(a[3], b[3]) - np.maximum(a[2], b[2])
+    inter = np.where((ow < 0) | (oh < 0), 0.0, ow * oh)
+    union = a[4] + b[4] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((inter == 0) | (union == 0), 0.0, inter / np.where(union == 0, 1, union))
+
+
+def listed_truths(rows, classes=None):
+    """Which of the truth rows (..., T, 5) of (x, y, w, h, class) Darknet reads: those before
+    the first with x == 0 (its end of the list); with `classes` (AlexeyAB's loss) also only
+    those whose int(class) lies in [0, classes) (a row outside does not end the list)."""
+    listed = np.cumprod(rows[..., 0] != 0, axis=-1).astype(bool)
+    if classes is not None:
+        with np.errstate(invalid="ignore"):
+            cls = np.trunc(rows[..., 4])
+        listed &= (cls >= 0) & (cls < classes)
+    return listed
+
+
+# truth_overlap compares every prediction with every truth for as many images at once as fit about
 # CHUNK_VALUES IoU values: small enough for the CPU's caches (64K: 8x faster per value than 8M on
 # a 2-core VM), large enough to spare per-image calls.
 CHUNK_VALUES = 1 << 16
@@ -39,14 +90,13 @@ def image_chunks(counts, cells):
 
 def padded_truths(boxes, dtype):
     """Per-image (n_i, 4) truth boxes as one (images, 1, 1, 1, most, 4) array of `dtype`,
-    broadcasting against (images, anchors, H, W) predictions, and the mask of the real ones."""
+    broadcasting against (images, anchors, H, W) predictions; the padding is zeros (a box of
+    size 0, which iou_or_zero gives 0 with any prediction)."""
     most = max(len(rows) for rows in boxes)
     padded = np.zeros((len(boxes), 1, 1, 1, most, 4), dtype)
-    valid = np.zeros(padded.shape[:-1], dtype=bool)
     for k, rows in enumerate(boxes):
         padded[k, 0, 0, 0, :len(rows)] = rows
-        valid[k, 0, 0, 0, :len(rows)] = True
-    return padded, valid
+    return padded
 
 
 def box_iou(a, b):

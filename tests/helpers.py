@@ -17,17 +17,17 @@ def write_cfg(path, net_options, body):
     return str(path)
 
 
-def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1):
+def build_layer(tmp_path, section_text, in_shape, layer_shapes=(), seed=1, darknet="pjreddie"):
     """Build the single layer described by `section_text` for an input of shape (C, H, W).
 
     `layer_shapes` are the output shapes of earlier layers (for [route]); the layer gets the
-    index len(layer_shapes)."""
+    index len(layer_shapes). `darknet`: whose cfg it is ([yolo] picks its loss by it)."""
     c, h, w = in_shape
     path = write_cfg(tmp_path / f"layer{np.random.randint(1 << 30)}.cfg",
                      {"batch": 1, "height": h, "width": w, "channels": c}, section_text)
     section = read_cfg(path)[1]
     net = SimpleNamespace(rng=np.random.default_rng(seed), layer_shapes=list(layer_shapes),
-                          darknet="pjreddie",
+                          darknet=darknet,
                           options=SimpleNamespace(width=w, height=h),
                           reserve_parameters=ParameterBudget().reserve,
                           bn_epsilons=PJREDDIE_BN_EPSILONS)

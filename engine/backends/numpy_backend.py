@@ -34,6 +34,8 @@ import numpy as np
 
 from .. import activations, memory
 from ..batchnorm_rule import inference_affine
+from ..boxes import (box_edges, edges_iou_or_zero, image_chunks, listed_truths, padded_truths,
+                     prediction_boxes)
 from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
@@ -1028,3 +1030,74 @@ class NumpyBackend(Operations):
             for j in range(size):
                 self._pool_window(padded, i, j, stride, out_h, out_w)[...] += share
         return np.ascontiguousarray(padded[:, :, top:top + h, top:top + w])
+
+    # ---- the [yolo] losses: dense part and cell gathers ---------------------------------------
+    def truth_overlap(self, output, truths, anchors, entries, net_w, net_h, new_coords, classes,
+                      class_gate):
+        """Each prediction's best IoU with its image's truths and that truth's row, as declared.
+        Computed in float64 for a few images at a time (boxes.image_chunks), and `best` stays
+        float64 here: this backend is the reference the others are compared with."""
+        batch, channels, height, width = output.shape
+        count = channels // entries
+        grid = output.reshape(batch, count, entries, height, width)
+        rows = np.asarray(truths, dtype=np.float32).reshape(batch, -1, 5)
+        usable = listed_truths(rows, classes)
+        best = np.zeros((batch, count, height, width))
+        index = np.full((batch, count, height, width), -1, np.int32)
+        sizes = np.asarray(anchors, dtype=np.float64).reshape(count, 2)[:, :, None, None]
+        cols, rows_of_cells = np.arange(width), np.arange(height)[:, None]
+        for images in image_chunks(usable.sum(axis=1), count * height * width):
+            predicted = box_edges(*prediction_boxes(
+                np.moveaxis(grid[images, :, :4], 2, -1), cols, rows_of_cells, width, height,
+                sizes[:, 0], sizes[:, 1], net_w, net_h, new_coords))
+            numbers = [np.flatnonzero(usable[b]) for b in images]
+            boxes = padded_truths([rows[b, n, :4] for b, n in zip(images, numbers)], np.float64)
+            top = np.full(predicted[0].shape, -1.0)
+            found = np.zeros(top.shape, np.int32)
+            # truth by truth, the first largest wins; the padding's boxes (zeros) meet no
+            # prediction (IoU 0), and come after each image's real truths
+            for t in range(boxes.shape[-2]):
+                iou = edges_iou_or_zero(predicted, box_edges(*(boxes[..., t, v] for v in range(4))))
+                better = iou > top
+                top = np.where(better, iou, top)
+                row = np.array([n[t] if t < len(n) else 0 for n in numbers], np.int32)
+                found = np.where(better, row[:, None, None, None], found)
+            best[images], index[images] = top, found
+        if class_gate is not None:
+            best[~(grid[:, :, 5:] > class_gate).any(axis=2)] = 0
+        return best, index
+
+    def objectness_delta_(self, delta, output, best, entries, normalizer, ignore_thresh, smooth):
+        """The objectness entries of delta, as declared (the rest untouched)."""
+        objectness = output[:, 4::entries]
+        value = np.float32(normalizer) * (0 - objectness)
+        matched = best > ignore_thresh
+        if smooth:
+            value = np.where(matched, np.maximum(value, normalizer * (best - objectness)), value)
+        else:
+            value[matched] = 0
+        delta[:, 4::entries] = value
+        return delta
+
+    @staticmethod
+    def _cell_entries(cells, entries):
+        """Index arrays picking the `entries` channels of each cell (b, a, j, i): (U, entries)."""
+        b, a, j, i = (np.asarray(cells, dtype=np.int64).reshape(-1, 4)[:, k, None]
+                      for k in range(4))
+        return b, a * entries + np.arange(entries), j, i
+
+    def gather_cells(self, x, cells, entries):
+        """The entries of each cell, a host (U, entries) float32 array."""
+        return np.asarray(x[self._cell_entries(cells, entries)], dtype=np.float32)
+
+    def scatter_cells_(self, x, cells, values):
+        """Each cell's entries set from values (U, entries), in place."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.size:
+            x[self._cell_entries(cells, values.shape[-1])] = values
+        return x
+
+    def sum_of_squares(self, x):
+        """The sum of x's squares as one BLAS dot product (float32, summed in blocks)."""
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        return float(np.dot(flat, flat))

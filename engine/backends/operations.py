@@ -262,6 +262,47 @@ class Operations(ABC):
         """Darknet's l2 cost: (sum of (truth - output)^2 as a float, new delta = truth - output),
         as softmax_cross_entropy."""
 
+    # ---- the [yolo] losses (engine/layers/yolo.py): the dense part, and the cells the host reads --
+    # Outputs are (B, A*E, H, W), E = 4 + 1 + classes entries per anchor: anchor a's are channels
+    # a*E .. a*E+E-1, in the order x, y, w, h, objectness, classes.
+    @abstractmethod
+    def truth_overlap(self, output, truths, anchors, entries, net_w, net_h, new_coords, classes,
+                      class_gate):
+        """(best, index): two new arrays of shape (B, A, H, W), best float32 (the numpy backend,
+        the reference, keeps float64), index int32. `truths`: an array (B, T*5) of Darknet rows
+        (x, y, w, h, class) relative to the network input; an image's truths are its rows up to
+        the first with x == 0; with `classes` not None (AlexeyAB's loss) a row whose int(class)
+        lies outside [0, classes) is skipped (it does not end the list); with None, no class
+        check. `anchors`: host (A, 2) sizes of the layer's mask anchors in input pixels.
+        Prediction (b, a, j, i) decodes to px = (i + x)/W, py = (j + y)/H, pw = exp(w)*aw/net_w,
+        ph = exp(h)*ah/net_h (new_coords: pw = w*w*4*aw/net_w, ph likewise). best = the largest
+        Darknet box_iou (0 where the intersection or the union is 0) over the image's truths, 0
+        if it has none; index = that truth's row (the first on ties), -1 if none. With
+        `class_gate` not None, best is 0 (index unchanged) where no class score of the
+        prediction is > class_gate (AlexeyAB's compare_yolo_class). float32 on a GPU, float64
+        on the CPU: the two may disagree for a value exactly at a threshold."""
+
+    @abstractmethod
+    def objectness_delta_(self, delta, output, best, entries, normalizer, ignore_thresh, smooth):
+        """In place on delta (output's shape), on the objectness entries only (channel a*E+4):
+        d = normalizer * (0 - o); where best > ignore_thresh, d = max(d, normalizer * (best - o))
+        if smooth, else 0. best as truth_overlap returns it. Returns delta."""
+
+    @abstractmethod
+    def gather_cells(self, x, cells, entries):
+        """A host float32 array (U, entries): row u holds x[b, a*E:(a+1)*E, j, i] (E = entries)
+        for row u = (b, a, j, i) of `cells`, a host int array (U, 4); U may be 0."""
+
+    @abstractmethod
+    def scatter_cells_(self, x, cells, values):
+        """The inverse of gather_cells, in place: x[b, a*E:(a+1)*E, j, i] = values[u] for each
+        row u = (b, a, j, i) of `cells` (rows unique), values host (U, E). Returns x."""
+
+    @abstractmethod
+    def sum_of_squares(self, x):
+        """The sum of the squares of x's values (any shape) as a Python float, accumulated in
+        float64 or in blocks."""
+
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):

@@ -22,25 +22,28 @@ AlexeyAB's defaults (iou_normalizer=0.75, the class-score condition on ignore_th
 
 Training (pjreddie's): `loss` computes Darknet's YOLOv3 delta (forward_yolo_layer with net.train) for given
 truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
-Like Darknet's GPU path, the loss runs on the host: it loops over truth boxes, and the output is
-small (on the GPU that is one output download and one delta upload per head and mini-batch).
-`cost` is the loss-layer interface the network's train_step calls on every [yolo] head.
+`cost` is the loss-layer interface the network's train_step calls on every [yolo] head. Both
+losses split as `_yolo_loss` says: the part over every prediction runs on the backend
+(truth_overlap, objectness_delta_); the part over the truths runs on the host, vectorised over
+the mini-batch (engine.layers.yolo_cells), on the few cells truths land in (gather_cells,
+scatter_cells_), so on the GPU only those cross the bus, not the whole output and delta.
 
 The delta is the exact negative gradient (w.r.t. this layer's *input*) of a per-entry loss:
 binary cross-entropy on the logistic entries (x, y scaled by 2 - truth area, objectness,
 classes) and half the squared error on the raw w, h (also scaled) - with the choice of
 which entries get a target (ignore_thresh, best anchor) held fixed, and except for Darknet's
-shortcut when two truths share a cell and anchor (_class_delta). The reported cost is
+shortcut when two truths share a cell and anchor (PjreddieYoloLoss.apply). The reported cost is
 Darknet's sum of squared deltas, which is not that loss.
 """
 
 import numpy as np
 
-from ..boxes import box_iou, grid_boxes, image_chunks, padded_truths
+from ..boxes import box_iou, listed_truths
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
-                                 classes_multipliers, sum_of_squares)
+                                 classes_multipliers)
 from .anchor_activation import anchor_activate
 from .base import Layer
+from .yolo_cells import CellRounds, Events, mask_slots, past_truth_thresh, truth_events, truth_rows
 
 YOLO_NMS_KINDS = ("default", "greedynms", "diounms")
 # AlexeyAB's training-only [yolo] keys and their defaults (parse_yolo): AlexeyAB's loss reads
@@ -119,7 +122,7 @@ class YoloLayer(Layer):
     nms_kinds = YOLO_NMS_KINDS
     training_defaults = TRAINING_DEFAULTS
     has_cost = True
-    host_cost = True  # the loss runs in numpy, so a recorded CUDA graph cannot replay it
+    host_cost = True  # the truth part runs on the host, so a recorded CUDA graph cannot replay it
     outputs_boxes = box_truth = True
 
     def __init__(self, section, index, in_shapes, net):
@@ -211,110 +214,120 @@ class YoloLayer(Layer):
         """(cost, delta) for the mini-batch's truth: (batch, max_boxes * 5) rows of
         (x, y, w, h, class) per box, zero-padded (Darknet's net.truth), on the backend or host."""
         self.check_trainable()
-        truth = ops.to_host(truth).reshape(len(truth), -1, 5)
         if self.loss_kind == "alexeyab":
-            cost, delta = self.alexeyab_loss(ops.to_host(self.output), truth, self.net_w,
-                                             self.net_h)
+            cost, delta = self.alexeyab_loss(ops, truth, self.net_w, self.net_h)
             # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
             if self.delta_normalizer != 1:
-                delta *= np.float32(self.delta_normalizer)
-            return cost, ops.asarray(delta)
+                ops.scale_(delta, self.delta_normalizer)
+            return cost, delta
         return self.loss(ops, truth, self.net_w, self.net_h)
 
-    def alexeyab_loss(self, output, truths, net_w, net_h):
-        """AlexeyAB's loss on an output (batch, anchors*entries, H, W) on the host, for truths
-        as in `loss`: (AlexeyAB's cost, delta on the host)."""
-        output = np.asarray(output, dtype=np.float32)
-        n, e = len(self.mask), self.entries
-        delta = np.zeros_like(output)
-        loss = AlexeyabYoloLoss(self)
-        stats = {"count": 0, "iou_loss": 0.0, "giou_loss": 0.0}
-        shape = (len(output), n, e) + output.shape[2:]
-        loss.batch_delta(output.reshape(shape), delta.reshape(shape),
-                         [_valid_truths(truth, self.max_boxes) for truth in truths], net_w,
-                         net_h, stats)
-        return loss.cost(delta, stats), delta
+    def alexeyab_loss(self, ops, truths, net_w, net_h):
+        """AlexeyAB's loss on the last forward's output, for truths as in `loss`: (AlexeyAB's
+        cost, delta on the backend)."""
+        return self._yolo_loss(ops, truths, net_w, net_h, AlexeyabYoloLoss(self, net_w, net_h))
 
     def loss(self, ops, truths, net_w, net_h):
         """Darknet's YOLOv3 loss on the last forward's output. `truths[b]` holds image b's boxes
         as rows (x, y, w, h, class), relative to the network input; like Darknet, a row with
         x == 0 ends the list. Returns (cost = sum of squared deltas, delta on the backend)."""
-        output = ops.to_host(self.output)
-        delta = np.zeros_like(output)
-        shape = (len(output), len(self.mask), self.entries) + output.shape[2:]
-        out, dlt = output.reshape(shape), delta.reshape(shape)
-        truths = [_valid_truths(truth, self.max_boxes) for truth in truths]
-        # Images are independent: the per-prediction part for many at once, then each image's
-        # truths (within an image, Darknet's order).
-        dlt[:, :, 4] = -out[:, :, 4]
-        for images in image_chunks([len(truth) for truth in truths], out[0, :, 0].size):
-            self._predictions_delta(out, dlt, images, truths, net_w, net_h)
-        anchor_shapes = np.column_stack([np.zeros((self.total, 2), np.float32),
-                                         self.anchors / np.float32([net_w, net_h])])
-        for b, truth in enumerate(truths):
-            self._truths_delta(out[b], dlt[b], truth, anchor_shapes, net_w, net_h)
-        return sum_of_squares(delta), ops.asarray(delta)
+        return self._yolo_loss(ops, truths, net_w, net_h, PjreddieYoloLoss(self, net_w, net_h))
 
-    def _predictions_delta(self, out, dlt, images, truths, net_w, net_h):
-        """Every prediction of `images` (each with truths): objectness pushed to 0 (already in
-        dlt), unless it overlaps a truth by > ignore_thresh; > truth_thresh learns that truth."""
-        _, _, _, h, w = out.shape
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        anchors = self.mask_anchors[:, :, None, None] / np.float32([net_w, net_h])[:, None, None]
-        pred = grid_boxes(np.moveaxis(out[images, :, :4], 2, -1), cols, rows, w, h,
-                          anchors[:, 0], anchors[:, 1])  # (images, anchors, h, w, 4)
-        boxes, valid = padded_truths([truths[b][:, :4] for b in images], np.float32)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ious = np.where(valid, box_iou(pred[..., None, :], boxes), -np.inf)
-        best_iou, best_t = ious.max(axis=-1), ious.argmax(axis=-1)
-        objectness = dlt[images, :, 4]
-        objectness[best_iou > self.ignore_thresh] = 0
-        dlt[images, :, 4] = objectness
-        for k, a, j, i in zip(*np.nonzero(best_iou > self.truth_thresh)):
-            b = images[k]
-            t = truths[b][best_t[k, a, j, i]]
-            dlt[b, a, 4, j, i] = 1 - out[b, a, 4, j, i]
-            self._class_delta(out[b, a, 5:, j, i], dlt[b, a, 5:, j, i], int(t[4]))
-            self._box_delta(out[b, a, :4, j, i], dlt[b, a, :4, j, i], t, self.mask[a], i, j, w,
-                            h, net_w, net_h)
+    def _yolo_loss(self, ops, truths, net_w, net_h, loss):
+        """The steps both losses share. On the backend, every prediction: its best IoU with its
+        image's truths, and its objectness delta (pushed to 0, unless that IoU is past
+        ignore_thresh). On the host, the events (engine.layers.yolo_cells): truths, and
+        predictions past truth_thresh; only the cells they touch cross the bus."""
+        output, entries = self.output, self.entries
+        rows = truth_rows(ops, truths, self.max_boxes)
+        on_backend = ops.asarray(rows.reshape(len(rows), -1))
+        delta = ops.zeros(output.shape)
 
-    def _truths_delta(self, out, dlt, truth, anchor_shapes, net_w, net_h):
-        """Every truth of one image (anchors, entries, H, W): the cell holding its centre, in
-        the anchor of best shape (if this layer predicts that anchor), learns the box,
-        objectness 1 and the class."""
-        _, _, h, w = out.shape
-        for t in truth:
-            i, j = min(int(t[0] * w), w - 1), min(int(t[1] * h), h - 1)
-            shape_iou = box_iou(np.array([0, 0, t[2], t[3]], np.float32), anchor_shapes)
-            best_n = int(shape_iou.argmax())
-            if best_n not in self.mask:
-                continue
-            a = self.mask.index(best_n)
-            self._box_delta(out[a, :4, j, i], dlt[a, :4, j, i], t, best_n, i, j, w, h, net_w, net_h)
-            dlt[a, 4, j, i] = 1 - out[a, 4, j, i]
-            self._class_delta(out[a, 5:, j, i], dlt[a, 5:, j, i], int(t[4]))
-
-    def _box_delta(self, out, dlt, truth, anchor, i, j, w, h, net_w, net_h):
-        """delta_yolo_box: x, y toward the centre's offset in its cell, w, h toward the log of the
-        size over the anchor, all scaled by 2 - truth area (small boxes weigh more)."""
-        x, y, tw, th = (float(v) for v in truth[:4])
-        target = np.array([x * w - i, y * h - j, np.log(tw * net_w / self.anchors[anchor][0]),
-                           np.log(th * net_h / self.anchors[anchor][1])])
-        dlt[:] = (2 - tw * th) * (target - out)
-
-    @staticmethod
-    def _class_delta(out, dlt, cls):
-        """delta_yolo_class: one-hot target; if this anchor already has a class delta (a second
-        truth in the same cell), only the new class's entry is set, as Darknet does."""
-        if dlt[0]:
-            dlt[cls] = 1 - out[cls]
-            return
-        dlt[:] = -out  # the one-hot target minus out
-        dlt[cls] = 1 - out[cls]
+        def overlap(class_gate):
+            return ops.truth_overlap(output, on_backend, self.mask_anchors, entries, net_w, net_h,
+                                     self.new_coords, loss.classes, class_gate)
+        best, index = overlap(loss.class_gate)
+        ops.objectness_delta_(delta, output, best, entries, loss.obj_normalizer,
+                              self.ignore_thresh, loss.smooth)
+        events = loss.truth_events(rows, tuple(output.shape[2:]))
+        if self.truth_thresh < 1:
+            if loss.class_gate is not None:  # truth_thresh compares the IoU without the gate
+                best, index = overlap(None)
+            # within a cell, Darknet's per-prediction loop comes before the image's truths
+            events = Events.joined(past_truth_thresh(ops, best, index, self.truth_thresh,
+                                                     self.mask), events)
+        cells = CellRounds(events, tuple(best.shape))
+        if len(events):
+            out = ops.gather_cells(output, cells.cells, entries)
+            dlt = ops.gather_cells(delta, cells.cells, entries)
+        else:  # no truth lands in this head: the objectness push is all
+            out = dlt = np.zeros((0, entries), np.float32)
+        loss.start(events, cells.cell, rows, out)
+        for which in cells.rounds():
+            loss.apply(which, cells.cell[which], out, dlt)
+        loss.finish(dlt)
+        if len(events):
+            ops.scatter_cells_(delta, cells.cells, dlt)
+        return loss.cost(ops, delta, dlt), delta
 
 
-def _valid_truths(truth, max_boxes):
-    """Darknet's truth list: at most `max_boxes` rows, ending at the first with x == 0."""
-    truth = np.asarray(truth, dtype=np.float32).reshape(-1, 5)[:max_boxes]
-    empty = np.flatnonzero(truth[:, 0] == 0)
-    return truth[:empty[0]] if len(empty) else truth
+class PjreddieYoloLoss:
+    """pjreddie's YOLOv3 loss (forward_yolo_layer) for one layer and mini-batch, as the parts
+    YoloLayer._yolo_loss runs (see AlexeyabYoloLoss): no class check or gate, objectness
+    normalizer 1, and per event (a truth in its best anchor, or a prediction past truth_thresh
+    learning its best truth) the box, objectness 1 and the class, overwriting."""
+
+    classes = class_gate = None
+    obj_normalizer = 1.0
+    smooth = False
+
+    def __init__(self, layer, net_w, net_h):
+        self.layer, self.net_w, self.net_h = layer, net_w, net_h
+
+    def truth_events(self, rows, grid):
+        """Every listed truth in the cell holding its centre, in the anchor of best shape, if
+        this layer predicts that anchor."""
+        L = self.layer
+        self.grid = h, w = grid
+        image, row = np.nonzero(listed_truths(rows))
+        truth = rows[image, row]
+        i = np.minimum((truth[:, 0] * w).astype(np.int64), w - 1)  # in float32, as Darknet
+        j = np.minimum((truth[:, 1] * h).astype(np.int64), h - 1)
+        anchor_shapes = np.column_stack([np.zeros((L.total, 2), np.float32),
+                                         L.anchors / np.float32([self.net_w, self.net_h])])
+        shapes = np.column_stack([np.zeros((len(truth), 2), np.float32), truth[:, 2:4]])
+        anchor = box_iou(shapes[:, None], anchor_shapes).argmax(axis=1)
+        slot = mask_slots(L.mask, L.total)[anchor]
+        kept = slot >= 0
+        return truth_events(image[kept], row[kept], anchor[kept], slot[kept], j[kept], i[kept])
+
+    def start(self, events, cell, rows, out):
+        self.events, self.truth = events, rows[events.image, events.row]
+
+    def apply(self, which, at, out, dlt):
+        """One round: events `which` on the gathered rows `at` (no two alike)."""
+        L = self.layer
+        h, w = self.grid
+        events, truth = self.events.take(which), self.truth[which]
+        # delta_yolo_box: x, y toward the centre's offset in its cell, w, h toward the log of
+        # the size over the anchor (in float32, as the anchors are), all scaled by 2 - truth
+        # area (small boxes weigh more)
+        x, y, tw, th = (truth[:, k].astype(np.float64) for k in range(4))
+        sizes = L.anchors[events.anchor]
+        target = np.column_stack([x * w - events.i, y * h - events.j,
+                                  np.log((tw * self.net_w).astype(np.float32) / sizes[:, 0]),
+                                  np.log((th * self.net_h).astype(np.float32) / sizes[:, 1])])
+        dlt[at, :4] = (2 - tw * th)[:, None] * (target - out[at, :4])
+        dlt[at, 4] = 1 - out[at, 4]
+        # delta_yolo_class: a one-hot target; where the cell already has a class delta (an
+        # earlier truth's: Darknet looks at class 0's entry) only the new class's entry is set
+        cls = truth[:, 4].astype(np.int64)
+        fresh = at[dlt[at, 5] == 0]
+        dlt[fresh, 5:] = -out[fresh, 5:]
+        dlt[at, 5 + cls] = 1 - out[at, 5 + cls]
+
+    def finish(self, dlt):
+        pass
+
+    def cost(self, ops, delta, dlt):
+        return ops.sum_of_squares(delta)
