@@ -241,7 +241,7 @@ class YoloLayer(Layer):
         output, entries = self.output, self.entries
         rows = truth_rows(ops, truths, self.max_boxes)
         on_backend = ops.asarray(rows.reshape(len(rows), -1))
-        delta = ops.zeros(output.shape)
+        delta = ops.zeros(output.shape, like=output)  # in the storage type of activations
 
         def overlap(class_gate):
             return ops.truth_overlap(output, on_backend, self.mask_anchors, entries, net_w, net_h,

@@ -30,7 +30,7 @@ from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
 from .device import get_device
-from .kernels import ROW_CHUNK, Kernels
+from .kernels import BLOCK, ROW_CHUNK, Kernels
 from .libraries import check_gpu_dependencies
 
 ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
@@ -782,6 +782,70 @@ class CudaBackend(Operations):
 
     def sse(self, output, truth):
         return self._cost_kernel("sse_kernel", output, truth)
+
+    # ---- the [yolo] losses' dense part and cell gathers (kernels/yolo_loss.cu) ------------------
+    def truth_overlap(self, output, truths, anchors, entries, net_w, net_h, new_coords, classes,
+                      class_gate):
+        batch, channels, height, width = (int(s) for s in output.shape)
+        count = channels // entries
+        truths = self._as_type(self._on_device(truths), FLOAT32)
+        rows = truths.size // (5 * batch) if batch else 0
+        anchors = self.asarray(np.asarray(anchors, dtype=np.float32).reshape(count, 2))
+        best = self._empty((batch, count, height, width))
+        index = self._empty((batch, count, height, width), np.int32)
+        self.kernels.launch("truth_overlap_kernel", best.size, output.ptr, truths.ptr,
+                            anchors.ptr, best.ptr, index.ptr, batch, count, entries, height,
+                            width, rows, np.float32(net_w), np.float32(net_h), int(new_coords),
+                            -1 if classes is None else int(classes),
+                            np.float32(-1 if class_gate is None else class_gate),
+                            dtype=output.dtype)
+        return best, index
+
+    def objectness_delta_(self, delta, output, best, entries, normalizer, ignore_thresh, smooth):
+        output = self._as_type(output, delta.dtype)
+        plane = int(output.shape[2]) * int(output.shape[3])
+        self.kernels.launch("objectness_delta_kernel", best.size, delta.ptr, output.ptr,
+                            best.ptr, best.size, int(output.shape[1]) // entries, entries, plane,
+                            np.float32(normalizer), np.float32(ignore_thresh), int(smooth),
+                            dtype=delta.dtype)
+        return delta
+
+    def _cell_args(self, x, cells, entries):
+        _, channels, height, width = (int(s) for s in x.shape)
+        cells = np.ascontiguousarray(cells, dtype=np.int32).reshape(-1, 4)
+        device_cells = self._empty(cells.shape, np.int32)
+        if cells.size:  # pageable and small: the copy is done when the call returns
+            self.cuda.memcpy_htod_async(device_cells.ptr, cells, self.stream)
+        return len(cells), device_cells, (channels // entries, entries, height, width)
+
+    def gather_cells(self, x, cells, entries):
+        count, device_cells, geometry = self._cell_args(x, cells, entries)
+        if not count:
+            return np.zeros((0, entries), np.float32)
+        values = self._empty((count, entries))
+        self.kernels.launch("gather_cells_kernel", values.size, x.ptr, device_cells.ptr,
+                            values.ptr, count, *geometry, dtype=x.dtype)
+        return self.to_host(values)
+
+    def scatter_cells_(self, x, cells, values):
+        entries = int(np.shape(values)[-1]) if np.size(values) else 1
+        count, device_cells, geometry = self._cell_args(x, cells, entries)
+        if not count:
+            return x
+        values = self.asarray(np.asarray(values, dtype=np.float32).reshape(count, entries))
+        self.kernels.launch("scatter_cells_kernel", values.size, x.ptr, device_cells.ptr,
+                            values.ptr, count, *geometry, dtype=x.dtype)
+        return x
+
+    def sum_of_squares(self, x):
+        total = self._empty((1,), np.float64)
+        self.cuda.memset_d32_async(total.ptr, 0, 2, self.stream)
+        self.kernels.launch_blocks("sum_of_squares_kernel", -(-x.size // (4 * BLOCK)), x.ptr,
+                                   total.ptr, x.size, dtype=x.dtype)
+        host = np.empty(1, np.float64)
+        self.cuda.memcpy_dtoh_async(host, total.ptr, self.stream)
+        self.stream.synchronize()
+        return float(host[0])
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
