@@ -176,13 +176,80 @@ class CapturedSteps(EagerSteps):
         return self.recording.last_cost()
 
 
+class SplitCapturedSteps(EagerSteps):
+    """Recorded iterations for losses with a part on the host ([yolo]: its truths are handled in
+    numpy, engine/layers/yolo.py), where a batch is one pass: two recordings, the forward with
+    each loss's backend part (device_cost), and the backward with the update; between their
+    replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies.
+    What the recordings save is the host's cost per operation: cuDNN's legacy calls take about
+    180 µs each on an H200's host, 62 of them per yolov4-tiny step."""
+
+    def __init__(self, net, group):
+        super().__init__(net, group)
+        self.forward = self.backward = None
+        self.eager_iterations = 1  # the first makes the plans and buffers a recording needs
+
+    def __call__(self, images, truth, rate):
+        if self.eager_iterations > 0:
+            self.eager_iterations -= 1
+            return super().__call__(images, truth, rate)
+        return train_iteration(self.net, images, truth, rate, self.group, self._replay)
+
+    def _forward_part(self):
+        self.net.forward(self.images, train=True)
+        self.states = [layer.device_cost(self.net.ops, self.truth)
+                       for layer in self.net.cost_layers]
+
+    def _backward_part(self):
+        self.net.backward(self.seeds)
+        self.group.allreduce_updates(self.net)
+        self.net.update(0.0)  # the recorded update reads each replay's rate from the device
+
+    def _without_recordings(self, error):
+        print(f"Training without CUDA graphs ({error})", file=sys.stderr)
+        self.eager_iterations = math.inf
+
+    def _replay(self, images, truth, rate):
+        net, ops = self.net, self.net.ops
+        if self.forward is None:
+            self.images, self.truth = ops.asarray(images), ops.asarray(truth)
+            try:
+                self.forward = ops.capture(self._forward_part)
+            except BackendError as error:
+                self._without_recordings(error)
+                return run_eagerly(net, images, truth, rate, self.group)
+        else:
+            ops.set_(self.images, images)
+            ops.set_(self.truth, truth)
+        self.forward.replay(rate)
+        costs, self.seeds = [], {}
+        for layer, state in zip(net.cost_layers, self.states):
+            cost, self.seeds[layer.index] = layer.finish_cost(ops, truth, state)
+            costs.append(cost)
+        if self.backward is None:
+            try:
+                self.backward = ops.capture(self._backward_part)
+            except BackendError as error:  # this iteration's backward and update, eagerly
+                self._without_recordings(error)
+                net.backward(self.seeds)
+                self.group.allreduce_updates(net)
+                net.update(rate)
+                return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
+        self.backward.replay(rate)
+        # as Network.train_step: one loss layer's cost, or their mean
+        return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
+
+
 def iteration_runner(net, group):
-    """CapturedSteps where the backend can record iterations, a batch is one pass and every loss
-    runs on the device (a [yolo] loss runs on the host, outside any recording), else
-    EagerSteps."""
-    on_device = not any(getattr(layer, "host_cost", False) for layer in net.cost_layers)
-    if net.ops.can_record and net.options.subdivisions == 1 and on_device:
-        return CapturedSteps(net, group)
+    """Where the backend can record iterations and a batch is one pass: CapturedSteps when
+    every loss runs on the device, SplitCapturedSteps when a loss has a host part it can split
+    off (device_cost / finish_cost: the [yolo] losses); else EagerSteps."""
+    if net.ops.can_record and net.options.subdivisions == 1:
+        losses = net.cost_layers
+        if not any(getattr(layer, "host_cost", False) for layer in losses):
+            return CapturedSteps(net, group)
+        if all(hasattr(layer, "device_cost") for layer in losses):
+            return SplitCapturedSteps(net, group)
     return EagerSteps(net, group)
 
 

@@ -572,3 +572,37 @@ def test_route_and_shortcut_copies_of_rows(gpu, cpu, rng, channels):
     whole = views.whole(x.shape)
     assert_close(gpu, gpu.strided_copy_(gpu.zeros(x.shape), whole, gpu.asarray(x), whole, 3.0),
                  3 * x, "a whole array")
+
+
+def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path):
+    """A detector's iterations on the GPU as two CUDA graphs around the [yolo] losses' host
+    part (train.SplitCapturedSteps) give the weights of iterations issued one operation at a
+    time (tests/test_recorded_steps.py's detector, on the CPU there)."""
+    from engine import train as training
+    from engine.backends.cuda import CudaBackend
+    from test_recorded_steps import YOLO_BODY
+    path = tmp_path / "y.cfg"
+    path.write_text("[net]\nbatch=4\nsubdivisions=1\nheight=16\nwidth=16\nchannels=3\n"
+                    "learning_rate=0.1\nmomentum=0.9\ndecay=0.001\n" + YOLO_BODY)
+    rng = np.random.default_rng(4)
+    batches = []
+    for _ in range(5):
+        truth = np.zeros((4, 20), np.float32)
+        for b in range(4):
+            w, h = rng.uniform(0.1, 0.6, 2)
+            truth[b, :5] = [rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2), w, h,
+                            rng.integers(0, 2)]
+        batches.append((rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32), truth))
+    results = {}
+    for runner in (training.EagerSteps, training.iteration_runner):
+        ops = CudaBackend(device=0, seed=5)
+        net = Network(str(path), backend=ops, seed=5, quiet=True)
+        run = runner(net, training.SINGLE_PROCESS)
+        losses = [run(images, truth, 0.05) for images, truth in batches]
+        results[runner] = losses, [ops.to_host(a) for layer in net.layers
+                                   for a in layer.params.values()]
+    assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
+    (eager_losses, eager), (losses, recorded) = results.values()
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    for got, want in zip(recorded, eager):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

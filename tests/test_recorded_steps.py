@@ -223,3 +223,80 @@ def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     (_, first), (_, second) = ops.cuda.copies[-2:]
     assert first[0] == np.float32(0.5).view(np.uint32)
     assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
+
+
+YOLO_BODY = """
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+
+[convolutional]
+filters=14
+size=1
+stride=1
+activation=linear
+
+[yolo]
+mask=0,1
+anchors=3,4, 6,5, 9,11, 14,12
+classes=2
+num=4
+max=2
+
+[route]
+layers=-3
+
+[convolutional]
+filters=14
+size=1
+stride=1
+activation=linear
+
+[yolo]
+mask=2,3
+anchors=3,4, 6,5, 9,11, 14,12
+classes=2
+num=4
+max=4
+iou_loss=ciou
+iou_normalizer=0.07
+delta_normalizer=0.5
+ignore_thresh=0.3
+"""
+
+
+def test_split_captured_steps_train_as_eager_steps(tmp_path):
+    """A detector (two [yolo] heads, AlexeyAB's loss, the first reading only 2 of the truth's 4
+    rows) through SplitCapturedSteps (one eager iteration, then two recordings around the
+    losses' host part) and EagerSteps: the same losses, `seen` and weights."""
+    path = write_cfg(tmp_path / "y.cfg", {"batch": 4, "subdivisions": 1, "height": 16,
+                                          "width": 16, "channels": 3, "learning_rate": 0.1,
+                                          "momentum": 0.9, "decay": 0.001}, YOLO_BODY)
+    rng = np.random.default_rng(4)
+    batches = []
+    for _ in range(4):
+        truth = np.zeros((4, 4 * 5), np.float32)
+        for b in range(4):
+            for r in range(int(rng.integers(1, 5))):
+                w, h = rng.uniform(0.1, 0.6, 2)
+                truth[b, 5 * r:5 * r + 5] = [rng.uniform(w / 2, 1 - w / 2),
+                                             rng.uniform(h / 2, 1 - h / 2), w, h,
+                                             rng.integers(0, 2)]
+        batches.append((rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32), truth))
+    results = []
+    for runner in (training.EagerSteps, training.SplitCapturedSteps):
+        net = Network(path, backend=RecordingNumpy(seed=5), quiet=True)
+        assert net.truth_boxes == 4
+        run = runner(net, training.SINGLE_PROCESS)
+        losses = [run(images, truth, 0.1 * (k + 1)) for k, (images, truth) in enumerate(batches)]
+        weights = [net.ops.to_host(a).copy() for layer in net.layers for a in layer.params.values()]
+        results.append((losses, net.seen, weights, net.ops.recordings))
+    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = results
+    assert recordings == 2 and seen == eager_seen == 16
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
+    for got, want in zip(weights, eager_weights):
+        np.testing.assert_array_equal(got, want)

@@ -38,6 +38,7 @@ Darknet's sum of squared deltas, which is not that loss.
 
 import numpy as np
 
+from ..backends.views import whole, window
 from ..boxes import box_iou, listed_truths
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
@@ -213,46 +214,83 @@ class YoloLayer(Layer):
     def cost(self, ops, truth):
         """(cost, delta) for the mini-batch's truth: (batch, max_boxes * 5) rows of
         (x, y, w, h, class) per box, zero-padded (Darknet's net.truth), on the backend or host."""
+        rows = truth_rows(ops, truth, self.max_boxes)
+        state = self.device_cost(ops, ops.asarray(rows.reshape(len(rows), -1)))
+        return self.finish_cost(ops, rows, state)
+
+    def device_cost(self, ops, truth):
+        """The loss's part on the backend, for truth rows on the backend (batch, rows * 5): only
+        backend operations and no copy to the host, so a recorded iteration (engine.train) can
+        hold it. Returns the state finish_cost takes."""
         self.check_trainable()
+        rows = int(truth.size) // (5 * len(truth)) if len(truth) else 0
+        if rows > self.max_boxes:  # Darknet reads a layer's first `max` rows only
+            truth = self._first_rows(ops, truth, rows)
+        return self._dense_loss(ops, truth, self._loss(self.net_w, self.net_h))
+
+    def finish_cost(self, ops, truth, state):
+        """The loss's host part after device_cost's `state`, for the same truth on the host:
+        (cost, delta on the backend)."""
+        loss, delta, best, index = state
+        cost, delta = self._truth_loss(ops, truth_rows(ops, truth, self.max_boxes), loss, delta,
+                                       best, index)
+        # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
+        if self.loss_kind == "alexeyab" and self.delta_normalizer != 1:
+            ops.scale_(delta, self.delta_normalizer)
+        return cost, delta
+
+    def _first_rows(self, ops, truth, rows):
+        batch = len(truth)
+        first = ops.empty((batch, self.max_boxes * 5))
+        ops.strided_copy_(first, whole(first.shape), truth,
+                          window((batch, rows * 5), None, (0, self.max_boxes * 5, 1)))
+        return first
+
+    def _loss(self, net_w, net_h):
         if self.loss_kind == "alexeyab":
-            cost, delta = self.alexeyab_loss(ops, truth, self.net_w, self.net_h)
-            # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
-            if self.delta_normalizer != 1:
-                ops.scale_(delta, self.delta_normalizer)
-            return cost, delta
-        return self.loss(ops, truth, self.net_w, self.net_h)
+            return AlexeyabYoloLoss(self, net_w, net_h)
+        return PjreddieYoloLoss(self, net_w, net_h)
 
     def alexeyab_loss(self, ops, truths, net_w, net_h):
         """AlexeyAB's loss on the last forward's output, for truths as in `loss`: (AlexeyAB's
         cost, delta on the backend)."""
-        return self._yolo_loss(ops, truths, net_w, net_h, AlexeyabYoloLoss(self, net_w, net_h))
+        return self._yolo_loss(ops, truths, AlexeyabYoloLoss(self, net_w, net_h))
 
     def loss(self, ops, truths, net_w, net_h):
         """Darknet's YOLOv3 loss on the last forward's output. `truths[b]` holds image b's boxes
         as rows (x, y, w, h, class), relative to the network input; like Darknet, a row with
         x == 0 ends the list. Returns (cost = sum of squared deltas, delta on the backend)."""
-        return self._yolo_loss(ops, truths, net_w, net_h, PjreddieYoloLoss(self, net_w, net_h))
+        return self._yolo_loss(ops, truths, PjreddieYoloLoss(self, net_w, net_h))
 
-    def _yolo_loss(self, ops, truths, net_w, net_h, loss):
+    def _yolo_loss(self, ops, truths, loss):
         """The steps both losses share. On the backend, every prediction: its best IoU with its
         image's truths, and its objectness delta (pushed to 0, unless that IoU is past
         ignore_thresh). On the host, the events (engine.layers.yolo_cells): truths, and
         predictions past truth_thresh; only the cells they touch cross the bus."""
-        output, entries = self.output, self.entries
         rows = truth_rows(ops, truths, self.max_boxes)
-        on_backend = ops.asarray(rows.reshape(len(rows), -1))
+        state = self._dense_loss(ops, ops.asarray(rows.reshape(len(rows), -1)), loss)
+        return self._truth_loss(ops, rows, *state)
+
+    def _dense_loss(self, ops, truths, loss):
+        """Backend operations only: (loss, delta, best, index)."""
+        output, entries = self.output, self.entries
         delta = ops.zeros(output.shape, like=output)  # in the storage type of activations
 
         def overlap(class_gate):
-            return ops.truth_overlap(output, on_backend, self.mask_anchors, entries, net_w, net_h,
-                                     self.new_coords, loss.classes, class_gate)
+            return ops.truth_overlap(output, truths, self.mask_anchors, entries, loss.net_w,
+                                     loss.net_h, self.new_coords, loss.classes, class_gate)
         best, index = overlap(loss.class_gate)
         ops.objectness_delta_(delta, output, best, entries, loss.obj_normalizer,
                               self.ignore_thresh, loss.smooth)
+        if self.truth_thresh < 1 and loss.class_gate is not None:
+            best, index = overlap(None)  # truth_thresh compares the IoU without the gate
+        return loss, delta, best, index
+
+    def _truth_loss(self, ops, rows, loss, delta, best, index):
+        """The events on the host, on the cells they touch: (cost, delta)."""
+        output, entries = self.output, self.entries
         events = loss.truth_events(rows, tuple(output.shape[2:]))
         if self.truth_thresh < 1:
-            if loss.class_gate is not None:  # truth_thresh compares the IoU without the gate
-                best, index = overlap(None)
             # within a cell, Darknet's per-prediction loop comes before the image's truths
             events = Events.joined(past_truth_thresh(ops, best, index, self.truth_thresh,
                                                      self.mask), events)

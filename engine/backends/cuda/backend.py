@@ -210,6 +210,7 @@ class CudaBackend(Operations):
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
+        self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
         self.cuda = self.device.cuda
         self.stream = self.device.stream
@@ -790,7 +791,7 @@ class CudaBackend(Operations):
         count = channels // entries
         truths = self._as_type(self._on_device(truths), FLOAT32)
         rows = truths.size // (5 * batch) if batch else 0
-        anchors = self.asarray(np.asarray(anchors, dtype=np.float32).reshape(count, 2))
+        anchors = self._constant(np.asarray(anchors, dtype=np.float32).reshape(count, 2))
         best = self._empty((batch, count, height, width))
         index = self._empty((batch, count, height, width), np.int32)
         self.kernels.launch("truth_overlap_kernel", best.size, output.ptr, truths.ptr,
@@ -800,6 +801,14 @@ class CudaBackend(Operations):
                             np.float32(-1 if class_gate is None else class_gate),
                             dtype=output.dtype)
         return best, index
+
+    def _constant(self, values):
+        """A device copy of small host values, made once per distinct value (a recording may
+        read it; no host copy can be recorded)."""
+        key = (values.dtype.str, values.shape, values.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.asarray(values)
+        return self._constants[key]
 
     def objectness_delta_(self, delta, output, best, entries, normalizer, ignore_thresh, smooth):
         output = self._as_type(output, delta.dtype)
