@@ -366,6 +366,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             images, truth = next(prepared) if prepared else dataset.training_batch(sampler.next())
             if multiscale and images.shape[2:] != (o.height, o.width):
                 resize_network(net, images.shape[3], images.shape[2])
+                run_iteration = iteration_runner(net, group)  # recordings hold the old shapes
             rate = next_learning_rate(net, policy_rng)
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):

@@ -16,9 +16,10 @@ from test_evaluation import TINY_DETECTOR
 BODY = TINY_DETECTOR.replace("num=3", "num=3\njitter=0\nrandom=1")
 
 
-def _cfg(path, width=64, height=64, body=BODY, **extra):
+def _cfg(path, width=64, height=64, body=BODY, max_batches=12, **extra):
     return write_cfg(path, dict(batch=4, subdivisions=1, width=width, height=height, channels=3,
-                                learning_rate=0.001, max_batches=12, flip=0, **extra), body)
+                                learning_rate=0.001, max_batches=max_batches, flip=0, **extra),
+                     body)
 
 
 def test_schedule_is_darknets():
@@ -111,3 +112,34 @@ def test_resized_network_on_the_gpu_equals_the_cpu(tmp_path):
         resize_network(net, 128, 96)
     np.testing.assert_allclose(gpu.ops.to_host(gpu.forward(gpu.ops.asarray(x), train=False)),
                                cpu.forward(x, train=False), atol=1e-4, rtol=1e-4)
+
+
+def test_recorded_training_records_again_after_a_resize(tmp_path, monkeypatch):
+    """On a backend that records iterations (a numpy one recording as the GPU's does), a detector
+    trained with random=1 gets a new runner, so new recordings, at each new size: one made for
+    the old size would copy the new batch into buffers of the old one."""
+    import engine.cli
+    from test_recorded_steps import RecordingNumpy
+
+    cli.main(["mnist-detection", str(tmp_path / "set"), "--train", "8", "--valid", "2", "--size",
+              "64", "--min-digit", "10", "--max-digit", "24", "--max-digits", "2"])
+    backends = []
+
+    def recording_backend(name, seed=0, **options):
+        backends.append(RecordingNumpy(seed=seed))
+        return backends[-1]
+    monkeypatch.setattr(engine.cli, "get_backend", recording_backend)
+    sizes = []
+    original = engine.train.iteration_runner
+
+    def runner(net, group):
+        sizes.append(net.options.width)
+        return original(net, group)
+    monkeypatch.setattr(engine.train, "iteration_runner", runner)
+    # 130 iterations: Darknet's schedule draws random sizes at iterations 10, 20 and 30, then
+    # keeps the largest for the last 100
+    cfg = _cfg(tmp_path / "ms.cfg", width=32, height=32, max_batches=130)
+    assert cli.main(["train", cfg, "--data", str(tmp_path / "set" / "mnist-detect.data"), "--cpu",
+                     "--backup", str(tmp_path / "b")]) == 0
+    assert len(sizes) >= 4, sizes  # the cfg's size, then a runner per resize
+    assert backends[-1].recordings == 2 * (len(sizes) - 1)  # forward and backward per size
