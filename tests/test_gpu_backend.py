@@ -577,7 +577,9 @@ def test_route_and_shortcut_copies_of_rows(gpu, cpu, rng, channels):
 def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path):
     """A detector's iterations on the GPU as two CUDA graphs around the [yolo] losses' host
     part (train.SplitCapturedSteps) give the weights of iterations issued one operation at a
-    time (tests/test_recorded_steps.py's detector, on the CPU there)."""
+    time (tests/test_recorded_steps.py's detector, on the CPU there), also when a forward of
+    another batch size runs between two of them (the host part must read the recording's
+    outputs, not the layers' latest)."""
     from engine import train as training
     from engine.backends.cuda import CudaBackend
     from test_recorded_steps import YOLO_BODY
@@ -598,7 +600,11 @@ def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path):
         ops = CudaBackend(device=0, seed=5)
         net = Network(str(path), backend=ops, seed=5, quiet=True)
         run = runner(net, training.SINGLE_PROCESS)
-        losses = [run(images, truth, 0.05) for images, truth in batches]
+        losses = []
+        for k, (images, truth) in enumerate(batches):
+            if k == 3:  # an evaluation between iterations (engine train --map): other outputs
+                net.forward(ops.asarray(images[:2]), train=False)
+            losses.append(run(images, truth, 0.05))
         results[runner] = losses, [ops.to_host(a) for layer in net.layers
                                    for a in layer.params.values()]
     assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None

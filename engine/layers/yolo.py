@@ -231,9 +231,7 @@ class YoloLayer(Layer):
     def finish_cost(self, ops, truth, state):
         """The loss's host part after device_cost's `state`, for the same truth on the host:
         (cost, delta on the backend)."""
-        loss, delta, best, index = state
-        cost, delta = self._truth_loss(ops, truth_rows(ops, truth, self.max_boxes), loss, delta,
-                                       best, index)
+        cost, delta = self._truth_loss(ops, truth_rows(ops, truth, self.max_boxes), *state)
         # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
         if self.loss_kind == "alexeyab" and self.delta_normalizer != 1:
             ops.scale_(delta, self.delta_normalizer)
@@ -272,7 +270,9 @@ class YoloLayer(Layer):
         return self._truth_loss(ops, rows, *state)
 
     def _dense_loss(self, ops, truths, loss):
-        """Backend operations only: (loss, delta, best, index)."""
+        """Backend operations only: (loss, output, delta, best, index). The output is the one
+        this forward made: a recorded iteration's replays refill it, while `self.output` may
+        meanwhile be another forward's (an evaluation's)."""
         output, entries = self.output, self.entries
         delta = ops.zeros(output.shape, like=output)  # in the storage type of activations
 
@@ -284,11 +284,11 @@ class YoloLayer(Layer):
                               self.ignore_thresh, loss.smooth)
         if self.truth_thresh < 1 and loss.class_gate is not None:
             best, index = overlap(None)  # truth_thresh compares the IoU without the gate
-        return loss, delta, best, index
+        return loss, output, delta, best, index
 
-    def _truth_loss(self, ops, rows, loss, delta, best, index):
+    def _truth_loss(self, ops, rows, loss, output, delta, best, index):
         """The events on the host, on the cells they touch: (cost, delta)."""
-        output, entries = self.output, self.entries
+        entries = self.entries
         events = loss.truth_events(rows, tuple(output.shape[2:]))
         if self.truth_thresh < 1:
             # within a cell, Darknet's per-prediction loop comes before the image's truths
