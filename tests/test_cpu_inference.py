@@ -54,6 +54,31 @@ def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width
     assert relative_error(ops.conv_forward(x, w, 1, 1, 1, train=True), expected) < 2e-6
 
 
+# one block of tiles shared out by transform points on several threads (small maps): tiles that
+# hang over the map's edge (13x13 in F(2x2), 26x26 in F(4x4)), whole tiles, batches, 3 threads
+@pytest.mark.parametrize("batch, channels, filters, height, width, threads, tasks", [
+    (1, 32, 24, 13, 13, 2, [2, 2]), (1, 16, 40, 26, 26, 2, [2, 2]), (2, 24, 8, 24, 20, 2, [2, 2]),
+    (1, 16, 8, 11, 7, 3, [2, 2]), (1, 16, 8, 20, 20, 3, [3, 2])])
+def test_winograd_shared_out_by_points_matches_the_direct_sum(batch, channels, filters, height,
+                                                               width, threads, tasks):
+    rng = np.random.default_rng(height * width + filters)
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    v = winograd.variant(height, width)
+    calls = []
+
+    def run(tasks):  # one after the other, counting the steps
+        calls.append(len(tasks))
+        for task in tasks:
+            task()
+    y = winograd.conv3x3(x, winograd.transform_filters(w, v), filters, v, run, threads)
+    # one block: points, then output rows, shared out (F(2x2)'s 4 rows of points in 2 parts)
+    assert calls == tasks
+    assert relative_error(y, direct_conv(x, w, 1)) < 2e-5
+    np.testing.assert_allclose(y, winograd.conv3x3(x, winograd.transform_filters(w, v), filters,
+                                                   v), rtol=0, atol=1e-6)
+
+
 def test_winograd_is_used_only_where_it_fits():
     fits = winograd.fits
     assert fits((1, 16, 8, 8), (4, 16, 3, 3), 1, 1, 1, 1)
