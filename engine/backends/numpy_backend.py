@@ -70,6 +70,13 @@ def _window_slices(view):
     return tuple(slices), repeats
 
 
+def _activation_(name):
+    """An in-place elementwise activation as a function of a block, or None for linear."""
+    if name == "linear":
+        return None
+    return lambda block: activations.activate_(block, name)
+
+
 def _pair(stride):
     """(vertical, horizontal) stride from one int or AlexeyAB's (stride_y, stride_x)."""
     return (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
@@ -392,12 +399,9 @@ class NumpyBackend(Operations):
         product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
         convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py), and
         every ungrouped convolution stores y channels innermost (_conv_channels_last)."""
-        if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
-            v = winograd.variant(*x.shape[2:])
-            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads)
-        if not train and groups == 1:
-            return self._conv_channels_last(x, weights, stride, padding, dilation)
+        if not train and (groups == 1 or winograd.fits(x.shape, weights.shape, stride, padding,
+                                                        groups, dilation)):
+            return self._conv_inference(x, weights, stride, padding, groups, dilation)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
@@ -421,6 +425,29 @@ class NumpyBackend(Operations):
                    for g, rows in blocks for f0 in range(0, fg, step)])
         return y
 
+    def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
+                          dilation=1):
+        """act(conv + biases) at inference, the bias and activation applied to each block of
+        the output while it is in cache (Winograd: the bias added to one transform point,
+        _conv_inference); grouped convolutions take the two passes."""
+        if groups == 1 or winograd.fits(x.shape, weights.shape, stride, padding, groups,
+                                        dilation):
+            return self._conv_inference(x, weights, stride, padding, groups, dilation, biases,
+                                        activation)
+        y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
+        return self.add_bias_(y, biases, activation)
+
+    def _conv_inference(self, x, weights, stride, padding, groups, dilation, biases=None,
+                        activation="linear"):
+        """An inference convolution (Winograd's where it fits, else _conv_channels_last), its
+        output channels innermost; with `biases`, act(y + biases) done block by block."""
+        if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
+            v = winograd.variant(*x.shape[2:])
+            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
+                                    self._run, self.threads, biases, _activation_(activation))
+        return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
+                                        activation)
+
     def _columns_filters(self, weights):
         """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
         (kernel row, kernel column, channel) multiply; kept for frozen weights, as the Winograd
@@ -430,7 +457,8 @@ class NumpyBackend(Operations):
             return np.ascontiguousarray(weights.transpose(2, 3, 1, 0).reshape(k * k * c, f))
         return self._derived_filters(weights, "columns", make)
 
-    def _conv_channels_last(self, x, weights, stride, padding, dilation):
+    def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
+                            activation="linear"):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -474,13 +502,27 @@ class NumpyBackend(Operations):
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
         step = -(-f // parts)
+        # the bias and activation on each block of whole rows while it is in cache (the
+        # biases repeated along a row: long inner loops); blocks of a share of the filters
+        # are strided: one pass over y afterwards (add_bias_) is faster for them
+        fused = biases is not None and parts == 1
+        b_row = np.tile(biases, per_row) if fused else None
+        finish = _activation_(activation)
 
         def block_(rows, f0):
-            np.matmul(columns(rows), wt[:, f0:f0 + step],
-                      out=y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step])
+            out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
+            np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
+            if fused:
+                out_rows = out.reshape(rows[1] - rows[0], -1)
+                out_rows += b_row
+                if finish is not None:
+                    finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
-        return ym.transpose(2, 3, 0, 1)
+        y = ym.transpose(2, 3, 0, 1)
+        if biases is not None and not fused:
+            self.add_bias_(y, biases, activation)
+        return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):

@@ -39,6 +39,10 @@ class Variant:
         self.g = np.array(g, dtype=np.float64)
         self.b_t = np.array(b_t, dtype=np.float32)
         self.a_t = np.array(a_t, dtype=np.float32)
+        # the point (i, i) whose products reach every output of a tile with weight 1 (A^T's
+        # column i is all ones): a bias added to M there is added to the whole tile
+        i = int(np.flatnonzero((self.a_t == 1).all(axis=0))[0])
+        self.bias_point = i * self.alpha + i
 
 
 F4 = Variant(4, b_t=[[4, 0, -5, 0, 1, 0],
@@ -104,14 +108,18 @@ def transform_filters(weights, v):
                                 dtype=np.float32)
 
 
-def conv3x3(x, filters, f, v, run=None, threads=1):
+def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
     memory: the output tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
     threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
-    shared out by transform points instead (_shared_block).
+    shared out by transform points instead (_shared_block). `biases` (F,), if given, are added
+    to every output and finish(out), if given, is applied in place to each block of output
+    tiles (an activation) before they are stored, while they are in cache. The bias costs
+    almost nothing: it is added to the products of one point, v.bias_point, which the output
+    transform carries into every output of its tile with weight 1.
 
     Channels innermost: the input is copied once into (H, W, B, C) order, so the products are
     M[k] = V[k] @ U[k] with V[k] (tiles, C) and U[k] (C, F): BLAS reads the filters as one
@@ -138,7 +146,8 @@ def conv3x3(x, filters, f, v, run=None, threads=1):
 
     if len(blocks) < threads:
         for row0, row1 in blocks:
-            _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads)
+            _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
+                          finish)
         return ym.transpose(2, 3, 0, 1)
 
     def block_(row0, row1):
@@ -149,9 +158,13 @@ def conv3x3(x, filters, f, v, run=None, threads=1):
         t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
         u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
         m = np.matmul(u, filters)  # (alpha^2, tiles, F)
+        if biases is not None:
+            m[v.bias_point] += biases
         # Y = A^T M A, likewise
         t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
         out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f)
+        if finish is not None:
+            finish(out)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
         tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
@@ -165,7 +178,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1):
     return ym.transpose(2, 3, 0, 1)
 
 
-def _shared_block(d, filters, v, ym, top, run, threads):
+def _shared_block(d, filters, v, ym, top, run, threads, biases=None, finish=None):
     """One block of tiles d (alpha, alpha, rows, cols, B, C) on several threads, in two steps.
     First each thread takes some rows i of the input transform (V's points i*alpha + j: its
     share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each takes some rows i of
@@ -182,12 +195,16 @@ def _shared_block(d, filters, v, ym, top, run, threads):
                                                                                points)
         u = np.matmul(v.b_t, t).reshape((i1 - i0) * alpha, n * cols * b, c)
         np.matmul(u, filters[i0 * alpha:i1 * alpha], out=m[i0 * alpha:i1 * alpha])
+        if biases is not None and i0 * alpha <= v.bias_point < i1 * alpha:
+            m[v.bias_point] += biases
 
     h, w = ym.shape[:2]
 
     def outputs_(i0, i1):
         t = np.matmul(v.a_t[i0:i1], m.reshape(alpha, -1)).reshape(i1 - i0, alpha, -1)
         out = np.matmul(v.a_t, t).reshape(i1 - i0, tile, n, cols, b, f)
+        if finish is not None:
+            finish(out)
         for i in range(i0, i1):  # y's rows top + tile*row + i, columns tile*col + j
             y_rows = ym[top + i:min(h, top + n * tile):tile]
             for j in range(tile):
