@@ -39,7 +39,7 @@ def relative_error(got, expected):
 # batches, and maps cut into several blocks of tile rows
 @pytest.mark.parametrize("batch, channels, filters, height, width", [
     (1, 16, 32, 13, 13), (2, 32, 24, 26, 27), (3, 20, 8, 7, 5), (1, 64, 16, 52, 49),
-    (1, 128, 40, 24, 24), (2, 16, 16, 41, 21)])
+    (1, 128, 40, 24, 24), (2, 16, 16, 41, 21), (1, 16, 8, 118, 61)])
 def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width):
     rng = np.random.default_rng(height * width + channels)
     x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
