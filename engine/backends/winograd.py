@@ -141,11 +141,12 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
             for task in tasks:
                 task()
     sh, sw, sb, sc = padded.strides
+    # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
+    tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
+                       (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False)
 
     def gather(row0, row1):
-        # d[i, j, row, col, b, c] = cell (i, j) of tile (row0 + row, col), in one copy
-        return np.array(as_strided(padded[row0 * tile:], (alpha, alpha, row1 - row0, cols, b, c),
-                                   (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False))
+        return np.array(tiles[:, :, row0:row1])  # the block's tiles, in one copy
 
     if len(blocks) < threads:
         for row0, row1 in blocks:
