@@ -31,6 +31,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .. import activations, memory
 from ..batchnorm_rule import inference_affine
@@ -479,25 +480,31 @@ class NumpyBackend(Operations):
                 padded[padding:padding + h, padding:padding + w] = xl
                 xl = padded
             wt = self._columns_filters(weights)
+            sh, sw, sb, sc = xl.strides
+            # cells[row, col, b, i, j, c]: input cell (i, j) of output (row, col)'s window, a
+            # view made once; each block's columns are one copy of its rows (one numpy call,
+            # not size^2: fewer GIL hand-offs between the threads)
+            cells = as_strided(xl, (out_h, out_w, b, size, size, c),
+                               (stride_y * sh, stride_x * sw, sb, dilation * sh, dilation * sw,
+                                sc), writeable=False)
 
             def columns(rows):
                 (row0, row1) = rows
                 if size == 1 and stride_y == stride_x == 1:
                     return xl[row0:row1, :out_w].reshape(-1, c)
-                cols = np.empty((row1 - row0, out_w, b, size, size, c), x.dtype)
-                for i in range(size):
-                    top = row0 * stride_y + i * dilation
-                    for j in range(size):
-                        left = j * dilation
-                        cols[:, :, :, i, j] = xl[top:top + stride_y * (row1 - row0):stride_y,
-                                                 left:left + stride_x * out_w:stride_x]
-                return cols.reshape(-1, size * size * c)
+                return np.array(cells[row0:row1], order="C").reshape(-1, size * size * c)
         else:
             xm = self._padded_input(x, padding)
             wt = weights.reshape(f, -1).T
+            sc, sh, sw, sb = xm.strides
+            # cells[c, i, j, row, col, b], im2col's order (the same values as _im2col)
+            cells = as_strided(xm, (c, size, size, out_h, out_w, b),
+                               (sc, dilation * sh, dilation * sw, stride_y * sh, stride_x * sw,
+                                sb), writeable=False)
 
             def columns(rows):
-                return self._im2col(xm, size, stride, rows, out_w, dilation).T
+                block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
+                return block.reshape(c * size * size, -1).T
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
