@@ -400,8 +400,7 @@ class NumpyBackend(Operations):
         product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
         convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py), and
         every ungrouped convolution stores y channels innermost (_conv_channels_last)."""
-        if not train and (groups == 1 or winograd.fits(x.shape, weights.shape, stride, padding,
-                                                        groups, dilation)):
+        if not train and groups == 1:  # (Winograd's convolutions are ungrouped too)
             return self._conv_inference(x, weights, stride, padding, groups, dilation)
         b, c = x.shape[:2]
         f = weights.shape[0]
@@ -431,8 +430,7 @@ class NumpyBackend(Operations):
         """act(conv + biases) at inference, the bias and activation applied to each block of
         the output while it is in cache (Winograd: the bias added to one transform point,
         _conv_inference); grouped convolutions take the two passes."""
-        if groups == 1 or winograd.fits(x.shape, weights.shape, stride, padding, groups,
-                                        dilation):
+        if groups == 1:
             return self._conv_inference(x, weights, stride, padding, groups, dilation, biases,
                                         activation)
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
