@@ -199,7 +199,9 @@ def profile(cfg, weights, x, runs):
     net.forward(xa)
     # time spent inside some backend operations (instance attributes shadow the methods)
     inside = {"im2col copies": ["_im2col"], "input padding": ["_padded_input"],
-              "bias + activation": ["add_bias_", "activate_"]}
+              # separate passes only: inference convolutions with a bias do theirs inside
+              # (conv_bias_forward), so it is counted in their layer's time
+              "bias + activation (separate passes)": ["add_bias_", "activate_"]}
     spent = {part: 0.0 for part in inside}
     depth = [0]  # only the outermost of nested calls (add_bias_ calling activate_) counts
 

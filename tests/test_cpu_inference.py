@@ -39,7 +39,7 @@ def relative_error(got, expected):
 # batches, and maps cut into several blocks of tile rows
 @pytest.mark.parametrize("batch, channels, filters, height, width", [
     (1, 16, 32, 13, 13), (2, 32, 24, 26, 27), (3, 20, 8, 7, 5), (1, 64, 16, 52, 49),
-    (1, 128, 40, 24, 24), (2, 16, 16, 41, 21)])
+    (1, 128, 40, 24, 24), (2, 16, 16, 41, 21), (1, 16, 8, 118, 61)])
 def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width):
     rng = np.random.default_rng(height * width + channels)
     x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
@@ -52,6 +52,31 @@ def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width
     assert relative_error(y, expected) < 2e-5
     # the training path (im2col) is the float32 direct sum
     assert relative_error(ops.conv_forward(x, w, 1, 1, 1, train=True), expected) < 2e-6
+
+
+# one block of tiles shared out by transform points on several threads (small maps): tiles that
+# hang over the map's edge (13x13 in F(2x2), 26x26 in F(4x4)), whole tiles, batches, 3 threads
+@pytest.mark.parametrize("batch, channels, filters, height, width, threads, tasks", [
+    (1, 32, 24, 13, 13, 2, [2, 2]), (1, 16, 40, 26, 26, 2, [2, 2]), (2, 24, 8, 24, 20, 2, [2, 2]),
+    (1, 16, 8, 11, 7, 3, [2, 2]), (1, 16, 8, 20, 20, 3, [3, 2])])
+def test_winograd_shared_out_by_points_matches_the_direct_sum(batch, channels, filters, height,
+                                                               width, threads, tasks):
+    rng = np.random.default_rng(height * width + filters)
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    v = winograd.variant(height, width)
+    calls = []
+
+    def run(tasks):  # one after the other, counting the steps
+        calls.append(len(tasks))
+        for task in tasks:
+            task()
+    y = winograd.conv3x3(x, winograd.transform_filters(w, v), filters, v, run, threads)
+    # one block: points, then output rows, shared out (F(2x2)'s 4 rows of points in 2 parts)
+    assert calls == tasks
+    assert relative_error(y, direct_conv(x, w, 1)) < 2e-5
+    np.testing.assert_allclose(y, winograd.conv3x3(x, winograd.transform_filters(w, v), filters,
+                                                   v), rtol=0, atol=1e-6)
 
 
 def test_winograd_is_used_only_where_it_fits():

@@ -355,6 +355,22 @@ def test_convolution(ops, rng, case, train):
     assert none is None
 
 
+# 3x3 stride 1 on 16+ channels (numpy: Winograd, the bias added at one transform point; a
+# 13x13 map takes F(2x2), 26x26 F(4x4)), strided, 1x1, grouped; elementwise activations
+@pytest.mark.parametrize("case", [(3, 1, 1, 1, 13), (3, 1, 1, 1, 26), (3, 2, 1, 1, 13),
+                                  (1, 1, 0, 1, 13), (3, 1, 1, 2, 13)], ids=str)
+@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic", "mish"])
+def test_convolution_with_bias_and_activation(ops, rng, case, activation):
+    """Inference's act(conv + biases) in one operation, against the definition."""
+    size, stride, padding, groups, side = case
+    x = randn(rng, 1, 16, side, side)
+    w = randn(rng, 24, 16 // groups, size, size) / np.float32(np.sqrt(size * size * 16))
+    biases = randn(rng, 24)
+    y, _ = call(ops, "conv_bias_forward", x, w, biases, activation, stride, padding, groups)
+    linear = conv_reference(x, w, stride, padding, groups) + biases.reshape(1, -1, 1, 1)
+    assert_close(y, activations.activate(linear, activation), f"conv + bias + {activation}")
+
+
 def test_connected(ops, rng):
     x, w = randn(rng, 5, 7, 3, 3), randn(rng, 13, 63)
     y, _ = call(ops, "connected_forward", x, w)

@@ -31,6 +31,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .. import activations, memory
 from ..batchnorm_rule import inference_affine
@@ -70,6 +71,13 @@ def _window_slices(view):
             stop = start + (count - 1) * step + (1 if step > 0 else -1)
             slices.append(slice(start, stop if stop >= 0 else None, step))
     return tuple(slices), repeats
+
+
+def _activation_(name):
+    """An in-place elementwise activation as a function of a block, or None for linear."""
+    if name == "linear":
+        return None
+    return lambda block: activations.activate_(block, name)
 
 
 def _pair(stride):
@@ -397,12 +405,8 @@ class NumpyBackend(Operations):
         product writes its (F, rows*out_w*B) block of y directly. At inference, 3x3 stride-1
         convolutions on enough channels take Winograd's F(4x4, 3x3) instead (winograd.py), and
         every ungrouped convolution stores y channels innermost (_conv_channels_last)."""
-        if not train and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
-            v = winograd.variant(*x.shape[2:])
-            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads)
-        if not train and groups == 1:
-            return self._conv_channels_last(x, weights, stride, padding, dilation)
+        if not train and groups == 1:  # (Winograd's convolutions are ungrouped too)
+            return self._conv_inference(x, weights, stride, padding, groups, dilation)
         b, c = x.shape[:2]
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
@@ -426,6 +430,28 @@ class NumpyBackend(Operations):
                    for g, rows in blocks for f0 in range(0, fg, step)])
         return y
 
+    def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
+                          dilation=1):
+        """act(conv + biases) at inference, the bias and activation applied to each block of
+        the output while it is in cache (Winograd: the bias added to one transform point,
+        _conv_inference); grouped convolutions take the two passes."""
+        if groups == 1:
+            return self._conv_inference(x, weights, stride, padding, groups, dilation, biases,
+                                        activation)
+        y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
+        return self.add_bias_(y, biases, activation)
+
+    def _conv_inference(self, x, weights, stride, padding, groups, dilation, biases=None,
+                        activation="linear"):
+        """An inference convolution (Winograd's where it fits, else _conv_channels_last), its
+        output channels innermost; with `biases`, act(y + biases) done block by block."""
+        if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
+            v = winograd.variant(*x.shape[2:])
+            return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
+                                    self._run, self.threads, biases, _activation_(activation))
+        return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
+                                        activation)
+
     def _columns_filters(self, weights):
         """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
         (kernel row, kernel column, channel) multiply; kept for frozen weights, as the Winograd
@@ -435,7 +461,8 @@ class NumpyBackend(Operations):
             return np.ascontiguousarray(weights.transpose(2, 3, 1, 0).reshape(k * k * c, f))
         return self._derived_filters(weights, "columns", make)
 
-    def _conv_channels_last(self, x, weights, stride, padding, dilation):
+    def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
+                            activation="linear"):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -456,36 +483,56 @@ class NumpyBackend(Operations):
                 padded[padding:padding + h, padding:padding + w] = xl
                 xl = padded
             wt = self._columns_filters(weights)
+            sh, sw, sb, sc = xl.strides
+            # cells[row, col, b, i, j, c]: input cell (i, j) of output (row, col)'s window, a
+            # view made once; each block's columns are one copy of its rows (one numpy call,
+            # not size^2: fewer GIL hand-offs between the threads)
+            cells = as_strided(xl, (out_h, out_w, b, size, size, c),
+                               (stride_y * sh, stride_x * sw, sb, dilation * sh, dilation * sw,
+                                sc), writeable=False)
 
             def columns(rows):
                 (row0, row1) = rows
                 if size == 1 and stride_y == stride_x == 1:
                     return xl[row0:row1, :out_w].reshape(-1, c)
-                cols = np.empty((row1 - row0, out_w, b, size, size, c), x.dtype)
-                for i in range(size):
-                    top = row0 * stride_y + i * dilation
-                    for j in range(size):
-                        left = j * dilation
-                        cols[:, :, :, i, j] = xl[top:top + stride_y * (row1 - row0):stride_y,
-                                                 left:left + stride_x * out_w:stride_x]
-                return cols.reshape(-1, size * size * c)
+                return np.array(cells[row0:row1], order="C").reshape(-1, size * size * c)
         else:
             xm = self._padded_input(x, padding)
             wt = weights.reshape(f, -1).T
+            sc, sh, sw, sb = xm.strides
+            # cells[c, i, j, row, col, b], im2col's order (the same values as _im2col)
+            cells = as_strided(xm, (c, size, size, out_h, out_w, b),
+                               (sc, dilation * sh, dilation * sw, stride_y * sh, stride_x * sw,
+                                sb), writeable=False)
 
             def columns(rows):
-                return self._im2col(xm, size, stride, rows, out_w, dilation).T
+                block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
+                return block.reshape(c * size * size, -1).T
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
         step = -(-f // parts)
+        # the bias and activation on each block of whole rows while it is in cache (the
+        # biases repeated along a row: long inner loops); blocks of a share of the filters
+        # are strided: one pass over y afterwards (add_bias_) is faster for them
+        fused = biases is not None and parts == 1
+        b_row = np.tile(biases, per_row) if fused else None
+        finish = _activation_(activation)
 
         def block_(rows, f0):
-            np.matmul(columns(rows), wt[:, f0:f0 + step],
-                      out=y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step])
+            out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
+            np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
+            if fused:
+                out_rows = out.reshape(rows[1] - rows[0], -1)
+                out_rows += b_row
+                if finish is not None:
+                    finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
-        return ym.transpose(2, 3, 0, 1)
+        y = ym.transpose(2, 3, 0, 1)
+        if biases is not None and not fused:
+            self.add_bias_(y, biases, activation)
+        return y
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):

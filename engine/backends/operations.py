@@ -173,6 +173,15 @@ class Operations(ABC):
         (stride_y, stride_x); zero padding on every side; `groups` splits C and F alike.
         train=False allows inference-only algorithms (numpy: Winograd for 3x3 stride 1)."""
 
+    def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
+                          dilation=1):
+        """Inference only: act(conv_forward(x, weights, ..., train=False) + biases[f]) as a new
+        array, for an elementwise activation (not activations.CHANNEL_NAMES). One operation so
+        that a backend may apply the bias and the activation to each block of the output while
+        it is in cache (numpy); by default the two operations one after the other."""
+        y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
+        return self.add_bias_(y, biases, activation)
+
     @abstractmethod
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):

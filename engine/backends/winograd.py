@@ -39,6 +39,10 @@ class Variant:
         self.g = np.array(g, dtype=np.float64)
         self.b_t = np.array(b_t, dtype=np.float32)
         self.a_t = np.array(a_t, dtype=np.float32)
+        # the point (i, i) whose products reach every output of a tile with weight 1 (A^T's
+        # column i is all ones): a bias added to M there is added to the whole tile
+        i = int(np.flatnonzero((self.a_t == 1).all(axis=0))[0])
+        self.bias_point = i * self.alpha + i
 
 
 F4 = Variant(4, b_t=[[4, 0, -5, 0, 1, 0],
@@ -65,7 +69,10 @@ MIN_CHANNELS = 16      # below this the input transform costs more than the prod
 # Maps smaller than this (13x13 in YOLO) take F(2x2, 3x3): 4x4 tiles would waste half their
 # outputs, and the 36-point filters (4x the direct ones) make the products memory-bound.
 F4_MIN_SIDE = 20
-BLOCK_ELEMENTS = 1 << 16  # transformed-input elements per block of tile rows (256 KiB)
+# transformed-input elements per block of tile rows (512 KiB): larger blocks are fewer Python
+# steps for the threads to take the GIL between (16 -> 32 channels on 208x208, two threads:
+# 3.3 -> 2.7 ms, 52 -> 21 context switches per call; no layer slower, one thread the same)
+BLOCK_ELEMENTS = 1 << 17
 MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
 
 
@@ -104,13 +111,18 @@ def transform_filters(weights, v):
                                 dtype=np.float32)
 
 
-def conv3x3(x, filters, f, v, run=None, threads=1):
+def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
     memory: the output tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
-    threads; with fewer blocks than threads, each block's filters are shared out too).
+    threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
+    shared out by transform points instead (_shared_block). `biases` (F,), if given, are added
+    to every output and finish(out), if given, is applied in place to each block of output
+    tiles (an activation) before they are stored, while they are in cache. The bias costs
+    almost nothing: it is added to the products of one point, v.bias_point, which the output
+    transform carries into every output of its tile with weight 1.
 
     Channels innermost: the input is copied once into (H, W, B, C) order, so the products are
     M[k] = V[k] @ U[k] with V[k] (tiles, C) and U[k] (C, F): BLAS reads the filters as one
@@ -124,37 +136,86 @@ def conv3x3(x, filters, f, v, run=None, threads=1):
     ym = np.empty((h, w, b, f), x.dtype)
     step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
     blocks = row_ranges(rows, min(step, rows), threads)
-    parts = threads if len(blocks) < threads else 1
-    f_step = -(-f // parts)
+    if run is None:
+        def run(tasks):
+            for task in tasks:
+                task()
     sh, sw, sb, sc = padded.strides
+    # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
+    tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
+                       (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False)
 
-    def block_(row0, row1, f0):
-        n, f1 = row1 - row0, min(f0 + f_step, f)
-        # gather in one copy: d[i, j, row, col, b, c] = cell (i, j) of tile (row0 + row, col)
-        d = np.array(as_strided(padded[row0 * tile:], (alpha, alpha, n, cols, b, c),
-                                (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False))
+    def gather(row0, row1):
+        return np.array(tiles[:, :, row0:row1])  # the block's tiles, in one copy
+
+    if len(blocks) < threads:
+        for row0, row1 in blocks:
+            _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
+                          finish)
+        return ym.transpose(2, 3, 0, 1)
+
+    def block_(row0, row1):
+        n = row1 - row0
+        d = gather(row0, row1)
         points = n * cols * b * c
         # V = B^T d B: over i (one product), then over j (a product per i)
         t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
         u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
-        m = np.matmul(u, filters[:, :, f0:f1])  # (alpha^2, tiles, F')
+        m = np.matmul(u, filters)  # (alpha^2, tiles, F)
+        if biases is not None:
+            m[v.bias_point] += biases
         # Y = A^T M A, likewise
         t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
-        out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f1 - f0)
+        out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f)
+        if finish is not None:
+            finish(out)
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
         tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
         if bottom - top == n * tile and w == cols * tile:  # whole tiles: one copy, into y
-            ym[top:bottom, :, :, f0:f1].reshape(tiled.shape)[...] = tiled  # a view of y
+            ym[top:bottom].reshape(tiled.shape)[...] = tiled  # a view of y
         else:  # the last tiles hang over y's edge: through a contiguous copy
-            full = tiled.reshape(n * tile, cols * tile, b, f1 - f0)
-            ym[top:bottom, :, :, f0:f1] = full[:bottom - top, :w]
+            full = tiled.reshape(n * tile, cols * tile, b, f)
+            ym[top:bottom] = full[:bottom - top, :w]
 
-    tasks = [lambda rows=rows, f0=f0: block_(*rows, f0) for rows in blocks
-             for f0 in range(0, f, f_step)]
-    if run is None:
-        for task in tasks:
-            task()
-    else:
-        run(tasks)
+    run([lambda rows=rows: block_(*rows) for rows in blocks])
     return ym.transpose(2, 3, 0, 1)
+
+
+def _shared_block(d, filters, v, ym, top, run, threads, biases=None, finish=None):
+    """One block of tiles d (alpha, alpha, rows, cols, B, C) on several threads, in two steps.
+    First each thread takes some rows i of the input transform (V's points i*alpha + j: its
+    share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each takes some rows i of
+    the output transform (y's rows tile*row + i). Sharing the points rather than the filters
+    leaves no work done twice: split by filters, every thread gathered and transformed the
+    whole block (about a fifth of a 26x26 layer on two threads)."""
+    alpha, _, n, cols, b, c = d.shape
+    tile, f = v.tile, filters.shape[2]
+    points = n * cols * b * c
+    m = np.empty((alpha * alpha, n * cols * b, f), d.dtype)
+
+    def points_(i0, i1):
+        t = np.matmul(v.b_t[i0:i1], d.reshape(alpha, alpha * points)).reshape(i1 - i0, alpha,
+                                                                               points)
+        u = np.matmul(v.b_t, t).reshape((i1 - i0) * alpha, n * cols * b, c)
+        np.matmul(u, filters[i0 * alpha:i1 * alpha], out=m[i0 * alpha:i1 * alpha])
+        if biases is not None and i0 * alpha <= v.bias_point < i1 * alpha:
+            m[v.bias_point] += biases
+
+    h, w = ym.shape[:2]
+
+    def outputs_(i0, i1):
+        t = np.matmul(v.a_t[i0:i1], m.reshape(alpha, -1)).reshape(i1 - i0, alpha, -1)
+        out = np.matmul(v.a_t, t).reshape(i1 - i0, tile, n, cols, b, f)
+        if finish is not None:
+            finish(out)
+        for i in range(i0, i1):  # y's rows top + tile*row + i, columns tile*col + j
+            y_rows = ym[top + i:min(h, top + n * tile):tile]
+            for j in range(tile):
+                y_cells = y_rows[:, j::tile]
+                y_cells[...] = out[i - i0, j, :y_rows.shape[0], :y_cells.shape[1]]
+
+    run([lambda part=part: points_(*part) for part in row_ranges(alpha, -(-alpha // threads),
+                                                                   threads)])
+    run([lambda part=part: outputs_(*part) for part in row_ranges(tile, -(-tile // threads),
+                                                                   threads)])

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import activations
 from .antialiasing import Blur
-from .base import LinearUnit, input_shape_error, window_limit
+from .base import LinearUnit, fusable, input_shape_error, window_limit
 
 
 # AlexeyAB's [convolutional] keys that change the computation and are not implemented, with
@@ -168,9 +168,16 @@ class ConvolutionalLayer(LinearUnit):
 
     def forward(self, ops, x, train):
         self.input = x
-        y = ops.conv_forward(x, self.params["weights"], self.conv_stride, self.padding * self.dilation,
-                             self.groups, train=train, dilation=self.dilation)
-        y = self.normalize_activate(ops, y, train)
+        p = self.params
+        if not train and not self.batch_normalize and fusable(self.activation, train):
+            # inference with the bias (BN folded): bias and activation inside the convolution
+            y = self.output = ops.conv_bias_forward(
+                x, p["weights"], p["biases"], self.activation, self.conv_stride,
+                self.padding * self.dilation, self.groups, dilation=self.dilation)
+        else:
+            y = ops.conv_forward(x, p["weights"], self.conv_stride, self.padding * self.dilation,
+                                 self.groups, train=train, dilation=self.dilation)
+            y = self.normalize_activate(ops, y, train)
         return self.blur.forward(ops, y) if self.blur is not None else y
 
     def backward(self, ops, delta, need_dx):
