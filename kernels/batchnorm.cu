@@ -1,8 +1,9 @@
 // Training batch norm over channels (SPATIAL statistics of an NCHW tensor), cuDNN's rule: the
 // batch mean and biased variance normalise, the rolling statistics move BN_MOMENTUM toward the
-// mean and the unbiased variance. cuDNN's own kernels give each channel one block, so YOLO's
-// first layers (16-64 channels of 416x416 or 208x208 planes at batch 64) ran on a few dozen
-// blocks: 1.4-6.4 ms per call on an H200. Here every block takes PLANE_CHUNK elements of one
+// mean and the unbiased variance. cuDNN's NCHW kernels (bn_fw_tr_1C11, bn_bw_1C11) took 1.4-6.4
+// ms per call on an H200 on YOLO's first layers (16-64 channels of 416x416 or 208x208 planes at
+// batch 64), far from the memory's speed: they parallelise over channels, of which these layers
+// have few. Here every block takes PLANE_CHUNK elements of one
 // plane (as activations.cu's *_planes kernels) and adds its partial sums into per-channel
 // doubles (zeroed before), then a small kernel per channel finishes. The activation that
 // follows is fused in (one whose gradient comes from its output: layers/base.py's fusable).

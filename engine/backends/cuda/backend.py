@@ -622,9 +622,9 @@ class CudaBackend(Operations):
 
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
                                 per_activation=False, activation="linear"):
-        """SPATIAL statistics in kernels/batchnorm.cu (cuDNN's kernels give a channel one block:
-        slow for few channels of large maps), the activation fused; PER_ACTIVATION ones (dense
-        layers) in cuDNN, then the activation."""
+        """SPATIAL statistics in kernels/batchnorm.cu (cuDNN's NCHW kernels parallelise over
+        channels: slow for few channels of large maps), the activation fused; PER_ACTIVATION
+        ones (dense layers) in cuDNN, then the activation."""
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
         y = self._empty(x.shape, x.dtype)
