@@ -219,6 +219,45 @@ def test_own_threads_compute_what_one_thread_does(monkeypatch):
     assert relative_error(net.predict(x), one) < 1e-5
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", [(3, 1, 16, 13), (3, 1, 16, 26), (3, 1, 16, 30), (3, 1, 8, 104),
+                                  (3, 1, 16, 104), (3, 2, 16, 26), (1, 1, 16, 26),
+                                  (3, 1, 64, 26)], ids=str)
+def test_a_convolution_computes_into_its_route_s_channels(monkeypatch, threads, case):
+    """Into a channels-innermost route output (strided rows): Winograd (one block shared out,
+    several blocks, tiles over the edge), the column products (fused or not), in place."""
+    size, stride, c, side = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    ops = NumpyBackend()
+    rng = np.random.default_rng(5)
+    x = channels_innermost(rng.standard_normal((1, c, side, side)).astype(np.float32))
+    w = (rng.standard_normal((24, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
+    biases = rng.standard_normal(24).astype(np.float32)
+    out_side = (side + 2 * (size // 2) - size) // stride + 1
+    out = ops.empty((1, 40, out_side, out_side), like=x)
+    out[...] = 7.0
+    y = ops.conv_bias_forward_into_(out, 8, x, w, biases, "leaky", stride, size // 2, 1)
+    assert np.shares_memory(y, out)
+    linear = direct_conv(x, w, size // 2)[:, :, ::stride, ::stride] + biases.reshape(1, -1, 1, 1)
+    expected = np.where(linear > 0, linear, 0.1 * linear)
+    assert relative_error(out[:, 8:32], expected) < 1e-5  # Winograd: float32 rounding
+    assert (out[:, :8] == 7).all() and (out[:, 32:] == 7).all()
+
+
+def test_a_network_s_convolutions_write_into_their_concatenations():
+    """yolov4-tiny's inference plan (convolutions computing into their routes' outputs) gives
+    every layer's output exactly as without it."""
+    net = Network(os.path.join(CFG, "yolov4-tiny.cfg"), quiet=True).fold_batchnorm()
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    planned = net.predict(x)
+    assert len(net._concatenation_plan()) == 12  # both inputs of its six concatenations
+    outputs = [np.array(o) for o in net.outputs]
+    net._plan = {}
+    np.testing.assert_array_equal(net.predict(x), planned)
+    for a, b in zip(net.outputs, outputs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_bad_thread_count_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "two")
     with pytest.raises(BackendError, match="ENGINE_CPU_THREADS=two"):

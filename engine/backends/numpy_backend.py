@@ -441,16 +441,31 @@ class NumpyBackend(Operations):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
+                                padding, groups, dilation=1):
+        """conv_bias_forward computed straight into out's channels [start, start + F) when out
+        is channels innermost (a route's concatenation: no copy afterwards); returns that
+        channel slice."""
+        if groups != 1 or not self._channels_innermost(out):
+            return super().conv_bias_forward_into_(out, start, x, weights, biases, activation,
+                                                   stride, padding, groups, dilation)
+        y = out[:, start:start + weights.shape[0]]
+        self._conv_inference(x, weights, stride, padding, groups, dilation, biases, activation,
+                             into=y.transpose(2, 3, 0, 1))
+        return y
+
     def _conv_inference(self, x, weights, stride, padding, groups, dilation, biases=None,
-                        activation="linear"):
+                        activation="linear", into=None):
         """An inference convolution (Winograd's where it fits, else _conv_channels_last), its
-        output channels innermost; with `biases`, act(y + biases) done block by block."""
+        output channels innermost; with `biases`, act(y + biases) done block by block. `into`:
+        the (H, W, B, F) array (a view) to store y in, else a new one."""
         if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads, biases, _activation_(activation))
+                                    self._run, self.threads, biases, _activation_(activation),
+                                    into)
         return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
-                                        activation)
+                                        activation, into)
 
     def _columns_filters(self, weights):
         """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
@@ -462,7 +477,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear"):
+                            activation="linear", into=None):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -472,8 +487,8 @@ class NumpyBackend(Operations):
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        ym = np.empty((out_h, out_w, b, f), x.dtype)
-        y_rows = ym.reshape(-1, f)  # rows (row, column, image)
+        ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
+        y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
         per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
@@ -523,8 +538,9 @@ class NumpyBackend(Operations):
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
             np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
             if fused:
-                out_rows = out.reshape(rows[1] - rows[0], -1)
-                out_rows += b_row
+                # (into a route's buffer, out's rows are strided: a view per position then)
+                out_rows = out.reshape(rows[1] - rows[0], -1) if into is None else out
+                out_rows += b_row if into is None else biases
                 if finish is not None:
                     finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)

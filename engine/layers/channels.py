@@ -47,6 +47,13 @@ def concat_channels(ops, parts):
     return y
 
 
+def copy_channels_(ops, dst, start, src):
+    """dst's channels [start, start + C) = src (C channels); returns dst."""
+    count = int(src.shape[1])
+    return ops.strided_copy_(dst, channel_range(dst.shape, start, count), src,
+                             whole(_planes(src.shape)))
+
+
 def add_channel_slice_(ops, dst, start, src):
     """dst's channels [start, start + C) += src (C channels); returns dst."""
     count = int(src.shape[1])
