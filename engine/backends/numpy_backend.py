@@ -536,11 +536,20 @@ class NumpyBackend(Operations):
 
         def block_(rows, f0):
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
+            if fused and into is not None:
+                # into a route's buffer (strided rows): the block finished in a contiguous
+                # temporary while in cache, then stored (short strided runs are slow passes)
+                block = np.matmul(columns(rows), wt[:, f0:f0 + step])
+                block_rows = block.reshape(rows[1] - rows[0], -1)
+                block_rows += b_row
+                if finish is not None:
+                    finish(block_rows)
+                out[...] = block
+                return
             np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
             if fused:
-                # (into a route's buffer, out's rows are strided: a view per position then)
-                out_rows = out.reshape(rows[1] - rows[0], -1) if into is None else out
-                out_rows += b_row if into is None else biases
+                out_rows = out.reshape(rows[1] - rows[0], -1)
+                out_rows += b_row
                 if finish is not None:
                     finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
