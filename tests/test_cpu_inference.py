@@ -251,6 +251,10 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
     x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
     planned = net.predict(x)
     assert len(net._concatenation_plan()) == 12  # both inputs of its six concatenations
+    # its routes of one channel group read their input's channels in place (layer 2's upper
+    # half, which lives in route 8's output)
+    assert np.shares_memory(net.outputs[3], net.outputs[8])
+    np.testing.assert_array_equal(net.outputs[3], net.outputs[2][:, 32:])
     outputs = [np.array(o) for o in net.outputs]
     net._plan = {}
     np.testing.assert_array_equal(net.predict(x), planned)

@@ -392,6 +392,12 @@ def test_convolution_into_a_concatenation(ops, rng, case):
     np.testing.assert_array_equal(args[0][:, 32:], out[:, 32:])
 
 
+def test_channels_to_read(ops, rng):
+    x = randn(rng, 2, 6, 3, 4)
+    y, _ = call(ops, "channels_to_read", x, 2, 5)
+    np.testing.assert_array_equal(y, x[:, 2:5])
+
+
 def test_connected(ops, rng):
     x, w = randn(rng, 5, 7, 3, 3), randn(rng, 13, 63)
     y, _ = call(ops, "connected_forward", x, w)

@@ -364,6 +364,18 @@ class Operations(ABC):
         may be dst itself with the same view. Returns dst. Route, shortcut, reorg, crop,
         upsample and the YOLO activation are composed of it in their layers."""
 
+    def channels_to_read(self, x, start, stop):
+        """Inference only: channels [start, stop) of x (B, C, ...) for later operations to read
+        and never write: a view where the backend can (numpy), else a new array; by default
+        the new array and the one copy a [route] of one input's channel group made before."""
+        b, c = int(x.shape[0]), int(x.shape[1])
+        positions = int(x.size) // (b * c)
+        y = self.empty((b, stop - start) + tuple(x.shape[2:]), like=x)
+        return self.strided_copy_(y, views.window((b, stop - start, positions), None,
+                                                  (0, stop - start, 1)),
+                                  x, views.window((b, c, positions), None,
+                                                  (start, stop - start, 1)))
+
     @abstractmethod
     def softmax_(self, x, view, axis):
         """Softmax along `axis` of the window of `view` in x, in place (the largest value

@@ -54,6 +54,8 @@ class RouteLayer(Layer):
     def forward(self, ops, xs, train):
         if len(xs) == 1 and self.groups == 1:
             return xs[0]
+        if len(xs) == 1 and not train:  # one group of one input: layers only read it
+            return ops.channels_to_read(xs[0], *self._slice(int(xs[0].shape[1])))
         return concat_channels(ops, [(x,) + self._slice(int(x.shape[1])) for x in xs])
 
     def concatenates(self):
