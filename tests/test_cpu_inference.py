@@ -172,6 +172,13 @@ def test_inference_maxpool_of_whole_tiles_gives_the_training_maxima(size):
     inferred, _ = ops.maxpool_forward(channels_innermost(x), size, size, 0, 4, 3, train=False)
     assert inferred.strides[1] == 4
     np.testing.assert_array_equal(inferred, trained)
+    # one image's channel slice of a route's output (a convolution wrote into it): in place
+    route = channels_innermost(rng.standard_normal((1, 9, 4 * size, 3 * size)).astype(np.float32))
+    part = route[:, 2:7]
+    assert ops._tile_windows(part, size) is not None
+    inferred, _ = ops.maxpool_forward(part, size, size, 0, 4, 3, train=False)
+    trained, _ = ops.maxpool_forward(np.array(part), size, size, 0, 4, 3, train=True)
+    np.testing.assert_array_equal(inferred, trained)
 
 
 def test_channels_innermost_arrays_keep_their_layout_and_values():

@@ -800,8 +800,10 @@ class NumpyBackend(Operations):
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
         if not train and size == stride and padded is x and (out_h * size, out_w * size) == (h, w) \
-                and self._channels_innermost(x) and x.transpose(2, 3, 0, 1).flags.c_contiguous:
-            return self._maxpool_tiles(x, size), None
+                and self._channels_innermost(x):
+            windows = self._tile_windows(x, size)
+            if windows is not None:
+                return self._maxpool_tiles(windows, b, c), None
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # laid out as x (after a conv)
         if not train:
             tasks = [lambda frame=frame, out=out: self._maxpool_max_(
@@ -822,35 +824,44 @@ class NumpyBackend(Operations):
                                       rows, cols)
         return y, argmax
 
-    def _maxpool_tiles(self, x, size):
-        """Inference maxpool of a contiguous channels-innermost x whose size x size windows tile
-        it exactly (the common 2x2/2): x's memory seen as (window row, i, window column,
-        (j, B, C)), the maximum over i, then over the j slices of each row: long inner loops and
-        no index arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as
-        _maxpool_max_."""
+    @staticmethod
+    def _tile_windows(x, size):
+        """A channels-innermost x (B, C, H, W) seen as (window row, i, window column, j, B*C)
+        for size x size windows that tile it, without a copy; None where that needs one (a
+        batch of channel slices)."""
         b, c, h, w = x.shape
-        out_h, out_w, cells = h // size, w // size, b * c
-        windows = x.transpose(2, 3, 0, 1).reshape(out_h, size, out_w, size * cells)
-        ym = np.empty((out_h, out_w, b, c), x.dtype)
-        y_cells = ym.reshape(out_h, out_w, cells)
-        row_max = np.empty((out_h, out_w, size * cells), x.dtype) if size > 1 else None
+        try:
+            return np.reshape(x.transpose(2, 3, 0, 1), (h // size, size, w // size, size, b * c),
+                              copy=False)
+        except ValueError:
+            return None
+
+    def _maxpool_tiles(self, windows, b, c):
+        """Inference maxpool over `windows` (_tile_windows: size x size windows that tile a
+        channels-innermost x, the common 2x2/2; x contiguous, or a route's channel slice): the
+        maximum over i, then over the j slices of each row: long inner loops and no index
+        arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as _maxpool_max_;
+        returns y (B, C, out_h, out_w), channels innermost."""
+        out_h, size, out_w, _, cells = windows.shape
+        ym = np.empty((out_h, out_w, cells), windows.dtype)
+        row_max = np.empty((out_h, out_w, size, cells), windows.dtype) if size > 1 else None
 
         def rows_(row0, row1):
             if row_max is None:
-                np.copyto(y_cells[row0:row1], windows[row0:row1, 0])
+                np.copyto(ym[row0:row1], windows[row0:row1, 0, :, 0])
                 return
             part = row_max[row0:row1]
             np.maximum(windows[row0:row1, 0], windows[row0:row1, 1], out=part)
             for i in range(2, size):
                 np.maximum(part, windows[row0:row1, i], out=part)
-            out = y_cells[row0:row1]
-            np.maximum(part[..., :cells], part[..., cells:2 * cells], out=out)
+            out = ym[row0:row1]
+            np.maximum(part[:, :, 0], part[:, :, 1], out=out)
             for j in range(2, size):
-                np.maximum(out, part[..., j * cells:(j + 1) * cells], out=out)
-        parts = self.threads if x.size >= POOL_PARALLEL_ELEMENTS else 1
+                np.maximum(out, part[:, :, j], out=out)
+        parts = self.threads if windows.size >= POOL_PARALLEL_ELEMENTS else 1
         self._run([lambda rows=rows: rows_(*rows)
                    for rows in winograd.row_ranges(out_h, -(-out_h // parts), parts)])
-        return ym.transpose(2, 3, 0, 1)
+        return ym.reshape(out_h, out_w, b, c).transpose(2, 3, 0, 1)
 
     def _pool_blocks(self, padded, y, height, stride):
         """(frame index, output index) pairs cutting a pooling into blocks: of channels, or of
