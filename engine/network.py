@@ -357,41 +357,16 @@ class Network:
             self._plan = plan
         return plan
 
-    def _pooling_plan(self):
-        """{convolution index: the [maxpool] right after it that reads only its output}: at
-        inference the convolution pools for it (ConvolutionalLayer.forward_pooled). Made
-        once; convolutions in the concatenation plan keep to it."""
-        plan = getattr(self, "_pools", None)
-        if plan is None:
-            plan = {}
-            concatenated = self._concatenation_plan()
-            for conv, pool in zip(self.layers, self.layers[1:]):
-                if (conv.type_name == "convolutional" and conv.writes_into()
-                        and conv.index not in concatenated and pool.type_name == "maxpool"
-                        and pool.input_indices == [conv.index]
-                        and pool.pools_after_a_convolution()):
-                    plan[conv.index] = pool
-            self._pools = plan
-        return plan
-
     def _forward_inference(self, x):
-        """forward(train=False), with the concatenation plan (a planned convolution allocates
-        its route's output if no earlier part did and computes into its channels) and the
-        pooling plan."""
+        """forward(train=False), with the concatenation plan: a planned convolution allocates
+        its route's output if no earlier part did and computes into its channels."""
         ops, outputs = self.ops, []
-        plan, pools = self._concatenation_plan(), self._pooling_plan()
+        plan = self._concatenation_plan()
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
-        pooled = {}  # maxpool index -> its output, computed by the convolution before
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             where = plan.get(layer.index)
-            pool = pools.get(layer.index)
-            if pool is not None:
-                y, pooled[pool.index] = layer.forward_pooled(ops, inputs[0], pool)
-                outputs.append(y)
-            elif layer.index in pooled:
-                outputs.append(layer.forward_given(inputs[0], pooled.pop(layer.index)))
-            elif where is not None:
+            if where is not None:
                 r, i, at = where
                 route = self.layers[r]
                 out = buffers.get(r)

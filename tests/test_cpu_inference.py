@@ -251,28 +251,6 @@ def test_a_convolution_computes_into_its_route_s_channels(monkeypatch, threads, 
     assert (out[:, :8] == 7).all() and (out[:, 32:] == 7).all()
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])
-@pytest.mark.parametrize("case", [(3, 16, 104), (3, 16, 26), (3, 3, 208), (1, 16, 52)], ids=str)
-def test_a_convolution_pools_its_blocks_as_the_maxpool_does(monkeypatch, threads, case):
-    """conv_bias_maxpool_forward's 2x2/2 maxima taken block by block (Winograd's blocks of tile
-    rows, shared-out small maps, the column products' row pairs) equal maxpool_forward's."""
-    size, c, side = case
-    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
-    ops = NumpyBackend()
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
-    if c > 3:
-        x = channels_innermost(x)
-    w = (rng.standard_normal((24, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
-    biases = rng.standard_normal(24).astype(np.float32)
-    y, pooled = ops.conv_bias_maxpool_forward(x, w, biases, "leaky", 1, size // 2, 1, 2, 2, 0,
-                                              (side // 2, side // 2))
-    np.testing.assert_array_equal(y, ops.conv_bias_forward(x, w, biases, "leaky", 1, size // 2,
-                                                           1))
-    expected = np.asarray(y).reshape(1, 24, side // 2, 2, side // 2, 2).max(axis=(3, 5))
-    np.testing.assert_array_equal(pooled, expected)
-
-
 def test_a_network_s_convolutions_write_into_their_concatenations():
     """yolov4-tiny's inference plan (convolutions computing into their routes' outputs) gives
     every layer's output exactly as without it."""
@@ -286,20 +264,6 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
     np.testing.assert_array_equal(net.outputs[3], net.outputs[2][:, 32:])
     outputs = [np.array(o) for o in net.outputs]
     net._plan = {}
-    np.testing.assert_array_equal(net.predict(x), planned)
-    for a, b in zip(net.outputs, outputs):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_a_network_s_convolutions_pool_for_their_maxpools():
-    """yolov3-tiny's pooling plan (each convolution followed by a maxpool computes its maxima)
-    gives every layer's output exactly as without it."""
-    net = Network(YOLOV3_TINY, quiet=True).fold_batchnorm()
-    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
-    planned = net.predict(x)
-    assert sorted(net._pooling_plan()) == [0, 2, 4, 6, 10]  # (8 writes into route 20)
-    outputs = [np.array(o) for o in net.outputs]
-    net._pools = {}
     np.testing.assert_array_equal(net.predict(x), planned)
     for a, b in zip(net.outputs, outputs):
         np.testing.assert_array_equal(a, b)

@@ -392,28 +392,6 @@ def test_convolution_into_a_concatenation(ops, rng, case):
     np.testing.assert_array_equal(args[0][:, 32:], out[:, 32:])
 
 
-# (conv size, stride, padding, side; pool size, stride, pad, output side): Winograd and the
-# column products with a 2x2/2 pool, a 2x2/1 pool (the two operations), an odd side
-@pytest.mark.parametrize("case", [(3, 1, 1, 26, 2, 2, 0, 13), (1, 1, 0, 12, 2, 2, 0, 6),
-                                  (3, 1, 1, 13, 2, 1, 0, 13), (3, 1, 1, 13, 2, 2, 0, 7)],
-                         ids=str)
-def test_convolution_then_maxpool(ops, rng, case):
-    """Inference's conv + bias + activation and the maxpool of its output in one operation."""
-    size, stride, padding, side, k, pool_stride, pool_pad, pooled_side = case
-    x = randn(rng, 1, 16, side, side)
-    w = randn(rng, 24, 16, size, size) / np.float32(np.sqrt(size * size * 16))
-    biases = randn(rng, 24)
-    (y, pooled), _ = call(ops, "conv_bias_maxpool_forward", x, w, biases, "leaky", stride,
-                          padding, 1, k, pool_stride, pool_pad, (pooled_side, pooled_side))
-    expected = activations.activate(conv_reference(x, w, stride, padding, 1)
-                                    + biases.reshape(1, -1, 1, 1), "leaky")
-    assert_close(y, expected, "the convolution")
-    # the pool of the values computed (the maxima of float32 values are exact)
-    pool, _ = maxpool_reference(np.asarray(y, np.float64), k, pool_stride, pool_pad,
-                                pooled_side, pooled_side)
-    np.testing.assert_array_equal(pooled, pool)
-
-
 def test_channels_to_read(ops, rng):
     x = randn(rng, 2, 6, 3, 4)
     y, _ = call(ops, "channels_to_read", x, 2, 5)

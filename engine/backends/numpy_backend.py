@@ -441,47 +441,6 @@ class NumpyBackend(Operations):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
-    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
-                                  groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
-        """Windows that tile y exactly (the usual 2x2/2): each block of y's rows pooled right
-        after the convolution stored it (in cache, on the thread that computed it), the rows
-        of blocks not aligned to the windows afterwards; _maxpool_tiles' maxima."""
-        b = x.shape[0]
-        f = weights.shape[0]
-        _, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
-        k = pool_size
-        if groups != 1 or pool_stride != k or pool_pad != 0 or out_h % k or out_w % k \
-                or tuple(pool_hw) != (out_h // k, out_w // k):
-            return super().conv_bias_maxpool_forward(x, weights, biases, activation, stride,
-                                                     padding, groups, pool_size, pool_stride,
-                                                     pool_pad, pool_hw, dilation)
-        ym = np.empty((out_h, out_w, b, f), x.dtype)
-        pm = np.empty((out_h // k, out_w // k, b, f), x.dtype)
-        done = np.zeros(out_h // k, bool)  # pooled rows
-
-        def pool_rows(r0, r1):  # y's rows [r0, r1), multiples of k
-            windows = ym[r0:r1].reshape((r1 - r0) // k, k, out_w // k, k * b * f)
-            row_max = np.maximum(windows[:, 0], windows[:, 1]) if k > 1 else windows[:, 0]
-            for i in range(2, k):
-                np.maximum(row_max, windows[:, i], out=row_max)
-            out = pm[r0 // k:r1 // k].reshape(r1 // k - r0 // k, out_w // k, b * f)
-            np.copyto(out, row_max[..., :b * f])
-            for j in range(1, k):
-                np.maximum(out, row_max[..., j * b * f:(j + 1) * b * f], out=out)
-            done[r0 // k:r1 // k] = True
-
-        def stored(r0, r1):
-            if r0 % k == 0 and r1 % k == 0:
-                pool_rows(r0, r1)
-        y = self._conv_inference(x, weights, stride, padding, groups, dilation, biases,
-                                 activation, into=ym, stored=stored)
-        left = np.flatnonzero(~done)
-        if len(left):  # in runs of consecutive rows
-            breaks = np.flatnonzero(np.diff(left) > 1) + 1
-            for run in np.split(left, breaks):
-                pool_rows(int(run[0]) * k, (int(run[-1]) + 1) * k)
-        return y, pm.transpose(2, 3, 0, 1)
-
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """conv_bias_forward computed straight into out's channels [start, start + F) when out
@@ -496,18 +455,17 @@ class NumpyBackend(Operations):
         return y
 
     def _conv_inference(self, x, weights, stride, padding, groups, dilation, biases=None,
-                        activation="linear", into=None, stored=None):
+                        activation="linear", into=None):
         """An inference convolution (Winograd's where it fits, else _conv_channels_last), its
         output channels innermost; with `biases`, act(y + biases) done block by block. `into`:
-        the (H, W, B, F) array (a view) to store y in, else a new one; stored(r0, r1), if
-        given, is called when y's rows [r0, r1) are final (not for every row)."""
+        the (H, W, B, F) array (a view) to store y in, else a new one."""
         if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
                                     self._run, self.threads, biases, _activation_(activation),
-                                    into, stored)
+                                    into)
         return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
-                                        activation, into, stored)
+                                        activation, into)
 
     def _columns_filters(self, weights):
         """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
@@ -519,7 +477,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear", into=None, stored=None):
+                            activation="linear", into=None):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -531,7 +489,6 @@ class NumpyBackend(Operations):
         stride_y, stride_x = _pair(stride)
         ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
         y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
-        strided_rows = not y_rows.flags.c_contiguous  # (into a route's buffer)
         per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
@@ -567,9 +524,6 @@ class NumpyBackend(Operations):
                 block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
                 return block.reshape(c * size * size, -1).T
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
-        if stored is not None:  # blocks of whole row pairs (a 2x2 pooling's windows)
-            ends = sorted({min(out_h, r1 + r1 % 2) for _, r1 in blocks})
-            blocks = list(zip([0] + ends[:-1], ends))
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
         step = -(-f // parts)
@@ -582,7 +536,7 @@ class NumpyBackend(Operations):
 
         def block_(rows, f0):
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
-            if fused and strided_rows:
+            if fused and into is not None:
                 # into a route's buffer (strided rows): the block finished in a contiguous
                 # temporary while in cache, then stored (short strided runs are slow passes)
                 block = np.matmul(columns(rows), wt[:, f0:f0 + step])
@@ -591,15 +545,13 @@ class NumpyBackend(Operations):
                 if finish is not None:
                     finish(block_rows)
                 out[...] = block
-            else:
-                np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
-                if fused:
-                    out_rows = out.reshape(rows[1] - rows[0], -1)
-                    out_rows += b_row
-                    if finish is not None:
-                        finish(out_rows)
-            if fused and stored is not None:
-                stored(*rows)
+                return
+            np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
+            if fused:
+                out_rows = out.reshape(rows[1] - rows[0], -1)
+                out_rows += b_row
+                if finish is not None:
+                    finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
         y = ym.transpose(2, 3, 0, 1)

@@ -183,18 +183,6 @@ class Operations(ABC):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
-    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
-                                  groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
-        """Inference only: (y, p) where y = conv_bias_forward(x, ...) and p = maxpool_forward(y,
-        pool_size, pool_stride, pool_pad, *pool_hw, train=False)'s maxima (a [maxpool] that
-        reads only y). One operation so that a backend may pool each block of y while it is in
-        cache (numpy, for windows that tile y exactly); by default the two operations."""
-        y = self.conv_bias_forward(x, weights, biases, activation, stride, padding, groups,
-                                   dilation=dilation)
-        pooled, _ = self.maxpool_forward(y, pool_size, pool_stride, pool_pad, *pool_hw,
-                                         train=False)
-        return y, pooled
-
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """Inference only: conv_bias_forward's values also stored in out's channels [start,

@@ -117,13 +117,11 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
-def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None,
-            stored=None):
+def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
     memory (in `into`, written in place, if given: a view of a larger array): the output
-    tiles' own order (stored(top, bottom), if given, is called once y's rows [top, bottom)
-    are final, from the thread that stored them), so that they are stored as runs of filters and the
+    tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
     threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
@@ -186,8 +184,6 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         else:  # the last tiles hang over y's edge: through a contiguous copy
             full = tiled.reshape(n * tile, cols * tile, b, f)
             ym[top:bottom] = full[:bottom - top, :w]
-        if stored is not None:
-            stored(top, bottom)
 
     run([lambda rows=rows: block_(*rows) for rows in blocks])
     return ym.transpose(2, 3, 0, 1)

@@ -196,18 +196,6 @@ class ConvolutionalLayer(LinearUnit):
             self.padding * self.dilation, self.groups, dilation=self.dilation)
         return y
 
-    def forward_pooled(self, ops, x, pool):
-        """Inference forward (writes_into) and the [maxpool] `pool` of its output (a layer
-        that reads only this one: pool.forward_given), as (output, pooled)."""
-        self.input = x
-        p = self.params
-        y, pooled = ops.conv_bias_maxpool_forward(
-            x, p["weights"], p["biases"], self.activation, self.conv_stride,
-            self.padding * self.dilation, self.groups, pool.size, pool.stride, pool.pad,
-            pool.pooled_hw, dilation=self.dilation)
-        self.output = y
-        return y, pooled
-
     def backward(self, ops, delta, need_dx):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
