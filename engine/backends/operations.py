@@ -195,9 +195,9 @@ class Operations(ABC):
         b, f = int(y.shape[0]), int(y.shape[1])
         positions = int(y.size) // (b * f)
         total = int(out.shape[1])
-        # as layers/channels.py's concat_channels views them: (batch, channels, positions)
+        # the views layers/channels.py's concat_channels gives: (batch, channels, positions)
         self.strided_copy_(out, views.window((b, total, positions), None, (start, f, 1)), y,
-                           views.whole((b, f, positions)))
+                           views.window((b, f, positions), None, (0, f, 1)))
         return y
 
     @abstractmethod
