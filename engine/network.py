@@ -483,6 +483,7 @@ class Network:
             for array in layer.params.values():
                 self.ops.freeze_(array)
         self.folded = True
+        self._plan = None  # folded convolutions may now write into their concatenations
         return self
 
     def load_weights(self, path):
