@@ -231,6 +231,7 @@ class Network:
                 warn_unused(section)
         self.seen = 0
         self.folded = False  # fold_batchnorm: inference only from then on
+        self._plan = None  # _concatenation_plan, made at the first inference forward
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -342,7 +343,7 @@ class Network:
         convolutions that write their output straight into the buffer of a [route] that
         concatenates them (one route each, the first), so the route copies nothing for them;
         their other readers read that channel slice. Made once."""
-        plan = getattr(self, "_plan", None)
+        plan = self._plan
         if plan is None:
             plan = {}
             for route in self.layers:
