@@ -231,6 +231,7 @@ class Network:
                 warn_unused(section)
         self.seen = 0
         self.folded = False  # fold_batchnorm: inference only from then on
+        self._plan = None  # _concatenation_plan, made at the first inference forward
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -328,10 +329,59 @@ class Network:
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
         """x: backend array (batch, C, H, W). Returns the output layer's output."""
+        if not train:
+            return self._forward_inference(x)
         ops, outputs = self.ops, []
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0], train))
+        self.outputs = outputs
+        return outputs[self.output_layer.index]
+
+    def _concatenation_plan(self):
+        """{convolution index: (route index, input position, channel offset)}: inference
+        convolutions that write their output straight into the buffer of a [route] that
+        concatenates them (one route each, the first), so the route copies nothing for them;
+        their other readers read that channel slice. Made once."""
+        plan = self._plan
+        if plan is None:
+            plan = {}
+            for route in self.layers:
+                if route.type_name != "route" or not route.concatenates():
+                    continue
+                for i, (j, at) in enumerate(zip(route.input_indices, route.channel_offsets())):
+                    producer = self.layers[j] if j >= 0 else None
+                    if (j not in plan and producer is not None
+                            and producer.type_name == "convolutional"
+                            and producer.writes_into()):
+                        plan[j] = (route.index, i, at)
+            self._plan = plan
+        return plan
+
+    def _forward_inference(self, x):
+        """forward(train=False), with the concatenation plan: a planned convolution allocates
+        its route's output if no earlier part did and computes into its channels."""
+        ops, outputs = self.ops, []
+        plan = self._concatenation_plan()
+        buffers, placed = {}, {}  # route index -> its output; -> input positions written
+        for layer in self.layers:
+            inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
+            where = plan.get(layer.index)
+            if where is not None:
+                r, i, at = where
+                route = self.layers[r]
+                out = buffers.get(r)
+                if out is None:
+                    out = buffers[r] = ops.empty((int(inputs[0].shape[0]),) + route.out_shape,
+                                                 like=inputs[0])
+                outputs.append(layer.forward_into(ops, inputs[0], out, at))
+                placed.setdefault(r, set()).add(i)
+            elif layer.index in buffers:
+                outputs.append(layer.forward_placed(ops, inputs, buffers.pop(layer.index),
+                                                    placed.pop(layer.index)))
+            else:
+                outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0],
+                                             False))
         self.outputs = outputs
         return outputs[self.output_layer.index]
 
@@ -434,6 +484,7 @@ class Network:
             for array in layer.params.values():
                 self.ops.freeze_(array)
         self.folded = True
+        self._plan = None  # folded convolutions may now write into their concatenations
         return self
 
     def load_weights(self, path):

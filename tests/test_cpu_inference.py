@@ -172,6 +172,13 @@ def test_inference_maxpool_of_whole_tiles_gives_the_training_maxima(size):
     inferred, _ = ops.maxpool_forward(channels_innermost(x), size, size, 0, 4, 3, train=False)
     assert inferred.strides[1] == 4
     np.testing.assert_array_equal(inferred, trained)
+    # one image's channel slice of a route's output (a convolution wrote into it): in place
+    route = channels_innermost(rng.standard_normal((1, 9, 4 * size, 3 * size)).astype(np.float32))
+    part = route[:, 2:7]
+    assert ops._tile_windows(part, size) is not None
+    inferred, _ = ops.maxpool_forward(part, size, size, 0, 4, 3, train=False)
+    trained, _ = ops.maxpool_forward(np.array(part), size, size, 0, 4, 3, train=True)
+    np.testing.assert_array_equal(inferred, trained)
 
 
 def test_channels_innermost_arrays_keep_their_layout_and_values():
@@ -217,6 +224,51 @@ def test_own_threads_compute_what_one_thread_does(monkeypatch):
     net.ops = threaded
     # the same sums, blocked differently (filters shared out): float rounding apart
     assert relative_error(net.predict(x), one) < 1e-5
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", [(3, 1, 16, 13), (3, 1, 16, 26), (3, 1, 16, 30), (3, 1, 8, 104),
+                                  (3, 1, 16, 104), (3, 2, 16, 26), (1, 1, 16, 26),
+                                  (3, 1, 64, 26)], ids=str)
+def test_a_convolution_computes_into_its_route_s_channels(monkeypatch, threads, case):
+    """Into a channels-innermost route output (strided rows): Winograd (one block shared out,
+    several blocks, tiles over the edge), the column products (fused or not), in place."""
+    size, stride, c, side = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    ops = NumpyBackend()
+    rng = np.random.default_rng(5)
+    x = channels_innermost(rng.standard_normal((1, c, side, side)).astype(np.float32))
+    w = (rng.standard_normal((24, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
+    biases = rng.standard_normal(24).astype(np.float32)
+    out_side = (side + 2 * (size // 2) - size) // stride + 1
+    out = ops.empty((1, 40, out_side, out_side), like=x)
+    out[...] = 7.0
+    y = ops.conv_bias_forward_into_(out, 8, x, w, biases, "leaky", stride, size // 2, 1)
+    assert np.shares_memory(y, out)
+    linear = direct_conv(x, w, size // 2)[:, :, ::stride, ::stride] + biases.reshape(1, -1, 1, 1)
+    expected = np.where(linear > 0, linear, 0.1 * linear)
+    assert relative_error(out[:, 8:32], expected) < 1e-5  # Winograd: float32 rounding
+    assert (out[:, :8] == 7).all() and (out[:, 32:] == 7).all()
+
+
+def test_a_network_s_convolutions_write_into_their_concatenations():
+    """yolov4-tiny's inference plan (convolutions computing into their routes' outputs) gives
+    every layer's output exactly as without it."""
+    net = Network(os.path.join(CFG, "yolov4-tiny.cfg"), quiet=True)
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    net.predict(x)
+    assert not net._concatenation_plan()  # batch norm not folded yet: no convolution planned
+    planned = net.fold_batchnorm().predict(x)
+    assert len(net._concatenation_plan()) == 12  # both inputs of its six concatenations
+    # its routes of one channel group read their input's channels in place (layer 2's upper
+    # half, which lives in route 8's output)
+    assert np.shares_memory(net.outputs[3], net.outputs[8])
+    np.testing.assert_array_equal(net.outputs[3], net.outputs[2][:, 32:])
+    outputs = [np.array(o) for o in net.outputs]
+    net._plan = {}
+    np.testing.assert_array_equal(net.predict(x), planned)
+    for a, b in zip(net.outputs, outputs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_bad_thread_count_is_one_clear_error(monkeypatch):

@@ -371,6 +371,33 @@ def test_convolution_with_bias_and_activation(ops, rng, case, activation):
     assert_close(y, activations.activate(linear, activation), f"conv + bias + {activation}")
 
 
+@pytest.mark.parametrize("case", [(3, 1, 1, 1, 13), (3, 1, 1, 1, 26), (3, 2, 1, 1, 13),
+                                  (1, 1, 0, 1, 13), (3, 1, 1, 2, 13)], ids=str)
+def test_convolution_into_a_concatenation(ops, rng, case):
+    """conv_bias_forward_into_: the values of conv_bias_forward, returned and stored in the
+    given channels of a route's output; its other channels untouched."""
+    size, stride, padding, groups, side = case
+    x = randn(rng, 1, 16, side, side)
+    w = randn(rng, 24, 16 // groups, size, size) / np.float32(np.sqrt(size * size * 16))
+    biases = randn(rng, 24)
+    out_side = (side + 2 * padding - size) // stride + 1
+    out = randn(rng, 1, 40, out_side, out_side)
+    y, args = call(ops, "conv_bias_forward_into_", out, 8, x, w, biases, "leaky", stride,
+                   padding, groups)
+    expected = activations.activate(conv_reference(x, w, stride, padding, groups)
+                                    + biases.reshape(1, -1, 1, 1), "leaky")
+    assert_close(y, expected, "the convolution's values")
+    assert_close(args[0][:, 8:32], expected, "stored in the route's channels")
+    np.testing.assert_array_equal(args[0][:, :8], out[:, :8])
+    np.testing.assert_array_equal(args[0][:, 32:], out[:, 32:])
+
+
+def test_channels_to_read(ops, rng):
+    x = randn(rng, 2, 6, 3, 4)
+    y, _ = call(ops, "channels_to_read", x, 2, 5)
+    np.testing.assert_array_equal(y, x[:, 2:5])
+
+
 def test_connected(ops, rng):
     x, w = randn(rng, 5, 7, 3, 3), randn(rng, 13, 63)
     y, _ = call(ops, "connected_forward", x, w)

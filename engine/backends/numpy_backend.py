@@ -441,16 +441,31 @@ class NumpyBackend(Operations):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
+                                padding, groups, dilation=1):
+        """conv_bias_forward computed straight into out's channels [start, start + F) when out
+        is channels innermost (a route's concatenation: no copy afterwards); returns that
+        channel slice."""
+        if groups != 1 or not self._channels_innermost(out):
+            return super().conv_bias_forward_into_(out, start, x, weights, biases, activation,
+                                                   stride, padding, groups, dilation)
+        y = out[:, start:start + weights.shape[0]]
+        self._conv_inference(x, weights, stride, padding, groups, dilation, biases, activation,
+                             into=y.transpose(2, 3, 0, 1))
+        return y
+
     def _conv_inference(self, x, weights, stride, padding, groups, dilation, biases=None,
-                        activation="linear"):
+                        activation="linear", into=None):
         """An inference convolution (Winograd's where it fits, else _conv_channels_last), its
-        output channels innermost; with `biases`, act(y + biases) done block by block."""
+        output channels innermost; with `biases`, act(y + biases) done block by block. `into`:
+        the (H, W, B, F) array (a view) to store y in, else a new one."""
         if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads, biases, _activation_(activation))
+                                    self._run, self.threads, biases, _activation_(activation),
+                                    into)
         return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
-                                        activation)
+                                        activation, into)
 
     def _columns_filters(self, weights):
         """weights (F, C, k, k) as the (k*k*C, F) matrix that channels-innermost columns
@@ -462,7 +477,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear"):
+                            activation="linear", into=None):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -472,8 +487,8 @@ class NumpyBackend(Operations):
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        ym = np.empty((out_h, out_w, b, f), x.dtype)
-        y_rows = ym.reshape(-1, f)  # rows (row, column, image)
+        ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
+        y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
         per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
@@ -521,6 +536,16 @@ class NumpyBackend(Operations):
 
         def block_(rows, f0):
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
+            if fused and into is not None:
+                # into a route's buffer (strided rows): the block finished in a contiguous
+                # temporary while in cache, then stored (short strided runs are slow passes)
+                block = np.matmul(columns(rows), wt[:, f0:f0 + step])
+                block_rows = block.reshape(rows[1] - rows[0], -1)
+                block_rows += b_row
+                if finish is not None:
+                    finish(block_rows)
+                out[...] = block
+                return
             np.matmul(columns(rows), wt[:, f0:f0 + step], out=out)
             if fused:
                 out_rows = out.reshape(rows[1] - rows[0], -1)
@@ -727,8 +752,10 @@ class NumpyBackend(Operations):
             padded.fill(-FLOAT32_MAX)
             padded[:, :, top:top + h, left:left + w] = x
         if not train and size == stride and padded is x and (out_h * size, out_w * size) == (h, w) \
-                and self._channels_innermost(x) and x.transpose(2, 3, 0, 1).flags.c_contiguous:
-            return self._maxpool_tiles(x, size), None
+                and self._channels_innermost(x):
+            windows = self._tile_windows(x, size)
+            if windows is not None:
+                return self._maxpool_tiles(windows, b, c), None
         y = self._empty_laid_like((b, c, out_h, out_w), x)  # laid out as x (after a conv)
         if not train:
             tasks = [lambda frame=frame, out=out: self._maxpool_max_(
@@ -749,35 +776,44 @@ class NumpyBackend(Operations):
                                       rows, cols)
         return y, argmax
 
-    def _maxpool_tiles(self, x, size):
-        """Inference maxpool of a contiguous channels-innermost x whose size x size windows tile
-        it exactly (the common 2x2/2): x's memory seen as (window row, i, window column,
-        (j, B, C)), the maximum over i, then over the j slices of each row: long inner loops and
-        no index arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as
-        _maxpool_max_."""
+    @staticmethod
+    def _tile_windows(x, size):
+        """A channels-innermost x (B, C, H, W) seen as (window row, i, window column, j, B*C)
+        for size x size windows that tile it, without a copy; None where that needs one (a
+        batch of channel slices)."""
         b, c, h, w = x.shape
-        out_h, out_w, cells = h // size, w // size, b * c
-        windows = x.transpose(2, 3, 0, 1).reshape(out_h, size, out_w, size * cells)
-        ym = np.empty((out_h, out_w, b, c), x.dtype)
-        y_cells = ym.reshape(out_h, out_w, cells)
-        row_max = np.empty((out_h, out_w, size * cells), x.dtype) if size > 1 else None
+        try:
+            return np.reshape(x.transpose(2, 3, 0, 1), (h // size, size, w // size, size, b * c),
+                              copy=False)
+        except ValueError:
+            return None
+
+    def _maxpool_tiles(self, windows, b, c):
+        """Inference maxpool over `windows` (_tile_windows: size x size windows that tile a
+        channels-innermost x, the common 2x2/2; x contiguous, or a route's channel slice): the
+        maximum over i, then over the j slices of each row: long inner loops and no index
+        arithmetic (0.26 against 0.44 ms on 32x208x208). The same maxima as _maxpool_max_;
+        returns y (B, C, out_h, out_w), channels innermost."""
+        out_h, size, out_w, _, cells = windows.shape
+        ym = np.empty((out_h, out_w, cells), windows.dtype)
+        row_max = np.empty((out_h, out_w, size, cells), windows.dtype) if size > 1 else None
 
         def rows_(row0, row1):
             if row_max is None:
-                np.copyto(y_cells[row0:row1], windows[row0:row1, 0])
+                np.copyto(ym[row0:row1], windows[row0:row1, 0, :, 0])
                 return
             part = row_max[row0:row1]
             np.maximum(windows[row0:row1, 0], windows[row0:row1, 1], out=part)
             for i in range(2, size):
                 np.maximum(part, windows[row0:row1, i], out=part)
-            out = y_cells[row0:row1]
-            np.maximum(part[..., :cells], part[..., cells:2 * cells], out=out)
+            out = ym[row0:row1]
+            np.maximum(part[:, :, 0], part[:, :, 1], out=out)
             for j in range(2, size):
-                np.maximum(out, part[..., j * cells:(j + 1) * cells], out=out)
-        parts = self.threads if x.size >= POOL_PARALLEL_ELEMENTS else 1
+                np.maximum(out, part[:, :, j], out=out)
+        parts = self.threads if windows.size >= POOL_PARALLEL_ELEMENTS else 1
         self._run([lambda rows=rows: rows_(*rows)
                    for rows in winograd.row_ranges(out_h, -(-out_h // parts), parts)])
-        return ym.transpose(2, 3, 0, 1)
+        return ym.reshape(out_h, out_w, b, c).transpose(2, 3, 0, 1)
 
     def _pool_blocks(self, padded, y, height, stride):
         """(frame index, output index) pairs cutting a pooling into blocks: of channels, or of
@@ -1010,6 +1046,10 @@ class NumpyBackend(Operations):
         if written_back is not None:
             dst[...] = written_back.reshape(dst.shape)
         return dst
+
+    def channels_to_read(self, x, start, stop):
+        """A view (no copy: the next layer copies its input into its own layout anyway)."""
+        return x[:, start:stop]
 
     def softmax_(self, x, view, axis):
         """Softmax along `axis` of the window of `view` in x, in place (the largest value

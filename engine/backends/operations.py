@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 
 from ..constants import PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
+from . import views
 
 
 class Operations(ABC):
@@ -181,6 +182,23 @@ class Operations(ABC):
         it is in cache (numpy); by default the two operations one after the other."""
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
+
+    def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
+                                padding, groups, dilation=1):
+        """Inference only: conv_bias_forward's values also stored in out's channels [start,
+        start + F) (out (B, C, H, W), a [route]'s concatenation); returns an array of those
+        values (a backend may compute them straight into out and return that channel slice).
+        By default the convolution, then one copy into out: the operations the route's copy
+        issued before."""
+        y = self.conv_bias_forward(x, weights, biases, activation, stride, padding, groups,
+                                   dilation=dilation)
+        b, f = int(y.shape[0]), int(y.shape[1])
+        positions = int(y.size) // (b * f)
+        total = int(out.shape[1])
+        # the views layers/channels.py's concat_channels gives: (batch, channels, positions)
+        self.strided_copy_(out, views.window((b, total, positions), None, (start, f, 1)), y,
+                           views.window((b, f, positions), None, (0, f, 1)))
+        return y
 
     @abstractmethod
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
@@ -345,6 +363,18 @@ class Operations(ABC):
         the two windows hold the same counts (a step of 0 in src's window repeats a cell); src
         may be dst itself with the same view. Returns dst. Route, shortcut, reorg, crop,
         upsample and the YOLO activation are composed of it in their layers."""
+
+    def channels_to_read(self, x, start, stop):
+        """Inference only: channels [start, stop) of x (B, C, ...) for later operations to read
+        and never write: a view where the backend can (numpy), else a new array; by default
+        the new array and the one copy a [route] of one input's channel group made before."""
+        b, c = int(x.shape[0]), int(x.shape[1])
+        positions = int(x.size) // (b * c)
+        y = self.empty((b, stop - start) + tuple(x.shape[2:]), like=x)
+        return self.strided_copy_(y, views.window((b, stop - start, positions), None,
+                                                  (0, stop - start, 1)),
+                                  x, views.window((b, c, positions), None,
+                                                  (start, stop - start, 1)))
 
     @abstractmethod
     def softmax_(self, x, view, axis):

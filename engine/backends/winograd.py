@@ -111,10 +111,17 @@ def transform_filters(weights, v):
                                 dtype=np.float32)
 
 
-def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
+def reshaped_view(a, shape):
+    """a seen as `shape` without a copy (an error where that needs one: y may be a view of
+    a larger array, which a copy would not write)."""
+    return np.reshape(a, shape, copy=False)
+
+
+def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
-    memory: the output tiles' own order, so that they are stored as runs of filters and the
+    memory (in `into`, written in place, if given: a view of a larger array): the output
+    tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
     threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
@@ -133,7 +140,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.zeros((rows * tile + 2, cols * tile + 2, b, c), x.dtype)  # channels innermost
     padded[1:1 + h, 1:1 + w] = x.transpose(2, 3, 0, 1)  # a plain copy if x is channels-last
-    ym = np.empty((h, w, b, f), x.dtype)
+    ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
     blocks = row_ranges(rows, min(step, rows), threads)
     if run is None:
@@ -173,7 +180,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None):
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
         tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
         if bottom - top == n * tile and w == cols * tile:  # whole tiles: one copy, into y
-            ym[top:bottom].reshape(tiled.shape)[...] = tiled  # a view of y
+            reshaped_view(ym[top:bottom], tiled.shape)[...] = tiled
         else:  # the last tiles hang over y's edge: through a contiguous copy
             full = tiled.reshape(n * tile, cols * tile, b, f)
             ym[top:bottom] = full[:bottom - top, :w]

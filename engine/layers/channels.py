@@ -47,6 +47,14 @@ def concat_channels(ops, parts):
     return y
 
 
+def copy_channels_(ops, dst, start, src):
+    """dst's channels [start, start + C) = src (C channels), the copy concat_channels makes
+    for one part; returns dst."""
+    count = int(src.shape[1])
+    return ops.strided_copy_(dst, channel_range(dst.shape, start, count), src,
+                             channel_range(src.shape, 0, count))
+
+
 def add_channel_slice_(ops, dst, start, src):
     """dst's channels [start, start + C) += src (C channels); returns dst."""
     count = int(src.shape[1])

@@ -180,6 +180,22 @@ class ConvolutionalLayer(LinearUnit):
             y = self.normalize_activate(ops, y, train)
         return self.blur.forward(ops, y) if self.blur is not None else y
 
+    def writes_into(self):
+        """Whether forward_into applies: an inference convolution that ends in its bias and
+        activation (BN folded, no blur after it)."""
+        return (not self.batch_normalize and fusable(self.activation, False)
+                and self.blur is None)
+
+    def forward_into(self, ops, x, out, start):
+        """Inference forward (writes_into) whose output also lands in out's channels [start,
+        start + F): the [route] that concatenates it then copies nothing for it."""
+        self.input = x
+        p = self.params
+        y = self.output = ops.conv_bias_forward_into_(
+            out, start, x, p["weights"], p["biases"], self.activation, self.conv_stride,
+            self.padding * self.dilation, self.groups, dilation=self.dilation)
+        return y
+
     def backward(self, ops, delta, need_dx):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)

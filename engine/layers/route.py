@@ -6,7 +6,7 @@ inputs' heights or widths differ; we refuse that with an error naming the cfg li
 """
 
 from .base import Layer
-from .channels import add_channel_slice_, channel_slice, concat_channels
+from .channels import add_channel_slice_, channel_slice, concat_channels, copy_channels_
 
 
 class RouteLayer(Layer):
@@ -54,7 +54,30 @@ class RouteLayer(Layer):
     def forward(self, ops, xs, train):
         if len(xs) == 1 and self.groups == 1:
             return xs[0]
+        if len(xs) == 1 and not train:  # one group of one input: layers only read it
+            return ops.channels_to_read(xs[0], *self._slice(int(xs[0].shape[1])))
         return concat_channels(ops, [(x,) + self._slice(int(x.shape[1])) for x in xs])
+
+    def concatenates(self):
+        """Whether the output is the inputs' whole channels one after the other (a buffer
+        earlier layers may write their parts into: forward_placed)."""
+        return self.groups == 1 and len(self.input_indices) > 1
+
+    def channel_offsets(self):
+        """Where each input's channels start in the output (concatenates())."""
+        offsets, at = [], 0
+        for c, _, _ in self.in_shapes:
+            offsets.append(at)
+            at += c
+        return offsets
+
+    def forward_placed(self, ops, xs, out, placed):
+        """Inference forward into `out`, whose parts listed in `placed` (input positions) the
+        layers before have already written (Network's inference plan): copies the rest."""
+        for i, (x, at) in enumerate(zip(xs, self.channel_offsets())):
+            if i not in placed:
+                copy_channels_(ops, out, at, x)
+        return out
 
     def backward(self, ops, delta, need_dx):
         deltas, start = [], 0
