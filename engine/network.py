@@ -329,7 +329,7 @@ class Network:
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
         """x: backend array (batch, C, H, W). Returns the output layer's output."""
-        if not train:
+        if not train and self.ops.computes_into_concatenations:
             return self._forward_inference(x)
         ops, outputs = self.ops, []
         for layer in self.layers:

@@ -38,7 +38,8 @@ def test_the_set_is_declared():
     for name in DECLARED:
         member = inspect.getattr_static(Operations, name)
         doc = member.__doc__ if not isinstance(member, bool) else None
-        assert name in ("can_record", "precision") or (doc and len(doc.split()) >= 5), \
+        assert name in ("can_record", "precision", "computes_into_concatenations") or (
+            doc and len(doc.split()) >= 5), \
             f"{name}: no docstring"
 
 
@@ -390,6 +391,21 @@ def test_convolution_into_a_concatenation(ops, rng, case):
     assert_close(args[0][:, 8:32], expected, "stored in the route's channels")
     np.testing.assert_array_equal(args[0][:, :8], out[:, :8])
     np.testing.assert_array_equal(args[0][:, 32:], out[:, 32:])
+
+
+def test_computes_into_concatenations(ops, rng):
+    """Where a backend says it computes into a route's buffer, the convolution's returned values
+    are that buffer's channels (numpy: a view); elsewhere a separate array."""
+    w, biases = to_backend(ops, randn(rng, 4, 4, 3, 3)), to_backend(ops, randn(rng, 4))
+    # an inference convolution's output, and a route's buffer made like it (Network's plan)
+    x = ops.conv_bias_forward(to_backend(ops, randn(rng, 1, 4, 6, 6)), w, biases, "linear", 1,
+                              1, 1)
+    out = ops.empty((1, 12, 6, 6), like=x)
+    y = ops.conv_bias_forward_into_(out, 2, x, w, biases, "linear", 1, 1, 1)
+    if ops.computes_into_concatenations:
+        assert np.shares_memory(y, out)
+    else:
+        assert y.shape == (1, 4, 6, 6) and y.ptr != out.ptr
 
 
 def test_channels_to_read(ops, rng):

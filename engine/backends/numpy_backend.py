@@ -88,6 +88,7 @@ def _pair(stride):
 class NumpyBackend(Operations):
     name = "cpu"
     device_name = "CPU"
+    computes_into_concatenations = True
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)

@@ -44,6 +44,11 @@ class Operations(ABC):
     """The precision this backend computes in (engine/precision.py): 'fp32' on the CPU; 'fp32',
     'tf32', 'fp16' or 'bf16' on the GPU."""
 
+    computes_into_concatenations = False
+    """True when conv_bias_forward_into_ computes straight into the route's buffer, so that
+    Network's inference plan saves the route's copies (numpy). Otherwise the plan would only
+    move the same copies earlier, and inference runs the plain forward."""
+
     # ---- identity ------------------------------------------------------------------------------
     @property
     @abstractmethod
