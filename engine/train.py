@@ -153,8 +153,11 @@ class CapturedSteps(EagerSteps):
         try:
             self.recording = ops.capture(lambda: accumulate_and_update(net, passes, 0.0, group))
         except BackendError as error:
-            print(f"Training without CUDA graphs ({error})", file=sys.stderr)
-            self.eager_iterations = math.inf
+            self._without_recordings(error)
+
+    def _without_recordings(self, error):
+        print(f"Training without CUDA graphs ({error})", file=sys.stderr)
+        self.eager_iterations = math.inf
 
     def __call__(self, images, truth, rate):
         if self.eager_iterations > 0:
@@ -176,7 +179,7 @@ class CapturedSteps(EagerSteps):
         return self.recording.last_cost()
 
 
-class SplitCapturedSteps(EagerSteps):
+class SplitCapturedSteps(CapturedSteps):
     """Recorded iterations for losses with a part on the host ([yolo]: its truths are handled in
     numpy, engine/layers/yolo.py), where a batch is one pass: two recordings, the forward with
     each loss's backend part (device_cost), and the backward with the update; between their
@@ -187,13 +190,6 @@ class SplitCapturedSteps(EagerSteps):
     def __init__(self, net, group):
         super().__init__(net, group)
         self.forward = self.backward = None
-        self.eager_iterations = 1  # the first makes the plans and buffers a recording needs
-
-    def __call__(self, images, truth, rate):
-        if self.eager_iterations > 0:
-            self.eager_iterations -= 1
-            return super().__call__(images, truth, rate)
-        return train_iteration(self.net, images, truth, rate, self.group, self._replay)
 
     def _forward_part(self):
         self.net.forward(self.images, train=True)
@@ -204,10 +200,6 @@ class SplitCapturedSteps(EagerSteps):
         self.net.backward(self.seeds)
         self.group.allreduce_updates(self.net)
         self.net.update(0.0)  # the recorded update reads each replay's rate from the device
-
-    def _without_recordings(self, error):
-        print(f"Training without CUDA graphs ({error})", file=sys.stderr)
-        self.eager_iterations = math.inf
 
     def _replay(self, images, truth, rate):
         net, ops = self.net, self.net.ops
@@ -226,6 +218,7 @@ class SplitCapturedSteps(EagerSteps):
         for layer, state in zip(net.cost_layers, self.states):
             cost, self.seeds[layer.index] = layer.finish_cost(ops, truth, state)
             costs.append(cost)
+        cost = costs[0] if len(costs) == 1 else sum(costs) / len(costs)  # as Network.train_step
         if self.backward is None:
             try:
                 self.backward = ops.capture(self._backward_part)
@@ -234,10 +227,9 @@ class SplitCapturedSteps(EagerSteps):
                 net.backward(self.seeds)
                 self.group.allreduce_updates(net)
                 net.update(rate)
-                return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
+                return cost
         self.backward.replay(rate)
-        # as Network.train_step: one loss layer's cost, or their mean
-        return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
+        return cost
 
 
 def iteration_runner(net, group):

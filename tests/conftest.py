@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the repository, the bundled golden files and MNIST."""
+"""Shared test fixtures: paths to the repository, the bundled golden files and MNIST, and
+`ops`, each backend in turn (one per test module; the GPU's under the `gpu` marker)."""
 
 import os
 
@@ -7,6 +8,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 CFG = os.path.join(ROOT, "cfg")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def ops(request):
+    if request.param == "cpu":
+        from engine.backends.numpy_backend import NumpyBackend
+
+        return NumpyBackend(seed=0)
+    from engine.backends.cuda import CudaBackend
+
+    return CudaBackend(device=0, seed=0)
 
 
 def gpu_available():

@@ -111,15 +111,6 @@ TOLERANCE = 1e-4  # relative to the reference's largest magnitude (float32 vs fl
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def ops(request):
-    if request.param == "cpu":
-        return NumpyBackend(seed=0)
-    from engine.backends.cuda import CudaBackend
-
-    return CudaBackend(device=0, seed=0)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

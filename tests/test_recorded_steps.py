@@ -67,6 +67,20 @@ class RecordingNumpy(NumpyBackend):
         return super().sgd_update(param, gradient, velocity, learning_rate, momentum, decay, batch)
 
 
+def train_eagerly_and_recorded(path, batches, recorded):
+    """The batches through EagerSteps, then through the `recorded` runner, each on a new network
+    of `path` on a recording numpy backend, the rate 0.1 * (k + 1) at batch k: per runner
+    (losses, seen, weights, recordings made)."""
+    results = []
+    for runner in (training.EagerSteps, recorded):
+        net = Network(path, backend=RecordingNumpy(seed=5), quiet=True)
+        run = runner(net, training.SINGLE_PROCESS)
+        losses = [run(images, truth, 0.1 * (k + 1)) for k, (images, truth) in enumerate(batches)]
+        weights = [net.ops.to_host(a).copy() for layer in net.layers for a in layer.params.values()]
+        results.append((losses, net.seen, weights, net.ops.recordings))
+    return results
+
+
 def test_captured_steps_train_as_eager_steps(tmp_path):
     """The same batches and rates through CapturedSteps (one eager iteration, then a recording
     replayed) and EagerSteps: the same losses, `seen` and weights."""
@@ -76,14 +90,8 @@ def test_captured_steps_train_as_eager_steps(tmp_path):
     rng = np.random.default_rng(3)
     batches = [(rng.uniform(0, 1, (4, 1, 6, 6)).astype(np.float32),
                 np.eye(3, dtype=np.float32)[rng.integers(0, 3, 4)]) for _ in range(4)]
-    results = []
-    for runner in (training.EagerSteps, training.CapturedSteps):
-        net = Network(path, backend=RecordingNumpy(seed=5), quiet=True)
-        run = runner(net, training.SINGLE_PROCESS)
-        losses = [run(images, truth, 0.1 * (k + 1)) for k, (images, truth) in enumerate(batches)]
-        weights = [net.ops.to_host(a).copy() for layer in net.layers for a in layer.params.values()]
-        results.append((losses, net.seen, weights, net.ops.recordings))
-    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = results
+    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = \
+        train_eagerly_and_recorded(path, batches, training.CapturedSteps)
     assert recordings == 1 and seen == eager_seen == 16
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
     for got, want in zip(weights, eager_weights):
@@ -287,15 +295,9 @@ def test_split_captured_steps_train_as_eager_steps(tmp_path):
                                              rng.uniform(h / 2, 1 - h / 2), w, h,
                                              rng.integers(0, 2)]
         batches.append((rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32), truth))
-    results = []
-    for runner in (training.EagerSteps, training.SplitCapturedSteps):
-        net = Network(path, backend=RecordingNumpy(seed=5), quiet=True)
-        assert net.truth_boxes == 4
-        run = runner(net, training.SINGLE_PROCESS)
-        losses = [run(images, truth, 0.1 * (k + 1)) for k, (images, truth) in enumerate(batches)]
-        weights = [net.ops.to_host(a).copy() for layer in net.layers for a in layer.params.values()]
-        results.append((losses, net.seen, weights, net.ops.recordings))
-    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = results
+    assert Network(path, quiet=True).truth_boxes == 4
+    (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = \
+        train_eagerly_and_recorded(path, batches, training.SplitCapturedSteps)
     assert recordings == 2 and seen == eager_seen == 16
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
     for got, want in zip(weights, eager_weights):

@@ -9,18 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.backends.numpy_backend import NumpyBackend
-
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def ops(request):
-    if request.param == "cpu":
-        return NumpyBackend(seed=0)
-    from engine.backends.cuda import CudaBackend
-
-    return CudaBackend(device=0, seed=0)
 
 
 @pytest.fixture
