@@ -3,10 +3,10 @@
 // mean and the unbiased variance. cuDNN's NCHW kernels (bn_fw_tr_1C11, bn_bw_1C11) took 1.4-6.4
 // ms per call on an H200 on YOLO's first layers (16-64 channels of 416x416 or 208x208 planes at
 // batch 64), far from the memory's speed: they parallelise over channels, of which these layers
-// have few. Here every block takes PLANE_CHUNK elements of one
-// plane (as activations.cu's *_planes kernels) and adds its partial sums into per-channel
-// doubles (zeroed before), then a small kernel per channel finishes. The activation that
-// follows is fused in (one whose gradient comes from its output: layers/base.py's fusable).
+// have few. Here every block of the reductions takes a piece of one plane and adds its partial
+// sums into per-channel doubles (zeroed before), then a small kernel per channel finishes; the
+// elementwise passes take a thread per pack of values. The activation that follows is fused in
+// (one whose gradient comes from its output: layers/base.py's fusable).
 #include "activation_functions.cuh"
 #include "storage.cuh"
 
@@ -14,8 +14,34 @@
 #error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
 #endif
 
-#define PLANE_CHUNK 1024
 #define REDUCE_THREADS 256
+
+// Values travel in 16-byte packs (8 halves or 4 floats) where a plane's length and the arrays'
+// addresses allow (`vec` set by the host): one load instruction brings 4-8 values, and a block of
+// the sums kernels takes `chunk` values of a plane (4096: 16 per thread), so that its reduction
+// and its two float64 atomics are paid for a few times per plane, not every 1024 values.
+#define VEC ((int)(16 / sizeof(act_t)))
+struct __align__(16) Pack { act_t v[VEC]; };
+
+// Calls visit(i, value) for the values of [begin, end) of `row` this thread takes, in packs
+// where `vec` (begin, end and row then multiples of VEC values).
+template <typename Visit>
+__device__ __forceinline__ void for_values(const act_t *row, int begin, int end, int vec,
+                                           Visit visit)
+{
+    if (vec) {
+        const Pack *packs = (const Pack *)row;
+        for (int p = begin / VEC + threadIdx.x; p < end / VEC; p += blockDim.x) {
+            Pack pack = packs[p];
+#pragma unroll
+            for (int k = 0; k < VEC; k++)
+                visit(p * VEC + k, load(pack.v[k]));
+        }
+    } else {
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x)
+            visit(i, load(row[i]));
+    }
+}
 
 // The block's sums of a and b (one pair per thread) added into total[0] and total[1].
 __device__ void add_block_pair(double a, double b, double *total)
@@ -42,20 +68,16 @@ __device__ void add_block_pair(double a, double b, double *total)
     }
 }
 
-// sums[2c], sums[2c+1] += the sum of x and of x^2 over channel c's planes.
+// sums[2c], sums[2c+1] += the sum of x and of x^2 over channel c's planes; a block takes `chunk`
+// values of one plane.
 extern "C" __global__ void bn_sums_kernel(const act_t *x, double *sums, int spatial,
-                                          int channels, int chunks)
+                                          int channels, int chunk, int chunks, int vec)
 {
-    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
-    const act_t *row = x + (size_t)plane * spatial;
-    float sum = 0.f, squares = 0.f;  // at most PLANE_CHUNK / blockDim.x values per thread
-    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
-         i += blockDim.x) {
-        float v = load(row[i]);
-        sum += v;
-        squares += v * v;
-    }
-    add_block_pair(sum, squares, sums + 2 * c);
+    int plane = blockIdx.x / chunks, begin = blockIdx.x % chunks * chunk;
+    float sum = 0.f, squares = 0.f;  // at most chunk / blockDim.x values per thread
+    for_values(x + (size_t)plane * spatial, begin, min(spatial, begin + chunk), vec,
+               [&](int, float v) { sum += v; squares += v * v; });
+    add_block_pair(sum, squares, sums + 2 * (plane % channels));
 }
 
 // Per channel: the batch mean and 1/sqrt(var + epsilon) saved for the backward, the rolling
@@ -75,37 +97,47 @@ extern "C" __global__ void bn_statistics_kernel(const double *sums, float *mean,
     rolling_variance[c] = (float)((1.0 - BN_MOMENTUM) * rolling_variance[c] + BN_MOMENTUM * unbiased);
 }
 
-// y = act(scale * (x - mean) * inv_std + bias), over whole planes.
+// y = act(scale * (x - mean) * inv_std + bias): a thread per pack of VEC values where `vec`
+// (a pack lies in one plane), else per value; n: the values.
 extern "C" __global__ void bn_normalize_kernel(const act_t *x, act_t *y, const float *mean,
                                                const float *inv_std, const float *scale,
                                                const float *bias, int spatial, int channels,
-                                               int chunks, int act)
+                                               int n, int act, int vec)
 {
-    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    int width = vec ? VEC : 1;
+    size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * width;
+    if (first >= (size_t)n) return;
+    int c = (int)(first / spatial % channels);
     float m = mean[c], k = inv_std[c] * scale[c], b = bias[c];
-    size_t base = (size_t)plane * spatial;
-    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
-         i += blockDim.x)
-        y[base + i] = store(activate((load(x[base + i]) - m) * k + b, act));
+    if (vec) {
+        Pack in = *(const Pack *)(x + first), out;
+#pragma unroll
+        for (int j = 0; j < VEC; j++)
+            out.v[j] = store(activate((load(in.v[j]) - m) * k + b, act));
+        *(Pack *)(y + first) = out;
+    } else {
+        y[first] = store(activate((load(x[first]) - m) * k + b, act));
+    }
 }
 
 // With d = delta * act'(y): sums[2c], sums[2c+1] += the sum of d and of d * x_normalised over
-// channel c.
+// channel c; a block takes `chunk` values of one plane.
 extern "C" __global__ void bn_backward_sums_kernel(const act_t *x, const act_t *y,
                                                    const act_t *delta, const float *mean,
                                                    const float *inv_std, double *sums,
-                                                   int spatial, int channels, int chunks, int act)
+                                                   int spatial, int channels, int chunk,
+                                                   int chunks, int act, int vec)
 {
-    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    int plane = blockIdx.x / chunks, begin = blockIdx.x % chunks * chunk, c = plane % channels;
     float m = mean[c], s = inv_std[c];
     size_t base = (size_t)plane * spatial;
+    const act_t *ys = y + base, *deltas = delta + base;
     float sum = 0.f, inner = 0.f;
-    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
-         i += blockDim.x) {
-        float d = load(delta[base + i]) * gradient(load(y[base + i]), act);
+    for_values(x + base, begin, min(spatial, begin + chunk), vec, [&](int i, float v) {
+        float d = load(deltas[i]) * gradient(load(ys[i]), act);
         sum += d;
-        inner += d * (load(x[base + i]) - m) * s;
-    }
+        inner += d * (v - m) * s;
+    });
     add_block_pair(sum, inner, sums + 2 * c);
 }
 
@@ -120,21 +152,31 @@ extern "C" __global__ void bn_updates_kernel(const double *sums, float *scale_up
 }
 
 // The delta for x: scale * inv_std * (d - (sum d + x_normalised * sum d*x_normalised) / count),
-// d = delta * act'(y): the exact backward of the activation and the batch statistics.
+// d = delta * act'(y): the exact backward of the activation and the batch statistics. A thread
+// per pack where `vec`, else per value; n: the values.
 extern "C" __global__ void bn_backward_kernel(const act_t *x, const act_t *y, const act_t *delta,
                                               act_t *dx, const float *mean, const float *inv_std,
                                               const float *scale, const double *sums,
-                                              int spatial, int channels, int chunks, int count,
-                                              int act)
+                                              int spatial, int channels, int n, int count,
+                                              int act, int vec)
 {
-    int plane = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = plane % channels;
+    int width = vec ? VEC : 1;
+    size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * width;
+    if (first >= (size_t)n) return;
+    int c = (int)(first / spatial % channels);
     float m = mean[c], s = inv_std[c], k = scale[c] * s;
     float mean_delta = (float)(sums[2 * c] / count), mean_inner = (float)(sums[2 * c + 1] / count);
-    size_t base = (size_t)plane * spatial;
-    for (int i = chunk * PLANE_CHUNK + threadIdx.x; i < min(spatial, (chunk + 1) * PLANE_CHUNK);
-         i += blockDim.x) {
-        float normalised = (load(x[base + i]) - m) * s;
-        float d = load(delta[base + i]) * gradient(load(y[base + i]), act);
-        dx[base + i] = store(k * (d - mean_delta - normalised * mean_inner));
+    if (vec) {
+        Pack xs = *(const Pack *)(x + first), ys = *(const Pack *)(y + first);
+        Pack ds = *(const Pack *)(delta + first), out;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            float d = load(ds.v[j]) * gradient(load(ys.v[j]), act);
+            out.v[j] = store(k * (d - mean_delta - (load(xs.v[j]) - m) * s * mean_inner));
+        }
+        *(Pack *)(dx + first) = out;
+    } else {
+        float d = load(delta[first]) * gradient(load(y[first]), act);
+        dx[first] = store(k * (d - mean_delta - (load(x[first]) - m) * s * mean_inner));
     }
 }

@@ -520,11 +520,12 @@ def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
 
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 70, 70), (2, 7, 5, 3), (64, 2, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 5, 70, 70), (2, 3, 64, 100), (2, 7, 5, 3),
+                                   (64, 2, 1, 1)])
 def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape):
-    """kernels/batchnorm.cu's statistics (a block per piece of a plane, several per plane for
-    70x70) and backward equal the CPU backend's; the mean is far from 0 so that the variance's
-    rounding shows."""
+    """kernels/batchnorm.cu's statistics (a block per piece of a plane, two per plane for 70x70
+    and 64x100; 16-byte packs where a plane is whole packs: 70x70 and 64x100) and backward equal
+    the CPU backend's; the mean is far from 0 so that the variance's rounding shows."""
     x = randn(rng, *shape) * 3 + 5
     delta = randn(rng, *shape)
     c = shape[1]

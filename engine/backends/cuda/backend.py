@@ -45,6 +45,8 @@ STAGE_CHUNK = 4 << 20
 # plane, no division per element: 2.5 -> 1.6 ms for YOLOv3's 75 bias passes at batch 16 in fp16);
 # smaller ones (MNIST's, CIFAR's) keep the one-thread-per-element kernels.
 PLANES_MIN = 2048
+# A block of batch norm's reductions (kernels/batchnorm.cu) sums BN_CHUNK values of one plane.
+BN_CHUNK = 4096
 # cuDNN's Find times each algorithm once, and on an H200 its order of the fastest few changes
 # from run to run (a non-tensor-core algorithm won for 12 of YOLOv3's 75 convolutions in fp16).
 # The first forward pass of a shape times Find's FORWARD_CANDIDATES best ones again, on the real
@@ -638,18 +640,27 @@ class CudaBackend(Operations):
             y = self.activate_(y, activation)
             return y, (x, save_mean, save_inv_std, per_activation, y, activation)
         spatial, channels = self._channel_layout(x.shape)
-        planes, chunks = x.size // spatial, self.kernels.plane_chunks(spatial)
+        planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
+        vec, width = self._bn_packs(spatial, x, y)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_sums_kernel", planes * chunks, x.ptr, sums.ptr, spatial,
-                                   channels, chunks, dtype=x.dtype)
+                                   channels, BN_CHUNK, chunks, vec, dtype=x.dtype)
         self.kernels.launch("bn_statistics_kernel", channels, sums.ptr, save_mean.ptr,
                             save_inv_std.ptr, rolling_mean.ptr, rolling_variance.ptr, channels,
                             x.size // channels)
-        self.kernels.launch_blocks("bn_normalize_kernel", planes * chunks, x.ptr, y.ptr,
-                                   save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr,
-                                   spatial, channels, chunks, _activation_id(activation),
-                                   dtype=x.dtype)
+        self.kernels.launch("bn_normalize_kernel", x.size // width, x.ptr, y.ptr,
+                            save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr, spatial,
+                            channels, x.size, _activation_id(activation), vec, dtype=x.dtype)
         return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+
+    @staticmethod
+    def _bn_packs(spatial, *arrays):
+        """(vec, values per thread) of kernels/batchnorm.cu's passes: 16-byte packs where each
+        plane is whole packs and every array starts on 16 bytes."""
+        width = 16 // arrays[0].dtype.itemsize
+        if spatial % width == 0 and all(int(a.ptr) % 16 == 0 for a in arrays):
+            return 1, width
+        return 0, 1
 
     def _channel_sums(self, channels):
         """Two zeroed float64 accumulators per channel (kernels/batchnorm.cu adds into them)."""
@@ -695,18 +706,19 @@ class CudaBackend(Operations):
                                         save_mean.ptr, save_inv_std.ptr)
             return dx
         spatial, channels = self._channel_layout(x.shape)
-        planes, chunks = x.size // spatial, self.kernels.plane_chunks(spatial)
+        planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
+        vec, width = self._bn_packs(spatial, x, y, delta, dx)
         act = _activation_id(activation)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_backward_sums_kernel", planes * chunks, x.ptr, y.ptr,
                                    delta.ptr, save_mean.ptr, save_inv_std.ptr, sums.ptr, spatial,
-                                   channels, chunks, act, dtype=x.dtype)
+                                   channels, BN_CHUNK, chunks, act, vec, dtype=x.dtype)
         self.kernels.launch("bn_updates_kernel", channels, sums.ptr, scale_updates.ptr,
                             bias_updates.ptr, channels)
-        self.kernels.launch_blocks("bn_backward_kernel", planes * chunks, x.ptr, y.ptr,
-                                   delta.ptr, dx.ptr, save_mean.ptr, save_inv_std.ptr,
-                                   scales.ptr, sums.ptr, spatial, channels, chunks,
-                                   x.size // channels, act, dtype=x.dtype)
+        self.kernels.launch("bn_backward_kernel", x.size // width, x.ptr, y.ptr, delta.ptr,
+                            dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr, sums.ptr,
+                            spatial, channels, x.size, x.size // channels, act, vec,
+                            dtype=x.dtype)
         return dx
 
     # ---- pooling, resampling, dropout ---------------------------------------------------------
