@@ -183,7 +183,8 @@ class SplitCapturedSteps(CapturedSteps):
     """Recorded iterations for losses with a part on the host ([yolo]: its truths are handled in
     numpy, engine/layers/yolo.py), where a batch is one pass: two recordings, the forward with
     each loss's backend part (device_cost), and the backward with the update; between their
-    replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies.
+    replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies,
+    its share that needs the truth alone (plan_cost) while the forward's replay runs.
     What the recordings save is the host's cost per operation: cuDNN's legacy calls take about
     180 µs each on an H200's host, 62 of them per yolov4-tiny step."""
 
@@ -214,9 +215,12 @@ class SplitCapturedSteps(CapturedSteps):
             ops.set_(self.images, images)
             ops.set_(self.truth, truth)
         self.forward.replay(rate)
+        # the host's share that needs the truth alone, while the device runs the forward
+        plans = [layer.plan_cost(ops, truth, state)
+                 for layer, state in zip(net.cost_layers, self.states)]
         costs, self.seeds = [], {}
-        for layer, state in zip(net.cost_layers, self.states):
-            cost, self.seeds[layer.index] = layer.finish_cost(ops, truth, state)
+        for layer, state, plan in zip(net.cost_layers, self.states, plans):
+            cost, self.seeds[layer.index] = layer.finish_cost(ops, truth, state, plan)
             costs.append(cost)
         cost = costs[0] if len(costs) == 1 else sum(costs) / len(costs)  # as Network.train_step
         if self.backward is None:

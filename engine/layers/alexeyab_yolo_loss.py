@@ -329,12 +329,12 @@ class AlexeyabYoloLoss:
             average = (dlt[:, 4] != 0) & (marked > 0)
             dlt[average, :4] = dlt[average, :4] / marked[average, None]
 
-    def cost(self, ops, delta, dlt):
-        """AlexeyAB's reported cost (show_details=1, its default): the sum of squared deltas for
-        iou_loss=mse; else iou_normalizer * the mean (1 - GIoU) for giou, (1 - IoU) otherwise,
-        plus obj_normalizer * the squared non-box deltas (the box deltas are all in `dlt`)."""
+    def cost(self, total, dlt):
+        """AlexeyAB's reported cost (show_details=1, its default), from `total`, the sum of the
+        squared deltas: that sum for iou_loss=mse; else iou_normalizer * the mean (1 - GIoU) for
+        giou, (1 - IoU) otherwise, plus obj_normalizer * the squared non-box deltas (the box
+        deltas are all in `dlt`)."""
         L = self.layer
-        total = ops.sum_of_squares(delta)
         if L.iou_loss == "mse":
             return total
         boxes = float(np.square(dlt[:, :4], dtype=np.float64).sum())

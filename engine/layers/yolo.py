@@ -221,17 +221,25 @@ class YoloLayer(Layer):
     def device_cost(self, ops, truth):
         """The loss's part on the backend, for truth rows on the backend (batch, rows * 5): only
         backend operations and no copy to the host, so a recorded iteration (engine.train) can
-        hold it. Returns the state finish_cost takes."""
+        hold it. Returns the state plan_cost and finish_cost take."""
         self.check_trainable()
         rows = int(truth.size) // (5 * len(truth)) if len(truth) else 0
         if rows > self.max_boxes:  # Darknet reads a layer's first `max` rows only
             truth = self._first_rows(ops, truth, rows)
         return self._dense_loss(ops, truth, self._loss(self.net_w, self.net_h))
 
-    def finish_cost(self, ops, truth, state):
-        """The loss's host part after device_cost's `state`, for the same truth on the host:
-        (cost, delta on the backend)."""
-        cost, delta = self._truth_loss(ops, truth_rows(ops, truth, self.max_boxes), *state)
+    def plan_cost(self, ops, truth, state):
+        """What of the host part needs the truth alone (on the host): the truths' events and
+        the cells they touch. It reads nothing device_cost computes, so it can run while the
+        backend computes the forward. Returns the plan finish_cost takes."""
+        loss, output = state[0], state[1]
+        return TruthPlan(self, loss, truth_rows(ops, truth, self.max_boxes), output.shape)
+
+    def finish_cost(self, ops, truth, state, plan=None):
+        """The loss's host part after device_cost's `state` (and plan_cost's `plan`, made here
+        if not given), for the same truth on the host: (cost, delta on the backend)."""
+        plan = plan if plan is not None else self.plan_cost(ops, truth, state)
+        cost, delta = self._truth_loss(ops, plan, *state)
         # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
         if self.loss_kind == "alexeyab" and self.delta_normalizer != 1:
             ops.scale_(delta, self.delta_normalizer)
@@ -267,7 +275,7 @@ class YoloLayer(Layer):
         predictions past truth_thresh; only the cells they touch cross the bus."""
         rows = truth_rows(ops, truths, self.max_boxes)
         state = self._dense_loss(ops, ops.asarray(rows.reshape(len(rows), -1)), loss)
-        return self._truth_loss(ops, rows, *state)
+        return self._truth_loss(ops, TruthPlan(self, loss, rows, state[1].shape), *state)
 
     def _dense_loss(self, ops, truths, loss):
         """Backend operations only: (loss, output, delta, best, index). The output is the one
@@ -286,27 +294,44 @@ class YoloLayer(Layer):
             best, index = overlap(None)  # truth_thresh compares the IoU without the gate
         return loss, output, delta, best, index
 
-    def _truth_loss(self, ops, rows, loss, output, delta, best, index):
-        """The events on the host, on the cells they touch: (cost, delta)."""
+    def _truth_loss(self, ops, plan, loss, output, delta, best, index):
+        """The events on the host, on the cells they touch: (cost, delta). The cost is read
+        before the events' deltas are scattered (the dense part's sum of squares, less the
+        touched cells', plus their new deltas'), so nothing waits for the scatter."""
         entries = self.entries
-        events = loss.truth_events(rows, tuple(output.shape[2:]))
+        events, cells = plan.events, plan.cells
         if self.truth_thresh < 1:
             # within a cell, Darknet's per-prediction loop comes before the image's truths
             events = Events.joined(past_truth_thresh(ops, best, index, self.truth_thresh,
                                                      self.mask), events)
-        cells = CellRounds(events, tuple(best.shape))
+            cells = CellRounds(events, tuple(best.shape))
         if len(events):
             out = ops.gather_cells(output, cells.cells, entries)
             dlt = ops.gather_cells(delta, cells.cells, entries)
         else:  # no truth lands in this head: the objectness push is all
             out = dlt = np.zeros((0, entries), np.float32)
-        loss.start(events, cells.cell, rows, out)
+        squares = ops.sum_of_squares(delta) - float(np.square(dlt, dtype=np.float64).sum())
+        loss.start(events, cells.cell, plan.rows, out)
         for which in cells.rounds():
             loss.apply(which, cells.cell[which], out, dlt)
         loss.finish(dlt)
         if len(events):
             ops.scatter_cells_(delta, cells.cells, dlt)
-        return loss.cost(ops, delta, dlt), delta
+        squares += float(np.square(dlt, dtype=np.float64).sum())
+        return loss.cost(squares, dlt), delta
+
+
+class TruthPlan:
+    """What a [yolo] loss's host part needs from the truth alone: the rows, the truths' events
+    (`loss.truth_events`) and, unless truth_thresh adds events the predictions decide, the cells
+    they touch (CellRounds) for an output of `shape` (B, A*E, H, W)."""
+
+    def __init__(self, layer, loss, rows, shape):
+        b, _, h, w = (int(v) for v in shape)
+        self.rows = rows
+        self.events = loss.truth_events(rows, (h, w))
+        self.cells = CellRounds(self.events, (b, len(layer.mask), h, w)) \
+            if layer.truth_thresh >= 1 else None
 
 
 class PjreddieYoloLoss:
@@ -367,5 +392,6 @@ class PjreddieYoloLoss:
     def finish(self, dlt):
         pass
 
-    def cost(self, ops, delta, dlt):
-        return ops.sum_of_squares(delta)
+    def cost(self, squares, dlt):
+        """Darknet's cost: the sum of squared deltas (`squares`)."""
+        return squares
