@@ -173,7 +173,7 @@ class CapturedSteps(EagerSteps):
             if self.recording is None:
                 return run_eagerly(self.net, images, truth, rate, self.group)
         else:
-            ops.set_(self.images, images)
+            ops.set_(self.images, images, early=True)  # overlaps the last backward
             ops.set_(self.truth, truth)
         self.recording.replay(rate)
         return self.recording.last_cost()
@@ -212,7 +212,7 @@ class SplitCapturedSteps(CapturedSteps):
                 self._without_recordings(error)
                 return run_eagerly(net, images, truth, rate, self.group)
         else:
-            ops.set_(self.images, images)
+            ops.set_(self.images, images, early=True)  # overlaps the last backward
             ops.set_(self.truth, truth)
         self.forward.replay(rate)
         # the host's share that needs the truth alone, while the device runs the forward

@@ -555,6 +555,23 @@ def test_page_locked_batches_copy_in_and_out(gpu, rng):
     assert np.array_equal(gpu.to_host(gpu.set_(dst, host)), host)
 
 
+def test_early_copies_keep_stream_order(gpu, rng):
+    """set_(early=True) crosses the bus on a second stream: what was issued before still reads
+    the old values, what comes after the new ones, copy after copy (page-locked and not)."""
+    values = [randn(rng, 4, 3, 256, 256) for _ in range(3)]
+    dst, current = gpu.asarray(values[0]), values[0]
+    for k in (1, 2, 0, 1):
+        host = gpu.host_empty(values[k].shape) if k % 2 else values[k].copy()
+        host[...] = values[k]
+        before = gpu.multiply(dst, dst)  # issued before the copy
+        gpu.set_(dst, host, early=True)
+        after = gpu.multiply(dst, dst)
+        assert np.array_equal(gpu.to_host(before), current * current)
+        assert np.array_equal(gpu.to_host(dst), values[k])
+        assert np.array_equal(gpu.to_host(after), values[k] * values[k])
+        current = values[k]
+
+
 @pytest.mark.parametrize("channels", [32, 3])  # 32: whole 16-byte vectors per row; 3: not
 def test_route_and_shortcut_copies_of_rows(gpu, cpu, rng, channels):
     """strided_copy_ of contiguous rows (copy_rows_kernel where rows are whole vectors, the

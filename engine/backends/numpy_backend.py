@@ -156,8 +156,9 @@ class NumpyBackend(Operations):
 
         return MpiAllreduce(comm)
 
-    def set_(self, dst, host):
-        """Copy host data into an existing array (a fixed buffer that a recording reads)."""
+    def set_(self, dst, host, early=False):
+        """Copy host data into an existing array (a fixed buffer that a recording reads); there
+        is nothing to overlap here, so `early` changes nothing."""
         dst[...] = np.asarray(host, dtype=dst.dtype).reshape(dst.shape)
         return dst
 

@@ -89,9 +89,12 @@ class Operations(ABC):
         first)."""
 
     @abstractmethod
-    def set_(self, dst, host):
+    def set_(self, dst, host, early=False):
         """Copy host values (dst.size of them, any shape) into the existing array dst, in place;
-        dst keeps its identity (a fixed buffer a recording reads). Returns dst."""
+        dst keeps its identity (a fixed buffer a recording reads). Returns dst. early=True: the
+        copy may begin before the work already issued ends (a GPU backend copies over the bus
+        into a buffer beside dst, on a second stream, while it computes), dst being written in
+        order all the same; `host` must then stay unchanged until that work has ended."""
 
     @abstractmethod
     def all_finite(self, array):

@@ -214,6 +214,7 @@ class CudaBackend(Operations):
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
         self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
+        self._side_stream = None  # set_'s early copies
         self.cuda = self.device.cuda
         self.stream = self.device.stream
         self._workspace = None
@@ -321,16 +322,39 @@ class CudaBackend(Operations):
         self.stream.synchronize()
         return not found[0]
 
-    def set_(self, dst, host):
-        """Copy host data into an existing device array (a fixed buffer a graph reads)."""
+    def set_(self, dst, host, early=False):
+        """Copy host data into an existing device array (a fixed buffer a graph reads); early:
+        through a device buffer kept beside dst (_early_copy)."""
         host = np.ascontiguousarray(host, dtype=np.float32)
         if host.size != dst.size:
             raise BackendError(f"cannot copy {host.size} values into an array of {dst.size}")
-        if host.size and dst.dtype == FLOAT32:
+        if host.size and dst.dtype == FLOAT32 and early:
+            self._early_copy(dst, host)
+        elif host.size and dst.dtype == FLOAT32:
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
         elif host.size:
             self._convert(self.asarray(host), dst)
         return dst
+
+    def _early_copy(self, dst, host):
+        """host -> dst with the bus copy on a second stream, into a device buffer of dst's size
+        (kept on dst), then a device copy into dst in this stream's order. A training batch
+        (133 MB at batch 64 and 416x416) crosses the bus in about 2.5 ms on an H200: so it
+        overlaps the previous iteration's backward instead of holding up the next forward."""
+        if self._side_stream is None:
+            self._side_stream = self.cuda.Stream()
+        early = getattr(dst, "early_buffer", None)
+        if early is None:  # (buffer, its copy is in, it is free again)
+            early = dst.early_buffer = (self._empty(dst.shape), self.cuda.Event(),
+                                        self.cuda.Event())
+            early[2].record(self.stream)
+        buffer, copied, free = early
+        self._side_stream.wait_for_event(free)  # the last device copy has read it
+        self.cuda.memcpy_htod_async(buffer.ptr, host, self._side_stream)
+        copied.record(self._side_stream)
+        self.stream.wait_for_event(copied)
+        self.cuda.memcpy_dtod_async(dst.ptr, buffer.ptr, host.nbytes, self.stream)
+        free.record(self.stream)
 
     def zeros(self, shape, like=None):
         """Zeros: float32, or of like's dtype (fp16 or bf16 activations)."""
