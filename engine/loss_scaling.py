@@ -127,6 +127,6 @@ def check_alexeyab_loss_scale(net):
         if layer.type_name not in ALEXEYAB_SCALED_LOSSES:
             raise net.options.section.error(
                 f"loss_scale={net.options.loss_scale:g}: AlexeyAB's Darknet does not scale the "
-                f"delta of a [{layer.type_name}] loss ({layer.where()}) but divides its "
+                f"delta of a [{layer.type_name}] loss (layer {layer.index}) but divides its "
                 f"gradients by loss_scale; that is not implemented (--loss-scale "
                 f"{net.options.loss_scale:g} scales every loss)", "loss_scale")
