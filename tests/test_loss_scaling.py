@@ -26,11 +26,7 @@ from engine.network import Network
 
 from conftest import ROOT
 from helpers import write_cfg
-from test_recorded_steps import BODY, YOLO_BODY, RecordingNumpy
-
-# the overflow tests make NaN and infinite gradients on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+from test_recorded_steps import BODY, YOLO_BODY, FakeArray, RecordingNumpy, fake_gpu  # noqa: F401
 
 NET = {"batch": 4, "subdivisions": 1, "height": 6, "width": 6, "channels": 1,
        "learning_rate": 0.1, "momentum": 0.9, "decay": 0.001}
@@ -379,6 +375,23 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     lines = [line for line in result.stdout.splitlines() if re.match(r"\d+, ", line)]
     assert len(lines) == 3 and "step skipped" in lines[1]
     assert "step skipped" not in lines[0] + lines[2]
+
+
+def test_cuda_kernels_read_the_state_from_device_memory(fake_gpu):
+    """On the CUDA backend (fake device) every loss-scaling kernel gets the state's address,
+    never S as a number, so a recorded iteration reads each iteration's S; sgd_kernel gets a
+    null address without loss scaling."""
+    ops, launches = fake_gpu, fake_gpu.kernels.launches
+    state, delta = FakeArray((2,)), FakeArray((4, 6, 2, 2), np.float16)
+    param, gradient, velocity = FakeArray((3,)), FakeArray((3,)), FakeArray((3,))
+    ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1)
+    assert launches[-1][0] == "sgd_kernel" and launches[-1][1][-1] == 0
+    ops.sgd_update(param, gradient, velocity, 0.1, 0.9, 0.0, 1, loss_scale=state)
+    assert launches[-1][1][-1] == state.ptr
+    assert ops.apply_loss_scale_(delta, state) is delta
+    assert launches[-1] == ("loss_scale_kernel", (delta.ptr, delta.size, state.ptr))
+    assert ops.flag_non_finite_(state, gradient) is state
+    assert launches[-1] == ("flag_non_finite_kernel", (gradient.ptr, gradient.size, state.ptr))
 
 
 # ---- the GPU: fp16 with dynamic scaling, recorded and eager (pytest -m gpu) ----------------------
