@@ -395,7 +395,41 @@ def test_cuda_kernels_read_the_state_from_device_memory(fake_gpu):
     assert launches[-1] == ("flag_non_finite_kernel", (gradient.ptr, gradient.size, state.ptr))
 
 
-# ---- the GPU: fp16 with dynamic scaling, recorded and eager (pytest -m gpu) ----------------------
+# ---- the GPU (pytest -m gpu): fp32 bit for bit; fp16 with dynamic scaling ---------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["classifier", "detector"])
+def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind):
+    """As the CPU test, on the GPU's recorded iterations (CapturedSteps for the classifier,
+    SplitCapturedSteps for the detector) in fp32: runs on one backend (the same cuDNN
+    algorithms), its random source seeded anew for each. Bit for bit where two unscaled runs
+    are (batch norm's sums are atomic adds), else as close as those two are to each other."""
+    from engine.backends.cuda import CudaBackend
+    if kind == "classifier":
+        path, batches = write_cfg(tmp_path / "c.cfg", NET, BN_BODY), classifier_batches(5)
+    else:
+        path, batches = detector_cfg(tmp_path), detector_batches(5)
+    ops = CudaBackend(device=0, seed=5)
+
+    def run(scaler):
+        ops.seed(5)
+        net = Network(path, backend=ops, seed=5, quiet=True)
+        net.loss_scaler = scaler
+        runner = training.iteration_runner(net, training.SINGLE_PROCESS)
+        losses = [runner(images.copy(), truth.copy(), 0.05) for images, truth in batches]
+        assert isinstance(runner, training.CapturedSteps)  # SplitCapturedSteps is one too
+        return losses, state_of(net)
+    (_, plain), (_, again) = run(None), run(None)
+    scaler = LossScaler(2.0 ** 12)
+    _, scaled = run(scaler)
+    assert scaler.skipped_steps == 0
+    for got, want, other in zip(scaled, plain, again):
+        if np.array_equal(want, other):
+            np.testing.assert_array_equal(got, want)
+        else:
+            spread = np.abs(want - other).max()
+            np.testing.assert_allclose(got, want, rtol=0, atol=10 * spread)
+
+
 def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=()):
     """The batches through EagerSteps and the recording runner on the GPU in fp16, each with
     its scaler: per runner (losses, weights, scaler)."""
