@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 INITIAL_SCALE = 2.0 ** 16   # torch.amp.GradScaler's init_scale
 GROWTH_INTERVAL = 2000      # its growth_interval: steps without overflow before S doubles
-MIN_SCALE = 2.0 ** -24      # below this every gradient flushes to zero in fp16: give up
+MIN_SCALE = 2.0 ** -24      # fp16's smallest value: a smaller S flushes deltas below 1 to 0
 SETTINGS = ("dynamic", "none")
 
 

@@ -393,7 +393,8 @@ class Network:
         """Propagate deltas back through every layer, accumulating parameter updates. `seeds`
         maps layer index -> delta of that layer's output (one per loss layer); a bare array is
         the delta of `cost_layer`. A seeded layer's delta also gathers what later layers hand
-        back to it."""
+        back to it. While training with loss scaling (`loss_scaler`), each seed is first
+        multiplied by the scale, in place."""
         ops = self.ops
         if not isinstance(seeds, dict):
             seeds = {self.cost_layer.index: seeds}
