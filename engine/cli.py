@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from . import data as data_io
-from . import detection, distributed, models
+from . import detection, distributed, loss_scaling, models
 from .backends import get_backend
 from .errors import BackendError, ConfigError, DataError, EngineError
 from .network import Network
@@ -192,6 +192,8 @@ def cmd_train(args):
     if args.gpus and len(args.gpus) > 1 and not distributed.launched_by_mpi():
         return distributed.relaunch_with_mpiexec(len(args.gpus), args.argv)
     group = args.group = distributed.process_group()
+    loss_scale = (loss_scaling.parse_setting(args.loss_scale)
+                  if args.loss_scale is not None else None)  # checked before any work
     data = data_config(args)
     net = build(args, seed=args.seed, weights=args.weights, rank=group.rank)
     if args.clear:
@@ -205,7 +207,8 @@ def cmd_train(args):
     monitor = training_monitor(args, net, data, dataset, backup) if group.rank == 0 else None
     started = time.time()
     final = train(net, dataset, backup, max_batches=args.max_batches, seed=args.seed,
-                  backup_every=args.backup_every, group=group, after_iteration=monitor)
+                  backup_every=args.backup_every, group=group, after_iteration=monitor,
+                  loss_scale=loss_scale)
     if group.rank == 0:
         ranks = f" on {group.size} ranks" if group.size > 1 else ""
         print(f"Trained {net.seen} images{ranks} in {time.time() - started:.1f} s; weights: {final}")
@@ -385,6 +388,10 @@ def make_parser():
     p.add_argument("--chart", action="store_true",
                    help="draw <backup>/chart.png: the average loss, and mAP with --map (which "
                         "draws it too); needs matplotlib")
+    p.add_argument("--loss-scale", metavar="dynamic|none|N",
+                   help="loss scaling: dynamic (the default with --precision fp16: from 65536, "
+                        "halved on overflow, doubled after 2000 good steps), none, or a fixed "
+                        "scale N (default otherwise: the cfg's [net] loss_scale, else none)")
     add_backend_options(p, several=True)
     p.set_defaults(run=cmd_train)
 

@@ -106,6 +106,8 @@ class NetOptions:
                 raise s.error("policy=sgdr needs sgdr_cycle or max_batches > 0", "policy")
             self.sgdr_mult = s.require_positive("sgdr_mult", s.int("sgdr_mult", 2))
             s.str("steps"), s.str("scales")
+        # AlexeyAB's static loss scaling (engine/loss_scaling.py); 1: none (its default)
+        self.loss_scale = s.require_positive("loss_scale", s.float("loss_scale", 1.0))
         self.untrainable = {key: s.str(key) for key, default in TRAINING_NET_KEYS.items()
                             if s.has(key) and (default is None or float(s.float(key)) != default)}
         # AlexeyAB's detection preprocessing: 1 letterboxes, 0 stretches (None: not given).
@@ -230,6 +232,8 @@ class Network:
             for section in sections:
                 warn_unused(section)
         self.seen = 0
+        # engine/loss_scaling.py's LossScaler while training with loss scaling (engine.train)
+        self.loss_scaler = None
         self.folded = False  # fold_batchnorm: inference only from then on
         self._plan = None  # _concatenation_plan, made at the first inference forward
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
@@ -389,12 +393,16 @@ class Network:
         """Propagate deltas back through every layer, accumulating parameter updates. `seeds`
         maps layer index -> delta of that layer's output (one per loss layer); a bare array is
         the delta of `cost_layer`. A seeded layer's delta also gathers what later layers hand
-        back to it."""
+        back to it. While training with loss scaling (`loss_scaler`), each seed is first
+        multiplied by the scale, in place."""
         ops = self.ops
         if not isinstance(seeds, dict):
             seeds = {self.cost_layer.index: seeds}
         deltas = [None] * len(self.layers)
+        scale = self._loss_scale_state()
         for index, delta in seeds.items():
+            if scale is not None:  # the costs were computed before: they stay unscaled
+                ops.apply_loss_scale_(delta, scale)
             deltas[index] = delta
         for layer in reversed(self.layers):
             if layer.stopbackward:
@@ -420,9 +428,21 @@ class Network:
                     ops.add_(deltas[j], dx)
 
     def update(self, learning_rate):
-        o = self.options
+        """Every layer's SGD step from its accumulated gradients. With loss scaling, every
+        gradient is checked first (into one flag on the backend: all or no layer steps) and the
+        steps divide them by the scale."""
+        o, ops = self.options, self.ops
+        state = self._loss_scale_state()
+        if state is not None:
+            for layer in self.layers:
+                for gradient in layer.updates.values():
+                    ops.flag_non_finite_(state, gradient)
         for layer in self.layers:
-            layer.update(self.ops, learning_rate, o.momentum, o.decay, o.batch_size)
+            layer.update(ops, learning_rate, o.momentum, o.decay, o.batch_size, state)
+
+    def _loss_scale_state(self):
+        """The backend's (S, overflow) array of the loss scaling in use, or None."""
+        return self.loss_scaler.state if self.loss_scaler is not None else None
 
     def train_step(self, x, truth):
         """One forward/backward on a mini-batch (no update, `seen` unchanged). Every loss layer

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from . import loss_scaling
 from .data import HostBatches
 from .distributed import SingleProcess
 from .errors import BackendError, ConfigError, DataError, NumericalError, TrainingError
@@ -95,7 +96,15 @@ def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS, run_shard=No
     if run_shard is None:
         def run_shard(images, truth, rate):
             return run_eagerly(net, images, truth, rate, group)
-    loss = run_shard(images[shard], truth[shard], rate)
+    scaler = net.loss_scaler  # loss scaling: S set before, the overflow flag read after
+    if scaler is None:
+        loss = run_shard(images[shard], truth[shard], rate)
+    else:
+        scaler.start_iteration(net.ops)
+        # an overflow is expected there and handled (the step skipped): no numpy warnings
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = run_shard(images[shard], truth[shard], rate)
+        scaler.finish_iteration(net.ops)  # a skipped step still counts as an iteration
     net.seen += len(truth)
     return group.allreduce_sum(loss) / len(truth)
 
@@ -268,6 +277,16 @@ def next_learning_rate(net, rng=None):
     return learning_rate(net.options, current_batch(net) + 1, rng)
 
 
+def scaling_note(scaler):
+    """The iteration line's note on loss scaling: the scale the iteration used, and whether its
+    step was skipped (gradients not finite), with the count of skipped steps so far."""
+    if scaler is None:
+        return ""
+    skipped = (f", step skipped (gradients overflowed; {scaler.skipped_steps} so far)"
+               if scaler.skipped else "")
+    return f", loss scale {scaler.used_scale:g}{skipped}"
+
+
 class Checkpoints:
     """Training's saves. Weights that are no longer finite are never written, so a run that
     diverges leaves its last good backup in place, and the error says which file that is."""
@@ -295,12 +314,14 @@ class Checkpoints:
 
 
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
-          group=SINGLE_PROCESS, after_iteration=None):
+          group=SINGLE_PROCESS, after_iteration=None, loss_scale=None):
     """Train `net` on `dataset` until max_batches; returns the path of the final weights.
     With a process group of several ranks, only rank 0 prints and writes weights.
     On a terminal the iteration line is rewritten in place; otherwise one line per iteration.
     `after_iteration(iteration, loss, average_loss, last)`, if given, runs on rank 0 after each
-    iteration (engine train's --map and chart.png); what it returns, if anything, is printed."""
+    iteration (engine train's --map and chart.png); what it returns, if anything, is printed.
+    `loss_scale`: 'dynamic', 'none', a positive number (static) or a loss_scaling.LossScaler;
+    None: the cfg's [net] loss_scale if set, else dynamic in fp16 (engine/loss_scaling.py)."""
     stream = stream if stream is not None else sys.stdout  # looked up now, so redirection works
     if getattr(net, "folded", False):
         raise TrainingError(f"{net.cfg_path}: this network's batch norms were folded for inference "
@@ -329,6 +350,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                             "raise --max-batches to go on, or pass --clear to start the schedule "
                             "over (fine-tuning)")
     dataset.check_network(net)
+    scaler = loss_scaling.scaler_for(net, loss_scale)
     base = os.path.splitext(os.path.basename(net.cfg_path))[0]
     backup_path = os.path.join(backup_dir, f"{base}.backup")
     final_path = os.path.join(backup_dir, f"{base}_final.weights")
@@ -356,6 +378,9 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
         initial_size = o.width, o.height
         multiscale.start(start_batch, max_batches)
     in_place = leader and hasattr(stream, "isatty") and stream.isatty()
+    if leader and scaler is not None:
+        print(f"Loss scaling: {scaler.describe()}", file=stream, flush=True)
+    net.loss_scaler = scaler
     try:
         while current_batch(net) < max_batches:
             tick = time.time()
@@ -367,13 +392,18 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
                 raise checkpoints.diverged(f"the loss became {loss}")
+            if scaler is not None and scaler.exhausted:
+                raise checkpoints.diverged(
+                    f"the gradients overflowed at every loss scale down to "
+                    f"{scaler.used_scale:g} ({scaler.skipped_steps} steps skipped)")
             average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
             if leader:
                 bar = progress_bar(batch_num - start_batch, max_batches - start_batch,
                                    time.time() - started)
                 line = (f"{batch_num}, {net.seen / len(dataset):.3f}: {loss:f}, {average_loss:f} avg, "
-                        f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images  {bar}")
+                        f"{rate:f} rate, {time.time() - tick:f} seconds, {net.seen} images"
+                        f"{scaling_note(scaler)}  {bar}")
                 print(f"\r{line}\x1b[K" if in_place else line, end="" if in_place else "\n",
                       file=stream, flush=True)
             if backup_every and batch_num % backup_every == 0:
@@ -389,6 +419,7 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                   file=stream, flush=True)
         raise
     finally:
+        net.loss_scaler = None  # the network's own backward and update again
         if prepared:
             prepared.close()  # stops the worker processes
     if multiscale:

@@ -23,16 +23,25 @@ extern "C" __global__ void multiply_kernel(const act_t *a, const act_t *b, act_t
 // Darknet's update for one tensor (numpy_backend.sgd_update): v = momentum*v + gradient -
 // decay*batch*p; p += lr/batch * v; gradient = 0 (the velocity v is the optimiser's state).
 // lr_over_batch comes as an argument, or, when learning_rate is not null, from device memory
-// (a captured CUDA graph replays with the rate of each step).
+// (a captured CUDA graph replays with the rate of each step). With a loss-scale state
+// (loss_scale.cu: S, overflow) the gradient holds S times the gradients: the step uses
+// gradient / S, and is skipped (param and velocity unchanged, gradient zeroed) on overflow.
 extern "C" __global__ void sgd_kernel(float *param, float *gradient, float *velocity, int n,
                                       float lr_over_batch, const float *learning_rate,
-                                      float inverse_batch, float momentum, float decay_times_batch)
+                                      float inverse_batch, float momentum, float decay_times_batch,
+                                      const float *loss_scale)
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
+    float g = gradient[i];
+    if (loss_scale) {
+        gradient[i] = 0.0f;
+        if (loss_scale[1] != 0.0f) return;
+        g = __fdiv_rn(g, loss_scale[0]);
+    }
     float rate = learning_rate ? learning_rate[0] * inverse_batch : lr_over_batch;
     float p = param[i];
-    float v = __fmul_rn(velocity[i], momentum) + gradient[i] - decay_times_batch * p;
+    float v = __fmul_rn(velocity[i], momentum) + g - decay_times_batch * p;
     param[i] = p + rate * v;
     velocity[i] = v;
     gradient[i] = 0.0f;

@@ -61,10 +61,12 @@ class RecordingNumpy(NumpyBackend):
 
         return Replay()
 
-    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
+                   loss_scale=None):
         if self.replay_rate is not None:
             learning_rate = self.replay_rate
-        return super().sgd_update(param, gradient, velocity, learning_rate, momentum, decay, batch)
+        return super().sgd_update(param, gradient, velocity, learning_rate, momentum, decay, batch,
+                                  loss_scale)
 
 
 def train_eagerly_and_recorded(path, batches, recorded):

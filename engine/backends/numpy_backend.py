@@ -942,12 +942,19 @@ class NumpyBackend(Operations):
         return float((diff * diff).sum()), diff.reshape(output.shape)
 
     # ---- optimisation -------------------------------------------------------------------------
-    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
+                   loss_scale=None):
         """Darknet's SGD step for one tensor, in place. `gradient` holds the summed negative
         gradients of the batch and is zeroed; `velocity` is the optimiser's state:
         v = momentum*v + gradient - decay*batch*p;  p += lr/batch * v;  gradient = 0.
         (Darknet keeps v and the gradient in one buffer, u = momentum*v before the backward
-        pass adds to it: the same values.)"""
+        pass adds to it: the same values.) With a loss-scale state (S, overflow): the step is
+        skipped where overflow is set, else it uses gradient / S."""
+        if loss_scale is not None:
+            if loss_scale[1] != 0:
+                gradient[...] = 0
+                return
+            gradient /= loss_scale[0]
         velocity *= np.float32(momentum)
         velocity += gradient
         if decay:
@@ -1190,3 +1197,15 @@ class NumpyBackend(Operations):
         """The sum of x's squares as one BLAS dot product (float32, summed in blocks)."""
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         return float(np.dot(flat, flat))
+
+    # ---- loss scaling (a state (S, overflow): operations.py) -----------------------------------
+    def apply_loss_scale_(self, delta, loss_scale):
+        """delta *= S, in place."""
+        delta *= loss_scale[0].astype(delta.dtype)
+        return delta
+
+    def flag_non_finite_(self, loss_scale, array):
+        """overflow = 1 if `array` holds a NaN or an infinity."""
+        if not np.isfinite(array).all():
+            loss_scale[1] = 1
+        return loss_scale

@@ -340,12 +340,32 @@ class Operations(ABC):
 
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
-    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
+                   loss_scale=None):
         """Darknet's SGD step for one tensor, in place. `gradient` holds the batch's summed
         negative gradients and is zeroed; `velocity` is the optimiser's state:
         velocity = momentum*velocity + gradient - decay*batch*param; param += learning_rate/batch
         * velocity; gradient = 0 (Darknet's one buffer holds the same values). While recording,
-        the learning rate is the replay's. Returns nothing."""
+        the learning rate is the replay's. With `loss_scale`, a loss-scale state (below: (S,
+        overflow)): `gradient` holds S times the gradients and the step uses gradient / S
+        (rounded once, in float32); where overflow is not 0, param and velocity stay unchanged
+        and only gradient = 0 (the step is skipped). Returns nothing."""
+
+    # ---- loss scaling (engine/loss_scaling.py) -------------------------------------------------
+    # A *loss-scale state* is a float32 array of this backend holding two values: (S, overflow).
+    # The host writes it with set_ before an iteration and reads it with to_host after; in between
+    # only these operations (and sgd_update) read or write it, so a recording replays them with
+    # each iteration's S.
+    @abstractmethod
+    def apply_loss_scale_(self, delta, loss_scale):
+        """delta *= S (state[0], read where the state lives), in place, rounded once to delta's
+        type; returns delta. The loss layers' deltas before the backward pass."""
+
+    @abstractmethod
+    def flag_non_finite_(self, loss_scale, array):
+        """state[1] = 1 if any value of `array` is NaN or infinite; otherwise state unchanged
+        (the check of every gradient of an iteration ORs into one flag, on the device, with no
+        host synchronisation). Returns loss_scale."""
 
     # ---- broadcasting arithmetic ---------------------------------------------------------------
     @abstractmethod

@@ -84,15 +84,16 @@ class Layer:
     # (lists of inputs and deltas when multi_input). backward accumulates parameter updates and
     # returns the delta for the input, or None when need_dx is False.
 
-    def update(self, ops, learning_rate, momentum, decay, batch):
+    def update(self, ops, learning_rate, momentum, decay, batch, loss_scale=None):
         """Darknet's per-layer SGD step with momentum, from the accumulated gradients (which
-        it zeroes); weight decay applies to `weights` only."""
+        it zeroes); weight decay applies to `weights` only. `loss_scale`: the backend's loss-
+        scale state when the gradients are scaled (engine/loss_scaling.py), else None."""
         for name, gradient in self.updates.items():
             velocity = self.velocities.get(name)
             if velocity is None:
                 velocity = self.velocities[name] = ops.zeros(gradient.shape)
             ops.sgd_update(self.params[name], gradient, velocity, learning_rate, momentum,
-                           decay if name == "weights" else 0.0, batch)
+                           decay if name == "weights" else 0.0, batch, loss_scale=loss_scale)
 
 
 def fusable(activation, train):

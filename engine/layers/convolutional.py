@@ -140,9 +140,9 @@ class ConvolutionalLayer(LinearUnit):
         # the owner (earlier) has folded the shared parameters already
         self.share_parameters(self._owner)
 
-    def update(self, ops, learning_rate, momentum, decay, batch):
+    def update(self, ops, learning_rate, momentum, decay, batch, loss_scale=None):
         if self.share_owner is None:  # a sharing layer's gradients are the owner's to apply
-            super().update(ops, learning_rate, momentum, decay, batch)
+            super().update(ops, learning_rate, momentum, decay, batch, loss_scale)
 
     def describe(self):
         dilation = f"({self.dilation})" if self.dilation > 1 else ""

@@ -893,11 +893,24 @@ class CudaBackend(Operations):
         return float(host[0])
 
     # ---- optimisation -------------------------------------------------------------------------
-    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch):
+    def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
+                   loss_scale=None):
         self.kernels.launch("sgd_kernel", param.size, param.ptr, gradient.ptr, velocity.ptr,
                             param.size, np.float32(learning_rate / batch), self._step_value(0),
                             np.float32(1.0 / batch), np.float32(momentum),
-                            np.float32(decay * batch))
+                            np.float32(decay * batch),
+                            0 if loss_scale is None else loss_scale.ptr)
+
+    # ---- loss scaling (kernels/loss_scale.cu; the state (S, overflow) stays on the device) ----
+    def apply_loss_scale_(self, delta, loss_scale):
+        self.kernels.launch("loss_scale_kernel", delta.size, delta.ptr, delta.size,
+                            loss_scale.ptr, dtype=delta.dtype)
+        return delta
+
+    def flag_non_finite_(self, loss_scale, array):
+        self.kernels.launch("flag_non_finite_kernel", array.size, array.ptr, array.size,
+                            loss_scale.ptr, dtype=array.dtype)
+        return loss_scale
 
     # ---- broadcasting arithmetic and reductions ------------------------------------------------
     @staticmethod
