@@ -1224,4 +1224,4 @@ class NumpyBackend(Operations):
 
     def to_host_async(self, array):
         """Nothing runs behind the host here: the values at once."""
-        return ReadyRead(self.to_host(array).copy())
+        return ReadyRead(np.array(array, dtype=np.float32))

@@ -199,6 +199,11 @@ class ConvPlan:
                              [memory for _, memory in self.forward_candidates])
 
 
+def read_key(array):
+    """The spare page-locked buffers a to_host_async of `array` can reuse: by shape and type."""
+    return tuple(int(n) for n in array.shape), np.dtype(array.dtype)
+
+
 class PendingRead(HostRead):
     """to_host_async's read: a copy into page-locked memory on the stream, and an event after
     it; the memory and the event go back to the backend's spares once the value is taken."""
@@ -214,7 +219,7 @@ class PendingRead(HostRead):
             buffer, event = self.slot
             event.synchronize()
             self.values = buffer.copy()
-            self.backend._spare_reads.setdefault((buffer.shape, buffer.dtype), []).append(self.slot)
+            self.backend._spare_reads.setdefault(read_key(buffer), []).append(self.slot)
             self.slot = None
         return self.values
 
@@ -945,7 +950,7 @@ class CudaBackend(Operations):
             return ReadyRead(np.array(array, dtype=np.float32))
         if array.dtype in STORAGE_DTYPES.values():
             array = self._as_type(array, FLOAT32)
-        spares = self._spare_reads.get((array.shape, array.dtype))
+        spares = self._spare_reads.get(read_key(array))
         slot = spares.pop() if spares else (self.cuda.pagelocked_empty(array.shape, array.dtype),
                                              self.cuda.Event())
         if array.size:
