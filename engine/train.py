@@ -90,7 +90,8 @@ def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS, run_shard=No
     With several ranks each takes its shard of the batch. `run_shard(images, truth, rate)` runs
     this rank's part of the iteration and returns its summed loss: by default eagerly
     (run_eagerly); CapturedSteps replays a recording of it instead. The bookkeeping around it
-    (sharding, `seen`, the loss over the ranks) is the same either way.
+    (sharding, `seen`, the loss over the ranks, the loss scaler's read of its state) is the
+    same either way.
     """
     shard = group.shard(len(images))
     if run_shard is None:
