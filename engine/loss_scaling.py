@@ -33,7 +33,7 @@ INITIAL_SCALE = 2.0 ** 16   # torch.amp.GradScaler's init_scale
 GROWTH_INTERVAL = 2000      # its growth_interval: steps without overflow before S doubles
 MIN_SCALE = 2.0 ** -24      # fp16's smallest value: a smaller S flushes deltas below 1 to 0
 SETTINGS = ("dynamic", "none")
-MAX_LAG = 2                 # iterations a read of the state may stay pending before it is waited for
+MAX_LAG = 2                 # iterations a read of the state may stay pending before a wait
 
 # A skipped step, once the host knows of it: its iteration, the skipped steps so far, S after it.
 Skip = collections.namedtuple("Skip", "iteration skipped_steps scale")

@@ -445,7 +445,8 @@ class Network:
             ops.update_loss_scale_(state, scaler.dynamic, scaler.growth_interval)
 
     def _loss_scale_state(self):
-        """The backend's (S, overflow) array of the loss scaling in use, or None."""
+        """The backend's (S, overflow, good, skipped) array of the loss scaling in use, or
+        None."""
         return self.loss_scaler.state if self.loss_scaler is not None else None
 
     def train_step(self, x, truth):

@@ -371,7 +371,7 @@ def test_train_reports_every_late_skip_once(tmp_path, monkeypatch):
         return original(self, state, array)
     monkeypatch.setattr(NumpyBackend, "flag_non_finite_", flag)
     backend = LaggingNumpy(seed=5, lag=100)
-    net, text = train_lines(path, tmp_path, backend=backend, loss_scale="dynamic")
+    _, text = train_lines(path, tmp_path, backend=backend, loss_scale="dynamic")
     lines = text.splitlines()
     first = "iteration 2: gradients overflowed, step skipped (1 so far); loss scale now 32768"
     second = "iteration 5: gradients overflowed, step skipped (2 so far); loss scale now 16384"
