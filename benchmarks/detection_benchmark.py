@@ -19,7 +19,8 @@ benchmarks/calibrated_weights.py; read by every peer):
   page-locked host memory, as each peer's loader gives it (random images, 1..8 random truth boxes
   each): engine: its detector iteration (engine.train's iteration_runner: host batch copied in,
   forward, the [yolo] loss, backward, SGD update, loss read back; the batch in ops.host_empty's
-  memory, where engine train assembles batches); PyTorch: a pin_memory() batch copied with
+  memory, where engine train assembles batches; the loss scaling engine train uses: dynamic in
+  fp16, loss_scaling.scaler_for); PyTorch: a pin_memory() batch copied with
   non_blocking=True (DataLoader(pin_memory=True)), BN in training mode, SGD with momentum and
   decay, a stand-in loss (squared error of every [yolo] output against a fixed random target: elementwise
   work of the same order as the YOLO loss, no box matching), input copied in and loss read back
@@ -602,7 +603,7 @@ def engine_memory_mib(ops):
 def run_engine(precision, setup, args, results):
     import gc
 
-    from engine import Network
+    from engine import Network, loss_scaling
     from engine.train import SINGLE_PROCESS, iteration_runner
     try:
         ops = engine_backend(precision, args.device, args.backend)
@@ -657,9 +658,14 @@ def run_engine(precision, setup, args, results):
         images = ops.host_empty((args.train_batch,) + shape)
         images[...] = rng.random(images.shape, dtype=np.float32)
         truth = synthetic_truth(rng, args.train_batch, net.detected_classes, net.truth_boxes)
+        net.loss_scaler = loss_scaling.scaler_for(net)  # as engine train sets it (fp16: dynamic)
         runner = iteration_runner(net, SINGLE_PROCESS)
-        rate = args.train_batch * per_second(lambda: runner(images, truth, TRAIN_LEARNING_RATE),
-                                             sync, args.seconds, args.train_warmup, minimum=2)
+        try:
+            rate = args.train_batch * per_second(
+                lambda: runner(images, truth, TRAIN_LEARNING_RATE), sync, args.seconds,
+                args.train_warmup, minimum=2)
+        finally:
+            net.loss_scaler = None
         results["train_mib"] = engine_memory_mib(ops)
         return rate
     results.measure("train_ips", training)

@@ -429,8 +429,9 @@ class Network:
 
     def update(self, learning_rate):
         """Every layer's SGD step from its accumulated gradients. With loss scaling, every
-        gradient is checked first (into one flag on the backend: all or no layer steps) and the
-        steps divide them by the scale."""
+        gradient is checked first (into one flag on the backend: all or no layer steps), the
+        steps divide them by the scale, and then the scale moves on for the next iteration
+        (on the backend too: a recorded update holds it, and the host need not wait)."""
         o, ops = self.options, self.ops
         state = self._loss_scale_state()
         if state is not None:
@@ -439,9 +440,13 @@ class Network:
                     ops.flag_non_finite_(state, gradient)
         for layer in self.layers:
             layer.update(ops, learning_rate, o.momentum, o.decay, o.batch_size, state)
+        if state is not None:
+            scaler = self.loss_scaler
+            ops.update_loss_scale_(state, scaler.dynamic, scaler.growth_interval)
 
     def _loss_scale_state(self):
-        """The backend's (S, overflow) array of the loss scaling in use, or None."""
+        """The backend's (S, overflow, good, skipped) array of the loss scaling in use, or
+        None."""
         return self.loss_scaler.state if self.loss_scaler is not None else None
 
     def train_step(self, x, truth):

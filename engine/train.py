@@ -90,22 +90,24 @@ def train_iteration(net, images, truth, rate, group=SINGLE_PROCESS, run_shard=No
     With several ranks each takes its shard of the batch. `run_shard(images, truth, rate)` runs
     this rank's part of the iteration and returns its summed loss: by default eagerly
     (run_eagerly); CapturedSteps replays a recording of it instead. The bookkeeping around it
-    (sharding, `seen`, the loss over the ranks) is the same either way.
+    (sharding, `seen`, the loss over the ranks, the loss scaler's read of its state) is the
+    same either way.
     """
     shard = group.shard(len(images))
     if run_shard is None:
         def run_shard(images, truth, rate):
             return run_eagerly(net, images, truth, rate, group)
-    scaler = net.loss_scaler  # loss scaling: S set before, the overflow flag read after
+    scaler = net.loss_scaler  # loss scaling: its state lives and moves on on the backend
     if scaler is None:
         loss = run_shard(images[shard], truth[shard], rate)
     else:
-        scaler.start_iteration(net.ops)
+        scaler.start(net.ops)
         # an overflow is expected there and handled (the step skipped): no numpy warnings
         with np.errstate(over="ignore", invalid="ignore"):
             loss = run_shard(images[shard], truth[shard], rate)
-        scaler.finish_iteration(net.ops)  # a skipped step still counts as an iteration
-    net.seen += len(truth)
+    net.seen += len(truth)  # a skipped step still counts as an iteration
+    if scaler is not None:  # the state's read starts; earlier ones are taken as they arrive
+        scaler.finish_iteration(net.ops, current_batch(net))
     return group.allreduce_sum(loss) / len(truth)
 
 
@@ -278,13 +280,24 @@ def next_learning_rate(net, rng=None):
 
 
 def scaling_note(scaler):
-    """The iteration line's note on loss scaling: the scale the iteration used, and whether its
-    step was skipped (gradients not finite), with the count of skipped steps so far."""
-    if scaler is None:
-        return ""
-    skipped = (f", step skipped (gradients overflowed; {scaler.skipped_steps} so far)"
-               if scaler.skipped else "")
-    return f", loss scale {scaler.used_scale:g}{skipped}"
+    """The iteration line's note on loss scaling: the latest scale the host knows of (on a GPU
+    an iteration or two behind the device's)."""
+    return "" if scaler is None else f", loss scale {scaler.scale:g}"
+
+
+def skip_line(skip):
+    """A skipped step's own line, printed once the host knows of it (engine/loss_scaling.py)."""
+    return (f"iteration {skip.iteration}: gradients overflowed, step skipped "
+            f"({skip.skipped_steps} so far); loss scale now {skip.scale:g}")
+
+
+def report_skips(scaler, stream, in_place):
+    """A line for each skipped step the host has learned of since the last call (to `stream`,
+    None on the ranks that do not print); on a terminal below the line rewritten in place."""
+    for skip in scaler.take_skips() if scaler is not None else ():
+        if stream is not None:
+            print(f"\n{skip_line(skip)}" if in_place else skip_line(skip), file=stream,
+                  flush=True)
 
 
 class Checkpoints:
@@ -304,13 +317,29 @@ class Checkpoints:
             raise self.diverged("the weights became NaN or infinite") from None
         self.last = (current_batch(self.net), path)
 
-    def diverged(self, what):
+    def diverged(self, what, iteration=None):
+        """The divergence error of `iteration` (by default the latest)."""
         kept = (f"the last good weights are {self.last[1]} (iteration {self.last[0]})"
                 if self.last else "no weights were saved in this run")
         # fp16 holds nothing above 65504 (engine/precision.py); bf16 has float32's range.
         fp16 = " or --precision bf16" if self.net.ops.precision == "fp16" else ""
-        return TrainingError(f"{what} at iteration {current_batch(self.net)}; {kept}; try a "
+        iteration = current_batch(self.net) if iteration is None else iteration
+        return TrainingError(f"{what} at iteration {iteration}; {kept}; try a "
                              f"lower learning_rate or a longer burn_in{fp16}")
+
+
+def check_loss_scale(scaler, checkpoints, group, iteration=None):
+    """The divergence error once dynamic scaling is known to have fallen below its floor. With
+    several ranks only once every rank knows it (reads MAX_LAG iterations old are taken on
+    every rank), so that they stop at the same iteration; `iteration` None: at the end, when
+    every read is taken."""
+    floor = scaler.exhausted_at if scaler is not None else None
+    if floor is None or (group.size > 1 and iteration is not None
+                         and floor.iteration > iteration - loss_scaling.MAX_LAG):
+        return
+    raise checkpoints.diverged(f"the gradients overflowed at every loss scale down to "
+                               f"{floor.last_scale:g} ({floor.skipped_steps} steps skipped)",
+                               floor.iteration)
 
 
 def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, stream=None,
@@ -392,12 +421,8 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
             loss = run_iteration(images, truth, rate)
             if not math.isfinite(loss):
                 raise checkpoints.diverged(f"the loss became {loss}")
-            if scaler is not None and scaler.exhausted:
-                raise checkpoints.diverged(
-                    f"the gradients overflowed at every loss scale down to "
-                    f"{scaler.used_scale:g} ({scaler.skipped_steps} steps skipped)")
-            average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             batch_num = current_batch(net)
+            average_loss = loss if average_loss is None else 0.9 * average_loss + 0.1 * loss
             if leader:
                 bar = progress_bar(batch_num - start_batch, max_batches - start_batch,
                                    time.time() - started)
@@ -406,6 +431,8 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
                         f"{scaling_note(scaler)}  {bar}")
                 print(f"\r{line}\x1b[K" if in_place else line, end="" if in_place else "\n",
                       file=stream, flush=True)
+            report_skips(scaler, stream if leader else None, in_place)
+            check_loss_scale(scaler, checkpoints, group, batch_num)
             if backup_every and batch_num % backup_every == 0:
                 checkpoints.save(backup_path)
             report = after_iteration(batch_num, loss, average_loss, batch_num >= max_batches) \
@@ -422,6 +449,10 @@ def train(net, dataset, backup_dir, max_batches=None, seed=0, backup_every=100, 
         net.loss_scaler = None  # the network's own backward and update again
         if prepared:
             prepared.close()  # stops the worker processes
+    if scaler is not None:  # every read of the loss scale's state taken: the counts exact
+        scaler.settle()
+        report_skips(scaler, stream if leader else None, in_place)
+        check_loss_scale(scaler, checkpoints, group)
     if multiscale:
         resize_network(net, *initial_size)
     group.check_replicas(net)

@@ -1,6 +1,7 @@
 """The loss-scaling operations (engine/backends/operations.py: apply_loss_scale_,
-flag_non_finite_, and sgd_update with a loss-scale state) on every backend, against numpy
-written from their declarations. Under the `gpu` marker the CUDA backend runs them too."""
+flag_non_finite_, update_loss_scale_, sgd_update with a loss-scale state, and to_host_async,
+which reads the state without waiting) on every backend, against numpy written from their
+declarations. Under the `gpu` marker the CUDA backend runs them too."""
 
 import numpy as np
 import pytest
@@ -91,3 +92,61 @@ def test_one_flag_over_every_gradient_then_all_or_none_step(ops, rng):
         ops.sgd_update(p, g, v, 0.5, 0.9, 0.0, 1, loss_scale=s)
     for (p, _, _), original in zip(arrays, params):
         np.testing.assert_array_equal(ops.to_host(p), original)
+
+
+def update_rule(values, dynamic, growth_interval):
+    """update_loss_scale_'s declaration in plain Python floats: (S, overflow, good, skipped)."""
+    scale, overflow, good, skipped = values
+    if overflow:
+        return [scale / 2 if dynamic else scale, 0.0, 0.0, skipped + 1]
+    good += 1
+    if good >= growth_interval:
+        return [scale * 2 if dynamic else scale, 0.0, 0.0, skipped]
+    return [scale, 0.0, good, skipped]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("values, growth_interval", [
+    ([2.0 ** 16, 0.0, 0.0, 0.0], 2000),       # a good step counts
+    ([2.0 ** 16, 1.0, 5.0, 3.0], 2000),       # an overflow: back off, count, reset
+    ([0.375, 0.0, 2.0, 7.0], 3),              # the growth_interval-th good step
+    ([2.0 ** -24, 1.0, 0.0, 40.0], 2000),     # below fp16's smallest value, exactly halved
+    ([2.0 ** 16, 0.0, 1998.0, 1.0], 2000)])
+def test_update_loss_scale(ops, values, growth_interval, dynamic):
+    s = ops.asarray(np.array(values, np.float32))
+    assert ops.update_loss_scale_(s, dynamic, growth_interval) is s
+    np.testing.assert_array_equal(ops.to_host(s), update_rule(values, dynamic, growth_interval))
+
+
+def test_update_loss_scale_over_iterations(ops):
+    """The rule applied step after step on the backend's state, as Network.update issues it
+    (the flag set by flag_non_finite_ in some steps): the same states as the Python rule."""
+    s = ops.asarray(np.array([8.0, 0.0, 0.0, 0.0], np.float32))
+    expected = [8.0, 0.0, 0.0, 0.0]
+    bad = ops.asarray(np.array([np.inf], np.float32))
+    for step in range(12):
+        if step in (2, 3, 9):
+            ops.flag_non_finite_(s, bad)
+            expected[1] = 1.0
+        ops.update_loss_scale_(s, True, 4)
+        expected = update_rule(expected, True, 4)
+        np.testing.assert_array_equal(ops.to_host(s), expected)
+    assert expected == [2.0, 0.0, 2.0, 3.0]  # halved twice, doubled once, halved again
+
+
+def test_to_host_async(ops, rng):
+    """The read holds the values of the work issued before it, not of later work; value()
+    returns them (waiting where needed), ready() never waits and is True once value() is
+    known; a read's memory, reused by a later read, does not change a value taken before."""
+    values = rng.standard_normal((4,)).astype(np.float32)
+    s = ops.asarray(values.copy())
+    first = ops.to_host_async(s)
+    ops.apply_loss_scale_(s, ops.asarray(np.array([2.0, 0, 0, 0], np.float32)))
+    second = ops.to_host_async(s)
+    np.testing.assert_array_equal(first.value(), values)
+    assert first.ready()
+    np.testing.assert_array_equal(second.value(), values * 2)
+    third = ops.to_host_async(ops.asarray(np.zeros(4, np.float32)))
+    np.testing.assert_array_equal(third.value(), np.zeros(4))
+    np.testing.assert_array_equal(first.value(), values)  # taken: kept
+    assert isinstance(first.value(), np.ndarray) and first.value().dtype == np.float32

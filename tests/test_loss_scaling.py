@@ -20,6 +20,7 @@ from engine import train as training
 from engine.backends.numpy_backend import NumpyBackend
 from engine.cli import main
 from engine.data import Dataset
+from engine.distributed import SingleProcess
 from engine.errors import ConfigError, TrainingError
 from engine.loss_scaling import LossScaler
 from engine.network import Network
@@ -95,6 +96,7 @@ def test_classifier_weights_are_bit_identical_with_scaling(tmp_path, body, subdi
         losses, net = iterate(path, batches, runner, scaler)
         assert losses == plain_losses  # the cost is computed before the deltas are scaled
         assert scaler.skipped_steps == 0 and scaler.used_scale == scaler.scale
+        assert scaler.known_iteration == len(batches) and not scaler.pending
         for got, want in zip(state_of(net), state_of(plain)):
             np.testing.assert_array_equal(got, want)
 
@@ -127,7 +129,7 @@ def test_the_backward_sees_scaled_deltas(tmp_path):
         net = Network(path, backend=NumpyBackend(seed=5), quiet=True)
         if scale is not None:
             net.loss_scaler = LossScaler(scale)
-            net.loss_scaler.start_iteration(net.ops)
+            net.loss_scaler.start(net.ops)
         net.train_step(images, truth)
         gradients.append([g.copy() for layer in net.layers
                           for _, g in sorted(layer.updates.items())])
@@ -194,8 +196,8 @@ def classifier_dataset(count=16, seed=0):
                    rng.integers(0, 3, count), 3, "random")
 
 
-def train_lines(path, tmp_path, **options):
-    net = Network(path, quiet=True)
+def train_lines(path, tmp_path, backend=None, **options):
+    net = Network(path, backend=backend, quiet=True)
     out = io.StringIO()
     training.train(net, classifier_dataset(), str(tmp_path / "backup"), backup_every=0,
                    stream=out, **options)
@@ -221,8 +223,12 @@ def test_train_prints_the_scale_and_skipped_steps(tmp_path, monkeypatch):
     assert "Loss scaling: dynamic, from 65536" in text
     assert len(lines) == 4 and net.seen == 16 and net.loss_scaler is None
     assert lines[0].split("images")[1].startswith(", loss scale 65536  [")
-    assert ", loss scale 65536, step skipped (gradients overflowed; 1 so far)" in lines[1]
-    assert ", loss scale 32768  [" in lines[2]
+    # on the CPU the host knows at once: the skip's own line right after its iteration's
+    skip = "iteration 2: gradients overflowed, step skipped (1 so far); loss scale now 32768"
+    assert text.count(skip) == 1 and text.splitlines().index(skip) == \
+        text.splitlines().index(lines[1]) + 1
+    assert ", loss scale 32768  [" in lines[1] and ", loss scale 32768  [" in lines[2]
+    assert text.count("step skipped") == 1
     rates = [float(re.search(r"([\d.]+) rate", line).group(1)) for line in lines]
     assert rates == [0.1, 0.05, 0.025, 0.025]
 
@@ -244,6 +250,171 @@ def test_a_scale_below_the_floor_is_the_divergence_error(tmp_path, monkeypatch):
     assert "\n" not in message and "overflowed at every loss scale down to 5.96046e-08" in message
     assert "(4 steps skipped) at iteration 4" in message and "no weights were saved" in message
     assert scaler.scale == 2.0 ** -25
+
+
+# ---- the host reads the state without waiting; it learns of skips late ------------------------
+class LaggingNumpy(RecordingNumpy):
+    """A recording numpy backend whose state reads arrive as a GPU's would when it runs `lag`
+    iterations behind the host: a read is ready once `lag` later reads have started. Records
+    the age of every read the host waited for (value() before ready()) and counts to_host."""
+
+    def __init__(self, seed=0, lag=1):
+        super().__init__(seed)
+        self.lag, self.reads, self.waits, self.host_reads = lag, 0, [], 0
+
+    def to_host(self, array):
+        self.host_reads += 1
+        return super().to_host(array)
+
+    def to_host_async(self, array):
+        self.reads += 1
+        backend, number, values = self, self.reads, np.array(array, dtype=np.float32)
+
+        class Read:
+            def ready(self):
+                return backend.reads - number >= backend.lag
+
+            def value(self):
+                if not self.ready():
+                    backend.waits.append(backend.reads - number)
+                return values
+        return Read()
+
+
+def test_skips_are_learned_late_and_the_device_decides(tmp_path):
+    """The overflow test above with the state's reads one iteration late: the weights are the
+    same (the device's state decides, not the host), each skip is learned one iteration later,
+    once, and the host never waits."""
+    path = write_cfg(tmp_path / "c.cfg", NET, BN_BODY)
+    batches = classifier_batches(7)
+    results = []
+    for backend in (RecordingNumpy(seed=5), LaggingNumpy(seed=5, lag=1)):
+        net = Network(path, backend=backend, quiet=True)
+        scaler = net.loss_scaler = LossScaler(2.0 ** 16, growth_interval=3)
+        overflow_at(net, {2, 3})
+        run = training.CapturedSteps(net, training.SINGLE_PROCESS)
+        learned = []
+        for images, truth in batches:
+            run(images.copy(), truth.copy(), 0.1)  # set_ writes into the first batch on numpy
+            learned.append((scaler.known_iteration, scaler.take_skips()))
+        scaler.settle()
+        learned.append((scaler.known_iteration, scaler.take_skips()))
+        results.append((learned, state_of(net), scaler))
+    (at_once, plain, _), (late, weights, scaler) = results
+    s = 2.0 ** 16
+    skips = [loss_scaling.Skip(2, 1, s / 2), loss_scaling.Skip(3, 2, s / 4)]
+    assert at_once == [(1, []), (2, skips[:1]), (3, skips[1:])] + [(n, []) for n in (4, 5, 6, 7, 7)]
+    assert late == [(None, []), (1, []), (2, skips[:1]), (3, skips[1:])] + \
+        [(n, []) for n in (4, 5, 6, 7)]
+    assert scaler.scale == s / 2 and scaler.skipped_steps == 2 and scaler.good_steps == 1
+    assert net.ops.waits == [0]  # only settle waits: for the last iteration's read
+    for got, want in zip(weights, plain):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_reads_wait_only_when_two_iterations_old(tmp_path):
+    """A device far behind (reads never ready by themselves): the host waits for each read
+    when it is MAX_LAG iterations old, never younger, so at most MAX_LAG reads are pending."""
+    path = write_cfg(tmp_path / "c.cfg", NET, BODY)
+    net = Network(path, backend=LaggingNumpy(seed=5, lag=100), quiet=True)
+    scaler = net.loss_scaler = LossScaler()
+    run = training.EagerSteps(net, training.SINGLE_PROCESS)
+    for k, (images, truth) in enumerate(classifier_batches(6), 1):
+        run(images, truth, 0.1)
+        assert len(scaler.pending) == min(k, loss_scaling.MAX_LAG)
+        assert scaler.known_iteration == (k - loss_scaling.MAX_LAG
+                                          if k > loss_scaling.MAX_LAG else None)
+    assert net.ops.waits == [loss_scaling.MAX_LAG] * 4
+    scaler.settle()
+    assert scaler.known_iteration == 6 and not scaler.pending
+
+
+@pytest.mark.parametrize("runner, cfg", [(training.CapturedSteps, "classifier"),
+                                         (training.SplitCapturedSteps, "detector")])
+def test_recorded_iterations_make_no_host_read_for_the_scale(tmp_path, runner, cfg):
+    """With scaling on, a recorded iteration reads from the backend exactly what it reads
+    without (the losses' own reads), plus one asynchronous read of the state."""
+    if cfg == "classifier":
+        path, batches = write_cfg(tmp_path / "c.cfg", NET, BN_BODY), classifier_batches(4)
+    else:
+        path, batches = detector_cfg(tmp_path), detector_batches(4)
+    counts = []
+    for scaler in (None, LossScaler(2.0 ** 10)):
+        net = Network(path, backend=LaggingNumpy(seed=5), quiet=True)
+        net.loss_scaler = scaler
+        run = runner(net, training.SINGLE_PROCESS)
+        per_iteration = []
+        for images, truth in batches:
+            before = net.ops.host_reads, net.ops.reads
+            run(images.copy(), truth.copy(), 0.1)
+            per_iteration.append((net.ops.host_reads - before[0], net.ops.reads - before[1]))
+        counts.append(per_iteration[2:])  # the recorded ones (after the eager and recording)
+        assert net.ops.waits == []
+    plain, scaled = counts
+    assert [reads for _, reads in plain] == [0, 0] and [reads for _, reads in scaled] == [1, 1]
+    assert [host for host, _ in scaled] == [host for host, _ in plain]
+
+
+def test_train_reports_every_late_skip_once(tmp_path, monkeypatch):
+    """engine.train on a device two iterations behind: the skips of iterations 2 and 5 (of 6)
+    each get their line once, after later iterations' lines (the last one after the loop,
+    when train settles the reads), with exact counts and scales; the iteration lines show the
+    latest scale the host knows."""
+    path = write_cfg(tmp_path / "c.cfg", dict(NET, max_batches=6), BODY)
+    original = NumpyBackend.flag_non_finite_
+    calls = {"n": 0}
+
+    def flag(self, state, array):
+        calls["n"] += 1
+        if calls["n"] in (5, 17):  # in iterations 2 and 5 (4 gradient tensors per iteration)
+            array = np.array([np.inf], np.float32)
+        return original(self, state, array)
+    monkeypatch.setattr(NumpyBackend, "flag_non_finite_", flag)
+    backend = LaggingNumpy(seed=5, lag=100)
+    _, text = train_lines(path, tmp_path, backend=backend, loss_scale="dynamic")
+    lines = text.splitlines()
+    first = "iteration 2: gradients overflowed, step skipped (1 so far); loss scale now 32768"
+    second = "iteration 5: gradients overflowed, step skipped (2 so far); loss scale now 16384"
+    assert text.count("step skipped") == 2 and lines.count(first) == lines.count(second) == 1
+    assert lines[lines.index(first) - 1].startswith("4, ")  # learned at iteration 4
+    assert lines[lines.index(second) + 1].startswith("Saved ")  # settled after the loop
+    scales = [re.search(r"loss scale (\d+)  \[", line).group(1) for line in lines
+              if re.match(r"\d+, ", line)]
+    assert scales == ["65536", "65536", "65536", "32768", "32768", "32768"]
+    assert backend.waits == [2, 2, 2, 2, 1, 0]  # the last two only when train settles
+
+
+def test_the_floor_is_seen_late_and_named_by_its_iteration(tmp_path, monkeypatch):
+    """As the floor test above, the device two iterations ahead: the error names the
+    iteration where the scale fell below the floor and its count, though it is raised when
+    the host learns of it."""
+    path = write_cfg(tmp_path / "c.cfg", dict(NET, max_batches=100), BODY)
+    monkeypatch.setattr(NumpyBackend, "flag_non_finite_",
+                        lambda self, state, array: state.__setitem__(1, 1) or state)
+    backend = LaggingNumpy(seed=5, lag=100)
+    with pytest.raises(TrainingError) as raised:
+        train_lines(path, tmp_path, backend=backend, loss_scale=LossScaler(2.0 ** -21))
+    message = str(raised.value)
+    assert "overflowed at every loss scale down to 5.96046e-08 (4 steps skipped) at " \
+        "iteration 4;" in message
+    assert backend.reads == 6  # raised when iteration 4's read was waited for, at iteration 6
+
+
+class TwoRanks(SingleProcess):
+    size = 2
+
+
+def test_ranks_stop_at_the_floor_together():
+    """With several ranks the floor error waits until every rank has the read (MAX_LAG
+    iterations), whatever reads arrived early on this one; alone, at once."""
+    scaler = LossScaler(2.0 ** -24)
+    scaler._learn(7, np.array([2.0 ** -25, 0, 0, 1], np.float32))
+    checkpoints = training.Checkpoints(Network.__new__(Network), enabled=False)
+    checkpoints.net.ops = NumpyBackend()
+    training.check_loss_scale(scaler, checkpoints, TwoRanks(), 8)  # rank 1 may not know yet
+    for group, iteration in ((TwoRanks(), 9), (training.SINGLE_PROCESS, 8), (TwoRanks(), None)):
+        with pytest.raises(TrainingError, match="down to 5.96046e-08 .* at iteration 7;"):
+            training.check_loss_scale(scaler, checkpoints, group, iteration)
 
 
 # ---- [net] loss_scale (AlexeyAB) and --loss-scale -------------------------------------------
@@ -374,8 +545,10 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     result = run([MPIEXEC, "-n", "2", sys.executable, "overflow.py"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr + result.stdout
     lines = [line for line in result.stdout.splitlines() if re.match(r"\d+, ", line)]
-    assert len(lines) == 3 and "step skipped" in lines[1]
-    assert "step skipped" not in lines[0] + lines[2]
+    assert len(lines) == 3
+    assert result.stdout.count("step skipped") == 1  # rank 0 alone prints
+    assert "iteration 2: gradients overflowed, step skipped (1 so far); loss scale now 64" \
+        in result.stdout
 
 
 def test_cuda_kernels_read_the_state_from_device_memory(fake_gpu):
@@ -393,6 +566,49 @@ def test_cuda_kernels_read_the_state_from_device_memory(fake_gpu):
     assert launches[-1] == ("loss_scale_kernel", (delta.ptr, delta.size, state.ptr))
     assert ops.flag_non_finite_(state, gradient) is state
     assert launches[-1] == ("flag_non_finite_kernel", (gradient.ptr, gradient.size, state.ptr))
+    assert ops.update_loss_scale_(state, True, 2000) is state
+    assert launches[-1] == ("update_loss_scale_kernel", (state.ptr, 1, 2000))
+    ops.update_loss_scale_(state, False, 7)
+    assert launches[-1] == ("update_loss_scale_kernel", (state.ptr, 0, 7))
+
+
+class FakeEvent:
+    def __init__(self):
+        self.recorded, self.done, self.waited = [], False, 0
+
+    def record(self, stream):
+        self.recorded.append(stream)
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited += 1
+        self.done = True
+
+
+def test_cuda_state_reads_do_not_wait(fake_gpu, monkeypatch):
+    """The CUDA backend's to_host_async: a copy on the stream into page-locked memory and an
+    event after it, no synchronisation; ready() asks the event, value() waits on it; the
+    memory and event are reused by the next read once a value is taken, which keeps it."""
+    ops = fake_gpu
+    copies = iter(range(1, 100))
+    monkeypatch.setattr(ops.cuda, "Event", FakeEvent, raising=False)
+    monkeypatch.setattr(ops.cuda, "memcpy_dtoh_async",
+                        lambda host, address, stream: host.fill(next(copies)), raising=False)
+    state = FakeArray((4,))
+    synchronized = ops.stream.synchronized
+    first = ops.to_host_async(state)
+    event = first.slot[1]
+    assert event.recorded == [ops.stream] and not first.ready()
+    assert ops.stream.synchronized == synchronized
+    np.testing.assert_array_equal(first.value(), [1, 1, 1, 1])
+    assert event.waited == 1 and first.ready()
+    second = ops.to_host_async(state)
+    assert second.slot[1] is event  # reused
+    np.testing.assert_array_equal(second.value(), [2, 2, 2, 2])
+    np.testing.assert_array_equal(first.value(), [1, 1, 1, 1])
+    assert ops.stream.synchronized == synchronized
 
 
 # ---- the GPU (pytest -m gpu): fp32 bit for bit; fp16 with dynamic scaling ---------------------
@@ -417,6 +633,8 @@ def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind
         runner = training.iteration_runner(net, training.SINGLE_PROCESS)
         losses = [runner(images.copy(), truth.copy(), 0.05) for images, truth in batches]
         assert isinstance(runner, training.CapturedSteps)  # SplitCapturedSteps is one too
+        if scaler is not None:
+            scaler.settle()
         return losses, state_of(net)
     (_, plain), (_, again) = run(None), run(None)
     scaler = LossScaler(2.0 ** 12)
@@ -432,7 +650,8 @@ def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind
 
 def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=()):
     """The batches through EagerSteps and the recording runner on the GPU in fp16, each with
-    its scaler: per runner (losses, weights, scaler)."""
+    its scaler: per runner (per iteration (loss, whether the weights moved), the skips the
+    scaler reported once settled, weights, runner, scaler)."""
     from engine.backends.cuda import CudaBackend
     path = detector_cfg(tmp_path)
     results = []
@@ -443,14 +662,18 @@ def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=()):
         if overflow_iterations:
             overflow_on_device(net, overflow_iterations)
         run = runner(net, training.SINGLE_PROCESS)
-        history = []
+        history, skips = [], []
         for images, truth in batches:
             before = state_of(net, trainable=True)
             loss = run(images.copy(), truth.copy(), 0.05)
             moved = any(not np.array_equal(a, b)
                         for a, b in zip(before, state_of(net, trainable=True)))
-            history.append((loss, scaler.used_scale, scaler.skipped, moved))
-        results.append((history, state_of(net), run))
+            history.append((loss, moved))
+            skips += scaler.take_skips()
+        scaler.settle()
+        skips += scaler.take_skips()
+        assert scaler.known_iteration == len(batches)
+        results.append((history, skips, state_of(net), run, scaler))
     return results
 
 
@@ -474,15 +697,24 @@ def overflow_on_device(net, iterations):
 @pytest.mark.gpu
 def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
     """fp16 training of the small detector with dynamic scaling from 2**16 (its first steps
-    overflow fp16 and are skipped while the scale backs off): the recorded iterations
-    (SplitCapturedSteps: the scale read from the device state in the replay) skip the same
-    steps, use the same scales and reach the eager iterations' weights."""
+    overflow fp16 and are skipped while the scale backs off, on the device): the recorded
+    iterations (SplitCapturedSteps: the scale's update inside the backward's recording) skip
+    the same steps, each reported once, reach the same scale and the eager iterations'
+    weights."""
     batches = detector_batches(16)
-    (eager, eager_weights, _), (recorded, weights, run) = gpu_detector_runs(
-        tmp_path, batches, [LossScaler(), LossScaler()])
+    (eager, eager_skips, eager_weights, _, eager_scaler), \
+        (recorded, skips, weights, run, scaler) = gpu_detector_runs(
+            tmp_path, batches, [LossScaler(), LossScaler()])
     assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
-    assert [h[1:] for h in recorded] == [h[1:] for h in eager]
-    assert not eager[-1][2] and eager[-1][3]  # it trains in the end
+    assert skips == eager_skips and skips  # the same skipped iterations, S after each
+    assert [skip.skipped_steps for skip in skips] == list(range(1, len(skips) + 1))
+    assert scaler.scale == eager_scaler.scale == 2.0 ** 16 / 2 ** len(skips)
+    assert scaler.skipped_steps == len(skips) and not scaler.pending
+    skipped = {skip.iteration for skip in skips}
+    for history in (eager, recorded):  # skipped steps leave the weights; the others train
+        assert [moved for _, moved in history] == [k not in skipped
+                                                   for k in range(1, len(batches) + 1)]
+    assert history[-1][1]  # it trains in the end
     # fp16 rounding of the same kernels; cuDNN's algorithm choices are made per backend
     np.testing.assert_allclose([h[0] for h in recorded], [h[0] for h in eager], rtol=1e-2)
     for got, want in zip(weights, eager_weights):
@@ -493,13 +725,15 @@ def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
 @pytest.mark.gpu
 def test_gpu_recorded_overflow_is_skipped(tmp_path):
     """An infinite delta in the 4th iteration (a recorded one) at a static scale: that step
-    leaves weights and velocities unchanged on the GPU; the others train."""
+    leaves weights and velocities unchanged on the GPU, is reported once, S stays; the others
+    train."""
     batches = detector_batches(6)
-    (eager, _, _), (recorded, weights, run) = gpu_detector_runs(
+    (eager, eager_skips, _, _, _), (recorded, skips, weights, run, scaler) = gpu_detector_runs(
         tmp_path, batches, [LossScaler(8.0, dynamic=False), LossScaler(8.0, dynamic=False)],
         overflow_iterations={4})
     assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
+    assert skips == eager_skips == [loss_scaling.Skip(4, 1, 8.0)]
     for history in (eager, recorded):
-        assert [h[2] for h in history] == [False, False, False, True, False, False]
-        assert [h[3] for h in history] == [True, True, True, False, True, True]
+        assert [moved for _, moved in history] == [True, True, True, False, True, True]
+    assert scaler.scale == 8.0 and scaler.good_steps == 2
     assert all(np.isfinite(w).all() for w in weights)

@@ -40,7 +40,7 @@ from ..boxes import (box_edges, edges_iou_or_zero, image_chunks, listed_truths, 
 from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
-from .operations import Operations
+from .operations import Operations, ReadyRead
 
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
@@ -1209,3 +1209,19 @@ class NumpyBackend(Operations):
         if not np.isfinite(array).all():
             loss_scale[1] = 1
         return loss_scale
+
+    def update_loss_scale_(self, loss_scale, dynamic, growth_interval):
+        """(S, overflow, good, skipped) after an update, as declared, in float32."""
+        scale, overflow, good, skipped = (np.float32(v) for v in loss_scale[:4])
+        if overflow != 0:
+            scale, good, skipped = scale * np.float32(0.5) if dynamic else scale, 0, skipped + 1
+        else:
+            good += 1
+            if good >= growth_interval:
+                scale, good = scale * np.float32(2) if dynamic else scale, 0
+        loss_scale[:4] = scale, 0, good, skipped
+        return loss_scale
+
+    def to_host_async(self, array):
+        """Nothing runs behind the host here: the values at once."""
+        return ReadyRead(np.array(array, dtype=np.float32))

@@ -89,6 +89,13 @@ class Operations(ABC):
         first)."""
 
     @abstractmethod
+    def to_host_async(self, array):
+        """Start copying a small array's values to the host without waiting for the backend's
+        work: returns a HostRead (below) whose value() is what to_host would have returned once
+        the work issued so far has run. A GPU backend copies into page-locked memory on its
+        stream and records an event; numpy reads at once."""
+
+    @abstractmethod
     def set_(self, dst, host, early=False):
         """Copy host values (dst.size of them, any shape) into the existing array dst, in place;
         dst keeps its identity (a fixed buffer a recording reads). Returns dst. early=True: the
@@ -352,10 +359,11 @@ class Operations(ABC):
         and only gradient = 0 (the step is skipped). Returns nothing."""
 
     # ---- loss scaling (engine/loss_scaling.py) -------------------------------------------------
-    # A *loss-scale state* is a float32 array of this backend holding two values: (S, overflow).
-    # The host writes it with set_ before an iteration and reads it with to_host after; in between
-    # only these operations (and sgd_update) read or write it, so a recording replays them with
-    # each iteration's S.
+    # A *loss-scale state* is a float32 array of this backend holding (S, overflow) and, where
+    # update_loss_scale_ keeps them, (good steps, skipped steps): four values. The host writes it
+    # once, before training, and reads it with to_host_async; only these operations (and
+    # sgd_update) read or write it, on the backend, so a recorded iteration replays them with
+    # each iteration's S and nothing inside an iteration waits for the host.
     @abstractmethod
     def apply_loss_scale_(self, delta, loss_scale):
         """delta *= S (state[0], read where the state lives), in place, rounded once to delta's
@@ -366,6 +374,14 @@ class Operations(ABC):
         """state[1] = 1 if any value of `array` is NaN or infinite; otherwise state unchanged
         (the check of every gradient of an iteration ORs into one flag, on the device, with no
         host synchronisation). Returns loss_scale."""
+
+    @abstractmethod
+    def update_loss_scale_(self, loss_scale, dynamic, growth_interval):
+        """The end of an iteration's update, on a four-value state (S, overflow, good, skipped):
+        where overflow is not 0, good = 0 and skipped += 1, and S halves when `dynamic`;
+        otherwise good += 1, and when it reaches `growth_interval` (an int) good = 0 and S
+        doubles when `dynamic`. Then overflow = 0. In float32, read and written where the state
+        lives (one thread on a GPU). Returns loss_scale."""
 
     # ---- broadcasting arithmetic ---------------------------------------------------------------
     @abstractmethod
@@ -461,3 +477,28 @@ class Operations(ABC):
         """The cost of the latest loss operation (softmax_cross_entropy, sse) as a float, for
         recorded steps, whose loss operations return 0.0 (only where can_record)."""
         raise BackendError(f"the {self.name} backend cannot record steps")
+
+
+class HostRead:
+    """What to_host_async returns: a read of a backend array on its way to the host."""
+
+    def ready(self):
+        """True once value() would not wait (never waits itself)."""
+        raise NotImplementedError
+
+    def value(self):
+        """The values (a float32 numpy array, to_host's), waiting for the copy if needed."""
+        raise NotImplementedError
+
+
+class ReadyRead(HostRead):
+    """A read whose values are already on the host (numpy; host arrays on a GPU backend)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def ready(self):
+        return True
+
+    def value(self):
+        return self.values

@@ -25,7 +25,7 @@ from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
 from ...precision import STORAGE_DTYPES, check_precision
 from .. import views
-from ..operations import Operations
+from ..operations import HostRead, Operations, ReadyRead
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
@@ -199,6 +199,31 @@ class ConvPlan:
                              [memory for _, memory in self.forward_candidates])
 
 
+def read_key(array):
+    """The spare page-locked buffers a to_host_async of `array` can reuse: by shape and type."""
+    return tuple(int(n) for n in array.shape), np.dtype(array.dtype)
+
+
+class PendingRead(HostRead):
+    """to_host_async's read: a copy into page-locked memory on the stream, and an event after
+    it; the memory and the event go back to the backend's spares once the value is taken."""
+
+    def __init__(self, backend, slot):
+        self.backend, self.slot, self.values = backend, slot, None
+
+    def ready(self):
+        return self.values is not None or self.slot[1].query()
+
+    def value(self):
+        if self.values is None:
+            buffer, event = self.slot
+            event.synchronize()
+            self.values = buffer.copy()
+            self.backend._spare_reads.setdefault(read_key(buffer), []).append(self.slot)
+            self.slot = None
+        return self.values
+
+
 class CudaBackend(Operations):
     name = "gpu"
     can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
@@ -215,6 +240,7 @@ class CudaBackend(Operations):
         self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
         self._side_stream = None  # set_'s early copies
+        self._spare_reads = {}  # (shape, dtype) -> [(page-locked buffer, event)] for to_host_async
         self.cuda = self.device.cuda
         self.stream = self.device.stream
         self._workspace = None
@@ -911,6 +937,26 @@ class CudaBackend(Operations):
         self.kernels.launch("flag_non_finite_kernel", array.size, array.ptr, array.size,
                             loss_scale.ptr, dtype=array.dtype)
         return loss_scale
+
+    def update_loss_scale_(self, loss_scale, dynamic, growth_interval):
+        self.kernels.launch("update_loss_scale_kernel", 1, loss_scale.ptr, int(bool(dynamic)),
+                            int(growth_interval))
+        return loss_scale
+
+    def to_host_async(self, array):
+        """A copy on the stream into page-locked memory (reused from earlier reads) and an
+        event after it: the host goes on while the work issued before it runs."""
+        if not hasattr(array, "gpudata"):
+            return ReadyRead(np.array(array, dtype=np.float32))
+        if array.dtype in STORAGE_DTYPES.values():
+            array = self._as_type(array, FLOAT32)
+        spares = self._spare_reads.get(read_key(array))
+        slot = spares.pop() if spares else (self.cuda.pagelocked_empty(array.shape, array.dtype),
+                                             self.cuda.Event())
+        if array.size:
+            self.cuda.memcpy_dtoh_async(slot[0], array.ptr, self.stream)
+        slot[1].record(self.stream)
+        return PendingRead(self, slot)
 
     # ---- broadcasting arithmetic and reductions ------------------------------------------------
     @staticmethod

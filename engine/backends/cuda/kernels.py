@@ -44,6 +44,7 @@ SIGNATURES = {
     "sgd_kernel": ("elementwise.cu", "PPPifPfffP"),
     "loss_scale_kernel": ("loss_scale.cu", "PiP"),
     "flag_non_finite_kernel": ("loss_scale.cu", "PiP"),
+    "update_loss_scale_kernel": ("loss_scale.cu", "Pii"),
     "maxpool_forward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "maxpool_backward_kernel": ("pooling.cu", "PPPiiiiiiii"),
     "maxpool_scatter_kernel": ("pooling.cu", "PPPiii"),
