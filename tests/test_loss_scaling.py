@@ -8,7 +8,6 @@ static scale; --loss-scale on the command line. The GPU's fp16 runs are under th
 import io
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -663,11 +662,13 @@ def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=()):
             overflow_on_device(net, overflow_iterations)
         run = runner(net, training.SINGLE_PROCESS)
         history, skips = [], []
+        def parameters():  # what SGD changes (velocities are made at the first update)
+            return [ops.to_host(a).copy() for layer in net.layers
+                    for name, a in sorted(layer.params.items()) if name in layer.updates]
         for images, truth in batches:
-            before = state_of(net, trainable=True)
+            before = parameters()
             loss = run(images.copy(), truth.copy(), 0.05)
-            moved = any(not np.array_equal(a, b)
-                        for a, b in zip(before, state_of(net, trainable=True)))
+            moved = any(not np.array_equal(a, b) for a, b in zip(before, parameters()))
             history.append((loss, moved))
             skips += scaler.take_skips()
         scaler.settle()

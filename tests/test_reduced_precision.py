@@ -88,18 +88,21 @@ def test_operations_on_reduced_activations(reduced):
                                                activation="mish"),
           cpu.batchnorm_forward_inference(x, *params, activation="mish"), "inference BN + mish")
     # training BN: planes of 90 values (one value per thread) and of 6400 (16-byte packs, two
-    # blocks per plane in the reductions of kernels/batchnorm.cu)
+    # blocks per plane in the reductions of kernels/batchnorm.cu). The CPU gets the values as
+    # stored, so that leaky's slope is taken on the same side of 0 for values near it.
     for planes in (x, rng.standard_normal((2, 8, 64, 100)).astype(np.float32) + 2):
+        planes = stored(ops, planes)
+        delta = stored(ops, rng.standard_normal(planes.shape).astype(np.float32))
         trained = [p.copy() for p in params]
-        y, cache = ops.batchnorm_forward_train(stored(ops, planes), *map(ops.asarray, params),
+        y, cache = ops.batchnorm_forward_train(planes, *map(ops.asarray, params),
                                                activation="leaky")
-        y_cpu, cache_cpu = cpu.batchnorm_forward_train(planes, *trained, activation="leaky")
+        y_cpu, cache_cpu = cpu.batchnorm_forward_train(ops.to_host(planes), *trained,
+                                                       activation="leaky")
         check(ops, y, y_cpu, f"training BN + leaky, {planes.shape}")
-        delta = rng.standard_normal(planes.shape).astype(np.float32)
         updates = [np.zeros(8, np.float32), np.zeros(8, np.float32)]
-        check(ops, ops.batchnorm_backward(stored(ops, delta), cache, ops.asarray(scales),
+        check(ops, ops.batchnorm_backward(delta, cache, ops.asarray(scales),
                                           *map(ops.asarray, updates)),
-              cpu.batchnorm_backward(delta, cache_cpu, scales, *updates),
+              cpu.batchnorm_backward(ops.to_host(delta), cache_cpu, scales, *updates),
               f"training BN backward, {planes.shape}")
     check(ops, ops.maxpool_forward(stored(ops, x), 2, 2, 0, 5, 5)[0],
           cpu.maxpool_forward(x, 2, 2, 0, 5, 5)[0], "maxpool")
