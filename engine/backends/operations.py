@@ -479,16 +479,16 @@ class Operations(ABC):
         raise BackendError(f"the {self.name} backend cannot record steps")
 
 
-class HostRead:
+class HostRead(ABC):
     """What to_host_async returns: a read of a backend array on its way to the host."""
 
+    @abstractmethod
     def ready(self):
         """True once value() would not wait (never waits itself)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def value(self):
         """The values (a float32 numpy array, to_host's), waiting for the copy if needed."""
-        raise NotImplementedError
 
 
 class ReadyRead(HostRead):
