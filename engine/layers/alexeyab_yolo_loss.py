@@ -31,10 +31,10 @@ checked against AlexeyAB's own deltas (tests/golden/L*).
 
 import numpy as np
 
+from ..backends.yolo_truths import IOU_LOSSES
 from ..boxes import iou_or_zero, listed_truths, prediction_boxes
 from .yolo_cells import mask_slots, truth_events
 
-IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 IOU_KINDS = ("iou", "giou", "diou", "ciou")
 CLASS_MATCH_THRESH = 0.25  # compare_yolo_class: a class score above it lets ignore_thresh act
 FOCAL_ALPHA = 0.5  # delta_yolo_class's focal loss
@@ -340,6 +340,15 @@ class AlexeyabYoloLoss:
         boxes = float(np.square(dlt[:, :4], dtype=np.float64).sum())
         loss = self.giou_loss if L.iou_loss == "giou" else self.iou_loss
         return L.iou_normalizer * loss / max(self.count, 1) + L.obj_normalizer * (total - boxes)
+
+    def cost_of(self, statistics):
+        """`cost` from apply_truth_events_'s statistics (engine/backends/yolo_truths.py)."""
+        squares, boxes, iou_losses, giou_losses, count = (float(v) for v in statistics)
+        L = self.layer
+        if L.iou_loss == "mse":
+            return squares
+        loss = giou_losses if L.iou_loss == "giou" else iou_losses
+        return L.iou_normalizer * loss / max(count, 1) + L.obj_normalizer * (squares - boxes)
 
 
 def classes_multipliers(section, classes, max_delta):

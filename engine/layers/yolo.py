@@ -39,6 +39,7 @@ Darknet's sum of squared deltas, which is not that loss.
 import numpy as np
 
 from ..backends.views import whole, window
+from ..backends.yolo_truths import TruthLoss, pack_plan, plan_capacity
 from ..boxes import box_iou, listed_truths
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
@@ -218,10 +219,18 @@ class YoloLayer(Layer):
         state = self.device_cost(ops, ops.asarray(rows.reshape(len(rows), -1)))
         return self.finish_cost(ops, rows, state)
 
+    @property
+    def truth_on_device(self):
+        """Whether the truth part runs on the backend (apply_truth_events_): its events are then
+        decided by the truth alone, so a plan made on the host before the forward says where
+        they go. Not with truth_thresh < 1 (the predictions add events) nor for
+        [Gaussian_yolo]."""
+        return self.truth_thresh >= 1 and self.box_entries == 4
+
     def device_cost(self, ops, truth):
-        """The loss's part on the backend, for truth rows on the backend (batch, rows * 5): only
-        backend operations and no copy to the host, so a recorded iteration (engine.train) can
-        hold it. Returns the state plan_cost and finish_cost take."""
+        """The loss's dense part on the backend, for truth rows on the backend (batch, rows * 5):
+        only backend operations and no copy to the host, so a recorded iteration (engine.train)
+        can hold it. Returns the state plan_cost, finish_cost and device_truth_cost take."""
         self.check_trainable()
         rows = int(truth.size) // (5 * len(truth)) if len(truth) else 0
         if rows > self.max_boxes:  # Darknet reads a layer's first `max` rows only
@@ -235,15 +244,49 @@ class YoloLayer(Layer):
         loss, output = state[0], state[1]
         return TruthPlan(self, loss, truth_rows(ops, truth, self.max_boxes), output.shape)
 
+    def truth_plan(self, ops, truth, batch):
+        """plan_cost's plan for a training forward of `batch` images, before any forward."""
+        rows = truth_rows(ops, truth, self.max_boxes)
+        return TruthPlan(self, self._loss(self.net_w, self.net_h), rows,
+                         (batch,) + tuple(self.out_shape))
+
     def finish_cost(self, ops, truth, state, plan=None):
-        """The loss's host part after device_cost's `state` (and plan_cost's `plan`, made here
+        """The loss's truth part after device_cost's `state` (and plan_cost's `plan`, made here
         if not given), for the same truth on the host: (cost, delta on the backend)."""
         plan = plan if plan is not None else self.plan_cost(ops, truth, state)
+        if self.truth_on_device:
+            statistics, delta = self.device_truth_cost(ops, state, ops.int_array(plan.packed))
+            return self.truth_cost(state, ops.float64_values(statistics)), delta
         cost, delta = self._truth_loss(ops, plan, *state)
+        self._normalize_delta(ops, delta)
+        return cost, delta
+
+    def device_truth_cost(self, ops, state, plan):
+        """The truth part on the backend (truth_on_device) after device_cost's `state`, for
+        `plan`, a backend copy of a TruthPlan's `packed`: only backend operations, so a
+        recorded iteration holds it, with plan a fixed buffer it refreshes before each replay.
+        Returns (statistics on the backend, for truth_cost; delta)."""
+        loss, output, delta, _, _, truths = state
+        statistics = ops.apply_truth_events_(delta, output, truths, plan,
+                                             self._truth_numbers(loss))
+        self._normalize_delta(ops, delta)
+        return statistics, delta
+
+    def truth_cost(self, state, statistics):
+        """The cost from device_truth_cost's statistics (on the host: ops.float64_values)."""
+        return state[0].cost_of(statistics)
+
+    def _normalize_delta(self, ops, delta):
         # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
         if self.loss_kind == "alexeyab" and self.delta_normalizer != 1:
             ops.scale_(delta, self.delta_normalizer)
-        return cost, delta
+
+    def _truth_numbers(self, loss):
+        """The TruthLoss of `loss` (its kind, input size) and this layer's keys."""
+        alexeyab = isinstance(loss, AlexeyabYoloLoss)
+        keys = {key: getattr(self, key) for key in TruthLoss.KEYS if alexeyab and hasattr(self, key)}
+        return TruthLoss("alexeyab" if alexeyab else "pjreddie", self.mask_anchors, self.classes,
+                         loss.net_w, loss.net_h, self.new_coords, **keys)
 
     def _first_rows(self, ops, truth, rows):
         batch = len(truth)
@@ -275,10 +318,16 @@ class YoloLayer(Layer):
         predictions past truth_thresh; only the cells they touch cross the bus."""
         rows = truth_rows(ops, truths, self.max_boxes)
         state = self._dense_loss(ops, ops.asarray(rows.reshape(len(rows), -1)), loss)
-        return self._truth_loss(ops, TruthPlan(self, loss, rows, state[1].shape), *state)
+        plan = TruthPlan(self, loss, rows, state[1].shape)
+        if self.truth_on_device:
+            statistics = ops.apply_truth_events_(state[2], state[1], state[5],
+                                                 ops.int_array(plan.packed),
+                                                 self._truth_numbers(loss))
+            return loss.cost_of(ops.float64_values(statistics)), state[2]
+        return self._truth_loss(ops, plan, *state)
 
     def _dense_loss(self, ops, truths, loss):
-        """Backend operations only: (loss, output, delta, best, index). The output is the one
+        """Backend operations only: (loss, output, delta, best, index, truths). The output is the one
         this forward made: a recorded iteration's replays refill it, while `self.output` may
         meanwhile be another forward's (an evaluation's)."""
         output, entries = self.output, self.entries
@@ -292,10 +341,11 @@ class YoloLayer(Layer):
                               self.ignore_thresh, loss.smooth)
         if self.truth_thresh < 1 and loss.class_gate is not None:
             best, index = overlap(None)  # truth_thresh compares the IoU without the gate
-        return loss, output, delta, best, index
+        return loss, output, delta, best, index, truths
 
-    def _truth_loss(self, ops, plan, loss, output, delta, best, index):
-        """The events on the host, on the cells they touch: (cost, delta). The cost is read
+    def _truth_loss(self, ops, plan, loss, output, delta, best, index, truths):
+        """The events on the host (truth_thresh < 1), on the cells they touch: (cost, delta).
+        The cost is read
         before the events' deltas are scattered (the dense part's sum of squares, less the
         touched cells', plus their new deltas'), so nothing waits for the scatter."""
         entries = self.entries
@@ -322,16 +372,22 @@ class YoloLayer(Layer):
 
 
 class TruthPlan:
-    """What a [yolo] loss's host part needs from the truth alone: the rows, the truths' events
+    """What a [yolo] loss's truth part needs from the truth alone: the rows, the truths' events
     (`loss.truth_events`) and, unless truth_thresh adds events the predictions decide, the cells
-    they touch (CellRounds) for an output of `shape` (B, A*E, H, W)."""
+    they touch (CellRounds) for an output of `shape` (B, A*E, H, W), and those packed for
+    apply_truth_events_ (`packed`, engine/backends/yolo_truths.py; its capacity fixed by the
+    shapes: images * rows * mask anchors)."""
 
     def __init__(self, layer, loss, rows, shape):
         b, _, h, w = (int(v) for v in shape)
         self.rows = rows
         self.events = loss.truth_events(rows, (h, w))
-        self.cells = CellRounds(self.events, (b, len(layer.mask), h, w)) \
-            if layer.truth_thresh >= 1 else None
+        self.cells = self.packed = None
+        if layer.truth_thresh >= 1:
+            cells = (b, len(layer.mask), h, w)
+            self.cells = CellRounds(self.events, cells)
+            self.packed = pack_plan(self.events.row, self.cells, cells,
+                                    plan_capacity(b, rows.shape[1], len(layer.mask)))
 
 
 class PjreddieYoloLoss:
@@ -395,3 +451,7 @@ class PjreddieYoloLoss:
     def cost(self, squares, dlt):
         """Darknet's cost: the sum of squared deltas (`squares`)."""
         return squares
+
+    def cost_of(self, statistics):
+        """The cost from apply_truth_events_'s statistics: the sum of squared deltas."""
+        return float(statistics[0])

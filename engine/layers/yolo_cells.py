@@ -92,6 +92,15 @@ class CellRounds:
         self.round = np.empty(len(keys), np.int64)
         self.round[order] = np.arange(len(keys)) - first
 
+    @classmethod
+    def of_sorted(cls, cells, cell, first):
+        """The rounds of events listed cell by cell (a plan's, engine.backends.yolo_truths):
+        `cells` (U, 4), each event's `cell`, each cell's `first` event."""
+        rounds = cls.__new__(cls)
+        rounds.cells, rounds.cell = cells, cell
+        rounds.round = np.arange(len(cell)) - np.asarray(first, np.int64)[cell]
+        return rounds
+
     def rounds(self):
         """The indexes of the events of each round, in order."""
         for r in range(int(self.round.max(initial=-1)) + 1):
