@@ -5,6 +5,8 @@
 // AlexeyabYoloLoss), then averages_yolo_deltas; events on different cells never interact. The
 // cell's delta row is kept in float (as the host code's gathered rows), the arithmetic in double
 // where the numpy code computes in float64, in float where it computes in float32.
+#include <cfloat>
+
 #include "storage.cuh"
 
 #define MSE 0
@@ -149,7 +151,8 @@ __device__ void alexeyab_box(const double *x, const float *t, int i, int j, floa
     for (int k = 0; k < 4; ++k) {
         double v = delta[k] * normalizer;
         if (!isfinite(v)) v = 0.0;
-        delta[k] = fmin(fmax(v, -max_delta), max_delta);
+        if (max_delta != (double)FLT_MAX) v = fmin(fmax(v, -max_delta), max_delta);
+        delta[k] = v;
     }
 }
 
