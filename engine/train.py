@@ -191,8 +191,9 @@ class CapturedSteps(EagerSteps):
 
 
 class SplitCapturedSteps(CapturedSteps):
-    """Recorded iterations for losses with a part on the host ([yolo]: its truths are handled in
-    numpy, engine/layers/yolo.py), where a batch is one pass: two recordings, the forward with
+    """Recorded iterations for losses with a part on the host ([yolo] heads with truth_thresh <
+    1: predictions past it add events, handled in numpy, engine/layers/yolo.py), where a batch
+    is one pass: two recordings, the forward with
     each loss's backend part (device_cost), and the backward with the update; between their
     replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies,
     its share that needs the truth alone (plan_cost) while the forward's replay runs.
@@ -256,7 +257,7 @@ class PlannedCapturedSteps(CapturedSteps):
     the cost comes from each head's statistics (truth_cost)."""
 
     def _record(self, images, truth, plans):
-        net, ops = self.net, self.net.ops
+        ops = self.net.ops
         self.images, self.truth = ops.asarray(images), ops.asarray(truth)
         self.plans = [ops.int_array(plan.packed) for plan in plans]
         try:

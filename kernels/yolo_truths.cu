@@ -1,8 +1,8 @@
 // The [yolo] losses' truth part on the device (engine/backends/operations.py:
 // apply_truth_events_; the plan's layout in engine/backends/yolo_truths.py). One thread per
 // touched cell applies that cell's events one after the other, as the numpy code's rounds do
-// (engine/layers/yolo.py: PjreddieYoloLoss, engine/layers/alexeyab_yolo_loss.py:
-// AlexeyabYoloLoss), then averages_yolo_deltas; events on different cells never interact. The
+// (engine/backends/yolo_truths.py: PjreddieTruthDeltas, AlexeyabTruthDeltas), then
+// averages_yolo_deltas; events on different cells never interact. The
 // cell's delta row is kept in float (as the host code's gathered rows), the arithmetic in double
 // where the numpy code computes in float64, in float where it computes in float32.
 #include <cfloat>
@@ -15,6 +15,7 @@
 #define DIOU 3
 #define CIOU 4
 #define PI 3.141592653589793
+#define CIOU_EPSILON (1.0 / 1000000)  // box.c's 0.000001 in dx_box_iou's CIoU term
 
 // numpy's minimum and maximum: a NaN operand gives NaN
 __device__ double np_min(double a, double b) { return (a != a || b != b) ? a + b : fmin(a, b); }
@@ -31,7 +32,7 @@ __device__ double iou_or_zero(double ax, double ay, double aw, double ah, double
     return (inter == 0 || uni == 0) ? 0.0 : inter / uni;
 }
 
-// alexeyab_yolo_loss.box_iou_kind(a, b, "giou")
+// engine.boxes.box_iou_kind(a, b, "giou")
 __device__ double giou_of(double ax, double ay, double aw, double ah, double bx, double by,
                           double bw, double bh)
 {
@@ -46,7 +47,7 @@ __device__ double giou_of(double ax, double ay, double aw, double ah, double bx,
     return c == 0 ? iou : iou - (c - inter_union) / c;
 }
 
-// alexeyab_yolo_loss.dx_box_iou (AlexeyAB's box.c): d = (dx, dy, dw, dh) for iou_loss `kind`
+// engine.boxes.dx_box_iou (AlexeyAB's box.c): d = (dx, dy, dw, dh) for iou_loss `kind`
 __device__ void dx_box_iou(double px, double py, double pw, double ph, double tx, double ty,
                            double tw, double th, int kind, double *d)
 {
@@ -95,7 +96,7 @@ __device__ void dx_box_iou(double px, double py, double pw, double ph, double tx
     if (kind == CIOU) {
         double atan_diff = atan(tw / th) - atan(pw / ph);
         double ar_loss = 4 / (PI * PI) * atan_diff * atan_diff;
-        double alpha = U != 0 ? ar_loss / (1 - I / U + ar_loss + 0.000001) : nan("");
+        double alpha = U != 0 ? ar_loss / (1 - I / U + ar_loss + CIOU_EPSILON) : nan("");
         alpha_dw = alpha * 8 / (PI * PI) * atan_diff * ph;
         alpha_dh = alpha * -8 / (PI * PI) * atan_diff * pw;
     }
@@ -108,7 +109,7 @@ __device__ void dx_box_iou(double px, double py, double pw, double ph, double tx
     for (int k = 0; k < 4; ++k) d[k] = apart ? dd[k] : (C > 0 ? d[k] + dd[k] : d[k]);
 }
 
-// AlexeyabYoloLoss.box_deltas for one event: what it adds to its cell's box delta, and the IoU
+// AlexeyabTruthDeltas.box_deltas for one event: what it adds to its cell's box delta, and the IoU
 // and GIoU of prediction x (the cell's raw x, y, w, h) and truth t. The prediction's size is
 // float, as get_yolo_box computes it with a float anchor.
 __device__ void alexeyab_box(const double *x, const float *t, int i, int j, float aw, float ah,
@@ -161,7 +162,7 @@ __device__ double smoothed(double target, double eps)
     return eps != 0 ? target * (1 - eps) + 0.5 * eps : target;
 }
 
-// AlexeyabYoloLoss.class_delta on one cell: d its class entries, scores the output's (a plane
+// AlexeyabTruthDeltas.class_delta on one cell: d its class entries, scores the output's (a plane
 // apart), cls the truth's class
 __device__ void alexeyab_class(float *d, const act_t *scores, size_t plane, int cls, int classes,
                                double eps, int focal, const double *multipliers,

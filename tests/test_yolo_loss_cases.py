@@ -324,7 +324,7 @@ def test_gpu_truth_events_equal_the_numpy_ones(tmp_path, cfg, head):
     state = layer.device_cost(cpu, cpu.asarray(truth))
     loss, _, dense, _, _, truths = state
     plan = layer.plan_cost(cpu, truth, state).packed
-    numbers = layer._truth_numbers(loss)
+    numbers = loss.numbers
     gpu_delta = gpu.asarray(dense)
     gpu_statistics = gpu.float64_values(gpu.apply_truth_events_(
         gpu_delta, gpu.asarray(output), gpu.asarray(truths), gpu.int_array(plan), numbers))

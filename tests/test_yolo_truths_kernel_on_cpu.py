@@ -88,7 +88,7 @@ def check(library, layer, output, truth):
     state = layer.device_cost(ops, ops.asarray(truth))
     loss, _, dense, _, _, truths = state
     plan = layer.plan_cost(ops, truth, state).packed
-    numbers = layer._truth_numbers(loss)
+    numbers = loss.numbers
     delta, statistics = run_kernel(library, dense.copy(), output, truths, plan, numbers)
     expected = ops.apply_truth_events_(dense, output, truths, plan, numbers)
     assert expected[4] > 0

@@ -355,10 +355,10 @@ class Operations(ABC):
         (an array (B, T*5) of rows (x, y, w, h, class), image b's for cell (b, a, j, i)) learnt
         by the cell's anchor a (size loss.anchors[a]); then, with AlexeyAB's loss and
         loss.iou_thresh < 1, averages_yolo_deltas on those cells. `loss` is a TruthLoss (the
-        loss's numbers). The event and its delta are PjreddieYoloLoss.apply's (engine/layers/
-        yolo.py) or AlexeyabYoloLoss.start / apply / class_delta / finish's (engine/layers/
-        alexeyab_yolo_loss.py; every key TruthLoss holds): the cell's delta row computed in
-        float32 values, with float64 arithmetic where those compute in float64. Returns a new
+        loss's numbers). The event and its delta are PjreddieTruthDeltas' or
+        AlexeyabTruthDeltas' (yolo_truths.py: start / apply / class_delta / finish; every key
+        TruthLoss holds): the cell's delta row computed in float32 values, with float64
+        arithmetic where those compute in float64. Returns a new
         float64 array of the statistics yolo_truths.STATISTICS names (float64_values reads
         it), accumulated on the backend: a recording holds it, and each replay refreshes it."""
 
