@@ -253,8 +253,10 @@ class PlannedCapturedSteps(CapturedSteps):
     backend (YoloLayer.truth_on_device), where a batch is one pass: one recording per iteration,
     as CapturedSteps. Before each replay each head's plan (which cells its truths' events touch:
     YoloLayer.truth_plan) is made on the host from the host truth, while the images cross the
-    bus, and copied into the recording's fixed buffer with the images and the truth; after it
-    the cost comes from each head's statistics (truth_cost)."""
+    bus, and copied into the recording's fixed buffer with the images and the truth. The cost
+    comes from each head's statistics (truth_cost), read as soon as the replay has computed them
+    (ops.host_reader): the replay's backward and update still run while the next batch is
+    fetched and starts crossing the bus."""
 
     def _record(self, images, truth, plans):
         ops = self.net.ops
@@ -266,8 +268,9 @@ class PlannedCapturedSteps(CapturedSteps):
             self._without_recordings(error)
 
     def _step(self):
-        """The recorded iteration; `states` and `statistics` are the recording's buffers (each
-        replay refreshes them; the numpy stand-in in the tests reruns this instead)."""
+        """The recorded iteration; `states` and `statistics` (readers of the heads' statistics)
+        are the recording's (each replay refreshes them; the numpy stand-in in the tests reruns
+        this instead)."""
         net, ops = self.net, self.net.ops
         net.forward(self.images, train=True)
         seeds, self.states, self.statistics = {}, [], []
@@ -275,7 +278,7 @@ class PlannedCapturedSteps(CapturedSteps):
             state = layer.device_cost(ops, self.truth)
             statistics, seeds[layer.index] = layer.device_truth_cost(ops, state, plan)
             self.states.append(state)
-            self.statistics.append(statistics)
+            self.statistics.append(ops.host_reader(statistics))
         net.backward(seeds)
         self.group.allreduce_updates(net)
         net.update(0.0)  # the recorded update reads each replay's rate from the device
@@ -294,7 +297,7 @@ class PlannedCapturedSteps(CapturedSteps):
         for buffer, plan in zip(self.plans, plans):
             ops.set_(buffer, plan.packed)
         self.recording.replay(rate)
-        costs = [layer.truth_cost(state, ops.float64_values(statistics))
+        costs = [layer.truth_cost(state, statistics.values())
                  for layer, state, statistics in zip(net.cost_layers, self.states,
                                                      self.statistics)]
         return costs[0] if len(costs) == 1 else sum(costs) / len(costs)  # as Network.train_step

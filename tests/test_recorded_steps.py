@@ -223,6 +223,34 @@ class FakeDriver:
         self.launched += 1
         return (0,)
 
+    # events (graph.HostReader)
+    class CUevent_flags:
+        CU_EVENT_DISABLE_TIMING = 2
+
+    class CUevent_record_flags:
+        CU_EVENT_RECORD_EXTERNAL = 1
+
+    events = []
+
+    def cuEventCreate(self, flags):
+        self.events.append(["event", flags])
+        return (0, self.events[-1])
+
+    def cuEventRecord(self, event, stream):
+        event.append(("record", stream))
+        return (0,)
+
+    def cuEventRecordWithFlags(self, event, stream, flags):
+        event.append(("record", stream, flags))
+        return (0,)
+
+    def cuEventSynchronize(self, event):
+        event.append("synchronize")
+        return (0,)
+
+    def cuEventDestroy(self, event):
+        return (0,)
+
 
 def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     driver = FakeDriver()
@@ -236,6 +264,26 @@ def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     (_, first), (_, second) = ops.cuda.copies[-2:]
     assert first[0] == np.float32(0.5).view(np.uint32)
     assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
+
+
+def test_host_reader_waits_for_its_point_only(fake_gpu, monkeypatch):
+    """A reader copies its array into page-locked memory and records an event after the copy,
+    in a recording an external event node (the plain record is for eager work); values()
+    synchronises on that event alone, and returns the copy in float64."""
+    driver = FakeDriver()
+    monkeypatch.setattr(cuda_graph, "cuda_driver", lambda: driver)
+    ops = fake_gpu
+    statistics = FakeArray((5,), np.float64)
+    synchronized = ops.stream.synchronized
+    eager = ops.host_reader(statistics)
+    with ops.recording():
+        recorded = ops.host_reader(statistics)
+    assert eager.event[1] == recorded.event[1] == 2  # no timing
+    assert eager.event[2] == ("record", ("stream", 77))
+    assert recorded.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
+    values = recorded.values()
+    assert recorded.event[-1] == "synchronize" and ops.stream.synchronized == synchronized
+    assert values.dtype == np.float64 and list(values) == [2.5] * 5
 
 
 YOLO_BODY = """

@@ -302,3 +302,18 @@ def test_apply_truth_events(ops, rng, kind, average):
     np.testing.assert_array_equal(ops.to_host(again), delta)
     assert list(statistics[1:]) == [0, 0, 0, 0]
     assert statistics[0] == pytest.approx(float((delta.astype(np.float64) ** 2).sum()), rel=1e-6)
+
+
+def test_host_reader(ops):
+    """A reader of apply_truth_events_'s statistics (an empty plan: the delta's squares alone)
+    gives what float64_values gives, in float64."""
+    from engine.backends.yolo_truths import TruthLoss
+
+    statistics = ops.apply_truth_events_(
+        ops.asarray(np.full((1, 6, 1, 1), 0.5, np.float32)), ops.zeros((1, 6, 1, 1)),
+        ops.asarray(np.zeros((1, 5), np.float32)), ops.int_array(np.zeros(6, np.int32)),
+        TruthLoss("pjreddie", [[1, 1]], 1, 8, 8, False))
+    values = ops.host_reader(statistics).values()
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, ops.float64_values(statistics))
+    np.testing.assert_array_equal(values, [6 * 0.25, 0, 0, 0, 0])

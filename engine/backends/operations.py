@@ -372,6 +372,13 @@ class Operations(ABC):
         """The values of a float64 array an operation made (apply_truth_events_'s statistics)
         as a host float64 numpy array, once the backend's work so far is finished."""
 
+    @abstractmethod
+    def host_reader(self, array):
+        """A reader of a small array's values as they are at this point of the work issued (in
+        a recording: at this point of each replay): its values() returns them as a host float64
+        numpy array as soon as that point is passed, without waiting for the work issued after
+        it (a recorded iteration's cost is read while its backward runs)."""
+
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,

@@ -970,6 +970,11 @@ class CudaBackend(Operations):
         self.stream.synchronize()
         return host
 
+    def host_reader(self, array):
+        from .graph import HostReader
+
+        return HostReader(self, array)
+
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
                    loss_scale=None):
