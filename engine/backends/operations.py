@@ -377,7 +377,9 @@ class Operations(ABC):
         """A reader of a small array's values as they are at this point of the work issued (in
         a recording: at this point of each replay): its values() returns them as a host float64
         numpy array as soon as that point is passed, without waiting for the work issued after
-        it (a recorded iteration's cost is read while its backward runs)."""
+        it (a recorded iteration's cost is read while its backward runs). Unlike to_host_async
+        (eager work, float32, a read per call), one reader serves every replay of the recording
+        it was made in."""
 
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
