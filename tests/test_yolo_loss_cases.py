@@ -333,3 +333,33 @@ def test_gpu_truth_events_equal_the_numpy_ones(tmp_path, cfg, head):
     gpu_delta = gpu.to_host(gpu_delta)
     assert np.abs(gpu_delta - dense).max() <= 1e-4 * np.abs(dense).max()
     np.testing.assert_allclose(gpu_statistics, statistics, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", [0, 1])
+def test_gpu_truth_events_in_fp16(tmp_path, head):
+    """yolov4-tiny's heads with the output and delta stored in fp16 (fp16 training): the CUDA
+    apply_truth_events_ against the numpy one on the same fp16 values, the deltas to 4e-3 of
+    the largest (the result is rounded to fp16: within 2^-11 of it), the statistics to 2e-3."""
+    from engine.backends.cuda import CudaBackend
+
+    layer, output, truth = cfg_head_case(tmp_path, "yolov4-tiny.cfg", head)
+    output = output.astype(np.float16).astype(np.float32)
+    cpu, gpu = NumpyBackend(), CudaBackend(device=0, seed=0, precision="fp16")
+    layer.output = output
+    state = layer.device_cost(cpu, cpu.asarray(truth))
+    loss, _, dense, _, _, truths = state
+    dense[...] = dense.astype(np.float16)
+    plan = layer.plan_cost(cpu, truth, state).packed
+
+    def stored(values):  # an fp16 device array, as the fp16 backend's activations are
+        return gpu._as_type(gpu.asarray(values), gpu.dtype)
+    gpu_delta = stored(dense)
+    assert gpu_delta.dtype == np.float16
+    gpu_statistics = gpu.float64_values(gpu.apply_truth_events_(
+        gpu_delta, stored(output), gpu.asarray(truths), gpu.int_array(plan), loss.numbers))
+    statistics = cpu.float64_values(cpu.apply_truth_events_(dense, output, truths,
+                                                            cpu.int_array(plan), loss.numbers))
+    gpu_delta = gpu.to_host(gpu_delta)
+    assert np.abs(gpu_delta - dense).max() <= 4e-3 * np.abs(dense).max()
+    np.testing.assert_allclose(gpu_statistics, statistics, rtol=2e-3)
