@@ -10,9 +10,11 @@ head gets a random input (normal, sd 2) through its forward and the benchmark's 
 written cfg asks for: AlexeyAB's, since training_cfg adds [net] mosaic=0, which only AlexeyAB's
 fork reads; --darknet pjreddie picks pjreddie's for the yolov3 cfgs. Printed per head, the best of
 --repeats calls, in ms: `cost`, the whole call, synchronised; `host`, what of it is spent outside
-the backend's operations (building the truth events and computing their deltas with numpy:
-what stays on the host whatever the backend); and the time in the operations, by name (on a GPU
-an operation that copies to the host also waits there for the kernels before it).
+the backend's operations (the truth events and their plan, made on the host whatever the
+backend; and with truth_thresh < 1 their deltas, computed with numpy); and the time in the
+operations, by name (on a GPU an operation that copies to the host also waits there for the
+kernels before it; an operation's time includes that of the operations it calls, as the numpy
+apply_truth_events_ calls gather_cells).
 """
 
 import argparse
@@ -32,8 +34,9 @@ from detection_benchmark import synthetic_truth, training_cfg  # noqa: E402
 from engine import Network  # noqa: E402
 from engine.backends import get_backend  # noqa: E402
 
-OPERATIONS = ("truth_overlap", "objectness_delta_", "gather_cells", "scatter_cells_",
-              "sum_of_squares", "zeros", "to_host", "asarray", "scale_")
+OPERATIONS = ("truth_overlap", "objectness_delta_", "apply_truth_events_", "gather_cells",
+              "scatter_cells_", "sum_of_squares", "int_array", "float64_values", "zeros",
+              "to_host", "asarray", "scale_")
 
 
 class TimedOperations:
@@ -42,14 +45,23 @@ class TimedOperations:
     def __init__(self, ops):
         self.names = [name for name in OPERATIONS if hasattr(ops, name)]
         self.spent = dict.fromkeys(self.names, 0.0)
+        self.outermost = 0.0  # in operations not called by another: what `host` leaves out
+        self.depth = 0
         for name in self.names:
             setattr(ops, name, self._timed(name, getattr(ops, name)))
 
     def _timed(self, name, operation):
         def timed(*args, **kwargs):
             start = time.perf_counter()
-            result = operation(*args, **kwargs)
-            self.spent[name] += time.perf_counter() - start
+            self.depth += 1
+            try:
+                result = operation(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            spent = time.perf_counter() - start
+            self.spent[name] += spent
+            if not self.depth:
+                self.outermost += spent
             return result
         return timed
 
@@ -61,12 +73,13 @@ def head_times(ops, layer, truth, repeats):
     best = {}
     for _ in range(repeats):
         timer.spent = dict.fromkeys(timer.names, 0.0)
+        timer.outermost = 0.0
         ops.synchronize()
         start = time.perf_counter()
         layer.cost(ops, truth)
         ops.synchronize()
         total = time.perf_counter() - start
-        figures = {"cost": total, "host": total - sum(timer.spent.values())}
+        figures = {"cost": total, "host": total - timer.outermost}
         figures.update((name, spent) for name, spent in timer.spent.items() if spent)
         for key, value in figures.items():
             best[key] = min(best.get(key, value), value)

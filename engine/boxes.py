@@ -124,3 +124,114 @@ def box_diou(a, b, beta):
     with np.errstate(divide="ignore", invalid="ignore"):
         penalty = np.where(c > 0, np.power(np.where(c > 0, d / c, 0), beta), 0)
     return iou - penalty
+
+
+# ---- AlexeyAB's box.c on boxes in float64 (its [yolo] loss: engine.layers.alexeyab_yolo_loss,
+# engine.backends.yolo_truths) -----------------------------------------------------------------
+class Box:
+    """Boxes (centre x, y and size w, h) as float64 numbers or arrays that broadcast: the
+    functions below compute on all of them at once, as box.c does on one."""
+    __slots__ = ("x", "y", "w", "h")
+
+    def __init__(self, x, y, w, h):
+        self.x, self.y, self.w, self.h = (np.asarray(v, dtype=np.float64) for v in (x, y, w, h))
+
+
+def boxes_iou(a, b):
+    """iou_or_zero of Boxes a and b."""
+    return iou_or_zero(a.x, a.y, a.w, a.h, b.x, b.y, b.w, b.h)
+
+
+def _overlap(x1, w1, x2, w2):
+    return np.minimum(x1 + w1 / 2, x2 + w2 / 2) - np.maximum(x1 - w1 / 2, x2 - w2 / 2)
+
+
+def _enclosing(a, b):
+    top = np.minimum(a.y - a.h / 2, b.y - b.h / 2)
+    bottom = np.maximum(a.y + a.h / 2, b.y + b.h / 2)
+    left = np.minimum(a.x - a.w / 2, b.x - b.w / 2)
+    right = np.maximum(a.x + a.w / 2, b.x + b.w / 2)
+    return right - left, bottom - top
+
+
+def iou_intersection(a, b):
+    w, h = _overlap(a.x, a.w, b.x, b.w), _overlap(a.y, a.h, b.y, b.h)
+    return np.where((w < 0) | (h < 0), 0.0, w * h)
+
+
+def box_iou_kind(a, b, kind):
+    """box_iou / box_giou / box_diou / box_ciou of AlexeyAB's box.c."""
+    iou = boxes_iou(a, b)
+    if kind == "iou":
+        return iou
+    cw, ch = _enclosing(a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "giou":
+            c = cw * ch
+            inter_union = a.w * a.h + b.w * b.h - iou_intersection(a, b)
+            return np.where(c == 0, iou, iou - (c - inter_union) / c)
+        c = cw * cw + ch * ch
+        d = (a.x - b.x) ** 2 + (a.y - b.y) ** 2
+        if kind == "diou":
+            return np.where(c == 0, iou, iou - (d / c) ** 0.6)
+        ar = 4 / np.pi ** 2 * (np.arctan(b.w / b.h) - np.arctan(a.w / a.h)) ** 2
+        alpha = ar / (1 - iou + ar + 0.000001)
+        return np.where(c == 0, iou, iou - (d / c + alpha * ar))
+
+
+def dx_box_iou(pred, truth, kind):
+    """AlexeyAB's dx_box_iou: (dx, dy, dw, dh) for iou_loss `kind` (iou, giou, diou, ciou)."""
+    pt = np.minimum(pred.y - pred.h / 2, pred.y + pred.h / 2)
+    pb = np.maximum(pred.y - pred.h / 2, pred.y + pred.h / 2)
+    pl = np.minimum(pred.x - pred.w / 2, pred.x + pred.w / 2)
+    pr = np.maximum(pred.x - pred.w / 2, pred.x + pred.w / 2)
+    tt, tb = truth.y - truth.h / 2, truth.y + truth.h / 2
+    tl, tr = truth.x - truth.w / 2, truth.x + truth.w / 2
+    X = (pb - pt) * (pr - pl)
+    Xhat = (tb - tt) * (tr - tl)
+    Ih = np.minimum(pb, tb) - np.maximum(pt, tt)
+    Iw = np.minimum(pr, tr) - np.maximum(pl, tl)
+    I = Iw * Ih  # not clamped at 0, as in the C
+    U = X + Xhat - I
+    S = (pred.x - truth.x) ** 2 + (pred.y - truth.y) ** 2
+    gCw = np.maximum(pr, tr) - np.minimum(pl, tl)
+    gCh = np.maximum(pb, tb) - np.minimum(pt, tt)
+    gC = gCw * gCh
+    dX = {"t": -(pr - pl), "b": pr - pl, "l": -(pb - pt), "r": pb - pt}
+    dI = {"t": np.where(pt > tt, -Iw, 0.0), "b": np.where(pb < tb, Iw, 0.0),
+          "l": np.where(pl > tl, -Ih, 0.0), "r": np.where(pr < tr, Ih, 0.0)}
+    dU = {k: dX[k] - dI[k] for k in dX}
+    dC = {"t": np.where(pt < tt, -gCw, 0.0), "b": np.where(pb > tb, gCw, 0.0),
+          "l": np.where(pl < tl, -gCh, 0.0), "r": np.where(pr > tr, gCh, 0.0)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = {k: np.where(U > 0, ((U * dI[k]) - (I * dU[k])) / (U * U), 0.0) for k in dX}
+        # (pred top < bottom and left < right always hold for w, h >= 0, so no corner swap)
+        if kind == "giou":
+            g = {k: np.where(gC != 0, ((gC * dU[k]) - (U * dC[k])) / (gC * gC), np.nan) for k in dX}
+            apart = (Iw <= 0) | (Ih <= 0)
+            p = {k: np.where(apart, g[k], np.where(gC > 0, p[k] + g[k], p[k])) for k in dX}
+        Cw, Ch = _enclosing(pred, truth)
+        C = Cw * Cw + Ch * Ch
+        dCw_dx = np.where(pr > tr, 1.0, 0.0) - np.where(pl < tl, 1.0, 0.0)
+        dCw_dw = np.where(pr > tr, 0.5, 0.0) - np.where(pl < tl, -0.5, 0.0)
+        dCh_dy = np.where(pb > tb, 1.0, 0.0) - np.where(pt < tt, 1.0, 0.0)
+        dCh_dh = np.where(pb > tb, 0.5, 0.0) - np.where(pt < tt, -0.5, 0.0)
+        dx, dy = p["l"] + p["r"], p["t"] + p["b"]
+        dw, dh = p["r"] - p["l"], p["b"] - p["t"]
+        if kind not in ("diou", "ciou"):
+            return dx, dy, dw, dh
+        alpha_dw = alpha_dh = 0.0
+        if kind == "ciou":
+            atan_diff = np.arctan(truth.w / truth.h) - np.arctan(pred.w / pred.h)
+            ar_loss = 4 / np.pi ** 2 * atan_diff * atan_diff
+            alpha = np.where(U != 0, ar_loss / (1 - I / U + ar_loss + 0.000001), np.nan)
+            alpha_dw = alpha * 8 / np.pi ** 2 * atan_diff * pred.h
+            alpha_dh = alpha * -8 / np.pi ** 2 * atan_diff * pred.w
+        spread, CC = C != 0, C * C
+        ddx = np.where(spread, (2 * (truth.x - pred.x) * C - (2 * Cw * dCw_dx) * S) / CC, np.nan)
+        ddy = np.where(spread, (2 * (truth.y - pred.y) * C - (2 * Ch * dCh_dy) * S) / CC, np.nan)
+        ddw = np.where(spread, (2 * Cw * dCw_dw) * S / CC + alpha_dw, np.nan)
+        ddh = np.where(spread, (2 * Ch * dCh_dh) * S / CC + alpha_dh, np.nan)
+        apart = (Iw <= 0) | (Ih <= 0)
+        return tuple(np.where(apart, dd, np.where(C > 0, d + dd, d))
+                     for d, dd in ((dx, ddx), (dy, ddy), (dw, ddw), (dh, ddh)))

@@ -191,8 +191,9 @@ class CapturedSteps(EagerSteps):
 
 
 class SplitCapturedSteps(CapturedSteps):
-    """Recorded iterations for losses with a part on the host ([yolo]: its truths are handled in
-    numpy, engine/layers/yolo.py), where a batch is one pass: two recordings, the forward with
+    """Recorded iterations for losses with a part on the host ([yolo] heads with truth_thresh <
+    1: predictions past it add events, handled in numpy, engine/layers/yolo.py), where a batch
+    is one pass: two recordings, the forward with
     each loss's backend part (device_cost), and the backward with the update; between their
     replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies,
     its share that needs the truth alone (plan_cost) while the forward's replay runs.
@@ -247,14 +248,73 @@ class SplitCapturedSteps(CapturedSteps):
         return cost
 
 
+class PlannedCapturedSteps(CapturedSteps):
+    """Recorded iterations of a detector whose every [yolo] head applies its truths on the
+    backend (YoloLayer.truth_on_device), where a batch is one pass: one recording per iteration,
+    as CapturedSteps. Before each replay each head's plan (which cells its truths' events touch:
+    YoloLayer.truth_plan) is made on the host from the host truth, while the images cross the
+    bus, and copied into the recording's fixed buffer with the images and the truth. The cost
+    comes from each head's statistics (truth_cost), read as soon as the replay has computed them
+    (ops.host_reader): the replay's backward and update still run while the next batch is
+    fetched and starts crossing the bus."""
+
+    def _record(self, images, truth, plans):
+        ops = self.net.ops
+        self.images, self.truth = ops.asarray(images), ops.asarray(truth)
+        self.plans = [ops.int_array(plan.packed) for plan in plans]
+        try:
+            self.recording = ops.capture(self._step)
+        except BackendError as error:
+            self._without_recordings(error)
+
+    def _step(self):
+        """The recorded iteration; `states` and `statistics` (readers of the heads' statistics)
+        are the recording's (each replay refreshes them; the numpy stand-in in the tests reruns
+        this instead)."""
+        net, ops = self.net, self.net.ops
+        net.forward(self.images, train=True)
+        seeds, self.states, self.statistics = {}, [], []
+        for layer, plan in zip(net.cost_layers, self.plans):
+            state = layer.device_cost(ops, self.truth)
+            statistics, seeds[layer.index] = layer.device_truth_cost(ops, state, plan)
+            self.states.append(state)
+            self.statistics.append(ops.host_reader(statistics))
+        net.backward(seeds)
+        self.group.allreduce_updates(net)
+        net.update(0.0)  # the recorded update reads each replay's rate from the device
+
+    def _replay(self, images, truth, rate):
+        net, ops = self.net, self.net.ops
+        if self.recording is None:
+            plans = [layer.truth_plan(ops, truth, len(images)) for layer in net.cost_layers]
+            self._record(images, truth, plans)
+            if self.recording is None:
+                return run_eagerly(net, images, truth, rate, self.group)
+        else:
+            ops.set_(self.images, images, early=True)  # overlaps the last backward and the plans
+            plans = [layer.truth_plan(ops, truth, len(images)) for layer in net.cost_layers]
+            ops.set_(self.truth, truth)
+        for buffer, plan in zip(self.plans, plans):
+            ops.set_(buffer, plan.packed)
+        self.recording.replay(rate)
+        costs = [layer.truth_cost(state, statistics.values())
+                 for layer, state, statistics in zip(net.cost_layers, self.states,
+                                                     self.statistics)]
+        return costs[0] if len(costs) == 1 else sum(costs) / len(costs)  # as Network.train_step
+
+
 def iteration_runner(net, group):
     """Where the backend can record iterations and a batch is one pass: CapturedSteps when
-    every loss runs on the device, SplitCapturedSteps when a loss has a host part it can split
-    off (device_cost / finish_cost: the [yolo] losses); else EagerSteps."""
+    every loss runs on the device, PlannedCapturedSteps when every loss is a [yolo] head whose
+    truth part runs on the backend from a plan made on the host (truth_on_device),
+    SplitCapturedSteps when a loss has a host part it can split off (device_cost /
+    finish_cost: [yolo] heads with truth_thresh < 1); else EagerSteps."""
     if net.ops.can_record and net.options.subdivisions == 1:
         losses = net.cost_layers
         if not any(getattr(layer, "host_cost", False) for layer in losses):
             return CapturedSteps(net, group)
+        if all(getattr(layer, "truth_on_device", False) for layer in losses):
+            return PlannedCapturedSteps(net, group)
         if all(hasattr(layer, "device_cost") for layer in losses):
             return SplitCapturedSteps(net, group)
     return EagerSteps(net, group)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from engine.layers import alexeyab_yolo_loss as ayl
+from engine import boxes as box_c  # AlexeyAB's box.c (Box, box_iou_kind, dx_box_iou)
 from engine.network import Network
 from engine.train import train
 from engine.data import DataConfig
@@ -86,9 +86,9 @@ def test_iou_loss_derivatives_against_finite_differences(kind, pred):
     """dx_box_iou for iou and giou on overlapping boxes is the gradient of IoU / GIoU w.r.t. the
     box centre, and twice it w.r.t. width and height (AlexeyAB: 'we do not divide by 2');
     float64 central differences of box_iou_kind, a separate function of the C."""
-    truth = ayl.Box(0.5, 0.5, 0.28, 0.3)
-    f = lambda v: ayl.box_iou_kind(ayl.Box(*v), truth, kind)
-    dx, dy, dw, dh = ayl.dx_box_iou(ayl.Box(*pred), truth, kind)
+    truth = box_c.Box(0.5, 0.5, 0.28, 0.3)
+    f = lambda v: box_c.box_iou_kind(box_c.Box(*v), truth, kind)
+    dx, dy, dw, dh = box_c.dx_box_iou(box_c.Box(*pred), truth, kind)
     assert dx == pytest.approx(_numeric(f, pred, 0), abs=1e-6)
     assert dy == pytest.approx(_numeric(f, pred, 1), abs=1e-6)
     assert dw == pytest.approx(2 * _numeric(f, pred, 2), abs=1e-6)
@@ -101,15 +101,15 @@ def test_diou_derivative_inside_the_truth():
     iou_thresh_kind=diou compares) for x, y, twice IoU's for w, h. Elsewhere it is no
     gradient: the C subtracts the enclosing box's term where the derivative of -d/c adds it;
     the golden sets check that part."""
-    truth = ayl.Box(0.5, 0.5, 0.28, 0.3)
+    truth = box_c.Box(0.5, 0.5, 0.28, 0.3)
     pred = (0.53, 0.46, 0.1, 0.12)
 
     def penalised(v):
-        p = ayl.Box(*v)
-        cw, ch = ayl._enclosing(p, truth)
-        return ayl.box_iou(p, truth) - ((p.x - truth.x) ** 2 + (p.y - truth.y) ** 2) / (cw * cw + ch * ch)
-    iou = lambda v: ayl.box_iou(ayl.Box(*v), truth)
-    dx, dy, dw, dh = ayl.dx_box_iou(ayl.Box(*pred), truth, "diou")
+        p = box_c.Box(*v)
+        cw, ch = box_c._enclosing(p, truth)
+        return box_c.boxes_iou(p, truth) - ((p.x - truth.x) ** 2 + (p.y - truth.y) ** 2) / (cw * cw + ch * ch)
+    iou = lambda v: box_c.boxes_iou(box_c.Box(*v), truth)
+    dx, dy, dw, dh = box_c.dx_box_iou(box_c.Box(*pred), truth, "diou")
     assert dx == pytest.approx(_numeric(penalised, pred, 0), abs=1e-6)
     assert dy == pytest.approx(_numeric(penalised, pred, 1), abs=1e-6)
     assert dw == pytest.approx(2 * _numeric(iou, pred, 2), abs=1e-6)

@@ -592,18 +592,21 @@ def test_route_and_shortcut_copies_of_rows(gpu, cpu, rng, channels):
                  3 * x, "a whole array")
 
 
-def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path):
-    """A detector's iterations on the GPU as two CUDA graphs around the [yolo] losses' host
-    part (train.SplitCapturedSteps) give the weights of iterations issued one operation at a
-    time (tests/test_recorded_steps.py's detector, on the CPU there), also when a forward of
-    another batch size runs between two of them (the host part must read the recording's
-    outputs, not the layers' latest)."""
+@pytest.mark.parametrize("truth_thresh", [False, True])
+def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path, truth_thresh):
+    """A detector's iterations on the GPU as one CUDA graph, the [yolo] heads' truth parts in
+    it from plans set before each replay (train.PlannedCapturedSteps), or, with a head's
+    truth_thresh < 1, as two graphs around the host part (train.SplitCapturedSteps), give the
+    weights of iterations issued one operation at a time (tests/test_recorded_steps.py's
+    detector, on the CPU there), also when a forward of another batch size runs between two of
+    them (the loss must read the recording's outputs, not the layers' latest)."""
     from engine import train as training
     from engine.backends.cuda import CudaBackend
-    from test_recorded_steps import YOLO_BODY
+    from test_recorded_steps import YOLO_BODY, YOLO_BODY_TRUTH_THRESH
     path = tmp_path / "y.cfg"
     path.write_text("[net]\nbatch=4\nsubdivisions=1\nheight=16\nwidth=16\nchannels=3\n"
-                    "learning_rate=0.1\nmomentum=0.9\ndecay=0.001\n" + YOLO_BODY)
+                    "learning_rate=0.1\nmomentum=0.9\ndecay=0.001\n" +
+                    (YOLO_BODY_TRUTH_THRESH if truth_thresh else YOLO_BODY))
     rng = np.random.default_rng(4)
     batches = []
     for _ in range(5):
@@ -625,7 +628,10 @@ def test_recorded_detector_iterations_equal_eager_ones(gpu, tmp_path):
             losses.append(run(images, truth, 0.05))
         results[runner] = losses, [ops.to_host(a) for layer in net.layers
                                    for a in layer.params.values()]
-    assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
+    if truth_thresh:
+        assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
+    else:
+        assert type(run) is training.PlannedCapturedSteps and run.recording.replays == 4
     (eager_losses, eager), (losses, recorded) = results.values()
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
     for got, want in zip(recorded, eager):

@@ -106,7 +106,10 @@ def violations(importers, forbidden):
 
 # Modules under engine/backends/ that declare the operation set (its interface, the types its
 # operations take) without implementing it: the only part of backends/ a layer may import.
-OPERATION_SET_MODULES = ["engine.backends.operations", "engine.backends.views"]
+# yolo_truths: apply_truth_events_'s parameters (TruthLoss), plan and statistics, and the events'
+# rules its numpy version applies, which the [yolo] layers' host path (truth_thresh < 1) shares
+OPERATION_SET_MODULES = ["engine.backends.operations", "engine.backends.views",
+                         "engine.backends.yolo_truths"]
 
 ABOVE_THE_NETWORK = ["engine.cli", "engine.train", "engine.distributed", "engine.models",
                      "engine.onnx_export", "engine.validation", "engine.evaluation",

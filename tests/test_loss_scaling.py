@@ -101,11 +101,12 @@ def test_classifier_weights_are_bit_identical_with_scaling(tmp_path, body, subdi
 
 
 @pytest.mark.parametrize("subdivisions, runner", [
-    (1, training.EagerSteps), (2, training.EagerSteps), (1, training.SplitCapturedSteps)],
-    ids=["eager", "subdivisions", "recorded"])
+    (1, training.EagerSteps), (2, training.EagerSteps), (1, training.SplitCapturedSteps),
+    (1, training.PlannedCapturedSteps)], ids=["eager", "subdivisions", "recorded", "planned"])
 def test_detector_weights_are_bit_identical_with_scaling(tmp_path, subdivisions, runner):
     """Two [yolo] heads (AlexeyAB's loss, CIoU) and batch norm; SplitCapturedSteps replays the
-    backward and update around the losses' host part."""
+    backward and update around the losses' host part, PlannedCapturedSteps the whole iteration
+    with the truths' plans set before each replay."""
     path = detector_cfg(tmp_path, subdivisions)
     batches = detector_batches(3)
     plain_losses, plain = iterate(path, batches, runner)
@@ -116,6 +117,8 @@ def test_detector_weights_are_bit_identical_with_scaling(tmp_path, subdivisions,
         np.testing.assert_array_equal(got, want)
     if runner is training.SplitCapturedSteps:
         assert net.ops.recordings == 2
+    if runner is training.PlannedCapturedSteps:
+        assert net.ops.recordings == 1
 
 
 def test_the_backward_sees_scaled_deltas(tmp_path):
@@ -329,7 +332,8 @@ def test_reads_wait_only_when_two_iterations_old(tmp_path):
 
 
 @pytest.mark.parametrize("runner, cfg", [(training.CapturedSteps, "classifier"),
-                                         (training.SplitCapturedSteps, "detector")])
+                                         (training.SplitCapturedSteps, "detector"),
+                                         (training.PlannedCapturedSteps, "detector")])
 def test_recorded_iterations_make_no_host_read_for_the_scale(tmp_path, runner, cfg):
     """With scaling on, a recorded iteration reads from the backend exactly what it reads
     without (the losses' own reads), plus one asynchronous read of the state."""
@@ -615,7 +619,7 @@ def test_cuda_state_reads_do_not_wait(fake_gpu, monkeypatch):
 @pytest.mark.parametrize("kind", ["classifier", "detector"])
 def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind):
     """As the CPU test, on the GPU's recorded iterations (CapturedSteps for the classifier,
-    SplitCapturedSteps for the detector) in fp32: runs on one backend (the same cuDNN
+    PlannedCapturedSteps for the detector) in fp32: runs on one backend (the same cuDNN
     algorithms), its random source seeded anew for each. Bit for bit where two unscaled runs
     are (batch norm's sums are atomic adds), else as close as those two are to each other."""
     from engine.backends.cuda import CudaBackend
@@ -631,7 +635,7 @@ def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind
         net.loss_scaler = scaler
         runner = training.iteration_runner(net, training.SINGLE_PROCESS)
         losses = [runner(images.copy(), truth.copy(), 0.05) for images, truth in batches]
-        assert isinstance(runner, training.CapturedSteps)  # SplitCapturedSteps is one too
+        assert isinstance(runner, training.CapturedSteps)  # PlannedCapturedSteps is one too
         if scaler is not None:
             scaler.settle()
         return losses, state_of(net)
@@ -647,14 +651,15 @@ def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind
             np.testing.assert_allclose(got, want, rtol=0, atol=10 * spread)
 
 
-def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=()):
-    """The batches through EagerSteps and the recording runner on the GPU in fp16, each with
-    its scaler: per runner (per iteration (loss, whether the weights moved), the skips the
-    scaler reported once settled, weights, runner, scaler)."""
+def gpu_detector_runs(tmp_path, batches, scalers, overflow_iterations=(),
+                      recorded=training.iteration_runner):
+    """The batches through EagerSteps and the recording runner (`recorded`) on the GPU in
+    fp16, each with its scaler: per runner (per iteration (loss, whether the weights moved),
+    the skips the scaler reported once settled, weights, runner, scaler)."""
     from engine.backends.cuda import CudaBackend
     path = detector_cfg(tmp_path)
     results = []
-    for runner, scaler in zip((training.EagerSteps, training.iteration_runner), scalers):
+    for runner, scaler in zip((training.EagerSteps, recorded), scalers):
         ops = CudaBackend(device=0, seed=5, precision="fp16")
         net = Network(path, backend=ops, seed=5, quiet=True)
         net.loss_scaler = scaler
@@ -699,14 +704,14 @@ def overflow_on_device(net, iterations):
 def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
     """fp16 training of the small detector with dynamic scaling from 2**16 (its first steps
     overflow fp16 and are skipped while the scale backs off, on the device): the recorded
-    iterations (SplitCapturedSteps: the scale's update inside the backward's recording) skip
+    iterations (PlannedCapturedSteps: the scale's update inside the iteration's recording) skip
     the same steps, each reported once, reach the same scale and the eager iterations'
     weights."""
     batches = detector_batches(16)
     (eager, eager_skips, eager_weights, _, eager_scaler), \
         (recorded, skips, weights, run, scaler) = gpu_detector_runs(
             tmp_path, batches, [LossScaler(), LossScaler()])
-    assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
+    assert type(run) is training.PlannedCapturedSteps and run.recording is not None
     assert skips == eager_skips and skips  # the same skipped iterations, S after each
     assert [skip.skipped_steps for skip in skips] == list(range(1, len(skips) + 1))
     assert scaler.scale == eager_scaler.scale == 2.0 ** 16 / 2 ** len(skips)
@@ -727,11 +732,12 @@ def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
 def test_gpu_recorded_overflow_is_skipped(tmp_path):
     """An infinite delta in the 4th iteration (a recorded one) at a static scale: that step
     leaves weights and velocities unchanged on the GPU, is reported once, S stays; the others
-    train."""
+    train. (SplitCapturedSteps: the infinity is put in by the host part between its two
+    recordings; PlannedCapturedSteps has no host part to put it in.)"""
     batches = detector_batches(6)
     (eager, eager_skips, _, _, _), (recorded, skips, weights, run, scaler) = gpu_detector_runs(
         tmp_path, batches, [LossScaler(8.0, dynamic=False), LossScaler(8.0, dynamic=False)],
-        overflow_iterations={4})
+        overflow_iterations={4}, recorded=training.SplitCapturedSteps)
     assert isinstance(run, training.SplitCapturedSteps) and run.backward is not None
     assert skips == eager_skips == [loss_scaling.Skip(4, 1, 8.0)]
     for history in (eager, recorded):

@@ -141,6 +141,9 @@ class FakeDevice:
         self.cuda, self.stream, self.keep_alive = FakeCuda(), FakeStream(), None
         self.index, self.name = 0, "fake"
 
+    def memory_free(self):
+        return 1 << 34
+
     def empty(self, shape, dtype=np.float32):
         array = FakeArray(shape, dtype)
         if self.keep_alive is not None:
@@ -220,6 +223,34 @@ class FakeDriver:
         self.launched += 1
         return (0,)
 
+    # events (graph.HostReader)
+    class CUevent_flags:
+        CU_EVENT_DISABLE_TIMING = 2
+
+    class CUevent_record_flags:
+        CU_EVENT_RECORD_EXTERNAL = 1
+
+    events = []
+
+    def cuEventCreate(self, flags):
+        self.events.append(["event", flags])
+        return (0, self.events[-1])
+
+    def cuEventRecord(self, event, stream):
+        event.append(("record", stream))
+        return (0,)
+
+    def cuEventRecordWithFlags(self, event, stream, flags):
+        event.append(("record", stream, flags))
+        return (0,)
+
+    def cuEventSynchronize(self, event):
+        event.append("synchronize")
+        return (0,)
+
+    def cuEventDestroy(self, event):
+        return (0,)
+
 
 def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     driver = FakeDriver()
@@ -233,6 +264,26 @@ def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     (_, first), (_, second) = ops.cuda.copies[-2:]
     assert first[0] == np.float32(0.5).view(np.uint32)
     assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
+
+
+def test_host_reader_waits_for_its_point_only(fake_gpu, monkeypatch):
+    """A reader copies its array into page-locked memory and records an event after the copy,
+    in a recording an external event node (the plain record is for eager work); values()
+    synchronises on that event alone, and returns the copy in float64."""
+    driver = FakeDriver()
+    monkeypatch.setattr(cuda_graph, "cuda_driver", lambda: driver)
+    ops = fake_gpu
+    statistics = FakeArray((5,), np.float64)
+    synchronized = ops.stream.synchronized
+    eager = ops.host_reader(statistics)
+    with ops.recording():
+        recorded = ops.host_reader(statistics)
+    assert eager.event[1] == recorded.event[1] == 2  # no timing
+    assert eager.event[2] == ("record", ("stream", 77))
+    assert recorded.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
+    values = recorded.values()
+    assert recorded.event[-1] == "synchronize" and ops.stream.synchronized == synchronized
+    assert values.dtype == np.float64 and list(values) == [2.5] * 5
 
 
 YOLO_BODY = """
@@ -279,13 +330,14 @@ ignore_thresh=0.3
 """
 
 
-def test_split_captured_steps_train_as_eager_steps(tmp_path):
-    """A detector (two [yolo] heads, AlexeyAB's loss, the first reading only 2 of the truth's 4
-    rows) through SplitCapturedSteps (one eager iteration, then two recordings around the
-    losses' host part) and EagerSteps: the same losses, `seen` and weights."""
-    path = write_cfg(tmp_path / "y.cfg", {"batch": 4, "subdivisions": 1, "height": 16,
-                                          "width": 16, "channels": 3, "learning_rate": 0.1,
-                                          "momentum": 0.9, "decay": 0.001}, YOLO_BODY)
+YOLO_NET = {"batch": 4, "subdivisions": 1, "height": 16, "width": 16, "channels": 3,
+            "learning_rate": 0.1, "momentum": 0.9, "decay": 0.001}
+# the second head with predictions past truth_thresh: its truth part stays on the host
+YOLO_BODY_TRUTH_THRESH = YOLO_BODY + "truth_thresh=0.4\n"
+
+
+def yolo_batches():
+    """Four batches of 4 images with 1 to 4 boxes each, for YOLO_BODY's detector."""
     rng = np.random.default_rng(4)
     batches = []
     for _ in range(4):
@@ -297,10 +349,41 @@ def test_split_captured_steps_train_as_eager_steps(tmp_path):
                                              rng.uniform(h / 2, 1 - h / 2), w, h,
                                              rng.integers(0, 2)]
         batches.append((rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32), truth))
+    return batches
+
+
+@pytest.mark.parametrize("runner, body, recorded", [
+    (training.SplitCapturedSteps, YOLO_BODY_TRUTH_THRESH, 2),
+    (training.SplitCapturedSteps, YOLO_BODY, 2),
+    (training.PlannedCapturedSteps, YOLO_BODY, 1)])
+def test_recorded_detector_steps_train_as_eager_steps(tmp_path, runner, body, recorded):
+    """A detector (two [yolo] heads, AlexeyAB's loss, the first reading only 2 of the truth's 4
+    rows) through SplitCapturedSteps (one eager iteration, then two recordings around the
+    losses' host part; one head with truth_thresh < 1 or none) or PlannedCapturedSteps (one
+    recording, the heads' plans set before each replay) and EagerSteps: the same losses,
+    `seen` and weights."""
+    path = write_cfg(tmp_path / "y.cfg", YOLO_NET, body)
+    batches = yolo_batches()
     assert Network(path, quiet=True).truth_boxes == 4
     (eager_losses, eager_seen, eager_weights, _), (losses, seen, weights, recordings) = \
-        train_eagerly_and_recorded(path, batches, training.SplitCapturedSteps)
-    assert recordings == 2 and seen == eager_seen == 16
+        train_eagerly_and_recorded(path, batches, runner)
+    assert recordings == recorded and seen == eager_seen == 16
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
     for got, want in zip(weights, eager_weights):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("body, net, runner", [
+    (YOLO_BODY, {}, training.PlannedCapturedSteps),
+    (YOLO_BODY_TRUTH_THRESH, {}, training.SplitCapturedSteps),
+    (YOLO_BODY, {"batch": 8, "subdivisions": 2}, training.EagerSteps),
+    (BODY, {"height": 6, "width": 6, "channels": 1}, training.CapturedSteps)])
+def test_iteration_runner_choice(fake_gpu, tmp_path, body, net, runner):
+    """On a backend that records (the CUDA one, on fakes): one recording per iteration for a
+    detector whose heads' truth parts all run on the backend, two around the host part when a
+    head's does not (truth_thresh < 1), none when a batch is several passes; a classifier's
+    iteration is one recording."""
+    path = write_cfg(tmp_path / "n.cfg", {**YOLO_NET, **net}, body)
+    chosen = training.iteration_runner(Network(path, backend=fake_gpu, quiet=True),
+                                       training.SINGLE_PROCESS)
+    assert type(chosen) is runner

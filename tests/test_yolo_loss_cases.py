@@ -249,3 +249,117 @@ def test_a_batch_without_truths_gets_the_objectness_push_alone(tmp_path, saved, 
     expected[:, 4::layer.entries] = -normalizer * output[:, 4::layer.entries].astype(np.float64)
     np.testing.assert_allclose(delta, expected, rtol=1e-6)
     assert cost == pytest.approx(float((expected ** 2).sum()), rel=1e-5)
+
+
+# ---- the truth part on the backend (apply_truth_events_) on the heads of shipped cfgs -----------
+CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cfg")
+# cfg: (whose loss, the [yolo] heads' grids at 416x416, in the cfg's order)
+CFG_HEADS = {"yolov3-tiny.cfg": ("pjreddie", (13, 26)), "yolov4-tiny.cfg": ("alexeyab", (13, 26)),
+             "yolov3.cfg": ("pjreddie", (13, 26, 52))}
+HEAD_BATCH, HEAD_ROWS = 8, 12
+
+
+def cfg_head_case(tmp_path, cfg, head, seed=5):
+    """Head `head` of `cfg` (its [yolo] section as is, at 416x416), a random output, and truths:
+    1 to 9 random boxes per image, and in each image the first box twice more on its cell (once
+    nudged, of another class), so that cells get two and three events."""
+    darknet, grids = CFG_HEADS[cfg]
+    with open(os.path.join(CFG, cfg)) as handle:
+        sections = [s for s in handle.read().split("\n[") if s.startswith("yolo]")]
+    grid = grids[head]
+    probe = build_layer(tmp_path, "[" + sections[head], (3 * 85, grid, grid), darknet=darknet)
+    layer = build_layer(tmp_path, "[" + sections[head], (len(probe.mask) * probe.entries, grid,
+                                                         grid), darknet=darknet)
+    layer.net_w = layer.net_h = 416
+    rng = np.random.default_rng(seed + 10 * head)
+    out = rng.normal(0, 1.2, (HEAD_BATCH, len(layer.mask), layer.entries, grid, grid))
+    out[:, :, [0, 1, 4]] = _logistic(out[:, :, [0, 1, 4]])
+    out[:, :, 5:] = _logistic(out[:, :, 5:] - 1)
+    truth = np.zeros((HEAD_BATCH, HEAD_ROWS, 5))
+    for b in range(HEAD_BATCH):
+        count = int(rng.integers(1, 10))
+        wh = rng.uniform(0.02, 0.6, (count, 2))
+        truth[b, :count, :2] = rng.uniform(wh / 2, 1 - wh / 2)
+        truth[b, :count, 2:4] = wh
+        truth[b, :count, 4] = rng.integers(0, layer.classes, count)
+        first = truth[b, 0].copy()
+        truth[b, count] = first + [0.1 / 416, 0, 0.01, 0, 0]
+        truth[b, count, 4] = (first[4] + 1) % layer.classes
+        truth[b, count + 1] = first
+    output = out.reshape(HEAD_BATCH, -1, grid, grid).astype(np.float32)
+    return layer, output, truth.reshape(HEAD_BATCH, -1).astype(np.float32)
+
+
+HEADS = [(cfg, head) for cfg, (_, grids) in CFG_HEADS.items() for head in range(len(grids))]
+
+
+@pytest.mark.parametrize("cfg, head", HEADS)
+def test_truth_events_on_the_backend_equal_the_host_code(tmp_path, cfg, head):
+    """The numpy apply_truth_events_ (what YoloLayer.cost runs now) against the host code it
+    replaced (YoloLayer._truth_loss, still the truth_thresh < 1 path): the same delta to the
+    bit; the cost to 1e-6 (the whole delta's squares are now summed in float32 blocks after
+    the events, not before them with the touched cells' corrected in float64)."""
+    layer, output, truth = cfg_head_case(tmp_path, cfg, head)
+    ops = NumpyBackend()
+    layer.output = output
+    state = layer.device_cost(ops, ops.asarray(truth))
+    plan = layer.plan_cost(ops, truth, state)
+    host_cost, host_delta = layer._truth_loss(ops, plan, *state)
+    assert layer.truth_on_device and plan.cells.round.max() == 2  # three events on a cell
+    cost, delta = layer.cost(ops, truth)
+    np.testing.assert_array_equal(delta, host_delta)
+    assert cost == pytest.approx(host_cost, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg, head", HEADS)
+def test_gpu_truth_events_equal_the_numpy_ones(tmp_path, cfg, head):
+    """apply_truth_events_ on the CUDA backend against the numpy one, on the same output, dense
+    delta, truths and plan: the deltas to 1e-4 of the largest, the statistics to 1e-4."""
+    from engine.backends.cuda import CudaBackend
+
+    layer, output, truth = cfg_head_case(tmp_path, cfg, head)
+    cpu, gpu = NumpyBackend(), CudaBackend(device=0, seed=0)
+    layer.output = output
+    state = layer.device_cost(cpu, cpu.asarray(truth))
+    loss, _, dense, _, _, truths = state
+    plan = layer.plan_cost(cpu, truth, state).packed
+    numbers = loss.numbers
+    gpu_delta = gpu.asarray(dense)
+    gpu_statistics = gpu.float64_values(gpu.apply_truth_events_(
+        gpu_delta, gpu.asarray(output), gpu.asarray(truths), gpu.int_array(plan), numbers))
+    statistics = cpu.float64_values(cpu.apply_truth_events_(dense, output, truths,
+                                                            cpu.int_array(plan), numbers))
+    gpu_delta = gpu.to_host(gpu_delta)
+    assert np.abs(gpu_delta - dense).max() <= 1e-4 * np.abs(dense).max()
+    np.testing.assert_allclose(gpu_statistics, statistics, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", [0, 1])
+def test_gpu_truth_events_in_fp16(tmp_path, head):
+    """yolov4-tiny's heads with the output and delta stored in fp16 (fp16 training): the CUDA
+    apply_truth_events_ against the numpy one on the same fp16 values, the deltas to 4e-3 of
+    the largest (the result is rounded to fp16: within 2^-11 of it), the statistics to 2e-3."""
+    from engine.backends.cuda import CudaBackend
+
+    layer, output, truth = cfg_head_case(tmp_path, "yolov4-tiny.cfg", head)
+    output = output.astype(np.float16).astype(np.float32)
+    cpu, gpu = NumpyBackend(), CudaBackend(device=0, seed=0, precision="fp16")
+    layer.output = output
+    state = layer.device_cost(cpu, cpu.asarray(truth))
+    loss, _, dense, _, _, truths = state
+    dense[...] = dense.astype(np.float16)
+    plan = layer.plan_cost(cpu, truth, state).packed
+
+    def stored(values):  # an fp16 device array, as the fp16 backend's activations are
+        return gpu._as_type(gpu.asarray(values), gpu.dtype)
+    gpu_delta = stored(dense)
+    assert gpu_delta.dtype == np.float16
+    gpu_statistics = gpu.float64_values(gpu.apply_truth_events_(
+        gpu_delta, stored(output), gpu.asarray(truths), gpu.int_array(plan), loss.numbers))
+    statistics = cpu.float64_values(cpu.apply_truth_events_(dense, output, truths,
+                                                            cpu.int_array(plan), loss.numbers))
+    gpu_delta = gpu.to_host(gpu_delta)
+    assert np.abs(gpu_delta - dense).max() <= 4e-3 * np.abs(dense).max()
+    np.testing.assert_allclose(gpu_statistics, statistics, rtol=2e-3)

@@ -169,3 +169,151 @@ def test_sum_of_squares(ops, rng):
     total = ops.sum_of_squares(ops.asarray(x))
     assert isinstance(total, float)
     assert total == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=TOLERANCE)
+
+
+# ---- apply_truth_events_, int_array, float64_values ---------------------------------------------
+def giou_reference(a, b):
+    """AlexeyAB's box_giou in Python floats."""
+    def span(c1, s1, c2, s2):
+        return max(c1 + s1 / 2, c2 + s2 / 2) - min(c1 - s1 / 2, c2 - s2 / 2)
+    ow = min(a[0] + a[2] / 2, b[0] + b[2] / 2) - max(a[0] - a[2] / 2, b[0] - b[2] / 2)
+    oh = min(a[1] + a[3] / 2, b[1] + b[3] / 2) - max(a[1] - a[3] / 2, b[1] - b[3] / 2)
+    inter = 0.0 if ow < 0 or oh < 0 else ow * oh
+    c = span(a[0], a[2], b[0], b[2]) * span(a[1], a[3], b[1], b[3])
+    iou = darknet_iou(a, b)
+    return iou if c == 0 else iou - (c - (a[2] * a[3] + b[2] * b[3] - inter)) / c
+
+
+def truth_events_reference(output, delta, truths, cell_events, kind, anchors, net_w, net_h,
+                           average):
+    """apply_truth_events_ as declared, cell by cell and event by event in Python floats (the
+    delta row kept in float32), for pjreddie's loss or AlexeyAB's with its defaults (mse,
+    iou_normalizer 0.75, obj_normalizer 1, no class multipliers or smoothing) and with
+    averages_yolo_deltas when `average`: (delta, statistics)."""
+    f32 = np.float32
+    _, channels, height, width = output.shape
+    entries = len(anchors) and channels // len(anchors)
+    classes = entries - 5
+    delta = delta.copy()
+    rows = truths.reshape(len(truths), -1, 5)
+    box_squares = iou_losses = giou_losses = events = 0.0
+    for (b, a, j, i), event_rows in cell_events:
+        o = [float(output[b, a * entries + e, j, i]) for e in range(entries)]
+        d = [f32(delta[b, a * entries + e, j, i]) for e in range(entries)]
+        aw, ah = (float(v) for v in anchors[a])
+        for row in event_rows:
+            tx, ty, tw, th = (float(v) for v in rows[b, row, :4])
+            cls = int(rows[b, row, 4])
+            scale = 2 - tw * th
+            events += 1
+            if kind == "pjreddie":
+                target = [tx * width - i, ty * height - j,
+                          float(np.log(f32(tw * net_w) / f32(aw))),
+                          float(np.log(f32(th * net_h) / f32(ah)))]
+                d[:4] = [f32(scale * (target[k] - o[k])) for k in range(4)]
+                d[4] = f32(f32(1) - f32(o[4]))
+                if d[5] == 0:
+                    d[5:] = [f32(-v) for v in o[5:]]
+                d[5 + cls] = f32(f32(1) - f32(o[5 + cls]))
+                continue
+            pw = float(f32(f32(math.exp(o[2])) * f32(aw)) / f32(net_w))
+            ph = float(f32(f32(math.exp(o[3])) * f32(ah)) / f32(net_h))
+            pred = ((i + o[0]) / width, (j + o[1]) / height, pw, ph)
+            iou_losses += 1 - darknet_iou(pred, (tx, ty, tw, th))
+            giou_losses += 1 - giou_reference(pred, (tx, ty, tw, th))
+            wanted = [tx * width - i, ty * height - j, math.log(tw * net_w / aw),
+                      math.log(th * net_h / ah)]
+            d[:4] = [f32(d[k] + scale * (wanted[k] - o[k]) * 0.75) for k in range(4)]
+            d[4] = f32(1.0 * (1 - o[4]))
+            if d[5 + cls] != 0:
+                d[5 + cls] = f32(1 - o[5 + cls])
+            else:
+                d[5:] = [f32((k == cls) - o[5 + k]) for k in range(classes)]
+        if kind != "pjreddie" and average:
+            marked = sum(v > 0 for v in d[5:])
+            if d[4] != 0 and marked:
+                d[:4] = [f32(v / marked) for v in d[:4]]
+        box_squares += sum(float(v) ** 2 for v in d[:4])
+        for e in range(entries):
+            delta[b, a * entries + e, j, i] = d[e]
+    squares = float((delta.astype(np.float64) ** 2).sum())
+    return delta, [squares, box_squares, iou_losses, giou_losses, events]
+
+
+def packed_plan(cell_events, shape, capacity):
+    """The plan of engine/backends/yolo_truths.py's layout, written out from its description:
+    cells ascending, each with its events' truth rows."""
+    plan = np.zeros(3 * capacity + 3, np.int64)
+    cell_events = sorted(cell_events, key=lambda item: np.ravel_multi_index(item[0], shape))
+    rows = [row for _, event_rows in cell_events for row in event_rows]
+    plan[0], plan[1] = len(cell_events), len(rows)
+    first = 0
+    for u, (cell, event_rows) in enumerate(cell_events):
+        plan[2 + u] = np.ravel_multi_index(cell, shape)
+        plan[2 + capacity + u] = first
+        first += len(event_rows)
+    plan[2 + capacity + len(cell_events)] = first
+    plan[3 + 2 * capacity:3 + 2 * capacity + len(rows)] = rows
+    return plan
+
+
+@pytest.mark.parametrize("kind, average", [("pjreddie", False), ("alexeyab", False),
+                                           ("alexeyab", True)])
+def test_apply_truth_events(ops, rng, kind, average):
+    """Three events on one cell (a box delta accumulating or overwritten, the class rule for a
+    cell that has one), two on another, one alone; a cell of an image with truths left
+    untouched; the statistics; the plan refreshed in place with set_ (a recording's buffer)."""
+    from engine.backends.yolo_truths import TruthLoss
+
+    batch, count, classes, height, width = 2, 2, 3, 3, 4
+    net_w, net_h = 64, 48
+    anchors = np.array([[10, 14], [23, 27]], np.float32)
+    output = yolo_output(rng, batch, count, classes, height, width, False)
+    delta = np.zeros(output.shape, np.float32)
+    delta[:, 4::5 + classes] = -output[:, 4::5 + classes]  # the objectness push
+    truths = np.zeros((batch, 4, 5), np.float32)
+    truths[0] = [[0.9, 0.8, 0.3, 0.5, 1], [0.92, 0.79, 0.35, 0.4, 2], [0.4, 0.4, 0.2, 0.2, 0],
+                 [0.91, 0.81, 0.3, 0.5, 1]]
+    truths[1, :2] = [[0.1, 0.1, 0.15, 0.2, 2], [0.6, 0.5, 0.5, 0.6, 0]]
+    cell_events = [((0, 1, 2, 3), [0, 1, 3]), ((1, 0, 0, 0), [0]), ((0, 0, 1, 1), [2, 2])]
+    shape, capacity = (batch, count, height, width), batch * 4 * count
+    loss = TruthLoss(kind, anchors, classes, net_w, net_h, False,
+                     iou_thresh=0.5 if average else 1.0)
+    expected, expected_statistics = truth_events_reference(
+        output, delta, truths, cell_events, kind, anchors, net_w, net_h, average)
+    plan = ops.int_array(np.zeros(3 * capacity + 3, np.int32))
+    ops.set_(plan, packed_plan(cell_events, shape, capacity))
+    changed = ops.asarray(delta)
+    statistics = ops.float64_values(ops.apply_truth_events_(
+        changed, ops.asarray(output), ops.asarray(truths.reshape(batch, -1)), plan, loss))
+    changed = ops.to_host(changed)
+    np.testing.assert_allclose(changed, expected, rtol=TOLERANCE, atol=1e-6)
+    np.testing.assert_allclose(statistics, expected_statistics, rtol=TOLERANCE, atol=1e-9)
+    assert statistics.dtype == np.float64 and statistics[4] == 6
+    untouched = np.ones(delta.shape, bool)
+    for (b, a, j, i), _ in cell_events:
+        untouched[b, a * (5 + classes):(a + 1) * (5 + classes), j, i] = False
+    np.testing.assert_array_equal(changed[untouched], delta[untouched])
+    # an empty plan: the delta as it was, its sum of squares
+    ops.set_(plan, packed_plan([], shape, capacity))
+    again = ops.asarray(delta)
+    statistics = ops.float64_values(ops.apply_truth_events_(
+        again, ops.asarray(output), ops.asarray(truths.reshape(batch, -1)), plan, loss))
+    np.testing.assert_array_equal(ops.to_host(again), delta)
+    assert list(statistics[1:]) == [0, 0, 0, 0]
+    assert statistics[0] == pytest.approx(float((delta.astype(np.float64) ** 2).sum()), rel=1e-6)
+
+
+def test_host_reader(ops):
+    """A reader of apply_truth_events_'s statistics (an empty plan: the delta's squares alone)
+    gives what float64_values gives, in float64."""
+    from engine.backends.yolo_truths import TruthLoss
+
+    statistics = ops.apply_truth_events_(
+        ops.asarray(np.full((1, 6, 1, 1), 0.5, np.float32)), ops.zeros((1, 6, 1, 1)),
+        ops.asarray(np.zeros((1, 5), np.float32)), ops.int_array(np.zeros(6, np.int32)),
+        TruthLoss("pjreddie", [[1, 1]], 1, 8, 8, False))
+    values = ops.host_reader(statistics).values()
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, ops.float64_values(statistics))
+    np.testing.assert_array_equal(values, [6 * 0.25, 0, 0, 0, 0])

@@ -15,7 +15,7 @@ from engine.detection import box_iou, network_detections
 from engine.detection_data import DetectionDataset, clamp_boxes, label_path, read_boxes
 from engine.errors import ConfigError, DataError
 from engine.network import Network
-from engine.train import EagerSteps, SplitCapturedSteps, iteration_runner, train
+from engine.train import EagerSteps, PlannedCapturedSteps, iteration_runner, train
 
 from conftest import CFG
 from helpers import as_float64, write_cfg
@@ -149,13 +149,14 @@ def test_tiny_detector_loss_falls(tmp_path):
     assert found >= 0.7 * total, (found, total)
 
 
-def test_yolo_training_records_around_the_host_part(tmp_path):
-    """The [yolo] loss has a host part, so a backend that can record gets SplitCapturedSteps
-    (two recordings around it), not CapturedSteps; a numpy backend, EagerSteps."""
+def test_yolo_training_records_with_the_truths_plans(tmp_path):
+    """The [yolo] loss needs a plan made on the host from the truth, so a backend that can
+    record gets PlannedCapturedSteps (one recording, the plans set before each replay), not
+    CapturedSteps; a numpy backend, EagerSteps."""
     net = Network(_tiny_cfg(tmp_path), quiet=True)
     assert type(iteration_runner(net, None)) is EagerSteps
     net.ops.can_record = True  # a backend that could record
-    assert type(iteration_runner(net, None)) is SplitCapturedSteps
+    assert type(iteration_runner(net, None)) is PlannedCapturedSteps
 
 
 def test_heads_deltas_sum_through_the_shared_layers(tmp_path):

@@ -1225,3 +1225,28 @@ class NumpyBackend(Operations):
     def to_host_async(self, array):
         """Nothing runs behind the host here: the values at once."""
         return ReadyRead(np.array(array, dtype=np.float32))
+
+    # ---- the [yolo] losses' truth part (engine/backends/yolo_truths.py) -------------------------
+    def apply_truth_events_(self, delta, output, truths, plan, loss):
+        """The losses' own code round by round on the gathered cells (yolo_truths)."""
+        from .yolo_truths import apply_truth_events
+
+        return apply_truth_events(self, delta, output, truths, plan, loss)
+
+    def int_array(self, host):
+        return np.array(host, dtype=np.int32)
+
+    def float64_values(self, array):
+        return np.array(array, dtype=np.float64)
+
+    def host_reader(self, array):
+        """The work is done when issued: the reader copies the values now."""
+        return _ValuesNow(np.array(array, dtype=np.float64))
+
+
+class _ValuesNow:
+    def __init__(self, values):
+        self._values = values
+
+    def values(self):
+        return self._values.copy()

@@ -97,7 +97,8 @@ class Operations(ABC):
 
     @abstractmethod
     def set_(self, dst, host, early=False):
-        """Copy host values (dst.size of them, any shape) into the existing array dst, in place;
+        """Copy host values (dst.size of them, any shape) into the existing array dst (in its
+        type: float32, or int32 for int_array's), in place;
         dst keeps its identity (a fixed buffer a recording reads). Returns dst. early=True: the
         copy may begin before the work already issued ends (a GPU backend copies over the bus
         into a buffer beside dst, on a second stream, while it computes), dst being written in
@@ -344,6 +345,41 @@ class Operations(ABC):
     def sum_of_squares(self, x):
         """The sum of the squares of x's values (any shape) as a Python float, accumulated in
         float64 or in blocks."""
+
+    @abstractmethod
+    def apply_truth_events_(self, delta, output, truths, plan, loss):
+        """The [yolo] losses' truth part, in place on delta (output's shape, after
+        objectness_delta_), on the backend: for each cell a `plan` lists (an int32 array of the
+        layout engine/backends/yolo_truths.py describes, made on the host by pack_plan), its
+        events, one after the other in the plan's order, each the truth at its row of `truths`
+        (an array (B, T*5) of rows (x, y, w, h, class), image b's for cell (b, a, j, i)) learnt
+        by the cell's anchor a (size loss.anchors[a]); then, with AlexeyAB's loss and
+        loss.iou_thresh < 1, averages_yolo_deltas on those cells. `loss` is a TruthLoss (the
+        loss's numbers). The event and its delta are PjreddieTruthDeltas' or
+        AlexeyabTruthDeltas' (yolo_truths.py: start / apply / class_delta / finish; every key
+        TruthLoss holds): the cell's delta row computed in float32 values, with float64
+        arithmetic where those compute in float64. Returns a new
+        float64 array of the statistics yolo_truths.STATISTICS names (float64_values reads
+        it), accumulated on the backend: a recording holds it, and each replay refreshes it."""
+
+    @abstractmethod
+    def int_array(self, host):
+        """A new int32 array of host's integers (a table an operation reads, such as
+        apply_truth_events_'s plan; set_ refreshes it in place)."""
+
+    @abstractmethod
+    def float64_values(self, array):
+        """The values of a float64 array an operation made (apply_truth_events_'s statistics)
+        as a host float64 numpy array, once the backend's work so far is finished."""
+
+    @abstractmethod
+    def host_reader(self, array):
+        """A reader of a small array's values as they are at this point of the work issued (in
+        a recording: at this point of each replay): its values() returns them as a host float64
+        numpy array as soon as that point is passed, without waiting for the work issued after
+        it (a recorded iteration's cost is read while its backward runs). Unlike to_host_async
+        (eager work, float32, a read per call), one reader serves every replay of the recording
+        it was made in."""
 
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod

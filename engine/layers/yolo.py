@@ -24,9 +24,10 @@ Training (pjreddie's): `loss` computes Darknet's YOLOv3 delta (forward_yolo_laye
 truth boxes, and `backward` hands that delta to the previous layer unchanged, as Darknet does.
 `cost` is the loss-layer interface the network's train_step calls on every [yolo] head. Both
 losses split as `_yolo_loss` says: the part over every prediction runs on the backend
-(truth_overlap, objectness_delta_); the part over the truths runs on the host, vectorised over
-the mini-batch (engine.layers.yolo_cells), on the few cells truths land in (gather_cells,
-scatter_cells_), so on the GPU only those cross the bus, not the whole output and delta.
+(truth_overlap, objectness_delta_); so does the part over the truths (apply_truth_events_),
+from a plan of the cells the truths' events touch that the host makes from the truth alone
+(TruthPlan). Only with truth_thresh < 1, where predictions past it add events, does the truth
+part run on the host (on the few cells events touch: gather_cells, scatter_cells_).
 
 The delta is the exact negative gradient (w.r.t. this layer's *input*) of a per-entry loss:
 binary cross-entropy on the logistic entries (x, y scaled by 2 - truth area, objectness,
@@ -39,6 +40,7 @@ Darknet's sum of squared deltas, which is not that loss.
 import numpy as np
 
 from ..backends.views import whole, window
+from ..backends.yolo_truths import PjreddieTruthDeltas, TruthLoss, pack_plan, plan_capacity
 from ..boxes import box_iou, listed_truths
 from .alexeyab_yolo_loss import (FLT_MAX, IOU_KINDS, IOU_LOSSES, AlexeyabYoloLoss,
                                  classes_multipliers)
@@ -123,7 +125,9 @@ class YoloLayer(Layer):
     nms_kinds = YOLO_NMS_KINDS
     training_defaults = TRAINING_DEFAULTS
     has_cost = True
-    host_cost = True  # the truth part runs on the host, so a recorded CUDA graph cannot replay it
+    # the truth part needs a plan made on the host (or runs there: truth_thresh < 1), so a
+    # recording is replayed with plans set (engine.train.PlannedCapturedSteps) or split
+    host_cost = True
     outputs_boxes = box_truth = True
 
     def __init__(self, section, index, in_shapes, net):
@@ -218,10 +222,18 @@ class YoloLayer(Layer):
         state = self.device_cost(ops, ops.asarray(rows.reshape(len(rows), -1)))
         return self.finish_cost(ops, rows, state)
 
+    @property
+    def truth_on_device(self):
+        """Whether the truth part runs on the backend (apply_truth_events_): its events are then
+        decided by the truth alone, so a plan made on the host before the forward says where
+        they go. Not with truth_thresh < 1 (the predictions add events) nor for
+        [Gaussian_yolo]."""
+        return self.truth_thresh >= 1 and self.box_entries == 4
+
     def device_cost(self, ops, truth):
-        """The loss's part on the backend, for truth rows on the backend (batch, rows * 5): only
-        backend operations and no copy to the host, so a recorded iteration (engine.train) can
-        hold it. Returns the state plan_cost and finish_cost take."""
+        """The loss's dense part on the backend, for truth rows on the backend (batch, rows * 5):
+        only backend operations and no copy to the host, so a recorded iteration (engine.train)
+        can hold it. Returns the state plan_cost, finish_cost and device_truth_cost take."""
         self.check_trainable()
         rows = int(truth.size) // (5 * len(truth)) if len(truth) else 0
         if rows > self.max_boxes:  # Darknet reads a layer's first `max` rows only
@@ -235,15 +247,42 @@ class YoloLayer(Layer):
         loss, output = state[0], state[1]
         return TruthPlan(self, loss, truth_rows(ops, truth, self.max_boxes), output.shape)
 
+    def truth_plan(self, ops, truth, batch):
+        """plan_cost's plan for a training forward of `batch` images, before any forward."""
+        rows = truth_rows(ops, truth, self.max_boxes)
+        return TruthPlan(self, self._loss(self.net_w, self.net_h), rows,
+                         (batch,) + tuple(self.out_shape))
+
     def finish_cost(self, ops, truth, state, plan=None):
-        """The loss's host part after device_cost's `state` (and plan_cost's `plan`, made here
+        """The loss's truth part after device_cost's `state` (and plan_cost's `plan`, made here
         if not given), for the same truth on the host: (cost, delta on the backend)."""
         plan = plan if plan is not None else self.plan_cost(ops, truth, state)
+        if self.truth_on_device:
+            statistics, delta = self.device_truth_cost(ops, state, ops.int_array(plan.packed))
+            return self.truth_cost(state, ops.float64_values(statistics)), delta
         cost, delta = self._truth_loss(ops, plan, *state)
+        self._normalize_delta(ops, delta)
+        return cost, delta
+
+    def device_truth_cost(self, ops, state, plan):
+        """The truth part on the backend (truth_on_device) after device_cost's `state`, for
+        `plan`, a backend copy of a TruthPlan's `packed`: only backend operations, so a
+        recorded iteration holds it, with plan a fixed buffer it refreshes before each replay.
+        Returns (statistics on the backend, for truth_cost; delta)."""
+        loss, output, delta, _, _, truths = state
+        statistics = ops.apply_truth_events_(delta, output, truths, plan, loss.numbers)
+        self._normalize_delta(ops, delta)
+        return statistics, delta
+
+    def truth_cost(self, state, statistics):
+        """The cost from device_truth_cost's statistics (on the host: ops.float64_values)."""
+        return state[0].cost_of(statistics)
+
+    def _normalize_delta(self, ops, delta):
         # AlexeyAB's GPU backward scales the delta by delta_normalizer (its CPU one does not)
         if self.loss_kind == "alexeyab" and self.delta_normalizer != 1:
             ops.scale_(delta, self.delta_normalizer)
-        return cost, delta
+
 
     def _first_rows(self, ops, truth, rows):
         batch = len(truth)
@@ -275,10 +314,15 @@ class YoloLayer(Layer):
         predictions past truth_thresh; only the cells they touch cross the bus."""
         rows = truth_rows(ops, truths, self.max_boxes)
         state = self._dense_loss(ops, ops.asarray(rows.reshape(len(rows), -1)), loss)
-        return self._truth_loss(ops, TruthPlan(self, loss, rows, state[1].shape), *state)
+        plan = TruthPlan(self, loss, rows, state[1].shape)
+        if self.truth_on_device:
+            statistics = ops.apply_truth_events_(state[2], state[1], state[5],
+                                                 ops.int_array(plan.packed), loss.numbers)
+            return loss.cost_of(ops.float64_values(statistics)), state[2]
+        return self._truth_loss(ops, plan, *state)
 
     def _dense_loss(self, ops, truths, loss):
-        """Backend operations only: (loss, output, delta, best, index). The output is the one
+        """Backend operations only: (loss, output, delta, best, index, truths). The output is the one
         this forward made: a recorded iteration's replays refill it, while `self.output` may
         meanwhile be another forward's (an evaluation's)."""
         output, entries = self.output, self.entries
@@ -292,10 +336,11 @@ class YoloLayer(Layer):
                               self.ignore_thresh, loss.smooth)
         if self.truth_thresh < 1 and loss.class_gate is not None:
             best, index = overlap(None)  # truth_thresh compares the IoU without the gate
-        return loss, output, delta, best, index
+        return loss, output, delta, best, index, truths
 
-    def _truth_loss(self, ops, plan, loss, output, delta, best, index):
-        """The events on the host, on the cells they touch: (cost, delta). The cost is read
+    def _truth_loss(self, ops, plan, loss, output, delta, best, index, truths):
+        """The events on the host (truth_thresh < 1), on the cells they touch, round by round
+        (the numpy apply_truth_events_'s code, loss.deltas()): (cost, delta). The cost is read
         before the events' deltas are scattered (the dense part's sum of squares, less the
         touched cells', plus their new deltas'), so nothing waits for the scatter."""
         entries = self.entries
@@ -311,34 +356,44 @@ class YoloLayer(Layer):
         else:  # no truth lands in this head: the objectness push is all
             out = dlt = np.zeros((0, entries), np.float32)
         squares = ops.sum_of_squares(delta) - float(np.square(dlt, dtype=np.float64).sum())
-        loss.start(events, cells.cell, plan.rows, out)
+        deltas = loss.deltas()
+        deltas.start(events, cells.cell, plan.rows, out)
         for which in cells.rounds():
-            loss.apply(which, cells.cell[which], out, dlt)
-        loss.finish(dlt)
+            deltas.apply(which, cells.cell[which], out, dlt)
+        deltas.finish(dlt)
         if len(events):
             ops.scatter_cells_(delta, cells.cells, dlt)
         squares += float(np.square(dlt, dtype=np.float64).sum())
-        return loss.cost(squares, dlt), delta
+        boxes = float(np.square(dlt[:, :4], dtype=np.float64).sum())
+        return loss.cost_of([squares, boxes, deltas.iou_loss, deltas.giou_loss,
+                             deltas.count]), delta
 
 
 class TruthPlan:
-    """What a [yolo] loss's host part needs from the truth alone: the rows, the truths' events
+    """What a [yolo] loss's truth part needs from the truth alone: the rows, the truths' events
     (`loss.truth_events`) and, unless truth_thresh adds events the predictions decide, the cells
-    they touch (CellRounds) for an output of `shape` (B, A*E, H, W)."""
+    they touch (CellRounds) for an output of `shape` (B, A*E, H, W), and those packed for
+    apply_truth_events_ (`packed`, engine/backends/yolo_truths.py; its capacity fixed by the
+    shapes: images * rows * mask anchors)."""
 
     def __init__(self, layer, loss, rows, shape):
         b, _, h, w = (int(v) for v in shape)
         self.rows = rows
         self.events = loss.truth_events(rows, (h, w))
-        self.cells = CellRounds(self.events, (b, len(layer.mask), h, w)) \
-            if layer.truth_thresh >= 1 else None
+        self.cells = self.packed = None
+        if layer.truth_thresh >= 1:
+            cells = (b, len(layer.mask), h, w)
+            self.cells = CellRounds(self.events, cells)
+            self.packed = pack_plan(self.events.row, self.cells, cells,
+                                    plan_capacity(b, rows.shape[1], len(layer.mask)))
 
 
 class PjreddieYoloLoss:
     """pjreddie's YOLOv3 loss (forward_yolo_layer) for one layer and mini-batch, as the parts
     YoloLayer._yolo_loss runs (see AlexeyabYoloLoss): no class check or gate, objectness
     normalizer 1, and per event (a truth in its best anchor, or a prediction past truth_thresh
-    learning its best truth) the box, objectness 1 and the class, overwriting."""
+    learning its best truth) the box, objectness 1 and the class, overwriting
+    (PjreddieTruthDeltas)."""
 
     classes = class_gate = None
     obj_normalizer = 1.0
@@ -346,6 +401,12 @@ class PjreddieYoloLoss:
 
     def __init__(self, layer, net_w, net_h):
         self.layer, self.net_w, self.net_h = layer, net_w, net_h
+        self.numbers = TruthLoss("pjreddie", layer.mask_anchors, layer.classes, net_w, net_h,
+                                 layer.new_coords)
+
+    def deltas(self):
+        """The events' deltas on the host (PjreddieTruthDeltas), on truth_events' grid."""
+        return PjreddieTruthDeltas(self.numbers, self.grid)
 
     def truth_events(self, rows, grid):
         """Every listed truth in the cell holding its centre, in the anchor of best shape, if
@@ -364,34 +425,6 @@ class PjreddieYoloLoss:
         kept = slot >= 0
         return truth_events(image[kept], row[kept], anchor[kept], slot[kept], j[kept], i[kept])
 
-    def start(self, events, cell, rows, out):
-        self.events, self.truth = events, rows[events.image, events.row]
-
-    def apply(self, which, at, out, dlt):
-        """One round: events `which` on the gathered rows `at` (no two alike)."""
-        L = self.layer
-        h, w = self.grid
-        events, truth = self.events.take(which), self.truth[which]
-        # delta_yolo_box: x, y toward the centre's offset in its cell, w, h toward the log of
-        # the size over the anchor (in float32, as the anchors are), all scaled by 2 - truth
-        # area (small boxes weigh more)
-        x, y, tw, th = (truth[:, k].astype(np.float64) for k in range(4))
-        sizes = L.anchors[events.anchor]
-        target = np.column_stack([x * w - events.i, y * h - events.j,
-                                  np.log((tw * self.net_w).astype(np.float32) / sizes[:, 0]),
-                                  np.log((th * self.net_h).astype(np.float32) / sizes[:, 1])])
-        dlt[at, :4] = (2 - tw * th)[:, None] * (target - out[at, :4])
-        dlt[at, 4] = 1 - out[at, 4]
-        # delta_yolo_class: a one-hot target; where the cell already has a class delta (an
-        # earlier truth's: Darknet looks at class 0's entry) only the new class's entry is set
-        cls = truth[:, 4].astype(np.int64)
-        fresh = at[dlt[at, 5] == 0]
-        dlt[fresh, 5:] = -out[fresh, 5:]
-        dlt[at, 5 + cls] = 1 - out[at, 5 + cls]
-
-    def finish(self, dlt):
-        pass
-
-    def cost(self, squares, dlt):
-        """Darknet's cost: the sum of squared deltas (`squares`)."""
-        return squares
+    def cost_of(self, statistics):
+        """The cost from apply_truth_events_'s statistics: the sum of squared deltas."""
+        return float(statistics[0])

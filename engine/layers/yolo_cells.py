@@ -1,6 +1,7 @@
 """The host side of the [yolo] losses (engine.layers.yolo, engine.layers.alexeyab_yolo_loss):
-the mini-batch's truth rows, the *events* Darknet's loops apply to single cells, and the cells
-they touch, gathered from the backend, changed and scattered back.
+the mini-batch's truth rows and the *events* Darknet's loops apply to single cells (Events and
+CellRounds live with apply_truth_events_, in engine.backends.yolo_truths, whose numpy version
+applies them round by round; the layers' host path does too, for truth_thresh < 1).
 
 An event is a truth learnt by one anchor of its cell (its best anchor, or one iou_thresh adds),
 or a prediction past truth_thresh learning its best truth. Darknet applies an image's events
@@ -11,6 +12,11 @@ occurrence number (its *round*): no two events of a round share a cell, and appl
 """
 
 import numpy as np
+
+from ..backends.yolo_truths import CellRounds, Events, truth_events
+
+__all__ = ["CellRounds", "Events", "truth_events", "truth_rows", "mask_slots",
+           "past_truth_thresh"]
 
 
 def truth_rows(ops, truths, max_boxes):
@@ -26,35 +32,6 @@ def truth_rows(ops, truths, max_boxes):
         return padded
     host = ops.to_host(truths)
     return np.ascontiguousarray(host.reshape(len(host), -1, 5)[:, :max_boxes])
-
-
-class Events:
-    """Events as parallel arrays: `image`, `row` (the truth's row in the truth rows), `anchor`
-    (its index in the layer's anchors), `slot` (that anchor's place in the mask), cell `j`, `i`,
-    and `past` (True: a prediction past truth_thresh)."""
-
-    FIELDS = ("image", "row", "anchor", "slot", "j", "i", "past")
-
-    def __init__(self, **fields):
-        for name in self.FIELDS:
-            setattr(self, name, np.asarray(fields[name]))
-
-    def __len__(self):
-        return len(self.image)
-
-    def take(self, which):
-        return Events(**{name: getattr(self, name)[which] for name in self.FIELDS})
-
-    @classmethod
-    def joined(cls, first, then):
-        return cls(**{name: np.concatenate([getattr(first, name), getattr(then, name)])
-                      for name in cls.FIELDS})
-
-
-def truth_events(image, row, anchor, slot, j, i):
-    """Events of truths learnt by anchors (past False)."""
-    return Events(image=image, row=row, anchor=anchor, slot=slot, j=j, i=i,
-                  past=np.zeros(len(image), bool))
 
 
 def mask_slots(mask, total):
@@ -75,24 +52,3 @@ def past_truth_thresh(ops, best, index, truth_thresh, mask):
                   past=np.ones(len(b), bool))
 
 
-class CellRounds:
-    """The cells (b, slot, j, i) that `events` (in Darknet's order) touch, each event's cell
-    (`cell`, a row of `cells`) and its round."""
-
-    def __init__(self, events, shape):
-        keys = np.ravel_multi_index((events.image, events.slot, events.j, events.i), shape)
-        unique, self.cell = np.unique(keys, return_inverse=True)
-        self.cell = self.cell.reshape(-1)
-        self.cells = np.column_stack(np.unravel_index(unique, shape)).astype(np.int32)
-        # the round: how many earlier events share the event's cell
-        order = np.argsort(self.cell, kind="stable")
-        grouped = self.cell[order]
-        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-        first = np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
-        self.round = np.empty(len(keys), np.int64)
-        self.round[order] = np.arange(len(keys)) - first
-
-    def rounds(self):
-        """The indexes of the events of each round, in order."""
-        for r in range(int(self.round.max(initial=-1)) + 1):
-            yield np.flatnonzero(self.round == r)

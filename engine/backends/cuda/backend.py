@@ -26,6 +26,7 @@ from ...errors import BackendError
 from ...precision import STORAGE_DTYPES, check_precision
 from .. import views
 from ..operations import HostRead, Operations, ReadyRead
+from ..yolo_truths import IOU_LOSSES, STATISTICS
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
@@ -351,10 +352,13 @@ class CudaBackend(Operations):
     def set_(self, dst, host, early=False):
         """Copy host data into an existing device array (a fixed buffer a graph reads); early:
         through a device buffer kept beside dst (_early_copy)."""
-        host = np.ascontiguousarray(host, dtype=np.float32)
+        integers = dst.dtype == np.int32  # an int_array (a plan): copied as is
+        host = np.ascontiguousarray(host, dtype=np.int32 if integers else np.float32)
         if host.size != dst.size:
             raise BackendError(f"cannot copy {host.size} values into an array of {dst.size}")
-        if host.size and dst.dtype == FLOAT32 and early:
+        if host.size and integers:
+            self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)  # pageable: staged on return
+        elif host.size and dst.dtype == FLOAT32 and early:
             self._early_copy(dst, host)
         elif host.size and dst.dtype == FLOAT32:
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
@@ -865,11 +869,15 @@ class CudaBackend(Operations):
         return best, index
 
     def _constant(self, values):
-        """A device copy of small host values, made once per distinct value (a recording may
-        read it; no host copy can be recorded)."""
+        """A device copy of small host values (in their type), made once per distinct value (a
+        recording may read it; no host copy can be recorded)."""
+        values = np.ascontiguousarray(values)
         key = (values.dtype.str, values.shape, values.tobytes())
         if key not in self._constants:
-            self._constants[key] = self.asarray(values)
+            array = self._empty(values.shape, values.dtype)
+            if values.size:
+                self.cuda.memcpy_htod_async(array.ptr, values, self.stream)
+            self._constants[key] = array
         return self._constants[key]
 
     def objectness_delta_(self, delta, output, best, entries, normalizer, ignore_thresh, smooth):
@@ -917,6 +925,55 @@ class CudaBackend(Operations):
         self.cuda.memcpy_dtoh_async(host, total.ptr, self.stream)
         self.stream.synchronize()
         return float(host[0])
+
+    def apply_truth_events_(self, delta, output, truths, plan, loss):
+        """A thread per touched cell (kernels/yolo_truths.cu), then the whole delta's sum of
+        squares into the statistics."""
+        batch, channels, height, width = (int(s) for s in output.shape)
+        entries = loss.entries
+        truths = self._as_type(self._on_device(truths), FLOAT32)
+        rows = truths.size // (5 * batch) if batch else 0
+        capacity = (int(plan.size) - 3) // 3
+        multipliers = loss.class_multipliers
+        anchors = self._constant(np.asarray(loss.anchors, np.float32).reshape(-1, 2))
+        numbers = self._constant(np.array(
+            [loss.iou_normalizer, loss.obj_normalizer, loss.cls_normalizer, loss.max_delta,
+             loss.label_smooth_eps] + ([] if multipliers is None else list(multipliers)),
+            np.float64))
+        cell_rows = self._empty((max(capacity, 1), entries))
+        statistics = self._empty((len(STATISTICS),), np.float64)
+        self.cuda.memset_d32_async(statistics.ptr, 0, 2 * len(STATISTICS), self.stream)
+        output = self._as_type(output, delta.dtype)
+        self.kernels.launch("truth_events_kernel", capacity, delta.ptr, output.ptr, truths.ptr,
+                            plan.ptr, anchors.ptr, numbers.ptr, cell_rows.ptr, statistics.ptr,
+                            capacity, channels // entries, entries, height, width, rows,
+                            np.float32(loss.net_w), np.float32(loss.net_h),
+                            int(loss.kind == "alexeyab"), IOU_LOSSES.index(loss.iou_loss),
+                            int(loss.new_coords), loss.classes, int(multipliers is not None),
+                            int(bool(loss.focal_loss)), int(bool(loss.objectness_smooth)),
+                            int(loss.iou_thresh < 1), dtype=delta.dtype)
+        self.kernels.launch_blocks("sum_of_squares_kernel", -(-delta.size // (4 * BLOCK)),
+                                   delta.ptr, statistics.ptr, delta.size, dtype=delta.dtype)
+        return statistics
+
+    def int_array(self, host):
+        host = np.ascontiguousarray(host, dtype=np.int32)
+        array = self._empty(host.shape, np.int32)
+        if host.size:  # pageable and small: the copy is done when the call returns
+            self.cuda.memcpy_htod_async(array.ptr, host, self.stream)
+        return array
+
+    def float64_values(self, array):
+        host = np.empty(array.shape, np.float64)
+        if host.size:
+            self.cuda.memcpy_dtoh_async(host, array.ptr, self.stream)
+        self.stream.synchronize()
+        return host
+
+    def host_reader(self, array):
+        from .graph import HostReader
+
+        return HostReader(self, array)
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,

@@ -7,6 +7,8 @@ the values that change per step (learning rate, dropout seed) are read by the ke
 memory that each replay refreshes (CudaBackend.recording and set_step).
 """
 
+import numpy as np
+
 from ...errors import BackendError
 from .libraries import cuda_driver
 
@@ -50,3 +52,33 @@ class CapturedStep:
     def last_cost(self):
         """The cost of the latest replay (synchronises)."""
         return self.backend.last_cost()
+
+
+class HostReader:
+    """CudaBackend.host_reader: a small device array copied into page-locked host memory at this
+    point of the stream (in a recording, a copy node of each replay), and an event recorded
+    after the copy (in a recording, an external event node: CU_EVENT_RECORD_EXTERNAL) that
+    values() waits for, not for the rest of the stream's work."""
+
+    def __init__(self, backend, array):
+        self.driver = driver = cuda_driver()
+        self.host = backend.cuda.pagelocked_empty(tuple(array.shape), array.dtype)
+        backend.cuda.memcpy_dtoh_async(self.host, array.ptr, backend.stream)
+        self.event = _check(driver, driver.cuEventCreate(
+            int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
+        stream = driver.CUstream(backend.stream.handle)
+        if backend._recording:  # (the external flag is valid only while capturing)
+            _check(driver, driver.cuEventRecordWithFlags(
+                self.event, stream, int(driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL)),
+                "cuEventRecordWithFlags")
+        else:
+            _check(driver, driver.cuEventRecord(self.event, stream), "cuEventRecord")
+
+    def values(self):
+        _check(self.driver, self.driver.cuEventSynchronize(self.event), "cuEventSynchronize")
+        return np.array(self.host, dtype=np.float64)
+
+    def __del__(self):
+        event = getattr(self, "event", None)
+        if event is not None:
+            self.driver.cuEventDestroy(event)

@@ -76,6 +76,7 @@ SIGNATURES = {
     "gather_cells_kernel": ("yolo_loss.cu", "PPPiiiii"),
     "scatter_cells_kernel": ("yolo_loss.cu", "PPPiiiii"),
     "sum_of_squares_kernel": ("yolo_loss.cu", "PPi"),
+    "truth_events_kernel": ("yolo_truths.cu", "P" * 8 + "i" * 6 + "ff" + "i" * 8),
 }
 
 # numpy dtype of a device array -> the C type kernels/storage.cuh stores it as (bf16 values are
