@@ -193,10 +193,10 @@ class CapturedSteps(EagerSteps):
 class SplitCapturedSteps(CapturedSteps):
     """Recorded iterations for losses with a part on the host ([yolo] heads with truth_thresh <
     1: predictions past it add events, handled in numpy, engine/layers/yolo.py), where a batch
-    is one pass: two recordings, the forward with
-    each loss's backend part (device_cost), and the backward with the update; between their
-    replays each loss's host part (finish_cost) runs eagerly, a few kernels and small copies,
-    its share that needs the truth alone (plan_cost) while the forward's replay runs.
+    is one pass: two recordings, the forward with each loss's backend part (device_cost), and
+    the backward with the update; between their replays each loss's host part (finish_cost)
+    runs eagerly, a few kernels and small copies, its share that needs the truth alone
+    (plan_cost) while the forward's replay runs.
     What the recordings save is the host's cost per operation: cuDNN's legacy calls take about
     180 µs each on an H200's host, 62 of them per yolov4-tiny step."""
 
