@@ -232,6 +232,7 @@ class Network:
         self.seen = 0
         self.folded = False  # fold_batchnorm: inference only from then on
         self._plan = None  # _concatenation_plan, made at the first inference forward
+        self._pools = None  # _pooling_plan, likewise
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -358,16 +359,47 @@ class Network:
             self._plan = plan
         return plan
 
+    def _pooling_plan(self):
+        """{convolution index: the [maxpool] after it}: inference convolutions (writes_into,
+        not in the concatenation plan, not the network's output) whose only reader is the
+        plain [maxpool] that follows compute that layer's output themselves
+        (ConvolutionalLayer.forward_pooled) and keep none of their own (None in `outputs`).
+        Made once."""
+        plan = self._pools
+        if plan is None:
+            plan = {}
+            concatenated = self._concatenation_plan()
+            readers = {}
+            for layer in self.layers:
+                for j in layer.input_indices:
+                    readers.setdefault(j, []).append(layer.index)
+            for conv, pool in zip(self.layers, self.layers[1:]):
+                if (conv.type_name == "convolutional" and conv.writes_into()
+                        and conv.index not in concatenated and conv is not self.output_layer
+                        and readers.get(conv.index) == [pool.index]
+                        and pool.type_name == "maxpool" and pool.pools_after_a_convolution()):
+                    plan[conv.index] = pool
+            self._pools = plan
+        return plan
+
     def _forward_inference(self, x):
-        """forward(train=False), with the concatenation plan: a planned convolution allocates
-        its route's output if no earlier part did and computes into its channels."""
+        """forward(train=False), with the concatenation plan (a planned convolution allocates
+        its route's output if no earlier part did and computes into its channels) and the
+        pooling plan (a planned convolution computes its [maxpool]'s output)."""
         ops, outputs = self.ops, []
-        plan = self._concatenation_plan()
+        plan, pools = self._concatenation_plan(), self._pooling_plan()
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
+        pooled = {}  # maxpool index -> its output, computed by the convolution before it
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             where = plan.get(layer.index)
-            if where is not None:
+            pool = pools.get(layer.index)
+            if pool is not None:
+                pooled[pool.index] = layer.forward_pooled(ops, inputs[0], pool)
+                outputs.append(None)
+            elif layer.index in pooled:
+                outputs.append(layer.forward_given(int(x.shape[0]), pooled.pop(layer.index)))
+            elif where is not None:
                 r, i, at = where
                 route = self.layers[r]
                 out = buffers.get(r)
@@ -458,13 +490,14 @@ class Network:
 
     def check_finite_outputs(self, indexes):
         """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
-        if not all(self.ops.all_finite(self.outputs[i]) for i in indexes):
+        if not all(self.outputs[i] is None or self.ops.all_finite(self.outputs[i])
+                   for i in indexes):
             self.raise_non_finite()
 
     def raise_non_finite(self):
         """Name the first layer whose output (in the last forward) is not finite."""
         for layer, output in zip(self.layers, self.outputs):
-            if not self.ops.all_finite(output):
+            if output is not None and not self.ops.all_finite(output):
                 raise NumericalError(
                     f"{self.cfg_path}: layer {layer.index} [{layer.type_name}] ({layer.where()}) "
                     "computed NaN or infinite values; the weights are damaged or too large for "

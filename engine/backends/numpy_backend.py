@@ -56,6 +56,9 @@ MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one 
 PARALLEL_ELEMENTS = 1 << 20  # a memory pass over fewer elements stays on one thread (_run)
 POOL_PARALLEL_ELEMENTS = 1 << 21  # the same for inference maxpool (input elements)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
+# activations f with max(f(a), f(b)) == f(max(a, b)) bit for bit (non-decreasing, computed
+# elementwise): a maxpool may be taken before them
+MONOTONE_ACTIVATIONS = ("linear", "leaky", "relu")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,6 +81,14 @@ def _activation_(name):
     if name == "linear":
         return None
     return lambda block: activations.activate_(block, name)
+
+
+def _activation_into(name):
+    """out = act(x) as a function of (x, out), storing and activating in one pass; None for
+    linear (a plain copy)."""
+    if name == "linear":
+        return None
+    return lambda x, out: activations.activate_into(x, out, name)
 
 
 def _pair(stride):
@@ -442,6 +453,28 @@ class NumpyBackend(Operations):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
+                                  groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
+        """The 2x2/2 maxima of a Winograd convolution whose map is whole tiles, pooled inside
+        each block's output tiles (a tile's 2x2 windows are its own: the maxima are two
+        contiguous passes over the block) and activated after (max and a non-decreasing
+        activation commute exactly): the convolution's output is never stored, nor read again
+        by a separate pooling pass. Any other case: the two operations."""
+        b, _, h, w = x.shape
+        v = winograd.variant(h, w)
+        if (activation in MONOTONE_ACTIVATIONS and pool_size == pool_stride == 2
+                and pool_pad == 0 and tuple(pool_hw) == (h // 2, w // 2)
+                and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation)
+                and winograd.pools_in_tiles(h, w, v)):
+            f = weights.shape[0]
+            pooled = np.empty((h // 2, w // 2, b, f), x.dtype)
+            winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
+                             self.threads, biases, _activation_into(activation), pooled=pooled)
+            return pooled.transpose(2, 3, 0, 1)
+        return super().conv_bias_maxpool_forward(x, weights, biases, activation, stride, padding,
+                                                 groups, pool_size, pool_stride, pool_pad,
+                                                 pool_hw, dilation)
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """conv_bias_forward computed straight into out's channels [start, start + F) when out
@@ -463,8 +496,8 @@ class NumpyBackend(Operations):
         if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads, biases, _activation_(activation),
-                                    into)
+                                    self._run, self.threads, biases,
+                                    _activation_into(activation), into)
         return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
                                         activation, into)
 

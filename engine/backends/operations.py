@@ -188,6 +188,19 @@ class Operations(ABC):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
+                                  groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
+        """Inference only: maxpool_forward(conv_bias_forward(x, ...), pool_size, pool_stride,
+        pool_pad, *pool_hw, train=False)'s maxima, for a [maxpool] that is the convolution's
+        only reader (the convolution's own output is not returned). One operation so that a
+        backend may pool each block of the convolution while it is in cache and never store
+        the rest; by default the two operations, as the layers issued them before."""
+        y = self.conv_bias_forward(x, weights, biases, activation, stride, padding, groups,
+                                   dilation=dilation)
+        pooled, _ = self.maxpool_forward(y, pool_size, pool_stride, pool_pad, *pool_hw,
+                                         train=False)
+        return pooled
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """Inference only: conv_bias_forward's values also stored in out's channels [start,

@@ -196,6 +196,18 @@ class ConvolutionalLayer(LinearUnit):
             self.padding * self.dilation, self.groups, dilation=self.dilation)
         return y
 
+    def forward_pooled(self, ops, x, pool):
+        """Inference forward (writes_into) of a convolution whose only reader is the [maxpool]
+        `pool` (MaxpoolLayer.pools_after_a_convolution): returns the pool's output; the
+        convolution's own output is not kept (None)."""
+        self.input = x
+        p = self.params
+        self.output = None
+        return ops.conv_bias_maxpool_forward(
+            x, p["weights"], p["biases"], self.activation, self.conv_stride,
+            self.padding * self.dilation, self.groups, pool.size, pool.stride, pool.pad,
+            pool.pooled_hw, dilation=self.dilation)
+
     def backward(self, ops, delta, need_dx):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
