@@ -518,6 +518,7 @@ class Network:
                 self.ops.freeze_(array)
         self.folded = True
         self._plan = None  # folded convolutions may now write into their concatenations
+        self._pools = None  # ... and pool for their maxpools
         return self
 
     def load_weights(self, path):

@@ -271,6 +271,47 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", [(16, 104, "leaky"), (16, 52, "relu"), (24, 24, "leaky"),
+                                  (16, 12, "linear")], ids=str)
+def test_a_convolution_pools_inside_its_tiles_as_the_maxpool_does(monkeypatch, threads, case):
+    """conv_bias_maxpool_forward's 2x2/2 maxima taken inside Winograd's output tiles (F(4x4) in
+    several blocks of tile rows; one block shared out on two threads; F(2x2)) and activated
+    after: exactly the maxpool of the convolution's output."""
+    c, side, activation = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    ops = NumpyBackend()
+    rng = np.random.default_rng(7)
+    x = channels_innermost(rng.standard_normal((1, c, side, side)).astype(np.float32))
+    w = (rng.standard_normal((24, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    biases = rng.standard_normal(24).astype(np.float32)
+    pooled = ops.conv_bias_maxpool_forward(x, w, biases, activation, 1, 1, 1, 2, 2, 0,
+                                           (side // 2, side // 2))
+    y = ops.conv_bias_forward(x, w, biases, activation, 1, 1, 1)
+    expected, _ = ops.maxpool_forward(y, 2, 2, 0, side // 2, side // 2, train=False)
+    np.testing.assert_array_equal(pooled, expected)
+
+
+def test_a_network_s_convolutions_pool_for_their_maxpools():
+    """yolov3-tiny's pooling plan (each convolution whose only reader is the maxpool after it
+    computes that maxpool's output and keeps none of its own) gives every other layer's output
+    exactly as without it."""
+    net = Network(YOLOV3_TINY, quiet=True)
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    net.predict(x)
+    assert not net._pooling_plan()  # batch norm not folded yet: no convolution planned
+    planned = net.fold_batchnorm().predict(x)
+    # (8 is also read by route 20; 0 and 10 take the two operations: im2col, a 2x2/1 pool)
+    assert sorted(net._pooling_plan()) == [0, 2, 4, 6, 10]
+    assert all(net.outputs[i] is None for i in net._pooling_plan())
+    outputs = list(net.outputs)
+    net._pools = {}
+    np.testing.assert_array_equal(net.predict(x), planned)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+
+
 def test_a_bad_thread_count_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "two")
     with pytest.raises(BackendError, match="ENGINE_CPU_THREADS=two"):
