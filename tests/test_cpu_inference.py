@@ -272,22 +272,27 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
-@pytest.mark.parametrize("case", [(16, 104, "leaky"), (16, 52, "relu"), (24, 24, "leaky"),
-                                  (16, 12, "linear")], ids=str)
-def test_a_convolution_pools_inside_its_tiles_as_the_maxpool_does(monkeypatch, threads, case):
+@pytest.mark.parametrize("case", [(16, 104, 3, "leaky"), (16, 52, 3, "relu"), (24, 24, 3, "leaky"),
+                                  (16, 12, 3, "linear"), (3, 106, 3, "leaky"), (16, 12, 1, "leaky"),
+                                  (16, 60, 1, "relu")], ids=str)
+def test_a_convolution_pools_its_blocks_as_the_maxpool_does(monkeypatch, threads, case):
     """conv_bias_maxpool_forward's 2x2/2 maxima taken inside Winograd's output tiles (F(4x4) in
-    several blocks of tile rows; one block shared out on two threads; F(2x2)) and activated
-    after: exactly the maxpool of the convolution's output."""
-    c, side, activation = case
+    several blocks of tile rows; one block shared out on two threads; F(2x2)) or over the
+    column products' blocks of row pairs (im2col from a batch-innermost input, 1x1 from a
+    channels-innermost one, a small map's filters shared out) and activated after: exactly
+    the maxpool of the convolution's output."""
+    c, side, size, activation = case
     monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
     ops = NumpyBackend()
     rng = np.random.default_rng(7)
-    x = channels_innermost(rng.standard_normal((1, c, side, side)).astype(np.float32))
-    w = (rng.standard_normal((24, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    if c > 3:
+        x = channels_innermost(x)
+    w = (rng.standard_normal((24, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
     biases = rng.standard_normal(24).astype(np.float32)
-    pooled = ops.conv_bias_maxpool_forward(x, w, biases, activation, 1, 1, 1, 2, 2, 0,
+    pooled = ops.conv_bias_maxpool_forward(x, w, biases, activation, 1, size // 2, 1, 2, 2, 0,
                                            (side // 2, side // 2))
-    y = ops.conv_bias_forward(x, w, biases, activation, 1, 1, 1)
+    y = ops.conv_bias_forward(x, w, biases, activation, 1, size // 2, 1)
     expected, _ = ops.maxpool_forward(y, 2, 2, 0, side // 2, side // 2, train=False)
     np.testing.assert_array_equal(pooled, expected)
 
@@ -301,7 +306,7 @@ def test_a_network_s_convolutions_pool_for_their_maxpools():
     net.predict(x)
     assert not net._pooling_plan()  # batch norm not folded yet: no convolution planned
     planned = net.fold_batchnorm().predict(x)
-    # (8 is also read by route 20; 0 and 10 take the two operations: im2col, a 2x2/1 pool)
+    # (8 is also read by route 20; 10's pool, 2x2/1, is the two operations)
     assert sorted(net._pooling_plan()) == [0, 2, 4, 6, 10]
     assert all(net.outputs[i] is None for i in net._pooling_plan())
     outputs = list(net.outputs)

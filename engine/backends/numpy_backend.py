@@ -26,6 +26,7 @@ and only `sgd_update` changes parameters.
 
 import contextlib
 import functools
+import itertools
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -455,22 +456,31 @@ class NumpyBackend(Operations):
 
     def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
                                   groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
-        """The 2x2/2 maxima of a Winograd convolution whose map is whole tiles, pooled inside
-        each block's output tiles (a tile's 2x2 windows are its own: the maxima are two
-        contiguous passes over the block) and activated after (max and a non-decreasing
+        """The 2x2/2 maxima of an (ungrouped) convolution of an even output, taken from each
+        block of its output while in cache and activated after (max and a non-decreasing
         activation commute exactly): the convolution's output is never stored, nor read again
-        by a separate pooling pass. Any other case: the two operations."""
+        by a separate pooling pass. Winograd's on maps of whole even tiles pools inside its
+        output tiles (a tile's 2x2 windows are its own: two contiguous passes over the block),
+        the column products over their blocks of row pairs. Any other case: the two
+        operations."""
         b, _, h, w = x.shape
-        v = winograd.variant(h, w)
+        f = weights.shape[0]
+        _, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         if (activation in MONOTONE_ACTIVATIONS and pool_size == pool_stride == 2
-                and pool_pad == 0 and tuple(pool_hw) == (h // 2, w // 2)
-                and winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation)
-                and winograd.pools_in_tiles(h, w, v)):
-            f = weights.shape[0]
-            pooled = np.empty((h // 2, w // 2, b, f), x.dtype)
-            winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
-                             self.threads, biases, _activation_into(activation), pooled=pooled)
-            return pooled.transpose(2, 3, 0, 1)
+                and pool_pad == 0 and out_h % 2 == 0 and out_w % 2 == 0
+                and tuple(pool_hw) == (out_h // 2, out_w // 2) and groups == 1):
+            pooled = np.empty((out_h // 2, out_w // 2, b, f), x.dtype)
+            if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
+                v = winograd.variant(h, w)
+                if winograd.pools_in_tiles(h, w, v):
+                    winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
+                                     self.threads, biases, _activation_into(activation),
+                                     pooled=pooled)
+                    return pooled.transpose(2, 3, 0, 1)
+            else:  # the column products, each block of row pairs pooled
+                self._conv_channels_last(x, weights, stride, padding, dilation, biases,
+                                         activation, pooled=pooled)
+                return pooled.transpose(2, 3, 0, 1)
         return super().conv_bias_maxpool_forward(x, weights, biases, activation, stride, padding,
                                                  groups, pool_size, pool_stride, pool_pad,
                                                  pool_hw, dilation)
@@ -511,7 +521,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear", into=None):
+                            activation="linear", into=None, pooled=None):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -521,8 +531,9 @@ class NumpyBackend(Operations):
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
-        y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
+        if pooled is None:
+            ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
+            y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
         per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
@@ -558,6 +569,9 @@ class NumpyBackend(Operations):
                 block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
                 return block.reshape(c * size * size, -1).T
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
+        if pooled is not None:  # blocks of whole row pairs (the 2x2 windows)
+            ends = sorted({r1 + r1 % 2 for _, r1 in blocks})
+            blocks = list(itertools.pairwise([0] + ends))
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
         step = -(-f // parts)
@@ -567,8 +581,24 @@ class NumpyBackend(Operations):
         fused = biases is not None and parts == 1
         b_row = np.tile(biases, per_row) if fused else None
         finish = _activation_(activation)
+        store = winograd.store_through(_activation_into(activation))
+
+        def pooled_block_(rows, f0):
+            # the block in a contiguous temporary with its biases, its 2x2 maxima over row
+            # pairs, then column pairs, then the activation (it commutes with max), stored
+            block = np.matmul(columns(rows), wt[:, f0:f0 + step])
+            fs = block.shape[1]
+            block_rows = block.reshape(rows[1] - rows[0], -1)
+            block_rows += b_row if parts == 1 else np.tile(biases[f0:f0 + fs], per_row)
+            pairs = block.reshape((rows[1] - rows[0]) // 2, 2, out_w // 2, 2, b * fs)
+            row_max = np.maximum(pairs[:, 0], pairs[:, 1])
+            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+            store(maxima.reshape(maxima.shape[:2] + (b, fs)),
+                  pooled[rows[0] // 2:rows[1] // 2, :, :, f0:f0 + fs])
 
         def block_(rows, f0):
+            if pooled is not None:
+                return pooled_block_(rows, f0)
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
             if fused and into is not None:
                 # into a route's buffer (strided rows): the block finished in a contiguous
@@ -588,6 +618,8 @@ class NumpyBackend(Operations):
                     finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
+        if pooled is not None:
+            return None
         y = ym.transpose(2, 3, 0, 1)
         if biases is not None and not fused:
             self.add_bias_(y, biases, activation)

@@ -160,7 +160,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         def run(tasks):
             for task in tasks:
                 task()
-    store = _store(finish)
+    store = store_through(finish)
     sh, sw, sb, sc = padded.strides
     # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
     tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
@@ -217,7 +217,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     return None if ym is None else ym.transpose(2, 3, 0, 1)
 
 
-def _store(finish):
+def store_through(finish):
     """store(src, dst): dst = finish(src), or a plain copy without `finish`."""
     if finish is None:
         return lambda src, dst: np.copyto(dst, src)
