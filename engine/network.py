@@ -233,6 +233,7 @@ class Network:
         self.folded = False  # fold_batchnorm: inference only from then on
         self._plan = None  # _concatenation_plan, made at the first inference forward
         self._pools = None  # _pooling_plan, likewise
+        self._pooled = None  # _pooled_routes, likewise
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -339,20 +340,52 @@ class Network:
         self.outputs = outputs
         return outputs[self.output_layer.index]
 
+    def _readers(self):
+        """{layer index: the indexes of the layers that read its output}."""
+        readers = {}
+        for layer in self.layers:
+            for j in layer.input_indices:
+                readers.setdefault(j, []).append(layer.index)
+        return readers
+
+    def _pooled_routes(self):
+        """{route index: the [maxpool] after it}: concatenations of inference convolutions
+        (writes_into, each once) whose only reader is the plain [maxpool] that follows; each
+        convolution pools its part straight into that maxpool's output (the pooling plan), so
+        the route's output is never made. Made once."""
+        routes = self._pooled
+        if routes is None:
+            routes, readers = {}, self._readers()
+            for route, pool in zip(self.layers, self.layers[1:]):
+                if (route.type_name == "route" and route.concatenates()
+                        and route is not self.output_layer
+                        and readers.get(route.index) == [pool.index]
+                        and pool.type_name == "maxpool" and pool.pools_after_a_convolution()
+                        and len(set(route.input_indices)) == len(route.input_indices)
+                        and all(j >= 0 and self.layers[j].type_name == "convolutional"
+                                and self.layers[j].writes_into() for j in route.input_indices)):
+                    routes[route.index] = pool
+            self._pooled = routes
+        return routes
+
     def _concatenation_plan(self):
         """{convolution index: (route index, input position, channel offset)}: inference
         convolutions that write their output straight into the buffer of a [route] that
         concatenates them (one route each, the first), so the route copies nothing for them;
-        their other readers read that channel slice. Made once."""
+        their other readers read that channel slice. Routes whose maxpool their inputs pool
+        for (_pooled_routes), and those inputs, are left to the pooling plan. Made once."""
         plan = self._plan
         if plan is None:
             plan = {}
+            pooled = self._pooled_routes()
+            taken = {j for r in pooled for j in self.layers[r].input_indices}
             for route in self.layers:
-                if route.type_name != "route" or not route.concatenates():
+                if (route.type_name != "route" or not route.concatenates()
+                        or route.index in pooled):
                     continue
                 for i, (j, at) in enumerate(zip(route.input_indices, route.channel_offsets())):
                     producer = self.layers[j] if j >= 0 else None
-                    if (j not in plan and producer is not None
+                    if (j not in plan and j not in taken and producer is not None
                             and producer.type_name == "convolutional"
                             and producer.writes_into()):
                         plan[j] = (route.index, i, at)
@@ -360,52 +393,62 @@ class Network:
         return plan
 
     def _pooling_plan(self):
-        """{convolution index: the [maxpool] after it}: inference convolutions (writes_into,
-        not in the concatenation plan, not the network's output) whose only reader is the
-        plain [maxpool] that follows compute that layer's output themselves
-        (ConvolutionalLayer.forward_pooled) and keep none of their own (None in `outputs`).
-        Made once."""
+        """{convolution index: (maxpool, channel offset, keep)}: inference convolutions that
+        compute a plain [maxpool]'s output themselves (ConvolutionalLayer.forward_pooled):
+        one (writes_into, not in the concatenation plan, not the network's output) whose only
+        reader is the maxpool that follows (offset 0; its own output is not kept: None in
+        `outputs`), or the inputs of a route that only that maxpool reads (_pooled_routes:
+        each pools into its channels of the maxpool's output, at its offset in the route;
+        kept where other layers read it). Made once."""
         plan = self._pools
         if plan is None:
-            plan = {}
+            plan, readers = {}, self._readers()
             concatenated = self._concatenation_plan()
-            readers = {}
-            for layer in self.layers:
-                for j in layer.input_indices:
-                    readers.setdefault(j, []).append(layer.index)
             for conv, pool in zip(self.layers, self.layers[1:]):
                 if (conv.type_name == "convolutional" and conv.writes_into()
                         and conv.index not in concatenated and conv is not self.output_layer
                         and readers.get(conv.index) == [pool.index]
                         and pool.type_name == "maxpool" and pool.pools_after_a_convolution()):
-                    plan[conv.index] = pool
+                    plan[conv.index] = (pool, 0, False)
+            for r, pool in self._pooled_routes().items():
+                route = self.layers[r]
+                for j, at in zip(route.input_indices, route.channel_offsets()):
+                    keep = readers[j] != [r] or self.layers[j] is self.output_layer
+                    plan[j] = (pool, at, keep)
             self._pools = plan
         return plan
 
     def _forward_inference(self, x):
         """forward(train=False), with the concatenation plan (a planned convolution allocates
         its route's output if no earlier part did and computes into its channels) and the
-        pooling plan (a planned convolution computes its [maxpool]'s output)."""
-        ops, outputs = self.ops, []
+        pooling plan (planned convolutions compute their [maxpool]'s output, the first
+        allocating it; a route they pool for is skipped: None in `outputs`)."""
+        ops, outputs, batch = self.ops, [], int(x.shape[0])
         plan, pools = self._concatenation_plan(), self._pooling_plan()
+        pooled_routes = self._pooled_routes()
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
-        pooled = {}  # maxpool index -> its output, computed by the convolution before it
+        pooled = {}  # maxpool index -> its output, computed by the convolutions before it
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             where = plan.get(layer.index)
-            pool = pools.get(layer.index)
-            if pool is not None:
-                pooled[pool.index] = layer.forward_pooled(ops, inputs[0], pool)
+            planned_pool = pools.get(layer.index)
+            if planned_pool is not None:
+                pool, at, keep = planned_pool
+                out = pooled.get(pool.index)
+                if out is None and pool.input_indices != [layer.index]:  # (a route's first)
+                    out = ops.empty((batch,) + pool.out_shape, like=inputs[0])
+                pooled[pool.index], y = layer.forward_pooled(ops, inputs[0], pool, out, at, keep)
+                outputs.append(y)
+            elif layer.index in pooled_routes:
                 outputs.append(None)
             elif layer.index in pooled:
-                outputs.append(layer.forward_given(int(x.shape[0]), pooled.pop(layer.index)))
+                outputs.append(layer.forward_given(batch, pooled.pop(layer.index)))
             elif where is not None:
                 r, i, at = where
                 route = self.layers[r]
                 out = buffers.get(r)
                 if out is None:
-                    out = buffers[r] = ops.empty((int(inputs[0].shape[0]),) + route.out_shape,
-                                                 like=inputs[0])
+                    out = buffers[r] = ops.empty((batch,) + route.out_shape, like=inputs[0])
                 outputs.append(layer.forward_into(ops, inputs[0], out, at))
                 placed.setdefault(r, set()).add(i)
             elif layer.index in buffers:
@@ -519,6 +562,7 @@ class Network:
         self.folded = True
         self._plan = None  # folded convolutions may now write into their concatenations
         self._pools = None  # ... and pool for their maxpools
+        self._pooled = None
         return self
 
     def load_weights(self, path):

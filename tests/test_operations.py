@@ -398,12 +398,22 @@ def test_convolution_then_maxpool(ops, rng, case):
     x = randn(rng, 1, 16, side, side)
     w = randn(rng, 24, 16, size, size) / np.float32(np.sqrt(size * size * 16))
     biases = randn(rng, 24)
-    pooled, _ = call(ops, "conv_bias_maxpool_forward", x, w, biases, activation, 1, padding, 1,
-                     k, pool_stride, 0, (pooled_side, pooled_side))
+    (pooled, none), _ = call(ops, "conv_bias_maxpool_forward", x, w, biases, activation, 1,
+                             padding, 1, k, pool_stride, 0, (pooled_side, pooled_side))
     y = activations.activate(conv_reference(x, w, 1, padding, 1) + biases.reshape(1, -1, 1, 1),
                              activation)
     expected, _ = maxpool_reference(y, k, pool_stride, k - 1, pooled_side, pooled_side)
     assert_close(pooled, expected, "the maxima")
+    assert none is None
+    # into channels [8, 32) of a maxpool's output (a route's part), the output kept as well
+    out = randn(rng, 1, 40, pooled_side, pooled_side)
+    (into, kept), args = call(ops, "conv_bias_maxpool_forward", x, w, biases, activation, 1,
+                              padding, 1, k, pool_stride, 0, (pooled_side, pooled_side), out, 8,
+                              True)
+    assert_close(into[:, 8:32], expected, "the maxima in the maxpool's output")
+    assert_close(kept, y, "the convolution's output")
+    np.testing.assert_array_equal(into[:, :8], out[:, :8])
+    np.testing.assert_array_equal(into[:, 32:], out[:, 32:])
 
 
 def test_computes_into_concatenations(ops, rng):

@@ -455,35 +455,40 @@ class NumpyBackend(Operations):
         return self.add_bias_(y, biases, activation)
 
     def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
-                                  groups, pool_size, pool_stride, pool_pad, pool_hw, dilation=1):
+                                  groups, pool_size, pool_stride, pool_pad, pool_hw, out=None,
+                                  start=0, keep=False, dilation=1):
         """The 2x2/2 maxima of an (ungrouped) convolution of an even output, taken from each
         block of its output while in cache and activated after (max and a non-decreasing
-        activation commute exactly): the convolution's output is never stored, nor read again
-        by a separate pooling pass. Winograd's on maps of whole even tiles pools inside its
+        activation commute exactly), stored channels innermost (into out's channels when out
+        is so); the convolution's output is stored only where `keep`, and never read again by
+        a separate pooling pass. Winograd's on maps of whole even tiles pools inside its
         output tiles (a tile's 2x2 windows are its own: two contiguous passes over the block),
         the column products over their blocks of row pairs. Any other case: the two
         operations."""
         b, _, h, w = x.shape
         f = weights.shape[0]
         _, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
+        v = winograd.variant(h, w)
+        winograd_ = winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation)
         if (activation in MONOTONE_ACTIVATIONS and pool_size == pool_stride == 2
                 and pool_pad == 0 and out_h % 2 == 0 and out_w % 2 == 0
-                and tuple(pool_hw) == (out_h // 2, out_w // 2) and groups == 1):
-            pooled = np.empty((out_h // 2, out_w // 2, b, f), x.dtype)
-            if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
-                v = winograd.variant(h, w)
-                if winograd.pools_in_tiles(h, w, v):
-                    winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
+                and tuple(pool_hw) == (out_h // 2, out_w // 2) and groups == 1
+                and (out is None or self._channels_innermost(out))
+                and (not winograd_ or winograd.pools_in_tiles(h, w, v))):
+            if out is None:
+                out = np.empty((out_h // 2, out_w // 2, b, f), x.dtype).transpose(2, 3, 0, 1)
+            pooled = out[:, start:start + f].transpose(2, 3, 0, 1)  # (H/2, W/2, B, F), a view
+            if winograd_:
+                y = winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
                                      self.threads, biases, _activation_into(activation),
-                                     pooled=pooled)
-                    return pooled.transpose(2, 3, 0, 1)
+                                     pooled=pooled, keep=keep)
             else:  # the column products, each block of row pairs pooled
-                self._conv_channels_last(x, weights, stride, padding, dilation, biases,
-                                         activation, pooled=pooled)
-                return pooled.transpose(2, 3, 0, 1)
+                y = self._conv_channels_last(x, weights, stride, padding, dilation, biases,
+                                             activation, pooled=pooled, keep=keep)
+            return out, y
         return super().conv_bias_maxpool_forward(x, weights, biases, activation, stride, padding,
                                                  groups, pool_size, pool_stride, pool_pad,
-                                                 pool_hw, dilation)
+                                                 pool_hw, out, start, keep, dilation)
 
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
@@ -521,7 +526,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear", into=None, pooled=None):
+                            activation="linear", into=None, pooled=None, keep=False):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -531,7 +536,7 @@ class NumpyBackend(Operations):
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        if pooled is None:
+        if pooled is None or keep:
             ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
             y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
         per_row = out_w * b
@@ -590,6 +595,8 @@ class NumpyBackend(Operations):
             fs = block.shape[1]
             block_rows = block.reshape(rows[1] - rows[0], -1)
             block_rows += b_row if parts == 1 else np.tile(biases[f0:f0 + fs], per_row)
+            if keep:  # (other layers read the convolution's output)
+                store(block, y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + fs])
             pairs = block.reshape((rows[1] - rows[0]) // 2, 2, out_w // 2, 2, b * fs)
             row_max = np.maximum(pairs[:, 0], pairs[:, 1])
             maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
@@ -618,10 +625,10 @@ class NumpyBackend(Operations):
                     finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
-        if pooled is not None:
+        if pooled is not None and not keep:
             return None
         y = ym.transpose(2, 3, 0, 1)
-        if biases is not None and not fused:
+        if biases is not None and not fused and pooled is None:  # (pooled blocks: done)
             self.add_bias_(y, biases, activation)
         return y
 

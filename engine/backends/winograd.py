@@ -124,7 +124,7 @@ def pools_in_tiles(h, w, v):
 
 
 def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None,
-            pooled=None):
+            pooled=None, keep=False):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
     memory (in `into`, written in place, if given: a view of a larger array): the output
@@ -137,9 +137,10 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     through an activation (dst = act(src), one pass while the block is in cache; without it,
     a copy). The bias costs almost nothing: it is added to the products of one point,
     v.bias_point, which the output transform carries into every output of its tile with
-    weight 1. With `pooled` (H/2, W/2, B, F; pools_in_tiles), y is not stored at all: each
-    block's 2x2/2 maxima are taken inside its output tiles and stored there through `finish`
-    (an activation that commutes with max); returns None then.
+    weight 1. With `pooled` (H/2, W/2, B, F, possibly a view; pools_in_tiles), each block's
+    2x2/2 maxima are taken inside its output tiles and stored there through `finish` (an
+    activation that commutes with max); y is then stored (and returned) only if `keep`, else
+    None is returned.
 
     Channels innermost: the input is copied once into (H, W, B, C) order, so the products are
     M[k] = V[k] @ U[k] with V[k] (tiles, C) and U[k] (C, F): BLAS reads the filters as one
@@ -150,7 +151,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.zeros((rows * tile + 2, cols * tile + 2, b, c), x.dtype)  # channels innermost
     padded[1:1 + h, 1:1 + w] = x.transpose(2, 3, 0, 1)  # a plain copy if x is channels-last
-    if pooled is None:
+    if pooled is None or keep:
         ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     else:
         ym = None  # only the maxima are stored
@@ -171,14 +172,15 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         return np.array(tiles[:, :, row0:row1], order="C")
 
     if len(blocks) < threads:
-        if pooled is not None:  # (one block of a small map: pooled from y afterwards)
+        if ym is None:  # (one block of a small map: pooled from y afterwards)
             ym = np.empty((h, w, b, f), x.dtype)
         for row0, row1 in blocks:
             _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
                           store)
         if pooled is not None:
             np.max(ym.reshape(h // 2, 2, w // 2, 2, b, f), axis=(1, 3), out=pooled)
-            return None
+            if not keep:
+                return None
         return ym.transpose(2, 3, 0, 1)
 
     def block_(row0, row1):
@@ -203,7 +205,8 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
             maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
             tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
             store(tiled, reshaped_view(pooled[row0 * half:row1 * half], tiled.shape))
-            return
+            if ym is None:
+                return
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
         tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
