@@ -234,6 +234,7 @@ class Network:
         self._plan = None  # _concatenation_plan, made at the first inference forward
         self._pools = None  # _pooling_plan, likewise
         self._pooled = None  # _pooled_routes, likewise
+        self._predicting = False  # inside predict: the pooling plan may skip outputs
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -330,9 +331,11 @@ class Network:
 
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
-        """x: backend array (batch, C, H, W). Returns the output layer's output."""
+        """x: backend array (batch, C, H, W). Returns the output layer's output; every layer's
+        output is in self.outputs, except, in predict's forwards, those that the pooling plan
+        skips (None there)."""
         if not train and self.ops.computes_into_concatenations:
-            return self._forward_inference(x)
+            return self._forward_inference(x, pooling=self._predicting)
         ops, outputs = self.ops, []
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
@@ -418,14 +421,15 @@ class Network:
             self._pools = plan
         return plan
 
-    def _forward_inference(self, x):
+    def _forward_inference(self, x, pooling=False):
         """forward(train=False), with the concatenation plan (a planned convolution allocates
-        its route's output if no earlier part did and computes into its channels) and the
-        pooling plan (planned convolutions compute their [maxpool]'s output, the first
-        allocating it; a route they pool for is skipped: None in `outputs`)."""
+        its route's output if no earlier part did and computes into its channels) and, if
+        `pooling`, the pooling plan (planned convolutions compute their [maxpool]'s output,
+        the first allocating it; a route they pool for is skipped: None in `outputs`)."""
         ops, outputs, batch = self.ops, [], int(x.shape[0])
-        plan, pools = self._concatenation_plan(), self._pooling_plan()
-        pooled_routes = self._pooled_routes()
+        plan = self._concatenation_plan()
+        pools = self._pooling_plan() if pooling else {}
+        pooled_routes = self._pooled_routes() if pooling else {}
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
         pooled = {}  # maxpool index -> its output, computed by the convolutions before it
         for layer in self.layers:
@@ -522,8 +526,14 @@ class Network:
         self.check_memory(min(batch_size, len(images)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            y = self._inference.run(chunk) if self._inference else \
-                self.forward(self.ops.asarray(chunk), train=False)
+            if self._inference:
+                y = self._inference.run(chunk)
+            else:
+                self._predicting = True  # only the output layer's output is asked for
+                try:
+                    y = self.forward(self.ops.asarray(chunk), train=False)
+                finally:
+                    self._predicting = False
             if not self.ops.all_finite(y):  # checked on the device: one flag copied back
                 self.raise_non_finite()
             results.append(self.ops.to_host(y).reshape(len(chunk), -1))
