@@ -10,9 +10,9 @@ the same .weights (written by the engine from its random initialisation, BN stat
 randomised so that folding is exercised) and the same input. Each prints the median of `runs`
 forwards after `warmup` (with --interleave the peers' processes run side by side, idle in turn:
 one forward each, the order reversed every round, so that a machine whose speed drifts from
-minute to minute is shared evenly). The outputs of the convolutions that feed the [yolo] layers are compared
-(engine against OpenCV and PyTorch: largest difference relative to the largest value) so the
-comparison is between equal computations. `--profile` adds the engine's per-layer table.
+minute to minute is shared evenly). The outputs of the convolutions that feed the [yolo]
+layers are compared (engine against OpenCV and PyTorch: largest difference relative to the
+largest value) so the comparison is between equal computations. `--profile` adds the engine's per-layer table.
 
 Peers are benchmark-only (never engine dependencies): `pip install 'opencv-python-headless<5'
 torch` (OpenCV 5 dropped the Darknet importer). A peer that is not installed is reported as such.
@@ -357,9 +357,10 @@ def main(argv=None):
     if args.peer:
         return peer_main(args)
     load = os.getloadavg()
+    interleaved = " (peers interleaved forward by forward)" if args.interleave else ""
     print(f"batch 1, {SIZE}x{SIZE}, {args.threads} threads per peer, median of {args.runs} after "
-          f"{args.warmup} warm-up{' (peers interleaved forward by forward)' if args.interleave else ''}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{args.warmup} warm-up{interleaved}; load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
