@@ -177,8 +177,10 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         for row0, row1 in blocks:
             _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
                           store)
-        if pooled is not None:
-            np.max(ym.reshape(h // 2, 2, w // 2, 2, b, f), axis=(1, 3), out=pooled)
+        if pooled is not None:  # (the maxima over the window's rows, then its columns)
+            cells = ym.reshape(h // 2, 2, w // 2, 2, b, f)
+            row_max = np.maximum(cells[:, 0], cells[:, 1])
+            np.maximum(row_max[:, :, 0], row_max[:, :, 1], out=pooled)
             if not keep:
                 return None
         return ym.transpose(2, 3, 0, 1)
