@@ -232,6 +232,7 @@ class Network:
         self.seen = 0
         self.folded = False  # fold_batchnorm: inference only from then on
         self._plan = None  # _concatenation_plan, made at the first inference forward
+        self._plan_every_output = None  # the same without the pooling plan (forward)
         self._pools = None  # _pooling_plan, likewise
         self._pooled = None  # _pooled_routes, likewise
         self._predicting = False  # inside predict: the pooling plan may skip outputs
@@ -371,16 +372,17 @@ class Network:
             self._pooled = routes
         return routes
 
-    def _concatenation_plan(self):
+    def _concatenation_plan(self, pooling=True):
         """{convolution index: (route index, input position, channel offset)}: inference
         convolutions that write their output straight into the buffer of a [route] that
         concatenates them (one route each, the first), so the route copies nothing for them;
-        their other readers read that channel slice. Routes whose maxpool their inputs pool
-        for (_pooled_routes), and those inputs, are left to the pooling plan. Made once."""
-        plan = self._plan
+        their other readers read that channel slice. With `pooling` (predict), routes whose
+        maxpool their inputs pool for (_pooled_routes), and those inputs, are left to the
+        pooling plan. Made once for each."""
+        plan = self._plan if pooling else self._plan_every_output
         if plan is None:
             plan = {}
-            pooled = self._pooled_routes()
+            pooled = self._pooled_routes() if pooling else {}
             taken = {j for r in pooled for j in self.layers[r].input_indices}
             for route in self.layers:
                 if (route.type_name != "route" or not route.concatenates()
@@ -392,7 +394,10 @@ class Network:
                             and producer.type_name == "convolutional"
                             and producer.writes_into()):
                         plan[j] = (route.index, i, at)
-            self._plan = plan
+            if pooling:
+                self._plan = plan
+            else:
+                self._plan_every_output = plan
         return plan
 
     def _pooling_plan(self):
@@ -427,7 +432,7 @@ class Network:
         `pooling`, the pooling plan (planned convolutions compute their [maxpool]'s output,
         the first allocating it; a route they pool for is skipped: None in `outputs`)."""
         ops, outputs, batch = self.ops, [], int(x.shape[0])
-        plan = self._concatenation_plan()
+        plan = self._concatenation_plan(pooling)
         pools = self._pooling_plan() if pooling else {}
         pooled_routes = self._pooled_routes() if pooling else {}
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
@@ -570,7 +575,8 @@ class Network:
             for array in layer.params.values():
                 self.ops.freeze_(array)
         self.folded = True
-        self._plan = None  # folded convolutions may now write into their concatenations
+        self._plan = self._plan_every_output = None  # folded convolutions may now write into
+        # their concatenations
         self._pools = None  # ... and pool for their maxpools
         self._pooled = None
         return self

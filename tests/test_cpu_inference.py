@@ -342,6 +342,13 @@ def test_a_network_s_routes_are_pooled_by_their_convolutions():
         18: (25, 0, True), 23: (25, 256, True)}  # (23: route 34 reads it too)
     assert all(net.outputs[i] is None for i in (7, 8, 15, 16, 24))
     outputs = list(net.outputs)
+    # forward (not predict) keeps every output, its routes written by their convolutions
+    net.forward(x)
+    assert len(net._concatenation_plan(pooling=False)) == 12
+    assert all(o is not None for o in net.outputs)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
     net._pooled, net._pools, net._plan = {}, {}, {}
     np.testing.assert_array_equal(net.predict(x), planned)
     for index, (a, b) in enumerate(zip(outputs, net.outputs)):
