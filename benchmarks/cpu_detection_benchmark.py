@@ -2,15 +2,17 @@
 it) against OpenCV's DNN module and PyTorch, batch 1, 416x416, on one shared random weights file.
 
     python benchmarks/cpu_detection_benchmark.py [--networks yolov3-tiny yolov4-tiny yolov3]
-        [--runs 10] [--warmup 3] [--threads 2] [--profile]
+        [--runs 10] [--warmup 3] [--threads 2] [--profile] [--interleave]
 
 Every peer runs in its own process (a fresh interpreter, its thread count fixed through the
 environment before numpy/OpenCV/PyTorch start) on the same cfg (rewritten to 416x416, batch 1),
 the same .weights (written by the engine from its random initialisation, BN statistics
 randomised so that folding is exercised) and the same input. Each prints the median of `runs`
-forwards after `warmup`. The outputs of the convolutions that feed the [yolo] layers are compared
-(engine against OpenCV and PyTorch: largest difference relative to the largest value) so the
-comparison is between equal computations. `--profile` adds the engine's per-layer table.
+forwards after `warmup` (with --interleave the peers' processes run side by side, idle in turn:
+one forward each, the order reversed every round, so that a machine whose speed drifts from
+minute to minute is shared evenly). The outputs of the convolutions that feed the [yolo]
+layers are compared (engine against OpenCV and PyTorch: largest difference relative to the
+largest value) so the comparison is between equal computations. `--profile` adds the engine's per-layer table.
 
 Peers are benchmark-only (never engine dependencies): `pip install 'opencv-python-headless<5'
 torch` (OpenCV 5 dropped the Darknet importer). A peer that is not installed is reported as such.
@@ -100,16 +102,19 @@ def median_ms(step, runs, warmup):
     return 1e3 * float(np.median(times)), 1e3 * float(np.min(times))
 
 
-def run_engine(cfg, weights, x, compare, runs, warmup, threads):
+# Each peer: prepare(cfg, weights, x, compare, threads) -> (step, outputs, version): one forward,
+# the compared layers' outputs (after one more forward), the version string.
+def prepare_engine(cfg, weights, x, compare, threads):
     import engine
     net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
-    med, best = median_ms(lambda: net.predict(x), runs, warmup)
-    net.predict(x)
-    outs = [np.asarray(net.outputs[i]).reshape(-1) for i in compare]
-    return med, best, outs, f"numpy {np.__version__}"
+
+    def outputs():
+        net.predict(x)
+        return [np.asarray(net.outputs[i]).reshape(-1) for i in compare]
+    return lambda: net.predict(x), outputs, f"numpy {np.__version__}"
 
 
-def run_opencv(cfg, weights, x, compare, runs, warmup, threads):
+def prepare_opencv(cfg, weights, x, compare, threads):
     import cv2
     cv2.setNumThreads(threads)
     net = cv2.dnn.readNetFromDarknet(cfg, weights)
@@ -120,13 +125,14 @@ def run_opencv(cfg, weights, x, compare, runs, warmup, threads):
     def step():
         net.setInput(x)
         return net.forward(names)
-    med, best = median_ms(step, runs, warmup)
-    net.setInput(x)
-    outs = [np.asarray(o).reshape(-1) for o in net.forward([f"conv_{i}" for i in compare])]
-    return med, best, outs, f"OpenCV {cv2.__version__}"
+
+    def outputs():
+        net.setInput(x)
+        return [np.asarray(o).reshape(-1) for o in net.forward([f"conv_{i}" for i in compare])]
+    return step, outputs, f"OpenCV {cv2.__version__}"
 
 
-def run_torch(cfg, weights, x, compare, runs, warmup, threads):
+def prepare_torch(cfg, weights, x, compare, threads):
     import torch
     from torch_peers import torch_from_network
 
@@ -135,24 +141,46 @@ def run_torch(cfg, weights, x, compare, runs, warmup, threads):
     net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
     model = torch_from_network(net, torch).eval()
     xt = torch.from_numpy(x)
-    with torch.inference_mode():
-        med, best = median_ms(lambda: model(xt), runs, warmup)
-        model(xt)
-        outs = [model.outputs[i].numpy().reshape(-1) for i in compare]
-    return med, best, outs, f"PyTorch {torch.__version__}"
+
+    def step():
+        with torch.inference_mode():
+            return model(xt)
+
+    def outputs():
+        step()
+        return [model.outputs[i].numpy().reshape(-1) for i in compare]
+    return step, outputs, f"PyTorch {torch.__version__}"
 
 
 def peer_main(args):
+    """One peer in its own process: `runs` forwards after `warmup` (the median and minimum), or
+    with --serve, one forward per "run" line read from stdin (its milliseconds written back)
+    until "stop" (--interleave: the parent alternates the peers forward by forward)."""
     x = np.load(args.input)
     compare = [int(i) for i in args.compare.split(",")]
-    run = {"engine": run_engine, "opencv": run_opencv, "torch": run_torch}[args.peer]
+    prepare = {"engine": prepare_engine, "opencv": prepare_opencv,
+               "torch": prepare_torch}[args.peer]
     try:
-        med, best, outs, version = run(args.cfg, args.weights, x, compare, args.runs,
-                                       args.warmup, args.threads)
+        step, outputs, version = prepare(args.cfg, args.weights, x, compare, args.threads)
     except ImportError as error:
         figures = {"missing": str(error)}
     else:
-        np.savez(args.result + ".npz", *outs)
+        if args.serve:
+            for _ in range(args.warmup):
+                step()
+            print("ready", flush=True)
+            times = []
+            for line in sys.stdin:
+                if line.strip() != "run":
+                    break
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+                print(f"{1e3 * times[-1]:.4f}", flush=True)
+            med, best = 1e3 * float(np.median(times)), 1e3 * float(np.min(times))
+        else:
+            med, best = median_ms(step, args.runs, args.warmup)
+        np.savez(args.result + ".npz", *outputs())
         figures = {"median_ms": med, "min_ms": best, "version": version}
     with open(args.result, "w") as handle:
         json.dump(figures, handle)
@@ -164,23 +192,70 @@ ENGINE_MODES = {"own": lambda n: (1, n), "blas": lambda n: (n, 1), "single": lam
 MODE_NAMES = {"own": "engine threads", "blas": "BLAS threads", "single": "1 thread"}
 
 
-def spawn(peer, cfg, weights, input_path, compare, args, folder, mode=None):
-    result = os.path.join(folder, f"{peer}.json")
+def peer_command(peer, cfg, weights, input_path, compare, args, folder, mode=None, serve=False):
+    """(command, environment, result path) of one peer's process."""
+    result = os.path.join(folder, f"{peer}-{mode}.json" if mode else f"{peer}.json")
     env = dict(os.environ)
     blas, own = ENGINE_MODES[mode](args.threads) if mode else (args.threads, 1)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[key] = str(blas)
     env["ENGINE_CPU_THREADS"] = str(own)
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--peer", peer, "--cfg", cfg,
-                    "--weights", weights, "--input", input_path, "--result", result,
-                    "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
-                    "--warmup", str(args.warmup), "--threads", str(args.threads)],
-                   env=env, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.abspath(__file__), "--peer", peer, "--cfg", cfg,
+               "--weights", weights, "--input", input_path, "--result", result,
+               "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    return command + (["--serve"] if serve else []), env, result
+
+
+def read_result(result, compare):
     with open(result) as handle:
         figures = json.load(handle)
     if "missing" not in figures:
         with np.load(result + ".npz") as data:
             figures["outputs"] = [data[f"arr_{i}"] for i in range(len(compare))]
+    return figures
+
+
+def spawn(peer, cfg, weights, input_path, compare, args, folder, mode=None):
+    command, env, result = peer_command(peer, cfg, weights, input_path, compare, args, folder,
+                                        mode)
+    subprocess.run(command, env=env, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return read_result(result, compare)
+
+
+INTERLEAVE_PAUSE = 0.01  # seconds between two peers' forwards (their spin-waits end)
+
+
+def spawn_interleaved(runs, cfg, weights, input_path, compare, args, folder):
+    """Every (key, peer, mode) of `runs` in its own process at once, idle between forwards;
+    the parent asks each for one forward in turn (the order reversed every round), so that
+    all peers see the same minutes of a machine whose speed drifts. {key: figures}."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = {}
+    for key, peer, mode in runs:
+        command, env, result = peer_command(peer, cfg, weights, input_path, compare, args,
+                                            folder, mode, serve=True)
+        proc = subprocess.Popen(command, env=env, cwd=here, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs[key] = (proc, result, proc.stdout.readline().strip() == "ready")
+        if not procs[key][2]:  # not installed: the process has written its result and ended
+            proc.wait()
+    live = [key for key, (_, _, ready) in procs.items() if ready]
+    for r in range(args.runs):
+        for key in (live if r % 2 == 0 else live[::-1]):
+            time.sleep(INTERLEAVE_PAUSE)  # the previous peer's threads idle (spin-waits end)
+            proc = procs[key][0]
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            proc.stdout.readline()
+    figures = {}
+    for key, (proc, result, ready) in procs.items():
+        if ready:
+            proc.stdin.write("stop\n")
+            proc.stdin.close()
+        if proc.wait() != 0:
+            raise SystemExit(f"peer {key} failed")
+        figures[key] = read_result(result, compare)
     return figures
 
 
@@ -272,15 +347,20 @@ def main(argv=None):
                         "BLAS; blas = OPENBLAS_NUM_THREADS=threads; single = 1 thread "
                         "(default: own blas)")
     p.add_argument("--profile", action="store_true", help="print the engine's per-layer table")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the peers' processes side by side, one forward each in turn (the "
+                        "order reversed every round), instead of one process after the other")
     for name in ("--peer", "--cfg", "--weights", "--input", "--result", "--compare"):
         p.add_argument(name, help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peer:
         return peer_main(args)
     load = os.getloadavg()
+    interleaved = " (peers interleaved forward by forward)" if args.interleave else ""
     print(f"batch 1, {SIZE}x{SIZE}, {args.threads} threads per peer, median of {args.runs} after "
-          f"{args.warmup} warm-up; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{args.warmup} warm-up{interleaved}; load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
@@ -292,14 +372,15 @@ def main(argv=None):
             weights = os.path.join(folder, f"{name}.weights")
             write_random_weights(cfg, weights)
             compare = yolo_inputs(cfg)
-            figures = {}
-            for peer in args.peers:
-                if peer != "engine":
-                    figures[peer] = spawn(peer, cfg, weights, input_path, compare, args, folder)
-                    continue
-                for mode in args.engine_modes:
-                    figures[f"engine-{mode}"] = spawn(peer, cfg, weights, input_path, compare,
-                                                      args, folder, mode)
+            runs = [(f"engine-{mode}", peer, mode) if peer == "engine" else (peer, peer, None)
+                    for peer in args.peers
+                    for mode in (args.engine_modes if peer == "engine" else [None])]
+            if args.interleave:
+                figures = spawn_interleaved(runs, cfg, weights, input_path, compare, args,
+                                            folder)
+            else:
+                figures = {key: spawn(peer, cfg, weights, input_path, compare, args, folder,
+                                      mode) for key, peer, mode in runs}
             rows.append((name, figures))
             if args.profile:
                 profile(cfg, weights, x, args.runs)

@@ -72,6 +72,18 @@ def activate_(x, name):
     return x
 
 
+def activate_into(x, out, name):
+    """out = act(x) (out may be a strided view, x another layout): the activation and a copy in
+    one pass. Leaky needs only a temporary of x's size."""
+    if name == "leaky":
+        _leaky(x, out=out)
+    elif name == "linear":
+        np.copyto(out, x)
+    else:
+        out[...] = activate(x, name)
+    return out
+
+
 def _leaky(x, out=None):
     return np.maximum(x, x * x.dtype.type(LEAKY_SLOPE), out=out)  # x > 0 ? x : slope*x, one pass
 

@@ -236,6 +236,10 @@ class Network:
         self.loss_scaler = None
         self.folded = False  # fold_batchnorm: inference only from then on
         self._plan = None  # _concatenation_plan, made at the first inference forward
+        self._plan_every_output = None  # the same without the pooling plan (forward)
+        self._pools = None  # _pooling_plan, likewise
+        self._pooled = None  # _pooled_routes, likewise
+        self._predicting = False  # inside predict: the pooling plan may skip outputs
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
         self.check_memory(1)  # a network that cannot run one image is refused here, by its cfg
         for layer in self.layers:
@@ -332,9 +336,11 @@ class Network:
 
     # ---- computation --------------------------------------------------------------------------
     def forward(self, x, train=False):
-        """x: backend array (batch, C, H, W). Returns the output layer's output."""
+        """x: backend array (batch, C, H, W). Returns the output layer's output; every layer's
+        output is in self.outputs, except, in predict's forwards, those that the pooling plan
+        skips (None there)."""
         if not train and self.ops.computes_into_concatenations:
-            return self._forward_inference(x)
+            return self._forward_inference(x, pooling=self._predicting)
         ops, outputs = self.ops, []
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
@@ -342,42 +348,120 @@ class Network:
         self.outputs = outputs
         return outputs[self.output_layer.index]
 
-    def _concatenation_plan(self):
+    def _readers(self):
+        """{layer index: the indexes of the layers that read its output}."""
+        readers = {}
+        for layer in self.layers:
+            for j in layer.input_indices:
+                readers.setdefault(j, []).append(layer.index)
+        return readers
+
+    def _pooled_routes(self):
+        """{route index: the [maxpool] after it}: concatenations of inference convolutions
+        (writes_into, each once) whose only reader is the plain [maxpool] that follows; each
+        convolution pools its part straight into that maxpool's output (the pooling plan), so
+        the route's output is never made. Made once."""
+        routes = self._pooled
+        if routes is None:
+            routes, readers = {}, self._readers()
+            for route, pool in zip(self.layers, self.layers[1:]):
+                if (route.type_name == "route" and route.concatenates()
+                        and route is not self.output_layer
+                        and readers.get(route.index) == [pool.index]
+                        and pool.type_name == "maxpool" and pool.pools_after_a_convolution()
+                        and len(set(route.input_indices)) == len(route.input_indices)
+                        and all(j >= 0 and self.layers[j].type_name == "convolutional"
+                                and self.layers[j].writes_into() for j in route.input_indices)):
+                    routes[route.index] = pool
+            self._pooled = routes
+        return routes
+
+    def _concatenation_plan(self, pooling=True):
         """{convolution index: (route index, input position, channel offset)}: inference
         convolutions that write their output straight into the buffer of a [route] that
         concatenates them (one route each, the first), so the route copies nothing for them;
-        their other readers read that channel slice. Made once."""
-        plan = self._plan
+        their other readers read that channel slice. With `pooling` (predict), routes whose
+        maxpool their inputs pool for (_pooled_routes), and those inputs, are left to the
+        pooling plan. Made once for each."""
+        plan = self._plan if pooling else self._plan_every_output
         if plan is None:
             plan = {}
+            pooled = self._pooled_routes() if pooling else {}
+            taken = {j for r in pooled for j in self.layers[r].input_indices}
             for route in self.layers:
-                if route.type_name != "route" or not route.concatenates():
+                if (route.type_name != "route" or not route.concatenates()
+                        or route.index in pooled):
                     continue
                 for i, (j, at) in enumerate(zip(route.input_indices, route.channel_offsets())):
                     producer = self.layers[j] if j >= 0 else None
-                    if (j not in plan and producer is not None
+                    if (j not in plan and j not in taken and producer is not None
                             and producer.type_name == "convolutional"
                             and producer.writes_into()):
                         plan[j] = (route.index, i, at)
-            self._plan = plan
+            if pooling:
+                self._plan = plan
+            else:
+                self._plan_every_output = plan
         return plan
 
-    def _forward_inference(self, x):
-        """forward(train=False), with the concatenation plan: a planned convolution allocates
-        its route's output if no earlier part did and computes into its channels."""
-        ops, outputs = self.ops, []
-        plan = self._concatenation_plan()
+    def _pooling_plan(self):
+        """{convolution index: (maxpool, channel offset, keep)}: inference convolutions that
+        compute a plain [maxpool]'s output themselves (ConvolutionalLayer.forward_pooled):
+        one (writes_into, not in the concatenation plan, not the network's output) whose only
+        reader is the maxpool that follows (offset 0; its own output is not kept: None in
+        `outputs`), or the inputs of a route that only that maxpool reads (_pooled_routes:
+        each pools into its channels of the maxpool's output, at its offset in the route;
+        kept where other layers read it). Made once."""
+        plan = self._pools
+        if plan is None:
+            plan, readers = {}, self._readers()
+            concatenated = self._concatenation_plan()
+            for conv, pool in zip(self.layers, self.layers[1:]):
+                if (conv.type_name == "convolutional" and conv.writes_into()
+                        and conv.index not in concatenated and conv is not self.output_layer
+                        and readers.get(conv.index) == [pool.index]
+                        and pool.type_name == "maxpool" and pool.pools_after_a_convolution()):
+                    plan[conv.index] = (pool, 0, False)
+            for r, pool in self._pooled_routes().items():
+                route = self.layers[r]
+                for j, at in zip(route.input_indices, route.channel_offsets()):
+                    keep = readers[j] != [r] or self.layers[j] is self.output_layer
+                    plan[j] = (pool, at, keep)
+            self._pools = plan
+        return plan
+
+    def _forward_inference(self, x, pooling=False):
+        """forward(train=False), with the concatenation plan (a planned convolution allocates
+        its route's output if no earlier part did and computes into its channels) and, if
+        `pooling`, the pooling plan (planned convolutions compute their [maxpool]'s output,
+        the first allocating it; a route they pool for is skipped: None in `outputs`)."""
+        ops, outputs, batch = self.ops, [], int(x.shape[0])
+        plan = self._concatenation_plan(pooling)
+        pools = self._pooling_plan() if pooling else {}
+        pooled_routes = self._pooled_routes() if pooling else {}
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
+        pooled = {}  # maxpool index -> its output, computed by the convolutions before it
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             where = plan.get(layer.index)
-            if where is not None:
+            planned_pool = pools.get(layer.index)
+            if planned_pool is not None:
+                pool, at, keep = planned_pool
+                out = pooled.get(pool.index)
+                if out is None and pool.input_indices != [layer.index]:  # (a route's first)
+                    out = ops.empty((batch,) + pool.out_shape, like=inputs[0])
+                pooled[pool.index], y = layer.forward_pooled(ops, inputs[0], pool, out, at, keep)
+                outputs.append(y)
+            elif layer.index in pooled_routes:
+                outputs.append(None)
+            elif layer.index in pooled:
+                outputs.append(layer.forward_given(batch, pooled.pop(layer.index)))
+            elif where is not None:
                 r, i, at = where
                 route = self.layers[r]
                 out = buffers.get(r)
                 if out is None:
-                    out = buffers[r] = ops.empty((int(inputs[0].shape[0]),) + route.out_shape,
-                                                 like=inputs[0])
+                    out = buffers[r] = ops.empty((batch,) + route.out_shape, like=inputs[0])
                 outputs.append(layer.forward_into(ops, inputs[0], out, at))
                 placed.setdefault(r, set()).add(i)
             elif layer.index in buffers:
@@ -472,8 +556,14 @@ class Network:
         self.check_memory(min(batch_size, len(images)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            y = self._inference.run(chunk) if self._inference else \
-                self.forward(self.ops.asarray(chunk), train=False)
+            if self._inference:
+                y = self._inference.run(chunk)
+            else:
+                self._predicting = True  # only the output layer's output is asked for
+                try:
+                    y = self.forward(self.ops.asarray(chunk), train=False)
+                finally:
+                    self._predicting = False
             if not self.ops.all_finite(y):  # checked on the device: one flag copied back
                 self.raise_non_finite()
             results.append(self.ops.to_host(y).reshape(len(chunk), -1))
@@ -483,13 +573,14 @@ class Network:
 
     def check_finite_outputs(self, indexes):
         """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
-        if not all(self.ops.all_finite(self.outputs[i]) for i in indexes):
+        if not all(self.outputs[i] is None or self.ops.all_finite(self.outputs[i])
+                   for i in indexes):
             self.raise_non_finite()
 
     def raise_non_finite(self):
         """Name the first layer whose output (in the last forward) is not finite."""
         for layer, output in zip(self.layers, self.outputs):
-            if not self.ops.all_finite(output):
+            if output is not None and not self.ops.all_finite(output):
                 raise NumericalError(
                     f"{self.cfg_path}: layer {layer.index} [{layer.type_name}] ({layer.where()}) "
                     "computed NaN or infinite values; the weights are damaged or too large for "
@@ -509,7 +600,10 @@ class Network:
             for array in layer.params.values():
                 self.ops.freeze_(array)
         self.folded = True
-        self._plan = None  # folded convolutions may now write into their concatenations
+        self._plan = self._plan_every_output = None  # folded convolutions may now write into
+        # their concatenations
+        self._pools = None  # ... and pool for their maxpools
+        self._pooled = None
         return self
 
     def load_weights(self, path):

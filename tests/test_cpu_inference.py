@@ -258,7 +258,8 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
     x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
     net.predict(x)
     assert not net._concatenation_plan()  # batch norm not folded yet: no convolution planned
-    planned = net.fold_batchnorm().predict(x)
+    net.fold_batchnorm()._pooled = {}  # (no route pooled for its maxpool: see below)
+    planned = net.predict(x)
     assert len(net._concatenation_plan()) == 12  # both inputs of its six concatenations
     # its routes of one channel group read their input's channels in place (layer 2's upper
     # half, which lives in route 8's output)
@@ -269,6 +270,90 @@ def test_a_network_s_convolutions_write_into_their_concatenations():
     np.testing.assert_array_equal(net.predict(x), planned)
     for a, b in zip(net.outputs, outputs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", [(16, 104, 3, "leaky"), (16, 52, 3, "relu"), (24, 24, 3, "leaky"),
+                                  (16, 12, 3, "linear"), (3, 106, 3, "leaky"), (16, 12, 1, "leaky"),
+                                  (16, 60, 1, "relu")], ids=str)
+def test_a_convolution_pools_its_blocks_as_the_maxpool_does(monkeypatch, threads, case):
+    """conv_bias_maxpool_forward's 2x2/2 maxima taken inside Winograd's output tiles (F(4x4) in
+    several blocks of tile rows; one block shared out on two threads; F(2x2)) or over the
+    column products' blocks of row pairs (im2col from a batch-innermost input, 1x1 from a
+    channels-innermost one, a small map's filters shared out) and activated after: exactly
+    the maxpool of the convolution's output."""
+    c, side, size, activation = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    ops = NumpyBackend()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    if c > 3:
+        x = channels_innermost(x)
+    w = (rng.standard_normal((24, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
+    biases = rng.standard_normal(24).astype(np.float32)
+    pooled, none = ops.conv_bias_maxpool_forward(x, w, biases, activation, 1, size // 2, 1, 2, 2,
+                                                 0, (side // 2, side // 2))
+    y = ops.conv_bias_forward(x, w, biases, activation, 1, size // 2, 1)
+    expected, _ = ops.maxpool_forward(y, 2, 2, 0, side // 2, side // 2, train=False)
+    np.testing.assert_array_equal(pooled, expected)
+    assert none is None
+    # into channels [8, 32) of a maxpool's output (a route's part), the output kept as well
+    out = ops.empty((1, 40, side // 2, side // 2), like=channels_innermost(x[:, :2]))
+    out[...] = 7.0
+    into, kept = ops.conv_bias_maxpool_forward(x, w, biases, activation, 1, size // 2, 1, 2, 2,
+                                               0, (side // 2, side // 2), out, 8, True)
+    assert into is out
+    np.testing.assert_array_equal(out[:, 8:32], expected)
+    np.testing.assert_array_equal(kept, y)
+    assert (out[:, :8] == 7).all() and (out[:, 32:] == 7).all()
+
+
+def test_a_network_s_convolutions_pool_for_their_maxpools():
+    """yolov3-tiny's pooling plan (each convolution whose only reader is the maxpool after it
+    computes that maxpool's output and keeps none of its own) gives every other layer's output
+    exactly as without it."""
+    net = Network(YOLOV3_TINY, quiet=True)
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    net.predict(x)
+    assert not net._pooling_plan()  # batch norm not folded yet: no convolution planned
+    planned = net.fold_batchnorm().predict(x)
+    # (8 is also read by route 20; 10's pool, 2x2/1, is the two operations)
+    assert sorted(net._pooling_plan()) == [0, 2, 4, 6, 10]
+    assert all(net.outputs[i] is None for i in net._pooling_plan())
+    outputs = list(net.outputs)
+    net._pools = {}
+    np.testing.assert_array_equal(net.predict(x), planned)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+
+
+def test_a_network_s_routes_are_pooled_by_their_convolutions():
+    """yolov4-tiny's routes read only by a maxpool (8, 16, 24) are never made: their
+    convolutions pool their parts into the maxpool's output (keeping their own output where
+    another layer reads it); every other layer's output as without the plans."""
+    net = Network(os.path.join(CFG, "yolov4-tiny.cfg"), quiet=True).fold_batchnorm()
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    planned = net.predict(x)
+    assert sorted(net._pooled_routes()) == [8, 16, 24]
+    plan = net._pooling_plan()
+    assert {j: (pool.index, at, keep) for j, (pool, at, keep) in plan.items()} == {
+        2: (9, 0, True), 7: (9, 64, False), 10: (17, 0, True), 15: (17, 128, False),
+        18: (25, 0, True), 23: (25, 256, True)}  # (23: route 34 reads it too)
+    assert all(net.outputs[i] is None for i in (7, 8, 15, 16, 24))
+    outputs = list(net.outputs)
+    # forward (not predict) keeps every output, its routes written by their convolutions
+    net.forward(x)
+    assert len(net._concatenation_plan(pooling=False)) == 12
+    assert all(o is not None for o in net.outputs)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+    net._pooled, net._pools, net._plan = {}, {}, {}
+    np.testing.assert_array_equal(net.predict(x), planned)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
 
 
 def test_a_bad_thread_count_is_one_clear_error(monkeypatch):

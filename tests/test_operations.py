@@ -384,6 +384,38 @@ def test_convolution_into_a_concatenation(ops, rng, case):
     np.testing.assert_array_equal(args[0][:, 32:], out[:, 32:])
 
 
+# (conv size, padding, side, activation; pool size, stride, output side): Winograd maps of whole
+# even tiles (F(4x4) 24x24, F(2x2) 12x12), an activation max does not commute with, a 2x2/1
+# pool, an odd side, a 1x1 convolution (the last four: the two operations)
+@pytest.mark.parametrize("case", [(3, 1, 24, "leaky", 2, 2, 12), (3, 1, 12, "relu", 2, 2, 6),
+                                  (3, 1, 24, "logistic", 2, 2, 12), (3, 1, 13, "leaky", 2, 1, 13),
+                                  (3, 1, 13, "leaky", 2, 2, 7), (1, 0, 12, "linear", 2, 2, 6)],
+                         ids=str)
+def test_convolution_then_maxpool(ops, rng, case):
+    """Inference's conv + bias + activation and the [maxpool] of its output in one operation,
+    against the two definitions."""
+    size, padding, side, activation, k, pool_stride, pooled_side = case
+    x = randn(rng, 1, 16, side, side)
+    w = randn(rng, 24, 16, size, size) / np.float32(np.sqrt(size * size * 16))
+    biases = randn(rng, 24)
+    (pooled, none), _ = call(ops, "conv_bias_maxpool_forward", x, w, biases, activation, 1,
+                             padding, 1, k, pool_stride, 0, (pooled_side, pooled_side))
+    y = activations.activate(conv_reference(x, w, 1, padding, 1) + biases.reshape(1, -1, 1, 1),
+                             activation)
+    expected, _ = maxpool_reference(y, k, pool_stride, k - 1, pooled_side, pooled_side)
+    assert_close(pooled, expected, "the maxima")
+    assert none is None
+    # into channels [8, 32) of a maxpool's output (a route's part), the output kept as well
+    out = randn(rng, 1, 40, pooled_side, pooled_side)
+    (into, kept), args = call(ops, "conv_bias_maxpool_forward", x, w, biases, activation, 1,
+                              padding, 1, k, pool_stride, 0, (pooled_side, pooled_side), out, 8,
+                              True)
+    assert_close(into[:, 8:32], expected, "the maxima in the maxpool's output")
+    assert_close(kept, y, "the convolution's output")
+    np.testing.assert_array_equal(into[:, :8], out[:, :8])
+    np.testing.assert_array_equal(into[:, 32:], out[:, 32:])
+
+
 def test_computes_into_concatenations(ops, rng):
     """Where a backend says it computes into a route's buffer, the convolution's returned values
     are that buffer's channels (numpy: a view); elsewhere a separate array."""

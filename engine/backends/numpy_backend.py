@@ -26,6 +26,7 @@ and only `sgd_update` changes parameters.
 
 import contextlib
 import functools
+import itertools
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,9 @@ MIN_BLOCK_COLUMNS = 512  # output positions per block at least (small maps: one 
 PARALLEL_ELEMENTS = 1 << 20  # a memory pass over fewer elements stays on one thread (_run)
 POOL_PARALLEL_ELEMENTS = 1 << 21  # the same for inference maxpool (input elements)
 BLOCK_ELEMENTS = 1 << 17  # elements per channel block of the elementwise ops (512 KiB of float32)
+# activations f with max(f(a), f(b)) == f(max(a, b)) bit for bit (non-decreasing, computed
+# elementwise): a maxpool may be taken before them
+MONOTONE_ACTIVATIONS = ("linear", "leaky", "relu")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,6 +82,14 @@ def _activation_(name):
     if name == "linear":
         return None
     return lambda block: activations.activate_(block, name)
+
+
+def _activation_into(name):
+    """out = act(x) as a function of (x, out), storing and activating in one pass; None for
+    linear (a plain copy)."""
+    if name == "linear":
+        return None
+    return lambda x, out: activations.activate_into(x, out, name)
 
 
 def _pair(stride):
@@ -443,6 +455,42 @@ class NumpyBackend(Operations):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
+                                  groups, pool_size, pool_stride, pool_pad, pool_hw, out=None,
+                                  start=0, keep=False, dilation=1):
+        """The 2x2/2 maxima of an (ungrouped) convolution of an even output, taken from each
+        block of its output while in cache and activated after (max and a non-decreasing
+        activation commute exactly), stored channels innermost (into out's channels when out
+        is so); the convolution's output is stored only where `keep`, and never read again by
+        a separate pooling pass. Winograd's on maps of whole even tiles pools inside its
+        output tiles (a tile's 2x2 windows are its own: two contiguous passes over the block),
+        the column products over their blocks of row pairs. Any other case: the two
+        operations."""
+        b, _, h, w = x.shape
+        f = weights.shape[0]
+        _, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
+        v = winograd.variant(h, w)
+        winograd_ = winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation)
+        if (activation in MONOTONE_ACTIVATIONS and pool_size == pool_stride == 2
+                and pool_pad == 0 and out_h % 2 == 0 and out_w % 2 == 0
+                and tuple(pool_hw) == (out_h // 2, out_w // 2) and groups == 1
+                and (out is None or self._channels_innermost(out))
+                and (not winograd_ or winograd.pools_in_tiles(h, w, v))):
+            if out is None:
+                out = np.empty((out_h // 2, out_w // 2, b, f), x.dtype).transpose(2, 3, 0, 1)
+            pooled = out[:, start:start + f].transpose(2, 3, 0, 1)  # (H/2, W/2, B, F), a view
+            if winograd_:
+                y = winograd.conv3x3(x, self._winograd_filters(weights, v), f, v, self._run,
+                                     self.threads, biases, _activation_into(activation),
+                                     pooled=pooled, keep=keep)
+            else:  # the column products, each block of row pairs pooled
+                y = self._conv_channels_last(x, weights, stride, padding, dilation, biases,
+                                             activation, pooled=pooled, keep=keep)
+            return out, y
+        return super().conv_bias_maxpool_forward(x, weights, biases, activation, stride, padding,
+                                                 groups, pool_size, pool_stride, pool_pad,
+                                                 pool_hw, out, start, keep, dilation)
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """conv_bias_forward computed straight into out's channels [start, start + F) when out
@@ -464,8 +512,8 @@ class NumpyBackend(Operations):
         if winograd.fits(x.shape, weights.shape, stride, padding, groups, dilation):
             v = winograd.variant(*x.shape[2:])
             return winograd.conv3x3(x, self._winograd_filters(weights, v), weights.shape[0], v,
-                                    self._run, self.threads, biases, _activation_(activation),
-                                    into)
+                                    self._run, self.threads, biases,
+                                    _activation_into(activation), into)
         return self._conv_channels_last(x, weights, stride, padding, dilation, biases,
                                         activation, into)
 
@@ -479,7 +527,7 @@ class NumpyBackend(Operations):
         return self._derived_filters(weights, "columns", make)
 
     def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear", into=None):
+                            activation="linear", into=None, pooled=None, keep=False):
         """An inference convolution (one group) whose output is channels-innermost: (positions,
         K) @ (K, F) products, block by block of output rows. A channels-innermost input is
         padded in its own layout and its columns are gathered with the channels innermost
@@ -489,8 +537,9 @@ class NumpyBackend(Operations):
         f = weights.shape[0]
         size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
-        y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
+        if pooled is None or keep:
+            ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
+            y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
         per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
@@ -526,6 +575,9 @@ class NumpyBackend(Operations):
                 block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
                 return block.reshape(c * size * size, -1).T
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
+        if pooled is not None:  # blocks of whole row pairs (the 2x2 windows)
+            ends = sorted({r1 + r1 % 2 for _, r1 in blocks})
+            blocks = list(itertools.pairwise([0] + ends))
         # with fewer blocks than threads (small maps), the filters are shared out as well
         parts = self.threads if len(blocks) < self.threads else 1
         step = -(-f // parts)
@@ -535,8 +587,26 @@ class NumpyBackend(Operations):
         fused = biases is not None and parts == 1
         b_row = np.tile(biases, per_row) if fused else None
         finish = _activation_(activation)
+        store = winograd.store_through(_activation_into(activation))
+
+        def pooled_block_(rows, f0):
+            # the block in a contiguous temporary with its biases, its 2x2 maxima over row
+            # pairs, then column pairs, then the activation (it commutes with max), stored
+            block = np.matmul(columns(rows), wt[:, f0:f0 + step])
+            fs = block.shape[1]
+            block_rows = block.reshape(rows[1] - rows[0], -1)
+            block_rows += b_row if parts == 1 else np.tile(biases[f0:f0 + fs], per_row)
+            if keep:  # (other layers read the convolution's output)
+                store(block, y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + fs])
+            pairs = block.reshape((rows[1] - rows[0]) // 2, 2, out_w // 2, 2, b * fs)
+            row_max = np.maximum(pairs[:, 0], pairs[:, 1])
+            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+            store(maxima.reshape(maxima.shape[:2] + (b, fs)),
+                  pooled[rows[0] // 2:rows[1] // 2, :, :, f0:f0 + fs])
 
         def block_(rows, f0):
+            if pooled is not None:
+                return pooled_block_(rows, f0)
             out = y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + step]
             if fused and into is not None:
                 # into a route's buffer (strided rows): the block finished in a contiguous
@@ -556,8 +626,10 @@ class NumpyBackend(Operations):
                     finish(out_rows)
         self._run([lambda rows=rows, f0=f0: block_(rows, f0)
                    for rows in blocks for f0 in range(0, f, step)])
+        if pooled is not None and not keep:
+            return None
         y = ym.transpose(2, 3, 0, 1)
-        if biases is not None and not fused:
+        if biases is not None and not fused and pooled is None:  # (pooled blocks: done)
             self.add_bias_(y, biases, activation)
         return y
 

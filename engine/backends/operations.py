@@ -199,6 +199,29 @@ class Operations(ABC):
         y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
         return self.add_bias_(y, biases, activation)
 
+    def conv_bias_maxpool_forward(self, x, weights, biases, activation, stride, padding,
+                                  groups, pool_size, pool_stride, pool_pad, pool_hw, out=None,
+                                  start=0, keep=False, dilation=1):
+        """Inference only: (pooled, y). pooled: the maxima maxpool_forward(conv_bias_forward(x,
+        ...), pool_size, pool_stride, pool_pad, *pool_hw, train=False) of a [maxpool] that reads
+        only this convolution (a new array), or only a [route] that concatenates it (stored in
+        out's channels [start, start + F), out being the maxpool's output; out returned). y:
+        the convolution's output where `keep` (other layers read it), else None. One operation
+        so that a backend may pool each block of the convolution while it is in cache and store
+        only what is read; by default the two operations (and one copy into out)."""
+        y = self.conv_bias_forward(x, weights, biases, activation, stride, padding, groups,
+                                   dilation=dilation)
+        pooled, _ = self.maxpool_forward(y, pool_size, pool_stride, pool_pad, *pool_hw,
+                                         train=False)
+        if out is not None:
+            b, f = int(pooled.shape[0]), int(pooled.shape[1])
+            positions = int(pooled.size) // (b * f)
+            self.strided_copy_(out, views.window((b, int(out.shape[1]), positions), None,
+                                                 (start, f, 1)),
+                               pooled, views.window((b, f, positions), None, (0, f, 1)))
+            pooled = out
+        return pooled, (y if keep else None)
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """Inference only: conv_bias_forward's values also stored in out's channels [start,

@@ -117,7 +117,14 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
-def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None):
+def pools_in_tiles(h, w, v):
+    """Whether conv3x3 can take an h x w map's 2x2/2 maxima inside its output tiles: whole
+    tiles of an even side."""
+    return v.tile % 2 == 0 and h % v.tile == 0 and w % v.tile == 0
+
+
+def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, into=None,
+            pooled=None, keep=False):
     """The 3x3 stride-1 padding-1 convolution of x (B, C, H, W) with `filters` transformed for
     variant v (alpha^2, C, F); returns y (B, F, H, W) stored channels innermost, (H, W, B, F) in
     memory (in `into`, written in place, if given: a view of a larger array): the output
@@ -126,10 +133,14 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
     threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
     shared out by transform points instead (_shared_block). `biases` (F,), if given, are added
-    to every output and finish(out), if given, is applied in place to each block of output
-    tiles (an activation) before they are stored, while they are in cache. The bias costs
-    almost nothing: it is added to the products of one point, v.bias_point, which the output
-    transform carries into every output of its tile with weight 1.
+    to every output and finish(src, dst), if given, stores each block of output tiles into y
+    through an activation (dst = act(src), one pass while the block is in cache; without it,
+    a copy). The bias costs almost nothing: it is added to the products of one point,
+    v.bias_point, which the output transform carries into every output of its tile with
+    weight 1. With `pooled` (H/2, W/2, B, F, possibly a view; pools_in_tiles), each block's
+    2x2/2 maxima are taken inside its output tiles and stored there through `finish` (an
+    activation that commutes with max); y is then stored (and returned) only if `keep`, else
+    None is returned.
 
     Channels innermost: the input is copied once into (H, W, B, C) order, so the products are
     M[k] = V[k] @ U[k] with V[k] (tiles, C) and U[k] (C, F): BLAS reads the filters as one
@@ -140,25 +151,38 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.zeros((rows * tile + 2, cols * tile + 2, b, c), x.dtype)  # channels innermost
     padded[1:1 + h, 1:1 + w] = x.transpose(2, 3, 0, 1)  # a plain copy if x is channels-last
-    ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
+    if pooled is None or keep:
+        ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
+    else:
+        ym = None  # only the maxima are stored
     step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
     blocks = row_ranges(rows, min(step, rows), threads)
     if run is None:
         def run(tasks):
             for task in tasks:
                 task()
+    store = store_through(finish)
     sh, sw, sb, sc = padded.strides
     # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
     tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
                        (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False)
 
     def gather(row0, row1):
-        return np.array(tiles[:, :, row0:row1])  # the block's tiles, in one copy
+        # the block's tiles, in one copy; C order, so that the reshapes below are views
+        return np.array(tiles[:, :, row0:row1], order="C")
 
     if len(blocks) < threads:
+        if ym is None:  # (one block of a small map: pooled from y afterwards)
+            ym = np.empty((h, w, b, f), x.dtype)
         for row0, row1 in blocks:
             _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
-                          finish)
+                          store)
+        if pooled is not None:  # (the maxima over the window's rows, then its columns)
+            cells = ym.reshape(h // 2, 2, w // 2, 2, b, f)
+            row_max = np.maximum(cells[:, 0], cells[:, 1])
+            np.maximum(row_max[:, :, 0], row_max[:, :, 1], out=pooled)
+            if not keep:
+                return None
         return ym.transpose(2, 3, 0, 1)
 
     def block_(row0, row1):
@@ -174,22 +198,38 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         # Y = A^T M A, likewise
         t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
         out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f)
-        if finish is not None:
-            finish(out)
+        if pooled is not None:
+            # out[2p + di, 2q + dj] is cell (di, dj) of the tiles' 2x2 window (p, q): the
+            # maxima over di, then dj, then the activation (it commutes with max), stored
+            half = tile // 2
+            cells = out.reshape(half, 2, half, 2, n, cols, b, f)
+            row_max = np.maximum(cells[:, 0], cells[:, 1])
+            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+            tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
+            store(tiled, reshaped_view(pooled[row0 * half:row1 * half], tiled.shape))
+            if ym is None:
+                return
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
         # out[i, j, row, col, b, f] is y's cell (row*tile + i, col*tile + j)
         tiled = out.transpose(2, 0, 3, 1, 4, 5)  # (row, i, col, j, b, f)
-        if bottom - top == n * tile and w == cols * tile:  # whole tiles: one copy, into y
-            reshaped_view(ym[top:bottom], tiled.shape)[...] = tiled
+        if bottom - top == n * tile and w == cols * tile:  # whole tiles: one pass, into y
+            store(tiled, reshaped_view(ym[top:bottom], tiled.shape))
         else:  # the last tiles hang over y's edge: through a contiguous copy
             full = tiled.reshape(n * tile, cols * tile, b, f)
-            ym[top:bottom] = full[:bottom - top, :w]
+            store(full[:bottom - top, :w], ym[top:bottom])
 
     run([lambda rows=rows: block_(*rows) for rows in blocks])
-    return ym.transpose(2, 3, 0, 1)
+    return None if ym is None else ym.transpose(2, 3, 0, 1)
 
 
-def _shared_block(d, filters, v, ym, top, run, threads, biases=None, finish=None):
+def store_through(finish):
+    """store(src, dst): dst = finish(src), or a plain copy without `finish`."""
+    if finish is None:
+        return lambda src, dst: np.copyto(dst, src)
+    return finish
+
+
+def _shared_block(d, filters, v, ym, top, run, threads, biases, store):
     """One block of tiles d (alpha, alpha, rows, cols, B, C) on several threads, in two steps.
     First each thread takes some rows i of the input transform (V's points i*alpha + j: its
     share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each takes some rows i of
@@ -214,13 +254,11 @@ def _shared_block(d, filters, v, ym, top, run, threads, biases=None, finish=None
     def outputs_(i0, i1):
         t = np.matmul(v.a_t[i0:i1], m.reshape(alpha, -1)).reshape(i1 - i0, alpha, -1)
         out = np.matmul(v.a_t, t).reshape(i1 - i0, tile, n, cols, b, f)
-        if finish is not None:
-            finish(out)
         for i in range(i0, i1):  # y's rows top + tile*row + i, columns tile*col + j
             y_rows = ym[top + i:min(h, top + n * tile):tile]
             for j in range(tile):
                 y_cells = y_rows[:, j::tile]
-                y_cells[...] = out[i - i0, j, :y_rows.shape[0], :y_cells.shape[1]]
+                store(out[i - i0, j, :y_rows.shape[0], :y_cells.shape[1]], y_cells)
 
     run([lambda part=part: points_(*part) for part in row_ranges(alpha, -(-alpha // threads),
                                                                    threads)])

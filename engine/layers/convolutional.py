@@ -196,6 +196,20 @@ class ConvolutionalLayer(LinearUnit):
             self.padding * self.dilation, self.groups, dilation=self.dilation)
         return y
 
+    def forward_pooled(self, ops, x, pool, out=None, start=0, keep=False):
+        """Inference forward (writes_into) of a convolution that computes the output of the
+        [maxpool] `pool` (MaxpoolLayer.pools_after_a_convolution), which reads only it or only
+        a [route] concatenating it at `start` (out: the pool's output, None to make it):
+        returns (the pool's output, its own output if `keep` (other layers read it), else
+        None)."""
+        self.input = x
+        p = self.params
+        pooled, self.output = ops.conv_bias_maxpool_forward(
+            x, p["weights"], p["biases"], self.activation, self.conv_stride,
+            self.padding * self.dilation, self.groups, pool.size, pool.stride, pool.pad,
+            pool.pooled_hw, out, start, keep, dilation=self.dilation)
+        return pooled, self.output
+
     def backward(self, ops, delta, need_dx):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)

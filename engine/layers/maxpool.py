@@ -83,6 +83,17 @@ class MaxpoolLayer(Layer):
         self.batch_in_shape = x.shape
         return self.blur.forward(ops, y) if self.blur is not None else y
 
+    def pools_after_a_convolution(self):
+        """Whether the convolution before may compute this layer's output at inference
+        (ConvolutionalLayer.forward_pooled): a plain spatial maxpool."""
+        return not self.depth and self.blur is None
+
+    def forward_given(self, batch, pooled):
+        """Inference forward whose maxima the convolution before computed (forward_pooled)."""
+        self.argmax = None
+        self.batch_in_shape = (batch,) + tuple(self.in_shape)
+        return pooled
+
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
