@@ -251,6 +251,27 @@ def test_a_convolution_computes_into_its_route_s_channels(monkeypatch, threads, 
     assert (out[:, :8] == 7).all() and (out[:, 32:] == 7).all()
 
 
+@pytest.mark.parametrize("activation", ["leaky", "linear", "logistic"])
+@pytest.mark.parametrize("case", [(1, 1, 64, 13), (1, 1, 16, 26), (3, 2, 16, 26)], ids=str)
+def test_small_maps_shared_filters_add_their_biases_and_activate(monkeypatch, activation,
+                                                                  case):
+    """The column products of a small map on two threads (one block of rows, its filters
+    shared out): each share's biases and activation applied in its own block (no pass over
+    the output afterwards), against the direct convolution."""
+    size, stride, c, side = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "2")
+    ops = NumpyBackend()
+    rng = np.random.default_rng(6)
+    x = channels_innermost(rng.standard_normal((1, c, side, side)).astype(np.float32))
+    w = (rng.standard_normal((37, c, size, size)) / np.sqrt(size * size * c)).astype(np.float32)
+    biases = rng.standard_normal(37).astype(np.float32)
+    y = ops.conv_bias_forward(x, w, biases, activation, stride, size // 2, 1)
+    linear = direct_conv(x, w, size // 2)[:, :, ::stride, ::stride] + biases.reshape(1, -1, 1, 1)
+    expected = {"leaky": np.where(linear > 0, linear, 0.1 * linear), "linear": linear,
+                "logistic": 1 / (1 + np.exp(-linear))}[activation]
+    assert relative_error(y, expected) < 1e-5
+
+
 def test_a_network_s_convolutions_write_into_their_concatenations():
     """yolov4-tiny's inference plan (convolutions computing into their routes' outputs) gives
     every layer's output exactly as without it."""
