@@ -196,7 +196,7 @@ class PjreddieTruthDeltas:
         dlt[at, 5 + cls] = 1 - out[at, 5 + cls]
 
     def finish(self, dlt):
-        pass
+        """Nothing: pjreddie's loss has no averages_yolo_deltas."""
 
 
 class AlexeyabTruthDeltas:
