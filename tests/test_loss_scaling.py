@@ -26,7 +26,8 @@ from engine.network import Network
 
 from conftest import ROOT
 from helpers import write_cfg
-from test_recorded_steps import BODY, YOLO_BODY, FakeArray, RecordingNumpy, fake_gpu  # noqa: F401
+from test_recorded_steps import (BODY, YOLO_BODY, FakeArray, RecordingNumpy,  # noqa: F401
+                                 fake_gpu, yolo_batches)
 
 NET = {"batch": 4, "subdivisions": 1, "height": 6, "width": 6, "channels": 1,
        "learning_rate": 0.1, "momentum": 0.9, "decay": 0.001}
@@ -39,22 +40,6 @@ def classifier_batches(count, seed=3, batch=4):
     rng = np.random.default_rng(seed)
     return [(rng.uniform(0, 1, (batch, 1, 6, 6)).astype(np.float32),
              np.eye(3, dtype=np.float32)[rng.integers(0, 3, batch)]) for _ in range(count)]
-
-
-def detector_batches(count, seed=4):
-    """As tests/test_recorded_steps.py's detector test: 1-4 boxes per image of 16x16."""
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        truth = np.zeros((4, 4 * 5), np.float32)
-        for b in range(4):
-            for r in range(int(rng.integers(1, 5))):
-                w, h = rng.uniform(0.1, 0.6, 2)
-                truth[b, 5 * r:5 * r + 5] = [rng.uniform(w / 2, 1 - w / 2),
-                                             rng.uniform(h / 2, 1 - h / 2), w, h,
-                                             rng.integers(0, 2)]
-        batches.append((rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32), truth))
-    return batches
 
 
 def detector_cfg(tmp_path, subdivisions=1):
@@ -108,7 +93,7 @@ def test_detector_weights_are_bit_identical_with_scaling(tmp_path, subdivisions,
     backward and update around the losses' host part, PlannedCapturedSteps the whole iteration
     with the truths' plans set before each replay."""
     path = detector_cfg(tmp_path, subdivisions)
-    batches = detector_batches(3)
+    batches = yolo_batches(3)
     plain_losses, plain = iterate(path, batches, runner)
     scaler = LossScaler(2.0 ** 12)
     losses, net = iterate(path, batches, runner, scaler)
@@ -125,7 +110,7 @@ def test_the_backward_sees_scaled_deltas(tmp_path):
     """The bit-identity above would also hold if nothing were scaled: here the accumulated
     gradients of one forward/backward are exactly S times the unscaled ones."""
     path = detector_cfg(tmp_path)
-    (images, truth), = detector_batches(1)
+    (images, truth), = yolo_batches(1)
     gradients = []
     for scale in (None, 2.0 ** 7):
         net = Network(path, backend=NumpyBackend(seed=5), quiet=True)
@@ -340,7 +325,7 @@ def test_recorded_iterations_make_no_host_read_for_the_scale(tmp_path, runner, c
     if cfg == "classifier":
         path, batches = write_cfg(tmp_path / "c.cfg", NET, BN_BODY), classifier_batches(4)
     else:
-        path, batches = detector_cfg(tmp_path), detector_batches(4)
+        path, batches = detector_cfg(tmp_path), yolo_batches(4)
     counts = []
     for scaler in (None, LossScaler(2.0 ** 10)):
         net = Network(path, backend=LaggingNumpy(seed=5), quiet=True)
@@ -626,7 +611,7 @@ def test_gpu_fp32_recorded_weights_are_bit_identical_with_scaling(tmp_path, kind
     if kind == "classifier":
         path, batches = write_cfg(tmp_path / "c.cfg", NET, BN_BODY), classifier_batches(5)
     else:
-        path, batches = detector_cfg(tmp_path), detector_batches(5)
+        path, batches = detector_cfg(tmp_path), yolo_batches(5)
     ops = CudaBackend(device=0, seed=5)
 
     def run(scaler):
@@ -707,7 +692,7 @@ def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
     iterations (PlannedCapturedSteps: the scale's update inside the iteration's recording) skip
     the same steps, each reported once, reach the same scale and the eager iterations'
     weights."""
-    batches = detector_batches(16)
+    batches = yolo_batches(16)
     (eager, eager_skips, eager_weights, _, eager_scaler), \
         (recorded, skips, weights, run, scaler) = gpu_detector_runs(
             tmp_path, batches, [LossScaler(), LossScaler()])
@@ -734,7 +719,7 @@ def test_gpu_recorded_overflow_is_skipped(tmp_path):
     leaves weights and velocities unchanged on the GPU, is reported once, S stays; the others
     train. (SplitCapturedSteps: the infinity is put in by the host part between its two
     recordings; PlannedCapturedSteps has no host part to put it in.)"""
-    batches = detector_batches(6)
+    batches = yolo_batches(6)
     (eager, eager_skips, _, _, _), (recorded, skips, weights, run, scaler) = gpu_detector_runs(
         tmp_path, batches, [LossScaler(8.0, dynamic=False), LossScaler(8.0, dynamic=False)],
         overflow_iterations={4}, recorded=training.SplitCapturedSteps)

@@ -336,11 +336,11 @@ YOLO_NET = {"batch": 4, "subdivisions": 1, "height": 16, "width": 16, "channels"
 YOLO_BODY_TRUTH_THRESH = YOLO_BODY + "truth_thresh=0.4\n"
 
 
-def yolo_batches():
-    """Four batches of 4 images with 1 to 4 boxes each, for YOLO_BODY's detector."""
-    rng = np.random.default_rng(4)
+def yolo_batches(count=4, seed=4):
+    """`count` batches of 4 images with 1 to 4 boxes each, for YOLO_BODY's detector."""
+    rng = np.random.default_rng(seed)
     batches = []
-    for _ in range(4):
+    for _ in range(count):
         truth = np.zeros((4, 4 * 5), np.float32)
         for b in range(4):
             for r in range(int(rng.integers(1, 5))):
