@@ -50,10 +50,15 @@ PLANES_MIN = 2048
 BN_CHUNK = 4096
 # cuDNN's Find times each algorithm once, and on an H200 its order of the fastest few changes
 # from run to run (a non-tensor-core algorithm won for 12 of YOLOv3's 75 convolutions in fp16).
-# The first forward pass of a shape times Find's FORWARD_CANDIDATES best ones again, on the real
-# arrays (FORWARD_REPEATS runs each after a warm-up), and keeps the fastest.
-FORWARD_CANDIDATES = 4
+# Its times also include issuing the calls, which for small convolutions is most of them (batch
+# 1 at 416: 10-40 us of kernels, tens of us to issue), so it ranks algorithms of few kernels first.
+# The first forward pass of a shape times every one of Find's candidates again, on the real
+# arrays (FORWARD_REPEATS runs each after a warm-up), queued behind a HOLD_US wait on the GPU so
+# that the events time the kernels alone, and keeps the fastest. (Timed so, yolov4-tiny's batch-1
+# forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
+FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
+HOLD_US = 2000
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -613,6 +618,7 @@ class CudaBackend(Operations):
                 self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
             except BackendError:
                 continue
+            self.kernels.launch("hold_kernel", 1, np.int32(HOLD_US))
             start.record(self.stream)
             for _ in range(FORWARD_REPEATS):
                 self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())

@@ -65,6 +65,7 @@ SIGNATURES = {
     "from_float_kernel": ("elementwise.cu", "PPi"),
     "to_float_kernel": ("elementwise.cu", "PPii"),
     "nonfinite_kernel": ("elementwise.cu", "PPi"),
+    "hold_kernel": ("elementwise.cu", "i"),
     "bn_sums_kernel": ("batchnorm.cu", "PPiiiii"),
     "bn_statistics_kernel": ("batchnorm.cu", "PPPPPii"),
     "bn_normalize_kernel": ("batchnorm.cu", "PPPPPPiiiii"),
