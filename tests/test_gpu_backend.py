@@ -522,6 +522,36 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_recorded_detector_outputs_reach_the_host_with_the_replay(rng, precision):
+    """predict(layers=heads) of a replayed recording (its outputs converted, checked and copied
+    to the host inside the recording) gives the eager pass's outputs and the CPU's; outputs that
+    are not finite still raise, naming the layer."""
+    from engine.backends.cuda import CudaBackend
+    from engine.errors import NumericalError
+
+    cfg = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cfg", "mnist-detect.cfg")
+    ops = CudaBackend(device=0, seed=0, precision=precision)
+    net = Network(cfg, backend=ops, seed=3, quiet=True)
+    cpu_net = Network(cfg, seed=3, quiet=True)
+    heads = [layer.index for layer in net.detection_layers]
+    images = rng.random((2, 3, 96, 96), dtype=np.float32)
+    calls = [net.predict(images, batch_size=2, layers=heads) for _ in range(4)]
+    assert 2 in net._inference.recordings  # eager, record, replay x2
+    expected = cpu_net.predict(images, batch_size=2, layers=heads)
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    for outputs in calls:
+        for y, want, i in zip(outputs, expected, heads):
+            assert y.shape == (2,) + net.layer_shapes[i] and y.dtype == np.float32
+            assert relative_error(y, want) <= tolerance, (precision, i)
+    last = net.predict(images, batch_size=2)  # the output layer's, from the same recording
+    np.testing.assert_array_equal(last, calls[-1][-1].reshape(2, -1))
+    bad = images.copy()
+    bad[1, 0, 5, 5] = np.nan
+    with pytest.raises(NumericalError, match="layer 0"):
+        net.predict(bad, batch_size=2, layers=heads)
+
+
 # ---- AlexeyAB's operations ----------------------------------------------------------------------
 def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
     x = randn(rng, 2, 3 * 7, 4, 5) * 3

@@ -41,7 +41,7 @@ from ..boxes import (box_edges, edges_iou_or_zero, image_chunks, listed_truths, 
 from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
-from .operations import Operations, ReadyRead
+from .operations import Operations, OutputsNow, ReadyRead
 
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
@@ -1319,6 +1319,11 @@ class NumpyBackend(Operations):
     def host_reader(self, array):
         """The work is done when issued: the reader copies the values now."""
         return _ValuesNow(np.array(array, dtype=np.float64))
+
+    def output_reader(self, arrays):
+        """The work is done when issued: to_host's arrays and all_finite's check, now."""
+        return OutputsNow([self.to_host(a) for a in arrays],
+                          all(self.all_finite(a) for a in arrays))
 
 
 class _ValuesNow:

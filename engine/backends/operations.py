@@ -404,6 +404,15 @@ class Operations(ABC):
         (eager work, float32, a read per call), one reader serves every replay of the recording
         it was made in."""
 
+    @abstractmethod
+    def output_reader(self, arrays):
+        """A reader of a forward's outputs `arrays` as they are at this point of the work issued
+        (in a recording: at this point of each replay): its values() returns (a float32 host
+        numpy array of each, in order; whether every value is finite), waiting for that point
+        only. Where the backend records, the conversion, the finiteness check and the copies to
+        the host are part of the recording, so a replay's outputs reach the host with no
+        further call: what predict reads."""
+
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
@@ -561,3 +570,13 @@ class ReadyRead(HostRead):
 
     def value(self):
         return self.values
+
+
+class OutputsNow:
+    """An output_reader whose values are on the host already (numpy; eager work on a GPU)."""
+
+    def __init__(self, outputs, finite):
+        self.outputs, self.finite = outputs, finite
+
+    def values(self):
+        return self.outputs, self.finite

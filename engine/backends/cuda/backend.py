@@ -25,7 +25,7 @@ from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
 from ...precision import STORAGE_DTYPES, check_precision
 from .. import views
-from ..operations import HostRead, Operations, ReadyRead
+from ..operations import HostRead, Operations, OutputsNow, ReadyRead
 from ..yolo_truths import IOU_LOSSES, STATISTICS
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
@@ -980,6 +980,24 @@ class CudaBackend(Operations):
         from .graph import HostReader
 
         return HostReader(self, array)
+
+    def output_reader(self, arrays):
+        """Eagerly: to_host's arrays and all_finite's check, now. While recording: the outputs
+        in float32, one finiteness flag for all of them and their copies into page-locked host
+        buffers become part of the recording (graph.OutputReader)."""
+        if not self._recording:
+            return OutputsNow([self.to_host(a) for a in arrays],
+                              all(self.all_finite(a) for a in arrays))
+        from .graph import OutputReader
+
+        floats = [self._as_type(a, FLOAT32) if a.dtype in STORAGE_DTYPES.values() else a
+                  for a in arrays]
+        flag = self._empty((1,), np.int32)
+        self.cuda.memset_d32_async(flag.ptr, 0, 1, self.stream)
+        for a in arrays:
+            self.kernels.launch("nonfinite_kernel", a.size, a.ptr, flag.ptr, a.size,
+                                dtype=a.dtype)
+        return OutputReader(self, floats, flag)
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
