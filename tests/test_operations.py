@@ -464,9 +464,11 @@ def bn_train_reference(x, scales, biases, per_activation):
 
 @pytest.mark.parametrize("shape, per_activation", [((6, 5, 4, 3), False), ((16, 9, 1, 1), False),
                                                    ((4, 3, 2, 2), True)])
-@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic"])
+@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic", "mish", "swish",
+                                        "hard_mish", "gelu"])
 def test_batchnorm_training(ops, rng, shape, per_activation, activation):
-    """y = act(BN(x)) with the batch statistics; the backward through both."""
+    """y = act(BN(x)) with the batch statistics; the backward through both (the activations
+    whose gradient needs their input included: activations.INPUT_GRADIENT)."""
     x = randn(rng, *shape) * 3 + 1
     n = int(np.prod(shape[1:])) if per_activation else shape[1]
     scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
@@ -488,7 +490,10 @@ def test_batchnorm_training(ops, rng, shape, per_activation, activation):
     moved = [to_backend(ops, a) for a in (delta, scales, su0, bu0)]
     dx = to_numpy(ops, ops.batchnorm_backward(moved[0], cache, moved[1], moved[2], moved[3]))
     axes = (0,) if per_activation else (0, 2, 3)
-    through = delta * activations.gradient(expected, activation)  # the delta of BN's output
+    slope = (activations.gradient_from_input(normalized, activation)
+             if activation in activations.INPUT_GRADIENT
+             else activations.gradient(expected, activation))
+    through = delta * slope  # the delta of BN's output
     assert_close(to_numpy(ops, moved[3]), bu0 + through.sum(axis=axes).reshape(-1),
                  "BN bias updates")
     assert_close(to_numpy(ops, moved[2]), su0 + (through * normal).sum(axis=axes).reshape(-1),
