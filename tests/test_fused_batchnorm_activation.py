@@ -7,6 +7,8 @@ statistics, and a whole training step of a network. Float64 finite differences o
 backward: tests/test_layers_gradients.py ("BN mish", "BN swish"...) and test_operations.py's
 test_batchnorm_training."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -192,3 +194,110 @@ def test_network_trains_the_same_fused_and_unfused(tmp_path, monkeypatch):
     assert len(fused) == len(unfused)
     for k, (got, want) in enumerate(zip(fused, unfused)):
         np.testing.assert_array_equal(got, want, f"record {k}")
+
+
+# ---- copies per training step ---------------------------------------------------------------------
+RESIDUAL_NET = """[net]
+batch=2
+subdivisions=1
+height=8
+width=8
+channels=3
+momentum=0.9
+decay=0.0005
+learning_rate=0.01
+
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=mish
+
+[convolutional]
+batch_normalize=1
+filters=4
+size=1
+stride=1
+pad=0
+activation=mish
+
+[shortcut]
+from=-2
+activation=linear
+
+[route]
+layers=-1,-3
+
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=swish
+
+[shortcut]
+from=-3
+activation=leaky
+
+[route]
+layers=-1
+groups=2
+group_id=0
+
+[connected]
+output=3
+activation=linear
+
+[cost]
+type=sse
+"""
+
+
+def run_step(path, private_deltas=False):
+    """One training step and update; with `private_deltas`, every layer's backward gets a copy
+    of its delta and hands back copies (nothing can alias). Returns (every value the step
+    made, the ops.copy calls layers and the network made)."""
+    ops = NumpyBackend(seed=1)
+    copies = []
+    backend_copy = ops.copy
+
+    def counted_copy(array):
+        if not sys._getframe(1).f_globals["__name__"].startswith("engine.backends"):
+            copies.append(array.shape)  # a layer's or the network's (not a backend's own)
+        return backend_copy(array)
+    net = Network(str(path), backend=ops, seed=1, quiet=True)
+    ops.copy = counted_copy
+    if private_deltas:
+        for layer in net.layers:
+            def backward(ops, delta, need_dx, _backward=layer.backward, _multi=layer.multi_input):
+                result = _backward(ops, backend_copy(delta), need_dx)
+                if _multi:
+                    return [None if d is None else backend_copy(d) for d in result]
+                return None if result is None else backend_copy(result)
+            layer.backward = backward
+    rng = np.random.default_rng(2)
+    cost = net.train_step(rng.random((2, 3, 8, 8), dtype=np.float32),
+                          rng.random((2, 3), dtype=np.float32))
+    values = [cost] + [np.array(out) for out in net.outputs]
+    values += [u.copy() for layer in net.layers for u in layer.updates.values()]
+    net.update(0.01)
+    values += [p.copy() for layer in net.layers for p in layer.params.values()]
+    return values, copies
+
+
+def test_training_step_copies_only_what_two_owners_need(tmp_path):
+    """Each layer owns the delta it is handed: a [shortcut] copies its delta once (its two
+    inputs each get their own), a [route] and the network copy none, and batch norm with mish
+    or swish keeps no copy of its input in the layer (numpy's own batch norm keeps z; the
+    GPU's recomputes it). The values are those of a step where no delta could be shared."""
+    path = tmp_path / "net.cfg"
+    path.write_text(RESIDUAL_NET)
+    values, copies = run_step(path)
+    assert copies == [(2, 4, 8, 8), (2, 4, 8, 8)]  # the two shortcuts' second delta
+    private, _ = run_step(path, private_deltas=True)
+    assert len(values) == len(private)
+    for k, (got, want) in enumerate(zip(values, private)):
+        np.testing.assert_array_equal(got, want, f"value {k}")
