@@ -135,7 +135,8 @@ def aligned(shape, dtype=np.float32, offset=0):
 class HostCuda:
     @staticmethod
     def memset_d32_async(pointer, value, count, stream):
-        ctypes.memset(pointer, 0, 4 * count) if value == 0 else pytest.fail("memset of non-zero")
+        assert value == 0  # the backend zeroes its float64 sums
+        ctypes.memset(pointer, 0, 4 * count)
 
 
 class HostBackend(CudaBackend):

@@ -196,7 +196,7 @@ def test_network_trains_the_same_fused_and_unfused(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got, want, f"record {k}")
 
 
-# ---- copies per training step ---------------------------------------------------------------------
+# ---- copies per training step ------------------------------------------------------------------
 RESIDUAL_NET = """[net]
 batch=2
 subdivisions=1
