@@ -154,7 +154,7 @@ def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
     assert_close(gpu, layer.forward(gpu, [gpu.asarray(x), gpu.asarray(add)], False),
                  layer.forward(cpu, [x, add], False), "shortcut forward")
     delta = randn(rng, *x_shape)
-    dx_cpu, dadd_cpu = layer.backward(cpu, delta, True)
+    dx_cpu, dadd_cpu = layer.backward(cpu, delta.copy(), True)  # the layer owns its delta
     dx_gpu, dadd_gpu = layer.backward(gpu, gpu.asarray(delta), True)
     assert_close(gpu, dx_gpu, dx_cpu, "shortcut delta")
     assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
