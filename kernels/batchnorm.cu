@@ -19,7 +19,7 @@
 
 #define REDUCE_THREADS 256
 
-// Values travel in 16-byte packs (packs.cuh) where a plane's length and the arrays' addresses
+// Values travel in 16-byte packs (packs.cuh) where a plane's length and every array's address
 // allow (`vec` set by the host), and a block of the sums kernels takes `chunk` values of a plane
 // (4096: 16 per thread), so that its reduction and its two float64 atomics are paid for a few
 // times per plane, not every 1024 values.
@@ -41,6 +41,27 @@ __device__ __forceinline__ void for_values(const act_t *row, int begin, int end,
     } else {
         for (int i = begin + threadIdx.x; i < end; i += blockDim.x)
             visit(i, load(row[i]));
+    }
+}
+
+// The same over the values at one index of three rows: visit(a value, b value, c value), c's
+// read only where c is not null (else 0).
+template <typename Visit>
+__device__ __forceinline__ void for_value_triples(const act_t *a, const act_t *b, const act_t *c,
+                                                  int begin, int end, int vec, Visit visit)
+{
+    if (vec) {
+        const Pack *as = (const Pack *)a, *bs = (const Pack *)b, *cs = (const Pack *)c;
+        for (int p = begin / VEC + threadIdx.x; p < end / VEC; p += blockDim.x) {
+            Pack pa = as[p], pb = bs[p], pc;
+            if (c) pc = cs[p];
+#pragma unroll
+            for (int k = 0; k < VEC; k++)
+                visit(load(pa.v[k]), load(pb.v[k]), c ? load(pc.v[k]) : 0.f);
+        }
+    } else {
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x)
+            visit(load(a[i]), load(b[i]), c ? load(c[i]) : 0.f);
     }
 }
 
@@ -157,11 +178,10 @@ extern "C" __global__ void bn_backward_sums_kernel(const act_t *x, const act_t *
     int plane = blockIdx.x / chunks, begin = blockIdx.x % chunks * chunk, c = plane % channels;
     float m = mean[c], s = inv_std[c], k = s * scale[c], b = bias[c];
     size_t base = (size_t)plane * spatial;
-    const act_t *ys = y + base, *deltas = delta + base;
     float sum = 0.f, inner = 0.f;
-    for_values(x + base, begin, min(spatial, begin + chunk), vec, [&](int i, float v) {
-        float d = load(deltas[i]) *
-                  bn_activation_gradient(v, [&] { return load(ys[i]); }, m, k, b, act);
+    for_value_triples(x + base, delta + base, bn_reads_output(act) ? y + base : nullptr, begin,
+                      min(spatial, begin + chunk), vec, [&](float v, float dy, float out) {
+        float d = dy * bn_activation_gradient(v, [&] { return out; }, m, k, b, act);
         sum += d;
         inner += d * (v - m) * s;
     });
