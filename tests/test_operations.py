@@ -204,8 +204,9 @@ def test_all_finite(ops, rng, bad):
     assert ops.all_finite(ops.asarray(x)) is (bad is None)
 
 
-def test_add_and_scale_in_place(ops, rng):
-    x, y = randn(rng, 2, 3, 4, 5), randn(rng, 2, 3, 4, 5)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 1, 1, 7)])  # GPU: 16-byte packs, values
+def test_add_and_scale_in_place(ops, rng, shape):
+    x, y = randn(rng, *shape), randn(rng, *shape)
     (result, (dst, _)) = call(ops, "add_", x, y)
     assert_close(result, x + y.astype(np.float64), "add_")
     assert_close(dst, x + y.astype(np.float64), "add_ in place")
@@ -221,11 +222,12 @@ def activation_points(rng, shape):
     return x.astype(np.float32)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 1, 1, 7)])  # GPU: 16-byte packs, values
 @pytest.mark.parametrize("name", activations.NAMES)
-def test_activations(ops, rng, name):
+def test_activations(ops, rng, name, shape):
     """activate_ against activations.py in float64 (checked against Darknet's formulas in
     test_activations.py); the gradient against finite differences of that function."""
-    x = activation_points(rng, (2, 3, 4, 5))
+    x = activation_points(rng, shape)
     y, (x_after, _) = call(ops, "activate_", x, name)
     expected = activations.activate(x.astype(np.float64), name)
     assert_close(y, expected, f"{name} forward")

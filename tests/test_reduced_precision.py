@@ -79,6 +79,27 @@ def test_operations_on_reduced_activations(reduced):
     for activation in ("leaky", "logistic", "mish", "swish", "relu", "linear"):
         check(ops, ops.activate_(stored(ops, x), activation),
               cpu.activate_(x.copy(), activation), activation)
+    # the passes that take 16-byte packs (1440 values: 8 halves a thread) or a value per thread
+    # (315); the CPU gets the values as stored
+    for values in (x, rng.standard_normal((3, 5, 7, 3)).astype(np.float32)):
+        host = ops.to_host(stored(ops, values))
+        delta = ops.to_host(stored(ops, rng.standard_normal(values.shape).astype(np.float32)))
+        for activation in ("leaky", "logistic", "mish", "swish"):
+            check(ops, ops.activate_(stored(ops, host), activation),
+                  cpu.activate_(host.copy(), activation), f"{activation}, {values.shape}")
+            if activation in ("mish", "swish"):
+                check(ops, ops.activation_input_backward_(stored(ops, host),
+                                                          stored(ops, delta), activation),
+                      cpu.activation_input_backward_(host, delta.copy(), activation),
+                      f"{activation} input gradient, {values.shape}")
+            else:
+                y = ops.to_host(ops.activate_(stored(ops, host), activation))
+                check(ops, ops.activation_backward_(stored(ops, y), stored(ops, delta),
+                                                    activation),
+                      cpu.activation_backward_(y, delta.copy(), activation),
+                      f"{activation} gradient, {values.shape}")
+        check(ops, ops.add_(stored(ops, host), stored(ops, delta)), host + delta,
+              f"add_, {values.shape}")
     biases = rng.standard_normal(8).astype(np.float32)
     check(ops, ops.add_bias_(stored(ops, x), ops.asarray(biases), "leaky"),
           cpu.add_bias_(x.copy(), biases, "leaky"), "bias + leaky")
