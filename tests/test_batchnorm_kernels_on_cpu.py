@@ -11,6 +11,7 @@ the gpu-marked tests (test_gpu_backend.py, test_reduced_precision.py)."""
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 
@@ -239,3 +240,13 @@ def test_elementwise_kernels_take_packs_or_values(library, activation, shape, of
     assert vec_of(host, name) == vec
     close(host.add_(host.asarray(x, offset), host.asarray(delta)), x + delta, "add", 0)
     assert vec_of(host, "add_kernel") == vec
+
+
+def test_the_kernels_input_gradient_activations_are_activations_input_gradient():
+    """gradient_needs_input (kernels/activation_functions.cuh) names activations.INPUT_GRADIENT:
+    the fused backward takes act' from z for exactly those."""
+    with open(os.path.join(KERNEL_DIR, "activation_functions.cuh")) as handle:
+        text = handle.read()
+    body = re.search(r"bool gradient_needs_input\(int act\)\s*\{(.*?)\}", text, re.S).group(1)
+    assert set(re.findall(r"ACT_(\w+)", body)) == {name.upper() for name in
+                                                   activations.INPUT_GRADIENT}
