@@ -532,12 +532,16 @@ class Network:
                 continue
             if not layer.multi_input:
                 result = [result]
+            handed = []  # the arrays given to earlier layers as their own
             for j, dx in zip(layer.input_indices, result):
                 if j < 0 or dx is None:
                     continue
                 if deltas[j] is None:
-                    # A multi-input layer may hand back views of one array: keep a private copy.
-                    deltas[j] = ops.copy(dx) if layer.multi_input else dx
+                    # Each layer owns the delta it is handed (changes it in place). A layer's
+                    # deltas are arrays no one else holds, but a multi-input layer may hand back
+                    # one array for several inputs: each after the first gets a copy.
+                    deltas[j] = ops.copy(dx) if any(dx is h for h in handed) else dx
+                    handed.append(dx)
                 else:
                     ops.add_(deltas[j], dx)
 

@@ -154,7 +154,7 @@ def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
     assert_close(gpu, layer.forward(gpu, [gpu.asarray(x), gpu.asarray(add)], False),
                  layer.forward(cpu, [x, add], False), "shortcut forward")
     delta = randn(rng, *x_shape)
-    dx_cpu, dadd_cpu = layer.backward(cpu, delta, True)
+    dx_cpu, dadd_cpu = layer.backward(cpu, delta.copy(), True)  # the layer owns its delta
     dx_gpu, dadd_gpu = layer.backward(gpu, gpu.asarray(delta), True)
     assert_close(gpu, dx_gpu, dx_cpu, "shortcut delta")
     assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
@@ -263,6 +263,63 @@ activation=selu
 [softmax]
 groups=2
 temperature=0.7
+"""),
+    # yolov4-tiny's stack (CSP routes, maxpool) with mish and swish fused into training BN;
+    # 13x13 planes (a value per thread in kernels/batchnorm.cu) and 6x6 (packs of 4 floats)
+    "csp_mish_swish": (
+        (13, 13, 3), """
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=mish
+[route]
+layers=-1
+groups=2
+group_id=1
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=swish
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=mish
+[route]
+layers=-1,-2
+[convolutional]
+batch_normalize=1
+filters=8
+size=1
+stride=1
+pad=0
+activation=mish
+[route]
+layers=-6,-1
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=12
+size=3
+stride=1
+pad=1
+activation=hard_mish
+[connected]
+output=10
+batch_normalize=1
+activation=mish
+[softmax]
+groups=1
 """),
     "batchnorm_activation_cost": (
         (6, 6, 3), """
@@ -586,20 +643,23 @@ def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
 
 
 
+@pytest.mark.parametrize("activation", ["linear", "leaky", "mish", "swish"])
 @pytest.mark.parametrize("shape", [(3, 5, 70, 70), (2, 3, 64, 100), (2, 7, 5, 3),
                                    (64, 2, 1, 1)])
-def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape):
+def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape, activation):
     """kernels/batchnorm.cu's statistics (a block per piece of a plane, two per plane for 70x70
     and 64x100; 16-byte packs where a plane is whole packs: 70x70 and 64x100) and backward equal
-    the CPU backend's; the mean is far from 0 so that the variance's rounding shows."""
+    the CPU backend's; the mean is far from 0 so that the variance's rounding shows. With the
+    activation fused (mish and swish: the backward recomputes their input from x)."""
     x = randn(rng, *shape) * 3 + 5
     delta = randn(rng, *shape)
     c = shape[1]
     params = [randn(rng, c) for _ in range(2)] + [randn(rng, c), np.abs(randn(rng, c))]
     host = [p.copy() for p in params]
     device = [gpu.asarray(p) for p in params]
-    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *host)
-    y_gpu, cache_gpu = gpu.batchnorm_forward_train(gpu.asarray(x), *device)
+    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *host, activation=activation)
+    y_gpu, cache_gpu = gpu.batchnorm_forward_train(gpu.asarray(x), *device,
+                                                   activation=activation)
     assert_close(gpu, y_gpu, y_cpu, "y")
     assert_close(gpu, device[2], host[2], "rolling mean")
     assert_close(gpu, device[3], host[3], "rolling variance")

@@ -264,7 +264,10 @@ class Operations(ABC):
         channel over batch and positions (SPATIAL), or per element over the batch
         (per_activation; parameters then of x.shape[1:]). y = act(scales * (x - mean) /
         sqrt(var + BN_TRAINING_EPSILON) + biases) with the biased batch variance, `activation`
-        one whose gradient comes from its output (layers.base.fusable); in place:
+        any elementwise one (not activations.CHANNEL_NAMES; layers.base.fusable), those whose
+        gradient needs their input (activations.INPUT_GRADIENT) included: the cache then keeps
+        what batchnorm_backward needs to recompute that input (x, the statistics, the
+        parameters; `scales` and `biases` must stay unchanged until batchnorm_backward); in place:
         rolling_mean and rolling_variance move by BN_MOMENTUM toward the batch mean and the
         *unbiased* batch variance. Returns (new y, cache) where the cache is opaque and only for
         batchnorm_backward."""
@@ -281,7 +284,9 @@ class Operations(ABC):
     @abstractmethod
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         """The exact backward of batchnorm_forward_train (batch statistics, and its activation)
-        for its cache: with d = delta * act'(y) (delta: of y), scale_updates += sum(d * x_norm),
+        for its cache: with d = delta * act'(z) (delta: of y = act(z), z = scales * x_norm +
+        biases, act' from y or from z: activations.gradient or gradient_from_input, as an
+        unfused activation pass would compute it), scale_updates += sum(d * x_norm),
         bias_updates += sum(d) per statistic; returns a new delta for x (delta itself may be
         changed)."""
 

@@ -439,7 +439,9 @@ class CudaBackend(Operations):
 
     def add_(self, dst, src):
         src = self._as_type(src, dst.dtype)
-        self.kernels.launch("add_kernel", dst.size, dst.ptr, src.ptr, dst.size, dtype=dst.dtype)
+        vec, width = self._packs(dst.size, dst, src)
+        self.kernels.launch("add_kernel", dst.size // width, dst.ptr, src.ptr, dst.size, vec,
+                            dtype=dst.dtype)
         return dst
 
     # ---- storage types (precision) -------------------------------------------------------------
@@ -535,8 +537,9 @@ class CudaBackend(Operations):
         if activation == "linear":
             return x
         if view is None:
-            self.kernels.launch("activate_kernel", x.size, x.ptr, x.size,
-                                _activation_id(activation), dtype=x.dtype)
+            vec, width = self._packs(x.size, x)
+            self.kernels.launch("activate_kernel", x.size // width, x.ptr, x.size,
+                                _activation_id(activation), vec, dtype=x.dtype)
             return x
         n, counts, walk = _walk(view, x)
         self.kernels.launch("activate_strided_kernel", n, x.ptr, n, *counts, *walk,
@@ -546,14 +549,16 @@ class CudaBackend(Operations):
     def activation_backward_(self, y, delta, activation):
         if activation != "linear":
             y = self._as_type(y, delta.dtype)
-            self.kernels.launch("gradient_kernel", delta.size, y.ptr, delta.ptr,
-                                delta.size, _activation_id(activation), dtype=delta.dtype)
+            vec, width = self._packs(delta.size, delta, y)
+            self.kernels.launch("gradient_kernel", delta.size // width, y.ptr, delta.ptr,
+                                delta.size, _activation_id(activation), vec, dtype=delta.dtype)
         return delta
 
     def activation_input_backward_(self, x, delta, activation):
         x = self._as_type(x, delta.dtype)
-        self.kernels.launch("input_gradient_kernel", delta.size, x.ptr, delta.ptr, delta.size,
-                            _activation_id(activation), dtype=delta.dtype)
+        vec, width = self._packs(delta.size, delta, x)
+        self.kernels.launch("input_gradient_kernel", delta.size // width, x.ptr, delta.ptr,
+                            delta.size, _activation_id(activation), vec, dtype=delta.dtype)
         return delta
 
     def _normalize_channels_launch(self, name, x, out, activation):
@@ -708,8 +713,10 @@ class CudaBackend(Operations):
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
                                 per_activation=False, activation="linear"):
         """SPATIAL statistics in kernels/batchnorm.cu (cuDNN's NCHW kernels parallelise over
-        channels: slow for few channels of large maps), the activation fused; PER_ACTIVATION
-        ones (dense layers) in cuDNN, then the activation."""
+        channels: slow for few channels of large maps), the activation fused, mish and the other
+        activations.INPUT_GRADIENT included (their backward recomputes z = scale * x_norm + bias
+        from the cache's x, statistics, scales and biases); PER_ACTIVATION ones (dense layers)
+        in cuDNN, then the activation (keeping a copy of z where its gradient needs it)."""
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
         y = self._empty(x.shape, x.dtype)
@@ -720,11 +727,13 @@ class CudaBackend(Operations):
                                              self.dnn.tensor(params), scales.ptr, biases.ptr,
                                              rolling_mean.ptr, rolling_variance.ptr,
                                              save_mean.ptr, save_inv_std.ptr)
+            kept = self.copy(y) if activation in activations.INPUT_GRADIENT else None
             y = self.activate_(y, activation)
-            return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+            return y, (x, save_mean, save_inv_std, per_activation, y if kept is None else kept,
+                       activation, biases)
         spatial, channels = self._channel_layout(x.shape)
         planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
-        vec, width = self._bn_packs(spatial, x, y)
+        vec, width = self._packs(spatial, x, y)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_sums_kernel", planes * chunks, x.ptr, sums.ptr, spatial,
                                    channels, BN_CHUNK, chunks, vec, dtype=x.dtype)
@@ -734,14 +743,15 @@ class CudaBackend(Operations):
         self.kernels.launch("bn_normalize_kernel", x.size // width, x.ptr, y.ptr,
                             save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr, spatial,
                             channels, x.size, _activation_id(activation), vec, dtype=x.dtype)
-        return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+        return y, (x, save_mean, save_inv_std, per_activation, y, activation, biases)
 
     @staticmethod
-    def _bn_packs(spatial, *arrays):
-        """(vec, values per thread) of kernels/batchnorm.cu's passes: 16-byte packs where each
-        plane is whole packs and every array starts on 16 bytes."""
+    def _packs(length, *arrays):
+        """(vec, values per thread) of the kernels that take 16-byte packs (kernels/packs.cuh):
+        packs where `length` (a plane's values in batch norm, else the array's) is whole packs
+        and every array starts on 16 bytes."""
         width = 16 // arrays[0].dtype.itemsize
-        if spatial % width == 0 and all(int(a.ptr) % 16 == 0 for a in arrays):
+        if length % width == 0 and all(int(a.ptr) % 16 == 0 for a in arrays):
             return 1, width
         return 0, 1
 
@@ -777,11 +787,14 @@ class CudaBackend(Operations):
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
-        x, save_mean, save_inv_std, per_activation, y, activation = cache
+        x, save_mean, save_inv_std, per_activation, kept, activation, biases = cache
         delta = self._as_type(delta, x.dtype)
         dx = self._empty(x.shape, x.dtype)
-        if per_activation:
-            delta = self.activation_backward_(y, delta, activation)
+        if per_activation:  # kept: the activation's input where its gradient needs it, else y
+            if activation in activations.INPUT_GRADIENT:
+                delta = self.activation_input_backward_(kept, delta, activation)
+            else:
+                delta = self.activation_backward_(kept, delta, activation)
             shape, params, mode = self._bn_shapes(x.shape, per_activation)
             self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape, x.dtype), x.ptr, delta.ptr,
                                         dx.ptr, self.dnn.tensor(params), scales.ptr,
@@ -790,17 +803,19 @@ class CudaBackend(Operations):
             return dx
         spatial, channels = self._channel_layout(x.shape)
         planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
-        vec, width = self._bn_packs(spatial, x, y, delta, dx)
+        y = kept  # the output; its act' comes from it, or from z recomputed from x (the kernels)
+        vec, width = self._packs(spatial, x, y, delta, dx)
         act = _activation_id(activation)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_backward_sums_kernel", planes * chunks, x.ptr, y.ptr,
-                                   delta.ptr, save_mean.ptr, save_inv_std.ptr, sums.ptr, spatial,
-                                   channels, BN_CHUNK, chunks, act, vec, dtype=x.dtype)
+                                   delta.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr,
+                                   biases.ptr, sums.ptr, spatial, channels, BN_CHUNK, chunks, act,
+                                   vec, dtype=x.dtype)
         self.kernels.launch("bn_updates_kernel", channels, sums.ptr, scale_updates.ptr,
                             bias_updates.ptr, channels)
         self.kernels.launch("bn_backward_kernel", x.size // width, x.ptr, y.ptr, delta.ptr,
-                            dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr, sums.ptr,
-                            spatial, channels, x.size, x.size // channels, act, vec,
+                            dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr,
+                            sums.ptr, spatial, channels, x.size, x.size // channels, act, vec,
                             dtype=x.dtype)
         return dx
 
