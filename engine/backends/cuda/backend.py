@@ -63,7 +63,7 @@ BN_CHUNK = 4096
 # forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
-HOLD_US = 2000
+HOLD_US = 1000
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
