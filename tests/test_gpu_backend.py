@@ -665,7 +665,8 @@ def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape, acti
     assert_close(gpu, device[3], host[3], "rolling variance")
     updates_cpu = [np.full(c, 0.5, np.float32) for _ in range(2)]
     updates_gpu = [gpu.asarray(u) for u in updates_cpu]
-    dx_cpu = cpu.batchnorm_backward(delta, cache_cpu, host[0], *updates_cpu)
+    # (the CPU's backward applies the activation's gradient to the delta it is handed)
+    dx_cpu = cpu.batchnorm_backward(delta.copy(), cache_cpu, host[0], *updates_cpu)
     dx_gpu = gpu.batchnorm_backward(gpu.asarray(delta), cache_gpu, device[0], *updates_gpu)
     assert_close(gpu, dx_gpu, dx_cpu, "dx", tolerance=3 * TOLERANCE)
     assert_close(gpu, updates_gpu[0], updates_cpu[0], "scale updates", tolerance=3 * TOLERANCE)
