@@ -39,8 +39,8 @@ ACTIVATION_IDS = {name: index for index, name in enumerate(activations.NAMES)}
 STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drained once per wrap
 # Downloads of more than STAGED_MIN bytes into pageable numpy memory go through two pinned buffers
 # of STAGE_CHUNK bytes, the DMA of one chunk overlapping the host's copy of the previous: 25%
-# faster than one pageable copy for YOLOv3's 58 MB of batch-16 outputs on an H200 (uploads
-# staged so measured slower than the pageable copy, so they are not).
+# faster than one pageable copy for YOLOv3's 58 MB of batch-16 outputs on an H200 (uploads staged
+# on one thread so measured slower than the pageable copy: see UPLOAD_STAGED_MIN).
 STAGED_MIN = 1 << 20
 STAGE_CHUNK = 4 << 20
 # set_ copies host batches of more than UPLOAD_STAGED_MIN bytes into a page-locked buffer on
