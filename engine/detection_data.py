@@ -20,7 +20,8 @@ import sys
 import numpy as np
 
 from .config import read_text_lines, resolve_path
-from .augmentation import load_augmented, load_augmented_batch, prefetched, truth_rows
+from .augmentation import (in_pieces, load_augmented, load_augmented_batch, prefetched,
+                           truth_rows)
 from .errors import ConfigError, DataError
 from .images import read_image_list, read_rgb, resize_bilinear
 
@@ -173,9 +174,13 @@ class DetectionDataset:
         processes (engine.augmentation.prefetched)."""
         if self.augmentation is None:
             yield from prefetched(lambda: self._plain_job(sampler.next()), load_resized_batch,
-                                  lambda images, indexes: (images, self.truth[indexes]), workers)
+                                  lambda images, indexes: (images, self.truth[indexes]), workers,
+                                  split=lambda job, n: [(paths, job[1])
+                                                        for paths in in_pieces(job[0], n)],
+                                  join=np.concatenate)
         yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
-                              self._assemble, workers)
+                              self._assemble, workers, split=in_pieces,
+                              join=lambda parts: [result for part in parts for result in part])
 
     def check_network(self, net):
         for layer in net.cost_layers:

@@ -11,7 +11,7 @@ import pytest
 
 from engine import cli
 from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
-                                 distort, load_augmented, transform_boxes)
+                                 distort, in_pieces, load_augmented, transform_boxes)
 from engine.data import DataConfig
 from engine.errors import ConfigError
 from engine.network import Network
@@ -165,6 +165,33 @@ def scenes(tmp_path_factory):
     return str(folder / "mnist-detect.data")
 
 
+def test_jobs_split_into_consecutive_parts():
+    assert in_pieces(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert in_pieces(list(range(2)), 4) == [[0], [1]]
+    assert in_pieces([], 4) == [[]]
+
+
+def test_workers_resize_the_batches_the_trainer_would_make(scenes, tmp_path):
+    """Without augmentation too, a batch split over workers is the in-process batch."""
+    net = Network(_cfg(tmp_path), quiet=True)
+    dataset = DataConfig(scenes).detection_dataset("train", net.input_shape, 90)
+
+    def first_batches(workers):
+        sampler = BatchSampler(len(dataset), 5, np.random.default_rng(0))
+        if workers == 0:
+            return [dataset.training_batch(sampler.next()) for _ in range(3)]
+        batches = dataset.batches(sampler, workers=workers)
+        try:
+            return [next(batches) for _ in range(3)]
+        finally:
+            batches.close()
+
+    for (a, ta), (b, tb) in zip(first_batches(0), first_batches(3)):
+        assert a.shape[0] == 5
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+
+
 def test_workers_give_the_batches_the_trainer_would_make(scenes, tmp_path):
     """The same seed gives the same augmented batches in a process pool and in-process, mixup
     included (blended images hold more boxes); another seed gives other images."""
@@ -184,7 +211,8 @@ def test_workers_give_the_batches_the_trainer_would_make(scenes, tmp_path):
         finally:
             batches.close()
 
-    inline, pooled, other = first_batches(0, 5), first_batches(2, 5), first_batches(0, 6)
+    # three workers: each batch's images (8 when blended) in uneven parts
+    inline, pooled, other = first_batches(0, 5), first_batches(3, 5), first_batches(0, 6)
     for (a, ta), (b, tb) in zip(inline, pooled):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ta, tb)
