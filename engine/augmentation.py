@@ -418,6 +418,8 @@ def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=N
         while True:
             job, plan = next_job()
             yield finish(work(job), plan)
+    if split is None:
+        workers = min(workers, ahead)  # whole jobs, `ahead` at a time: more would idle
     # spawn: the parent may hold a CUDA context, which forked children must not inherit.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
