@@ -117,6 +117,12 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
+def block_step(c, cols, b, v):
+    """Tile rows per block: about BLOCK_ELEMENTS transformed input elements, MIN_TILES tiles
+    at least."""
+    return max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
+
+
 def pools_in_tiles(h, w, v):
     """Whether conv3x3 can take an h x w map's 2x2/2 maxima inside its output tiles: whole
     tiles of an even side."""
@@ -155,27 +161,20 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     else:
         ym = None  # only the maxima are stored
-    step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
+    step = block_step(c, cols, b, v)
     blocks = row_ranges(rows, min(step, rows), threads)
     if run is None:
         def run(tasks):
             for task in tasks:
                 task()
     store = store_through(finish)
-    sh, sw, sb, sc = padded.strides
-    # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
-    tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
-                       (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False)
-
-    def gather(row0, row1):
-        # the block's tiles, in one copy; C order, so that the reshapes below are views
-        return np.array(tiles[:, :, row0:row1], order="C")
+    tiles = tile_view(padded, v)  # a view, made once
 
     if len(blocks) < threads:
         if ym is None:  # (one block of a small map: pooled from y afterwards)
             ym = np.empty((h, w, b, f), x.dtype)
         for row0, row1 in blocks:
-            _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
+            _shared_block(gather(tiles, row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
                           store)
         if pooled is not None:  # (the maxima over the window's rows, then its columns)
             cells = ym.reshape(h // 2, 2, w // 2, 2, b, f)
@@ -187,26 +186,9 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
 
     def block_(row0, row1):
         n = row1 - row0
-        d = gather(row0, row1)
-        points = n * cols * b * c
-        # V = B^T d B: over i (one product), then over j (a product per i)
-        t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
-        u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
-        m = np.matmul(u, filters)  # (alpha^2, tiles, F)
-        if biases is not None:
-            m[v.bias_point] += biases
-        # Y = A^T M A, likewise
-        t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
-        out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f)
+        out = block_tiles(tiles, filters, v, biases, row0, row1)
         if pooled is not None:
-            # out[2p + di, 2q + dj] is cell (di, dj) of the tiles' 2x2 window (p, q): the
-            # maxima over di, then dj, then the activation (it commutes with max), stored
-            half = tile // 2
-            cells = out.reshape(half, 2, half, 2, n, cols, b, f)
-            row_max = np.maximum(cells[:, 0], cells[:, 1])
-            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
-            tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
-            store(tiled, reshaped_view(pooled[row0 * half:row1 * half], tiled.shape))
+            store_pooled_tiles(out, store, pooled, row0)
             if ym is None:
                 return
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
@@ -220,6 +202,55 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
 
     run([lambda rows=rows: block_(*rows) for rows in blocks])
     return None if ym is None else ym.transpose(2, 3, 0, 1)
+
+
+def tile_view(padded, v):
+    """tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col) of a padded (H, W, B, C)
+    input (tiles v.tile apart): a strided view (numpy's as_strided is Python code: made once
+    per convolution, not per block)."""
+    rows, cols = (padded.shape[0] - 2) // v.tile, (padded.shape[1] - 2) // v.tile
+    sh, sw, sb, sc = padded.strides
+    return as_strided(padded, (v.alpha, v.alpha, rows, cols) + padded.shape[2:],
+                      (sh, sw, v.tile * sh, v.tile * sw, sb, sc), writeable=False)
+
+
+def gather(tiles, row0, row1):
+    """The tiles of tile rows [row0, row1), in one copy; C order, so that the transforms'
+    reshapes are views."""
+    return np.array(tiles[:, :, row0:row1], order="C")
+
+
+def block_tiles(tiles, filters, v, biases, row0, row1):
+    """The output tiles (tile, tile, rows, cols, B, F) of tile rows [row0, row1) before the
+    activation: gather, V = B^T d B, M[k] = V[k] @ U[k] (biases added at v.bias_point),
+    Y = A^T M A."""
+    alpha, tile = v.alpha, v.tile
+    d = gather(tiles, row0, row1)
+    n, cols, b, c = d.shape[2:]
+    points = n * cols * b * c
+    # V = B^T d B: over i (one product), then over j (a product per i)
+    t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
+    u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
+    m = np.matmul(u, filters)  # (alpha^2, tiles, F)
+    if biases is not None:
+        m[v.bias_point] += biases
+    # Y = A^T M A, likewise
+    t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
+    return np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, filters.shape[2])
+
+
+def store_pooled_tiles(out, store, pooled, row0):
+    """The 2x2/2 maxima of output tiles out (tile, tile, rows, cols, B, F) of tile rows from
+    row0, activated and stored by store(src, dst) into pooled (H/2, W/2, B, F): out[2p + di,
+    2q + dj] is cell (di, dj) of the tiles' window (p, q): the maxima over di, then dj, then
+    the activation (it commutes with max)."""
+    tile, _, n, cols, b, f = out.shape
+    half = tile // 2
+    cells = out.reshape(half, 2, half, 2, n, cols, b, f)
+    row_max = np.maximum(cells[:, 0], cells[:, 1])
+    maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+    tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
+    store(tiled, reshaped_view(pooled[row0 * half:(row0 + n) * half], tiled.shape))
 
 
 def store_through(finish):
