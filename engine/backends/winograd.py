@@ -174,8 +174,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         if ym is None:  # (one block of a small map: pooled from y afterwards)
             ym = np.empty((h, w, b, f), x.dtype)
         for row0, row1 in blocks:
-            _shared_block(gather(tiles, row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
-                          store)
+            _shared_block(padded, row0, row1, filters, v, ym, run, threads, biases, store)
         if pooled is not None:  # (the maxima over the window's rows, then its columns)
             cells = ym.reshape(h // 2, 2, w // 2, 2, b, f)
             row_max = np.maximum(cells[:, 0], cells[:, 1])
@@ -260,23 +259,46 @@ def store_through(finish):
     return finish
 
 
-def _shared_block(d, filters, v, ym, top, run, threads, biases, store):
-    """One block of tiles d (alpha, alpha, rows, cols, B, C) on several threads, in two steps.
-    First each thread takes some rows i of the input transform (V's points i*alpha + j: its
-    share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each takes some rows i of
-    the output transform (y's rows tile*row + i). Sharing the points rather than the filters
-    leaves no work done twice: split by filters, every thread gathered and transformed the
-    whole block (about a fifth of a 26x26 layer on two threads)."""
-    alpha, _, n, cols, b, c = d.shape
-    tile, f = v.tile, filters.shape[2]
-    points = n * cols * b * c
-    m = np.empty((alpha * alpha, n * cols * b, f), d.dtype)
+def _shared_block(padded, row0, row1, filters, v, ym, run, threads, biases, store):
+    """Tile rows [row0, row1) of the padded input (H, W, B, C) as one block on several threads,
+    in two steps. First each thread takes some rows i of the input transform (V's points
+    i*alpha + j: its share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each
+    takes some rows i of the output transform (y's rows tile*row + i). Sharing the points
+    rather than the filters leaves no work done twice: split by filters, every thread
+    gathered and transformed the whole block (about a fifth of a 26x26 layer on two threads).
+    The tiles are never gathered: each thread's B^T over the tiles' rows reads the padded
+    rows in place (each tile row's alpha rows are one strided matrix), and B^T over their
+    columns reads that product's windows in place (a copy of the block's overlapping tiles
+    on the calling thread alone was a tenth of a 26x26 layer on two threads)."""
+    alpha, tile = v.alpha, v.tile
+    n, cols, b, c = row1 - row0, (padded.shape[1] - 2) // tile, padded.shape[2], padded.shape[3]
+    f = filters.shape[2]
+    top = row0 * tile
+    row_length = padded.shape[1] * b * c
+    item = padded.itemsize
+    # rows[r, k] = padded row tile*(row0 + r) + k: the alpha input rows of tile row r, a view
+    rows = as_strided(padded[top:], (n, alpha, row_length),
+                      (tile * padded.strides[0], padded.strides[0], item), writeable=False)
+    m = np.empty((alpha * alpha, n * cols * b, f), padded.dtype)
 
     def points_(i0, i1):
-        t = np.matmul(v.b_t[i0:i1], d.reshape(alpha, alpha * points)).reshape(i1 - i0, alpha,
-                                                                               points)
-        u = np.matmul(v.b_t, t).reshape((i1 - i0) * alpha, n * cols * b, c)
-        np.matmul(u, filters[i0 * alpha:i1 * alpha], out=m[i0 * alpha:i1 * alpha])
+        k = i1 - i0
+        t = np.matmul(v.b_t[i0:i1], rows)  # (n, k, W, B, C) in memory: B^T over tile rows
+        tr, ti = t.strides[:2]
+        # windows[i, r, s, q] = t's column tile*s + q of tile row r (B*C values), a view
+        windows = as_strided(t, (k, n, cols, alpha, b * c),
+                             (ti, tr, tile * b * c * item, b * c * item, item), writeable=False)
+        # (i, r, s, j, B*C): V's point (i0 + i, j) of tile (r, s); C order asked for (numpy
+        # would lay the batch axes out as the windows' strides are)
+        u = np.matmul(v.b_t, windows, out=np.empty((k, n, cols, alpha, b * c), t.dtype))
+        # the products, over V's point axes (i, j) and the batch, each (r*s tiles, C) @ (C, F)
+        # read in place (row stride alpha*B*C) into m's rows (tile (r, s, b), F)
+        u = reshaped_view(u.reshape(k, n, cols, alpha, b, c).transpose(0, 3, 4, 1, 2, 5),
+                          (k, alpha, b, n * cols, c))
+        out = m[i0 * alpha:i1 * alpha].reshape(k, alpha, n, cols, b, f).transpose(0, 1, 4, 2, 3,
+                                                                                 5)
+        np.matmul(u, filters[i0 * alpha:i1 * alpha].reshape(k, alpha, 1, c, f),
+                  out=reshaped_view(out, (k, alpha, b, n * cols, f)))
         if biases is not None and i0 * alpha <= v.bias_point < i1 * alpha:
             m[v.bias_point] += biases
 
