@@ -13,6 +13,7 @@ from engine.backends import numpy_backend, winograd
 from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import BackendError
 from engine.layers.channels import concat_channels
+from engine.layers.upsample import upsample
 from engine.network import Network
 
 YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
@@ -204,6 +205,13 @@ def test_channels_innermost_arrays_keep_their_layout_and_values():
     np.testing.assert_array_equal(ops.copy(stored), x)
     routed = concat_channels(ops, [stored, (channels_innermost(x[:, :4]), 1, 3)])
     np.testing.assert_array_equal(routed, np.concatenate([x, x[:, 1:3]], axis=1))
+    # nearest-neighbour upsampling (its source repeated along the innermost axis of the view:
+    # taken in place from a channels-innermost source), by 2 and by 3 with a scale
+    for stride, scale in [(2, 1.0), (3, 0.5)]:
+        upsampled = upsample(ops, stored, stride, scale)
+        assert upsampled.strides[1] == 4
+        np.testing.assert_array_equal(
+            upsampled, np.float32(scale) * x.repeat(stride, axis=2).repeat(stride, axis=3))
 
 
 def test_equal_shape_shortcut_is_the_weighted_sum():

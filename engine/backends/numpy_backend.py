@@ -1224,7 +1224,7 @@ class NumpyBackend(Operations):
         return np.empty(shape, like.dtype)
 
     @staticmethod
-    def _part(seen, view):
+    def _part(seen, view, materialise=True):
         """The window of view in `seen` (the array already reshaped and permuted): a numpy view,
         read-only where a step of 0 repeats an index."""
         slices, repeats = _window_slices(view)
@@ -1232,7 +1232,9 @@ class NumpyBackend(Operations):
         if not repeats:
             return part
         start, count, step = view.window[-1]
-        if step == 0 and count > 1:  # repeats along the innermost axis: materialised, faster
+        if step == 0 and count > 1 and materialise:
+            # repeats along the innermost axis: materialised, faster (in the view's order: not
+            # for a channels-innermost source, whose copy would then transpose twice)
             part = np.repeat(part, count, axis=-1)
         return np.broadcast_to(part, view.counts)
 
@@ -1267,7 +1269,8 @@ class NumpyBackend(Operations):
         (views.py: the two windows hold the same counts; src may be dst itself, with the same
         view); returns dst."""
         views.check_pair(src_view, src.size, dst_view, dst.size)
-        value = self._part(self._seen(src, src_view), src_view)
+        value = self._part(self._seen(src, src_view), src_view,
+                           materialise=not self._channels_innermost(src))
         f = np.float32
         part, written_back = self._target(dst, dst_view)
         if accumulate:
