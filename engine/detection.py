@@ -159,15 +159,20 @@ DECODERS = {"yolo": yolo_detections, "region": region_detections,
             "gaussian_yolo": gaussian_yolo_detections}
 
 
-def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed=True):
+def network_detections(net, image_w, image_h, thresh, image_index=0, letterboxed=True,
+                       outputs=None):
     """Darknet's get_network_boxes after a forward pass: the detections of every [yolo] and
-    [region] layer of `net` for image `image_index` of the batch, in layer order."""
+    [region] layer of `net` for image `image_index` of the batch, in layer order. outputs: those
+    layers' outputs on the host (net.predict(..., layers=net.detection_layers)'s), else they are
+    read from the last forward."""
     parts, classes = [], 0
+    heads = iter(outputs) if outputs is not None else None
     for layer in net.layers:
         decode = DECODERS.get(layer.type_name)
         if decode is None:
             continue
-        output = net.ops.to_host(net.outputs[layer.index])[image_index]
+        output = (next(heads) if heads is not None
+                  else net.ops.to_host(net.outputs[layer.index]))[image_index]
         classes = layer.classes
         parts.append(decode(layer, output, net.options.width, net.options.height,
                             image_w, image_h, thresh, letterboxed))
@@ -317,9 +322,9 @@ def detect(net, image_path, thresh=0.5, nms=0.45, letterboxed=None):
         x = letterbox(image, net.options.width, net.options.height)
     else:
         x = resize_bilinear(image, net.options.width, net.options.height)
-    net.predict(x[None])
-    net.check_finite_outputs(heads)
-    detections = network_detections(net, image_w, image_h, thresh, letterboxed=letterboxed)
+    outputs = net.predict(x[None], layers=heads)  # (their values checked finite)
+    detections = network_detections(net, image_w, image_h, thresh, letterboxed=letterboxed,
+                                    outputs=outputs)
     if nms:
         kind, beta = nms_choice(net)
         detections = nms_sort(detections, nms, kind, beta)

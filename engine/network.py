@@ -159,19 +159,23 @@ class RecordedInference:
     """Inference replayed from a recording (CUDA graphs) on backends that can record: a batch
     size's first forward runs eagerly (it makes the convolution plans), its second is recorded,
     later ones copy the images into the recording's input buffer and replay it, which removes
-    the host's per-operation cost that dominates small batches. A recording reads the parameter
-    arrays it was made with; when they are replaced (weights loaded, BN folded) it is made anew.
-    """
+    the host's per-operation cost that dominates small batches. The recording ends with the
+    outputs that predict returns (the output layer's and the detection layers') on their way to
+    the host (ops.output_reader), so a replay needs no other call to deliver them. A recording
+    reads the parameter arrays it was made with; when they are replaced (weights loaded, BN
+    folded) it is made anew."""
 
     def __init__(self, net):
         self.net = net
         self.recordings = {}  # batch size -> (input buffer, recording, outputs, parameters)
         self.eager_done = set()
+        self.read = net.read_by_predict
 
     def _parameters(self):
         return [array for layer in self.net.layers for array in layer.params.values()]
 
-    def run(self, images):
+    def run(self, images, wanted):
+        """A reader (ops.output_reader) of the outputs of layers `wanted` for `images`."""
         net, ops, size = self.net, self.net.ops, len(images)
         entry = self.recordings.get(size)
         if entry is not None and any(a is not b for a, b in zip(entry[3], self._parameters())):
@@ -179,20 +183,39 @@ class RecordedInference:
             entry = None
         if entry is None and size not in self.eager_done:
             self.eager_done.add(size)
-            return net.forward(ops.asarray(images), train=False)
+            net.forward(ops.asarray(images), train=False)
+            return ops.output_reader([net.outputs[i] for i in wanted])
         if entry is None:
             buffer = ops.asarray(images)
+
+            def forward():
+                net.forward(buffer, train=False)
+                return ops.output_reader([net.outputs[i] for i in self.read])
             try:
-                recording = ops.capture(lambda: net.forward(buffer, train=False))
+                recording = ops.capture(forward)
             except EngineError:
                 self.eager_done.add(size)  # cannot record here: stay eager
-                return net.forward(ops.asarray(images), train=False)
+                net.forward(ops.asarray(images), train=False)
+                return ops.output_reader([net.outputs[i] for i in wanted])
             entry = self.recordings[size] = (buffer, recording, net.outputs, self._parameters())
         else:
             ops.set_(entry[0], images)
         entry[1].replay()
         net.outputs = entry[2]
-        return entry[1].result
+        if all(i in self.read for i in wanted):
+            return _Picked(entry[1].result, [self.read.index(i) for i in wanted])
+        return ops.output_reader([net.outputs[i] for i in wanted])  # after the replay's
+
+
+class _Picked:
+    """The outputs of `positions` of a recording's output_reader."""
+
+    def __init__(self, reader, positions):
+        self.reader, self.positions = reader, positions
+
+    def values(self):
+        outputs, finite = self.reader.values()
+        return [outputs[p] for p in self.positions], finite
 
 
 class Network:
@@ -278,6 +301,13 @@ class Network:
         return self.cost_layers[-1]
 
     # What kind of model this is, for the commands that need one kind (detect, map, test).
+    @property
+    def read_by_predict(self):
+        """The layers whose outputs predict returns without being asked for other layers: the
+        output layer's and the detection layers' (a recorded inference sends these to the
+        host)."""
+        return sorted({self.output_layer.index} | {layer.index for layer in self.detection_layers})
+
     @property
     def detection_layers(self):
         """The layers whose outputs decode into boxes ([yolo], [gaussian_yolo], [region],
@@ -545,12 +575,16 @@ class Network:
                 continue
             if not layer.multi_input:
                 result = [result]
+            handed = []  # the arrays given to earlier layers as their own
             for j, dx in zip(layer.input_indices, result):
                 if j < 0 or dx is None:
                     continue
                 if deltas[j] is None:
-                    # A multi-input layer may hand back views of one array: keep a private copy.
-                    deltas[j] = ops.copy(dx) if layer.multi_input else dx
+                    # Each layer owns the delta it is handed (changes it in place). A layer's
+                    # deltas are arrays no one else holds, but a multi-input layer may hand back
+                    # one array for several inputs: each after the first gets a copy.
+                    deltas[j] = ops.copy(dx) if any(dx is h for h in handed) else dx
+                    handed.append(dx)
                 else:
                     ops.add_(deltas[j], dx)
 
@@ -591,34 +625,42 @@ class Network:
         return costs[0] if len(costs) == 1 else sum(costs) / len(costs)
 
     # ---- convenience --------------------------------------------------------------------------
-    def predict(self, images, batch_size=None):
-        """images: numpy (N, C, H, W) or (N, C*H*W) in [0, 1]. Returns numpy (N, outputs)."""
+    def predict(self, images, batch_size=None, layers=None):
+        """images: numpy (N, C, H, W) or (N, C*H*W) in [0, 1]. Returns numpy (N, outputs), the
+        output layer's output; with `layers` (layer indexes), a list of those layers' outputs,
+        each (N, C, H, W) (a detector's heads: net.detection_layers)."""
         images = np.asarray(images, dtype=np.float32).reshape((-1,) + self.input_shape)
         batch_size = batch_size or max(self.options.mini_batch, 1)
-        results = []
+        wanted = [self.output_layer.index] if layers is None else [int(i) for i in layers]
+        if any(not 0 <= i < len(self.layers) for i in wanted):
+            raise ValueError(f"layers {layers}: the network has layers 0-{len(self.layers) - 1}")
+        parts = []
         self.check_memory(min(batch_size, len(images)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             if self._inference:
-                y = self._inference.run(chunk)
+                reader = self._inference.run(chunk, wanted)
             else:
-                self._predicting = True  # only the output layer's output is asked for
+                # the pooling plan may skip outputs other than the output layer's and the
+                # detection layers'
+                self._predicting = all(i in self.read_by_predict for i in wanted)
                 try:
-                    y = self.forward(self.ops.asarray(chunk), train=False)
+                    self.forward(self.ops.asarray(chunk), train=False)
                 finally:
                     self._predicting = False
-            if not self.ops.all_finite(y):  # checked on the device: one flag copied back
+                reader = self.ops.output_reader([self.outputs[i] for i in wanted])
+            outputs, finite = reader.values()
+            if not finite:  # checked on the device: one flag copied back with the outputs
                 self.raise_non_finite()
-            results.append(self.ops.to_host(y).reshape(len(chunk), -1))
-        if len(results) == 1:
-            return results[0]
-        return np.concatenate(results) if results else np.zeros((0, self.output_layer.outputs))
-
-    def check_finite_outputs(self, indexes):
-        """NumericalError unless the last forward's outputs of layers `indexes` are finite."""
-        if not all(self.outputs[i] is None or self.ops.all_finite(self.outputs[i])
-                   for i in indexes):
-            self.raise_non_finite()
+            parts.append(outputs)
+        if not parts:
+            parts = [[np.zeros((0,) + self.layer_shapes[i], np.float32) for i in wanted]]
+        outputs = [part[0] if len(parts) == 1 else np.concatenate(part)
+                   for part in zip(*parts)]
+        if layers is not None:
+            return [y.reshape((len(images),) + self.layer_shapes[i])
+                    for y, i in zip(outputs, wanted)]
+        return outputs[0].reshape(len(images), -1)
 
     def raise_non_finite(self):
         """Name the first layer whose output (in the last forward) is not finite."""

@@ -35,18 +35,21 @@ def detector_results(net, list_path, classes, batch_size=16):
     paths = [resolve_path(p, list_path) for p in read_image_list(list_path)]
     width, height = net.options.width, net.options.height
     letter_box = net.options.section.bool("letter_box", False)
+    heads = [layer.index for layer in net.detection_layers]
     results = []
     with ThreadPoolExecutor(max_workers=4) as pool:  # decoding overlaps the network's work
         batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
         pending = pool.map(lambda chunk: [_load(p, width, height, letter_box) for p in chunk],
                            batches)
         for chunk, loaded in zip(batches, pending):
-            net.forward(net.ops.asarray(np.stack([image for image, _ in loaded])), train=False)
+            images = np.stack([image for image, _ in loaded])
+            outputs = net.predict(images, batch_size=len(images), layers=heads)
             for b, path in enumerate(chunk):
                 # Resized: boxes are relative to the image as they are (the letterbox
                 # correction for an image of the network's size is none).
                 image_w, image_h = loaded[b][1] if letter_box else (width, height)
-                found = nms_sort(network_detections(net, image_w, image_h, MAP_THRESH, b), MAP_NMS)
+                found = nms_sort(network_detections(net, image_w, image_h, MAP_THRESH, b,
+                                                    outputs=outputs), MAP_NMS)
                 box_index, class_index = np.nonzero(found.probs > 0)
                 truth = read_boxes(label_path(path), classes)
                 truth = np.zeros((0, 5), np.float32) if truth is None else truth

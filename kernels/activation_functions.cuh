@@ -99,6 +99,12 @@ __device__ __forceinline__ float gradient(float y, int act)
     }
 }
 
+// Whether act's gradient needs its input x (activations.INPUT_GRADIENT), not only its output.
+__device__ __forceinline__ bool gradient_needs_input(int act)
+{
+    return act == ACT_MISH || act == ACT_SWISH || act == ACT_HARD_MISH || act == ACT_GELU;
+}
+
 // The gradient at the input x, for the activations whose gradient needs it
 // (activations.INPUT_GRADIENT: mish, swish, hard_mish, gelu).
 __device__ __forceinline__ float gradient_from_input(float x, int act)

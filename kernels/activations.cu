@@ -1,22 +1,23 @@
 // Activations, their gradients, and the passes that follow a linear part fused with them:
 // bias + activation, and Darknet's inference batch norm + activation (one read, one write).
 #include "activation_functions.cuh"
-#include "storage.cuh"
+#include "packs.cuh"
 #include "strided.cuh"
 
 // Index of the per-channel parameter of element i of an NCHW tensor: (i / spatial) % channels.
 // PER_ACTIVATION statistics use spatial = 1 and channels = C*H*W.
 
-extern "C" __global__ void activate_kernel(act_t *x, int n, int act)
+// The whole-array passes take a 16-byte pack per thread where `vec` (packs.cuh), else a value.
+extern "C" __global__ void activate_kernel(act_t *x, int n, int act, int vec)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = store(activate(load(x[i]), act));
+    update_values(x, (size_t)blockIdx.x * blockDim.x + threadIdx.x, n, vec,
+                  [=](float v) { return activate(v, act); });
 }
 
-extern "C" __global__ void gradient_kernel(const act_t *y, act_t *delta, int n, int act)
+extern "C" __global__ void gradient_kernel(const act_t *y, act_t *delta, int n, int act, int vec)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) delta[i] = store(load(delta[i]) * gradient(load(y[i]), act));
+    update_values(delta, y, (size_t)blockIdx.x * blockDim.x + threadIdx.x, n, vec,
+                  [=](float d, float out) { return d * gradient(out, act); });
 }
 
 // act on the n elements of a strided window of x (strided.cuh), in place.
@@ -30,10 +31,11 @@ extern "C" __global__ void activate_strided_kernel(act_t *x, int n, WINDOW_COUNT
 }
 
 // delta *= act'(x) for the activations whose gradient needs the input x.
-extern "C" __global__ void input_gradient_kernel(const act_t *x, act_t *delta, int n, int act)
+extern "C" __global__ void input_gradient_kernel(const act_t *x, act_t *delta, int n, int act,
+                                                 int vec)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) delta[i] = store(load(delta[i]) * gradient_from_input(load(x[i]), act));
+    update_values(delta, x, (size_t)blockIdx.x * blockDim.x + threadIdx.x, n, vec,
+                  [=](float d, float in) { return d * gradient_from_input(in, act); });
 }
 
 // AlexeyAB's normalize_channels activations across the C channels of each (image, position);

@@ -5,10 +5,13 @@
 // batch 64), far from the memory's speed: they parallelise over channels, of which these layers
 // have few. Here every block of the reductions takes a piece of one plane and adds its partial
 // sums into per-channel doubles (zeroed before), then a small kernel per channel finishes; the
-// elementwise passes take a thread per pack of values. The activation that follows is fused in
-// (one whose gradient comes from its output: layers/base.py's fusable).
+// elementwise passes take a thread per pack of values. The activation that follows is fused in,
+// any elementwise one: the forward stores only act(z), z = scale * x_normalised + bias; the
+// backward takes act' from the output y, or, for those whose gradient needs their input (mish,
+// swish...: gradient_needs_input), from z recomputed from x, the statistics, scale and bias, so
+// that neither z nor an extra pass is needed.
 #include "activation_functions.cuh"
-#include "storage.cuh"
+#include "packs.cuh"
 
 #ifndef BN_MOMENTUM
 #error "compile with engine.constants.kernel_define_options() (engine/backends/cuda/kernels.py passes them)"
@@ -16,12 +19,10 @@
 
 #define REDUCE_THREADS 256
 
-// Values travel in 16-byte packs (8 halves or 4 floats) where a plane's length and the arrays'
-// addresses allow (`vec` set by the host): one load instruction brings 4-8 values, and a block of
-// the sums kernels takes `chunk` values of a plane (4096: 16 per thread), so that its reduction
-// and its two float64 atomics are paid for a few times per plane, not every 1024 values.
-#define VEC ((int)(16 / sizeof(act_t)))
-struct __align__(16) Pack { act_t v[VEC]; };
+// Values travel in 16-byte packs (packs.cuh) where a plane's length and every array's address
+// allow (`vec` set by the host), and a block of the sums kernels takes `chunk` values of a plane
+// (4096: 16 per thread), so that its reduction and its two float64 atomics are paid for a few
+// times per plane, not every 1024 values.
 
 // Calls visit(i, value) for the values of [begin, end) of `row` this thread takes, in packs
 // where `vec` (begin, end and row then multiples of VEC values).
@@ -43,6 +44,27 @@ __device__ __forceinline__ void for_values(const act_t *row, int begin, int end,
     }
 }
 
+// The same over the values at one index of three rows: visit(a value, b value, c value), c's
+// read only where c is not null (else 0).
+template <typename Visit>
+__device__ __forceinline__ void for_value_triples(const act_t *a, const act_t *b, const act_t *c,
+                                                  int begin, int end, int vec, Visit visit)
+{
+    if (vec) {
+        const Pack *as = (const Pack *)a, *bs = (const Pack *)b, *cs = (const Pack *)c;
+        for (int p = begin / VEC + threadIdx.x; p < end / VEC; p += blockDim.x) {
+            Pack pa = as[p], pb = bs[p], pc;
+            if (c) pc = cs[p];
+#pragma unroll
+            for (int k = 0; k < VEC; k++)
+                visit(load(pa.v[k]), load(pb.v[k]), c ? load(pc.v[k]) : 0.f);
+        }
+    } else {
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x)
+            visit(load(a[i]), load(b[i]), c ? load(c[i]) : 0.f);
+    }
+}
+
 // The block's sums of a and b (one pair per thread) added into total[0] and total[1].
 __device__ void add_block_pair(double a, double b, double *total)
 {
@@ -55,8 +77,10 @@ __device__ void add_block_pair(double a, double b, double *total)
     if (lane == 0) { shared_a[warp] = a; shared_b[warp] = b; }
     __syncthreads();
     if (warp == 0) {
-        a = lane < blockDim.x / 32 ? shared_a[lane] : 0.0;
-        b = lane < blockDim.x / 32 ? shared_b[lane] : 0.0;
+        // the warps' partial sums (lane * 32 < blockDim.x: also a block of one thread, as
+        // tests/test_batchnorm_kernels_on_cpu.py runs it)
+        a = lane * 32 < blockDim.x ? shared_a[lane] : 0.0;
+        b = lane * 32 < blockDim.x ? shared_b[lane] : 0.0;
         for (int offset = 16; offset > 0; offset >>= 1) {
             a += __shfl_down_sync(0xffffffff, a, offset);
             b += __shfl_down_sync(0xffffffff, b, offset);
@@ -97,6 +121,28 @@ extern "C" __global__ void bn_statistics_kernel(const double *sums, float *mean,
     rolling_variance[c] = (float)((1.0 - BN_MOMENTUM) * rolling_variance[c] + BN_MOMENTUM * unbiased);
 }
 
+// z = scale * x_normalised + bias, k = inv_std * scale: written once, so that the backward's
+// recomputed z is the forward's to the bit.
+__device__ __forceinline__ float bn_affine(float v, float m, float k, float b)
+{
+    return (v - m) * k + b;
+}
+
+// Whether the backward reads the output y: not for linear (act' = 1), nor where act' comes from z.
+__device__ __forceinline__ bool bn_reads_output(int act)
+{
+    return act != ACT_LINEAR && !gradient_needs_input(act);
+}
+
+// act'(z) at value v of x; `output()` reads its y, called only where bn_reads_output.
+template <typename Output>
+__device__ __forceinline__ float bn_activation_gradient(float v, Output output, float m, float k,
+                                                        float b, int act)
+{
+    if (gradient_needs_input(act)) return gradient_from_input(bn_affine(v, m, k, b), act);
+    return act == ACT_LINEAR ? 1.f : gradient(output(), act);
+}
+
 // y = act(scale * (x - mean) * inv_std + bias): a thread per pack of VEC values where `vec`
 // (a pack lies in one plane), else per value; n: the values.
 extern "C" __global__ void bn_normalize_kernel(const act_t *x, act_t *y, const float *mean,
@@ -113,28 +159,29 @@ extern "C" __global__ void bn_normalize_kernel(const act_t *x, act_t *y, const f
         Pack in = *(const Pack *)(x + first), out;
 #pragma unroll
         for (int j = 0; j < VEC; j++)
-            out.v[j] = store(activate((load(in.v[j]) - m) * k + b, act));
+            out.v[j] = store(activate(bn_affine(load(in.v[j]), m, k, b), act));
         *(Pack *)(y + first) = out;
     } else {
-        y[first] = store(activate((load(x[first]) - m) * k + b, act));
+        y[first] = store(activate(bn_affine(load(x[first]), m, k, b), act));
     }
 }
 
-// With d = delta * act'(y): sums[2c], sums[2c+1] += the sum of d and of d * x_normalised over
+// With d = delta * act'(z): sums[2c], sums[2c+1] += the sum of d and of d * x_normalised over
 // channel c; a block takes `chunk` values of one plane.
 extern "C" __global__ void bn_backward_sums_kernel(const act_t *x, const act_t *y,
                                                    const act_t *delta, const float *mean,
-                                                   const float *inv_std, double *sums,
+                                                   const float *inv_std, const float *scale,
+                                                   const float *bias, double *sums,
                                                    int spatial, int channels, int chunk,
                                                    int chunks, int act, int vec)
 {
     int plane = blockIdx.x / chunks, begin = blockIdx.x % chunks * chunk, c = plane % channels;
-    float m = mean[c], s = inv_std[c];
+    float m = mean[c], s = inv_std[c], k = s * scale[c], b = bias[c];
     size_t base = (size_t)plane * spatial;
-    const act_t *ys = y + base, *deltas = delta + base;
     float sum = 0.f, inner = 0.f;
-    for_values(x + base, begin, min(spatial, begin + chunk), vec, [&](int i, float v) {
-        float d = load(deltas[i]) * gradient(load(ys[i]), act);
+    for_value_triples(x + base, delta + base, bn_reads_output(act) ? y + base : nullptr, begin,
+                      min(spatial, begin + chunk), vec, [&](float v, float dy, float out) {
+        float d = dy * bn_activation_gradient(v, [&] { return out; }, m, k, b, act);
         sum += d;
         inner += d * (v - m) * s;
     });
@@ -152,31 +199,35 @@ extern "C" __global__ void bn_updates_kernel(const double *sums, float *scale_up
 }
 
 // The delta for x: scale * inv_std * (d - (sum d + x_normalised * sum d*x_normalised) / count),
-// d = delta * act'(y): the exact backward of the activation and the batch statistics. A thread
+// d = delta * act'(z): the exact backward of the activation and the batch statistics. A thread
 // per pack where `vec`, else per value; n: the values.
 extern "C" __global__ void bn_backward_kernel(const act_t *x, const act_t *y, const act_t *delta,
                                               act_t *dx, const float *mean, const float *inv_std,
-                                              const float *scale, const double *sums,
-                                              int spatial, int channels, int n, int count,
-                                              int act, int vec)
+                                              const float *scale, const float *bias,
+                                              const double *sums, int spatial, int channels,
+                                              int n, int count, int act, int vec)
 {
     int width = vec ? VEC : 1;
     size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * width;
     if (first >= (size_t)n) return;
     int c = (int)(first / spatial % channels);
-    float m = mean[c], s = inv_std[c], k = scale[c] * s;
+    float m = mean[c], s = inv_std[c], k = s * scale[c], b = bias[c];
     float mean_delta = (float)(sums[2 * c] / count), mean_inner = (float)(sums[2 * c + 1] / count);
     if (vec) {
-        Pack xs = *(const Pack *)(x + first), ys = *(const Pack *)(y + first);
-        Pack ds = *(const Pack *)(delta + first), out;
+        Pack xs = *(const Pack *)(x + first), ds = *(const Pack *)(delta + first), ys, out;
+        if (bn_reads_output(act)) ys = *(const Pack *)(y + first);
 #pragma unroll
         for (int j = 0; j < VEC; j++) {
-            float d = load(ds.v[j]) * gradient(load(ys.v[j]), act);
-            out.v[j] = store(k * (d - mean_delta - (load(xs.v[j]) - m) * s * mean_inner));
+            float v = load(xs.v[j]);
+            float d = load(ds.v[j]) *
+                      bn_activation_gradient(v, [&] { return load(ys.v[j]); }, m, k, b, act);
+            out.v[j] = store(k * (d - mean_delta - (v - m) * s * mean_inner));
         }
         *(Pack *)(dx + first) = out;
     } else {
-        float d = load(delta[first]) * gradient(load(y[first]), act);
-        dx[first] = store(k * (d - mean_delta - (load(x[first]) - m) * s * mean_inner));
+        float v = load(x[first]);
+        float d = load(delta[first]) *
+                  bn_activation_gradient(v, [&] { return load(y[first]); }, m, k, b, act);
+        dx[first] = store(k * (d - mean_delta - (v - m) * s * mean_inner));
     }
 }

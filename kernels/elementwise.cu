@@ -1,11 +1,12 @@
 // Small elementwise passes: sums of deltas, scaling, masks, and Darknet's SGD step (whose
 // parameters are float in every storage), and conversions between float and the storage type.
-#include "storage.cuh"
+#include "packs.cuh"
 
-extern "C" __global__ void add_kernel(act_t *dst, const act_t *src, int n)
+// dst += src: a 16-byte pack per thread where `vec` (packs.cuh), else a value.
+extern "C" __global__ void add_kernel(act_t *dst, const act_t *src, int n, int vec)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = store(load(dst[i]) + load(src[i]));
+    update_values(dst, src, (size_t)blockIdx.x * blockDim.x + threadIdx.x, n, vec,
+                  [](float a, float b) { return a + b; });
 }
 
 extern "C" __global__ void scale_kernel(act_t *x, float factor, int n)

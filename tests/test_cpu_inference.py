@@ -404,6 +404,28 @@ def test_a_network_s_pooled_convolutions_run_as_one_chain(monkeypatch):
             np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
 
 
+def test_predict_returns_the_layers_asked_for():
+    """predict(layers=...) returns those layers' outputs, (N, C, H, W) each, over batches: the
+    detection heads with the pooling plan, and a layer the plan would not keep (0, whose only
+    reader is a maxpool) without it; the same values as forward's."""
+    net = Network(YOLOV3_TINY, quiet=True).fold_batchnorm()
+    x = np.random.default_rng(5).random((3, 3, 416, 416), dtype=np.float32)
+    heads = [layer.index for layer in net.detection_layers]
+    assert heads == [16, 23] and net.read_by_predict == [16, 23]
+    got = net.predict(x, batch_size=2, layers=heads)
+    assert net.outputs[0] is None  # the pooling plan ran (the last batch: one image)
+    net.forward(x)
+    for y, i in zip(got, heads):
+        assert y.shape == (3,) + net.layer_shapes[i]
+        np.testing.assert_allclose(y, net.outputs[i], rtol=1e-5, atol=1e-5)
+    first, last = net.predict(x, batch_size=3, layers=[0, 23])
+    assert net.outputs[0] is not None  # not planned away: asked for
+    np.testing.assert_allclose(first, net.outputs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(net.predict(x, batch_size=3), last.reshape(3, -1))
+    with pytest.raises(ValueError, match="layers 0-23"):
+        net.predict(x, layers=[24])
+
+
 def test_a_network_s_routes_are_pooled_by_their_convolutions():
     """yolov4-tiny's routes read only by a maxpool (8, 16, 24) are never made: their
     convolutions pool their parts into the maxpool's output (keeping their own output where

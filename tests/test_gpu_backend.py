@@ -154,7 +154,7 @@ def test_shortcut(gpu, cpu, rng, tmp_path, x_shape, add_shape):
     assert_close(gpu, layer.forward(gpu, [gpu.asarray(x), gpu.asarray(add)], False),
                  layer.forward(cpu, [x, add], False), "shortcut forward")
     delta = randn(rng, *x_shape)
-    dx_cpu, dadd_cpu = layer.backward(cpu, delta, True)
+    dx_cpu, dadd_cpu = layer.backward(cpu, delta.copy(), True)  # the layer owns its delta
     dx_gpu, dadd_gpu = layer.backward(gpu, gpu.asarray(delta), True)
     assert_close(gpu, dx_gpu, dx_cpu, "shortcut delta")
     assert_close(gpu, dadd_gpu, dadd_cpu, "shortcut delta of the added layer")
@@ -263,6 +263,63 @@ activation=selu
 [softmax]
 groups=2
 temperature=0.7
+"""),
+    # yolov4-tiny's stack (CSP routes, maxpool) with mish and swish fused into training BN;
+    # 13x13 planes (a value per thread in kernels/batchnorm.cu) and 6x6 (packs of 4 floats)
+    "csp_mish_swish": (
+        (13, 13, 3), """
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=mish
+[route]
+layers=-1
+groups=2
+group_id=1
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=swish
+[convolutional]
+batch_normalize=1
+filters=4
+size=3
+stride=1
+pad=1
+activation=mish
+[route]
+layers=-1,-2
+[convolutional]
+batch_normalize=1
+filters=8
+size=1
+stride=1
+pad=0
+activation=mish
+[route]
+layers=-6,-1
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=12
+size=3
+stride=1
+pad=1
+activation=hard_mish
+[connected]
+output=10
+batch_normalize=1
+activation=mish
+[softmax]
+groups=1
 """),
     "batchnorm_activation_cost": (
         (6, 6, 3), """
@@ -522,6 +579,37 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_recorded_detector_outputs_reach_the_host_with_the_replay(rng, precision):
+    """predict(layers=heads) of a replayed recording (its outputs converted, checked and copied
+    to the host inside the recording) gives the eager pass's outputs and the CPU's; outputs that
+    are not finite still raise, naming the layer."""
+    from engine.backends.cuda import CudaBackend
+    from engine.errors import NumericalError
+
+    cfg = os.path.join(os.path.dirname(os.path.dirname(__file__)), "cfg", "mnist-detect.cfg")
+    ops = CudaBackend(device=0, seed=0, precision=precision)
+    net = Network(cfg, backend=ops, seed=3, quiet=True)
+    cpu_net = Network(cfg, seed=3, quiet=True)
+    heads = [layer.index for layer in net.detection_layers]
+    images = rng.random((2, 3, 96, 96), dtype=np.float32)
+    calls = [net.predict(images, batch_size=2, layers=heads) for _ in range(4)]
+    assert 2 in net._inference.recordings  # eager, record, replay x2
+    expected = cpu_net.predict(images, batch_size=2, layers=heads)
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    for outputs in calls:
+        for y, want, i in zip(outputs, expected, heads):
+            assert y.shape == (2,) + net.layer_shapes[i] and y.dtype == np.float32
+            assert relative_error(y, want) <= tolerance, (precision, i)
+    last = net.predict(images, batch_size=2)  # the output layer's, from the same recording
+    np.testing.assert_array_equal(last, calls[-1][-1].reshape(2, -1))
+    # (a NaN in an image can vanish in a maxpool, as in Darknet: a NaN bias cannot)
+    before = net.layers[heads[0] - 1]
+    before.params["biases"].set(np.full(before.params["biases"].shape, np.nan, np.float32))
+    with pytest.raises(NumericalError, match=f"layer {before.index} "):
+        net.predict(images, batch_size=2, layers=heads)
+
+
 # ---- AlexeyAB's operations ----------------------------------------------------------------------
 def test_anchor_activate_with_scale_x_y(gpu, cpu, rng):
     x = randn(rng, 2, 3 * 7, 4, 5) * 3
@@ -555,20 +643,23 @@ def test_alexeyab_layers_train_step_on_gpu_equals_cpu(gpu, rng):
 
 
 
+@pytest.mark.parametrize("activation", ["linear", "leaky", "mish", "swish"])
 @pytest.mark.parametrize("shape", [(3, 5, 70, 70), (2, 3, 64, 100), (2, 7, 5, 3),
                                    (64, 2, 1, 1)])
-def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape):
+def test_batchnorm_training_on_large_and_small_planes(gpu, cpu, rng, shape, activation):
     """kernels/batchnorm.cu's statistics (a block per piece of a plane, two per plane for 70x70
     and 64x100; 16-byte packs where a plane is whole packs: 70x70 and 64x100) and backward equal
-    the CPU backend's; the mean is far from 0 so that the variance's rounding shows."""
+    the CPU backend's; the mean is far from 0 so that the variance's rounding shows. With the
+    activation fused (mish and swish: the backward recomputes their input from x)."""
     x = randn(rng, *shape) * 3 + 5
     delta = randn(rng, *shape)
     c = shape[1]
     params = [randn(rng, c) for _ in range(2)] + [randn(rng, c), np.abs(randn(rng, c))]
     host = [p.copy() for p in params]
     device = [gpu.asarray(p) for p in params]
-    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *host)
-    y_gpu, cache_gpu = gpu.batchnorm_forward_train(gpu.asarray(x), *device)
+    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *host, activation=activation)
+    y_gpu, cache_gpu = gpu.batchnorm_forward_train(gpu.asarray(x), *device,
+                                                   activation=activation)
     assert_close(gpu, y_gpu, y_cpu, "y")
     assert_close(gpu, device[2], host[2], "rolling mean")
     assert_close(gpu, device[3], host[3], "rolling variance")
@@ -588,6 +679,22 @@ def test_page_locked_batches_copy_in_and_out(gpu, rng):
     assert np.array_equal(gpu.to_host(gpu.asarray(host)), host)
     dst = gpu.zeros((3, 4, 5))
     assert np.array_equal(gpu.to_host(gpu.set_(dst, host)), host)
+
+
+def test_large_batches_go_up_through_the_staging_buffer(gpu, rng):
+    """Batches over UPLOAD_STAGED_MIN go through one page-locked buffer filled by threads: each
+    lands whole, a second upload waiting for the first to leave the buffer, and a larger one
+    growing it."""
+    from engine.backends.cuda.backend import UPLOAD_STAGED_MIN
+
+    n = UPLOAD_STAGED_MIN // 4 + 12345
+    batches = [rng.random(n, dtype=np.float32) for _ in range(2)] + [rng.random(2 * n,
+                                                                                 dtype=np.float32)]
+    targets = [gpu.zeros((len(b),)) for b in batches]
+    for target, batch in zip(targets, batches):
+        gpu.set_(target, batch)
+    for target, batch in zip(targets, batches):
+        np.testing.assert_array_equal(gpu.to_host(target), batch)
 
 
 def test_early_copies_keep_stream_order(gpu, rng):

@@ -119,7 +119,12 @@ CONV_CASES = {
     "size=1": ("filters=3\nsize=1\nstride=1\nactivation=linear", (2, 4, 4)),
     "size=1 BN": ("batch_normalize=1\nfilters=3\nsize=1\nactivation=elu", (4, 3, 3)),
     "size=1 stride=2": ("filters=3\nsize=1\nstride=2\nactivation=linear", (2, 5, 5)),
+    # training BN with an activation whose gradient needs its input: fused into BN's operations
     "BN mish": ("batch_normalize=1\nfilters=3\nsize=3\npad=1\nactivation=mish", (2, 4, 4)),
+    "BN swish odd plane": ("batch_normalize=1\nfilters=3\nsize=3\npad=1\nactivation=swish",
+                           (2, 5, 3)),
+    "BN hard_mish": ("batch_normalize=1\nfilters=2\nsize=1\nactivation=hard_mish", (3, 3, 3)),
+    "BN gelu": ("batch_normalize=1\nfilters=2\nsize=3\npad=1\nactivation=gelu", (2, 3, 3)),
     "swish": ("filters=3\nsize=3\npad=1\nactivation=swish", (2, 4, 4)),
     "BN normalize_channels_softmax": ("batch_normalize=1\nfilters=3\nsize=1\n"
                                       "activation=normalize_channels_softmax", (2, 3, 3)),
@@ -159,6 +164,7 @@ def test_convolutional_updates_accumulate_and_need_dx_false(tmp_path):
     ("output=4\nactivation=linear", (7, 1, 1), 2),
     ("output=5\nbatch_normalize=1\nactivation=tanh", (6, 1, 1), 4),
     ("output=3\nbatch_normalize=1\nactivation=leaky", (2, 2, 3), 5),
+    ("output=4\nbatch_normalize=1\nactivation=mish", (3, 1, 1), 5),
 ])
 def test_connected_gradients(tmp_path, text, shape, batch):
     """[connected] with and without batch norm: input deltas, weights, biases, scales."""

@@ -204,8 +204,9 @@ def test_all_finite(ops, rng, bad):
     assert ops.all_finite(ops.asarray(x)) is (bad is None)
 
 
-def test_add_and_scale_in_place(ops, rng):
-    x, y = randn(rng, 2, 3, 4, 5), randn(rng, 2, 3, 4, 5)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 1, 1, 7)])  # GPU: 16-byte packs, values
+def test_add_and_scale_in_place(ops, rng, shape):
+    x, y = randn(rng, *shape), randn(rng, *shape)
     (result, (dst, _)) = call(ops, "add_", x, y)
     assert_close(result, x + y.astype(np.float64), "add_")
     assert_close(dst, x + y.astype(np.float64), "add_ in place")
@@ -221,11 +222,12 @@ def activation_points(rng, shape):
     return x.astype(np.float32)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 1, 1, 7)])  # GPU: 16-byte packs, values
 @pytest.mark.parametrize("name", activations.NAMES)
-def test_activations(ops, rng, name):
+def test_activations(ops, rng, name, shape):
     """activate_ against activations.py in float64 (checked against Darknet's formulas in
     test_activations.py); the gradient against finite differences of that function."""
-    x = activation_points(rng, (2, 3, 4, 5))
+    x = activation_points(rng, shape)
     y, (x_after, _) = call(ops, "activate_", x, name)
     expected = activations.activate(x.astype(np.float64), name)
     assert_close(y, expected, f"{name} forward")
@@ -482,9 +484,11 @@ def bn_train_reference(x, scales, biases, per_activation):
 
 @pytest.mark.parametrize("shape, per_activation", [((6, 5, 4, 3), False), ((16, 9, 1, 1), False),
                                                    ((4, 3, 2, 2), True)])
-@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic"])
+@pytest.mark.parametrize("activation", ["linear", "leaky", "logistic", "mish", "swish",
+                                        "hard_mish", "gelu"])
 def test_batchnorm_training(ops, rng, shape, per_activation, activation):
-    """y = act(BN(x)) with the batch statistics; the backward through both."""
+    """y = act(BN(x)) with the batch statistics; the backward through both (the activations
+    whose gradient needs their input included: activations.INPUT_GRADIENT)."""
     x = randn(rng, *shape) * 3 + 1
     n = int(np.prod(shape[1:])) if per_activation else shape[1]
     scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
@@ -506,7 +510,10 @@ def test_batchnorm_training(ops, rng, shape, per_activation, activation):
     moved = [to_backend(ops, a) for a in (delta, scales, su0, bu0)]
     dx = to_numpy(ops, ops.batchnorm_backward(moved[0], cache, moved[1], moved[2], moved[3]))
     axes = (0,) if per_activation else (0, 2, 3)
-    through = delta * activations.gradient(expected, activation)  # the delta of BN's output
+    slope = (activations.gradient_from_input(normalized, activation)
+             if activation in activations.INPUT_GRADIENT
+             else activations.gradient(expected, activation))
+    through = delta * slope  # the delta of BN's output
     assert_close(to_numpy(ops, moved[3]), bu0 + through.sum(axis=axes).reshape(-1),
                  "BN bias updates")
     assert_close(to_numpy(ops, moved[2]), su0 + (through * normal).sum(axis=axes).reshape(-1),

@@ -278,12 +278,37 @@ def test_host_reader_waits_for_its_point_only(fake_gpu, monkeypatch):
     eager = ops.host_reader(statistics)
     with ops.recording():
         recorded = ops.host_reader(statistics)
-    assert eager.event[1] == recorded.event[1] == 2  # no timing
-    assert eager.event[2] == ("record", ("stream", 77))
-    assert recorded.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
+    assert eager.copied.event[1] == recorded.copied.event[1] == 2  # no timing
+    assert eager.copied.event[2] == ("record", ("stream", 77))
+    assert recorded.copied.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
     values = recorded.values()
-    assert recorded.event[-1] == "synchronize" and ops.stream.synchronized == synchronized
+    assert recorded.copied.event[-1] == "synchronize" and ops.stream.synchronized == synchronized
     assert values.dtype == np.float64 and list(values) == [2.5] * 5
+
+
+def test_recorded_output_reader_copies_outputs_and_their_flag(fake_gpu, monkeypatch):
+    """While recording, output_reader zeroes one flag, checks every output into it, copies the
+    outputs and the flag into page-locked memory and records an external event after them;
+    values() waits for that event alone and returns fresh float32 arrays and the flag's
+    verdict."""
+    driver = FakeDriver()
+    monkeypatch.setattr(cuda_graph, "cuda_driver", lambda: driver)
+    ops, launches = fake_gpu, fake_gpu.kernels.launches
+    heads = [FakeArray((1, 6, 2, 2)), FakeArray((1, 6, 4, 4))]
+    synchronized = ops.stream.synchronized
+    with ops.recording():
+        reader = ops.output_reader(heads)
+    assert [name for name, _ in launches[-2:]] == ["nonfinite_kernel"] * 2
+    assert reader.copied.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
+    reader.flag[...] = 0
+    outputs, finite = reader.values()
+    assert reader.copied.event[-1] == "synchronize" and ops.stream.synchronized == synchronized
+    assert finite and [y.shape for y in outputs] == [(1, 6, 2, 2), (1, 6, 4, 4)]
+    assert all(y.dtype == np.float32 and (y == 2.5).all() for y in outputs)
+    outputs[0][...] = 0  # the caller's own arrays: the next values() is not changed
+    reader.flag[...] = 1
+    again, finite = reader.values()
+    assert not finite and (again[0] == 2.5).all()
 
 
 YOLO_BODY = """

@@ -4,6 +4,7 @@ fp32 (the issue's bar: outputs within 1e-2 of fp32's relative to their scale), a
 trained in each precision against the fp32 accuracy. Without a GPU: the choices are checked and
 a reduced precision on the CPU is refused in one line."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -78,6 +79,27 @@ def test_operations_on_reduced_activations(reduced):
     for activation in ("leaky", "logistic", "mish", "swish", "relu", "linear"):
         check(ops, ops.activate_(stored(ops, x), activation),
               cpu.activate_(x.copy(), activation), activation)
+    # the passes that take 16-byte packs (1440 values: 8 halves a thread) or a value per thread
+    # (315); the CPU gets the values as stored
+    for values in (x, rng.standard_normal((3, 5, 7, 3)).astype(np.float32)):
+        host = ops.to_host(stored(ops, values))
+        delta = ops.to_host(stored(ops, rng.standard_normal(values.shape).astype(np.float32)))
+        for activation in ("leaky", "logistic", "mish", "swish"):
+            check(ops, ops.activate_(stored(ops, host), activation),
+                  cpu.activate_(host.copy(), activation), f"{activation}, {values.shape}")
+            if activation in ("mish", "swish"):
+                check(ops, ops.activation_input_backward_(stored(ops, host),
+                                                          stored(ops, delta), activation),
+                      cpu.activation_input_backward_(host, delta.copy(), activation),
+                      f"{activation} input gradient, {values.shape}")
+            else:
+                y = ops.to_host(ops.activate_(stored(ops, host), activation))
+                check(ops, ops.activation_backward_(stored(ops, y), stored(ops, delta),
+                                                    activation),
+                      cpu.activation_backward_(y, delta.copy(), activation),
+                      f"{activation} gradient, {values.shape}")
+        check(ops, ops.add_(stored(ops, host), stored(ops, delta)), host + delta,
+              f"add_, {values.shape}")
     biases = rng.standard_normal(8).astype(np.float32)
     check(ops, ops.add_bias_(stored(ops, x), ops.asarray(biases), "leaky"),
           cpu.add_bias_(x.copy(), biases, "leaky"), "bias + leaky")
@@ -88,22 +110,29 @@ def test_operations_on_reduced_activations(reduced):
                                                activation="mish"),
           cpu.batchnorm_forward_inference(x, *params, activation="mish"), "inference BN + mish")
     # training BN: planes of 90 values (one value per thread) and of 6400 (16-byte packs, two
-    # blocks per plane in the reductions of kernels/batchnorm.cu). The CPU gets the values as
-    # stored, so that leaky's slope is taken on the same side of 0 for values near it.
-    for planes in (x, rng.standard_normal((2, 8, 64, 100)).astype(np.float32) + 2):
+    # blocks per plane in the reductions of kernels/batchnorm.cu), with leaky, and mish and swish
+    # fused (their backward recomputes z in float from x). The CPU gets the values as stored, so
+    # that leaky's slope is taken on the same side of 0 for values near it.
+    for planes, activation in itertools.product(
+            (x, rng.standard_normal((2, 8, 64, 100)).astype(np.float32) + 2),
+            ("leaky", "mish", "swish")):
         planes = stored(ops, planes)
         delta = stored(ops, rng.standard_normal(planes.shape).astype(np.float32))
         trained = [p.copy() for p in params]
         y, cache = ops.batchnorm_forward_train(planes, *map(ops.asarray, params),
-                                               activation="leaky")
+                                               activation=activation)
         y_cpu, cache_cpu = cpu.batchnorm_forward_train(ops.to_host(planes), *trained,
-                                                       activation="leaky")
-        check(ops, y, y_cpu, f"training BN + leaky, {planes.shape}")
+                                                       activation=activation)
+        check(ops, y, y_cpu, f"training BN + {activation}, {planes.shape}")
         updates = [np.zeros(8, np.float32), np.zeros(8, np.float32)]
-        check(ops, ops.batchnorm_backward(delta, cache, ops.asarray(scales),
-                                          *map(ops.asarray, updates)),
+        updates_gpu = [ops.asarray(u) for u in updates]
+        check(ops, ops.batchnorm_backward(delta, cache, ops.asarray(scales), *updates_gpu),
               cpu.batchnorm_backward(ops.to_host(delta), cache_cpu, scales, *updates),
-              f"training BN backward, {planes.shape}")
+              f"training BN backward + {activation}, {planes.shape}")
+        for got, want, what in zip(updates_gpu, updates, ("scale", "bias")):
+            got = ops.to_host(got)
+            error = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
+            assert error <= 2 * TOLERANCES[ops.precision], f"{what} updates, {activation}: {error}"
     check(ops, ops.maxpool_forward(stored(ops, x), 2, 2, 0, 5, 5)[0],
           cpu.maxpool_forward(x, 2, 2, 0, 5, 5)[0], "maxpool")
     # A route (channel slice into a concatenation) and a shortcut (accumulate) as strided copies.

@@ -317,3 +317,17 @@ def test_host_reader(ops):
     assert values.dtype == np.float64
     np.testing.assert_array_equal(values, ops.float64_values(statistics))
     np.testing.assert_array_equal(values, [6 * 0.25, 0, 0, 0, 0])
+
+
+def test_output_reader(ops):
+    """A forward's outputs read as predict reads them: float32 host copies, and whether every
+    value is finite."""
+    a = np.arange(24, dtype=np.float32).reshape(1, 6, 2, 2) / 7
+    b = -np.arange(96, dtype=np.float32).reshape(1, 6, 4, 4)
+    outputs, finite = ops.output_reader([ops.asarray(a), ops.asarray(b)]).values()
+    assert finite and [y.dtype for y in outputs] == [np.float32] * 2
+    np.testing.assert_array_equal(outputs[0], a)
+    np.testing.assert_array_equal(outputs[1], b)
+    b[0, 3, 1, 2] = np.nan
+    _, finite = ops.output_reader([ops.asarray(a), ops.asarray(b)]).values()
+    assert not finite

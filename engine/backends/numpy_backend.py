@@ -42,7 +42,7 @@ from ..boxes import (box_edges, edges_iou_or_zero, image_chunks, listed_truths, 
 from ..constants import BN_MOMENTUM, BN_TRAINING_EPSILON, CROSS_ENTROPY_FLOOR, PJREDDIE_BN_EPSILONS
 from ..errors import BackendError
 from . import views, winograd
-from .operations import Operations, ReadyRead
+from .operations import Operations, OutputsNow, ReadyRead
 
 FLOAT32_MAX = np.finfo(np.float32).max  # Darknet's FLT_MAX: maxpool's value outside the input
 
@@ -847,9 +847,11 @@ class NumpyBackend(Operations):
                                 per_activation=False, activation="linear"):
         """cuDNN's training rule: biased batch variance, eps under the square root; the rolling
         statistics move by 1% toward the batch mean and the *unbiased* batch variance.
-        Returns (y, cache) with y = scales * x_norm + biases; the cache keeps (a view of) x, which
-        layers never change, the mean and 1/std. Block by block, the centred block in cache: no
-        full-size temporary."""
+        Returns (y, cache) with y = act(scales * x_norm + biases); the cache keeps (a view of) x,
+        which layers never change, the mean and 1/std, and y, or for an activation whose
+        gradient needs its input (activations.INPUT_GRADIENT) that input: the values and
+        arithmetic of a linear batch norm followed by the layer's own activation pass. Block by
+        block, the centred block in cache: no full-size temporary."""
         b, n, positions = self._bn_layout(x.shape, per_activation)
         count = b * positions
         view = x.reshape(b, n, positions)
@@ -871,7 +873,12 @@ class NumpyBackend(Operations):
         rolling_variance *= 1 - BN_MOMENTUM
         rolling_variance += (BN_MOMENTUM * count / max(count - 1, 1)) * \
             variance.reshape(rolling_variance.shape)
-        y = self.activate_(y.reshape(x.shape), activation)
+        y = y.reshape(x.shape)
+        if activation in activations.INPUT_GRADIENT:
+            z = y  # the activation's input, kept for its gradient
+            y = self.activate_(self.copy(z), activation)
+            return y, (view, mean, inv_std, per_activation, z, activation)
+        y = self.activate_(y, activation)
         return y, (view, mean, inv_std, per_activation, y, activation)
 
     def batchnorm_forward_inference(self, x, scales, biases, rolling_mean, rolling_variance,
@@ -912,8 +919,11 @@ class NumpyBackend(Operations):
         """Accumulates the scale and bias gradients; returns the delta for the BN input:
         dx = scale*inv_std * (delta - mean(delta) - x_norm * mean(delta * x_norm)),
         with x_norm = (x - mean) * inv_std, block by block (the centred block in cache)."""
-        view_x, mean, inv_std, per_activation, y, activation = cache
-        delta = self.activation_backward_(y, delta, activation)
+        view_x, mean, inv_std, per_activation, kept, activation = cache
+        if activation in activations.INPUT_GRADIENT:  # kept: the activation's input
+            delta = self.activation_input_backward_(kept, delta, activation)
+        else:  # kept: the output
+            delta = self.activation_backward_(kept, delta, activation)
         b, n, positions = self._bn_layout(delta.shape, per_activation)
         count = b * positions
         view = delta.reshape(b, n, positions)
@@ -1473,6 +1483,11 @@ class NumpyBackend(Operations):
     def host_reader(self, array):
         """The work is done when issued: the reader copies the values now."""
         return _ValuesNow(np.array(array, dtype=np.float64))
+
+    def output_reader(self, arrays):
+        """The work is done when issued: to_host's arrays and all_finite's check, now."""
+        return OutputsNow([self.to_host(a) for a in arrays],
+                          all(self.all_finite(a) for a in arrays))
 
 
 class _ValuesNow:

@@ -279,7 +279,10 @@ class Operations(ABC):
         channel over batch and positions (SPATIAL), or per element over the batch
         (per_activation; parameters then of x.shape[1:]). y = act(scales * (x - mean) /
         sqrt(var + BN_TRAINING_EPSILON) + biases) with the biased batch variance, `activation`
-        one whose gradient comes from its output (layers.base.fusable); in place:
+        any elementwise one (not activations.CHANNEL_NAMES; layers.base.fusable), those whose
+        gradient needs their input (activations.INPUT_GRADIENT) included: the cache then keeps
+        what batchnorm_backward needs to recompute that input (x, the statistics, the
+        parameters; `scales` and `biases` must stay unchanged until batchnorm_backward); in place:
         rolling_mean and rolling_variance move by BN_MOMENTUM toward the batch mean and the
         *unbiased* batch variance. Returns (new y, cache) where the cache is opaque and only for
         batchnorm_backward."""
@@ -296,7 +299,9 @@ class Operations(ABC):
     @abstractmethod
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         """The exact backward of batchnorm_forward_train (batch statistics, and its activation)
-        for its cache: with d = delta * act'(y) (delta: of y), scale_updates += sum(d * x_norm),
+        for its cache: with d = delta * act'(z) (delta: of y = act(z), z = scales * x_norm +
+        biases, act' from y or from z: activations.gradient or gradient_from_input, as an
+        unfused activation pass would compute it), scale_updates += sum(d * x_norm),
         bias_updates += sum(d) per statistic; returns a new delta for x (delta itself may be
         changed)."""
 
@@ -418,6 +423,15 @@ class Operations(ABC):
         it (a recorded iteration's cost is read while its backward runs). Unlike to_host_async
         (eager work, float32, a read per call), one reader serves every replay of the recording
         it was made in."""
+
+    @abstractmethod
+    def output_reader(self, arrays):
+        """A reader of a forward's outputs `arrays` as they are at this point of the work issued
+        (in a recording: at this point of each replay): its values() returns (a float32 host
+        numpy array of each, in order; whether every value is finite), waiting for that point
+        only. Where the backend records, the conversion, the finiteness check and the copies to
+        the host are part of the recording, so a replay's outputs reach the host with no
+        further call: what predict reads."""
 
     # ---- optimisation --------------------------------------------------------------------------
     @abstractmethod
@@ -576,3 +590,13 @@ class ReadyRead(HostRead):
 
     def value(self):
         return self.values
+
+
+class OutputsNow:
+    """An output_reader whose values are on the host already (numpy; eager work on a GPU)."""
+
+    def __init__(self, outputs, finite):
+        self.outputs, self.finite = outputs, finite
+
+    def values(self):
+        return self.outputs, self.finite

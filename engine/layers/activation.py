@@ -22,4 +22,4 @@ class ActivationLayer(Layer):
     def backward(self, ops, delta, need_dx):
         if not need_dx:
             return None
-        return activation_backward(ops, self, ops.copy(delta), self.activation)
+        return activation_backward(ops, self, delta, self.activation)  # its own (Network)

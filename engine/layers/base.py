@@ -96,11 +96,14 @@ class Layer:
                            decay if name == "weights" else 0.0, batch, loss_scale=loss_scale)
 
 
-def fusable(activation, train):
+def fusable(activation, train, normalized=False):
     """Whether the activation can run inside a fused elementwise pass (bias or BN + act): not
-    the channel-wise ones, and not those whose gradient needs the input while training."""
-    return activation not in activations.CHANNEL_NAMES and not (
-        train and activation in activations.INPUT_GRADIENT)
+    the channel-wise ones; while training, not those whose gradient needs the input, unless the
+    pass is training batch norm (`normalized`), whose backward recomputes that input from its
+    own (ops.batchnorm_forward_train's activation)."""
+    if activation in activations.CHANNEL_NAMES:
+        return False
+    return not train or normalized or activation not in activations.INPUT_GRADIENT
 
 
 def needs_input(activation):
@@ -158,7 +161,8 @@ class LinearUnit(Layer):
 
     def normalize_activate(self, ops, y, train):
         p = self.params
-        fused = self.activation if fusable(self.activation, train) else "linear"
+        fused = self.activation if fusable(self.activation, train, self.batch_normalize) \
+            else "linear"
         if not self.batch_normalize:
             y = ops.add_bias_(y, p["biases"], fused)  # one fused pass where it can be
         elif train:  # the op keeps what its backward needs, activation included
@@ -200,7 +204,7 @@ class LinearUnit(Layer):
     def normalize_activate_backward(self, ops, delta):
         """Delta of the output -> delta of the linear part; accumulates bias/scale updates."""
         if self.batch_normalize:
-            if not fusable(self.activation, True):  # else batchnorm_backward's own activation
+            if not fusable(self.activation, True, True):  # else batchnorm_backward's own
                 delta = activation_backward(ops, self, delta, self.activation)
             return ops.batchnorm_backward(delta, self.bn_cache, self.params["scales"],
                                           self.updates["scales"], self.updates["biases"])

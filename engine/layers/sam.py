@@ -59,7 +59,7 @@ class SamLayer(Layer):
         return self.output
 
     def backward(self, ops, delta, need_dx):
-        delta = activation_backward(ops, self, ops.copy(delta), self.activation)
+        delta = activation_backward(ops, self, delta, self.activation)  # its own (Network)
         scale, source = self.inputs
         d_scale = ops.sum_to(ops.multiply(delta, source), scale.shape) if need_dx else None
         return [d_scale, ops.multiply(delta, scale)]

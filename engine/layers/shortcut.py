@@ -193,7 +193,7 @@ class ShortcutLayer(Layer):
 
     def _backward_sum(self, ops, delta):
         """[delta for the previous layer, delta for the added one] (zero outside the overlap);
-        delta is the layer's own copy, so it becomes the first."""
+        delta is the layer's own, so it becomes the first."""
         dx = delta
         if tuple(delta.shape[1:]) == tuple(self.from_shape):
             d_add = ops.copy(delta)
@@ -219,7 +219,8 @@ class ShortcutLayer(Layer):
         return self.output
 
     def backward(self, ops, delta, need_dx):
-        delta = activation_backward(ops, self, ops.copy(delta), self.activation)
+        # delta is this layer's own (Network.backward): changed in place, handed on as dx
+        delta = activation_backward(ops, self, delta, self.activation)
         if self.multilayer:
             return self._backward_multilayer(ops, delta)
         return self._backward_sum(ops, delta)

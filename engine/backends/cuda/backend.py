@@ -25,11 +25,12 @@ from ...constants import PJREDDIE_BN_EPSILONS
 from ...errors import BackendError
 from ...precision import STORAGE_DTYPES, check_precision
 from .. import views
-from ..operations import HostRead, Operations, ReadyRead
+from ..operations import HostRead, Operations, OutputsNow, ReadyRead
 from ..yolo_truths import IOU_LOSSES, STATISTICS
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
+from . import host_copies
 from .device import get_device
 from .kernels import BLOCK, ROW_CHUNK, Kernels
 from .libraries import check_gpu_dependencies
@@ -42,6 +43,10 @@ STEP_SLOTS = 1024  # pinned host slots set_step copies from; the stream is drain
 # staged so measured slower than the pageable copy, so they are not).
 STAGED_MIN = 1 << 20
 STAGE_CHUNK = 4 << 20
+# set_ copies host batches of more than UPLOAD_STAGED_MIN bytes into a page-locked buffer on
+# several threads (host_copies.py) and sends that: batch 16 at 416x416 (33 MB) 5.3 -> 1.9 ms on an
+# H200; a batch-1 image (2 MB) goes pageable (0.16 ms; 0.22 ms staged).
+UPLOAD_STAGED_MIN = 8 << 20
 # Channel planes of at least PLANES_MIN elements get the *_planes kernels (a block per piece of a
 # plane, no division per element: 2.5 -> 1.6 ms for YOLOv3's 75 bias passes at batch 16 in fp16);
 # smaller ones (MNIST's, CIFAR's) keep the one-thread-per-element kernels.
@@ -58,7 +63,7 @@ BN_CHUNK = 4096
 # forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
-HOLD_US = 2000
+HOLD_US = 1000
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -246,6 +251,7 @@ class CudaBackend(Operations):
         self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
         self._side_stream = None  # set_'s early copies
+        self._upload_stage = None  # set_'s (page-locked buffer, event after its last upload)
         self._spare_reads = {}  # (shape, dtype) -> [(page-locked buffer, event)] for to_host_async
         self.cuda = self.device.cuda
         self.stream = self.device.stream
@@ -365,11 +371,28 @@ class CudaBackend(Operations):
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)  # pageable: staged on return
         elif host.size and dst.dtype == FLOAT32 and early:
             self._early_copy(dst, host)
+        elif host.nbytes > UPLOAD_STAGED_MIN and dst.dtype == FLOAT32 and not self._recording:
+            self._staged_upload(dst, host)
         elif host.size and dst.dtype == FLOAT32:
             self.cuda.memcpy_htod_async(dst.ptr, host, self.stream)
         elif host.size:
             self._convert(self.asarray(host), dst)
         return dst
+
+    def _staged_upload(self, dst, host):
+        """host -> dst through a page-locked buffer that several threads fill (host_copies),
+        once its previous upload has left it."""
+        if self._upload_stage is None or self._upload_stage[0].nbytes < host.nbytes:
+            if self._upload_stage is not None:
+                self._upload_stage[1].synchronize()  # the smaller buffer's upload has left it
+            self._upload_stage = (self.cuda.pagelocked_empty(host.nbytes, np.uint8),
+                                  self.cuda.Event())
+        buffer, sent = self._upload_stage
+        sent.synchronize()
+        staged = buffer[:host.nbytes].view(np.float32).reshape(host.shape)
+        host_copies.copy(staged, host)
+        self.cuda.memcpy_htod_async(dst.ptr, staged, self.stream)
+        sent.record(self.stream)
 
     def _early_copy(self, dst, host):
         """host -> dst with the bus copy on a second stream, into a device buffer of dst's size
@@ -416,7 +439,9 @@ class CudaBackend(Operations):
 
     def add_(self, dst, src):
         src = self._as_type(src, dst.dtype)
-        self.kernels.launch("add_kernel", dst.size, dst.ptr, src.ptr, dst.size, dtype=dst.dtype)
+        vec, width = self._packs(dst.size, dst, src)
+        self.kernels.launch("add_kernel", dst.size // width, dst.ptr, src.ptr, dst.size, vec,
+                            dtype=dst.dtype)
         return dst
 
     # ---- storage types (precision) -------------------------------------------------------------
@@ -512,8 +537,9 @@ class CudaBackend(Operations):
         if activation == "linear":
             return x
         if view is None:
-            self.kernels.launch("activate_kernel", x.size, x.ptr, x.size,
-                                _activation_id(activation), dtype=x.dtype)
+            vec, width = self._packs(x.size, x)
+            self.kernels.launch("activate_kernel", x.size // width, x.ptr, x.size,
+                                _activation_id(activation), vec, dtype=x.dtype)
             return x
         n, counts, walk = _walk(view, x)
         self.kernels.launch("activate_strided_kernel", n, x.ptr, n, *counts, *walk,
@@ -523,14 +549,16 @@ class CudaBackend(Operations):
     def activation_backward_(self, y, delta, activation):
         if activation != "linear":
             y = self._as_type(y, delta.dtype)
-            self.kernels.launch("gradient_kernel", delta.size, y.ptr, delta.ptr,
-                                delta.size, _activation_id(activation), dtype=delta.dtype)
+            vec, width = self._packs(delta.size, delta, y)
+            self.kernels.launch("gradient_kernel", delta.size // width, y.ptr, delta.ptr,
+                                delta.size, _activation_id(activation), vec, dtype=delta.dtype)
         return delta
 
     def activation_input_backward_(self, x, delta, activation):
         x = self._as_type(x, delta.dtype)
-        self.kernels.launch("input_gradient_kernel", delta.size, x.ptr, delta.ptr, delta.size,
-                            _activation_id(activation), dtype=delta.dtype)
+        vec, width = self._packs(delta.size, delta, x)
+        self.kernels.launch("input_gradient_kernel", delta.size // width, x.ptr, delta.ptr,
+                            delta.size, _activation_id(activation), vec, dtype=delta.dtype)
         return delta
 
     def _normalize_channels_launch(self, name, x, out, activation):
@@ -685,8 +713,10 @@ class CudaBackend(Operations):
     def batchnorm_forward_train(self, x, scales, biases, rolling_mean, rolling_variance,
                                 per_activation=False, activation="linear"):
         """SPATIAL statistics in kernels/batchnorm.cu (cuDNN's NCHW kernels parallelise over
-        channels: slow for few channels of large maps), the activation fused; PER_ACTIVATION
-        ones (dense layers) in cuDNN, then the activation."""
+        channels: slow for few channels of large maps), the activation fused, mish and the other
+        activations.INPUT_GRADIENT included (their backward recomputes z = scale * x_norm + bias
+        from the cache's x, statistics, scales and biases); PER_ACTIVATION ones (dense layers)
+        in cuDNN, then the activation (keeping a copy of z where its gradient needs it)."""
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
         y = self._empty(x.shape, x.dtype)
@@ -697,11 +727,13 @@ class CudaBackend(Operations):
                                              self.dnn.tensor(params), scales.ptr, biases.ptr,
                                              rolling_mean.ptr, rolling_variance.ptr,
                                              save_mean.ptr, save_inv_std.ptr)
+            kept = self.copy(y) if activation in activations.INPUT_GRADIENT else None
             y = self.activate_(y, activation)
-            return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+            return y, (x, save_mean, save_inv_std, per_activation, y if kept is None else kept,
+                       activation, biases)
         spatial, channels = self._channel_layout(x.shape)
         planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
-        vec, width = self._bn_packs(spatial, x, y)
+        vec, width = self._packs(spatial, x, y)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_sums_kernel", planes * chunks, x.ptr, sums.ptr, spatial,
                                    channels, BN_CHUNK, chunks, vec, dtype=x.dtype)
@@ -711,14 +743,15 @@ class CudaBackend(Operations):
         self.kernels.launch("bn_normalize_kernel", x.size // width, x.ptr, y.ptr,
                             save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr, spatial,
                             channels, x.size, _activation_id(activation), vec, dtype=x.dtype)
-        return y, (x, save_mean, save_inv_std, per_activation, y, activation)
+        return y, (x, save_mean, save_inv_std, per_activation, y, activation, biases)
 
     @staticmethod
-    def _bn_packs(spatial, *arrays):
-        """(vec, values per thread) of kernels/batchnorm.cu's passes: 16-byte packs where each
-        plane is whole packs and every array starts on 16 bytes."""
+    def _packs(length, *arrays):
+        """(vec, values per thread) of the kernels that take 16-byte packs (kernels/packs.cuh):
+        packs where `length` (a plane's values in batch norm, else the array's) is whole packs
+        and every array starts on 16 bytes."""
         width = 16 // arrays[0].dtype.itemsize
-        if spatial % width == 0 and all(int(a.ptr) % 16 == 0 for a in arrays):
+        if length % width == 0 and all(int(a.ptr) % 16 == 0 for a in arrays):
             return 1, width
         return 0, 1
 
@@ -754,11 +787,14 @@ class CudaBackend(Operations):
         return y
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
-        x, save_mean, save_inv_std, per_activation, y, activation = cache
+        x, save_mean, save_inv_std, per_activation, kept, activation, biases = cache
         delta = self._as_type(delta, x.dtype)
         dx = self._empty(x.shape, x.dtype)
-        if per_activation:
-            delta = self.activation_backward_(y, delta, activation)
+        if per_activation:  # kept: the activation's input where its gradient needs it, else y
+            if activation in activations.INPUT_GRADIENT:
+                delta = self.activation_input_backward_(kept, delta, activation)
+            else:
+                delta = self.activation_backward_(kept, delta, activation)
             shape, params, mode = self._bn_shapes(x.shape, per_activation)
             self.dnn.batchnorm_backward(mode, self.dnn.tensor(shape, x.dtype), x.ptr, delta.ptr,
                                         dx.ptr, self.dnn.tensor(params), scales.ptr,
@@ -767,17 +803,19 @@ class CudaBackend(Operations):
             return dx
         spatial, channels = self._channel_layout(x.shape)
         planes, chunks = x.size // spatial, -(-spatial // BN_CHUNK)
-        vec, width = self._bn_packs(spatial, x, y, delta, dx)
+        y = kept  # the output; its act' comes from it, or from z recomputed from x (the kernels)
+        vec, width = self._packs(spatial, x, y, delta, dx)
         act = _activation_id(activation)
         sums = self._channel_sums(channels)
         self.kernels.launch_blocks("bn_backward_sums_kernel", planes * chunks, x.ptr, y.ptr,
-                                   delta.ptr, save_mean.ptr, save_inv_std.ptr, sums.ptr, spatial,
-                                   channels, BN_CHUNK, chunks, act, vec, dtype=x.dtype)
+                                   delta.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr,
+                                   biases.ptr, sums.ptr, spatial, channels, BN_CHUNK, chunks, act,
+                                   vec, dtype=x.dtype)
         self.kernels.launch("bn_updates_kernel", channels, sums.ptr, scale_updates.ptr,
                             bias_updates.ptr, channels)
         self.kernels.launch("bn_backward_kernel", x.size // width, x.ptr, y.ptr, delta.ptr,
-                            dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr, sums.ptr,
-                            spatial, channels, x.size, x.size // channels, act, vec,
+                            dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr,
+                            sums.ptr, spatial, channels, x.size, x.size // channels, act, vec,
                             dtype=x.dtype)
         return dx
 
@@ -980,6 +1018,24 @@ class CudaBackend(Operations):
         from .graph import HostReader
 
         return HostReader(self, array)
+
+    def output_reader(self, arrays):
+        """Eagerly: to_host's arrays and all_finite's check, now. While recording: the outputs
+        in float32, one finiteness flag for all of them and their copies into page-locked host
+        buffers become part of the recording (graph.OutputReader)."""
+        if not self._recording:
+            return OutputsNow([self.to_host(a) for a in arrays],
+                              all(self.all_finite(a) for a in arrays))
+        from .graph import OutputReader
+
+        floats = [self._as_type(a, FLOAT32) if a.dtype in STORAGE_DTYPES.values() else a
+                  for a in arrays]
+        flag = self._empty((1,), np.int32)
+        self.cuda.memset_d32_async(flag.ptr, 0, 1, self.stream)
+        for a in arrays:
+            self.kernels.launch("nonfinite_kernel", a.size, a.ptr, flag.ptr, a.size,
+                                dtype=a.dtype)
+        return OutputReader(self, floats, flag)
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,

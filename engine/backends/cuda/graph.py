@@ -10,6 +10,7 @@ memory that each replay refreshes (CudaBackend.recording and set_step).
 import numpy as np
 
 from ...errors import BackendError
+from . import host_copies
 from .libraries import cuda_driver
 
 
@@ -54,16 +55,13 @@ class CapturedStep:
         return self.backend.last_cost()
 
 
-class HostReader:
-    """CudaBackend.host_reader: a small device array copied into page-locked host memory at this
-    point of the stream (in a recording, a copy node of each replay), and an event recorded
-    after the copy (in a recording, an external event node: CU_EVENT_RECORD_EXTERNAL) that
-    values() waits for, not for the rest of the stream's work."""
+class _ExternalEvent:
+    """An event recorded at this point of the backend's stream (in a recording: an external
+    event node, CU_EVENT_RECORD_EXTERNAL, that each replay records), which wait() waits for, not
+    for the rest of the stream's work."""
 
-    def __init__(self, backend, array):
+    def __init__(self, backend):
         self.driver = driver = cuda_driver()
-        self.host = backend.cuda.pagelocked_empty(tuple(array.shape), array.dtype)
-        backend.cuda.memcpy_dtoh_async(self.host, array.ptr, backend.stream)
         self.event = _check(driver, driver.cuEventCreate(
             int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
         stream = driver.CUstream(backend.stream.handle)
@@ -74,11 +72,48 @@ class HostReader:
         else:
             _check(driver, driver.cuEventRecord(self.event, stream), "cuEventRecord")
 
-    def values(self):
+    def wait(self):
         _check(self.driver, self.driver.cuEventSynchronize(self.event), "cuEventSynchronize")
-        return np.array(self.host, dtype=np.float64)
 
     def __del__(self):
         event = getattr(self, "event", None)
         if event is not None:
             self.driver.cuEventDestroy(event)
+
+
+class HostReader:
+    """CudaBackend.host_reader: a small device array copied into page-locked host memory at this
+    point of the stream (in a recording, a copy node of each replay), and an event recorded
+    after the copy (in a recording, an external event node: CU_EVENT_RECORD_EXTERNAL) that
+    values() waits for, not for the rest of the stream's work."""
+
+    def __init__(self, backend, array):
+        self.host = backend.cuda.pagelocked_empty(tuple(array.shape), array.dtype)
+        backend.cuda.memcpy_dtoh_async(self.host, array.ptr, backend.stream)
+        self.copied = _ExternalEvent(backend)
+
+    def values(self):
+        self.copied.wait()
+        return np.array(self.host, dtype=np.float64)
+
+
+class OutputReader:
+    """CudaBackend.output_reader while recording: float32 outputs and their finiteness flag
+    (an int, 0 when every value is finite) copied into page-locked host buffers at this point of
+    each replay; values() waits for those copies and returns fresh arrays (the buffers are the
+    next replay's)."""
+
+    def __init__(self, backend, arrays, flag):
+        cuda, stream = backend.cuda, backend.stream
+        self.hosts = [cuda.pagelocked_empty(tuple(a.shape), np.float32) for a in arrays]
+        for host, array in zip(self.hosts, arrays):
+            if array.size:
+                cuda.memcpy_dtoh_async(host, array.ptr, stream)
+        self.flag = cuda.pagelocked_empty((1,), np.int32)
+        cuda.memcpy_dtoh_async(self.flag, flag.ptr, stream)
+        self.copied = _ExternalEvent(backend)
+
+    def values(self):
+        self.copied.wait()
+        return ([host_copies.copy(np.empty_like(host), host) for host in self.hosts],
+                not self.flag[0])
