@@ -261,6 +261,7 @@ class Network:
         self._plan = None  # _concatenation_plan, made at the first inference forward
         self._plan_every_output = None  # the same without the pooling plan (forward)
         self._pools = None  # _pooling_plan, likewise
+        self._chained = None  # _chains, likewise
         self._pooled = None  # _pooled_routes, likewise
         self._predicting = False  # inside predict: the pooling plan may skip outputs
         self.ops = backend if backend is not None else get_backend("cpu", seed=seed)
@@ -460,6 +461,34 @@ class Network:
             self._pools = plan
         return plan
 
+    def _chains(self):
+        """{first convolution's index: [(convolution, maxpool), ...]}: runs of two or more
+        pooling-plan convolutions (offset 0, not kept), each pooled by the [maxpool] right
+        after it, which only the next convolution of the run reads (that one reading nothing
+        else): predict runs each run as one ops.conv_bias_maxpool_chain, whose backend may
+        share the run's rows out to its threads once. Made once."""
+        chains = self._chained
+        if chains is None:
+            chains, readers, pools = {}, self._readers(), self._pooling_plan()
+            run = []
+            for conv in self.layers:
+                planned = pools.get(conv.index)
+                if planned is None or planned[1:] != (0, False):
+                    continue
+                pool = planned[0]
+                if (run and conv.index == run[-1][1].index + 1
+                        and conv.input_indices == [run[-1][1].index]
+                        and readers.get(run[-1][1].index) == [conv.index]):
+                    run.append((conv, pool))
+                    continue
+                if len(run) > 1:
+                    chains[run[0][0].index] = run
+                run = [(conv, pool)]
+            if len(run) > 1:
+                chains[run[0][0].index] = run
+            self._chained = chains
+        return chains
+
     def _forward_inference(self, x, pooling=False):
         """forward(train=False), with the concatenation plan (a planned convolution allocates
         its route's output if no earlier part did and computes into its channels) and, if
@@ -471,8 +500,22 @@ class Network:
         pooled_routes = self._pooled_routes() if pooling else {}
         buffers, placed = {}, {}  # route index -> its output; -> input positions written
         pooled = {}  # maxpool index -> its output, computed by the convolutions before it
+        chains = self._chains() if pooling else {}
+        chained = {}  # index -> the output of a layer of a chain being run (None but the last)
         for layer in self.layers:
+            if layer.index in chained:
+                outputs.append(chained.pop(layer.index))
+                continue
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
+            chain = chains.get(layer.index)
+            if chain is not None:
+                last = chain[-1][1]
+                y = ops.conv_bias_maxpool_chain(inputs[0], [conv.pooled_stage(pool)
+                                                            for conv, pool in chain])
+                chained = dict.fromkeys(range(layer.index + 1, last.index))
+                chained[last.index] = last.forward_given(batch, y)
+                outputs.append(None)
+                continue
             where = plan.get(layer.index)
             planned_pool = pools.get(layer.index)
             if planned_pool is not None:
@@ -646,6 +689,7 @@ class Network:
         # their concatenations
         self._pools = None  # ... and pool for their maxpools
         self._pooled = None
+        self._chained = None
         return self
 
     def load_weights(self, path):

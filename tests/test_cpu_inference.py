@@ -2,6 +2,7 @@
 cached filters for frozen weights, maxpool without argmax, the equal-shape shortcut and the
 backend's own threads, each against plain float64 numpy or the training path."""
 
+import itertools
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from engine.backends import numpy_backend, winograd
 from engine.backends.numpy_backend import NumpyBackend
 from engine.errors import BackendError
 from engine.layers.channels import concat_channels
+from engine.layers.upsample import upsample
 from engine.network import Network
 
 YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
@@ -203,6 +205,13 @@ def test_channels_innermost_arrays_keep_their_layout_and_values():
     np.testing.assert_array_equal(ops.copy(stored), x)
     routed = concat_channels(ops, [stored, (channels_innermost(x[:, :4]), 1, 3)])
     np.testing.assert_array_equal(routed, np.concatenate([x, x[:, 1:3]], axis=1))
+    # nearest-neighbour upsampling (its source repeated along the innermost axis of the view:
+    # taken in place from a channels-innermost source), by 2 and by 3 with a scale
+    for stride, scale in [(2, 1.0), (3, 0.5)]:
+        upsampled = upsample(ops, stored, stride, scale)
+        assert upsampled.strides[1] == 4
+        np.testing.assert_array_equal(
+            upsampled, np.float32(scale) * x.repeat(stride, axis=2).repeat(stride, axis=3))
 
 
 def test_equal_shape_shortcut_is_the_weighted_sum():
@@ -344,6 +353,52 @@ def test_a_network_s_convolutions_pool_for_their_maxpools():
     outputs = list(net.outputs)
     net._pools = {}
     np.testing.assert_array_equal(net.predict(x), planned)
+    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("case", [((3, 16, 32), 104, 1), ((16, 16, 24, 8), 64, 1),
+                                  ((3, 16, 16), 48, 2), ((3, 16), 48, 1)], ids=str)
+def test_a_chain_of_pooled_convolutions_gives_each_stage_s_maxima(monkeypatch, threads, case):
+    """conv_bias_maxpool_chain, its bands of rows on each thread (a few channels first: the
+    column products; Winograd's F(4x4) after, several blocks per band; a batch of two), is
+    exactly one conv_bias_maxpool_forward after the other; a chain the bands do not take
+    (one stage) likewise."""
+    channels, side, batch = case
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    ops = NumpyBackend()
+    rng = np.random.default_rng(side)
+    x = rng.standard_normal((batch, channels[0], side, side)).astype(np.float32)
+    if channels[0] > 3:
+        x = channels_innermost(x)
+    stages, expected = [], x
+    for i, (c, f) in enumerate(itertools.pairwise(channels)):
+        w = (rng.standard_normal((f, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+        w.flags.writeable = False
+        biases = rng.standard_normal(f).astype(np.float32)
+        half = side >> (i + 1)
+        stages.append((w, biases, ("leaky", "relu")[i % 2], 1, 1, 1, 2, 2, 0, (half, half), 1))
+        expected, _ = ops.conv_bias_maxpool_forward(expected, *stages[-1][:10])
+    if ops.threads > 1 and len(stages) > 1:
+        assert ops._chain_blocks(x, stages) is not None
+    np.testing.assert_array_equal(ops.conv_bias_maxpool_chain(x, stages), expected)
+
+
+def test_a_network_s_pooled_convolutions_run_as_one_chain(monkeypatch):
+    """yolov3-tiny's convolutions 0, 2, 4, 6 and maxpools 1, 3, 5, 7 are one chain in predict
+    (on two threads: bands of rows); every other layer's output as without it."""
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "2")
+    net = Network(YOLOV3_TINY, quiet=True, backend=NumpyBackend()).fold_batchnorm()
+    x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
+    chained = net.predict(x)
+    assert {k: [(c.index, p.index) for c, p in v] for k, v in net._chains().items()} == {
+        0: [(0, 1), (2, 3), (4, 5), (6, 7)]}
+    assert all(net.outputs[i] is None for i in range(7)) and net.outputs[7] is not None
+    outputs = list(net.outputs)
+    net._chained = {}
+    np.testing.assert_array_equal(net.predict(x), chained)
     for index, (a, b) in enumerate(zip(outputs, net.outputs)):
         if a is not None:
             np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")

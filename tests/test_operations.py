@@ -418,6 +418,24 @@ def test_convolution_then_maxpool(ops, rng, case):
     np.testing.assert_array_equal(into[:, 32:], out[:, 32:])
 
 
+def test_convolution_maxpool_chain(ops, rng):
+    """A chain of convolutions each pooled by the [maxpool] that alone reads it (a few input
+    channels first, then Winograd's), in one operation, against the definitions stage by
+    stage."""
+    x = randn(rng, 1, 3, 24, 24)
+    stages, expected = [], x
+    for c, f, side in [(3, 16, 24), (16, 16, 12)]:
+        w = randn(rng, f, c, 3, 3) / np.float32(np.sqrt(9 * c))
+        biases = randn(rng, f)
+        stages.append((to_backend(ops, w), to_backend(ops, biases), "leaky", 1, 1, 1, 2, 2, 0,
+                       (side // 2, side // 2), 1))
+        y = activations.activate(conv_reference(expected, w, 1, 1, 1)
+                                 + biases.reshape(1, -1, 1, 1), "leaky")
+        expected, _ = maxpool_reference(y, 2, 2, 1, side // 2, side // 2)
+    pooled, _ = call(ops, "conv_bias_maxpool_chain", x, stages)
+    assert_close(pooled, expected, "the last maxpool's output")
+
+
 def test_computes_into_concatenations(ops, rng):
     """Where a backend says it computes into a route's buffer, the convolution's returned values
     are that buffer's channels (numpy: a view); elsewhere a separate array."""

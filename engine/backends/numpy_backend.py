@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +91,18 @@ def _activation_into(name):
     if name == "linear":
         return None
     return lambda x, out: activations.activate_into(x, out, name)
+
+
+def _store_pooled_rows(block, rows, out_w, b, store, pooled):
+    """block: output rows [row0, row1) (an even count from an even row0) of a convolution,
+    ((row1 - row0) * out_w * B, F), biases added; its 2x2/2 maxima over row pairs, then
+    column pairs, stored by store(src, dst) (through the activation, which commutes with max)
+    into pooled's rows [row0/2, row1/2) (pooled (H/2, W/2, B, F))."""
+    fs = block.shape[1]
+    pairs = block.reshape((rows[1] - rows[0]) // 2, 2, out_w // 2, 2, b * fs)
+    row_max = np.maximum(pairs[:, 0], pairs[:, 1])
+    maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+    store(maxima.reshape(maxima.shape[:2] + (b, fs)), pooled[rows[0] // 2:rows[1] // 2])
 
 
 def _pair(stride):
@@ -491,6 +504,138 @@ class NumpyBackend(Operations):
                                                  groups, pool_size, pool_stride, pool_pad,
                                                  pool_hw, out, start, keep, dilation)
 
+    def conv_bias_maxpool_chain(self, x, stages):
+        """The chain on several threads handed work over once: each thread takes a band of
+        rows of every stage (its share of the pooled rows), all stages one after the other,
+        instead of each stage's blocks being shared out and joined (a hand-off that wakes an
+        idle CPU: 60-70 us late on this virtual machine, and a join). A block on a band's
+        edge reads a row or two the neighbouring thread pooled at the stage before: the first
+        thread takes its blocks top down and the last one bottom up, so that those edge
+        blocks come last and their rows are long done (an event per thread and stage, waited
+        for only if not). Each stage pools into the zero-bordered input of the next (no padded
+        copy). For chains of 3x3 stride-1 convolutions pooled 2x2/2 (_chain_blocks); any other
+        chain, or one thread: one stage after the other."""
+        plan = self._chain_blocks(x, stages)
+        if plan is None:
+            return super().conv_bias_maxpool_chain(x, stages)
+        bands, out = plan
+        done = [[threading.Event() for _ in stages] for _ in bands]
+
+        def work(t):
+            try:
+                for stage, blocks in enumerate(bands[t]):
+                    for task, neighbours in blocks:
+                        for other in neighbours:
+                            done[other][stage - 1].wait()
+                        task()
+                    done[t][stage].set()
+            finally:  # (a failed thread's neighbours go on; its error is raised below)
+                for event in done[t]:
+                    event.set()
+        helpers = [self._pool.submit(work, t) for t in range(1, len(bands))]
+        try:
+            work(0)
+        finally:
+            for helper in helpers:
+                helper.result()
+        return out.transpose(2, 3, 0, 1)
+
+    def _chain_blocks(self, x, stages):
+        """(bands, out) for conv_bias_maxpool_chain on the backend's threads, or None where
+        the chain does not qualify: one thread; a stage other than a 3x3 stride-1 padding-1
+        ungrouped convolution with a max-commuting activation, pooled 2x2/2 over an even map,
+        whose Winograd tiles hold whole windows (winograd.pools_in_tiles), or (the first stage
+        only) under winograd.MIN_CHANNELS input channels (the column products); a stage with
+        fewer block units than threads. bands[t][stage]: thread t's blocks of that stage, in
+        the order it takes them, each (task, the threads whose previous stage it reads).
+        out: the last stage's pooled output, (H, W, B, F)."""
+        threads = self.threads
+        if self._pool is None or len(stages) < 2:
+            return None
+        b, c, h, w = x.shape
+        geometry = []  # per stage: (variant or None, c, h, w, f)
+        for i, (weights, biases, activation, stride, padding, groups, pool_size, pool_stride,
+                pool_pad, pool_hw, dilation) in enumerate(stages):
+            f = weights.shape[0]
+            if not (tuple(weights.shape[1:]) == (c, 3, 3) and stride in (1, (1, 1))
+                    and padding == 1 and groups == 1 and dilation == 1
+                    and activation in MONOTONE_ACTIVATIONS and pool_size == pool_stride == 2
+                    and pool_pad == 0 and h % 2 == 0 and w % 2 == 0
+                    and tuple(pool_hw) == (h // 2, w // 2)):
+                return None
+            if winograd.fits((b, c, h, w), weights.shape, stride, padding, groups, dilation):
+                v = winograd.variant(h, w)
+                if not winograd.pools_in_tiles(h, w, v) or h // v.tile < threads:
+                    return None
+            elif i == 0 and h // 2 >= threads:
+                v = None
+            else:
+                return None
+            geometry.append((v, c, h, w, f))
+            c, h, w = f, h // 2, w // 2
+        # stage i reads inputs[i] (zero-bordered, (H + 2, W + 2, B, C)) and pools into
+        # targets[i]: the inside of inputs[i + 1], or `out` for the last stage
+        inputs = [None]
+        for v, c, h, w, f in geometry[1:]:
+            padded = np.empty((h + 2, w + 2, b, c), x.dtype)
+            padded[0] = padded[-1] = 0
+            padded[:, 0] = padded[:, -1] = 0
+            inputs.append(padded)
+        out = np.empty((h // 2, w // 2, b, f), x.dtype)
+        targets = [padded[1:-1, 1:-1] for padded in inputs[1:]] + [out]
+        bands = [[] for _ in range(threads)]
+        owners = None  # the previous stage's: output row -> thread
+        for i, ((v, c, h, w, f), stage) in enumerate(zip(geometry, stages)):
+            weights, biases, activation = stage[:3]
+            store = winograd.store_through(_activation_into(activation))
+            target = targets[i]
+            if v is None:  # the first stage, few channels: the column products
+                columns, wt = self._column_source(x, weights, 3, 1, 1, 1, h, w)
+                b_row = np.tile(biases, w * b)
+                unit = 2  # rows per unit: a row pair (the pooling windows)
+                per_unit = max(-(-MIN_BLOCK_COLUMNS // (2 * w * b)),
+                               COLUMN_BLOCK_ELEMENTS // (c * 9 * 2 * w * b))
+
+                def block_(r0, r1, columns=columns, wt=wt, b_row=b_row, w=w, store=store,
+                           target=target):
+                    block = np.matmul(columns((r0, r1)), wt)
+                    block.reshape(r1 - r0, -1)[...] += b_row
+                    _store_pooled_rows(block, (r0, r1), w, b, store, target)
+            else:
+                source = inputs[i]
+                if source is None:  # a first stage of many channels: its padded copy
+                    source = np.zeros((h + 2, w + 2, b, c), x.dtype)
+                    source[1:-1, 1:-1] = x.transpose(2, 3, 0, 1)
+                tiles = winograd.tile_view(source, v)
+                filters = self._winograd_filters(weights, v)
+                unit = v.tile  # rows per unit: a row of tiles
+                per_unit = winograd.block_step(c, w // v.tile, b, v)
+
+                def block_(r0, r1, tiles=tiles, filters=filters, v=v, biases=biases,
+                           store=store, target=target):
+                    out_tiles = winograd.block_tiles(tiles, filters, v, biases, r0 // v.tile,
+                                                     r1 // v.tile)
+                    winograd.store_pooled_tiles(out_tiles, store, target, r0 // v.tile)
+            units = h // unit
+            stage_owners = np.empty(h, np.intp)
+            for t in range(threads):
+                u0, u1 = units * t // threads, units * (t + 1) // threads
+                stage_owners[u0 * unit:u1 * unit] = t
+                blocks = []
+                for a, z in winograd.row_ranges(u1 - u0, per_unit):
+                    r0, r1 = (u0 + a) * unit, (u0 + z) * unit
+                    neighbours = ()
+                    if owners is not None:  # the rows it reads: [r0 - 1, r1 + 1) inside
+                        first, last = owners[max(r0 - 1, 0)], owners[min(r1, h - 1)]
+                        neighbours = tuple(o for o in range(first, last + 1) if o != t)
+                    blocks.append((functools.partial(block_, r0, r1), neighbours))
+                if t == threads - 1:
+                    blocks.reverse()  # bottom up: its top (edge) blocks last
+                bands[t].append(blocks)
+            # input row j of the next stage is pooled from this stage's rows 2j, 2j + 1
+            owners = stage_owners[::2]
+        return bands, out
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """conv_bias_forward computed straight into out's channels [start, start + F) when out
@@ -526,21 +671,15 @@ class NumpyBackend(Operations):
             return np.ascontiguousarray(weights.transpose(2, 3, 1, 0).reshape(k * k * c, f))
         return self._derived_filters(weights, "columns", make)
 
-    def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
-                            activation="linear", into=None, pooled=None, keep=False):
-        """An inference convolution (one group) whose output is channels-innermost: (positions,
-        K) @ (K, F) products, block by block of output rows. A channels-innermost input is
-        padded in its own layout and its columns are gathered with the channels innermost
-        (k*k copies of runs of C), times _columns_filters; any other input takes the usual
-        im2col columns (C*k*k, positions), transposed into the product."""
+    def _column_source(self, x, weights, size, stride, padding, dilation, out_h, out_w):
+        """(columns(rows), wt): the (positions, K) columns of output rows [row0, row1) and the
+        (K, F) filters they multiply, for _conv_channels_last. A channels-innermost input is
+        padded in its own layout and its columns gathered with the channels innermost (k*k
+        runs of C), times _columns_filters; any other input takes im2col's columns (C*k*k,
+        positions), transposed. The input's padded copy is made here, once."""
         b, c = x.shape[:2]
         f = weights.shape[0]
-        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
         stride_y, stride_x = _pair(stride)
-        if pooled is None or keep:
-            ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
-            y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
-        per_row = out_w * b
         if self._channels_innermost(x):
             xl = x.transpose(2, 3, 0, 1)  # (H, W, B, C), a view
             if padding:
@@ -574,6 +713,22 @@ class NumpyBackend(Operations):
             def columns(rows):
                 block = np.array(cells[:, :, :, rows[0]:rows[1]], order="C")
                 return block.reshape(c * size * size, -1).T
+        return columns, wt
+
+    def _conv_channels_last(self, x, weights, stride, padding, dilation, biases=None,
+                            activation="linear", into=None, pooled=None, keep=False):
+        """An inference convolution (one group) whose output is channels-innermost: (positions,
+        K) @ (K, F) products (_column_source), block by block of output rows."""
+        b, c = x.shape[:2]
+        f = weights.shape[0]
+        size, out_h, out_w = self._conv_geometry(x.shape, weights.shape, stride, padding, dilation)
+        stride_y, stride_x = _pair(stride)
+        if pooled is None or keep:
+            ym = np.empty((out_h, out_w, b, f), x.dtype) if into is None else into
+            y_rows = winograd.reshaped_view(ym, (-1, f))  # rows (row, column, image)
+        per_row = out_w * b
+        columns, wt = self._column_source(x, weights, size, stride, padding, dilation, out_h,
+                                          out_w)
         blocks = self._row_blocks(c, size, out_h, out_w, b, self.threads)
         if pooled is not None:  # blocks of whole row pairs (the 2x2 windows)
             ends = sorted({r1 + r1 % 2 for _, r1 in blocks})
@@ -601,11 +756,7 @@ class NumpyBackend(Operations):
             block_rows += b_row if parts == 1 else np.tile(biases[f0:f0 + fs], per_row)
             if keep:  # (other layers read the convolution's output)
                 store(block, y_rows[rows[0] * per_row:rows[1] * per_row, f0:f0 + fs])
-            pairs = block.reshape((rows[1] - rows[0]) // 2, 2, out_w // 2, 2, b * fs)
-            row_max = np.maximum(pairs[:, 0], pairs[:, 1])
-            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
-            store(maxima.reshape(maxima.shape[:2] + (b, fs)),
-                  pooled[rows[0] // 2:rows[1] // 2, :, :, f0:f0 + fs])
+            _store_pooled_rows(block, rows, out_w, b, store, pooled[:, :, :, f0:f0 + fs])
 
         def block_(rows, f0):
             if pooled is not None:
@@ -1083,7 +1234,7 @@ class NumpyBackend(Operations):
         return np.empty(shape, like.dtype)
 
     @staticmethod
-    def _part(seen, view):
+    def _part(seen, view, materialise=True):
         """The window of view in `seen` (the array already reshaped and permuted): a numpy view,
         read-only where a step of 0 repeats an index."""
         slices, repeats = _window_slices(view)
@@ -1091,7 +1242,9 @@ class NumpyBackend(Operations):
         if not repeats:
             return part
         start, count, step = view.window[-1]
-        if step == 0 and count > 1:  # repeats along the innermost axis: materialised, faster
+        if step == 0 and count > 1 and materialise:
+            # repeats along the innermost axis: materialised, faster (in the view's order: not
+            # for a channels-innermost source, whose copy would then transpose twice)
             part = np.repeat(part, count, axis=-1)
         return np.broadcast_to(part, view.counts)
 
@@ -1126,7 +1279,8 @@ class NumpyBackend(Operations):
         (views.py: the two windows hold the same counts; src may be dst itself, with the same
         view); returns dst."""
         views.check_pair(src_view, src.size, dst_view, dst.size)
-        value = self._part(self._seen(src, src_view), src_view)
+        value = self._part(self._seen(src, src_view), src_view,
+                           materialise=not self._channels_innermost(src))
         f = np.float32
         part, written_back = self._target(dst, dst_view)
         if accumulate:

@@ -222,6 +222,21 @@ class Operations(ABC):
             pooled = out
         return pooled, (y if keep else None)
 
+    def conv_bias_maxpool_chain(self, x, stages):
+        """Inference only: the output of a chain of convolutions, each followed by a [maxpool]
+        that alone reads it and read by the next convolution alone (a new array: the last
+        maxpool's output). stages: conv_bias_maxpool_forward's arguments for each
+        convolution, (weights, biases, activation, stride, padding, groups, pool_size,
+        pool_stride, pool_pad, pool_hw, dilation), in order. One operation so that a backend
+        may run the whole chain band by band of rows on its threads, handing work over once
+        (numpy); by default one conv_bias_maxpool_forward after the other."""
+        for (weights, biases, activation, stride, padding, groups, pool_size, pool_stride,
+             pool_pad, pool_hw, dilation) in stages:
+            x, _ = self.conv_bias_maxpool_forward(x, weights, biases, activation, stride,
+                                                  padding, groups, pool_size, pool_stride,
+                                                  pool_pad, pool_hw, dilation=dilation)
+        return x
+
     def conv_bias_forward_into_(self, out, start, x, weights, biases, activation, stride,
                                 padding, groups, dilation=1):
         """Inference only: conv_bias_forward's values also stored in out's channels [start,

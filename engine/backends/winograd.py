@@ -117,6 +117,12 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
+def block_step(c, cols, b, v):
+    """Tile rows per block: about BLOCK_ELEMENTS transformed input elements, MIN_TILES tiles
+    at least."""
+    return max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
+
+
 def pools_in_tiles(h, w, v):
     """Whether conv3x3 can take an h x w map's 2x2/2 maxima inside its output tiles: whole
     tiles of an even side."""
@@ -155,28 +161,20 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     else:
         ym = None  # only the maxima are stored
-    step = max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (alpha * alpha * c * cols * b))
+    step = block_step(c, cols, b, v)
     blocks = row_ranges(rows, min(step, rows), threads)
     if run is None:
         def run(tasks):
             for task in tasks:
                 task()
     store = store_through(finish)
-    sh, sw, sb, sc = padded.strides
-    # tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col): a view, made once
-    tiles = as_strided(padded, (alpha, alpha, rows, cols, b, c),
-                       (sh, sw, tile * sh, tile * sw, sb, sc), writeable=False)
-
-    def gather(row0, row1):
-        # the block's tiles, in one copy; C order, so that the reshapes below are views
-        return np.array(tiles[:, :, row0:row1], order="C")
+    tiles = tile_view(padded, v)  # a view, made once
 
     if len(blocks) < threads:
         if ym is None:  # (one block of a small map: pooled from y afterwards)
             ym = np.empty((h, w, b, f), x.dtype)
         for row0, row1 in blocks:
-            _shared_block(gather(row0, row1), filters, v, ym, row0 * tile, run, threads, biases,
-                          store)
+            _shared_block(padded, row0, row1, filters, v, ym, run, threads, biases, store)
         if pooled is not None:  # (the maxima over the window's rows, then its columns)
             cells = ym.reshape(h // 2, 2, w // 2, 2, b, f)
             row_max = np.maximum(cells[:, 0], cells[:, 1])
@@ -187,26 +185,9 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
 
     def block_(row0, row1):
         n = row1 - row0
-        d = gather(row0, row1)
-        points = n * cols * b * c
-        # V = B^T d B: over i (one product), then over j (a product per i)
-        t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
-        u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
-        m = np.matmul(u, filters)  # (alpha^2, tiles, F)
-        if biases is not None:
-            m[v.bias_point] += biases
-        # Y = A^T M A, likewise
-        t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
-        out = np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, f)
+        out = block_tiles(tiles, filters, v, biases, row0, row1)
         if pooled is not None:
-            # out[2p + di, 2q + dj] is cell (di, dj) of the tiles' 2x2 window (p, q): the
-            # maxima over di, then dj, then the activation (it commutes with max), stored
-            half = tile // 2
-            cells = out.reshape(half, 2, half, 2, n, cols, b, f)
-            row_max = np.maximum(cells[:, 0], cells[:, 1])
-            maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
-            tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
-            store(tiled, reshaped_view(pooled[row0 * half:row1 * half], tiled.shape))
+            store_pooled_tiles(out, store, pooled, row0)
             if ym is None:
                 return
         top, bottom = row0 * tile, min((row0 + n) * tile, h)
@@ -222,6 +203,55 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     return None if ym is None else ym.transpose(2, 3, 0, 1)
 
 
+def tile_view(padded, v):
+    """tiles[i, j, row, col, b, c] = cell (i, j) of tile (row, col) of a padded (H, W, B, C)
+    input (tiles v.tile apart): a strided view (numpy's as_strided is Python code: made once
+    per convolution, not per block)."""
+    rows, cols = (padded.shape[0] - 2) // v.tile, (padded.shape[1] - 2) // v.tile
+    sh, sw, sb, sc = padded.strides
+    return as_strided(padded, (v.alpha, v.alpha, rows, cols) + padded.shape[2:],
+                      (sh, sw, v.tile * sh, v.tile * sw, sb, sc), writeable=False)
+
+
+def gather(tiles, row0, row1):
+    """The tiles of tile rows [row0, row1), in one copy; C order, so that the transforms'
+    reshapes are views."""
+    return np.array(tiles[:, :, row0:row1], order="C")
+
+
+def block_tiles(tiles, filters, v, biases, row0, row1):
+    """The output tiles (tile, tile, rows, cols, B, F) of tile rows [row0, row1) before the
+    activation: gather, V = B^T d B, M[k] = V[k] @ U[k] (biases added at v.bias_point),
+    Y = A^T M A."""
+    alpha, tile = v.alpha, v.tile
+    d = gather(tiles, row0, row1)
+    n, cols, b, c = d.shape[2:]
+    points = n * cols * b * c
+    # V = B^T d B: over i (one product), then over j (a product per i)
+    t = np.matmul(v.b_t, d.reshape(alpha, alpha * points)).reshape(alpha, alpha, points)
+    u = np.matmul(v.b_t, t).reshape(alpha * alpha, n * cols * b, c)
+    m = np.matmul(u, filters)  # (alpha^2, tiles, F)
+    if biases is not None:
+        m[v.bias_point] += biases
+    # Y = A^T M A, likewise
+    t = np.matmul(v.a_t, m.reshape(alpha, -1)).reshape(tile, alpha, -1)
+    return np.matmul(v.a_t, t).reshape(tile, tile, n, cols, b, filters.shape[2])
+
+
+def store_pooled_tiles(out, store, pooled, row0):
+    """The 2x2/2 maxima of output tiles out (tile, tile, rows, cols, B, F) of tile rows from
+    row0, activated and stored by store(src, dst) into pooled (H/2, W/2, B, F): out[2p + di,
+    2q + dj] is cell (di, dj) of the tiles' window (p, q): the maxima over di, then dj, then
+    the activation (it commutes with max)."""
+    tile, _, n, cols, b, f = out.shape
+    half = tile // 2
+    cells = out.reshape(half, 2, half, 2, n, cols, b, f)
+    row_max = np.maximum(cells[:, 0], cells[:, 1])
+    maxima = np.maximum(row_max[:, :, 0], row_max[:, :, 1])
+    tiled = maxima.transpose(2, 0, 3, 1, 4, 5)  # (row, p, col, q, b, f)
+    store(tiled, reshaped_view(pooled[row0 * half:(row0 + n) * half], tiled.shape))
+
+
 def store_through(finish):
     """store(src, dst): dst = finish(src), or a plain copy without `finish`."""
     if finish is None:
@@ -229,23 +259,46 @@ def store_through(finish):
     return finish
 
 
-def _shared_block(d, filters, v, ym, top, run, threads, biases, store):
-    """One block of tiles d (alpha, alpha, rows, cols, B, C) on several threads, in two steps.
-    First each thread takes some rows i of the input transform (V's points i*alpha + j: its
-    share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each takes some rows i of
-    the output transform (y's rows tile*row + i). Sharing the points rather than the filters
-    leaves no work done twice: split by filters, every thread gathered and transformed the
-    whole block (about a fifth of a 26x26 layer on two threads)."""
-    alpha, _, n, cols, b, c = d.shape
-    tile, f = v.tile, filters.shape[2]
-    points = n * cols * b * c
-    m = np.empty((alpha * alpha, n * cols * b, f), d.dtype)
+def _shared_block(padded, row0, row1, filters, v, ym, run, threads, biases, store):
+    """Tile rows [row0, row1) of the padded input (H, W, B, C) as one block on several threads,
+    in two steps. First each thread takes some rows i of the input transform (V's points
+    i*alpha + j: its share of B^T d B, then of the products M[k] = V[k] @ U[k]); then each
+    takes some rows i of the output transform (y's rows tile*row + i). Sharing the points
+    rather than the filters leaves no work done twice: split by filters, every thread
+    gathered and transformed the whole block (about a fifth of a 26x26 layer on two threads).
+    The tiles are never gathered: each thread's B^T over the tiles' rows reads the padded
+    rows in place (each tile row's alpha rows are one strided matrix), and B^T over their
+    columns reads that product's windows in place (a copy of the block's overlapping tiles
+    on the calling thread alone was a tenth of a 26x26 layer on two threads)."""
+    alpha, tile = v.alpha, v.tile
+    n, cols, b, c = row1 - row0, (padded.shape[1] - 2) // tile, padded.shape[2], padded.shape[3]
+    f = filters.shape[2]
+    top = row0 * tile
+    row_length = padded.shape[1] * b * c
+    item = padded.itemsize
+    # rows[r, k] = padded row tile*(row0 + r) + k: the alpha input rows of tile row r, a view
+    rows = as_strided(padded[top:], (n, alpha, row_length),
+                      (tile * padded.strides[0], padded.strides[0], item), writeable=False)
+    m = np.empty((alpha * alpha, n * cols * b, f), padded.dtype)
 
     def points_(i0, i1):
-        t = np.matmul(v.b_t[i0:i1], d.reshape(alpha, alpha * points)).reshape(i1 - i0, alpha,
-                                                                               points)
-        u = np.matmul(v.b_t, t).reshape((i1 - i0) * alpha, n * cols * b, c)
-        np.matmul(u, filters[i0 * alpha:i1 * alpha], out=m[i0 * alpha:i1 * alpha])
+        k = i1 - i0
+        t = np.matmul(v.b_t[i0:i1], rows)  # (n, k, W, B, C) in memory: B^T over tile rows
+        tr, ti = t.strides[:2]
+        # windows[i, r, s, q] = t's column tile*s + q of tile row r (B*C values), a view
+        windows = as_strided(t, (k, n, cols, alpha, b * c),
+                             (ti, tr, tile * b * c * item, b * c * item, item), writeable=False)
+        # (i, r, s, j, B*C): V's point (i0 + i, j) of tile (r, s); C order asked for (numpy
+        # would lay the batch axes out as the windows' strides are)
+        u = np.matmul(v.b_t, windows, out=np.empty((k, n, cols, alpha, b * c), t.dtype))
+        # the products, over V's point axes (i, j) and the batch, each (r*s tiles, C) @ (C, F)
+        # read in place (row stride alpha*B*C) into m's rows (tile (r, s, b), F)
+        u = reshaped_view(u.reshape(k, n, cols, alpha, b, c).transpose(0, 3, 4, 1, 2, 5),
+                          (k, alpha, b, n * cols, c))
+        out = m[i0 * alpha:i1 * alpha].reshape(k, alpha, n, cols, b, f).transpose(0, 1, 4, 2, 3,
+                                                                                 5)
+        np.matmul(u, filters[i0 * alpha:i1 * alpha].reshape(k, alpha, 1, c, f),
+                  out=reshaped_view(out, (k, alpha, b, n * cols, f)))
         if biases is not None and i0 * alpha <= v.bias_point < i1 * alpha:
             m[v.bias_point] += biases
 

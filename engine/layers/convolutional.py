@@ -210,6 +210,15 @@ class ConvolutionalLayer(LinearUnit):
             pool.pooled_hw, out, start, keep, dilation=self.dilation)
         return pooled, self.output
 
+    def pooled_stage(self, pool):
+        """This convolution and the [maxpool] `pool` that alone reads it as one stage of
+        ops.conv_bias_maxpool_chain (forward_pooled's arguments): a predict-only chain, which
+        keeps neither layer's output."""
+        p = self.params
+        return (p["weights"], p["biases"], self.activation, self.conv_stride,
+                self.padding * self.dilation, self.groups, pool.size, pool.stride, pool.pad,
+                pool.pooled_hw, self.dilation)
+
     def backward(self, ops, delta, need_dx):
         if self.blur is not None:
             delta = self.blur.backward(ops, delta)
