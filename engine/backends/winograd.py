@@ -153,7 +153,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     contiguous panel per point, 10% faster per network than U[k] @ V[k] over (C, tiles)
     (yolov3-tiny, yolov4-tiny, one thread)."""
     b, c, h, w = x.shape
-    tile, alpha = v.tile, v.alpha
+    tile = v.tile
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.zeros((rows * tile + 2, cols * tile + 2, b, c), x.dtype)  # channels innermost
     padded[1:1 + h, 1:1 + w] = x.transpose(2, 3, 0, 1)  # a plain copy if x is channels-last
