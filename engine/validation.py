@@ -42,8 +42,12 @@ def detector_results(net, list_path, classes, batch_size=16):
         pending = pool.map(lambda chunk: [_load(p, width, height, letter_box) for p in chunk],
                            batches)
         for chunk, loaded in zip(batches, pending):
-            images = np.stack([image for image, _ in loaded])
-            outputs = net.predict(images, batch_size=len(images), layers=heads)
+            # Eager (predict would record an inference graph beside training's, and check its
+            # memory); the heads come back once per batch, checked finite.
+            net.forward(net.ops.asarray(np.stack([image for image, _ in loaded])), train=False)
+            outputs, finite = net.ops.output_reader([net.outputs[i] for i in heads]).values()
+            if not finite:
+                net.raise_non_finite()
             for b, path in enumerate(chunk):
                 # Resized: boxes are relative to the image as they are (the letterbox
                 # correction for an image of the network's size is none).

@@ -241,6 +241,23 @@ def test_engine_map_end_to_end(small_set, capsys):
     assert float(match.group(2)) == pytest.approx(report.coco_map, abs=6e-5)
 
 
+def test_map_refuses_outputs_that_are_not_finite(small_set):
+    """Damaged weights (a NaN bias before a head): detector_results names the layer instead of
+    scoring NaN boxes."""
+    from engine import validation
+    from engine.data import DataConfig
+    from engine.errors import NumericalError
+    from engine.network import Network
+
+    net = Network(small_set["cfg"], quiet=True)
+    net.load_weights(small_set["weights"])
+    before = net.layers[net.detection_layers[0].index - 1]
+    before.params["biases"][...] = np.nan
+    data = DataConfig(small_set["data"])
+    with pytest.raises(NumericalError, match=f"layer {before.index} "):
+        validation.detector_results(net, data.values["valid"], 10)
+
+
 def test_engine_test_on_a_detector_points_to_map(small_set, capsys):
     code = cli.main(["test", small_set["cfg"], small_set["weights"], "--data", small_set["data"],
                      "--cpu"])
