@@ -74,6 +74,13 @@ F4_MIN_SIDE = 20
 # 3.3 -> 2.7 ms, 52 -> 21 context switches per call; no layer slower, one thread the same)
 BLOCK_ELEMENTS = 1 << 17
 MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
+# A small map (one block of MIN_TILES) whose transformed filters are at most this many elements
+# (6 MiB) is split into one block of tile rows per thread rather than shared out by transform
+# points (_shared_block): each thread then reads all the filters, which costs less than the
+# second hand-off and the strided products of the shared block while they are this small
+# (two threads: 128 -> 128 at 26x26 0.80 -> 0.59 ms, 128 -> 256 at 13x13 0.69 -> 0.47;
+# 1.77M elements level or 4% slower, 2.36M 5-10% slower; README, "Ninth round")
+ROW_BLOCK_FILTER_ELEMENTS = 3 << 19
 
 
 def fits(x_shape, w_shape, stride, padding, groups, dilation):
@@ -137,7 +144,8 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
-    threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
+    threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), a block per
+    thread where the filters are small (ROW_BLOCK_FILTER_ELEMENTS), else each block is
     shared out by transform points instead (_shared_block). `biases` (F,), if given, are added
     to every output and finish(src, dst), if given, stores each block of output tiles into y
     through an activation (dst = act(src), one pass while the block is in cache; without it,
@@ -163,6 +171,8 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         ym = None  # only the maxima are stored
     step = block_step(c, cols, b, v)
     blocks = row_ranges(rows, min(step, rows), threads)
+    if len(blocks) < threads <= rows and filters.size <= ROW_BLOCK_FILTER_ELEMENTS:
+        blocks = row_ranges(rows, -(-rows // threads), threads)  # a block per thread
     if run is None:
         def run(tasks):
             for task in tasks:
