@@ -112,13 +112,42 @@ def test_small_filters_on_small_maps_take_a_block_of_rows_per_thread(
     expected = direct_conv(x, w, 1) + biases.reshape(1, -1, 1, 1)
     assert relative_error(y, expected) < 2e-5
     calls.clear()
-    np.testing.assert_allclose(y, conv(1), rtol=0, atol=1e-5)  # one thread: one block
-    assert calls == [1]
+    np.testing.assert_allclose(y, conv(1), rtol=0, atol=1e-5)  # one thread: one step
+    assert len(calls) == 1
     # filters one element over the limit: the block shared out by points (two steps)
     monkeypatch.setattr(winograd, "ROW_BLOCK_FILTER_ELEMENTS", u.size - 1)
     calls.clear()
     np.testing.assert_allclose(y, conv(threads), rtol=0, atol=1e-5)
     assert len(calls) == 2
+
+
+# maps cut into blocks of tile rows: small transformed filters (which stay in the L3 cache) take
+# blocks of SMALL_FILTERS_MIN_TILES tiles at least, large ones MIN_TILES
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels, filters, side, tiles", [
+    (128, 64, 52, 26), (256, 32, 52, 26), (64, 32, 50, 26), (256, 256, 40, 64)])
+def test_small_filters_take_smaller_blocks(monkeypatch, threads, channels, filters, side, tiles):
+    rng = np.random.default_rng(side + filters)
+    x = rng.standard_normal((1, channels, side, side)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    v = winograd.variant(side, side)
+    u = winograd.transform_filters(w, v)
+    cols = -(-side // v.tile)
+    step = winograd.block_step(channels, cols, 1, v, u.size)
+    assert step == max(-(-tiles // cols), winograd.BLOCK_ELEMENTS // (36 * channels * cols))
+    calls = []
+
+    def run(tasks):
+        calls.append(len(tasks))
+        for task in tasks:
+            task()
+    y = winograd.conv3x3(x, u, filters, v, run, threads)
+    assert calls == [len(winograd.row_ranges(cols, step, threads))]
+    assert relative_error(y, direct_conv(x, w, 1)) < 2e-5
+    # the blocks of MIN_TILES tiles: the same sums (each tile's own products)
+    monkeypatch.setattr(winograd, "SMALL_FILTERS_MIN_TILES", winograd.MIN_TILES)
+    np.testing.assert_allclose(y, winograd.conv3x3(x, u, filters, v, run, threads), rtol=0,
+                               atol=1e-6)
 
 
 def test_winograd_is_used_only_where_it_fits():
@@ -279,9 +308,10 @@ def test_own_threads_compute_what_one_thread_does(monkeypatch):
 @pytest.mark.parametrize("cfg, shared", [("yolov3-tiny.cfg", (5, 4)), ("yolov4-tiny.cfg", (6, 4))])
 def test_a_network_s_small_maps_give_the_same_outputs_in_blocks_of_rows(monkeypatch, threads,
                                                                          cfg, shared):
-    """Every layer's output of the tiny YOLOs with small maps' small filters in a block of tile
-    rows per thread (the default) and shared out by points as before, on 1 and 2 threads (one
-    thread takes neither: one block)."""
+    """Every layer's output of the tiny YOLOs with small filters in smaller blocks and, on small
+    maps, in a block of tile rows per thread (the default), and without either
+    (ROW_BLOCK_FILTER_ELEMENTS 0: MIN_TILES, small maps shared out by points), on 1 and 2
+    threads (one thread shares nothing out)."""
     monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
     net = Network(os.path.join(CFG, cfg), quiet=True).fold_batchnorm()
     net.ops = NumpyBackend()

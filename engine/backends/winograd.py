@@ -74,6 +74,11 @@ F4_MIN_SIDE = 20
 # 3.3 -> 2.7 ms, 52 -> 21 context switches per call; no layer slower, one thread the same)
 BLOCK_ELEMENTS = 1 << 17
 MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
+# ... where the transformed filters are at most ROW_BLOCK_FILTER_ELEMENTS: they stay in the L3
+# cache from block to block, and smaller blocks keep their transformed input and products in
+# L2 (two threads: 128 -> 256 at 52x52 4.1 -> 3.2 ms, 256 -> 128 4.5 -> 3.5; larger filters,
+# 256 -> 512 at 52x52, 15.4 -> 17.4 with 39 tiles: those keep MIN_TILES)
+SMALL_FILTERS_MIN_TILES = 26
 # A small map (one block of MIN_TILES) whose transformed filters are at most this many elements
 # (6 MiB) is split into one block of tile rows per thread rather than shared out by transform
 # points (_shared_block): each thread then reads all the filters, which costs less than the
@@ -124,10 +129,13 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
-def block_step(c, cols, b, v):
+def block_step(c, cols, b, v, filter_elements=None):
     """Tile rows per block: about BLOCK_ELEMENTS transformed input elements, MIN_TILES tiles
-    at least."""
-    return max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
+    at least (SMALL_FILTERS_MIN_TILES for transformed filters of `filter_elements` at most
+    ROW_BLOCK_FILTER_ELEMENTS)."""
+    small = filter_elements is not None and filter_elements <= ROW_BLOCK_FILTER_ELEMENTS
+    least = SMALL_FILTERS_MIN_TILES if small else MIN_TILES
+    return max(-(-least // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
 
 
 def pools_in_tiles(h, w, v):
@@ -169,7 +177,7 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     else:
         ym = None  # only the maxima are stored
-    step = block_step(c, cols, b, v)
+    step = block_step(c, cols, b, v, filters.size)
     blocks = row_ranges(rows, min(step, rows), threads)
     if len(blocks) < threads <= rows and filters.size <= ROW_BLOCK_FILTER_ELEMENTS:
         blocks = row_ranges(rows, -(-rows // threads), threads)  # a block per thread
