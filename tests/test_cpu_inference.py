@@ -124,9 +124,9 @@ def test_small_filters_on_small_maps_take_a_block_of_rows_per_thread(
 # maps cut into blocks of tile rows: small transformed filters (which stay in the L3 cache) take
 # blocks of SMALL_FILTERS_MIN_TILES tiles at least, large ones MIN_TILES
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("channels, filters, side, tiles", [
-    (128, 64, 52, 26), (256, 32, 52, 26), (64, 32, 50, 26), (256, 256, 40, 64)])
-def test_small_filters_take_smaller_blocks(monkeypatch, threads, channels, filters, side, tiles):
+@pytest.mark.parametrize("channels, filters, side, small", [
+    (128, 64, 52, True), (256, 32, 52, True), (64, 32, 50, True), (256, 256, 40, False)])
+def test_small_filters_take_smaller_blocks(monkeypatch, threads, channels, filters, side, small):
     rng = np.random.default_rng(side + filters)
     x = rng.standard_normal((1, channels, side, side)).astype(np.float32)
     w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
@@ -134,7 +134,11 @@ def test_small_filters_take_smaller_blocks(monkeypatch, threads, channels, filte
     u = winograd.transform_filters(w, v)
     cols = -(-side // v.tile)
     step = winograd.block_step(channels, cols, 1, v, u.size)
+    assert (u.size <= winograd.ROW_BLOCK_FILTER_ELEMENTS) == small
+    tiles = winograd.SMALL_FILTERS_MIN_TILES if small else winograd.MIN_TILES
     assert step == max(-(-tiles // cols), winograd.BLOCK_ELEMENTS // (36 * channels * cols))
+    assert small == (step < max(-(-winograd.MIN_TILES // cols),
+                                winograd.BLOCK_ELEMENTS // (36 * channels * cols)))
     calls = []
 
     def run(tasks):

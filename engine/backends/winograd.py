@@ -76,9 +76,10 @@ BLOCK_ELEMENTS = 1 << 17
 MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
 # ... where the transformed filters are at most ROW_BLOCK_FILTER_ELEMENTS: they stay in the L3
 # cache from block to block, and smaller blocks keep their transformed input and products in
-# L2 (two threads: 128 -> 256 at 52x52 4.1 -> 3.2 ms, 256 -> 128 4.5 -> 3.5; larger filters,
-# 256 -> 512 at 52x52, 15.4 -> 17.4 with 39 tiles: those keep MIN_TILES)
-SMALL_FILTERS_MIN_TILES = 26
+# L2 (two threads: 128 -> 256 at 52x52 4.5 -> 3.3 ms, 256 -> 128 4.7 -> 3.8 with 13 tiles;
+# 26 tiles about the same, networks 0.5-1% slower; larger filters, 256 -> 512 at 52x52,
+# 15.4 -> 17.4 ms with 39 tiles, 25 with 13: those keep MIN_TILES)
+SMALL_FILTERS_MIN_TILES = 13
 # A small map (one block of MIN_TILES) whose transformed filters are at most this many elements
 # (6 MiB) is split into one block of tile rows per thread rather than shared out by transform
 # points (_shared_block): each thread then reads all the filters, which costs less than the
