@@ -56,13 +56,16 @@ def test_winograd_matches_the_direct_sum(batch, channels, filters, height, width
     assert relative_error(ops.conv_forward(x, w, 1, 1, 1, train=True), expected) < 2e-6
 
 
-# one block of tiles shared out by transform points on several threads (small maps): tiles that
-# hang over the map's edge (13x13 in F(2x2), 26x26 in F(4x4)), whole tiles, batches, 3 threads
+# one block of tiles shared out by transform points on several threads (small maps whose
+# filters are too large for a block per thread): tiles that hang over the map's edge (13x13 in
+# F(2x2), 26x26 in F(4x4)), whole tiles, batches, 3 threads
 @pytest.mark.parametrize("batch, channels, filters, height, width, threads, tasks", [
     (1, 32, 24, 13, 13, 2, [2, 2]), (1, 16, 40, 26, 26, 2, [2, 2]), (2, 24, 8, 24, 20, 2, [2, 2]),
     (1, 16, 8, 11, 7, 3, [2, 2]), (1, 16, 8, 20, 20, 3, [3, 2])])
-def test_winograd_shared_out_by_points_matches_the_direct_sum(batch, channels, filters, height,
-                                                               width, threads, tasks):
+def test_winograd_shared_out_by_points_matches_the_direct_sum(monkeypatch, batch, channels,
+                                                               filters, height, width, threads,
+                                                               tasks):
+    monkeypatch.setattr(winograd, "ROW_BLOCK_FILTER_ELEMENTS", 0)
     rng = np.random.default_rng(height * width + filters)
     x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
     w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
@@ -79,6 +82,76 @@ def test_winograd_shared_out_by_points_matches_the_direct_sum(batch, channels, f
     assert relative_error(y, direct_conv(x, w, 1)) < 2e-5
     np.testing.assert_allclose(y, winograd.conv3x3(x, winograd.transform_filters(w, v), filters,
                                                    v), rtol=0, atol=1e-6)
+
+
+# a small map whose transformed filters are small takes one block of tile rows per thread (one
+# hand-off) instead of the shared block: the same cases, and a layer's worth of channels
+@pytest.mark.parametrize("batch, channels, filters, height, width, threads", [
+    (1, 32, 24, 13, 13, 2), (1, 16, 40, 26, 26, 2), (2, 24, 8, 24, 20, 2), (1, 16, 8, 11, 7, 3),
+    (1, 16, 8, 20, 20, 3), (1, 128, 128, 26, 26, 2), (1, 128, 256, 13, 13, 2)])
+def test_small_filters_on_small_maps_take_a_block_of_rows_per_thread(
+        monkeypatch, batch, channels, filters, height, width, threads):
+    rng = np.random.default_rng(height * width + filters)
+    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    biases = rng.standard_normal(filters).astype(np.float32)
+    v = winograd.variant(height, width)
+    u = winograd.transform_filters(w, v)
+    assert u.size <= winograd.ROW_BLOCK_FILTER_ELEMENTS
+    calls = []
+
+    def run(tasks):  # one after the other, counting the steps
+        calls.append(len(tasks))
+        for task in tasks:
+            task()
+
+    def conv(threads):
+        return winograd.conv3x3(x, u, filters, v, run, threads, biases)
+    y = conv(threads)
+    assert calls == [threads]  # one step: a block of tile rows per thread
+    expected = direct_conv(x, w, 1) + biases.reshape(1, -1, 1, 1)
+    assert relative_error(y, expected) < 2e-5
+    calls.clear()
+    np.testing.assert_allclose(y, conv(1), rtol=0, atol=1e-5)  # one thread: one step
+    assert len(calls) == 1
+    # filters one element over the limit: the block shared out by points (two steps)
+    monkeypatch.setattr(winograd, "ROW_BLOCK_FILTER_ELEMENTS", u.size - 1)
+    calls.clear()
+    np.testing.assert_allclose(y, conv(threads), rtol=0, atol=1e-5)
+    assert len(calls) == 2
+
+
+# maps cut into blocks of tile rows: small transformed filters (which stay in the L3 cache) take
+# blocks of SMALL_FILTERS_MIN_TILES tiles at least, large ones MIN_TILES
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels, filters, side, small", [
+    (128, 64, 52, True), (256, 32, 52, True), (64, 32, 50, True), (256, 256, 40, False)])
+def test_small_filters_take_smaller_blocks(monkeypatch, threads, channels, filters, side, small):
+    rng = np.random.default_rng(side + filters)
+    x = rng.standard_normal((1, channels, side, side)).astype(np.float32)
+    w = (rng.standard_normal((filters, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+    v = winograd.variant(side, side)
+    u = winograd.transform_filters(w, v)
+    cols = -(-side // v.tile)
+    step = winograd.block_step(channels, cols, 1, v, u.size)
+    assert (u.size <= winograd.ROW_BLOCK_FILTER_ELEMENTS) == small
+    tiles = winograd.SMALL_FILTERS_MIN_TILES if small else winograd.MIN_TILES
+    assert step == max(-(-tiles // cols), winograd.BLOCK_ELEMENTS // (36 * channels * cols))
+    assert small == (step < max(-(-winograd.MIN_TILES // cols),
+                                winograd.BLOCK_ELEMENTS // (36 * channels * cols)))
+    calls = []
+
+    def run(tasks):
+        calls.append(len(tasks))
+        for task in tasks:
+            task()
+    y = winograd.conv3x3(x, u, filters, v, run, threads)
+    assert calls == [len(winograd.row_ranges(cols, step, threads))]
+    assert relative_error(y, direct_conv(x, w, 1)) < 2e-5
+    # the blocks of MIN_TILES tiles: the same sums (each tile's own products)
+    monkeypatch.setattr(winograd, "SMALL_FILTERS_MIN_TILES", winograd.MIN_TILES)
+    np.testing.assert_allclose(y, winograd.conv3x3(x, u, filters, v, run, threads), rtol=0,
+                               atol=1e-6)
 
 
 def test_winograd_is_used_only_where_it_fits():
@@ -233,6 +306,42 @@ def test_own_threads_compute_what_one_thread_does(monkeypatch):
     net.ops = threaded
     # the same sums, blocked differently (filters shared out): float rounding apart
     assert relative_error(net.predict(x), one) < 1e-5
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("cfg, shared", [("yolov3-tiny.cfg", (5, 4)), ("yolov4-tiny.cfg", (6, 4))])
+def test_a_network_s_small_maps_give_the_same_outputs_in_blocks_of_rows(monkeypatch, threads,
+                                                                         cfg, shared):
+    """Every layer's output of the tiny YOLOs with small filters in smaller blocks and, on small
+    maps, in a block of tile rows per thread (the default), and without either
+    (ROW_BLOCK_FILTER_ELEMENTS 0: MIN_TILES, small maps shared out by points), on 1 and 2
+    threads (one thread shares nothing out)."""
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, threads)
+    net = Network(os.path.join(CFG, cfg), quiet=True).fold_batchnorm()
+    net.ops = NumpyBackend()
+    x = np.random.default_rng(8).random((1, 3, 416, 416), dtype=np.float32)
+    shared_blocks = []
+    shared_block = winograd._shared_block
+
+    def counted(*args):
+        shared_blocks.append(1)
+        return shared_block(*args)
+    monkeypatch.setattr(winograd, "_shared_block", counted)
+    outputs = {}
+    for limit in (winograd.ROW_BLOCK_FILTER_ELEMENTS, 0):
+        monkeypatch.setattr(winograd, "ROW_BLOCK_FILTER_ELEMENTS", limit)
+        shared_blocks.clear()
+        net.predict(x)
+        outputs[limit] = ([np.array(o) for o in net.outputs], len(shared_blocks))
+    (rows, shared_rows), (points, shared_points) = outputs.values()
+    # the small maps' 3x3 layers shared out by points: all of them before, only those with
+    # large filters now (yolov3-tiny's 128 -> 256 at 26x26 and yolov4-tiny's two 128 -> 128
+    # at 26x26 take blocks of rows)
+    assert (shared_points, shared_rows) == (shared if threads == "2" else (0, 0))
+    assert [a.shape for a in rows] == [b.shape for b in points]
+    for a, b in zip(rows, points):  # (None, shape (), for the convolutions' pooled away)
+        if a.shape:
+            assert relative_error(a, b) < 1e-6
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])

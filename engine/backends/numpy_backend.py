@@ -609,7 +609,7 @@ class NumpyBackend(Operations):
                 tiles = winograd.tile_view(source, v)
                 filters = self._winograd_filters(weights, v)
                 unit = v.tile  # rows per unit: a row of tiles
-                per_unit = winograd.block_step(c, w // v.tile, b, v)
+                per_unit = winograd.block_step(c, w // v.tile, b, v, filters.size)
 
                 def block_(r0, r1, tiles=tiles, filters=filters, v=v, biases=biases,
                            store=store, target=target):

@@ -74,6 +74,19 @@ F4_MIN_SIDE = 20
 # 3.3 -> 2.7 ms, 52 -> 21 context switches per call; no layer slower, one thread the same)
 BLOCK_ELEMENTS = 1 << 17
 MIN_TILES = 64  # tiles per block at least, so that each block's products amortise the filters
+# ... where the transformed filters are at most ROW_BLOCK_FILTER_ELEMENTS: they stay in the L3
+# cache from block to block, and smaller blocks keep their transformed input and products in
+# L2 (two threads: 128 -> 256 at 52x52 4.5 -> 3.3 ms, 256 -> 128 4.7 -> 3.8 with 13 tiles;
+# 26 tiles about the same, networks 0.5-1% slower; larger filters, 256 -> 512 at 52x52,
+# 15.4 -> 17.4 ms with 39 tiles, 25 with 13: those keep MIN_TILES)
+SMALL_FILTERS_MIN_TILES = 13
+# A small map (one block of MIN_TILES) whose transformed filters are at most this many elements
+# (6 MiB) is split into one block of tile rows per thread rather than shared out by transform
+# points (_shared_block): each thread then reads all the filters, which costs less than the
+# second hand-off and the strided products of the shared block while they are this small
+# (two threads: 128 -> 128 at 26x26 0.80 -> 0.59 ms, 128 -> 256 at 13x13 0.69 -> 0.47;
+# 1.77M elements level or 4% slower, 2.36M 5-10% slower; README, "Ninth round")
+ROW_BLOCK_FILTER_ELEMENTS = 3 << 19
 
 
 def fits(x_shape, w_shape, stride, padding, groups, dilation):
@@ -117,10 +130,13 @@ def reshaped_view(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
-def block_step(c, cols, b, v):
+def block_step(c, cols, b, v, filter_elements=None):
     """Tile rows per block: about BLOCK_ELEMENTS transformed input elements, MIN_TILES tiles
-    at least."""
-    return max(-(-MIN_TILES // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
+    at least (SMALL_FILTERS_MIN_TILES for transformed filters of `filter_elements` at most
+    ROW_BLOCK_FILTER_ELEMENTS)."""
+    small = filter_elements is not None and filter_elements <= ROW_BLOCK_FILTER_ELEMENTS
+    least = SMALL_FILTERS_MIN_TILES if small else MIN_TILES
+    return max(-(-least // (cols * b)), BLOCK_ELEMENTS // (v.alpha * v.alpha * c * cols * b))
 
 
 def pools_in_tiles(h, w, v):
@@ -137,7 +153,8 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
     tiles' own order, so that they are stored as runs of filters and the
     next convolution reads runs of channels (about 10% of a layer). Block by block of tile
     rows so the transformed input stays in cache; `run` calls the blocks' tasks (on `threads`
-    threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), each block is
+    threads). With fewer blocks than threads (13x13 and 26x26 maps: one block), a block per
+    thread where the filters are small (ROW_BLOCK_FILTER_ELEMENTS), else each block is
     shared out by transform points instead (_shared_block). `biases` (F,), if given, are added
     to every output and finish(src, dst), if given, stores each block of output tiles into y
     through an activation (dst = act(src), one pass while the block is in cache; without it,
@@ -161,8 +178,10 @@ def conv3x3(x, filters, f, v, run=None, threads=1, biases=None, finish=None, int
         ym = np.empty((h, w, b, f), x.dtype) if into is None else into  # (a view: y's storage)
     else:
         ym = None  # only the maxima are stored
-    step = block_step(c, cols, b, v)
+    step = block_step(c, cols, b, v, filters.size)
     blocks = row_ranges(rows, min(step, rows), threads)
+    if len(blocks) < threads <= rows and filters.size <= ROW_BLOCK_FILTER_ELEMENTS:
+        blocks = row_ranges(rows, -(-rows // threads), threads)  # a block per thread
     if run is None:
         def run(tasks):
             for task in tasks:
