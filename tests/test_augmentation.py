@@ -165,6 +165,18 @@ def scenes(tmp_path_factory):
     return str(folder / "mnist-detect.data")
 
 
+def first_batches(dataset, sampler, count, workers):
+    """The first `count` training batches of `dataset` drawn by `sampler`, made in this process
+    (workers 0) or by `workers` worker processes."""
+    if not workers:
+        return [dataset.training_batch(sampler.next()) for _ in range(count)]
+    batches = dataset.batches(sampler, workers=workers)
+    try:
+        return [next(batches) for _ in range(count)]
+    finally:
+        batches.close()
+
+
 def test_jobs_split_into_consecutive_parts():
     assert in_pieces(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert in_pieces(list(range(2)), 4) == [[0], [1]]
@@ -176,17 +188,11 @@ def test_workers_resize_the_batches_the_trainer_would_make(scenes, tmp_path):
     net = Network(_cfg(tmp_path), quiet=True)
     dataset = DataConfig(scenes).detection_dataset("train", net.input_shape, 90)
 
-    def first_batches(workers):
-        sampler = BatchSampler(len(dataset), 5, np.random.default_rng(0))
-        if workers == 0:
-            return [dataset.training_batch(sampler.next()) for _ in range(3)]
-        batches = dataset.batches(sampler, workers=workers)
-        try:
-            return [next(batches) for _ in range(3)]
-        finally:
-            batches.close()
+    def first(workers):
+        return first_batches(dataset, BatchSampler(len(dataset), 5, np.random.default_rng(0)), 3,
+                             workers)
 
-    for (a, ta), (b, tb) in zip(first_batches(0), first_batches(3)):
+    for (a, ta), (b, tb) in zip(first(0), first(3)):
         assert a.shape[0] == 5
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ta, tb)
@@ -199,20 +205,14 @@ def test_workers_give_the_batches_the_trainer_would_make(scenes, tmp_path):
     data = DataConfig(scenes)
     augmentation = DetectionAugmentation(jitter=0.2, flip=True, exposure=1.5, mixup=True)
 
-    def first_batches(workers, seed):
+    def first(workers, seed):
         dataset = data.detection_dataset("train", net.input_shape, 90)
         dataset.augment(augmentation, seed)
-        sampler = BatchSampler(len(dataset), 4, np.random.default_rng(0))
-        if workers == 0:
-            return [dataset.training_batch(sampler.next()) for _ in range(4)]
-        batches = dataset.batches(sampler, workers=workers)
-        try:
-            return [next(batches) for _ in range(4)]
-        finally:
-            batches.close()
+        return first_batches(dataset, BatchSampler(len(dataset), 4, np.random.default_rng(0)), 4,
+                             workers)
 
     # three workers: each batch's images (8 when blended) in uneven parts
-    inline, pooled, other = first_batches(0, 5), first_batches(3, 5), first_batches(0, 6)
+    inline, pooled, other = first(0, 5), first(3, 5), first(0, 6)
     for (a, ta), (b, tb) in zip(inline, pooled):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ta, tb)
@@ -406,14 +406,7 @@ def test_classifier_batches_from_workers_equal_in_process(tmp_path):
     def first(workers):
         dataset = Dataset(images, np.arange(10) % 3, 3, "x")
         dataset.augment(augmentation, 4)
-        sampler = BatchSampler(10, 4, np.random.default_rng(1))
-        if not workers:
-            return [dataset.training_batch(sampler.next()) for _ in range(3)]
-        batches = dataset.batches(sampler, workers=workers)
-        try:
-            return [next(batches) for _ in range(3)]
-        finally:
-            batches.close()
+        return first_batches(dataset, BatchSampler(10, 4, np.random.default_rng(1)), 3, workers)
 
     for (a, ta), (b, tb) in zip(first(0), first(2)):
         np.testing.assert_array_equal(a, b)
