@@ -159,9 +159,10 @@ class RecordedInference:
     """Inference replayed from a recording (CUDA graphs) on backends that can record: a batch
     size's first forward runs eagerly (it makes the convolution plans), its second is recorded,
     later ones copy the images into the recording's input buffer and replay it, which removes
-    the host's per-operation cost that dominates small batches. The recording ends with the
-    outputs that predict returns (the output layer's and the detection layers') on their way to
-    the host (ops.output_reader), so a replay needs no other call to deliver them. A recording
+    the host's per-operation cost that dominates small batches. The outputs that predict returns
+    (the output layer's and the detection layers') start on their way to the host inside the
+    recording (ops.output_reader), each as soon as its layer has made it, so a replay needs no
+    other call to deliver them and an early head's copy overlaps the later layers. A recording
     reads the parameter arrays it was made with; when they are replaced (weights loaded, BN
     folded) it is made anew."""
 
@@ -188,9 +189,12 @@ class RecordedInference:
         if entry is None:
             buffer = ops.asarray(images)
 
-            def forward():
-                net.forward(buffer, train=False)
-                return ops.output_reader([net.outputs[i] for i in self.read])
+            def forward():  # each output on its way to the host as soon as it is made
+                readers = {}
+                net.forward(buffer, train=False, deliver={
+                    i: lambda y, i=i: readers.__setitem__(i, ops.output_reader([y]))
+                    for i in self.read})
+                return _Joined([readers[i] for i in self.read])
             try:
                 recording = ops.capture(forward)
             except EngineError:
@@ -205,6 +209,21 @@ class RecordedInference:
         if all(i in self.read for i in wanted):
             return _Picked(entry[1].result, [self.read.index(i) for i in wanted])
         return ops.output_reader([net.outputs[i] for i in wanted])  # after the replay's
+
+
+class _Joined:
+    """Several output_readers read as one: their outputs in order, finite if all are."""
+
+    def __init__(self, readers):
+        self.readers = readers
+
+    def values(self):
+        outputs, finite = [], True
+        for reader in self.readers:  # (each waits for its own copies only)
+            values, ok = reader.values()
+            outputs += values
+            finite = finite and ok
+        return outputs, finite
 
 
 class _Picked:
@@ -366,16 +385,21 @@ class Network:
             self.checked_batches.add((batch, train))
 
     # ---- computation --------------------------------------------------------------------------
-    def forward(self, x, train=False):
+    def forward(self, x, train=False, deliver=None):
         """x: backend array (batch, C, H, W). Returns the output layer's output; every layer's
         output is in self.outputs, except, in predict's forwards, those that the pooling plan
-        skips (None there)."""
+        skips (None there). deliver: {layer index: callable(output)}, each called as soon as
+        that layer's output is made (a recorded inference starts its outputs' copies to the
+        host there, beside the later layers)."""
+        deliver = deliver or {}
         if not train and self.ops.computes_into_concatenations:
-            return self._forward_inference(x, pooling=self._predicting)
+            return self._forward_inference(x, pooling=self._predicting, deliver=deliver)
         ops, outputs = self.ops, []
         for layer in self.layers:
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0], train))
+            if layer.index in deliver:
+                deliver[layer.index](outputs[-1])
         self.outputs = outputs
         return outputs[self.output_layer.index]
 
@@ -489,11 +513,12 @@ class Network:
             self._chained = chains
         return chains
 
-    def _forward_inference(self, x, pooling=False):
+    def _forward_inference(self, x, pooling=False, deliver=None):
         """forward(train=False), with the concatenation plan (a planned convolution allocates
         its route's output if no earlier part did and computes into its channels) and, if
         `pooling`, the pooling plan (planned convolutions compute their [maxpool]'s output,
         the first allocating it; a route they pool for is skipped: None in `outputs`)."""
+        deliver = deliver or {}
         ops, outputs, batch = self.ops, [], int(x.shape[0])
         plan = self._concatenation_plan(pooling)
         pools = self._pooling_plan() if pooling else {}
@@ -503,22 +528,20 @@ class Network:
         chains = self._chains() if pooling else {}
         chained = {}  # index -> the output of a layer of a chain being run (None but the last)
         for layer in self.layers:
-            if layer.index in chained:
-                outputs.append(chained.pop(layer.index))
-                continue
             inputs = [x if j < 0 else outputs[j] for j in layer.input_indices]
             chain = chains.get(layer.index)
-            if chain is not None:
+            where = plan.get(layer.index)
+            planned_pool = pools.get(layer.index)
+            if layer.index in chained:
+                outputs.append(chained.pop(layer.index))
+            elif chain is not None:
                 last = chain[-1][1]
                 y = ops.conv_bias_maxpool_chain(inputs[0], [conv.pooled_stage(pool)
                                                             for conv, pool in chain])
                 chained = dict.fromkeys(range(layer.index + 1, last.index))
                 chained[last.index] = last.forward_given(batch, y)
                 outputs.append(None)
-                continue
-            where = plan.get(layer.index)
-            planned_pool = pools.get(layer.index)
-            if planned_pool is not None:
+            elif planned_pool is not None:
                 pool, at, keep = planned_pool
                 out = pooled.get(pool.index)
                 if out is None and pool.input_indices != [layer.index]:  # (a route's first)
@@ -543,6 +566,8 @@ class Network:
             else:
                 outputs.append(layer.forward(ops, inputs if layer.multi_input else inputs[0],
                                              False))
+            if layer.index in deliver:
+                deliver[layer.index](outputs[-1])
         self.outputs = outputs
         return outputs[self.output_layer.index]
 

@@ -17,6 +17,7 @@ from engine.layers.upsample import upsample
 from engine.network import Network
 
 YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
+YOLOV4_TINY = os.path.join(CFG, "yolov4-tiny.cfg")
 
 
 def direct_conv(x, w, padding):
@@ -533,6 +534,26 @@ def test_predict_returns_the_layers_asked_for():
     np.testing.assert_array_equal(net.predict(x, batch_size=3), last.reshape(3, -1))
     with pytest.raises(ValueError, match="layers 0-23"):
         net.predict(x, layers=[24])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_delivers_each_output_when_it_is_made(train):
+    """forward(deliver={index: callback}) hands each such layer's output over as soon as the
+    layer has made it (a recorded inference starts the copy to the host there): the array
+    forward keeps, with its final values already (no later layer writes into it), once, in
+    layer order; inference forwards with concatenations planned into routes included."""
+    net = Network(YOLOV4_TINY, quiet=True)
+    if not train:
+        net.fold_batchnorm()
+    x = np.random.default_rng(6).random((1, 3, 416, 416), dtype=np.float32)
+    wanted = [2, 7, 30, 35, 37]  # a route's input, a route, a head, an upsample, a head
+    seen = []
+    net.forward(x, train=train, deliver={
+        i: lambda y, i=i: seen.append((i, y, np.array(y))) for i in wanted})
+    assert [i for i, _, _ in seen] == wanted
+    for i, y, values in seen:
+        assert y is net.outputs[i]
+        np.testing.assert_array_equal(values, net.outputs[i], err_msg=f"layer {i}")
 
 
 def test_a_network_s_routes_are_pooled_by_their_convolutions():

@@ -111,13 +111,26 @@ class FakeArray:
 
 
 class FakeStream:
-    handle = 77
+    handles = iter(range(78, 1 << 20))
 
-    def __init__(self):
+    def __init__(self, handle=None):
+        self.handle = next(FakeStream.handles) if handle is None else handle
         self.synchronized = 0
+        self.waited = []  # the events this stream was made to wait for
 
     def synchronize(self):
         self.synchronized += 1
+
+    def wait_for_event(self, event):
+        self.waited.append(event)
+
+
+class FakeEvent:
+    def __init__(self):
+        self.recorded_on = None
+
+    def record(self, stream):
+        self.recorded_on = stream
 
 
 class FakeCuda:
@@ -125,6 +138,7 @@ class FakeCuda:
         self.copies = []  # (device address, values) of memcpy_htod_async
 
     pagelocked_empty = staticmethod(np.empty)
+    Stream, Event = FakeStream, FakeEvent
 
     def memcpy_htod_async(self, address, values, stream):
         self.copies.append((address, np.array(values)))
@@ -138,7 +152,7 @@ class FakeCuda:
 
 class FakeDevice:
     def __init__(self):
-        self.cuda, self.stream, self.keep_alive = FakeCuda(), FakeStream(), None
+        self.cuda, self.stream, self.keep_alive = FakeCuda(), FakeStream(77), None
         self.index, self.name = 0, "fake"
 
     def memory_free(self):
@@ -262,6 +276,10 @@ def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     step.replay(0.25)
     assert driver.launched == 2
     (_, first), (_, second) = ops.cuda.copies[-2:]
+    # a recording whose outputs are copied on the copy stream joins it before it ends
+    heads = [FakeArray((1, 6, 2, 2))]
+    ops.capture(lambda: ops.output_reader(heads))
+    assert ops.stream.waited[-1].recorded_on is ops._copy_stream and not ops._copies_forked
     assert first[0] == np.float32(0.5).view(np.uint32)
     assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
 
@@ -288,9 +306,10 @@ def test_host_reader_waits_for_its_point_only(fake_gpu, monkeypatch):
 
 def test_recorded_output_reader_copies_outputs_and_their_flag(fake_gpu, monkeypatch):
     """While recording, output_reader zeroes one flag, checks every output into it, copies the
-    outputs and the flag into page-locked memory and records an external event after them;
-    values() waits for that event alone and returns fresh float32 arrays and the flag's
-    verdict."""
+    outputs and the flag into page-locked memory on the copy stream, forked from the main stream
+    after the checks, and records an external event there after them; values() waits for that
+    event alone and returns fresh float32 arrays and the flag's verdict. The main stream waits
+    for the copy stream before the recording ends."""
     driver = FakeDriver()
     monkeypatch.setattr(cuda_graph, "cuda_driver", lambda: driver)
     ops, launches = fake_gpu, fake_gpu.kernels.launches
@@ -299,7 +318,15 @@ def test_recorded_output_reader_copies_outputs_and_their_flag(fake_gpu, monkeypa
     with ops.recording():
         reader = ops.output_reader(heads)
     assert [name for name, _ in launches[-2:]] == ["nonfinite_kernel"] * 2
-    assert reader.copied.event[2] == ("record", ("stream", 77), 1)  # CU_EVENT_RECORD_EXTERNAL
+    copies = ops._copy_stream
+    assert copies is not ops.stream and len(copies.waited) == 1
+    assert copies.waited[0].recorded_on is ops.stream  # forked after the checks
+    assert reader.copied.event[2] == ("record", ("stream", copies.handle), 1)  # EXTERNAL
+    with ops.recording():
+        ops.output_reader(heads[:1])  # a second reader forks again, from the same stream
+        assert len(copies.waited) == 2 and ops._copy_stream is copies
+        ops._join_recorded_copies()
+    assert ops.stream.waited[-1].recorded_on is copies and not ops._copies_forked
     reader.flag[...] = 0
     outputs, finite = reader.values()
     assert reader.copied.event[-1] == "synchronize" and ops.stream.synchronized == synchronized

@@ -251,6 +251,11 @@ class CudaBackend(Operations):
         self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
         self._side_stream = None  # set_'s early copies
+        # A recording's output copies run on a stream forked from the main one, so that the
+        # copy of an output made early overlaps the later layers (output_reader); the fork
+        # joins the main stream before the recording ends (_join_recorded_copies).
+        self._copy_stream = None
+        self._copies_forked = []  # this recording's fork and join events
         self._upload_stage = None  # set_'s (page-locked buffer, event after its last upload)
         self._spare_reads = {}  # (shape, dtype) -> [(page-locked buffer, event)] for to_host_async
         self.cuda = self.device.cuda
@@ -1022,7 +1027,8 @@ class CudaBackend(Operations):
     def output_reader(self, arrays):
         """Eagerly: to_host's arrays and all_finite's check, now. While recording: the outputs
         in float32, one finiteness flag for all of them and their copies into page-locked host
-        buffers become part of the recording (graph.OutputReader)."""
+        buffers become part of the recording (graph.OutputReader), the copies on the copy
+        stream, beside whatever the recording does after this point."""
         if not self._recording:
             return OutputsNow([self.to_host(a) for a in arrays],
                               all(self.all_finite(a) for a in arrays))
@@ -1035,7 +1041,26 @@ class CudaBackend(Operations):
         for a in arrays:
             self.kernels.launch("nonfinite_kernel", a.size, a.ptr, flag.ptr, a.size,
                                 dtype=a.dtype)
-        return OutputReader(self, floats, flag)
+        return OutputReader(self, floats, flag, self._fork_copy_stream())
+
+    def _fork_copy_stream(self):
+        """The recording's copy stream, after the main stream's work so far."""
+        if self._copy_stream is None:
+            self._copy_stream = self.cuda.Stream()
+        fork = self.cuda.Event()
+        fork.record(self.stream)
+        self._copy_stream.wait_for_event(fork)
+        self._copies_forked.append(fork)
+        return self._copy_stream
+
+    def _join_recorded_copies(self):
+        """The main stream waits for the copies output_reader forked while recording (a
+        capture must end with every forked stream joined); graph.CapturedStep calls it."""
+        if self._copies_forked:
+            join = self.cuda.Event()
+            join.record(self._copy_stream)
+            self.stream.wait_for_event(join)
+            self._copies_forked = []
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,

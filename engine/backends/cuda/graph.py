@@ -39,6 +39,7 @@ class CapturedStep:
             try:
                 self.result = step()
             finally:
+                backend._join_recorded_copies()
                 graph = _check(driver, driver.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
         self.graph = graph
         self.executable = _check(driver, driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
@@ -56,15 +57,15 @@ class CapturedStep:
 
 
 class _ExternalEvent:
-    """An event recorded at this point of the backend's stream (in a recording: an external
-    event node, CU_EVENT_RECORD_EXTERNAL, that each replay records), which wait() waits for, not
-    for the rest of the stream's work."""
+    """An event recorded at this point of the backend's stream, or of `stream` (in a recording:
+    an external event node, CU_EVENT_RECORD_EXTERNAL, that each replay records), which wait()
+    waits for, not for the rest of the stream's work."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, stream=None):
         self.driver = driver = cuda_driver()
         self.event = _check(driver, driver.cuEventCreate(
             int(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
-        stream = driver.CUstream(backend.stream.handle)
+        stream = driver.CUstream((stream or backend.stream).handle)
         if backend._recording:  # (the external flag is valid only while capturing)
             _check(driver, driver.cuEventRecordWithFlags(
                 self.event, stream, int(driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL)),
@@ -99,19 +100,19 @@ class HostReader:
 
 class OutputReader:
     """CudaBackend.output_reader while recording: float32 outputs and their finiteness flag
-    (an int, 0 when every value is finite) copied into page-locked host buffers at this point of
-    each replay; values() waits for those copies and returns fresh arrays (the buffers are the
-    next replay's)."""
+    (an int, 0 when every value is finite) copied into page-locked host buffers on `stream` (the
+    backend's copy stream, forked from its main stream at this point of each replay); values()
+    waits for those copies and returns fresh arrays (the buffers are the next replay's)."""
 
-    def __init__(self, backend, arrays, flag):
-        cuda, stream = backend.cuda, backend.stream
+    def __init__(self, backend, arrays, flag, stream):
+        cuda = backend.cuda
         self.hosts = [cuda.pagelocked_empty(tuple(a.shape), np.float32) for a in arrays]
         for host, array in zip(self.hosts, arrays):
             if array.size:
                 cuda.memcpy_dtoh_async(host, array.ptr, stream)
         self.flag = cuda.pagelocked_empty((1,), np.int32)
         cuda.memcpy_dtoh_async(self.flag, flag.ptr, stream)
-        self.copied = _ExternalEvent(backend)
+        self.copied = _ExternalEvent(backend, stream)
 
     def values(self):
         self.copied.wait()
