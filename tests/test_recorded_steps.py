@@ -139,6 +139,7 @@ class FakeCuda:
 
     pagelocked_empty = staticmethod(np.empty)
     Stream, Event = FakeStream, FakeEvent
+    Error = RuntimeError
 
     def memcpy_htod_async(self, address, values, stream):
         self.copies.append((address, np.array(values)))
@@ -280,6 +281,14 @@ def test_captured_step_uses_the_recording_interface(fake_gpu, monkeypatch):
     heads = [FakeArray((1, 6, 2, 2))]
     ops.capture(lambda: ops.output_reader(heads))
     assert ops.stream.waited[-1].recorded_on is ops._copy_stream and not ops._copies_forked
+
+    def broken(event, stream):  # a capture already invalidated: the driver refuses the join
+        raise RuntimeError("capture invalidated")
+    monkeypatch.setattr(FakeEvent, "record", broken, raising=False)
+    with ops.recording():
+        ops._copies_forked.append("a fork")
+        ops._join_recorded_copies()  # leaves the failure to the end of the capture
+    assert not ops._copies_forked  # and nothing stale for the next recording
     assert first[0] == np.float32(0.5).view(np.uint32)
     assert [first[1], second[1]] == [(11 * 0x9E3779B1 + n) & 0xFFFFFFFF for n in (1, 2)]
 

@@ -1056,11 +1056,14 @@ class CudaBackend(Operations):
     def _join_recorded_copies(self):
         """The main stream waits for the copies output_reader forked while recording (a
         capture must end with every forked stream joined); graph.CapturedStep calls it."""
-        if self._copies_forked:
+        forked, self._copies_forked = self._copies_forked, []
+        if forked:
             join = self.cuda.Event()
-            join.record(self._copy_stream)
-            self.stream.wait_for_event(join)
-            self._copies_forked = []
+            try:
+                join.record(self._copy_stream)
+                self.stream.wait_for_event(join)
+            except self.cuda.Error:
+                pass  # a capture already broken: ending it reports the failure
 
     # ---- optimisation -------------------------------------------------------------------------
     def sgd_update(self, param, gradient, velocity, learning_rate, momentum, decay, batch,
