@@ -28,12 +28,24 @@
 #define ACT_GELU 18
 #define ACT_REVLEAKY 19
 
-// AlexeyAB's softplus_activate(x, MISH_THRESHOLD).
-__device__ __forceinline__ float softplus_mish(float x)
+// mish(x) = x tanh(softplus(x)), softplus as AlexeyAB's softplus_activate(x, MISH_THRESHOLD):
+// above the threshold it is x, and tanh(x) is 1 in float, so mish is x and its gradient 1.
+// Below, with w = e^x, tanh(log(1 + w)) = n / (n + 2) where n = w (w + 2), and the gradient
+// tanh(sp) + x sech^2(sp) sigmoid(x) = n / (n + 2) + 4 x w (1 + w) / (n + 2)^2: one exponential
+// instead of exp, log1p and tanh (training batch norm recomputes mish's gradient in both of its
+// backward passes, which that arithmetic bound). n stays finite up to the threshold (e^40).
+__device__ __forceinline__ float mish(float x)
 {
     if (x > MISH_THRESHOLD) return x;
-    if (x < -MISH_THRESHOLD) return expf(x);
-    return log1pf(expf(x));
+    float w = expf(x), n = w * (w + 2.f);
+    return x * n / (n + 2.f);
+}
+
+__device__ __forceinline__ float mish_gradient(float x)
+{
+    if (x > MISH_THRESHOLD) return 1.f;
+    float w = expf(x), n = w * (w + 2.f), d = 1.f / (n + 2.f);
+    return n * d + 4.f * x * w * (1.f + w) * d * d;
 }
 
 __device__ __forceinline__ float gelu_inner(float x) { return GELU_LINEAR * x + GELU_CUBIC * x * x * x; }
@@ -64,7 +76,7 @@ __device__ __forceinline__ float activate(float x, int act)
         if (x < 0.f) return LHTAN_SLOPE * x;
         if (x > 1.f) return LHTAN_SLOPE * (x - 1.f) + 1.f;
         return x;
-    case ACT_MISH: return x * tanhf(softplus_mish(x));
+    case ACT_MISH: return mish(x);
     case ACT_SWISH: return x / (1.f + expf(-x));
     case ACT_HARD_MISH:
         if (x > 0.f) return x;
@@ -110,10 +122,7 @@ __device__ __forceinline__ bool gradient_needs_input(int act)
 __device__ __forceinline__ float gradient_from_input(float x, int act)
 {
     switch (act) {
-    case ACT_MISH: {
-        float sp = softplus_mish(x), tsp = tanhf(sp);
-        return x * (1.f - tsp * tsp) * (1.f - expf(-sp)) + tsp;
-    }
+    case ACT_MISH: return mish_gradient(x);
     case ACT_SWISH: {
         float sigmoid = 1.f / (1.f + expf(-x)), y = x * sigmoid;
         return y + sigmoid * (1.f - y);
