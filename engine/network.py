@@ -195,6 +195,9 @@ class RecordedInference:
                     i: lambda y, i=i: readers.__setitem__(i, ops.output_reader([y]))
                     for i in self.read})
                 return _Joined([readers[i] for i in self.read])
+            # The eager pass's outputs go back to the pool as the recorded layers replace
+            # theirs (each layer keeps its last output), so the recording can reuse them.
+            net.outputs = None
             try:
                 recording = ops.capture(forward)
             except EngineError:
