@@ -11,7 +11,7 @@ import pytest
 
 from engine import cli
 from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
-                                 distort, in_pieces, load_augmented, transform_boxes)
+                                 distort, draw, in_pieces, load_augmented, transform_boxes)
 from engine.data import DataConfig
 from engine.errors import ConfigError
 from engine.network import Network
@@ -113,6 +113,94 @@ def test_hue_saturation_exposure_against_colorsys():
     _, rows = augment(img, row, augmentation, ImageDraw((0.5,) * 4, False, 0.2, 1.5, 0.7), NET, NET)
     np.testing.assert_allclose(rows, row, atol=1e-6)
 
+
+
+# distort as it was written before it was done in blocks (Darknet's formulas with np.where,
+# whole images, 15 ms at 416x416): the reference that distort must equal bit for bit.
+def reference_rgb_to_hsv(image):
+    r, g, b = image
+    high, low = image.max(axis=0), image.min(axis=0)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1)
+    hue = np.where(r == high, (g - b) / safe, np.where(g == high, 2 + (b - r) / safe,
+                                                        4 + (r - g) / safe))
+    hue = np.where(hue < 0, hue + 6, hue) / 6
+    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1), 0)
+    hue = np.where((high > 0) & (delta > 0), hue, 0)
+    return np.stack([hue, saturation, high])
+
+
+def reference_hsv_to_rgb(image):
+    h, s, v = image
+    h = 6 * h
+    index = np.floor(h)
+    f = h - index
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v)]
+    rgb = [v, p, q]  # index 5 (and above)
+    for sector in reversed(range(5)):
+        rgb = [np.where(index == sector, sectors[sector][c], rgb[c]) for c in range(3)]
+    return np.where(s == 0, v, np.stack(rgb))
+
+
+def reference_distort(image, hue, saturation, exposure):
+    hsv = reference_rgb_to_hsv(image.astype(np.float32))
+    hsv[1] *= saturation
+    hsv[2] *= exposure
+    shifted = hsv[0] + hue
+    hsv[0] = np.where(shifted > 1, shifted - 1, np.where(shifted < 0, shifted + 1, shifted))
+    return np.clip(reference_hsv_to_rgb(hsv), 0, 1).astype(np.float32)
+
+
+def _edge_pixels():
+    """(3, n) pixels at the formulas' edges: every triple of the levels below (grey where all
+    three are equal, black, white, ties for the highest channel, the pure colours at the six
+    sector borders), and pixels one float32 step either side of each border hue."""
+    levels = np.array([0, 1e-7, 0.2, 0.5, 0.5 + 2 ** -24, 0.8, 1 - 2 ** -24, 1], np.float32)
+    triples = np.stack(np.meshgrid(levels, levels, levels, indexing="ij")).reshape(3, -1)
+    near = []
+    for high, mid, low in ((0, 1, 2), (1, 0, 2), (1, 2, 0), (2, 1, 0), (2, 0, 1), (0, 2, 1)):
+        for step in (-1, 1):
+            pixel = np.zeros(3, np.float32)
+            pixel[high], pixel[low] = 0.9, 0.1
+            pixel[mid] = np.nextafter(np.float32(0.9 if step < 0 else 0.1),
+                                      np.float32(0.5), dtype=np.float32)
+            near.append(pixel)
+    return np.concatenate([triples, np.stack(near, 1)], 1)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    differ = a.view(np.uint32) != b.view(np.uint32)
+    assert not differ.any(), f"{differ.sum()} values differ, first at {np.argwhere(differ)[0]}"
+
+
+def test_distort_equals_the_np_where_formulas_at_the_edges():
+    """Each hue sector and its borders, grey (s = 0) and black (v = 0) pixels, hue shifts that
+    wrap past 0 and 1 (0.5 takes cyan to exactly 1, Darknet's sector 6), saturation and
+    exposure that push RGB out of [0, 1]: the same float32 bits as the reference."""
+    pixels = _edge_pixels()[:, :, None]
+    for hue in (0.0, 0.1, -0.1, 1 / 6, -1 / 6, 0.5, -0.5, 0.99, -0.99):
+        for saturation in (0.0, 1 / 3, 1.0, 1.5, 3.0):
+            for exposure in (0.5, 1.0, 3.0):
+                _same_bits(distort(pixels, hue, saturation, exposure),
+                           reference_distort(pixels, hue, saturation, exposure))
+
+
+@pytest.mark.parametrize("shape", [(3, 416, 416), (3, 480, 640), (3, 37, 53)])
+def test_distort_equals_the_np_where_formulas_on_random_images(shape):
+    """Random images (640x480 spans several of distort's blocks, the last one partial), with
+    Darknet's draws, a mirrored view (as augment passes it) and float64 input."""
+    rng = np.random.default_rng(shape[1])
+    image = rng.random(shape, dtype=np.float32)
+    image[:, :5] = image[0, :5]  # grey rows
+    augmentation = DetectionAugmentation(hue=0.5, saturation=1.5, exposure=1.5)
+    for _ in range(3):
+        choice = draw(augmentation, rng)
+        args = choice.hue, choice.saturation, choice.exposure
+        _same_bits(distort(image, *args), reference_distort(image, *args))
+    _same_bits(distort(image[:, :, ::-1], *args), reference_distort(image[:, :, ::-1], *args))
+    _same_bits(distort(image.astype(np.float64), *args), reference_distort(image, *args))
 
 # ---- cfg keys, worker processes, engine train -----------------------------------------------
 DETECTOR = """
