@@ -546,3 +546,26 @@ def test_undecodable_image_in_a_worker_is_one_line(scenes, tmp_path, capsys, jit
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "bad.png: cannot decode image" in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    """One fewer than the cores of the process's CPU affinity (not the machine's count), at
+    least 1, at most MAX_WORKERS; os.cpu_count() where there is no affinity call."""
+    import engine.augmentation as augmentation
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    for cores, expected in ((1, 1), (2, 1), (16, 15), (33, 32), (128, 32)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert augmentation.default_workers() == expected
+    assert augmentation.MAX_WORKERS == 32
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    for cores, expected in ((None, 1), (4, 3), (128, 32)):
+        monkeypatch.setattr(os, "cpu_count", lambda n=cores: n)
+        assert augmentation.default_workers() == expected
+    # prefetched without `workers` takes default_workers' count (0 here: in this process)
+    monkeypatch.setattr(augmentation, "default_workers", lambda: 0)
+    jobs = iter(range(3))
+    made = augmentation.prefetched(lambda: (next(jobs), None), lambda job: (job, os.getpid()),
+                                   lambda work, _: work)
+    assert next(made) == (0, os.getpid())
