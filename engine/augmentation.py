@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .images import read_rgb, resize_bilinear
+from .shared_batches import worker_array
 
 
 @dataclass(frozen=True)
@@ -269,9 +270,29 @@ def load_augmented(job):
     return augment(read_rgb(path), boxes, augmentation, draw(augmentation, rng), net_w, net_h)
 
 
-def load_augmented_batch(jobs):
-    """Worker entry point: a batch's load_augmented jobs -> their results."""
-    return [load_augmented(job) for job in jobs]
+def load_augmented_part(part):
+    """Worker entry point: (block name or None, first, jobs) -> each job's load_augmented
+    (image, rows), in order. With a block (engine.shared_batches) each image is written into
+    it, as image first, first + 1, ... of the batch, and its shape comes back in its place."""
+    name, first, jobs = part
+    results = []
+    for i, job in enumerate(jobs):
+        image, rows = load_augmented(job)
+        if name is not None:
+            worker_array(name, first + i, (1,) + image.shape)[0] = image
+            image = image.shape
+        results.append((image, rows))
+    return results
+
+
+def placed_pieces(items, pieces, name):
+    """in_pieces(items, pieces) as (name, index of the piece's first item, piece): where each
+    worker's part of a batch goes in the batch's shared-memory block `name`."""
+    parts, first = [], 0
+    for piece in in_pieces(items, pieces):
+        parts.append((name, first, piece))
+        first += len(piece)
+    return parts
 
 
 def truth_rows(per_image, max_boxes):
@@ -488,14 +509,22 @@ def default_workers():
     return min(MAX_WORKERS, max(1, cores - 1))
 
 
-def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=None):
+def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=None,
+               block_bytes=None):
     """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
     running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
     wait on decoding and augmenting. With `split`, every worker takes a part of each job:
     split(job, workers) gives the parts, join(their work, in order) stands for work(job) (a
-    batch of 64 images at 416 takes one worker about 2 s to augment). Results come in order, so
+    batch of 64 images at 416 takes one worker about 1 s to augment). Results come in order, so
     they do not depend on which worker made them. A worker that dies ends training with an
-    error instead of a hang."""
+    error instead of a hang.
+
+    With `block_bytes` (and `split`), each job in the pool gets a shared-memory block of
+    block_bytes(job) bytes (engine.shared_batches): the parts are split(job, workers, name),
+    for the workers to write their arrays into the block `name`, and the trainer's part is
+    finish(join(values), plan, block), which must copy what it keeps out of the block. In this
+    process, or when /dev/shm lacks the room, name and block are None and the arrays come back
+    as values."""
     import multiprocessing
     import os
     import sys
@@ -504,6 +533,7 @@ def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=N
     from concurrent.futures.process import BrokenProcessPool
 
     from .errors import DataError
+    from .shared_batches import BatchBlocks
 
     workers = workers if workers is not None else default_workers()
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -512,27 +542,45 @@ def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=N
         # import: prepare each batch in this process when it is needed.
         while True:
             job, plan = next_job()
-            yield finish(work(job), plan)
+            if block_bytes:
+                yield finish(join([work(part) for part in split(job, 1, None)]), plan, None)
+            else:
+                yield finish(work(job), plan)
     if split is None:
         workers = min(workers, ahead)  # whole jobs, `ahead` at a time: more would idle
-    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
-        pending = deque()  # ([futures of a job's parts], plan)
-        try:
-            while True:
-                while len(pending) < ahead:
-                    job, plan = next_job()
-                    parts = split(job, workers) if split else [job]
-                    pending.append(([pool.submit(work, part) for part in parts], plan))
-                results, plan = pending.popleft()
-                try:
-                    values = [result.result() for result in results]
-                except BrokenProcessPool:
-                    raise DataError("a data-loading worker process stopped unexpectedly (out of "
-                                    "memory?)") from None
-                yield finish(join(values) if split else values[0], plan)
-        finally:
-            for results, _ in pending:
-                for future in results:
-                    future.cancel()
+    blocks = BatchBlocks(ahead) if block_bytes else None
+    try:
+        # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
+            pending = deque()  # ([futures of a job's parts], plan, its block)
+            try:
+                while True:
+                    try:  # submit too raises BrokenProcessPool, once a worker has died
+                        while len(pending) < ahead:
+                            job, plan = next_job()
+                            block = blocks.take(block_bytes(job)) if blocks else None
+                            if blocks:
+                                parts = split(job, workers, block.name if block else None)
+                            else:
+                                parts = split(job, workers) if split else [job]
+                            pending.append(([pool.submit(work, part) for part in parts], plan,
+                                            block))
+                        results, plan, block = pending.popleft()
+                        values = [result.result() for result in results]
+                    except BrokenProcessPool:
+                        raise DataError("a data-loading worker process stopped unexpectedly (out "
+                                        "of memory, or of /dev/shm?)") from None
+                    if not blocks:
+                        yield finish(join(values) if split else values[0], plan)
+                        continue
+                    batch = finish(join(values), plan, block)
+                    blocks.give_back(block)
+                    yield batch
+            finally:
+                for results, _, _ in pending:
+                    for future in results:
+                        future.cancel()
+    finally:
+        if blocks:  # after the pool: no worker writes into a block any more
+            blocks.close()
