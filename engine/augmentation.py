@@ -9,8 +9,8 @@ Keys (Darknet's defaults): [net] `flip` (1), `hue` (0), `saturation` (1), `expos
 
 - jitter: the image (ow x oh) is cropped by pleft, pright, ptop, pbot pixels, each drawn
   uniformly in [-jitter*ow, jitter*ow] (heights alike) and truncated to an integer; a negative
-  amount widens the crop, whose outside repeats the border pixels (crop_image clamps); the crop
-  is then resized to the network input with Darknet's resize_image. With letter_box the crop is
+  amount widens the crop, whose outside repeats the border pixels (Darknet's crop_image clamps);
+  the crop is then resized to the network input with Darknet's resize_image. With letter_box the crop is
   widened (or heightened) to keep the image's aspect ratio in the network's.
 - flip: mirrored left-right half of the time.
 - hue, saturation, exposure: in Darknet's HSV, hue shifted by U(-hue, hue) (wrapping), S and V
@@ -107,15 +107,6 @@ def crop_amounts(augmentation, choice, ow, oh, net_w, net_h):
             delta = (oh * net_ratio - ow) / 2
             pleft, pright = int(pleft - delta), int(pright - delta)
     return pleft, pright, ptop, pbot
-
-
-def crop_image(image, left, top, width, height):
-    """Darknet's crop_image: a width x height window at (left, top); outside, the border
-    pixels repeat."""
-    _, h, w = image.shape
-    rows = np.clip(np.arange(top, top + height), 0, h - 1)
-    cols = np.clip(np.arange(left, left + width), 0, w - 1)
-    return image[:, rows][:, :, cols]
 
 
 def distort(image, hue, saturation, exposure):
@@ -253,7 +244,7 @@ def augment(image, boxes, augmentation, choice, net_w, net_h):
     pleft, pright, ptop, pbot = crop_amounts(augmentation, choice, ow, oh, net_w, net_h)
     swidth, sheight = ow - pleft - pright, oh - ptop - pbot
     sx, sy = swidth / ow, sheight / oh
-    sized = resize_bilinear(crop_image(image, pleft, ptop, swidth, sheight), net_w, net_h)
+    sized = resize_bilinear(image, net_w, net_h, window=(pleft, ptop, swidth, sheight))
     if choice.flip:
         sized = sized[:, :, ::-1]
     if choice.hue or choice.saturation != 1 or choice.exposure != 1:

@@ -14,6 +14,7 @@ from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop
                                  distort, draw, in_pieces, load_augmented, transform_boxes)
 from engine.data import DataConfig
 from engine.errors import ConfigError
+from engine.images import resize_bilinear
 from engine.network import Network
 from engine.train import BatchSampler
 
@@ -201,6 +202,45 @@ def test_distort_equals_the_np_where_formulas_on_random_images(shape):
         _same_bits(distort(image, *args), reference_distort(image, *args))
     _same_bits(distort(image[:, :, ::-1], *args), reference_distort(image[:, :, ::-1], *args))
     _same_bits(distort(image.astype(np.float64), *args), reference_distort(image, *args))
+
+
+# Darknet's crop_image, then resize_image as it was written before it took a window (fancy
+# indexing, the horizontal pass over every row): the reference for resize_bilinear's window.
+def reference_crop(image, left, top, width, height):
+    _, h, w = image.shape
+    rows = np.clip(np.arange(top, top + height), 0, h - 1)
+    cols = np.clip(np.arange(left, left + width), 0, w - 1)
+    return image[:, rows][:, :, cols]
+
+
+def reference_resize(image, width, height):
+    def sample(size_in, size_out):
+        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
+        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
+        low = np.minimum(position.astype(np.int64), size_in - 1)
+        frac = (position - low).astype(np.float32)
+        return low, np.minimum(low + 1, size_in - 1), frac
+
+    c, h, w = image.shape
+    left, right, fx = sample(w, width)
+    left[-1], fx[-1] = w - 1, 0
+    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
+    top, bottom, fy = sample(h, height)
+    upper, lower = (1 - fy)[:, None], fy[:, None]
+    lower[-1] = 0
+    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(416, 416), (1, 1), (2, 3), (700, 500)])
+def test_resize_of_a_window_equals_crop_then_resize(size):
+    """Windows inside the image, around it (the border repeated), across one corner, on its
+    last pixel and of one pixel; shrinking and enlarging: the same float32 bits."""
+    image = np.random.default_rng(1).random((3, 48, 64), dtype=np.float32)
+    for window in ((0, 0, 64, 48), (-10, -5, 80, 60), (5, 4, 50, 40), (-3, 6, 70, 30),
+                   (60, 47, 10, 5), (-5, -5, 1, 1), (63, 47, 2, 2)):
+        _same_bits(resize_bilinear(image, *size, window=window),
+                   reference_resize(reference_crop(image, *window), *size))
+    _same_bits(resize_bilinear(image, *size), reference_resize(image, *size))
 
 # ---- cfg keys, worker processes, engine train -----------------------------------------------
 DETECTOR = """
