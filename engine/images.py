@@ -16,15 +16,17 @@ def read_rgb(path):
 
     try:
         check_regular_file(path, "image", DataError)
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+        with Image.open(path) as image:  # decoded here, so decoding errors are caught
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected an image file") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from None
-    return pixels.transpose(2, 0, 1).copy()
+    # float32(byte) / 255 in one pass that also puts the channels first
+    pixels = np.empty((3,) + rgb.shape[:2], np.float32)
+    return np.divide(rgb.transpose(2, 0, 1), np.float32(255), out=pixels)
 
 
 def resize_bilinear(image, width, height, window=None):
