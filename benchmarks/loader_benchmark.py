@@ -9,7 +9,8 @@ temporary folder (detection_benchmark.write_darknet_dataset). The augmentation i
 cfg's (cfg/yolov4-tiny.cfg: jitter from its last [yolo], flip, hue, saturation, exposure). For each
 worker count (0: in the trainer's process) it prints images per second over --batches batches,
 after three of warm-up (the pool starting, the shared-memory blocks first written), and the
-trainer's own CPU time per batch. Compare with the training throughput of
+trainer's own CPU time per batch; before the table, one image's time in this process
+(decoding, and decoding with the augmentation). Compare with the training throughput of
 benchmarks/detection_benchmark.py: a loader slower than the GPU's step is what `engine train`
 runs at. Workers write their images into shared memory (engine.shared_batches); --pipe sends
 them through the pipe instead (pickled), as a full /dev/shm would, to compare the two.
@@ -28,8 +29,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from engine import Network, shared_batches  # noqa: E402
-from engine.augmentation import DetectionAugmentation, default_workers  # noqa: E402
+from engine.augmentation import (DetectionAugmentation, default_workers,  # noqa: E402
+                                 load_augmented)
 from engine.data import DataConfig, HostBatches  # noqa: E402
+from engine.images import read_rgb  # noqa: E402
 from engine.train import BatchSampler  # noqa: E402
 
 
@@ -71,6 +74,26 @@ def images_per_second(dataset, batch, workers, batches):
         made.close()
 
 
+def per_image_ms(dataset, count=16):
+    """Milliseconds to decode one image, and to decode and augment it (load_augmented, as a
+    worker does; the best of three passes over the first `count` images, each result dropped
+    at once as a worker drops it once written)."""
+    sampler = BatchSampler(len(dataset), min(count, len(dataset)), np.random.default_rng(0))
+    jobs, _ = dataset._augmentation_jobs(sampler.next())
+    jobs = jobs[:count]
+
+    def best(run):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for job in jobs:
+                run(job)
+            times.append(time.perf_counter() - start)
+        return min(times) / len(jobs) * 1000
+
+    return best(lambda job: read_rgb(job[0])), best(load_augmented)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+",
@@ -95,6 +118,9 @@ def main(argv=None):
         print(f"{len(dataset)} images, batches of {args.batch} at {args.size}x{args.size}, "
               f"{os.cpu_count()} cores, {'pipe' if args.pipe else 'shared memory'}; "
               f"{augmentation}")
+        decode, augmented = per_image_ms(dataset)
+        print(f"one image in this process: {augmented:.1f} ms decoded and augmented "
+              f"({decode:.1f} ms of it decoding)")
         print("| workers | images/s | trainer CPU ms per batch |\n|---|---|---|")
         for workers in args.workers or sorted({0, 1, 2, 4, 8, default_workers()}):
             rate, trainer = images_per_second(dataset, args.batch, workers, args.batches)
