@@ -9,9 +9,10 @@ Keys (Darknet's defaults): [net] `flip` (1), `hue` (0), `saturation` (1), `expos
 
 - jitter: the image (ow x oh) is cropped by pleft, pright, ptop, pbot pixels, each drawn
   uniformly in [-jitter*ow, jitter*ow] (heights alike) and truncated to an integer; a negative
-  amount widens the crop, whose outside repeats the border pixels (Darknet's crop_image clamps);
-  the crop is then resized to the network input with Darknet's resize_image. With letter_box the crop is
-  widened (or heightened) to keep the image's aspect ratio in the network's.
+  amount widens the crop, whose outside repeats the border pixels (Darknet's crop_image
+  clamps); the crop is then resized to the network input with Darknet's resize_image (read
+  straight from the image: resize_bilinear's window). With letter_box the crop is widened (or
+  heightened) to keep the image's aspect ratio in the network's.
 - flip: mirrored left-right half of the time.
 - hue, saturation, exposure: in Darknet's HSV, hue shifted by U(-hue, hue) (wrapping), S and V
   scaled by rand_scale (U(1, s), inverted half of the time), RGB clamped to [0, 1].

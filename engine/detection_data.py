@@ -209,8 +209,9 @@ class DetectionDataset:
                                       (name, first, (paths, job[1]))
                                       for name, first, paths in placed_pieces(job[0], n, name)])
         yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_part,
-                              self._assemble, workers, split=placed_pieces, block_bytes=self._bytes,
-                              join=lambda parts: [result for part in parts for result in part])
+                              self._assemble, workers, split=placed_pieces,
+                              join=lambda parts: [result for part in parts for result in part],
+                              block_bytes=self._augmented_bytes)
 
     @staticmethod
     def _plain_bytes(job):
@@ -218,7 +219,7 @@ class DetectionDataset:
         return len(paths) * int(np.prod(shape)) * 4
 
     @staticmethod
-    def _bytes(jobs):
+    def _augmented_bytes(jobs):
         """A batch of augmented images: jobs (path, boxes, augmentation, seed, w, h)."""
         return len(jobs) * 3 * jobs[0][4] * jobs[0][5] * 4
 
