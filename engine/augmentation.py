@@ -456,15 +456,36 @@ def augment_classifier_batch(job):
     return augment_classifier_images(images, augmentation, draws)
 
 
+def keep_freed_memory():
+    """Have glibc's malloc keep the arrays a worker frees for its next image. By default it
+    gives blocks over 128 KB (a bound it raises as they are freed, to 32 MB at most) back to
+    the system, and trims the heap's free top beyond twice that, so each image's arrays are
+    fresh pages, faulted in one by one on first write: half of a worker's time on 640x480
+    jpgs (15 instead of 8 ms an image, 2-core machine). Blocks under 32 MB (glibc's most)
+    now come from the heap, which keeps up to 128 MB free. True where that was set (glibc);
+    elsewhere nothing changes."""
+    import ctypes
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library symbols to look up, or no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 128 << 20))
+
+
 def _worker_setup(trainer):
     """Workers leave Ctrl-C to the trainer, which saves its weights and stops them; and they
-    end when the trainer is gone (killed), rather than wait for work forever."""
+    end when the trainer is gone (killed), rather than wait for work forever. They keep the
+    memory they free (keep_freed_memory)."""
     import os
     import signal
     import threading
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
 
     def watch():
         while os.getppid() == trainer:
