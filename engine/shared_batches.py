@@ -34,8 +34,8 @@ class BatchBlocks:
     """`count` shared-memory blocks, one per batch in flight, each reused for later batches and
     replaced by a larger one when a batch needs more (multi-scale sizes, mixup's doubled
     batches). take() gives None when /dev/shm lacks the room (Docker gives a container 64 MB
-    unless run with --shm-size): that batch then crosses through the pipe as before, since a
-    worker writing past a full tmpfs would die of SIGBUS."""
+    unless run with --shm-size), since a worker writing past a full tmpfs would die of SIGBUS,
+    or when the system refuses a block: that batch then crosses through the pipe as before."""
 
     def __init__(self, count):
         self.idle = [None] * count  # blocks not holding a batch (None: none made for that slot)
@@ -53,7 +53,11 @@ class BatchBlocks:
         if room is not None and room < nbytes + sum(b.size for b in self.live):
             self.idle.append(None)
             return None
-        block = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+        try:
+            block = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+        except OSError:  # no /dev/shm, too many open files...: the pipe will do
+            self.idle.append(None)
+            return None
         self.live.append(block)
         return block
 

@@ -68,6 +68,17 @@ def test_no_block_without_room(monkeypatch):
     assert not exists(first.name)
 
 
+def test_no_block_when_the_system_refuses_one(monkeypatch):
+    def refuse(**_):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(shared_batches.shared_memory, "SharedMemory", refuse)
+    blocks = BatchBlocks(1)
+    assert blocks.take(1000) is None
+    blocks.give_back(None)
+    assert blocks.take(1000) is None and blocks.names() == []
+
+
 def test_worker_writes_where_the_trainer_reads():
     blocks = BatchBlocks(1)
     block = blocks.take(5 * 3 * 4 * 4)
