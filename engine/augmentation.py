@@ -502,9 +502,9 @@ def in_pieces(items, pieces):
 
 
 # The most worker processes prefetched starts by default. A batch of 64 split over 32 workers
-# gives each two images (about 25 ms of work at 416); more workers would each cost a process
-# (35 MB, half a second to spawn) for a smaller share, while the trainer's own part of every
-# batch (receiving it, copying it into its page-locked array), which no worker can take, stays.
+# gives each two images (about 16 ms of work from 640x480 jpgs); more workers would each cost a
+# process (35 MB, half a second to spawn) for a smaller share, while the trainer's own part of
+# every batch (copying it into its page-locked array), which no worker can take, stays.
 MAX_WORKERS = 32
 
 
@@ -528,7 +528,7 @@ def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=N
     running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
     wait on decoding and augmenting. With `split`, every worker takes a part of each job:
     split(job, workers) gives the parts, join(their work, in order) stands for work(job) (a
-    batch of 64 images at 416 takes one worker about 1 s to augment). Results come in order, so
+    batch of 64 images at 416 takes one worker about 0.5 s to augment). Results come in order, so
     they do not depend on which worker made them. A worker that dies ends training with an
     error instead of a hang.
 
