@@ -508,17 +508,29 @@ def in_pieces(items, pieces):
 MAX_WORKERS = 32
 
 
+# Environment variables in which MPI launchers give the number of ranks on this host (MPICH's
+# Hydra, Open MPI): every rank of a data-parallel job runs a loader of its own.
+LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
 def default_workers():
     """Worker processes for prefetched: one fewer than the cores this process may run on (its
     CPU affinity, which taskset, cgroups' cpusets and batch schedulers set; os.cpu_count()
     counts the whole machine), so that the trainer keeps a core; at least 1, at most
-    MAX_WORKERS."""
+    MAX_WORKERS. A rank of an MPI job whose affinity spans the whole machine (not bound to
+    cores by its launcher) takes its share of the cores: they divided by the ranks on the host
+    (8 GPUs' ranks on 128 cores: 15 workers each)."""
     import os
 
+    machine = os.cpu_count() or 2
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
-        cores = os.cpu_count() or 2
+        cores = machine
+    if cores >= machine:
+        ranks = next((int(os.environ[name]) for name in LOCAL_RANKS_VARIABLES
+                      if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0), 1)
+        cores //= ranks
     return min(MAX_WORKERS, max(1, cores - 1))
 
 

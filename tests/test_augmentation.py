@@ -590,9 +590,12 @@ def test_undecodable_image_in_a_worker_is_one_line(scenes, tmp_path, capsys, jit
 
 def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     """One fewer than the cores of the process's CPU affinity (not the machine's count), at
-    least 1, at most MAX_WORKERS; os.cpu_count() where there is no affinity call."""
+    least 1, at most MAX_WORKERS; os.cpu_count() where there is no affinity call; an MPI
+    rank's share of the host's cores."""
     import engine.augmentation as augmentation
 
+    for variable in augmentation.LOCAL_RANKS_VARIABLES:  # as if not under mpiexec
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 128)
     for cores, expected in ((1, 1), (2, 1), (16, 15), (33, 32), (128, 32)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
@@ -603,6 +606,19 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     for cores, expected in ((None, 1), (4, 3), (128, 32)):
         monkeypatch.setattr(os, "cpu_count", lambda n=cores: n)
         assert augmentation.default_workers() == expected
+    # the ranks of an MPI job on one host share its cores, unless each is bound to its own
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    for variable in augmentation.LOCAL_RANKS_VARIABLES:
+        monkeypatch.setenv(variable, "8")
+        assert augmentation.default_workers() == 15
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert augmentation.default_workers() == 15  # bound: its 16 cores are its share
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert augmentation.default_workers() == 1
+    monkeypatch.delenv("MPI_LOCALNRANKS")
     # prefetched without `workers` takes default_workers' count (0 here: in this process)
     monkeypatch.setattr(augmentation, "default_workers", lambda: 0)
     jobs = iter(range(3))
