@@ -94,6 +94,13 @@ def per_image_ms(dataset, count=16):
     return best(lambda job: read_rgb(job[0])), best(load_augmented)
 
 
+def shm_note():
+    """/dev/shm's free room, which decides whether batches can take shared memory (a batch of
+    64 at 416 needs 126 MB, two batches in flight)."""
+    room = shared_batches.shm_room()
+    return "/dev/shm not found" if room is None else f"/dev/shm: {room / 2**30:.1f} GB free"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+",
@@ -107,6 +114,7 @@ def main(argv=None):
     p.add_argument("--pipe", action="store_true",
                    help="batches through the pipe (pickled), not shared memory")
     args = p.parse_args(argv)
+    shm = shm_note()
     if args.pipe:  # no room in /dev/shm, as the trainer sees it: every batch takes the pipe
         shared_batches.shm_room = lambda: 0
     net = Network(os.path.join(ROOT, "cfg", "yolov4-tiny.cfg"), quiet=True)
@@ -116,8 +124,8 @@ def main(argv=None):
         dataset = DataConfig(data).detection_dataset("train", (3, args.size, args.size), 90)
         dataset.augment(augmentation, 0)
         print(f"{len(dataset)} images, batches of {args.batch} at {args.size}x{args.size}, "
-              f"{os.cpu_count()} cores, {'pipe' if args.pipe else 'shared memory'}; "
-              f"{augmentation}")
+              f"{os.cpu_count()} cores, {'pipe' if args.pipe else 'shared memory'} "
+              f"({shm}); {augmentation}")
         decode, augmented = per_image_ms(dataset)
         print(f"one image in this process: {augmented:.1f} ms decoded and augmented "
               f"({decode:.1f} ms of it decoding)")
