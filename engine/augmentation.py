@@ -9,9 +9,10 @@ Keys (Darknet's defaults): [net] `flip` (1), `hue` (0), `saturation` (1), `expos
 
 - jitter: the image (ow x oh) is cropped by pleft, pright, ptop, pbot pixels, each drawn
   uniformly in [-jitter*ow, jitter*ow] (heights alike) and truncated to an integer; a negative
-  amount widens the crop, whose outside repeats the border pixels (crop_image clamps); the crop
-  is then resized to the network input with Darknet's resize_image. With letter_box the crop is
-  widened (or heightened) to keep the image's aspect ratio in the network's.
+  amount widens the crop, whose outside repeats the border pixels (Darknet's crop_image
+  clamps); the crop is then resized to the network input with Darknet's resize_image (read
+  straight from the image: resize_bilinear's window). With letter_box the crop is widened (or
+  heightened) to keep the image's aspect ratio in the network's.
 - flip: mirrored left-right half of the time.
 - hue, saturation, exposure: in Darknet's HSV, hue shifted by U(-hue, hue) (wrapping), S and V
   scaled by rand_scale (U(1, s), inverted half of the time), RGB clamped to [0, 1].
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .images import read_rgb, resize_bilinear
+from .shared_batches import worker_array
 
 
 @dataclass(frozen=True)
@@ -108,51 +110,116 @@ def crop_amounts(augmentation, choice, ow, oh, net_w, net_h):
     return pleft, pright, ptop, pbot
 
 
-def crop_image(image, left, top, width, height):
-    """Darknet's crop_image: a width x height window at (left, top); outside, the border
-    pixels repeat."""
-    _, h, w = image.shape
-    rows = np.clip(np.arange(top, top + height), 0, h - 1)
-    cols = np.clip(np.arange(left, left + width), 0, w - 1)
-    return image[:, rows][:, :, cols]
-
-
-def rgb_to_hsv(image):
-    r, g, b = image
-    high, low = image.max(axis=0), image.min(axis=0)
-    delta = high - low
-    safe = np.where(delta > 0, delta, 1)
-    hue = np.where(r == high, (g - b) / safe, np.where(g == high, 2 + (b - r) / safe,
-                                                        4 + (r - g) / safe))
-    hue = np.where(hue < 0, hue + 6, hue) / 6
-    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1), 0)
-    hue = np.where((high > 0) & (delta > 0), hue, 0)
-    return np.stack([hue, saturation, high])
-
-
-def hsv_to_rgb(image):
-    h, s, v = image
-    h = 6 * h
-    index = np.floor(h)
-    f = h - index
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v)]
-    rgb = [v, p, q]  # index 5 (and above)
-    for sector in reversed(range(5)):
-        rgb = [np.where(index == sector, sectors[sector][c], rgb[c]) for c in range(3)]
-    return np.where(s == 0, v, np.stack(rgb))
-
-
 def distort(image, hue, saturation, exposure):
-    """Darknet's distort_image (3 channels: HSV; 1 channel: exposure only), clamped to [0, 1]."""
+    """Darknet's distort_image (3 channels: HSV; 1 channel: exposure only), clamped to [0, 1]:
+    rgb_to_hsv, hue shifted by `hue` (wrapping), S scaled by `saturation`, V by `exposure`,
+    hsv_to_rgb, in float32 (hue, saturation and exposure are Python floats). Done in blocks of
+    pixels that stay in cache, through scratch arrays (_distort_block)."""
     if image.shape[0] < 3:
         return np.clip(image * exposure, 0, 1).astype(np.float32)
-    hsv = rgb_to_hsv(image.astype(np.float32))
-    hsv[1] *= saturation
-    hsv[2] *= exposure
-    shifted = hsv[0] + hue
-    hsv[0] = np.where(shifted > 1, shifted - 1, np.where(shifted < 0, shifted + 1, shifted))
-    return np.clip(hsv_to_rgb(hsv), 0, 1).astype(np.float32)
+    _, h, w = image.shape
+    rgb = np.ascontiguousarray(image, dtype=np.float32).reshape(3, -1)
+    out = np.empty_like(rgb)
+    pixels = rgb.shape[1]
+    floats, masks = np.empty((10, min(DISTORT_BLOCK, pixels)), np.float32), \
+        np.empty((8, min(DISTORT_BLOCK, pixels)), bool)
+    for start in range(0, pixels, DISTORT_BLOCK):
+        part = slice(start, start + DISTORT_BLOCK)
+        _distort_block(rgb[:, part], out[:, part], hue, saturation, exposure, floats, masks)
+    return out.reshape(3, h, w)
+
+
+# Pixels per block of distort: 64K (its scratch 3 MB) measured fastest on 2 EPYC cores at 416x416
+# and 640x480; smaller blocks pay numpy's per-call cost more often than they gain in cache.
+DISTORT_BLOCK = 1 << 16
+TWO, SIX = np.float32(2), np.float32(6)
+
+
+def _distort_block(rgb, out, hue_shift, saturation, exposure, floats, masks):
+    """distort on (3, n) pixels into out, with the float32 results, bit for bit, of Darknet's
+    formulas written with np.where (tests/test_augmentation.py keeps that version). Masked
+    choices (np.where, where=) cost 10-50x a plain pass on random masks, so every choice here is
+    a sum of products with 0/1 masks, which is exact: one term is the chosen value, the others
+    are +0 (or -0, and a zero hue's sign changes nothing below: f = h - floor(h) is +0 either
+    way)."""
+    n = rgb.shape[1]
+    high, delta, safe, hue, sat, tmp, f, one_minus_f, x, value = floats[:, :n]
+    positive, red, green, blue, mask, e0, e1, e2 = masks[:, :n]
+    r, g, b = rgb
+    # rgb_to_hsv
+    np.maximum(r, g, out=high)
+    np.maximum(high, b, out=high)
+    np.minimum(r, g, out=delta)
+    np.minimum(delta, b, out=delta)
+    np.subtract(high, delta, out=delta)
+    np.greater(delta, 0, out=positive)
+    np.logical_not(positive, out=mask)
+    np.multiply(delta, positive, out=safe)
+    np.add(safe, mask, out=safe)                       # where(delta > 0, delta, 1)
+    np.equal(r, high, out=red)
+    np.equal(g, high, out=green)
+    np.logical_or(red, green, out=blue)
+    np.logical_not(blue, out=blue)                     # b highest, r and g not
+    np.greater(green, red, out=green)                  # g highest, r not
+    np.subtract(g, b, out=hue)                         # r highest: (g - b) / delta
+    np.multiply(hue, red, out=hue)
+    np.subtract(b, r, out=tmp)                         # g: 2 + (b - r) / delta
+    np.multiply(tmp, green, out=tmp)
+    np.add(hue, tmp, out=hue)
+    np.subtract(r, g, out=tmp)                         # b: 4 + (r - g) / delta
+    np.multiply(tmp, blue, out=tmp)
+    np.add(hue, tmp, out=hue)
+    np.divide(hue, safe, out=hue)
+    np.multiply(blue, TWO, out=tmp)
+    np.add(tmp, green, out=tmp)
+    np.multiply(tmp, TWO, out=tmp)
+    np.add(hue, tmp, out=hue)
+    np.less(hue, 0, out=mask)
+    np.multiply(mask, SIX, out=tmp)
+    np.add(hue, tmp, out=hue)
+    np.divide(hue, 6, out=hue)
+    np.greater(high, 0, out=mask)                      # s = delta / v where v > 0, else 0
+    np.multiply(high, mask, out=tmp)
+    np.logical_not(mask, out=red)
+    np.add(tmp, red, out=tmp)
+    np.divide(delta, tmp, out=sat)
+    np.multiply(sat, mask, out=sat)
+    np.logical_and(mask, positive, out=mask)           # hue 0 where v or delta is 0
+    np.multiply(hue, mask, out=hue)
+    # the distortion: S and V scaled, hue shifted and wrapped into [0, 1]
+    np.multiply(sat, saturation, out=sat)
+    np.multiply(high, exposure, out=value)
+    np.add(hue, hue_shift, out=hue)
+    np.greater(hue, 1, out=mask)
+    np.subtract(hue, mask, out=hue)
+    np.less(hue, 0, out=mask)
+    np.add(hue, mask, out=hue)
+    # hsv_to_rgb: in sector floor(6h) each channel is v, p = v(1 - s), q = v(1 - sf) or
+    # t = v(1 - s(1 - f)): all v(1 - s x) with x = 0, 1, f or 1 - f, exactly (s * 1 = s,
+    # 1 - s * 0 = 1); s = 0 gives v in every sector, as Darknet's grey case does.
+    np.multiply(hue, 6, out=hue)
+    sector = np.floor(hue, out=tmp)
+    np.subtract(hue, sector, out=f)
+    np.subtract(1, f, out=one_minus_f)
+    e3, e4, e5 = red, green, blue
+    for k, equal in enumerate((e0, e1, e2, e3, e4)):
+        np.equal(sector, k, out=equal)
+    np.logical_or(e0, e1, out=e5)
+    for equal in (e2, e3, e4):
+        np.logical_or(e5, equal, out=e5)
+    np.logical_not(e5, out=e5)                         # sector 5: any other (6 when h = 1)
+    # (sectors where x = f, where x = 1 - f, where x = 1) for R, G and B
+    for channel, (with_f, with_one_minus_f, ones) in enumerate(
+            ((e1, e4, (e2, e3)), (e3, e0, (e4, e5)), (e5, e2, (e0, e1)))):
+        np.multiply(f, with_f, out=x)
+        np.multiply(one_minus_f, with_one_minus_f, out=tmp)
+        np.add(x, tmp, out=x)
+        np.logical_or(*ones, out=mask)
+        np.add(x, mask, out=x)
+        np.multiply(sat, x, out=x)
+        np.subtract(1, x, out=x)
+        np.multiply(value, x, out=out[channel])
+    np.clip(out, 0, 1, out=out)
 
 
 def transform_boxes(boxes, dx, dy, sx, sy, flip, net_w, net_h):
@@ -178,7 +245,7 @@ def augment(image, boxes, augmentation, choice, net_w, net_h):
     pleft, pright, ptop, pbot = crop_amounts(augmentation, choice, ow, oh, net_w, net_h)
     swidth, sheight = ow - pleft - pright, oh - ptop - pbot
     sx, sy = swidth / ow, sheight / oh
-    sized = resize_bilinear(crop_image(image, pleft, ptop, swidth, sheight), net_w, net_h)
+    sized = resize_bilinear(image, net_w, net_h, window=(pleft, ptop, swidth, sheight))
     if choice.flip:
         sized = sized[:, :, ::-1]
     if choice.hue or choice.saturation != 1 or choice.exposure != 1:
@@ -195,9 +262,29 @@ def load_augmented(job):
     return augment(read_rgb(path), boxes, augmentation, draw(augmentation, rng), net_w, net_h)
 
 
-def load_augmented_batch(jobs):
-    """Worker entry point: a batch's load_augmented jobs -> their results."""
-    return [load_augmented(job) for job in jobs]
+def load_augmented_part(part):
+    """Worker entry point: (block name or None, first, jobs) -> each job's load_augmented
+    (image, rows), in order. With a block (engine.shared_batches) each image is written into
+    it, as image first, first + 1, ... of the batch, and its shape comes back in its place."""
+    name, first, jobs = part
+    results = []
+    for i, job in enumerate(jobs):
+        image, rows = load_augmented(job)
+        if name is not None:
+            worker_array(name, first + i, (1,) + image.shape)[0] = image
+            image = image.shape
+        results.append((image, rows))
+    return results
+
+
+def placed_pieces(items, pieces, name):
+    """in_pieces(items, pieces) as (name, index of the piece's first item, piece): where each
+    worker's part of a batch goes in the batch's shared-memory block `name`."""
+    parts, first = [], 0
+    for piece in in_pieces(items, pieces):
+        parts.append((name, first, piece))
+        first += len(piece)
+    return parts
 
 
 def truth_rows(per_image, max_boxes):
@@ -369,15 +456,36 @@ def augment_classifier_batch(job):
     return augment_classifier_images(images, augmentation, draws)
 
 
+def keep_freed_memory():
+    """Have glibc's malloc keep the arrays a worker frees for its next image. By default it
+    gives blocks over 128 KB (a bound it raises as they are freed, to 32 MB at most) back to
+    the system, and trims the heap's free top beyond twice that, so each image's arrays are
+    fresh pages, faulted in one by one on first write: half of a worker's time on 640x480
+    jpgs (15 instead of 8 ms an image, 2-core machine). Blocks under 32 MB (glibc's most)
+    now come from the heap, which keeps up to 128 MB free. True where that was set (glibc);
+    elsewhere nothing changes."""
+    import ctypes
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library symbols to look up, or no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 128 << 20))
+
+
 def _worker_setup(trainer):
     """Workers leave Ctrl-C to the trainer, which saves its weights and stops them; and they
-    end when the trainer is gone (killed), rather than wait for work forever."""
+    end when the trainer is gone (killed), rather than wait for work forever. They keep the
+    memory they free (keep_freed_memory)."""
     import os
     import signal
     import threading
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
 
     def watch():
         while os.getppid() == trainer:
@@ -393,14 +501,55 @@ def in_pieces(items, pieces):
     return [items[i:i + size] for i in range(0, len(items), size)] if items else [items]
 
 
-def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=None):
+# The most worker processes prefetched starts by default. A batch of 64 split over 32 workers
+# gives each two images (about 16 ms of work from 640x480 jpgs); more workers would each cost a
+# process (35 MB, half a second to spawn) for a smaller share, while the trainer's own part of
+# every batch (copying it into its page-locked array), which no worker can take, stays.
+MAX_WORKERS = 32
+
+
+# Environment variables in which MPI launchers give the number of ranks on this host (MPICH's
+# Hydra, Open MPI): every rank of a data-parallel job runs a loader of its own.
+LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def default_workers():
+    """Worker processes for prefetched: one fewer than the cores this process may run on (its
+    CPU affinity, which taskset, cgroups' cpusets and batch schedulers set; os.cpu_count()
+    counts the whole machine), so that the trainer keeps a core; at least 1, at most
+    MAX_WORKERS. A rank of an MPI job whose affinity spans the whole machine (not bound to
+    cores by its launcher) takes its share of the cores: they divided by the ranks on the host
+    (8 GPUs' ranks on 128 cores: 15 workers each)."""
+    import os
+
+    machine = os.cpu_count() or 2
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = machine
+    if cores >= machine:
+        ranks = next((int(os.environ[name]) for name in LOCAL_RANKS_VARIABLES
+                      if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0), 1)
+        cores //= ranks
+    return min(MAX_WORKERS, max(1, cores - 1))
+
+
+def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=None,
+               block_bytes=None):
     """Yield finish(work(job), plan) for successive (job, plan) = next_job(), with `work`
     running `ahead` jobs in advance in a pool of worker processes, so that the trainer does not
     wait on decoding and augmenting. With `split`, every worker takes a part of each job:
     split(job, workers) gives the parts, join(their work, in order) stands for work(job) (a
-    batch of 64 images at 416 takes one worker about 2 s to augment). Results come in order, so
+    batch of 64 images at 416 takes one worker about 0.5 s to augment). Results come in order, so
     they do not depend on which worker made them. A worker that dies ends training with an
-    error instead of a hang."""
+    error instead of a hang.
+
+    With `block_bytes` (and `split`), each job in the pool gets a shared-memory block of
+    block_bytes(job) bytes (engine.shared_batches): the parts are split(job, workers, name),
+    for the workers to write their arrays into the block `name`, and the trainer's part is
+    finish(join(values), plan, block), which must copy what it keeps out of the block. In this
+    process, or when /dev/shm lacks the room, name and block are None and the arrays come back
+    as values."""
     import multiprocessing
     import os
     import sys
@@ -409,35 +558,54 @@ def prefetched(next_job, work, finish, workers=None, ahead=2, split=None, join=N
     from concurrent.futures.process import BrokenProcessPool
 
     from .errors import DataError
+    from .shared_batches import BatchBlocks
 
-    workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    workers = workers if workers is not None else default_workers()
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if workers == 0 or (main_file is not None and not os.path.exists(main_file)):
         # No workers asked for, or a program read from stdin, which spawned workers cannot
         # import: prepare each batch in this process when it is needed.
         while True:
             job, plan = next_job()
-            yield finish(work(job), plan)
+            if block_bytes:
+                yield finish(join([work(part) for part in split(job, 1, None)]), plan, None)
+            else:
+                yield finish(work(job), plan)
     if split is None:
         workers = min(workers, ahead)  # whole jobs, `ahead` at a time: more would idle
-    # spawn: the parent may hold a CUDA context, which forked children must not inherit.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
-        pending = deque()  # ([futures of a job's parts], plan)
-        try:
-            while True:
-                while len(pending) < ahead:
-                    job, plan = next_job()
-                    parts = split(job, workers) if split else [job]
-                    pending.append(([pool.submit(work, part) for part in parts], plan))
-                results, plan = pending.popleft()
-                try:
-                    values = [result.result() for result in results]
-                except BrokenProcessPool:
-                    raise DataError("a data-loading worker process stopped unexpectedly (out of "
-                                    "memory?)") from None
-                yield finish(join(values) if split else values[0], plan)
-        finally:
-            for results, _ in pending:
-                for future in results:
-                    future.cancel()
+    blocks = BatchBlocks(ahead) if block_bytes else None
+    try:
+        # spawn: the parent may hold a CUDA context, which forked children must not inherit.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
+            pending = deque()  # ([futures of a job's parts], plan, its block)
+            try:
+                while True:
+                    try:  # submit too raises BrokenProcessPool, once a worker has died
+                        while len(pending) < ahead:
+                            job, plan = next_job()
+                            block = blocks.take(block_bytes(job)) if blocks else None
+                            if blocks:
+                                parts = split(job, workers, block.name if block else None)
+                            else:
+                                parts = split(job, workers) if split else [job]
+                            pending.append(([pool.submit(work, part) for part in parts], plan,
+                                            block))
+                        results, plan, block = pending.popleft()
+                        values = [result.result() for result in results]
+                    except BrokenProcessPool:
+                        raise DataError("a data-loading worker process stopped unexpectedly (out "
+                                        "of memory, or of /dev/shm?)") from None
+                    if not blocks:
+                        yield finish(join(values) if split else values[0], plan)
+                        continue
+                    batch = finish(join(values), plan, block)
+                    blocks.give_back(block)
+                    yield batch
+            finally:
+                for results, _, _ in pending:
+                    for future in results:
+                        future.cancel()
+    finally:
+        if blocks:  # after the pool: no worker writes into a block any more
+            blocks.close()

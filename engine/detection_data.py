@@ -20,10 +20,10 @@ import sys
 import numpy as np
 
 from .config import read_text_lines, resolve_path
-from .augmentation import (in_pieces, load_augmented, load_augmented_batch, prefetched,
-                           truth_rows)
+from .augmentation import load_augmented, load_augmented_part, placed_pieces, prefetched, truth_rows
 from .errors import ConfigError, DataError
 from .images import read_image_list, read_rgb, resize_bilinear
+from .shared_batches import trainer_array, worker_array
 
 MIN_BOX_SIZE = 0.001  # fill_truth_detection skips boxes narrower or lower than this
 
@@ -81,9 +81,21 @@ def clamp_boxes(boxes):
 
 
 def load_resized_batch(job):
-    """Worker entry point: (paths, (C, H, W)) -> the images resized to the network input."""
+    """(paths, (C, H, W)) -> the images resized to the network input."""
     paths, (_, h, w) = job
     return np.stack([resize_bilinear(read_rgb(path), w, h) for path in paths])
+
+
+def load_resized_part(part):
+    """Worker entry point: (block name or None, first, (paths, (C, H, W))) -> the images
+    resized to the network input; with a block (engine.shared_batches) they are written into
+    it, as images first, first + 1, ... of the batch, and their array's shape comes back."""
+    name, first, (paths, (c, h, w)) = part
+    if name is None:
+        return load_resized_batch((paths, (c, h, w)))
+    for i, path in enumerate(paths):
+        worker_array(name, first + i, (1, c, h, w))[0] = resize_bilinear(read_rgb(path), w, h)
+    return (len(paths), c, h, w)
 
 
 class DetectionDataset:
@@ -158,29 +170,58 @@ class DetectionDataset:
         return [(self.paths[i], self.boxes[i], self.augmentation, (self.seed, batch, n), w, h)
                 for n, i in enumerate(picks)], blend
 
-    def _assemble(self, results, blend):
-        images = [image for image, _ in results]
+    def _assemble(self, results, blend, block=None):
+        """The batch (images, truth) from each image's (image, rows): with a block (engine.
+        shared_batches) the images are in it, and results hold their shapes."""
         rows = [boxes for _, boxes in results]
+        if block is None:
+            images = [image for image, _ in results]
+        else:
+            images = trainer_array(block, (len(results),) + results[0][0])
         if blend:  # blend_images 0.5/0.5; blend_truth: the second image's boxes, then the first's
             n = len(results) // 2
             images = [0.5 * images[n + i] + 0.5 * images[i] for i in range(n)]
             rows = [np.concatenate([rows[n + i], rows[i]]) for i in range(n)]
-        shape = (len(images),) + images[0].shape
-        batch = self.host_batches(shape) if self.host_batches else np.empty(shape, np.float32)
-        return np.stack(images, out=batch), truth_rows(rows, self.max_boxes)
+        return np.stack(images, out=self._batch_array(len(images), images[0].shape)), \
+            truth_rows(rows, self.max_boxes)
+
+    def _batch_array(self, count, shape):
+        shape = (count,) + tuple(shape)
+        return self.host_batches(shape) if self.host_batches else np.empty(shape, np.float32)
+
+    def _resized(self, parts, indexes, block=None):
+        """The batch (images, truth) from the workers' load_resized_part values."""
+        if block is None:
+            return (parts[0] if len(parts) == 1 else np.concatenate(parts)), self.truth[indexes]
+        images = trainer_array(block, (len(indexes),) + tuple(parts[0][1:]))
+        batch = self._batch_array(len(indexes), images.shape[1:])
+        np.copyto(batch, images)
+        return batch, self.truth[indexes]
 
     def batches(self, sampler, workers=None):
         """Training batches for sampler's indexes, decoded (and augmented) ahead by worker
-        processes (engine.augmentation.prefetched)."""
+        processes (engine.augmentation.prefetched), which write the images into shared
+        memory (engine.shared_batches)."""
         if self.augmentation is None:
-            yield from prefetched(lambda: self._plain_job(sampler.next()), load_resized_batch,
-                                  lambda images, indexes: (images, self.truth[indexes]), workers,
-                                  split=lambda job, n: [(paths, job[1])
-                                                        for paths in in_pieces(job[0], n)],
-                                  join=np.concatenate)
-        yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_batch,
-                              self._assemble, workers, split=in_pieces,
-                              join=lambda parts: [result for part in parts for result in part])
+            yield from prefetched(lambda: self._plain_job(sampler.next()), load_resized_part,
+                                  self._resized, workers, join=list, block_bytes=self._plain_bytes,
+                                  split=lambda job, n, name: [
+                                      (name, first, (paths, job[1]))
+                                      for name, first, paths in placed_pieces(job[0], n, name)])
+        yield from prefetched(lambda: self._augmentation_jobs(sampler.next()), load_augmented_part,
+                              self._assemble, workers, split=placed_pieces,
+                              join=lambda parts: [result for part in parts for result in part],
+                              block_bytes=self._augmented_bytes)
+
+    @staticmethod
+    def _plain_bytes(job):
+        paths, shape = job
+        return len(paths) * int(np.prod(shape)) * 4
+
+    @staticmethod
+    def _augmented_bytes(jobs):
+        """A batch of augmented images: jobs (path, boxes, augmentation, seed, w, h)."""
+        return len(jobs) * 3 * jobs[0][4] * jobs[0][5] * 4
 
     def check_network(self, net):
         for layer in net.cost_layers:

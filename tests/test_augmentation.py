@@ -11,9 +11,10 @@ import pytest
 
 from engine import cli
 from engine.augmentation import (DetectionAugmentation, ImageDraw, augment, crop_amounts,
-                                 distort, in_pieces, load_augmented, transform_boxes)
+                                 distort, draw, in_pieces, load_augmented, transform_boxes)
 from engine.data import DataConfig
 from engine.errors import ConfigError
+from engine.images import resize_bilinear
 from engine.network import Network
 from engine.train import BatchSampler
 
@@ -113,6 +114,133 @@ def test_hue_saturation_exposure_against_colorsys():
     _, rows = augment(img, row, augmentation, ImageDraw((0.5,) * 4, False, 0.2, 1.5, 0.7), NET, NET)
     np.testing.assert_allclose(rows, row, atol=1e-6)
 
+
+
+# distort as it was written before it was done in blocks (Darknet's formulas with np.where,
+# whole images, 15 ms at 416x416): the reference that distort must equal bit for bit.
+def reference_rgb_to_hsv(image):
+    r, g, b = image
+    high, low = image.max(axis=0), image.min(axis=0)
+    delta = high - low
+    safe = np.where(delta > 0, delta, 1)
+    hue = np.where(r == high, (g - b) / safe, np.where(g == high, 2 + (b - r) / safe,
+                                                        4 + (r - g) / safe))
+    hue = np.where(hue < 0, hue + 6, hue) / 6
+    saturation = np.where(high > 0, delta / np.where(high > 0, high, 1), 0)
+    hue = np.where((high > 0) & (delta > 0), hue, 0)
+    return np.stack([hue, saturation, high])
+
+
+def reference_hsv_to_rgb(image):
+    h, s, v = image
+    h = 6 * h
+    index = np.floor(h)
+    f = h - index
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v)]
+    rgb = [v, p, q]  # index 5 (and above)
+    for sector in reversed(range(5)):
+        rgb = [np.where(index == sector, sectors[sector][c], rgb[c]) for c in range(3)]
+    return np.where(s == 0, v, np.stack(rgb))
+
+
+def reference_distort(image, hue, saturation, exposure):
+    hsv = reference_rgb_to_hsv(image.astype(np.float32))
+    hsv[1] *= saturation
+    hsv[2] *= exposure
+    shifted = hsv[0] + hue
+    hsv[0] = np.where(shifted > 1, shifted - 1, np.where(shifted < 0, shifted + 1, shifted))
+    return np.clip(reference_hsv_to_rgb(hsv), 0, 1).astype(np.float32)
+
+
+def _edge_pixels():
+    """(3, n) pixels at the formulas' edges: every triple of the levels below (grey where all
+    three are equal, black, white, ties for the highest channel, the pure colours at the six
+    sector borders), and pixels one float32 step either side of each border hue."""
+    levels = np.array([0, 1e-7, 0.2, 0.5, 0.5 + 2 ** -24, 0.8, 1 - 2 ** -24, 1], np.float32)
+    triples = np.stack(np.meshgrid(levels, levels, levels, indexing="ij")).reshape(3, -1)
+    near = []
+    for high, mid, low in ((0, 1, 2), (1, 0, 2), (1, 2, 0), (2, 1, 0), (2, 0, 1), (0, 2, 1)):
+        for step in (-1, 1):
+            pixel = np.zeros(3, np.float32)
+            pixel[high], pixel[low] = 0.9, 0.1
+            pixel[mid] = np.nextafter(np.float32(0.9 if step < 0 else 0.1),
+                                      np.float32(0.5), dtype=np.float32)
+            near.append(pixel)
+    return np.concatenate([triples, np.stack(near, 1)], 1)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    differ = a.view(np.uint32) != b.view(np.uint32)
+    assert not differ.any(), f"{differ.sum()} values differ, first at {np.argwhere(differ)[0]}"
+
+
+def test_distort_equals_the_np_where_formulas_at_the_edges():
+    """Each hue sector and its borders, grey (s = 0) and black (v = 0) pixels, hue shifts that
+    wrap past 0 and 1 (0.5 takes cyan to exactly 1, Darknet's sector 6), saturation and
+    exposure that push RGB out of [0, 1]: the same float32 bits as the reference."""
+    pixels = _edge_pixels()[:, :, None]
+    for hue in (0.0, 0.1, -0.1, 1 / 6, -1 / 6, 0.5, -0.5, 0.99, -0.99):
+        for saturation in (0.0, 1 / 3, 1.0, 1.5, 3.0):
+            for exposure in (0.5, 1.0, 3.0):
+                _same_bits(distort(pixels, hue, saturation, exposure),
+                           reference_distort(pixels, hue, saturation, exposure))
+
+
+@pytest.mark.parametrize("shape", [(3, 416, 416), (3, 480, 640), (3, 37, 53)])
+def test_distort_equals_the_np_where_formulas_on_random_images(shape):
+    """Random images (640x480 spans several of distort's blocks, the last one partial), with
+    Darknet's draws, a mirrored view (as augment passes it) and float64 input."""
+    rng = np.random.default_rng(shape[1])
+    image = rng.random(shape, dtype=np.float32)
+    image[:, :5] = image[0, :5]  # grey rows
+    augmentation = DetectionAugmentation(hue=0.5, saturation=1.5, exposure=1.5)
+    for _ in range(3):
+        choice = draw(augmentation, rng)
+        args = choice.hue, choice.saturation, choice.exposure
+        _same_bits(distort(image, *args), reference_distort(image, *args))
+    _same_bits(distort(image[:, :, ::-1], *args), reference_distort(image[:, :, ::-1], *args))
+    _same_bits(distort(image.astype(np.float64), *args), reference_distort(image, *args))
+
+
+# Darknet's crop_image, then resize_image as it was written before it took a window (fancy
+# indexing, the horizontal pass over every row): the reference for resize_bilinear's window.
+def reference_crop(image, left, top, width, height):
+    _, h, w = image.shape
+    rows = np.clip(np.arange(top, top + height), 0, h - 1)
+    cols = np.clip(np.arange(left, left + width), 0, w - 1)
+    return image[:, rows][:, :, cols]
+
+
+def reference_resize(image, width, height):
+    def sample(size_in, size_out):
+        scale = np.float32(size_in - 1) / np.float32(size_out - 1) if size_out > 1 else 0
+        position = np.arange(size_out, dtype=np.float32) * np.float32(scale)
+        low = np.minimum(position.astype(np.int64), size_in - 1)
+        frac = (position - low).astype(np.float32)
+        return low, np.minimum(low + 1, size_in - 1), frac
+
+    c, h, w = image.shape
+    left, right, fx = sample(w, width)
+    left[-1], fx[-1] = w - 1, 0
+    part = image[:, :, left] * (1 - fx) + image[:, :, right] * fx
+    top, bottom, fy = sample(h, height)
+    upper, lower = (1 - fy)[:, None], fy[:, None]
+    lower[-1] = 0
+    return (part[:, top] * upper + part[:, bottom] * lower).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(416, 416), (1, 1), (2, 3), (700, 500)])
+def test_resize_of_a_window_equals_crop_then_resize(size):
+    """Windows inside the image, around it (the border repeated), across one corner, on its
+    last pixel and of one pixel; shrinking and enlarging: the same float32 bits."""
+    image = np.random.default_rng(1).random((3, 48, 64), dtype=np.float32)
+    for window in ((0, 0, 64, 48), (-10, -5, 80, 60), (5, 4, 50, 40), (-3, 6, 70, 30),
+                   (60, 47, 10, 5), (-5, -5, 1, 1), (63, 47, 2, 2)):
+        _same_bits(resize_bilinear(image, *size, window=window),
+                   reference_resize(reference_crop(image, *window), *size))
+    _same_bits(resize_bilinear(image, *size), reference_resize(image, *size))
 
 # ---- cfg keys, worker processes, engine train -----------------------------------------------
 DETECTOR = """
@@ -458,3 +586,76 @@ def test_undecodable_image_in_a_worker_is_one_line(scenes, tmp_path, capsys, jit
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "bad.png: cannot decode image" in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    """One fewer than the cores of the process's CPU affinity (not the machine's count), at
+    least 1, at most MAX_WORKERS; os.cpu_count() where there is no affinity call; an MPI
+    rank's share of the host's cores."""
+    import engine.augmentation as augmentation
+
+    for variable in augmentation.LOCAL_RANKS_VARIABLES:  # as if not under mpiexec
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    for cores, expected in ((1, 1), (2, 1), (16, 15), (33, 32), (128, 32)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert augmentation.default_workers() == expected
+    assert augmentation.MAX_WORKERS == 32
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    for cores, expected in ((None, 1), (4, 3), (128, 32)):
+        monkeypatch.setattr(os, "cpu_count", lambda n=cores: n)
+        assert augmentation.default_workers() == expected
+    # the ranks of an MPI job on one host share its cores, unless each is bound to its own
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    for variable in augmentation.LOCAL_RANKS_VARIABLES:
+        monkeypatch.setenv(variable, "8")
+        assert augmentation.default_workers() == 15
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert augmentation.default_workers() == 15  # bound: its 16 cores are its share
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert augmentation.default_workers() == 1
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    # prefetched without `workers` takes default_workers' count (0 here: in this process)
+    monkeypatch.setattr(augmentation, "default_workers", lambda: 0)
+    jobs = iter(range(3))
+    made = augmentation.prefetched(lambda: (next(jobs), None), lambda job: (job, os.getpid()),
+                                   lambda work, _: work)
+    assert next(made) == (0, os.getpid())
+
+
+def test_workers_keep_the_memory_they_free(tmp_path):
+    """keep_freed_memory (run in every worker) sets glibc's thresholds, so that an image's
+    arrays reuse the last one's pages: augmenting 640x480 jpgs in a fresh process faults in
+    a small part of the pages it faults in with glibc's defaults (about 3500 an image)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path = tmp_path / "x.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
+    script = f"""
+import resource, sys
+import numpy as np
+from engine.augmentation import DetectionAugmentation, keep_freed_memory, load_augmented
+kept = keep_freed_memory() if sys.argv[1] == "kept" else None
+augmentation = DetectionAugmentation(jitter=0.3, flip=True, hue=0.1, exposure=1.5)
+jobs = [({str(path)!r}, np.zeros((0, 5), np.float32), augmentation, (0, 0, n), 416, 416)
+        for n in range(8)]
+load_augmented(jobs[0])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for job in jobs:
+    load_augmented(job)
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // len(jobs))
+"""
+    runs = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            for mode in ("kept", "default")}
+    if runs["kept"][0] != "True":
+        pytest.skip("not glibc: malloc's thresholds left as they are")
+    assert 3 * int(runs["kept"][1]) < int(runs["default"][1]), runs
