@@ -611,3 +611,49 @@ def test_shared_operations_shorten_the_switch_interval_and_set_it_back(monkeypat
         assert sys.getswitchinterval() == pytest.approx(1e-4)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_fork_join_hands_work_to_its_helpers_and_raises_their_errors(monkeypatch):
+    """_fork_join: the helpers' calls run on other threads, their errors are raised in the
+    calling thread (after every helper is done) and leave the helpers usable; a fork-join
+    inside a task, or from a second thread while the helpers are busy, takes the pool."""
+    import threading
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "3")
+    ops = NumpyBackend()
+    ran = []
+
+    def record():
+        ran.append(threading.get_ident())
+    ops._fork_join(record, [record, record])
+    assert len(ran) == 3 and len(set(ran)) == 3 and ran.count(threading.get_ident()) == 1
+
+    def fails():
+        raise ValueError("a helper's error")
+    ran.clear()
+    with pytest.raises(ValueError, match="a helper's error"):
+        ops._fork_join(record, [fails, record])
+    assert len(ran) == 2  # the other helper finished its call too
+    ran.clear()
+    ops._fork_join(record, [record, record])
+    assert len(ran) == 3
+    # nested: a task's own fork-join finds the helpers busy and uses the pool
+    inner = []
+
+    def outer():
+        ops._fork_join(lambda: inner.append(1), [lambda: inner.append(2)])
+    ops._fork_join(outer, [record, record])
+    assert sorted(inner) == [1, 2]
+    # two threads on one backend at once: each gets every task done
+    totals = []
+
+    def many():
+        done = []
+        for _ in range(50):
+            ops._run([lambda: done.append(1)] * 6)
+        totals.append(len(done))
+    others = [threading.Thread(target=many) for _ in range(2)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    assert totals == [300, 300]
