@@ -12,9 +12,9 @@ forwards after `warmup` (with --interleave the peers' processes run side by side
 one forward each, the order reversed every round, so that a machine whose speed drifts from
 minute to minute is shared evenly). The outputs of the convolutions that feed the [yolo]
 layers are compared (engine against OpenCV and PyTorch: largest difference relative to the
-largest value) so the comparison is between equal computations. `--profile` adds the engine's per-layer table
-(layer by layer, no inference plans); `--layers` the engine's per-layer times in predict (its
-plans) beside OpenCV's own (getPerfProfile), each measured in its peer's process.
+largest value) so the comparison is between equal computations. `--profile` adds the engine's
+per-layer table (layer by layer, no inference plans); `--layers` the engine's per-layer times in
+predict (its plans) beside OpenCV's own (getPerfProfile), each measured in its peer's process.
 
 Peers are benchmark-only (never engine dependencies): `pip install 'opencv-python-headless<5'
 torch` (OpenCV 5 dropped the Darknet importer). A peer that is not installed is reported as such.
