@@ -121,7 +121,7 @@ def _pair(stride):
 class _Helper:
     """A helper thread of the CPU backend, handed one call at a time: start(call) releases
     its `go` lock, join() waits on its `done` lock and returns the call's error (or None). A
-    daemon thread that holds no reference to the backend; stop() (the backend's finalizer)
+    daemon thread that holds no reference to the backend; stop_all (the backend's finalizer)
     ends it."""
 
     def __init__(self):
@@ -210,14 +210,16 @@ class NumpyBackend(Operations):
         returns when all are done (an error raised: the calling thread's, else the first
         helper's). The backend's _Helper threads take them (a lock released and acquired each:
         20 us less per hand-off than the pool's futures); a fork-join that finds them busy
-        (another thread's, on the same backend) uses the pool. Meanwhile the switch interval
-        is at most SWITCH_INTERVAL (set back after, by the call that changed it only)."""
+        (another thread's, on the same backend, or a task's own) or more calls than helpers
+        uses the pool. Meanwhile the switch interval is at most SWITCH_INTERVAL (set back after,
+        by the call that changed it only)."""
         saved = sys.getswitchinterval()
         shortened = saved > SWITCH_INTERVAL
         if shortened:
             sys.setswitchinterval(SWITCH_INTERVAL)
         try:
-            if not self._helpers_free.acquire(blocking=False):
+            if (len(helpers) > len(self._helpers)
+                    or not self._helpers_free.acquire(blocking=False)):
                 futures = [self._pool.submit(helper) for helper in helpers]
                 try:
                     own()
