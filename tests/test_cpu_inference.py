@@ -643,6 +643,10 @@ def test_fork_join_hands_work_to_its_helpers_and_raises_their_errors(monkeypatch
         ops._fork_join(lambda: inner.append(1), [lambda: inner.append(2)])
     ops._fork_join(outer, [record, record])
     assert sorted(inner) == [1, 2]
+    # more calls than helpers: the pool takes them all
+    ran.clear()
+    ops._fork_join(record, [record] * 4)
+    assert len(ran) == 5
     # two threads on one backend at once: each gets every task done
     totals = []
 
