@@ -2,7 +2,7 @@
 it) against OpenCV's DNN module and PyTorch, batch 1, 416x416, on one shared random weights file.
 
     python benchmarks/cpu_detection_benchmark.py [--networks yolov3-tiny yolov4-tiny yolov3]
-        [--runs 10] [--warmup 3] [--threads 2] [--profile] [--interleave]
+        [--runs 10] [--warmup 3] [--threads 2] [--profile] [--layers] [--interleave]
 
 Every peer runs in its own process (a fresh interpreter, its thread count fixed through the
 environment before numpy/OpenCV/PyTorch start) on the same cfg (rewritten to 416x416, batch 1),
@@ -12,7 +12,9 @@ forwards after `warmup` (with --interleave the peers' processes run side by side
 one forward each, the order reversed every round, so that a machine whose speed drifts from
 minute to minute is shared evenly). The outputs of the convolutions that feed the [yolo]
 layers are compared (engine against OpenCV and PyTorch: largest difference relative to the
-largest value) so the comparison is between equal computations. `--profile` adds the engine's per-layer table.
+largest value) so the comparison is between equal computations. `--profile` adds the engine's
+per-layer table (layer by layer, no inference plans); `--layers` the engine's per-layer times in
+predict (its plans) beside OpenCV's own (getPerfProfile), each measured in its peer's process.
 
 Peers are benchmark-only (never engine dependencies): `pip install 'opencv-python-headless<5'
 torch` (OpenCV 5 dropped the Darknet importer). A peer that is not installed is reported as such.
@@ -182,6 +184,12 @@ def peer_main(args):
             med, best = median_ms(step, args.runs, args.warmup)
         np.savez(args.result + ".npz", *outputs())
         figures = {"median_ms": med, "min_ms": best, "version": version}
+        if args.layers and args.peer == "engine":
+            figures["layers"], figures["notes"] = engine_layer_times(args.cfg, args.weights, x,
+                                                                     args.runs)
+        elif args.layers and args.peer == "opencv":
+            figures["layers"] = opencv_layer_times(args.cfg, args.weights, x, args.runs,
+                                                   args.threads)
     with open(args.result, "w") as handle:
         json.dump(figures, handle)
 
@@ -204,6 +212,7 @@ def peer_command(peer, cfg, weights, input_path, compare, args, folder, mode=Non
                "--weights", weights, "--input", input_path, "--result", result,
                "--compare", ",".join(map(str, compare)), "--runs", str(args.runs),
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    command += ["--layers"] if args.layers else []
     return command + (["--serve"] if serve else []), env, result
 
 
@@ -334,6 +343,125 @@ def profile(cfg, weights, x, runs):
         print(f"| {part} | {t:.1f} | {100 * t / total:.0f}% |")
 
 
+# ---- per-layer times against OpenCV (--layers) -----------------------------------------------
+def engine_layer_times(cfg, weights, x, runs, warmup=3):
+    """({layer index: ms}, {layer index: note}): the median time of each layer's own call in
+    net.predict (the folded network, the inference plans as the benchmark runs them), per
+    forward. A chain of pooled convolutions (conv_bias_maxpool_chain) is timed as one call,
+    put on its first layer (note: the layers it covers); a convolution that computes a
+    [maxpool]'s output (the pooling plan) includes that maxpool's time (note: which), the
+    maxpool's own row then holds only its bookkeeping."""
+    import engine
+    net = engine.load(cfg, weights, quiet=True).fold_batchnorm()
+    spent = {}  # layer index -> seconds in this forward
+
+    def timed(method, index):
+        def call(*a, **k):
+            start = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                spent[index] = spent.get(index, 0.0) + time.perf_counter() - start
+        return call
+    for layer in net.layers:
+        for name in ("forward", "forward_pooled", "forward_into", "forward_placed",
+                     "forward_given"):
+            if hasattr(layer, name):  # (an instance attribute shadows the method)
+                setattr(layer, name, timed(getattr(layer, name), layer.index))
+    net.predict(x)  # the plans are made at the first forward
+    chains = net._chains()
+    notes = {index: f"chain of layers {index}-{chain[-1][1].index}"
+             for index, chain in chains.items()}
+    notes.update({index: f"pools for layer {pool.index}"
+                  for index, (pool, _, _) in net._pooling_plan().items()
+                  if not any(index in (c.index for c, _ in chain) for chain in chains.values())})
+    # a forward runs its chains in layer order: the k-th chain call is the k-th chain's
+    order, calls = sorted(chains), [0]
+    chain_ = net.ops.conv_bias_maxpool_chain
+
+    def chain(*a, **k):
+        start = time.perf_counter()
+        try:
+            return chain_(*a, **k)
+        finally:
+            index = order[calls[0] % len(order)]
+            calls[0] += 1
+            spent[index] = spent.get(index, 0.0) + time.perf_counter() - start
+    net.ops.conv_bias_maxpool_chain = chain
+    for _ in range(warmup):
+        net.predict(x)
+    per_forward = []
+    for _ in range(runs):
+        spent.clear()
+        calls[0] = 0
+        net.predict(x)
+        per_forward.append([spent.get(layer.index, 0.0) for layer in net.layers])
+    ms = 1e3 * np.median(np.array(per_forward), axis=0)
+    return {layer.index: float(t) for layer, t in zip(net.layers, ms)}, notes
+
+
+def opencv_layer_index(name):
+    """The Darknet layer index an OpenCV layer name ends with (conv_12, permute_16, yolo_16),
+    or None."""
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def opencv_layer_times(cfg, weights, x, runs, threads, warmup=3):
+    """{layer index: ms}: OpenCV's own per-layer times (cv2.dnn.Net.getPerfProfile after each
+    forward, medians), summed per Darknet layer (permute_16 and yolo_16 are layer 16's).
+    OpenCV fuses batch norm and the activation into the convolution: those have no row."""
+    import cv2
+    cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromDarknet(cfg, weights)
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    names = list(net.getLayerNames())
+    outputs = net.getUnconnectedOutLayersNames()
+    per_forward = []
+    for r in range(warmup + runs):
+        net.setInput(x)
+        net.forward(outputs)
+        _, layer_ticks = net.getPerfProfile()
+        if r >= warmup:
+            per_forward.append(np.asarray(layer_ticks, np.float64).reshape(-1))
+    ms = 1e3 * np.median(np.array(per_forward), axis=0) / cv2.getTickFrequency()
+    times = {}
+    for name, t in zip(names, ms):
+        index = opencv_layer_index(name)
+        if index is not None:
+            times[index] = times.get(index, 0.0) + float(t)
+    return times
+
+
+def layer_table(types, engine_ms, opencv_ms, notes):
+    """The markdown rows of the per-layer comparison (layer, type, engine ms, OpenCV ms,
+    engine - OpenCV), with a sum row."""
+    rows = ["| layer | type | engine ms | OpenCV ms | engine - OpenCV | note |",
+            "|---|---|---|---|---|---|"]
+    for index, kind in enumerate(types):
+        e, o = engine_ms.get(index, 0.0), opencv_ms.get(index, 0.0)
+        rows.append(f"| {index} | {kind} | {e:.2f} | {o:.2f} | {e - o:+.2f} | "
+                    f"{notes.get(index, '')} |")
+    e, o = sum(engine_ms.values()), sum(opencv_ms.values())
+    rows.append(f"| sum | | {e:.2f} | {o:.2f} | {e - o:+.2f} | |")
+    return rows
+
+
+def layer_types(cfg):
+    """Each layer's kind as the tables name it (conv 3x3, conv 3x3/2, maxpool, route...)."""
+    import engine
+    kinds = []
+    for layer in engine.load(cfg, quiet=True).layers:
+        kind = layer.type_name
+        if kind == "convolutional":
+            kind = f"conv {layer.size}x{layer.size}" + (f"/{layer.stride}" if layer.stride > 1
+                                                        else "")
+            kind += f" {layer.in_shape[0]}->{layer.out_shape[0]} at {layer.out_shape[1]}"
+        kinds.append(kind)
+    return kinds
+
+
 # ---- the run --------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -347,6 +475,9 @@ def main(argv=None):
                         "BLAS; blas = OPENBLAS_NUM_THREADS=threads; single = 1 thread "
                         "(default: own blas)")
     p.add_argument("--profile", action="store_true", help="print the engine's per-layer table")
+    p.add_argument("--layers", action="store_true",
+                   help="per layer, the engine (predict's plans, its first mode) against "
+                        "OpenCV's own per-layer times (getPerfProfile), each in its process")
     p.add_argument("--interleave", action="store_true",
                    help="run the peers' processes side by side, one forward each in turn (the "
                         "order reversed every round), instead of one process after the other")
@@ -382,6 +513,17 @@ def main(argv=None):
                 figures = {key: spawn(peer, cfg, weights, input_path, compare, args, folder,
                                       mode) for key, peer, mode in runs}
             rows.append((name, figures))
+            if args.layers:
+                engine_figures = figures.get(f"engine-{args.engine_modes[0]}", {})
+                opencv_figures = figures.get("opencv", {})
+                if "layers" in engine_figures and "layers" in opencv_figures:
+                    as_ints = lambda d: {int(k): v for k, v in d.items()}  # (JSON's keys)
+                    print(f"\nper layer, {name} (medians of {args.runs}; engine "
+                          f"{MODE_NAMES[args.engine_modes[0]]}):\n")
+                    print("\n".join(layer_table(layer_types(cfg),
+                                                as_ints(engine_figures["layers"]),
+                                                as_ints(opencv_figures["layers"]),
+                                                as_ints(engine_figures["notes"]))))
             if args.profile:
                 profile(cfg, weights, x, args.runs)
     engines = [f"engine-{m}" for m in args.engine_modes] if "engine" in args.peers else []

@@ -491,9 +491,18 @@ def test_a_chain_of_pooled_convolutions_gives_each_stage_s_maxima(monkeypatch, t
         half = side >> (i + 1)
         stages.append((w, biases, ("leaky", "relu")[i % 2], 1, 1, 1, 2, 2, 0, (half, half), 1))
         expected, _ = ops.conv_bias_maxpool_forward(expected, *stages[-1][:10])
-    if ops.threads > 1 and len(stages) > 1:
+    banded = ops.threads > 1 and len(stages) > 1
+    if banded:
         assert ops._chain_blocks(x, stages) is not None
+    forks, fork_join = [], ops._fork_join  # (the bands: one fork-join, its switch interval)
+
+    def counted(own, helpers):
+        forks.append(len(helpers))
+        return fork_join(own, helpers)
+    monkeypatch.setattr(ops, "_fork_join", counted)
     np.testing.assert_array_equal(ops.conv_bias_maxpool_chain(x, stages), expected)
+    if banded:
+        assert forks == [ops.threads - 1]
 
 
 def test_a_network_s_pooled_convolutions_run_as_one_chain(monkeypatch):
@@ -588,3 +597,88 @@ def test_a_bad_thread_count_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "two")
     with pytest.raises(BackendError, match="ENGINE_CPU_THREADS=two"):
         NumpyBackend()
+
+
+def test_shared_operations_shorten_the_switch_interval_and_set_it_back(monkeypatch):
+    """While the backend's threads share an operation (_run, the chain) the interpreter's
+    switch interval is SWITCH_INTERVAL; after it (also after a failed task) it is what it was;
+    a shorter one set by the program is left alone."""
+    import sys
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "2")
+    ops = NumpyBackend()
+    before = sys.getswitchinterval()
+    assert before > numpy_backend.SWITCH_INTERVAL  # (Python's default: 5 ms)
+    seen = []
+
+    def task():
+        seen.append(sys.getswitchinterval())
+    ops._run([task, task, task])
+    assert seen == [pytest.approx(numpy_backend.SWITCH_INTERVAL)] * 3
+    assert sys.getswitchinterval() == before
+
+    def fails():
+        raise ValueError("a task's error")
+    with pytest.raises(ValueError, match="a task's error"):
+        ops._run([task, fails])
+    assert sys.getswitchinterval() == before
+    # the chain hands its bands over through the same fork-join
+    seen.clear()
+    ops._fork_join(task, [task])
+    assert seen == [pytest.approx(numpy_backend.SWITCH_INTERVAL)] * 2
+    try:
+        sys.setswitchinterval(1e-4)
+        ops._run([task, task])
+        assert seen[-1] == pytest.approx(1e-4)
+        assert sys.getswitchinterval() == pytest.approx(1e-4)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_fork_join_hands_work_to_its_helpers_and_raises_their_errors(monkeypatch):
+    """_fork_join: the helpers' calls run on other threads, their errors are raised in the
+    calling thread (after every helper is done) and leave the helpers usable; a fork-join
+    inside a task, or from a second thread while the helpers are busy, takes the pool."""
+    import threading
+    monkeypatch.setenv(numpy_backend.THREADS_VARIABLE, "3")
+    ops = NumpyBackend()
+    ran = []
+
+    def record():
+        ran.append(threading.get_ident())
+    ops._fork_join(record, [record, record])
+    assert len(ran) == 3 and len(set(ran)) == 3 and ran.count(threading.get_ident()) == 1
+
+    def fails():
+        raise ValueError("a helper's error")
+    ran.clear()
+    with pytest.raises(ValueError, match="a helper's error"):
+        ops._fork_join(record, [fails, record])
+    assert len(ran) == 2  # the other helper finished its call too
+    ran.clear()
+    ops._fork_join(record, [record, record])
+    assert len(ran) == 3
+    # nested: a task's own fork-join finds the helpers busy and uses the pool
+    inner = []
+
+    def outer():
+        ops._fork_join(lambda: inner.append(1), [lambda: inner.append(2)])
+    ops._fork_join(outer, [record, record])
+    assert sorted(inner) == [1, 2]
+    # more calls than helpers: the pool takes them all
+    ran.clear()
+    ops._fork_join(record, [record] * 4)
+    assert len(ran) == 5
+    # two threads on one backend at once: each gets every task done
+    totals = []
+
+    def many():
+        done = []
+        for _ in range(50):
+            ops._run([lambda: done.append(1)] * 6)
+        totals.append(len(done))
+    others = [threading.Thread(target=many) for _ in range(2)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    assert totals == [300, 300]
