@@ -21,6 +21,17 @@ def ops(request):
     return CudaBackend(device=0, seed=0)
 
 
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """A small MNIST detection set (12 training scenes of 40x40), its .data file's path."""
+    from engine import cli
+
+    folder = tmp_path_factory.mktemp("scenes")
+    cli.main(["mnist-detection", str(folder), "--train", "12", "--valid", "2", "--size", "40",
+              "--min-digit", "10", "--max-digit", "20"])
+    return str(folder / "mnist-detect.data")
+
+
 def gpu_available():
     try:
         import pycuda.driver as cuda

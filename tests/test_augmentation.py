@@ -285,14 +285,6 @@ def test_cfg_keys_and_darknet_defaults(tmp_path):
             DetectionAugmentation.from_network(net)
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("augset")
-    cli.main(["mnist-detection", str(folder), "--train", "12", "--valid", "2", "--size", "40",
-              "--min-digit", "10", "--max-digit", "20"])
-    return str(folder / "mnist-detect.data")
-
-
 def first_batches(dataset, sampler, count, workers):
     """The first `count` training batches of `dataset` drawn by `sampler`, made in this process
     (workers 0) or by `workers` worker processes."""

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from engine import cli, shared_batches
+from engine import shared_batches
 from engine.augmentation import DetectionAugmentation, prefetched
 from engine.data import DataConfig
 from engine.errors import DataError
@@ -18,15 +18,6 @@ from engine.shared_batches import BatchBlocks, trainer_array, worker_array
 from engine.train import BatchSampler
 
 from test_augmentation import _cfg, first_batches
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    """A small MNIST detection set (12 training scenes of 40x40), its .data file's path."""
-    folder = tmp_path_factory.mktemp("shared")
-    cli.main(["mnist-detection", str(folder), "--train", "12", "--valid", "2", "--size", "40",
-              "--min-digit", "10", "--max-digit", "20"])
-    return str(folder / "mnist-detect.data")
 
 
 def exists(name):
