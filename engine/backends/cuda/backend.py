@@ -255,7 +255,7 @@ class CudaBackend(Operations):
         # copy of an output made early overlaps the later layers (output_reader); the fork
         # joins the main stream before the recording ends (_join_recorded_copies).
         self._copy_stream = None
-        self._copies_forked = []  # this recording's fork and join events
+        self._copies_forked = []  # the events this recording forked the copy stream at
         self._upload_stage = None  # set_'s (page-locked buffer, event after its last upload)
         self._spare_reads = {}  # (shape, dtype) -> [(page-locked buffer, event)] for to_host_async
         self.cuda = self.device.cuda
