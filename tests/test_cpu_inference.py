@@ -20,6 +20,13 @@ YOLOV3_TINY = os.path.join(CFG, "yolov3-tiny.cfg")
 YOLOV4_TINY = os.path.join(CFG, "yolov4-tiny.cfg")
 
 
+def assert_kept_outputs_equal(before, after):
+    """Every layer output `before` kept (not None: a plan may skip some) equals `after`'s."""
+    for index, (a, b) in enumerate(zip(before, after)):
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+
+
 def direct_conv(x, w, padding):
     """float64 reference: y[b, f, i, j] = sum_c,di,dj w[f, c, di, dj] x[b, c, i+di-p, j+dj-p]."""
     b, _, h, wd = x.shape
@@ -394,7 +401,7 @@ def test_small_maps_shared_filters_add_their_biases_and_activate(monkeypatch, ac
 def test_a_network_s_convolutions_write_into_their_concatenations():
     """yolov4-tiny's inference plan (convolutions computing into their routes' outputs) gives
     every layer's output exactly as without it."""
-    net = Network(os.path.join(CFG, "yolov4-tiny.cfg"), quiet=True)
+    net = Network(YOLOV4_TINY, quiet=True)
     x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
     net.predict(x)
     assert not net._concatenation_plan()  # batch norm not folded yet: no convolution planned
@@ -463,9 +470,7 @@ def test_a_network_s_convolutions_pool_for_their_maxpools():
     outputs = list(net.outputs)
     net._pools = {}
     np.testing.assert_array_equal(net.predict(x), planned)
-    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
-        if a is not None:
-            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+    assert_kept_outputs_equal(outputs, net.outputs)
 
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
@@ -518,9 +523,7 @@ def test_a_network_s_pooled_convolutions_run_as_one_chain(monkeypatch):
     outputs = list(net.outputs)
     net._chained = {}
     np.testing.assert_array_equal(net.predict(x), chained)
-    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
-        if a is not None:
-            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+    assert_kept_outputs_equal(outputs, net.outputs)
 
 
 def test_predict_returns_the_layers_asked_for():
@@ -569,7 +572,7 @@ def test_a_network_s_routes_are_pooled_by_their_convolutions():
     """yolov4-tiny's routes read only by a maxpool (8, 16, 24) are never made: their
     convolutions pool their parts into the maxpool's output (keeping their own output where
     another layer reads it); every other layer's output as without the plans."""
-    net = Network(os.path.join(CFG, "yolov4-tiny.cfg"), quiet=True).fold_batchnorm()
+    net = Network(YOLOV4_TINY, quiet=True).fold_batchnorm()
     x = np.random.default_rng(4).random((1, 3, 416, 416), dtype=np.float32)
     planned = net.predict(x)
     assert sorted(net._pooled_routes()) == [8, 16, 24]
@@ -583,14 +586,10 @@ def test_a_network_s_routes_are_pooled_by_their_convolutions():
     net.forward(x)
     assert len(net._concatenation_plan(pooling=False)) == 12
     assert all(o is not None for o in net.outputs)
-    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
-        if a is not None:
-            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+    assert_kept_outputs_equal(outputs, net.outputs)
     net._pooled, net._pools, net._plan = {}, {}, {}
     np.testing.assert_array_equal(net.predict(x), planned)
-    for index, (a, b) in enumerate(zip(outputs, net.outputs)):
-        if a is not None:
-            np.testing.assert_array_equal(a, b, err_msg=f"layer {index}")
+    assert_kept_outputs_equal(outputs, net.outputs)
 
 
 def test_a_bad_thread_count_is_one_clear_error(monkeypatch):
