@@ -571,9 +571,10 @@ class Unsupported(Exception):
     pass
 
 
-def engine_backend(precision, device, backend="gpu"):
+def engine_backend(precision, device, backend="gpu", nchw=False):
     """The CUDA backend in `precision`: precision= where the backend takes it, else fp32 and
-    tf32 through allow_tf32; Unsupported for a precision it cannot run."""
+    tf32 through allow_tf32; Unsupported for a precision it cannot run. nchw: activations
+    stored NCHW in every precision (channels_last=False)."""
     if backend == "cpu":
         if precision != "fp32":
             raise Unsupported(f"the CPU backend computes in fp32 only, not {precision}")
@@ -581,7 +582,8 @@ def engine_backend(precision, device, backend="gpu"):
         return NumpyBackend(seed=0)
     from engine.backends.cuda import CudaBackend
     try:
-        return CudaBackend(device, 0, precision=precision)
+        return CudaBackend(device, 0, precision=precision,
+                           **({"channels_last": False} if nchw else {}))
     except TypeError as error:
         if "precision" not in str(error):
             raise
@@ -606,7 +608,7 @@ def run_engine(precision, setup, args, results):
     from engine import Network, loss_scaling
     from engine.train import SINGLE_PROCESS, iteration_runner
     try:
-        ops = engine_backend(precision, args.device, args.backend)
+        ops = engine_backend(precision, args.device, args.backend, args.nchw)
     except Unsupported as error:
         for key, _, _ in measures(args.batches, args.train_batch):
             results[key] = {"unsupported": str(error)}
@@ -853,6 +855,7 @@ def prepare(name, cfg, folder, args, darknet):
 
 
 CHILD_OPTIONS = ("size", "seconds", "warmup", "train_warmup", "train_batch", "device", "backend")
+CHILD_FLAGS = ("nchw",)
 
 
 def spawn(peer, setup, args):
@@ -867,6 +870,7 @@ def spawn(peer, setup, args):
                "--batches"] + [str(b) for b in args.batches]
     for option in CHILD_OPTIONS:
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    command += [f"--{flag}" for flag in CHILD_FLAGS if getattr(args, flag)]
     code, text = run_logged(command, os.path.join(folder, f"{peer}.log"), args.timeout,
                             BENCHMARKS)
     figures = {}
@@ -934,6 +938,9 @@ def parse_args(argv):
                    help="short timings: --seconds 0.3 --warmup 2 --runs 10 --train-warmup 2 "
                         "--train-iterations 3 --timeout 180")
     p.add_argument("--device", type=int, default=0)
+    p.add_argument("--nchw", action="store_true",
+                   help="the engine's activations stored NCHW in every precision (fp16 and bf16 "
+                        "inference stores them channels last by default): the layout's A/B")
     p.add_argument("--alexeyab-cfg-dir")
     p.add_argument("--darknet-src", help="AlexeyAB/darknet sources to build")
     p.add_argument("--darknet-build", help="scratch folder for the build (reused when built)")

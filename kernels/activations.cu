@@ -114,6 +114,24 @@ extern "C" __global__ void bias_activate_kernel(act_t *x, const float *bias, int
     if (i < n) x[i] = store(activate(load(x[i]) + bias[(i / spatial) % channels], act));
 }
 
+// The same for x stored channels last (NHWC: element i has channel i % channels); where `vec`
+// (channels a multiple of VEC) a pack of VEC neighbouring channels per thread.
+extern "C" __global__ void bias_activate_nhwc_kernel(act_t *x, const float *bias, int n,
+                                                     int channels, int act, int vec)
+{
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec) {
+        if (t >= (size_t)(n / VEC)) return;
+        Pack pack = ((Pack *)x)[t];
+        const float *b = bias + (t * VEC) % channels;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) pack.v[k] = store(activate(load(pack.v[k]) + b[k], act));
+        ((Pack *)x)[t] = pack;
+    } else if (t < (size_t)n) {
+        x[t] = store(activate(load(x[t]) + bias[t % channels], act));
+    }
+}
+
 // The same over whole channel planes: block b works on plane b / chunks (batch * channels planes
 // of `spatial` elements), on its chunk b % chunks of PLANE_CHUNK elements. No division per
 // element, and every thread's four elements are a block apart (coalesced). For large maps.

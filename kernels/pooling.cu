@@ -149,3 +149,32 @@ extern "C" __global__ void channel_max_backward_kernel(const act_t *delta, const
     size_t out = ((size_t)b * groups + k % groups) * spatial + s;
     dx[index] = winner[out] == k ? delta[out] : store(0.f);
 }
+
+// maxpool_forward_kernel for x and y stored channels last (NHWC; i runs over y's NHWC
+// elements, neighbouring threads over neighbouring channels); winner in NCHW order, as there.
+extern "C" __global__ void maxpool_forward_nhwc_kernel(const act_t *x, act_t *y, int *winner,
+                                                       int n, int channels, int height,
+                                                       int width, int out_h, int out_w,
+                                                       int size, int stride, int top)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int c = i % channels, ow = (i / channels) % out_w, oh = (i / channels / out_w) % out_h;
+    int b = i / (channels * out_w * out_h);
+    const act_t *input = x + (size_t)b * height * width * channels + c;
+    float best = -FLT_MAX;
+    int best_index = -1;
+    int h0 = oh * stride - top, w0 = ow * stride - top;
+    int r0 = max(0, -h0), r1 = min(size, height - h0);
+    int s0 = max(0, -w0), s1 = min(size, width - w0);
+    for (int r = r0; r < r1; ++r) {
+        int h = h0 + r;
+        for (int s = s0; s < s1; ++s) {
+            int w = w0 + s;
+            float v = load(input[(size_t)(h * width + w) * channels]);
+            if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
+        }
+    }
+    y[i] = store(best);
+    winner[(((size_t)b * channels + c) * out_h + oh) * out_w + ow] = best_index;
+}

@@ -58,3 +58,13 @@ def reference_iou(a, b):
     ow, oh = overlap(a[0], a[2], b[0], b[2]), overlap(a[1], a[3], b[1], b[3])
     inter = 0 if ow < 0 or oh < 0 else ow * oh
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def transcribed_strided_at(i, counts, walk):
+    """kernels/strided.cuh's strided_at, for an element index i or a numpy array of them."""
+    offset, steps = walk[0], walk[1:]
+    at = offset
+    for c, s in zip(counts[::-1], steps[:0:-1]):
+        at += (i % c) * s
+        i = i // c
+    return at + i * steps[0]

@@ -16,6 +16,7 @@ from engine.backends import views
 from engine.backends.cuda.kernels import KERNEL_DIR, SIGNATURES
 from engine.backends.numpy_backend import FLOAT32_MAX, NumpyBackend
 from engine.layers.anchor_activation import anchor_activate
+from helpers import transcribed_strided_at
 from engine.layers.channels import add_channel_slice_, channel_slice, concat_channels
 from engine.layers.reorg import reorg
 from engine.layers.upsample import downsample_sum, upsample
@@ -364,16 +365,6 @@ def test_cuda_sum_to_geometry(x_shape, shape):
                                rtol=1e-5, atol=1e-6)
 
 
-def transcribed_strided_at(i, counts, walk):
-    """strided.cuh's strided_at."""
-    offset, steps = walk[0], walk[1:]
-    at = offset
-    for c, s in zip(counts[::-1], steps[:0:-1]):
-        at += (i % c) * s
-        i //= c
-    return at + i * steps[0]
-
-
 @pytest.mark.parametrize("case", list(COPIES))
 def test_cuda_view_walk(case):
     from engine.backends.cuda.backend import _walk
@@ -406,8 +397,8 @@ def test_cuda_joint_walk_of_a_copy(case):
     from engine.backends.cuda.backend import _joint_walk
 
     dst_shape, dst_view, src_shape, src_view = COPIES[case]
-    n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(np.prod(src_shape))),
-                                                   (dst_view, int(np.prod(dst_shape)))))
+    n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(np.prod(src_shape)), None),
+                                                   (dst_view, int(np.prod(dst_shape)), None)))
     for walk, view in ((src_walk, src_view), (dst_walk, dst_view)):
         walked = [transcribed_strided_at(i, counts, walk) for i in range(n)]
         np.testing.assert_array_equal(walked, reference_indexes(view).ravel())
@@ -419,7 +410,7 @@ def test_cuda_joint_walk_merges_a_routes_copy():
 
     src = views.whole((1, 32, 208 * 208))
     dst = views.window((1, 96, 208 * 208), None, (32, 32, 1))
-    n, counts, _ = _joint_walk(((src, 32 * 208 * 208), (dst, 96 * 208 * 208)))
+    n, counts, _ = _joint_walk(((src, 32 * 208 * 208, None), (dst, 96 * 208 * 208, None)))
     assert n == 32 * 208 * 208 and counts == (1, 1, 1, 1, 1)
 
 

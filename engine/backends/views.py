@@ -69,17 +69,65 @@ def check_pair(view, size, other, other_size):
         raise ValueError(f"views {view} and {other} hold different counts")
 
 
+def channels_last_strides(shape):
+    """Element strides of an NCHW `shape` (batch, channels, height, width) whose elements are
+    stored channels last (NHWC), as the CUDA backend stores fp16/bf16 inference activations."""
+    b, c, h, w = (int(n) for n in shape)
+    return (h * w * c, 1, w * c, c)
+
+
+def _reshaped_strides(dims, steps, shape):
+    """Element strides of an array of `dims` with element strides `steps`, seen as `shape` (the
+    same elements in the same logical order): numpy's reshape without a copy. None where no
+    strides express it (an axis of `shape` that spans axes not adjacent in memory)."""
+    if 0 in dims:
+        return (0,) * len(shape)
+    old = [(n, s) for n, s in zip(dims, steps) if n != 1]
+    new = [n for n in shape if n != 1]
+    found = []
+    i = j = 0
+    while i < len(old):
+        i_end, j_end = i + 1, j + 1
+        old_size, new_size = old[i][0], new[j]
+        while old_size != new_size:  # the smallest groups of axes holding the same elements
+            if old_size < new_size:
+                old_size *= old[i_end][0]
+                i_end += 1
+            else:
+                new_size *= new[j_end]
+                j_end += 1
+        if any(old[k][1] != old[k + 1][0] * old[k + 1][1] for k in range(i, i_end - 1)):
+            return None  # the old group is not one run of memory
+        group, step = [], old[i_end - 1][1]
+        for n in reversed(new[j:j_end]):
+            group.append(step)
+            step *= n
+        found.extend(reversed(group))
+        i, j = i_end, j_end
+    found = iter(found)
+    return tuple(0 if n == 1 else next(found) for n in shape)
+
+
 @_remembered
-def strides(view):
-    """(offset, counts, strides) of the view over the array's contiguous NCHW elements, each of
-    counts and strides padded in front to MAX_AXES entries (counts 1, strides 0): the geometry the
-    CUDA kernels walk."""
+def strides(view, channels_last=None):
+    """(offset, counts, strides) of the view over the array's elements, each of counts and
+    strides padded in front to MAX_AXES entries (counts 1, strides 0): the geometry the CUDA
+    kernels walk. The array's elements are contiguous NCHW, or, where `channels_last` gives its
+    (batch, channels, height, width), stored NHWC: then ValueError where the view's shape merges
+    axes that NHWC does not keep adjacent (channels with positions)."""
     shape, cut, axes = view
-    element = [0] * len(shape)
-    step = 1
-    for axis in range(len(shape) - 1, -1, -1):
-        element[axis] = step
-        step *= shape[axis]
+    if channels_last is None:
+        element = [0] * len(shape)
+        step = 1
+        for axis in range(len(shape) - 1, -1, -1):
+            element[axis] = step
+            step *= shape[axis]
+    else:
+        found = _reshaped_strides(tuple(int(n) for n in channels_last),
+                                  channels_last_strides(channels_last), shape)
+        if found is None:
+            raise ValueError(f"view {view} does not fit an array stored channels last")
+        element = list(found)
     if axes is not None:
         element = [element[a] for a in axes]
     offset = sum(start * e for (start, _, _), e in zip(cut, element))

@@ -12,6 +12,14 @@ are stored in that type (every kernel is built for it: kernels/storage.cuh) and 
 on tensor cores; parameters and their updates stay float32. An operation makes the operands it
 combines one type: the first activation operand's, the others converted (a float32 parameter
 used as an activation, such as a convolution's weights, is converted once when frozen).
+
+Layout: in fp16 and bf16, inference convolutions store their outputs channels last (NHWC), the
+layout cuDNN's tensor-core kernels read and write; given NCHW data they transpose it on the way
+in and out, which cost 0.55 of YOLOv4's 1.89 ms of kernels at batch 1. Such an array keeps its
+NCHW shape and says `channels_last`; the operations in CHANNELS_LAST_AWARE follow it (the
+strided views through views.strides, bias and pooling through their NHWC indexing), every other
+operation is given NCHW copies of its operands (those it writes are copied back): an operation
+that meets NHWC data where it does not expect it is slower, never wrong.
 """
 
 import contextlib
@@ -89,28 +97,46 @@ def _size(shape):
     return int(np.prod(shape, dtype=np.int64))
 
 
+def _channels_last(array):
+    """Whether a device array's elements are stored NHWC (see the module's docstring)."""
+    return getattr(array, "channels_last", False)
+
+
+def _stored(view, array):
+    """A View of `array` with what _joint_walk needs of the array: its size, and its NCHW shape
+    where its elements are stored channels last (else None)."""
+    return view, int(array.size), tuple(int(n) for n in array.shape) if _channels_last(array) else None
+
+
 def _walk(view, array):
     """(elements, counts c1..c5, (offset, s0..s5)) of a View of `array`, as the kernels of
     strided.cuh take them."""
-    n, counts, (walk,) = _joint_walk(((view, int(array.size)),))
+    n, counts, (walk,) = _joint_walk((_stored(view, array),))
     return n, counts, walk
 
 
 @functools.lru_cache(maxsize=4096)
-def _joint_walk(views_and_sizes):
-    """The geometry of views holding the same counts, walked together: (elements, counts
-    c1..c5, one (offset, s0..s5) per view). Axes of one element are dropped and neighbouring
-    axes that every view steps through as one are merged, so that the kernels divide the
-    element index by as few counts as possible (a route's copy of one image: by none)."""
+def _joint_walk(stored_views):
+    """The geometry of views (_stored's triples) holding the same counts, walked together:
+    (elements, counts c1..c5, one (offset, s0..s5) per view). Axes of one element are dropped
+    and neighbouring axes that every view steps through as one are merged, so that the kernels
+    divide the element index by as few counts as possible (a route's copy of one image: by
+    none). Where an array is stored channels last, the axes are walked in the memory order of
+    the last view (a copy's destination), so that neighbouring threads touch neighbouring
+    channels. ValueError where a view does not fit its array."""
     geometries = []
-    for view, size in views_and_sizes:
+    for view, size, channels_last in stored_views:
         views.check(view, size)
-        geometries.append(views.strides(view))
+        geometries.append(views.strides(view, channels_last))
     counts = geometries[0][1]
     if any(g[1] != counts for g in geometries):
-        raise ValueError(f"views {[v for v, _ in views_and_sizes]} hold different counts")
+        raise ValueError(f"views {[v for v, _, _ in stored_views]} hold different counts")
+    order = range(views.MAX_AXES)
+    if any(channels_last for _, _, channels_last in stored_views):
+        order = sorted(order, key=lambda k: -abs(geometries[-1][2][k]))
     axes = []  # [count, [step in each view]], outermost first
-    for k, count in enumerate(counts):
+    for k in order:
+        count = counts[k]
         if count == 1:
             continue
         steps = [g[2][k] for g in geometries]
@@ -152,7 +178,8 @@ def _lanes(view, axis, array):
     (the view with one index on that axis), and the axis' count and element stride."""
     lanes = view._replace(window=tuple((start, 1, step) if k == axis else (start, count, step)
                                        for k, (start, count, step) in enumerate(view.window)))
-    _, _, steps = views.strides(view)
+    view, _, channels_last = _stored(view, array)
+    _, _, steps = views.strides(view, channels_last)
     along = views.MAX_AXES - len(view.window) + axis
     return _walk(lanes, array) + (view.window[axis][1], steps[along])
 
@@ -185,21 +212,25 @@ def _activation_id(name):
 
 
 class ConvPlan:
-    """Descriptors, algorithms and workspace sizes for one convolution shape, found once."""
+    """Descriptors, algorithms and workspace sizes for one convolution shape, found once.
+    channels_last: x, the filters and y stored NHWC, for inference (no backward algorithms)."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
-                 dtype=FLOAT32):
-        self.x_desc = dnn.tensor(x_shape, dtype)
-        self.w_desc = dnn.filter(w_shape, dtype)
+                 dtype=FLOAT32, channels_last=False):
+        self.x_desc = dnn.tensor(x_shape, dtype, channels_last)
+        self.w_desc = dnn.filter(w_shape, dtype, channels_last)
         self.conv_desc = dnn.convolution(padding, stride, groups, dilation)
         self.y_shape = dnn.output_shape(self.conv_desc, self.x_desc, self.w_desc)
-        self.y_desc = dnn.tensor(self.y_shape, dtype)
+        self.y_desc = dnn.tensor(self.y_shape, dtype, channels_last)
         size = max(w_shape[2:])
         self.forward_candidates = dnn.find_candidates(
             "cudnnFindConvolutionForwardAlgorithm", self.x_desc, self.w_desc, self.conv_desc,
             self.y_desc, filter_size=size)[:FORWARD_CANDIDATES]
         self.forward_algo, self.forward_workspace = self.forward_candidates[0]
         self.forward_timed = len(self.forward_candidates) == 1
+        if channels_last:
+            self.workspace = max(memory for _, memory in self.forward_candidates)
+            return
         self.data_algo, self.data_workspace = dnn.find_algorithm(
             "cudnnFindConvolutionBackwardDataAlgorithm", self.w_desc, self.y_desc, self.conv_desc,
             self.x_desc, filter_size=size)
@@ -239,15 +270,21 @@ class CudaBackend(Operations):
     name = "gpu"
     can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
-    def __init__(self, device=0, seed=0, allow_tf32=False, precision=None):
+    def __init__(self, device=0, seed=0, allow_tf32=False, precision=None, channels_last=None):
         """precision (engine/precision.py): 'fp32' (the default, results match the CPU
         backend's), 'tf32' (TF32 tensor cores for convolutions, ~1e-3 relative error), 'fp16' or
-        'bf16'; allow_tf32=True is the older spelling of 'tf32'."""
+        'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether inference
+        convolutions store NHWC outputs (see the module's docstring); by default in fp16 and
+        bf16, where it is faster."""
         self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
         self.dtype = STORAGE_DTYPES[self.precision]  # of the activations operations make
+        self.channels_last = (self.precision in ("fp16", "bf16") if channels_last is None
+                              else bool(channels_last))
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
+        self._frozen = {}  # id of a frozen parameter -> it
+        self._nhwc_filters = {}  # id of frozen convolution weights -> (them, their NHWC copy)
         self._constants = {}  # small host values used on the device (_constant)
         self._stage_buffers = self._stage_events = None  # pinned chunks for large host copies
         self._side_stream = None  # set_'s early copies
@@ -315,7 +352,7 @@ class CudaBackend(Operations):
         if not hasattr(array, "gpudata"):
             return np.asarray(array, dtype=np.float32)
         if array.dtype in STORAGE_DTYPES.values():
-            array = self._as_type(array, FLOAT32)
+            array = self._as_type(self._nchw(array), FLOAT32)
         host = np.empty(array.shape, dtype=array.dtype)
         if host.nbytes > STAGED_MIN:
             self._staged_download(array, host)
@@ -421,7 +458,7 @@ class CudaBackend(Operations):
 
     def zeros(self, shape, like=None):
         """Zeros: float32, or of like's dtype (fp16 or bf16 activations)."""
-        array = self._empty(shape, FLOAT32 if like is None else like.dtype)
+        array = self.empty(shape, like)
         if array.size and array.dtype.itemsize == 4:
             self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
         elif array.size:
@@ -430,28 +467,79 @@ class CudaBackend(Operations):
 
     def empty(self, shape, like=None):
         """An uninitialised array (to be written whole before it is read): float32, or of
-        like's dtype."""
-        return self._empty(shape, FLOAT32 if like is None else like.dtype)
+        like's dtype; stored channels last where like is and both are 4-D (a [route]'s or an
+        [upsample]'s output made like its input)."""
+        array = self._empty(shape, FLOAT32 if like is None else like.dtype)
+        if len(shape) == 4 and _channels_last(like):
+            array.channels_last = True
+        return array
 
     def copy(self, array):
         result = self._empty(array.shape, array.dtype)
+        if _channels_last(array):
+            result.channels_last = True
         if array.size:
             self.cuda.memcpy_dtod_async(result.ptr, array.ptr, array.nbytes, self.stream)
         return result
 
     def reshape(self, array, shape):
-        return array.reshape(shape)
+        """NCHW values: an array stored channels last is copied into NCHW first (so writes
+        into the result do not reach it; no layer writes through a reshape)."""
+        return self._nchw(array).reshape(shape)
 
     def add_(self, dst, src):
-        src = self._as_type(src, dst.dtype)
+        src = self._relayout(self._as_type(src, dst.dtype), _channels_last(dst))
         vec, width = self._packs(dst.size, dst, src)
         self.kernels.launch("add_kernel", dst.size // width, dst.ptr, src.ptr, dst.size, vec,
                             dtype=dst.dtype)
         return dst
 
+    # ---- layout (channels last) ----------------------------------------------------------------
+    def _relayout(self, array, channels_last):
+        """`array` stored channels last (NHWC) or not (NCHW): itself, or a copy made so by
+        cuDNN's transform."""
+        if _channels_last(array) == bool(channels_last):
+            return array
+        result = self._empty(array.shape, array.dtype)
+        if channels_last:
+            result.channels_last = True
+        if array.size:
+            self.dnn.transform(array.shape, array.dtype, array.ptr, result.ptr, channels_last)
+        return result
+
+    def _nchw(self, array):
+        return self._relayout(array, False)
+
+    def _in_nchw(self, method, args, kwargs, writes):
+        """method(*args, **kwargs) with NCHW copies of the arguments stored channels last (also
+        inside list and tuple arguments), each copied once however often it appears; where the
+        method `writes` its arguments, the copies' values are written back into them, and a
+        copy it returns is replaced by its original."""
+        copies = {}  # id of an original -> (original, its NCHW copy)
+
+        def nchw(value):
+            if _channels_last(value):
+                if id(value) not in copies:
+                    copies[id(value)] = (value, self._nchw(value))
+                return copies[id(value)][1]
+            if isinstance(value, (list, tuple)) and any(map(_channels_last, value)):
+                return type(value)(nchw(v) for v in value)
+            return value
+
+        result = method(*map(nchw, args), **{k: nchw(v) for k, v in kwargs.items()})
+        if writes:
+            for original, copy in copies.values():
+                self.dnn.transform(copy.shape, copy.dtype, copy.ptr, original.ptr, True)
+                if result is copy:
+                    result = original
+        return result
+
     # ---- storage types (precision) -------------------------------------------------------------
     def _convert(self, src, dst, accumulate=False):
-        """dst = src (or dst += src) between float32 and the other storage type, elementwise."""
+        """dst = src (or dst += src) between float32 and the other storage type, elementwise
+        (dst is stored as src is)."""
+        if _channels_last(src):
+            dst.channels_last = True
         if src.dtype == FLOAT32:
             self.kernels.launch("from_float_kernel", src.size, src.ptr, dst.ptr, src.size,
                                 dtype=dst.dtype)
@@ -488,6 +576,7 @@ class CudaBackend(Operations):
     def freeze_(self, array):
         """Parameters become read-only for inference: in fp16 or bf16 their copy in that type is
         made once here (a convolution's weights are then not converted on every call)."""
+        self._frozen[id(array)] = array
         if self.dtype != FLOAT32 and array.dtype == FLOAT32:
             self._converted[id(array)] = (array, self._convert(array, self._empty(array.shape,
                                                                                  self.dtype)))
@@ -546,7 +635,12 @@ class CudaBackend(Operations):
             self.kernels.launch("activate_kernel", x.size // width, x.ptr, x.size,
                                 _activation_id(activation), vec, dtype=x.dtype)
             return x
-        n, counts, walk = _walk(view, x)
+        try:
+            n, counts, walk = _walk(view, x)
+        except ValueError:
+            if not _channels_last(x):
+                raise
+            return self._in_nchw(self.activate_, (x, activation, view), {}, writes=True)
         self.kernels.launch("activate_strided_kernel", n, x.ptr, n, *counts, *walk,
                             _activation_id(activation), dtype=x.dtype)
         return x
@@ -587,10 +681,23 @@ class CudaBackend(Operations):
         """(spatial, channels) of an NCHW-like shape: element i has channel (i//spatial)%channels."""
         return _size(shape[2:]), int(shape[1]) if len(shape) > 1 else 1
 
+    def _stored_channels(self, array):
+        """(spatial, channels) as _channel_layout gives them for the array as it is stored:
+        spatial 1 for NHWC (element i has channel i % channels)."""
+        if _channels_last(array):
+            return 1, int(array.shape[1])
+        return self._channel_layout(array.shape)
+
     def add_bias_(self, y, biases, activation="linear"):
         """y = act(y + biases per channel), one pass."""
-        spatial, channels = self._channel_layout(y.shape)
+        spatial, channels = self._stored_channels(y)
         biases = self._as_type(biases, FLOAT32)
+        if _channels_last(y):
+            vec, width = self._packs(channels, y)
+            self.kernels.launch("bias_activate_nhwc_kernel", y.size // width, y.ptr, biases.ptr,
+                                y.size, channels, _activation_id(activation), vec,
+                                dtype=y.dtype)
+            return y
         if spatial >= PLANES_MIN:  # large maps: a block per piece of a channel plane
             self.kernels.launch_planes("bias_activate_planes_kernel", y.size // spatial, spatial,
                                        y.ptr, biases.ptr, spatial, channels,
@@ -613,16 +720,24 @@ class CudaBackend(Operations):
         return x
 
     # ---- convolution --------------------------------------------------------------------------
-    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1):
+    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1, channels_last=False):
+        """The ConvPlan of a shape; channels_last: its NHWC inference plan, or None where cuDNN
+        has no algorithm for it."""
         stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
-        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation, self.dtype)
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation, self.dtype,
+               channels_last)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
-        plan = self.dnn.plans.get(key)
-        if plan is None:
-            plan = self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                                  groups, dilation, self.dtype)
-        if plan.workspace > self._workspace_size:
+        if key not in self.dnn.plans:
+            try:
+                self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
+                                               groups, dilation, self.dtype, channels_last)
+            except BackendError:
+                if not channels_last:
+                    raise
+                self.dnn.plans[key] = None  # this shape runs NCHW
+        plan = self.dnn.plans[key]
+        if plan is not None and plan.workspace > self._workspace_size:
             self._workspace = self._empty((plan.workspace,), np.uint8)
             self._workspace_size = plan.workspace
         return plan
@@ -631,14 +746,36 @@ class CudaBackend(Operations):
         return self._workspace.ptr if self._workspace is not None else None
 
     def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
-        """In this backend's storage type: x and the weights are converted when they are not."""
-        x, weights = self._activation(x), self._activation(weights)
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
-        y = self._empty(plan.y_shape, self.dtype)
+        """In this backend's storage type: x and the weights are converted when they are not.
+        At inference with channels_last, y is stored NHWC (x and the weights rewritten so)."""
+        typed = self._activation(weights)
+        plan = None
+        if self.channels_last and not train and len(x.shape) == 4:
+            plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation, True)
+        if plan is None:
+            x, weights = self._activation(self._nchw(x)), typed
+            plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
+            y = self._empty(plan.y_shape, self.dtype)
+        else:
+            x, weights = self._relayout(self._activation(x), True), self._nhwc_weights(weights,
+                                                                                      typed)
+            y = self._empty(plan.y_shape, self.dtype)
+            y.channels_last = True
         if not plan.forward_timed and not self._recording:
             self._time_forward_candidates(plan, x, weights, y)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
+
+    def _nhwc_weights(self, weights, typed):
+        """A convolution's weights (typed: in this backend's storage type) stored NHWC, as
+        (F, k, k, C/groups); made once for frozen weights."""
+        cached = self._nhwc_filters.get(id(weights))
+        if cached is not None and cached[0] is weights:
+            return cached[1]
+        nhwc = self._relayout(typed, True)
+        if self._frozen.get(id(weights)) is weights:
+            self._nhwc_filters[id(weights)] = (weights, nhwc)
+        return nhwc
 
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES), timed on
@@ -775,9 +912,12 @@ class CudaBackend(Operations):
         scales, biases, rolling_mean, rolling_variance = (
             self._as_type(a, FLOAT32) for a in (scales, biases, rolling_mean, rolling_variance))
         if per_activation:
+            x = self._nchw(x)
             spatial, channels = 1, _size(x.shape[1:])
         else:
-            spatial, channels = self._channel_layout(x.shape)
+            spatial, channels = self._stored_channels(x)
+            if _channels_last(x):
+                y.channels_last = True
         if spatial >= PLANES_MIN:
             self.kernels.launch_planes(
                 "bn_inference_activate_planes_kernel", x.size // spatial, spatial, x.ptr, y.ptr,
@@ -828,10 +968,16 @@ class CudaBackend(Operations):
     def maxpool_forward(self, x, size, stride, pad, out_h, out_w, train=True):
         """Max pooling, the first window at (-pad, -pad) (as numpy_backend's). Returns
         (y, winner): winner holds the input cell (h*W+w) that won each window (also at
-        inference: one kernel does both)."""
+        inference: one kernel does both). x stored channels last gives y stored so (winner
+        NCHW)."""
         b, c, h, w = (int(s) for s in x.shape)
         y = self._empty((b, c, out_h, out_w), x.dtype)
         winner = self._empty((b, c, out_h, out_w), np.int32)
+        if _channels_last(x):
+            y.channels_last = True
+            self.kernels.launch("maxpool_forward_nhwc_kernel", y.size, x.ptr, y.ptr, winner.ptr,
+                                y.size, c, h, w, out_h, out_w, size, stride, pad, dtype=x.dtype)
+            return y, winner
         self.kernels.launch("maxpool_forward_kernel", y.size, x.ptr, y.ptr, winner.ptr,
                             y.size, h, w, out_h, out_w, size, stride, pad, dtype=x.dtype)
         return y, winner
@@ -1013,6 +1159,7 @@ class CudaBackend(Operations):
         return array
 
     def float64_values(self, array):
+        array = self._nchw(array)
         host = np.empty(array.shape, np.float64)
         if host.size:
             self.cuda.memcpy_dtoh_async(host, array.ptr, self.stream)
@@ -1022,7 +1169,7 @@ class CudaBackend(Operations):
     def host_reader(self, array):
         from .graph import HostReader
 
-        return HostReader(self, array)
+        return HostReader(self, self._nchw(array))
 
     def output_reader(self, arrays):
         """Eagerly: to_host's arrays and all_finite's check, now. While recording: the outputs
@@ -1034,6 +1181,7 @@ class CudaBackend(Operations):
                               all(self.all_finite(a) for a in arrays))
         from .graph import OutputReader
 
+        arrays = [self._nchw(a) for a in arrays]
         floats = [self._as_type(a, FLOAT32) if a.dtype in STORAGE_DTYPES.values() else a
                   for a in arrays]
         flag = self._empty((1,), np.int32)
@@ -1095,6 +1243,7 @@ class CudaBackend(Operations):
         event after it: the host goes on while the work issued before it runs."""
         if not hasattr(array, "gpudata"):
             return ReadyRead(np.array(array, dtype=np.float32))
+        array = self._nchw(array)
         if array.dtype in STORAGE_DTYPES.values():
             array = self._as_type(array, FLOAT32)
         spares = self._spare_reads.get(read_key(array))
@@ -1154,8 +1303,14 @@ class CudaBackend(Operations):
                       accumulate=False):
         """dst[dst_view] = scale * src[src_view] + shift (+= with accumulate): one kernel."""
         src = self._as_type(src, dst.dtype)
-        n, counts, (src_walk, dst_walk) = _joint_walk(((src_view, int(src.size)),
-                                                       (dst_view, int(dst.size))))
+        try:
+            n, counts, (src_walk, dst_walk) = _joint_walk((_stored(src_view, src),
+                                                           _stored(dst_view, dst)))
+        except ValueError:
+            if not (_channels_last(src) or _channels_last(dst)):
+                raise
+            return self._in_nchw(self.strided_copy_, (dst, dst_view, src, src_view, scale, shift,
+                                                      accumulate), {}, writes=True)
         rows = _vector_rows(n, counts, src_walk, dst_walk, vector=16 // dst.dtype.itemsize)
         if rows is not None and src.ptr % 16 == 0 and dst.ptr % 16 == 0:
             length, (src_offset, src_step), (dst_offset, dst_step) = rows
@@ -1173,7 +1328,12 @@ class CudaBackend(Operations):
 
     def softmax_(self, x, view, axis):
         """Softmax along `axis` of the window of view in x, in place: a thread per lane."""
-        n, counts, walk, count, stride = _lanes(view, axis, x)
+        try:
+            n, counts, walk, count, stride = _lanes(view, axis, x)
+        except ValueError:
+            if not _channels_last(x):
+                raise
+            return self._in_nchw(self.softmax_, (x, view, axis), {}, writes=True)
         self.kernels.launch("softmax_strided_kernel", n, x.ptr, n, *counts, *walk, count, stride,
                             dtype=x.dtype)
         return x
@@ -1207,3 +1367,41 @@ class CudaBackend(Operations):
         self.kernels.launch("local_avgpool_backward_kernel", dx.size, delta.ptr, dx.ptr, dx.size,
                             c, h, w, out_h, out_w, size, stride, pad, dtype=delta.dtype)
         return dx
+
+
+# Operations that follow arrays stored channels last (see the module's docstring); each other
+# operation that takes arrays sees NCHW copies (_in_nchw). tests/test_channels_last.py checks
+# that every operation is in one of the three sets.
+CHANNELS_LAST_AWARE = frozenset({
+    "activate_", "add_", "add_bias_", "all_finite", "batchnorm_forward_inference",
+    "channels_to_read", "conv_bias_forward", "conv_bias_forward_into_", "conv_bias_maxpool_chain",
+    "conv_bias_maxpool_forward", "conv_forward", "copy", "empty", "float64_values", "host_reader",
+    "maxpool_forward", "output_reader", "reshape", "scale_", "softmax_", "strided_copy_",
+    "to_host", "to_host_async", "zeros"})
+# Operations of no activation arrays (parameters, host values, the backend's state).
+NO_ACTIVATIONS = frozenset({
+    "asarray", "available_memory", "capture", "collectives", "freeze_", "host_empty",
+    "int_array", "last_cost", "recording", "seed", "set_step", "sgd_update", "synchronize",
+    "update_loss_scale_"})
+
+
+def _given_nchw(method):
+    """An operation written for NCHW arrays: given NCHW copies of channels-last operands, the
+    copies of those an in-place operation (name ending in _) writes copied back."""
+    writes = method.__name__.endswith("_")
+
+    @functools.wraps(method)
+    def operation(self, *args, **kwargs):
+        if not any(_channels_last(v) or isinstance(v, (list, tuple)) and any(map(_channels_last, v))
+                   for v in itertools.chain(args, kwargs.values())):
+            return method(self, *args, **kwargs)
+        return self._in_nchw(functools.partial(method, self), args, kwargs, writes)
+
+    return operation
+
+
+NCHW_ONLY = frozenset(name for name in dir(CudaBackend)
+                      if not name.startswith("_") and callable(getattr(CudaBackend, name))
+                      and name not in CHANNELS_LAST_AWARE | NO_ACTIVATIONS)
+for _name in NCHW_ONLY:
+    setattr(CudaBackend, _name, _given_nchw(getattr(CudaBackend, _name)))

@@ -1,5 +1,5 @@
 """A small ctypes binding of cuDNN's legacy API (libcudnn.so.9): convolution forward and
-backward, and batch normalisation forward training and backward.
+backward, batch normalisation forward training and backward, and layout transforms.
 
 Every function's argument types are declared in FUNCTIONS (tests/test_kernels_compile.py checks
 them against the cudnn headers where those are installed) and every status is checked: a failure
@@ -20,6 +20,7 @@ CUDNN_DATA_FLOAT = 0
 CUDNN_DATA_HALF = 2
 CUDNN_DATA_BFLOAT16 = 9
 CUDNN_TENSOR_NCHW = 0
+CUDNN_TENSOR_NHWC = 1
 CUDNN_CROSS_CORRELATION = 1  # Darknet's convolution does not flip the kernel
 CUDNN_DEFAULT_MATH = 0
 CUDNN_TENSOR_OP_MATH = 1
@@ -72,6 +73,7 @@ FUNCTIONS = {
                                                DOUBLE, P, P],
     "cudnnBatchNormalizationBackward": [P, INT, P, P, P, P, P, P, P, P, P, P, P, P, P, P, DOUBLE,
                                         P, P],
+    "cudnnTransformTensor": [P, P, P, P, P, P, P],
     "cudnnGetErrorString": [INT],
     "cudnnGetVersion": [],
 }
@@ -129,25 +131,35 @@ class Cudnn:
         self.check(name, getattr(self.lib, name)(*args))
 
     # ---- descriptors ----------------------------------------------------------------------------
-    def tensor(self, shape, dtype=np.float32):
-        """A cached NCHW descriptor of `dtype`'s values; shapes of fewer than four dimensions get
-        trailing 1s."""
+    def tensor(self, shape, dtype=np.float32, channels_last=False):
+        """A cached descriptor of `dtype`'s values, stored NCHW or (channels_last) NHWC; the
+        shape is given NCHW either way, and shapes of fewer than four dimensions get trailing
+        1s."""
         shape = tuple(int(s) for s in shape) + (1,) * (4 - len(shape))
-        key = shape + (DATA_TYPES[np.dtype(dtype)],)
+        layout = CUDNN_TENSOR_NHWC if channels_last else CUDNN_TENSOR_NCHW
+        key = shape + (DATA_TYPES[np.dtype(dtype)], layout)
         descriptor = self._tensor_descriptors.get(key)
         if descriptor is None:
             descriptor = P()
             self.call("cudnnCreateTensorDescriptor", ctypes.byref(descriptor))
-            self.call("cudnnSetTensor4dDescriptor", descriptor, CUDNN_TENSOR_NCHW, key[-1], *shape)
+            self.call("cudnnSetTensor4dDescriptor", descriptor, layout, key[-2], *shape)
             self._tensor_descriptors[key] = descriptor
         return descriptor
 
-    def filter(self, shape, dtype=np.float32):
+    def filter(self, shape, dtype=np.float32, channels_last=False):
         descriptor = P()
         self.call("cudnnCreateFilterDescriptor", ctypes.byref(descriptor))
         self.call("cudnnSetFilter4dDescriptor", descriptor, DATA_TYPES[np.dtype(dtype)],
-                  CUDNN_TENSOR_NCHW, *(int(s) for s in shape))
+                  CUDNN_TENSOR_NHWC if channels_last else CUDNN_TENSOR_NCHW,
+                  *(int(s) for s in shape))
         return descriptor
+
+    def transform(self, shape, dtype, x, y, to_channels_last):
+        """y = x, a 4-D array of an NCHW `shape` (filters: (F, C, k, k)) stored NCHW, rewritten
+        NHWC (to_channels_last), or the other way round."""
+        self.call("cudnnTransformTensor", self.handle, ctypes.byref(_ONE),
+                  self.tensor(shape, dtype, not to_channels_last), x, ctypes.byref(_ZERO),
+                  self.tensor(shape, dtype, to_channels_last), y)
 
     def convolution(self, padding, stride, groups, dilation=1):
         """A convolution that accumulates in float32 whatever its data type (cuDNN's
