@@ -51,6 +51,34 @@ extern "C" __global__ void copy_rows_kernel(const act_t *src, act_t *dst, int le
     }
 }
 
+// copy_rows_kernel for rows shorter than a block's work (a [route] of channels-last arrays: a
+// row is one position's channels): a thread per 16-byte vector of any row.
+extern "C" __global__ void copy_vectors_kernel(const act_t *src, act_t *dst, int n,
+                                               int row_vectors, int src_offset, int src_step,
+                                               int dst_offset, int dst_step, float scale,
+                                               float shift, int accumulate)
+{
+    const int V = sizeof(uint4) / sizeof(act_t);
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    int row = t / row_vectors, k = t % row_vectors;
+    const uint4 *from = (const uint4 *)(src + src_offset + (size_t)row * src_step);
+    uint4 *to = (uint4 *)(dst + dst_offset + (size_t)row * dst_step);
+    uint4 in = from[k];
+    if (scale == 1.f && shift == 0.f && !accumulate) {
+        to[k] = in;
+        return;
+    }
+    uint4 out = accumulate ? to[k] : in;
+    const act_t *a = (const act_t *)&in;
+    act_t *o = (act_t *)&out;
+    for (int e = 0; e < V; ++e) {
+        float v = scale * load(a[e]) + shift;
+        o[e] = store(accumulate ? load(o[e]) + v : v);
+    }
+    to[k] = out;
+}
+
 // out = scale * (x summed over the axes whose bit in `keep` is 0), x contiguous with counts
 // c0..c5 (bit k: axis k kept; c5 fastest). One thread per output element.
 extern "C" __global__ void sum_to_kernel(const act_t *x, act_t *out, int n, int c0, int c1,

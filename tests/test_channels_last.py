@@ -207,10 +207,13 @@ def test_operations_on_nhwc_arrays_match_nchw(pair):
         r["avgpool"] = ops.sum_to(ops.reshape(a, (2, 24, 143)), (2, 24, 1), 1 / 143)
         r["channel_max"] = ops.channel_max(a, 4)[0]
         r["gradient"] = ops.activation_backward_(a, ops.copy(r["bias"]), "leaky")
-        r["pair"] = ops.add(a, r["bias"], 1.0, -2.0)
+        r["pair"] = ops.add(a, r["bias"], 1.0, -2.0)  # a [shortcut]
+        r["product"] = ops.multiply(r["bias"], a)
+        r["broadcast"] = ops.add(a, ops.sum_to(a, (2, 24, 1, 1)), 1.0, -1.0)
     for name in results[last]:
         expected_nhwc = name in ("bias", "bn", "pool2", "spp", "up", "route", "slice", "read",
-                                 "yolo", "region", "scaled", "sum", "gradient")
+                                 "yolo", "region", "scaled", "sum", "gradient", "pair",
+                                 "product")
         assert getattr(results[last][name], "channels_last", False) == expected_nhwc, name
         same(last, first, results[last][name], results[first][name], name,
              1e-5 if name == "connected" else 0.0)

@@ -59,6 +59,10 @@ UPLOAD_STAGED_MIN = 8 << 20
 # plane, no division per element: 2.5 -> 1.6 ms for YOLOv3's 75 bias passes at batch 16 in fp16);
 # smaller ones (MNIST's, CIFAR's) keep the one-thread-per-element kernels.
 PLANES_MIN = 2048
+# Rows of fewer elements than SHORT_ROW (a channels-last [route]'s: one position's channels) are
+# copied a thread per 16 bytes (copy_vectors_kernel), longer ones a block per ROW_CHUNK
+# (copy_rows_kernel: a block of 256 threads for a row of 64 halves left most of them idle).
+SHORT_ROW = 2048
 # A block of batch norm's reductions (kernels/batchnorm.cu) sums BN_CHUNK values of one plane.
 BN_CHUNK = 4096
 # cuDNN's Find times each algorithm once, and on an H200 its order of the fastest few changes
@@ -1264,12 +1268,24 @@ class CudaBackend(Operations):
         return (0 if b == 1 and fb != 1 else c * h * w, 0 if c == 1 and fc != 1 else h * w,
                 0 if h * w == 1 and fh * fw != 1 else 1)
 
+    def _broadcast_in_nchw(self, method, a, b, *args):
+        """For multiply and add: where the operands' shapes differ (one broadcast) and one is
+        stored channels last, the operation on NCHW copies; else None. Operands of one shape
+        are made one layout (a's) and combined elementwise, the result stored as a is."""
+        if tuple(a.shape) != tuple(b.shape) and (_channels_last(a) or _channels_last(b)):
+            return self._in_nchw(method, (a, b) + args, {}, writes=False)
+        return None
+
     def multiply(self, a, b):
+        broadcast = self._broadcast_in_nchw(self.multiply, a, b)
+        if broadcast is not None:
+            return broadcast
+        b = self._relayout(b, _channels_last(a))
         full = a.shape if a.size >= b.size else b.shape
         if a.shape != full:
             a, b = b, a
         b = self._as_type(b, a.dtype)
-        y = self._empty(full, a.dtype)
+        y = self.empty(full, like=a)
         strides = self._broadcast_strides(b.shape, full)
         self.kernels.launch("broadcast_multiply_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
                             int(full[1]), _size(full[2:]), *strides, dtype=a.dtype)
@@ -1277,8 +1293,11 @@ class CudaBackend(Operations):
 
     def add(self, a, b, alpha=1.0, beta=1.0):
         """alpha*a + beta*b, b broadcast over its axes of size 1: one pass."""
-        b = self._as_type(b, a.dtype)
-        y = self._empty(a.shape, a.dtype)
+        broadcast = self._broadcast_in_nchw(self.add, a, b, alpha, beta)
+        if broadcast is not None:
+            return broadcast
+        b = self._relayout(self._as_type(b, a.dtype), _channels_last(a))
+        y = self.empty(a.shape, like=a)
         if tuple(b.shape) == tuple(a.shape):  # a [shortcut]'s sum: no broadcast index arithmetic
             self.kernels.launch("add_scaled_kernel", y.size, a.ptr, b.ptr, y.ptr, y.size,
                                 np.float32(alpha), np.float32(beta), dtype=a.dtype)
@@ -1314,12 +1333,17 @@ class CudaBackend(Operations):
         rows = _vector_rows(n, counts, src_walk, dst_walk, vector=16 // dst.dtype.itemsize)
         if rows is not None and src.ptr % 16 == 0 and dst.ptr % 16 == 0:
             length, (src_offset, src_step), (dst_offset, dst_step) = rows
+            steps = (src_offset, src_step, dst_offset, dst_step, np.float32(scale),
+                     np.float32(shift), int(bool(accumulate)))
+            if length < SHORT_ROW:
+                vectors = length // (16 // dst.dtype.itemsize)
+                self.kernels.launch("copy_vectors_kernel", n // length * vectors, src.ptr,
+                                    dst.ptr, n // length * vectors, vectors, *steps,
+                                    dtype=dst.dtype)
+                return dst
             chunks = -(-length // ROW_CHUNK)
             self.kernels.launch_blocks("copy_rows_kernel", n // length * chunks, src.ptr,
-                                       dst.ptr, length, chunks, src_offset, src_step,
-                                       dst_offset, dst_step, np.float32(scale),
-                                       np.float32(shift), int(bool(accumulate)),
-                                       dtype=dst.dtype)
+                                       dst.ptr, length, chunks, *steps, dtype=dst.dtype)
             return dst
         self.kernels.launch("strided_copy_kernel", n, src.ptr, dst.ptr, n, *counts, *src_walk,
                             *dst_walk, np.float32(scale), np.float32(shift), int(bool(accumulate)),
@@ -1373,10 +1397,11 @@ class CudaBackend(Operations):
 # operation that takes arrays sees NCHW copies (_in_nchw). tests/test_channels_last.py checks
 # that every operation is in one of the three sets.
 CHANNELS_LAST_AWARE = frozenset({
-    "activate_", "add_", "add_bias_", "all_finite", "batchnorm_forward_inference",
+    "activate_", "add", "add_", "add_bias_", "all_finite", "batchnorm_forward_inference",
     "channels_to_read", "conv_bias_forward", "conv_bias_forward_into_", "conv_bias_maxpool_chain",
     "conv_bias_maxpool_forward", "conv_forward", "copy", "empty", "float64_values", "host_reader",
-    "maxpool_forward", "output_reader", "reshape", "scale_", "softmax_", "strided_copy_",
+    "maxpool_forward", "multiply", "output_reader", "reshape", "scale_", "softmax_",
+    "strided_copy_",
     "to_host", "to_host_async", "zeros"})
 # Operations of no activation arrays (parameters, host values, the backend's state).
 NO_ACTIVATIONS = frozenset({

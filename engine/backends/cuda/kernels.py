@@ -57,6 +57,7 @@ SIGNATURES = {
     "sum_to_kernel": ("strided.cu", "PP" + "i" * 8 + "f"),
     "strided_copy_kernel": ("strided.cu", "PP" + "i" * 20 + "ffi"),
     "copy_rows_kernel": ("strided.cu", "PPiiiiiiffi"),
+    "copy_vectors_kernel": ("strided.cu", "PPiiiiiiffi"),
     "softmax_strided_kernel": ("softmax.cu", "P" + "i" * 15),
     "local_avgpool_kernel": ("pooling.cu", "PPiiiiiiiii"),
     "channel_max_kernel": ("pooling.cu", "PPPiiii"),
