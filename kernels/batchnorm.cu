@@ -231,3 +231,181 @@ extern "C" __global__ void bn_backward_kernel(const act_t *x, const act_t *y, co
         dx[first] = store(k * (d - mean_delta - (v - m) * s * mean_inner));
     }
 }
+
+// ---- x stored channels last (NHWC): rows of `channels` values, one per position ----------------
+// A thread takes packs of VEC neighbouring channels (the host checks channels % VEC == 0 and at
+// most REDUCE_THREADS packs a row), always the same pack column, of every few rows, so that its
+// channels' parameters and sums stay in registers. The reductions take `rows` rows a block (a
+// chunk): its threads' partial sums meet in shared memory (a tree over the row lanes), then one
+// float64 atomic per channel. Any block size works (the CPU tests run blocks of one thread).
+
+// The pack columns a thread of a reduction block takes (first, then every `stride`-th) and its
+// row lane.
+struct NhwcLanes {
+    int first, stride, row_lane, row_lanes;
+    bool active;
+};
+
+__device__ __forceinline__ NhwcLanes nhwc_lanes(int packs)
+{
+    NhwcLanes l;
+    int width = min(packs, (int)blockDim.x);  // threads across a row's packs
+    l.row_lanes = max(1, (int)blockDim.x / packs);
+    l.active = threadIdx.x < width * l.row_lanes;
+    l.first = threadIdx.x % width;
+    l.stride = width;
+    l.row_lane = threadIdx.x / width;
+    return l;
+}
+
+// sums[2c], sums[2c+1] += the block's partial sums of channel c over its row lanes; partial
+// holds row_lanes x (packs * VEC) pairs, row lane after row lane.
+__device__ void add_nhwc_partials(float *partial, double *sums, int packs, int row_lanes)
+{
+    int pairs = 2 * packs * VEC;
+    for (int lanes = row_lanes; lanes > 1;) {  // fold the upper half of the lanes onto the lower
+        int half = (lanes + 1) / 2;
+        __syncthreads();
+        for (int i = threadIdx.x; i < (lanes - half) * pairs; i += blockDim.x)
+            partial[i] += partial[half * pairs + i];
+        lanes = half;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x)
+        atomicAdd(sums + i, (double)partial[i]);
+}
+
+// bn_sums_kernel for NHWC x of `count` rows.
+extern "C" __global__ void bn_sums_nhwc_kernel(const act_t *x, double *sums, int count,
+                                               int channels, int rows)
+{
+    __shared__ float partial[2 * REDUCE_THREADS * VEC];
+    int packs = channels / VEC;
+    NhwcLanes l = nhwc_lanes(packs);
+    int begin = blockIdx.x * rows, end = min(count, begin + rows);
+    if (l.active)
+        for (int p = l.first; p < packs; p += l.stride) {
+            float sum[VEC], squares[VEC];
+            for (int k = 0; k < VEC; k++) sum[k] = squares[k] = 0.f;
+            for (int r = begin + l.row_lane; r < end; r += l.row_lanes) {
+                Pack pack = ((const Pack *)x)[(size_t)r * packs + p];
+#pragma unroll
+                for (int k = 0; k < VEC; k++) {
+                    float v = load(pack.v[k]);
+                    sum[k] += v;
+                    squares[k] += v * v;
+                }
+            }
+            float *at = partial + 2 * (size_t)(l.row_lane * packs + p) * VEC;
+            for (int k = 0; k < VEC; k++) { at[2 * k] = sum[k]; at[2 * k + 1] = squares[k]; }
+        }
+    add_nhwc_partials(partial, sums, packs, l.row_lanes);
+}
+
+// The elementwise passes: thread g takes pack column g % packs of rows g / packs, then every
+// `groups`-th row after it (the host launches packs * groups threads).
+#define FOR_NHWC_ROWS(count, packs, groups, p, r)                                                  \
+    int g_ = blockIdx.x * blockDim.x + threadIdx.x, p = g_ % (packs);                               \
+    if (g_ / (packs) < (groups))                                                                    \
+        for (int r = g_ / (packs); r < (count); r += (groups))
+
+// bn_normalize_kernel for NHWC x of `count` rows.
+extern "C" __global__ void bn_normalize_nhwc_kernel(const act_t *x, act_t *y, const float *mean,
+                                                    const float *inv_std, const float *scale,
+                                                    const float *bias, int count, int channels,
+                                                    int groups, int act)
+{
+    int packs = channels / VEC;
+    float m[VEC], k[VEC], b[VEC];
+    bool loaded = false;
+    FOR_NHWC_ROWS(count, packs, groups, p, r) {
+        if (!loaded) {
+            for (int j = 0; j < VEC; j++) {
+                int c = p * VEC + j;
+                m[j] = mean[c]; k[j] = inv_std[c] * scale[c]; b[j] = bias[c];
+            }
+            loaded = true;
+        }
+        size_t at = (size_t)r * packs + p;
+        Pack in = ((const Pack *)x)[at], out;
+#pragma unroll
+        for (int j = 0; j < VEC; j++)
+            out.v[j] = store(activate(bn_affine(load(in.v[j]), m[j], k[j], b[j]), act));
+        ((Pack *)y)[at] = out;
+    }
+}
+
+// bn_backward_sums_kernel for NHWC x, y, delta of `count` rows.
+extern "C" __global__ void bn_backward_sums_nhwc_kernel(const act_t *x, const act_t *y,
+                                                        const act_t *delta, const float *mean,
+                                                        const float *inv_std, const float *scale,
+                                                        const float *bias, double *sums,
+                                                        int count, int channels, int rows,
+                                                        int act)
+{
+    __shared__ float partial[2 * REDUCE_THREADS * VEC];
+    int packs = channels / VEC;
+    NhwcLanes l = nhwc_lanes(packs);
+    int begin = blockIdx.x * rows, end = min(count, begin + rows);
+    bool reads_output = bn_reads_output(act);
+    if (l.active)
+        for (int p = l.first; p < packs; p += l.stride) {
+            float m[VEC], s[VEC], k[VEC], b[VEC], sum[VEC], inner[VEC];
+            for (int j = 0; j < VEC; j++) {
+                int c = p * VEC + j;
+                m[j] = mean[c]; s[j] = inv_std[c]; k[j] = s[j] * scale[c]; b[j] = bias[c];
+                sum[j] = inner[j] = 0.f;
+            }
+            for (int r = begin + l.row_lane; r < end; r += l.row_lanes) {
+                size_t at = (size_t)r * packs + p;
+                Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys;
+                if (reads_output) ys = ((const Pack *)y)[at];
+#pragma unroll
+                for (int j = 0; j < VEC; j++) {
+                    float v = load(xs.v[j]);
+                    float d = load(ds.v[j]) * bn_activation_gradient(
+                        v, [&] { return load(ys.v[j]); }, m[j], k[j], b[j], act);
+                    sum[j] += d;
+                    inner[j] += d * (v - m[j]) * s[j];
+                }
+            }
+            float *out = partial + 2 * (size_t)(l.row_lane * packs + p) * VEC;
+            for (int j = 0; j < VEC; j++) { out[2 * j] = sum[j]; out[2 * j + 1] = inner[j]; }
+        }
+    add_nhwc_partials(partial, sums, packs, l.row_lanes);
+}
+
+// bn_backward_kernel for NHWC arrays of `count` rows.
+extern "C" __global__ void bn_backward_nhwc_kernel(const act_t *x, const act_t *y,
+                                                   const act_t *delta, act_t *dx,
+                                                   const float *mean, const float *inv_std,
+                                                   const float *scale, const float *bias,
+                                                   const double *sums, int count, int channels,
+                                                   int groups, int act)
+{
+    int packs = channels / VEC;
+    float m[VEC], s[VEC], k[VEC], b[VEC], mean_delta[VEC], mean_inner[VEC];
+    bool loaded = false, reads_output = bn_reads_output(act);
+    FOR_NHWC_ROWS(count, packs, groups, p, r) {
+        if (!loaded) {
+            for (int j = 0; j < VEC; j++) {
+                int c = p * VEC + j;
+                m[j] = mean[c]; s[j] = inv_std[c]; k[j] = s[j] * scale[c]; b[j] = bias[c];
+                mean_delta[j] = (float)(sums[2 * c] / count);
+                mean_inner[j] = (float)(sums[2 * c + 1] / count);
+            }
+            loaded = true;
+        }
+        size_t at = (size_t)r * packs + p;
+        Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys, out;
+        if (reads_output) ys = ((const Pack *)y)[at];
+#pragma unroll
+        for (int j = 0; j < VEC; j++) {
+            float v = load(xs.v[j]);
+            float d = load(ds.v[j]) * bn_activation_gradient(
+                v, [&] { return load(ys.v[j]); }, m[j], k[j], b[j], act);
+            out.v[j] = store(k[j] * (d - mean_delta[j] - (v - m[j]) * s[j] * mean_inner[j]));
+        }
+        ((Pack *)dx)[at] = out;
+    }
+}

@@ -178,3 +178,43 @@ extern "C" __global__ void maxpool_forward_nhwc_kernel(const act_t *x, act_t *y,
     y[i] = store(best);
     winner[(((size_t)b * channels + c) * out_h + oh) * out_w + ow] = best_index;
 }
+
+// maxpool_backward_kernel for delta and dx stored channels last (winner in NCHW order, as
+// maxpool_forward_nhwc_kernel leaves it): i runs over dx's NHWC elements.
+extern "C" __global__ void maxpool_backward_nhwc_kernel(const act_t *delta, const int *winner,
+                                                        act_t *dx, int n, int channels,
+                                                        int height, int width, int out_h,
+                                                        int out_w, int size, int stride, int top)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int c = i % channels, w = (i / channels) % width, h = (i / channels / width) % height;
+    int b = i / (channels * width * height);
+    int ph = h + top, pw = w + top;
+    int low_h = ph - size + 1, low_w = pw - size + 1;
+    int oh0 = low_h <= 0 ? 0 : (low_h + stride - 1) / stride;
+    int ow0 = low_w <= 0 ? 0 : (low_w + stride - 1) / stride;
+    int oh1 = min(ph / stride, out_h - 1), ow1 = min(pw / stride, out_w - 1);
+    int cell = h * width + w;
+    size_t plane = ((size_t)b * channels + c) * out_h * out_w;
+    float sum = 0.f;
+    for (int oh = oh0; oh <= oh1; ++oh)
+        for (int ow = ow0; ow <= ow1; ++ow)
+            if (winner[plane + oh * out_w + ow] == cell)
+                sum += load(delta[(((size_t)b * out_h + oh) * out_w + ow) * channels + c]);
+    dx[i] = store(sum);
+}
+
+// maxpool_scatter_kernel for delta and a zeroed dx stored channels last (winner in NCHW order):
+// i runs over delta's NHWC elements.
+extern "C" __global__ void maxpool_scatter_nhwc_kernel(const act_t *delta, const int *winner,
+                                                       act_t *dx, int n, int channels,
+                                                       int out_plane, int in_plane)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int c = i % channels, position = (i / channels) % out_plane;
+    int b = i / (channels * out_plane);
+    int cell = winner[((size_t)b * channels + c) * out_plane + position];
+    if (cell >= 0) dx[((size_t)b * in_plane + cell) * channels + c] = delta[i];
+}

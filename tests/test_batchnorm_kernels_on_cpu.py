@@ -250,3 +250,60 @@ def test_the_kernels_input_gradient_activations_are_activations_input_gradient()
     body = re.search(r"bool gradient_needs_input\(int act\)\s*\{(.*?)\}", text, re.S).group(1)
     assert set(re.findall(r"ACT_(\w+)", body)) == {name.upper() for name in
                                                    activations.INPUT_GRADIENT}
+
+
+def stored_nhwc(values):
+    """A HostArray of NCHW values stored channels last (as the GPU's NHWC activations are): its
+    shape NCHW, its memory NHWC."""
+    b, c, h, w = values.shape
+    memory = aligned((b, h, w, c))
+    memory[...] = values.transpose(0, 2, 3, 1)
+    array = memory.reshape(b, c, h, w)
+    array.channels_last = True
+    return array
+
+
+def nchw_values(array):
+    b, c, h, w = array.shape
+    return np.asarray(array).reshape(b, h, w, c).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("activation", ["linear", "leaky", "mish", "swish"])
+@pytest.mark.parametrize("shape", [(2, 8, 80, 60),  # 9600 positions: two blocks of rows
+                                   (3, 12, 3, 5)])  # three packs of channels a row
+def test_training_batchnorm_kernels_on_channels_last_arrays(library, activation, shape):
+    """The NHWC reductions and passes (bn_*_nhwc_kernel) against numpy on the NCHW values: y,
+    the rolling statistics, dx and the updates; y and dx stored channels last."""
+    rng = np.random.default_rng(10)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    delta = rng.standard_normal(shape).astype(np.float32)
+    params = [p.astype(np.float32) for p in (rng.uniform(0.5, 1.5, c), rng.standard_normal(c),
+                                             rng.standard_normal(c) * 0.1,
+                                             rng.uniform(0.5, 1.5, c))]
+    host, cpu = HostBackend(library), NumpyBackend()
+    device, cpu_params = [host.asarray(p) for p in params], [p.copy() for p in params]
+    y, cache = host.batchnorm_forward_train(stored_nhwc(x), *device, activation=activation)
+    y_cpu, cache_cpu = cpu.batchnorm_forward_train(x, *cpu_params, activation=activation)
+    assert host.kernels.launches[0][0] == "bn_sums_nhwc_kernel" and y.channels_last
+    close(nchw_values(y), y_cpu, "y")
+    close(device[2], cpu_params[2], "rolling mean")
+    close(device[3], cpu_params[3], "rolling variance")
+    updates = [host.asarray(np.full(c, 0.5, np.float32)) for _ in range(2)]
+    cpu_updates = [np.full(c, 0.5, np.float32) for _ in range(2)]
+    dx = host.batchnorm_backward(stored_nhwc(delta), cache, device[0], *updates)
+    dx_cpu = cpu.batchnorm_backward(delta.copy(), cache_cpu, cpu_params[0], *cpu_updates)
+    assert dx.channels_last and "bn_backward_nhwc_kernel" in dict(host.kernels.launches)
+    close(nchw_values(dx), dx_cpu, "dx", 2e-5)
+    close(updates[0], cpu_updates[0], "scale updates", 2e-5)
+    close(updates[1], cpu_updates[1], "bias updates", 2e-5)
+
+
+def test_the_nhwc_reductions_thread_bound_is_the_backends():
+    """BN_REDUCE_THREADS (the most packs a row the host gives the NHWC reductions) is the
+    kernels' REDUCE_THREADS, which sizes their shared memory."""
+    from engine.backends.cuda.backend import BN_REDUCE_THREADS
+
+    with open(os.path.join(KERNEL_DIR, "batchnorm.cu")) as handle:
+        defined = re.search(r"#define REDUCE_THREADS (\d+)", handle.read()).group(1)
+    assert int(defined) == BN_REDUCE_THREADS

@@ -127,8 +127,7 @@ def test_every_other_operation_is_given_nchw_arrays():
     assert cuda_backend.NCHW_ONLY == operations - aware - plain
     for name in cuda_backend.NCHW_ONLY:
         assert hasattr(getattr(CudaBackend, name), "__wrapped__"), name
-    assert {"conv_backward", "connected_forward", "batchnorm_forward_train",
-            "scatter_cells_"} <= cuda_backend.NCHW_ONLY
+    assert {"connected_forward", "bias_backward", "scatter_cells_"} <= cuda_backend.NCHW_ONLY
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------
@@ -220,6 +219,47 @@ def test_operations_on_nhwc_arrays_match_nchw(pair):
     finite = [ops.output_reader([results[ops]["route"], results[ops]["yolo"]]) for ops in pair]
     for got, want in zip(*(reader.values()[0] for reader in finite)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_training_operations_on_nhwc_arrays_match_nchw(pair):
+    """A convolution trained through batch norm with a fused activation, then max pooling and
+    a dropout: forward, backward and the parameters' updates alike in both layouts (the NHWC
+    backend's arrays staying NHWC); batch norm over channels that are not whole packs goes
+    NCHW."""
+    last, first = pair
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 16, 26, 20)).astype(np.float32)
+    w = (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32)
+    delta = rng.standard_normal((4, 24, 13, 10)).astype(np.float32)
+    params = [rng.uniform(0.5, 1.5, 24), rng.standard_normal(24), np.zeros(24), np.ones(24)]
+    got = {}
+    for ops in pair:
+        bn = [ops.asarray(p.astype(np.float32)) for p in params]
+        updates = [ops.zeros((24, 16, 3, 3)), ops.zeros((24,)), ops.zeros((24,))]
+        z = ops.conv_forward(ops.asarray(x), ops.asarray(w), 1, 1, 1, train=True)
+        y, cache = ops.batchnorm_forward_train(z, *bn, activation="mish")
+        pooled, winner = ops.maxpool_forward(y, 2, 2, 0, 13, 10)
+        d = ops._activation(ops.asarray(delta))
+        d = ops._relayout(d, ops.channels_last)  # as the next layer's backward gives it
+        d = ops.maxpool_backward(d, winner, y.shape, 2, 2, 0)
+        spp, spp_winner = ops.maxpool_forward(y, 5, 1, 2, 26, 20)  # overlapping windows
+        d = ops.add(d, ops.maxpool_backward(spp, spp_winner, y.shape, 5, 1, 2), 1.0, 0.01)
+        d = ops.batchnorm_backward(d, cache, bn[0], updates[1], updates[2])
+        dx = ops.conv_backward(ops.asarray(x), ops.asarray(w), d, 1, 1, 1, updates[0], True)
+        got[ops] = dict(z=z, y=y, pooled=pooled, dx=dx, weights=updates[0], scales=updates[1],
+                        biases=updates[2], mean=bn[2], variance=bn[3])
+        odd = ops.conv_forward(ops.asarray(x), ops.asarray(w[:12]), 1, 1, 1, train=True)
+        odd_y, _ = ops.batchnorm_forward_train(odd, *[ops.asarray(p[:12].astype(np.float32))
+                                                      for p in params], activation="leaky")
+        got[ops]["odd"] = odd_y
+    for name in ("z", "y", "pooled", "dx"):
+        assert got[last][name].channels_last, name
+    assert not getattr(got[first]["dx"], "channels_last", False)
+    assert not getattr(got[last]["odd"], "channels_last", False)  # 12 halves: not whole packs
+    for name in got[last]:
+        same(last, first, got[last][name], got[first][name], name,
+             {"fp16": 2e-2, "bf16": 8e-2}[last.precision])
 
 
 @pytest.mark.gpu

@@ -381,3 +381,32 @@ def test_engine_test_refuses_a_detector_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith("this cfg is a detector: measure it with engine map")
+
+
+@pytest.mark.gpu
+def test_fp16_training_alike_with_and_without_channels_last(tmp_path):
+    """The tiny detector trained in fp16 on the GPU with its activations stored NHWC (the
+    default: convolutions, batch norm and their backward in that layout) and NCHW: the same
+    losses within fp16's rounding at the start, both falling alike."""
+    from engine.backends.cuda import CudaBackend
+
+    data = DataConfig(_synthetic_set(tmp_path / "set"))
+    runs = {}
+    for channels_last in (True, False):
+        folder = tmp_path / str(channels_last)
+        folder.mkdir()
+        net = Network(_tiny_cfg(folder), quiet=True, seed=4,
+                      backend=CudaBackend(0, precision="fp16", channels_last=channels_last))
+        dataset = data.detection_dataset("train", net.input_shape, net.cost_layer.max_boxes)
+        stream = io.StringIO()
+        train(net, dataset, str(folder / "backup"), stream=stream)
+        runs[channels_last] = [float(line.split(": ")[1].split(",")[0])
+                               for line in stream.getvalue().splitlines() if line[:1].isdigit()]
+        images, _ = dataset.training_batch(np.arange(8))
+        net.forward(net.ops.asarray(images), train=True)
+        assert getattr(net.outputs[2], "channels_last", False) == channels_last
+    nhwc, nchw = np.array(runs[True]), np.array(runs[False])
+    assert len(nhwc) == len(nchw) == 30
+    assert abs(nhwc[0] - nchw[0]) <= 1e-2 * nchw[0], (nhwc[0], nchw[0])
+    assert np.mean(nhwc[-5:]) < 0.25 * np.mean(nhwc[:3]), nhwc
+    assert abs(np.mean(nhwc[-5:]) - np.mean(nchw[-5:])) <= 0.2 * np.mean(nchw[-5:]), (nhwc, nchw)

@@ -63,8 +63,12 @@ PLANES_MIN = 2048
 # copied a thread per 16 bytes (copy_vectors_kernel), longer ones a block per ROW_CHUNK
 # (copy_rows_kernel: a block of 256 threads for a row of 64 halves left most of them idle).
 SHORT_ROW = 2048
-# A block of batch norm's reductions (kernels/batchnorm.cu) sums BN_CHUNK values of one plane.
+# A block of batch norm's reductions (kernels/batchnorm.cu) sums BN_CHUNK values of one plane;
+# on NHWC arrays the rows of BN_NHWC_CHUNK values, of at most BN_REDUCE_THREADS packs each.
 BN_CHUNK = 4096
+BN_NHWC_CHUNK = 65536
+BN_REDUCE_THREADS = 256
+BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # cuDNN's Find times each algorithm once, and on an H200 its order of the fastest few changes
 # from run to run (a non-tensor-core algorithm won for 12 of YOLOv3's 75 convolutions in fp16).
 # Its times also include issuing the calls, which for small convolutions is most of them (batch
@@ -216,8 +220,9 @@ def _activation_id(name):
 
 
 class ConvPlan:
-    """Descriptors, algorithms and workspace sizes for one convolution shape, found once.
-    channels_last: x, the filters and y stored NHWC, for inference (no backward algorithms)."""
+    """Descriptors, algorithms and workspace sizes for one convolution shape, found once (the
+    backward ones at the first backward: find_backward). channels_last: x, the filters and y
+    stored NHWC."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
                  dtype=FLOAT32, channels_last=False):
@@ -232,17 +237,36 @@ class ConvPlan:
             self.y_desc, filter_size=size)[:FORWARD_CANDIDATES]
         self.forward_algo, self.forward_workspace = self.forward_candidates[0]
         self.forward_timed = len(self.forward_candidates) == 1
-        if channels_last:
-            self.workspace = max(memory for _, memory in self.forward_candidates)
-            return
-        self.data_algo, self.data_workspace = dnn.find_algorithm(
+        self.filter_size = size
+        self.data_algo = self.filter_algo = None
+        self.workspace = max(memory for _, memory in self.forward_candidates)
+
+    def find_backward(self, dnn):
+        """The backward algorithms: Find's first of each, the others kept for next_backward."""
+        self.data_candidates = dnn.find_candidates(
             "cudnnFindConvolutionBackwardDataAlgorithm", self.w_desc, self.y_desc, self.conv_desc,
-            self.x_desc, filter_size=size)
-        self.filter_algo, self.filter_workspace = dnn.find_algorithm(
+            self.x_desc, filter_size=self.filter_size)
+        self.filter_candidates = dnn.find_candidates(
             "cudnnFindConvolutionBackwardFilterAlgorithm", self.x_desc, self.y_desc,
-            self.conv_desc, self.w_desc, filter_size=size)
-        self.workspace = max([self.data_workspace, self.filter_workspace] +
-                             [memory for _, memory in self.forward_candidates])
+            self.conv_desc, self.w_desc, filter_size=self.filter_size)
+        self.data_algo, self.data_workspace = self.data_candidates[0]
+        self.filter_algo, self.filter_workspace = self.filter_candidates[0]
+        self.workspace = max(self.workspace, self.data_workspace, self.filter_workspace)
+
+    def next_backward(self, which):
+        """Move `which` ('data' or 'filter') to its next candidate (Find lists some algorithms
+        that then refuse to run: NHWC fp16 filter gradients of 3x3 convolutions on an H200);
+        False when none is left."""
+        candidates = getattr(self, which + "_candidates")
+        index = candidates.index((getattr(self, which + "_algo"),
+                                  getattr(self, which + "_workspace")))
+        if index + 1 == len(candidates):
+            return False
+        algo, workspace = candidates[index + 1]
+        setattr(self, which + "_algo", algo)
+        setattr(self, which + "_workspace", workspace)
+        self.workspace = max(self.workspace, workspace)
+        return True
 
 
 def read_key(array):
@@ -462,7 +486,9 @@ class CudaBackend(Operations):
 
     def zeros(self, shape, like=None):
         """Zeros: float32, or of like's dtype (fp16 or bf16 activations)."""
-        array = self.empty(shape, like)
+        return self._zero_(self.empty(shape, like))
+
+    def _zero_(self, array):
         if array.size and array.dtype.itemsize == 4:
             self.cuda.memset_d32_async(array.ptr, 0, array.size, self.stream)
         elif array.size:
@@ -651,14 +677,14 @@ class CudaBackend(Operations):
 
     def activation_backward_(self, y, delta, activation):
         if activation != "linear":
-            y = self._as_type(y, delta.dtype)
+            y = self._relayout(self._as_type(y, delta.dtype), _channels_last(delta))
             vec, width = self._packs(delta.size, delta, y)
             self.kernels.launch("gradient_kernel", delta.size // width, y.ptr, delta.ptr,
                                 delta.size, _activation_id(activation), vec, dtype=delta.dtype)
         return delta
 
     def activation_input_backward_(self, x, delta, activation):
-        x = self._as_type(x, delta.dtype)
+        x = self._relayout(self._as_type(x, delta.dtype), _channels_last(delta))
         vec, width = self._packs(delta.size, delta, x)
         self.kernels.launch("input_gradient_kernel", delta.size // width, x.ptr, delta.ptr,
                             delta.size, _activation_id(activation), vec, dtype=delta.dtype)
@@ -724,37 +750,46 @@ class CudaBackend(Operations):
         return x
 
     # ---- convolution --------------------------------------------------------------------------
-    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1, channels_last=False):
-        """The ConvPlan of a shape; channels_last: its NHWC inference plan, or None where cuDNN
-        has no algorithm for it."""
+    def _plan(self, x_shape, w_shape, stride, padding, groups, dilation=1, channels_last=False,
+              backward=False):
+        """The ConvPlan of a shape (with its backward algorithms where `backward`);
+        channels_last: its NHWC plan, or None where cuDNN has no algorithm for it."""
         stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
         key = (tuple(x_shape), tuple(w_shape), stride, padding, groups, dilation, self.dtype,
                channels_last)
         # Plans live with the cuDNN handle, shared by every backend on this GPU: a shape's
         # algorithms are measured once per process, so runs with one seed compute alike.
-        if key not in self.dnn.plans:
-            try:
-                self.dnn.plans[key] = ConvPlan(self.dnn, x_shape, w_shape, stride, padding,
-                                               groups, dilation, self.dtype, channels_last)
-            except BackendError:
-                if not channels_last:
-                    raise
-                self.dnn.plans[key] = None  # this shape runs NCHW
-        plan = self.dnn.plans[key]
-        if plan is not None and plan.workspace > self._workspace_size:
-            self._workspace = self._empty((plan.workspace,), np.uint8)
-            self._workspace_size = plan.workspace
+        try:
+            if key not in self.dnn.plans:
+                plan = ConvPlan(self.dnn, x_shape, w_shape, stride, padding, groups, dilation,
+                                self.dtype, channels_last)
+                plan.key = key  # conv_backward drops a plan whose NHWC backward cuDNN refuses
+                self.dnn.plans[key] = plan
+            plan = self.dnn.plans[key]
+            if backward and plan is not None and plan.data_algo is None:
+                plan.find_backward(self.dnn)
+        except BackendError:
+            if not channels_last:
+                raise
+            plan = self.dnn.plans[key] = None  # this shape runs NCHW
+        if plan is not None:
+            self._reserve_workspace(plan.workspace)
         return plan
+
+    def _reserve_workspace(self, size):
+        if size > self._workspace_size:
+            self._workspace = self._empty((size,), np.uint8)
+            self._workspace_size = size
 
     def _workspace_pointer(self):
         return self._workspace.ptr if self._workspace is not None else None
 
     def conv_forward(self, x, weights, stride, padding, groups, train=False, dilation=1):
         """In this backend's storage type: x and the weights are converted when they are not.
-        At inference with channels_last, y is stored NHWC (x and the weights rewritten so)."""
+        With channels_last, y is stored NHWC (x and the weights rewritten so)."""
         typed = self._activation(weights)
         plan = None
-        if self.channels_last and not train and len(x.shape) == 4:
+        if self.channels_last and len(x.shape) == 4:
             plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation, True)
         if plan is None:
             x, weights = self._activation(self._nchw(x)), typed
@@ -808,19 +843,58 @@ class CudaBackend(Operations):
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,
                       dilation=1):
-        x, weights, delta = (self._activation(a) for a in (x, weights, delta))
-        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation)
-        workspace = self._workspace_pointer()
-        if weight_updates.dtype == self.dtype:
-            self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, weight_updates.ptr, workspace)
-        else:  # fp16/bf16: cuDNN's gradient in that type, added to the float32 updates
-            gradient = self.zeros(weight_updates.shape, like=delta)
-            self.dnn.conv_backward_filter(plan, x.ptr, delta.ptr, gradient.ptr, workspace)
-            self._convert(gradient, weight_updates, accumulate=True)
-        if not need_dx:
-            return None
-        dx = self._empty(x.shape, self.dtype)
-        self.dnn.conv_backward_data(plan, weights.ptr, delta.ptr, dx.ptr, workspace)
+        """NHWC where x or delta is stored so (the forward's layout; the first layer's x, an
+        image, is rewritten NHWC rather than its delta NCHW), giving an NHWC dx; the filters'
+        gradient is then made NHWC by cuDNN and rewritten NCHW for the updates. A shape whose
+        NHWC backward cuDNN refuses runs NCHW from then on."""
+        if self.channels_last and (_channels_last(x) or _channels_last(delta)):
+            plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation, True,
+                              backward=True)
+            if plan is not None:
+                try:
+                    return self._conv_backward(plan, True, x, weights, delta, weight_updates,
+                                               need_dx)
+                except BackendError:
+                    self.dnn.plans[plan.key] = None
+        plan = self._plan(x.shape, weights.shape, stride, padding, groups, dilation,
+                          backward=True)
+        return self._conv_backward(plan, False, x, weights, delta, weight_updates, need_dx)
+
+    def _backward_call(self, plan, which, call):
+        """call(workspace pointer) with plan's algorithm of `which` ('data' or 'filter'), or,
+        where cuDNN refuses it when it runs (its checks come before any kernel: nothing is
+        written), with the next candidate, kept from then on."""
+        while True:
+            try:
+                return call(self._workspace_pointer())
+            except BackendError:
+                if not plan.next_backward(which):
+                    raise
+                self._reserve_workspace(plan.workspace)
+
+    def _conv_backward(self, plan, channels_last, x, weights, delta, weight_updates, need_dx):
+        typed = self._activation(weights)
+        filters = self._nhwc_weights(weights, typed) if channels_last else typed
+        x, delta = (self._relayout(self._activation(a), channels_last) for a in (x, delta))
+        if weight_updates.dtype == self.dtype and not channels_last:
+            gradient, into = None, weight_updates
+        else:  # cuDNN's gradient in the storage type and x's layout, added to the updates last
+            gradient = into = self._zero_(self._empty(weight_updates.shape, self.dtype))
+            gradient.channels_last = channels_last
+        self._backward_call(plan, "filter", lambda workspace: self.dnn.conv_backward_filter(
+            plan, x.ptr, delta.ptr, into.ptr, workspace))
+        dx = None
+        if need_dx:
+            dx = self._empty(x.shape, self.dtype)
+            dx.channels_last = channels_last
+            self._backward_call(plan, "data", lambda workspace: self.dnn.conv_backward_data(
+                plan, filters.ptr, delta.ptr, dx.ptr, workspace))
+        if gradient is not None:
+            gradient = self._nchw(gradient)
+            if weight_updates.dtype == self.dtype:
+                self.add_(weight_updates, gradient)
+            else:
+                self._convert(gradient, weight_updates, accumulate=True)
         return dx
 
     # ---- fully connected ----------------------------------------------------------------------
@@ -865,7 +939,23 @@ class CudaBackend(Operations):
         in cuDNN, then the activation (keeping a copy of z where its gradient needs it)."""
         save_mean = self._empty(scales.shape)
         save_inv_std = self._empty(scales.shape)
-        y = self._empty(x.shape, x.dtype)
+        if per_activation or not self._nhwc_batchnorm(x):
+            x = self._nchw(x)
+        y = self.empty(x.shape, like=x)
+        if _channels_last(x):
+            count, channels = x.size // int(x.shape[1]), int(x.shape[1])
+            rows = max(1, BN_NHWC_CHUNK // channels)
+            sums = self._channel_sums(channels)
+            self.kernels.launch_blocks("bn_sums_nhwc_kernel", -(-count // rows), x.ptr, sums.ptr,
+                                       count, channels, rows, dtype=x.dtype)
+            self.kernels.launch("bn_statistics_kernel", channels, sums.ptr, save_mean.ptr,
+                                save_inv_std.ptr, rolling_mean.ptr, rolling_variance.ptr,
+                                channels, count)
+            packs, groups = self._nhwc_row_groups(x)
+            self.kernels.launch("bn_normalize_nhwc_kernel", packs * groups, x.ptr, y.ptr,
+                                save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr, count,
+                                channels, groups, _activation_id(activation), dtype=x.dtype)
+            return y, (x, save_mean, save_inv_std, per_activation, y, activation, biases)
         if per_activation:
             shape, params, mode = self._bn_shapes(x.shape, per_activation)
             x_desc = self.dnn.tensor(shape, x.dtype)
@@ -890,6 +980,25 @@ class CudaBackend(Operations):
                             save_mean.ptr, save_inv_std.ptr, scales.ptr, biases.ptr, spatial,
                             channels, x.size, _activation_id(activation), vec, dtype=x.dtype)
         return y, (x, save_mean, save_inv_std, per_activation, y, activation, biases)
+
+    @staticmethod
+    def _nhwc_batchnorm(x):
+        """Whether training batch norm takes x as it is stored, channels last: the NHWC kernels
+        (kernels/batchnorm.cu) need whole 16-byte packs of channels, at most BN_REDUCE_THREADS
+        packs, and x on 16 bytes (the arrays they make are)."""
+        if not _channels_last(x):
+            return False
+        channels, width = int(x.shape[1]), 16 // x.dtype.itemsize
+        return (channels % width == 0 and channels // width <= BN_REDUCE_THREADS
+                and int(x.ptr) % 16 == 0)
+
+    @staticmethod
+    def _nhwc_row_groups(x):
+        """(packs a row, row groups) of the NHWC elementwise batch-norm passes: a thread per
+        pack column and group of BN_NHWC_ROWS rows (kernels/batchnorm.cu's FOR_NHWC_ROWS)."""
+        channels = int(x.shape[1])
+        count = x.size // channels
+        return channels // (16 // x.dtype.itemsize), -(-count // BN_NHWC_ROWS)
 
     @staticmethod
     def _packs(length, *arrays):
@@ -937,8 +1046,27 @@ class CudaBackend(Operations):
 
     def batchnorm_backward(self, delta, cache, scales, scale_updates, bias_updates):
         x, save_mean, save_inv_std, per_activation, kept, activation, biases = cache
-        delta = self._as_type(delta, x.dtype)
-        dx = self._empty(x.shape, x.dtype)
+        delta = self._relayout(self._as_type(delta, x.dtype), _channels_last(x))
+        dx = self.empty(x.shape, like=x)
+        if _channels_last(x):  # the forward took the NHWC kernels
+            count, channels = x.size // int(x.shape[1]), int(x.shape[1])
+            if int(delta.ptr) % 16:
+                delta = self.copy(delta)
+            rows = max(1, BN_NHWC_CHUNK // channels)
+            act = _activation_id(activation)
+            sums = self._channel_sums(channels)
+            self.kernels.launch_blocks("bn_backward_sums_nhwc_kernel", -(-count // rows), x.ptr,
+                                       kept.ptr, delta.ptr, save_mean.ptr, save_inv_std.ptr,
+                                       scales.ptr, biases.ptr, sums.ptr, count, channels, rows,
+                                       act, dtype=x.dtype)
+            self.kernels.launch("bn_updates_kernel", channels, sums.ptr, scale_updates.ptr,
+                                bias_updates.ptr, channels)
+            packs, groups = self._nhwc_row_groups(x)
+            self.kernels.launch("bn_backward_nhwc_kernel", packs * groups, x.ptr, kept.ptr,
+                                delta.ptr, dx.ptr, save_mean.ptr, save_inv_std.ptr, scales.ptr,
+                                biases.ptr, sums.ptr, count, channels, groups, act,
+                                dtype=x.dtype)
+            return dx
         if per_activation:  # kept: the activation's input where its gradient needs it, else y
             if activation in activations.INPUT_GRADIENT:
                 delta = self.activation_input_backward_(kept, delta, activation)
@@ -987,8 +1115,21 @@ class CudaBackend(Operations):
         return y, winner
 
     def maxpool_backward(self, delta, argmax, in_shape, size, stride, pad):
+        """dx stored as delta is (argmax in NCHW order either way)."""
         b, c, h, w = (int(s) for s in in_shape)
         out_h, out_w = (int(s) for s in delta.shape[2:])
+        if _channels_last(delta):
+            if stride >= size:
+                dx = self.zeros((b, c, h, w), like=delta)
+                self.kernels.launch("maxpool_scatter_nhwc_kernel", delta.size, delta.ptr,
+                                    argmax.ptr, dx.ptr, delta.size, c, out_h * out_w, h * w,
+                                    dtype=delta.dtype)
+                return dx
+            dx = self.empty((b, c, h, w), like=delta)
+            self.kernels.launch("maxpool_backward_nhwc_kernel", dx.size, delta.ptr, argmax.ptr,
+                                dx.ptr, dx.size, c, h, w, out_h, out_w, size, stride, pad,
+                                dtype=delta.dtype)
+            return dx
         if stride >= size:
             dx = self.zeros((b, c, h, w), like=delta)
             self.kernels.launch("maxpool_scatter_kernel", delta.size, delta.ptr, argmax.ptr,
@@ -1003,8 +1144,8 @@ class CudaBackend(Operations):
     def dropout_forward(self, x, probability):
         """The mask comes from a hash of (seed, call number, element), drawn on the GPU; under a
         captured graph the seed is read from device memory so each replay draws anew."""
-        y = self._empty(x.shape, x.dtype)
-        mask = self._empty(x.shape, x.dtype)
+        y = self.empty(x.shape, like=x)
+        mask = self.empty(x.shape, like=x)
         self.kernels.launch("dropout_forward_kernel", x.size, x.ptr, y.ptr, mask.ptr,
                             x.size, np.float32(probability), np.float32(1.0 / (1.0 - probability)),
                             np.uint32(self._seed), self._step_value(1),
@@ -1012,8 +1153,8 @@ class CudaBackend(Operations):
         return y, mask
 
     def dropout_backward(self, delta, mask):
-        dx = self._empty(delta.shape, delta.dtype)
-        mask = self._as_type(mask, delta.dtype)
+        dx = self.empty(delta.shape, like=delta)
+        mask = self._relayout(self._as_type(mask, delta.dtype), _channels_last(delta))
         self.kernels.launch("multiply_kernel", dx.size, delta.ptr, mask.ptr, dx.ptr,
                             dx.size, dtype=delta.dtype)
         return dx
@@ -1397,11 +1538,14 @@ class CudaBackend(Operations):
 # operation that takes arrays sees NCHW copies (_in_nchw). tests/test_channels_last.py checks
 # that every operation is in one of the three sets.
 CHANNELS_LAST_AWARE = frozenset({
-    "activate_", "add", "add_", "add_bias_", "all_finite", "batchnorm_forward_inference",
-    "channels_to_read", "conv_bias_forward", "conv_bias_forward_into_", "conv_bias_maxpool_chain",
-    "conv_bias_maxpool_forward", "conv_forward", "copy", "empty", "float64_values", "host_reader",
-    "maxpool_forward", "multiply", "output_reader", "reshape", "scale_", "softmax_",
-    "strided_copy_",
+    "activate_", "activation_backward_", "activation_input_backward_", "add", "add_",
+    "add_bias_", "all_finite", "apply_loss_scale_", "batchnorm_backward",
+    "batchnorm_forward_inference", "batchnorm_forward_train", "channels_to_read",
+    "conv_backward", "conv_bias_forward", "conv_bias_forward_into_", "conv_bias_maxpool_chain",
+    "conv_bias_maxpool_forward", "conv_forward", "copy", "dropout_backward", "dropout_forward",
+    "empty", "flag_non_finite_", "float64_values", "host_reader", "maxpool_backward",
+    "maxpool_forward", "multiply",
+    "output_reader", "reshape", "scale_", "softmax_", "strided_copy_", "sum_of_squares",
     "to_host", "to_host_async", "zeros"})
 # Operations of no activation arrays (parameters, host values, the backend's state).
 NO_ACTIVATIONS = frozenset({
