@@ -78,7 +78,7 @@ __device__ void add_block_pair(double a, double b, double *total)
     __syncthreads();
     if (warp == 0) {
         // the warps' partial sums (lane * 32 < blockDim.x: also a block of one thread, as
-        // tests/test_batchnorm_kernels_on_cpu.py runs it)
+        // tests/test_kernels_on_cpu.py runs it)
         a = lane * 32 < blockDim.x ? shared_a[lane] : 0.0;
         b = lane * 32 < blockDim.x ? shared_b[lane] : 0.0;
         for (int offset = 16; offset > 0; offset >>= 1) {

@@ -1,12 +1,13 @@
-"""kernels/batchnorm.cu, activations.cu and elementwise.cu without a GPU: the sources compiled as
-C++ by the host compiler (CUDA's qualifiers and intrinsics defined away, float storage; every
-block one thread, run block after block) and launched by CudaBackend's own methods (its
-batchnorm_forward_train, batchnorm_backward, activate_, activation_backward_,
-activation_input_backward_ and add_, on host arrays that carry a `ptr`), against the numpy
-backend. This checks the training batch norm with every fused activation (mish and the other
-activations.INPUT_GRADIENT, whose backward recomputes z from x), and the 16-byte pack and
-one-value paths of each kernel (kernels/packs.cuh), with the host's arguments as the backend
-passes them. The GPU's own arithmetic (its libm, FMA contraction, half storage) is checked by
+"""kernels/batchnorm.cu, activations.cu, elementwise.cu, strided.cu and pooling.cu without a GPU:
+the sources compiled as C++ by the host compiler (CUDA's qualifiers and intrinsics defined away,
+float storage; every block one thread, run block after block) and launched by CudaBackend's own
+methods (its batchnorm_forward_train, batchnorm_backward, activate_, activation_backward_,
+activation_input_backward_, add_, maxpool_forward, maxpool_backward and strided_copy_, on host
+arrays that carry a `ptr`), against the numpy backend. This checks the training batch norm with
+every fused activation (mish and the other activations.INPUT_GRADIENT, whose backward
+recomputes z from x), and the 16-byte pack and one-value paths of each kernel
+(kernels/packs.cuh), with the host's arguments as the backend passes them; and the kernels for
+arrays stored channels last (NHWC: batch norm, max pooling, a route's short rows). The GPU's own arithmetic (its libm, FMA contraction, half storage) is checked by
 the gpu-marked tests (test_gpu_backend.py, test_reduced_precision.py)."""
 
 import ctypes
@@ -24,7 +25,7 @@ from engine.backends.cuda.kernels import BLOCK, KERNEL_DIR, PLANE_CHUNK, SIGNATU
 from engine.backends.numpy_backend import NumpyBackend
 from engine.constants import kernel_define_options
 
-SOURCES = ("batchnorm.cu", "activations.cu", "elementwise.cu")
+SOURCES = ("batchnorm.cu", "activations.cu", "elementwise.cu", "strided.cu", "pooling.cu")
 HEADERS = ("activation_functions.cuh", "packs.cuh", "strided.cuh")
 
 # kernels/storage.cuh for the host compiler: float storage, and what the kernels use of CUDA
@@ -37,6 +38,7 @@ HOST_STORAGE = r'''
 using std::min;
 using std::max;
 struct Dim { int x; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
 static Dim blockIdx, blockDim, threadIdx;
 #define __global__
 #define __device__
@@ -307,3 +309,45 @@ def test_the_nhwc_reductions_thread_bound_is_the_backends():
     with open(os.path.join(KERNEL_DIR, "batchnorm.cu")) as handle:
         defined = re.search(r"#define REDUCE_THREADS (\d+)", handle.read()).group(1)
     assert int(defined) == BN_REDUCE_THREADS
+
+
+@pytest.mark.parametrize("size, stride, pad", [(2, 2, 0), (5, 1, 2), (3, 2, 1)])
+def test_max_pooling_kernels_on_channels_last_arrays(library, size, stride, pad):
+    """maxpool_forward_nhwc_kernel and, for windows apart (stride >= size) and overlapping,
+    maxpool_scatter_nhwc_kernel and maxpool_backward_nhwc_kernel: numpy's pooling and its
+    backward on the NCHW values, the outputs stored channels last."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 8, 9, 7)).astype(np.float32)
+    out_h, out_w = ((n + 2 * pad - size) // stride + 1 for n in x.shape[2:])
+    host, cpu = HostBackend(library), NumpyBackend()
+    y, winner = host.maxpool_forward(stored_nhwc(x), size, stride, pad, out_h, out_w)
+    y_cpu, winner_cpu = cpu.maxpool_forward(x, size, stride, pad, out_h, out_w)
+    assert y.channels_last and host.kernels.launches[-1][0] == "maxpool_forward_nhwc_kernel"
+    close(nchw_values(y), y_cpu, "pooled", 0)
+    delta = rng.standard_normal(y_cpu.shape).astype(np.float32)
+    dx = host.maxpool_backward(stored_nhwc(delta), winner, x.shape, size, stride, pad)
+    expected = "maxpool_scatter_nhwc_kernel" if stride >= size else "maxpool_backward_nhwc_kernel"
+    assert dx.channels_last and host.kernels.launches[-1][0] == expected
+    close(nchw_values(dx), cpu.maxpool_backward(delta, winner_cpu, x.shape, size, stride, pad),
+          "dx")  # overlapping windows: sums in another order
+
+
+def test_route_copies_of_channels_last_arrays_take_a_thread_per_vector(library):
+    """A [route] of NHWC arrays copies one position's channels per row: copy_vectors_kernel
+    (rows under SHORT_ROW), plain and accumulating; a copy of long NCHW rows stays on
+    copy_rows_kernel. numpy's values either way."""
+    from engine.layers.channels import add_channel_slice_, concat_channels
+
+    rng = np.random.default_rng(12)
+    a, b = (rng.standard_normal((2, c, 5, 6)).astype(np.float32) for c in (8, 12))
+    host = HostBackend(library)
+    y = concat_channels(host, [stored_nhwc(a), stored_nhwc(b)])
+    assert y.channels_last and host.kernels.launches[-1][0] == "copy_vectors_kernel"
+    close(nchw_values(y), np.concatenate([a, b], axis=1), "route", 0)
+    add_channel_slice_(host, y, 8, stored_nhwc(b))
+    assert host.kernels.launches[-1][0] == "copy_vectors_kernel"
+    close(nchw_values(y), np.concatenate([a, 2 * b], axis=1), "accumulated", 0)
+    planes = rng.standard_normal((2, 4, 64, 64)).astype(np.float32)  # rows of 4096 values
+    whole = concat_channels(host, [host.asarray(planes), host.asarray(planes)])
+    assert host.kernels.launches[-1][0] == "copy_rows_kernel"
+    close(np.asarray(whole), np.concatenate([planes, planes], axis=1), "long rows", 0)
