@@ -7,8 +7,9 @@ arrays that carry a `ptr`), against the numpy backend. This checks the training 
 every fused activation (mish and the other activations.INPUT_GRADIENT, whose backward
 recomputes z from x), and the 16-byte pack and one-value paths of each kernel
 (kernels/packs.cuh), with the host's arguments as the backend passes them; and the kernels for
-arrays stored channels last (NHWC: batch norm, max pooling, a route's short rows). The GPU's own arithmetic (its libm, FMA contraction, half storage) is checked by
-the gpu-marked tests (test_gpu_backend.py, test_reduced_precision.py)."""
+arrays stored channels last (NHWC: batch norm, max pooling, a route's short rows). The GPU's
+own arithmetic (its libm, FMA contraction, half storage) is checked by the gpu-marked tests
+(test_gpu_backend.py, test_reduced_precision.py, test_channels_last.py)."""
 
 import ctypes
 import os

@@ -13,13 +13,15 @@ on tensor cores; parameters and their updates stay float32. An operation makes t
 combines one type: the first activation operand's, the others converted (a float32 parameter
 used as an activation, such as a convolution's weights, is converted once when frozen).
 
-Layout: in fp16 and bf16, inference convolutions store their outputs channels last (NHWC), the
-layout cuDNN's tensor-core kernels read and write; given NCHW data they transpose it on the way
-in and out, which cost 0.55 of YOLOv4's 1.89 ms of kernels at batch 1. Such an array keeps its
-NCHW shape and says `channels_last`; the operations in CHANNELS_LAST_AWARE follow it (the
-strided views through views.strides, bias and pooling through their NHWC indexing), every other
-operation is given NCHW copies of its operands (those it writes are copied back): an operation
-that meets NHWC data where it does not expect it is slower, never wrong.
+Layout: in fp16 and bf16, convolutions (inference and training) store their outputs channels
+last (NHWC), the layout cuDNN's tensor-core kernels read and write; given NCHW data they
+transpose it on the way in and out, which cost 0.55 of YOLOv4's 1.89 ms of kernels at batch 1
+and 20 of its 108 ms training step. Such an array keeps its NCHW shape and says
+`channels_last`; the operations in CHANNELS_LAST_AWARE follow it (the strided views through
+views.strides, bias, batch norm and pooling through their NHWC kernels, elementwise ones as
+they are), every other operation is given NCHW copies of its operands (those it writes are
+copied back): an operation that meets NHWC data where it does not expect it is slower, never
+wrong.
 """
 
 import contextlib
@@ -113,7 +115,8 @@ def _channels_last(array):
 def _stored(view, array):
     """A View of `array` with what _joint_walk needs of the array: its size, and its NCHW shape
     where its elements are stored channels last (else None)."""
-    return view, int(array.size), tuple(int(n) for n in array.shape) if _channels_last(array) else None
+    shape = tuple(int(n) for n in array.shape) if _channels_last(array) else None
+    return view, int(array.size), shape
 
 
 def _walk(view, array):
@@ -301,7 +304,7 @@ class CudaBackend(Operations):
     def __init__(self, device=0, seed=0, allow_tf32=False, precision=None, channels_last=None):
         """precision (engine/precision.py): 'fp32' (the default, results match the CPU
         backend's), 'tf32' (TF32 tensor cores for convolutions, ~1e-3 relative error), 'fp16' or
-        'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether inference
+        'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether
         convolutions store NHWC outputs (see the module's docstring); by default in fp16 and
         bf16, where it is faster."""
         self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
@@ -1534,9 +1537,8 @@ class CudaBackend(Operations):
         return dx
 
 
-# Operations that follow arrays stored channels last (see the module's docstring); each other
-# operation that takes arrays sees NCHW copies (_in_nchw). tests/test_channels_last.py checks
-# that every operation is in one of the three sets.
+# Operations that follow arrays stored channels last (see the module's docstring); every other
+# operation that takes arrays (NCHW_ONLY, below) sees NCHW copies (_in_nchw).
 CHANNELS_LAST_AWARE = frozenset({
     "activate_", "activation_backward_", "activation_input_backward_", "add", "add_",
     "add_bias_", "all_finite", "apply_loss_scale_", "batchnorm_backward",
@@ -1544,9 +1546,8 @@ CHANNELS_LAST_AWARE = frozenset({
     "conv_backward", "conv_bias_forward", "conv_bias_forward_into_", "conv_bias_maxpool_chain",
     "conv_bias_maxpool_forward", "conv_forward", "copy", "dropout_backward", "dropout_forward",
     "empty", "flag_non_finite_", "float64_values", "host_reader", "maxpool_backward",
-    "maxpool_forward", "multiply",
-    "output_reader", "reshape", "scale_", "softmax_", "strided_copy_", "sum_of_squares",
-    "to_host", "to_host_async", "zeros"})
+    "maxpool_forward", "multiply", "output_reader", "reshape", "scale_", "softmax_",
+    "strided_copy_", "sum_of_squares", "to_host", "to_host_async", "zeros"})
 # Operations of no activation arrays (parameters, host values, the backend's state).
 NO_ACTIVATIONS = frozenset({
     "asarray", "available_memory", "capture", "collectives", "freeze_", "host_empty",
