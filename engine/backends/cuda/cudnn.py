@@ -179,10 +179,6 @@ class Cudnn:
                   *(ctypes.byref(d) for d in dims))
         return tuple(d.value for d in dims)
 
-    def find_algorithm(self, name, *descriptors, filter_size=1):
-        """(algo, workspace bytes): the first of find_candidates."""
-        return self.find_candidates(name, *descriptors, filter_size=filter_size)[0]
-
     def find_candidates(self, name, *descriptors, filter_size=1):
         """The algorithms cuDNN measures for one convolution shape (done once per shape), the
         fastest first, among those within WORKSPACE_LIMIT and, in exact float32 with filters
