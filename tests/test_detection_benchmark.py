@@ -359,3 +359,22 @@ def test_engine_precision_adapter(monkeypatch):
         bench.engine_backend("bf16", 0)
     with pytest.raises(EngineErrorStandIn):  # not about the precision: a failure, as it is
         bench.engine_backend("fp16", 7)
+
+
+class BackendWithLayoutOptions:
+    def __init__(self, device=0, seed=0, precision="fp32", **options):
+        self.precision, self.options = precision, options
+
+
+def test_layout_and_fusion_ab_flags_reach_the_backend(monkeypatch):
+    """--nchw and --unfused (each child gets them: CHILD_FLAGS) make the engine's backend
+    with channels_last=False and fused=False; by default neither is passed."""
+    import engine.backends.cuda as cuda
+    monkeypatch.setattr(cuda, "CudaBackend", BackendWithLayoutOptions)
+    assert bench.engine_backend("fp16", 0).options == {}
+    assert bench.engine_backend("fp16", 0, unfused=True).options == {"fused": False}
+    assert bench.engine_backend("bf16", 0, nchw=True, unfused=True).options == {
+        "channels_last": False, "fused": False}
+    args = bench.parse_args(["--unfused", "--nchw"])
+    assert args.unfused and args.nchw and set(bench.CHILD_FLAGS) == {"nchw", "unfused"}
+    assert not bench.parse_args([]).unfused
