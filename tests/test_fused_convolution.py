@@ -474,23 +474,53 @@ class FakeDnn:
         pass
 
 
+class FakeEvent:
+    def __init__(self, clock):
+        self.clock, self.time = clock, None
+
+    def record(self, stream):
+        self.time = self.clock["now"]
+
+    def synchronize(self):
+        pass
+
+    def time_since(self, start):
+        return self.time - start.time
+
+
 @pytest.fixture
 def fake_fp16(monkeypatch):
-    """An fp16 CudaBackend on fakes whose fused plans go to a FakeGraphLibrary, and whose
-    unfused path records its calls."""
+    """make(**options): an fp16 CudaBackend on fakes (fused="always" unless `fused` is given)
+    whose fused plans go to a FakeGraphLibrary, whose unfused path records its calls, and whose
+    events read a clock that a fused run advances by clock["fused"] ms and an unfused one by
+    clock["unfused"]."""
     monkeypatch.setattr(cuda_backend, "_runtime", lambda device, math_type: (
         FakeDevice(), FakeKernels(), FakeDnn(), None))
     library = FakeGraphLibrary()
     made = fusions(library, handle=0xCAFE)
     monkeypatch.setattr(cg, "fusions", lambda dnn: made)
+    clock = {"now": 0.0, "fused": 1.0, "unfused": 2.0}
+    execute = library.cudnnBackendExecute
+
+    def timed_execute(*args):
+        clock["now"] += clock["fused"]
+        return execute(*args)
+
+    library.cudnnBackendExecute = timed_execute
 
     def make(**options):
+        options.setdefault("fused", "always")
         ops = cuda_backend.CudaBackend(precision="fp16", **options)
+        ops.cuda = type("Cuda", (), {"pagelocked_empty": staticmethod(np.empty),
+                                     "Event": lambda self: FakeEvent(clock)})()
         ops.unfused = []
 
         def conv_forward(x, weights, stride, padding, groups, train=False, dilation=1):
             ops.unfused.append("conv_forward")
-            return FakeArray((2, 16, 7, 6), ops.dtype)
+            clock["now"] += clock["unfused"]
+            y = FakeArray((2, 16, 7, 6), ops.dtype)
+            y.unfused = True
+            return y
 
         def add_bias_(y, biases, activation="linear"):
             ops.unfused.append("add_bias_")
@@ -499,7 +529,7 @@ def fake_fp16(monkeypatch):
         ops.conv_forward, ops.add_bias_ = conv_forward, add_bias_
         return ops
 
-    make.library, make.fusions = library, made
+    make.library, make.fusions, make.clock = library, made, clock
     return make
 
 
@@ -526,7 +556,7 @@ def test_backend_runs_the_fused_plan_into_an_nhwc_output(fake_fp16):
     pointers = fake_fp16.library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)
     assert pointers[0] == x.ptr and pointers[2] == biases.ptr and pointers[3] == y.ptr
     assert pointers[1] != weights.ptr  # the weights converted to fp16 (and rewritten NHWC)
-    assert ops.kernels.launches == ["from_float_kernel"]
+    assert ops.kernels.launches == ["from_float_kernel"]  # "always": no timing
     # the same shape again: no new plan; dilation and the other geometry go into the key
     ops.conv_bias_forward(x, weights, biases, *rest)
     assert len(executions(fake_fp16.library)) == 2
@@ -543,6 +573,43 @@ def test_backend_runs_unfused_where_it_should(fake_fp16, options, activation, wh
     ops.conv_bias_forward(*arguments(activation))
     assert ops.unfused == ["conv_forward", "add_bias_"], why
     assert executions(fake_fp16.library) == [] and fake_fp16.library.calls == []
+
+
+def unfused_pairs(count):
+    return ["conv_forward", "add_bias_"] * count
+
+
+@pytest.mark.parametrize("fused_ms,unfused_ms", [(1.0, 2.0), (2.0, 2.0)])
+def test_a_fused_plan_timed_faster_is_kept(fake_fp16, fused_ms, unfused_ms):
+    """fused=True: the first run times the fused plan against the unfused path, each
+    FORWARD_REPEATS times behind a hold kernel, and keeps the plan where it is not slower."""
+    ops = fake_fp16(fused=True)
+    fake_fp16.clock.update(fused=fused_ms, unfused=unfused_ms)
+    y = ops.conv_bias_forward(*arguments())
+    repeats = cuda_backend.FORWARD_REPEATS
+    assert not getattr(y, "unfused", False) and y.channels_last
+    assert len(executions(fake_fp16.library)) == 1 + repeats
+    assert ops.unfused == unfused_pairs(1 + repeats)  # a first call, then the timed ones
+    assert ops.kernels.launches.count("hold_kernel") == 2
+    (key, plan), = fake_fp16.fusions.plans.items()
+    assert plan is not None and fake_fp16.fusions.timings[key] == (fused_ms, unfused_ms)
+    ops.conv_bias_forward(*arguments())  # timed once per shape
+    assert len(executions(fake_fp16.library)) == 2 + repeats
+    assert ops.unfused == unfused_pairs(1 + repeats)
+
+
+def test_a_fused_plan_timed_slower_is_dropped(fake_fp16):
+    ops = fake_fp16(fused=True)
+    fake_fp16.clock.update(fused=3.0, unfused=2.0)
+    y = ops.conv_bias_forward(*arguments())
+    assert y.unfused  # the unfused path's result, as every later call's
+    repeats = cuda_backend.FORWARD_REPEATS
+    assert len(executions(fake_fp16.library)) == 1 + repeats
+    (key, plan), = fake_fp16.fusions.plans.items()
+    assert plan is None and fake_fp16.library.alive() == []
+    assert fake_fp16.fusions.refusals[key] == "slower than unfused (3.0000 against 2.0000 ms)"
+    assert ops.conv_bias_forward(*arguments()).unfused
+    assert len(executions(fake_fp16.library)) == 1 + repeats
 
 
 def test_backend_in_fp32_runs_unfused(monkeypatch, fake_fp16):
@@ -579,7 +646,6 @@ def test_no_plan_is_made_while_recording(fake_fp16):
     plan is made at its next eager call); one run eagerly before runs fused."""
     ops = fake_fp16()
     ops.conv_bias_forward(*arguments("leaky"))
-    ops.cuda = type("Cuda", (), {"pagelocked_empty": staticmethod(np.empty)})()
     with ops.recording():
         ops.conv_bias_forward(*arguments("leaky"))  # run eagerly before: fused
         assert ops.unfused == []
@@ -681,8 +747,9 @@ MUST_FUSE = (0, 1, 2, 6)
 
 @pytest.fixture(scope="module", params=REDUCED)
 def fused_pair(request):
-    """(fused backend, unfused backend) of one reduced precision, both channels last."""
-    return (cuda_backend.CudaBackend(0, precision=request.param),
+    """(backend fusing wherever cuDNN can, unfused backend) of one reduced precision, both
+    channels last."""
+    return (cuda_backend.CudaBackend(0, precision=request.param, fused="always"),
             cuda_backend.CudaBackend(0, precision=request.param, fused=False))
 
 
@@ -718,6 +785,32 @@ def test_fused_convolution_matches_unfused(fused_pair, activation):
         error = relative_error(*outputs)
         assert error <= tolerance, (f"{x_shape} {w_shape} stride {stride} groups {groups} "
                                     f"{activation} in {fused.precision}: {error:.3g}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", REDUCED)
+def test_the_default_times_fused_against_unfused(precision):
+    """fused=True (the default): a shape's first call times the fused plan and the unfused
+    path on the GPU (both times kept), and its output is right whichever wins."""
+    ops = cuda_backend.CudaBackend(0, precision=precision)
+    unfused = cuda_backend.CudaBackend(0, precision=precision, fused=False)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 32, 52, 52)).astype(np.float32)
+    w = (rng.standard_normal((64, 32, 3, 3)) * 0.06).astype(np.float32)
+    biases = rng.standard_normal(64).astype(np.float32)
+    outputs = []
+    for backend in (ops, unfused):
+        x_nhwc = backend._relayout(backend._activation(backend.asarray(x)), True)
+        outputs.append(backend.to_host(backend.conv_bias_forward(
+            x_nhwc, backend.freeze_(backend.asarray(w)), backend.freeze_(backend.asarray(biases)),
+            "leaky", 1, 1, 1)))
+    made = cg.fusions(ops.dnn)
+    key = made.key(x.shape, w.shape, 1, 1, 1, 1, ops.dtype, "leaky")
+    assert key in made.timings, made.refusals.get(key)
+    fused_ms, unfused_ms = made.timings[key]
+    assert 0 < fused_ms < 100 and 0 < unfused_ms < 100
+    assert (made.plans[key] is not None) == (fused_ms <= unfused_ms)
+    assert relative_error(*outputs) <= {"fp16": 1e-2, "bf16": 3e-2}[precision]
 
 
 @pytest.mark.gpu
@@ -762,7 +855,7 @@ def test_networks_predict_alike_fused_and_unfused(cfg, precision, tmp_path):
     outputs = []
     plans = cg.fusions(cuda_backend.CudaBackend(0, precision=precision).dnn).plans
     before = {key for key, plan in plans.items() if plan is not None}
-    for fused in (False, True):
+    for fused in (False, "always"):
         ops = cuda_backend.CudaBackend(0, precision=precision, fused=fused)
         net = Network(os.path.join(ROOT, cfg), seed=3, quiet=True, backend=ops)
         if not outputs:

@@ -308,13 +308,14 @@ class CudaBackend(Operations):
         'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether
         convolutions store NHWC outputs (see the module's docstring); by default in fp16 and
         bf16, where it is faster. fused: whether inference convolutions on NHWC fp16/bf16 data
-        run with their bias and activation as one cuDNN kernel where cuDNN can
-        (conv_bias_forward, cudnn_graph.py); False for an A/B."""
+        run with their bias and activation as one cuDNN kernel (conv_bias_forward,
+        cudnn_graph.py) where cuDNN can and it measured faster; "always": wherever cuDNN can
+        (tests); False: never (an A/B)."""
         self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
         self.dtype = STORAGE_DTYPES[self.precision]  # of the activations operations make
         self.channels_last = (self.precision in ("fp16", "bf16") if channels_last is None
                               else bool(channels_last))
-        self.fused = bool(fused)
+        self.fused = fused if fused == "always" else bool(fused)
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
@@ -817,9 +818,15 @@ class CudaBackend(Operations):
         """Operations.conv_bias_forward. With channels last in fp16 or bf16 (and `fused`), one
         cuDNN runtime-fusion kernel computes act(conv + bias) into an NHWC y for the activations
         of cudnn_graph.ACTIVATION_STEPS, where cuDNN takes the shape's graph (a refusal is
-        remembered per shape); otherwise conv_forward, then add_bias_. A shape's plan is made and
-        first run on an eager call, never while recording (such a call runs unfused), so that
-        a recording only issues kernels."""
+        remembered per shape) and where it measured faster than the unfused path on its first
+        run; otherwise conv_forward, then add_bias_. A shape's plan is made and first run on an
+        eager call, never while recording (such a call runs unfused), so that a recording only
+        issues kernels."""
+        def unfused():
+            y = self.conv_forward(x, weights, stride, padding, groups, train=False,
+                                  dilation=dilation)
+            return self.add_bias_(y, biases, activation)
+
         if (self.fused and self.channels_last and self.dtype != FLOAT32 and len(x.shape) == 4
                 and activation in cudnn_graph.FUSED_ACTIVATIONS):
             fusions = cudnn_graph.fusions(self.dnn)
@@ -834,15 +841,41 @@ class CudaBackend(Operations):
                 y.channels_last = True
                 pointers = (x_nhwc.ptr, w_nhwc.ptr, bias.ptr, y.ptr)
                 if cudnn_graph.aligned(*pointers):
+                    first = not plan.ran
                     try:
                         fusions.execute(plan, *pointers, self._workspace_pointer())
-                        return y
                     except BackendError as error:
-                        if plan.ran:  # it ran before: a real failure
+                        if not first:  # it ran before: a real failure
                             raise
-                        fusions.refuse(plan, str(error))  # its first run: unfused from now on
-        y = self.conv_forward(x, weights, stride, padding, groups, train=False, dilation=dilation)
-        return self.add_bias_(y, biases, activation)
+                        fusions.refuse(plan, str(error))  # unfused from now on
+                    else:
+                        if (not first or self.fused == "always"
+                                or self._fused_is_faster(fusions, plan, pointers, unfused)):
+                            return y
+        return unfused()
+
+    def _fused_is_faster(self, fusions, plan, pointers, unfused):
+        """On a fused plan's first (eager) run: time it and the unfused path (`unfused()`), as
+        _time_forward_candidates times convolution algorithms, and keep the faster for the
+        shape (cuDNN's heuristics rank the fused engines without measuring them). False where
+        the unfused path won: the plan is dropped (fusions.timings keeps both times)."""
+        unfused()  # its first call chooses the convolution's algorithm
+        start, end = self.cuda.Event(), self.cuda.Event()
+        times = []
+        for run in (lambda: fusions.execute(plan, *pointers, self._workspace_pointer()),
+                    unfused):
+            self.kernels.launch("hold_kernel", 1, np.int32(HOLD_US))
+            start.record(self.stream)
+            for _ in range(FORWARD_REPEATS):
+                run()
+            end.record(self.stream)
+            end.synchronize()
+            times.append(end.time_since(start) / FORWARD_REPEATS)
+        fusions.timings[plan.key] = tuple(times)
+        if times[0] <= times[1]:
+            return True
+        fusions.refuse(plan, f"slower than unfused ({times[0]:.4f} against {times[1]:.4f} ms)")
+        return False
 
     def _nhwc_weights(self, weights, typed):
         """A convolution's weights (typed: in this backend's storage type) stored NHWC, as

@@ -10,7 +10,8 @@ kernels at batch 16 in fp16 on an H200) goes. A plan is made once per shape, on 
 call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A), and the first
 of their engine configurations that finalizes within WORKSPACE_LIMIT. A shape whose graph cuDNN
 refuses at any step (no engine, a finalize error, a failing first run) is remembered as unfused
-and runs as before (conv_forward and add_bias_). Executing a plan allocates nothing on the device
+and runs as before (conv_forward and add_bias_); so is one whose fused kernel the backend timed
+slower than the unfused path on its first run. Executing a plan allocates nothing on the device
 and does not synchronise, so it can be recorded into a CUDA graph.
 
 Every function's argument types are declared in FUNCTIONS and the enum values in ENUMS
@@ -290,6 +291,7 @@ class FusedConvolutions:
         self.graph, self.handle = graph, handle
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
+        self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
 
     @staticmethod
     def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
