@@ -604,6 +604,14 @@ def engine_memory_mib(ops):
     return device.memory_used() / 2**20 if hasattr(device, "memory_used") else None
 
 
+def print_fusion_summary(ops):
+    """Into the peer's log: which convolutions ran fused with their bias and activation
+    (cudnn_graph.py), and why the others did not, where the backend fuses."""
+    if getattr(ops, "fused", False) and getattr(ops, "channels_last", False):
+        from engine.backends.cuda import cudnn_graph
+        print(cudnn_graph.fusions(ops.dnn).summary(), flush=True)
+
+
 def run_engine(precision, setup, args, results):
     import gc
 
@@ -646,6 +654,7 @@ def run_engine(precision, setup, args, results):
             images = rng.random((batch,) + shape, dtype=np.float32)
             results.measure(f"b{batch}_ips", lambda images=images: throughput(images))
         results.measure("infer_mib", lambda: engine_memory_mib(ops))
+        print_fusion_summary(ops)
         net = None  # inference's memory back before training
         gc.collect()
     pool = getattr(getattr(ops, "device", None), "pool", None)

@@ -323,6 +323,21 @@ class FusedConvolutions:
                 self.refusals[key] = "; ".join(reasons)
         return self.plans.get(key)
 
+    def summary(self):
+        """What happened to each shape, in words: how many run fused, and per shape that does
+        not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
+        fused = [key for key, plan in self.plans.items() if plan is not None]
+        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes"]
+        for key, plan in self.plans.items():
+            x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
+            shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
+                     f"dilation {dilation} {dtype} {activation}")
+            timing = self.timings.get(key)
+            timed = f"; fused {timing[0]:.4f} ms, unfused {timing[1]:.4f} ms" if timing else ""
+            what = "fused" if plan is not None else f"unfused: {self.refusals.get(key)}"
+            lines.append(f"  {shape}: {what}{timed}")
+        return "\n".join(lines)
+
     def refuse(self, plan, reason):
         """A plan that failed its first run: its shape runs unfused from now on."""
         self.plans[plan.key] = None
