@@ -322,6 +322,34 @@ def test_leaky_slope_and_swish_beta_are_darknets():
                           ("mish", cg.CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA): [1.0]}
 
 
+def test_the_fallback_modes_configs_are_tried_when_mode_as_all_fail():
+    """Mode A's configurations (each refused here) first, then the fallback mode's."""
+    modes = []
+
+    def refuse_mode_a(library, descriptor):
+        if descriptor.kind == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR:
+            config = library[descriptor.value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]]
+            modes.append(config.mode)
+            return REFUSED if config.mode == cg.CUDNN_HEUR_MODE_A else 0
+        return 0
+
+    library = FakeGraphLibrary(engines=2, refuse=refuse_mode_a)
+    get = library.cudnnBackendGetAttribute
+
+    def get_noting_the_mode(descriptor, attribute, kind, requested, count, array):
+        status = get(descriptor, attribute, kind, requested, count, array)
+        if attribute == cg.CUDNN_ATTR_ENGINEHEUR_RESULTS and array is not None:
+            for address in array[:count._obj.value]:
+                library[address].mode = library[descriptor.value].value(
+                    cg.CUDNN_ATTR_ENGINEHEUR_MODE)[0]
+        return status
+
+    library.cudnnBackendGetAttribute = get_noting_the_mode
+    plan = fusions(library).plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "relu")
+    assert plan is not None
+    assert modes == [cg.CUDNN_HEUR_MODE_A] * 2 + [cg.CUDNN_HEUR_MODE_FALLBACK]
+
+
 def test_plan_uses_the_heuristics_and_the_first_config_that_finalizes():
     library = FakeGraphLibrary(engines=4, refused_configs=(0, 1), workspace=4096)
     made = fusions(library, handle=0xCAFE)
@@ -354,15 +382,18 @@ def refuse_kind(kind):
 
 
 @pytest.mark.parametrize("library,reason", [
-    (FakeGraphLibrary(engines=0), "heuristics found no engine"),
-    (FakeGraphLibrary(engines=3, refused_configs=(0, 1, 2)), "none of 3 engine configurations"),
-    (FakeGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1), "workspace of"),
+    (FakeGraphLibrary(engines=0), "mode A: no engine; mode FALLBACK: no engine"),
+    (FakeGraphLibrary(engines=3, refused_configs=(0, 1, 2)),
+     "mode A: none of 3 engine configurations finalized (the first: cuDNN call "
+     "cudnnBackendFinalize(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) failed"),
+    (FakeGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1), "; mode FALLBACK: none of 2 engine "
+     f"configurations finalized (the first: workspace of {cg.WORKSPACE_LIMIT + 1} bytes)"),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)),
      "cudnnBackendFinalize(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)"),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)),
      "CUDNN_STATUS_FAKE"),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)),
-     "ENGINEHEUR"),
+     "mode A: cuDNN call cudnnBackendFinalize(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR) failed"),
 ])
 def test_a_refused_graph_is_remembered_as_unfused(library, reason):
     """Each step cuDNN may refuse: no plan (the shape runs unfused), the reason kept, every

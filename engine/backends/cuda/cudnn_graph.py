@@ -8,7 +8,8 @@ later) compile a graph of a convolution followed by pointwise operations into on
 the bias pass after each convolution (bias_activate_nhwc_kernel: 1.87 of yolov4's 5.76 ms of
 kernels at batch 16 in fp16 on an H200) goes. A plan is made once per shape, on the first eager
 call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A), and the first
-of their engine configurations that finalizes within WORKSPACE_LIMIT. A shape whose graph cuDNN
+of their engine configurations that finalizes within WORKSPACE_LIMIT (else the fallback
+mode's). A shape whose graph cuDNN
 refuses at any step (no engine, a finalize error, a failing first run) is remembered as unfused
 and runs as before (conv_forward and add_bias_); so is one whose fused kernel the backend timed
 slower than the unfused path on its first run. Executing a plan allocates nothing on the device
@@ -102,6 +103,7 @@ CUDNN_POINTWISE_SIGMOID_FWD = 102
 CUDNN_POINTWISE_SOFTPLUS_FWD = 105
 CUDNN_POINTWISE_SWISH_FWD = 106
 # cudnnBackendHeurMode_t
+CUDNN_HEUR_MODE_FALLBACK = 2
 CUDNN_HEUR_MODE_A = 3
 
 ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
@@ -161,6 +163,9 @@ X_UID, W_UID, BIAS_UID, Y_UID = 1, 2, 3, 4
 VIRTUAL_UID = 100
 ALIGNMENT = 16  # bytes; a call whose pointers are not so aligned runs unfused
 MAX_ENGINE_CONFIGS = 16  # of the heuristics' list, tried in order
+# Heuristic modes asked in turn until a configuration finalizes: A (INSTANT's successor), then
+# the functional fallback engines (the backend keeps a fused plan only where it times faster).
+HEURISTIC_MODES = (("A", CUDNN_HEUR_MODE_A), ("FALLBACK", CUDNN_HEUR_MODE_FALLBACK))
 MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts again
 
 
@@ -471,8 +476,8 @@ class FusedConvolutions:
 
     def execution_plan(self, operations, made):
         """(execution plan, its workspace bytes) for a graph of finalized `operations`: the
-        first of cuDNN's heuristics' engine configurations (mode A) that finalizes within
-        WORKSPACE_LIMIT; BackendError where none does."""
+        first of cuDNN's heuristics' engine configurations (HEURISTIC_MODES in turn) that
+        finalizes within WORKSPACE_LIMIT; BackendError where none does."""
         graph = self.graph
 
         def create(kind):
@@ -487,36 +492,44 @@ class FusedConvolutions:
                   operations)
         graph.finalize(operation_graph)
 
-        heuristics = create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)
-        graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [operation_graph])
-        graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE,
-                  [CUDNN_HEUR_MODE_A])
-        graph.finalize(heuristics)
-        configs = graph.get_descriptors(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                        CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, MAX_ENGINE_CONFIGS)
-        made.extend(configs)
-        if not configs:
-            raise BackendError("fused convolution: cuDNN's heuristics found no engine")
-        refused = []
-        for config in configs:  # the heuristics' order: the first that finalizes
-            plan = graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
+        refusals = []
+        for mode_name, mode in HEURISTIC_MODES:
             try:
-                graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
-                          [self.handle])
-                graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
-                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [config])
-                graph.finalize(plan)
-                workspace = graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
-                if workspace > WORKSPACE_LIMIT:
-                    raise BackendError(f"workspace of {workspace} bytes")
+                heuristics = create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
+                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [operation_graph])
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, [mode])
+                graph.finalize(heuristics)
+                configs = graph.get_descriptors(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                                CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
+                                                MAX_ENGINE_CONFIGS)
             except BackendError as error:
-                refused.append(str(error))
-                graph.destroy(plan)
+                refusals.append(f"mode {mode_name}: {error}")
                 continue
-            return plan, workspace
-        raise BackendError(f"fused convolution: none of {len(configs)} engine configurations "
-                           f"finalized ({refused[0]})")
+            made.extend(configs)
+            if not configs:
+                refusals.append(f"mode {mode_name}: no engine")
+                continue
+            refused = []
+            for config in configs:  # the heuristics' order: the first that finalizes
+                plan = graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
+                try:
+                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
+                              [self.handle])
+                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
+                              CUDNN_TYPE_BACKEND_DESCRIPTOR, [config])
+                    graph.finalize(plan)
+                    workspace = graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
+                    if workspace > WORKSPACE_LIMIT:
+                        raise BackendError(f"workspace of {workspace} bytes")
+                except BackendError as error:
+                    refused.append(str(error))
+                    graph.destroy(plan)
+                    continue
+                return plan, workspace
+            refusals.append(f"mode {mode_name}: none of {len(configs)} engine configurations "
+                            f"finalized (the first: {refused[0]})")
+        raise BackendError(f"fused convolution: {'; '.join(refusals)}")
 
     # ---- running --------------------------------------------------------------------------------
     def execute(self, plan, x, weights, bias, y, workspace):
