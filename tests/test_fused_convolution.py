@@ -20,7 +20,11 @@ import pytest
 from engine import Network, activations
 from engine.backends.cuda import backend as cuda_backend
 from engine.backends.cuda import cudnn_graph as cg
-from engine.backends.cuda.cudnn import CUDNN_DATA_BFLOAT16, CUDNN_DATA_FLOAT, CUDNN_DATA_HALF
+from engine.backends.cuda.cudnn import (
+    CUDNN_DATA_BFLOAT16,
+    CUDNN_DATA_FLOAT,
+    CUDNN_DATA_HALF,
+)
 from engine.constants import LEAKY_SLOPE
 from engine.errors import BackendError
 from engine.precision import REDUCED
@@ -137,7 +141,7 @@ def fusions(library, handle=0xBEEF):
 # ---- cuDNN's semantics, from its documentation, in float64 ---------------------------------------
 def convolution(x, w, stride_y, stride_x, pad, dilation, groups):
     """Cross-correlation of x (N, C, H, W) with w (F, C/groups, kh, kw), zero padding."""
-    n, c, h, width = x.shape
+    n, _, h, width = x.shape
     f, cg_, kh, kw = w.shape
     oh = (h + 2 * pad - dilation * (kh - 1) - 1) // stride_y + 1
     ow = (width + 2 * pad - dilation * (kw - 1) - 1) // stride_x + 1
@@ -202,8 +206,10 @@ def evaluate(library, plan, buffers):
     for operation in library.operations(plan):
         assert operation.finalized
         if operation.kind == cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR:
-            attribute = lambda name: operation.value(  # noqa: E731
-                getattr(cg, "CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_" + name))[0]
+            def attribute(name, operation=operation):
+                return operation.value(
+                    getattr(cg, "CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_" + name))[0]
+
             assert attribute("ALPHA") == 1.0 and attribute("BETA") == 0.0
             conv = library[attribute("CONV_DESC")]
             setting = {name: conv.value(getattr(cg, "CUDNN_ATTR_CONVOLUTION_" + name))
@@ -384,10 +390,11 @@ def refuse_kind(kind):
 @pytest.mark.parametrize("library,reason", [
     (FakeGraphLibrary(engines=0), "mode A: no engine; mode FALLBACK: no engine"),
     (FakeGraphLibrary(engines=3, refused_configs=(0, 1, 2)),
-     "mode A: none of 3 engine configurations finalized (the first: cuDNN call "
-     "cudnnBackendFinalize(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) failed"),
-    (FakeGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1), "; mode FALLBACK: none of 2 engine "
-     f"configurations finalized (the first: workspace of {cg.WORKSPACE_LIMIT + 1} bytes)"),
+     ("mode A: none of 3 engine configurations finalized (the first: cuDNN call "
+      "cudnnBackendFinalize(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) failed")),
+    (FakeGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1),
+     ("; mode FALLBACK: none of 2 engine configurations finalized (the first: workspace of "
+      f"{cg.WORKSPACE_LIMIT + 1} bytes)")),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)),
      "cudnnBackendFinalize(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)"),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)),
@@ -583,7 +590,7 @@ def test_backend_runs_the_fused_plan_into_an_nhwc_output(fake_fp16):
     assert ops.unfused == []
     (_, handle, plan, pack), = executions(fake_fp16.library)
     assert handle.value == 0xCAFE and plan == fake_fp16.fusions.plans[
-        list(fake_fp16.fusions.plans)[0]].plan.value
+        next(iter(fake_fp16.fusions.plans))].plan.value
     pointers = fake_fp16.library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)
     assert pointers[0] == x.ptr and pointers[2] == biases.ptr and pointers[3] == y.ptr
     assert pointers[1] != weights.ptr  # the weights converted to fp16 (and rewritten NHWC)
@@ -662,7 +669,7 @@ def test_backend_falls_back_when_the_first_run_fails_and_remembers(fake_fp16):
     ops.conv_bias_forward(*arguments())
     assert len(executions(fake_fp16.library)) == 1  # not tried again
     assert ops.unfused == ["conv_forward", "add_bias_"] * 2
-    key = list(fake_fp16.fusions.plans)[0]
+    key = next(iter(fake_fp16.fusions.plans))
     assert "cudnnBackendExecute" in fake_fp16.fusions.refusals[key]
     summary = fake_fp16.fusions.summary().splitlines()
     assert summary[0] == "fused convolutions: 0 of 1 shapes"
@@ -700,7 +707,7 @@ def test_misaligned_pointers_run_unfused_and_keep_the_plan(fake_fp16):
     ops.conv_bias_forward(x, weights, biases, *rest)
     assert ops.unfused == ["conv_forward", "add_bias_"]
     assert executions(fake_fp16.library) == [] and len(fake_fp16.fusions.plans) == 1
-    assert list(fake_fp16.fusions.plans.values())[0] is not None
+    assert next(iter(fake_fp16.fusions.plans.values())) is not None
 
 
 def test_frozen_weights_are_converted_and_rewritten_once(fake_fp16):
@@ -739,8 +746,8 @@ def test_descriptors_finalize_in_cudnn(activation):
         for dtype in (np.float16, np.uint16):
             descriptors = []
             try:
-                y_shape, operations = made.operations(made.key(*shape, dtype, activation),
-                                                      np.dtype(np.float32), descriptors)
+                _, operations = made.operations(made.key(*shape, dtype, activation),
+                                                np.dtype(np.float32), descriptors)
             except BackendError as error:
                 if "SUBLIBRARY" in str(error):
                     pytest.skip(f"cuDNN's sub-libraries do not load here: {error}")
@@ -753,8 +760,12 @@ def test_cudnn_refuses_a_convolution_of_the_wrong_output_shape(monkeypatch):
     graph = real_graph()
     made = cg.FusedConvolutions(graph, None)
     real_output_shape = cg.output_shape
-    monkeypatch.setattr(cg, "output_shape", lambda *a: (lambda n, f, h, w: (n, f, h + 1, w))(
-        *real_output_shape(*a)))
+
+    def one_row_too_many(*arguments):
+        n, f, h, w = real_output_shape(*arguments)
+        return n, f, h + 1, w
+
+    monkeypatch.setattr(cg, "output_shape", one_row_too_many)
     descriptors = []
     with pytest.raises(BackendError) as error:
         made.operations(made.key(*SHAPES[0], np.float16, "leaky"), np.dtype(np.float32),
@@ -800,7 +811,7 @@ def test_fused_convolution_matches_unfused(fused_pair, activation):
     activation and shape, in fp16 and bf16: within the storage type's rounding (the fused
     kernel rounds once, the unfused path twice); the outputs NHWC; and the shapes of
     MUST_FUSE really fused (cudnn_graph's refusals say why not)."""
-    fused, unfused = fused_pair
+    fused = fused_pair[0]
     rng = np.random.default_rng(4)
     tolerance = {"fp16": 1e-2, "bf16": 3e-2}[fused.precision]
     for index, (x_shape, w_shape, stride, padding, groups) in enumerate(GPU_SHAPES):

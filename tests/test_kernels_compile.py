@@ -165,7 +165,7 @@ def test_graph_enum_values_match_the_headers():
     text = header_text()
     if "cudnnBackendAttributeName_t" not in text:
         pytest.skip("no cuDNN graph headers on this machine")
-    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.DOTALL)
     for name, value in cudnn_graph.ENUMS.items():
         match = re.search(rf"\b{name}(?:\s+CUDNN_DEPRECATED_ENUM)?\s*=\s*(\d+)", text)
         assert match, f"{name} not in the cuDNN headers"

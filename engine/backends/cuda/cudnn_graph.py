@@ -7,13 +7,13 @@ detectors use leaky, mish, logistic, swish and linear. cuDNN's runtime-fusion en
 later) compile a graph of a convolution followed by pointwise operations into one kernel, so
 the bias pass after each convolution (bias_activate_nhwc_kernel: 1.87 of yolov4's 5.76 ms of
 kernels at batch 16 in fp16 on an H200) goes. A plan is made once per shape, on the first eager
-call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A), and the first
-of their engine configurations that finalizes within WORKSPACE_LIMIT (else the fallback
-mode's). A shape whose graph cuDNN
-refuses at any step (no engine, a finalize error, a failing first run) is remembered as unfused
-and runs as before (conv_forward and add_bias_); so is one whose fused kernel the backend timed
-slower than the unfused path on its first run. Executing a plan allocates nothing on the device
-and does not synchronise, so it can be recorded into a CUDA graph.
+call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A, then the
+fallback mode), and the first of their engine configurations that finalizes within
+WORKSPACE_LIMIT. A shape whose graph cuDNN refuses at any step (no engine, a finalize error, a
+failing first run) is remembered as unfused and runs as before (conv_forward and add_bias_);
+so is one whose fused kernel the backend timed slower than the unfused path on its first run.
+Executing a plan allocates nothing on the device and does not synchronise, so it can be
+recorded into a CUDA graph.
 
 Every function's argument types are declared in FUNCTIONS and the enum values in ENUMS
 (tests/test_kernels_compile.py checks both against cudnn_graph.h where it is installed); every
@@ -26,7 +26,12 @@ import numpy as np
 
 from ...constants import LEAKY_SLOPE
 from ...errors import BackendError
-from .cudnn import CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT, DATA_TYPES, WORKSPACE_LIMIT
+from .cudnn import (
+    CUDNN_CROSS_CORRELATION,
+    CUDNN_DATA_FLOAT,
+    DATA_TYPES,
+    WORKSPACE_LIMIT,
+)
 from .libraries import CUDNN, load
 
 # Enum values (cudnn_graph.h, cuDNN 9): only those used here.
@@ -264,7 +269,7 @@ class CudnnGraph:
 def nhwc_strides(shape):
     """The strides of an NCHW-ordered shape (N, C, H, W) stored NHWC, in NCHW order (the backend
     API describes every tensor by its logical dimensions and their strides)."""
-    n, c, h, w = shape
+    _, c, h, w = shape
     return [c * h * w, 1, w * c, c]
 
 
