@@ -475,6 +475,32 @@ def test_execute_binds_pointers_once_per_set_and_runs_on_the_handle():
     assert made.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky") is None
 
 
+def test_without_nvrtc_every_shape_runs_unfused_and_it_is_said_once(monkeypatch, capsys):
+    """fusions(dnn): one FusedConvolutions per cuDNN runtime; NVRTC (cuDNN's compiler of fused
+    kernels) missing: one line on stderr naming the wheel, every shape refused with it."""
+    from engine.backends.cuda import libraries
+
+    library = FakeGraphLibrary()
+    monkeypatch.setattr(cg.CudnnGraph, "load", classmethod(
+        lambda cls: cls(library, declare=False)))
+
+    def load(wanted):
+        assert wanted is libraries.NVRTC
+        raise BackendError(wanted.missing() + "; tried: nothing")
+
+    monkeypatch.setattr(cg, "load", load)
+    dnn = FakeDnn()
+    made = cg.fusions(dnn)
+    assert cg.fusions(dnn) is made and cg.fusions(FakeDnn()) is not made
+    shape = ((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky")
+    assert made.plan(*shape) is None and library.calls == []
+    assert "pip install nvidia-cuda-nvrtc-cu12" in made.refusals[made.key(*shape)]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("install it with pip install nvidia-cuda-nvrtc-cu12" in line
+                                   and line.endswith("convolutions run unfused")
+                                   for line in lines)  # one per runtime: two made here
+
+
 # ---- the backend's choice of path, on fakes ------------------------------------------------------
 class FakeArray:
     addresses = itertools.count(1 << 20, 4096)

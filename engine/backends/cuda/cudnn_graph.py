@@ -21,6 +21,7 @@ status is checked, and a failure raises BackendError naming the call.
 """
 
 import ctypes
+import sys
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from .cudnn import (
     DATA_TYPES,
     WORKSPACE_LIMIT,
 )
-from .libraries import CUDNN, load
+from .libraries import CUDNN, NVRTC, load
 
 # Enum values (cudnn_graph.h, cuDNN 9): only those used here.
 CUDNN_STATUS_SUCCESS = 0
@@ -302,6 +303,7 @@ class FusedConvolutions:
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
+        self.unavailable = None  # why no shape can be fused here (NVRTC missing), if so
 
     @staticmethod
     def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
@@ -317,6 +319,8 @@ class FusedConvolutions:
         if activation not in ACTIVATION_STEPS or np.dtype(dtype) not in DATA_TYPES:
             return None
         key = self.key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation)
+        if key not in self.plans and build and self.unavailable:
+            self.plans[key], self.refusals[key] = None, self.unavailable
         if key not in self.plans and build:
             self.plans[key] = None
             reasons = []
@@ -574,8 +578,16 @@ _FUSIONS = {}  # id of a cudnn.Cudnn runtime -> (it, its FusedConvolutions)
 
 def fusions(dnn):
     """The FusedConvolutions of a cudnn.Cudnn runtime (one per handle, made once), so that,
-    as with the legacy plans, a shape's plan is made once per process and GPU."""
+    as with the legacy plans, a shape's plan is made once per process and GPU. Without NVRTC
+    (libraries.NVRTC), which cuDNN compiles its fused kernels with, every shape runs unfused:
+    said once on stderr, and in each shape's refusal."""
     entry = _FUSIONS.get(id(dnn))
     if entry is None or entry[0] is not dnn:
-        entry = _FUSIONS[id(dnn)] = (dnn, FusedConvolutions(CudnnGraph.load(), dnn.handle))
+        made = FusedConvolutions(CudnnGraph.load(), dnn.handle)
+        try:
+            load(NVRTC)  # loaded here, libcudnn's dlopen of its soname finds it
+        except BackendError as error:
+            made.unavailable = f"{error}; convolutions run unfused"
+            print(f"cuDNN's fused convolutions need {made.unavailable}", file=sys.stderr)
+        entry = _FUSIONS[id(dnn)] = (dnn, made)
     return entry[1]

@@ -32,6 +32,10 @@ class NvidiaLibrary:
 CUDNN = NvidiaLibrary("cuDNN 9", ("libcudnn.so.9",), "cudnn", "nvidia-cudnn-cu12")
 CUBLAS = NvidiaLibrary("cuBLAS", ("libcublas.so.12", "libcublas.so.13", "libcublas.so"), "cublas",
                        "nvidia-cublas-cu12")
+# cuDNN compiles its runtime-fused kernels (cudnn_graph.py) with NVRTC, which libcudnn opens as
+# libnvrtc.so.12 (its CUDA major). Optional: without it convolutions run unfused, and
+# cudnn_graph.fusions says so once.
+NVRTC = NvidiaLibrary("NVRTC", ("libnvrtc.so.12",), "cuda_nvrtc", "nvidia-cuda-nvrtc-cu12")
 # Python modules: import name -> (who needs it, the pip package that provides it).
 PYTHON_PACKAGES = {
     "pycuda.driver": ("the GPU backend needs", "pycuda"),
