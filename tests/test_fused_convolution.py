@@ -475,30 +475,38 @@ def test_execute_binds_pointers_once_per_set_and_runs_on_the_handle():
     assert made.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky") is None
 
 
-def test_without_nvrtc_every_shape_runs_unfused_and_it_is_said_once(monkeypatch, capsys):
-    """fusions(dnn): one FusedConvolutions per cuDNN runtime; NVRTC (cuDNN's compiler of fused
-    kernels) missing: one line on stderr naming the wheel, every shape refused with it."""
+@pytest.mark.parametrize("cudart, wheel", [(12090, "nvidia-cuda-nvrtc-cu12"),
+                                           (13000, "nvidia-cuda-nvrtc-cu13")])
+def test_fusions_load_nvrtc_and_a_refusal_says_when_it_did_not(monkeypatch, capsys, cudart,
+                                                               wheel):
+    """fusions(dnn): one FusedConvolutions per cuDNN runtime, having loaded the NVRTC of
+    cuDNN's CUDA major; where that failed, a refused shape's reason names the wheel (on stderr
+    once)."""
     from engine.backends.cuda import libraries
 
-    library = FakeGraphLibrary()
+    library = FakeGraphLibrary(engines=0)
+    library.cudnnGetCudartVersion = lambda: cudart
     monkeypatch.setattr(cg.CudnnGraph, "load", classmethod(
         lambda cls: cls(library, declare=False)))
+    loaded = []
 
     def load(wanted):
-        assert wanted is libraries.NVRTC
+        loaded.append(wanted)
         raise BackendError(wanted.missing() + "; tried: nothing")
 
     monkeypatch.setattr(cg, "load", load)
     dnn = FakeDnn()
     made = cg.fusions(dnn)
-    assert cg.fusions(dnn) is made and cg.fusions(FakeDnn()) is not made
-    shape = ((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky")
-    assert made.plan(*shape) is None and library.calls == []
-    assert "pip install nvidia-cuda-nvrtc-cu12" in made.refusals[made.key(*shape)]
+    assert cg.fusions(dnn) is made and loaded == [libraries.nvrtc(cudart // 1000)]
+    assert loaded[0].wheel == wheel and loaded[0].sonames == (f"libnvrtc.so.{cudart // 1000}",)
+    for activation in ("leaky", "mish"):
+        shape = ((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, activation)
+        assert made.plan(*shape) is None
+        assert made.refusals[made.key(*shape)].endswith(
+            f"did not load: NVRTC not found (libnvrtc.so.{cudart // 1000}): install it with "
+            f"pip install {wheel} (or pip install -e '.[gpu]'); tried: nothing")
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and all("install it with pip install nvidia-cuda-nvrtc-cu12" in line
-                                   and line.endswith("convolutions run unfused")
-                                   for line in lines)  # one per runtime: two made here
+    assert len(lines) == 1 and lines[0].startswith("cuDNN refused a fused convolution: ")
 
 
 # ---- the backend's choice of path, on fakes ------------------------------------------------------

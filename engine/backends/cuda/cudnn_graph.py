@@ -33,7 +33,7 @@ from .cudnn import (
     DATA_TYPES,
     WORKSPACE_LIMIT,
 )
-from .libraries import CUDNN, NVRTC, load
+from .libraries import CUDNN, load, nvrtc
 
 # Enum values (cudnn_graph.h, cuDNN 9): only those used here.
 CUDNN_STATUS_SUCCESS = 0
@@ -131,8 +131,9 @@ FUNCTIONS = {
     "cudnnBackendGetAttribute": [P, INT, INT, INT64, INT64_P, P],
     "cudnnBackendExecute": [P, P, P],
     "cudnnGetErrorString": [INT],
+    "cudnnGetCudartVersion": [],
 }
-RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p}
+RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetCudartVersion": ctypes.c_size_t}
 
 # The C type of each attribute type's elements (enums are C ints, cuDNN's booleans C bools).
 ELEMENT_TYPES = {
@@ -303,7 +304,7 @@ class FusedConvolutions:
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
-        self.unavailable = None  # why no shape can be fused here (NVRTC missing), if so
+        self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
 
     @staticmethod
     def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
@@ -319,8 +320,6 @@ class FusedConvolutions:
         if activation not in ACTIVATION_STEPS or np.dtype(dtype) not in DATA_TYPES:
             return None
         key = self.key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation)
-        if key not in self.plans and build and self.unavailable:
-            self.plans[key], self.refusals[key] = None, self.unavailable
         if key not in self.plans and build:
             self.plans[key] = None
             reasons = []
@@ -335,6 +334,12 @@ class FusedConvolutions:
                     break
             if self.plans[key] is None:
                 self.refusals[key] = "; ".join(reasons)
+                if self.nvrtc_missing:
+                    self.refusals[key] += (f"; NVRTC, which cuDNN compiles fused kernels with, "
+                                           f"did not load: {self.nvrtc_missing}")
+                    if len(self.refusals) == 1:  # said once: the cause is likely the same
+                        print(f"cuDNN refused a fused convolution: {self.refusals[key]}",
+                              file=sys.stderr)
         return self.plans.get(key)
 
     def summary(self):
@@ -578,16 +583,16 @@ _FUSIONS = {}  # id of a cudnn.Cudnn runtime -> (it, its FusedConvolutions)
 
 def fusions(dnn):
     """The FusedConvolutions of a cudnn.Cudnn runtime (one per handle, made once), so that,
-    as with the legacy plans, a shape's plan is made once per process and GPU. Without NVRTC
-    (libraries.NVRTC), which cuDNN compiles its fused kernels with, every shape runs unfused:
-    said once on stderr, and in each shape's refusal."""
+    as with the legacy plans, a shape's plan is made once per process and GPU. The NVRTC of
+    cuDNN's CUDA major, which it compiles its fused kernels with, is loaded here (libcudnn's
+    dlopen of its soname then finds it); where it is not found, the first refusal says so."""
     entry = _FUSIONS.get(id(dnn))
     if entry is None or entry[0] is not dnn:
-        made = FusedConvolutions(CudnnGraph.load(), dnn.handle)
+        graph = CudnnGraph.load()
+        made = FusedConvolutions(graph, dnn.handle)
         try:
-            load(NVRTC)  # loaded here, libcudnn's dlopen of its soname finds it
+            load(nvrtc(int(graph.lib.cudnnGetCudartVersion()) // 1000))
         except BackendError as error:
-            made.unavailable = f"{error}; convolutions run unfused"
-            print(f"cuDNN's fused convolutions need {made.unavailable}", file=sys.stderr)
+            made.nvrtc_missing = str(error)
         entry = _FUSIONS[id(dnn)] = (dnn, made)
     return entry[1]
