@@ -470,9 +470,13 @@ def test_execute_binds_pointers_once_per_set_and_runs_on_the_handle():
     library.execute_status = REFUSED
     with pytest.raises(BackendError, match=r"cudnnBackendExecute failed: CUDNN_STATUS_FAKE"):
         made.execute(plan, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000)
-    made.refuse(plan, "its first run failed")
-    assert library.alive() == []
+    made.refuse(plan, "it failed after running")
+    assert made.retired == [plan] and library[plan.plan.value].destroyed is False
     assert made.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky") is None
+    never_ran = made.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "mish")
+    made.refuse(never_ran, "its first run failed")
+    assert made.retired == [plan] and library[never_ran.plan.value].destroyed
+    assert all(library[d.value].destroyed for d in never_ran.descriptors)
 
 
 @pytest.mark.parametrize("cudart, wheel", [(12090, "nvidia-cuda-nvrtc-cu12"),
@@ -680,7 +684,7 @@ def test_a_fused_plan_timed_slower_is_dropped(fake_fp16):
     repeats = cuda_backend.FORWARD_REPEATS
     assert len(executions(fake_fp16.library)) == 1 + repeats
     (key, plan), = fake_fp16.fusions.plans.items()
-    assert plan is None and fake_fp16.library.alive() == []
+    assert plan is None and len(fake_fp16.fusions.retired) == 1  # it ran: kept alive
     assert fake_fp16.fusions.refusals[key] == "slower than unfused (3.0000 against 2.0000 ms)"
     assert ops.conv_bias_forward(*arguments()).unfused
     assert len(executions(fake_fp16.library)) == 1 + repeats
@@ -716,6 +720,22 @@ def test_a_plan_that_ran_raises_a_later_failure(fake_fp16):
     fake_fp16.library.execute_status = REFUSED
     with pytest.raises(BackendError, match="cudnnBackendExecute"):
         ops.conv_bias_forward(*arguments())
+
+
+def test_a_plan_that_fails_while_recording_falls_back(fake_fp16):
+    """A fused plan that ran eagerly but fails to run while a CUDA graph is recorded (cuDNN
+    refusing the capture) is dropped: that call and the later ones run unfused."""
+    ops = fake_fp16()
+    ops.conv_bias_forward(*arguments())
+    fake_fp16.library.execute_status = REFUSED
+    with ops.recording():
+        y = ops.conv_bias_forward(*arguments())
+    assert y.unfused and ops.unfused == unfused_pairs(1)
+    key = next(iter(fake_fp16.fusions.plans))
+    assert fake_fp16.fusions.plans[key] is None
+    assert fake_fp16.fusions.refusals[key].endswith("(status 3000) (while recording)")
+    retired, = fake_fp16.fusions.retired  # an earlier recording may replay its kernels
+    assert not fake_fp16.library[retired.plan.value].destroyed
 
 
 def test_no_plan_is_made_while_recording(fake_fp16):

@@ -845,9 +845,11 @@ class CudaBackend(Operations):
                     try:
                         fusions.execute(plan, *pointers, self._workspace_pointer())
                     except BackendError as error:
-                        if not first:  # it ran before: a real failure
+                        if not first and not self._recording:  # it ran before: a real failure
                             raise
-                        fusions.refuse(plan, str(error))  # unfused from now on
+                        # its first run, or its first recording: unfused from now on
+                        fusions.refuse(plan, str(error) + (" (while recording)"
+                                                           if self._recording else ""))
                     else:
                         if (not first or self.fused == "always"
                                 or self._fused_is_faster(fusions, plan, pointers, unfused)):

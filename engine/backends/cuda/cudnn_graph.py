@@ -305,6 +305,7 @@ class FusedConvolutions:
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
         self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
+        self.retired = []  # refused plans that ran, kept alive (refuse)
 
     @staticmethod
     def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
@@ -358,10 +359,15 @@ class FusedConvolutions:
         return "\n".join(lines)
 
     def refuse(self, plan, reason):
-        """A plan that failed its first run: its shape runs unfused from now on."""
+        """A plan that failed (or lost its timing): its shape runs unfused from now on. One
+        that ran is kept alive, never destroyed: a CUDA graph recorded with it may still
+        launch the kernels its execution plan loaded."""
         self.plans[plan.key] = None
         self.refusals[plan.key] = reason
-        self.release(plan)
+        if plan.ran:
+            self.retired.append(plan)
+        else:
+            self.release(plan)
 
     def release(self, plan):
         self.graph.destroy(*plan.variant_packs.values())
