@@ -305,6 +305,7 @@ class FusedConvolutions:
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
         self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
+        self.nvrtc_said = False
         self.retired = []  # refused plans that ran, kept alive (refuse)
 
     @staticmethod
@@ -338,9 +339,10 @@ class FusedConvolutions:
                 if self.nvrtc_missing:
                     self.refusals[key] += (f"; NVRTC, which cuDNN compiles fused kernels with, "
                                            f"did not load: {self.nvrtc_missing}")
-                    if len(self.refusals) == 1:  # said once: the cause is likely the same
+                    if not self.nvrtc_said:  # once: the cause is likely the same for all
                         print(f"cuDNN refused a fused convolution: {self.refusals[key]}",
                               file=sys.stderr)
+                        self.nvrtc_said = True
         return self.plans.get(key)
 
     def summary(self):
