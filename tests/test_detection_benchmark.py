@@ -378,3 +378,21 @@ def test_layout_and_fusion_ab_flags_reach_the_backend(monkeypatch):
     args = bench.parse_args(["--unfused", "--nchw"])
     assert args.unfused and args.nchw and set(bench.CHILD_FLAGS) == {"nchw", "unfused"}
     assert not bench.parse_args([]).unfused
+
+
+def test_the_engine_peer_logs_which_convolutions_fused(monkeypatch, capsys):
+    from engine.backends.cuda import cudnn_graph
+
+    class Summary:
+        def summary(self):
+            return "fused convolutions: 3 of 4 shapes"
+
+    monkeypatch.setattr(cudnn_graph, "fusions", lambda dnn: Summary())
+    ops = type("Ops", (), {"fused": True, "channels_last": True, "dnn": None})()
+    bench.print_fusion_summary(ops)
+    assert capsys.readouterr().out == "fused convolutions: 3 of 4 shapes\n"
+    for fused, channels_last in ((False, True), (True, False)):
+        ops.fused, ops.channels_last = fused, channels_last
+        bench.print_fusion_summary(ops)
+    bench.print_fusion_summary(object())  # the CPU backend
+    assert capsys.readouterr().out == ""
