@@ -22,6 +22,7 @@ status is checked, and a failure raises BackendError naming the call.
 
 import ctypes
 import sys
+import time
 
 import numpy as np
 
@@ -304,6 +305,9 @@ class FusedConvolutions:
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
+        # key -> seconds spent making its plan or being refused (runtime-fusion engines compile
+        # their kernel with NVRTC when their plan is finalized)
+        self.build_seconds = {}
         self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
         self.nvrtc_said = False
         self.retired = []  # refused plans that ran, kept alive (refuse)
@@ -324,6 +328,7 @@ class FusedConvolutions:
         key = self.key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation)
         if key not in self.plans and build:
             self.plans[key] = None
+            started = time.perf_counter()
             reasons = []
             # The bias in float32 first (as add_bias_ adds it), else in the storage type.
             for bias_dtype in (np.dtype(np.float32), np.dtype(dtype)):
@@ -334,6 +339,7 @@ class FusedConvolutions:
                     reasons.append(str(error))
                 if bias_dtype == np.dtype(dtype):
                     break
+            self.build_seconds[key] = time.perf_counter() - started
             if self.plans[key] is None:
                 self.refusals[key] = "; ".join(reasons)
                 if self.nvrtc_missing:
@@ -349,7 +355,8 @@ class FusedConvolutions:
         """What happened to each shape, in words: how many run fused, and per shape that does
         not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
         fused = [key for key, plan in self.plans.items() if plan is not None]
-        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes"]
+        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made in "
+                 f"{sum(self.build_seconds.values()):.1f} s"]
         for key, plan in self.plans.items():
             x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
             shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
@@ -357,7 +364,9 @@ class FusedConvolutions:
             timing = self.timings.get(key)
             timed = f"; fused {timing[0]:.4f} ms, unfused {timing[1]:.4f} ms" if timing else ""
             what = "fused" if plan is not None else f"unfused: {self.refusals.get(key)}"
-            lines.append(f"  {shape}: {what}{timed}")
+            made_in = f" (made in {self.build_seconds[key]:.2f} s)" if key in self.build_seconds \
+                else ""
+            lines.append(f"  {shape}: {what}{timed}{made_in}")
         return "\n".join(lines)
 
     def refuse(self, plan, reason):
