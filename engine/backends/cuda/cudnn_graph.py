@@ -355,8 +355,9 @@ class FusedConvolutions:
         """What happened to each shape, in words: how many run fused, and per shape that does
         not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
         fused = [key for key, plan in self.plans.items() if plan is not None]
+        seconds = sum(self.build_seconds.values())
         lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made in "
-                 f"{sum(self.build_seconds.values()):.1f} s"]
+                 f"{seconds:.1f} s"]
         for key, plan in self.plans.items():
             x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
             shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
@@ -364,8 +365,8 @@ class FusedConvolutions:
             timing = self.timings.get(key)
             timed = f"; fused {timing[0]:.4f} ms, unfused {timing[1]:.4f} ms" if timing else ""
             what = "fused" if plan is not None else f"unfused: {self.refusals.get(key)}"
-            made_in = f" (made in {self.build_seconds[key]:.2f} s)" if key in self.build_seconds \
-                else ""
+            made_in = (f" (made in {self.build_seconds[key]:.2f} s)"
+                       if key in self.build_seconds else "")
             lines.append(f"  {shape}: {what}{timed}{made_in}")
         return "\n".join(lines)
 
