@@ -356,8 +356,8 @@ class FusedConvolutions:
         not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
         fused = [key for key, plan in self.plans.items() if plan is not None]
         seconds = sum(self.build_seconds.values())
-        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made in "
-                 f"{seconds:.1f} s"]
+        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made "
+                 + f"in {seconds:.1f} s"]
         for key, plan in self.plans.items():
             x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
             shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
