@@ -602,10 +602,21 @@ def fake_fp16(monkeypatch):
             ops.unfused.append("add_bias_")
             return y
 
+        def add(a, b, alpha=1.0, beta=1.0):  # the agreement check's difference
+            assert (alpha, beta) == (1.0, -1.0) and b.unfused and not getattr(a, "unfused", 0)
+            difference = FakeArray(a.shape, a.dtype)
+            difference.difference = True
+            return difference
+
+        def sum_of_squares(x):
+            return squares["error" if getattr(x, "difference", False) else "scale"]
+
         ops.conv_forward, ops.add_bias_ = conv_forward, add_bias_
+        ops.add, ops.sum_of_squares = add, sum_of_squares
         return ops
 
-    make.library, make.fusions, make.clock = library, made, clock
+    squares = {"error": 1e-6, "scale": 1.0}  # the fused and unfused outputs' agreement
+    make.library, make.fusions, make.clock, make.squares = library, made, clock, squares
     return make
 
 
@@ -688,6 +699,31 @@ def test_a_fused_plan_timed_slower_is_dropped(fake_fp16):
     assert fake_fp16.fusions.refusals[key] == "slower than unfused (3.0000 against 2.0000 ms)"
     assert ops.conv_bias_forward(*arguments()).unfused
     assert len(executions(fake_fp16.library)) == 1 + repeats
+
+
+@pytest.mark.parametrize("error,scale", [(1.0, 1.0), (float("nan"), 1.0), (1e-2, 0.0)])
+def test_a_fused_plan_that_disagrees_with_unfused_is_dropped(fake_fp16, error, scale):
+    """fused=True: the first run's output is compared with the unfused path's (relative RMS
+    difference against cudnn_graph.AGREEMENT, NaN refused) before any timing."""
+    ops = fake_fp16(fused=True)
+    fake_fp16.squares.update(error=error, scale=scale)
+    y = ops.conv_bias_forward(*arguments())
+    assert y.unfused and len(executions(fake_fp16.library)) == 1
+    assert ops.kernels.launches.count("hold_kernel") == 0  # not timed
+    (key, plan), = fake_fp16.fusions.plans.items()
+    assert plan is None and key not in fake_fp16.fusions.timings
+    assert fake_fp16.fusions.refusals[key].startswith(
+        "differs from the unfused path: relative RMS difference ")
+
+
+def test_agreement_bounds():
+    """Rounding-level differences pass (fp16: ~3e-4, bf16: ~2e-3 relative RMS), wrong
+    values do not; an all-zero reference takes differences of ABSOLUTE_FLOOR per value."""
+    size = 1000
+    assert cg.agrees((2e-3) ** 2 * size, 1.0 * size, size)
+    assert not cg.agrees((0.1) ** 2 * size, 1.0 * size, size)
+    assert cg.agrees(0.5e-3 ** 2 * size, 0.0, size)
+    assert not cg.agrees(float("nan"), 1.0, size) and not cg.agrees(float("inf"), 1.0, size)
 
 
 def test_backend_in_fp32_runs_unfused(monkeypatch, fake_fp16):

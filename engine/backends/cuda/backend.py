@@ -818,8 +818,8 @@ class CudaBackend(Operations):
         """Operations.conv_bias_forward. With channels last in fp16 or bf16 (and `fused`), one
         cuDNN runtime-fusion kernel computes act(conv + bias) into an NHWC y for the activations
         of cudnn_graph.ACTIVATION_STEPS, where cuDNN takes the shape's graph (a refusal is
-        remembered per shape) and where it measured faster than the unfused path on its first
-        run; otherwise conv_forward, then add_bias_. A shape's plan is made and first run on an
+        remembered per shape) and where, on its first run, it agreed with the unfused path and
+        measured faster; otherwise conv_forward, then add_bias_. A shape's plan is made and first run on an
         eager call, never while recording (such a call runs unfused), so that a recording only
         issues kernels."""
         def unfused():
@@ -852,16 +852,23 @@ class CudaBackend(Operations):
                                                            if self._recording else ""))
                     else:
                         if (not first or self.fused == "always"
-                                or self._fused_is_faster(fusions, plan, pointers, unfused)):
+                                or self._fused_is_faster(fusions, plan, pointers, y, unfused)):
                             return y
         return unfused()
 
-    def _fused_is_faster(self, fusions, plan, pointers, unfused):
-        """On a fused plan's first (eager) run: time it and the unfused path (`unfused()`), as
-        _time_forward_candidates times convolution algorithms, and keep the faster for the
-        shape (cuDNN's heuristics rank the fused engines without measuring them). False where
-        the unfused path won: the plan is dropped (fusions.timings keeps both times)."""
-        unfused()  # its first call chooses the convolution's algorithm
+    def _fused_is_faster(self, fusions, plan, pointers, y, unfused):
+        """On a fused plan's first (eager) run, into y: compare it with the unfused path
+        (`unfused()`), then time both as _time_forward_candidates times convolution algorithms,
+        and keep the fused plan where it agrees (cudnn_graph.AGREEMENT) and is not slower
+        (cuDNN's heuristics rank the fused engines without measuring them). False where the
+        unfused path is kept: the plan is dropped (fusions.timings keeps both times)."""
+        reference = unfused()  # its first call also chooses the convolution's algorithm
+        error = self.sum_of_squares(self.add(y, reference, 1.0, -1.0))
+        scale = self.sum_of_squares(reference)
+        if not cudnn_graph.agrees(error, scale, int(reference.size)):  # NaN too
+            fusions.refuse(plan, "differs from the unfused path: relative RMS difference "
+                                 f"{np.sqrt(error / max(scale, 1e-30)):.3g}")
+            return False
         start, end = self.cuda.Event(), self.cuda.Event()
         times = []
         for run in (lambda: fusions.execute(plan, *pointers, self._workspace_pointer()),

@@ -11,7 +11,8 @@ call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A,
 fallback mode), and the first of their engine configurations that finalizes within
 WORKSPACE_LIMIT. A shape whose graph cuDNN refuses at any step (no engine, a finalize error, a
 failing first run) is remembered as unfused and runs as before (conv_forward and add_bias_);
-so is one whose fused kernel the backend timed slower than the unfused path on its first run.
+so is one whose fused kernel, on its first run, the backend found differing from the unfused
+path (AGREEMENT) or slower.
 Executing a plan allocates nothing on the device and does not synchronise, so it can be
 recorded into a CUDA graph.
 
@@ -175,6 +176,18 @@ MAX_ENGINE_CONFIGS = 16  # of the heuristics' list, tried in order
 # the functional fallback engines (the backend keeps a fused plan only where it times faster).
 HEURISTIC_MODES = (("A", CUDNN_HEUR_MODE_A), ("FALLBACK", CUDNN_HEUR_MODE_FALLBACK))
 MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts again
+# A fused plan's first run must agree with the unfused path (conv_forward, add_bias_) within
+# AGREEMENT relative RMS difference (plus ABSOLUTE_FLOOR per value), else its shape runs
+# unfused: a guard against a graph that computes something else. The two round differently
+# (the fused kernel once, the unfused path twice): about 3e-4 in fp16 and 2e-3 in bf16.
+AGREEMENT = 3e-2
+ABSOLUTE_FLOOR = 1e-3
+
+
+def agrees(error, scale, size):
+    """Whether a sum of squared differences `error` is within AGREEMENT of a reference's sum
+    of squares `scale` (size values); False for NaN."""
+    return error <= AGREEMENT ** 2 * scale + size * ABSOLUTE_FLOOR ** 2
 
 
 class CudnnGraph:
