@@ -167,9 +167,11 @@ def pointwise(mode, attributes, a, b=None):
         return a + b
     if mode == cg.CUDNN_POINTWISE_MUL:
         return a * b
-    if mode == cg.CUDNN_POINTWISE_RELU_FWD:  # lower clip 0: below it, slope * value
-        return np.where(a < 0, parameter(cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE, 0.0) * a,
-                        a)
+    if mode == cg.CUDNN_POINTWISE_RELU_FWD:  # below the lower clip: its slope; above: clipped
+        lower = parameter(cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP, 0.0)
+        upper = parameter(cg.CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP, np.inf)
+        slope = parameter(cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE, 0.0)
+        return np.minimum(np.where(a < lower, lower + slope * (a - lower), a), upper)
     if mode == cg.CUDNN_POINTWISE_SIGMOID_FWD:
         return 1 / (1 + np.exp(-a))
     if mode == cg.CUDNN_POINTWISE_SWISH_FWD:
@@ -309,11 +311,12 @@ def test_each_activations_graph_computes_darknets_layer(activation, dtype, data_
 
 
 def test_leaky_slope_and_swish_beta_are_darknets():
-    """The parameters the graph gives cuDNN: leaky's slope is Darknet's (0.1), swish's beta 1,
-    softplus's beta 1 (Darknet's mish)."""
+    """The parameters the graph gives cuDNN: leaky's slope is Darknet's (0.1), relu's 0, both
+    with NaNs propagated, a lower clip at 0 and none above (float's largest value, as cuDNN's
+    frontend sets them); swish's beta 1, softplus's beta 1 (Darknet's mish)."""
     assert LEAKY_SLOPE == 0.1 and activations.activate(np.array([-2.0]), "leaky")[0] == -0.2
     parameters = {}
-    for activation in ("leaky", "swish", "mish"):
+    for activation in ("leaky", "relu", "swish", "mish"):
         library = FakeGraphLibrary()
         fusions(library).plan((1, 8, 4, 4), (8, 8, 1, 1), 1, 0, 1, 1, np.float16, activation)
         for descriptor in library.descriptors.values():
@@ -321,11 +324,17 @@ def test_leaky_slope_and_swish_beta_are_darknets():
                 for attribute, (kind, values) in descriptor.attributes.items():
                     if attribute not in (cg.CUDNN_ATTR_POINTWISE_MODE,
                                          cg.CUDNN_ATTR_POINTWISE_MATH_PREC):
-                        assert kind == cg.CUDNN_TYPE_DOUBLE
-                        parameters[activation, attribute] = values
-    assert parameters == {("leaky", cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE): [0.1],
-                          ("swish", cg.CUDNN_ATTR_POINTWISE_SWISH_BETA): [1.0],
-                          ("mish", cg.CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA): [1.0]}
+                        parameters[activation, attribute] = (kind, values)
+    double, largest = cg.CUDNN_TYPE_DOUBLE, float(np.finfo(np.float32).max)
+    relu = {cg.CUDNN_ATTR_POINTWISE_NAN_PROPAGATION: (cg.CUDNN_TYPE_NAN_PROPOGATION, [1]),
+            cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP: (double, [0.0]),
+            cg.CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP: (double, [largest])}
+    expected = {("swish", cg.CUDNN_ATTR_POINTWISE_SWISH_BETA): (double, [1.0]),
+                ("mish", cg.CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA): (double, [1.0])}
+    for activation, slope in (("leaky", 0.1), ("relu", 0.0)):
+        expected[activation, cg.CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE] = (double, [slope])
+        expected.update({(activation, attribute): v for attribute, v in relu.items()})
+    assert parameters == expected
 
 
 def test_the_fallback_modes_configs_are_tried_when_mode_as_all_fail():

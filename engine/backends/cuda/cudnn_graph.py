@@ -60,11 +60,15 @@ CUDNN_TYPE_DOUBLE = 5
 CUDNN_TYPE_VOID_PTR = 6
 CUDNN_TYPE_CONVOLUTION_MODE = 7
 CUDNN_TYPE_HEUR_MODE = 8
+CUDNN_TYPE_NAN_PROPOGATION = 10  # (sic; deprecated in later cuDNN 9 releases, still taken)
 CUDNN_TYPE_POINTWISE_MODE = 14
 CUDNN_TYPE_BACKEND_DESCRIPTOR = 15
 # cudnnBackendAttributeName_t
 CUDNN_ATTR_POINTWISE_MODE = 0
 CUDNN_ATTR_POINTWISE_MATH_PREC = 1
+CUDNN_ATTR_POINTWISE_NAN_PROPAGATION = 2  # deprecated in later cuDNN 9 releases, still taken
+CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP = 3
+CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP = 4
 CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE = 5
 CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA = 7
 CUDNN_ATTR_POINTWISE_SWISH_BETA = 8
@@ -110,6 +114,8 @@ CUDNN_POINTWISE_TANH_FWD = 101
 CUDNN_POINTWISE_SIGMOID_FWD = 102
 CUDNN_POINTWISE_SOFTPLUS_FWD = 105
 CUDNN_POINTWISE_SWISH_FWD = 106
+# cudnnNanPropagation_t
+CUDNN_PROPAGATE_NAN = 1
 # cudnnBackendHeurMode_t
 CUDNN_HEUR_MODE_FALLBACK = 2
 CUDNN_HEUR_MODE_A = 3
@@ -144,18 +150,21 @@ ELEMENT_TYPES = {
     CUDNN_TYPE_FLOAT: ctypes.c_float, CUDNN_TYPE_DOUBLE: ctypes.c_double,
     CUDNN_TYPE_VOID_PTR: ctypes.c_void_p, CUDNN_TYPE_CONVOLUTION_MODE: ctypes.c_int,
     CUDNN_TYPE_HEUR_MODE: ctypes.c_int, CUDNN_TYPE_POINTWISE_MODE: ctypes.c_int,
+    CUDNN_TYPE_NAN_PROPOGATION: ctypes.c_int,
     CUDNN_TYPE_BACKEND_DESCRIPTOR: ctypes.c_void_p,
 }
 
 # The activations fused, each as the pointwise steps after the bias add: (output name, mode,
 # {attribute: double value}, input names), "z" being the convolution plus bias; the last step
-# writes y. Leaky is ReLU with a lower clip slope (engine/constants.py's LEAKY_SLOPE); swish
+# writes y. ReLU's other settings are RELU_SETTINGS. Leaky is ReLU with a lower clip slope
+# (engine/constants.py's LEAKY_SLOPE); swish
 # is x * sigmoid(beta x) with beta 1 (Darknet's x * logistic(x)); mish, x * tanh(softplus(x)),
 # is composed (cuDNN has no mish mode). Darknet's softplus switches to x above 20 and to e^x
 # below -20 (MISH_THRESHOLD), where log(1 + e^x) equals them in float.
 ACTIVATION_STEPS = {
     "linear": (),
-    "relu": (("y", CUDNN_POINTWISE_RELU_FWD, {}, ("z",)),),
+    "relu": (("y", CUDNN_POINTWISE_RELU_FWD, {CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE: 0.0},
+              ("z",)),),
     "leaky": (("y", CUDNN_POINTWISE_RELU_FWD,
                {CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE: LEAKY_SLOPE}, ("z",)),),
     "logistic": (("y", CUDNN_POINTWISE_SIGMOID_FWD, {}, ("z",)),),
@@ -166,6 +175,13 @@ ACTIVATION_STEPS = {
              ("y", CUDNN_POINTWISE_MUL, {}, ("z", "tanh"))),
 }
 FUSED_ACTIVATIONS = frozenset(ACTIVATION_STEPS)
+# Set on every RELU_FWD as cuDNN's frontend sets them: NaNs propagated (the only choice cuDNN
+# documents for ReLU), clipped below at 0 and above at float's largest value.
+FLOAT_MAX = float(np.finfo(np.float32).max)
+RELU_SETTINGS = ((CUDNN_ATTR_POINTWISE_NAN_PROPAGATION, CUDNN_TYPE_NAN_PROPOGATION,
+                  CUDNN_PROPAGATE_NAN),
+                 (CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP, CUDNN_TYPE_DOUBLE, 0.0),
+                 (CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP, CUDNN_TYPE_DOUBLE, FLOAT_MAX))
 
 # Unique ids of the tensors the variant pack binds; virtual tensors count up from VIRTUAL_UID.
 X_UID, W_UID, BIAS_UID, Y_UID = 1, 2, 3, 4
@@ -451,6 +467,9 @@ class FusedConvolutions:
             graph.set(settings, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, [mode])
             graph.set(settings, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE,
                       [CUDNN_DATA_FLOAT])
+            if mode == CUDNN_POINTWISE_RELU_FWD:
+                for attribute, kind, value in RELU_SETTINGS:
+                    graph.set(settings, attribute, kind, [value])
             for attribute, value in parameters.items():
                 graph.set(settings, attribute, CUDNN_TYPE_DOUBLE, [float(value)])
             graph.finalize(settings)
