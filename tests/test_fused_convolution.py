@@ -436,12 +436,22 @@ def test_a_graph_refused_with_a_float32_bias_is_tried_with_the_storage_types():
         return REFUSED if bias[-1].value(cg.CUDNN_ATTR_TENSOR_DATA_TYPE) == [0] else 0
 
     library = FakeGraphLibrary(refuse=float_bias_refused)
-    plan = fusions(library).plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.uint16, "mish")
+    made = fusions(library)
+    plan = made.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.uint16, "mish")
     assert plan is not None and plan.bias_dtype == np.uint16
     bias = [d for a, d in library.descriptors.items() if a in library.alive()
             and d.kind == cg.CUDNN_BACKEND_TENSOR_DESCRIPTOR
             and d.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID) == [cg.BIAS_UID]]
     assert [b.value(cg.CUDNN_ATTR_TENSOR_DATA_TYPE) for b in bias] == [[CUDNN_DATA_BFLOAT16]]
+    # the next shape of this type tries the bf16 bias first: no refused try
+    graphs = library.kinds_created().count(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)
+    assert made.plan((2, 8, 7, 6), (16, 8, 1, 1), 1, 0, 1, 1, np.uint16, "leaky").bias_dtype \
+        == np.uint16
+    assert library.kinds_created().count(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR) == graphs + 1
+    # fp16 has its own order: float32 first (refused here), then fp16
+    assert made.plan((2, 8, 7, 6), (16, 8, 1, 1), 1, 0, 1, 1, np.float16, "leaky").bias_dtype \
+        == np.float16
+    assert library.kinds_created().count(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR) == graphs + 3
 
 
 def test_unfused_activations_and_types_build_nothing():

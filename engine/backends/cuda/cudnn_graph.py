@@ -340,6 +340,7 @@ class FusedConvolutions:
         self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
         self.nvrtc_said = False
         self.retired = []  # refused plans that ran, kept alive (refuse)
+        self.bias_types = {}  # storage type -> the bias type its last plan took
 
     @staticmethod
     def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
@@ -359,15 +360,18 @@ class FusedConvolutions:
             self.plans[key] = None
             started = time.perf_counter()
             reasons = []
-            # The bias in float32 first (as add_bias_ adds it), else in the storage type.
-            for bias_dtype in (np.dtype(np.float32), np.dtype(dtype)):
+            # The bias in float32 (as add_bias_ adds it), else in the storage type; first the
+            # one that made the last plan of this type (a refusal can cost a compilation).
+            order = [np.dtype(np.float32), np.dtype(dtype)]
+            if self.bias_types.get(np.dtype(dtype)) == order[1]:
+                order.reverse()
+            for bias_dtype in dict.fromkeys(order):  # one try where the two are one type
                 try:
                     self.plans[key] = self.build(key, bias_dtype)
+                    self.bias_types[np.dtype(dtype)] = bias_dtype
                     break
                 except BackendError as error:
                     reasons.append(str(error))
-                if bias_dtype == np.dtype(dtype):
-                    break
             self.build_seconds[key] = time.perf_counter() - started
             if self.plans[key] is None:
                 self.refusals[key] = "; ".join(reasons)
