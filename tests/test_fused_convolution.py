@@ -745,6 +745,24 @@ def test_agreement_bounds():
     assert not cg.agrees(float("nan"), 1.0, size) and not cg.agrees(float("inf"), 1.0, size)
 
 
+@pytest.mark.parametrize("value,fused", [(None, True), ("1", True), ("0", False),
+                                         ("always", "always")])
+def test_the_default_comes_from_the_environment(fake_fp16, monkeypatch, value, fused):
+    if value is None:
+        monkeypatch.delenv(cg.FUSED_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(cg.FUSED_VARIABLE, value)
+    assert fake_fp16(fused=None).fused == fused
+    assert fake_fp16(fused=False).fused is False  # the argument wins
+
+
+def test_a_bad_environment_setting_is_one_line(fake_fp16, monkeypatch):
+    monkeypatch.setenv(cg.FUSED_VARIABLE, "yes")
+    with pytest.raises(BackendError, match=r"^ENGINE_FUSED_CONVOLUTIONS=yes: expected one of "
+                                           r"1, 0, always$"):
+        fake_fp16(fused=None)
+
+
 def test_backend_in_fp32_runs_unfused(monkeypatch, fake_fp16):
     ops = fake_fp16(channels_last=True)
     ops.dtype = np.dtype(np.float32)  # an fp32 backend forced to channels last
@@ -951,7 +969,7 @@ def test_fused_convolution_matches_unfused(fused_pair, activation):
 def test_the_default_times_fused_against_unfused(precision):
     """fused=True (the default): a shape's first call times the fused plan and the unfused
     path on the GPU (both times kept), and its output is right whichever wins."""
-    ops = cuda_backend.CudaBackend(0, precision=precision)
+    ops = cuda_backend.CudaBackend(0, precision=precision, fused=True)
     unfused = cuda_backend.CudaBackend(0, precision=precision, fused=False)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((4, 32, 52, 52)).astype(np.float32)

@@ -302,19 +302,21 @@ class CudaBackend(Operations):
     can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
     def __init__(self, device=0, seed=0, allow_tf32=False, precision=None, channels_last=None,
-                 fused=True):
+                 fused=None):
         """precision (engine/precision.py): 'fp32' (the default, results match the CPU
         backend's), 'tf32' (TF32 tensor cores for convolutions, ~1e-3 relative error), 'fp16' or
         'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether
         convolutions store NHWC outputs (see the module's docstring); by default in fp16 and
         bf16, where it is faster. fused: whether inference convolutions on NHWC fp16/bf16 data
         run with their bias and activation as one cuDNN kernel (conv_bias_forward,
-        cudnn_graph.py) where cuDNN can and it measured faster; "always": wherever cuDNN can
-        (tests); False: never (an A/B)."""
+        cudnn_graph.py) where cuDNN can and it measured faster (True); "always": wherever
+        cuDNN can (tests); False: never (an A/B); by default ENGINE_FUSED_CONVOLUTIONS's
+        setting (1, 0 or always), else True."""
         self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
         self.dtype = STORAGE_DTYPES[self.precision]  # of the activations operations make
         self.channels_last = (self.precision in ("fp16", "bf16") if channels_last is None
                               else bool(channels_last))
+        fused = cudnn_graph.default_fused() if fused is None else fused
         self.fused = fused if fused == "always" else bool(fused)
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])

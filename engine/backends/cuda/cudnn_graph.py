@@ -22,6 +22,7 @@ status is checked, and a failure raises BackendError naming the call.
 """
 
 import ctypes
+import os
 import sys
 import time
 
@@ -625,6 +626,20 @@ class FusedConvolutions:
             plan.variant_packs[pointers] = pack
         self.graph.execute(self.handle, plan.plan, pack)
         plan.ran = True
+
+
+# CudaBackend's default for `fused` (the backend's argument wins): 1 (fused where cuDNN can and
+# it measures faster; also when unset), 0 (never: an A/B without changing code), always.
+FUSED_VARIABLE = "ENGINE_FUSED_CONVOLUTIONS"
+FUSED_SETTINGS = {"1": True, "0": False, "always": "always"}
+
+
+def default_fused():
+    value = os.environ.get(FUSED_VARIABLE, "1")
+    if value not in FUSED_SETTINGS:
+        raise BackendError(f"{FUSED_VARIABLE}={value}: expected one of "
+                           f"{', '.join(FUSED_SETTINGS)}")
+    return FUSED_SETTINGS[value]
 
 
 def aligned(*pointers):
