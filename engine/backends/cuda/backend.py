@@ -868,8 +868,9 @@ class CudaBackend(Operations):
         error = self.sum_of_squares(self.add(y, reference, 1.0, -1.0))
         scale = self.sum_of_squares(reference)
         if not cudnn_graph.agrees(error, scale, int(reference.size)):  # NaN too
+            relative = np.sqrt(error / scale) if scale > 0 else np.inf
             fusions.refuse(plan, "differs from the unfused path: relative RMS difference "
-                                 f"{np.sqrt(error / max(scale, 1e-30)):.3g}")
+                                 f"{relative:.3g}")
             return False
         start, end = self.cuda.Event(), self.cuda.Event()
         times = []

@@ -198,7 +198,7 @@ MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts agai
 # unfused: a guard against a graph that computes something else. The two round differently
 # (the fused kernel once, the unfused path twice): about 3e-4 in fp16 and 2e-3 in bf16.
 AGREEMENT = 3e-2
-ABSOLUTE_FLOOR = 1e-3
+ABSOLUTE_FLOOR = 1 / 1024  # fp16's spacing at 1
 
 
 def agrees(error, scale, size):
