@@ -821,9 +821,9 @@ class CudaBackend(Operations):
         cuDNN runtime-fusion kernel computes act(conv + bias) into an NHWC y for the activations
         of cudnn_graph.ACTIVATION_STEPS, where cuDNN takes the shape's graph (a refusal is
         remembered per shape) and where, on its first run, it agreed with the unfused path and
-        measured faster; otherwise conv_forward, then add_bias_. A shape's plan is made and first run on an
-        eager call, never while recording (such a call runs unfused), so that a recording only
-        issues kernels."""
+        measured faster; otherwise conv_forward, then add_bias_. A shape's plan is made and
+        first run on an eager call, never while recording (such a call runs unfused), so that a
+        recording only issues kernels."""
         def unfused():
             y = self.conv_forward(x, weights, stride, padding, groups, train=False,
                                   dilation=dilation)
