@@ -299,7 +299,8 @@ def test_each_activations_graph_computes_darknets_layer(activation, dtype, data_
                                             cg.BIAS_UID: bias, cg.Y_UID: y})
         got = np.moveaxis(y.reshape(plan.y_shape[0], *plan.y_shape[2:], plan.y_shape[1]), -1, 1)
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9, err_msg=str(shape))
-        tensors = {d.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID)[0]: d for d in library.descriptors.values()
+        tensors = {d.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID)[0]: d
+                   for d in library.descriptors.values()
                    if d.kind == cg.CUDNN_BACKEND_TENSOR_DESCRIPTOR}
         types = {uid: t.value(cg.CUDNN_ATTR_TENSOR_DATA_TYPE)[0] for uid, t in tensors.items()}
         assert types.pop(cg.X_UID) == types.pop(cg.W_UID) == types.pop(cg.Y_UID) == data_type
@@ -406,8 +407,8 @@ def refuse_kind(kind):
       f"{cg.WORKSPACE_LIMIT + 1} bytes)")),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)),
      "cudnnBackendFinalize(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)"),
-    (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)),
-     "CUDNN_STATUS_FAKE"),
+    (FakeGraphLibrary(refuse=refuse_kind(
+        cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)), "CUDNN_STATUS_FAKE"),
     (FakeGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)),
      "mode A: cuDNN call cudnnBackendFinalize(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR) failed"),
 ])
