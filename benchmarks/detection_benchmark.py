@@ -571,10 +571,11 @@ class Unsupported(Exception):
     pass
 
 
-def engine_backend(precision, device, backend="gpu", nchw=False):
+def engine_backend(precision, device, backend="gpu", nchw=False, unfused=False):
     """The CUDA backend in `precision`: precision= where the backend takes it, else fp32 and
     tf32 through allow_tf32; Unsupported for a precision it cannot run. nchw: activations
-    stored NCHW in every precision (channels_last=False)."""
+    stored NCHW in every precision (channels_last=False). unfused: no convolution fused with
+    its bias and activation by cuDNN's graph API (fused=False)."""
     if backend == "cpu":
         if precision != "fp32":
             raise Unsupported(f"the CPU backend computes in fp32 only, not {precision}")
@@ -583,7 +584,8 @@ def engine_backend(precision, device, backend="gpu", nchw=False):
     from engine.backends.cuda import CudaBackend
     try:
         return CudaBackend(device, 0, precision=precision,
-                           **({"channels_last": False} if nchw else {}))
+                           **({"channels_last": False} if nchw else {}),
+                           **({"fused": False} if unfused else {}))
     except TypeError as error:
         if "precision" not in str(error):
             raise
@@ -602,13 +604,21 @@ def engine_memory_mib(ops):
     return device.memory_used() / 2**20 if hasattr(device, "memory_used") else None
 
 
+def print_fusion_summary(ops):
+    """Into the peer's log: which convolutions ran fused with their bias and activation
+    (cudnn_graph.py), and why the others did not, where the backend fuses."""
+    if getattr(ops, "fused", False) and getattr(ops, "channels_last", False):
+        from engine.backends.cuda import cudnn_graph
+        print(cudnn_graph.fusions(ops.dnn).summary(), flush=True)
+
+
 def run_engine(precision, setup, args, results):
     import gc
 
     from engine import Network, loss_scaling
     from engine.train import SINGLE_PROCESS, iteration_runner
     try:
-        ops = engine_backend(precision, args.device, args.backend, args.nchw)
+        ops = engine_backend(precision, args.device, args.backend, args.nchw, args.unfused)
     except Unsupported as error:
         for key, _, _ in measures(args.batches, args.train_batch):
             results[key] = {"unsupported": str(error)}
@@ -644,6 +654,7 @@ def run_engine(precision, setup, args, results):
             images = rng.random((batch,) + shape, dtype=np.float32)
             results.measure(f"b{batch}_ips", lambda images=images: throughput(images))
         results.measure("infer_mib", lambda: engine_memory_mib(ops))
+        print_fusion_summary(ops)
         net = None  # inference's memory back before training
         gc.collect()
     pool = getattr(getattr(ops, "device", None), "pool", None)
@@ -855,7 +866,7 @@ def prepare(name, cfg, folder, args, darknet):
 
 
 CHILD_OPTIONS = ("size", "seconds", "warmup", "train_warmup", "train_batch", "device", "backend")
-CHILD_FLAGS = ("nchw",)
+CHILD_FLAGS = ("nchw", "unfused")
 
 
 def spawn(peer, setup, args):
@@ -941,6 +952,10 @@ def parse_args(argv):
     p.add_argument("--nchw", action="store_true",
                    help="the engine's activations stored NCHW in every precision (fp16 and bf16 "
                         "inference stores them channels last by default): the layout's A/B")
+    p.add_argument("--unfused", action="store_true",
+                   help="no convolution fused with its bias and activation by cuDNN's graph "
+                        "API (fp16/bf16 inference, channels last, fuses them by default): the "
+                        "fusion's A/B")
     p.add_argument("--alexeyab-cfg-dir")
     p.add_argument("--darknet-src", help="AlexeyAB/darknet sources to build")
     p.add_argument("--darknet-build", help="scratch folder for the build (reused when built)")
@@ -1028,6 +1043,7 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu_description(),
             "size": args.size, "batches": args.batches, "train_batch": args.train_batch,
             "seconds": args.seconds, "scratch": scratch, "darknet": binary or darknet_error}
+    meta.update({flag: True for flag in CHILD_FLAGS if getattr(args, flag)})  # an A/B's side
     print(f"{meta['date']}; GPU {meta['gpu']}; {args.size}x{args.size}; logs in {scratch}",
           flush=True)
     results = {}

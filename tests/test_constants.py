@@ -20,7 +20,8 @@ VALUES = {name: value for name, value in vars(constants).items()
 # network.py's learning_rate=0.001).
 PYTHON_MODULES = ["engine/activations.py", "engine/backends/numpy_backend.py",
                   "engine/backends/operations.py", "engine/backends/cuda/backend.py",
-                  "engine/backends/cuda/cudnn.py", "engine/layers/base.py", "engine/onnx_export.py"]
+                  "engine/backends/cuda/cudnn.py", "engine/backends/cuda/cudnn_graph.py",
+                  "engine/layers/base.py", "engine/onnx_export.py"]
 KERNEL_SOURCES = sorted(glob.glob(os.path.join(KERNEL_DIR, "*.cu")) +
                         glob.glob(os.path.join(KERNEL_DIR, "*.cuh")))
 

@@ -359,3 +359,40 @@ def test_engine_precision_adapter(monkeypatch):
         bench.engine_backend("bf16", 0)
     with pytest.raises(EngineErrorStandIn):  # not about the precision: a failure, as it is
         bench.engine_backend("fp16", 7)
+
+
+class BackendWithLayoutOptions:
+    def __init__(self, device=0, seed=0, precision="fp32", **options):
+        self.precision, self.options = precision, options
+
+
+def test_layout_and_fusion_ab_flags_reach_the_backend(monkeypatch):
+    """--nchw and --unfused (each child gets them: CHILD_FLAGS) make the engine's backend
+    with channels_last=False and fused=False; by default neither is passed."""
+    import engine.backends.cuda as cuda
+    monkeypatch.setattr(cuda, "CudaBackend", BackendWithLayoutOptions)
+    assert bench.engine_backend("fp16", 0).options == {}
+    assert bench.engine_backend("fp16", 0, unfused=True).options == {"fused": False}
+    assert bench.engine_backend("bf16", 0, nchw=True, unfused=True).options == {
+        "channels_last": False, "fused": False}
+    args = bench.parse_args(["--unfused", "--nchw"])
+    assert args.unfused and args.nchw and set(bench.CHILD_FLAGS) == {"nchw", "unfused"}
+    assert not bench.parse_args([]).unfused
+
+
+def test_the_engine_peer_logs_which_convolutions_fused(monkeypatch, capsys):
+    from engine.backends.cuda import cudnn_graph
+
+    class Summary:
+        def summary(self):
+            return "fused convolutions: 3 of 4 shapes"
+
+    monkeypatch.setattr(cudnn_graph, "fusions", lambda dnn: Summary())
+    ops = type("Ops", (), {"fused": True, "channels_last": True, "dnn": None})()
+    bench.print_fusion_summary(ops)
+    assert capsys.readouterr().out == "fused convolutions: 3 of 4 shapes\n"
+    for fused, channels_last in ((False, True), (True, False)):
+        ops.fused, ops.channels_last = fused, channels_last
+        bench.print_fusion_summary(ops)
+    bench.print_fusion_summary(object())  # the CPU backend
+    assert capsys.readouterr().out == ""

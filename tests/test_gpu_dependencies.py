@@ -31,6 +31,7 @@ def gpu_extra():
 def test_the_gpu_extra_declares_everything_the_gpu_path_needs():
     needed = {package for _, package in libraries.PYTHON_PACKAGES.values()}
     needed |= {libraries.CUDNN.wheel, libraries.CUBLAS.wheel}
+    needed |= {libraries.NVRTC.wheel}  # optional (cuDNN's fused convolutions), but installed
     assert needed == gpu_extra()
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.backends.cuda import cublas, cudnn
+from engine.backends.cuda import cublas, cudnn, cudnn_graph
 from engine.backends.cuda.kernels import COMPILE_OPTIONS, KERNEL_DIR, SIGNATURES, STORAGE_TYPES
 
 ARCHITECTURES = ("75", "80", "90")
@@ -119,9 +119,11 @@ def test_enum_values_match_the_headers():
 def ctypes_kind(argtype):
     if argtype is ctypes.c_void_p or getattr(argtype, "_type_", None) in (ctypes.c_int,
                                                                            ctypes.c_size_t,
-                                                                           ctypes.c_float):
+                                                                           ctypes.c_float,
+                                                                           ctypes.c_int64):
         return "pointer"
-    return {ctypes.c_int: "int", ctypes.c_double: "double", ctypes.c_size_t: "size_t"}[argtype]
+    return {ctypes.c_int: "int", ctypes.c_double: "double", ctypes.c_size_t: "size_t",
+            ctypes.c_int64: "int64"}[argtype]
 
 
 def c_kind(parameter):
@@ -135,19 +137,39 @@ def c_kind(parameter):
         return "double"
     if re.match(r"(const\s+)?size_t\b", parameter):
         return "size_t"
+    if re.match(r"(const\s+)?int64_t\b", parameter):
+        return "int64"
     return "int"
 
 
-def test_function_argument_types_match_the_headers():
+@pytest.mark.parametrize("binding", [cudnn, cudnn_graph])
+def test_function_argument_types_match_the_headers(binding):
+    """The legacy binding's functions and the graph API's (cudnn_graph.py)."""
     text = header_text()
     if "cudnnConvolutionForward" not in text:
         pytest.skip("no cuDNN headers on this machine")
     text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
-    for name, argtypes in cudnn.FUNCTIONS.items():
+    for name, argtypes in binding.FUNCTIONS.items():
         match = re.search(rf"\b{name}\s*\(([^)]*)\)\s*;", text)
         assert match, f"{name} not declared in the cuDNN headers"
         declared = [p for p in match.group(1).split(",") if p.strip() not in ("", "void")]
         assert [c_kind(p) for p in declared] == [ctypes_kind(t) for t in argtypes], name
+
+
+def test_graph_enum_values_match_the_headers():
+    """cudnn_graph.py's descriptor types, attribute names and types, pointwise and heuristic
+    modes are cudnn_graph.h's (some attributes are marked CUDNN_DEPRECATED_ENUM in later cuDNN 9
+    releases, still taken); the values it shares with cudnn.py agree."""
+    shared = set(cudnn_graph.ENUMS) & set(cudnn.ENUMS)
+    assert shared and all(cudnn_graph.ENUMS[k] == cudnn.ENUMS[k] for k in shared)
+    text = header_text()
+    if "cudnnBackendAttributeName_t" not in text:
+        pytest.skip("no cuDNN graph headers on this machine")
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.DOTALL)
+    for name, value in cudnn_graph.ENUMS.items():
+        match = re.search(rf"\b{name}(?:\s+CUDNN_DEPRECATED_ENUM)?\s*=\s*(\d+)", text)
+        assert match, f"{name} not in the cuDNN headers"
+        assert int(match.group(1)) == value, name
 
 
 def cublas_header_text():

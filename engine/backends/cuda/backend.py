@@ -40,7 +40,7 @@ from ..yolo_truths import IOU_LOSSES, STATISTICS
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
                     CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
-from . import host_copies
+from . import cudnn_graph, host_copies
 from .device import get_device
 from .kernels import BLOCK, ROW_CHUNK, Kernels
 from .libraries import check_gpu_dependencies
@@ -301,16 +301,23 @@ class CudaBackend(Operations):
     name = "gpu"
     can_record = True  # CUDA graphs (graph.py; cuda-bindings is part of the [gpu] extra)
 
-    def __init__(self, device=0, seed=0, allow_tf32=False, precision=None, channels_last=None):
+    def __init__(self, device=0, seed=0, allow_tf32=False, precision=None, channels_last=None,
+                 fused=None):
         """precision (engine/precision.py): 'fp32' (the default, results match the CPU
         backend's), 'tf32' (TF32 tensor cores for convolutions, ~1e-3 relative error), 'fp16' or
         'bf16'; allow_tf32=True is the older spelling of 'tf32'. channels_last: whether
         convolutions store NHWC outputs (see the module's docstring); by default in fp16 and
-        bf16, where it is faster."""
+        bf16, where it is faster. fused: whether inference convolutions on NHWC fp16/bf16 data
+        run with their bias and activation as one cuDNN kernel (conv_bias_forward,
+        cudnn_graph.py) where cuDNN can and it measured faster (True); "always": wherever
+        cuDNN can (tests); False: never (an A/B); by default ENGINE_FUSED_CONVOLUTIONS's
+        setting (1, 0 or always), else True."""
         self.precision = check_precision(precision or ("tf32" if allow_tf32 else "fp32"), "gpu")
         self.dtype = STORAGE_DTYPES[self.precision]  # of the activations operations make
         self.channels_last = (self.precision in ("fp16", "bf16") if channels_last is None
                               else bool(channels_last))
+        fused = cudnn_graph.default_fused() if fused is None else fused
+        self.fused = fused if fused == "always" else bool(fused)
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
@@ -807,6 +814,80 @@ class CudaBackend(Operations):
             self._time_forward_candidates(plan, x, weights, y)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
+
+    def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
+                          dilation=1):
+        """Operations.conv_bias_forward. With channels last in fp16 or bf16 (and `fused`), one
+        cuDNN runtime-fusion kernel computes act(conv + bias) into an NHWC y for the activations
+        of cudnn_graph.ACTIVATION_STEPS, where cuDNN takes the shape's graph (a refusal is
+        remembered per shape) and where, on its first run, it agreed with the unfused path and
+        measured faster; otherwise conv_forward, then add_bias_. A shape's plan is made and
+        first run on an eager call, never while recording (such a call runs unfused), so that a
+        recording only issues kernels."""
+        def unfused():
+            y = self.conv_forward(x, weights, stride, padding, groups, train=False,
+                                  dilation=dilation)
+            return self.add_bias_(y, biases, activation)
+
+        if (self.fused and self.channels_last and self.dtype != FLOAT32 and len(x.shape) == 4
+                and activation in cudnn_graph.FUSED_ACTIVATIONS):
+            fusions = cudnn_graph.fusions(self.dnn)
+            plan = fusions.plan(x.shape, weights.shape, stride, padding, groups, dilation,
+                                self.dtype, activation, build=not self._recording)
+            if plan is not None and (plan.ran or not self._recording):
+                x_nhwc = self._relayout(self._activation(x), True)
+                w_nhwc = self._nhwc_weights(weights, self._activation(weights))
+                bias = self._as_type(biases, plan.bias_dtype)
+                self._reserve_workspace(plan.workspace)
+                y = self._empty(plan.y_shape, self.dtype)
+                y.channels_last = True
+                pointers = (x_nhwc.ptr, w_nhwc.ptr, bias.ptr, y.ptr)
+                if cudnn_graph.aligned(*pointers):
+                    first = not plan.ran
+                    try:
+                        fusions.execute(plan, *pointers, self._workspace_pointer())
+                    except BackendError as error:
+                        if not first and not self._recording:  # it ran before: a real failure
+                            raise
+                        # its first run, or its first recording: unfused from now on
+                        fusions.refuse(plan, str(error) + (" (while recording)"
+                                                           if self._recording else ""))
+                    else:
+                        if (not first or self.fused == "always"
+                                or self._fused_is_faster(fusions, plan, pointers, y, unfused)):
+                            return y
+        return unfused()
+
+    def _fused_is_faster(self, fusions, plan, pointers, y, unfused):
+        """On a fused plan's first (eager) run, into y: compare it with the unfused path
+        (`unfused()`), then time both as _time_forward_candidates times convolution algorithms,
+        and keep the fused plan where it agrees (cudnn_graph.AGREEMENT) and is not slower
+        (cuDNN's heuristics rank the fused engines without measuring them). False where the
+        unfused path is kept: the plan is dropped (fusions.timings keeps both times)."""
+        reference = unfused()  # its first call also chooses the convolution's algorithm
+        error = self.sum_of_squares(self.add(y, reference, 1.0, -1.0))
+        scale = self.sum_of_squares(reference)
+        if not cudnn_graph.agrees(error, scale, int(reference.size)):  # NaN too
+            relative = np.sqrt(error / scale) if scale > 0 else np.inf
+            fusions.refuse(plan, "differs from the unfused path: relative RMS difference "
+                                 f"{relative:.3g}")
+            return False
+        start, end = self.cuda.Event(), self.cuda.Event()
+        times = []
+        for run in (lambda: fusions.execute(plan, *pointers, self._workspace_pointer()),
+                    unfused):
+            self.kernels.launch("hold_kernel", 1, np.int32(HOLD_US))
+            start.record(self.stream)
+            for _ in range(FORWARD_REPEATS):
+                run()
+            end.record(self.stream)
+            end.synchronize()
+            times.append(end.time_since(start) / FORWARD_REPEATS)
+        fusions.timings[plan.key] = tuple(times)
+        if times[0] <= times[1]:
+            return True
+        fusions.refuse(plan, f"slower than unfused ({times[0]:.4f} against {times[1]:.4f} ms)")
+        return False
 
     def _nhwc_weights(self, weights, typed):
         """A convolution's weights (typed: in this backend's storage type) stored NHWC, as

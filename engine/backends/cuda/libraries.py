@@ -32,6 +32,17 @@ class NvidiaLibrary:
 CUDNN = NvidiaLibrary("cuDNN 9", ("libcudnn.so.9",), "cudnn", "nvidia-cudnn-cu12")
 CUBLAS = NvidiaLibrary("cuBLAS", ("libcublas.so.12", "libcublas.so.13", "libcublas.so"), "cublas",
                        "nvidia-cublas-cu12")
+
+
+def nvrtc(major):
+    """NVRTC of one CUDA major version. cuDNN compiles its runtime-fused kernels
+    (cudnn_graph.py) with the NVRTC of its own CUDA major, which it opens by soname. Optional:
+    without it convolutions run unfused, and cudnn_graph says so."""
+    return NvidiaLibrary("NVRTC", (f"libnvrtc.so.{major}",), "cuda_nvrtc",
+                         f"nvidia-cuda-nvrtc-cu{major}")
+
+
+NVRTC = nvrtc(12)  # the [gpu] extra's, for its CUDA 12 cuDNN
 # Python modules: import name -> (who needs it, the pip package that provides it).
 PYTHON_PACKAGES = {
     "pycuda.driver": ("the GPU backend needs", "pycuda"),

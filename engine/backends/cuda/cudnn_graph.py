@@ -1,0 +1,667 @@
+"""Convolution, bias and activation as one cuDNN kernel: a small ctypes binding of cuDNN 9's
+backend (graph) API (libcudnn.so.9) and the fused inference plans CudaBackend.conv_bias_forward
+runs on NHWC fp16/bf16 data.
+
+The legacy cudnnConvolutionBiasActivationForward takes only ReLU and identity; Darknet's
+detectors use leaky, mish, logistic, swish and linear. cuDNN's runtime-fusion engines (sm80 and
+later) compile a graph of a convolution followed by pointwise operations into one kernel, so
+the bias pass after each convolution (bias_activate_nhwc_kernel: 1.87 of yolov4's 5.76 ms of
+kernels at batch 16 in fp16 on an H200) goes. A plan is made once per shape, on the first eager
+call: the operation graph (FusedConvolutions.build), cuDNN's heuristics (mode A, then the
+fallback mode), and the first of their engine configurations that finalizes within
+WORKSPACE_LIMIT. A shape whose graph cuDNN refuses at any step (no engine, a finalize error, a
+failing first run) is remembered as unfused and runs as before (conv_forward and add_bias_);
+so is one whose fused kernel, on its first run, the backend found differing from the unfused
+path (AGREEMENT) or slower.
+Executing a plan allocates nothing on the device and does not synchronise, so it can be
+recorded into a CUDA graph.
+
+Every function's argument types are declared in FUNCTIONS and the enum values in ENUMS
+(tests/test_kernels_compile.py checks both against cudnn_graph.h where it is installed); every
+status is checked, and a failure raises BackendError naming the call.
+"""
+
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+from ...constants import LEAKY_SLOPE
+from ...errors import BackendError
+from .cudnn import (
+    CUDNN_CROSS_CORRELATION,
+    CUDNN_DATA_FLOAT,
+    DATA_TYPES,
+    WORKSPACE_LIMIT,
+)
+from .libraries import CUDNN, load, nvrtc
+
+# Enum values (cudnn_graph.h, cuDNN 9): only those used here.
+CUDNN_STATUS_SUCCESS = 0
+# cudnnBackendDescriptorType_t
+CUDNN_BACKEND_POINTWISE_DESCRIPTOR = 0
+CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR = 1
+CUDNN_BACKEND_ENGINECFG_DESCRIPTOR = 3
+CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR = 4
+CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR = 5
+CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR = 10
+CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR = 13
+CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR = 15
+CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR = 16
+CUDNN_BACKEND_TENSOR_DESCRIPTOR = 17
+# cudnnBackendAttributeType_t
+CUDNN_TYPE_HANDLE = 0
+CUDNN_TYPE_DATA_TYPE = 1
+CUDNN_TYPE_BOOLEAN = 2
+CUDNN_TYPE_INT64 = 3
+CUDNN_TYPE_FLOAT = 4
+CUDNN_TYPE_DOUBLE = 5
+CUDNN_TYPE_VOID_PTR = 6
+CUDNN_TYPE_CONVOLUTION_MODE = 7
+CUDNN_TYPE_HEUR_MODE = 8
+CUDNN_TYPE_NAN_PROPOGATION = 10  # (sic; deprecated in later cuDNN 9 releases, still taken)
+CUDNN_TYPE_POINTWISE_MODE = 14
+CUDNN_TYPE_BACKEND_DESCRIPTOR = 15
+# cudnnBackendAttributeName_t
+CUDNN_ATTR_POINTWISE_MODE = 0
+CUDNN_ATTR_POINTWISE_MATH_PREC = 1
+CUDNN_ATTR_POINTWISE_NAN_PROPAGATION = 2  # deprecated in later cuDNN 9 releases, still taken
+CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP = 3
+CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP = 4
+CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE = 5
+CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA = 7
+CUDNN_ATTR_POINTWISE_SWISH_BETA = 8
+CUDNN_ATTR_CONVOLUTION_COMP_TYPE = 100
+CUDNN_ATTR_CONVOLUTION_CONV_MODE = 101
+CUDNN_ATTR_CONVOLUTION_DILATIONS = 102
+CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES = 103
+CUDNN_ATTR_CONVOLUTION_POST_PADDINGS = 104
+CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS = 105
+CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS = 106
+CUDNN_ATTR_ENGINEHEUR_MODE = 200
+CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH = 201
+CUDNN_ATTR_ENGINEHEUR_RESULTS = 202
+CUDNN_ATTR_EXECUTION_PLAN_HANDLE = 400  # deprecated in later cuDNN 9 releases, still taken
+CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG = 401
+CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE = 402
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA = 700
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA = 701
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC = 702
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W = 703
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X = 704
+CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y = 705
+CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR = 750
+CUDNN_ATTR_OPERATION_POINTWISE_XDESC = 751
+CUDNN_ATTR_OPERATION_POINTWISE_BDESC = 752
+CUDNN_ATTR_OPERATION_POINTWISE_YDESC = 753
+CUDNN_ATTR_OPERATIONGRAPH_HANDLE = 800  # deprecated in later cuDNN 9 releases, still taken
+CUDNN_ATTR_OPERATIONGRAPH_OPS = 801
+CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT = 900
+CUDNN_ATTR_TENSOR_DATA_TYPE = 901
+CUDNN_ATTR_TENSOR_DIMENSIONS = 902
+CUDNN_ATTR_TENSOR_STRIDES = 903
+CUDNN_ATTR_TENSOR_UNIQUE_ID = 906
+CUDNN_ATTR_TENSOR_IS_VIRTUAL = 907
+CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS = 1000
+CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS = 1001
+CUDNN_ATTR_VARIANT_PACK_WORKSPACE = 1003
+# cudnnPointwiseMode_t
+CUDNN_POINTWISE_ADD = 0
+CUDNN_POINTWISE_MUL = 1
+CUDNN_POINTWISE_RELU_FWD = 100
+CUDNN_POINTWISE_TANH_FWD = 101
+CUDNN_POINTWISE_SIGMOID_FWD = 102
+CUDNN_POINTWISE_SOFTPLUS_FWD = 105
+CUDNN_POINTWISE_SWISH_FWD = 106
+# cudnnNanPropagation_t
+CUDNN_PROPAGATE_NAN = 1
+# cudnnBackendHeurMode_t
+CUDNN_HEUR_MODE_FALLBACK = 2
+CUDNN_HEUR_MODE_A = 3
+
+ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
+# For messages: an attribute's and a descriptor type's names.
+ATTRIBUTE_NAMES = {v: k for k, v in ENUMS.items() if k.startswith("CUDNN_ATTR_")}
+DESCRIPTOR_NAMES = {v: k for k, v in ENUMS.items() if k.startswith("CUDNN_BACKEND_")}
+
+P = ctypes.c_void_p
+INT = ctypes.c_int
+INT64 = ctypes.c_int64
+INT64_P = ctypes.POINTER(ctypes.c_int64)
+
+# name -> argument types (all return cudnnStatus_t but cudnnGetErrorString).
+FUNCTIONS = {
+    "cudnnBackendCreateDescriptor": [INT, P],
+    "cudnnBackendDestroyDescriptor": [P],
+    "cudnnBackendFinalize": [P],
+    "cudnnBackendSetAttribute": [P, INT, INT, INT64, P],
+    "cudnnBackendGetAttribute": [P, INT, INT, INT64, INT64_P, P],
+    "cudnnBackendExecute": [P, P, P],
+    "cudnnGetErrorString": [INT],
+    "cudnnGetCudartVersion": [],
+}
+RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetCudartVersion": ctypes.c_size_t}
+
+# The C type of each attribute type's elements (enums are C ints, cuDNN's booleans C bools).
+ELEMENT_TYPES = {
+    CUDNN_TYPE_HANDLE: ctypes.c_void_p, CUDNN_TYPE_DATA_TYPE: ctypes.c_int,
+    CUDNN_TYPE_BOOLEAN: ctypes.c_bool, CUDNN_TYPE_INT64: ctypes.c_int64,
+    CUDNN_TYPE_FLOAT: ctypes.c_float, CUDNN_TYPE_DOUBLE: ctypes.c_double,
+    CUDNN_TYPE_VOID_PTR: ctypes.c_void_p, CUDNN_TYPE_CONVOLUTION_MODE: ctypes.c_int,
+    CUDNN_TYPE_HEUR_MODE: ctypes.c_int, CUDNN_TYPE_POINTWISE_MODE: ctypes.c_int,
+    CUDNN_TYPE_NAN_PROPOGATION: ctypes.c_int,
+    CUDNN_TYPE_BACKEND_DESCRIPTOR: ctypes.c_void_p,
+}
+
+# The activations fused, each as the pointwise steps after the bias add: (output name, mode,
+# {attribute: double value}, input names), "z" being the convolution plus bias; the last step
+# writes y. ReLU's other settings are RELU_SETTINGS. Leaky is ReLU with a lower clip slope
+# (engine/constants.py's LEAKY_SLOPE); swish
+# is x * sigmoid(beta x) with beta 1 (Darknet's x * logistic(x)); mish, x * tanh(softplus(x)),
+# is composed (cuDNN has no mish mode). Darknet's softplus switches to x above 20 and to e^x
+# below -20 (MISH_THRESHOLD), where log(1 + e^x) equals them in float.
+ACTIVATION_STEPS = {
+    "linear": (),
+    "relu": (("y", CUDNN_POINTWISE_RELU_FWD, {CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE: 0.0},
+              ("z",)),),
+    "leaky": (("y", CUDNN_POINTWISE_RELU_FWD,
+               {CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP_SLOPE: LEAKY_SLOPE}, ("z",)),),
+    "logistic": (("y", CUDNN_POINTWISE_SIGMOID_FWD, {}, ("z",)),),
+    "swish": (("y", CUDNN_POINTWISE_SWISH_FWD, {CUDNN_ATTR_POINTWISE_SWISH_BETA: 1.0}, ("z",)),),
+    "mish": (("softplus", CUDNN_POINTWISE_SOFTPLUS_FWD,
+              {CUDNN_ATTR_POINTWISE_SOFTPLUS_BETA: 1.0}, ("z",)),
+             ("tanh", CUDNN_POINTWISE_TANH_FWD, {}, ("softplus",)),
+             ("y", CUDNN_POINTWISE_MUL, {}, ("z", "tanh"))),
+}
+FUSED_ACTIVATIONS = frozenset(ACTIVATION_STEPS)
+# Set on every RELU_FWD as cuDNN's frontend sets them: NaNs propagated (the only choice cuDNN
+# documents for ReLU), clipped below at 0 and above at float's largest value.
+FLOAT_MAX = float(np.finfo(np.float32).max)
+RELU_SETTINGS = ((CUDNN_ATTR_POINTWISE_NAN_PROPAGATION, CUDNN_TYPE_NAN_PROPOGATION,
+                  CUDNN_PROPAGATE_NAN),
+                 (CUDNN_ATTR_POINTWISE_RELU_LOWER_CLIP, CUDNN_TYPE_DOUBLE, 0.0),
+                 (CUDNN_ATTR_POINTWISE_RELU_UPPER_CLIP, CUDNN_TYPE_DOUBLE, FLOAT_MAX))
+
+# Unique ids of the tensors the variant pack binds; virtual tensors count up from VIRTUAL_UID.
+X_UID, W_UID, BIAS_UID, Y_UID = 1, 2, 3, 4
+VIRTUAL_UID = 100
+ALIGNMENT = 16  # bytes; a call whose pointers are not so aligned runs unfused
+MAX_ENGINE_CONFIGS = 16  # of the heuristics' list, tried in order
+# Heuristic modes asked in turn until a configuration finalizes: A (INSTANT's successor), then
+# the functional fallback engines (the backend keeps a fused plan only where it times faster).
+HEURISTIC_MODES = (("A", CUDNN_HEUR_MODE_A), ("FALLBACK", CUDNN_HEUR_MODE_FALLBACK))
+MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts again
+# A fused plan's first run must agree with the unfused path (conv_forward, add_bias_) within
+# AGREEMENT relative RMS difference (plus ABSOLUTE_FLOOR per value), else its shape runs
+# unfused: a guard against a graph that computes something else. The two round differently
+# (the fused kernel once, the unfused path twice): about 3e-4 in fp16 and 2e-3 in bf16.
+AGREEMENT = 3e-2
+ABSOLUTE_FLOOR = 1 / 1024  # fp16's spacing at 1
+
+
+def agrees(error, scale, size):
+    """Whether a sum of squared differences `error` is within AGREEMENT of a reference's sum
+    of squares `scale` (size values); False for NaN."""
+    return error <= AGREEMENT ** 2 * scale + size * ABSOLUTE_FLOOR ** 2
+
+
+class CudnnGraph:
+    """The backend API's calls on `lib` (libcudnn.so.9, or a stand-in with the same functions:
+    declare=False), every status checked."""
+
+    def __init__(self, lib, declare=True):
+        if declare:
+            for name, argtypes in FUNCTIONS.items():
+                try:
+                    function = getattr(lib, name)
+                except AttributeError:
+                    raise BackendError(f"the cuDNN library has no {name}; cuDNN 9 is "
+                                       "needed") from None
+                function.argtypes = argtypes
+                function.restype = RESTYPES.get(name, ctypes.c_int)
+        self.lib = lib
+        self.kinds = {}  # descriptor address -> its type, for messages
+
+    @classmethod
+    def load(cls):
+        return cls(load(CUDNN))
+
+    def check(self, name, status):
+        if status != CUDNN_STATUS_SUCCESS:
+            message = self.lib.cudnnGetErrorString(status)
+            if isinstance(message, bytes):
+                message = message.decode(errors="replace")
+            raise BackendError(f"cuDNN call {name} failed: {message} (status {status})")
+
+    def kind(self, descriptor):
+        return DESCRIPTOR_NAMES.get(self.kinds.get(descriptor.value), "a descriptor")
+
+    def create(self, kind):
+        descriptor = P()
+        self.check(f"cudnnBackendCreateDescriptor({DESCRIPTOR_NAMES.get(kind, kind)})",
+                   self.lib.cudnnBackendCreateDescriptor(kind, ctypes.byref(descriptor)))
+        self.kinds[descriptor.value] = kind
+        return descriptor
+
+    def set(self, descriptor, attribute, kind, values):
+        """Set `attribute` to `values` (a list), given as an array of `kind`'s C type."""
+        array = (ELEMENT_TYPES[kind] * len(values))(*values)
+        self.check(f"cudnnBackendSetAttribute({ATTRIBUTE_NAMES.get(attribute, attribute)})",
+                   self.lib.cudnnBackendSetAttribute(descriptor, attribute, kind, len(values),
+                                                     array))
+
+    def get_int64(self, descriptor, attribute):
+        value, count = ctypes.c_int64(), ctypes.c_int64()
+        self.check("cudnnBackendGetAttribute",
+                   self.lib.cudnnBackendGetAttribute(descriptor, attribute, CUDNN_TYPE_INT64, 1,
+                                                     ctypes.byref(count), ctypes.byref(value)))
+        return value.value
+
+    def get_descriptors(self, descriptor, attribute, kind, limit):
+        """Up to `limit` descriptors of an attribute, each made here as `kind` and filled in
+        by cuDNN (the heuristics' engine configurations)."""
+        count = ctypes.c_int64()
+        self.check("cudnnBackendGetAttribute",
+                   self.lib.cudnnBackendGetAttribute(descriptor, attribute,
+                                                     CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
+                                                     ctypes.byref(count), None))
+        count = min(count.value, limit)
+        if count <= 0:
+            return []
+        made = [self.create(kind) for _ in range(count)]
+        array = (P * count)(*made)
+        returned = ctypes.c_int64()
+        try:
+            self.check("cudnnBackendGetAttribute",
+                       self.lib.cudnnBackendGetAttribute(descriptor, attribute,
+                                                         CUDNN_TYPE_BACKEND_DESCRIPTOR, count,
+                                                         ctypes.byref(returned), array))
+        except BackendError:
+            self.destroy(*made)
+            raise
+        self.destroy(*made[returned.value:])
+        return made[:returned.value]
+
+    def finalize(self, descriptor):
+        self.check(f"cudnnBackendFinalize({self.kind(descriptor)})",
+                   self.lib.cudnnBackendFinalize(descriptor))
+
+    def destroy(self, *descriptors):
+        for descriptor in descriptors:
+            self.kinds.pop(descriptor.value, None)
+            self.check("cudnnBackendDestroyDescriptor",
+                       self.lib.cudnnBackendDestroyDescriptor(descriptor))
+
+    def execute(self, handle, plan, variant_pack):
+        self.check("cudnnBackendExecute",
+                   self.lib.cudnnBackendExecute(handle, plan, variant_pack))
+
+
+def nhwc_strides(shape):
+    """The strides of an NCHW-ordered shape (N, C, H, W) stored NHWC, in NCHW order (the backend
+    API describes every tensor by its logical dimensions and their strides)."""
+    _, c, h, w = shape
+    return [c * h * w, 1, w * c, c]
+
+
+def output_shape(x_shape, w_shape, stride, padding, dilation):
+    """(N, F, out_h, out_w) of Darknet's convolution (operations.conv_forward's formula)."""
+    stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+    size_y, size_x = w_shape[2:]
+    out = [(n + 2 * padding - dilation * (k - 1) - 1) // s + 1
+           for n, k, s in ((x_shape[2], size_y, stride_y), (x_shape[3], size_x, stride_x))]
+    return (int(x_shape[0]), int(w_shape[0]), *out)
+
+
+class FusedPlan:
+    """One shape's finalized execution plan and what executing it needs."""
+
+    def __init__(self, key, y_shape, plan, workspace, descriptors, bias_dtype):
+        self.key, self.y_shape, self.plan, self.workspace = key, y_shape, plan, workspace
+        self.descriptors = descriptors  # every descriptor the plan refers to, kept alive
+        self.bias_dtype = bias_dtype    # numpy dtype the bias is given in
+        self.variant_packs = {}         # (x, w, bias, y, workspace) pointers -> finalized pack
+        self.ran = False                # executed once eagerly (capture may follow)
+
+
+class FusedConvolutions:
+    """The fused plans of one cuDNN handle, per shape: plan() finds or makes them (None: that
+    shape runs unfused), execute() runs one."""
+
+    def __init__(self, graph, handle):
+        self.graph, self.handle = graph, handle
+        self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
+        self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
+        self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
+        # key -> seconds spent making its plan or being refused (runtime-fusion engines compile
+        # their kernel with NVRTC when their plan is finalized)
+        self.build_seconds = {}
+        self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
+        self.nvrtc_said = False
+        self.retired = []  # refused plans that ran, kept alive (refuse)
+        self.bias_types = {}  # storage type -> the bias type its last plan took
+
+    @staticmethod
+    def key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation):
+        stride = stride if isinstance(stride, int) else tuple(int(v) for v in stride)
+        return (tuple(int(n) for n in x_shape), tuple(int(n) for n in w_shape), stride,
+                int(padding), int(groups), int(dilation), np.dtype(dtype), activation)
+
+    def plan(self, x_shape, w_shape, stride, padding, groups, dilation, dtype, activation,
+             build=True):
+        """The FusedPlan of a shape; None where it runs unfused: an activation not in
+        ACTIVATION_STEPS, a graph cuDNN refused (remembered), or, with build=False (while a
+        CUDA graph is being recorded, when nothing may be made), one not made yet."""
+        if activation not in ACTIVATION_STEPS or np.dtype(dtype) not in DATA_TYPES:
+            return None
+        key = self.key(x_shape, w_shape, stride, padding, groups, dilation, dtype, activation)
+        if key not in self.plans and build:
+            self.plans[key] = None
+            started = time.perf_counter()
+            reasons = []
+            # The bias in float32 (as add_bias_ adds it), else in the storage type; first the
+            # one that made the last plan of this type (a refusal can cost a compilation).
+            order = [np.dtype(np.float32), np.dtype(dtype)]
+            if self.bias_types.get(np.dtype(dtype)) == order[1]:
+                order.reverse()
+            for bias_dtype in dict.fromkeys(order):  # one try where the two are one type
+                try:
+                    self.plans[key] = self.build(key, bias_dtype)
+                    self.bias_types[np.dtype(dtype)] = bias_dtype
+                    break
+                except BackendError as error:
+                    reasons.append(str(error))
+            self.build_seconds[key] = time.perf_counter() - started
+            if self.plans[key] is None:
+                self.refusals[key] = "; ".join(reasons)
+                if self.nvrtc_missing:
+                    self.refusals[key] += (f"; NVRTC, which cuDNN compiles fused kernels with, "
+                                           f"did not load: {self.nvrtc_missing}")
+                    if not self.nvrtc_said:  # once: the cause is likely the same for all
+                        print(f"cuDNN refused a fused convolution: {self.refusals[key]}",
+                              file=sys.stderr)
+                        self.nvrtc_said = True
+        return self.plans.get(key)
+
+    def summary(self):
+        """What happened to each shape, in words: how many run fused, and per shape that does
+        not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
+        fused = [key for key, plan in self.plans.items() if plan is not None]
+        seconds = sum(self.build_seconds.values())
+        lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made "
+                 + f"in {seconds:.1f} s"]
+        for key, plan in self.plans.items():
+            x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
+            shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
+                     f"dilation {dilation} {dtype} {activation}")
+            timing = self.timings.get(key)
+            timed = f"; fused {timing[0]:.4f} ms, unfused {timing[1]:.4f} ms" if timing else ""
+            what = "fused" if plan is not None else f"unfused: {self.refusals.get(key)}"
+            made_in = (f" (made in {self.build_seconds[key]:.2f} s)"
+                       if key in self.build_seconds else "")
+            lines.append(f"  {shape}: {what}{timed}{made_in}")
+        return "\n".join(lines)
+
+    def refuse(self, plan, reason):
+        """A plan that failed (or lost its timing): its shape runs unfused from now on. One
+        that ran is kept alive, never destroyed: a CUDA graph recorded with it may still
+        launch the kernels its execution plan loaded."""
+        self.plans[plan.key] = None
+        self.refusals[plan.key] = reason
+        if plan.ran:
+            self.retired.append(plan)
+        else:
+            self.release(plan)
+
+    def release(self, plan):
+        self.graph.destroy(*plan.variant_packs.values())
+        plan.variant_packs.clear()
+        self.graph.destroy(plan.plan, *plan.descriptors)
+
+    # ---- building -------------------------------------------------------------------------------
+    def build(self, key, bias_dtype):
+        """The operation graph of `key` (conv -> add bias -> activation), cuDNN's heuristics
+        for it, and the first engine configuration that finalizes into an execution plan within
+        WORKSPACE_LIMIT; BackendError where none does (every descriptor made destroyed)."""
+        made = []  # every descriptor, in order, destroyed on failure
+        try:
+            y_shape, operations = self.operations(key, bias_dtype, made)
+            plan, workspace = self.execution_plan(operations, made)
+        except BackendError:
+            self.graph.destroy(*reversed(made))
+            raise
+        return FusedPlan(key, y_shape, plan, workspace, made, bias_dtype)
+
+    def operations(self, key, bias_dtype, made):
+        """(y's shape, the finalized operations of `key`'s graph: the convolution, the bias
+        add, the activation's steps); every descriptor made is appended to `made`."""
+        x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
+        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+        data_type = DATA_TYPES[dtype]
+        y_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
+        if min(y_shape) <= 0 or x_shape[1] != w_shape[1] * groups:
+            raise BackendError(f"fused convolution: {x_shape} and {w_shape} in {groups} groups "
+                               f"give {y_shape}")
+        graph = self.graph
+
+        def create(kind):
+            descriptor = graph.create(kind)
+            made.append(descriptor)
+            return descriptor
+
+        virtual_uids = iter(range(VIRTUAL_UID, VIRTUAL_UID + 64))
+
+        def tensor(shape, strides, data_type, uid=None):
+            descriptor = create(CUDNN_BACKEND_TENSOR_DESCRIPTOR)
+            virtual = uid is None
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64,
+                      [next(virtual_uids) if virtual else uid])
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, [data_type])
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, list(shape))
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, strides)
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, [ALIGNMENT])
+            if virtual:
+                graph.set(descriptor, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, [True])
+            graph.finalize(descriptor)
+            return descriptor
+
+        def pointwise(mode, parameters, inputs, output):
+            settings = create(CUDNN_BACKEND_POINTWISE_DESCRIPTOR)
+            graph.set(settings, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, [mode])
+            graph.set(settings, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE,
+                      [CUDNN_DATA_FLOAT])
+            if mode == CUDNN_POINTWISE_RELU_FWD:
+                for attribute, kind, value in RELU_SETTINGS:
+                    graph.set(settings, attribute, kind, [value])
+            for attribute, value in parameters.items():
+                graph.set(settings, attribute, CUDNN_TYPE_DOUBLE, [float(value)])
+            graph.finalize(settings)
+            operation = create(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)
+            graph.set(operation, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR,
+                      CUDNN_TYPE_BACKEND_DESCRIPTOR, [settings])
+            graph.set(operation, CUDNN_ATTR_OPERATION_POINTWISE_XDESC,
+                      CUDNN_TYPE_BACKEND_DESCRIPTOR, [inputs[0]])
+            if len(inputs) > 1:
+                graph.set(operation, CUDNN_ATTR_OPERATION_POINTWISE_BDESC,
+                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [inputs[1]])
+            graph.set(operation, CUDNN_ATTR_OPERATION_POINTWISE_YDESC,
+                      CUDNN_TYPE_BACKEND_DESCRIPTOR, [output])
+            graph.finalize(operation)
+            return operation
+
+        y_strides = nhwc_strides(y_shape)
+        x = tensor(x_shape, nhwc_strides(x_shape), data_type, X_UID)
+        w = tensor(w_shape, nhwc_strides(w_shape), data_type, W_UID)  # KRSC
+        channels = y_shape[1]
+        bias = tensor((1, channels, 1, 1), [channels, 1, channels, channels],
+                      DATA_TYPES[bias_dtype], BIAS_UID)
+        y = tensor(y_shape, y_strides, data_type, Y_UID)
+        # intermediates in the compute type (float), never in memory
+        convolved = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT)
+        steps = ACTIVATION_STEPS[activation]
+        z = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT) if steps else y
+
+        convolution = create(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE,
+                  [CUDNN_DATA_FLOAT])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_CONV_MODE, CUDNN_TYPE_CONVOLUTION_MODE,
+                  [CUDNN_CROSS_CORRELATION])  # Darknet's convolution does not flip
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, CUDNN_TYPE_INT64, [2])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_DILATIONS, CUDNN_TYPE_INT64,
+                  [dilation, dilation])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, CUDNN_TYPE_INT64,
+                  [stride_y, stride_x])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, CUDNN_TYPE_INT64,
+                  [padding, padding])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, CUDNN_TYPE_INT64,
+                  [padding, padding])
+        graph.finalize(convolution)
+
+        # Groups: the filters' C is x's C / groups (cuDNN infers the group count).
+        forward = create(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [x])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [w])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolved])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolution])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT,
+                  [1.0])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT,
+                  [0.0])
+        graph.finalize(forward)
+
+        operations = [forward, pointwise(CUDNN_POINTWISE_ADD, {}, (convolved, bias), z)]
+        tensors = {"z": z}
+        for name, mode, parameters, inputs in steps:
+            tensors[name] = y if name == "y" else tensor(y_shape, y_strides, CUDNN_DATA_FLOAT)
+            operations.append(pointwise(mode, parameters, [tensors[i] for i in inputs],
+                                        tensors[name]))
+        return y_shape, operations
+
+    def execution_plan(self, operations, made):
+        """(execution plan, its workspace bytes) for a graph of finalized `operations`: the
+        first of cuDNN's heuristics' engine configurations (HEURISTIC_MODES in turn) that
+        finalizes within WORKSPACE_LIMIT; BackendError where none does."""
+        graph = self.graph
+
+        def create(kind):
+            descriptor = graph.create(kind)
+            made.append(descriptor)
+            return descriptor
+
+        operation_graph = create(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)
+        graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE,
+                  [self.handle])
+        graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                  operations)
+        graph.finalize(operation_graph)
+
+        refusals = []
+        for mode_name, mode in HEURISTIC_MODES:
+            try:
+                heuristics = create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
+                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [operation_graph])
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, [mode])
+                graph.finalize(heuristics)
+                configs = graph.get_descriptors(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                                CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
+                                                MAX_ENGINE_CONFIGS)
+            except BackendError as error:
+                refusals.append(f"mode {mode_name}: {error}")
+                continue
+            made.extend(configs)
+            if not configs:
+                refusals.append(f"mode {mode_name}: no engine")
+                continue
+            refused = []
+            for config in configs:  # the heuristics' order: the first that finalizes
+                plan = graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
+                try:
+                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
+                              [self.handle])
+                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
+                              CUDNN_TYPE_BACKEND_DESCRIPTOR, [config])
+                    graph.finalize(plan)
+                    workspace = graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
+                    if workspace > WORKSPACE_LIMIT:
+                        raise BackendError(f"workspace of {workspace} bytes")
+                except BackendError as error:
+                    refused.append(str(error))
+                    graph.destroy(plan)
+                    continue
+                return plan, workspace
+            refusals.append(f"mode {mode_name}: none of {len(configs)} engine configurations "
+                            f"finalized (the first: {refused[0]})")
+        raise BackendError(f"fused convolution: {'; '.join(refusals)}")
+
+    # ---- running --------------------------------------------------------------------------------
+    def execute(self, plan, x, weights, bias, y, workspace):
+        """Run `plan` on device pointers (ints; workspace may be None): y = act(conv(x, weights)
+        + bias). Issued on the handle's stream; host-side work only (a variant pack made once
+        per set of pointers), so it can be captured into a CUDA graph."""
+        pointers = (x, weights, bias, y, workspace)
+        pack = plan.variant_packs.get(pointers)
+        if pack is None:
+            if len(plan.variant_packs) >= MAX_VARIANT_PACKS:
+                self.graph.destroy(*plan.variant_packs.values())
+                plan.variant_packs.clear()
+            pack = self.graph.create(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)
+            try:
+                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64,
+                               [X_UID, W_UID, BIAS_UID, Y_UID])
+                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR,
+                               [x, weights, bias, y])
+                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR,
+                               [workspace])
+                self.graph.finalize(pack)
+            except BackendError:
+                self.graph.destroy(pack)
+                raise
+            plan.variant_packs[pointers] = pack
+        self.graph.execute(self.handle, plan.plan, pack)
+        plan.ran = True
+
+
+# CudaBackend's default for `fused` (the backend's argument wins): 1 (fused where cuDNN can and
+# it measures faster; also when unset), 0 (never: an A/B without changing code), always.
+FUSED_VARIABLE = "ENGINE_FUSED_CONVOLUTIONS"
+FUSED_SETTINGS = {"1": True, "0": False, "always": "always"}
+
+
+def default_fused():
+    value = os.environ.get(FUSED_VARIABLE, "1")
+    if value not in FUSED_SETTINGS:
+        raise BackendError(f"{FUSED_VARIABLE}={value}: expected one of "
+                           f"{', '.join(FUSED_SETTINGS)}")
+    return FUSED_SETTINGS[value]
+
+
+def aligned(*pointers):
+    """Whether every device pointer is ALIGNMENT-aligned, as the plans' tensors declare."""
+    return all(pointer % ALIGNMENT == 0 for pointer in pointers)
+
+
+_FUSIONS = {}  # id of a cudnn.Cudnn runtime -> (it, its FusedConvolutions)
+
+
+def fusions(dnn):
+    """The FusedConvolutions of a cudnn.Cudnn runtime (one per handle, made once), so that,
+    as with the legacy plans, a shape's plan is made once per process and GPU. The NVRTC of
+    cuDNN's CUDA major, which it compiles its fused kernels with, is loaded here (libcudnn's
+    dlopen of its soname then finds it); where it is not found, the first refusal says so."""
+    entry = _FUSIONS.get(id(dnn))
+    if entry is None or entry[0] is not dnn:
+        graph = CudnnGraph.load()
+        made = FusedConvolutions(graph, dnn.handle)
+        try:
+            load(nvrtc(int(graph.lib.cudnnGetCudartVersion()) // 1000))
+        except BackendError as error:
+            made.nvrtc_missing = str(error)
+        entry = _FUSIONS[id(dnn)] = (dnn, made)
+    return entry[1]
