@@ -594,7 +594,7 @@ def fake_fp16(monkeypatch):
         FakeDevice(), FakeKernels(), FakeDnn(), None))
     library = FakeGraphLibrary()
     made = fusions(library, handle=0xCAFE)
-    monkeypatch.setattr(cg, "fusions", lambda dnn: made)
+    monkeypatch.setattr(cg, "fusions", lambda dnn, device=None: made)
     clock = {"now": 0.0, "fused": 1.0, "unfused": 2.0}
     execute = library.cudnnBackendExecute
 
@@ -705,7 +705,7 @@ def test_a_fused_plan_timed_faster_is_kept(fake_fp16, fused_ms, unfused_ms):
     (key, plan), = fake_fp16.fusions.plans.items()
     assert plan is not None and fake_fp16.fusions.timings[key] == (fused_ms, unfused_ms)
     assert f"float16 leaky: fused; fused {fused_ms:.4f} ms, unfused {unfused_ms:.4f} ms " \
-        "(made in " in fake_fp16.fusions.summary().splitlines()[1]
+        "(compiled in " in fake_fp16.fusions.summary().splitlines()[1]
     ops.conv_bias_forward(*arguments())  # timed once per shape
     assert len(executions(fake_fp16.library)) == 2 + repeats
     assert ops.unfused == unfused_pairs(1 + repeats)
