@@ -787,6 +787,13 @@ def aligned(*pointers):
     return all(pointer % ALIGNMENT == 0 for pointer in pointers)
 
 
+def disk_context(graph, device):
+    """What every plan on disk depends on besides its shape: cuDNN's version and its CUDA's,
+    the GPU's model and compute capability (`device`: a device.Device)."""
+    return {"cudnn": graph.version(), "cudart": int(graph.lib.cudnnGetCudartVersion()),
+            "gpu": device.name, "capability": list(device.handle.compute_capability())}
+
+
 _FUSIONS = {}  # id of a cudnn.Cudnn runtime -> (it, its FusedConvolutions)
 
 
@@ -801,15 +808,11 @@ def fusions(dnn, device=None):
     entry = _FUSIONS.get(id(dnn))
     if entry is None or entry[0] is not dnn:
         graph = CudnnGraph.load()
-        cudart = int(graph.lib.cudnnGetCudartVersion())
         store = None if device is None else RecordStore.default(PLANS_FOLDER)
-        context = {}
-        if store is not None:
-            context = {"cudnn": graph.version(), "cudart": cudart, "gpu": device.name,
-                       "capability": list(device.handle.compute_capability())}
-        made = FusedConvolutions(graph, dnn.handle, store, context)
+        made = FusedConvolutions(graph, dnn.handle, store,
+                                 disk_context(graph, device) if store else None)
         try:
-            load(nvrtc(cudart // 1000))
+            load(nvrtc(int(graph.lib.cudnnGetCudartVersion()) // 1000))
         except BackendError as error:
             made.nvrtc_missing = str(error)
         entry = _FUSIONS[id(dnn)] = (dnn, made)
