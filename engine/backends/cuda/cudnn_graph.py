@@ -13,6 +13,11 @@ WORKSPACE_LIMIT. A shape whose graph cuDNN refuses at any step (no engine, a fin
 failing first run) is remembered as unfused and runs as before (conv_forward and add_bias_);
 so is one whose fused kernel, on its first run, the backend found differing from the unfused
 path (AGREEMENT) or slower.
+Compiling a plan costs 0.05-0.75 s per shape (NVRTC), so each one is kept on disk
+(plan_cache.py, PLANS_FOLDER): its JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION) after
+it is made, every refusal, and the backend's verdicts; the next process on the same GPU model
+and cuDNN loads the plan (FusedConvolutions.load: no graph, heuristics or compilation), still
+checked and timed at its first run, and an entry that does not load is compiled again.
 Executing a plan allocates nothing on the device and does not synchronise, so it can be
 recorded into a CUDA graph.
 
