@@ -210,14 +210,16 @@ MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts agai
 AGREEMENT = 3e-2
 ABSOLUTE_FLOOR = 1 / 1024  # fp16's spacing at 1
 # Plans on disk (plan_cache.RecordStore, in this folder of the engine's cache): a finalized
-# plan's JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION, with its compiled kernel), loaded
-# instead of compiled by the next process, and the refusals, so a refused shape is not compiled
+# plan's JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION), loaded instead of compiled by
+# the next process, and the refusals, so a refused shape is not compiled
 # again. Each entry is named by its shape key, bias type, the graph's make-up (GRAPH_FORMAT,
 # raised when operations() changes, and the activation's steps), cuDNN's and CUDA's versions and
 # the GPU's name and compute capability: a plan deserialises only on the GPU model and cuDNN
 # it was made with.
 PLANS_FOLDER = "cudnn-plans"
-ORIGINS = ("compiled", "loaded from disk", "refusal read from disk")  # FusedConvolutions.origins
+# Where a shape's plan or refusal came from (FusedConvolutions.origins, summary)
+COMPILED, LOADED, REFUSAL_READ = "compiled", "loaded from disk", "refusal read from disk"
+ORIGINS = (COMPILED, LOADED, REFUSAL_READ)
 GRAPH_FORMAT = 1
 
 
@@ -380,7 +382,7 @@ class FusedConvolutions:
         # plans on disk (None: none), and what each entry's identity holds besides its shape
         # (the versions and the GPU: fusions())
         self.store, self.context = store, dict(context or {})
-        self.origins = {}   # key -> "compiled", "loaded from disk", "refusal read from disk"
+        self.origins = {}   # key -> COMPILED, LOADED or REFUSAL_READ
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
@@ -432,7 +434,7 @@ class FusedConvolutions:
                 break
             except BackendError as error:
                 reasons.append(str(error))
-        self.origins[key] = "compiled"
+        self.origins[key] = COMPILED
         if self.plans[key] is not None:
             self.save(self.plans[key])
             return
@@ -469,7 +471,7 @@ class FusedConvolutions:
         refusal = self.store.read(self.identity(key, None))
         if refusal is not None and isinstance(refusal.get("refused"), str):
             self.refusals[key] = refusal["refused"]
-            self.origins[key] = "refusal read from disk"
+            self.origins[key] = REFUSAL_READ
             return True
         for bias_dtype in order:
             identity = self.identity(key, bias_dtype)
@@ -482,7 +484,7 @@ class FusedConvolutions:
                 self.store.remove(identity)
                 continue
             self.bias_types[key[6]] = bias_dtype
-            self.origins[key] = "loaded from disk"
+            self.origins[key] = LOADED
             return True
         return False
 
@@ -548,10 +550,10 @@ class FusedConvolutions:
         return "\n".join(lines)
 
     def refuse(self, plan, reason):
-        """A plan that failed (or lost its timing): its shape runs unfused from now on (and in
-        later processes: the refusal is kept on disk). One
-        that ran is kept alive, never destroyed: a CUDA graph recorded with it may still
-        launch the kernels its execution plan loaded."""
+        """A plan that failed (or lost its timing): its shape runs unfused from now on, and in
+        later processes (the refusal is kept on disk). One that ran is kept alive, never
+        destroyed: a CUDA graph recorded with it may still launch the kernels its execution
+        plan loaded."""
         self.plans[plan.key] = None
         self.refusals[plan.key] = reason
         self.save_refusal(plan.key)  # the next process runs this shape unfused at once

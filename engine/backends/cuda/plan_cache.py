@@ -3,13 +3,13 @@ runtime-compiled kernels take 0.05-0.75 s each to make): where they live, how th
 and writes that can neither leave a partial file nor fail inference.
 
 The folder is $ENGINE_CACHE_DIR, else $XDG_CACHE_HOME/darknet-engine, else
-~/.cache/darknet-engine; ENGINE_CACHE_DIR set to "" turns the disk off. Each record is one JSON
+~/.cache/darknet-engine; ENGINE_CACHE_DIR set to "" turns the disk cache off. Each record is one JSON
 file named by a hash of everything it depends on (its `identity`), which it also holds: a file
 whose identity or format differs, that does not parse or was cut short, is removed and counts
 as missing. Writes go to a temporary file renamed over the entry (os.replace), so a reader sees
 the old record or the new one, never half of one. A folder that cannot be made or written turns
 writing off for the process after one line on stderr; reading what is there goes on. Nothing is
-ever evicted (entries are a few KiB); deleting the folder is safe.
+ever evicted (entries are small); deleting the folder is safe.
 """
 
 import hashlib
