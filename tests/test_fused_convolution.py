@@ -867,6 +867,16 @@ def test_fusions_keep_plans_in_the_engines_cache(monkeypatch, tmp_path, setting)
     assert record_of(tmp_path / "cudnn-plans")["identity"]["cudnn"] == 92800
 
 
+def test_the_backend_gives_fusions_its_device(fake_fp16, monkeypatch):
+    """The device names the plans on disk (its GPU model): conv_bias_forward passes it."""
+    ops = fake_fp16()
+    seen = []
+    monkeypatch.setattr(cg, "fusions", lambda dnn, device=None: (
+        seen.append((dnn, device)), fake_fp16.fusions)[1])
+    ops.conv_bias_forward(*arguments())
+    assert seen == [(ops.dnn, ops.device)] and ops.device is not None
+
+
 def test_the_backend_runs_a_plan_from_disk_through_its_first_run_checks(fake_fp16, tmp_path):
     """A loaded plan is checked as a compiled one is: compared with the unfused path and timed
     on its first run; a slower one is refused, and the refusal kept for the next process."""
