@@ -1447,7 +1447,7 @@ def test_a_plan_loaded_from_disk_computes_what_the_compiled_one_did(precision, t
         outputs.append(ops.to_host(y))
         origins.append(made.origins[key])
         seconds.append(made.build_seconds[key])
-    assert origins == ["compiled", "loaded from disk"]
+    assert origins == [cg.COMPILED, cg.LOADED]
     print(f"{precision} mish plan: compiled in {seconds[0]:.3f} s, loaded in {seconds[1]:.3f} s")
     assert seconds[1] < seconds[0], "loading the plan took longer than compiling it"
     np.testing.assert_array_equal(outputs[1], outputs[0])
@@ -1471,7 +1471,8 @@ net.predict(images, batch_size=1)
 seconds = time.perf_counter() - started
 made = cudnn_graph.fusions(ops.dnn)
 print(json.dumps({"origins": list(made.origins.values()), "seconds": seconds,
-                  "fused": sum(plan is not None for plan in made.plans.values())}))
+                  "fused": sum(plan is not None for plan in made.plans.values()),
+                  "summary": made.summary()}))
 """
 
 
@@ -1490,7 +1491,7 @@ def test_the_next_process_compiles_no_plan(tmp_path):
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = results
     print(f"first predict: {first['seconds']:.2f} s, then {second['seconds']:.2f} s")
-    assert first["fused"] > 0 and "compiled" in first["origins"], first
-    assert "compiled" not in second["origins"], second
-    assert len(second["origins"]) == len(first["origins"])
-    assert second["origins"].count("loaded from disk") == first["fused"]
+    assert first["fused"] > 0 and cg.COMPILED in first["origins"], first["summary"]
+    assert cg.COMPILED not in second["origins"], second["summary"]
+    assert len(second["origins"]) == len(first["origins"]), second["summary"]
+    assert second["origins"].count(cg.LOADED) == first["fused"], second["summary"]
