@@ -65,8 +65,8 @@ class RecordStore:
             return None
         try:
             record = json.loads(text)
-            valid = (isinstance(record, dict) and record.get("format") == FORMAT
-                     and record.get("identity") == identity)
+            valid = (isinstance(record, dict) and record.get("format") == FORMAT  # as JSON has it
+                     and record.get("identity") == json.loads(json.dumps(identity)))
         except ValueError:  # cut short, or not JSON
             valid = False
         if not valid:
