@@ -840,6 +840,16 @@ def test_the_cache_folder(monkeypatch, tmp_path):
         os.path.join(home, ".cache"))
 
 
+def test_a_record_store_round_trip(tmp_path):
+    store = plan_cache.RecordStore(str(tmp_path / "new" / "plans"))
+    identity = {"capability": (9, 0), "name": "x"}  # a tuple comes back a list: still found
+    assert store.read(identity) is None and not (tmp_path / "new").exists()  # made when written
+    assert store.write(identity, {"plan": "text"})
+    assert store.read(identity)["plan"] == "text"
+    assert store.read({**identity, "name": "y"}) is None
+    assert len(entries(tmp_path / "new" / "plans")) == 1
+
+
 class FakeGpu:
     name = "NVIDIA H200"
     handle = type("Handle", (), {"compute_capability": lambda self: (9, 0)})()
