@@ -1,5 +1,6 @@
-"""Shared test fixtures: paths to the repository, the bundled golden files and MNIST, and
-`ops`, each backend in turn (one per test module; the GPU's under the `gpu` marker)."""
+"""Shared test fixtures: paths to the repository, the bundled golden files and MNIST, `ops`,
+each backend in turn (one per test module; the GPU's under the `gpu` marker), and the engine's
+disk cache moved into the session's temporary folder."""
 
 import os
 
@@ -8,6 +9,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 CFG = os.path.join(ROOT, "cfg")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache_dir(tmp_path_factory):
+    """The engine's disk cache (compiled cuDNN plans) in a folder of this test session, never
+    the user's: set for the whole session, subprocesses included."""
+    folder = str(tmp_path_factory.mktemp("engine-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENGINE_CACHE_DIR", folder)
+        yield folder
 
 
 @pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])

@@ -12,7 +12,10 @@ networks, in fp16 and bf16."""
 
 import ctypes
 import itertools
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import pytest
 from engine import Network, activations
 from engine.backends.cuda import backend as cuda_backend
 from engine.backends.cuda import cudnn_graph as cg
+from engine.backends.cuda import plan_cache
 from engine.backends.cuda.cudnn import (
     CUDNN_DATA_BFLOAT16,
     CUDNN_DATA_FLOAT,
@@ -45,15 +49,20 @@ class Descriptor:
 class FakeGraphLibrary:
     """libcudnn's backend API as far as cudnn_graph calls it: descriptors keep their attributes,
     every call is recorded; `engines` configurations come out of the heuristics, those at
-    `refused_configs` fail to finalize, and `refuse(descriptor)` may fail any other finalize."""
+    `refused_configs` fail to finalize, and `refuse(descriptor)` may fail any other finalize.
+    A finalized plan's JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION, unless `serializes`
+    is False) names its engine configuration's rank and its graph's tensors; a plan given such
+    a JSON (and a handle) instead of an engine configuration finalizes from it alone."""
 
-    def __init__(self, engines=2, refused_configs=(), workspace=0, refuse=None):
+    def __init__(self, engines=2, refused_configs=(), workspace=0, refuse=None, version=92800,
+                 serializes=True):
         self.descriptors, self.calls = {}, []
         self.addresses = itertools.count(0x10000, 0x100)
         self.engines, self.refused_configs, self.workspace = engines, refused_configs, workspace
         self.refuse = refuse or (lambda library, descriptor: 0)
         self.configs = []  # engine configurations handed out, in the heuristics' order
         self.execute_status = 0
+        self.version, self.serializes = version, serializes
 
     def __getitem__(self, address):
         return self.descriptors[address]
@@ -69,14 +78,26 @@ class FakeGraphLibrary:
         record = self.descriptors[descriptor.value]
         assert not record.finalized and not record.destroyed
         assert count == len(array)
-        record.attributes[attribute] = (kind, list(array))
+        if kind == cg.CUDNN_TYPE_CHAR:  # text: counted with its terminating NUL
+            assert array.raw[count - 1:] == b"\0" and b"\0" not in array.raw[:count - 1]
+            record.attributes[attribute] = (kind, array.raw[:count - 1].decode())
+        else:
+            record.attributes[attribute] = (kind, list(array))
         self.calls.append(("set", descriptor.value, attribute))
         return 0
 
     def cudnnBackendFinalize(self, descriptor):
         record = self.descriptors[descriptor.value]
         self.calls.append(("finalize", descriptor.value))
-        if record.kind == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR:
+        if cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION in record.attributes:
+            assert cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG not in record.attributes
+            assert record.value(cg.CUDNN_ATTR_EXECUTION_PLAN_HANDLE)
+            try:  # what cuDNN checks, as far as a stand-in can
+                loaded = json.loads(record.value(cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION))
+                assert loaded["fake plan"] == "v1"
+            except (ValueError, KeyError, TypeError, AssertionError):
+                return REFUSED
+        elif record.kind == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR:
             config = record.value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]
             if self.descriptors[config].rank in self.refused_configs:
                 return REFUSED
@@ -103,6 +124,16 @@ class FakeGraphLibrary:
                 config.finalized = True
                 self.configs.append(address)
             return 0
+        if attribute == cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION:
+            assert kind == cg.CUDNN_TYPE_CHAR
+            if not self.serializes:
+                return REFUSED
+            text = self.plan_json(record).encode() + b"\0"
+            count._obj.value = len(text)  # the NUL counted, as cudnn_graph.h says
+            if array is not None:
+                assert requested == len(text) and len(array) >= requested
+                ctypes.memmove(array, text, requested)
+            return 0
         assert attribute == cg.CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE and requested == 1
         count._obj.value = 1
         array._obj.value = self.workspace
@@ -121,6 +152,28 @@ class FakeGraphLibrary:
 
     def cudnnGetErrorString(self, status):
         return b"CUDNN_STATUS_FAKE"
+
+    def cudnnGetVersion(self):
+        return self.version
+
+    def plan_json(self, plan):
+        """A finalized plan's serialised form: one it was loaded from, else its engine's rank
+        and its graph's tensors in memory (unique id: dimensions)."""
+        if cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION in plan.attributes:
+            return plan.value(cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION)
+        config = self[plan.value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]]
+        tensors = {}
+        for operation in self[config.graph].value(cg.CUDNN_ATTR_OPERATIONGRAPH_OPS):
+            for kind, values in self[operation].attributes.values():
+                for address in values if kind == cg.CUDNN_TYPE_BACKEND_DESCRIPTOR else ():
+                    tensor = self[address]
+                    if (tensor.kind == cg.CUDNN_BACKEND_TENSOR_DESCRIPTOR
+                            and not tensor.attributes.get(cg.CUDNN_ATTR_TENSOR_IS_VIRTUAL,
+                                                          (0, [False]))[1][0]):
+                        tensors[tensor.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID)[0]] = \
+                            tensor.value(cg.CUDNN_ATTR_TENSOR_DIMENSIONS)
+        return json.dumps({"fake plan": "v1", "engine": config.rank,
+                           "tensors": {str(uid): tensors[uid] for uid in sorted(tensors)}})
 
     # what the calls built
     def kinds_created(self):
@@ -533,6 +586,325 @@ def test_fusions_load_nvrtc_and_a_refusal_says_when_it_did_not(monkeypatch, caps
     assert len(lines) == 1 and lines[0].startswith("cuDNN refused a fused convolution: ")
 
 
+# ---- plans kept on disk (plan_cache) -------------------------------------------------------------
+CONTEXT = {"cudnn": 92800, "cudart": 12090, "gpu": "NVIDIA H200", "capability": [9, 0]}
+SHAPE = ((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky")
+JSON_ATTRIBUTE = cg.CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION
+
+
+def on_disk(folder, library=None, context=CONTEXT):
+    """(library, FusedConvolutions) keeping plans in `folder`: each call stands for a new
+    process (nothing in memory shared with the others but the folder)."""
+    library = library or FakeGraphLibrary()
+    return library, cg.FusedConvolutions(cg.CudnnGraph(library, declare=False),
+                                         ctypes.c_void_p(0xBEEF),
+                                         plan_cache.RecordStore(str(folder)), context)
+
+
+def entries(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def record_of(folder):
+    (name,) = entries(folder)
+    return json.loads((folder / name).read_text())
+
+
+def test_a_compiled_plan_is_written_and_the_next_process_loads_it(tmp_path):
+    """The first process compiles the plan and writes its JSON; the next loads it: one
+    execution plan descriptor given the JSON and the handle, finalized, its workspace read
+    (no graph, heuristics or engine configuration), and runs it with the same unique ids."""
+    first_library, first = on_disk(tmp_path)
+    built = first.plan(*SHAPE)
+    key = first.key(*SHAPE)
+    assert built is not None and first.origins == {key: "compiled"}
+    written = first_library.plan_json(first_library[built.plan.value])
+    assert json.loads(written)["tensors"] == {"1": [2, 8, 7, 6], "2": [16, 8, 3, 3],
+                                              "3": [1, 16, 1, 1], "4": [2, 16, 7, 6]}
+    record = record_of(tmp_path)
+    assert record["plan"] == written and record["identity"]["bias"] == "float32"
+    assert record["identity"]["gpu"] == "NVIDIA H200"
+
+    library, second = on_disk(tmp_path)
+    plan = second.plan(*SHAPE)
+    assert plan is not None and second.origins == {key: "loaded from disk"}
+    address = plan.plan.value
+    assert library.calls == [
+        ("create", cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, address),
+        ("set", address, JSON_ATTRIBUTE), ("set", address, cg.CUDNN_ATTR_EXECUTION_PLAN_HANDLE),
+        ("finalize", address), ("get", address, cg.CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)]
+    assert library[address].value(JSON_ATTRIBUTE) == written
+    assert library[address].value(cg.CUDNN_ATTR_EXECUTION_PLAN_HANDLE) == [0xBEEF]
+    assert (plan.y_shape, plan.bias_dtype, plan.workspace, plan.ran) == \
+        (built.y_shape, built.bias_dtype, built.workspace, False)  # checked at its first run
+    second.execute(plan, 0x1000, 0x2000, 0x3000, 0x4000, None)
+    (_, handle, executed, pack), = executions(library)
+    assert handle.value == 0xBEEF and executed == address
+    assert library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS) == [
+        cg.X_UID, cg.W_UID, cg.BIAS_UID, cg.Y_UID]
+    assert key in second.build_seconds
+    summary = second.summary().splitlines()
+    assert summary[0].startswith("fused convolutions: 1 of 1 shapes; plans made in ")
+    assert summary[0].endswith(f"(1 loaded from disk; plans on disk in {tmp_path})")
+    assert ": fused (loaded from disk in " in summary[1]
+    assert "(1 compiled; plans on disk in " in first.summary()
+    assert entries(tmp_path) == [os.path.basename(second.store.path(second.identity(
+        key, np.float32)))]  # nothing rewritten beside it
+    second.refuse(plan, "slower than unfused")  # it ran: kept alive, as a compiled one
+    assert second.retired == [plan] and not library[address].destroyed
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[:len(data) // 2],                    # cut short
+    lambda data: b"",
+    lambda data: b"\xff\xfe not a plan",                   # not UTF-8
+    lambda data: b'{"format": 1}',                          # no identity
+    lambda data: data.replace(b'"format": 1', b'"format": 0'),
+    lambda data: data.replace(b'"x": [2, 8, 7, 6]', b'"x": [2, 8, 7, 7]'),  # another shape's
+    lambda data: data.replace(b'"plan": ', b'"plans": '),  # no plan
+    lambda data: data.replace(b'fake plan', b'fake plane'),  # a JSON cuDNN refuses
+], ids=["truncated", "empty", "binary", "no identity", "other format", "other shape", "no plan",
+        "refused by cuDNN"])
+def test_a_damaged_entry_is_rebuilt_and_overwritten(tmp_path, damage):
+    on_disk(tmp_path)[1].plan(*SHAPE)
+    (name,) = entries(tmp_path)
+    good = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(damage(good))
+    library, made = on_disk(tmp_path)
+    plan = made.plan(*SHAPE)
+    assert plan is not None and made.origins[made.key(*SHAPE)] == "compiled"
+    assert cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR in library.kinds_created()
+    assert entries(tmp_path) == [name]
+    assert (tmp_path / name).read_bytes() == good  # the same plan, written again
+    assert [d for d in library.alive() if library[d].kind
+            == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR] == [plan.plan.value]
+
+
+def test_a_plan_cudnn_does_not_finalize_from_disk_is_compiled_again(tmp_path):
+    """A stale entry (another cuDNN build, a driver that refuses its kernel): its finalize
+    fails, the descriptor is destroyed, the plan compiled and its new JSON written."""
+    on_disk(tmp_path)[1].plan(*SHAPE)
+
+    def refuse_loaded_plans(library, descriptor):
+        return REFUSED if JSON_ATTRIBUTE in descriptor.attributes else 0
+
+    library, made = on_disk(tmp_path, FakeGraphLibrary(engines=3, refused_configs=(0,),
+                                                       refuse=refuse_loaded_plans))
+    plan = made.plan(*SHAPE)
+    assert plan is not None and made.origins[made.key(*SHAPE)] == "compiled"
+    loaded = library.calls[0][2]
+    assert library[loaded].destroyed and ("finalize", loaded) in library.calls
+    assert json.loads(record_of(tmp_path)["plan"])["engine"] == 1  # the new plan's
+
+
+def test_a_plan_whose_workspace_grew_past_the_limit_is_not_loaded(tmp_path):
+    on_disk(tmp_path)[1].plan(*SHAPE)
+    library, made = on_disk(tmp_path, FakeGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1))
+    assert made.plan(*SHAPE) is None  # and compiled again: refused the same way
+    assert library.alive() == []
+    record = record_of(tmp_path)  # the plan's entry removed, the refusal written
+    assert record["identity"]["entry"] == "refusal" and "workspace of" in record["refused"]
+
+
+def test_refusals_are_kept_on_disk_and_not_compiled_again(tmp_path):
+    """cuDNN's refusals and the backend's verdicts (refuse: slower, differing, a failed first
+    run): the next process runs the shape unfused without making a descriptor."""
+    shapes = [SHAPE, ((2, 8, 7, 6), (16, 8, 1, 1), 1, 0, 1, 1, np.float16, "mish")]
+    _, first = on_disk(tmp_path, FakeGraphLibrary(engines=0))
+    assert first.plan(*shapes[0]) is None
+    _, first = on_disk(tmp_path)
+    first.refuse(first.plan(*shapes[1]), "slower than unfused (3.0000 against 2.0000 ms)")
+    library, made = on_disk(tmp_path, FakeGraphLibrary(engines=4))
+    assert [made.plan(*shape) for shape in shapes] == [None, None]
+    assert library.calls == []
+    keys = [made.key(*shape) for shape in shapes]
+    assert made.refusals[keys[0]] == "; ".join(
+        ["fused convolution: mode A: no engine; mode FALLBACK: no engine"] * 2)  # both biases
+    assert made.refusals[keys[1]] == "slower than unfused (3.0000 against 2.0000 ms)"
+    assert set(made.origins.values()) == {"refusal read from disk"}
+    assert "(2 refusal read from disk; " in made.summary()
+
+
+def test_a_refusal_for_want_of_nvrtc_is_not_kept(tmp_path, capsys):
+    _, made = on_disk(tmp_path, FakeGraphLibrary(engines=0))
+    made.nvrtc_missing = "NVRTC not found"
+    assert made.plan(*SHAPE) is None and entries(tmp_path) == []
+    capsys.readouterr()
+    _, made = on_disk(tmp_path)  # NVRTC installed since: compiled
+    assert made.plan(*SHAPE) is not None
+
+
+@pytest.mark.parametrize("change", [{"cudnn": 92900}, {"cudart": 13000}, {"gpu": "NVIDIA A100"},
+                                    {"capability": [8, 0]}])
+def test_another_cudnn_or_gpu_has_its_own_entries(tmp_path, change):
+    on_disk(tmp_path)[1].plan(*SHAPE)
+    library, made = on_disk(tmp_path, context={**CONTEXT, **change})
+    assert made.plan(*SHAPE) is not None and made.origins[made.key(*SHAPE)] == "compiled"
+    assert cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR in library.kinds_created()
+    assert len(entries(tmp_path)) == 2
+    _, made = on_disk(tmp_path)  # the first context's entry is still there, and loads
+    assert made.plan(*SHAPE) is not None
+    assert made.origins[made.key(*SHAPE)] == "loaded from disk"
+
+
+def test_every_part_of_a_plan_names_its_entry(tmp_path, monkeypatch):
+    """Shape, geometry, type, activation, bias type, and the graph's make-up: each its own
+    file (a changed graph, GRAPH_FORMAT or an activation's steps, never loads an old plan)."""
+    _, made = on_disk(tmp_path)
+    key = made.key(*SHAPE)
+    names = {made.store.path(made.identity(key, np.float32)),
+             made.store.path(made.identity(key, np.float16)),
+             made.store.path(made.identity(key, None))}
+    for index, other in ((0, (2, 8, 7, 7)), (1, (16, 8, 1, 1)), (2, 2), (2, (1, 2)), (3, 0),
+                         (4, 2), (5, 2), (6, np.uint16), (7, "mish")):
+        changed = list(SHAPE)
+        changed[index] = other
+        names.add(made.store.path(made.identity(made.key(*changed), np.float32)))
+    monkeypatch.setattr(cg, "GRAPH_FORMAT", cg.GRAPH_FORMAT + 1)
+    names.add(made.store.path(made.identity(key, np.float32)))
+    monkeypatch.setitem(cg.ACTIVATION_STEPS, "leaky", cg.ACTIVATION_STEPS["relu"])
+    names.add(made.store.path(made.identity(key, np.float32)))
+    assert len(names) == 14
+
+
+def test_an_unwritable_folder_runs_fused_and_says_so_once(tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    library, made = on_disk(blocker / "cudnn-plans")  # cannot be made
+    plans = [made.plan(*SHAPE), made.plan((2, 8, 7, 6), (16, 8, 1, 1), 1, 0, 1, 1, np.float16,
+                                          "mish")]
+    assert all(plan is not None for plan in plans) and not made.store.writable
+    for plan in plans:
+        made.execute(plan, 0x1000, 0x2000, 0x3000, 0x4000, None)
+    made.refuse(plans[1], "slower than unfused")  # no write tried
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: not keeping compiled plans on disk (")
+    assert lines[0].endswith('set ENGINE_CACHE_DIR to a writable folder, or to "" to turn '
+                             'this off')
+
+
+def test_a_full_disk_still_reads_what_is_there(tmp_path, monkeypatch, capsys):
+    on_disk(tmp_path)[1].plan(*SHAPE)
+
+    def full(*args, **options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plan_cache.tempfile, "mkstemp", full)
+    _, made = on_disk(tmp_path)
+    assert made.plan(*SHAPE) is not None
+    assert made.origins[made.key(*SHAPE)] == "loaded from disk"
+    assert made.plan((1, 8, 4, 4), (8, 8, 1, 1), 1, 0, 1, 1, np.float16, "relu") is not None
+    assert len(entries(tmp_path)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch, capsys):
+    """A record is written to a temporary file renamed over the entry: a failed rename leaves
+    the old entry whole and no temporary file."""
+    on_disk(tmp_path)[1].plan(*SHAPE)
+    (name,) = entries(tmp_path)
+    before = (tmp_path / name).read_bytes()
+    renamed = []
+    replace = os.replace
+
+    def failing_replace(source, target):
+        renamed.append((os.path.basename(source), os.path.basename(target)))
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(plan_cache.os, "replace", failing_replace)
+    _, made = on_disk(tmp_path)
+    assert made.plan(*SHAPE[:-1], "mish") is not None  # compiled, its write failed
+    written = os.path.basename(made.store.path(made.identity(made.key(*SHAPE[:-1], "mish"),
+                                                             np.float32)))
+    assert renamed[0][0].startswith(".writing-") and renamed[0][1] == written
+    assert entries(tmp_path) == [name] and (tmp_path / name).read_bytes() == before
+    monkeypatch.setattr(plan_cache.os, "replace", replace)
+    assert "Input/output error" in capsys.readouterr().err
+
+
+def test_a_plan_cudnn_does_not_serialise_is_not_kept(tmp_path):
+    library, made = on_disk(tmp_path, FakeGraphLibrary(serializes=False))
+    assert made.plan(*SHAPE) is not None and entries(tmp_path) == []
+
+
+def test_the_cache_folder(monkeypatch, tmp_path):
+    home = os.path.expanduser("~")
+    assert plan_cache.cache_root({}) == os.path.join(home, ".cache", "darknet-engine")
+    assert plan_cache.cache_root({"XDG_CACHE_HOME": "/x/cache"}) == "/x/cache/darknet-engine"
+    assert plan_cache.cache_root({"XDG_CACHE_HOME": "relative"}) == \
+        os.path.join(home, ".cache", "darknet-engine")  # ignored, as the XDG spec says
+    assert plan_cache.cache_root({"ENGINE_CACHE_DIR": "/e", "XDG_CACHE_HOME": "/x"}) == "/e"
+    assert plan_cache.cache_root({"ENGINE_CACHE_DIR": ""}) is None
+    # the test session's folder, never the user's (conftest.py)
+    assert os.environ["ENGINE_CACHE_DIR"] and not os.environ["ENGINE_CACHE_DIR"].startswith(
+        os.path.join(home, ".cache"))
+
+
+def test_a_record_store_round_trip(tmp_path):
+    store = plan_cache.RecordStore(str(tmp_path / "new" / "plans"))
+    identity = {"capability": (9, 0), "name": "x"}  # a tuple comes back a list: still found
+    assert store.read(identity) is None and not (tmp_path / "new").exists()  # made when written
+    assert store.write(identity, {"plan": "text"})
+    assert store.read(identity)["plan"] == "text"
+    assert store.read({**identity, "name": "y"}) is None
+    assert len(entries(tmp_path / "new" / "plans")) == 1
+
+
+class FakeGpu:
+    name = "NVIDIA H200"
+    handle = type("Handle", (), {"compute_capability": lambda self: (9, 0)})()
+
+
+@pytest.mark.parametrize("setting", ["folder", "", None])
+def test_fusions_keep_plans_in_the_engines_cache(monkeypatch, tmp_path, setting):
+    """fusions(dnn, device): plans under ENGINE_CACHE_DIR/cudnn-plans, named with cuDNN's and
+    CUDA's versions and the GPU's model; ENGINE_CACHE_DIR="" or no device: nothing on disk."""
+    library = FakeGraphLibrary()
+    library.cudnnGetCudartVersion = lambda: 12090
+    monkeypatch.setattr(cg.CudnnGraph, "load", classmethod(
+        lambda cls: cls(library, declare=False)))
+    monkeypatch.setattr(cg, "load", lambda wanted: None)
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path) if setting == "folder" else "")
+    monkeypatch.setattr(cg, "_FUSIONS", {})
+    made = cg.fusions(FakeDnn(), None if setting is None else FakeGpu())
+    assert made.plan(*SHAPE) is not None
+    if setting != "folder":
+        assert made.store is None and entries(tmp_path) == []
+        assert "; no plans on disk)" in made.summary()
+        return
+    assert made.store.folder == str(tmp_path / "cudnn-plans")
+    assert made.context == CONTEXT
+    assert record_of(tmp_path / "cudnn-plans")["identity"]["cudnn"] == 92800
+
+
+def test_the_backend_gives_fusions_its_device(fake_fp16, monkeypatch):
+    """The device names the plans on disk (its GPU model): conv_bias_forward passes it."""
+    ops = fake_fp16()
+    seen = []
+    monkeypatch.setattr(cg, "fusions", lambda dnn, device=None: (
+        seen.append((dnn, device)), fake_fp16.fusions)[1])
+    ops.conv_bias_forward(*arguments())
+    assert seen == [(ops.dnn, ops.device)] and ops.device is not None
+
+
+def test_the_backend_runs_a_plan_from_disk_through_its_first_run_checks(fake_fp16, tmp_path):
+    """A loaded plan is checked as a compiled one is: compared with the unfused path and timed
+    on its first run; a slower one is refused, and the refusal kept for the next process."""
+    _, first = on_disk(tmp_path)
+    first.plan((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1, np.float16, "leaky")
+    made = fake_fp16.fusions
+    made.store, made.context = plan_cache.RecordStore(str(tmp_path)), CONTEXT
+    ops = fake_fp16(fused=True)
+    fake_fp16.clock.update(fused=3.0, unfused=2.0)
+    assert ops.conv_bias_forward(*arguments()).unfused
+    (key, plan), = made.plans.items()
+    assert plan is None and made.origins[key] == "loaded from disk"
+    assert made.refusals[key] == "slower than unfused (3.0000 against 2.0000 ms)"
+    assert len(executions(fake_fp16.library)) == 1 + cuda_backend.FORWARD_REPEATS
+    _, later = on_disk(tmp_path)
+    assert later.plan(*key) is None and later.origins[key] == "refusal read from disk"
+
+
 # ---- the backend's choice of path, on fakes ------------------------------------------------------
 class FakeArray:
     addresses = itertools.count(1 << 20, 4096)
@@ -594,7 +966,7 @@ def fake_fp16(monkeypatch):
         FakeDevice(), FakeKernels(), FakeDnn(), None))
     library = FakeGraphLibrary()
     made = fusions(library, handle=0xCAFE)
-    monkeypatch.setattr(cg, "fusions", lambda dnn: made)
+    monkeypatch.setattr(cg, "fusions", lambda dnn, device=None: made)
     clock = {"now": 0.0, "fused": 1.0, "unfused": 2.0}
     execute = library.cudnnBackendExecute
 
@@ -705,7 +1077,7 @@ def test_a_fused_plan_timed_faster_is_kept(fake_fp16, fused_ms, unfused_ms):
     (key, plan), = fake_fp16.fusions.plans.items()
     assert plan is not None and fake_fp16.fusions.timings[key] == (fused_ms, unfused_ms)
     assert f"float16 leaky: fused; fused {fused_ms:.4f} ms, unfused {unfused_ms:.4f} ms " \
-        "(made in " in fake_fp16.fusions.summary().splitlines()[1]
+        "(compiled in " in fake_fp16.fusions.summary().splitlines()[1]
     ops.conv_bias_forward(*arguments())  # timed once per shape
     assert len(executions(fake_fp16.library)) == 2 + repeats
     assert ops.unfused == unfused_pairs(1 + repeats)
@@ -1057,3 +1429,79 @@ def test_networks_predict_alike_fused_and_unfused(cfg, precision, tmp_path, monk
     assert executed, "no convolution of the network fused"
     error = relative_error(outputs[1], outputs[0])
     assert error <= {"fp16": 1e-2, "bf16": 3e-2}[precision], f"{cfg}: {error:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", REDUCED)
+def test_a_plan_loaded_from_disk_computes_what_the_compiled_one_did(precision, tmp_path,
+                                                                    monkeypatch):
+    """A plan compiled and written, then loaded from its JSON by a fresh FusedConvolutions
+    (no plan in memory: a new process as far as plans go) and run: bitwise the same output,
+    and a capture of it replays."""
+    ops = cuda_backend.CudaBackend(0, precision=precision, fused="always")
+    cg.fusions(ops.dnn, ops.device)  # NVRTC loaded, as the backend's first call does
+    rng = np.random.default_rng(7)
+    x = ops._relayout(ops._activation(ops.asarray(
+        rng.standard_normal((2, 32, 26, 26)).astype(np.float32))), True)
+    w = ops.freeze_(ops.asarray((rng.standard_normal((64, 32, 3, 3)) * 0.06).astype(np.float32)))
+    b = ops.freeze_(ops.asarray(rng.standard_normal(64).astype(np.float32)))
+    key = cg.FusedConvolutions.key(x.shape, w.shape, 1, 1, 1, 1, ops.dtype, "mish")
+    outputs, origins, seconds = [], [], []
+    for _ in range(2):
+        graph = cg.CudnnGraph.load()
+        made = cg.FusedConvolutions(graph, ops.dnn.handle, plan_cache.RecordStore(str(tmp_path)),
+                                    cg.disk_context(graph, ops.device))
+        monkeypatch.setitem(cg._FUSIONS, id(ops.dnn), (ops.dnn, made))
+        y = ops.conv_bias_forward(x, w, b, "mish", 1, 1, 1)
+        assert made.plans.get(key) is not None, made.refusals.get(key)
+        outputs.append(ops.to_host(y))
+        origins.append(made.origins[key])
+        seconds.append(made.build_seconds[key])
+    assert origins == [cg.COMPILED, cg.LOADED]
+    print(f"{precision} mish plan: compiled in {seconds[0]:.3f} s, loaded in {seconds[1]:.3f} s")
+    assert seconds[1] < seconds[0], "loading the plan took longer than compiling it"
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    out = {}
+    captured = ops.capture(lambda: out.update(y=ops.conv_bias_forward(x, w, b, "mish", 1, 1, 1)))
+    captured.replay()
+    np.testing.assert_array_equal(ops.to_host(out["y"]), outputs[0])
+
+
+FIRST_PREDICT = """
+import json, sys, time
+import numpy as np
+from engine import Network
+from engine.backends.cuda import CudaBackend, cudnn_graph
+ops = CudaBackend(0, precision="fp16")
+net = Network(sys.argv[1], seed=3, quiet=True, backend=ops)
+net.fold_batchnorm()
+images = np.random.default_rng(0).random((1,) + tuple(net.input_shape), dtype=np.float32)
+started = time.perf_counter()
+net.predict(images, batch_size=1)
+seconds = time.perf_counter() - started
+made = cudnn_graph.fusions(ops.dnn)
+print(json.dumps({"origins": list(made.origins.values()), "seconds": seconds,
+                  "fused": sum(plan is not None for plan in made.plans.values()),
+                  "summary": made.summary()}))
+"""
+
+
+@pytest.mark.gpu
+def test_the_next_process_compiles_no_plan(tmp_path):
+    """yolov4-tiny's first predict at batch 1 in fp16 (the default: fused where faster), in two
+    processes sharing a cache folder: the first compiles its plans, the second compiles none
+    (each shape's plan loaded, or its refusal read) and fuses the shapes the first kept."""
+    environment = dict(os.environ, ENGINE_CACHE_DIR=str(tmp_path))
+    results = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", FIRST_PREDICT,
+                               os.path.join(ROOT, "cfg/yolov4-tiny.cfg")], cwd=ROOT,
+                              env=environment, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = results
+    print(f"first predict: {first['seconds']:.2f} s, then {second['seconds']:.2f} s")
+    assert first["fused"] > 0 and cg.COMPILED in first["origins"], first["summary"]
+    assert cg.COMPILED not in second["origins"], second["summary"]
+    assert len(second["origins"]) == len(first["origins"]), second["summary"]
+    assert second["origins"].count(cg.LOADED) == first["fused"], second["summary"]

@@ -831,7 +831,7 @@ class CudaBackend(Operations):
 
         if (self.fused and self.channels_last and self.dtype != FLOAT32 and len(x.shape) == 4
                 and activation in cudnn_graph.FUSED_ACTIVATIONS):
-            fusions = cudnn_graph.fusions(self.dnn)
+            fusions = cudnn_graph.fusions(self.dnn, self.device)  # plans kept on disk
             plan = fusions.plan(x.shape, weights.shape, stride, padding, groups, dilation,
                                 self.dtype, activation, build=not self._recording)
             if plan is not None and (plan.ran or not self._recording):

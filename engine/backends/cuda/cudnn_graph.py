@@ -13,6 +13,11 @@ WORKSPACE_LIMIT. A shape whose graph cuDNN refuses at any step (no engine, a fin
 failing first run) is remembered as unfused and runs as before (conv_forward and add_bias_);
 so is one whose fused kernel, on its first run, the backend found differing from the unfused
 path (AGREEMENT) or slower.
+Compiling a plan costs 0.05-0.75 s per shape (NVRTC), so each one is kept on disk
+(plan_cache.py, PLANS_FOLDER): its JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION) after
+it is made, every refusal, and the backend's verdicts; the next process on the same GPU model
+and cuDNN loads the plan (FusedConvolutions.load: no graph, heuristics or compilation), still
+checked and timed at its first run, and an entry that does not load is compiled again.
 Executing a plan allocates nothing on the device and does not synchronise, so it can be
 recorded into a CUDA graph.
 
@@ -37,6 +42,7 @@ from .cudnn import (
     WORKSPACE_LIMIT,
 )
 from .libraries import CUDNN, load, nvrtc
+from .plan_cache import RecordStore
 
 # Enum values (cudnn_graph.h, cuDNN 9): only those used here.
 CUDNN_STATUS_SUCCESS = 0
@@ -64,6 +70,7 @@ CUDNN_TYPE_HEUR_MODE = 8
 CUDNN_TYPE_NAN_PROPOGATION = 10  # (sic; deprecated in later cuDNN 9 releases, still taken)
 CUDNN_TYPE_POINTWISE_MODE = 14
 CUDNN_TYPE_BACKEND_DESCRIPTOR = 15
+CUDNN_TYPE_CHAR = 24
 # cudnnBackendAttributeName_t
 CUDNN_ATTR_POINTWISE_MODE = 0
 CUDNN_ATTR_POINTWISE_MATH_PREC = 1
@@ -86,6 +93,7 @@ CUDNN_ATTR_ENGINEHEUR_RESULTS = 202
 CUDNN_ATTR_EXECUTION_PLAN_HANDLE = 400  # deprecated in later cuDNN 9 releases, still taken
 CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG = 401
 CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE = 402
+CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION = 405
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA = 700
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA = 701
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC = 702
@@ -141,8 +149,10 @@ FUNCTIONS = {
     "cudnnBackendExecute": [P, P, P],
     "cudnnGetErrorString": [INT],
     "cudnnGetCudartVersion": [],
+    "cudnnGetVersion": [],
 }
-RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetCudartVersion": ctypes.c_size_t}
+RESTYPES = {"cudnnGetErrorString": ctypes.c_char_p, "cudnnGetCudartVersion": ctypes.c_size_t,
+            "cudnnGetVersion": ctypes.c_size_t}
 
 # The C type of each attribute type's elements (enums are C ints, cuDNN's booleans C bools).
 ELEMENT_TYPES = {
@@ -199,6 +209,18 @@ MAX_VARIANT_PACKS = 256  # per plan, by pointers; more and the cache starts agai
 # (the fused kernel once, the unfused path twice): about 3e-4 in fp16 and 2e-3 in bf16.
 AGREEMENT = 3e-2
 ABSOLUTE_FLOOR = 1 / 1024  # fp16's spacing at 1
+# Plans on disk (plan_cache.RecordStore, in this folder of the engine's cache): a finalized
+# plan's JSON (CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION), loaded instead of compiled by
+# the next process, and the refusals, so a refused shape is not compiled
+# again. Each entry is named by its shape key, bias type, the graph's make-up (GRAPH_FORMAT,
+# raised when operations() changes, and the activation's steps), cuDNN's and CUDA's versions and
+# the GPU's name and compute capability: a plan deserialises only on the GPU model and cuDNN
+# it was made with.
+PLANS_FOLDER = "cudnn-plans"
+# Where a shape's plan or refusal came from (FusedConvolutions.origins, summary)
+COMPILED, LOADED, REFUSAL_READ = "compiled", "loaded from disk", "refusal read from disk"
+ORIGINS = (COMPILED, LOADED, REFUSAL_READ)
+GRAPH_FORMAT = 1
 
 
 def agrees(error, scale, size):
@@ -258,6 +280,31 @@ class CudnnGraph:
                    self.lib.cudnnBackendGetAttribute(descriptor, attribute, CUDNN_TYPE_INT64, 1,
                                                      ctypes.byref(count), ctypes.byref(value)))
         return value.value
+
+    def get_text(self, descriptor, attribute):
+        """A CUDNN_TYPE_CHAR attribute (a plan's JSON): its element count asked first (a
+        zero-size request; cudnn_graph.h counts the terminating NUL), then read."""
+        count, returned = ctypes.c_int64(), ctypes.c_int64()
+        self.check("cudnnBackendGetAttribute",
+                   self.lib.cudnnBackendGetAttribute(descriptor, attribute, CUDNN_TYPE_CHAR, 0,
+                                                     ctypes.byref(count), None))
+        text = ctypes.create_string_buffer(max(count.value, 0) + 1)  # NUL-ended whatever comes
+        self.check("cudnnBackendGetAttribute",
+                   self.lib.cudnnBackendGetAttribute(descriptor, attribute, CUDNN_TYPE_CHAR,
+                                                     count.value, ctypes.byref(returned), text))
+        return text.value.decode()
+
+    def set_text(self, descriptor, attribute, text):
+        """Set a CUDNN_TYPE_CHAR attribute to `text`, NUL-terminated and counted with its NUL
+        (as get_text reads it and cuDNN's frontend hands it back in loadFromJson)."""
+        data = ctypes.create_string_buffer(text.encode())
+        self.check(f"cudnnBackendSetAttribute({ATTRIBUTE_NAMES.get(attribute, attribute)})",
+                   self.lib.cudnnBackendSetAttribute(descriptor, attribute, CUDNN_TYPE_CHAR,
+                                                     len(data), data))
+
+    def version(self):
+        """cudnnGetVersion: the library's version (e.g. 92800 for 9.28.0)."""
+        return int(self.lib.cudnnGetVersion())
 
     def get_descriptors(self, descriptor, attribute, kind, limit):
         """Up to `limit` descriptors of an attribute, each made here as `kind` and filled in
@@ -330,13 +377,17 @@ class FusedConvolutions:
     """The fused plans of one cuDNN handle, per shape: plan() finds or makes them (None: that
     shape runs unfused), execute() runs one."""
 
-    def __init__(self, graph, handle):
+    def __init__(self, graph, handle, store=None, context=None):
         self.graph, self.handle = graph, handle
+        # plans on disk (None: none), and what each entry's identity holds besides its shape
+        # (the versions and the GPU: fusions())
+        self.store, self.context = store, dict(context or {})
+        self.origins = {}   # key -> COMPILED, LOADED or REFUSAL_READ
         self.plans = {}     # key -> FusedPlan, or None where cuDNN refused the graph
         self.refusals = {}  # key -> why (the BackendError's message), for diagnosis
         self.timings = {}   # key -> (fused, unfused) ms per run, measured on the first run
-        # key -> seconds spent making its plan or being refused (runtime-fusion engines compile
-        # their kernel with NVRTC when their plan is finalized)
+        # key -> seconds spent making (compiling or loading) its plan or being refused
+        # (runtime-fusion engines compile their kernel with NVRTC when their plan is finalized)
         self.build_seconds = {}
         self.nvrtc_missing = None  # why NVRTC did not load (fusions()), if it did not
         self.nvrtc_said = False
@@ -360,38 +411,132 @@ class FusedConvolutions:
         if key not in self.plans and build:
             self.plans[key] = None
             started = time.perf_counter()
-            reasons = []
             # The bias in float32 (as add_bias_ adds it), else in the storage type; first the
             # one that made the last plan of this type (a refusal can cost a compilation).
             order = [np.dtype(np.float32), np.dtype(dtype)]
             if self.bias_types.get(np.dtype(dtype)) == order[1]:
                 order.reverse()
-            for bias_dtype in dict.fromkeys(order):  # one try where the two are one type
-                try:
-                    self.plans[key] = self.build(key, bias_dtype)
-                    self.bias_types[np.dtype(dtype)] = bias_dtype
-                    break
-                except BackendError as error:
-                    reasons.append(str(error))
+            order = list(dict.fromkeys(order))  # one try where the two are one type
+            if not self.from_disk(key, order):
+                self.compile(key, order)
             self.build_seconds[key] = time.perf_counter() - started
-            if self.plans[key] is None:
-                self.refusals[key] = "; ".join(reasons)
-                if self.nvrtc_missing:
-                    self.refusals[key] += (f"; NVRTC, which cuDNN compiles fused kernels with, "
-                                           f"did not load: {self.nvrtc_missing}")
-                    if not self.nvrtc_said:  # once: the cause is likely the same for all
-                        print(f"cuDNN refused a fused convolution: {self.refusals[key]}",
-                              file=sys.stderr)
-                        self.nvrtc_said = True
         return self.plans.get(key)
+
+    def compile(self, key, order):
+        """Build `key`'s plan with each bias type of `order` in turn (build), kept on disk; or
+        its refusal, also kept on disk unless NVRTC's absence may have caused it."""
+        reasons = []
+        dtype = key[6]
+        for bias_dtype in order:
+            try:
+                self.plans[key] = self.build(key, bias_dtype)
+                self.bias_types[dtype] = bias_dtype
+                break
+            except BackendError as error:
+                reasons.append(str(error))
+        self.origins[key] = COMPILED
+        if self.plans[key] is not None:
+            self.save(self.plans[key])
+            return
+        self.refusals[key] = "; ".join(reasons)
+        if not self.nvrtc_missing:
+            self.save_refusal(key)
+            return
+        self.refusals[key] += (f"; NVRTC, which cuDNN compiles fused kernels with, "
+                               f"did not load: {self.nvrtc_missing}")
+        if not self.nvrtc_said:  # once: the cause is likely the same for all
+            print(f"cuDNN refused a fused convolution: {self.refusals[key]}", file=sys.stderr)
+            self.nvrtc_said = True
+
+    # ---- plans on disk --------------------------------------------------------------------------
+    def identity(self, key, bias_dtype):
+        """What names `key`'s entry on disk: its plan with a bias of `bias_dtype`, or (None)
+        its refusal."""
+        x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
+        return {**self.context, "graph": GRAPH_FORMAT,
+                "steps": repr((ACTIVATION_STEPS[activation], RELU_SETTINGS, ALIGNMENT)),
+                "x": list(x_shape), "w": list(w_shape),
+                "stride": stride if isinstance(stride, int) else list(stride),
+                "padding": padding, "groups": groups, "dilation": dilation, "dtype": dtype.name,
+                "activation": activation,
+                "entry": "refusal" if bias_dtype is None else "plan",
+                "bias": None if bias_dtype is None else np.dtype(bias_dtype).name}
+
+    def from_disk(self, key, order):
+        """Whether `key`'s refusal or plan (bias types in `order`) was on disk, now in
+        self.refusals or self.plans. An entry that does not load (damaged, stale: a finalize
+        error, too much workspace) is removed: the plan is then compiled and written again."""
+        if self.store is None:
+            return False
+        refusal = self.store.read(self.identity(key, None))
+        if refusal is not None and isinstance(refusal.get("refused"), str):
+            self.refusals[key] = refusal["refused"]
+            self.origins[key] = REFUSAL_READ
+            return True
+        for bias_dtype in order:
+            identity = self.identity(key, bias_dtype)
+            record = self.store.read(identity)
+            if record is None:
+                continue
+            try:
+                self.plans[key] = self.load(key, bias_dtype, str(record["plan"]))
+            except (BackendError, KeyError):
+                self.store.remove(identity)
+                continue
+            self.bias_types[key[6]] = bias_dtype
+            self.origins[key] = LOADED
+            return True
+        return False
+
+    def load(self, key, bias_dtype, text):
+        """A FusedPlan from a plan's JSON: an execution plan made from it alone (its handle
+        set, finalized: no graph, heuristics or compilation); the tensors' unique ids are
+        X_UID..Y_UID as build gives them, y's shape comes from the key. BackendError where
+        cuDNN refuses it or its workspace exceeds WORKSPACE_LIMIT (descriptor destroyed)."""
+        x_shape, w_shape, stride, padding, _, dilation, _, _ = key
+        plan = self.graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
+        try:  # in the order of cuDNN's frontend (loadFromJson)
+            self.graph.set_text(plan, CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION, text)
+            self.graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
+                           [self.handle])
+            self.graph.finalize(plan)
+            workspace = self.graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
+            if workspace > WORKSPACE_LIMIT:
+                raise BackendError(f"workspace of {workspace} bytes")
+        except BackendError:
+            self.graph.destroy(plan)
+            raise
+        return FusedPlan(key, output_shape(x_shape, w_shape, stride, padding, dilation), plan,
+                         workspace, [], bias_dtype)
+
+    def save(self, plan):
+        """Keep a compiled plan's JSON on disk; nothing where cuDNN does not serialise it."""
+        if self.store is None:
+            return
+        try:
+            text = self.graph.get_text(plan.plan, CUDNN_ATTR_EXECUTION_PLAN_JSON_REPRESENTATION)
+        except (BackendError, UnicodeDecodeError):
+            return
+        if text:
+            self.store.write(self.identity(plan.key, plan.bias_dtype), {"plan": text})
+
+    def save_refusal(self, key):
+        if self.store is not None:
+            self.store.write(self.identity(key, None), {"refused": self.refusals[key]})
 
     def summary(self):
         """What happened to each shape, in words: how many run fused, and per shape that does
-        not, why (cuDNN's refusal, or the timings), e.g. for a benchmark's log."""
+        not, why (cuDNN's refusal, or the timings), and whether its plan (or refusal) was
+        compiled here or read from disk, in how long; e.g. for a benchmark's log."""
         fused = [key for key, plan in self.plans.items() if plan is not None]
         seconds = sum(self.build_seconds.values())
+        origins = list(self.origins.values())
+        counts = ", ".join(f"{origins.count(origin)} {origin}" for origin in ORIGINS
+                           if origin in origins)
+        disk = (f"plans on disk in {self.store.folder}" if self.store is not None
+                else "no plans on disk")
         lines = [f"fused convolutions: {len(fused)} of {len(self.plans)} shapes; plans made "
-                 + f"in {seconds:.1f} s"]
+                 + f"in {seconds:.1f} s ({counts or 'none'}; {disk})"]
         for key, plan in self.plans.items():
             x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
             shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
@@ -399,17 +544,19 @@ class FusedConvolutions:
             timing = self.timings.get(key)
             timed = f"; fused {timing[0]:.4f} ms, unfused {timing[1]:.4f} ms" if timing else ""
             what = "fused" if plan is not None else f"unfused: {self.refusals.get(key)}"
-            made_in = (f" (made in {self.build_seconds[key]:.2f} s)"
+            made_in = (f" ({self.origins.get(key, 'made')} in {self.build_seconds[key]:.3f} s)"
                        if key in self.build_seconds else "")
             lines.append(f"  {shape}: {what}{timed}{made_in}")
         return "\n".join(lines)
 
     def refuse(self, plan, reason):
-        """A plan that failed (or lost its timing): its shape runs unfused from now on. One
-        that ran is kept alive, never destroyed: a CUDA graph recorded with it may still
-        launch the kernels its execution plan loaded."""
+        """A plan that failed (or lost its timing): its shape runs unfused from now on, and in
+        later processes (the refusal is kept on disk). One that ran is kept alive, never
+        destroyed: a CUDA graph recorded with it may still launch the kernels its execution
+        plan loaded."""
         self.plans[plan.key] = None
         self.refusals[plan.key] = reason
+        self.save_refusal(plan.key)  # the next process runs this shape unfused at once
         if plan.ran:
             self.retired.append(plan)
         else:
@@ -647,18 +794,30 @@ def aligned(*pointers):
     return all(pointer % ALIGNMENT == 0 for pointer in pointers)
 
 
+def disk_context(graph, device):
+    """What every plan on disk depends on besides its shape: cuDNN's version and its CUDA's,
+    the GPU's model and compute capability (`device`: a device.Device)."""
+    return {"cudnn": graph.version(), "cudart": int(graph.lib.cudnnGetCudartVersion()),
+            "gpu": device.name, "capability": list(device.handle.compute_capability())}
+
+
 _FUSIONS = {}  # id of a cudnn.Cudnn runtime -> (it, its FusedConvolutions)
 
 
-def fusions(dnn):
+def fusions(dnn, device=None):
     """The FusedConvolutions of a cudnn.Cudnn runtime (one per handle, made once), so that,
-    as with the legacy plans, a shape's plan is made once per process and GPU. The NVRTC of
-    cuDNN's CUDA major, which it compiles its fused kernels with, is loaded here (libcudnn's
-    dlopen of its soname then finds it); where it is not found, the first refusal says so."""
+    as with the legacy plans, a shape's plan is made once per process and GPU, and, given the
+    handle's `device` (device.Device), once per GPU model and cuDNN version on this machine:
+    plans are kept on disk (plan_cache; not where `device` is None or the disk cache is off).
+    The NVRTC of cuDNN's CUDA major, which it compiles its fused kernels with, is loaded here
+    (libcudnn's dlopen of its soname then finds it); where it is not found, the first refusal
+    says so."""
     entry = _FUSIONS.get(id(dnn))
     if entry is None or entry[0] is not dnn:
         graph = CudnnGraph.load()
-        made = FusedConvolutions(graph, dnn.handle)
+        store = None if device is None else RecordStore.default(PLANS_FOLDER)
+        made = FusedConvolutions(graph, dnn.handle, store,
+                                 disk_context(graph, device) if store else None)
         try:
             load(nvrtc(int(graph.lib.cudnnGetCudartVersion()) // 1000))
         except BackendError as error:
