@@ -33,6 +33,8 @@ from engine.constants import LEAKY_SLOPE
 from engine.errors import BackendError
 from engine.precision import REDUCED
 
+from test_recorded_steps import FakeArray, FakeDevice, FakeKernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSED = 3000  # CUDNN_STATUS_NOT_SUPPORTED
 
@@ -906,33 +908,9 @@ def test_the_backend_runs_a_plan_from_disk_through_its_first_run_checks(fake_fp1
 
 
 # ---- the backend's choice of path, on fakes ------------------------------------------------------
-class FakeArray:
-    addresses = itertools.count(1 << 20, 4096)
-
-    def __init__(self, shape, dtype=np.float32):
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.size = int(np.prod(self.shape))
-        self.ptr = self.gpudata = next(FakeArray.addresses)
-
-
-class FakeDevice:
-    def __init__(self):
-        self.keep_alive, self.index, self.name = None, 0, "fake"
-        self.cuda = self.stream = None
-
-    def empty(self, shape, dtype=np.float32):
-        array = FakeArray(shape, dtype)
-        if self.keep_alive is not None:
-            self.keep_alive.append(array)
-        return array
-
-
-class FakeKernels:
-    def __init__(self):
-        self.launches = []
-
-    def launch(self, name, n, *args, dtype=None):
-        self.launches.append(name)
+def launched(ops):
+    """The names of the kernels a fake backend launched."""
+    return [name for name, _ in ops.kernels.launches]
 
 
 class FakeDnn:
@@ -1039,7 +1017,7 @@ def test_backend_runs_the_fused_plan_into_an_nhwc_output(fake_fp16):
     pointers = fake_fp16.library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)
     assert pointers[0] == x.ptr and pointers[2] == biases.ptr and pointers[3] == y.ptr
     assert pointers[1] != weights.ptr  # the weights converted to fp16 (and rewritten NHWC)
-    assert ops.kernels.launches == ["from_float_kernel"]  # "always": no timing
+    assert launched(ops) == ["from_float_kernel"]  # "always": no timing
     # the same shape again: no new plan; dilation and the other geometry go into the key
     ops.conv_bias_forward(x, weights, biases, *rest)
     assert len(executions(fake_fp16.library)) == 2
@@ -1073,7 +1051,7 @@ def test_a_fused_plan_timed_faster_is_kept(fake_fp16, fused_ms, unfused_ms):
     assert not getattr(y, "unfused", False) and y.channels_last
     assert len(executions(fake_fp16.library)) == 1 + repeats
     assert ops.unfused == unfused_pairs(1 + repeats)  # a first call, then the timed ones
-    assert ops.kernels.launches.count("hold_kernel") == 2
+    assert launched(ops).count("hold_kernel") == 2
     (key, plan), = fake_fp16.fusions.plans.items()
     assert plan is not None and fake_fp16.fusions.timings[key] == (fused_ms, unfused_ms)
     assert f"float16 leaky: fused; fused {fused_ms:.4f} ms, unfused {unfused_ms:.4f} ms " \
@@ -1105,7 +1083,7 @@ def test_a_fused_plan_that_disagrees_with_unfused_is_dropped(fake_fp16, error, s
     fake_fp16.squares.update(error=error, scale=scale)
     y = ops.conv_bias_forward(*arguments())
     assert y.unfused and len(executions(fake_fp16.library)) == 1
-    assert ops.kernels.launches.count("hold_kernel") == 0  # not timed
+    assert launched(ops).count("hold_kernel") == 0  # not timed
     (key, plan), = fake_fp16.fusions.plans.items()
     assert plan is None and key not in fake_fp16.fusions.timings
     assert fake_fp16.fusions.refusals[key].startswith(
@@ -1220,10 +1198,10 @@ def test_frozen_weights_are_converted_and_rewritten_once(fake_fp16):
     x, weights, biases, *rest = arguments()
     ops.freeze_(weights)
     ops.freeze_(biases)
-    launches = len(ops.kernels.launches)
+    launches = len(launched(ops))
     for _ in range(2):
         ops.conv_bias_forward(x, weights, biases, *rest)
-    assert len(ops.kernels.launches) == launches  # no conversion per call
+    assert len(launched(ops)) == launches  # no conversion per call
     packs = [fake_fp16.library[call[3]] for call in executions(fake_fp16.library)]
     pointers = [p.value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS) for p in packs]
     assert pointers[0][1] == pointers[1][1] == ops._nhwc_filters[id(weights)][1].ptr
