@@ -643,7 +643,8 @@ class CudaBackend(Operations):
         """The state of this backend while a step is recorded (graph.py): the learning rate of
         sgd_update and the dropout seed are read from device memory that set_step refreshes
         before each replay, loss operations return 0.0 (last_cost reads a replay's), and every
-        array allocated is kept alive with the recording: `with ops.recording() as kept:`."""
+        array allocated, and the cuDNN workspace, are kept alive with the recording:
+        `with ops.recording() as kept:`."""
         if self._step_values is None:
             self._step_values = self._empty((2,), np.uint32)
             self._step_slots = self.cuda.pagelocked_empty((STEP_SLOTS, 2), np.uint32)
