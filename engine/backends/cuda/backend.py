@@ -854,9 +854,9 @@ class CudaBackend(Operations):
                 or any(holder() is not None for holder in self._workspace_holders)):
             return
         self._replace_workspace(need)
-        # Safe here: this is eager work, never inside a capture (where cuMemFree is not
-        # allowed); a held block belongs to no live array, and cuMemFree waits for the device's
-        # work on it to finish.
+        # Safe here: this is eager work, never inside a capture (whose graph could still use
+        # a block freed then); a held block belongs to no live array or live recording, and
+        # cuMemFree waits for the device's work on it to finish.
         self.device.pool.free_held()
 
     def _workspace_pointer(self):
