@@ -843,21 +843,25 @@ class CudaBackend(Operations):
         self._workspace_holders = ([weakref.ref(self.device.keep_alive)] if self._recording
                                    else [])
 
-    def _fit_workspace(self):
+    def _fit_workspace(self, release=False):
         """After an eager first run that chose algorithms (a shape's timing, a fused plan's
         verdict): shrink the workspace to the largest need of the plans this backend uses,
         unless a live recording holds the current one (replacing it would add a block, not
         free one), then give the pool's held blocks (the larger workspace, and any smaller ones
-        it had replaced) back to the driver."""
-        need = self._workspace_need()
-        if (need >= self._workspace_size or self._recording
-                or any(holder() is not None for holder in self._workspace_holders)):
+        it had replaced) back to the driver; `release`: give them back even where nothing
+        shrank (the arrays a fused plan's check made)."""
+        if self._recording:
             return
-        self._replace_workspace(need)
-        # Safe here: this is eager work, never inside a capture (whose graph could still use
-        # a block freed then); a held block belongs to no live array or live recording, and
-        # cuMemFree waits for the device's work on it to finish.
-        self.device.pool.free_held()
+        need = self._workspace_need()
+        if need < self._workspace_size and not any(
+                holder() is not None for holder in self._workspace_holders):
+            self._replace_workspace(need)
+            release = True
+        if release:
+            # Safe here: this is eager work, never inside a capture (whose graph could still
+            # use a block freed then); a held block belongs to no live array or live
+            # recording, and cuMemFree waits for the device's work on it to finish.
+            self.device.pool.free_held()
 
     def _workspace_pointer(self):
         return self._workspace.ptr if self._workspace is not None else None
@@ -922,8 +926,14 @@ class CudaBackend(Operations):
                         fusions.refuse(plan, str(error) + (" (while recording)"
                                                            if self._recording else ""))
                     else:
-                        if (not first or self.fused == "always"
-                                or self._fused_is_faster(fusions, plan, pointers, y, unfused)):
+                        if not first or self.fused == "always":
+                            return y
+                        kept = self._fused_is_faster(fusions, plan, pointers, y, unfused)
+                        # The unfused outputs its check compared and timed, back to the driver
+                        # (the pool would keep them: output-sized, rarely asked for again);
+                        # a plan refused no longer counts among the workspace's needs.
+                        self._fit_workspace(release=True)
+                        if kept:
                             return y
                     if first and not self._recording:
                         self._fit_workspace()  # refused: its need no longer counts
