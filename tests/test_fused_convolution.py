@@ -1075,6 +1075,22 @@ def test_a_fused_plan_timed_slower_is_dropped(fake_fp16):
     assert len(executions(fake_fp16.library)) == 1 + repeats
 
 
+@pytest.mark.parametrize("fused_ms", [1.0, 3.0])
+def test_a_fused_plans_workspace_counts_while_it_is_kept(fake_fp16, fused_ms):
+    """A fused plan's workspace is reserved for its runs; a plan dropped (slower) no longer
+    counts: the workspace shrinks to the other plans' needs (here none); a plan kept keeps it.
+    Either way the pool's held blocks (the check's unfused outputs) go back to the driver once,
+    after the first run's check."""
+    ops = fake_fp16(fused=True)
+    fake_fp16.library.workspace = 4096
+    fake_fp16.clock.update(fused=fused_ms, unfused=2.0)
+    ops.conv_bias_forward(*arguments())
+    ops.conv_bias_forward(*arguments())
+    kept = fused_ms < 2.0
+    assert ops._workspace_size == (4096 if kept else 0)
+    assert ops.device.pool.released == 1
+
+
 @pytest.mark.parametrize("error,scale", [(1.0, 1.0), (float("nan"), 1.0), (1e-2, 0.0)])
 def test_a_fused_plan_that_disagrees_with_unfused_is_dropped(fake_fp16, error, scale):
     """fused=True: the first run's output is compared with the unfused path's (relative RMS

@@ -99,6 +99,7 @@ def test_forward_algorithm_is_the_fastest_on_the_gpu(rng):
         y = ops.conv_forward(x, w, 1, 1, 1)  # the first pass of a shape chooses its algorithm
         plan = ops._plan(x_shape, w_shape, 1, 1, 1)
         chosen = plan.forward_algo, plan.forward_workspace
+        ops._reserve_workspace(plan.timing_workspace)  # (sized to the chosen one since)
         times = {}
         for algo, workspace in plan.forward_candidates:
             plan.forward_algo, plan.forward_workspace = algo, workspace
@@ -577,6 +578,36 @@ def test_recorded_inference_equals_eager_and_follows_new_weights(gpu, rng, tmp_p
     inputs = read_floats(os.path.join(root, "inputs.bin"), (2, 3, 32, 32))
     for _ in range(3):
         assert relative_error(net.predict(inputs, batch_size=2), expected) <= TOLERANCE
+
+
+def test_a_recording_keeps_its_workspace_when_a_larger_batch_grows_it(rng, tmp_path):
+    """predict records batch 1, then a batch of 64 (new shapes, whose algorithms may need more
+    workspace) runs: the batch-1 recording still holds the workspace its cuDNN calls were
+    recorded with (it is not handed to the batch-64 arrays), replays it correctly afterwards,
+    and the backend's workspace is what the chosen algorithms of its plans need."""
+    from engine.backends.cuda import CudaBackend
+
+    ops = CudaBackend(device=0, seed=0)  # its own record of the plans it uses
+    cfg = os.path.join(CFG, "cifar.cfg")
+    net = Network(cfg, backend=ops, seed=3, quiet=True)
+    path = str(tmp_path / "cifar.weights")
+    net.save_weights(path)
+    cpu_net = Network(cfg, backend=NumpyBackend(), seed=9, quiet=True)
+    cpu_net.load_weights(path)
+    one = rng.random((1,) + net.input_shape, dtype=np.float32)
+    for _ in range(3):  # eager, recorded, replayed
+        net.predict(one, batch_size=1)
+    recording = net._inference.recordings[1][1]
+    recorded = ops._workspace
+    many = rng.random((64,) + net.input_shape, dtype=np.float32)
+    assert relative_error(net.predict(many, batch_size=64), cpu_net.predict(many)) <= TOLERANCE
+    if recorded is not None:
+        assert any(array is recorded for array in recording.keep_alive)
+    for _ in range(2):
+        other = rng.random((1,) + net.input_shape, dtype=np.float32)
+        assert relative_error(net.predict(other, batch_size=1),
+                              cpu_net.predict(other)) <= TOLERANCE
+    assert ops._workspace_size == ops._workspace_need()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -151,10 +151,22 @@ class FakeCuda:
         host[...] = 2.5
 
 
+class FakePool:
+    """PyCUDA's DeviceMemoryPool as far as the backend calls it: how often its held blocks
+    were given back to the driver."""
+
+    def __init__(self):
+        self.released = 0
+
+    def free_held(self):
+        self.released += 1
+
+
 class FakeDevice:
     def __init__(self):
         self.cuda, self.stream, self.keep_alive = FakeCuda(), FakeStream(77), None
         self.index, self.name = 0, "fake"
+        self.pool = FakePool()
 
     def memory_free(self):
         return 1 << 34

@@ -27,6 +27,7 @@ wrong.
 import contextlib
 import functools
 import itertools
+import weakref
 
 import numpy as np
 
@@ -225,7 +226,8 @@ def _activation_id(name):
 class ConvPlan:
     """Descriptors, algorithms and workspace sizes for one convolution shape, found once (the
     backward ones at the first backward: find_backward). channels_last: x, the filters and y
-    stored NHWC."""
+    stored NHWC. `workspace` is what the chosen algorithms need; timing_workspace, the most any
+    forward candidate needs, is held only while they are timed (_time_forward_candidates)."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
                  dtype=FLOAT32, channels_last=False):
@@ -240,9 +242,15 @@ class ConvPlan:
             self.y_desc, filter_size=size)[:FORWARD_CANDIDATES]
         self.forward_algo, self.forward_workspace = self.forward_candidates[0]
         self.forward_timed = len(self.forward_candidates) == 1
+        self.timing_workspace = max(memory for _, memory in self.forward_candidates)
         self.filter_size = size
         self.data_algo = self.filter_algo = None
-        self.workspace = max(memory for _, memory in self.forward_candidates)
+        self.data_workspace = self.filter_workspace = 0
+
+    @property
+    def workspace(self):
+        """Bytes the chosen algorithms need: the forward's and, once found, the backward's."""
+        return max(self.forward_workspace, self.data_workspace, self.filter_workspace)
 
     def find_backward(self, dnn):
         """The backward algorithms: Find's first of each, the others kept for next_backward."""
@@ -254,7 +262,6 @@ class ConvPlan:
             self.conv_desc, self.w_desc, filter_size=self.filter_size)
         self.data_algo, self.data_workspace = self.data_candidates[0]
         self.filter_algo, self.filter_workspace = self.filter_candidates[0]
-        self.workspace = max(self.workspace, self.data_workspace, self.filter_workspace)
 
     def next_backward(self, which):
         """Move `which` ('data' or 'filter') to its next candidate (Find lists some algorithms
@@ -268,8 +275,12 @@ class ConvPlan:
         algo, workspace = candidates[index + 1]
         setattr(self, which + "_algo", algo)
         setattr(self, which + "_workspace", workspace)
-        self.workspace = max(self.workspace, workspace)
         return True
+
+
+class _Kept(list):
+    """The arrays a recording keeps alive (recording()); a list that can be referred to
+    weakly, so that the backend sees when the last recording that holds its workspace is gone."""
 
 
 def read_key(array):
@@ -335,8 +346,13 @@ class CudaBackend(Operations):
         self._spare_reads = {}  # (shape, dtype) -> [(page-locked buffer, event)] for to_host_async
         self.cuda = self.device.cuda
         self.stream = self.device.stream
+        # One cuDNN workspace per backend, sized to the largest need of the algorithms chosen for
+        # the plans it uses (_use_workspace, _fit_workspace); the recordings made while it was
+        # this backend's keep it alive (recording()).
         self._workspace = None
         self._workspace_size = 0
+        self._workspace_users = {}  # (id(plans dict), plan key) -> (plans dict, plan, need's name)
+        self._workspace_holders = []  # weak references to the recordings that hold the workspace
         self._cost = self.device.empty((1,))
         self.seed(seed)
         # Recorded steps (recording, set_step; graph.py): while recording, the kernels read the
@@ -627,11 +643,20 @@ class CudaBackend(Operations):
         """The state of this backend while a step is recorded (graph.py): the learning rate of
         sgd_update and the dropout seed are read from device memory that set_step refreshes
         before each replay, loss operations return 0.0 (last_cost reads a replay's), and every
-        array allocated is kept alive with the recording: `with ops.recording() as kept:`."""
+        array allocated, and the cuDNN workspace, are kept alive with the recording:
+        `with ops.recording() as kept:`."""
         if self._step_values is None:
             self._step_values = self._empty((2,), np.uint32)
             self._step_slots = self.cuda.pagelocked_empty((STEP_SLOTS, 2), np.uint32)
-        kept = self.device.keep_alive = []
+        kept = self.device.keep_alive = _Kept()
+        if self._workspace is not None:
+            # The recording's cuDNN calls keep the workspace's address: it must outlive every
+            # recording that may be replayed, not just its time as this backend's workspace,
+            # or the pool would hand it to another array that replays then overwrite. Kept in
+            # the recording (rather than in a list on the backend) it goes back to the pool
+            # with the last recording that holds it.
+            kept.append(self._workspace)
+            self._workspace_holders.append(weakref.ref(kept))
         self._recording = True
         try:
             yield kept
@@ -783,13 +808,60 @@ class CudaBackend(Operations):
                 raise
             plan = self.dnn.plans[key] = None  # this shape runs NCHW
         if plan is not None:
-            self._reserve_workspace(plan.workspace)
+            self._use_workspace(self.dnn.plans, plan,
+                                "workspace" if backward else "forward_workspace")
         return plan
 
+    def _use_workspace(self, plans, plan, need):
+        """Count plan's attribute `need` (its workspace bytes; a forward-only use of a ConvPlan:
+        forward_workspace) among this backend's needs, and grow the workspace to it. `plans`
+        holds plan under plan.key while it is in use (dnn.plans, a FusedConvolutions' plans):
+        a plan dropped from it no longer counts. Plans are shared by every backend on a GPU,
+        hence each backend's own record of what it uses."""
+        entry = (id(plans), plan.key)
+        known = self._workspace_users.get(entry)
+        if known is not None and known[1] is plan and known[2] == "workspace":
+            need = "workspace"  # it ran backward here before: its backward need still counts
+        self._workspace_users[entry] = (plans, plan, need)
+        self._reserve_workspace(getattr(plan, need))
+
+    def _workspace_need(self):
+        """The most workspace any plan this backend uses needs."""
+        return max((getattr(plan, need) for plans, plan, need in self._workspace_users.values()
+                    if plans.get(plan.key) is plan), default=0)
+
     def _reserve_workspace(self, size):
+        """Make the workspace at least `size` bytes. The one it replaces goes back to the pool
+        unless a recording holds it (recording())."""
         if size > self._workspace_size:
-            self._workspace = self._empty((size,), np.uint8)
-            self._workspace_size = size
+            self._replace_workspace(size)
+
+    def _replace_workspace(self, size):
+        self._workspace = self._empty((size,), np.uint8) if size else None
+        self._workspace_size = size
+        # made while recording: that recording holds it (device.keep_alive, via _empty)
+        self._workspace_holders = ([weakref.ref(self.device.keep_alive)] if self._recording
+                                   else [])
+
+    def _fit_workspace(self, release=False):
+        """After an eager first run that chose algorithms (a shape's timing, a fused plan's
+        verdict): shrink the workspace to the largest need of the plans this backend uses,
+        unless a live recording holds the current one (replacing it would add a block, not
+        free one), then give the pool's held blocks (the larger workspace, and any smaller ones
+        it had replaced) back to the driver; `release`: give them back even where nothing
+        shrank (the arrays a fused plan's check made)."""
+        if self._recording:
+            return
+        need = self._workspace_need()
+        if need < self._workspace_size and not any(
+                holder() is not None for holder in self._workspace_holders):
+            self._replace_workspace(need)
+            release = True
+        if release:
+            # Safe here: this is eager work, never inside a capture (whose graph could still
+            # use a block freed then); a held block belongs to no live array or live
+            # recording, and cuMemFree waits for the device's work on it to finish.
+            self.device.pool.free_held()
 
     def _workspace_pointer(self):
         return self._workspace.ptr if self._workspace is not None else None
@@ -812,6 +884,7 @@ class CudaBackend(Operations):
             y.channels_last = True
         if not plan.forward_timed and not self._recording:
             self._time_forward_candidates(plan, x, weights, y)
+            self._fit_workspace()  # to the chosen algorithm's need (the timing held the most)
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
         return y
 
@@ -838,7 +911,7 @@ class CudaBackend(Operations):
                 x_nhwc = self._relayout(self._activation(x), True)
                 w_nhwc = self._nhwc_weights(weights, self._activation(weights))
                 bias = self._as_type(biases, plan.bias_dtype)
-                self._reserve_workspace(plan.workspace)
+                self._use_workspace(fusions.plans, plan, "workspace")
                 y = self._empty(plan.y_shape, self.dtype)
                 y.channels_last = True
                 pointers = (x_nhwc.ptr, w_nhwc.ptr, bias.ptr, y.ptr)
@@ -853,9 +926,17 @@ class CudaBackend(Operations):
                         fusions.refuse(plan, str(error) + (" (while recording)"
                                                            if self._recording else ""))
                     else:
-                        if (not first or self.fused == "always"
-                                or self._fused_is_faster(fusions, plan, pointers, y, unfused)):
+                        if not first or self.fused == "always":
                             return y
+                        kept = self._fused_is_faster(fusions, plan, pointers, y, unfused)
+                        # The unfused outputs its check compared and timed, back to the driver
+                        # (the pool would keep them: output-sized, rarely asked for again);
+                        # a plan refused no longer counts among the workspace's needs.
+                        self._fit_workspace(release=True)
+                        if kept:
+                            return y
+                    if first and not self._recording:
+                        self._fit_workspace()  # refused: its need no longer counts
         return unfused()
 
     def _fused_is_faster(self, fusions, plan, pointers, y, unfused):
@@ -904,7 +985,8 @@ class CudaBackend(Operations):
 
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES), timed on
-        these arrays."""
+        these arrays (in a workspace that holds any of them: _fit_workspace then shrinks it)."""
+        self._reserve_workspace(plan.timing_workspace)
         start, end = self.cuda.Event(), self.cuda.Event()
         best = None
         for algo, workspace in plan.forward_candidates:
