@@ -275,6 +275,17 @@ __device__ void add_nhwc_partials(float *partial, double *sums, int packs, int r
         atomicAdd(sums + i, (double)partial[i]);
 }
 
+// Pack p's channels' parameters: mean m, inverse deviation s, k = s * scale, bias b.
+__device__ __forceinline__ void load_pack_params(int p, const float *mean, const float *inv_std,
+                                                 const float *scale, const float *bias,
+                                                 float *m, float *s, float *k, float *b)
+{
+    for (int j = 0; j < VEC; j++) {
+        int c = p * VEC + j;
+        m[j] = mean[c]; s[j] = inv_std[c]; k[j] = s[j] * scale[c]; b[j] = bias[c];
+    }
+}
+
 // bn_sums_kernel for NHWC x of `count` rows.
 extern "C" __global__ void bn_sums_nhwc_kernel(const act_t *x, double *sums, int count,
                                                int channels, int rows)
@@ -316,14 +327,11 @@ extern "C" __global__ void bn_normalize_nhwc_kernel(const act_t *x, act_t *y, co
                                                     int groups, int act)
 {
     int packs = channels / VEC;
-    float m[VEC], k[VEC], b[VEC];
+    float m[VEC], s[VEC], k[VEC], b[VEC];
     bool loaded = false;
     FOR_NHWC_ROWS(count, packs, groups, p, r) {
         if (!loaded) {
-            for (int j = 0; j < VEC; j++) {
-                int c = p * VEC + j;
-                m[j] = mean[c]; k[j] = inv_std[c] * scale[c]; b[j] = bias[c];
-            }
+            load_pack_params(p, mean, inv_std, scale, bias, m, s, k, b);
             loaded = true;
         }
         size_t at = (size_t)r * packs + p;
@@ -351,11 +359,8 @@ extern "C" __global__ void bn_backward_sums_nhwc_kernel(const act_t *x, const ac
     if (l.active)
         for (int p = l.first; p < packs; p += l.stride) {
             float m[VEC], s[VEC], k[VEC], b[VEC], sum[VEC], inner[VEC];
-            for (int j = 0; j < VEC; j++) {
-                int c = p * VEC + j;
-                m[j] = mean[c]; s[j] = inv_std[c]; k[j] = s[j] * scale[c]; b[j] = bias[c];
-                sum[j] = inner[j] = 0.f;
-            }
+            load_pack_params(p, mean, inv_std, scale, bias, m, s, k, b);
+            for (int j = 0; j < VEC; j++) sum[j] = inner[j] = 0.f;
             for (int r = begin + l.row_lane; r < end; r += l.row_lanes) {
                 size_t at = (size_t)r * packs + p;
                 Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys;
@@ -388,9 +393,9 @@ extern "C" __global__ void bn_backward_nhwc_kernel(const act_t *x, const act_t *
     bool loaded = false, reads_output = bn_reads_output(act);
     FOR_NHWC_ROWS(count, packs, groups, p, r) {
         if (!loaded) {
+            load_pack_params(p, mean, inv_std, scale, bias, m, s, k, b);
             for (int j = 0; j < VEC; j++) {
                 int c = p * VEC + j;
-                m[j] = mean[c]; s[j] = inv_std[c]; k[j] = s[j] * scale[c]; b[j] = bias[c];
                 mean_delta[j] = (float)(sums[2 * c] / count);
                 mean_inner[j] = (float)(sums[2 * c + 1] / count);
             }

@@ -6,6 +6,42 @@
 #include <math.h>
 #include "storage.cuh"
 
+// The largest of window (oh, ow)'s cells inside the input, whose cell h*width+w is at
+// input[(h*width+w) * cell_step] (1 stored NCHW, the channel count stored channels last); its
+// cell in *winner (-1: none inside). Only the cells inside are read: a window far larger than
+// the input costs no more than the input.
+__device__ float window_max(const act_t *input, size_t cell_step, int oh, int ow, int height,
+                           int width, int size, int stride, int top, int *winner)
+{
+    float best = -FLT_MAX;  // Darknet's start: a window with no cell inside the input gives it
+    int best_index = -1;
+    int h0 = oh * stride - top, w0 = ow * stride - top;
+    int r0 = max(0, -h0), r1 = min(size, height - h0);
+    int s0 = max(0, -w0), s1 = min(size, width - w0);
+    for (int r = r0; r < r1; ++r) {
+        int h = h0 + r;
+        for (int s = s0; s < s1; ++s) {
+            int w = w0 + s;
+            float v = load(input[(h * width + w) * cell_step]);
+            if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
+        }
+    }
+    *winner = best_index;
+    return best;
+}
+
+// The windows holding input cell (h, w): rows oh0..oh1, columns ow0..ow1 of the output.
+__device__ void windows_holding(int h, int w, int out_h, int out_w, int size, int stride, int top,
+                                int *oh0, int *oh1, int *ow0, int *ow1)
+{
+    int ph = h + top, pw = w + top;  // position in the padded frame the windows tile
+    int low_h = ph - size + 1, low_w = pw - size + 1;
+    *oh0 = low_h <= 0 ? 0 : (low_h + stride - 1) / stride;
+    *ow0 = low_w <= 0 ? 0 : (low_w + stride - 1) / stride;
+    *oh1 = min(ph / stride, out_h - 1);
+    *ow1 = min(pw / stride, out_w - 1);
+}
+
 extern "C" __global__ void maxpool_forward_kernel(const act_t *x, act_t *y, int *winner, int n,
                                                   int height, int width, int out_h, int out_w,
                                                   int size, int stride, int top)
@@ -14,23 +50,7 @@ extern "C" __global__ void maxpool_forward_kernel(const act_t *x, act_t *y, int 
     if (i >= n) return;
     int ow = i % out_w, oh = (i / out_w) % out_h, plane = i / (out_w * out_h);
     const act_t *input = x + (size_t)plane * height * width;
-    float best = -FLT_MAX;  // Darknet's start: a window with no cell inside the input gives it
-    int best_index = -1;
-    // Only the window's cells inside the input: a window far larger than the input costs no
-    // more than the input.
-    int h0 = oh * stride - top, w0 = ow * stride - top;
-    int r0 = max(0, -h0), r1 = min(size, height - h0);
-    int s0 = max(0, -w0), s1 = min(size, width - w0);
-    for (int r = r0; r < r1; ++r) {
-        int h = h0 + r;
-        for (int s = s0; s < s1; ++s) {
-            int w = w0 + s;
-            float v = load(input[h * width + w]);
-            if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
-        }
-    }
-    y[i] = store(best);
-    winner[i] = best_index;
+    y[i] = store(window_max(input, 1, oh, ow, height, width, size, stride, top, &winner[i]));
 }
 
 // Gathers, for each input cell, the deltas of the windows it won (no atomics, deterministic).
@@ -41,11 +61,8 @@ extern "C" __global__ void maxpool_backward_kernel(const act_t *delta, const int
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int w = i % width, h = (i / width) % height, plane = i / (width * height);
-    int ph = h + top, pw = w + top;  // position in the padded frame the windows tile
-    int low_h = ph - size + 1, low_w = pw - size + 1;
-    int oh0 = low_h <= 0 ? 0 : (low_h + stride - 1) / stride;
-    int ow0 = low_w <= 0 ? 0 : (low_w + stride - 1) / stride;
-    int oh1 = min(ph / stride, out_h - 1), ow1 = min(pw / stride, out_w - 1);
+    int oh0, oh1, ow0, ow1;
+    windows_holding(h, w, out_h, out_w, size, stride, top, &oh0, &oh1, &ow0, &ow1);
     int cell = h * width + w;
     size_t base = (size_t)plane * out_h * out_w;
     float sum = 0.f;
@@ -162,20 +179,9 @@ extern "C" __global__ void maxpool_forward_nhwc_kernel(const act_t *x, act_t *y,
     int c = i % channels, ow = (i / channels) % out_w, oh = (i / channels / out_w) % out_h;
     int b = i / (channels * out_w * out_h);
     const act_t *input = x + (size_t)b * height * width * channels + c;
-    float best = -FLT_MAX;
-    int best_index = -1;
-    int h0 = oh * stride - top, w0 = ow * stride - top;
-    int r0 = max(0, -h0), r1 = min(size, height - h0);
-    int s0 = max(0, -w0), s1 = min(size, width - w0);
-    for (int r = r0; r < r1; ++r) {
-        int h = h0 + r;
-        for (int s = s0; s < s1; ++s) {
-            int w = w0 + s;
-            float v = load(input[(size_t)(h * width + w) * channels]);
-            if (v > best) { best = v; best_index = h * width + w; }  // first max wins ties
-        }
-    }
-    y[i] = store(best);
+    int best_index;
+    y[i] = store(window_max(input, channels, oh, ow, height, width, size, stride, top,
+                            &best_index));
     winner[(((size_t)b * channels + c) * out_h + oh) * out_w + ow] = best_index;
 }
 
@@ -190,11 +196,8 @@ extern "C" __global__ void maxpool_backward_nhwc_kernel(const act_t *delta, cons
     if (i >= n) return;
     int c = i % channels, w = (i / channels) % width, h = (i / channels / width) % height;
     int b = i / (channels * width * height);
-    int ph = h + top, pw = w + top;
-    int low_h = ph - size + 1, low_w = pw - size + 1;
-    int oh0 = low_h <= 0 ? 0 : (low_h + stride - 1) / stride;
-    int ow0 = low_w <= 0 ? 0 : (low_w + stride - 1) / stride;
-    int oh1 = min(ph / stride, out_h - 1), ow1 = min(pw / stride, out_w - 1);
+    int oh0, oh1, ow0, ow1;
+    windows_holding(h, w, out_h, out_w, size, stride, top, &oh0, &oh1, &ow0, &ow1);
     int cell = h * width + w;
     size_t plane = ((size_t)b * channels + c) * out_h * out_w;
     float sum = 0.f;

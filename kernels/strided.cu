@@ -23,49 +23,15 @@ extern "C" __global__ void strided_copy_kernel(const act_t *src, act_t *dst, int
 // the strided kernel moved 2-byte halves at a third of the memory bandwidth. A block per
 // ROW_CHUNK elements of a row.
 #define ROW_CHUNK 4096
-extern "C" __global__ void copy_rows_kernel(const act_t *src, act_t *dst, int length, int chunks,
-                                            int src_offset, int src_step, int dst_offset,
-                                            int dst_step, float scale, float shift,
-                                            int accumulate)
-{
-    const int V = sizeof(uint4) / sizeof(act_t);
-    int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
-    const uint4 *from = (const uint4 *)(src + src_offset + (size_t)row * src_step);
-    uint4 *to = (uint4 *)(dst + dst_offset + (size_t)row * dst_step);
-    bool plain = scale == 1.f && shift == 0.f && !accumulate;
-    int end = min(length / V, (chunk + 1) * (ROW_CHUNK / V));
-    for (int k = chunk * (ROW_CHUNK / V) + threadIdx.x; k < end; k += blockDim.x) {
-        uint4 in = from[k];
-        if (plain) {
-            to[k] = in;
-            continue;
-        }
-        uint4 out = accumulate ? to[k] : in;
-        const act_t *a = (const act_t *)&in;
-        act_t *o = (act_t *)&out;
-        for (int e = 0; e < V; ++e) {
-            float v = scale * load(a[e]) + shift;
-            o[e] = store(accumulate ? load(o[e]) + v : v);
-        }
-        to[k] = out;
-    }
-}
 
-// copy_rows_kernel for rows shorter than a block's work (a [route] of channels-last arrays: a
-// row is one position's channels): a thread per 16-byte vector of any row.
-extern "C" __global__ void copy_vectors_kernel(const act_t *src, act_t *dst, int n,
-                                               int row_vectors, int src_offset, int src_step,
-                                               int dst_offset, int dst_step, float scale,
-                                               float shift, int accumulate)
+// to[k] = scale * from[k] + shift (or += that when accumulate) for one 16-byte vector; plain
+// (scale 1, shift 0, no accumulate) moves it untouched.
+__device__ __forceinline__ void move_vector(const uint4 *from, uint4 *to, int k, bool plain,
+                                            float scale, float shift, int accumulate)
 {
     const int V = sizeof(uint4) / sizeof(act_t);
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
-    int row = t / row_vectors, k = t % row_vectors;
-    const uint4 *from = (const uint4 *)(src + src_offset + (size_t)row * src_step);
-    uint4 *to = (uint4 *)(dst + dst_offset + (size_t)row * dst_step);
     uint4 in = from[k];
-    if (scale == 1.f && shift == 0.f && !accumulate) {
+    if (plain) {
         to[k] = in;
         return;
     }
@@ -77,6 +43,37 @@ extern "C" __global__ void copy_vectors_kernel(const act_t *src, act_t *dst, int
         o[e] = store(accumulate ? load(o[e]) + v : v);
     }
     to[k] = out;
+}
+
+extern "C" __global__ void copy_rows_kernel(const act_t *src, act_t *dst, int length, int chunks,
+                                            int src_offset, int src_step, int dst_offset,
+                                            int dst_step, float scale, float shift,
+                                            int accumulate)
+{
+    const int V = sizeof(uint4) / sizeof(act_t);
+    int row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+    const uint4 *from = (const uint4 *)(src + src_offset + (size_t)row * src_step);
+    uint4 *to = (uint4 *)(dst + dst_offset + (size_t)row * dst_step);
+    bool plain = scale == 1.f && shift == 0.f && !accumulate;
+    int end = min(length / V, (chunk + 1) * (ROW_CHUNK / V));
+    for (int k = chunk * (ROW_CHUNK / V) + threadIdx.x; k < end; k += blockDim.x)
+        move_vector(from, to, k, plain, scale, shift, accumulate);
+}
+
+// copy_rows_kernel for rows shorter than a block's work (a [route] of channels-last arrays: a
+// row is one position's channels): a thread per 16-byte vector of any row.
+extern "C" __global__ void copy_vectors_kernel(const act_t *src, act_t *dst, int n,
+                                               int row_vectors, int src_offset, int src_step,
+                                               int dst_offset, int dst_step, float scale,
+                                               float shift, int accumulate)
+{
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    int row = t / row_vectors, k = t % row_vectors;
+    const uint4 *from = (const uint4 *)(src + src_offset + (size_t)row * src_step);
+    uint4 *to = (uint4 *)(dst + dst_offset + (size_t)row * dst_step);
+    move_vector(from, to, k, scale == 1.f && shift == 0.f && !accumulate, scale, shift,
+                accumulate);
 }
 
 // out = scale * (x summed over the axes whose bit in `keep` is 0), x contiguous with counts
