@@ -69,12 +69,14 @@ class FakeDnn:
     """cuDNN's convolution calls as ConvPlan and the backend make them. Descriptors are shapes;
     Find returns candidates[(kind, x shape)] (kind: forward, data, filter) as (algo, workspace
     bytes); each call refuses a workspace smaller than its algorithm needs, and an algorithm in
-    `refused`, and advances the clock by costs[(kind, x shape, algo)] ms."""
+    `refused`, and advances the clock by costs[(kind, x shape, algo)] ms; the host's clock
+    ("wall", what an eager call takes to issue and run) by wall_costs[(x shape, algo)] ms where
+    given, else by the kernels' ms."""
 
     def __init__(self, device, clock):
         self.device, self.clock = device, clock
         self.plans = {}
-        self.candidates, self.costs, self.refused = {}, {}, set()
+        self.candidates, self.wall_costs, self.refused = {}, {}, set()
         self.calls = []  # (kind, x shape, algo, workspace address)
 
     def tensor(self, shape, dtype=None, channels_last=False):
@@ -101,9 +103,12 @@ class FakeDnn:
         self.calls.append((kind, x_shape, algo, workspace))
         costs = {a: ms for a, _, ms in self.candidates[(kind, x_shape)]}
         self.clock["now"] += costs[algo]
+        self.clock["wall"] += self.wall_costs.get((x_shape, algo), costs[algo])
 
-    def conv_forward(self, plan, x, w, y, workspace):
-        self._run("forward", plan, plan.forward_algo, plan.forward_workspace, workspace)
+    def conv_forward(self, plan, x, w, y, workspace, eager=False):
+        algo, need = ((plan.eager_algo, plan.eager_workspace) if eager
+                      else (plan.forward_algo, plan.forward_workspace))
+        self._run("forward", plan, algo, need, workspace)
 
     def conv_backward_filter(self, plan, x, dy, dw, workspace):
         self._run("filter", plan, plan.filter_algo, plan.filter_workspace, workspace)
@@ -116,7 +121,7 @@ class FakeDnn:
 def gpu(monkeypatch):
     """One fake GPU: its device, cuDNN (plans shared by every backend on it) and clock;
     gpu.backend() makes an fp32 CudaBackend on it."""
-    clock = {"now": 0.0}
+    clock = {"now": 0.0, "wall": 0.0}
     device = TrackingDevice()
     dnn = FakeDnn(device, clock)
     monkeypatch.setattr(cuda_backend, "_runtime",
@@ -131,6 +136,7 @@ def gpu(monkeypatch):
     def backend():
         ops = cuda_backend.CudaBackend(seed=1)
         ops.cuda.Event = lambda: ClockEvent(clock)
+        ops._host_clock = lambda: clock["wall"]
         return ops
 
     made.backend = backend
@@ -277,3 +283,29 @@ def test_a_dropped_plan_no_longer_counts(gpu):
     dnn.plans[key] = None
     ops._fit_workspace()
     assert ops._workspace is None and gpu.device.pool.released == 1
+
+
+def test_eager_inference_takes_the_fastest_to_issue_and_run(gpu):
+    """Kernels alone, algorithm 1 is fastest; issued and run as eager calls (the host's work
+    included), algorithm 0: eager inference calls run 0, recordings and training calls run 1,
+    and the workspace holds what either needs. Where the recordings' choice is within
+    EAGER_MARGIN of the eager fastest, eager calls run it too (the same results)."""
+    dnn = gpu.dnn
+    dnn.candidates[("forward", X)] = [(1, MiB, 1.0), (0, 0, 2.0)]
+    dnn.wall_costs[(X, 1)], dnn.wall_costs[(X, 0)] = 5.0, 2.0
+    ops = gpu.backend()
+    forward(ops, X)
+    assert dnn.calls[-1][2] == 0
+    (plan,) = dnn.plans.values()
+    assert (plan.forward_algo, plan.eager_algo) == (1, 0)
+    assert ops._workspace_size == MiB  # the recordings' algorithm needs it
+    with ops.recording():
+        forward(ops, X)
+    assert dnn.calls[-1][2] == 1
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    assert dnn.calls[-1][2] == 1
+
+    dnn.candidates[("forward", X2)] = [(1, MiB, 1.0), (0, 0, 2.0)]
+    dnn.wall_costs[(X2, 1)] = 2.0 * cuda_backend.EAGER_MARGIN * 0.99  # within 0's margin
+    forward(ops, X2)
+    assert dnn.calls[-1][2] == 1

@@ -27,6 +27,8 @@ wrong.
 import contextlib
 import functools
 import itertools
+import math
+import time
 import weakref
 
 import numpy as np
@@ -80,9 +82,18 @@ BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # arrays (FORWARD_REPEATS runs each after a warm-up), queued behind a HOLD_US wait on the GPU so
 # that the events time the kernels alone, and keeps the fastest. (Timed so, yolov4-tiny's batch-1
 # forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
+# That choice is what a recording replays, where issuing costs nothing. An eager inference call
+# pays cuDNN's host work too (20-30 us for one-kernel algorithms, 45-115 us for some
+# IMPLICIT_PRECOMP_GEMM and Winograd ones on an H200: cifar.cfg's batch-1 forward took 2.4 ms
+# eagerly against 1.1 ms with Find's order), so each candidate is also timed as eager calls run,
+# back to back by the host's clock (EAGER_REPEATS calls), and eager inference calls use the
+# fastest so timed unless the recordings' choice is within EAGER_MARGIN of it (then both run one
+# algorithm: the same results).
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
 HOLD_US = 1000
+EAGER_REPEATS = 10
+EAGER_MARGIN = 1.1
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -105,7 +116,7 @@ def _runtime(device_index, math_type):
 
 
 def _size(shape):
-    return int(np.prod(shape, dtype=np.int64))
+    return int(math.prod(int(n) for n in shape))  # np.prod costs ~4 us a call: many per layer
 
 
 def _channels_last(array):
@@ -226,8 +237,10 @@ def _activation_id(name):
 class ConvPlan:
     """Descriptors, algorithms and workspace sizes for one convolution shape, found once (the
     backward ones at the first backward: find_backward). channels_last: x, the filters and y
-    stored NHWC. `workspace` is what the chosen algorithms need; timing_workspace, the most any
-    forward candidate needs, is held only while they are timed (_time_forward_candidates)."""
+    stored NHWC. The forward has two choices: forward_algo, the fastest kernels (recordings,
+    training), and eager_algo, the fastest to issue and run (eager inference calls; see
+    EAGER_MARGIN). `workspace` is what the chosen algorithms need; timing_workspace, the most
+    any forward candidate needs, is held only while they are timed (_time_forward_candidates)."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
                  dtype=FLOAT32, channels_last=False):
@@ -241,6 +254,7 @@ class ConvPlan:
             "cudnnFindConvolutionForwardAlgorithm", self.x_desc, self.w_desc, self.conv_desc,
             self.y_desc, filter_size=size)[:FORWARD_CANDIDATES]
         self.forward_algo, self.forward_workspace = self.forward_candidates[0]
+        self.eager_algo, self.eager_workspace = self.forward_algo, self.forward_workspace
         self.forward_timed = len(self.forward_candidates) == 1
         self.timing_workspace = max(memory for _, memory in self.forward_candidates)
         self.filter_size = size
@@ -248,9 +262,14 @@ class ConvPlan:
         self.data_workspace = self.filter_workspace = 0
 
     @property
+    def forward_need(self):
+        """Bytes the chosen forward algorithms need (recorded and eager)."""
+        return max(self.forward_workspace, self.eager_workspace)
+
+    @property
     def workspace(self):
         """Bytes the chosen algorithms need: the forward's and, once found, the backward's."""
-        return max(self.forward_workspace, self.data_workspace, self.filter_workspace)
+        return max(self.forward_need, self.data_workspace, self.filter_workspace)
 
     def find_backward(self, dnn):
         """The backward algorithms: Find's first of each, the others kept for next_backward."""
@@ -359,6 +378,9 @@ class CudaBackend(Operations):
         # learning rate and dropout seed from _step_values on the device, so that each replay
         # can use new ones.
         self._recording = False
+        # Eager inference convolutions run each plan's eager_algo (ConvPlan); off while a fused
+        # plan is timed against the unfused path a recording would run (_fused_is_faster).
+        self._eager_algorithms = True
         self._step_values = None  # device [learning rate (float32 bits), dropout seed]
         self._step_slots = None   # pinned host ring set_step copies from
         self._step_refreshes = 0
@@ -809,12 +831,12 @@ class CudaBackend(Operations):
             plan = self.dnn.plans[key] = None  # this shape runs NCHW
         if plan is not None:
             self._use_workspace(self.dnn.plans, plan,
-                                "workspace" if backward else "forward_workspace")
+                                "workspace" if backward else "forward_need")
         return plan
 
     def _use_workspace(self, plans, plan, need):
         """Count plan's attribute `need` (its workspace bytes; a forward-only use of a ConvPlan:
-        forward_workspace) among this backend's needs, and grow the workspace to it. `plans`
+        forward_need) among this backend's needs, and grow the workspace to it. `plans`
         holds plan under plan.key while it is in use (dnn.plans, a FusedConvolutions' plans):
         a plan dropped from it no longer counts. Plans are shared by every backend on a GPU,
         hence each backend's own record of what it uses."""
@@ -885,7 +907,8 @@ class CudaBackend(Operations):
         if not plan.forward_timed and not self._recording:
             self._time_forward_candidates(plan, x, weights, y)
             self._fit_workspace()  # to the chosen algorithm's need (the timing held the most)
-        self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
+        self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer(),
+                              eager=not train and not self._recording and self._eager_algorithms)
         return y
 
     def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
@@ -957,15 +980,19 @@ class CudaBackend(Operations):
             return False
         start, end = self.cuda.Event(), self.cuda.Event()
         times = []
-        for run in (lambda: fusions.execute(plan, *pointers, self._workspace_pointer()),
-                    unfused):
-            self.kernels.launch("hold_kernel", 1, np.int32(HOLD_US))
-            start.record(self.stream)
-            for _ in range(FORWARD_REPEATS):
-                run()
-            end.record(self.stream)
-            end.synchronize()
-            times.append(end.time_since(start) / FORWARD_REPEATS)
+        self._eager_algorithms = False  # unfused as a recording would run it
+        try:
+            for run in (lambda: fusions.execute(plan, *pointers, self._workspace_pointer()),
+                        unfused):
+                self.kernels.launch("hold_kernel", 1, np.int32(HOLD_US))
+                start.record(self.stream)
+                for _ in range(FORWARD_REPEATS):
+                    run()
+                end.record(self.stream)
+                end.synchronize()
+                times.append(end.time_since(start) / FORWARD_REPEATS)
+        finally:
+            self._eager_algorithms = True
         fusions.timings[plan.key] = tuple(times)
         if times[0] <= times[1]:
             return True
@@ -983,12 +1010,19 @@ class CudaBackend(Operations):
             self._nhwc_filters[id(weights)] = (weights, nhwc)
         return nhwc
 
+    @staticmethod
+    def _host_clock():
+        return time.perf_counter()
+
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES), timed on
-        these arrays (in a workspace that holds any of them: _fit_workspace then shrinks it)."""
+        these arrays (in a workspace that holds any of them: _fit_workspace then shrinks it):
+        by their kernels' time for recordings (forward_algo), by the host's clock over calls
+        issued back to back for eager inference (eager_algo, see EAGER_MARGIN)."""
         self._reserve_workspace(plan.timing_workspace)
         start, end = self.cuda.Event(), self.cuda.Event()
         best = None
+        eager = {}  # (algo, workspace) -> seconds for EAGER_REPEATS calls as eager ones run
         for algo, workspace in plan.forward_candidates:
             plan.forward_algo, plan.forward_workspace = algo, workspace
             try:  # Find lists some algorithms (in fp16, for some shapes) that then refuse to run
@@ -1004,9 +1038,19 @@ class CudaBackend(Operations):
             elapsed = end.time_since(start)
             if best is None or elapsed < best[0]:
                 best = (elapsed, algo, workspace)
+            begin = self._host_clock()
+            for _ in range(EAGER_REPEATS):
+                self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
+            self.synchronize()
+            eager[(algo, workspace)] = self._host_clock() - begin
         if best is None:  # none ran: keep Find's first, whose call reports the error
             best = (0.0,) + plan.forward_candidates[0]
         _, plan.forward_algo, plan.forward_workspace = best
+        recorded = (plan.forward_algo, plan.forward_workspace)
+        fastest = min(eager, key=eager.get, default=recorded)
+        if recorded in eager and eager[recorded] <= EAGER_MARGIN * eager[fastest]:
+            fastest = recorded
+        plan.eager_algo, plan.eager_workspace = fastest
         plan.forward_timed = True
 
     def conv_backward(self, x, weights, delta, stride, padding, groups, weight_updates, need_dx,

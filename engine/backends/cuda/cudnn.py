@@ -203,10 +203,13 @@ class Cudnn:
         return candidates
 
     # ---- calls ----------------------------------------------------------------------------------
-    def conv_forward(self, plan, x, w, y, workspace):
+    def conv_forward(self, plan, x, w, y, workspace, eager=False):
+        """y = conv(x, w) by plan's forward_algo, or its eager_algo (an eager inference call)."""
+        algo, need = ((plan.eager_algo, plan.eager_workspace) if eager
+                      else (plan.forward_algo, plan.forward_workspace))
         self.call("cudnnConvolutionForward", self.handle, ctypes.byref(_ONE), plan.x_desc, x,
-                  plan.w_desc, w, plan.conv_desc, plan.forward_algo, workspace,
-                  plan.forward_workspace, ctypes.byref(_ZERO), plan.y_desc, y)
+                  plan.w_desc, w, plan.conv_desc, algo, workspace, need, ctypes.byref(_ZERO),
+                  plan.y_desc, y)
 
     def conv_backward_filter(self, plan, x, dy, dw, workspace):
         # beta = 1: the weight gradient accumulates into the layer's weight updates.
