@@ -122,7 +122,8 @@ def test_eager_inference_algorithm_is_the_fastest_to_issue_and_run(rng):
     """An eager inference call pays cuDNN's host work as well as the kernels' time; for
     cifar.cfg's batch-1 shapes (fp32), the algorithm eager calls run is, by the host's clock over
     calls issued back to back, within 1.3x of the fastest candidate so timed (the choice keeps
-    the recordings' algorithm within EAGER_MARGIN), and its output is the recorded one's."""
+    the recordings' algorithm within EAGER_MARGIN), and its output is the recorded one's within
+    the GPU tests' tolerance."""
     import time
 
     from engine.backends.cuda import CudaBackend
@@ -160,7 +161,8 @@ def test_eager_inference_algorithm_is_the_fastest_to_issue_and_run(rng):
         eager = ops.to_host(ops.conv_forward(x, w, 1, padding, 1))
         with ops.recording():
             recorded = ops.conv_forward(x, w, 1, padding, 1)
-        np.testing.assert_allclose(ops.to_host(recorded), eager, rtol=1e-5, atol=1e-5)
+        # two algorithms may sum in other orders (exact float32 keeps 3x3 Winograd, within 3e-5)
+        assert relative_error(ops.to_host(recorded), eager) <= TOLERANCE, (x_shape, chosen)
 
 
 # ---- layers composed of general operations, GPU against CPU ------------------------------------
