@@ -13,7 +13,7 @@ import pytest
 from engine.backends.cuda import backend as cuda_backend
 from engine.errors import BackendError
 
-from test_recorded_steps import FakeArray, FakeDevice, FakeKernels
+from test_recorded_steps import ClockEvent, FakeArray, FakeDevice, FakeKernels
 
 MiB = 1 << 20
 X, X2, X3 = (2, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)
@@ -49,20 +49,6 @@ class TrackingDevice(FakeDevice):
 
     def largest_workspace(self):
         return max((a.size for a in self.workspaces()), default=0)
-
-
-class ClockEvent:
-    def __init__(self, clock):
-        self.clock, self.time = clock, None
-
-    def record(self, stream):
-        self.time = self.clock["now"]
-
-    def synchronize(self):
-        pass
-
-    def time_since(self, start):
-        return self.time - start.time
 
 
 class FakeDnn:

@@ -33,7 +33,7 @@ from engine.constants import LEAKY_SLOPE
 from engine.errors import BackendError
 from engine.precision import REDUCED
 
-from test_recorded_steps import FakeArray, FakeDevice, FakeKernels
+from test_recorded_steps import ClockEvent, FakeArray, FakeDevice, FakeKernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSED = 3000  # CUDNN_STATUS_NOT_SUPPORTED
@@ -920,20 +920,6 @@ class FakeDnn:
         pass
 
 
-class FakeEvent:
-    def __init__(self, clock):
-        self.clock, self.time = clock, None
-
-    def record(self, stream):
-        self.time = self.clock["now"]
-
-    def synchronize(self):
-        pass
-
-    def time_since(self, start):
-        return self.time - start.time
-
-
 @pytest.fixture
 def fake_fp16(monkeypatch):
     """make(**options): an fp16 CudaBackend on fakes (fused="always" unless `fused` is given)
@@ -958,7 +944,7 @@ def fake_fp16(monkeypatch):
         options.setdefault("fused", "always")
         ops = cuda_backend.CudaBackend(precision="fp16", **options)
         ops.cuda = type("Cuda", (), {"pagelocked_empty": staticmethod(np.empty),
-                                     "Event": lambda self: FakeEvent(clock)})()
+                                     "Event": lambda self: ClockEvent(clock)})()
         ops.unfused = []
 
         def conv_forward(x, weights, stride, padding, groups, train=False, dilation=1):

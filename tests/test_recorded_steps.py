@@ -133,6 +133,22 @@ class FakeEvent:
         self.recorded_on = stream
 
 
+class ClockEvent:
+    """An event that notes a fake clock's time ({"now": ms}) when recorded (fake timings)."""
+
+    def __init__(self, clock):
+        self.clock, self.time = clock, None
+
+    def record(self, stream):
+        self.time = self.clock["now"]
+
+    def synchronize(self):
+        pass
+
+    def time_since(self, start):
+        return self.time - start.time
+
+
 class FakeCuda:
     def __init__(self):
         self.copies = []  # (device address, values) of memcpy_htod_async
