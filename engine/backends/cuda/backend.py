@@ -84,11 +84,11 @@ BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
 # That choice is what a recording replays, where issuing costs nothing. An eager inference call
 # pays cuDNN's host work too (20-30 us for one-kernel algorithms, 45-115 us for some
-# IMPLICIT_PRECOMP_GEMM and Winograd ones on an H200: cifar.cfg's batch-1 forward took 2.4 ms
-# eagerly against 1.1 ms with Find's order), so each candidate is also timed as eager calls run,
-# back to back by the host's clock (EAGER_REPEATS calls), and eager inference calls use the
-# fastest so timed unless the recordings' choice is within EAGER_MARGIN of it (then both run one
-# algorithm: the same results).
+# IMPLICIT_PRECOMP_GEMM and Winograd ones on an H200: in cifar.cfg's eager batch-1 forward its
+# calls took 122 us each on average, against 63 us with Find's order and 73 us since), so each
+# candidate is also timed as eager calls run, back to back by the host's clock (EAGER_REPEATS
+# calls), and eager inference calls use the fastest so timed unless the recordings' choice is
+# within EAGER_MARGIN of it (then both run one algorithm: the same results).
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
 HOLD_US = 1000
