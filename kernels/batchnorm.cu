@@ -343,6 +343,23 @@ extern "C" __global__ void bn_normalize_nhwc_kernel(const act_t *x, act_t *y, co
     }
 }
 
+// x's values at pack `at` of NHWC arrays (v), and delta's there times the activation's gradient
+// (d), as the NHWC backward passes take them (y read only where the activation needs it).
+__device__ __forceinline__ void load_pack_deltas(const act_t *x, const act_t *y,
+                                                 const act_t *delta, size_t at, bool reads_output,
+                                                 const float *m, const float *k, const float *b,
+                                                 int act, float *v, float *d)
+{
+    Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys;
+    if (reads_output) ys = ((const Pack *)y)[at];
+#pragma unroll
+    for (int j = 0; j < VEC; j++) {
+        v[j] = load(xs.v[j]);
+        d[j] = load(ds.v[j]) * bn_activation_gradient(
+            v[j], [&] { return load(ys.v[j]); }, m[j], k[j], b[j], act);
+    }
+}
+
 // bn_backward_sums_kernel for NHWC x, y, delta of `count` rows.
 extern "C" __global__ void bn_backward_sums_nhwc_kernel(const act_t *x, const act_t *y,
                                                         const act_t *delta, const float *mean,
@@ -362,16 +379,13 @@ extern "C" __global__ void bn_backward_sums_nhwc_kernel(const act_t *x, const ac
             load_pack_params(p, mean, inv_std, scale, bias, m, s, k, b);
             for (int j = 0; j < VEC; j++) sum[j] = inner[j] = 0.f;
             for (int r = begin + l.row_lane; r < end; r += l.row_lanes) {
-                size_t at = (size_t)r * packs + p;
-                Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys;
-                if (reads_output) ys = ((const Pack *)y)[at];
+                float v[VEC], d[VEC];
+                load_pack_deltas(x, y, delta, (size_t)r * packs + p, reads_output, m, k, b, act,
+                                 v, d);
 #pragma unroll
                 for (int j = 0; j < VEC; j++) {
-                    float v = load(xs.v[j]);
-                    float d = load(ds.v[j]) * bn_activation_gradient(
-                        v, [&] { return load(ys.v[j]); }, m[j], k[j], b[j], act);
-                    sum[j] += d;
-                    inner[j] += d * (v - m[j]) * s[j];
+                    sum[j] += d[j];
+                    inner[j] += d[j] * (v[j] - m[j]) * s[j];
                 }
             }
             float *out = partial + 2 * (size_t)(l.row_lane * packs + p) * VEC;
@@ -402,15 +416,12 @@ extern "C" __global__ void bn_backward_nhwc_kernel(const act_t *x, const act_t *
             loaded = true;
         }
         size_t at = (size_t)r * packs + p;
-        Pack xs = ((const Pack *)x)[at], ds = ((const Pack *)delta)[at], ys, out;
-        if (reads_output) ys = ((const Pack *)y)[at];
+        float v[VEC], d[VEC];
+        load_pack_deltas(x, y, delta, at, reads_output, m, k, b, act, v, d);
+        Pack out;
 #pragma unroll
-        for (int j = 0; j < VEC; j++) {
-            float v = load(xs.v[j]);
-            float d = load(ds.v[j]) * bn_activation_gradient(
-                v, [&] { return load(ys.v[j]); }, m[j], k[j], b[j], act);
-            out.v[j] = store(k[j] * (d - mean_delta[j] - (v - m[j]) * s[j] * mean_inner[j]));
-        }
+        for (int j = 0; j < VEC; j++)
+            out.v[j] = store(k[j] * (d[j] - mean_delta[j] - (v[j] - m[j]) * s[j] * mean_inner[j]));
         ((Pack *)dx)[at] = out;
     }
 }

@@ -169,6 +169,22 @@ def test_the_workspace_fits_the_fastest_candidate_not_the_largest(gpu):
     assert other._workspace_size == MiB and gpu.device.pool.released == 2
 
 
+def test_of_near_equal_forward_algorithms_the_lighter_is_kept(gpu):
+    """Timed within NEAR_TIME of the fastest, the candidate needing less workspace is kept (for
+    recordings and, being within EAGER_MARGIN, for eager calls); one slower than that is not."""
+    from engine.backends.cuda.cudnn import NEAR_TIME
+
+    gpu.dnn.candidates[("forward", X)] = [(1, 5 * MiB, 1.0), (3, 2 * MiB, 0.99 * NEAR_TIME)]
+    gpu.dnn.candidates[("forward", X2)] = [(1, 5 * MiB, 1.0), (3, 2 * MiB, 1.02 * NEAR_TIME)]
+    ops = gpu.backend()
+    forward(ops, X)
+    forward(ops, X2)
+    chosen = {key[0]: (plan.forward_algo, plan.eager_algo, plan.forward_workspace)
+              for key, plan in gpu.dnn.plans.items()}
+    assert chosen == {X: (3, 3, 2 * MiB), X2: (1, 1, 5 * MiB)}
+    assert ops._workspace_size == 5 * MiB
+
+
 def test_training_keeps_the_largest_of_forward_and_backward_needs(gpu):
     """A backward's algorithms (found at its first backward) grow the workspace, and again when
     Find's first refuses to run and the next needs more; a later forward shape's timing then

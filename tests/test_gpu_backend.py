@@ -535,6 +535,68 @@ def test_golden_outputs_on_gpu(gpu, folder, cfg, batch, shape, outputs, fold):
     assert error <= TOLERANCE, error
 
 
+# ---- device arrays ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 5, 7), np.float32), ([4, 6], np.float16),
+                                         ((np.int64(3), 9), np.int32), ((0, 4), np.float32)])
+def test_arrays_are_made_as_pycuda_makes_them(gpu, rng, shape, dtype):
+    """Device.empty copies the attributes of an array GPUArray's constructor made once per
+    (shape, dtype) (its constructor is slow): an array made so has what the constructor would
+    give it and memory of its own, and Device.view gives what pycuda's reshape gives, on the
+    same memory."""
+    from pycuda.gpuarray import GPUArray
+
+    device = gpu.device
+    reference = GPUArray(tuple(int(s) for s in shape), dtype, allocator=device.allocate)
+    first, second = device.empty(shape, dtype), device.empty(tuple(shape), dtype)
+    expected = {k: v for k, v in reference.__dict__.items() if k != "gpudata"}
+    for array in (first, second):
+        assert type(array) is GPUArray
+        assert {k: v for k, v in array.__dict__.items() if k != "gpudata"} == expected
+    if reference.size:
+        assert first.ptr != second.ptr
+        values = rng.standard_normal(reference.shape).astype(dtype)
+        first.set(values)
+        flat = device.view(first, (-1,))
+        pycuda_flat = first.reshape(-1)
+        assert {k: v for k, v in flat.__dict__.items() if k not in ("gpudata", "base")} == {
+            k: v for k, v in pycuda_flat.__dict__.items() if k not in ("gpudata", "base")}
+        assert flat.ptr == first.ptr and flat.base is first
+        np.testing.assert_array_equal(flat.get(), values.reshape(-1))
+    with pytest.raises(ValueError, match="cannot view"):
+        device.view(first, (reference.size + 1,))
+
+
+def test_kernels_launch_directly_and_through_pycudas_prepared_call(gpu, rng):
+    """The _Launcher calls the prepared function's _launch_kernel with the arguments packed;
+    where a PyCUDA has none, prepared_async_call: both scale the same array alike."""
+    from engine.backends.cuda.kernels import _Launcher
+
+    launcher = gpu.kernels.functions["scale_kernel"]
+    assert launcher.launch_kernel is not None  # this PyCUDA has it: the direct path runs
+
+    class OlderFunction:  # a prepared function without _launch_kernel
+        def __init__(self, function):
+            self.arg_format, self.prepared_async_call = (function.arg_format,
+                                                         function.prepared_async_call)
+
+    fallback = _Launcher(OlderFunction(launcher.function), gpu.stream)
+    assert fallback.launch_kernel is None
+    x = randn(rng, 1000)
+    for run in (launcher, fallback):
+        array = gpu.asarray(x)
+        run(((array.size + 255) // 256, 1), (array.ptr, np.float32(-2.5), array.size))
+        np.testing.assert_array_equal(gpu.to_host(array), x * np.float32(-2.5))
+
+
+def test_reshape_views_an_array_and_keeps_it_alive(gpu, rng):
+    x = randn(rng, 2, 3, 4, 5)
+    array = gpu.asarray(x)
+    view = gpu.reshape(array, (2, -1))
+    del array
+    assert view.shape == (2, 60)
+    np.testing.assert_array_equal(gpu.to_host(view), x.reshape(2, 60))
+
+
 # ---- errors -------------------------------------------------------------------------------------
 def test_out_of_memory_suggests_subdivisions(gpu):
     with pytest.raises(BackendError, match="subdivisions"):

@@ -231,6 +231,15 @@ def test_algorithm_choice(call, exact, size):
         (1, cudnn.CUDNN_STATUS_SUCCESS, 0.05, 64, cudnn.CUDNN_DETERMINISTIC),
     ]
 
+    expected = (1, 64) if exact and size > 3 else (imprecise, 0)
+    found = faking_find(call, returned, exact).find_candidates(call, None, None, None, None,
+                                                               filter_size=size)
+    assert found[0] == expected
+
+
+def faking_find(call, returned, exact=True):
+    """A Cudnn binding whose Find `call` returns `returned`: (algo, status, milliseconds,
+    workspace bytes, determinism), fastest first (no library needed)."""
     def find(handle, *arguments):
         count, results = arguments[-2]._obj, arguments[-1]._obj
         count.value = len(returned)
@@ -239,10 +248,29 @@ def test_algorithm_choice(call, exact, size):
             slot.memory, slot.determinism = memory, determinism
         return cudnn.CUDNN_STATUS_SUCCESS
 
-    binding = cudnn.Cudnn.__new__(cudnn.Cudnn)  # no library needed: Find is the fake above
+    binding = cudnn.Cudnn.__new__(cudnn.Cudnn)
     binding.lib = type("FakeCudnn", (), {call: staticmethod(find)})()
     binding.handle = None
     binding.math_type = cudnn.CUDNN_FMA_MATH if exact else cudnn.CUDNN_DEFAULT_MATH
-    expected = (1, 64) if exact and size > 3 else (imprecise, 0)
-    found = binding.find_candidates(call, None, None, None, None, filter_size=size)
-    assert found[0] == expected
+    return binding
+
+
+def test_of_near_equal_algorithms_the_one_needing_least_workspace_comes_first():
+    """Find's timings of algorithms within NEAR_TIME of each other swap places from run to run
+    (and the workspace with them): of those, the deterministic one needing the least workspace
+    is chosen; one further off, or not deterministic, is not, however little it needs; the
+    others follow in Find's order."""
+    call = "cudnnFindConvolutionBackwardFilterAlgorithm"
+    success, deterministic, MiB = cudnn.CUDNN_STATUS_SUCCESS, cudnn.CUDNN_DETERMINISTIC, 1 << 20
+    near = 0.1 * cudnn.NEAR_TIME
+    returned = [
+        (2, success, 0.1, 47 * MiB, deterministic),
+        (4, success, 0.1, 1 * MiB, 0),  # as fast, needs less, but sums with atomics
+        (5, success, 0.99 * near, 28 * MiB, deterministic),
+        (1, success, 0.99 * near, 30 * MiB, deterministic),
+        (0, success, 1.02 * near, 0, deterministic),  # needs nothing, but too slow
+    ]
+    found = faking_find(call, returned).find_candidates(call, None, None, None, None)
+    assert found == [(5, 28 * MiB), (2, 47 * MiB), (1, 30 * MiB), (0, 0), (4, MiB)]
+    assert cudnn.lightest_near_fastest({}) is None
+    assert cudnn.lightest_near_fastest({(3, 9): 1.0, (6, 9): 1.0}) == (3, 9)  # a tie: the first

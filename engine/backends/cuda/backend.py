@@ -42,7 +42,7 @@ from ..operations import HostRead, Operations, OutputsNow, ReadyRead
 from ..yolo_truths import IOU_LOSSES, STATISTICS
 from .cublas import Cublas
 from .cudnn import (CUDNN_BATCHNORM_PER_ACTIVATION, CUDNN_BATCHNORM_SPATIAL, CUDNN_DEFAULT_MATH,
-                    CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn)
+                    CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH, Cudnn, lightest_near_fastest)
 from . import cudnn_graph, host_copies
 from .device import get_device
 from .kernels import BLOCK, ROW_CHUNK, Kernels
@@ -80,7 +80,8 @@ BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # 1 at 416: 10-40 us of kernels, tens of us to issue), so it ranks algorithms of few kernels first.
 # The first forward pass of a shape times every one of Find's candidates again, on the real
 # arrays (FORWARD_REPEATS runs each after a warm-up), queued behind a HOLD_US wait on the GPU so
-# that the events time the kernels alone, and keeps the fastest. (Timed so, yolov4-tiny's batch-1
+# that the events time the kernels alone, and keeps the fastest (of those within
+# cudnn.NEAR_TIME of it, the one needing the least workspace). (Timed so, yolov4-tiny's batch-1
 # forward in TF32 no longer runs 18 convolutions in a 43 us non-tensor-core kernel.)
 # That choice is what a recording replays, where issuing costs nothing. An eager inference call
 # pays cuDNN's host work too (20-30 us for one-kernel algorithms, 45-115 us for some
@@ -563,7 +564,7 @@ class CudaBackend(Operations):
     def reshape(self, array, shape):
         """NCHW values: an array stored channels last is copied into NCHW first (so writes
         into the result do not reach it; no layer writes through a reshape)."""
-        return self._nchw(array).reshape(shape)
+        return self.device.view(self._nchw(array), shape)
 
     def add_(self, dst, src):
         src = self._relayout(self._as_type(src, dst.dtype), _channels_last(dst))
@@ -1015,13 +1016,14 @@ class CudaBackend(Operations):
         return time.perf_counter()
 
     def _time_forward_candidates(self, plan, x, weights, y):
-        """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES), timed on
+        """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES; of those
+        within NEAR_TIME of it, the one needing the least workspace), timed on
         these arrays (in a workspace that holds any of them: _fit_workspace then shrinks it):
         by their kernels' time for recordings (forward_algo), by the host's clock over calls
         issued back to back for eager inference (eager_algo, see EAGER_MARGIN)."""
         self._reserve_workspace(plan.timing_workspace)
         start, end = self.cuda.Event(), self.cuda.Event()
-        best = None
+        kernels = {}  # (algo, workspace) -> ms for FORWARD_REPEATS runs of its kernels
         eager = {}  # (algo, workspace) -> seconds for EAGER_REPEATS calls as eager ones run
         for algo, workspace in plan.forward_candidates:
             plan.forward_algo, plan.forward_workspace = algo, workspace
@@ -1035,17 +1037,15 @@ class CudaBackend(Operations):
                 self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
             end.record(self.stream)
             end.synchronize()
-            elapsed = end.time_since(start)
-            if best is None or elapsed < best[0]:
-                best = (elapsed, algo, workspace)
+            kernels[(algo, workspace)] = end.time_since(start)
             begin = self._host_clock()
             for _ in range(EAGER_REPEATS):
                 self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
             self.synchronize()
             eager[(algo, workspace)] = self._host_clock() - begin
-        if best is None:  # none ran: keep Find's first, whose call reports the error
-            best = (0.0,) + plan.forward_candidates[0]
-        _, plan.forward_algo, plan.forward_workspace = best
+        # none ran: keep Find's first, whose call reports the error
+        plan.forward_algo, plan.forward_workspace = lightest_near_fastest(kernels) or \
+            plan.forward_candidates[0]
         recorded = (plan.forward_algo, plan.forward_workspace)
         fastest = min(eager, key=eager.get, default=recorded)
         if recorded in eager and eager[recorded] <= EAGER_MARGIN * eager[fastest]:

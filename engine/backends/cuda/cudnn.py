@@ -34,6 +34,12 @@ CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED = 5
 
 ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
 
+# Algorithms whose measured times are within this factor of the fastest's count as equally
+# fast: the one needing the least workspace is chosen. Find's timings of near-equal algorithms
+# swap places between runs (mnist.cfg's first backward-filter convolution on an H200: 28 or 47
+# MiB of workspace, run to run), and the process's memory with them.
+NEAR_TIME = 1.05
+
 P = ctypes.c_void_p
 INT = ctypes.c_int
 INT_P = ctypes.POINTER(ctypes.c_int)
@@ -184,7 +190,8 @@ class Cudnn:
         fastest first, among those within WORKSPACE_LIMIT and, in exact float32 with filters
         larger than WINOGRAD_EXACT_MAX_SIZE, not IMPRECISE_ALGORITHMS, deterministic ones before
         the others (some backward algorithms sum with atomics, so two runs with one seed would
-        differ); returns [(algo, workspace bytes)], one entry per algorithm."""
+        differ), except that the first is the one needing the least workspace of those within
+        NEAR_TIME of the fastest; returns [(algo, workspace bytes)], one entry per algorithm."""
         results = (AlgoPerf * 8)()
         returned = ctypes.c_int()
         self.call(name, self.handle, *descriptors, 8, ctypes.byref(returned),
@@ -194,13 +201,28 @@ class Cudnn:
         usable = [perf for perf in results[:returned.value]
                   if perf.status == CUDNN_STATUS_SUCCESS and perf.memory <= WORKSPACE_LIMIT
                   and perf.algo != imprecise]
-        candidates = []
-        for perf in sorted(usable, key=lambda perf: perf.determinism != CUDNN_DETERMINISTIC):
+        ordered = sorted(usable, key=lambda perf: perf.determinism != CUDNN_DETERMINISTIC)
+        candidates, times = [], {}  # times: of those as deterministic as the first
+        for perf in ordered:
             if perf.algo not in (algo for algo, _ in candidates):
                 candidates.append((perf.algo, perf.memory))
+                if perf.determinism == ordered[0].determinism:
+                    times[candidates[-1]] = perf.time
         if not candidates:
             raise BackendError(f"cuDNN call {name}: no usable algorithm for this convolution")
-        return candidates
+        lightest = lightest_near_fastest(times)
+        candidates.remove(lightest)
+        return [lightest] + candidates
+
+
+def lightest_near_fastest(times):
+    """Of {(algo, workspace bytes): time}, the one needing the least workspace among those
+    within NEAR_TIME of the fastest (the first such in `times`' order on a tie); None if empty."""
+    if not times:
+        return None
+    fastest = min(times.values())
+    return min((choice for choice, time in times.items() if time <= NEAR_TIME * fastest),
+               key=lambda choice: choice[1])
 
     # ---- calls ----------------------------------------------------------------------------------
     def conv_forward(self, plan, x, w, y, workspace, eager=False):

@@ -7,6 +7,7 @@ same size class without a cudaMalloc; reuse is safe because all work is ordered 
 """
 
 import atexit
+import math
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from ...errors import BackendError
 from .libraries import import_package
 
 _DEVICES = {}  # device index -> Device; one context per process and GPU
+MAX_LAYOUTS = 4096  # (shape, dtype) pairs whose array attributes Device keeps (_made_like)
 
 
 def import_pycuda():
@@ -48,6 +50,7 @@ class Device:
         self.pool = tools.DeviceMemoryPool()
         # While a CUDA graph is being captured every allocation is kept alive with the graph.
         self.keep_alive = None
+        self._layouts = {}  # (shape, dtype) -> a new array's attributes (_made_like)
 
     def _close(self):
         try:
@@ -72,9 +75,43 @@ class Device:
                     "the cfg's [net] section to use smaller mini-batches") from None
 
     def empty(self, shape, dtype=np.float32):
-        array = self.gpuarray.GPUArray(tuple(int(s) for s in shape), dtype, allocator=self.allocate)
+        array = self._made_like(shape, dtype)
+        array.gpudata = self.allocate(array.nbytes) if array.size else None
         if self.keep_alive is not None:
             self.keep_alive.append(array)
+        return array
+
+    def view(self, array, shape):
+        """`array`'s memory as a C-contiguous array of `shape` (one -1 is inferred), holding
+        `array` alive: pycuda's reshape, without its cost."""
+        shape = tuple(int(s) for s in shape)
+        if -1 in shape:
+            known = math.prod(s for s in shape if s != -1)
+            shape = tuple(array.size // known if known and s == -1 else s for s in shape)
+        if math.prod(shape) != array.size or min(shape, default=0) < 0:
+            raise ValueError(f"cannot view {array.size} elements as {shape}")
+        result = self._made_like(shape, array.dtype)
+        result.gpudata, result.base = array.gpudata, array
+        return result
+
+    def _made_like(self, shape, dtype):
+        """A GPUArray of shape and dtype, no memory yet. Made by copying the attributes of one
+        made once per (shape, dtype) by GPUArray's constructor: that constructor costs ~10 us
+        of host time (it recomputes strides and a launch grid from the driver's device data),
+        several times a layer's share of a small eager step."""
+        key = (shape, dtype)
+        try:
+            attributes = self._layouts[key]
+        except (KeyError, TypeError):  # new, or an unhashable shape (a list)
+            shape = tuple(int(s) for s in shape)
+            made = self.gpuarray.GPUArray(shape, dtype, allocator=self.allocate, gpudata=0)
+            attributes = dict(made.__dict__, gpudata=None)
+            if len(self._layouts) >= MAX_LAYOUTS:  # shapes of many input sizes: start over
+                self._layouts.clear()
+            if isinstance(key[0], tuple):
+                self._layouts[key] = attributes
+        array = self.gpuarray.GPUArray.__new__(self.gpuarray.GPUArray)
+        array.__dict__.update(attributes)
         return array
 
     def memory_free(self):

@@ -131,7 +131,7 @@ class Kernels:
                     raise BackendError(f"cannot compile {path}: {error} (is nvcc on PATH?)") from None
             function = modules[source].get_function(name)
             function.prepare(signature)
-            functions[name] = function
+            functions[name] = _Launcher(function, self.stream)
         self.builds[dtype] = functions
         return functions
 
@@ -143,8 +143,7 @@ class Kernels:
         """One thread per element for n elements; args follow the kernel's signature; dtype: the
         storage of its activation arrays (float32 when None)."""
         if n > 0:
-            self._function(name, dtype).prepared_async_call(
-                ((n + BLOCK - 1) // BLOCK, 1), (BLOCK, 1, 1), self.stream, *args)
+            self._function(name, dtype)(((n + BLOCK - 1) // BLOCK, 1), args)
 
     @staticmethod
     def plane_chunks(spatial):
@@ -160,5 +159,27 @@ class Kernels:
     def launch_blocks(self, name, blocks, *args, dtype=None):
         """One block of BLOCK threads per item (reductions)."""
         if blocks > 0:
-            self._function(name, dtype).prepared_async_call((blocks, 1), (BLOCK, 1, 1),
-                                                            self.stream, *args)
+            self._function(name, dtype)((blocks, 1), args)
+
+
+class _Launcher:
+    """A prepared kernel launched with BLOCK threads a block on the stream. PyCUDA's
+    prepared_async_call imports its packer, sets the legacy block shape and checks its keyword
+    arguments on every call before it calls the function's _launch_kernel; this calls that
+    directly, with the arguments packed by the same packer (a few us less host time a launch,
+    which eager steps of small networks issue dozens of). Where a PyCUDA has no _launch_kernel,
+    prepared_async_call does the launch."""
+
+    def __init__(self, function, stream):
+        from pycuda._pvt_struct import pack
+
+        self.function, self.stream = function, stream
+        self.pack, self.arg_format = pack, function.arg_format
+        self.launch_kernel = getattr(function, "_launch_kernel", None)
+
+    def __call__(self, grid, args):
+        if self.launch_kernel is None:
+            self.function.prepared_async_call(grid, (BLOCK, 1, 1), self.stream, *args)
+        else:
+            self.launch_kernel(grid, (BLOCK, 1, 1), self.pack(self.arg_format, *args), 0,
+                               self.stream)
