@@ -215,15 +215,6 @@ class Cudnn:
         return [lightest] + candidates
 
 
-def lightest_near_fastest(times):
-    """Of {(algo, workspace bytes): time}, the one needing the least workspace among those
-    within NEAR_TIME of the fastest (the first such in `times`' order on a tie); None if empty."""
-    if not times:
-        return None
-    fastest = min(times.values())
-    return min((choice for choice, time in times.items() if time <= NEAR_TIME * fastest),
-               key=lambda choice: choice[1])
-
     # ---- calls ----------------------------------------------------------------------------------
     def conv_forward(self, plan, x, w, y, workspace, eager=False):
         """y = conv(x, w) by plan's forward_algo, or its eager_algo (an eager inference call)."""
@@ -259,3 +250,13 @@ def lightest_near_fastest(times):
                   ctypes.byref(_ZERO), ctypes.byref(_ONE), ctypes.byref(_ONE), x_desc, x, x_desc,
                   dy, x_desc, dx, param_desc, scales, scale_updates, bias_updates, BN_TRAINING_EPSILON,
                   save_mean, save_inv_std)
+
+
+def lightest_near_fastest(times):
+    """Of {(algo, workspace bytes): time}, the one needing the least workspace among those
+    within NEAR_TIME of the fastest (the first such in `times`' order on a tie); None if empty."""
+    if not times:
+        return None
+    fastest = min(times.values())
+    return min((choice for choice, time in times.items() if time <= NEAR_TIME * fastest),
+               key=lambda choice: choice[1])
