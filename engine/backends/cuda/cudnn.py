@@ -214,7 +214,6 @@ class Cudnn:
         candidates.remove(lightest)
         return [lightest] + candidates
 
-
     # ---- calls ----------------------------------------------------------------------------------
     def conv_forward(self, plan, x, w, y, workspace, eager=False):
         """y = conv(x, w) by plan's forward_algo, or its eager_algo (an eager inference call)."""
