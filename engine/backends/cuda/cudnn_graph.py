@@ -244,10 +244,33 @@ ORIGINS = (COMPILED, LOADED, REFUSAL_READ)
 GRAPH_FORMAT = 1
 
 
-def agrees(error, scale, size):
-    """Whether a sum of squared differences `error` is within AGREEMENT of a reference's sum
-    of squares `scale` (size values); False for NaN."""
-    return error <= AGREEMENT ** 2 * scale + size * ABSOLUTE_FLOOR ** 2
+# An eager convolution's graph plan must agree with the legacy eager algorithm's output within
+# (relative RMS difference, absolute floor per value) for the backend's precision, else it is
+# not used: exact float32 sums the same float products in another order (a few 1e-7), TF32 may
+# round the inputs in one and not the other (about 1e-3), fp16 and bf16 as fused plans.
+EAGER_AGREEMENT = {"fp32": (1e-5, 0.0), "tf32": (3e-3, 0.0), "fp16": (AGREEMENT, ABSOLUTE_FLOOR),
+                   "bf16": (AGREEMENT, ABSOLUTE_FLOOR)}
+# Of the heuristics' engine configurations for an eager convolution, at most this many become
+# candidate plans (each timed on the shape's first eager call).
+EAGER_CANDIDATES = 4
+NOTES_LIMIT = 16  # notes read per engine (cuDNN 9 has 10 numerical, 4 behaviour notes)
+# Engines exact float32 (precision fp32: CUDNN_FMA_MATH in the legacy calls) leaves out: TF32 or
+# half tensor cores, inputs converted down, reductions in less than float, FFT; Winograd too
+# for filters larger than cudnn.WINOGRAD_EXACT_MAX_SIZE (as cudnn.find_candidates leaves out
+# IMPRECISE_ALGORITHMS). Other precisions take any engine (nondeterminism does not matter for
+# a forward pass).
+EXACT_REFUSED_NOTES = (CUDNN_NUMERICAL_NOTE_TENSOR_CORE, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS,
+                       CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION, CUDNN_NUMERICAL_NOTE_FFT)
+WINOGRAD_NOTES = (CUDNN_NUMERICAL_NOTE_WINOGRAD, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4,
+                  CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_6x6, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_13x13)
+NOTE_NAMES = {v: k[len("CUDNN_NUMERICAL_NOTE_"):] for k, v in ENUMS.items()
+              if k.startswith("CUDNN_NUMERICAL_NOTE_")}
+
+
+def agrees(error, scale, size, relative=AGREEMENT, floor=ABSOLUTE_FLOOR):
+    """Whether a sum of squared differences `error` is within `relative` (RMS) of a
+    reference's sum of squares `scale` (size values), plus `floor` per value; False for NaN."""
+    return error <= relative ** 2 * scale + size * floor ** 2
 
 
 class CudnnGraph:
@@ -872,18 +895,163 @@ class FusedConvolutions:
                  (x, weights, bias, y), workspace)
 
 
+def engine_refusal(notes, behaviours, exact, filter_size):
+    """Why an engine of these numerical and behaviour notes may not run an eager convolution
+    (`exact`: in exact float32; filters of `filter_size`), or None. Engines compiled at run
+    time are left out in every precision: NVRTC takes 0.05-0.75 s per plan, more than the
+    host time they could save over a process, and nothing keeps these plans on disk."""
+    if CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION in behaviours:
+        return "compiled at run time"
+    refused = set(EXACT_REFUSED_NOTES) if exact else set()
+    if exact and filter_size > WINOGRAD_EXACT_MAX_SIZE:
+        refused.update(WINOGRAD_NOTES)
+    named = [NOTE_NAMES.get(note, str(note)) for note in notes if note in refused]
+    return f"numerical note {', '.join(named)}" if named else None
+
+
+class ConvolutionGraphs:
+    """Plain convolution graphs (x, w -> y: no bias, no activation) of one cuDNN handle, per
+    shape, for eager inference calls: cudnnBackendExecute of a finalized plan costs the host
+    about 10 us where the legacy cudnnConvolutionForward costs 53-102 us (small shapes, cuDNN 9,
+    H200). candidates() makes a shape's plans (none where cuDNN refuses: remembered),
+    execute() runs one, keep() leaves the one the backend chose (or none)."""
+
+    def __init__(self, graph, handle, exact=True):
+        self.graph, self.handle = graph, handle
+        self.exact = exact  # exact float32: engines of EXACT_REFUSED_NOTES left out
+        self.plans = {}     # key -> [ExecutionPlan]: the candidates, after keep() the chosen
+        self.shared = {}    # key -> the descriptors its plans share (tensors, graph, configs)
+        self.refusals = {}  # key -> why it has no plan, for diagnosis
+        self.timings = {}   # key -> (legacy seconds, [each candidate's seconds or why not])
+
+    def candidates(self, key):
+        """The candidate ExecutionPlans of a ConvPlan key (x shape, w shape, stride, padding,
+        groups, dilation, dtype, channels_last): [] where cuDNN refused the graph or every
+        engine (self.refusals says why), made once."""
+        if key not in self.plans:
+            made = []
+            try:
+                self.plans[key] = self.build(key, made)
+                self.shared[key] = made
+            except BackendError as error:
+                self.graph.destroy(*reversed(made))
+                self.plans[key] = []
+                self.refusals[key] = str(error)
+        return self.plans[key]
+
+    def build(self, key, made):
+        """Up to EAGER_CANDIDATES plans of `key`'s graph: x, the filters and y stored as the
+        legacy descriptors have them (NCHW and KCRS, or channels_last: NHWC and KRSC), cuDNN's
+        heuristics (HEURISTIC_MODES, the next mode only where one gave no plan), the engines
+        engine_refusal takes, finalized within WORKSPACE_LIMIT; BackendError where none is."""
+        x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
+        y_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
+        if min(y_shape) <= 0 or x_shape[1] != w_shape[1] * groups:
+            raise BackendError(f"convolution graph: {x_shape} and {w_shape} in {groups} groups "
+                               f"give {y_shape}")
+        data_type = DATA_TYPES[np.dtype(dtype)]
+        strides = nhwc_strides if channels_last else nchw_strides
+        builder = GraphBuilder(self.graph, made)
+        x = builder.tensor(x_shape, strides(x_shape), data_type, X_UID)
+        w = builder.tensor(w_shape, strides(w_shape), data_type, W_UID)
+        y = builder.tensor(y_shape, strides(y_shape), data_type, Y_UID)
+        forward = builder.convolution_forward(x, w, y, stride, padding, dilation)
+        operation_graph = builder.operation_graph(self.handle, [forward])
+        refusals, plans = [], []
+        for mode_name, configs in builder.heuristic_configs(operation_graph, refusals):
+            left_out = []
+            for config in configs:
+                if len(plans) == EAGER_CANDIDATES:
+                    break
+                try:
+                    why = self.engine_refusal(config, max(w_shape[2:]))
+                    if why is None:
+                        plan, workspace = finalized_plan(self.graph, self.handle, config)
+                        plans.append(ExecutionPlan(key, y_shape, plan, workspace, []))
+                        continue
+                except BackendError as error:
+                    why = str(error)
+                left_out.append(why)
+            if plans:
+                break
+            refusals.append(f"mode {mode_name}: none of {len(configs)} engine configurations "
+                            f"taken (the first: {left_out[0]})")
+        if not plans:
+            raise BackendError(f"convolution graph: {'; '.join(refusals)}")
+        return plans
+
+    def engine_refusal(self, config, filter_size):
+        """engine_refusal for an engine configuration's engine, its notes read from cuDNN."""
+        engine = self.graph.get_descriptor(config, CUDNN_ATTR_ENGINECFG_ENGINE,
+                                           CUDNN_BACKEND_ENGINE_DESCRIPTOR)
+        try:
+            notes = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+                                        CUDNN_TYPE_NUMERICAL_NOTE, NOTES_LIMIT)
+            behaviours = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
+                                             CUDNN_TYPE_BEHAVIOR_NOTE, NOTES_LIMIT)
+        finally:
+            self.graph.destroy(engine)
+        return engine_refusal(notes, behaviours, self.exact, filter_size)
+
+    def execute(self, plan, x, weights, y, workspace):
+        """y = conv(x, weights) by `plan` on device pointers (ints; workspace may be None)."""
+        run_plan(self.graph, self.handle, plan, (X_UID, W_UID, Y_UID), (x, weights, y),
+                 workspace)
+
+    def keep(self, key, chosen):
+        """Of `key`'s candidates, keep `chosen` (None: none) and destroy the others (eager
+        plans only: no recording holds them; the backend has synchronised after running
+        them)."""
+        for plan in self.plans.get(key, []):
+            if plan is not chosen:
+                plan.release(self.graph)
+        self.plans[key] = [chosen] if chosen is not None else []
+        if chosen is None:
+            self.graph.destroy(*reversed(self.shared.pop(key, [])))
+
+
+_CONVOLUTION_GRAPHS = {}  # id of a cudnn.Cudnn runtime -> (it, its ConvolutionGraphs or None)
+
+
+def convolution_graphs(dnn):
+    """The ConvolutionGraphs of a cudnn.Cudnn runtime (one per handle, made once); None where
+    cuDNN 9's backend API does not load (eager calls then stay with the legacy API)."""
+    entry = _CONVOLUTION_GRAPHS.get(id(dnn))
+    if entry is None or entry[0] is not dnn:
+        try:
+            made = ConvolutionGraphs(CudnnGraph.load(), dnn.handle,
+                                     exact=dnn.math_type == CUDNN_FMA_MATH)
+        except BackendError:
+            made = None
+        entry = _CONVOLUTION_GRAPHS[id(dnn)] = (dnn, made)
+    return entry[1]
+
+
+def setting(variable, choices, default):
+    """An environment variable's value among `choices` ({text: value}); BackendError naming
+    the choices for any other."""
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise BackendError(f"{variable}={value}: expected one of {', '.join(choices)}")
+    return choices[value]
+
+
 # CudaBackend's default for `fused` (the backend's argument wins): 1 (fused where cuDNN can and
 # it measures faster; also when unset), 0 (never: an A/B without changing code), always.
 FUSED_VARIABLE = "ENGINE_FUSED_CONVOLUTIONS"
 FUSED_SETTINGS = {"1": True, "0": False, "always": "always"}
+# Whether eager inference convolutions may run graph plans (ConvolutionGraphs): 1 (where one
+# agreed and timed faster; also when unset), 0 (never: the legacy calls only, an A/B).
+EAGER_GRAPHS_VARIABLE = "ENGINE_EAGER_GRAPHS"
+EAGER_GRAPHS_SETTINGS = {"1": True, "0": False}
 
 
 def default_fused():
-    value = os.environ.get(FUSED_VARIABLE, "1")
-    if value not in FUSED_SETTINGS:
-        raise BackendError(f"{FUSED_VARIABLE}={value}: expected one of "
-                           f"{', '.join(FUSED_SETTINGS)}")
-    return FUSED_SETTINGS[value]
+    return setting(FUSED_VARIABLE, FUSED_SETTINGS, "1")
+
+
+def default_eager_graphs():
+    return setting(EAGER_GRAPHS_VARIABLE, EAGER_GRAPHS_SETTINGS, "1")
 
 
 def aligned(*pointers):
