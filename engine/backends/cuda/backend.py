@@ -1099,7 +1099,8 @@ class CudaBackend(Operations):
         if fastest is not None and times[fastest] < legacy_seconds:
             plan.eager_graph = fastest
         graphs.keep(plan.key, plan.eager_graph)
-        self._fit_workspace()  # to the chosen plan's need (the timing held the most)
+        del trial  # back to the pool before its held blocks go to the driver
+        self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
 
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES; of those
