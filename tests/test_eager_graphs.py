@@ -372,7 +372,7 @@ def test_graph_plans_not_faster_leave_the_legacy_call(eager, walls):
 
 @pytest.mark.parametrize("error", [1e-4, float("nan")])
 def test_a_graph_plan_that_differs_is_not_kept_however_fast(eager, error):
-    """Exact float32 allows 1e-5 relative RMS difference (summation order): the fastest plan,
+    """Exact float32 allows 8e-6 relative RMS difference (summation order): the fastest plan,
     differing by more (or NaN), is passed over for the next that agrees and is faster than the
     legacy call; it is not timed."""
     eager.library.walls.update({0: 1.0, 1: 2.0})
