@@ -110,7 +110,7 @@ def nchw(array):
     return np.ascontiguousarray(array).reshape(-1)
 
 
-# ---- the graph ------------------------------------------------------------------------------------
+# ---- the graph -----------------------------------------------------------------------------------
 # (x shape, w shape, stride, padding, groups, dilation): 3x3, 1x1 in two groups with stride 2,
 # 5 filters with strides (2, 1) and dilation 2
 GRAPH_SHAPES = [((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1),
@@ -177,7 +177,7 @@ def test_execute_binds_x_w_and_y_and_keep_destroys_the_others():
     assert graphs.candidates(shape) == [] and library.alive() == []
 
 
-# ---- which engines ---------------------------------------------------------------------------------
+# ---- which engines -------------------------------------------------------------------------------
 def candidate_ranks(library, graphs, shape):
     return [library[library[p.plan.value].value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]]
             .rank for p in graphs.candidates(shape)]
@@ -280,7 +280,7 @@ def test_no_backend_api_means_no_graphs(monkeypatch):
     assert cg.convolution_graphs(fma).exact
 
 
-# ---- the backend's choice, on fakes -----------------------------------------------------------------
+# ---- the backend's choice, on fakes --------------------------------------------------------------
 @pytest.fixture
 def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
     """test_conv_workspace's fake GPU (fp32) with graph plans from a NotedGraphLibrary on its
