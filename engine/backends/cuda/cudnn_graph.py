@@ -254,7 +254,9 @@ EAGER_AGREEMENT = {"fp32": (8e-6, 0.0), "tf32": (3e-3, 0.0),
 # Of the heuristics' engine configurations for an eager convolution, at most this many become
 # candidate plans (each timed on the shape's first eager call).
 EAGER_CANDIDATES = 4
-NOTES_LIMIT = 16  # notes read per engine (cuDNN 9 has 10 numerical, 4 behaviour notes)
+# Notes read per engine: cudnn_graph.h's CUDNN_NUMERICAL_NOTE_TYPE_COUNT (cuDNN 9.1 on) and
+# CUDNN_BEHAVIOR_NOTE_TYPE_COUNT, what cuDNN's frontend asks for.
+NUMERICAL_NOTES_LIMIT, BEHAVIOUR_NOTES_LIMIT = 10, 4
 # Engines exact float32 (precision fp32: CUDNN_FMA_MATH in the legacy calls) leaves out: TF32 or
 # half tensor cores, inputs converted down, reductions in less than float, FFT; Winograd too
 # for filters larger than cudnn.WINOGRAD_EXACT_MAX_SIZE (as cudnn.find_candidates leaves out
@@ -987,9 +989,9 @@ class ConvolutionGraphs:
                                            CUDNN_BACKEND_ENGINE_DESCRIPTOR)
         try:
             notes = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-                                        CUDNN_TYPE_NUMERICAL_NOTE, NOTES_LIMIT)
+                                        CUDNN_TYPE_NUMERICAL_NOTE, NUMERICAL_NOTES_LIMIT)
             behaviours = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
-                                             CUDNN_TYPE_BEHAVIOR_NOTE, NOTES_LIMIT)
+                                             CUDNN_TYPE_BEHAVIOR_NOTE, BEHAVIOUR_NOTES_LIMIT)
         finally:
             self.graph.destroy(engine)
         return engine_refusal(notes, behaviours, self.exact, filter_size)
