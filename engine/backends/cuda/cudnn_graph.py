@@ -1,6 +1,8 @@
 """Convolution, bias and activation as one cuDNN kernel: a small ctypes binding of cuDNN 9's
 backend (graph) API (libcudnn.so.9) and the fused inference plans CudaBackend.conv_bias_forward
-runs on NHWC fp16/bf16 data.
+runs on NHWC fp16/bf16 data; also the plain convolution plans eager inference convolutions run
+in every precision where they time faster than the legacy call (ConvolutionGraphs: executing a
+plan costs the host far less than cudnnConvolutionForward).
 
 The legacy cudnnConvolutionBiasActivationForward takes only ReLU and identity; Darknet's
 detectors use leaky, mish, logistic, swish and linear. cuDNN's runtime-fusion engines (sm80 and
