@@ -927,7 +927,9 @@ class ConvolutionGraphs:
         self.plans = {}     # key -> [ExecutionPlan]: the candidates, after keep() the chosen
         self.shared = {}    # key -> the descriptors its plans share (tensors, graph, configs)
         self.refusals = {}  # key -> why it has no plan, for diagnosis
-        self.timings = {}   # key -> (legacy seconds, [each candidate's seconds or why not])
+        # key -> (the legacy eager call's seconds, [each candidate's seconds or why not]),
+        # per call, by the host's clock (CudaBackend._time_eager_graphs)
+        self.timings = {}
 
     def candidates(self, key):
         """The candidate ExecutionPlans of a ConvPlan key (x shape, w shape, stride, padding,
@@ -1013,6 +1015,28 @@ class ConvolutionGraphs:
         self.plans[key] = [chosen] if chosen is not None else []
         if chosen is None:
             self.graph.destroy(*reversed(self.shared.pop(key, [])))
+
+
+    def summary(self):
+        """Each shape's outcome in words (e.g. for a benchmark's log): how many run a plan;
+        per shape, the timings (us per call) or why it has no plan."""
+        kept = sum(bool(plans) for plans in self.plans.values())
+        lines = [f"eager convolution graphs: {kept} of {len(self.plans)} shapes run a plan"]
+        for key, plans in self.plans.items():
+            x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
+            shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
+                     f"dilation {dilation} {dtype}{' NHWC' if channels_last else ''}")
+            timing = self.timings.get(key)
+            if timing is None:
+                what = f"legacy: {self.refusals[key]}" if key in self.refusals else "not timed"
+            else:
+                legacy, verdicts = timing
+                each = ", ".join(f"{v * 1e6:.1f}" if isinstance(v, float) else v
+                                 for v in verdicts)
+                what = (f"{'plan' if plans else 'legacy'}; legacy {legacy * 1e6:.1f} us, "
+                        f"plans {each} us")
+            lines.append(f"  {shape}: {what}")
+        return "\n".join(lines)
 
 
 _CONVOLUTION_GRAPHS = {}  # id of a cudnn.Cudnn runtime -> (it, its ConvolutionGraphs or None)
