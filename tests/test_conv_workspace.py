@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from engine.backends.cuda import backend as cuda_backend
+from engine.backends.cuda import cudnn_graph
 from engine.errors import BackendError
 
 from test_recorded_steps import ClockEvent, FakeArray, FakeDevice, FakeKernels
@@ -112,6 +113,8 @@ def gpu(monkeypatch):
     dnn = FakeDnn(device, clock)
     monkeypatch.setattr(cuda_backend, "_runtime",
                         lambda index, math_type: (device, FakeKernels(), dnn, None))
+    # no backend-API graph plans for eager calls (tests/test_eager_graphs.py fakes those)
+    monkeypatch.setattr(cudnn_graph, "convolution_graphs", lambda dnn: None)
 
     class Gpu:
         pass

@@ -165,11 +165,52 @@ def test_graph_enum_values_match_the_headers():
     text = header_text()
     if "cudnnBackendAttributeName_t" not in text:
         pytest.skip("no cuDNN graph headers on this machine")
-    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.DOTALL)
+    values = enum_values(re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.DOTALL))
     for name, value in cudnn_graph.ENUMS.items():
-        match = re.search(rf"\b{name}(?:\s+CUDNN_DEPRECATED_ENUM)?\s*=\s*(\d+)", text)
-        assert match, f"{name} not in the cuDNN headers"
-        assert int(match.group(1)) == value, name
+        assert name in values, f"{name} not in the cuDNN headers"
+        assert values[name] == value, name
+
+
+def enum_values(text):
+    """Every enumerator of the C `enum { ... }` bodies in `text` (comments removed) -> its
+    value: the one given, or (none given) the previous one's plus 1, as C counts (cudnn_graph.h
+    numbers most descriptor types and notes so); one given as another enumerator's name takes
+    its value; one whose value cannot be read is left out, and so are those counted from it."""
+    values = {}
+    for body in re.findall(r"\benum\b[^{;]*\{(.*?)\}", text, flags=re.DOTALL):
+        following = 0
+        for item in body.split(","):
+            match = re.fullmatch(r"\s*([A-Za-z_]\w*)(?:\s+CUDNN_DEPRECATED_ENUM)?"
+                                 r"\s*(?:=\s*(.*?))?\s*", item, flags=re.DOTALL)
+            if match is None:
+                following = None
+                continue
+            name, given = match.groups()
+            if given is not None:
+                following = (int(given, 0) if re.fullmatch(r"-?(0[xX][0-9a-fA-F]+|\d+)", given)
+                             else values.get(given))
+            if following is not None:
+                values[name] = following
+                following += 1
+    return values
+
+
+def test_enum_values_counts_as_c_does():
+    text = """typedef enum {
+        A_ZERO = 0,
+        A_ONE,
+        A_TWO CUDNN_DEPRECATED_ENUM,
+        A_TEN = 10, A_ELEVEN,
+        A_ALIAS CUDNN_DEPRECATED_ENUM = A_ONE,
+        A_AFTER_ALIAS,
+        A_HEX = 0x10,
+        A_ODD = (1 << 3),
+        A_AFTER_ODD,
+    } a_t;
+    enum b_t { B_FIRST, B_SECOND = 7 };"""
+    assert enum_values(text) == {"A_ZERO": 0, "A_ONE": 1, "A_TWO": 2, "A_TEN": 10,
+                                 "A_ELEVEN": 11, "A_ALIAS": 1, "A_AFTER_ALIAS": 2, "A_HEX": 16,
+                                 "B_FIRST": 0, "B_SECOND": 7}
 
 
 def cublas_header_text():

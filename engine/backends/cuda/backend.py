@@ -90,6 +90,11 @@ BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # candidate is also timed as eager calls run, back to back by the host's clock (EAGER_REPEATS
 # calls), and eager inference calls use the fastest so timed unless the recordings' choice is
 # within EAGER_MARGIN of it (then both run one algorithm: the same results).
+# cuDNN 9's legacy call itself costs the host 53-102 us on small shapes, executing a finalized
+# backend-API plan about 10 us (H200): on a shape's first eager inference call, plain
+# convolution graph plans (cudnn_graph.ConvolutionGraphs) are timed the same way against that
+# eager algorithm, and eager inference calls run the fastest where it agreed and was faster
+# (_time_eager_graphs; ConvPlan.eager_graph).
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
 HOLD_US = 1000
@@ -240,8 +245,10 @@ class ConvPlan:
     backward ones at the first backward: find_backward). channels_last: x, the filters and y
     stored NHWC. The forward has two choices: forward_algo, the fastest kernels (recordings,
     training), and eager_algo, the fastest to issue and run (eager inference calls; see
-    EAGER_MARGIN). `workspace` is what the chosen algorithms need; timing_workspace, the most
-    any forward candidate needs, is held only while they are timed (_time_forward_candidates)."""
+    EAGER_MARGIN), unless eager_graph, a cuDNN backend-API plan of the same convolution timed
+    faster still, runs them (_time_eager_graphs). `workspace` is what the chosen algorithms
+    and plan need; timing_workspace, the most any forward candidate needs, is held only while
+    they are timed (_time_forward_candidates)."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
                  dtype=FLOAT32, channels_last=False):
@@ -258,14 +265,17 @@ class ConvPlan:
         self.eager_algo, self.eager_workspace = self.forward_algo, self.forward_workspace
         self.forward_timed = len(self.forward_candidates) == 1
         self.timing_workspace = max(memory for _, memory in self.forward_candidates)
+        self.eager_graph = None     # a cudnn_graph.ExecutionPlan eager inference calls run
+        self.graph_timed = False    # graph plans timed (at the first aligned eager call)
         self.filter_size = size
         self.data_algo = self.filter_algo = None
         self.data_workspace = self.filter_workspace = 0
 
     @property
     def forward_need(self):
-        """Bytes the chosen forward algorithms need (recorded and eager)."""
-        return max(self.forward_workspace, self.eager_workspace)
+        """Bytes the chosen forward algorithms and graph plan need (recorded and eager)."""
+        graph = self.eager_graph.workspace if self.eager_graph is not None else 0
+        return max(self.forward_workspace, self.eager_workspace, graph)
 
     @property
     def workspace(self):
@@ -349,6 +359,8 @@ class CudaBackend(Operations):
                               else bool(channels_last))
         fused = cudnn_graph.default_fused() if fused is None else fused
         self.fused = fused if fused == "always" else bool(fused)
+        # eager inference convolutions may run graph plans (ConvPlan.eager_graph)
+        self.eager_graphs = cudnn_graph.default_eager_graphs()
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
         self._converted = {}  # id of a frozen float32 parameter -> (it, its copy in self.dtype)
@@ -908,8 +920,16 @@ class CudaBackend(Operations):
         if not plan.forward_timed and not self._recording:
             self._time_forward_candidates(plan, x, weights, y)
             self._fit_workspace()  # to the chosen algorithm's need (the timing held the most)
+        eager = not train and not self._recording and self._eager_algorithms
+        if eager and self.eager_graphs:
+            if not plan.graph_timed:
+                self._time_eager_graphs(plan, x, weights, y)
+            if plan.eager_graph is not None and cudnn_graph.aligned(x.ptr, weights.ptr, y.ptr):
+                cudnn_graph.convolution_graphs(self.dnn).execute(
+                    plan.eager_graph, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
+                return y
         self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer(),
-                              eager=not train and not self._recording and self._eager_algorithms)
+                              eager=eager)
         return y
 
     def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
@@ -1015,6 +1035,75 @@ class CudaBackend(Operations):
     def _host_clock():
         return time.perf_counter()
 
+    def _eager_seconds(self, call):
+        """Seconds by the host's clock for EAGER_REPEATS calls of call() issued back to back,
+        as eager calls run, until the GPU has run them."""
+        begin = self._host_clock()
+        for _ in range(EAGER_REPEATS):
+            call()
+        self.synchronize()
+        return self._host_clock() - begin
+
+    def _time_eager_graphs(self, plan, x, weights, y):
+        """On plan's first eager inference call with aligned pointers (where cuDNN 9's backend
+        API loads): time each graph plan of its shape (cudnn_graph.ConvolutionGraphs) and its
+        eager algorithm as _time_forward_candidates does, and keep the fastest plan as
+        plan.eager_graph where its output agreed with the eager algorithm's (EAGER_AGREEMENT
+        for this precision) and it was faster; the others are destroyed. y holds the eager
+        algorithm's output after this."""
+        graphs = cudnn_graph.convolution_graphs(self.dnn)
+        if graphs is None:
+            plan.graph_timed = True
+            return
+        if not cudnn_graph.aligned(x.ptr, weights.ptr, y.ptr):
+            return  # the plans declare 16-byte alignment: timed at an aligned call
+        plan.graph_timed = True
+        candidates = [candidate for candidate in graphs.candidates(plan.key)
+                      if tuple(candidate.y_shape) == tuple(plan.y_shape)]
+        if not candidates:
+            return
+        self._reserve_workspace(max(candidate.workspace for candidate in candidates))
+        workspace = self._workspace_pointer()
+
+        def legacy(out):
+            self.dnn.conv_forward(plan, x.ptr, weights.ptr, out.ptr, workspace, eager=True)
+
+        legacy(y)  # the reference
+        scale = self.sum_of_squares(y)  # (synchronises: nothing queued before a timing)
+        trial = self._empty(y.shape, y.dtype)
+        if getattr(y, "channels_last", False):
+            trial.channels_last = True
+        legacy_seconds = self._eager_seconds(lambda: legacy(trial))
+        relative, floor = cudnn_graph.EAGER_AGREEMENT[self.precision]
+        times, verdicts = {}, []
+        for candidate in candidates:
+            def run(candidate=candidate):
+                graphs.execute(candidate, x.ptr, weights.ptr, trial.ptr, workspace)
+
+            try:
+                run()  # its first run: also its warm-up
+            except BackendError as error:
+                verdicts.append(str(error))
+                continue
+            self.scale_(trial, -1.0)
+            self.add_(trial, y)  # y - trial
+            error = self.sum_of_squares(trial)
+            if not cudnn_graph.agrees(error, scale, int(trial.size), relative, floor):
+                difference = np.sqrt(error / scale) if scale > 0 else np.inf
+                verdicts.append(f"differs: relative RMS difference {difference:.3g}")
+                continue
+            times[candidate] = self._eager_seconds(run)
+            verdicts.append(times[candidate])
+        graphs.timings[plan.key] = (legacy_seconds / EAGER_REPEATS,  # per call
+                                    [v / EAGER_REPEATS if isinstance(v, float) else v
+                                     for v in verdicts])
+        fastest = min(times, key=times.get, default=None)
+        if fastest is not None and times[fastest] < legacy_seconds:
+            plan.eager_graph = fastest
+        graphs.keep(plan.key, plan.eager_graph)
+        del trial  # back to the pool before its held blocks go to the driver
+        self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
+
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES; of those
         within NEAR_TIME of it, the one needing the least workspace), timed on
@@ -1038,11 +1127,8 @@ class CudaBackend(Operations):
             end.record(self.stream)
             end.synchronize()
             kernels[(algo, workspace)] = end.time_since(start)
-            begin = self._host_clock()
-            for _ in range(EAGER_REPEATS):
-                self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
-            self.synchronize()
-            eager[(algo, workspace)] = self._host_clock() - begin
+            eager[(algo, workspace)] = self._eager_seconds(lambda: self.dnn.conv_forward(
+                plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer()))
         # none ran: keep Find's first, whose call reports the error
         plan.forward_algo, plan.forward_workspace = lightest_near_fastest(kernels) or \
             plan.forward_candidates[0]

@@ -1,6 +1,8 @@
 """Convolution, bias and activation as one cuDNN kernel: a small ctypes binding of cuDNN 9's
 backend (graph) API (libcudnn.so.9) and the fused inference plans CudaBackend.conv_bias_forward
-runs on NHWC fp16/bf16 data.
+runs on NHWC fp16/bf16 data; also the plain convolution plans eager inference convolutions run
+in every precision where they time faster than the legacy call (ConvolutionGraphs: executing a
+plan costs the host far less than cudnnConvolutionForward).
 
 The legacy cudnnConvolutionBiasActivationForward takes only ReLU and identity; Darknet's
 detectors use leaky, mish, logistic, swish and linear. cuDNN's runtime-fusion engines (sm80 and
@@ -38,7 +40,9 @@ from ...errors import BackendError
 from .cudnn import (
     CUDNN_CROSS_CORRELATION,
     CUDNN_DATA_FLOAT,
+    CUDNN_FMA_MATH,
     DATA_TYPES,
+    WINOGRAD_EXACT_MAX_SIZE,
     WORKSPACE_LIMIT,
 )
 from .libraries import CUDNN, load, nvrtc
@@ -49,6 +53,7 @@ CUDNN_STATUS_SUCCESS = 0
 # cudnnBackendDescriptorType_t
 CUDNN_BACKEND_POINTWISE_DESCRIPTOR = 0
 CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR = 1
+CUDNN_BACKEND_ENGINE_DESCRIPTOR = 2
 CUDNN_BACKEND_ENGINECFG_DESCRIPTOR = 3
 CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR = 4
 CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR = 5
@@ -68,8 +73,10 @@ CUDNN_TYPE_VOID_PTR = 6
 CUDNN_TYPE_CONVOLUTION_MODE = 7
 CUDNN_TYPE_HEUR_MODE = 8
 CUDNN_TYPE_NAN_PROPOGATION = 10  # (sic; deprecated in later cuDNN 9 releases, still taken)
+CUDNN_TYPE_NUMERICAL_NOTE = 11
 CUDNN_TYPE_POINTWISE_MODE = 14
 CUDNN_TYPE_BACKEND_DESCRIPTOR = 15
+CUDNN_TYPE_BEHAVIOR_NOTE = 19
 CUDNN_TYPE_CHAR = 24
 # cudnnBackendAttributeName_t
 CUDNN_ATTR_POINTWISE_MODE = 0
@@ -90,6 +97,7 @@ CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS = 106
 CUDNN_ATTR_ENGINEHEUR_MODE = 200
 CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH = 201
 CUDNN_ATTR_ENGINEHEUR_RESULTS = 202
+CUDNN_ATTR_ENGINECFG_ENGINE = 300
 CUDNN_ATTR_EXECUTION_PLAN_HANDLE = 400  # deprecated in later cuDNN 9 releases, still taken
 CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG = 401
 CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE = 402
@@ -115,6 +123,8 @@ CUDNN_ATTR_TENSOR_IS_VIRTUAL = 907
 CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS = 1000
 CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS = 1001
 CUDNN_ATTR_VARIANT_PACK_WORKSPACE = 1003
+CUDNN_ATTR_ENGINE_NUMERICAL_NOTE = 1303
+CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE = 1305
 # cudnnPointwiseMode_t
 CUDNN_POINTWISE_ADD = 0
 CUDNN_POINTWISE_MUL = 1
@@ -128,6 +138,18 @@ CUDNN_PROPAGATE_NAN = 1
 # cudnnBackendHeurMode_t
 CUDNN_HEUR_MODE_FALLBACK = 2
 CUDNN_HEUR_MODE_A = 3
+# cudnnBackendNumericalNote_t
+CUDNN_NUMERICAL_NOTE_TENSOR_CORE = 0
+CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS = 1
+CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION = 2
+CUDNN_NUMERICAL_NOTE_FFT = 3
+CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC = 4
+CUDNN_NUMERICAL_NOTE_WINOGRAD = 5
+CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4 = 6
+CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_6x6 = 7
+CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_13x13 = 8
+# cudnnBackendBehaviorNote_t
+CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION = 0
 
 ENUMS = {name: value for name, value in globals().items() if name.startswith("CUDNN_")}
 # For messages: an attribute's and a descriptor type's names.
@@ -161,7 +183,8 @@ ELEMENT_TYPES = {
     CUDNN_TYPE_FLOAT: ctypes.c_float, CUDNN_TYPE_DOUBLE: ctypes.c_double,
     CUDNN_TYPE_VOID_PTR: ctypes.c_void_p, CUDNN_TYPE_CONVOLUTION_MODE: ctypes.c_int,
     CUDNN_TYPE_HEUR_MODE: ctypes.c_int, CUDNN_TYPE_POINTWISE_MODE: ctypes.c_int,
-    CUDNN_TYPE_NAN_PROPOGATION: ctypes.c_int,
+    CUDNN_TYPE_NAN_PROPOGATION: ctypes.c_int, CUDNN_TYPE_NUMERICAL_NOTE: ctypes.c_int,
+    CUDNN_TYPE_BEHAVIOR_NOTE: ctypes.c_int,
     CUDNN_TYPE_BACKEND_DESCRIPTOR: ctypes.c_void_p,
 }
 
@@ -223,10 +246,36 @@ ORIGINS = (COMPILED, LOADED, REFUSAL_READ)
 GRAPH_FORMAT = 1
 
 
-def agrees(error, scale, size):
-    """Whether a sum of squared differences `error` is within AGREEMENT of a reference's sum
-    of squares `scale` (size values); False for NaN."""
-    return error <= AGREEMENT ** 2 * scale + size * ABSOLUTE_FLOOR ** 2
+# An eager convolution's graph plan must agree with the legacy eager algorithm's output within
+# (relative RMS difference, absolute floor per value) for the backend's precision, else it is
+# not used: exact float32 sums the same float products in another order (a few 1e-7; 3x3
+# Winograd, which exact float32 keeps, a few 1e-6), TF32 may round the inputs in one and not the
+# other (about 1e-3), fp16 and bf16 as fused plans.
+EAGER_AGREEMENT = {"fp32": (8e-6, 0.0), "tf32": (3e-3, 0.0),
+                   "fp16": (AGREEMENT, ABSOLUTE_FLOOR), "bf16": (AGREEMENT, ABSOLUTE_FLOOR)}
+# Of the heuristics' engine configurations for an eager convolution, at most this many become
+# candidate plans (each timed on the shape's first eager call).
+EAGER_CANDIDATES = 4
+# Notes read per engine: cudnn_graph.h's CUDNN_NUMERICAL_NOTE_TYPE_COUNT (cuDNN 9.1 on) and
+# CUDNN_BEHAVIOR_NOTE_TYPE_COUNT, what cuDNN's frontend asks for.
+NUMERICAL_NOTES_LIMIT, BEHAVIOUR_NOTES_LIMIT = 10, 4
+# Engines exact float32 (precision fp32: CUDNN_FMA_MATH in the legacy calls) leaves out: TF32 or
+# half tensor cores, inputs converted down, reductions in less than float, FFT; Winograd too
+# for filters larger than cudnn.WINOGRAD_EXACT_MAX_SIZE (as cudnn.find_candidates leaves out
+# IMPRECISE_ALGORITHMS). Other precisions take any engine (nondeterminism does not matter for
+# a forward pass).
+EXACT_REFUSED_NOTES = (CUDNN_NUMERICAL_NOTE_TENSOR_CORE, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS,
+                       CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION, CUDNN_NUMERICAL_NOTE_FFT)
+WINOGRAD_NOTES = (CUDNN_NUMERICAL_NOTE_WINOGRAD, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4,
+                  CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_6x6, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_13x13)
+NOTE_NAMES = {v: k[len("CUDNN_NUMERICAL_NOTE_"):] for k, v in ENUMS.items()
+              if k.startswith("CUDNN_NUMERICAL_NOTE_")}
+
+
+def agrees(error, scale, size, relative=AGREEMENT, floor=ABSOLUTE_FLOOR):
+    """Whether a sum of squared differences `error` is within `relative` (RMS) of a
+    reference's sum of squares `scale` (size values), plus `floor` per value; False for NaN."""
+    return error <= relative ** 2 * scale + size * floor ** 2
 
 
 class CudnnGraph:
@@ -306,15 +355,18 @@ class CudnnGraph:
         """cudnnGetVersion: the library's version (e.g. 92800 for 9.28.0)."""
         return int(self.lib.cudnnGetVersion())
 
-    def get_descriptors(self, descriptor, attribute, kind, limit):
+    def get_descriptors(self, descriptor, attribute, kind, limit, count=None):
         """Up to `limit` descriptors of an attribute, each made here as `kind` and filled in
-        by cuDNN (the heuristics' engine configurations)."""
-        count = ctypes.c_int64()
-        self.check("cudnnBackendGetAttribute",
-                   self.lib.cudnnBackendGetAttribute(descriptor, attribute,
-                                                     CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
-                                                     ctypes.byref(count), None))
-        count = min(count.value, limit)
+        by cuDNN (the heuristics' engine configurations); `count`: how many the attribute
+        holds, where known (else asked first)."""
+        if count is None:
+            count = ctypes.c_int64()
+            self.check("cudnnBackendGetAttribute",
+                       self.lib.cudnnBackendGetAttribute(descriptor, attribute,
+                                                         CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
+                                                         ctypes.byref(count), None))
+            count = count.value
+        count = min(count, limit)
         if count <= 0:
             return []
         made = [self.create(kind) for _ in range(count)]
@@ -330,6 +382,25 @@ class CudnnGraph:
             raise
         self.destroy(*made[returned.value:])
         return made[:returned.value]
+
+    def get_descriptor(self, descriptor, attribute, kind):
+        """The one descriptor an attribute holds (an engine configuration's engine), made here
+        as `kind` and filled in by cuDNN; BackendError where it holds none."""
+        found = self.get_descriptors(descriptor, attribute, kind, 1, count=1)
+        if not found:
+            raise BackendError(f"cuDNN gave no {DESCRIPTOR_NAMES.get(kind, kind)} for "
+                               f"{ATTRIBUTE_NAMES.get(attribute, attribute)}")
+        return found[0]
+
+    def get_ints(self, descriptor, attribute, kind, limit):
+        """Up to `limit` values of an attribute whose elements are C ints (enums: an engine's
+        numerical or behaviour notes), as a list of the values cuDNN returned."""
+        array = (ELEMENT_TYPES[kind] * limit)()
+        returned = ctypes.c_int64()
+        self.check("cudnnBackendGetAttribute",
+                   self.lib.cudnnBackendGetAttribute(descriptor, attribute, kind, limit,
+                                                     ctypes.byref(returned), array))
+        return [int(value) for value in array[:min(returned.value, limit)]]
 
     def finalize(self, descriptor):
         self.check(f"cudnnBackendFinalize({self.kind(descriptor)})",
@@ -362,15 +433,181 @@ def output_shape(x_shape, w_shape, stride, padding, dilation):
     return (int(x_shape[0]), int(w_shape[0]), *out)
 
 
-class FusedPlan:
+def nchw_strides(shape):
+    """The strides of an (N, C, H, W) shape stored NCHW (contiguous; the filters: KCRS)."""
+    _, c, h, w = shape
+    return [c * h * w, h * w, w, 1]
+
+
+class ExecutionPlan:
     """One shape's finalized execution plan and what executing it needs."""
 
-    def __init__(self, key, y_shape, plan, workspace, descriptors, bias_dtype):
+    def __init__(self, key, y_shape, plan, workspace, descriptors):
         self.key, self.y_shape, self.plan, self.workspace = key, y_shape, plan, workspace
         self.descriptors = descriptors  # every descriptor the plan refers to, kept alive
-        self.bias_dtype = bias_dtype    # numpy dtype the bias is given in
-        self.variant_packs = {}         # (x, w, bias, y, workspace) pointers -> finalized pack
+        self.variant_packs = {}         # (device pointers..., workspace) -> finalized pack
         self.ran = False                # executed once eagerly (capture may follow)
+
+    def release(self, graph):
+        """Destroy the plan, its variant packs and the descriptors it keeps."""
+        graph.destroy(*self.variant_packs.values())
+        self.variant_packs.clear()
+        graph.destroy(self.plan, *self.descriptors)
+
+
+class FusedPlan(ExecutionPlan):
+    """A fused (convolution, bias, activation) plan; its bias is given in `bias_dtype`."""
+
+    def __init__(self, key, y_shape, plan, workspace, descriptors, bias_dtype):
+        super().__init__(key, y_shape, plan, workspace, descriptors)
+        self.bias_dtype = bias_dtype    # numpy dtype the bias is given in
+
+
+class GraphBuilder:
+    """Makes the descriptors of one operation graph on a CudnnGraph, each appended to `made`
+    as it is created, so that a refusal at any step can destroy them all."""
+
+    def __init__(self, graph, made):
+        self.graph, self.made = graph, made
+        self.virtual_uids = iter(range(VIRTUAL_UID, VIRTUAL_UID + 64))
+
+    def create(self, kind):
+        descriptor = self.graph.create(kind)
+        self.made.append(descriptor)
+        return descriptor
+
+    def tensor(self, shape, strides, data_type, uid=None):
+        """A finalized tensor; virtual (an intermediate never in memory) where `uid` is None."""
+        graph = self.graph
+        descriptor = self.create(CUDNN_BACKEND_TENSOR_DESCRIPTOR)
+        virtual = uid is None
+        graph.set(descriptor, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64,
+                  [next(self.virtual_uids) if virtual else uid])
+        graph.set(descriptor, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, [data_type])
+        graph.set(descriptor, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, list(shape))
+        graph.set(descriptor, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, strides)
+        graph.set(descriptor, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, [ALIGNMENT])
+        if virtual:
+            graph.set(descriptor, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, [True])
+        graph.finalize(descriptor)
+        return descriptor
+
+    def convolution_forward(self, x, w, y, stride, padding, dilation):
+        """The finalized operation y = conv(x, w) (tensor descriptors): Darknet's convolution,
+        accumulated in float, padded alike on both sides. Groups: the filters' C is x's C /
+        groups (cuDNN infers the group count)."""
+        graph = self.graph
+        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+        convolution = self.create(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE,
+                  [CUDNN_DATA_FLOAT])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_CONV_MODE, CUDNN_TYPE_CONVOLUTION_MODE,
+                  [CUDNN_CROSS_CORRELATION])  # Darknet's convolution does not flip
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, CUDNN_TYPE_INT64, [2])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_DILATIONS, CUDNN_TYPE_INT64,
+                  [dilation, dilation])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, CUDNN_TYPE_INT64,
+                  [stride_y, stride_x])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, CUDNN_TYPE_INT64,
+                  [padding, padding])
+        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, CUDNN_TYPE_INT64,
+                  [padding, padding])
+        graph.finalize(convolution)
+
+        forward = self.create(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [x])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [w])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [y])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolution])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT,
+                  [1.0])
+        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT,
+                  [0.0])
+        graph.finalize(forward)
+        return forward
+
+    def operation_graph(self, handle, operations):
+        """The finalized graph of `operations` on a cuDNN handle."""
+        operation_graph = self.create(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)
+        self.graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE,
+                       [handle])
+        self.graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_OPS,
+                       CUDNN_TYPE_BACKEND_DESCRIPTOR, operations)
+        self.graph.finalize(operation_graph)
+        return operation_graph
+
+    def heuristic_configs(self, operation_graph, refusals):
+        """For each of HEURISTIC_MODES in turn, (mode name, the engine configurations cuDNN's
+        heuristics give for `operation_graph`, at most MAX_ENGINE_CONFIGS, kept in `made`); a
+        mode that fails or gives none is noted in `refusals` and skipped."""
+        graph = self.graph
+        for mode_name, mode in HEURISTIC_MODES:
+            try:
+                heuristics = self.create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
+                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [operation_graph])
+                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, [mode])
+                graph.finalize(heuristics)
+                configs = graph.get_descriptors(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                                CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
+                                                MAX_ENGINE_CONFIGS)
+            except BackendError as error:
+                refusals.append(f"mode {mode_name}: {error}")
+                continue
+            self.made.extend(configs)
+            if not configs:
+                refusals.append(f"mode {mode_name}: no engine")
+                continue
+            yield mode_name, configs
+
+
+def finalized_plan(graph, handle, config):
+    """(execution plan, its workspace bytes) of an engine configuration on a cuDNN handle;
+    BackendError (the plan destroyed) where cuDNN refuses it or it needs more workspace than
+    WORKSPACE_LIMIT."""
+    plan = graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
+    try:
+        graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, [handle])
+        graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                  [config])
+        graph.finalize(plan)
+        workspace = graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
+        if workspace > WORKSPACE_LIMIT:
+            raise BackendError(f"workspace of {workspace} bytes")
+    except BackendError:
+        graph.destroy(plan)
+        raise
+    return plan, workspace
+
+
+def run_plan(graph, handle, plan, uids, pointers, workspace):
+    """Execute an ExecutionPlan with the tensors of unique ids `uids` at device `pointers`
+    (ints; workspace may be None), on the handle's stream. Host-side work only (a variant pack
+    made once per set of pointers, at most MAX_VARIANT_PACKS per plan), so it can be captured
+    into a CUDA graph."""
+    key = (*pointers, workspace)
+    pack = plan.variant_packs.get(key)
+    if pack is None:
+        if len(plan.variant_packs) >= MAX_VARIANT_PACKS:
+            graph.destroy(*plan.variant_packs.values())
+            plan.variant_packs.clear()
+        pack = graph.create(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)
+        try:
+            graph.set(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, list(uids))
+            graph.set(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR,
+                      list(pointers))
+            graph.set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, [workspace])
+            graph.finalize(pack)
+        except BackendError:
+            graph.destroy(pack)
+            raise
+        plan.variant_packs[key] = pack
+    graph.execute(handle, plan.plan, pack)
+    plan.ran = True
 
 
 class FusedConvolutions:
@@ -563,9 +800,7 @@ class FusedConvolutions:
             self.release(plan)
 
     def release(self, plan):
-        self.graph.destroy(*plan.variant_packs.values())
-        plan.variant_packs.clear()
-        self.graph.destroy(plan.plan, *plan.descriptors)
+        plan.release(self.graph)
 
     # ---- building -------------------------------------------------------------------------------
     def build(self, key, bias_dtype):
@@ -585,34 +820,14 @@ class FusedConvolutions:
         """(y's shape, the finalized operations of `key`'s graph: the convolution, the bias
         add, the activation's steps); every descriptor made is appended to `made`."""
         x_shape, w_shape, stride, padding, groups, dilation, dtype, activation = key
-        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
         data_type = DATA_TYPES[dtype]
         y_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
         if min(y_shape) <= 0 or x_shape[1] != w_shape[1] * groups:
             raise BackendError(f"fused convolution: {x_shape} and {w_shape} in {groups} groups "
                                f"give {y_shape}")
         graph = self.graph
-
-        def create(kind):
-            descriptor = graph.create(kind)
-            made.append(descriptor)
-            return descriptor
-
-        virtual_uids = iter(range(VIRTUAL_UID, VIRTUAL_UID + 64))
-
-        def tensor(shape, strides, data_type, uid=None):
-            descriptor = create(CUDNN_BACKEND_TENSOR_DESCRIPTOR)
-            virtual = uid is None
-            graph.set(descriptor, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64,
-                      [next(virtual_uids) if virtual else uid])
-            graph.set(descriptor, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, [data_type])
-            graph.set(descriptor, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, list(shape))
-            graph.set(descriptor, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, strides)
-            graph.set(descriptor, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, [ALIGNMENT])
-            if virtual:
-                graph.set(descriptor, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, [True])
-            graph.finalize(descriptor)
-            return descriptor
+        builder = GraphBuilder(graph, made)
+        tensor, create = builder.tensor, builder.create
 
         def pointwise(mode, parameters, inputs, output):
             settings = create(CUDNN_BACKEND_POINTWISE_DESCRIPTOR)
@@ -649,38 +864,7 @@ class FusedConvolutions:
         convolved = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT)
         steps = ACTIVATION_STEPS[activation]
         z = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT) if steps else y
-
-        convolution = create(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE,
-                  [CUDNN_DATA_FLOAT])
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_CONV_MODE, CUDNN_TYPE_CONVOLUTION_MODE,
-                  [CUDNN_CROSS_CORRELATION])  # Darknet's convolution does not flip
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, CUDNN_TYPE_INT64, [2])
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_DILATIONS, CUDNN_TYPE_INT64,
-                  [dilation, dilation])
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, CUDNN_TYPE_INT64,
-                  [stride_y, stride_x])
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, CUDNN_TYPE_INT64,
-                  [padding, padding])
-        graph.set(convolution, CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, CUDNN_TYPE_INT64,
-                  [padding, padding])
-        graph.finalize(convolution)
-
-        # Groups: the filters' C is x's C / groups (cuDNN infers the group count).
-        forward = create(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [x])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [w])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolved])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolution])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT,
-                  [1.0])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT,
-                  [0.0])
-        graph.finalize(forward)
+        forward = builder.convolution_forward(x, w, convolved, stride, padding, dilation)
 
         operations = [forward, pointwise(CUDNN_POINTWISE_ADD, {}, (convolved, bias), z)]
         tensors = {"z": z}
@@ -694,55 +878,16 @@ class FusedConvolutions:
         """(execution plan, its workspace bytes) for a graph of finalized `operations`: the
         first of cuDNN's heuristics' engine configurations (HEURISTIC_MODES in turn) that
         finalizes within WORKSPACE_LIMIT; BackendError where none does."""
-        graph = self.graph
-
-        def create(kind):
-            descriptor = graph.create(kind)
-            made.append(descriptor)
-            return descriptor
-
-        operation_graph = create(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)
-        graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE,
-                  [self.handle])
-        graph.set(operation_graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                  operations)
-        graph.finalize(operation_graph)
-
+        builder = GraphBuilder(self.graph, made)
+        operation_graph = builder.operation_graph(self.handle, operations)
         refusals = []
-        for mode_name, mode in HEURISTIC_MODES:
-            try:
-                heuristics = create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)
-                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
-                          CUDNN_TYPE_BACKEND_DESCRIPTOR, [operation_graph])
-                graph.set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, [mode])
-                graph.finalize(heuristics)
-                configs = graph.get_descriptors(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                                                CUDNN_BACKEND_ENGINECFG_DESCRIPTOR,
-                                                MAX_ENGINE_CONFIGS)
-            except BackendError as error:
-                refusals.append(f"mode {mode_name}: {error}")
-                continue
-            made.extend(configs)
-            if not configs:
-                refusals.append(f"mode {mode_name}: no engine")
-                continue
+        for mode_name, configs in builder.heuristic_configs(operation_graph, refusals):
             refused = []
             for config in configs:  # the heuristics' order: the first that finalizes
-                plan = graph.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)
                 try:
-                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE,
-                              [self.handle])
-                    graph.set(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
-                              CUDNN_TYPE_BACKEND_DESCRIPTOR, [config])
-                    graph.finalize(plan)
-                    workspace = graph.get_int64(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)
-                    if workspace > WORKSPACE_LIMIT:
-                        raise BackendError(f"workspace of {workspace} bytes")
+                    return finalized_plan(self.graph, self.handle, config)
                 except BackendError as error:
                     refused.append(str(error))
-                    graph.destroy(plan)
-                    continue
-                return plan, workspace
             refusals.append(f"mode {mode_name}: none of {len(configs)} engine configurations "
                             f"finalized (the first: {refused[0]})")
         raise BackendError(f"fused convolution: {'; '.join(refusals)}")
@@ -750,48 +895,201 @@ class FusedConvolutions:
     # ---- running --------------------------------------------------------------------------------
     def execute(self, plan, x, weights, bias, y, workspace):
         """Run `plan` on device pointers (ints; workspace may be None): y = act(conv(x, weights)
-        + bias). Issued on the handle's stream; host-side work only (a variant pack made once
-        per set of pointers), so it can be captured into a CUDA graph."""
-        pointers = (x, weights, bias, y, workspace)
-        pack = plan.variant_packs.get(pointers)
-        if pack is None:
-            if len(plan.variant_packs) >= MAX_VARIANT_PACKS:
-                self.graph.destroy(*plan.variant_packs.values())
-                plan.variant_packs.clear()
-            pack = self.graph.create(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)
+        + bias), issued as run_plan does (it can be captured into a CUDA graph)."""
+        run_plan(self.graph, self.handle, plan, (X_UID, W_UID, BIAS_UID, Y_UID),
+                 (x, weights, bias, y), workspace)
+
+
+def engine_refusal(notes, behaviours, exact, filter_size):
+    """Why an engine of these numerical and behaviour notes may not run an eager convolution
+    (`exact`: in exact float32; filters of `filter_size`), or None. Engines compiled at run
+    time are left out in every precision: NVRTC takes 0.05-0.75 s per plan, more than the
+    host time they could save over a process, and nothing keeps these plans on disk."""
+    if CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION in behaviours:
+        return "compiled at run time"
+    refused = set(EXACT_REFUSED_NOTES) if exact else set()
+    if exact and filter_size > WINOGRAD_EXACT_MAX_SIZE:
+        refused.update(WINOGRAD_NOTES)
+    named = [NOTE_NAMES.get(note, str(note)) for note in notes if note in refused]
+    return f"numerical note {', '.join(named)}" if named else None
+
+
+class ConvolutionGraphs:
+    """Plain convolution graphs (x, w -> y: no bias, no activation) of one cuDNN handle, per
+    shape, for eager inference calls: cudnnBackendExecute of a finalized plan costs the host
+    about 10 us where the legacy cudnnConvolutionForward costs 53-102 us (small shapes, cuDNN 9,
+    H200). candidates() makes a shape's plans (none where cuDNN refuses: remembered),
+    execute() runs one, keep() leaves the one the backend chose (or none)."""
+
+    def __init__(self, graph, handle, exact=True):
+        self.graph, self.handle = graph, handle
+        self.exact = exact  # exact float32: engines of EXACT_REFUSED_NOTES left out
+        self.plans = {}     # key -> [ExecutionPlan]: the candidates, after keep() the chosen
+        self.shared = {}    # key -> the descriptors its plans share (tensors, graph, configs)
+        self.refusals = {}  # key -> why it has no plan, for diagnosis
+        # key -> (the legacy eager call's seconds, [each candidate's seconds or why not]),
+        # per call, by the host's clock (CudaBackend._time_eager_graphs)
+        self.timings = {}
+
+    def candidates(self, key):
+        """The candidate ExecutionPlans of a ConvPlan key (x shape, w shape, stride, padding,
+        groups, dilation, dtype, channels_last): [] where cuDNN refused the graph or every
+        engine (self.refusals says why), made once."""
+        if key not in self.plans:
+            made = []
             try:
-                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64,
-                               [X_UID, W_UID, BIAS_UID, Y_UID])
-                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR,
-                               [x, weights, bias, y])
-                self.graph.set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR,
-                               [workspace])
-                self.graph.finalize(pack)
-            except BackendError:
-                self.graph.destroy(pack)
-                raise
-            plan.variant_packs[pointers] = pack
-        self.graph.execute(self.handle, plan.plan, pack)
-        plan.ran = True
+                self.plans[key] = self.build(key, made)
+                self.shared[key] = made
+            except BackendError as error:
+                self.graph.destroy(*reversed(made))
+                self.plans[key] = []
+                self.refusals[key] = str(error)
+        return self.plans[key]
+
+    def build(self, key, made):
+        """Up to EAGER_CANDIDATES plans of `key`'s graph: x, the filters and y stored as the
+        legacy descriptors have them (NCHW and KCRS, or channels_last: NHWC and KRSC), cuDNN's
+        heuristics (HEURISTIC_MODES, the next mode only where one gave no plan), the engines
+        engine_refusal takes, finalized within WORKSPACE_LIMIT; BackendError where none is."""
+        x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
+        y_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
+        if min(y_shape) <= 0 or x_shape[1] != w_shape[1] * groups:
+            raise BackendError(f"convolution graph: {x_shape} and {w_shape} in {groups} groups "
+                               f"give {y_shape}")
+        data_type = DATA_TYPES[np.dtype(dtype)]
+        strides = nhwc_strides if channels_last else nchw_strides
+        builder = GraphBuilder(self.graph, made)
+        x = builder.tensor(x_shape, strides(x_shape), data_type, X_UID)
+        w = builder.tensor(w_shape, strides(w_shape), data_type, W_UID)
+        y = builder.tensor(y_shape, strides(y_shape), data_type, Y_UID)
+        forward = builder.convolution_forward(x, w, y, stride, padding, dilation)
+        operation_graph = builder.operation_graph(self.handle, [forward])
+        refusals, plans = [], []
+        for mode_name, configs in builder.heuristic_configs(operation_graph, refusals):
+            left_out = []
+            for config in configs:
+                if len(plans) == EAGER_CANDIDATES:
+                    break
+                try:
+                    why = self.engine_refusal(config, max(w_shape[2:]))
+                    if why is None:
+                        plan, workspace = finalized_plan(self.graph, self.handle, config)
+                        plans.append(ExecutionPlan(key, y_shape, plan, workspace, []))
+                        continue
+                except BackendError as error:
+                    why = str(error)
+                left_out.append(why)
+            if plans:
+                break
+            refusals.append(f"mode {mode_name}: none of {len(configs)} engine configurations "
+                            f"taken (the first: {left_out[0]})")
+        if not plans:
+            raise BackendError(f"convolution graph: {'; '.join(refusals)}")
+        return plans
+
+    def engine_refusal(self, config, filter_size):
+        """engine_refusal for an engine configuration's engine, its notes read from cuDNN."""
+        engine = self.graph.get_descriptor(config, CUDNN_ATTR_ENGINECFG_ENGINE,
+                                           CUDNN_BACKEND_ENGINE_DESCRIPTOR)
+        try:
+            notes = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+                                        CUDNN_TYPE_NUMERICAL_NOTE, NUMERICAL_NOTES_LIMIT)
+            behaviours = self.graph.get_ints(engine, CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
+                                             CUDNN_TYPE_BEHAVIOR_NOTE, BEHAVIOUR_NOTES_LIMIT)
+        finally:
+            self.graph.destroy(engine)
+        return engine_refusal(notes, behaviours, self.exact, filter_size)
+
+    def execute(self, plan, x, weights, y, workspace):
+        """y = conv(x, weights) by `plan` on device pointers (ints; workspace may be None)."""
+        run_plan(self.graph, self.handle, plan, (X_UID, W_UID, Y_UID), (x, weights, y),
+                 workspace)
+
+    def keep(self, key, chosen):
+        """Of `key`'s candidates, keep `chosen` (None: none) and destroy the others (eager
+        plans only: no recording holds them; the backend has synchronised after running
+        them)."""
+        for plan in self.plans.get(key, []):
+            if plan is not chosen:
+                plan.release(self.graph)
+        self.plans[key] = [chosen] if chosen is not None else []
+        if chosen is None:
+            self.graph.destroy(*reversed(self.shared.pop(key, [])))
+
+
+    def summary(self):
+        """Each shape's outcome in words (e.g. for a benchmark's log): how many run a plan;
+        per shape, the timings (us per call) or why it has no plan."""
+        kept = sum(bool(plans) for plans in self.plans.values())
+        lines = [f"eager convolution graphs: {kept} of {len(self.plans)} shapes run a plan"]
+        for key, plans in self.plans.items():
+            x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
+            shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
+                     f"dilation {dilation} {dtype}{' NHWC' if channels_last else ''}")
+            timing = self.timings.get(key)
+            if timing is None:
+                what = f"legacy: {self.refusals[key]}" if key in self.refusals else "not timed"
+            else:
+                legacy, verdicts = timing
+                each = ", ".join(f"{v * 1e6:.1f}" if isinstance(v, float) else v
+                                 for v in verdicts)
+                what = (f"{'plan' if plans else 'legacy'}; legacy {legacy * 1e6:.1f} us, "
+                        f"plans {each} us")
+            lines.append(f"  {shape}: {what}")
+        return "\n".join(lines)
+
+
+_CONVOLUTION_GRAPHS = {}  # id of a cudnn.Cudnn runtime -> (it, its ConvolutionGraphs or None)
+
+
+def convolution_graphs(dnn):
+    """The ConvolutionGraphs of a cudnn.Cudnn runtime (one per handle, made once); None where
+    cuDNN 9's backend API does not load (eager calls then stay with the legacy API)."""
+    entry = _CONVOLUTION_GRAPHS.get(id(dnn))
+    if entry is None or entry[0] is not dnn:
+        try:
+            made = ConvolutionGraphs(CudnnGraph.load(), dnn.handle,
+                                     exact=dnn.math_type == CUDNN_FMA_MATH)
+        except BackendError:
+            made = None
+        entry = _CONVOLUTION_GRAPHS[id(dnn)] = (dnn, made)
+    return entry[1]
+
+
+def setting(variable, choices, default):
+    """An environment variable's value among `choices` ({text: value}); BackendError naming
+    the choices for any other."""
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise BackendError(f"{variable}={value}: expected one of {', '.join(choices)}")
+    return choices[value]
 
 
 # CudaBackend's default for `fused` (the backend's argument wins): 1 (fused where cuDNN can and
 # it measures faster; also when unset), 0 (never: an A/B without changing code), always.
 FUSED_VARIABLE = "ENGINE_FUSED_CONVOLUTIONS"
 FUSED_SETTINGS = {"1": True, "0": False, "always": "always"}
+# Whether eager inference convolutions may run graph plans (ConvolutionGraphs): 1 (where one
+# agreed and timed faster; also when unset), 0 (never: the legacy calls only, an A/B).
+EAGER_GRAPHS_VARIABLE = "ENGINE_EAGER_GRAPHS"
+EAGER_GRAPHS_SETTINGS = {"1": True, "0": False}
 
 
 def default_fused():
-    value = os.environ.get(FUSED_VARIABLE, "1")
-    if value not in FUSED_SETTINGS:
-        raise BackendError(f"{FUSED_VARIABLE}={value}: expected one of "
-                           f"{', '.join(FUSED_SETTINGS)}")
-    return FUSED_SETTINGS[value]
+    return setting(FUSED_VARIABLE, FUSED_SETTINGS, "1")
+
+
+def default_eager_graphs():
+    return setting(EAGER_GRAPHS_VARIABLE, EAGER_GRAPHS_SETTINGS, "1")
 
 
 def aligned(*pointers):
-    """Whether every device pointer is ALIGNMENT-aligned, as the plans' tensors declare."""
-    return all(pointer % ALIGNMENT == 0 for pointer in pointers)
+    """Whether every device pointer is ALIGNMENT-aligned, as the plans' tensors declare (on
+    every eager convolution: their bits or'ed, no generator)."""
+    combined = 0
+    for pointer in pointers:
+        combined |= pointer
+    return combined % ALIGNMENT == 0
 
 
 def disk_context(graph, device):

@@ -1,0 +1,628 @@
+"""Eager inference convolutions through cuDNN backend-API execution plans (cudnn_graph.
+ConvolutionGraphs, CudaBackend._time_eager_graphs).
+
+Without a GPU: the plain convolution graph (x, w -> y) recorded by the stand-in for libcudnn's
+backend API of tests/test_fused_convolution.py and evaluated in float64 by its interpreter of
+cuDNN's documented semantics, NCHW (KCRS filters) and NHWC (KRSC), against a plain numpy
+convolution; which engines each precision takes by their numerical and behaviour notes; the
+backend's choice on fakes (test_conv_workspace's fake cuDNN and clocks): a graph plan only where
+it agreed with the eager algorithm and timed faster by the host's clock, never in recordings or
+training, its workspace kept. On the GPU (-m gpu): eager against legacy outputs for mnist's and
+cifar's batch-1 shapes in fp32 and tf32, the chosen plans timed faster, and mnist.cfg's whole
+eager forward against the CPU backend."""
+
+import ctypes
+import os
+import time
+
+import numpy as np
+import pytest
+
+from engine.backends.cuda import backend as cuda_backend
+from engine.backends.cuda import cudnn_graph as cg
+from engine.backends.cuda.cudnn import CUDNN_DATA_FLOAT, CUDNN_DATA_HALF
+from engine.errors import BackendError
+
+from test_conv_workspace import X2, MiB, W, X, forward, gpu  # noqa: F401 (gpu: a fixture)
+from test_fused_convolution import REFUSED, FakeGraphLibrary, convolution, evaluate, nhwc
+from test_recorded_steps import FakeArray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTE = {name: getattr(cg, "CUDNN_NUMERICAL_NOTE_" + name)
+        for name in ("TENSOR_CORE", "DOWN_CONVERT_INPUTS", "REDUCED_PRECISION_REDUCTION", "FFT",
+                     "NONDETERMINISTIC", "WINOGRAD", "WINOGRAD_TILE_4x4")}
+
+
+class NotedGraphLibrary(FakeGraphLibrary):
+    """FakeGraphLibrary whose engines have numerical and behaviour notes (by their rank in the
+    heuristics' list: notes[rank], behaviours[rank]), per-rank workspaces, and whose executions
+    advance a host clock ({"wall": ms}) by walls[rank] ms; each configuration notes the
+    heuristics mode that gave it, each execution the rank it ran (`ran`)."""
+
+    def __init__(self, notes=None, behaviours=None, walls=None, workspaces=None, clock=None,
+                 **options):
+        super().__init__(**options)
+        self.notes, self.behaviours = notes or {}, behaviours or {}
+        self.walls, self.workspaces = walls or {}, workspaces or {}
+        self.clock = clock if clock is not None else {"wall": 0.0}
+        self.ran = []
+
+    def rank_of(self, plan_address):
+        return self[self[plan_address].value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]].rank
+
+    def cudnnBackendGetAttribute(self, descriptor, attribute, kind, requested, count, array):
+        record = self.descriptors[descriptor.value]
+        if attribute == cg.CUDNN_ATTR_ENGINECFG_ENGINE:
+            assert record.kind == cg.CUDNN_BACKEND_ENGINECFG_DESCRIPTOR and record.finalized
+            assert kind == cg.CUDNN_TYPE_BACKEND_DESCRIPTOR and requested == 1
+            engine = self.descriptors[array[0]]
+            assert engine.kind == cg.CUDNN_BACKEND_ENGINE_DESCRIPTOR
+            engine.rank, engine.finalized = record.rank, True
+            count._obj.value = 1
+            return 0
+        lists = {cg.CUDNN_ATTR_ENGINE_NUMERICAL_NOTE: (cg.CUDNN_TYPE_NUMERICAL_NOTE, self.notes),
+                 cg.CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE: (cg.CUDNN_TYPE_BEHAVIOR_NOTE,
+                                                      self.behaviours)}
+        if attribute in lists:
+            assert record.kind == cg.CUDNN_BACKEND_ENGINE_DESCRIPTOR and record.finalized
+            expected_kind, by_rank = lists[attribute]
+            assert kind == expected_kind
+            values = by_rank.get(record.rank, [])
+            count._obj.value = len(values)
+            for index, value in enumerate(values[:requested]):
+                array[index] = value
+            return 0
+        status = super().cudnnBackendGetAttribute(descriptor, attribute, kind, requested, count,
+                                                  array)
+        if attribute == cg.CUDNN_ATTR_ENGINEHEUR_RESULTS and array is not None:
+            for address in array[:count._obj.value]:
+                self[address].mode = record.value(cg.CUDNN_ATTR_ENGINEHEUR_MODE)[0]
+        if attribute == cg.CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE:
+            array._obj.value = self.workspaces.get(self.rank_of(descriptor.value),
+                                                   self.workspace)
+        return status
+
+    def cudnnBackendExecute(self, handle, plan, pack):
+        status = super().cudnnBackendExecute(handle, plan, pack)
+        if status == 0:
+            rank = self.rank_of(plan.value)
+            self.ran.append(rank)
+            self.clock["wall"] += self.walls.get(rank, 1.0)
+        return status
+
+
+def graphs_of(library, exact=True):
+    return cg.ConvolutionGraphs(cg.CudnnGraph(library, declare=False), ctypes.c_void_p(0xCAFE),
+                                exact=exact)
+
+
+def key(x_shape=(2, 8, 7, 6), w_shape=(16, 8, 3, 3), stride=1, padding=1, groups=1, dilation=1,
+        dtype=np.float32, channels_last=False):
+    return (x_shape, w_shape, stride, padding, groups, dilation, np.dtype(dtype), channels_last)
+
+
+def tensors_by_uid(library):
+    return {d.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID)[0]: d for d in library.descriptors.values()
+            if d.kind == cg.CUDNN_BACKEND_TENSOR_DESCRIPTOR}
+
+
+def nchw(array):
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+# ---- the graph -----------------------------------------------------------------------------------
+# (x shape, w shape, stride, padding, groups, dilation): 3x3, 1x1 in two groups with stride 2,
+# 5 filters with strides (2, 1) and dilation 2
+GRAPH_SHAPES = [((2, 8, 7, 6), (16, 8, 3, 3), 1, 1, 1, 1),
+                ((2, 8, 7, 6), (8, 4, 1, 1), 2, 0, 2, 1),
+                ((1, 8, 9, 7), (5, 8, 3, 3), (2, 1), 2, 1, 2)]
+
+
+@pytest.mark.parametrize("dtype,data_type,channels_last", [
+    (np.float32, CUDNN_DATA_FLOAT, False), (np.float32, CUDNN_DATA_FLOAT, True),
+    (np.float16, CUDNN_DATA_HALF, True)])
+def test_the_graph_is_the_legacy_convolution(dtype, data_type, channels_last):
+    """One operation, y = conv(x, w), on tensors X, W, Y (no bias, nothing virtual) of the
+    storage type, laid out as the legacy descriptors (NCHW and KCRS, or NHWC and KRSC): run by
+    cuDNN's documented semantics it is Darknet's convolution."""
+    rng = np.random.default_rng(0)
+    layout = nhwc if channels_last else nchw
+    for x_shape, w_shape, stride, padding, groups, dilation in GRAPH_SHAPES:
+        library = NotedGraphLibrary()
+        (plan, *_) = graphs_of(library).candidates(key(x_shape, w_shape, stride, padding, groups,
+                                                       dilation, dtype, channels_last))
+        operations = library.operations(plan.plan.value)
+        assert [o.kind for o in operations] == [
+            cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR]
+        tensors = tensors_by_uid(library)
+        assert sorted(tensors) == [cg.X_UID, cg.W_UID, cg.Y_UID]
+        assert {t.value(cg.CUDNN_ATTR_TENSOR_DATA_TYPE)[0] for t in tensors.values()} == \
+            {data_type}
+        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+        x = rng.standard_normal(x_shape)
+        w = rng.standard_normal(w_shape)
+        expected = convolution(x, w, stride_y, stride_x, padding, dilation, groups)
+        assert plan.y_shape == expected.shape
+        y = np.full(expected.size, np.nan)
+        evaluate(library, plan.plan.value, {cg.X_UID: layout(x), cg.W_UID: layout(w),
+                                            cg.Y_UID: y})
+        if channels_last:
+            got = np.moveaxis(y.reshape(expected.shape[0], *expected.shape[2:],
+                                        expected.shape[1]), -1, 1)
+        else:
+            got = y.reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_execute_binds_x_w_and_y_and_keep_destroys_the_others():
+    library = NotedGraphLibrary(engines=3)
+    graphs = graphs_of(library)
+    shape = key()
+    first, second, third = graphs.candidates(shape)
+    graphs.execute(second, 0x1000, 0x2000, 0x3000, 0x4000)
+    graphs.execute(second, 0x1000, 0x2000, 0x3000, 0x4000)
+    (_, handle, plan, pack), _ = [c for c in library.calls if c[0] == "execute"]
+    assert handle.value == 0xCAFE and plan == second.plan.value and second.ran
+    assert library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS) == [cg.X_UID, cg.W_UID,
+                                                                          cg.Y_UID]
+    assert library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS) == [0x1000, 0x2000,
+                                                                             0x3000]
+    assert library[pack].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE) == [0x4000]
+    assert len(second.variant_packs) == 1
+    graphs.keep(shape, second)
+    assert graphs.candidates(shape) == [second]
+    assert library[first.plan.value].destroyed and library[third.plan.value].destroyed
+    assert not library[second.plan.value].destroyed and not library[pack].destroyed
+    graphs.keep(shape, None)
+    assert graphs.candidates(shape) == [] and library.alive() == []
+
+
+# ---- which engines -------------------------------------------------------------------------------
+def candidate_ranks(library, graphs, shape):
+    return [library[library[p.plan.value].value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]]
+            .rank for p in graphs.candidates(shape)]
+
+
+@pytest.mark.parametrize("size,exact,expected", [
+    (3, True, [0, 6, 7]),      # exact: no tensor cores, down conversion, reduced reduction, FFT
+    (5, True, [0, 7]),         # and no Winograd for filters larger than 3x3
+    (3, False, [0, 1, 2, 3]),  # tf32, fp16, bf16: any (at most EAGER_CANDIDATES)
+    (5, False, [0, 1, 2, 3]),
+])
+def test_engines_by_their_notes(size, exact, expected):
+    """Engines in the heuristics' order: 0 plain, 1 TENSOR_CORE, 2 DOWN_CONVERT_INPUTS,
+    3 REDUCED_PRECISION_REDUCTION, 4 FFT, 5 compiled at run time, 6 WINOGRAD, 7
+    NONDETERMINISTIC, 8 WINOGRAD_TILE_4x4 with TENSOR_CORE."""
+    notes = {1: [NOTE["TENSOR_CORE"]], 2: [NOTE["DOWN_CONVERT_INPUTS"]],
+             3: [NOTE["REDUCED_PRECISION_REDUCTION"]], 4: [NOTE["FFT"]],
+             6: [NOTE["WINOGRAD"]], 7: [NOTE["NONDETERMINISTIC"]],
+             8: [NOTE["WINOGRAD_TILE_4x4"], NOTE["TENSOR_CORE"]]}
+    behaviours = {5: [cg.CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION]}
+    library = NotedGraphLibrary(engines=9, notes=notes, behaviours=behaviours)
+    graphs = graphs_of(library, exact=exact)
+    shape = key(w_shape=(16, 8, size, size), padding=size // 2)
+    assert candidate_ranks(library, graphs, shape) == expected
+    engines = [d for d in library.descriptors.values()
+               if d.kind == cg.CUDNN_BACKEND_ENGINE_DESCRIPTOR]
+    assert engines and all(e.destroyed for e in engines)  # read, then released
+    plans = [d for d in library.descriptors.values()
+             if d.kind == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR]
+    assert len(plans) == len(expected)  # an engine left out is not finalized
+
+
+def test_engine_refusal_names_the_notes():
+    refusal = cg.engine_refusal
+    assert refusal([NOTE["TENSOR_CORE"], NOTE["FFT"]], [], True, 3) == \
+        "numerical note TENSOR_CORE, FFT"
+    assert refusal([NOTE["WINOGRAD"], NOTE["NONDETERMINISTIC"]], [], True, 5) == \
+        "numerical note WINOGRAD"
+    assert refusal([NOTE["WINOGRAD"], NOTE["NONDETERMINISTIC"]], [], True, 3) is None
+    assert refusal([NOTE["TENSOR_CORE"]], [], False, 5) is None
+    assert refusal([], [cg.CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION], False, 1) == \
+        "compiled at run time"
+
+
+def test_the_fallback_mode_is_asked_only_where_mode_a_gave_no_plan():
+    library = NotedGraphLibrary(engines=2, notes={0: [NOTE["TENSOR_CORE"]]})
+    graphs = graphs_of(library)
+    (plan,) = graphs.candidates(key())
+    config = library[library[plan.plan.value].value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]]
+    assert (config.mode, config.rank) == (cg.CUDNN_HEUR_MODE_A, 1)
+    assert library.kinds_created().count(cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR) == 1
+
+    library = NotedGraphLibrary(engines=2, notes={0: [NOTE["FFT"]], 1: [NOTE["FFT"]]})
+    graphs = graphs_of(library)
+    assert graphs.candidates(key()) == []
+    assert library.kinds_created().count(cg.CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR) == 2
+    assert graphs.refusals[key()] == (
+        "convolution graph: mode A: none of 2 engine configurations taken (the first: "
+        "numerical note FFT); mode FALLBACK: none of 2 engine configurations taken (the first: "
+        "numerical note FFT)")
+
+
+def refuse_kind(kind):
+    return lambda library, descriptor: REFUSED if descriptor.kind == kind else 0
+
+
+@pytest.mark.parametrize("library,reason", [
+    (NotedGraphLibrary(engines=0), "mode A: no engine; mode FALLBACK: no engine"),
+    (NotedGraphLibrary(engines=2, refused_configs=(0, 1)),
+     "cudnnBackendFinalize(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR) failed"),
+    (NotedGraphLibrary(workspace=cg.WORKSPACE_LIMIT + 1), "workspace of"),
+    (NotedGraphLibrary(refuse=refuse_kind(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)),
+     "cudnnBackendFinalize(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)"),
+])
+def test_a_refused_shape_has_no_plan_and_is_not_tried_again(library, reason):
+    graphs = graphs_of(library)
+    assert graphs.candidates(key()) == []
+    assert reason in graphs.refusals[key()]
+    assert library.alive() == []
+    calls = len(library.calls)
+    assert graphs.candidates(key()) == [] and len(library.calls) == calls
+
+
+def test_no_backend_api_means_no_graphs(monkeypatch):
+    """Where libcudnn's backend API does not load (cuDNN before 9): None, made once."""
+    def missing(cls):
+        raise BackendError("the cuDNN library has no cudnnBackendExecute; cuDNN 9 is needed")
+
+    monkeypatch.setattr(cg.CudnnGraph, "load", classmethod(missing))
+    monkeypatch.setattr(cg, "_CONVOLUTION_GRAPHS", {})
+    dnn = type("Dnn", (), {"handle": ctypes.c_void_p(1), "math_type": 3})()
+    assert cg.convolution_graphs(dnn) is None and cg.convolution_graphs(dnn) is None
+    library = NotedGraphLibrary()
+    monkeypatch.setattr(cg.CudnnGraph, "load", classmethod(
+        lambda cls: cls(library, declare=False)))
+    other = type("Dnn", (), {"handle": ctypes.c_void_p(2), "math_type": 0})()
+    made = cg.convolution_graphs(other)
+    assert made is cg.convolution_graphs(other) and not made.exact  # math type 0: tf32
+    fma = type("Dnn", (), {"handle": ctypes.c_void_p(3), "math_type": 3})()
+    assert cg.convolution_graphs(fma).exact
+
+
+# ---- the backend's choice, on fakes --------------------------------------------------------------
+@pytest.fixture
+def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
+    """test_conv_workspace's fake GPU (fp32) with graph plans from a NotedGraphLibrary on its
+    host clock; eager.backend() makes a backend whose agreement check reads eager.errors
+    (relative RMS difference of the plan of each rank against the eager algorithm)."""
+    library = NotedGraphLibrary(engines=2, clock=gpu.clock)
+    graphs = graphs_of(library)
+    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn: graphs)
+    gpu.library, gpu.graphs, gpu.errors = library, graphs, {}
+    gpu.dnn.candidates[("forward", X)] = [(1, 0, 1.0), (0, 0, 2.0)]
+    gpu.dnn.wall_costs[(X, 1)] = gpu.dnn.wall_costs[(X, 0)] = 5.0
+    make = gpu.backend
+
+    def backend():
+        ops = make()
+
+        def scale_(x, factor):  # the agreement check: the difference, in the graph's output
+            assert factor == -1.0
+            x.negated = True
+            return x
+
+        def add_(dst, src):
+            assert dst.negated and not getattr(src, "negated", False)
+            dst.difference = library.ran[-1]
+            return dst
+
+        def sum_of_squares(x):
+            rank = getattr(x, "difference", None)
+            if rank is None:
+                return 1.0  # the reference's
+            del x.difference, x.negated
+            return gpu.errors.get(rank, 1e-7) ** 2
+
+        ops.scale_, ops.add_, ops.sum_of_squares = scale_, add_, sum_of_squares
+        return ops
+
+    gpu.backend = backend
+    return gpu
+
+
+def executions(library):
+    return [call for call in library.calls if call[0] == "execute"]
+
+
+def only_plan(fake, x_shape=X):
+    (plan,) = [p for k, p in fake.dnn.plans.items() if k[0] == x_shape]
+    return plan
+
+
+def test_a_graph_plan_faster_by_the_host_clock_is_kept_and_run(eager):
+    """Eager calls of the legacy algorithm take 5 ms by the host's clock, the graph plans 3 and
+    2: the second is kept, the first destroyed; eager inference calls run it from then on
+    (the legacy call no more)."""
+    eager.library.walls.update({0: 3.0, 1: 2.0})
+    ops = eager.backend()
+    y = forward(ops, X)
+    plan = only_plan(eager)
+    assert plan.graph_timed and plan.eager_graph is not None
+    assert eager.library.rank_of(plan.eager_graph.plan.value) == 1
+    assert eager.graphs.timings[plan.key] == (5.0, [3.0, 2.0])  # per call
+    summary = eager.graphs.summary().splitlines()
+    assert summary[0] == "eager convolution graphs: 1 of 1 shapes run a plan"
+    assert summary[1] == (f"  x {X} w {W} stride 1 pad 1 groups 1 dilation 1 float32: plan; "
+                          "legacy 5000000.0 us, plans 3000000.0, 2000000.0 us")
+    (other,) = [d for a, d in eager.library.descriptors.items()
+                if d.kind == cg.CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR
+                and a != plan.eager_graph.plan.value]
+    assert other.destroyed
+    # the call's own output: the kept plan's, as every later eager call's
+    assert eager.library.ran[-1] == 1 and y.shape == plan.y_shape
+    pack = eager.library[executions(eager.library)[-1][3]]
+    assert pack.value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)[2] == y.ptr
+    legacy, runs = len(eager.dnn.calls), len(eager.library.ran)
+    y = forward(ops, X)
+    assert len(eager.dnn.calls) == legacy and eager.library.ran[runs:] == [1]
+    pack = eager.library[executions(eager.library)[-1][3]]
+    assert pack.value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)[2] == y.ptr
+
+
+@pytest.mark.parametrize("walls", [{0: 6.0, 1: 5.5}, {0: 5.0, 1: 5.0}])  # slower; as fast
+def test_graph_plans_not_faster_leave_the_legacy_call(eager, walls):
+    eager.library.walls.update(walls)
+    ops = eager.backend()
+    forward(ops, X)
+    plan = only_plan(eager)
+    assert plan.graph_timed and plan.eager_graph is None
+    assert eager.graphs.candidates(plan.key) == [] and eager.library.alive() == []
+    runs = len(eager.library.ran)
+    forward(ops, X)
+    assert eager.dnn.calls[-1][2] == plan.eager_algo and len(eager.library.ran) == runs
+
+
+@pytest.mark.parametrize("error", [1e-4, float("nan")])
+def test_a_graph_plan_that_differs_is_not_kept_however_fast(eager, error):
+    """Exact float32 allows 8e-6 relative RMS difference (summation order): the fastest plan,
+    differing by more (or NaN), is passed over for the next that agrees and is faster than the
+    legacy call; it is not timed."""
+    eager.library.walls.update({0: 1.0, 1: 2.0})
+    eager.errors[0] = error
+    ops = eager.backend()
+    forward(ops, X)
+    plan = only_plan(eager)
+    assert eager.library.rank_of(plan.eager_graph.plan.value) == 1
+    _, verdicts = eager.graphs.timings[plan.key]
+    assert verdicts[0].startswith("differs: relative RMS difference ")
+    assert verdicts[1] == 2.0
+    assert "plans differs: relative RMS difference " in eager.graphs.summary()
+    assert eager.library.ran.count(0) == 1  # its first run only
+
+
+def test_tf32_allows_a_wider_difference(eager):
+    eager.library.walls.update({0: 1.0, 1: 2.0})
+    eager.errors[0] = 1e-3  # a TF32 rounding, against 3e-3
+    ops = eager.backend()
+    ops.precision = "tf32"
+    forward(ops, X)
+    assert eager.library.rank_of(only_plan(eager).eager_graph.plan.value) == 0
+
+
+def test_recordings_and_training_never_run_the_graph_plan(eager):
+    eager.library.walls.update({0: 1.0, 1: 2.0})
+    ops = eager.backend()
+    forward(ops, X)
+    plan = only_plan(eager)
+    assert plan.eager_graph is not None
+    runs = len(eager.library.ran)
+    with ops.recording():
+        forward(ops, X)
+    assert eager.dnn.calls[-1][2] == plan.forward_algo
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    assert eager.dnn.calls[-1][2] == plan.forward_algo
+    ops._eager_algorithms = False  # as while a fused plan is checked against the unfused path
+    forward(ops, X)
+    assert eager.dnn.calls[-1][2] == plan.forward_algo
+    assert len(eager.library.ran) == runs
+
+
+def test_a_shape_first_seen_in_training_or_recording_is_timed_at_its_first_eager_call(eager):
+    eager.library.walls.update({0: 1.0})
+    ops = eager.backend()
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    plan = only_plan(eager)
+    assert plan.forward_timed and not plan.graph_timed and eager.library.calls == []
+    with ops.recording():
+        forward(ops, X)
+    assert not plan.graph_timed and eager.library.calls == []
+    forward(ops, X)
+    assert plan.graph_timed and plan.eager_graph is not None
+
+
+def test_a_plan_of_one_legacy_candidate_is_timed_too(eager):
+    """A shape with a single Find candidate is never timed by _time_forward_candidates; its
+    graph plans are still timed against it at its first eager call."""
+    eager.dnn.candidates[("forward", X2)] = [(4, 0, 1.0)]
+    eager.dnn.wall_costs[(X2, 4)] = 5.0
+    eager.library.walls.update({0: 1.0})
+    ops = eager.backend()
+    forward(ops, X2)
+    plan = only_plan(eager, X2)
+    assert plan.forward_timed and plan.graph_timed and plan.eager_graph is not None
+
+
+def test_a_refused_shape_runs_the_legacy_call(eager):
+    eager.library.engines = 0
+    ops = eager.backend()
+    for _ in range(2):
+        forward(ops, X)
+    plan = only_plan(eager)
+    assert plan.graph_timed and plan.eager_graph is None
+    assert "no engine" in eager.graphs.refusals[plan.key]
+    assert eager.graphs.summary().endswith(
+        "float32: legacy: convolution graph: mode A: no engine; mode FALLBACK: no engine")
+    assert eager.dnn.calls[-1][2] == plan.eager_algo
+    assert eager.library.kinds_created().count(cg.CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR) == 1
+
+
+def test_misaligned_pointers_run_the_legacy_call(eager):
+    eager.library.walls.update({0: 1.0})
+    ops = eager.backend()
+    x = FakeArray(X)
+    x.ptr += 4  # a view starting one float in
+    ops.conv_forward(x, FakeArray(W), 1, 1, 1)
+    plan = only_plan(eager)
+    assert not plan.graph_timed and eager.library.calls == []
+    forward(ops, X)
+    assert plan.eager_graph is not None
+    runs = len(eager.library.ran)
+    ops.conv_forward(x, FakeArray(W), 1, 1, 1)
+    assert eager.dnn.calls[-1][2] == plan.eager_algo and len(eager.library.ran) == runs
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_workspace_covers_the_graph_plans_need(eager, kept):
+    """Candidates needing 3 and 2 MiB (the legacy algorithms none): each runs in a workspace
+    that holds it; a kept plan's need stays counted (its calls get the workspace), a plan not
+    kept leaves none."""
+    eager.library.workspaces.update({0: 3 * MiB, 1: 2 * MiB})
+    eager.library.walls.update({0: 1.0, 1: 9.0} if kept else {0: 9.0, 1: 9.0})
+    given = []  # the workspace each execution got, as it ran
+    execute = eager.library.cudnnBackendExecute
+
+    def noting_execute(handle, plan, pack):
+        workspace = eager.library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE)[0]
+        given.append(eager.device.live[workspace].size)
+        return execute(handle, plan, pack)
+
+    eager.library.cudnnBackendExecute = noting_execute
+    ops = eager.backend()
+    forward(ops, X)
+    plan = only_plan(eager)
+    # each candidate's first run and timed ones; a kept plan also computes the call's output
+    assert len(given) == 2 + 2 * cuda_backend.EAGER_REPEATS + kept
+    assert min(given) >= 3 * MiB
+    if kept:
+        assert plan.eager_graph.workspace == 3 * MiB and plan.forward_need == 3 * MiB
+        assert ops._workspace_size == 3 * MiB
+        forward(ops, X)
+        pack = eager.library[executions(eager.library)[-1][3]]
+        assert pack.value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE) == [ops._workspace.ptr]
+    else:
+        assert plan.eager_graph is None and ops._workspace is None
+
+
+def test_no_graphs_where_the_backend_api_is_missing_or_turned_off(eager, monkeypatch):
+    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn: None)
+    ops = eager.backend()
+    forward(ops, X)
+    plan = only_plan(eager)
+    assert plan.graph_timed and plan.eager_graph is None
+    assert eager.dnn.calls[-1][2] == plan.eager_algo
+
+    monkeypatch.setenv(cg.EAGER_GRAPHS_VARIABLE, "0")
+    ops = eager.backend()
+    assert ops.eager_graphs is False
+    monkeypatch.setenv(cg.EAGER_GRAPHS_VARIABLE, "yes")
+    with pytest.raises(BackendError, match=r"^ENGINE_EAGER_GRAPHS=yes: expected one of 1, 0$"):
+        eager.backend()
+
+
+def test_turned_off_nothing_is_built(eager, monkeypatch):
+    monkeypatch.setenv(cg.EAGER_GRAPHS_VARIABLE, "0")
+    ops = eager.backend()
+    forward(ops, X)
+    forward(ops, X)
+    assert eager.library.calls == [] and not only_plan(eager).graph_timed
+
+
+# ---- on the GPU ---------------------------------------------------------------------------------
+# mnist.cfg's and cifar.cfg's batch-1 convolutions: (x shape, w shape, padding)
+BATCH1_SHAPES = {
+    "mnist": [((1, 1, 28, 28), (32, 1, 3, 3), 1), ((1, 32, 14, 14), (64, 32, 3, 3), 1)],
+    "cifar": [((1, 3, 28, 28), (128, 3, 3, 3), 1), ((1, 128, 28, 28), (128, 128, 3, 3), 1),
+              ((1, 128, 14, 14), (256, 128, 3, 3), 1), ((1, 256, 7, 7), (512, 256, 3, 3), 1),
+              ((1, 512, 7, 7), (10, 512, 1, 1), 0)],
+}
+GPU_TOLERANCE = {"fp32": 1e-5, "tf32": 1e-3}
+
+
+def host_seconds(ops, function, *arguments):
+    """Seconds per function(*arguments) by the host's clock: the best of 5 rounds of 40 calls
+    issued back to back."""
+    runs = []
+    for _ in range(5):
+        ops.synchronize()
+        begin = time.perf_counter()
+        for _ in range(40):
+            function(*arguments)
+        ops.synchronize()
+        runs.append((time.perf_counter() - begin) / 40)
+    return min(runs)
+
+
+def relative_rms(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.sqrt(np.sum((got - want) ** 2) / max(np.sum(want ** 2), 1e-300)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("network", sorted(BATCH1_SHAPES))
+def test_eager_graph_plans_agree_with_legacy_and_are_faster(network, precision):
+    """For each batch-1 shape: the eager output (a graph plan's where one was kept) equals the
+    legacy eager algorithm's within 1e-5 (fp32) / 1e-3 (tf32) relative RMS, and a kept plan
+    issues and runs faster than the legacy call by the host's clock (best of 5 rounds of 40
+    calls, with a 3 us allowance for timing noise)."""
+    from engine.backends.cuda import CudaBackend
+
+    ops = CudaBackend(device=0, seed=0, precision=precision)
+    if cg.convolution_graphs(ops.dnn) is None:
+        pytest.skip("cuDNN's backend API does not load")
+    rng = np.random.default_rng(3)
+    kept = 0
+    for x_shape, w_shape, padding in BATCH1_SHAPES[network]:
+        x = ops.asarray(rng.standard_normal(x_shape).astype(np.float32))
+        w = ops.asarray((rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:])))
+                        .astype(np.float32))
+        ops.conv_forward(x, w, 1, padding, 1)  # the first eager call times the graph plans
+        plan = ops._plan(x_shape, w_shape, 1, padding, 1)
+        assert plan.graph_timed
+        eager = ops.to_host(ops.conv_forward(x, w, 1, padding, 1))
+        y = ops._empty(plan.y_shape, ops.dtype)
+        workspace = ops._workspace_pointer()
+        ops.dnn.conv_forward(plan, x.ptr, w.ptr, y.ptr, workspace, eager=True)
+        error = relative_rms(eager, ops.to_host(y))
+        assert error <= GPU_TOLERANCE[precision], (x_shape, w_shape, error)
+        if plan.eager_graph is None:
+            continue
+        kept += 1
+        graphs = cg.convolution_graphs(ops.dnn)
+        graph = host_seconds(ops, graphs.execute, plan.eager_graph, x.ptr, w.ptr, y.ptr,
+                             workspace)
+        legacy = host_seconds(ops, ops.dnn.conv_forward, plan, x.ptr, w.ptr, y.ptr, workspace,
+                              True)  # eager
+        print(f"{network} {precision} {x_shape}x{w_shape}: graph plan {graph * 1e6:.1f} us, "
+              f"legacy {legacy * 1e6:.1f} us per call")
+        assert graph <= legacy + 3e-6, (x_shape, w_shape, graph, legacy)
+    print(f"{network} {precision}: {kept} of {len(BATCH1_SHAPES[network])} shapes run graph "
+          "plans")
+    print(cg.convolution_graphs(ops.dnn).summary())
+
+
+@pytest.mark.gpu
+def test_mnist_eager_forward_on_the_gpu_equals_the_cpu(tmp_path):
+    """cfg/mnist.cfg's whole eager inference forward (graph plans where kept) on the GPU against
+    the CPU backend, same weights: within 1e-4."""
+    from engine import Network
+    from engine.backends.cuda import CudaBackend
+
+    cfg = os.path.join(ROOT, "cfg", "mnist.cfg")
+    cpu = Network(cfg, seed=2, quiet=True)
+    cpu.save_weights(str(tmp_path / "w.weights"))
+    ops = CudaBackend(device=0, seed=0)
+    net = Network(cfg, seed=2, quiet=True, backend=ops)
+    net.load_weights(str(tmp_path / "w.weights"))
+    images = np.random.default_rng(0).random((1,) + tuple(net.input_shape), dtype=np.float32)
+    want = cpu.ops.to_host(cpu.forward(cpu.ops.asarray(images), train=False))
+    for _ in range(3):  # the first call times the plans; the later ones run the kept ones
+        got = ops.to_host(net.forward(ops.asarray(images), train=False))
+        error = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+        assert error <= 1e-4, error
+    graphs = cg.convolution_graphs(ops.dnn)
+    kept = [p for p in ops.dnn.plans.values() if p is not None and p.eager_graph is not None]
+    print(f"mnist eager forward: {len(kept)} convolutions run graph plans")
+    if graphs is not None:
+        print(graphs.summary())
