@@ -1016,7 +1016,6 @@ class ConvolutionGraphs:
         if chosen is None:
             self.graph.destroy(*reversed(self.shared.pop(key, [])))
 
-
     def summary(self):
         """Each shape's outcome in words (e.g. for a benchmark's log): how many run a plan;
         per shape, the timings (us per call) or why it has no plan."""
