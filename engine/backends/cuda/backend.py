@@ -1101,7 +1101,7 @@ class CudaBackend(Operations):
         if fastest is not None and times[fastest] < legacy_seconds:
             plan.eager_graph = fastest
         graphs.keep(plan.key, plan.eager_graph)
-        del trial  # back to the pool before its held blocks go to the driver
+        trial = None  # back to the pool before its held blocks go to the driver
         self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
 
     def _time_forward_candidates(self, plan, x, weights, y):
