@@ -46,6 +46,7 @@ class NotedGraphLibrary(FakeGraphLibrary):
         self.walls, self.workspaces = walls or {}, workspaces or {}
         self.clock = clock if clock is not None else {"wall": 0.0}
         self.ran = []
+        self.ran_kinds = []  # the operation kind of each execution's graph
 
     def rank_of(self, plan_address):
         return self[self[plan_address].value(cg.CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG)[0]].rank
@@ -87,13 +88,14 @@ class NotedGraphLibrary(FakeGraphLibrary):
         if status == 0:
             rank = self.rank_of(plan.value)
             self.ran.append(rank)
+            self.ran_kinds.append(self.operations(plan.value)[0].kind)
             self.clock["wall"] += self.walls.get(rank, 1.0)
         return status
 
 
-def graphs_of(library, exact=True):
+def graphs_of(library, exact=True, use="inference"):
     return cg.ConvolutionGraphs(cg.CudnnGraph(library, declare=False), ctypes.c_void_p(0xCAFE),
-                                exact=exact)
+                                exact=exact, use=use)
 
 
 def key(x_shape=(2, 8, 7, 6), w_shape=(16, 8, 3, 3), stride=1, padding=1, groups=1, dilation=1,
@@ -283,13 +285,16 @@ def test_no_backend_api_means_no_graphs(monkeypatch):
 # ---- the backend's choice, on fakes --------------------------------------------------------------
 @pytest.fixture
 def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
-    """test_conv_workspace's fake GPU (fp32) with graph plans from a NotedGraphLibrary on its
-    host clock; eager.backend() makes a backend whose agreement check reads eager.errors
-    (relative RMS difference of the plan of each rank against the eager algorithm)."""
+    """test_conv_workspace's fake GPU (fp32) with graph plans of every use (eager.uses;
+    eager.graphs: inference's) from one NotedGraphLibrary on its host clock; eager.backend()
+    makes a backend whose agreement check reads eager.errors (relative RMS difference of the
+    plan of each rank, or of (operation kind, rank), against the legacy call) and whose other
+    add_ calls (a gradient added to the updates) are noted in eager.added."""
     library = NotedGraphLibrary(engines=2, clock=gpu.clock)
-    graphs = graphs_of(library)
-    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn: graphs)
-    gpu.library, gpu.graphs, gpu.errors = library, graphs, {}
+    uses = {use: graphs_of(library, use=use) for use in cg.GRAPH_USES}
+    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn, use="inference": uses[use])
+    gpu.library, gpu.graphs, gpu.uses, gpu.errors = library, uses["inference"], uses, {}
+    gpu.added = []
     gpu.dnn.candidates[("forward", X)] = [(1, 0, 1.0), (0, 0, 2.0)]
     gpu.dnn.wall_costs[(X, 1)] = gpu.dnn.wall_costs[(X, 0)] = 5.0
     make = gpu.backend
@@ -303,16 +308,19 @@ def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
             return x
 
         def add_(dst, src):
-            assert dst.negated and not getattr(src, "negated", False)
-            dst.difference = library.ran[-1]
+            if not getattr(dst, "negated", False):  # a gradient added to the weight updates
+                gpu.added.append((dst.ptr, src.ptr))
+                return dst
+            assert not getattr(src, "negated", False)
+            dst.difference = (library.ran_kinds[-1], library.ran[-1])
             return dst
 
         def sum_of_squares(x):
-            rank = getattr(x, "difference", None)
-            if rank is None:
+            difference = getattr(x, "difference", None)
+            if difference is None:
                 return 1.0  # the reference's
             del x.difference, x.negated
-            return gpu.errors.get(rank, 1e-7) ** 2
+            return gpu.errors.get(difference, gpu.errors.get(difference[1], 1e-7)) ** 2
 
         ops.scale_, ops.add_, ops.sum_of_squares = scale_, add_, sum_of_squares
         return ops
@@ -400,33 +408,50 @@ def test_tf32_allows_a_wider_difference(eager):
     assert eager.library.rank_of(only_plan(eager).eager_graph.plan.value) == 0
 
 
-def test_recordings_and_training_never_run_the_graph_plan(eager):
+FORWARD_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR
+DATA_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR
+FILTER_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR
+
+
+def test_recordings_never_run_graph_plans_and_training_has_its_own(eager):
+    """Inference's plan is not training's: a training forward chooses its own (against
+    forward_algo, the call training makes), and recordings, and inference calls while a fused
+    plan is checked, run the legacy forward_algo."""
     eager.library.walls.update({0: 1.0, 1: 2.0})
     ops = eager.backend()
     forward(ops, X)
     plan = only_plan(eager)
-    assert plan.eager_graph is not None
+    assert plan.eager_graph is not None and plan.training_graphs == {}
     runs = len(eager.library.ran)
     with ops.recording():
         forward(ops, X)
+        ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
     assert eager.dnn.calls[-1][2] == plan.forward_algo
-    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
-    assert eager.dnn.calls[-1][2] == plan.forward_algo
+    assert len(eager.library.ran) == runs and plan.training_graphs == {}
     ops._eager_algorithms = False  # as while a fused plan is checked against the unfused path
     forward(ops, X)
     assert eager.dnn.calls[-1][2] == plan.forward_algo
     assert len(eager.library.ran) == runs
+    ops._eager_algorithms = True
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    chosen = plan.training_graphs["forward"]
+    assert chosen is not None and chosen is not plan.eager_graph
+    assert eager.uses["forward"].timings[plan.key] == (5.0, [1.0, 1.0])  # legacy, plans
+    assert eager.library.ran_kinds[runs:] == [FORWARD_KIND] * len(eager.library.ran[runs:])
+    assert eager.library.ran[-1] == 0  # the call's output: the plan kept (rank 0)
 
 
 def test_a_shape_first_seen_in_training_or_recording_is_timed_at_its_first_eager_call(eager):
     eager.library.walls.update({0: 1.0})
     ops = eager.backend()
-    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
-    plan = only_plan(eager)
-    assert plan.forward_timed and not plan.graph_timed and eager.library.calls == []
     with ops.recording():
+        ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
         forward(ops, X)
-    assert not plan.graph_timed and eager.library.calls == []
+    plan = only_plan(eager)
+    assert not plan.forward_timed and eager.library.calls == []
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    assert plan.forward_timed and not plan.graph_timed
+    assert plan.training_graphs["forward"] is not None and eager.graphs.plans == {}
     forward(ops, X)
     assert plan.graph_timed and plan.eager_graph is not None
 
@@ -505,7 +530,7 @@ def test_the_workspace_covers_the_graph_plans_need(eager, kept):
 
 
 def test_no_graphs_where_the_backend_api_is_missing_or_turned_off(eager, monkeypatch):
-    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn: None)
+    monkeypatch.setattr(cg, "convolution_graphs", lambda dnn, use="inference": None)
     ops = eager.backend()
     forward(ops, X)
     plan = only_plan(eager)
