@@ -24,10 +24,14 @@ from engine.backends.cuda.cudnn import CUDNN_DATA_FLOAT, CUDNN_DATA_HALF
 from engine.errors import BackendError
 
 from test_conv_workspace import X2, MiB, W, X, forward, gpu  # noqa: F401 (gpu: a fixture)
-from test_fused_convolution import REFUSED, FakeGraphLibrary, convolution, evaluate, nhwc
+from test_fused_convolution import (REFUSED, FakeGraphLibrary, convolution, evaluate, nhwc,
+                                    strided)
 from test_recorded_steps import FakeArray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORWARD_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR
+DATA_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR
+FILTER_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR
 NOTE = {name: getattr(cg, "CUDNN_NUMERICAL_NOTE_" + name)
         for name in ("TENSOR_CORE", "DOWN_CONVERT_INPUTS", "REDUCED_PRECISION_REDUCTION", "FFT",
                      "NONDETERMINISTIC", "WINOGRAD", "WINOGRAD_TILE_4x4")}
@@ -154,6 +158,135 @@ def test_the_graph_is_the_legacy_convolution(dtype, data_type, channels_last):
         else:
             got = y.reshape(expected.shape)
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def data_gradient(dy, w, x_shape, stride_y, stride_x, pad, dilation, groups):
+    """dx of Darknet's convolution (test_fused_convolution.convolution) for y's gradient dy:
+    each output's gradient scattered back through the filters, in plain loops."""
+    n, c, h, width = x_shape
+    f, c_group, kh, kw = w.shape
+    _, _, oh, ow = dy.shape
+    padded = np.zeros((n, c, h + 2 * pad, width + 2 * pad))
+    for k in range(f):
+        g = k // (f // groups)
+        for r in range(kh):
+            for s in range(kw):
+                padded[:, g * c_group:(g + 1) * c_group,
+                       r * dilation:r * dilation + stride_y * (oh - 1) + 1:stride_y,
+                       s * dilation:s * dilation + stride_x * (ow - 1) + 1:stride_x] += \
+                    np.einsum("nhw,c->nchw", dy[:, k], w[k, :, r, s])
+    return padded[:, :, pad:pad + h, pad:pad + width]
+
+
+def filter_gradient(x, dy, w_shape, stride_y, stride_x, pad, dilation, groups):
+    """dw of Darknet's convolution for y's gradient dy, in plain loops."""
+    f, c_group, kh, kw = w_shape
+    _, _, oh, ow = dy.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    dw = np.zeros(w_shape)
+    for k in range(f):
+        g = k // (f // groups)
+        for r in range(kh):
+            for s in range(kw):
+                patch = padded[:, g * c_group:(g + 1) * c_group,
+                               r * dilation:r * dilation + stride_y * (oh - 1) + 1:stride_y,
+                               s * dilation:s * dilation + stride_x * (ow - 1) + 1:stride_x]
+                dw[k, :, r, s] = np.einsum("nchw,nhw->c", patch, dy[:, k])
+    return dw
+
+
+# Each backward operation's attribute prefix (cudnn_graph.h) and roles: (written, read, read).
+BACKWARD = {"data": (DATA_KIND, "CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_", ("DX", "W", "DY")),
+            "filter": (FILTER_KIND, "CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_",
+                       ("DW", "X", "DY"))}
+
+
+def evaluate_backward(library, plan, buffers):
+    """Run a recorded backward-data or backward-filter plan on flat float64 buffers by unique
+    id, by cuDNN's documented semantics: out = alpha * gradient + beta * out (out not read
+    where beta is 0)."""
+    (operation,) = library.operations(plan)
+    direction = next(d for d, (kind, _, _) in BACKWARD.items() if kind == operation.kind)
+    _, prefix, roles = BACKWARD[direction]
+
+    def attribute(name):
+        return operation.value(getattr(cg, prefix + name))[0]
+
+    def tensor(name):
+        descriptor = library[attribute(name)]
+        assert descriptor.kind == cg.CUDNN_BACKEND_TENSOR_DESCRIPTOR and descriptor.finalized
+        return strided(buffers[descriptor.value(cg.CUDNN_ATTR_TENSOR_UNIQUE_ID)[0]], descriptor)
+
+    assert operation.finalized
+    conv = library[attribute("CONV_DESC")]
+    setting = {name: conv.value(getattr(cg, "CUDNN_ATTR_CONVOLUTION_" + name))
+               for name in ("COMP_TYPE", "CONV_MODE", "SPATIAL_DIMS", "DILATIONS",
+                            "FILTER_STRIDES", "PRE_PADDINGS", "POST_PADDINGS")}
+    assert setting["COMP_TYPE"] == [CUDNN_DATA_FLOAT] and setting["CONV_MODE"] == [1]
+    assert setting["SPATIAL_DIMS"] == [2]
+    assert setting["PRE_PADDINGS"] == setting["POST_PADDINGS"]
+    assert len(set(setting["PRE_PADDINGS"])) == len(set(setting["DILATIONS"])) == 1
+    geometry = (*setting["FILTER_STRIDES"], setting["PRE_PADDINGS"][0],
+                setting["DILATIONS"][0])
+    out, a, dy = (tensor(name) for name in roles)
+    if direction == "data":
+        groups = out.shape[1] // a.shape[1]
+        gradient = data_gradient(dy, a, out.shape, *geometry, groups)
+    else:
+        groups = a.shape[1] // out.shape[1]
+        gradient = filter_gradient(a, dy, out.shape, *geometry, groups)
+    alpha, beta = attribute("ALPHA"), attribute("BETA")
+    out[...] = alpha * gradient + (beta * out if beta else 0.0)
+
+
+@pytest.mark.parametrize("direction", ["data", "filter"])
+@pytest.mark.parametrize("dtype,data_type,channels_last", [
+    (np.float32, CUDNN_DATA_FLOAT, False), (np.float32, CUDNN_DATA_FLOAT, True),
+    (np.float16, CUDNN_DATA_HALF, True)])
+def test_the_backward_graphs_are_the_legacy_backward_calls(direction, dtype, data_type,
+                                                           channels_last):
+    """One backward operation on tensors X, W, Y of the storage type, laid out as the legacy
+    descriptors: run by cuDNN's documented semantics, the backward data overwrites x's
+    gradient (beta 0) with the gradient of Darknet's convolution, the backward filter adds
+    the filters' gradient to what they hold (beta 1: the legacy call accumulates into the
+    weight updates), for strides, padding, groups and dilation. The gradients also satisfy
+    <conv(x, w), dy> = <x, dx> = <w, dw> with the forward's reference convolution."""
+    rng = np.random.default_rng(1)
+    layout = nhwc if channels_last else nchw
+    for x_shape, w_shape, stride, padding, groups, dilation in GRAPH_SHAPES:
+        library = NotedGraphLibrary()
+        (plan, *_) = graphs_of(library, use=direction).candidates(
+            key(x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last))
+        assert [o.kind for o in library.operations(plan.plan.value)] == [BACKWARD[direction][0]]
+        tensors = tensors_by_uid(library)
+        assert sorted(tensors) == [cg.X_UID, cg.W_UID, cg.Y_UID]
+        assert {t.value(cg.CUDNN_ATTR_TENSOR_DATA_TYPE)[0] for t in tensors.values()} == \
+            {data_type}
+        stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        y = convolution(x, w, stride_y, stride_x, padding, dilation, groups)
+        assert plan.y_shape == y.shape
+        dy = rng.standard_normal(y.shape)
+        geometry = (stride_y, stride_x, padding, dilation, groups)
+        if direction == "data":
+            want = data_gradient(dy, w, x_shape, *geometry)
+            written = np.full(x.size, np.nan)  # beta 0: never read
+            buffers = {cg.X_UID: written, cg.W_UID: layout(w), cg.Y_UID: layout(dy)}
+            np.testing.assert_allclose(np.sum(want * x), np.sum(y * dy), rtol=1e-9)
+        else:
+            held = rng.standard_normal(w_shape)  # the updates already accumulated
+            gradient = filter_gradient(x, dy, w_shape, *geometry)
+            want = held + gradient
+            written = layout(held).copy()
+            buffers = {cg.X_UID: layout(x), cg.W_UID: written, cg.Y_UID: layout(dy)}
+            np.testing.assert_allclose(np.sum(gradient * w), np.sum(y * dy), rtol=1e-9)
+        evaluate_backward(library, plan.plan.value, buffers)
+        if channels_last:
+            got = np.moveaxis(written.reshape(want.shape[0], *want.shape[2:], want.shape[1]),
+                              -1, 1)
+        else:
+            got = written.reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_execute_binds_x_w_and_y_and_keep_destroys_the_others():
@@ -408,11 +541,6 @@ def test_tf32_allows_a_wider_difference(eager):
     assert eager.library.rank_of(only_plan(eager).eager_graph.plan.value) == 0
 
 
-FORWARD_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR
-DATA_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR
-FILTER_KIND = cg.CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR
-
-
 def test_recordings_never_run_graph_plans_and_training_has_its_own(eager):
     """Inference's plan is not training's: a training forward chooses its own (against
     forward_algo, the call training makes), and recordings, and inference calls while a fused
@@ -436,7 +564,7 @@ def test_recordings_never_run_graph_plans_and_training_has_its_own(eager):
     ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
     chosen = plan.training_graphs["forward"]
     assert chosen is not None and chosen is not plan.eager_graph
-    assert eager.uses["forward"].timings[plan.key] == (5.0, [1.0, 1.0])  # legacy, plans
+    assert eager.uses["forward"].timings[plan.key] == (5.0, [1.0, 2.0])  # legacy, plans
     assert eager.library.ran_kinds[runs:] == [FORWARD_KIND] * len(eager.library.ran[runs:])
     assert eager.library.ran[-1] == 0  # the call's output: the plan kept (rank 0)
 
