@@ -681,6 +681,239 @@ def test_turned_off_nothing_is_built(eager, monkeypatch):
     assert eager.library.calls == [] and not only_plan(eager).graph_timed
 
 
+# ---- training, on fakes --------------------------------------------------------------------------
+DY = (X[0], 4, 8, 8)  # y's gradient for X and W
+
+
+@pytest.fixture
+def training(eager):
+    """eager's fake GPU with backward algorithms for X (data 2, filter 3: 5 ms a call by the
+    host's clock, as the forward's), whose events are noted in order in training.events:
+    ("legacy", kind, the array written), ("run", operation kind, the array written) for a
+    graph plan's execution, ("zero", array) for every array zeroed."""
+    dnn, library = eager.dnn, eager.library
+    dnn.candidates[("data", X)] = [(2, 0, 1.0)]
+    dnn.candidates[("filter", X)] = [(3, 0, 1.0)]
+    dnn.wall_costs[(X, 2)] = dnn.wall_costs[(X, 3)] = 5.0
+    events = eager.events = []
+    legacy_filter, legacy_data = dnn.conv_backward_filter, dnn.conv_backward_data
+
+    def conv_backward_filter(plan, x, dy, dw, workspace):
+        legacy_filter(plan, x, dy, dw, workspace)
+        events.append(("legacy", "filter", dw))
+
+    def conv_backward_data(plan, w, dy, dx, workspace):
+        legacy_data(plan, w, dy, dx, workspace)
+        events.append(("legacy", "data", dx))
+
+    dnn.conv_backward_filter, dnn.conv_backward_data = conv_backward_filter, conv_backward_data
+    execute = library.cudnnBackendExecute
+
+    def noting_execute(handle, plan, pack):
+        status = execute(handle, plan, pack)
+        pointers = library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS)
+        kind = library.ran_kinds[-1]
+        written = {FORWARD_KIND: 2, DATA_KIND: 0, FILTER_KIND: 1}[kind]
+        events.append(("run", kind, pointers[written]))
+        return status
+
+    library.cudnnBackendExecute = noting_execute
+    make = eager.backend
+
+    def backend():
+        ops = make()
+
+        def noting_zero(array):  # (fake arrays hold no values)
+            events.append(("zero", array.ptr))
+            return array
+
+        ops._zero_ = noting_zero
+        return ops
+
+    eager.backend = backend
+    return eager
+
+
+def backward_step(ops, x=None, delta=None):
+    """One conv_backward of X's shape (dx wanted): (the weight updates, dx)."""
+    updates = FakeArray(W)
+    dx = ops.conv_backward(x or FakeArray(X), FakeArray(W), delta or FakeArray(DY), 1, 1, 1,
+                           updates, True)
+    return updates, dx
+
+
+def writes_to(events, address):
+    return [event for event in events if event[-1] == address]
+
+
+def test_backward_calls_run_plans_faster_by_the_host_clock(training):
+    """Legacy backward calls take 5 ms, the plans 1 and 2: each pass keeps its rank-0 plan;
+    the weight updates and dx are each written once per call, by the kept plan, never by the
+    timing (which writes scratch arrays); a later call runs the plans only."""
+    training.library.walls.update({0: 1.0, 1: 2.0})
+    ops = training.backend()
+    updates, dx = backward_step(ops)
+    plan = only_plan(training)
+    for use in ("data", "filter"):
+        assert training.library.rank_of(plan.training_graphs[use].plan.value) == 0
+        assert training.uses[use].timings[plan.key] == (5.0, [1.0, 2.0])
+    assert "forward" not in plan.training_graphs  # no forward ran
+    assert writes_to(training.events, updates.ptr) == [("run", FILTER_KIND, updates.ptr)]
+    assert writes_to(training.events, dx.ptr) == [("run", DATA_KIND, dx.ptr)]
+    assert training.uses["filter"].summary().splitlines()[0] == \
+        "eager backward-filter graphs: 1 of 1 shapes run a plan"
+    del training.events[:]
+    updates, dx = backward_step(ops)
+    assert training.events == [("run", FILTER_KIND, updates.ptr), ("run", DATA_KIND, dx.ptr)]
+
+
+def test_backward_filter_timing_compares_increments_from_zeros(training):
+    """The backward filter accumulates (beta 1): its legacy reference and each candidate's
+    first run, which are compared, start from zeroed scratch arrays; the timed repeats may
+    accumulate anything; the real updates are written last, once."""
+    training.library.walls.update({0: 1.0, 1: 2.0})
+    ops = training.backend()
+    updates, _ = backward_step(ops)
+    filter_events = [e for e in training.events if e[:2] in (("legacy", "filter"),
+                                                            ("run", FILTER_KIND))
+                     or e[0] == "zero"]
+    reference, trial = filter_events[0][1], filter_events[2][2]
+    assert len({reference, trial, updates.ptr}) == 3
+    repeats = cuda_backend.EAGER_REPEATS
+    candidate = [("zero", trial)] + [("run", FILTER_KIND, trial)] * (1 + repeats)
+    assert filter_events == ([("zero", reference), ("legacy", "filter", reference)]
+                             + [("legacy", "filter", trial)] * repeats + candidate * 2
+                             + [("run", FILTER_KIND, updates.ptr)])
+
+
+@pytest.mark.parametrize("walls", [{0: 6.0, 1: 5.5}, {0: 5.0, 1: 5.0}])  # slower; as fast
+def test_backward_plans_not_faster_leave_the_legacy_calls(training, walls):
+    training.library.walls.update(walls)
+    ops = training.backend()
+    updates, dx = backward_step(ops)
+    plan = only_plan(training)
+    assert plan.training_graphs == {"data": None, "filter": None}
+    assert writes_to(training.events, updates.ptr) == [("legacy", "filter", updates.ptr)]
+    assert writes_to(training.events, dx.ptr) == [("legacy", "data", dx.ptr)]
+    assert training.library.alive() == []
+    runs = len(training.library.ran)
+    backward_step(ops)
+    assert len(training.library.ran) == runs
+
+
+def test_a_backward_plan_that_differs_is_not_kept(training):
+    """The filter plan of rank 0 differs from the legacy gradient by 1e-4 (exact float32
+    allows 8e-6): rank 1 is kept for the filter, rank 0 for the data."""
+    training.library.walls.update({0: 1.0, 1: 2.0})
+    training.errors[(FILTER_KIND, 0)] = 1e-4
+    ops = training.backend()
+    backward_step(ops)
+    plan = only_plan(training)
+    assert training.library.rank_of(plan.training_graphs["filter"].plan.value) == 1
+    assert training.library.rank_of(plan.training_graphs["data"].plan.value) == 0
+    assert training.uses["filter"].timings[plan.key][1][0].startswith("differs: ")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_training_leaves_out_nondeterministic_engines(exact):
+    """In every precision, training's graphs (forward, data, filter) take no engine noted
+    NONDETERMINISTIC; inference's may."""
+    library = NotedGraphLibrary(engines=3, notes={1: [NOTE["NONDETERMINISTIC"]]})
+    for use in cg.GRAPH_USES:
+        graphs = graphs_of(library, exact, use)
+        assert candidate_ranks(library, graphs, key()) == ([0, 1, 2] if use == "inference"
+                                                           else [0, 2]), use
+
+
+def test_a_fast_nondeterministic_engine_runs_inference_only(training):
+    training.library.notes[0] = [NOTE["NONDETERMINISTIC"]]
+    training.library.walls.update({0: 0.5, 1: 2.0})
+    ops = training.backend()
+    forward(ops, X)
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    backward_step(ops)
+    plan = only_plan(training)
+    assert training.library.rank_of(plan.eager_graph.plan.value) == 0
+    for use in ("forward", "data", "filter"):
+        assert training.library.rank_of(plan.training_graphs[use].plan.value) == 1, use
+
+
+def test_recordings_run_the_legacy_backward_and_the_first_eager_call_chooses(training):
+    training.library.walls.update({0: 1.0})
+    ops = training.backend()
+    with ops.recording():
+        updates, dx = backward_step(ops)
+    plan = only_plan(training)
+    assert training.library.calls == [] and plan.training_graphs == {}
+    assert [e[:2] for e in training.events] == [("legacy", "filter"), ("legacy", "data")]
+    misaligned = FakeArray(X)
+    misaligned.ptr += 4  # a view one float in: the plans declare 16-byte alignment
+    backward_step(ops, x=misaligned)
+    assert plan.training_graphs == {"data": None} or "filter" not in plan.training_graphs
+    backward_step(ops)
+    assert plan.training_graphs["data"] is not None
+    assert plan.training_graphs["filter"] is not None
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_workspace_covers_the_backward_plans_need(training, kept):
+    """Candidates needing 3 and 2 MiB (the legacy algorithms none): each runs in a workspace
+    that holds it; the kept filter and data plans' need counts in the shape's workspace (not
+    in its forward need); none kept, none held."""
+    training.library.workspaces.update({0: 3 * MiB, 1: 2 * MiB})
+    training.library.walls.update({0: 1.0, 1: 9.0} if kept else {0: 9.0, 1: 9.0})
+    given = []
+    execute = training.library.cudnnBackendExecute
+
+    def noting_execute(handle, plan, pack):
+        workspace = training.library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE)[0]
+        given.append(training.device.live[workspace].size)
+        return execute(handle, plan, pack)
+
+    training.library.cudnnBackendExecute = noting_execute
+    ops = training.backend()
+    backward_step(ops)
+    plan = only_plan(training)
+    assert min(given) >= 3 * MiB
+    if kept:
+        assert plan.workspace == 3 * MiB and plan.forward_need == 0
+        assert ops._workspace_size == 3 * MiB
+        inference = training.backend()  # forward only: the backward plans' need not counted
+        inference.eager_graphs = False  # (nor an inference plan's)
+        forward(inference, X)
+        assert inference._workspace_size == 0
+    else:
+        assert plan.workspace == 0 and ops._workspace is None
+
+
+def test_turned_off_training_builds_nothing(training, monkeypatch):
+    monkeypatch.setenv(cg.EAGER_GRAPHS_VARIABLE, "0")
+    ops = training.backend()
+    ops.conv_forward(FakeArray(X), FakeArray(W), 1, 1, 1, train=True)
+    backward_step(ops)
+    assert training.library.calls == [] and only_plan(training).training_graphs == {}
+
+
+def test_channels_last_backward_plans_write_the_gradient_scratch(training):
+    """NHWC (the backend's channels-last path): the plans are the shape's NHWC ones, the
+    filter plan writes the NHWC gradient scratch, which is added to the updates once."""
+    training.library.walls.update({0: 1.0, 1: 2.0})
+    training.dnn.transform = lambda shape, dtype, x, y, to_channels_last: None
+    ops = training.backend()
+    ops.channels_last = True
+    x, delta = FakeArray(X), FakeArray(DY)
+    x.channels_last = delta.channels_last = True
+    updates, dx = backward_step(ops, x=x, delta=delta)
+    plan = only_plan(training)
+    assert plan.key[-1] is True and dx.channels_last
+    assert plan.training_graphs["filter"] is not None
+    assert writes_to(training.events, updates.ptr) == []
+    (filtered,) = [e for e in training.events if e[:2] == ("run", FILTER_KIND)][-1:]
+    assert filtered[2] != updates.ptr
+    assert [dst for dst, _ in training.added] == [updates.ptr]
+    assert writes_to(training.events, dx.ptr) == [("run", DATA_KIND, dx.ptr)]
+
+
 # ---- on the GPU ---------------------------------------------------------------------------------
 # mnist.cfg's and cifar.cfg's batch-1 convolutions: (x shape, w shape, padding)
 BATCH1_SHAPES = {
