@@ -12,6 +12,7 @@ cifar's batch-1 shapes in fp32 and tf32, the chosen plans timed faster, and mnis
 eager forward against the CPU backend."""
 
 import ctypes
+import itertools
 import os
 import time
 
@@ -160,38 +161,34 @@ def test_the_graph_is_the_legacy_convolution(dtype, data_type, channels_last):
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def taps(w_shape, dy_shape, stride_y, stride_x, dilation, groups):
+    """For each filter k and tap (r, s): (k, r, s, the index of the padded input's elements
+    that tap reads for every output position: channels of k's group, rows, columns)."""
+    f, c_group, kh, kw = w_shape
+    _, _, oh, ow = dy_shape
+    for k, r, s in itertools.product(range(f), range(kh), range(kw)):
+        g = k // (f // groups)
+        yield k, r, s, (slice(None), slice(g * c_group, (g + 1) * c_group),
+                        slice(r * dilation, r * dilation + stride_y * (oh - 1) + 1, stride_y),
+                        slice(s * dilation, s * dilation + stride_x * (ow - 1) + 1, stride_x))
+
+
 def data_gradient(dy, w, x_shape, stride_y, stride_x, pad, dilation, groups):
     """dx of Darknet's convolution (test_fused_convolution.convolution) for y's gradient dy:
     each output's gradient scattered back through the filters, in plain loops."""
     n, c, h, width = x_shape
-    f, c_group, kh, kw = w.shape
-    _, _, oh, ow = dy.shape
     padded = np.zeros((n, c, h + 2 * pad, width + 2 * pad))
-    for k in range(f):
-        g = k // (f // groups)
-        for r in range(kh):
-            for s in range(kw):
-                padded[:, g * c_group:(g + 1) * c_group,
-                       r * dilation:r * dilation + stride_y * (oh - 1) + 1:stride_y,
-                       s * dilation:s * dilation + stride_x * (ow - 1) + 1:stride_x] += \
-                    np.einsum("nhw,c->nchw", dy[:, k], w[k, :, r, s])
+    for k, r, s, read in taps(w.shape, dy.shape, stride_y, stride_x, dilation, groups):
+        padded[read] += np.einsum("nhw,c->nchw", dy[:, k], w[k, :, r, s])
     return padded[:, :, pad:pad + h, pad:pad + width]
 
 
 def filter_gradient(x, dy, w_shape, stride_y, stride_x, pad, dilation, groups):
     """dw of Darknet's convolution for y's gradient dy, in plain loops."""
-    f, c_group, kh, kw = w_shape
-    _, _, oh, ow = dy.shape
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     dw = np.zeros(w_shape)
-    for k in range(f):
-        g = k // (f // groups)
-        for r in range(kh):
-            for s in range(kw):
-                patch = padded[:, g * c_group:(g + 1) * c_group,
-                               r * dilation:r * dilation + stride_y * (oh - 1) + 1:stride_y,
-                               s * dilation:s * dilation + stride_x * (ow - 1) + 1:stride_x]
-                dw[k, :, r, s] = np.einsum("nchw,nhw->c", patch, dy[:, k])
+    for k, r, s, read in taps(w_shape, dy.shape, stride_y, stride_x, dilation, groups):
+        dw[k, :, r, s] = np.einsum("nchw,nhw->c", padded[read], dy[:, k])
     return dw
 
 
@@ -625,22 +622,30 @@ def test_misaligned_pointers_run_the_legacy_call(eager):
     assert eager.dnn.calls[-1][2] == plan.eager_algo and len(eager.library.ran) == runs
 
 
+def workspaces_given(fake, kept):
+    """Plans of rank 0 and 1 needing 3 and 2 MiB, rank 0 the fastest (`kept`) or both slower
+    than the legacy calls; returns the list the size of the workspace each execution gets is
+    appended to, as it runs."""
+    fake.library.workspaces.update({0: 3 * MiB, 1: 2 * MiB})
+    fake.library.walls.update({0: 1.0, 1: 9.0} if kept else {0: 9.0, 1: 9.0})
+    given = []
+    execute = fake.library.cudnnBackendExecute
+
+    def noting_execute(handle, plan, pack):
+        workspace = fake.library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE)[0]
+        given.append(fake.device.live[workspace].size)
+        return execute(handle, plan, pack)
+
+    fake.library.cudnnBackendExecute = noting_execute
+    return given
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_the_workspace_covers_the_graph_plans_need(eager, kept):
     """Candidates needing 3 and 2 MiB (the legacy algorithms none): each runs in a workspace
     that holds it; a kept plan's need stays counted (its calls get the workspace), a plan not
     kept leaves none."""
-    eager.library.workspaces.update({0: 3 * MiB, 1: 2 * MiB})
-    eager.library.walls.update({0: 1.0, 1: 9.0} if kept else {0: 9.0, 1: 9.0})
-    given = []  # the workspace each execution got, as it ran
-    execute = eager.library.cudnnBackendExecute
-
-    def noting_execute(handle, plan, pack):
-        workspace = eager.library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE)[0]
-        given.append(eager.device.live[workspace].size)
-        return execute(handle, plan, pack)
-
-    eager.library.cudnnBackendExecute = noting_execute
+    given = workspaces_given(eager, kept)
     ops = eager.backend()
     forward(ops, X)
     plan = only_plan(eager)
@@ -861,17 +866,7 @@ def test_the_workspace_covers_the_backward_plans_need(training, kept):
     """Candidates needing 3 and 2 MiB (the legacy algorithms none): each runs in a workspace
     that holds it; the kept filter and data plans' need counts in the shape's workspace (not
     in its forward need); none kept, none held."""
-    training.library.workspaces.update({0: 3 * MiB, 1: 2 * MiB})
-    training.library.walls.update({0: 1.0, 1: 9.0} if kept else {0: 9.0, 1: 9.0})
-    given = []
-    execute = training.library.cudnnBackendExecute
-
-    def noting_execute(handle, plan, pack):
-        workspace = training.library[pack.value].value(cg.CUDNN_ATTR_VARIANT_PACK_WORKSPACE)[0]
-        given.append(training.device.live[workspace].size)
-        return execute(handle, plan, pack)
-
-    training.library.cudnnBackendExecute = noting_execute
+    given = workspaces_given(training, kept)
     ops = training.backend()
     backward_step(ops)
     plan = only_plan(training)

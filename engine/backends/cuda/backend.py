@@ -1238,6 +1238,16 @@ class CudaBackend(Operations):
                     raise
                 self._reserve_workspace(plan.workspace)
 
+    def _backward_pass(self, plan, which, call, pointers, output):
+        """The backward `which` ('data' or 'filter') into `output`: through its graph plan on
+        `pointers` (x, w, y's roles) where an eager call has one (_training_graph), else the
+        legacy call(output pointer, workspace pointer) with _backward_call's fallback."""
+        def legacy(out):
+            self._backward_call(plan, which, lambda workspace: call(out.ptr, workspace))
+
+        if not self._training_graph(plan, which, legacy, pointers, output):
+            legacy(output)
+
     def _conv_backward(self, plan, channels_last, x, weights, delta, weight_updates, need_dx):
         typed = self._activation(weights)
         filters = self._nhwc_weights(weights, typed) if channels_last else typed
@@ -1247,27 +1257,16 @@ class CudaBackend(Operations):
         else:  # cuDNN's gradient in the storage type and x's layout, added to the updates last
             gradient = into = self._zero_(self._empty(weight_updates.shape, self.dtype))
             gradient.channels_last = channels_last
-        # Eager calls may run graph plans (_training_graph), each into the same array as the
-        # legacy call: the filters' gradient added to `into` (beta 1), dx overwritten.
-        def filter_gradient(out):
-            self._backward_call(plan, "filter", lambda workspace: self.dnn.conv_backward_filter(
-                plan, x.ptr, delta.ptr, out.ptr, workspace))
-
-        if not self._training_graph(plan, "filter", filter_gradient,
-                                    (x.ptr, into.ptr, delta.ptr), into):
-            filter_gradient(into)
+        # the filters' gradient added to `into` (beta 1)
+        self._backward_pass(plan, "filter", lambda out, workspace: self.dnn.conv_backward_filter(
+            plan, x.ptr, delta.ptr, out, workspace), (x.ptr, into.ptr, delta.ptr), into)
         dx = None
         if need_dx:
             dx = self._empty(x.shape, self.dtype)
             dx.channels_last = channels_last
-
-            def data_gradient(out):
-                self._backward_call(plan, "data", lambda workspace: self.dnn.conv_backward_data(
-                    plan, filters.ptr, delta.ptr, out.ptr, workspace))
-
-            if not self._training_graph(plan, "data", data_gradient,
-                                        (dx.ptr, filters.ptr, delta.ptr), dx):
-                data_gradient(dx)
+            self._backward_pass(plan, "data", lambda out, workspace: self.dnn.conv_backward_data(
+                plan, filters.ptr, delta.ptr, out, workspace), (dx.ptr, filters.ptr, delta.ptr),
+                dx)
         if gradient is not None:
             gradient = self._nchw(gradient)
             if weight_updates.dtype == self.dtype:
