@@ -819,6 +819,14 @@ def test_a_backward_plan_that_differs_is_not_kept(training):
     assert training.uses["filter"].timings[plan.key][1][0].startswith("differs: ")
 
 
+def test_a_legacy_backward_cuDNN_refuses_fails_as_before_leaving_no_plan(training):
+    training.dnn.refused.add(("filter", 3))  # its only candidate
+    ops = training.backend()
+    with pytest.raises(BackendError, match="cuDNN refuses filter algorithm 3"):
+        backward_step(ops)
+    assert training.library.alive() == [] and training.library.ran == []
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_training_leaves_out_nondeterministic_engines(exact):
     """In every precision, training's graphs (forward, data, filter) take no engine noted

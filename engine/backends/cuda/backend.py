@@ -1132,7 +1132,11 @@ class CudaBackend(Operations):
         reference = self._scratch(output)
         if accumulates:
             self._zero_(reference)
-        legacy(reference)  # first: a legacy backward call settles its algorithm (_backward_call)
+        try:  # first: a legacy backward call settles its algorithm (_backward_call)
+            legacy(reference)
+        except BackendError:  # the caller's legacy call would fail alike: no plan either
+            graphs.keep(plan.key, None)
+            raise
         self._reserve_workspace(max(candidate.workspace for candidate in candidates))
         workspace = self._workspace_pointer()
         scale = self.sum_of_squares(reference)  # (synchronises: nothing queued before a timing)
