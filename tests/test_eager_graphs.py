@@ -425,6 +425,8 @@ def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
     monkeypatch.setattr(cg, "convolution_graphs", lambda dnn, use="inference": uses[use])
     gpu.library, gpu.graphs, gpu.uses, gpu.errors = library, uses["inference"], uses, {}
     gpu.added = []
+    # the fakes' calls take 1-10 by the host's clock: training times plans up to 10 a call
+    monkeypatch.setattr(cuda_backend, "TRAINING_GRAPH_LONGEST", 10.0)
     gpu.dnn.candidates[("forward", X)] = [(1, 0, 1.0), (0, 0, 2.0)]
     gpu.dnn.wall_costs[(X, 1)] = gpu.dnn.wall_costs[(X, 0)] = 5.0
     make = gpu.backend
@@ -692,7 +694,7 @@ DY = (X[0], 4, 8, 8)  # y's gradient for X and W
 
 @pytest.fixture
 def training(eager):
-    """eager's fake GPU with backward algorithms for X (data 2, filter 3: 5 ms a call by the
+    """eager's fake GPU with backward algorithms for X (data 2, filter 3: 5 a call by the
     host's clock, as the forward's), whose events are noted in order in training.events:
     ("legacy", kind, the array written), ("run", operation kind, the array written) for a
     graph plan's execution, ("zero", array) for every array zeroed."""
@@ -817,6 +819,26 @@ def test_a_backward_plan_that_differs_is_not_kept(training):
     assert training.library.rank_of(plan.training_graphs["filter"].plan.value) == 1
     assert training.library.rank_of(plan.training_graphs["data"].plan.value) == 0
     assert training.uses["filter"].timings[plan.key][1][0].startswith("differs: ")
+
+
+def test_training_calls_longer_than_the_limit_time_no_plan(training):
+    """A legacy backward filter of 20 a call (the limit 10): its plans are not timed (only
+    built), the legacy call kept; the data pass (5) chooses as usual. Inference has no limit."""
+    training.library.walls.update({0: 1.0, 1: 2.0})
+    training.dnn.wall_costs[(X, 3)] = 20.0
+    training.dnn.wall_costs[(X, 1)] = 20.0  # the forward's algorithms
+    training.dnn.wall_costs[(X, 0)] = 20.0
+    ops = training.backend()
+    updates, _ = backward_step(ops)
+    plan = only_plan(training)
+    assert plan.training_graphs["filter"] is None
+    assert plan.training_graphs["data"] is not None
+    assert training.uses["filter"].timings[plan.key] == (20.0, ["not timed: the legacy call "
+                                                                "takes over 10000000 us"])
+    assert [e[0] for e in training.events if e[:2] == ("run", FILTER_KIND)] == []
+    assert writes_to(training.events, updates.ptr) == [("legacy", "filter", updates.ptr)]
+    forward(ops, X)
+    assert plan.eager_graph is not None
 
 
 def test_a_legacy_backward_cuDNN_refuses_fails_as_before_leaving_no_plan(training):
