@@ -697,7 +697,8 @@ def training(eager):
     """eager's fake GPU with backward algorithms for X (data 2, filter 3: 5 a call by the
     host's clock, as the forward's), whose events are noted in order in training.events:
     ("legacy", kind, the array written), ("run", operation kind, the array written) for a
-    graph plan's execution, ("zero", array) for every array zeroed."""
+    graph plan's execution, ("zero", array) for every array zeroed, ("copy", source,
+    destination) for every copy between arrays (addresses)."""
     dnn, library = eager.dnn, eager.library
     dnn.candidates[("data", X)] = [(2, 0, 1.0)]
     dnn.candidates[("filter", X)] = [(3, 0, 1.0)]
@@ -733,6 +734,11 @@ def training(eager):
         def noting_zero(array):  # (fake arrays hold no values)
             events.append(("zero", array.ptr))
             return array
+
+        def noting_copy(dst, src):
+            events.append(("copy", src.ptr, dst.ptr))
+
+        ops._copy_into = noting_copy
 
         ops._zero_ = noting_zero
         return ops
@@ -774,20 +780,31 @@ def test_backward_calls_run_plans_faster_by_the_host_clock(training):
     assert training.events == [("run", FILTER_KIND, updates.ptr), ("run", DATA_KIND, dx.ptr)]
 
 
-def test_backward_filter_timing_compares_increments_from_zeros(training):
-    """The backward filter accumulates (beta 1): its legacy reference and each candidate's
-    first run, which are compared, start from zeroed scratch arrays; the timed repeats may
-    accumulate anything; the real updates are written last, once."""
+def test_backward_filter_timing_checks_that_plans_accumulate(training):
+    """The backward filter accumulates (beta 1): its legacy reference G is made into a zeroed
+    scratch array, each candidate's compared first run onto a copy of G in another (what it
+    adds is compared: 2G - its output); the timed repeats may accumulate anything; the real
+    updates are written last, once."""
     training.library.walls.update({0: 1.0, 1: 2.0})
     ops = training.backend()
+    add_ = ops.add_
+
+    def noting_add(dst, src):
+        training.events.append(("add", dst.ptr, src.ptr))
+        return add_(dst, src)
+
+    ops.add_ = noting_add
     updates, _ = backward_step(ops)
+    reference = next(e[1] for e in training.events if e[0] == "zero")
+    trial = next(e[2] for e in training.events if e[:2] == ("legacy", "filter")
+                 and e[2] != reference)
+    assert len({reference, trial, updates.ptr}) == 3
     filter_events = [e for e in training.events if e[:2] in (("legacy", "filter"),
                                                             ("run", FILTER_KIND))
-                     or e[0] == "zero"]
-    reference, trial = filter_events[0][1], filter_events[2][2]
-    assert len({reference, trial, updates.ptr}) == 3
+                     or e[0] in ("zero", "copy") or e == ("add", trial, reference)]
     repeats = cuda_backend.EAGER_REPEATS
-    candidate = [("zero", trial)] + [("run", FILTER_KIND, trial)] * (1 + repeats)
+    candidate = ([("copy", reference, trial), ("run", FILTER_KIND, trial)]
+                 + [("add", trial, reference)] * 2 + [("run", FILTER_KIND, trial)] * repeats)
     assert filter_events == ([("zero", reference), ("legacy", "filter", reference)]
                              + [("legacy", "filter", trial)] * repeats + candidate * 2
                              + [("run", FILTER_KIND, updates.ptr)])

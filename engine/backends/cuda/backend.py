@@ -1112,6 +1112,10 @@ class CudaBackend(Operations):
         graphs.execute(chosen, *pointers, self._workspace_pointer())
         return True
 
+    def _copy_into(self, dst, src):
+        """dst = src, arrays of one size, type and layout, in stream order."""
+        self.cuda.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, self.stream)
+
     def _scratch(self, like):
         """An uninitialised array of like's shape, type and layout."""
         array = self._empty(like.shape, like.dtype)
@@ -1126,9 +1130,11 @@ class CudaBackend(Operations):
         real output, and the weight updates a backward filter accumulates into, untouched: a
         plan's pointers are `pointers` with its output's replaced; in training, none where the
         legacy call takes longer than TRAINING_GRAPH_LONGEST). Returns the fastest plan
-        whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision; the
-        backward filter's, which accumulate, both into zeros) and that was faster, or None;
-        the others are destroyed. The caller keeps it and then fits the workspace."""
+        whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision) and
+        that was faster, or None; the others are destroyed. The caller keeps it and then fits
+        the workspace. A backward filter accumulates (beta 1): the legacy gradient G is made
+        into zeros, and each plan runs onto a copy of G, which must become 2G (its own G' added:
+        2G - (G + G') = G - G' is compared), so that a plan that overwrote is refused."""
         candidates = [candidate for candidate in graphs.candidates(plan.key)
                       if tuple(candidate.y_shape) == tuple(plan.y_shape)]
         if not candidates:
@@ -1160,7 +1166,7 @@ class CudaBackend(Operations):
                                             for k, pointer in enumerate(pointers)), workspace)
 
             if accumulates:
-                self._zero_(trial)
+                self._copy_into(trial, reference)
             try:
                 run()  # its first run: also its warm-up
             except BackendError as error:
@@ -1168,6 +1174,8 @@ class CudaBackend(Operations):
                 continue
             self.scale_(trial, -1.0)
             self.add_(trial, reference)  # reference - trial
+            if accumulates:
+                self.add_(trial, reference)  # 2 reference - (reference + the plan's)
             error = self.sum_of_squares(trial)
             if not cudnn_graph.agrees(error, scale, int(trial.size), relative, floor):
                 difference = np.sqrt(error / scale) if scale > 0 else np.inf
