@@ -426,7 +426,7 @@ def eager(gpu, monkeypatch):  # noqa: F811 (gpu: test_conv_workspace's fixture)
     gpu.library, gpu.graphs, gpu.uses, gpu.errors = library, uses["inference"], uses, {}
     gpu.added = []
     # the fakes' calls take 1-10 by the host's clock: training times plans up to 10 a call
-    monkeypatch.setattr(cuda_backend, "TRAINING_GRAPH_LONGEST", 10.0)
+    monkeypatch.setattr(cuda_backend, "TRAINING_GRAPH_LONGEST_US", 10_000_000)
     gpu.dnn.candidates[("forward", X)] = [(1, 0, 1.0), (0, 0, 2.0)]
     gpu.dnn.wall_costs[(X, 1)] = gpu.dnn.wall_costs[(X, 0)] = 5.0
     make = gpu.backend

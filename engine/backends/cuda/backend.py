@@ -104,11 +104,11 @@ FORWARD_REPEATS = 3
 HOLD_US = 1000
 EAGER_REPEATS = 10
 EAGER_MARGIN = 1.1
-# A training call whose legacy call takes longer than this by the host's clock (seconds per
-# call) keeps it without timing graph plans: a plan saves the host tens of us, a few percent
+# A training call whose legacy call takes longer than this by the host's clock (us per call)
+# keeps it without timing graph plans: a plan saves the host tens of us, a few percent
 # there, and timing EAGER_CANDIDATES plans EAGER_REPEATS times each would add seconds to a large
 # detector's first training step, per shape and pass.
-TRAINING_GRAPH_LONGEST = 1e-3
+TRAINING_GRAPH_LONGEST_US = 1000
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -1129,7 +1129,7 @@ class CudaBackend(Operations):
         _time_forward_candidates times eager algorithms, every output into scratch arrays (the
         real output, and the weight updates a backward filter accumulates into, untouched: a
         plan's pointers are `pointers` with its output's replaced; in training, none where the
-        legacy call takes longer than TRAINING_GRAPH_LONGEST). Returns the fastest plan
+        legacy call takes longer than TRAINING_GRAPH_LONGEST_US). Returns the fastest plan
         whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision) and
         that was faster, or None; the others are destroyed. The caller keeps it and then fits
         the workspace. A backward filter accumulates (beta 1): the legacy gradient G is made
@@ -1156,9 +1156,9 @@ class CudaBackend(Operations):
         legacy_seconds = self._eager_seconds(lambda: legacy(trial))
         relative, floor = cudnn_graph.EAGER_AGREEMENT[self.precision]
         times, verdicts = {}, []
-        if graphs.training and legacy_seconds > TRAINING_GRAPH_LONGEST * EAGER_REPEATS:
+        if graphs.training and legacy_seconds * 1e6 > TRAINING_GRAPH_LONGEST_US * EAGER_REPEATS:
             verdicts.append(f"not timed: the legacy call takes over "
-                            f"{TRAINING_GRAPH_LONGEST * 1e6:.0f} us")
+                            f"{TRAINING_GRAPH_LONGEST_US} us")
             candidates = []
         for candidate in candidates:
             def run(candidate=candidate):
