@@ -109,6 +109,12 @@ EAGER_MARGIN = 1.1
 # there, and timing EAGER_CANDIDATES plans EAGER_REPEATS times each would add seconds to a large
 # detector's first training step, per shape and pass.
 TRAINING_GRAPH_LONGEST_US = 1000
+# A shape's graph plans are compared with the legacy call on a call whose legacy output is
+# finite and not all zeros: an fp16 step that overflowed (dynamic loss scaling's first steps)
+# or zero deltas would compare nothing. The choice waits for such a call (_choose_graph gives
+# DEFERRED), at most GRAPH_DEFERRALS calls per shape and use, then keeps the legacy call.
+GRAPH_DEFERRALS = 3
+DEFERRED = "deferred"
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -281,6 +287,7 @@ class ConvPlan:
         # GRAPH_USES), each chosen at its first aligned eager call (None: the legacy call; no
         # entry: not chosen yet).
         self.training_graphs = {}
+        self.graph_deferrals = {}  # use -> calls whose legacy output compared nothing
         self.filter_size = size
         self.data_algo = self.filter_algo = None
         self.data_workspace = self.filter_workspace = 0
@@ -1083,10 +1090,12 @@ class CudaBackend(Operations):
             return
         if not cudnn_graph.aligned(x.ptr, weights.ptr, y.ptr):
             return  # the plans declare 16-byte alignment: timed at an aligned call
-        plan.graph_timed = True
-        plan.eager_graph = self._choose_graph(graphs, plan, lambda out: self.dnn.conv_forward(
+        chosen = self._choose_graph(graphs, plan, lambda out: self.dnn.conv_forward(
             plan, x.ptr, weights.ptr, out.ptr, self._workspace_pointer(), eager=True),
             (x.ptr, weights.ptr, y.ptr), y)
+        if chosen is not DEFERRED:
+            plan.graph_timed = True
+            plan.eager_graph = chosen
         self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
 
     def _training_graph(self, plan, use, legacy, pointers, output):
@@ -1103,9 +1112,12 @@ class CudaBackend(Operations):
         if graphs is None:
             return False
         if use not in plan.training_graphs:
-            plan.training_graphs[use] = self._choose_graph(graphs, plan, legacy, pointers,
-                                                           output)
-            self._fit_workspace(release=True)
+            chosen = self._choose_graph(graphs, plan, legacy, pointers, output)
+            if chosen is not DEFERRED:
+                plan.training_graphs[use] = chosen
+            self._fit_workspace(release=True)  # to the chosen plans' need
+            if chosen is DEFERRED:
+                return False
         chosen = plan.training_graphs[use]
         if chosen is None:
             return False
@@ -1132,7 +1144,8 @@ class CudaBackend(Operations):
         legacy call takes longer than TRAINING_GRAPH_LONGEST_US). Returns the fastest plan
         whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision) and
         that was faster, or None; the others are destroyed. The caller keeps it and then fits
-        the workspace. A backward filter accumulates (beta 1): the legacy gradient G is made
+        the workspace. DEFERRED (nothing destroyed or kept) where the legacy output was not
+        finite or all zeros, up to GRAPH_DEFERRALS calls. A backward filter accumulates (beta 1): the legacy gradient G is made
         into zeros, and each plan runs onto a copy of G, which must become 2G (its own G' added:
         2G - (G + G') = G - G' is compared), so that a plan that overwrote is refused."""
         candidates = [candidate for candidate in graphs.candidates(plan.key)
@@ -1152,10 +1165,19 @@ class CudaBackend(Operations):
         self._reserve_workspace(max(candidate.workspace for candidate in candidates))
         workspace = self._workspace_pointer()
         scale = self.sum_of_squares(reference)  # (synchronises: nothing queued before a timing)
+        times, verdicts = {}, []
+        if not (np.isfinite(scale) and scale > 0):  # nothing to compare with (GRAPH_DEFERRALS)
+            deferrals = plan.graph_deferrals.get(graphs.use, 0) + 1
+            plan.graph_deferrals[graphs.use] = deferrals
+            if deferrals < GRAPH_DEFERRALS:
+                reference = None
+                return DEFERRED
+            verdicts.append(f"not compared: the legacy output was not finite or all zeros "
+                            f"in {deferrals} calls")
+            candidates = []
         trial = self._scratch(output)
         legacy_seconds = self._eager_seconds(lambda: legacy(trial))
         relative, floor = cudnn_graph.EAGER_AGREEMENT[self.precision]
-        times, verdicts = {}, []
         if graphs.training and legacy_seconds * 1e6 > TRAINING_GRAPH_LONGEST_US * EAGER_REPEATS:
             verdicts.append(f"not timed: the legacy call takes over "
                             f"{TRAINING_GRAPH_LONGEST_US} us")

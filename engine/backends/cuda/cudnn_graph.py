@@ -311,7 +311,9 @@ NUMERICAL_NOTES_LIMIT, BEHAVIOUR_NOTES_LIMIT = 10, 4
 # IMPRECISE_ALGORITHMS). Other precisions take any engine for inference (nondeterminism does
 # not matter for an inference forward pass); training, in every precision, leaves out
 # NONDETERMINISTIC engines (atomics: training is reproducible per process, as the legacy
-# algorithms are chosen among cuDNN's deterministic ones).
+# algorithms are chosen among cuDNN's deterministic ones) and REDUCED_PRECISION_REDUCTION ones
+# (sums in half: the legacy calls sum in float, CUDNN_DATA_FLOAT, and a weight gradient is a
+# sum over the whole batch).
 EXACT_REFUSED_NOTES = (CUDNN_NUMERICAL_NOTE_TENSOR_CORE, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS,
                        CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION, CUDNN_NUMERICAL_NOTE_FFT)
 WINOGRAD_NOTES = (CUDNN_NUMERICAL_NOTE_WINOGRAD, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4,
@@ -957,7 +959,8 @@ def engine_refusal(notes, behaviours, exact, filter_size, training=False):
     if exact and filter_size > WINOGRAD_EXACT_MAX_SIZE:
         refused.update(WINOGRAD_NOTES)
     if training:
-        refused.add(CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC)
+        refused.update((CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC,
+                        CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION))
     named = [NOTE_NAMES.get(note, str(note)) for note in notes if note in refused]
     return f"numerical note {', '.join(named)}" if named else None
 
