@@ -1258,3 +1258,52 @@ def test_eager_training_with_graph_plans_equals_the_cpu(network, tmp_path):
         graphs = cg.convolution_graphs(ops.dnn, use)
         if graphs is not None:
             print(graphs.summary())
+
+
+# fp16 and bf16 training with and without the plans: their gradients round apart (sums of
+# half products in other orders) by about the storage type's precision
+REDUCED_TRAINING_TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}  # test_reduced_precision's
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_training_plans_agree_with_the_legacy_calls(precision, tmp_path):
+    """The cifar-like network in fp16 and bf16, from the same weights and inputs, eagerly with
+    the training plans and with them off: in two train_step + update steps (the first choosing
+    the plans, the second running them) every gradient agrees within the storage type's
+    precision (largest difference over the largest value), the losses within 1e-2; some
+    training call runs a plan."""
+    from engine import Network
+    from engine.backends.cuda import CudaBackend
+
+    cfg = str(tmp_path / "cifar-like.cfg")
+    with open(cfg, "w") as handle:
+        handle.write(CIFAR_LIKE)
+    nets = []
+    for plans in (True, False):
+        ops = CudaBackend(device=0, seed=0, precision=precision)
+        ops.eager_graphs = plans
+        nets.append(Network(cfg, backend=ops, seed=1, quiet=True))
+    with_plans, legacy = nets  # (the cifar-like network has no dropout)
+    rng = np.random.default_rng(7)
+    batch = with_plans.options.mini_batch
+    tolerance = REDUCED_TRAINING_TOLERANCE[precision]
+    for step in range(2):
+        x = rng.random((batch,) + tuple(with_plans.input_shape), dtype=np.float32)
+        outputs = with_plans.cost_layer.outputs
+        truth = np.eye(outputs, dtype=np.float32)[rng.integers(0, outputs, batch)]
+        losses = [net.train_step(net.ops.asarray(x), net.ops.asarray(truth)) for net in nets]
+        assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1]), (step, losses)
+        for got_layer, want_layer in zip(with_plans.layers, legacy.layers):
+            for name, updates in want_layer.updates.items():
+                want = legacy.ops.to_host(updates).astype(np.float64)
+                got = with_plans.ops.to_host(got_layer.updates[name]).astype(np.float64)
+                error = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
+                assert error <= tolerance, (step, got_layer.index, name, error)
+        for net in nets:
+            net.update(0.05)
+    ops = with_plans.ops
+    chosen = [(key, use) for key, plan in ops.dnn.plans.items() if plan is not None
+              for use, graph in plan.training_graphs.items() if graph is not None]
+    print(f"{precision}: {len(chosen)} training calls (shape, use) run graph plans")
+    assert chosen
