@@ -114,7 +114,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_runtime",
                         lambda index, math_type: (device, FakeKernels(), dnn, None))
     # no backend-API graph plans for eager calls (tests/test_eager_graphs.py fakes those)
-    monkeypatch.setattr(cudnn_graph, "convolution_graphs", lambda dnn: None)
+    monkeypatch.setattr(cudnn_graph, "convolution_graphs", lambda dnn, use="inference": None)
 
     class Gpu:
         pass

@@ -706,11 +706,15 @@ def test_gpu_fp16_dynamic_scaling_recorded_equals_eager(tmp_path):
         assert [moved for _, moved in history] == [k not in skipped
                                                    for k in range(1, len(batches) + 1)]
     assert history[-1][1]  # it trains in the end
-    # fp16 rounding of the same kernels; cuDNN's algorithm choices are made per backend
+    # fp16 rounding of other kernels: cuDNN's algorithm choices are made per backend, and the
+    # eager steps' convolutions may run graph plans where the recordings make the legacy calls
+    # (16 steps at learning rate 0.05 carry a gradient's rounding on: within 1e-2, or 1e-3 of
+    # the tensor's largest value)
     np.testing.assert_allclose([h[0] for h in recorded], [h[0] for h in eager], rtol=1e-2)
     for got, want in zip(weights, eager_weights):
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(got, want, rtol=1e-2,
+                                   atol=1e-3 * max(1.0, np.abs(want).max()))
 
 
 @pytest.mark.gpu

@@ -94,12 +94,27 @@ BN_NHWC_ROWS = 8  # rows per thread of the NHWC elementwise passes
 # backend-API plan about 10 us (H200): on a shape's first eager inference call, plain
 # convolution graph plans (cudnn_graph.ConvolutionGraphs) are timed the same way against that
 # eager algorithm, and eager inference calls run the fastest where it agreed and was faster
-# (_time_eager_graphs; ConvPlan.eager_graph).
+# (_time_eager_graphs; ConvPlan.eager_graph). Eager training calls do the same for the forward,
+# the backward data and the backward filter, each against the legacy call training makes
+# (forward_algo, data_algo, filter_algo), deterministic engines only, on the shape's first
+# eager call of that kind (_training_graph; ConvPlan.training_graphs). Recordings keep the
+# legacy calls, whose algorithms were chosen by their kernels' time.
 FORWARD_CANDIDATES = 8
 FORWARD_REPEATS = 3
 HOLD_US = 1000
 EAGER_REPEATS = 10
 EAGER_MARGIN = 1.1
+# A training call whose legacy call takes longer than this by the host's clock (us per call)
+# keeps it without timing graph plans: a plan saves the host tens of us, a few percent
+# there, and timing EAGER_CANDIDATES plans EAGER_REPEATS times each would add seconds to a large
+# detector's first training step, per shape and pass.
+TRAINING_GRAPH_LONGEST_US = 1000
+# A shape's graph plans are compared with the legacy call on a call whose legacy output is
+# finite and not all zeros: an fp16 step that overflowed (dynamic loss scaling's first steps)
+# or zero deltas would compare nothing. The choice waits for such a call (_choose_graph gives
+# DEFERRED), at most GRAPH_DEFERRALS calls per shape and use, then keeps the legacy call.
+GRAPH_DEFERRALS = 3
+DEFERRED = "deferred"
 
 # cuDNN's math per precision: exact float32 FMA; TF32 allowed; tensor cores for half data.
 MATH_TYPES = {"fp32": CUDNN_FMA_MATH, "tf32": CUDNN_DEFAULT_MATH, "fp16": CUDNN_TENSOR_OP_MATH,
@@ -246,9 +261,10 @@ class ConvPlan:
     stored NHWC. The forward has two choices: forward_algo, the fastest kernels (recordings,
     training), and eager_algo, the fastest to issue and run (eager inference calls; see
     EAGER_MARGIN), unless eager_graph, a cuDNN backend-API plan of the same convolution timed
-    faster still, runs them (_time_eager_graphs). `workspace` is what the chosen algorithms
-    and plan need; timing_workspace, the most any forward candidate needs, is held only while
-    they are timed (_time_forward_candidates)."""
+    faster still, runs them (_time_eager_graphs); eager training calls may run such plans of
+    the forward, backward data and backward filter (training_graphs). `workspace` is what the
+    chosen algorithms and plans need; timing_workspace, the most any forward candidate needs,
+    is held only while they are timed (_time_forward_candidates)."""
 
     def __init__(self, dnn, x_shape, w_shape, stride, padding, groups, dilation=1,
                  dtype=FLOAT32, channels_last=False):
@@ -267,20 +283,33 @@ class ConvPlan:
         self.timing_workspace = max(memory for _, memory in self.forward_candidates)
         self.eager_graph = None     # a cudnn_graph.ExecutionPlan eager inference calls run
         self.graph_timed = False    # graph plans timed (at the first aligned eager call)
+        # The plans eager training calls run, by use ("forward", "data", "filter": cudnn_graph.
+        # GRAPH_USES), each chosen at its first aligned eager call (None: the legacy call; no
+        # entry: not chosen yet).
+        self.training_graphs = {}
+        self.graph_deferrals = {}  # use -> calls whose legacy output compared nothing
         self.filter_size = size
         self.data_algo = self.filter_algo = None
         self.data_workspace = self.filter_workspace = 0
 
+    def _graph_need(self, *uses):
+        """Bytes the training graph plans kept for `uses` need."""
+        return max((self.training_graphs[use].workspace for use in uses
+                    if self.training_graphs.get(use) is not None), default=0)
+
     @property
     def forward_need(self):
-        """Bytes the chosen forward algorithms and graph plan need (recorded and eager)."""
+        """Bytes the chosen forward algorithms and graph plans need (recorded and eager)."""
         graph = self.eager_graph.workspace if self.eager_graph is not None else 0
-        return max(self.forward_workspace, self.eager_workspace, graph)
+        return max(self.forward_workspace, self.eager_workspace, graph,
+                   self._graph_need("forward"))
 
     @property
     def workspace(self):
-        """Bytes the chosen algorithms need: the forward's and, once found, the backward's."""
-        return max(self.forward_need, self.data_workspace, self.filter_workspace)
+        """Bytes the chosen algorithms and plans need: the forward's and, once found, the
+        backward's."""
+        return max(self.forward_need, self.data_workspace, self.filter_workspace,
+                   self._graph_need("data", "filter"))
 
     def find_backward(self, dnn):
         """The backward algorithms: Find's first of each, the others kept for next_backward."""
@@ -359,7 +388,7 @@ class CudaBackend(Operations):
                               else bool(channels_last))
         fused = cudnn_graph.default_fused() if fused is None else fused
         self.fused = fused if fused == "always" else bool(fused)
-        # eager inference convolutions may run graph plans (ConvPlan.eager_graph)
+        # eager convolutions may run graph plans (ConvPlan.eager_graph, .training_graphs)
         self.eager_graphs = cudnn_graph.default_eager_graphs()
         self.device, self.kernels, self.dnn, self.blas = _runtime(int(device),
                                                                   MATH_TYPES[self.precision])
@@ -928,8 +957,14 @@ class CudaBackend(Operations):
                 cudnn_graph.convolution_graphs(self.dnn).execute(
                     plan.eager_graph, x.ptr, weights.ptr, y.ptr, self._workspace_pointer())
                 return y
-        self.dnn.conv_forward(plan, x.ptr, weights.ptr, y.ptr, self._workspace_pointer(),
-                              eager=eager)
+
+        def legacy(out):
+            self.dnn.conv_forward(plan, x.ptr, weights.ptr, out.ptr, self._workspace_pointer(),
+                                  eager=eager)
+
+        if not (train and self._training_graph(plan, "forward", legacy,
+                                                (x.ptr, weights.ptr, y.ptr), y)):
+            legacy(y)
         return y
 
     def conv_bias_forward(self, x, weights, biases, activation, stride, padding, groups,
@@ -1046,47 +1081,123 @@ class CudaBackend(Operations):
 
     def _time_eager_graphs(self, plan, x, weights, y):
         """On plan's first eager inference call with aligned pointers (where cuDNN 9's backend
-        API loads): time each graph plan of its shape (cudnn_graph.ConvolutionGraphs) and its
-        eager algorithm as _time_forward_candidates does, and keep the fastest plan as
-        plan.eager_graph where its output agreed with the eager algorithm's (EAGER_AGREEMENT
-        for this precision) and it was faster; the others are destroyed. y holds the eager
-        algorithm's output after this."""
+        API loads): keep as plan.eager_graph the fastest graph plan of its shape
+        (cudnn_graph.ConvolutionGraphs) where it agreed with the eager algorithm and timed
+        faster (_choose_graph)."""
         graphs = cudnn_graph.convolution_graphs(self.dnn)
         if graphs is None:
             plan.graph_timed = True
             return
         if not cudnn_graph.aligned(x.ptr, weights.ptr, y.ptr):
             return  # the plans declare 16-byte alignment: timed at an aligned call
-        plan.graph_timed = True
+        chosen = self._choose_graph(graphs, plan, lambda out: self.dnn.conv_forward(
+            plan, x.ptr, weights.ptr, out.ptr, self._workspace_pointer(), eager=True),
+            (x.ptr, weights.ptr, y.ptr), y)
+        if chosen is not DEFERRED:
+            plan.graph_timed = True
+            plan.eager_graph = chosen
+        self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
+
+    def _training_graph(self, plan, use, legacy, pointers, output):
+        """Whether an eager training call of `use` (cudnn_graph.GRAPH_USES: "forward",
+        "data", "filter") ran through a graph plan into `output`, on `pointers` (x, w, y's
+        roles: cudnn_graph.WRITTEN[use] is output's). Never while recording, nor where the
+        plans are off, cuDNN 9's backend API does not load or the pointers are not aligned
+        (False: the caller runs legacy(output), the legacy call). The shape's first such call
+        chooses its plan against legacy (_choose_graph) and keeps it in plan.training_graphs;
+        then it runs the chosen one (or returns False where none was kept)."""
+        if self._recording or not self.eager_graphs or not cudnn_graph.aligned(*pointers):
+            return False
+        graphs = cudnn_graph.convolution_graphs(self.dnn, use)
+        if graphs is None:
+            return False
+        if use not in plan.training_graphs:
+            chosen = self._choose_graph(graphs, plan, legacy, pointers, output)
+            if chosen is not DEFERRED:
+                plan.training_graphs[use] = chosen
+            self._fit_workspace(release=True)  # to the chosen plans' need
+            if chosen is DEFERRED:
+                return False
+        chosen = plan.training_graphs[use]
+        if chosen is None:
+            return False
+        graphs.execute(chosen, *pointers, self._workspace_pointer())
+        return True
+
+    def _copy_into(self, dst, src):
+        """dst = src, arrays of one size, type and layout, in stream order."""
+        self.cuda.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, self.stream)
+
+    def _scratch(self, like):
+        """An uninitialised array of like's shape, type and layout."""
+        array = self._empty(like.shape, like.dtype)
+        if _channels_last(like):
+            array.channels_last = True
+        return array
+
+    def _choose_graph(self, graphs, plan, legacy, pointers, output):
+        """Time each graph plan of plan's shape (`graphs`: a ConvolutionGraphs) and the legacy
+        call (legacy(out): the legacy call's output into `out`, an array like `output`) as
+        _time_forward_candidates times eager algorithms, every output into scratch arrays (the
+        real output, and the weight updates a backward filter accumulates into, untouched: a
+        plan's pointers are `pointers` with its output's replaced; in training, none where the
+        legacy call takes longer than TRAINING_GRAPH_LONGEST_US). Returns the fastest plan
+        whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision) and
+        that was faster, or None; the others are destroyed. The caller keeps it and then fits
+        the workspace. DEFERRED (nothing destroyed or kept) where the legacy output was not
+        finite or all zeros, up to GRAPH_DEFERRALS calls. A backward filter accumulates (beta 1): the legacy gradient G is made
+        into zeros, and each plan runs onto a copy of G, which must become 2G (its own G' added:
+        2G - (G + G') = G - G' is compared), so that a plan that overwrote is refused."""
         candidates = [candidate for candidate in graphs.candidates(plan.key)
                       if tuple(candidate.y_shape) == tuple(plan.y_shape)]
         if not candidates:
-            return
+            return None
+        accumulates = cudnn_graph.CONVOLUTION_OPERATIONS[graphs.direction][1] != 0.0
+        written = cudnn_graph.WRITTEN[graphs.direction]
+        reference = self._scratch(output)
+        if accumulates:
+            self._zero_(reference)
+        try:  # first: a legacy backward call settles its algorithm (_backward_call)
+            legacy(reference)
+        except BackendError:  # the caller's legacy call would fail alike: no plan either
+            graphs.keep(plan.key, None)
+            raise
         self._reserve_workspace(max(candidate.workspace for candidate in candidates))
         workspace = self._workspace_pointer()
-
-        def legacy(out):
-            self.dnn.conv_forward(plan, x.ptr, weights.ptr, out.ptr, workspace, eager=True)
-
-        legacy(y)  # the reference
-        scale = self.sum_of_squares(y)  # (synchronises: nothing queued before a timing)
-        trial = self._empty(y.shape, y.dtype)
-        if getattr(y, "channels_last", False):
-            trial.channels_last = True
+        scale = self.sum_of_squares(reference)  # (synchronises: nothing queued before a timing)
+        times, verdicts = {}, []
+        if not (np.isfinite(scale) and scale > 0):  # nothing to compare with (GRAPH_DEFERRALS)
+            deferrals = plan.graph_deferrals.get(graphs.use, 0) + 1
+            plan.graph_deferrals[graphs.use] = deferrals
+            if deferrals < GRAPH_DEFERRALS:
+                reference = None
+                return DEFERRED
+            verdicts.append(f"not compared: the legacy output was not finite or all zeros "
+                            f"in {deferrals} calls")
+            candidates = []
+        trial = self._scratch(output)
         legacy_seconds = self._eager_seconds(lambda: legacy(trial))
         relative, floor = cudnn_graph.EAGER_AGREEMENT[self.precision]
-        times, verdicts = {}, []
+        if graphs.training and legacy_seconds * 1e6 > TRAINING_GRAPH_LONGEST_US * EAGER_REPEATS:
+            verdicts.append(f"not timed: the legacy call takes over "
+                            f"{TRAINING_GRAPH_LONGEST_US} us")
+            candidates = []
         for candidate in candidates:
             def run(candidate=candidate):
-                graphs.execute(candidate, x.ptr, weights.ptr, trial.ptr, workspace)
+                graphs.execute(candidate, *(trial.ptr if k == written else pointer
+                                            for k, pointer in enumerate(pointers)), workspace)
 
+            if accumulates:
+                self._copy_into(trial, reference)
             try:
                 run()  # its first run: also its warm-up
             except BackendError as error:
                 verdicts.append(str(error))
                 continue
             self.scale_(trial, -1.0)
-            self.add_(trial, y)  # y - trial
+            self.add_(trial, reference)  # reference - trial
+            if accumulates:
+                self.add_(trial, reference)  # 2 reference - (reference + the plan's)
             error = self.sum_of_squares(trial)
             if not cudnn_graph.agrees(error, scale, int(trial.size), relative, floor):
                 difference = np.sqrt(error / scale) if scale > 0 else np.inf
@@ -1098,11 +1209,12 @@ class CudaBackend(Operations):
                                     [v / EAGER_REPEATS if isinstance(v, float) else v
                                      for v in verdicts])
         fastest = min(times, key=times.get, default=None)
-        if fastest is not None and times[fastest] < legacy_seconds:
-            plan.eager_graph = fastest
-        graphs.keep(plan.key, plan.eager_graph)
-        trial = None  # back to the pool before its held blocks go to the driver
-        self._fit_workspace(release=True)  # to the chosen plan's need (the timing held most)
+        chosen = fastest if fastest is not None and times[fastest] < legacy_seconds else None
+        graphs.keep(plan.key, chosen)
+        # the scratch arrays back to the pool before the caller gives its held blocks to the
+        # driver (the closures that timed them hold them: rebound, not deleted)
+        reference = trial = None
+        return chosen
 
     def _time_forward_candidates(self, plan, x, weights, y):
         """Keep the fastest of plan's forward algorithms (see FORWARD_CANDIDATES; of those
@@ -1170,6 +1282,16 @@ class CudaBackend(Operations):
                     raise
                 self._reserve_workspace(plan.workspace)
 
+    def _backward_pass(self, plan, which, call, pointers, output):
+        """The backward `which` ('data' or 'filter') into `output`: through its graph plan on
+        `pointers` (x, w, y's roles) where an eager call has one (_training_graph), else the
+        legacy call(output pointer, workspace pointer) with _backward_call's fallback."""
+        def legacy(out):
+            self._backward_call(plan, which, lambda workspace: call(out.ptr, workspace))
+
+        if not self._training_graph(plan, which, legacy, pointers, output):
+            legacy(output)
+
     def _conv_backward(self, plan, channels_last, x, weights, delta, weight_updates, need_dx):
         typed = self._activation(weights)
         filters = self._nhwc_weights(weights, typed) if channels_last else typed
@@ -1179,14 +1301,16 @@ class CudaBackend(Operations):
         else:  # cuDNN's gradient in the storage type and x's layout, added to the updates last
             gradient = into = self._zero_(self._empty(weight_updates.shape, self.dtype))
             gradient.channels_last = channels_last
-        self._backward_call(plan, "filter", lambda workspace: self.dnn.conv_backward_filter(
-            plan, x.ptr, delta.ptr, into.ptr, workspace))
+        # the filters' gradient added to `into` (beta 1)
+        self._backward_pass(plan, "filter", lambda out, workspace: self.dnn.conv_backward_filter(
+            plan, x.ptr, delta.ptr, out, workspace), (x.ptr, into.ptr, delta.ptr), into)
         dx = None
         if need_dx:
             dx = self._empty(x.shape, self.dtype)
             dx.channels_last = channels_last
-            self._backward_call(plan, "data", lambda workspace: self.dnn.conv_backward_data(
-                plan, filters.ptr, delta.ptr, dx.ptr, workspace))
+            self._backward_pass(plan, "data", lambda out, workspace: self.dnn.conv_backward_data(
+                plan, filters.ptr, delta.ptr, out, workspace), (dx.ptr, filters.ptr, delta.ptr),
+                dx)
         if gradient is not None:
             gradient = self._nchw(gradient)
             if weight_updates.dtype == self.dtype:

@@ -1,8 +1,9 @@
 """Convolution, bias and activation as one cuDNN kernel: a small ctypes binding of cuDNN 9's
 backend (graph) API (libcudnn.so.9) and the fused inference plans CudaBackend.conv_bias_forward
-runs on NHWC fp16/bf16 data; also the plain convolution plans eager inference convolutions run
-in every precision where they time faster than the legacy call (ConvolutionGraphs: executing a
-plan costs the host far less than cudnnConvolutionForward).
+runs on NHWC fp16/bf16 data; also the plain convolution plans that eager convolutions run in
+every precision where they time faster than the legacy call (ConvolutionGraphs: executing a
+plan costs the host far less than cudnnConvolutionForward): inference forwards, and in training
+the forward, the backward data and the backward filter.
 
 The legacy cudnnConvolutionBiasActivationForward takes only ReLU and identity; Darknet's
 detectors use leaky, mish, logistic, swish and linear. cuDNN's runtime-fusion engines (sm80 and
@@ -58,6 +59,8 @@ CUDNN_BACKEND_ENGINECFG_DESCRIPTOR = 3
 CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR = 4
 CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR = 5
 CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR = 10
+CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR = 11
+CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR = 12
 CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR = 13
 CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR = 15
 CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR = 16
@@ -108,6 +111,18 @@ CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC = 702
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W = 703
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X = 704
 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y = 705
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA = 706
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA = 707
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC = 708
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W = 709
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX = 710
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY = 711
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA = 712
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA = 713
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC = 714
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW = 715
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X = 716
+CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY = 717
 CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR = 750
 CUDNN_ATTR_OPERATION_POINTWISE_XDESC = 751
 CUDNN_ATTR_OPERATION_POINTWISE_BDESC = 752
@@ -220,6 +235,37 @@ RELU_SETTINGS = ((CUDNN_ATTR_POINTWISE_NAN_PROPAGATION, CUDNN_TYPE_NAN_PROPOGATI
 # Unique ids of the tensors the variant pack binds; virtual tensors count up from VIRTUAL_UID.
 X_UID, W_UID, BIAS_UID, Y_UID = 1, 2, 3, 4
 VIRTUAL_UID = 100
+# The convolution operations a graph may hold, by direction: the descriptor type, beta, and the
+# attributes of alpha, beta, the convolution and the tensors in the forward's terms: x, w, y.
+# The backward data writes x's gradient (DX) from w and y's gradient (DY), the backward filter
+# w's gradient (DW) from x and DY; so a plan's variant pack binds X_UID, W_UID and Y_UID in
+# every direction. Beta is the legacy calls' (cudnn.py): the filters' gradient accumulates into
+# the layer's weight updates (1), the forward and the backward data overwrite (0).
+CONVOLUTION_OPERATIONS = {
+    "forward": (CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, 0.0,
+                (CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y)),
+    "data": (CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR, 0.0,
+             (CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
+              CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+              CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
+              CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX,
+              CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
+              CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY)),
+    "filter": (CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, 1.0,
+               (CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+                CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
+                CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
+                CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X,
+                CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW,
+                CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY)),
+}
+# Which of (x, w, y) each direction writes: its output's place in a plan's pointers.
+WRITTEN = {"forward": 2, "data": 0, "filter": 1}
 ALIGNMENT = 16  # bytes; a call whose pointers are not so aligned runs unfused
 MAX_ENGINE_CONFIGS = 16  # of the heuristics' list, tried in order
 # Heuristic modes asked in turn until a configuration finalizes: A (INSTANT's successor), then
@@ -262,8 +308,12 @@ NUMERICAL_NOTES_LIMIT, BEHAVIOUR_NOTES_LIMIT = 10, 4
 # Engines exact float32 (precision fp32: CUDNN_FMA_MATH in the legacy calls) leaves out: TF32 or
 # half tensor cores, inputs converted down, reductions in less than float, FFT; Winograd too
 # for filters larger than cudnn.WINOGRAD_EXACT_MAX_SIZE (as cudnn.find_candidates leaves out
-# IMPRECISE_ALGORITHMS). Other precisions take any engine (nondeterminism does not matter for
-# a forward pass).
+# IMPRECISE_ALGORITHMS). Other precisions take any engine for inference (nondeterminism does
+# not matter for an inference forward pass); training, in every precision, leaves out
+# NONDETERMINISTIC engines (atomics: training is reproducible per process, as the legacy
+# algorithms are chosen among cuDNN's deterministic ones) and REDUCED_PRECISION_REDUCTION ones
+# (sums in half: the legacy calls sum in float, CUDNN_DATA_FLOAT, and a weight gradient is a
+# sum over the whole batch).
 EXACT_REFUSED_NOTES = (CUDNN_NUMERICAL_NOTE_TENSOR_CORE, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS,
                        CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION, CUDNN_NUMERICAL_NOTE_FFT)
 WINOGRAD_NOTES = (CUDNN_NUMERICAL_NOTE_WINOGRAD, CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4,
@@ -492,10 +542,12 @@ class GraphBuilder:
         graph.finalize(descriptor)
         return descriptor
 
-    def convolution_forward(self, x, w, y, stride, padding, dilation):
-        """The finalized operation y = conv(x, w) (tensor descriptors): Darknet's convolution,
-        accumulated in float, padded alike on both sides. Groups: the filters' C is x's C /
-        groups (cuDNN infers the group count)."""
+    def convolution(self, direction, x, w, y, stride, padding, dilation):
+        """The finalized operation of CONVOLUTION_OPERATIONS[direction] on tensor descriptors
+        x, w, y (the forward's: for the backward passes, where its gradient is read or
+        written): y = conv(x, w), Darknet's convolution, accumulated in float, padded alike on
+        both sides; x's gradient from y's ("data"); w's gradient added to w ("filter"). Groups:
+        the filters' C is x's C / groups (cuDNN infers the group count)."""
         graph = self.graph
         stride_y, stride_x = (stride, stride) if isinstance(stride, int) else stride
         convolution = self.create(CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)
@@ -514,21 +566,16 @@ class GraphBuilder:
                   [padding, padding])
         graph.finalize(convolution)
 
-        forward = self.create(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [x])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [w])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [y])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
-                  CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolution])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT,
-                  [1.0])
-        graph.set(forward, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT,
-                  [0.0])
-        graph.finalize(forward)
-        return forward
+        kind, beta, (alpha_name, beta_name, convolution_name, *tensor_names) = \
+            CONVOLUTION_OPERATIONS[direction]
+        operation = self.create(kind)
+        for name, tensor in zip(tensor_names, (x, w, y)):
+            graph.set(operation, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, [tensor])
+        graph.set(operation, convolution_name, CUDNN_TYPE_BACKEND_DESCRIPTOR, [convolution])
+        graph.set(operation, alpha_name, CUDNN_TYPE_FLOAT, [1.0])
+        graph.set(operation, beta_name, CUDNN_TYPE_FLOAT, [beta])
+        graph.finalize(operation)
+        return operation
 
     def operation_graph(self, handle, operations):
         """The finalized graph of `operations` on a cuDNN handle."""
@@ -864,7 +911,7 @@ class FusedConvolutions:
         convolved = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT)
         steps = ACTIVATION_STEPS[activation]
         z = tensor(y_shape, y_strides, CUDNN_DATA_FLOAT) if steps else y
-        forward = builder.convolution_forward(x, w, convolved, stride, padding, dilation)
+        forward = builder.convolution("forward", x, w, convolved, stride, padding, dilation)
 
         operations = [forward, pointwise(CUDNN_POINTWISE_ADD, {}, (convolved, bias), z)]
         tensors = {"z": z}
@@ -900,30 +947,49 @@ class FusedConvolutions:
                  (x, weights, bias, y), workspace)
 
 
-def engine_refusal(notes, behaviours, exact, filter_size):
+def engine_refusal(notes, behaviours, exact, filter_size, training=False):
     """Why an engine of these numerical and behaviour notes may not run an eager convolution
-    (`exact`: in exact float32; filters of `filter_size`), or None. Engines compiled at run
-    time are left out in every precision: NVRTC takes 0.05-0.75 s per plan, more than the
-    host time they could save over a process, and nothing keeps these plans on disk."""
+    (`exact`: in exact float32; filters of `filter_size`; `training`: a training pass, which
+    must be deterministic), or None. Engines compiled at run time are left out in every
+    precision: NVRTC takes 0.05-0.75 s per plan, more than the host time they could save over
+    a process, and nothing keeps these plans on disk."""
     if CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION in behaviours:
         return "compiled at run time"
     refused = set(EXACT_REFUSED_NOTES) if exact else set()
     if exact and filter_size > WINOGRAD_EXACT_MAX_SIZE:
         refused.update(WINOGRAD_NOTES)
+    if training:
+        refused.update((CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC,
+                        CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION))
     named = [NOTE_NAMES.get(note, str(note)) for note in notes if note in refused]
     return f"numerical note {', '.join(named)}" if named else None
 
 
-class ConvolutionGraphs:
-    """Plain convolution graphs (x, w -> y: no bias, no activation) of one cuDNN handle, per
-    shape, for eager inference calls: cudnnBackendExecute of a finalized plan costs the host
-    about 10 us where the legacy cudnnConvolutionForward costs 53-102 us (small shapes, cuDNN 9,
-    H200). candidates() makes a shape's plans (none where cuDNN refuses: remembered),
-    execute() runs one, keep() leaves the one the backend chose (or none)."""
+# The uses of plain convolution graphs (convolution_graphs): (direction, training). Eager
+# inference forwards; in eager training steps the forward, the backward data and the backward
+# filter, deterministic engines only.
+GRAPH_USES = {"inference": ("forward", False), "forward": ("forward", True),
+              "data": ("data", True), "filter": ("filter", True)}
+# How ConvolutionGraphs.summary names each use.
+USE_NAMES = {"inference": "eager convolution graphs",
+             "forward": "eager training forward graphs",
+             "data": "eager backward-data graphs", "filter": "eager backward-filter graphs"}
 
-    def __init__(self, graph, handle, exact=True):
+
+class ConvolutionGraphs:
+    """Plain convolution graphs of one cuDNN handle and one use (GRAPH_USES: x, w -> y with
+    no bias or activation; or a backward pass of it), per shape, for eager calls:
+    cudnnBackendExecute of a finalized plan costs the host about 10 us where the legacy
+    cudnnConvolutionForward costs 53-102 us (small shapes, cuDNN 9, H200). candidates() makes
+    a shape's plans (none where cuDNN refuses: remembered), execute() runs one, keep() leaves
+    the one the backend chose (or none)."""
+
+    def __init__(self, graph, handle, exact=True, use="inference"):
         self.graph, self.handle = graph, handle
         self.exact = exact  # exact float32: engines of EXACT_REFUSED_NOTES left out
+        self.use = use
+        # the operation, and whether engines must be deterministic (training)
+        self.direction, self.training = GRAPH_USES[use]
         self.plans = {}     # key -> [ExecutionPlan]: the candidates, after keep() the chosen
         self.shared = {}    # key -> the descriptors its plans share (tensors, graph, configs)
         self.refusals = {}  # key -> why it has no plan, for diagnosis
@@ -947,10 +1013,11 @@ class ConvolutionGraphs:
         return self.plans[key]
 
     def build(self, key, made):
-        """Up to EAGER_CANDIDATES plans of `key`'s graph: x, the filters and y stored as the
-        legacy descriptors have them (NCHW and KCRS, or channels_last: NHWC and KRSC), cuDNN's
-        heuristics (HEURISTIC_MODES, the next mode only where one gave no plan), the engines
-        engine_refusal takes, finalized within WORKSPACE_LIMIT; BackendError where none is."""
+        """Up to EAGER_CANDIDATES plans of `key`'s graph (this use's operation): x, the filters
+        and y (or their gradients) stored as the legacy descriptors have them (NCHW and KCRS,
+        or channels_last: NHWC and KRSC), cuDNN's heuristics (HEURISTIC_MODES, the next mode
+        only where one gave no plan), the engines engine_refusal takes, finalized within
+        WORKSPACE_LIMIT; BackendError where none is."""
         x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
         y_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
         if min(y_shape) <= 0 or x_shape[1] != w_shape[1] * groups:
@@ -962,8 +1029,8 @@ class ConvolutionGraphs:
         x = builder.tensor(x_shape, strides(x_shape), data_type, X_UID)
         w = builder.tensor(w_shape, strides(w_shape), data_type, W_UID)
         y = builder.tensor(y_shape, strides(y_shape), data_type, Y_UID)
-        forward = builder.convolution_forward(x, w, y, stride, padding, dilation)
-        operation_graph = builder.operation_graph(self.handle, [forward])
+        operation = builder.convolution(self.direction, x, w, y, stride, padding, dilation)
+        operation_graph = builder.operation_graph(self.handle, [operation])
         refusals, plans = [], []
         for mode_name, configs in builder.heuristic_configs(operation_graph, refusals):
             left_out = []
@@ -998,10 +1065,12 @@ class ConvolutionGraphs:
                                              CUDNN_TYPE_BEHAVIOR_NOTE, BEHAVIOUR_NOTES_LIMIT)
         finally:
             self.graph.destroy(engine)
-        return engine_refusal(notes, behaviours, self.exact, filter_size)
+        return engine_refusal(notes, behaviours, self.exact, filter_size, self.training)
 
     def execute(self, plan, x, weights, y, workspace):
-        """y = conv(x, weights) by `plan` on device pointers (ints; workspace may be None)."""
+        """Run `plan` on device pointers (ints; workspace may be None) of the forward's x,
+        weights and y, or in the backward passes their gradients: y = conv(x, weights);
+        x = dx from weights and y = dy ("data"); weights += dw from x and y = dy ("filter")."""
         run_plan(self.graph, self.handle, plan, (X_UID, W_UID, Y_UID), (x, weights, y),
                  workspace)
 
@@ -1020,7 +1089,7 @@ class ConvolutionGraphs:
         """Each shape's outcome in words (e.g. for a benchmark's log): how many run a plan;
         per shape, the timings (us per call) or why it has no plan."""
         kept = sum(bool(plans) for plans in self.plans.values())
-        lines = [f"eager convolution graphs: {kept} of {len(self.plans)} shapes run a plan"]
+        lines = [f"{USE_NAMES[self.use]}: {kept} of {len(self.plans)} shapes run a plan"]
         for key, plans in self.plans.items():
             x_shape, w_shape, stride, padding, groups, dilation, dtype, channels_last = key
             shape = (f"x {x_shape} w {w_shape} stride {stride} pad {padding} groups {groups} "
@@ -1038,20 +1107,22 @@ class ConvolutionGraphs:
         return "\n".join(lines)
 
 
-_CONVOLUTION_GRAPHS = {}  # id of a cudnn.Cudnn runtime -> (it, its ConvolutionGraphs or None)
+# (id of a cudnn.Cudnn runtime, use) -> (it, its ConvolutionGraphs or None)
+_CONVOLUTION_GRAPHS = {}
 
 
-def convolution_graphs(dnn):
-    """The ConvolutionGraphs of a cudnn.Cudnn runtime (one per handle, made once); None where
-    cuDNN 9's backend API does not load (eager calls then stay with the legacy API)."""
-    entry = _CONVOLUTION_GRAPHS.get(id(dnn))
+def convolution_graphs(dnn, use="inference"):
+    """The ConvolutionGraphs of a cudnn.Cudnn runtime for one of GRAPH_USES (one per handle
+    and use, made once); None where cuDNN 9's backend API does not load (eager calls then stay
+    with the legacy API)."""
+    entry = _CONVOLUTION_GRAPHS.get((id(dnn), use))
     if entry is None or entry[0] is not dnn:
         try:
             made = ConvolutionGraphs(CudnnGraph.load(), dnn.handle,
-                                     exact=dnn.math_type == CUDNN_FMA_MATH)
+                                     exact=dnn.math_type == CUDNN_FMA_MATH, use=use)
         except BackendError:
             made = None
-        entry = _CONVOLUTION_GRAPHS[id(dnn)] = (dnn, made)
+        entry = _CONVOLUTION_GRAPHS[(id(dnn), use)] = (dnn, made)
     return entry[1]
 
 
@@ -1068,8 +1139,9 @@ def setting(variable, choices, default):
 # it measures faster; also when unset), 0 (never: an A/B without changing code), always.
 FUSED_VARIABLE = "ENGINE_FUSED_CONVOLUTIONS"
 FUSED_SETTINGS = {"1": True, "0": False, "always": "always"}
-# Whether eager inference convolutions may run graph plans (ConvolutionGraphs): 1 (where one
-# agreed and timed faster; also when unset), 0 (never: the legacy calls only, an A/B).
+# Whether eager convolutions (inference, and training's forward, backward data and backward
+# filter) may run graph plans (ConvolutionGraphs): 1 (where one agreed and timed faster; also
+# when unset), 0 (never: the legacy calls only, an A/B).
 EAGER_GRAPHS_VARIABLE = "ENGINE_EAGER_GRAPHS"
 EAGER_GRAPHS_SETTINGS = {"1": True, "0": False}
 
