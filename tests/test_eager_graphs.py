@@ -1222,6 +1222,20 @@ groups=1
 """
 
 
+def cifar_like(folder):
+    """CIFAR_LIKE written as a cfg file in `folder`; its path."""
+    path = os.path.join(str(folder), "cifar-like.cfg")
+    with open(path, "w") as handle:
+        handle.write(CIFAR_LIKE)
+    return path
+
+
+def training_plans_kept(ops):
+    """The (shape key, use) of every eager training call that runs a graph plan."""
+    return [(key, use) for key, plan in ops.dnn.plans.items() if plan is not None
+            for use, graph in plan.training_graphs.items() if graph is not None]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("network", ["mnist", "cifar-like"])
 def test_eager_training_with_graph_plans_equals_the_cpu(network, tmp_path):
@@ -1235,12 +1249,7 @@ def test_eager_training_with_graph_plans_equals_the_cpu(network, tmp_path):
     from engine.backends.numpy_backend import NumpyBackend
     from test_gpu_backend import compare_training_step, without_dropout
 
-    if network == "mnist":
-        cfg = os.path.join(ROOT, "cfg", "mnist.cfg")
-    else:
-        cfg = str(tmp_path / "cifar-like.cfg")
-        with open(cfg, "w") as handle:
-            handle.write(CIFAR_LIKE)
+    cfg = os.path.join(ROOT, "cfg", "mnist.cfg") if network == "mnist" else cifar_like(tmp_path)
     ops = CudaBackend(device=0, seed=0)
     net_cpu = without_dropout(Network(cfg, backend=NumpyBackend(seed=1), seed=1, quiet=True))
     net_gpu = without_dropout(Network(cfg, backend=ops, seed=1, quiet=True))
@@ -1251,9 +1260,8 @@ def test_eager_training_with_graph_plans_equals_the_cpu(network, tmp_path):
         outputs = net_cpu.cost_layer.outputs
         truth = np.eye(outputs, dtype=np.float32)[rng.integers(0, outputs, batch)]
         compare_training_step(net_cpu, net_gpu, ops, x, truth, 0.05)
-    chosen = [(key, use) for key, plan in ops.dnn.plans.items() if plan is not None
-              for use, graph in plan.training_graphs.items() if graph is not None]
-    print(f"{network}: {len(chosen)} training calls (shape, use) run graph plans")
+    print(f"{network}: {len(training_plans_kept(ops))} training calls (shape, use) run graph "
+          f"plans")
     for use in ("forward", "data", "filter"):
         graphs = cg.convolution_graphs(ops.dnn, use)
         if graphs is not None:
@@ -1276,9 +1284,7 @@ def test_reduced_precision_training_plans_agree_with_the_legacy_calls(precision,
     from engine import Network
     from engine.backends.cuda import CudaBackend
 
-    cfg = str(tmp_path / "cifar-like.cfg")
-    with open(cfg, "w") as handle:
-        handle.write(CIFAR_LIKE)
+    cfg = cifar_like(tmp_path)
     nets = []
     for plans in (True, False):
         ops = CudaBackend(device=0, seed=0, precision=precision)
@@ -1302,8 +1308,6 @@ def test_reduced_precision_training_plans_agree_with_the_legacy_calls(precision,
                 assert error <= tolerance, (step, got_layer.index, name, error)
         for net in nets:
             net.update(0.05)
-    ops = with_plans.ops
-    chosen = [(key, use) for key, plan in ops.dnn.plans.items() if plan is not None
-              for use, graph in plan.training_graphs.items() if graph is not None]
+    chosen = training_plans_kept(with_plans.ops)
     print(f"{precision}: {len(chosen)} training calls (shape, use) run graph plans")
     assert chosen
