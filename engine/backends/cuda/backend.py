@@ -1145,9 +1145,10 @@ class CudaBackend(Operations):
         whose output agreed with the legacy call's (EAGER_AGREEMENT for this precision) and
         that was faster, or None; the others are destroyed. The caller keeps it and then fits
         the workspace. DEFERRED (nothing destroyed or kept) where the legacy output was not
-        finite or all zeros, up to GRAPH_DEFERRALS calls. A backward filter accumulates (beta 1): the legacy gradient G is made
-        into zeros, and each plan runs onto a copy of G, which must become 2G (its own G' added:
-        2G - (G + G') = G - G' is compared), so that a plan that overwrote is refused."""
+        finite or all zeros, up to GRAPH_DEFERRALS calls. A backward filter accumulates (beta
+        1): the legacy gradient G is made into zeros, and each plan runs onto a copy of G,
+        which must become 2G (its own G' added: 2G - (G + G') = G - G' is compared), so that a
+        plan that overwrote is refused."""
         candidates = [candidate for candidate in graphs.candidates(plan.key)
                       if tuple(candidate.y_shape) == tuple(plan.y_shape)]
         if not candidates:

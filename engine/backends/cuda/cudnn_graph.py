@@ -950,7 +950,7 @@ class FusedConvolutions:
 def engine_refusal(notes, behaviours, exact, filter_size, training=False):
     """Why an engine of these numerical and behaviour notes may not run an eager convolution
     (`exact`: in exact float32; filters of `filter_size`; `training`: a training pass, which
-    must be deterministic), or None. Engines compiled at run time are left out in every
+    must be deterministic and sum in float), or None. Engines compiled at run time are left out in every
     precision: NVRTC takes 0.05-0.75 s per plan, more than the host time they could save over
     a process, and nothing keeps these plans on disk."""
     if CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION in behaviours:
