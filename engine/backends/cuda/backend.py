@@ -599,7 +599,7 @@ class CudaBackend(Operations):
         if _channels_last(array):
             result.channels_last = True
         if array.size:
-            self.cuda.memcpy_dtod_async(result.ptr, array.ptr, array.nbytes, self.stream)
+            self._copy_into(result, array)
         return result
 
     def reshape(self, array, shape):
@@ -1028,11 +1028,9 @@ class CudaBackend(Operations):
         scale = self.sum_of_squares(reference)
         self.scale_(reference, -1.0)  # the difference in place: no second output-sized array
         self.add_(reference, y)
-        error = self.sum_of_squares(reference)
-        if not cudnn_graph.agrees(error, scale, int(reference.size)):  # NaN too
-            relative = np.sqrt(error / scale) if scale > 0 else np.inf
-            fusions.refuse(plan, "differs from the unfused path: relative RMS difference "
-                                 f"{relative:.3g}")
+        difference = self._disagreement(reference, scale)
+        if difference is not None:
+            fusions.refuse(plan, f"differs from the unfused path: {difference}")
             return False
         start, end = self.cuda.Event(), self.cuda.Event()
         times = []
@@ -1069,6 +1067,16 @@ class CudaBackend(Operations):
     @staticmethod
     def _host_clock():
         return time.perf_counter()
+
+    def _disagreement(self, difference, scale, relative=cudnn_graph.AGREEMENT,
+                      floor=cudnn_graph.ABSOLUTE_FLOOR):
+        """None where `difference` (an array: a reference minus another path's output) is
+        within cudnn_graph.agrees(relative, floor) of the reference's sum of squares `scale`;
+        else it in words (NaN disagrees)."""
+        error = self.sum_of_squares(difference)
+        if cudnn_graph.agrees(error, scale, int(difference.size), relative, floor):
+            return None
+        return f"relative RMS difference {np.sqrt(error / scale) if scale > 0 else np.inf:.3g}"
 
     def _eager_seconds(self, call):
         """Seconds by the host's clock for EAGER_REPEATS calls of call() issued back to back,
@@ -1128,13 +1136,6 @@ class CudaBackend(Operations):
         """dst = src, arrays of one size, type and layout, in stream order."""
         self.cuda.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, self.stream)
 
-    def _scratch(self, like):
-        """An uninitialised array of like's shape, type and layout."""
-        array = self._empty(like.shape, like.dtype)
-        if _channels_last(like):
-            array.channels_last = True
-        return array
-
     def _choose_graph(self, graphs, plan, legacy, pointers, output):
         """Time each graph plan of plan's shape (`graphs`: a ConvolutionGraphs) and the legacy
         call (legacy(out): the legacy call's output into `out`, an array like `output`) as
@@ -1155,7 +1156,7 @@ class CudaBackend(Operations):
             return None
         accumulates = cudnn_graph.CONVOLUTION_OPERATIONS[graphs.direction][1] != 0.0
         written = cudnn_graph.WRITTEN[graphs.direction]
-        reference = self._scratch(output)
+        reference = self.empty(output.shape, output)
         if accumulates:
             self._zero_(reference)
         try:  # first: a legacy backward call settles its algorithm (_backward_call)
@@ -1163,8 +1164,6 @@ class CudaBackend(Operations):
         except BackendError:  # the caller's legacy call would fail alike: no plan either
             graphs.keep(plan.key, None)
             raise
-        self._reserve_workspace(max(candidate.workspace for candidate in candidates))
-        workspace = self._workspace_pointer()
         scale = self.sum_of_squares(reference)  # (synchronises: nothing queued before a timing)
         times, verdicts = {}, []
         if not (np.isfinite(scale) and scale > 0):  # nothing to compare with (GRAPH_DEFERRALS)
@@ -1176,7 +1175,10 @@ class CudaBackend(Operations):
             verdicts.append(f"not compared: the legacy output was not finite or all zeros "
                             f"in {deferrals} calls")
             candidates = []
-        trial = self._scratch(output)
+        self._reserve_workspace(max((candidate.workspace for candidate in candidates),
+                                    default=0))
+        workspace = self._workspace_pointer()
+        trial = self.empty(output.shape, output)
         legacy_seconds = self._eager_seconds(lambda: legacy(trial))
         relative, floor = cudnn_graph.EAGER_AGREEMENT[self.precision]
         if graphs.training and legacy_seconds * 1e6 > TRAINING_GRAPH_LONGEST_US * EAGER_REPEATS:
@@ -1199,10 +1201,9 @@ class CudaBackend(Operations):
             self.add_(trial, reference)  # reference - trial
             if accumulates:
                 self.add_(trial, reference)  # 2 reference - (reference + the plan's)
-            error = self.sum_of_squares(trial)
-            if not cudnn_graph.agrees(error, scale, int(trial.size), relative, floor):
-                difference = np.sqrt(error / scale) if scale > 0 else np.inf
-                verdicts.append(f"differs: relative RMS difference {difference:.3g}")
+            difference = self._disagreement(trial, scale, relative, floor)
+            if difference is not None:
+                verdicts.append(f"differs: {difference}")
                 continue
             times[candidate] = self._eager_seconds(run)
             verdicts.append(times[candidate])
